@@ -1,0 +1,25 @@
+# Every target works on a fresh machine: `install` creates .venv and installs torch, detectron2
+# (design.md section 5) and this package; re-running it is a quick no-op.
+PY := .venv/bin/python
+export PYTHONUNBUFFERED := 1
+export OMP_NUM_THREADS ?= 2
+
+.PHONY: install test demo bench env clean-demo
+
+install:
+	@bash scripts/install.sh
+
+env: install
+	@$(PY) -c "import elixir_d2; elixir_d2.print_env()"
+
+test: install
+	$(PY) -m pytest -q tests
+
+demo: install
+	$(PY) projects/quickstart/demo.py --output output/demo
+
+bench: install
+	$(PY) projects/benchmarks/run_all.py
+
+clean-demo:
+	rm -rf output/demo datasets/synthetic

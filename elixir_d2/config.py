@@ -1,0 +1,72 @@
+"""Config keys added by ElixirNet on top of detectron2's defaults."""
+from detectron2.config import CfgNode as CN
+
+
+def add_elixirnet_config(cfg: CN) -> None:
+    """Add every ElixirNet key to ``cfg`` in place (call before ``merge_from_file``)."""
+    _C = cfg
+
+    # ---------------------------------------------------------------- CT input (design.md 4)
+    # Slices stacked as channels: 3 (key -d, key, key +d) or 9 (key +- d, 2d, 3d, 4d).
+    _C.INPUT.NUM_SLICES = 3
+    # Distance d between stacked slices, in mm; neighbours are interpolated linearly between the
+    # two nearest real slices when the series' slice interval does not divide d.
+    _C.INPUT.SLICE_INTV_MM = 2.0
+    # HU window mapped linearly onto [0, 255] (values outside are clipped).
+    _C.INPUT.HU_WINDOW = (-1024.0, 3071.0)
+    # Pixel spacing (mm) every slice is resampled to; <= 0 keeps the native spacing.
+    _C.INPUT.NORM_SPACING_MM = 0.8
+    # Cap on the longer image side after spacing normalisation, in pixels.
+    _C.INPUT.MAX_IMAGE_SIZE = 512
+    # Training-time horizontal flip probability (0 switches it off).
+    _C.INPUT.FLIP_PROB = 0.5
+
+    # ---------------------------------------------------------------- TruncatedRPN (paper eq. 1)
+    _C.MODEL.TRPN = CN()
+    # Truncation threshold eps on the location confidence p; a negative value means "the mean
+    # of p per image and level" (the paper's choice), a value in [0, 1) is used as is.
+    _C.MODEL.TRPN.THRESHOLD = -1.0
+    # Weight of the auxiliary sigmoid focal loss on p (positives: locations with an anchor
+    # matched to a ground truth); 0 switches it off and p learns only through p * I.
+    _C.MODEL.TRPN.LOC_LOSS_WEIGHT = 1.0
+    _C.MODEL.TRPN.FOCAL_ALPHA = 0.25
+    _C.MODEL.TRPN.FOCAL_GAMMA = 2.0
+
+    # ---------------------------------------------------------------- Auto-lesion Block
+    _C.MODEL.ALB = CN()
+    # Genotype YAML of the fixed ALBHead (written by search_net.py); ignored by ALBSearchHead.
+    _C.MODEL.ALB.GENOTYPE = ""
+    # Candidate operations: "elixir" (the paper's medical space) or "darts" (Table 6 ablation).
+    _C.MODEL.ALB.SEARCH_SPACE = "elixir"
+    # Branches per block (B) and channels per operation (D; 16 while searching, 32 final).
+    _C.MODEL.ALB.BRANCHES = 4
+    _C.MODEL.ALB.CHANNELS = 32
+    # The 3x3 conv after RoIAlign reduces the RoI feature to this many channels.
+    _C.MODEL.ALB.STEM_CHANNELS = 128
+    # Block sequence: "normal" = ALB (keeps size), "reduce" = ALB_r (halves size, doubles D).
+    _C.MODEL.ALB.BLOCKS = ["normal", "reduce", "reduce"]
+    # Normalisation inside operations: "BN", "GN" (small batches) or "" (none).
+    _C.MODEL.ALB.NORM = "GN"
+
+    # ---------------------------------------------------------------- Architecture search
+    _C.SEARCH = CN()
+    _C.SEARCH.EPOCHS = 15
+    _C.SEARCH.SEED = 0  # fixed seed that halves the training split into w / alpha halves
+    _C.SEARCH.W_LR = 0.02  # SGD on w, cosine-annealed to 0
+    _C.SEARCH.W_MOMENTUM = 0.9
+    _C.SEARCH.W_WEIGHT_DECAY = 3e-4
+    _C.SEARCH.ALPHA_LR = 3e-4  # Adam on alpha
+    _C.SEARCH.ALPHA_BETAS = (0.5, 0.999)
+    _C.SEARCH.ALPHA_WEIGHT_DECAY = 1e-3
+    _C.SEARCH.CHECKPOINT_PERIOD = 1  # epochs between checkpoints
+
+    # ---------------------------------------------------------------- Relation Transfer Module
+    _C.MODEL.RTM = CN()
+    _C.MODEL.RTM.ENABLED = False
+    # Output size E of W_E ((P+1) x E).
+    _C.MODEL.RTM.EMBED_DIM = 128
+    # Number of lesion types of the multi-type classifier (DeepLesion: 8).
+    _C.MODEL.RTM.NUM_TYPES = 8
+
+    # ---------------------------------------------------------------- Evaluation
+    _C.TEST.FROC_FPS = (0.5, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0)

@@ -1,0 +1,28 @@
+"""Install the ElixirNet detectron2 extension (package ``elixir_d2``).
+
+detectron2 itself is not listed in ``install_requires``: it has no release on PyPI, and
+``scripts/install.sh`` installs it by the route of design.md section 5.
+"""
+from setuptools import find_packages, setup
+
+setup(
+    name="elixir_d2",
+    version="0.1.0",
+    description="ElixirNet (AAAI 2020) lesion detection in CT as a detectron2 extension",
+    packages=find_packages(include=["elixir_d2", "elixir_d2.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "numpy",
+        "pyyaml",
+        "Pillow<10",
+        "matplotlib",
+        "pycocotools",
+        "SimpleITK",
+        "tqdm",
+        "fvcore",
+        "iopath",
+    ],
+    extras_require={
+        "dev": ["pytest", "pytest-timeout", "hypothesis"],
+    },
+)
