@@ -1,1 +1,1 @@
-"""modeling"""
+"""ElixirNet components; importing a module registers it with detectron2."""
