@@ -1,1 +1,27 @@
-"""data"""
+"""CT datasets (DeepLesion, KiTS19, synthetic) and the CT dataset mapper.
+
+Importing registers, lazily, under ``$DETECTRON2_DATASETS`` (default ``./datasets``):
+deeplesion_{train,val,test}, deeplesion_{val,test}_typed from ``DeepLesion/``; the same names with
+prefix ``synthetic`` from ``synthetic/`` (written by ``python -m elixir_d2.data.synthetic``);
+kits19_{train,test} from ``kits19/``.
+"""
+import os
+
+from .ct_mapper import CTDatasetMapper
+from .deeplesion import load_deeplesion_dicts, register_deeplesion
+
+
+def datasets_root() -> str:
+    """Root of all datasets: ``$DETECTRON2_DATASETS`` as detectron2 uses it, default ./datasets."""
+    return os.path.expanduser(os.getenv("DETECTRON2_DATASETS", "datasets"))
+
+
+def register_all(root: str) -> None:
+    """Register every dataset this project knows under ``root`` (lazy: nothing is read yet)."""
+    register_deeplesion(os.path.join(root, "DeepLesion"), prefix="deeplesion")
+    register_deeplesion(os.path.join(root, "synthetic"), prefix="synthetic")
+
+
+register_all(datasets_root())
+
+__all__ = ["CTDatasetMapper", "load_deeplesion_dicts", "register_deeplesion", "register_all", "datasets_root"]

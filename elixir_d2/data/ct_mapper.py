@@ -1,0 +1,188 @@
+"""CTDatasetMapper: a key slice and its neighbours -> windowed, spacing-normalised model input."""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+from PIL import Image
+
+from detectron2.config import configurable
+from detectron2.data import detection_utils as utils
+from detectron2.data import transforms as T
+from detectron2.utils.file_io import PathManager
+
+logger = logging.getLogger(__name__)
+
+HU_OFFSET = 32768  # DeepLesion PNGs store HU + 32768 as uint16
+_PNG16_MODES = ("I;16", "I;16B", "I;16L", "I")
+
+
+class CTSliceError(ValueError):
+    """A slice file that cannot be used (unreadable, corrupt, not 16-bit, wrong size)."""
+
+
+def read_hu_slice(path: str) -> np.ndarray:
+    """Read a 16-bit DeepLesion-format PNG as float32 HU; errors name the file."""
+    try:
+        with PathManager.open(path, "rb") as f:
+            img = Image.open(f)
+            img.load()
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # PIL raises many types for corrupt / truncated files
+        raise CTSliceError(f"cannot read CT slice {path}: {e}") from e
+    if img.mode not in _PNG16_MODES:
+        raise CTSliceError(f"{path}: expected a 16-bit grayscale PNG (HU + {HU_OFFSET}), got mode {img.mode!r}")
+    return np.asarray(img, dtype=np.float32) - HU_OFFSET
+
+
+def slice_offsets_mm(num_slices: int, interval_mm: float) -> List[float]:
+    """Offsets of the stacked slices from the key slice: 3 -> (-d, 0, d); 9 -> (-4d, ..., 4d)."""
+    if num_slices < 1 or num_slices % 2 == 0:
+        raise ValueError(f"INPUT.NUM_SLICES must be odd and positive, got {num_slices}")
+    half = num_slices // 2
+    return [k * interval_mm for k in range(-half, half + 1)]
+
+
+def window_to_uint8_range(hu: np.ndarray, window: Tuple[float, float]) -> np.ndarray:
+    """Map HU linearly so window[0] -> 0 and window[1] -> 255, clipping outside (float32)."""
+    lo, hi = float(window[0]), float(window[1])
+    if not hi > lo:
+        raise ValueError(f"HU window must have hi > lo, got {window}")
+    out = (np.clip(hu, lo, hi) - lo) * (255.0 / (hi - lo))
+    return out.astype(np.float32, copy=False)
+
+
+class SliceStack:
+    """Reads neighbour slices of one series, interpolating and falling back toward the key slice."""
+
+    def __init__(self, slice_dir: str, key: int, slice_range: Tuple[int, int]):
+        self.slice_dir = slice_dir
+        self.key = key
+        self.first, self.last = int(slice_range[0]), int(slice_range[1])
+        self.fallbacks = 0
+        self._cache: Dict[int, np.ndarray] = {}
+
+    def _read(self, idx: int) -> Optional[np.ndarray]:
+        if idx not in self._cache:
+            if not self.first <= idx <= self.last and idx != self.key:
+                return None
+            try:
+                self._cache[idx] = read_hu_slice(f"{self.slice_dir}/{idx:03d}.png")
+            except FileNotFoundError:
+                if idx == self.key:
+                    raise FileNotFoundError(f"key slice missing: {self.slice_dir}/{idx:03d}.png") from None
+                return None
+        return self._cache[idx]
+
+    def slice_at(self, idx: int) -> np.ndarray:
+        """Slice ``idx``, or the nearest existing slice between it and the key slice (counted)."""
+        step = -1 if idx > self.key else 1
+        img = self._read(idx)
+        if img is None:
+            self.fallbacks += 1
+            while img is None:
+                idx += step
+                img = self._read(idx)
+        return img
+
+    def at_offset(self, offset_slices: float) -> np.ndarray:
+        """Linear interpolation between the two slices around key + offset (in slice units)."""
+        pos = self.key + offset_slices
+        lo = math.floor(pos + 1e-6)
+        w = pos - lo
+        if w < 1e-6:
+            return self.slice_at(lo)
+        return (1.0 - w) * self.slice_at(lo) + w * self.slice_at(lo + 1)
+
+
+class CTDatasetMapper:
+    """Map a CT record (see elixir_d2.data.deeplesion) to the model input dict.
+
+    The image has one channel per stacked slice (key - d, key, key + d for 3 slices) by slice
+    position: a neighbour d mm away is interpolated linearly between the two nearest real slices;
+    a missing slice falls back toward the key slice (counted in ``fallback_slices``). HU are
+    windowed to [0, 255], pixel spacing normalised, the longer side capped; boxes follow the image.
+    """
+
+    @configurable
+    def __init__(
+        self,
+        is_train: bool,
+        *,
+        num_slices: int = 3,
+        slice_interval_mm: float = 2.0,
+        hu_window: Tuple[float, float] = (-1024.0, 3071.0),
+        norm_spacing_mm: float = 0.8,
+        max_size: int = 512,
+        flip_prob: float = 0.5,
+    ):
+        self.is_train = is_train
+        self.offsets_mm = slice_offsets_mm(num_slices, slice_interval_mm)
+        self.hu_window = tuple(hu_window)
+        self.norm_spacing_mm = norm_spacing_mm
+        self.max_size = max_size
+        self.flip_prob = flip_prob if is_train else 0.0
+        self.fallback_slices = 0
+        self.records_seen = 0
+
+    @classmethod
+    def from_config(cls, cfg, is_train: bool = True) -> Dict:
+        return {
+            "is_train": is_train,
+            "num_slices": cfg.INPUT.NUM_SLICES,
+            "slice_interval_mm": cfg.INPUT.SLICE_INTV_MM,
+            "hu_window": cfg.INPUT.HU_WINDOW,
+            "norm_spacing_mm": cfg.INPUT.NORM_SPACING_MM,
+            "max_size": cfg.INPUT.MAX_IMAGE_SIZE,
+            "flip_prob": cfg.INPUT.FLIP_PROB,
+        }
+
+    def output_size(self, height: int, width: int, spacing: float) -> Tuple[int, int]:
+        """Size after spacing normalisation and the cap on the longer side."""
+        scale = spacing / self.norm_spacing_mm if self.norm_spacing_mm > 0 else 1.0
+        scale = min(scale, self.max_size / max(height, width))
+        return max(1, int(round(height * scale))), max(1, int(round(width * scale)))
+
+    def load_volume(self, record: Dict) -> Tuple[np.ndarray, int]:
+        """HU stack (H, W, num_slices) for the record's key slice, and how many slices fell back."""
+        if record.get("slice_intv", 0) <= 0:
+            raise ValueError(f"{record.get('file_name')}: slice interval must be positive, got {record.get('slice_intv')}")
+        stack = SliceStack(record["slice_dir"], record["slice_idx"], record["slice_range"])
+        channels = [stack.at_offset(o / record["slice_intv"]) for o in self.offsets_mm]
+        shapes = {c.shape for c in channels}
+        if len(shapes) != 1:
+            raise CTSliceError(f"{record['slice_dir']}: neighbour slices differ in size {sorted(shapes)}")
+        if stack.fallbacks:
+            self.fallback_slices += stack.fallbacks
+            logger.debug(f"{record['file_name']}: {stack.fallbacks} neighbour slice(s) fell back toward the key slice")
+        return np.stack(channels, axis=-1), stack.fallbacks
+
+    def __call__(self, dataset_dict: Dict) -> Dict:
+        record = copy.deepcopy(dataset_dict)
+        self.records_seen += 1
+        hu, fallbacks = self.load_volume(record)
+        h, w = hu.shape[:2]
+        if (h, w) != (record["height"], record["width"]):
+            raise CTSliceError(
+                f"{record['file_name']}: image is {w}x{h} but the annotation says {record['width']}x{record['height']}"
+            )
+        image = window_to_uint8_range(hu, self.hu_window)
+        new_h, new_w = self.output_size(h, w, record["spacing"])
+        transforms = [T.ResizeTransform(h, w, new_h, new_w)]
+        if self.flip_prob > 0 and np.random.rand() < self.flip_prob:
+            transforms.append(T.HFlipTransform(new_w))
+        tfm = T.TransformList(transforms)
+        image = tfm.apply_image(image)
+        record["image"] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
+        record["fallback_slices"] = fallbacks
+        annos = record.pop("annotations", None)
+        if self.is_train and annos is not None:
+            annos = [utils.transform_instance_annotations(a, tfm, (new_h, new_w)) for a in annos]
+            instances = utils.annotations_to_instances(annos, (new_h, new_w))
+            record["instances"] = utils.filter_empty_instances(instances)
+        return record

@@ -1,0 +1,125 @@
+"""CTDatasetMapper: windowing, neighbour interpolation, fallback, spacing normalisation, boxes."""
+import numpy as np
+import pytest
+from detectron2.structures import BoxMode
+
+from elixir_d2.data.ct_mapper import CTDatasetMapper, CTSliceError, read_hu_slice, window_to_uint8_range
+from conftest import write_slice
+
+H = W = 32
+
+
+def _series(root, values, first=1):
+    """Slices first.. holding constant HU values[i]; returns the series folder."""
+    for i, v in enumerate(values):
+        write_slice(root, "000001_01_01", first + i, np.full((H, W), v))
+    return f"{root}/Images_png/000001_01_01"
+
+
+def _record(slice_dir, key, slice_range, intv, spacing=0.8, boxes=((4, 6, 12, 20),)):
+    return {
+        "file_name": f"{slice_dir}/{key:03d}.png", "image_id": 0, "height": H, "width": W,
+        "slice_dir": slice_dir, "slice_idx": key, "slice_range": slice_range, "slice_intv": intv,
+        "spacing": spacing, "hu_window": (-175, 275),
+        "annotations": [{"bbox": list(b), "bbox_mode": BoxMode.XYXY_ABS, "category_id": 0} for b in boxes],
+    }
+
+
+def _mapper(is_train=False, **kw):
+    args = dict(num_slices=3, slice_interval_mm=2.0, hu_window=(-1024.0, 3071.0), norm_spacing_mm=0.8,
+                max_size=512, flip_prob=0.0)
+    args.update(kw)
+    return CTDatasetMapper(is_train, **args)
+
+
+def test_window_values_at_known_hu():
+    hu = np.array([-2000.0, -1024.0, 0.0, 1023.5, 3071.0, 5000.0])
+    expect = np.array([0.0, 0.0, 1024 * 255 / 4095, 2047.5 * 255 / 4095, 255.0, 255.0])
+    np.testing.assert_allclose(window_to_uint8_range(hu, (-1024, 3071)), expect, rtol=1e-6)
+
+
+def test_read_hu_slice_subtracts_offset(tmp_path):
+    write_slice(str(tmp_path), "s", 1, np.array([[-1000, 0], [40, 1500]]))
+    np.testing.assert_array_equal(read_hu_slice(f"{tmp_path}/Images_png/s/001.png"), [[-1000, 0], [40, 1500]])
+
+
+def test_neighbours_when_interval_divides_2mm(tmp_path):
+    # 1 mm slices: +-2 mm is exactly 2 slices away
+    d = _series(str(tmp_path), [0, 100, 200, 300, 400, 500, 600])
+    out = _mapper()( _record(d, 4, (1, 7), 1.0))
+    hu = out["image"][:, 0, 0].numpy() * 4095 / 255 - 1024
+    np.testing.assert_allclose(hu, [100, 300, 500], atol=1e-3)
+
+
+def test_neighbours_interpolated_when_interval_does_not_divide(tmp_path):
+    # 1.25 mm slices: 2 mm = 1.6 slices -> 0.4 * S[key-1] + 0.6 * S[key-2]
+    d = _series(str(tmp_path), [0, 100, 200, 300, 400, 500, 600])
+    out = _mapper()(_record(d, 4, (1, 7), 1.25))
+    hu = out["image"][:, 0, 0].numpy() * 4095 / 255 - 1024
+    np.testing.assert_allclose(hu, [300 - 1.6 * 100, 300, 300 + 1.6 * 100], atol=1e-2)
+
+
+def test_five_mm_slices_interpolate_toward_key(tmp_path):
+    # 5 mm slices: 2 mm = 0.4 slice -> 0.6 key + 0.4 neighbour
+    d = _series(str(tmp_path), [0, 1000, 2000])
+    out = _mapper()(_record(d, 2, (1, 3), 5.0))
+    hu = out["image"][:, 0, 0].numpy() * 4095 / 255 - 1024
+    np.testing.assert_allclose(hu, [600, 1000, 1400], atol=1e-2)
+
+
+def test_missing_neighbour_falls_back_toward_key_and_is_counted(tmp_path):
+    d = _series(str(tmp_path), [0, 100, 200], first=1)  # slices 1..3, key 3: no slice 4, 5
+    m = _mapper()
+    out = m(_record(d, 3, (1, 5), 1.0))
+    hu = out["image"][:, 0, 0].numpy() * 4095 / 255 - 1024
+    np.testing.assert_allclose(hu, [0, 200, 200], atol=1e-3)  # key+2 -> key+1 missing -> key
+    assert out["fallback_slices"] == 1 and m.fallback_slices == 1
+
+
+def test_nine_slices(tmp_path):
+    d = _series(str(tmp_path), [10 * i for i in range(20)])
+    out = _mapper(num_slices=9)(_record(d, 10, (1, 20), 2.0))
+    hu = out["image"][:, 0, 0].numpy() * 4095 / 255 - 1024
+    np.testing.assert_allclose(hu, [10 * (9 + k) for k in range(-4, 5)], atol=1e-2)
+
+
+def test_spacing_normalisation_scales_image_and_boxes(tmp_path):
+    d = _series(str(tmp_path), [0, 0, 0])
+    m = _mapper(is_train=True)
+    out = m(_record(d, 2, (1, 3), 2.0, spacing=1.6))  # 1.6 mm -> 0.8 mm: x2
+    assert tuple(out["image"].shape) == (3, 64, 64)
+    np.testing.assert_allclose(out["instances"].gt_boxes.tensor.numpy(), [[8, 12, 24, 40]])
+    assert (out["height"], out["width"]) == (H, W)  # original size, for rescaling predictions
+
+
+def test_longer_side_cap(tmp_path):
+    d = _series(str(tmp_path), [0, 0, 0])
+    out = _mapper(max_size=48)(_record(d, 2, (1, 3), 2.0, spacing=1.6))
+    assert tuple(out["image"].shape) == (3, 48, 48)
+    assert "instances" not in out  # test-time: ground truth stays with the evaluator
+
+
+def test_flip_moves_boxes(tmp_path):
+    d = _series(str(tmp_path), [0, 0, 0])
+    out = _mapper(is_train=True, flip_prob=1.0, norm_spacing_mm=0)(_record(d, 2, (1, 3), 2.0))
+    np.testing.assert_allclose(out["instances"].gt_boxes.tensor.numpy(), [[W - 12, 6, W - 4, 20]])
+
+
+def test_corrupt_and_8bit_png_named(tmp_path):
+    d = _series(str(tmp_path), [0, 0, 0])
+    with open(f"{d}/002.png", "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n garbage")
+    with pytest.raises(CTSliceError, match="002.png"):
+        _mapper()(_record(d, 2, (1, 3), 2.0))
+    from PIL import Image
+    Image.fromarray(np.zeros((H, W), np.uint8)).save(f"{d}/002.png")
+    with pytest.raises(CTSliceError, match="16-bit"):
+        _mapper()(_record(d, 2, (1, 3), 2.0))
+
+
+def test_size_mismatch_with_annotation(tmp_path):
+    d = _series(str(tmp_path), [0, 0, 0])
+    rec = _record(d, 2, (1, 3), 2.0)
+    rec["height"] = 40
+    with pytest.raises(CTSliceError, match="annotation says"):
+        _mapper()(rec)
