@@ -1,0 +1,255 @@
+"""FROC (sensitivity at false positives per image) for lesion detection, design.md section 3.
+
+Pure numpy: no detectron2 or torch import, so the protocol can be checked on its own.
+
+Protocol (every image's detections and lesions at once):
+
+* All detections of all images are ranked by score, descending; the sort is stable, so ties keep
+  the input order (image order, then the order inside an image).
+* Walking down the ranking, a detection whose best overlap with the ground truths of its image is
+  below ``threshold`` is a false positive (FP); an image without ground truth makes every one of
+  its detections an FP. Otherwise every ground truth of that image with overlap >= ``threshold``
+  that is not yet hit becomes hit (one box may hit several lesions); a detection that only
+  overlaps already-hit lesions is neither a hit nor an FP.
+* Curve: the point (0, sensitivity before the first FP), then for each number k of FPs the point
+  (k / num_images, hits / num_gt). The curve is recorded after every detection and, where several
+  points share an FP value, the highest sensitivity is kept: the point for k FPs therefore holds
+  every hit ranked before the (k+1)-th FP, i.e. the sensitivity at the loosest score threshold
+  that still gives k FPs (the usual FROC operating point, and 3DCE's reading).
+* Sensitivity at f FPs per image = ``np.interp(f, fp_per_image, sens_curve)``; beyond the last
+  point of the curve it is the last sensitivity.
+* ``num_images`` is the number of images passed, images without ground truth included.
+* No ground truth at all: every sensitivity is 0.0 (a zero result, not an error). No image at
+  all: the curve is the single point (0, 0) and every sensitivity is 0.0.
+"""
+from __future__ import annotations
+
+from typing import Dict, Mapping, Optional, Sequence
+
+import numpy as np
+
+PAPER_FPS = (0.5, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0)
+# FP points whose mean sensitivity the lesion-detection literature reports (3DCE, ElixirNet).
+MEAN_SENS_FPS = (0.5, 1.0, 2.0, 4.0)
+CRITERIA = ("iou", "iobb")
+
+__all__ = ["compute_froc", "box_overlaps", "PAPER_FPS", "MEAN_SENS_FPS", "CRITERIA"]
+
+
+def box_overlaps(det: np.ndarray, gt: np.ndarray, criterion: str = "iou") -> np.ndarray:
+    """Overlap of row-aligned XYXY boxes ``det`` (P, 4) and ``gt`` (P, 4) -> (P,).
+
+    ``iou``: intersection over union; ``iobb``: intersection over the detected box's area.
+    Continuous coordinates (area = (x2 - x1) * (y2 - y1)). A zero denominator (degenerate
+    boxes) gives overlap 0 rather than NaN.
+    """
+    if criterion not in CRITERIA:
+        raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
+    iw = np.minimum(det[:, 2], gt[:, 2]) - np.maximum(det[:, 0], gt[:, 0])
+    ih = np.minimum(det[:, 3], gt[:, 3]) - np.maximum(det[:, 1], gt[:, 1])
+    inter = np.clip(iw, 0.0, None) * np.clip(ih, 0.0, None)
+    area_det = (det[:, 2] - det[:, 0]) * (det[:, 3] - det[:, 1])
+    if criterion == "iou":
+        area_gt = (gt[:, 2] - gt[:, 0]) * (gt[:, 3] - gt[:, 1])
+        denom = area_det + area_gt - inter
+    else:
+        denom = area_det
+    out = np.zeros_like(inter)
+    np.divide(inter, denom, out=out, where=denom > 0)
+    return out
+
+
+def _as_boxes(a, what: str, i: int) -> np.ndarray:
+    try:
+        arr = np.asarray(a, dtype=np.float64)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{what}[{i}] is not numeric: {e}") from None
+    if arr.size == 0:
+        return arr.reshape(0, 4)
+    if arr.ndim != 2 or arr.shape[1] != 4:
+        raise ValueError(f"{what}[{i}] must have shape (n, 4) XYXY, got {arr.shape}")
+    return arr
+
+
+def _as_vector(a, what: str, i: int, n: int, dtype) -> np.ndarray:
+    try:
+        arr = np.asarray(a, dtype=dtype)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{what}[{i}] is not numeric: {e}") from None
+    if arr.size == 0:
+        arr = arr.reshape(0)
+    if arr.ndim != 1 or arr.shape[0] != n:
+        raise ValueError(f"{what}[{i}] has shape {arr.shape}, expected ({n},): one per box of image {i}")
+    return arr
+
+
+def _check_boxes(boxes: np.ndarray, offsets: np.ndarray, what: str) -> None:
+    """Raise a ValueError naming the first image / box that is NaN, infinite or inverted."""
+    bad = ~np.isfinite(boxes).all(axis=1)
+    reason = "is not finite"
+    if not bad.any():
+        bad = (boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1])
+        reason = "is inverted (x2 < x1 or y2 < y1)"
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        img = int(np.searchsorted(offsets, row, side="right") - 1)
+        raise ValueError(f"{what}[{img}][{row - offsets[img]}] = {boxes[row].tolist()} {reason}")
+
+
+def _concat(arrays: Sequence[np.ndarray], width: Optional[int], dtype) -> np.ndarray:
+    if arrays:
+        return np.concatenate(arrays, axis=0)
+    return np.zeros((0, width) if width else (0,), dtype=dtype)
+
+
+def compute_froc(
+    pred_boxes: Sequence[np.ndarray],
+    pred_scores: Sequence[np.ndarray],
+    gt_boxes: Sequence[np.ndarray],
+    fps: Sequence[float] = PAPER_FPS,
+    criterion: str = "iou",
+    threshold: float = 0.5,
+    *,
+    gt_groups: Optional[Sequence[np.ndarray]] = None,
+) -> Dict[str, object]:
+    """FROC of detections against lesions, by the protocol of this module's docstring.
+
+    Args:
+        pred_boxes: per image, detections (n_i, 4) XYXY in pixels.
+        pred_scores: per image, scores (n_i,).
+        gt_boxes: per image, lesions (m_i, 4) XYXY in pixels; (0, 4) for an image without any.
+        fps: FP-per-image points to read the sensitivity at.
+        criterion: ``"iou"`` or ``"iobb"`` (intersection over the detected box's area).
+        threshold: overlap at or above which a detection hits a lesion.
+        gt_groups: optional, per image, an int group id per lesion (m_i,); negative ids belong to
+            no group. For each group the sensitivity counts only the group's lesions while the FP
+            axis stays the overall one (all FPs of all images), so a group's value at f is the
+            fraction of its lesions found at the score threshold where the overall FP rate is f.
+
+    Returns:
+        dict with ``sensitivity`` {fp: float in [0, 1]}, ``fp_per_image`` and ``sens_curve`` (the
+        curve, 1-D float arrays of equal length), ``num_images``, ``num_gt``, ``num_detections``,
+        ``num_hits`` (lesions hit by some detection), ``num_fp``, ``max_fp_per_image`` (last
+        curve point), ``criterion``, ``threshold``; with ``gt_groups`` also
+        ``group_sensitivity`` {group: {fp: float}}, ``group_sens_curve`` {group: array} and
+        ``group_num_gt`` {group: int}.
+
+    Raises:
+        ValueError: on mismatched lengths, wrong shapes, non-finite or inverted boxes, NaN
+            scores, negative or non-finite FP points, an unknown criterion or a threshold
+            outside (0, 1].
+    """
+    if criterion not in CRITERIA:
+        raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
+    if not (np.isfinite(threshold) and 0.0 < threshold <= 1.0):
+        raise ValueError(f"threshold must be in (0, 1], got {threshold!r}")
+    fps = [float(f) for f in fps]
+    if any(not np.isfinite(f) or f < 0 for f in fps):
+        raise ValueError(f"fps must be finite and >= 0, got {fps}")
+    n_img = len(gt_boxes)
+    if len(pred_boxes) != n_img or len(pred_scores) != n_img:
+        raise ValueError(
+            f"one entry per image expected: pred_boxes has {len(pred_boxes)}, "
+            f"pred_scores {len(pred_scores)}, gt_boxes {n_img}"
+        )
+    if gt_groups is not None and len(gt_groups) != n_img:
+        raise ValueError(f"gt_groups has {len(gt_groups)} entries for {n_img} images")
+
+    dets = [_as_boxes(b, "pred_boxes", i) for i, b in enumerate(pred_boxes)]
+    scores = [
+        _as_vector(s, "pred_scores", i, len(d), np.float64) for i, (s, d) in enumerate(zip(pred_scores, dets))
+    ]
+    gts = [_as_boxes(b, "gt_boxes", i) for i, b in enumerate(gt_boxes)]
+    n_det = np.array([len(d) for d in dets], dtype=np.int64)
+    n_gt = np.array([len(g) for g in gts], dtype=np.int64)
+    det_off = np.concatenate([[0], np.cumsum(n_det)])
+    gt_off = np.concatenate([[0], np.cumsum(n_gt)])
+    det_all = _concat(dets, 4, np.float64)
+    gt_all = _concat(gts, 4, np.float64)
+    score_all = _concat(scores, None, np.float64)
+    _check_boxes(det_all, det_off, "pred_boxes")
+    _check_boxes(gt_all, gt_off, "gt_boxes")
+    if np.isnan(score_all).any():
+        row = int(np.flatnonzero(np.isnan(score_all))[0])
+        img = int(np.searchsorted(det_off, row, side="right") - 1)
+        raise ValueError(f"pred_scores[{img}][{row - det_off[img]}] is NaN")
+    group_all = None
+    if gt_groups is not None:
+        group_all = _concat(
+            [_as_vector(g, "gt_groups", i, len(b), np.int64) for i, (g, b) in enumerate(zip(gt_groups, gts))],
+            None,
+            np.int64,
+        )
+
+    D, G = len(det_all), len(gt_all)
+    # Stable descending rank of every detection; rank_of[d] is d's position in the ranking.
+    order = np.argsort(-score_all, kind="stable")
+    rank_of = np.empty(D, dtype=np.int64)
+    rank_of[order] = np.arange(D, dtype=np.int64)
+
+    # Every (detection, lesion of the same image) pair, grouped by detection.
+    det_img = np.repeat(np.arange(n_img, dtype=np.int64), n_det)
+    k_per_det = n_gt[det_img] if D else np.zeros(0, dtype=np.int64)
+    pair_start = np.concatenate([[0], np.cumsum(k_per_det)])
+    P = int(pair_start[-1])
+    pair_det = np.repeat(np.arange(D, dtype=np.int64), k_per_det)
+    pair_gt = gt_off[det_img][pair_det] + (np.arange(P, dtype=np.int64) - pair_start[pair_det])
+    overlap = box_overlaps(det_all[pair_det], gt_all[pair_gt], criterion)
+    is_match = overlap >= threshold
+
+    # FP: no lesion in the image, or best overlap below the threshold.
+    is_fp = np.ones(D, dtype=bool)
+    has_pairs = k_per_det > 0
+    if P:
+        best = np.maximum.reduceat(overlap, pair_start[:-1][has_pairs])
+        is_fp[has_pairs] = best < threshold
+    # A lesion is hit by the first-ranked detection overlapping it enough; whether that
+    # detection also hit other lesions does not matter, hence no sequential loop is needed.
+    hit_rank = np.full(G, D, dtype=np.int64)  # D = never hit
+    np.minimum.at(hit_rank, pair_gt[is_match], rank_of[pair_det[is_match]])
+    is_hit = hit_rank < D
+
+    fp_ranks = np.flatnonzero(is_fp[order])  # ranking positions of the FPs, increasing
+    num_fp = len(fp_ranks)
+    fp_axis = np.arange(num_fp + 1, dtype=np.float64) / max(n_img, 1)
+
+    def curve(mask: Optional[np.ndarray]) -> tuple:
+        ranks = hit_rank[is_hit] if mask is None else hit_rank[is_hit & mask]
+        n = G if mask is None else int(mask.sum())
+        ranks = np.sort(ranks)
+        # Point k: lesions hit before the (k+1)-th FP; last point: all hits.
+        hits = np.append(np.searchsorted(ranks, fp_ranks, side="left"), len(ranks))
+        sens = hits / n if n else np.zeros(num_fp + 1)
+        return sens.astype(np.float64), n
+
+    def read(sens: np.ndarray) -> Dict[float, float]:
+        return {f: float(np.interp(f, fp_axis, sens)) for f in fps}
+
+    sens_curve, _ = curve(None)
+    out: Dict[str, object] = {
+        "sensitivity": read(sens_curve),
+        "fp_per_image": fp_axis,
+        "sens_curve": sens_curve,
+        "num_images": n_img,
+        "num_gt": G,
+        "num_detections": D,
+        "num_hits": int(is_hit.sum()),
+        "num_fp": num_fp,
+        "max_fp_per_image": float(fp_axis[-1]),
+        "criterion": criterion,
+        "threshold": float(threshold),
+    }
+    if group_all is not None:
+        groups = sorted(int(g) for g in np.unique(group_all[group_all >= 0]))
+        out["group_sensitivity"], out["group_sens_curve"], out["group_num_gt"] = {}, {}, {}
+        for g in groups:
+            sens_g, n_g = curve(group_all == g)
+            out["group_sensitivity"][g] = read(sens_g)
+            out["group_sens_curve"][g] = sens_g
+            out["group_num_gt"][g] = n_g
+    return out
+
+
+def sensitivity_at(result: Mapping[str, object], fp: float) -> float:
+    """Sensitivity of a :func:`compute_froc` result at ``fp`` FPs per image (same rule)."""
+    return float(np.interp(float(fp), result["fp_per_image"], result["sens_curve"]))
