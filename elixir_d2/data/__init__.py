@@ -9,6 +9,7 @@ import os
 
 from .ct_mapper import CTDatasetMapper
 from .deeplesion import load_deeplesion_dicts, register_deeplesion
+from .kits19 import load_kits19_dicts, register_kits19
 
 
 def datasets_root() -> str:
@@ -20,8 +21,10 @@ def register_all(root: str) -> None:
     """Register every dataset this project knows under ``root`` (lazy: nothing is read yet)."""
     register_deeplesion(os.path.join(root, "DeepLesion"), prefix="deeplesion")
     register_deeplesion(os.path.join(root, "synthetic"), prefix="synthetic")
+    register_kits19(os.path.join(root, "kits19"), prefix="kits19")
 
 
 register_all(datasets_root())
 
-__all__ = ["CTDatasetMapper", "load_deeplesion_dicts", "register_deeplesion", "register_all", "datasets_root"]
+__all__ = ["CTDatasetMapper", "load_deeplesion_dicts", "register_deeplesion", "register_all", "datasets_root",
+           "load_kits19_dicts", "register_kits19"]
