@@ -159,6 +159,14 @@ class LesionEvaluator(DatasetEvaluator):
             boxes = inst.pred_boxes.tensor.numpy().astype(np.float32)
             scores = inst.scores.numpy().astype(np.float32)
             classes = (inst.pred_classes.numpy() if inst.has("pred_classes") else np.zeros(len(inst))).astype(np.int64)
+            bad = ~(np.isfinite(boxes).all(axis=1) & np.isfinite(scores))
+            bad |= (boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1])
+            if bad.any():
+                k = int(np.flatnonzero(bad)[0])
+                raise ValueError(
+                    f"prediction {k} for image_id {inp['image_id']} of {self._dataset_name} has a NaN/infinite "
+                    f"or inverted box or score: box {boxes[k].tolist()}, score {scores[k]}"
+                )
             if self._max_dets is not None and len(scores) > self._max_dets:
                 keep = np.argsort(-scores, kind="stable")[: self._max_dets]
                 boxes, scores, classes = boxes[keep], scores[keep], classes[keep]

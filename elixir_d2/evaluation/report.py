@@ -10,6 +10,8 @@ from .froc import CRITERIA, PAPER_FPS
 
 __all__ = ["fp_key", "format_froc_table", "plot_froc"]
 
+_CRITERION_NAMES = {"iou": "IoU", "iobb": "IoBB"}
+
 
 def fp_key(fp: float) -> str:
     """How an FP point appears in metric names: 0.5 -> "0.5", 1.0 -> "1"."""
@@ -50,7 +52,7 @@ def format_froc_table(
         raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
     cols = [fp_key(f) for f in fps]
     lines = [
-        f"Sensitivity {criterion.upper() if criterion == 'iou' else 'IoBB'} (%) at FPs per image; mAP@[.5:.95] (%)",
+        f"Sensitivity {_CRITERION_NAMES[criterion]} (%) at FPs per image; mAP@[.5:.95] (%)",
         "",
         "| Method | " + " | ".join(cols) + " | mAP |",
         "|:--|" + "--:|" * (len(cols) + 1),
