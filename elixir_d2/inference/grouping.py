@@ -1,0 +1,120 @@
+"""Group per-slice detections into 3-D findings.
+
+Two detections belong to the same finding when they lie on different slices at most
+``max_gap`` slice numbers apart (1: adjacent slices only) and their boxes overlap with IoU >=
+``iou_thresh``; findings are the connected components of that relation (a lesion seen on slices
+5, 6, 7 links 5-6 and 6-7 even if the 5 and 7 boxes do not overlap).
+
+A finding reports its slice extent, the largest diameter (the longest box side in mm over its
+slices: the box of a lesion spans its long RECIST axis when that axis lies along x or y, and a
+slanted axis is longer than any side), its best score and where that score was found.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Dict, List, Sequence, Tuple
+
+import numpy as np
+
+__all__ = ["Finding", "group_detections", "pairwise_iou"]
+
+
+@dataclass
+class Finding:
+    finding_id: int
+    slice_first: int
+    slice_last: int
+    num_slices: int  # slices holding at least one member detection
+    extent_mm: float  # (slice_last - slice_first + 1) * slice interval
+    largest_diameter_mm: float
+    best_score: float
+    best_slice: int
+    best_box: List[float]  # XYXY pixels on best_slice
+    members: List[int]  # indices into the detections passed in
+
+    def to_dict(self) -> Dict:
+        return asdict(self)
+
+
+def pairwise_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU of XYXY boxes (continuous coordinates: area = (x2 - x1) * (y2 - y1)), len(a) x len(b)."""
+    a = np.asarray(a, dtype=np.float64).reshape(-1, 4)
+    b = np.asarray(b, dtype=np.float64).reshape(-1, 4)
+    iw = np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0])
+    ih = np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1])
+    inter = np.clip(iw, 0, None) * np.clip(ih, 0, None)
+    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
+    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    union = area_a[:, None] + area_b[None, :] - inter
+    return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
+
+
+def _find(parent: List[int], i: int) -> int:
+    while parent[i] != i:
+        parent[i] = parent[parent[i]]
+        i = parent[i]
+    return i
+
+
+def group_detections(
+    slices: Sequence[int],
+    boxes: np.ndarray,
+    scores: Sequence[float],
+    spacing: Tuple[float, float],
+    slice_interval: float,
+    iou_thresh: float = 0.3,
+    max_gap: int = 1,
+) -> List[Finding]:
+    """Connected components of "overlapping boxes on nearby slices", best score first.
+
+    Args:
+        slices: slice number of each detection.
+        boxes: (N, 4) XYXY pixels.
+        scores: (N,) detection scores.
+        spacing: (x, y) pixel spacing in mm.
+        slice_interval: mm between consecutive slice numbers.
+        iou_thresh: least IoU linking two detections.
+        max_gap: largest slice-number difference linking two detections (>= 1).
+    """
+    if max_gap < 1:
+        raise ValueError(f"max_gap must be >= 1, got {max_gap}")
+    slices = np.asarray(slices, dtype=np.int64).reshape(-1)
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    if not len(slices) == len(boxes) == len(scores):
+        raise ValueError(f"{len(slices)} slices, {len(boxes)} boxes, {len(scores)} scores: lengths differ")
+    n = len(slices)
+    parent = list(range(n))
+    by_slice: Dict[int, np.ndarray] = {int(s): np.flatnonzero(slices == s) for s in np.unique(slices)}
+    for s, idx in by_slice.items():
+        for gap in range(1, max_gap + 1):
+            other = by_slice.get(s + gap)
+            if other is None:
+                continue
+            linked = np.argwhere(pairwise_iou(boxes[idx], boxes[other]) >= iou_thresh)
+            for a, b in linked:
+                ra, rb = _find(parent, int(idx[a])), _find(parent, int(other[b]))
+                if ra != rb:
+                    parent[rb] = ra
+    groups: Dict[int, List[int]] = {}
+    for i in range(n):
+        groups.setdefault(_find(parent, i), []).append(i)
+
+    sx, sy = spacing
+    findings = []
+    for members in groups.values():
+        m = np.asarray(members)
+        best = int(m[np.argmax(scores[m])])  # first of equal scores
+        side_mm = np.maximum((boxes[m, 2] - boxes[m, 0]) * sx, (boxes[m, 3] - boxes[m, 1]) * sy)
+        first, last = int(slices[m].min()), int(slices[m].max())
+        findings.append(Finding(
+            finding_id=-1, slice_first=first, slice_last=last, num_slices=len(np.unique(slices[m])),
+            extent_mm=float((last - first + 1) * slice_interval),
+            largest_diameter_mm=float(side_mm.max()), best_score=float(scores[best]),
+            best_slice=int(slices[best]), best_box=[float(v) for v in boxes[best]],
+            members=sorted(int(i) for i in m),
+        ))
+    findings.sort(key=lambda f: (-f.best_score, f.slice_first, f.best_box))
+    for k, f in enumerate(findings):
+        f.finding_id = k
+    return findings

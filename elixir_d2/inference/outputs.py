@@ -1,0 +1,151 @@
+"""Writers for inference results: per-slice detections (JSON, CSV), 3-D findings, COCO results.
+
+Boxes are XYXY in the slice's native pixels (continuous coordinates) and in mm from the slice's
+top-left corner (x by the x spacing, y by the y spacing). NIfTI / DICOM detections also carry
+the LPS position (mm) of the box centre. Nothing from DICOM headers beyond geometry is written.
+"""
+from __future__ import annotations
+
+import csv
+import json
+from typing import Dict, Iterable, List, Optional, Sequence
+
+import numpy as np
+
+from detectron2.utils.file_io import PathManager
+
+from .grouping import Finding
+from .predictor import VolumePrediction
+
+__all__ = [
+    "DETECTION_COLUMNS", "FINDING_COLUMNS", "detection_rows", "case_summary", "write_json", "write_csv",
+    "CocoResults",
+]
+
+DETECTION_COLUMNS = (
+    "case", "slice_index", "x1", "y1", "x2", "y2", "x1_mm", "y1_mm", "x2_mm", "y2_mm", "width_mm",
+    "height_mm", "score", "class_id", "lesion_type", "finding_id", "center_lps_mm",
+)
+FINDING_COLUMNS = (
+    "case", "finding_id", "slice_first", "slice_last", "num_slices", "extent_mm", "largest_diameter_mm",
+    "best_score", "best_slice", "best_box", "num_detections",
+)
+
+
+def _round(v: float, nd: int = 3) -> float:
+    return float(round(float(v), nd))
+
+
+def detection_rows(pred: VolumePrediction, finding_of: Optional[Dict[int, int]] = None) -> List[Dict]:
+    """One dict per detection (DETECTION_COLUMNS), in slice then score order.
+
+    ``finding_of`` maps the running detection index (the order of this function's output) to a
+    finding id; see :func:`elixir_d2.inference.grouping.group_detections`.
+    """
+    vol = pred.volume
+    sx, sy = vol.spacing
+    rows = []
+    for sp in pred.slices:
+        for k in range(len(sp.scores)):
+            x1, y1, x2, y2 = (float(v) for v in sp.boxes[k])
+            centre = vol.physical_point((x1 + x2) / 2, (y1 + y2) / 2, sp.slice_number)
+            i = len(rows)
+            rows.append({
+                "case": vol.name, "slice_index": int(sp.slice_number),
+                "x1": _round(x1, 2), "y1": _round(y1, 2), "x2": _round(x2, 2), "y2": _round(y2, 2),
+                "x1_mm": _round(x1 * sx), "y1_mm": _round(y1 * sy), "x2_mm": _round(x2 * sx),
+                "y2_mm": _round(y2 * sy), "width_mm": _round((x2 - x1) * sx), "height_mm": _round((y2 - y1) * sy),
+                "score": _round(sp.scores[k], 5), "class_id": int(sp.classes[k]),
+                "lesion_type": sp.type_names[k] if sp.type_names is not None else "",
+                "finding_id": (finding_of or {}).get(i, -1),
+                "center_lps_mm": None if centre is None else [_round(c) for c in centre],
+            })
+    return rows
+
+
+def flat_detections(pred: VolumePrediction):
+    """(slices, boxes, scores) of every detection in :func:`detection_rows` order."""
+    slices = [sp.slice_number for sp in pred.slices for _ in range(len(sp.scores))]
+    boxes = [sp.boxes for sp in pred.slices if len(sp.scores)]
+    scores = [sp.scores for sp in pred.slices if len(sp.scores)]
+    return (np.asarray(slices, dtype=np.int64), np.concatenate(boxes) if boxes else np.zeros((0, 4)),
+            np.concatenate(scores) if scores else np.zeros(0))
+
+
+def finding_rows(case: str, findings: Sequence[Finding]) -> List[Dict]:
+    return [{
+        "case": case, "finding_id": f.finding_id, "slice_first": f.slice_first, "slice_last": f.slice_last,
+        "num_slices": f.num_slices, "extent_mm": _round(f.extent_mm), "largest_diameter_mm": _round(f.largest_diameter_mm),
+        "best_score": _round(f.best_score, 5), "best_slice": f.best_slice,
+        "best_box": [_round(v, 2) for v in f.best_box], "num_detections": len(f.members),
+    } for f in findings]
+
+
+def case_summary(pred: VolumePrediction, detections: List[Dict], findings: Sequence[Finding]) -> Dict:
+    """The per-case JSON document: geometry, what the model saw, detections and findings."""
+    vol = pred.volume
+    sizes = sorted({tuple(sp.input_size) for sp in pred.slices})
+    return {
+        "case": vol.name,
+        "input_kind": vol.kind,
+        "image_size": [vol.height, vol.width],
+        "spacing_mm": [_round(v, 5) for v in vol.spacing],
+        "slice_interval_mm": _round(vol.slice_interval, 5),
+        "num_slices_read": len(vol.slice_numbers),
+        "slices_predicted": [sp.slice_number for sp in pred.slices],
+        "model_input_size": [list(s) for s in sizes],
+        "fallback_slices": int(sum(sp.fallbacks for sp in pred.slices)),
+        "warnings": list(vol.warnings),
+        "detections": detections,
+        "findings": finding_rows(vol.name, findings),
+    }
+
+
+def write_json(path: str, obj) -> None:
+    with PathManager.open(path, "w") as f:
+        json.dump(obj, f, indent=1)
+
+
+def _cell(v):
+    if v is None:
+        return ""
+    if isinstance(v, (list, tuple)):
+        return " ".join(str(x) for x in v)
+    return v
+
+
+def write_csv(path: str, rows: Iterable[Dict], columns: Sequence[str]) -> None:
+    """CSV with a header; list values become space-separated numbers."""
+    with PathManager.open(path, "w") as f:
+        w = csv.DictWriter(f, fieldnames=list(columns), lineterminator="\n")
+        w.writeheader()
+        for r in rows:
+            w.writerow({c: _cell(r.get(c)) for c in columns})
+
+
+class CocoResults:
+    """COCO-format detection results of a run: ``coco_results.json`` (the list pycocotools'
+    ``loadRes`` reads: image_id, category_id, bbox XYWH, score) and ``coco_images.json`` (the
+    images and categories those ids refer to; category_id = class index + 1)."""
+
+    def __init__(self, class_names: Optional[Sequence[str]] = None):
+        self.class_names = list(class_names) if class_names else ["lesion"]
+        self.images: List[Dict] = []
+        self.results: List[Dict] = []
+
+    def add_volume(self, pred: VolumePrediction) -> None:
+        vol = pred.volume
+        for sp in pred.slices:
+            image_id = len(self.images) + 1
+            self.images.append({"id": image_id, "file_name": f"{vol.name}/{sp.slice_number:03d}", "case": vol.name,
+                                "slice_index": int(sp.slice_number), "height": vol.height, "width": vol.width})
+            for box, score, cls in zip(sp.boxes, sp.scores, sp.classes):
+                x1, y1, x2, y2 = (float(v) for v in box)
+                self.results.append({"image_id": image_id, "category_id": int(cls) + 1,
+                                     "bbox": [_round(x1, 2), _round(y1, 2), _round(x2 - x1, 2), _round(y2 - y1, 2)],
+                                     "score": _round(score, 5)})
+
+    def write(self, out_dir: str) -> None:
+        write_json(f"{out_dir}/coco_results.json", self.results)
+        cats = [{"id": i + 1, "name": n} for i, n in enumerate(self.class_names)]
+        write_json(f"{out_dir}/coco_images.json", {"images": self.images, "categories": cats})

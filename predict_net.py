@@ -1,0 +1,98 @@
+#!/usr/bin/env python
+"""Run a trained lesion detector on new CT and write what it found.
+
+    python predict_net.py --config-file configs/quickstart/fpn.yaml --weights model_final.pth \\
+        --input PATH --output DIR [--gt DL_info.csv | gt.json] [--score-thresh 0.5] [--device cpu]
+
+PATH: a DeepLesion slice folder (NNN.png) or one key slice in it, a NIfTI volume (.nii/.nii.gz),
+a DICOM series folder, or a folder of such cases. Outputs (see elixir_d2/inference/runner.py):
+per-case detections.json / detections.csv / findings.csv, overlay PNGs, coco_results.json,
+summary.json; froc.png with --gt; relation graphs with --draw-relations (ALB head); TRPN
+confidence maps with --draw-confidence. Trailing KEY VALUE pairs override config keys.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from detectron2.config import get_cfg
+from detectron2.utils.logger import setup_logger
+
+from elixir_d2 import add_elixirnet_config
+from elixir_d2.inference import PredictOptions, run_prediction
+from elixir_d2.inference.runner import INPUT_ERRORS
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config-file", required=True, metavar="FILE")
+    ap.add_argument("--weights", default=None, help="checkpoint (default: MODEL.WEIGHTS of the config)")
+    ap.add_argument("--input", required=True, metavar="PATH")
+    ap.add_argument("--output", required=True, metavar="DIR")
+    ap.add_argument("--gt", default=None, help="ground truth: DeepLesion DL_info.csv or {case: {slice: [boxes]}} JSON")
+    ap.add_argument("--score-thresh", type=float, default=0.5, help="keep detections scoring at least this")
+    ap.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: MODEL.DEVICE)")
+    ap.add_argument("--batch-size", type=int, default=4, help="slices per forward pass")
+    ap.add_argument("--spacing", type=float, default=None, help="DeepLesion folders: pixel spacing in mm (else DL_info.csv)")
+    ap.add_argument("--slice-intv", type=float, default=None, help="DeepLesion folders: slice interval in mm (else DL_info.csv)")
+    ap.add_argument("--view-window", type=float, nargs=2, default=(-175.0, 275.0), metavar=("LO", "HI"),
+                    help="HU window of the overlay pictures")
+    ap.add_argument("--overlays", choices=("detections", "all", "none"), default="detections",
+                    help="overlay PNGs for slices with a detection or ground truth (default), every slice, or none")
+    ap.add_argument("--draw-relations", action="store_true", help="relation graph of the ALB head (paper Fig. 5)")
+    ap.add_argument("--draw-confidence", action="store_true", help="TRPN location confidence heat maps")
+    ap.add_argument("--group-iou", type=float, default=0.3, help="IoU linking detections on nearby slices")
+    ap.add_argument("--group-gap", type=int, default=1, help="largest slice gap linking detections")
+    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")
+    return ap
+
+
+def setup_cfg(args):
+    cfg = get_cfg()
+    add_elixirnet_config(cfg)
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    if args.weights is not None:
+        cfg.MODEL.WEIGHTS = args.weights
+    if args.device is not None:
+        cfg.MODEL.DEVICE = args.device
+    cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = args.score_thresh
+    cfg.freeze()
+    return cfg
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logger(name="elixir_d2")
+    cfg = setup_cfg(args)
+    opts = PredictOptions(
+        batch_size=args.batch_size, spacing=args.spacing, slice_interval=args.slice_intv,
+        view_window=tuple(args.view_window), overlays=args.overlays, draw_relations=args.draw_relations,
+        draw_confidence=args.draw_confidence, group_iou=args.group_iou, group_gap=args.group_gap, gt=args.gt,
+        progress=not args.no_progress,
+    )
+    try:
+        summary = run_prediction(cfg, args.input, args.output, opts)
+    except INPUT_ERRORS as e:
+        print(f"predict_net.py: error: {e}", file=sys.stderr)
+        return 1
+    except ValueError as e:  # a model that cannot draw what was asked, bad ground truth file
+        print(f"predict_net.py: error: {e}", file=sys.stderr)
+        return 2
+    t = summary["timing_s"]
+    print(f"{len(summary['cases'])} case(s) -> {args.output}: "
+          f"{sum(c['detections'] for c in summary['cases'])} detections, "
+          f"{sum(c['findings'] for c in summary['cases'])} findings; {t['total']:.1f} s "
+          f"(model forward {t['model_forward']:.1f} s)")
+    if summary["failed"]:
+        print(f"{len(summary['failed'])} case(s) failed:", file=sys.stderr)
+        for f in summary["failed"]:
+            print(f"  {f['case']}: {f['error']}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.WARNING)
+    sys.exit(main())
