@@ -21,6 +21,12 @@ def add_elixirnet_config(cfg: CN) -> None:
     # Training-time horizontal flip probability (0 switches it off).
     _C.INPUT.FLIP_PROB = 0.5
 
+    # ---------------------------------------------------------------- Deformable backbone (Deformv2)
+    # Op behind MODEL.RESNETS.DEFORM_ON_PER_STAGE in build_deformable_resnet{,_fpn}_backbone:
+    # "torchvision" (torchvision.ops.deform_conv2d, runs anywhere), "detectron2" (its C++ ops) or
+    # "auto" = detectron2's when compiled and MODEL.DEVICE is CUDA, torchvision's otherwise.
+    _C.MODEL.RESNETS.DEFORM_IMPL = "auto"
+
     # ---------------------------------------------------------------- TruncatedRPN (paper eq. 1)
     _C.MODEL.TRPN = CN()
     # Truncation threshold eps on the location confidence p; a negative value means "the mean

@@ -1,1 +1,2 @@
 """ElixirNet components; importing a module registers it with detectron2."""
+from . import backbone  # noqa: F401
