@@ -21,7 +21,7 @@ from detectron2.utils import comm
 from detectron2.utils.file_io import PathManager
 
 from .froc import CRITERIA, MEAN_SENS_FPS, PAPER_FPS, compute_froc
-from .report import fp_key, plot_froc
+from .report import CRITERION_NAMES, fp_key, plot_froc
 
 logger = logging.getLogger(__name__)
 
@@ -158,7 +158,8 @@ class LesionEvaluator(DatasetEvaluator):
             inst = out["instances"].to("cpu")
             boxes = inst.pred_boxes.tensor.numpy().astype(np.float32)
             scores = inst.scores.numpy().astype(np.float32)
-            classes = (inst.pred_classes.numpy() if inst.has("pred_classes") else np.zeros(len(inst))).astype(np.int64)
+            classes = inst.pred_classes.numpy() if inst.has("pred_classes") else np.zeros(len(inst))
+            classes = classes.astype(np.int64)
             bad = ~(np.isfinite(boxes).all(axis=1) & np.isfinite(scores))
             bad |= (boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1])
             if bad.any():
@@ -218,7 +219,8 @@ class LesionEvaluator(DatasetEvaluator):
                 if ann.get("noisy", False):
                     data["num_noisy"] += 1
                     continue
-                boxes.append(BoxMode.convert(list(ann["bbox"]), ann.get("bbox_mode", BoxMode.XYXY_ABS), BoxMode.XYXY_ABS))
+                mode = ann.get("bbox_mode", BoxMode.XYXY_ABS)
+                boxes.append(BoxMode.convert(list(ann["bbox"]), mode, BoxMode.XYXY_ABS))
                 classes.append(int(ann.get("category_id", 0)))
                 diameter = ann.get("diameter_mm")
                 sizes.append(_size_bucket(float(diameter[0]) if diameter is not None else None))
@@ -341,7 +343,7 @@ class LesionEvaluator(DatasetEvaluator):
         }
         with PathManager.open(os.path.join(self._output_dir, "lesion_metrics.json"), "w") as f:
             json.dump(payload, f, indent=2)
-        curves = {c.upper(): (froc[c]["fp_per_image"], froc[c]["sens_curve"]) for c in CRITERIA}
+        curves = {CRITERION_NAMES[c]: (froc[c]["fp_per_image"], froc[c]["sens_curve"]) for c in CRITERIA}
         plot_froc(curves, os.path.join(self._output_dir, "froc.png"), fps=self._fps,
                   title=f"FROC on {self._dataset_name}")
         logger.info(f"[LesionEvaluator] wrote froc.csv, froc.png, lesion_metrics.json to {self._output_dir}")

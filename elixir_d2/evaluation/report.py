@@ -8,9 +8,9 @@ import numpy as np
 
 from .froc import CRITERIA, PAPER_FPS
 
-__all__ = ["fp_key", "format_froc_table", "plot_froc"]
+__all__ = ["fp_key", "format_froc_table", "plot_froc", "CRITERION_NAMES"]
 
-_CRITERION_NAMES = {"iou": "IoU", "iobb": "IoBB"}
+CRITERION_NAMES = {"iou": "IoU", "iobb": "IoBB"}
 
 
 def fp_key(fp: float) -> str:
@@ -52,7 +52,7 @@ def format_froc_table(
         raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
     cols = [fp_key(f) for f in fps]
     lines = [
-        f"Sensitivity {_CRITERION_NAMES[criterion]} (%) at FPs per image; mAP@[.5:.95] (%)",
+        f"Sensitivity {CRITERION_NAMES[criterion]} (%) at FPs per image; mAP@[.5:.95] (%)",
         "",
         "| Method | " + " | ".join(cols) + " | mAP |",
         "|:--|" + "--:|" * (len(cols) + 1),
