@@ -238,3 +238,22 @@ def test_two_gloo_processes_give_the_single_process_numbers(binary_name, tmp_pat
         assert rank0["lesion"][k] == pytest.approx(v, nan_ok=True), k
     assert rank0["lesion"]["sens@0.5_iou"] == pytest.approx(100.0 / 3)
     assert (tmp_path / "files" / "lesion_metrics.json").exists()
+
+
+def test_built_from_config(binary_name, tmp_path):
+    from detectron2.config import get_cfg
+
+    from elixir_d2 import add_elixirnet_config
+
+    cfg = get_cfg()
+    add_elixirnet_config(cfg)
+    cfg.OUTPUT_DIR = str(tmp_path)
+    cfg.TEST.DETECTIONS_PER_IMAGE = 1
+    cfg.TEST.FROC_FPS = (1.0, 2.0)
+    ev = LesionEvaluator(cfg, binary_name)  # @configurable: cfg first
+    m = run(ev, binary_predictions(), [11, 12, 13, 14])["lesion"]
+    # Top-1 per image: hit A .95, FP .9, FP .4 (IoU), FP .7 -> 1 of 3 lesions; only the 2 FP points.
+    assert [k for k in m if k.startswith("sens@") and k.count("_") == 1] == [
+        "sens@1_iou", "sens@2_iou", "sens@1_iobb", "sens@2_iobb"]
+    assert m["sens@1_iou"] == pytest.approx(100.0 / 3)
+    assert (tmp_path / "inference" / binary_name / "froc.csv").exists()
