@@ -279,6 +279,9 @@ def test_full_r50_baselines_build_train_and_param_counts():
     assert extra == 871263
     assert _n_params(deform) - _n_params(fpn) == extra
     assert 0 < extra < 2_000_000  # paper Table 1: 41.4M -> 42.2M (+0.8M)
+    # Paper Table 1 sizes (M): FRCNN 33.0, FPN 41.4, Deformv2 42.2 (one decimal).
+    for model, paper in ((c4, 33.0), (fpn, 41.4), (deform, 42.2)):
+        assert abs(_n_params(model) / 1e6 - paper) < 0.15
     # C4: one anchor level of 15 anchors and res5 in the head, 2-class outputs.
     assert c4.proposal_generator.rpn_head.objectness_logits.out_channels == 15
     assert c4.roi_heads.box_predictor.cls_score.out_features == 2
