@@ -145,7 +145,8 @@ def test_random_offsets_match_loop_reference(modulated):
     x = torch.randn(1, 4, 6, 6)
     offset = torch.empty(1, 36, 3, 3).uniform_(-2.0, 2.0)
     mask = torch.rand(1, 18, 3, 3) if modulated else None
-    expected = _reference_deform_conv(x, offset, conv.weight.detach(), mask, stride=2, padding=1, dg=2)
+    weight = conv.weight.detach()
+    expected = _reference_deform_conv(x, offset, weight, mask, stride=2, padding=1, dg=2)
     torch.testing.assert_close(conv(x, offset, mask).double(), expected, atol=1e-5, rtol=0)
 
 
@@ -220,7 +221,8 @@ def test_impl_choice(monkeypatch):
     with pytest.raises(ValueError, match="DEFORM_IMPL"):
         use_detectron2_deform_conv(_resnet_cfg("MODEL.RESNETS.DEFORM_IMPL", "cudnn"))
     # With the compiled op, "auto" on CUDA keeps detectron2's layers untouched.
-    net = build_deformable_resnet_backbone(_resnet_cfg("MODEL.DEVICE", "cuda"), ShapeSpec(channels=3))
+    cfg = _resnet_cfg("MODEL.DEVICE", "cuda")
+    net = build_deformable_resnet_backbone(cfg, ShapeSpec(channels=3))
     assert sum(isinstance(m, ModulatedDeformConv) for m in net.modules()) == 13
 
 
@@ -235,7 +237,8 @@ def _train_step(model, size=64):
     inst = Instances((size, size))
     inst.gt_boxes = Boxes(torch.tensor([[20.0, 24.0, 36.0, 38.0]]))
     inst.gt_classes = torch.tensor([0])
-    batch = [{"image": torch.rand(3, size, size) * 255, "instances": inst, "height": size, "width": size}]
+    image = torch.rand(3, size, size) * 255
+    batch = [{"image": image, "instances": inst, "height": size, "width": size}]
     model.train()
     with EventStorage():
         losses = model(batch)
@@ -270,7 +273,8 @@ def test_full_r50_baselines_build_train_and_param_counts():
     fpn = build_model(_cfg("fpn_R_50_deeplesion.yaml"))
     deform = build_model(_cfg("deformv2_R_50_FPN_deeplesion.yaml"))
     # Few RoIs: res5 runs on each of them in C4.
-    c4 = build_model(_cfg("faster_rcnn_R_50_C4_deeplesion.yaml", "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", 8))
+    c4_cfg = _cfg("faster_rcnn_R_50_C4_deeplesion.yaml", "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", 8)
+    c4 = build_model(c4_cfg)
     for model in (fpn, deform, c4):
         _train_step(model)
     # Deformv2 adds one 3x3 offset/mask conv (27 outputs, with bias) per res3-res5 bottleneck:

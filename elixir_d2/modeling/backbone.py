@@ -1,4 +1,4 @@
-"""Deformable ResNet backbones (the paper's Deformv2 baseline) that run without detectron2's C++ ops.
+"""Deformable ResNet backbones (the paper's Deformv2 baseline) without detectron2's C++ ops.
 
 detectron2 v0.6 already knows where deformable convolutions go: ``build_resnet_backbone`` puts a
 ``DeformBottleneckBlock`` in every stage flagged by ``MODEL.RESNETS.DEFORM_ON_PER_STAGE``
@@ -85,7 +85,9 @@ class TorchvisionDeformConv(nn.Module):
         self.deformable_groups = deformable_groups
         self.norm = norm
         self.activation = activation
-        self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, *self.kernel_size))
+        self.weight = nn.Parameter(
+            torch.empty(out_channels, in_channels // groups, *self.kernel_size)
+        )
         self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
         nn.init.kaiming_uniform_(self.weight, nonlinearity="relu")
 
@@ -93,7 +95,9 @@ class TorchvisionDeformConv(nn.Module):
     def from_detectron2(cls, conv: nn.Module) -> "TorchvisionDeformConv":
         """The same layer as detectron2's ``conv``, sharing its parameter and norm objects."""
         if not isinstance(conv, (DeformConv, ModulatedDeformConv)):
-            raise ValueError(f"expected a detectron2 DeformConv/ModulatedDeformConv, got {type(conv)}")
+            raise ValueError(
+                f"expected a detectron2 DeformConv/ModulatedDeformConv, got {type(conv)}"
+            )
         new = cls(
             conv.in_channels,
             conv.out_channels,
@@ -203,7 +207,8 @@ def use_detectron2_deform_conv(cfg: CfgNode) -> bool:
         raise ValueError(f"MODEL.RESNETS.DEFORM_IMPL = {impl!r}; expected one of {DEFORM_IMPLS}")
     if impl != "auto":
         return impl == "detectron2"
-    op = "modulated_deform_conv_forward" if cfg.MODEL.RESNETS.DEFORM_MODULATED else "deform_conv_forward"
+    modulated = cfg.MODEL.RESNETS.DEFORM_MODULATED
+    op = "modulated_deform_conv_forward" if modulated else "deform_conv_forward"
     return compiled_ops()[op] and str(cfg.MODEL.DEVICE).startswith("cuda")
 
 
