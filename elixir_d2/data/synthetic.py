@@ -29,6 +29,9 @@ from .synthetic_phantom import (
 )
 
 SLICE_INTERVALS_MM = (1.0, 1.25, 2.0, 2.5, 5.0)
+# Pixel spacing range at 192 px (a 300-420 mm field, as a body CT); other image sizes scale it so
+# the field stays a body: 512 px gives 0.6-0.83 mm/px, DeepLesion's usual spacing.
+SPACING_MM_AT_192 = (1.6, 2.2)
 REGIONS = {"chest": (0.2, 0.45), "abdomen": (0.45, 0.7), "pelvis": (0.7, 0.92)}  # normalised body z
 REGION_PROB = {"chest": 0.4, "abdomen": 0.45, "pelvis": 0.15}
 # Coarse_lesion_type (1-based, LESION_TYPES order) -> host labels, long-diameter range (mm), weight.
@@ -98,9 +101,14 @@ class LesionPlacer:
             cover, win = got
             inside = cover >= 0.5
             host_lab = cv.label[win][inside]
-            # Small vessels may run through lung and liver lesions; other tissue may not.
+            # Small vessels may run through lung and liver lesions; other tissue may not. The host
+            # also surrounds the lesion (a 1.3x larger ellipse, >= 1 px more), as a box's context.
             ok = hosts + (VESSEL,) if lesion_type in (4, 5) else hosts
             if inside.sum() == 0 or np.isin(host_lab, ok).mean() < 0.9:
+                continue
+            grow = max(1.3, 1.0 + cv.spacing / a)
+            around = cv.alpha(px, py, grow * a / cv.spacing, grow * b / cv.spacing, theta, 0.01)
+            if around is None or np.isin(cv.label[around[1]][around[0] >= 0.5], ok).mean() < 0.8:
                 continue
             cx, cy = (px - cv.size / 2) * cv.spacing, (py - cv.size / 2) * cv.spacing
             rz = math.sqrt(a * b) * _u(rng, 0.7, 1.3)
@@ -170,7 +178,7 @@ def _series(pat_rng: np.random.Generator, image_size: int, slices_per_series: Tu
         region = next(r for r in ("abdomen", "chest", "pelvis") if pending_types[0] in REGION_TYPES[r])
     else:
         region = str(rng.choice(list(REGION_PROB), p=list(REGION_PROB.values())))
-    spacing = _u(rng, 1.6, 2.2)
+    spacing = _u(rng, *SPACING_MM_AT_192) * 192 / image_size
     interval = float(rng.choice(SLICE_INTERVALS_MM, p=[0.15, 0.15, 0.2, 0.2, 0.3]))
     n = int(rng.integers(slices_per_series[0], slices_per_series[1] + 1))
     z_mm = [(k - (n - 1) / 2) * interval for k in range(n)]
@@ -193,6 +201,7 @@ def _series(pat_rng: np.random.Generator, image_size: int, slices_per_series: Tu
             canvas.paint(blob, z_mm[k])
         placer = LesionPlacer(canvas, z_mm[k], rng)
         wanted = int(rng.choice([1, 2, 3], p=[0.5, 0.33, 0.17]))
+        wanted = max(wanted, min(MAX_LESIONS_PER_KEY, sum(t in REGION_TYPES[region] for t in pending_types)))
         placed = sum(annotated_on(o, k) for o in lesions)  # lesions of earlier keys reaching this one
         for _ in range(wanted + 3):
             if placed >= wanted:
@@ -312,7 +321,7 @@ def generate_deeplesion(out_dir: str, *, num_patients: int = 60, slices_per_seri
         writer.writeheader()
         writer.writerows(rows)
     with PathManager.open(os.path.join(out_dir, "synthetic_info.json"), "w") as f:
-        json.dump(summary, f, indent=1)
+        json.dump({k: v for k, v in summary.items() if k != "out_dir"}, f, indent=1)  # same bytes anywhere
     return summary
 
 
@@ -334,7 +343,7 @@ def generate_kits19(out_dir: str, *, num_cases: int = 10, num_slices: Tuple[int,
                "tumours": 0}
     for case in range(num_cases):
         rng = np.random.default_rng([seed, 2, case])
-        spacing = _u(rng, 1.6, 2.2)
+        spacing = _u(rng, *SPACING_MM_AT_192) * 192 / image_size
         interval = float(rng.choice((2.5, 3.0, 5.0)))
         n = int(rng.integers(num_slices[0], num_slices[1] + 1))
         z_mm = [(k - (n - 1) / 2) * interval for k in range(n)]
