@@ -106,6 +106,22 @@ def test_nifti_bad_inputs_are_named(tmp_path):
         read_nifti(str(tmp_path / "broken.nii.gz"), "broken")
 
 
+def test_nifti_without_spacing(tmp_path):
+    import gzip
+    import struct
+
+    path = write_nifti(tmp_path / "nospacing.nii", phantom(), spacing=(0.7, 0.7, 2.0))
+    data = bytearray((tmp_path / "nospacing.nii").read_bytes())
+    assert struct.unpack("<3f", data[80:92]) == pytest.approx((0.7, 0.7, 2.0))  # NIfTI-1 pixdim[1:4]
+    data[80:92] = struct.pack("<3f", 0.0, 0.0, 0.0)
+    (tmp_path / "nospacing.nii").write_bytes(bytes(data))
+    with pytest.raises(CTInputError, match=r"nospacing\.nii: missing spacing"):
+        read_nifti(path, "nospacing")
+    (tmp_path / "nospacing.nii.gz").write_bytes(gzip.compress(bytes(data)))
+    with pytest.raises(CTInputError, match=r"nospacing\.nii\.gz: missing spacing"):
+        read_nifti(str(tmp_path / "nospacing.nii.gz"), "nospacing")
+
+
 # ----------------------------------------------------------------------------- DICOM
 def test_dicom_series_hu_from_rescale_and_spacing_from_headers(tmp_path):
     vol = phantom()

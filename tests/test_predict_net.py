@@ -250,3 +250,36 @@ def test_relations_and_confidence_of_elixirnet(tmp_path):
                                                  progress=False), model=model)
     for sub in ("overlays", "relations", "confidence"):
         assert sorted(os.listdir(f"{out}/v/{sub}")) == ["slice_000.png", "slice_001.png", "slice_002.png"]
+
+
+class FixedModel(nn.Module):
+    """Two detections per slice, classes 3 and 0, optionally RTM-style pred_types."""
+
+    def __init__(self, types=None):
+        super().__init__()
+        self.types = types
+
+    def forward(self, inputs):
+        outs = []
+        for x in inputs:
+            inst = Instances((x["height"], x["width"]))
+            inst.pred_boxes = Boxes(torch.tensor([[1.0, 1.0, 9.0, 9.0], [20.0, 20.0, 30.0, 30.0]]))
+            inst.scores = torch.tensor([0.8, 0.6])
+            inst.pred_classes = torch.tensor([3, 0])
+            if self.types is not None:
+                inst.pred_types = torch.tensor(self.types)
+            outs.append({"instances": inst})
+        return outs
+
+
+def test_lesion_types_from_classes_or_rtm(tmp_path):
+    vol = read_case(discover_cases(write_nifti(tmp_path / "v.nii.gz", phantom(slices=3)))[0][0])
+    binary = CTPredictor(quickstart_cfg(), model=FixedModel()).predict_volume(vol)
+    assert binary.slices[0].type_names is None  # one class: no type column
+    typed_cfg = quickstart_cfg(opts=["MODEL.ROI_HEADS.NUM_CLASSES", "8"])  # synthetic_test has 1 class name
+    typed = CTPredictor(typed_cfg, model=FixedModel()).predict_volume(vol)
+    assert typed.slices[0].type_names == ["liver", "bone"]  # DeepLesion Coarse_lesion_type 4 and 1
+    rtm = CTPredictor(quickstart_cfg(), model=FixedModel(types=[4, 7])).predict_volume(vol)
+    assert rtm.slices[0].type_names == ["lung", "pelvis"]
+    from elixir_d2.inference.outputs import detection_rows
+    assert [r["lesion_type"] for r in detection_rows(rtm)][:2] == ["lung", "pelvis"]

@@ -101,9 +101,9 @@ def case_summary(pred: VolumePrediction, detections: List[Dict], findings: Seque
     }
 
 
-def write_json(path: str, obj) -> None:
+def write_json(path: str, obj, indent: Optional[int] = 1) -> None:
     with PathManager.open(path, "w") as f:
-        json.dump(obj, f, indent=1)
+        json.dump(obj, f, indent=indent)
 
 
 def _cell(v):
@@ -146,6 +146,6 @@ class CocoResults:
                                      "score": _round(score, 5)})
 
     def write(self, out_dir: str) -> None:
-        write_json(f"{out_dir}/coco_results.json", self.results)
+        write_json(f"{out_dir}/coco_results.json", self.results, indent=None)  # can be long: compact
         cats = [{"id": i + 1, "name": n} for i, n in enumerate(self.class_names)]
         write_json(f"{out_dir}/coco_images.json", {"images": self.images, "categories": cats})

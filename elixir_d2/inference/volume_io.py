@@ -333,8 +333,31 @@ def _oriented_volume(img, source: str, name: str, kind: str) -> CTVolume:
     )
 
 
+def nifti_pixdim(path: str) -> Optional[Tuple[float, ...]]:
+    """pixdim[1..3] of a NIfTI-1 / NIfTI-2 header (.nii or .nii.gz), None if it is neither.
+    ITK silently turns a zero pixdim into 1 mm, so the header is read here to catch it."""
+    import gzip
+    import struct
+
+    with PathManager.open(path, "rb") as raw:
+        head = raw.read(2)
+    opener = gzip.open if head == b"\x1f\x8b" else open
+    try:
+        with opener(PathManager.get_local_path(path), "rb") as f:
+            hdr = f.read(540)
+    except (OSError, EOFError):
+        return None
+    for endian in "<>":
+        if len(hdr) >= 348 and struct.unpack(endian + "i", hdr[:4])[0] == 348:
+            return struct.unpack(endian + "8f", hdr[76:108])[1:4]
+        if len(hdr) >= 540 and struct.unpack(endian + "i", hdr[:4])[0] == 540:
+            return struct.unpack(endian + "8d", hdr[104:168])[1:4]
+    return None
+
+
 def read_nifti(path: str, name: str) -> CTVolume:
-    """A NIfTI CT volume in HU; 2-D, 4-D, multi-component (RGB) or non-HU images are refused."""
+    """A NIfTI CT volume in HU; 2-D, 4-D, multi-component (RGB) or non-HU images are refused,
+    as is a header without spacing (pixdim 0)."""
     sitk = _sitk()
     local = PathManager.get_local_path(path)
     reader = sitk.ImageFileReader()
@@ -350,6 +373,9 @@ def read_nifti(path: str, name: str) -> CTVolume:
         raise CTInputError(f"{path}: a 2-D image (size {size}); inference needs a 3-D CT volume")
     if reader.GetDimension() != 3:
         raise CTInputError(f"{path}: {reader.GetDimension()}-D image; expected a 3-D CT volume")
+    pixdim = nifti_pixdim(path)
+    if pixdim is not None and not all(math.isfinite(v) and v > 0 for v in pixdim):
+        raise CTInputError(f"{path}: missing spacing (NIfTI pixdim[1:4] = {tuple(float(v) for v in pixdim)})")
     try:
         img = reader.Execute()
     except RuntimeError as e:
