@@ -49,6 +49,10 @@ def add_elixirnet_config(cfg: CN) -> None:
     _C.MODEL.ALB.CHANNELS = 32
     # The 3x3 conv after RoIAlign reduces the RoI feature to this many channels.
     _C.MODEL.ALB.STEM_CHANNELS = 128
+    # That stem conv: "sep_conv_3x3" (pointwise 1x1 + depthwise 3x3, the default: a dense 3x3
+    # 256->128 on 512 RoIs costs 7.4 GMAC, more than FPN's whole 2-fc head, see ALBStem in
+    # elixir_d2/modeling/box_head.py) or "conv_3x3" (the paper's dense conv).
+    _C.MODEL.ALB.STEM = "sep_conv_3x3"
     # Block sequence: "normal" = ALB (keeps size), "reduce" = ALB_r (halves size, doubles D).
     _C.MODEL.ALB.BLOCKS = ["normal", "reduce", "reduce"]
     # Normalisation inside operations: "BN", "GN" (small batches) or "" (none).

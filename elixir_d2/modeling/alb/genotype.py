@@ -1,0 +1,229 @@
+"""Genotype of the Auto-lesion Blocks: the discrete architecture of ALB and ALB_r.
+
+A block has ``branches`` (B) branches; branch ``b`` sums two ops, each applied to one earlier
+node. A genotype lists, per block type, ``2 * B`` pairs ``(op, input_index)``: pairs ``2b`` and
+``2b + 1`` belong to branch ``b``. Input index convention (as in DARTS):
+
+* ``0`` = output of the block before the previous one, ``1`` = output of the previous block
+  (the first block gets the stem output as both),
+* ``2 + j`` = output of branch ``j`` of the same block, so branch ``b`` may use ``0 .. b + 1``.
+
+YAML form (read with ``yaml.safe_load``)::
+
+    space: elixir          # search space the op names come from ("elixir" or "darts")
+    branches: 4
+    normal: [[dil_conv_3x3_r2, 0], [region_nonlocal, 1], ...]   # 8 pairs, ALB
+    reduce: [[avg_pool_3x3, 0], [dw_conv_7x7, 1], ...]          # 8 pairs, ALB_r
+"""
+from dataclasses import dataclass
+from math import comb
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import yaml
+from detectron2.utils.file_io import PathManager
+
+from .ops import get_search_space
+
+__all__ = [
+    "Genotype",
+    "GenotypeError",
+    "num_edges",
+    "edge_inputs",
+    "count_structures",
+    "genotype_from_dict",
+    "load_genotype",
+    "save_genotype",
+    "derive_genotype",
+]
+
+Pair = Tuple[str, int]
+
+
+class GenotypeError(ValueError):
+    """A genotype (file or dict) that does not describe a valid ALB / ALB_r."""
+
+
+@dataclass(frozen=True)
+class Genotype:
+    """Discrete ALB (``normal``) and ALB_r (``reduce``) structures; see the module docstring."""
+
+    normal: Tuple[Pair, ...]
+    reduce: Tuple[Pair, ...]
+    space: str = "elixir"
+    branches: int = 4
+
+    def __post_init__(self):
+        # Normalise lists (e.g. from YAML) to tuples so genotypes compare and hash by value.
+        object.__setattr__(self, "normal", tuple(tuple(p) for p in self.normal))
+        object.__setattr__(self, "reduce", tuple(tuple(p) for p in self.reduce))
+
+    def pairs(self, block_type: str) -> Tuple[Pair, ...]:
+        """The ``(op, input_index)`` pairs of ``block_type`` ("normal" or "reduce")."""
+        if block_type not in ("normal", "reduce"):
+            raise ValueError(f"block type must be 'normal' or 'reduce', got {block_type!r}")
+        return self.normal if block_type == "normal" else self.reduce
+
+    def validate(self, source: str = "<genotype>") -> "Genotype":
+        """Raise :class:`GenotypeError` naming ``source`` and the bad entry; return self if fine."""
+        try:
+            ops = get_search_space(self.space)
+        except ValueError:
+            raise GenotypeError(
+                f"{source}: unknown search space {self.space!r}; expected 'elixir' or 'darts'"
+            ) from None
+        if isinstance(self.branches, bool) or not isinstance(self.branches, int) or (
+            self.branches < 1
+        ):
+            raise GenotypeError(f"{source}: 'branches' must be a positive int, got {self.branches!r}")
+        for block_type in ("normal", "reduce"):
+            pairs = self.pairs(block_type)
+            if len(pairs) != 2 * self.branches:
+                raise GenotypeError(
+                    f"{source}: '{block_type}' has {len(pairs)} (op, input) pairs; "
+                    f"{self.branches} branches need {2 * self.branches} (2 per branch)"
+                )
+            for k, (op, idx) in enumerate(pairs):
+                where = f"{source}: {block_type}[{k}] = [{op}, {idx}] (branch {k // 2})"
+                if op not in ops or op == "none":
+                    allowed = [o for o in ops if o != "none"]
+                    raise GenotypeError(
+                        f"{where}: unknown op {op!r} for space {self.space!r}; "
+                        f"allowed: {allowed}"
+                    )
+                top = k // 2 + 2  # branch b sees the 2 block inputs and branches 0..b-1
+                if isinstance(idx, bool) or not isinstance(idx, int) or not 0 <= idx < top:
+                    raise GenotypeError(
+                        f"{where}: input index {idx!r} does not exist; valid: 0..{top - 1} "
+                        "(0, 1 = block inputs, 2.. = earlier branches of the block)"
+                    )
+        return self
+
+    def to_dict(self) -> Dict[str, Any]:
+        """Plain dict, as written to YAML."""
+        return {
+            "space": self.space,
+            "branches": self.branches,
+            "normal": [[o, i] for o, i in self.normal],
+            "reduce": [[o, i] for o, i in self.reduce],
+        }
+
+
+def num_edges(branches: int) -> int:
+    """Edges of a searchable block: branch b has 2 + b candidate inputs (14 for B = 4)."""
+    return sum(2 + b for b in range(branches))
+
+
+def edge_inputs(branches: int) -> List[Tuple[int, int]]:
+    """``(branch, input_index)`` of each edge of a searchable block, in alpha row order."""
+    return [(b, j) for b in range(branches) for j in range(2 + b)]
+
+
+def count_structures(num_ops: int, branches: int) -> int:
+    """Number of discrete blocks: choices of 2 inputs per branch x ``num_ops`` ops per pair."""
+    inputs = 1
+    for b in range(branches):
+        inputs *= comb(2 + b, 2)
+    return inputs * num_ops ** (2 * branches)
+
+
+def _pairs_from_yaml(value: Any, key: str, source: str) -> List[Pair]:
+    if not isinstance(value, (list, tuple)):
+        raise GenotypeError(f"{source}: '{key}' must be a list of [op, input_index] pairs")
+    pairs = []
+    for k, item in enumerate(value):
+        if not isinstance(item, (list, tuple)) or len(item) != 2:
+            raise GenotypeError(f"{source}: {key}[{k}] = {item!r} is not an [op, input_index] pair")
+        op, idx = item
+        if not isinstance(op, str):
+            raise GenotypeError(f"{source}: {key}[{k}] = {item!r}: op must be a string")
+        pairs.append((op, idx))
+    return pairs
+
+
+def genotype_from_dict(data: Any, source: str = "<genotype>") -> Genotype:
+    """Build and validate a :class:`Genotype` from the YAML mapping ``data``."""
+    if not isinstance(data, dict):
+        raise GenotypeError(f"{source}: a genotype must be a mapping, got {type(data).__name__}")
+    unknown = set(data) - {"space", "branches", "normal", "reduce"}
+    if unknown:
+        raise GenotypeError(f"{source}: unknown keys {sorted(unknown)}")
+    for key in ("normal", "reduce"):
+        if key not in data:
+            raise GenotypeError(f"{source}: missing key '{key}'")
+    genotype = Genotype(
+        normal=tuple(_pairs_from_yaml(data["normal"], "normal", source)),
+        reduce=tuple(_pairs_from_yaml(data["reduce"], "reduce", source)),
+        space=data.get("space", "elixir"),
+        branches=data.get("branches", 4),
+    )
+    return genotype.validate(source)
+
+
+def load_genotype(path: str) -> Genotype:
+    """Read and validate a genotype YAML file (any PathManager path)."""
+    if not path:
+        raise GenotypeError("No genotype file given (MODEL.ALB.GENOTYPE is empty)")
+    with PathManager.open(path, "r") as f:
+        try:
+            data = yaml.safe_load(f)
+        except yaml.YAMLError as e:
+            raise GenotypeError(f"{path}: not valid YAML: {e}") from e
+    return genotype_from_dict(data, source=path)
+
+
+def save_genotype(genotype: Genotype, path: str, comment: Optional[str] = None) -> None:
+    """Write ``genotype`` as YAML to ``path``; ``comment`` lines (e.g. provenance) go on top."""
+    genotype.validate(path)
+    header = "".join(f"# {line}\n" for line in comment.splitlines()) if comment else ""
+    body = yaml.safe_dump(genotype.to_dict(), sort_keys=False, default_flow_style=None)
+    with PathManager.open(path, "w") as f:
+        f.write(header + body)
+
+
+def _as_numpy(alpha: Any) -> np.ndarray:
+    if isinstance(alpha, torch.Tensor):
+        alpha = alpha.detach().cpu().numpy()
+    return np.asarray(alpha, dtype=np.float64)
+
+
+def _derive_pairs(alpha: Any, ops: Sequence[str], branches: int, name: str) -> List[Pair]:
+    a = _as_numpy(alpha)
+    if a.shape != (num_edges(branches), len(ops)):
+        raise ValueError(
+            f"alpha_{name} has shape {a.shape}; {branches} branches and {len(ops)} ops need "
+            f"{(num_edges(branches), len(ops))}"
+        )
+    # Rank by softmax weights (DARTS): raw alphas of different edges are not comparable.
+    w = np.exp(a - a.max(axis=1, keepdims=True))
+    w /= w.sum(axis=1, keepdims=True)
+    real = [k for k, o in enumerate(ops) if o != "none"]  # `none` is never chosen
+    pairs: List[Pair] = []
+    start = 0
+    for b in range(branches):
+        rows = w[start : start + 2 + b][:, real]
+        strength = rows.max(axis=1)
+        # Stable sort: on ties the lower input index wins, so the result is deterministic.
+        keep = sorted(np.argsort(-strength, kind="stable")[:2].tolist())
+        for j in keep:
+            pairs.append((ops[real[int(np.argmax(rows[j]))]], int(j)))
+        start += 2 + b
+    return pairs
+
+
+def derive_genotype(
+    alpha_normal: Any, alpha_reduce: Any, space: str = "elixir", branches: int = 4
+) -> Genotype:
+    """Discretise searched alphas (``num_edges x num_ops`` each, ops in ``space`` order).
+
+    Per branch, keep the 2 inputs whose strongest non-``none`` op has the largest softmax weight;
+    on each kept edge take the argmax non-``none`` op.
+    """
+    ops = get_search_space(space)
+    return Genotype(
+        normal=tuple(_derive_pairs(alpha_normal, ops, branches, "normal")),
+        reduce=tuple(_derive_pairs(alpha_reduce, ops, branches, "reduce")),
+        space=space,
+        branches=branches,
+    ).validate("derived genotype")

@@ -1,0 +1,270 @@
+"""ROI box heads built from Auto-lesion Blocks: ``ALBHead`` (fixed genotype) and
+``ALBSearchHead`` (mixed ops + architecture parameters).
+
+Layout (design.md): RoI feature (C x 7 x 7) -> stem to MODEL.ALB.STEM_CHANNELS -> blocks of
+MODEL.ALB.BLOCKS (default ALB, ALB_r, ALB_r; D = MODEL.ALB.CHANNELS, doubled by each ALB_r) ->
+global average pool -> P = B x D_last features, fed to detectron2's FastRCNNOutputLayers.
+With D = 32: 128 @ 7x7 -> 128 @ 7x7 -> 256 @ 4x4 -> 512 @ 2x2 -> P = 512.
+
+Both heads take ``forward(x, num_per_image)``; ElixirROIHeads passes the proposal count of each
+image (``takes_num_per_image = True``) so region_nonlocal never relates proposals of different
+images. ``last_relations`` gives the per-image relation matrices E of the latest forward.
+"""
+import os
+from typing import Dict, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from detectron2.config import configurable
+from detectron2.layers import ShapeSpec
+from detectron2.modeling.roi_heads.box_head import ROI_BOX_HEAD_REGISTRY
+from detectron2.utils.file_io import PathManager
+from torch import nn
+
+from .alb.cells import GenotypeBlock, SearchBlock
+from .alb.genotype import Genotype, derive_genotype, edge_inputs, load_genotype
+from .alb.ops import get_search_space, make_norm
+
+__all__ = ["ALBHead", "ALBSearchHead", "ALBStem", "resolve_genotype_path"]
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))  # elixir_d2/modeling
+
+
+class ALBStem(nn.Module):
+    """The 3x3 conv reducing the RoI feature to ``c_out`` channels, then Norm; returns a
+    channels_last tensor (oneDNN's CPU convs, depthwise convs and pools run 2-10x faster on these
+    small maps in channels_last than in NCHW, measured; values are the same).
+
+    ``kind``: "conv_3x3" is the paper's dense conv. "sep_conv_3x3" (default) factorises it into a
+    pointwise 1x1 to ``c_out`` and a depthwise 3x3: same receptive field and output channels,
+    about 1/9 of the cost. Why: on 512 RoIs of 256x7x7 the dense conv alone costs 7.4 GMAC, more
+    than FPN's whole 2-fc head (7.1 GMAC), and measured alone it is already slower than that head
+    on the CPU, so the time target (ALB head no slower than the 2-fc head) cannot be met with it;
+    see projects/benchmarks/alb_head.py.
+    """
+
+    def __init__(self, kind: str, c_in: int, c_out: int, norm: str):
+        super().__init__()
+        self.kind = kind
+        if kind == "conv_3x3":
+            self.pointwise = None
+            self.conv = nn.Conv2d(c_in, c_out, 3, padding=1, bias=not norm)
+        elif kind == "sep_conv_3x3":
+            # Pointwise first: the depthwise conv then runs on c_out (< c_in) channels.
+            self.pointwise = nn.Conv2d(c_in, c_out, 1, bias=False)
+            self.conv = nn.Conv2d(c_out, c_out, 3, padding=1, groups=c_out, bias=not norm)
+        else:
+            raise ValueError(
+                f"Unknown MODEL.ALB.STEM {kind!r}; expected 'sep_conv_3x3' or 'conv_3x3'"
+            )
+        self.norm = make_norm(norm, c_out, affine=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pointwise is not None:
+            # The 1x1 conv is as fast in NCHW; switching layout after it copies half the data.
+            x = self.pointwise(x)
+        x = x.contiguous(memory_format=torch.channels_last)
+        return self.norm(self.conv(x))
+
+
+def resolve_genotype_path(path: str) -> str:
+    """``path`` as given if it exists; a relative path missing from the working directory is
+    looked up from the repository root (configs name ``configs/genotypes/...``)."""
+    if not path or PathManager.exists(path) or os.path.isabs(path) or "://" in path:
+        return path
+    in_repo = os.path.join(os.path.dirname(os.path.dirname(_PACKAGE_DIR)), path)
+    return in_repo if PathManager.exists(in_repo) else path
+
+
+def _check_blocks(blocks: Sequence[str]) -> List[str]:
+    blocks = list(blocks)
+    if not blocks or any(b not in ("normal", "reduce") for b in blocks):
+        raise ValueError(
+            f"MODEL.ALB.BLOCKS = {blocks}: expected a non-empty list of 'normal' / 'reduce'"
+        )
+    return blocks
+
+
+class _ALBHeadBase(nn.Module):
+    """Stem, block chain and global pooling shared by the fixed and searchable heads."""
+
+    takes_num_per_image = True
+
+    def __init__(
+        self, input_shape: ShapeSpec, blocks: Sequence[str], channels: int, stem_channels: int,
+        stem: str, branches: int, norm: str, affine: bool,
+    ):
+        super().__init__()
+        self.block_types = _check_blocks(blocks)
+        self.branches = branches
+        self._norm = norm
+        self.stem = ALBStem(stem, input_shape.channels, stem_channels, norm)
+        self.blocks = nn.ModuleList()
+        c_pp = c_p = stem_channels
+        d, reduction_prev = channels, False
+        for kind in self.block_types:
+            reduction = kind == "reduce"
+            if reduction:
+                d *= 2
+            self.blocks.append(self._make_block(kind, c_pp, c_p, d, reduction, reduction_prev))
+            c_pp, c_p = c_p, self.blocks[-1].out_channels
+            reduction_prev = reduction
+        self._out_channels = c_p
+
+    def _make_block(self, kind, c_pp, c_p, d, reduction, reduction_prev) -> nn.Module:
+        raise NotImplementedError
+
+    def _run_block(self, i: int, s0, s1, num_per_image) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    @torch.jit.unused
+    def output_shape(self) -> ShapeSpec:
+        return ShapeSpec(channels=self._out_channels)
+
+    @property
+    def last_relations(self) -> List[torch.Tensor]:
+        """Per-image E (N_i x N_i) of the first region_nonlocal of the first block that has one
+        (the ALB in the default layout), from the latest forward; [] if the head has none."""
+        for block in self.blocks:
+            ops = block.relation_ops()
+            if ops:
+                return ops[0].last_relations
+        return []
+
+    def forward(
+        self, x: torch.Tensor, num_per_image: Optional[Sequence[int]] = None
+    ) -> torch.Tensor:
+        """``x``: (N, C, R, R) RoI features; returns (N, P) features."""
+        if num_per_image is None:
+            # Without counts every RoI would count as one image's: refuse rather than mix images.
+            raise ValueError(
+                f"{type(self).__name__} needs num_per_image (proposals per image); "
+                "use MODEL.ROI_HEADS.NAME 'ElixirROIHeads'"
+            )
+        s0 = s1 = self.stem(x)  # channels_last from here on, see ALBStem
+        for i in range(len(self.blocks)):
+            s0, s1 = s1, self._run_block(i, s0, s1, num_per_image)
+        return F.adaptive_avg_pool2d(s1, 1).flatten(1)
+
+
+@ROI_BOX_HEAD_REGISTRY.register()
+class ALBHead(_ALBHeadBase):
+    """Fixed Auto-lesion head built from a genotype (MODEL.ALB.GENOTYPE)."""
+
+    @configurable
+    def __init__(
+        self, input_shape: ShapeSpec, *, genotype: Genotype, blocks: Sequence[str] = (
+            "normal", "reduce", "reduce"), channels: int = 32, stem_channels: int = 128,
+        stem: str = "sep_conv_3x3", norm: str = "GN",
+    ):
+        """
+        Args:
+            input_shape: shape of the pooled RoI feature.
+            genotype: the ALB / ALB_r structures (validated).
+            blocks: "normal" (ALB) / "reduce" (ALB_r) sequence.
+            channels: D of the first block (doubled by each ALB_r).
+            stem_channels: output channels of the stem conv (= 4 D keeps ALB's channels).
+            stem: "sep_conv_3x3" or "conv_3x3", see :class:`ALBStem`.
+            norm: "BN", "GN" or "" inside ops.
+        """
+        self.genotype = genotype.validate()
+        super().__init__(
+            input_shape, blocks, channels, stem_channels, stem, genotype.branches, norm,
+            affine=True,
+        )
+
+    @classmethod
+    def from_config(cls, cfg, input_shape: ShapeSpec) -> Dict:
+        genotype = load_genotype(resolve_genotype_path(cfg.MODEL.ALB.GENOTYPE))
+        if genotype.space != cfg.MODEL.ALB.SEARCH_SPACE:
+            raise ValueError(
+                f"{cfg.MODEL.ALB.GENOTYPE}: genotype of space {genotype.space!r} but "
+                f"MODEL.ALB.SEARCH_SPACE is {cfg.MODEL.ALB.SEARCH_SPACE!r}"
+            )
+        if genotype.branches != cfg.MODEL.ALB.BRANCHES:
+            raise ValueError(
+                f"{cfg.MODEL.ALB.GENOTYPE}: genotype has {genotype.branches} branches but "
+                f"MODEL.ALB.BRANCHES is {cfg.MODEL.ALB.BRANCHES}"
+            )
+        return {
+            "input_shape": input_shape,
+            "genotype": genotype,
+            "blocks": list(cfg.MODEL.ALB.BLOCKS),
+            "channels": cfg.MODEL.ALB.CHANNELS,
+            "stem_channels": cfg.MODEL.ALB.STEM_CHANNELS,
+            "stem": cfg.MODEL.ALB.STEM,
+            "norm": cfg.MODEL.ALB.NORM,
+        }
+
+    def _make_block(self, kind, c_pp, c_p, d, reduction, reduction_prev):
+        return GenotypeBlock(
+            self.genotype.pairs(kind), c_pp, c_p, d, reduction, reduction_prev,
+            self.branches, self._norm, affine=True,
+        )
+
+    def _run_block(self, i, s0, s1, num_per_image):
+        return self.blocks[i](s0, s1, num_per_image)
+
+
+@ROI_BOX_HEAD_REGISTRY.register()
+class ALBSearchHead(_ALBHeadBase):
+    """Searchable Auto-lesion head: mixed ops on every edge, weighted by softmax(alpha).
+
+    ``alpha_normal`` / ``alpha_reduce`` (num_edges x num_ops) are shared by all blocks of their
+    type, as in DARTS; :meth:`arch_parameters` and :meth:`weight_parameters` separate them from
+    the network weights for the alternating optimisation.
+    """
+
+    @configurable
+    def __init__(
+        self, input_shape: ShapeSpec, *, space: str = "elixir", blocks: Sequence[str] = (
+            "normal", "reduce", "reduce"), channels: int = 16, stem_channels: int = 64,
+        stem: str = "sep_conv_3x3", branches: int = 4, norm: str = "GN",
+    ):
+        """Arguments as :class:`ALBHead`, with the search ``space`` and ``branches`` instead
+        of a genotype. Norms inside ops have no affine parameters while searching (DARTS)."""
+        self.space = space
+        self.op_names = get_search_space(space)
+        super().__init__(
+            input_shape, blocks, channels, stem_channels, stem, branches, norm, affine=False
+        )
+        shape = (len(edge_inputs(branches)), len(self.op_names))
+        self.alpha_normal = nn.Parameter(1e-3 * torch.randn(shape))
+        self.alpha_reduce = nn.Parameter(1e-3 * torch.randn(shape))
+
+    @classmethod
+    def from_config(cls, cfg, input_shape: ShapeSpec) -> Dict:
+        return {
+            "input_shape": input_shape,
+            "space": cfg.MODEL.ALB.SEARCH_SPACE,
+            "blocks": list(cfg.MODEL.ALB.BLOCKS),
+            "channels": cfg.MODEL.ALB.CHANNELS,
+            "stem_channels": cfg.MODEL.ALB.STEM_CHANNELS,
+            "stem": cfg.MODEL.ALB.STEM,
+            "branches": cfg.MODEL.ALB.BRANCHES,
+            "norm": cfg.MODEL.ALB.NORM,
+        }
+
+    def _make_block(self, kind, c_pp, c_p, d, reduction, reduction_prev):
+        return SearchBlock(
+            self.op_names, c_pp, c_p, d, reduction, reduction_prev, self.branches, self._norm,
+            affine=False,
+        )
+
+    def _run_block(self, i, s0, s1, num_per_image):
+        alpha = self.alpha_reduce if self.block_types[i] == "reduce" else self.alpha_normal
+        return self.blocks[i](s0, s1, F.softmax(alpha, dim=-1), num_per_image)
+
+    def arch_parameters(self) -> List[nn.Parameter]:
+        """The architecture parameters [alpha_normal, alpha_reduce]."""
+        return [self.alpha_normal, self.alpha_reduce]
+
+    def weight_parameters(self) -> List[nn.Parameter]:
+        """Every parameter of the head except the alphas."""
+        arch = {id(p) for p in self.arch_parameters()}
+        return [p for p in self.parameters() if id(p) not in arch]
+
+    def genotype(self) -> Genotype:
+        """Discretise the current alphas (see :func:`derive_genotype`)."""
+        return derive_genotype(self.alpha_normal, self.alpha_reduce, self.space, self.branches)
