@@ -283,3 +283,20 @@ def test_lesion_types_from_classes_or_rtm(tmp_path):
     assert rtm.slices[0].type_names == ["lung", "pelvis"]
     from elixir_d2.inference.outputs import detection_rows
     assert [r["lesion_type"] for r in detection_rows(rtm)][:2] == ["lung", "pelvis"]
+
+
+def test_ground_truth_files(tmp_path):
+    from elixir_d2.inference import load_ground_truth
+
+    rows = [dl_row("000007_01_01_005.png", box=(11, 21, 31, 41)), dl_row("000007_01_01_005.png", box=(1, 2, 5, 6)),
+            dl_row("000007_01_01_006.png", box=(3, 3, 9, 9), noisy=1)]
+    gt = load_ground_truth(write_dl_info(str(tmp_path / "DL"), rows))
+    # DL_info boxes minus 1 (the loader's convention); the noisy lesion is left out.
+    assert list(gt) == ["000007_01_01"] and list(gt["000007_01_01"]) == [5]
+    np.testing.assert_array_equal(gt["000007_01_01"][5], [[10, 20, 30, 40], [0, 1, 4, 5]])
+    (tmp_path / "g.json").write_text(json.dumps({"c": {"3": [[1, 2, 3, 4]], "4": []}}))
+    g = load_ground_truth(str(tmp_path / "g.json"))
+    assert g["c"][3].tolist() == [[1, 2, 3, 4]] and g["c"][4].shape == (0, 4)
+    (tmp_path / "bad.json").write_text(json.dumps({"c": {"3": [[5, 2, 3, 4]]}}))
+    with pytest.raises(ValueError, match=r"bad\.json: case 'c' slice 3: boxes must be"):
+        load_ground_truth(str(tmp_path / "bad.json"))

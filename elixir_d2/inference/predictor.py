@@ -128,6 +128,7 @@ class CTPredictor:
         self.capture_relations = capture_relations
         self.capture_confidence = capture_confidence
         self._proposals: Optional[list] = None
+        self._hook = None
         if capture_relations:
             head = getattr(getattr(self.model, "roi_heads", None), "box_head", None)
             if head is None or not hasattr(head, "last_relations"):
@@ -135,7 +136,7 @@ class CTPredictor:
                     f"--draw-relations needs a box head with region_nonlocal relations (ALBHead); "
                     f"MODEL.ROI_BOX_HEAD.NAME is {cfg.MODEL.ROI_BOX_HEAD.NAME!r}"
                 )
-            self.model.proposal_generator.register_forward_hook(self._keep_proposals)
+            self._hook = self.model.proposal_generator.register_forward_hook(self._keep_proposals)
         if capture_confidence and not hasattr(getattr(self.model, "proposal_generator", None), "last_conf_maps"):
             raise ValueError(
                 f"--draw-confidence needs the TRPN proposal generator; MODEL.PROPOSAL_GENERATOR.NAME is "
@@ -144,6 +145,15 @@ class CTPredictor:
 
     def _keep_proposals(self, module, inputs, output) -> None:
         self._proposals = output[0]
+
+    def close(self) -> None:
+        """Remove the proposal hook from the model (it may be reused by another predictor)."""
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+    def __del__(self):
+        self.close()
 
     # ------------------------------------------------------------------ inputs
     def prepare(self, volume: CTVolume, number: int) -> Tuple[torch.Tensor, Tuple[int, int], int]:
