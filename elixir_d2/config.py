@@ -37,6 +37,10 @@ def add_elixirnet_config(cfg: CN) -> None:
     _C.MODEL.TRPN.LOC_LOSS_WEIGHT = 1.0
     _C.MODEL.TRPN.FOCAL_ALPHA = 0.25
     _C.MODEL.TRPN.FOCAL_GAMMA = 2.0
+    # Initial p everywhere (the 1x1 conf conv's bias is its logit), RetinaNet's focal-loss prior:
+    # from p = 0.5 the focal loss on the mostly negative locations is large and its first steps
+    # collapse p; 0.01 starts it small.
+    _C.MODEL.TRPN.PRIOR_PROB = 0.01
 
     # ---------------------------------------------------------------- Auto-lesion Block
     _C.MODEL.ALB = CN()

@@ -1,0 +1,362 @@
+"""Tests of TruncatedRPN (elixir_d2/modeling/trpn.py).
+
+Expected values are built here independently: anchors from the anchor formula (centre at
+location * stride, w = sqrt(S^2 / r), h = r * w), focal loss from its closed form.
+"""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from detectron2.config import get_cfg
+from detectron2.layers import ShapeSpec
+from detectron2.modeling import build_model
+from detectron2.modeling.proposal_generator import build_proposal_generator
+from detectron2.structures import Boxes, ImageList, Instances
+from detectron2.utils.events import EventStorage
+
+from elixir_d2 import add_elixirnet_config
+from elixir_d2.modeling.trpn import TRPN
+
+torch.set_num_threads(1)
+
+FPN_LEVELS = ["p2", "p3", "p4", "p5", "p6"]
+FPN_STRIDES = [4, 8, 16, 32, 64]
+FPN_SIZES = [16, 24, 32, 48, 96]
+RATIOS = [0.5, 1.0, 2.0]
+IMG = 64  # image side: P2..P6 maps are 16, 8, 4, 2, 1 locations wide
+CH = 8
+
+
+def _cfg(threshold=-1.0, loc_weight=1.0, levels=FPN_LEVELS, sizes=None):
+    cfg = get_cfg()
+    add_elixirnet_config(cfg)
+    cfg.MODEL.PROPOSAL_GENERATOR.NAME = "TRPN"
+    cfg.MODEL.RPN.IN_FEATURES = list(levels)
+    cfg.MODEL.ANCHOR_GENERATOR.SIZES = sizes or [[s] for s in FPN_SIZES]
+    cfg.MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS = [RATIOS]
+    cfg.MODEL.TRPN.THRESHOLD = threshold
+    cfg.MODEL.TRPN.LOC_LOSS_WEIGHT = loc_weight
+    return cfg
+
+
+def _fpn_trpn(cfg) -> TRPN:
+    shapes = {f: ShapeSpec(channels=CH, stride=s) for f, s in zip(FPN_LEVELS, FPN_STRIDES)}
+    trpn = build_proposal_generator(cfg, shapes)
+    assert isinstance(trpn, TRPN)
+    return trpn
+
+
+def _fpn_features(n=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {
+        f: torch.randn(n, CH, IMG // s, IMG // s, generator=g)
+        for f, s in zip(FPN_LEVELS, FPN_STRIDES)
+    }
+
+
+def _images(n=2, sizes=None):
+    sizes = sizes or [(IMG, IMG)] * n
+    return ImageList(torch.zeros(n, 3, IMG, IMG), sizes)
+
+
+def _gt(boxes, size=(IMG, IMG)):
+    inst = Instances(size)
+    inst.gt_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4))
+    inst.gt_classes = torch.zeros(len(inst.gt_boxes), dtype=torch.long)
+    return inst
+
+
+class _MapsByShape(nn.Module):
+    """Stub conf_head: returns the constructed logit map whose spatial size matches the input."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.logits = {tuple(z.shape[-2:]): z for z in logits}
+
+    def forward(self, x):
+        return self.logits[tuple(x.shape[-2:])]
+
+
+class _ScoresHead(nn.Module):
+    """Stub RPN head: constructed objectness, zero deltas (so proposals are the anchors)."""
+
+    def __init__(self, scores):
+        super().__init__()
+        self.scores = scores  # per level, (N, A, H, W)
+
+    def forward(self, feats):
+        deltas = [torch.zeros(s.shape[0], s.shape[1] * 4, *s.shape[2:]) for s in self.scores]
+        return list(self.scores), deltas
+
+
+def _reference_anchor_boxes(level, i, j):
+    """Anchors of location (i, j) on FPN level `level`, clipped to the image, one per ratio."""
+    s, size = FPN_STRIDES[level], FPN_SIZES[level]
+    cx, cy = j * s, i * s  # ANCHOR_GENERATOR.OFFSET = 0.0
+    out = []
+    for r in RATIOS:
+        w = math.sqrt(size * size / r)
+        h = r * w
+        box = [cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2]
+        out.append([min(max(v, 0.0), float(IMG)) for v in box])
+    return out
+
+
+def _sorted_rows(t):
+    t = t.double()
+    for col in reversed(range(t.shape[1])):
+        t = t[torch.sort(t[:, col], stable=True).indices]
+    return t
+
+
+def _reference_keep(m, threshold=-1.0):
+    """Kept locations of one (image, level) map: p > eps; a map with nothing above its mean
+    (constant, e.g. a 1x1 level) keeps everything."""
+    if threshold >= 0:
+        return m > threshold
+    keep = m > m.mean()
+    return keep if keep.any() else torch.ones_like(keep)
+
+
+def _constructed_p(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.rand(n, 1, IMG // s, IMG // s, generator=g) for s in FPN_STRIDES]
+
+
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("threshold", [-1.0, 0.6])
+def test_proposals_are_exactly_the_anchors_of_kept_locations(training, threshold):
+    cfg = _cfg(threshold=threshold)
+    cfg.MODEL.RPN.NMS_THRESH = 1.0  # keeps every distinct box
+    for key in ("PRE_NMS_TOPK_TRAIN", "PRE_NMS_TOPK_TEST", "POST_NMS_TOPK_TRAIN",
+                "POST_NMS_TOPK_TEST"):
+        cfg.MODEL.RPN[key] = 100000
+    trpn = _fpn_trpn(cfg)
+    n = 2
+    p = _constructed_p(n, seed=1)
+    p[3][1] = 0.5  # image 1, P5: constant map
+    trpn.conf_head = _MapsByShape([torch.logit(x) for x in p])
+    # Truncated locations get the HIGHEST objectness: they must still never appear.
+    scores = [torch.where(x > 0.5, 10.0, -10.0).expand(-1, 3, -1, -1).clone() for x in p]
+    trpn.rpn_head = _ScoresHead(scores)
+    trpn.train(training)
+    gts = [_gt([[20, 20, 36, 36]]), _gt([])]
+    with EventStorage():
+        proposals, _ = trpn(_images(n), _fpn_features(n), gts if training else None)
+
+    for img in range(n):
+        expected = []
+        for lvl, pl in enumerate(p):
+            for i, j in _reference_keep(pl[img, 0], threshold).nonzero().tolist():
+                expected += _reference_anchor_boxes(lvl, i, j)
+        expected = torch.tensor(expected)
+        got = proposals[img].proposal_boxes.tensor
+        assert got.shape == expected.shape
+        assert torch.allclose(_sorted_rows(got), _sorted_rows(expected), atol=1e-4)
+
+
+def test_topk_is_taken_among_kept_candidates_only():
+    cfg = _cfg()
+    cfg.MODEL.RPN.NMS_THRESH = 1.0
+    cfg.MODEL.RPN.PRE_NMS_TOPK_TEST = 5
+    cfg.MODEL.RPN.POST_NMS_TOPK_TEST = 12
+    trpn = _fpn_trpn(cfg).eval()
+    p = _constructed_p(1, seed=2)
+    trpn.conf_head = _MapsByShape([torch.logit(x) for x in p])
+    g = torch.Generator().manual_seed(3)
+    # Distinct scores, and truncated locations score above every kept one.
+    scores = []
+    for x in p:
+        base = torch.rand(1, 3, *x.shape[-2:], generator=g)
+        scores.append(torch.where(_reference_keep(x[0, 0]), base, base + 100.0))
+    trpn.rpn_head = _ScoresHead(scores)
+    proposals, _ = trpn(_images(1), _fpn_features(1))
+
+    candidates = []  # (score, box) per level: the 5 best kept anchors
+    for lvl, (pl, sc) in enumerate(zip(p, scores)):
+        level = []
+        for i, j in _reference_keep(pl[0, 0]).nonzero().tolist():
+            for a, box in enumerate(_reference_anchor_boxes(lvl, i, j)):
+                level.append((float(sc[0, a, i, j]), box))
+        candidates += sorted(level, key=lambda t: -t[0])[:5]
+    candidates = sorted(candidates, key=lambda t: -t[0])[:12]
+    got = proposals[0]
+    assert torch.allclose(
+        got.objectness_logits, torch.tensor([c[0] for c in candidates]), atol=1e-6
+    )
+    assert torch.allclose(got.proposal_boxes.tensor, torch.tensor([c[1] for c in candidates]),
+                          atol=1e-4)
+
+
+def test_truncated_fraction_logged_and_constant_map_keeps_all():
+    trpn = _fpn_trpn(_cfg()).train()
+    p = [torch.full((1, 1, IMG // s, IMG // s), 0.3) for s in FPN_STRIDES]
+    p[0][0, 0, :2, :2] = 0.9  # P2: 4 of 256 locations above the mean
+    trpn.conf_head = _MapsByShape([torch.logit(x) for x in p])
+    with EventStorage() as storage:
+        trpn(_images(1), _fpn_features(1), [_gt([[10, 10, 30, 30]])])
+        logged = {k: v[0] for k, v in storage.latest().items() if k.startswith("trpn/")}
+    assert logged["trpn/truncated_frac_p2"] == pytest.approx(252 / 256)
+    for f in FPN_LEVELS[1:]:  # constant p: nothing above the mean -> nothing truncated
+        assert logged[f"trpn/truncated_frac_{f}"] == 0.0
+
+
+def test_mean_threshold_ignores_padding_and_maps_kept_for_drawing():
+    trpn = _fpn_trpn(_cfg()).eval()
+    p = _constructed_p(2, seed=4)
+    p[0][1, 0, 10:] = 0.999  # image 1 is 40 px high: P2 rows >= 10 are padding
+    trpn.conf_head = _MapsByShape([torch.logit(x) for x in p])
+    trpn(_images(2, sizes=[(IMG, IMG), (40, IMG)]), _fpn_features(2))
+    assert torch.allclose(trpn.last_eps["p2"][1], p[0][1, 0, :10].mean(), atol=1e-6)
+    assert torch.allclose(trpn.last_eps["p2"][0], p[0][0, 0].mean(), atol=1e-6)
+    for f, pl in zip(FPN_LEVELS, p):
+        assert torch.allclose(trpn.last_conf_maps[f], pl[:, 0], atol=1e-6)
+        assert trpn.last_keep_masks[f].shape == pl[:, 0].shape
+
+
+def test_gradients_reach_the_conf_branch_without_aux_loss():
+    torch.manual_seed(0)
+    trpn = _fpn_trpn(_cfg(loc_weight=0.0)).train()
+    with EventStorage():
+        _, losses = trpn(_images(2), _fpn_features(2), [_gt([[20, 20, 36, 36]]), _gt([])])
+    assert set(losses) == {"loss_rpn_cls", "loss_rpn_loc"}  # weight 0: no focal term
+    sum(losses.values()).backward()
+    grad = trpn.conf_head.weight.grad
+    assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+def _focal_closed_form(z, positive, alpha=0.25, gamma=2.0):
+    p = 1.0 / (1.0 + math.exp(-z))
+    if positive:
+        return -alpha * (1 - p) ** gamma * math.log(p)
+    return -(1 - alpha) * p**gamma * math.log(1 - p)
+
+
+@pytest.mark.parametrize("weight,centres", [
+    (0.0, [(32, 32)]),
+    (1.0, [(32, 32)]),  # 1 positive location < 682 / 200: normalised by 3.41
+    (2.5, [(16, 16), (16, 48), (48, 16), (48, 48)]),  # 4 positives > 3.41: normalised by 4
+])
+def test_focal_loss_on_p(weight, centres):
+    trpn = _fpn_trpn(_cfg(loc_weight=weight)).train()
+    z = -1.5  # constant confidence logit everywhere
+    nn.init.zeros_(trpn.conf_head.weight)
+    nn.init.constant_(trpn.conf_head.bias, z)
+    # Each gt box IS the ratio-1 P2 anchor centred at (cx, cy): IoU 1 with it, < 0.7 with every
+    # other anchor, so each gt makes exactly one location positive.
+    boxes = [[cx - 8, cy - 8, cx + 8, cy + 8] for cx, cy in centres]
+    gts = [_gt(boxes), _gt([])]
+    with EventStorage():
+        _, losses = trpn(_images(2), _fpn_features(2), gts)
+    if weight == 0:
+        assert "loss_trpn_conf" not in losses
+        return
+    locations = 2 * sum((IMG // s) ** 2 for s in FPN_STRIDES)  # 341 per image
+    num_pos = len(centres)
+    expected = num_pos * _focal_closed_form(z, True)
+    expected += (locations - num_pos) * _focal_closed_form(z, False)
+    expected *= weight / max(num_pos, locations / 200)
+    assert losses["loss_trpn_conf"].item() == pytest.approx(expected, rel=1e-4)
+    assert losses["loss_trpn_conf"].item() > 0
+
+
+def test_c4_single_level_shapes():
+    cfg = _cfg(levels=["res4"], sizes=[FPN_SIZES])
+    cfg.MODEL.RPN.POST_NMS_TOPK_TEST = 20
+    trpn = build_proposal_generator(cfg, {"res4": ShapeSpec(channels=CH, stride=16)})
+    feats = {"res4": torch.randn(2, CH, 6, 5)}
+    images = ImageList(torch.zeros(2, 3, 96, 80), [(96, 80), (90, 70)])
+    trpn.train()
+    with EventStorage():
+        props, losses = trpn(images, feats, [_gt([[10, 10, 40, 50]], (96, 80)), _gt([], (90, 70))])
+    assert set(losses) == {"loss_rpn_cls", "loss_rpn_loc", "loss_trpn_conf"}
+    assert all(torch.isfinite(v) for v in losses.values())
+    trpn.eval()
+    props, losses = trpn(images, feats)
+    assert losses == {}
+    assert trpn.last_conf_maps["res4"].shape == (2, 6, 5)
+    for prop, (h, w) in zip(props, images.image_sizes):
+        boxes = prop.proposal_boxes.tensor
+        assert 0 < len(boxes) <= 20 and boxes.shape[1] == 4
+        assert (boxes[:, 2] <= w).all() and (boxes[:, 3] <= h).all()
+
+
+def test_fpn_shapes_no_lesion_and_constant_p_do_not_crash():
+    cfg = _cfg()
+    cfg.MODEL.RPN.POST_NMS_TOPK_TRAIN = 30
+    trpn = _fpn_trpn(cfg).train()
+    nn.init.zeros_(trpn.conf_head.weight)  # constant p everywhere
+    with EventStorage() as storage:
+        props, losses = trpn(_images(2), _fpn_features(2), [_gt([]), _gt([])])
+        fracs = [v[0] for k, v in storage.latest().items() if k.startswith("trpn/")]
+    assert all(torch.isfinite(v) for v in losses.values())
+    assert fracs == [0.0] * 5
+    assert [len(x) for x in props] == [30, 30]
+    sum(losses.values()).backward()
+
+
+def test_fixed_threshold_above_every_p_gives_empty_proposals():
+    trpn = _fpn_trpn(_cfg(threshold=0.9)).eval()
+    nn.init.zeros_(trpn.conf_head.weight)  # p = 0.5 everywhere <= 0.9
+    props, _ = trpn(_images(1), _fpn_features(1))
+    assert len(props[0]) == 0
+
+
+def test_bad_threshold_is_rejected():
+    with pytest.raises(ValueError, match="THRESHOLD"):
+        _fpn_trpn(_cfg(threshold=1.0))
+
+
+def test_deeplesion_config_selects_trpn_with_paper_anchors():
+    cfg = get_cfg()
+    add_elixirnet_config(cfg)
+    cfg.merge_from_file("configs/trpn_fpn_R_50_deeplesion.yaml")
+    assert cfg.MODEL.PROPOSAL_GENERATOR.NAME == "TRPN"
+    assert cfg.MODEL.ANCHOR_GENERATOR.SIZES == [[16], [24], [32], [48], [96]]
+    assert cfg.MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS == [[0.5, 1.0, 2.0]]
+    assert cfg.MODEL.RPN.IN_FEATURES == ["p2", "p3", "p4", "p5", "p6"]
+    assert cfg.MODEL.TRPN.THRESHOLD < 0
+
+
+def _synthetic_batch(g, n=2, size=96):
+    """Noise slices with bright discs as lesions (some images have none)."""
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    batch = []
+    for _ in range(n):
+        img = torch.rand(size, size, generator=g) * 40 + 30
+        boxes = []
+        for _ in range(int(torch.randint(0, 3, (1,), generator=g))):
+            r = float(torch.randint(4, 11, (1,), generator=g))
+            cx, cy = (float(v) for v in torch.randint(12, size - 12, (2,), generator=g))
+            img[(xx - cx) ** 2 + (yy - cy) ** 2 <= r * r] += 120
+            boxes.append([cx - r, cy - r, cx + r, cy + r])
+        batch.append({"image": img[None].repeat(3, 1, 1), "instances": _gt(boxes, (size, size))})
+    return batch
+
+
+def test_quickstart_training_with_trpn_lowers_loss():
+    cfg = get_cfg()
+    add_elixirnet_config(cfg)
+    cfg.merge_from_file("configs/quickstart/trpn.yaml")
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    assert isinstance(model.proposal_generator, TRPN)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    g = torch.Generator().manual_seed(0)
+    batches = [_synthetic_batch(g) for _ in range(4)]
+    model.train()
+    totals = []
+    with EventStorage() as storage:
+        for it in range(24):
+            losses = model(batches[it % 4])
+            assert "loss_trpn_conf" in losses
+            total = sum(losses.values())
+            opt.zero_grad()
+            total.backward()
+            opt.step()
+            storage.step()
+            totals.append(total.item())
+    assert all(math.isfinite(t) for t in totals)
+    assert sum(totals[-4:]) / 4 < sum(totals[:4]) / 4
