@@ -244,7 +244,8 @@ def test_prepare_cache_is_idempotent_and_loads_by_split(tmp_path):
 
     margin = str(tmp_path / "cache_margin")  # only slices within 3 mm of tumour slices (2..3 +- 1)
     prepare_kits19(str(root), margin, margin_mm=3.0)
-    assert sorted(os.listdir(os.path.join(margin, "case_00000"))) == ["001.png", "002.png", "003.png", "004.png", "case.json"]
+    expected = [f"{z:03d}.png" for z in range(1, 5)] + ["case.json"]
+    assert sorted(os.listdir(os.path.join(margin, "case_00000"))) == expected
     assert load_kits19_dicts(margin, "test")[0]["slice_range"] == (1, 4)
 
 

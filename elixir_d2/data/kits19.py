@@ -334,8 +334,8 @@ def load_kits19_dicts(cache_dir: str, split: str, seed: int = 0, train_frac: flo
         raise ValueError(f"KiTS19 split must be 'train' or 'test', got {split!r}")
     path = os.path.join(cache_dir, RECORDS_FILE)
     if not PathManager.exists(path):
-        root = os.path.dirname(os.path.normpath(cache_dir)) if os.path.basename(os.path.normpath(cache_dir)) == "cache" \
-            else "<kits19 root>"
+        norm = os.path.normpath(cache_dir)
+        root = os.path.dirname(norm) if os.path.basename(norm) == "cache" else "<kits19 root>"
         raise FileNotFoundError(f"KiTS19 cache not found: {path}; run `python -m elixir_d2.data.kits19 "
                                 f"--root {root} --cache {cache_dir}` (see datasets/README.md)")
     with PathManager.open(path, "r") as f:
@@ -381,7 +381,8 @@ def register_kits19(root_or_cache: str, prefix: str = "kits19") -> List[str]:
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict:
     parser = argparse.ArgumentParser(description="Cache KiTS19 slices as 16-bit PNG + records.json")
-    parser.add_argument("--root", required=True, help="KiTS19 root holding data/case_XXXXX/")
+    parser.add_argument("--root", default=None,
+                        help="KiTS19 root holding data/case_XXXXX/ (default: $DETECTRON2_DATASETS/kits19)")
     parser.add_argument("--cache", default=None, help="cache folder (default: <root>/cache)")
     parser.add_argument("--slice-axis", default="auto", help="voxel axis of the slices: auto, 0, 1 or 2")
     parser.add_argument("--margin-mm", type=float, default=None,
@@ -389,6 +390,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     axis = args.slice_axis if args.slice_axis == "auto" else int(args.slice_axis)
+    if args.root is None:
+        from . import datasets_root
+
+        args.root = os.path.join(datasets_root(), "kits19")
     cache = args.cache or os.path.join(args.root, "cache")
     summary = prepare_kits19(args.root, cache, slice_axis=axis, margin_mm=args.margin_mm)
     with PathManager.open(os.path.join(cache, RECORDS_FILE), "r") as f:

@@ -116,7 +116,8 @@ class LesionPlacer:
             if any(_overlap(cx, cy, a, theta, zc, rz, o) for o in existing):
                 continue
             host_label = int(np.bincount(host_lab[np.isin(host_lab, hosts)]).argmax())
-            hu = lesion_hu(lesion_type, host_label, float(cv.hu[win][inside & np.isin(cv.label[win], hosts)].mean()), rng)
+            host_hu = float(cv.hu[win][inside & np.isin(cv.label[win], hosts)].mean())
+            hu = lesion_hu(lesion_type, host_label, host_hu, rng)
             blob = Blob(cx, cy, a, b, hu, LESION, theta=theta, zc=zc, rz=rz, edge=_u(rng, 0.8, 2.5))
             if accept is None or accept(blob):
                 return blob
@@ -360,7 +361,8 @@ def generate_kits19(out_dir: str, *, num_cases: int = 10, num_slices: Tuple[int,
                 cx, cy = kx + rr * ka * math.cos(ang), ky + rr * kb * math.sin(ang)
                 if all(math.hypot(cx - t.cx, cy - t.cy) > r + t.a + 3 or abs(z - t.zc) > r + t.rz + 3 for t in tumours):
                     tumours.append(Blob(cx, cy, r, r * _u(rng, 0.75, 1.0), _u(rng, 30, 90), LESION,
-                                        theta=_u(rng, 0, math.pi), zc=z, rz=r * _u(rng, 0.8, 1.2), edge=_u(rng, 0.8, 2.0)))
+                                        theta=_u(rng, 0, math.pi), zc=z, rz=r * _u(rng, 0.8, 1.2),
+                                        edge=_u(rng, 0.8, 2.0)))
                     break
         vol, lab = render_series(blobs + tumours, z_mm, image_size, spacing, _u(rng, *noise_hu), rng)
         seg = np.where(lab == LESION, 2, np.where(np.isin(lab, (KIDNEY, RENAL_SINUS)), 1, 0)).astype(np.uint8)
@@ -377,14 +379,17 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     parser = argparse.ArgumentParser(description="Write a synthetic CT lesion data set (DeepLesion or KiTS19 format)")
     parser.add_argument("--out", required=True, help="output folder (e.g. datasets/synthetic)")
     parser.add_argument("--format", choices=("deeplesion", "kits19"), default="deeplesion")
-    parser.add_argument("--patients", type=int, default=None, help="patients (deeplesion, default 60) or cases (kits19, default 10)")
+    parser.add_argument("--patients", type=int, default=None,
+                        help="patients (deeplesion, default 60) or cases (kits19, default 10)")
     parser.add_argument("--size", type=int, default=192, help="image side in pixels")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--slices", type=int, nargs=2, default=None, metavar=("LO", "HI"), help="slices per series / case")
+    parser.add_argument("--slices", type=int, nargs=2, default=None, metavar=("LO", "HI"),
+                        help="slices per series (deeplesion, default 12 20) or case (kits19, default 24 40)")
     args = parser.parse_args(argv)
     if args.format == "deeplesion":
         kw = {"slices_per_series": tuple(args.slices)} if args.slices else {}
-        summary = generate_deeplesion(args.out, num_patients=args.patients or 60, image_size=args.size, seed=args.seed, **kw)
+        summary = generate_deeplesion(args.out, num_patients=args.patients or 60, image_size=args.size,
+                                      seed=args.seed, **kw)
     else:
         kw = {"num_slices": tuple(args.slices)} if args.slices else {}
         summary = generate_kits19(args.out, num_cases=args.patients or 10, image_size=args.size, seed=args.seed, **kw)

@@ -321,11 +321,12 @@ def build_anatomy(region: str, fov_mm: float, z_len: float, rng: np.random.Gener
                            zc_frac=_u(rng, -0.3, 0.3), rz_frac=0.9, edge=1.0))
         blobs.append(organ(0.0, 0.45, 0.12, 0.12, _u(rng, 30, 45), BOWEL, rz_frac=3.0))
         for side in (-1, 1):
-            blobs.append(organ(side * 0.72, 0.35, 0.22, 0.12, _u(rng, 650, 900), CORTEX, theta=side * 0.9, rz_frac=3.0, edge=0.8))
-            blobs.append(organ(side * 0.72, 0.35, 0.17, 0.07, _u(rng, 200, 320), BONE, theta=side * 0.9, rz_frac=3.0, edge=0.8))
+            for fa, fb, hu, label in ((0.22, 0.12, _u(rng, 650, 900), CORTEX), (0.17, 0.07, _u(rng, 200, 320), BONE)):
+                blobs.append(organ(side * 0.72, 0.35, fa, fb, hu, label, theta=side * 0.9, rz_frac=3.0, edge=0.8))
             blobs.append(organ(side * 0.55, 0.85, 0.28, 0.15, _u(rng, 45, 55), MUSCLE, theta=side * 0.3, rz_frac=3.0))
         blobs += vertebra(oy + ih * 0.72, scale=1.1)
-        blobs += tubes(4, lambda: (ox + _u(rng, -0.55, 0.55) * iw, oy + _u(rng, 0.05, 0.3) * ih), 4.0, 7.0, 140, 210, 0.3)
+        blobs += tubes(4, lambda: (ox + _u(rng, -0.55, 0.55) * iw, oy + _u(rng, 0.05, 0.3) * ih),
+                       4.0, 7.0, 140, 210, 0.3)  # iliac vessels
         blobs += calcifications(int(rng.integers(2, 6)), inside(cav, 0.6))
     else:
         raise ValueError(f"unknown body region {region!r}: expected chest, abdomen or pelvis")
