@@ -31,7 +31,8 @@ fi
 # detectron2 v0.6 imports pkg_resources (setuptools < 81) and uses PIL.Image.LINEAR (Pillow < 10).
 $PIP install -q "setuptools<81" "Pillow<10" wheel
 
-if "$VENV/bin/python" -c "import detectron2" 2>/dev/null; then
+# A Python-only build must still answer detectron2.utils.collect_env (used by default_setup).
+if "$VENV/bin/python" -c "import detectron2._C as c; c.get_compiler_version" 2>/dev/null; then
   echo "[install] detectron2 already importable: $("$VENV/bin/python" -c 'import detectron2; print(detectron2.__file__)')"
 elif [ -n "${DETECTRON2_SPEC:-}" ]; then
   echo "[install] detectron2 from DETECTRON2_SPEC=$DETECTRON2_SPEC"
@@ -42,10 +43,19 @@ else
   $PIP download -q --no-deps --no-build-isolation --no-binary :all: "$D2_SDIST" -d "$work"
   tar -xzf "$work"/*.tar.gz -C "$work"
   src=$(find "$work" -mindepth 1 -maxdepth 1 -type d | head -n 1)
-  # The republication ships no C++ sources; an empty extension module lets setup.py build.
+  # The republication ships no C++ sources; an extension module holding only the two version
+  # queries of detectron2.utils.collect_env lets setup.py build and default_setup run.
   mkdir -p "$src/detectron2/layers/csrc"
-  printf '#include <torch/extension.h>\nPYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {}\n' \
-    > "$src/detectron2/layers/csrc/vision.cpp"
+  cat > "$src/detectron2/layers/csrc/vision.cpp" <<'CPP'
+#include <torch/extension.h>
+#include <string>
+static std::string get_compiler_version() { return std::string("GCC ") + __VERSION__; }
+static std::string get_cuda_version() { return "not built (Python-only detectron2)"; }
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("get_compiler_version", &get_compiler_version);
+  m.def("get_cuda_version", &get_cuda_version);
+}
+CPP
   find "$src/detectron2/layers/csrc" -name '*.cu' -delete
   FORCE_CUDA=0 TORCH_CUDA_ARCH_LIST="" $PIP install -q --no-build-isolation "$src"
   rm -rf "$work"

@@ -93,10 +93,12 @@ def main() -> None:
         f"FPN quickstart, trained {cfg.SOLVER.MAX_ITER} it": after,
     }
     with PathManager.open(os.path.join(args.output, "demo_results.json"), "w") as f:
-        json.dump({"rows": rows, "train_and_eval_seconds": train_s}, f, indent=2)
+        # NaN (e.g. a size bucket without lesions) as null: strict JSON readers reject NaN.
+        clean = {k: {m: (v if v == v else None) for m, v in r.items()} for k, r in rows.items()}
+        json.dump({"rows": clean, "train_and_eval_seconds": train_s}, f, indent=2)
     print(f"\n[demo] synthetic test split ({cfg.DATASETS.TEST[0]}), {time.time() - t0:.0f} s train + eval on CPU")
     for criterion in ("iou", "iobb"):
-        print(f"\nSensitivity (%) at FPs per image, {criterion.upper()} >= 0.5")
+        print()
         print(format_froc_table(rows, criterion))
     print(f"\n[demo] outputs under {args.output}")
 
