@@ -4,6 +4,7 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from detectron2.config import get_cfg
 from detectron2.layers import ShapeSpec
@@ -14,7 +15,7 @@ from detectron2.utils.events import EventStorage
 from elixir_d2 import add_elixirnet_config
 from elixir_d2.modeling.alb.genotype import Genotype, load_genotype
 from elixir_d2.modeling.alb.ops import ELIXIR_OPS, RegionNonLocal
-from elixir_d2.modeling.box_head import ALBHead, ALBSearchHead
+from elixir_d2.modeling.box_head import ALBHead, ALBSearchHead, ALBStem
 from elixir_d2.modeling.roi_heads import ElixirROIHeads
 
 torch.set_num_threads(1)
@@ -53,6 +54,20 @@ def test_alb_head_layout_of_the_paper():
     assert head.stem.conv.kernel_size == (3, 3) and head.stem.conv.out_channels == 128
     dense = ALBHead(ShapeSpec(channels=256, height=7, width=7), genotype=g, stem="conv_3x3")
     assert dense.stem.conv.in_channels == 256 and dense.stem.conv.kernel_size == (3, 3)
+
+
+def test_stem_values():
+    torch.manual_seed(0)
+    x = torch.randn(3, 16, 7, 7)
+    sep = ALBStem("sep_conv_3x3", 16, 8, norm="").eval()
+    ref = F.conv2d(F.conv2d(x, sep.pointwise.weight), sep.conv.weight, sep.conv.bias, padding=1,
+                   groups=8)
+    y = sep(x)
+    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-5)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    dense = ALBStem("conv_3x3", 16, 8, norm="").eval()
+    torch.testing.assert_close(dense(x), F.conv2d(x, dense.conv.weight, dense.conv.bias, padding=1),
+                               rtol=1e-4, atol=1e-5)
 
 
 def test_alb_head_relations_are_per_image_and_never_mix():

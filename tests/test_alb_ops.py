@@ -227,3 +227,41 @@ def test_genotype_block_wiring():
     b2 = b1 + b0
     b3 = p0 + b2
     torch.testing.assert_close(block(s0, s1, [1, 1]), torch.cat([b0, b1, b2, b3], dim=1))
+
+
+def _randomise_bn(module):
+    for m in module.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.normal_()
+            m.bias.data.normal_()
+
+
+def _bn_formula(bn, y):
+    shape = (1, -1, 1, 1)
+    return ((y - bn.running_mean.view(shape)) / torch.sqrt(bn.running_var.view(shape) + bn.eps)
+            * bn.weight.view(shape) + bn.bias.view(shape))
+
+
+def test_eval_batchnorm_folding_keeps_values():
+    torch.manual_seed(0)
+    x = torch.randn(4, 8, 7, 7)
+    op = build_op("dil_conv_3x3_r3", 8, 6, 2, norm="BN")
+    _randomise_bn(op)
+    op.eval()
+    conv = op.convs[0]
+    ref = _bn_formula(op.norm, F.conv2d(F.relu(x), conv.weight, None, 2, 3, 3))
+    torch.testing.assert_close(op(x, [4]), ref, rtol=1e-4, atol=1e-5)
+    fr = FactorizedReduce(8, 10, norm="BN")
+    _randomise_bn(fr)
+    fr.eval()
+    xr = F.relu(x)
+    shifted = F.pad(xr, (0, 1, 0, 1))[:, :, 1:, 1:]
+    raw = torch.cat([F.conv2d(xr, fr.conv_a.weight, stride=2),
+                     F.conv2d(shifted, fr.conv_b.weight, stride=2)], dim=1)
+    torch.testing.assert_close(fr(x), _bn_formula(fr.norm, raw), rtol=1e-4, atol=1e-5)
+    # Training mode: batch statistics, so the output is normalised per channel.
+    op.train()
+    y = op(x, [4])
+    torch.testing.assert_close(y.mean(dim=(0, 2, 3)), op.norm.bias.detach(), atol=1e-5, rtol=0)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """ALB head targets (issue 5): parameters of ElixirNet vs FPN, and CPU time of the box heads.
 
-    python projects/benchmarks/alb_head.py [--runs 11] [--threads 1] [--proposals 512] [--strict]
+    python projects/benchmarks/alb_head.py [--runs 21] [--threads 1] [--proposals 512] [--strict]
 
 1. Parameters of the full models built from configs/fpn_R_50_deeplesion.yaml and
    configs/elixirnet_R_50_FPN_deeplesion.yaml (MODEL.WEIGHTS unset, DEVICE cpu, one class) and
@@ -9,8 +9,9 @@
 2. CPU time of the box head forward alone (eval mode, no grad) on ``--proposals`` RoI features
    of 256x7x7 split over 2 images: the ElixirNet config's ALBHead vs detectron2's
    FastRCNNConvFCHead (2 fc of 1024) of the FPN config. Runs are interleaved (FPN, ALB, FPN, ...)
-   after a warm-up, timed with process CPU time at a fixed thread count; the median of
-   ``--runs`` is reported (target: ALB / FPN <= 1). Also timed: the ALB head with the paper's
+   after a warm-up, timed with process CPU time at a fixed thread count; reported: the median
+   time of ``--runs`` rounds and the median of the per-round ratios (robust to load changes on
+   a shared machine). Target: ALB / FPN <= 1. Also timed: the ALB head with the paper's
    dense 3x3 stem (MODEL.ALB.STEM conv_3x3) and with GroupNorm, to show why the defaults are what
    they are. ``--strict`` exits 1 when a target is missed.
 """
@@ -64,8 +65,10 @@ def build_head(cfg) -> torch.nn.Module:
     return build_box_head(cfg, shape).eval()
 
 
-def time_interleaved(fns: Dict[str, Callable[[], object]], runs: int) -> Dict[str, float]:
-    """Median process CPU seconds per function; one call of each per round, in turn."""
+def time_interleaved(
+    fns: Dict[str, Callable[[], object]], runs: int
+) -> Dict[str, List[float]]:
+    """Process CPU seconds of each function per round; one call of each per round, in turn."""
     times: Dict[str, List[float]] = {k: [] for k in fns}
     with torch.no_grad():
         for fn in fns.values():  # warm-up (oneDNN primitive creation, allocator)
@@ -75,14 +78,14 @@ def time_interleaved(fns: Dict[str, Callable[[], object]], runs: int) -> Dict[st
                 t = time.process_time()
                 fn()
                 times[name].append(time.process_time() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return times
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--runs", type=int, default=11)
+    ap.add_argument("--runs", type=int, default=21)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--proposals", type=int, default=512)
     ap.add_argument("--strict", action="store_true")
@@ -115,15 +118,19 @@ def main() -> int:
             fns[name] = (lambda h: lambda: h(x, counts))(head)
         else:
             fns[name] = (lambda h: lambda: h(x))(head)
-    med = time_interleaved(fns, args.runs)
-    base = med["FPN 2-fc head"]
+    times = time_interleaved(fns, args.runs)
+    base = times["FPN 2-fc head"]
     print(f"\nbox head CPU time, {n} RoIs of 256x7x7 (2 images), {args.threads} thread(s), "
-          f"median of {args.runs} interleaved runs:")
-    for name, t in med.items():
+          f"{args.runs} interleaved rounds (median time; median of the per-round ratios):")
+    for name, ts in times.items():
         params = count_params(heads[name]) / 1e6
-        print(f"  {name:26s} {t * 1e3:8.1f} ms  x{t / base:5.2f}   ({params:.2f}M params)")
-    ratio_t = med["ALBHead (config)"] / base
-    print(f"time ratio ALBHead / 2-fc head = {ratio_t:.2f}  (target <= 1)")
+        ratio = statistics.median(t / b for t, b in zip(ts, base))
+        print(f"  {name:26s} {statistics.median(ts) * 1e3:8.1f} ms  x{ratio:5.2f}   "
+              f"({params:.2f}M params)")
+    ratios = sorted(t / b for t, b in zip(times["ALBHead (config)"], base))
+    ratio_t = statistics.median(ratios)
+    print(f"time ratio ALBHead / 2-fc head = {ratio_t:.2f} (rounds: min {ratios[0]:.2f}, "
+          f"max {ratios[-1]:.2f}; target <= 1)")
     ok = ratio_p <= 0.70 and ratio_t <= 1.0
     if args.strict and not ok:
         return 1

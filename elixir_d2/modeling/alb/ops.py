@@ -10,8 +10,7 @@ sum is ``N``. Only ``region_nonlocal`` uses it (it relates the proposals of one 
 others accept and ignore it, so that mixed ops and blocks can call every op the same way without
 hidden global state.
 """
-from math import gcd
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +23,8 @@ __all__ = [
     "get_search_space",
     "build_op",
     "make_norm",
+    "bn_fold",
+    "conv_norm",
     "ALBOp",
     "Zero",
     "ReLUConvNorm",
@@ -88,6 +89,38 @@ def make_norm(norm: str, channels: int, affine: bool = True) -> nn.Module:
     raise ValueError(f"Unknown ALB norm {norm!r} (MODEL.ALB.NORM); expected 'BN', 'GN' or ''")
 
 
+def bn_fold(norm: nn.Module) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    """``(scale, shift)`` with ``norm(y) == y * scale + shift`` per channel, for a BatchNorm in
+    eval mode with running statistics; None otherwise (train mode, GN, no norm)."""
+    if not isinstance(norm, nn.BatchNorm2d) or norm.training or norm.running_var is None:
+        return None
+    scale = torch.rsqrt(norm.running_var + norm.eps)
+    if norm.weight is not None:
+        scale = scale * norm.weight
+    shift = -norm.running_mean * scale
+    if norm.bias is not None:
+        shift = shift + norm.bias
+    return scale, shift
+
+
+def conv_norm(
+    conv: nn.Conv2d, norm: nn.Module, x: torch.Tensor, channels: Optional[slice] = None
+) -> torch.Tensor:
+    """``norm(conv(x))``, or ``norm``'s ``channels`` applied to ``conv(x)``. An eval-mode
+    BatchNorm is folded into the conv's weights: one pass over the feature map less (these maps
+    are small, so elementwise passes are a large part of the CPU time), same values."""
+    fold = bn_fold(norm)
+    if fold is None:
+        if channels is not None:
+            raise ValueError("conv_norm: channels only with an eval-mode BatchNorm")
+        return norm(conv(x))
+    scale, shift = fold
+    if channels is not None:
+        scale, shift = scale[channels], shift[channels]
+    bias = shift if conv.bias is None else shift + conv.bias * scale
+    return conv._conv_forward(x, conv.weight * scale.view(-1, 1, 1, 1), bias)
+
+
 class ALBOp(nn.Module):
     """Base class: ``forward(x, num_per_image)``; ``num_per_image`` is ignored unless needed."""
 
@@ -117,7 +150,10 @@ class ReLUConvNorm(ALBOp):
         self.norm = make_norm(norm, c_out, affine)
 
     def forward(self, x, num_per_image=None):
-        return self.norm(self.convs(F.relu(x)))
+        x = F.relu(x)
+        for conv in self.convs[:-1]:
+            x = conv(x)
+        return conv_norm(self.convs[-1], self.norm, x)
 
 
 def _conv(c_in, c_out, k, stride=1, dilation=1, groups=1, bias=False) -> nn.Conv2d:
@@ -182,13 +218,17 @@ class FactorizedReduce(ALBOp):
 
     def forward(self, x, num_per_image=None):
         x = F.relu(x)
-        a = self.conv_a(x)
         # Subsample before convolving (a 1x1 conv commutes with it), then pad the odd-size
         # remainder: same values as convolving the padded, shifted map, at a quarter of the cost.
+        h, w = -(-x.shape[2] // 2), -(-x.shape[3] // 2)
         odd = x[:, :, 1::2, 1::2]
-        odd = F.pad(odd, (0, a.shape[3] - odd.shape[3], 0, a.shape[2] - odd.shape[2]))
-        b = self.conv_b(odd)
-        return self.norm(torch.cat([a, b], dim=1))
+        odd = F.pad(odd, (0, w - odd.shape[3], 0, h - odd.shape[2]))
+        if bn_fold(self.norm) is None:
+            return self.norm(torch.cat([self.conv_a(x), self.conv_b(odd)], dim=1))
+        half = self.conv_a.out_channels
+        a = conv_norm(self.conv_a, self.norm, x, slice(0, half))
+        b = conv_norm(self.conv_b, self.norm, odd, slice(half, None))
+        return torch.cat([a, b], dim=1)
 
 
 class Identity(ALBOp):
