@@ -1,0 +1,207 @@
+"""Training plumbing shared by train_net.py and search_net.py.
+
+- ``launch``: detectron2's launcher; on a machine without CUDA (where detectron2 v0.6's launcher
+  refuses to start) the same process layout over the gloo backend, so multi-process CPU runs and
+  tests work.
+- ``AtomicCheckpointer``: detectron2's checkpointer whose files are written then renamed, so a
+  process killed mid-save never leaves a half-written checkpoint or ``last_checkpoint``.
+- ``ElixirTrainer``: DefaultTrainer reading CT through CTDatasetMapper, evaluating lesions with
+  LesionEvaluator, wrapping the model in DDP on CPU too, and checkpointing atomically.
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+import logging
+import os
+import tempfile
+import weakref
+from datetime import timedelta
+from typing import Any, Callable, Dict, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.nn.parallel import DistributedDataParallel
+
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import CfgNode
+from detectron2.data import MetadataCatalog, build_detection_test_loader, build_detection_train_loader
+from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase
+from detectron2.engine import launch as d2_launch
+from detectron2.evaluation import COCOEvaluator, DatasetEvaluator
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
+
+from .data import CTDatasetMapper
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["launch", "AtomicCheckpointer", "ElixirTrainer", "build_lesion_evaluator", "create_ddp_model"]
+
+
+# ----------------------------------------------------------------------------------- launch
+def _d2_launch_supports_cpu() -> bool:
+    # detectron2.engine.launch is shadowed by the function of that name: fetch the module.
+    launch_mod = importlib.import_module("detectron2.engine.launch")
+    return "gloo" in inspect.getsource(launch_mod._distributed_worker).lower()
+
+
+def launch(
+    main_func: Callable,
+    num_gpus_per_machine: int,
+    num_machines: int = 1,
+    machine_rank: int = 0,
+    dist_url: Optional[str] = None,
+    args: Sequence[Any] = (),
+    timeout: timedelta = timedelta(minutes=30),
+) -> None:
+    """detectron2's ``launch``; without CUDA, the same worker layout over gloo (CPU processes).
+
+    ``num_gpus_per_machine`` counts processes per machine in the CPU case.
+    """
+    world_size = num_machines * num_gpus_per_machine
+    if world_size <= 1 or torch.cuda.is_available() or _d2_launch_supports_cpu():
+        return d2_launch(main_func, num_gpus_per_machine, num_machines, machine_rank, dist_url, args=args, timeout=timeout)
+    if dist_url is None or dist_url == "auto":
+        if num_machines > 1:
+            raise ValueError("--dist-url must name the first machine (tcp://HOST:PORT) in a multi-machine run")
+        dist_url = _local_dist_url()
+    mp.spawn(
+        _cpu_worker,
+        nprocs=num_gpus_per_machine,
+        args=(main_func, world_size, num_gpus_per_machine, machine_rank, dist_url, tuple(args), timeout),
+        daemon=False,
+    )
+
+
+def _local_dist_url() -> str:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+
+
+def _cpu_worker(local_rank, main_func, world_size, procs_per_machine, machine_rank, dist_url, args, timeout):
+    rank = machine_rank * procs_per_machine + local_rank
+    dist.init_process_group(backend="gloo", init_method=dist_url, world_size=world_size, rank=rank, timeout=timeout)
+    # detectron2's comm needs the group of the ranks on this machine, as its launcher makes it.
+    for machine in range(world_size // procs_per_machine):
+        group = dist.new_group(list(range(machine * procs_per_machine, (machine + 1) * procs_per_machine)))
+        if machine == machine_rank:
+            comm._LOCAL_PROCESS_GROUP = group
+    comm.synchronize()
+    try:
+        main_func(*args)
+    finally:
+        dist.destroy_process_group()
+
+
+def create_ddp_model(model: torch.nn.Module, **kwargs) -> torch.nn.Module:
+    """DDP when there are several processes: on the local GPU, or on the CPU (no device_ids)."""
+    if comm.get_world_size() == 1:
+        return model
+    if next(model.parameters()).is_cuda:
+        kwargs.setdefault("device_ids", [comm.get_local_rank()])
+    return DistributedDataParallel(model, **kwargs)
+
+
+# ------------------------------------------------------------------------------- checkpoints
+class AtomicCheckpointer(DetectionCheckpointer):
+    """DetectionCheckpointer writing to a temporary file then renaming it into place.
+
+    ``.pth`` files are loaded with ``torch.load(weights_only=True)``: a checkpoint cannot run code.
+    (detectron2's ``.pkl`` model-zoo weights still go through its own pickle loader.)
+    """
+
+    def _atomic_write(self, path: str, write: Callable[[Any], None], mode: str) -> None:
+        local = self.path_manager.get_local_path(os.path.dirname(path) or ".")
+        if not os.path.isdir(local):  # non-local backend: no rename; plain write
+            with self.path_manager.open(path, mode) as f:
+                write(f)
+            return
+        fd, tmp = tempfile.mkstemp(dir=local, prefix=".tmp_", suffix=os.path.basename(path))
+        try:
+            with os.fdopen(fd, mode) as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, os.path.join(local, os.path.basename(path)))
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
+
+    def save(self, name: str, **kwargs: Any) -> None:
+        if not self.save_dir or not self.save_to_disk:
+            return
+        data = {"model": self.model.state_dict()}
+        for key, obj in self.checkpointables.items():
+            data[key] = obj.state_dict()
+        data.update(kwargs)
+        basename = f"{name}.pth"
+        save_file = os.path.join(self.save_dir, basename)
+        self.logger.info(f"Saving checkpoint to {save_file}")
+        self._atomic_write(save_file, lambda f: torch.save(data, f), "wb")
+        self.tag_last_checkpoint(basename)
+
+    def tag_last_checkpoint(self, last_filename_basename: str) -> None:
+        path = os.path.join(self.save_dir, "last_checkpoint")
+        self._atomic_write(path, lambda f: f.write(last_filename_basename), "w")
+
+    def _load_file(self, filename: str) -> Dict[str, Any]:
+        if filename.endswith(".pkl"):
+            return super()._load_file(filename)
+        with self.path_manager.open(filename, "rb") as f:
+            loaded = torch.load(f, map_location=torch.device("cpu"), weights_only=True)
+        return loaded if "model" in loaded else {"model": loaded}
+
+
+# ----------------------------------------------------------------------------------- trainer
+def build_lesion_evaluator(cfg: CfgNode, dataset_name: str, output_folder: Optional[str] = None) -> DatasetEvaluator:
+    """LesionEvaluator (FROC + mAP) for lesion datasets, else pycocotools COCO AP."""
+    from .evaluation import LesionEvaluator
+
+    output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+    if MetadataCatalog.get(dataset_name).get("evaluator_type", "coco") == "lesion":
+        return LesionEvaluator(dataset_name, output_folder, fps=tuple(cfg.TEST.FROC_FPS),
+                               max_dets_per_image=cfg.TEST.DETECTIONS_PER_IMAGE)
+    # The fast COCO evaluation needs detectron2's C++ ops, absent from a Python-only build.
+    return COCOEvaluator(dataset_name, output_dir=output_folder, use_fast_impl=False)
+
+
+class ElixirTrainer(DefaultTrainer):
+    """DefaultTrainer for CT lesions: CT mapper, lesion evaluator, CPU-capable DDP, atomic saves."""
+
+    def __init__(self, cfg: CfgNode):
+        # DefaultTrainer.__init__, with create_ddp_model that also works on the CPU (gloo) and
+        # the atomic checkpointer.
+        TrainerBase.__init__(self)
+        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
+            setup_logger()
+        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+        model = create_ddp_model(model, broadcast_buffers=False)
+        trainer_cls = AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer
+        self._trainer = trainer_cls(model, data_loader, optimizer)
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self.checkpointer = AtomicCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks())
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        return build_detection_train_loader(cfg, mapper=CTDatasetMapper(cfg, is_train=True))
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        return build_detection_test_loader(cfg, dataset_name, mapper=CTDatasetMapper(cfg, is_train=False))
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        return build_lesion_evaluator(cfg, dataset_name, output_folder)
