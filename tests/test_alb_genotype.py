@@ -7,7 +7,6 @@ import torch
 import yaml
 
 from elixir_d2.modeling.alb.genotype import (
-    Genotype,
     GenotypeError,
     derive_genotype,
     genotype_from_dict,

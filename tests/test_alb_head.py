@@ -13,7 +13,7 @@ from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
 from elixir_d2 import add_elixirnet_config
-from elixir_d2.modeling.alb.genotype import Genotype, load_genotype
+from elixir_d2.modeling.alb.genotype import load_genotype
 from elixir_d2.modeling.alb.ops import ELIXIR_OPS, RegionNonLocal
 from elixir_d2.modeling.box_head import ALBHead, ALBSearchHead, ALBStem
 from elixir_d2.modeling.roi_heads import ElixirROIHeads

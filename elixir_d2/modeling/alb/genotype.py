@@ -73,10 +73,9 @@ class Genotype:
             raise GenotypeError(
                 f"{source}: unknown search space {self.space!r}; expected 'elixir' or 'darts'"
             ) from None
-        if isinstance(self.branches, bool) or not isinstance(self.branches, int) or (
-            self.branches < 1
-        ):
-            raise GenotypeError(f"{source}: 'branches' must be a positive int, got {self.branches!r}")
+        b = self.branches
+        if isinstance(b, bool) or not isinstance(b, int) or b < 1:
+            raise GenotypeError(f"{source}: 'branches' must be a positive int, got {b!r}")
         for block_type in ("normal", "reduce"):
             pairs = self.pairs(block_type)
             if len(pairs) != 2 * self.branches:
