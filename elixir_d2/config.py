@@ -82,5 +82,11 @@ def add_elixirnet_config(cfg: CN) -> None:
     # Number of lesion types of the multi-type classifier (DeepLesion: 8).
     _C.MODEL.RTM.NUM_TYPES = 8
 
+    # ---------------------------------------------------------------- Fine-tuning (Table 4)
+    # Sub-modules of the meta-architecture frozen by ElixirTrainer.build_model (dotted names,
+    # e.g. ["backbone", "proposal_generator"]): no gradient, no update, norms kept in eval mode.
+    # detectron2's MODEL.BACKBONE.FREEZE_AT stops at the ResNet stages (FPN and RPN stay free).
+    _C.MODEL.FREEZE_MODULES = []
+
     # ---------------------------------------------------------------- Evaluation
     _C.TEST.FROC_FPS = (0.5, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0)

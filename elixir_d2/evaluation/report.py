@@ -8,7 +8,7 @@ import numpy as np
 
 from .froc import CRITERIA, PAPER_FPS
 
-__all__ = ["fp_key", "format_froc_table", "plot_froc", "CRITERION_NAMES"]
+__all__ = ["fp_key", "format_froc_table", "format_type_table", "plot_froc", "CRITERION_NAMES"]
 
 CRITERION_NAMES = {"iou": "IoU", "iobb": "IoBB"}
 
@@ -60,6 +60,40 @@ def format_froc_table(
     for name, entry in rows.items():
         m = _metrics_of(entry)
         cells = [_cell(m.get(f"sens@{c}_{criterion}"), 2) for c in cols] + [_cell(m.get("AP"), 1)]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def format_type_table(
+    rows: Mapping[str, Mapping],
+    types: Optional[Sequence[str]] = None,
+    abbrev: Optional[Sequence[str]] = None,
+) -> str:
+    """Markdown table in the layout of the paper's Table 4: per-type sensitivity (%) at 3 FPs
+    per image (IoU), one row per model, "-" where the type's curve never reaches 3 FPs (NaN or
+    None in the metrics) or the value is missing.
+
+    Args:
+        rows: model name -> metrics as for :func:`format_froc_table` (keys
+            ``sens@3_iou_<type>``, spaces in type names as underscores).
+        types: lesion type names in column order (default: DeepLesion's 8 types).
+        abbrev: column headers (default: BN, AB, ME, LV, LU, KD, ST, PV).
+    """
+    from ..data.deeplesion import LESION_TYPE_ABBREV, LESION_TYPES
+
+    types = list(LESION_TYPES if types is None else types)
+    abbrev = list(LESION_TYPE_ABBREV if abbrev is None else abbrev)
+    if len(types) != len(abbrev):
+        raise ValueError(f"format_type_table: {len(types)} types but {len(abbrev)} abbreviations")
+    lines = [
+        "Sensitivity (%) at 3 FPs per image (IoU) per lesion type",
+        "",
+        "| Method | " + " | ".join(abbrev) + " |",
+        "|:--|" + "--:|" * len(abbrev),
+    ]
+    for name, entry in rows.items():
+        m = _metrics_of(entry)
+        cells = [_cell(m.get(f"sens@3_iou_{t.replace(' ', '_')}"), 2) for t in types]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -1,23 +1,100 @@
-"""ElixirROIHeads: StandardROIHeads whose box head learns which RoIs belong to which image.
+"""ElixirROIHeads: StandardROIHeads whose box head learns which RoIs belong to which image, and
+which carries the Relation Transfer Module when MODEL.RTM.ENABLED.
 
 The Auto-lesion Block's region_nonlocal relates the proposals of one image only, so the box head
 needs the proposal count of each image. ``_forward_box`` is split into small steps (pool, head,
-predict, losses / inference) so that the Relation Transfer Module can hook into
-:meth:`ElixirROIHeads._predict_boxes` without copying the rest.
+predict, losses / inference).
+
+With RTM (paper Table 4, design.md 2): ``box_predictor`` stays the binary (lesion / background)
+predictor, loaded from the binary checkpoint; ``rtm`` adds the multi-type predictor over
+[f, f_E]. MODEL.ROI_HEADS.NUM_CLASSES must equal MODEL.RTM.NUM_TYPES: it is the number of classes
+of the typed dataset, used to label the sampled proposals (background = NUM_TYPES).
+- Training: the multi-type losses ``loss_cls`` / ``loss_box_reg`` on the RTM predictor, plus
+  the binary predictor's own losses ``loss_cls_binary`` / ``loss_box_reg_binary`` on the same
+  proposals with every type mapped to "lesion", so the binary scores (Gamma, and the binary
+  output) stay consistent with the head features being fine-tuned. M is detached either way;
+  list ``roi_heads.box_predictor`` in MODEL.FREEZE_MODULES to keep the binary predictor fixed.
+- Inference: ``pred_classes`` = lesion type index (0..NUM_TYPES-1) and ``scores`` from the
+  multi-type softmax (so the class-aware per-type evaluation works), ``pred_types`` = the same
+  type index (what the CT predictor reads), ``pred_binary_scores`` = the binary lesion
+  probability of the proposal each detection comes from.
 """
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
+from detectron2.config import configurable
+from detectron2.layers import ShapeSpec
 from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY, StandardROIHeads
+from detectron2.modeling.roi_heads.fast_rcnn import FastRCNNOutputLayers, fast_rcnn_inference
 from detectron2.structures import Boxes, Instances
 
+from .alb.ops import RegionNonLocal
+from .rtm import RelationTransferModule
+
 __all__ = ["ElixirROIHeads"]
+
+
+def _binary_targets(proposals: List[Instances], num_classes: int) -> List[Instances]:
+    """Copies of sampled proposals whose gt_classes are 0 (any lesion type) or 1 (background)."""
+    out = []
+    for p in proposals:
+        q = Instances(p.image_size, proposal_boxes=p.proposal_boxes)
+        fg = (p.gt_classes >= 0) & (p.gt_classes < num_classes)
+        q.gt_classes = torch.where(fg, torch.zeros_like(p.gt_classes), torch.ones_like(p.gt_classes))
+        if p.has("gt_boxes"):
+            q.gt_boxes = p.gt_boxes
+        out.append(q)
+    return out
+
+
+def _has_relations(box_head: torch.nn.Module) -> bool:
+    return any(isinstance(m, RegionNonLocal) for m in box_head.modules())
 
 
 @ROI_HEADS_REGISTRY.register()
 class ElixirROIHeads(StandardROIHeads):
     """StandardROIHeads that hands ``[len(p) for p in proposals]`` to box heads declaring
-    ``takes_num_per_image = True`` (ALBHead, ALBSearchHead); other heads are called as usual."""
+    ``takes_num_per_image = True`` (ALBHead, ALBSearchHead); other heads are called as usual.
+    ``rtm``: the Relation Transfer Module, or None (MODEL.RTM.ENABLED False)."""
+
+    @configurable
+    def __init__(self, *, rtm: Optional[RelationTransferModule] = None, **kwargs):
+        super().__init__(**kwargs)
+        self.rtm = rtm
+        if rtm is not None:
+            if self.box_predictor.num_classes != 1:
+                raise ValueError("ElixirROIHeads with RTM needs a binary box_predictor (1 class)")
+            if rtm.predictor.num_classes != self.num_classes:
+                raise ValueError(
+                    f"MODEL.RTM.NUM_TYPES ({rtm.predictor.num_classes}) must equal "
+                    f"MODEL.ROI_HEADS.NUM_CLASSES ({self.num_classes}): with RTM the ROI heads "
+                    "label proposals with the typed dataset's classes"
+                )
+            if rtm.phi is None and not _has_relations(self.box_head):
+                raise ValueError("RTM without its own relations needs a box head with region_nonlocal")
+
+    @classmethod
+    def _init_box_head(cls, cfg, input_shape: Dict[str, ShapeSpec]) -> Dict:
+        ret = super()._init_box_head(cfg, input_shape)
+        ret["rtm"] = None
+        if not cfg.MODEL.RTM.ENABLED:
+            return ret
+        if cfg.MODEL.ROI_HEADS.NUM_CLASSES != cfg.MODEL.RTM.NUM_TYPES:
+            raise ValueError(
+                f"MODEL.RTM.ENABLED: MODEL.ROI_HEADS.NUM_CLASSES ({cfg.MODEL.ROI_HEADS.NUM_CLASSES}) "
+                f"must equal MODEL.RTM.NUM_TYPES ({cfg.MODEL.RTM.NUM_TYPES}), the typed dataset's "
+                "classes; the binary predictor is built with 1 class regardless"
+            )
+        binary_cfg = cfg.clone()
+        binary_cfg.defrost()
+        binary_cfg.MODEL.ROI_HEADS.NUM_CLASSES = 1
+        head_shape = ret["box_head"].output_shape
+        ret["box_predictor"] = FastRCNNOutputLayers(binary_cfg, head_shape)
+        # E from the head's region_nonlocal when it has one, else RTM's own on the pooled RoIs.
+        pooled_channels = input_shape[cfg.MODEL.ROI_HEADS.IN_FEATURES[0]].channels
+        own = None if _has_relations(ret["box_head"]) else pooled_channels
+        ret["rtm"] = RelationTransferModule(cfg, head_shape, relation_channels=own)
+        return ret
 
     def _pool_box_features(
         self, features: Dict[str, torch.Tensor], proposals: List[Instances]
@@ -32,29 +109,75 @@ class ElixirROIHeads(StandardROIHeads):
             return self.box_head(box_features, num_per_image)
         return self.box_head(box_features)
 
-    def _predict_boxes(
-        self, box_features: torch.Tensor, proposals: List[Instances], num_per_image: List[int]
-    ):
-        """Box predictor outputs from head features (the place where RTM extends the head)."""
-        return self.box_predictor(box_features)
+    def _relations(self, pooled: torch.Tensor, num_per_image: List[int]) -> List[torch.Tensor]:
+        """Per-image E for RTM: the head's region_nonlocal of this forward, or RTM's own."""
+        if self.rtm.phi is not None:
+            return self.rtm.own_relations(pooled, num_per_image)
+        relations = list(self.box_head.last_relations)
+        if [len(e) for e in relations] != list(num_per_image):
+            raise ValueError(
+                f"box head relations {[tuple(e.shape) for e in relations]} do not match the "
+                f"proposal counts {num_per_image} of this forward"
+            )
+        return relations
 
     def _forward_box(self, features: Dict[str, torch.Tensor], proposals: List[Instances]):
         """As StandardROIHeads._forward_box, with per-image proposal counts for the head."""
-        box_features, num_per_image = self._pool_box_features(features, proposals)
-        box_features = self._run_box_head(box_features, num_per_image)
-        predictions = self._predict_boxes(box_features, proposals, num_per_image)
+        pooled, num_per_image = self._pool_box_features(features, proposals)
+        box_features = self._run_box_head(pooled, num_per_image)
+        if self.rtm is not None:
+            relations = self._relations(pooled, num_per_image)
+            del pooled
+            return self._forward_rtm(box_features, relations, proposals)
+        del pooled
+        predictions = self.box_predictor(box_features)
         del box_features
+        return self._losses_or_inference(self.box_predictor, predictions, proposals)
 
+    def _losses_or_inference(
+        self, predictor: FastRCNNOutputLayers, predictions, proposals: List[Instances]
+    ):
         if self.training:
-            losses = self.box_predictor.losses(predictions, proposals)
+            losses = predictor.losses(predictions, proposals)
             # proposals is modified in place below, so losses must be computed first.
             if self.train_on_pred_boxes:
                 with torch.no_grad():
-                    pred_boxes = self.box_predictor.predict_boxes_for_gt_classes(
-                        predictions, proposals
-                    )
+                    pred_boxes = predictor.predict_boxes_for_gt_classes(predictions, proposals)
                     for proposals_per_image, boxes in zip(proposals, pred_boxes):
                         proposals_per_image.proposal_boxes = Boxes(boxes)
             return losses
-        pred_instances, _ = self.box_predictor.inference(predictions, proposals)
+        pred_instances, _ = predictor.inference(predictions, proposals)
         return pred_instances
+
+    def _forward_rtm(
+        self, box_features: torch.Tensor, relations: Sequence[torch.Tensor],
+        proposals: List[Instances],
+    ):
+        binary = self.box_predictor(box_features)
+        typed = self.rtm(box_features, self.box_predictor, relations)
+        del box_features
+        if self.training:
+            binary_losses = self.box_predictor.losses(
+                binary, _binary_targets(proposals, self.num_classes)
+            )
+            losses = self._losses_or_inference(self.rtm.predictor, typed, proposals)
+            losses.update({f"{k}_binary": v for k, v in binary_losses.items()})
+            return losses
+        return self._rtm_inference(binary, typed, proposals)
+
+    def _rtm_inference(self, binary, typed, proposals: List[Instances]) -> List[Instances]:
+        predictor = self.rtm.predictor
+        boxes = predictor.predict_boxes(typed, proposals)
+        scores = predictor.predict_probs(typed, proposals)
+        instances, kept = fast_rcnn_inference(
+            boxes, scores, [p.image_size for p in proposals], predictor.test_score_thresh,
+            predictor.test_nms_thresh, predictor.test_topk_per_image,
+        )
+        binary_probs = self.box_predictor.predict_probs(binary, proposals)
+        for inst, b, s, k, prob in zip(instances, boxes, scores, kept, binary_probs):
+            # fast_rcnn_inference indexes the proposals left after dropping non-finite rows:
+            # map back through the same mask to find each detection's proposal.
+            valid = (torch.isfinite(b).all(dim=1) & torch.isfinite(s).all(dim=1)).nonzero()[:, 0]
+            inst.pred_binary_scores = prob[valid[k], 0]
+            inst.pred_types = inst.pred_classes.clone()
+        return instances

@@ -30,6 +30,7 @@ __all__ = [
     "ReLUConvNorm",
     "FactorizedReduce",
     "RegionNonLocal",
+    "region_relations",
 ]
 
 # Order matters: alphas are indexed by it and genotypes are derived from it. "none" first, as in
@@ -289,15 +290,20 @@ class RegionNonLocal(ALBOp):
         pooled = x.mean(dim=(2, 3))
         phi = F.relu(self.phi(pooled))
         psi = F.relu(self.psi(pooled))
-        relations, outs = [], []
-        for phi_i, psi_i in zip(phi.split(counts), psi.split(counts)):
-            e = torch.softmax(phi_i @ phi_i.t(), dim=1)
-            relations.append(e)
-            outs.append(F.relu(self.w(e @ psi_i)))
+        relations = region_relations(phi, counts)
+        outs = [F.relu(self.w(e @ psi_i)) for e, psi_i in zip(relations, psi.split(counts))]
         self.last_relations = relations
         y = self.g(torch.cat(outs, dim=0)) if outs else self.g(psi)
         s = self.stride
         return y[:, :, None, None].expand(-1, -1, -(-h // s), -(-w // s))
+
+
+def region_relations(phi: torch.Tensor, num_per_image: Sequence[int]) -> List[torch.Tensor]:
+    """Per-image relation graphs ``E_i = softmax_rows(phi_i phi_i^T)`` (``N_i x N_i``), where
+    ``phi_i`` are the rows of ``phi`` (N x K embeddings) of image ``i``. Shared by
+    region_nonlocal and by RTM when its box head has no region_nonlocal edge."""
+    counts = check_num_per_image(num_per_image, phi.shape[0], "region_relations")
+    return [torch.softmax(p @ p.t(), dim=1) for p in phi.split(counts)]
 
 
 def check_num_per_image(num_per_image: Optional[Sequence[int]], n: int, who: str) -> List[int]:
