@@ -10,7 +10,6 @@ statistics do not drift either. GroupNorm / FrozenBatchNorm have no running stat
 import logging
 from typing import List, Sequence
 
-import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 

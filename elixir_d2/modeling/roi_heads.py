@@ -40,7 +40,7 @@ def _binary_targets(proposals: List[Instances], num_classes: int) -> List[Instan
     for p in proposals:
         q = Instances(p.image_size, proposal_boxes=p.proposal_boxes)
         fg = (p.gt_classes >= 0) & (p.gt_classes < num_classes)
-        q.gt_classes = torch.where(fg, torch.zeros_like(p.gt_classes), torch.ones_like(p.gt_classes))
+        q.gt_classes = (~fg).to(p.gt_classes.dtype)  # 0 = lesion, 1 = background
         if p.has("gt_boxes"):
             q.gt_boxes = p.gt_boxes
         out.append(q)
@@ -71,7 +71,9 @@ class ElixirROIHeads(StandardROIHeads):
                     "label proposals with the typed dataset's classes"
                 )
             if rtm.phi is None and not _has_relations(self.box_head):
-                raise ValueError("RTM without its own relations needs a box head with region_nonlocal")
+                raise ValueError(
+                    "RTM without its own relations needs a box head with region_nonlocal"
+                )
 
     @classmethod
     def _init_box_head(cls, cfg, input_shape: Dict[str, ShapeSpec]) -> Dict:
@@ -81,8 +83,9 @@ class ElixirROIHeads(StandardROIHeads):
             return ret
         if cfg.MODEL.ROI_HEADS.NUM_CLASSES != cfg.MODEL.RTM.NUM_TYPES:
             raise ValueError(
-                f"MODEL.RTM.ENABLED: MODEL.ROI_HEADS.NUM_CLASSES ({cfg.MODEL.ROI_HEADS.NUM_CLASSES}) "
-                f"must equal MODEL.RTM.NUM_TYPES ({cfg.MODEL.RTM.NUM_TYPES}), the typed dataset's "
+                f"MODEL.RTM.ENABLED: MODEL.ROI_HEADS.NUM_CLASSES "
+                f"({cfg.MODEL.ROI_HEADS.NUM_CLASSES}) must equal MODEL.RTM.NUM_TYPES "
+                f"({cfg.MODEL.RTM.NUM_TYPES}), the typed dataset's "
                 "classes; the binary predictor is built with 1 class regardless"
             )
         binary_cfg = cfg.clone()

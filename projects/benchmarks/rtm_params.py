@@ -55,10 +55,10 @@ def main() -> int:
     heads = rtm.roi_heads
     print(f"ElixirNet w/o RTM  {n_wo:>12,d}  ({wo_path})")
     print(f"ElixirNet (RTM)    {n_rtm:>12,d}  ({rtm_path})")
-    print(f"  W_E {tuple(heads.rtm.w_e.shape)}: {heads.rtm.w_e.numel():,d}; multi-type predictor over "
-          f"[f, f_E]: {count(heads.rtm.predictor):,d}; own relation phi: "
-          f"{count(heads.rtm.phi) if heads.rtm.phi is not None else 0:,d}; binary predictor kept: "
-          f"{count(heads.box_predictor):,d}")
+    own_phi = count(heads.rtm.phi) if heads.rtm.phi is not None else 0
+    print(f"  W_E {tuple(heads.rtm.w_e.shape)}: {heads.rtm.w_e.numel():,d}; multi-type predictor "
+          f"over [f, f_E]: {count(heads.rtm.predictor):,d}; own relation phi: {own_phi:,d}; "
+          f"binary predictor kept: {count(heads.box_predictor):,d}")
     print(f"  replaced in w/o RTM: 8-type predictor over f: {count(wo.roi_heads.box_predictor):,d}")
     ratio = n_rtm / n_wo - 1.0
     ok = ratio <= TARGET
