@@ -14,6 +14,9 @@ import importlib
 import inspect
 import logging
 import os
+import pickle
+import re
+import socket
 import tempfile
 import weakref
 from datetime import timedelta
@@ -108,12 +111,96 @@ def create_ddp_model(model: torch.nn.Module, **kwargs) -> torch.nn.Module:
 
 
 # ------------------------------------------------------------------------------- checkpoints
+def _short_host() -> str:
+    return socket.gethostname().split(".")[0] or "localhost"
+
+
+def _temp_prefix() -> str:
+    # The writer's pid and host in the name let a later run tell a dead writer's leftover from a
+    # file being written right now ('.' and '@' never occur in mkstemp's random part).
+    return f".tmp_{os.getpid()}@{_short_host()}."
+
+
+def _is_stale_temp(name: str) -> bool:
+    """A temporary checkpoint file whose writer, a process on this host, no longer exists."""
+    m = re.match(r"\.tmp_(\d+)@([^.]*)\.", name)
+    if not m or m.group(2) != _short_host():
+        return False
+    try:
+        os.kill(int(m.group(1)), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, OverflowError):
+        return False
+    return False
+
+
 class AtomicCheckpointer(DetectionCheckpointer):
     """DetectionCheckpointer writing to a temporary file then renaming it into place.
 
     ``.pth`` files are loaded with ``torch.load(weights_only=True)``: a checkpoint cannot run code.
     (detectron2's ``.pkl`` model-zoo weights still go through its own pickle loader.)
+    A process killed mid-write leaves only a ``.tmp_<pid>@<host>.*`` file, removed (and logged) by
+    the next save in that folder once process <pid> on this host is gone. Loading a checkpoint
+    that does not fit the model logs one summary line (counts and first keys) after detectron2's
+    per-key warnings, and one that shares no tensor with the model is an error.
     """
+
+    _cleaned_dirs: Optional[set] = None
+
+    def _remove_stale_temp_files(self, folder: str) -> None:
+        # Once per folder and checkpointer: a live writer's temp file is never touched.
+        if self._cleaned_dirs is None:
+            self._cleaned_dirs = set()
+        if folder in self._cleaned_dirs:
+            return
+        self._cleaned_dirs.add(folder)
+        stale = [n for n in sorted(os.listdir(folder)) if _is_stale_temp(n)]
+        for name in stale:
+            os.remove(os.path.join(folder, name))
+        if stale:
+            self.logger.warning(f"Removed {len(stale)} partial checkpoint file(s) of killed runs in {folder}: {stale}")
+
+    def load(self, path: str, checkpointables: Optional[list] = None) -> Dict[str, Any]:
+        self._loading = path  # named in the mismatch summary
+        return super().load(path, checkpointables)
+
+    def _load_model(self, checkpoint: Any):
+        state = checkpoint.get("model", {})
+        heuristics = checkpoint.get("matching_heuristics", False)  # detectron2 renames .pkl keys
+        num_in_checkpoint = len(state) if isinstance(state, dict) else 0
+        first_keys = sorted(state)[:3] if isinstance(state, dict) else []
+        incompatible = super()._load_model(checkpoint)
+        # Checkpoint tensors that went into the model: neither unknown to it nor of another shape.
+        self._num_loaded = num_in_checkpoint - len(incompatible.unexpected_keys) - len(incompatible.incorrect_shapes)
+        if num_in_checkpoint and self._num_loaded <= 0 and not heuristics:
+            model_keys = list(self.model.state_dict())
+            raise ValueError(
+                f"Checkpoint {getattr(self, '_loading', '?')} does not belong to this model: none of its "
+                f"{num_in_checkpoint} tensors matches one of the model's {len(model_keys)} by name and shape "
+                f"(checkpoint keys start {first_keys}, model keys start {model_keys[:3]})"
+            )
+        return incompatible
+
+    def _log_incompatible_keys(self, incompatible) -> None:
+        super()._log_incompatible_keys(incompatible)
+        shapes = incompatible.incorrect_shapes
+        reshaped = {k for k, _, _ in shapes}
+        missing = [k for k in incompatible.missing_keys if k not in reshaped]
+        unexpected = incompatible.unexpected_keys
+        if not (missing or unexpected or shapes):
+            return
+        total = len(self.model.state_dict())
+        parts = [f"{min(getattr(self, '_num_loaded', 0), total)} of the model's {total} tensors loaded"]
+        if missing:
+            parts.append(f"{len(missing)} missing from the checkpoint (first: {missing[:3]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} in the checkpoint but not in the model (first: {unexpected[:3]})")
+        if shapes:
+            k, s_ckpt, s_model = shapes[0]
+            parts.append(f"{len(shapes)} of another shape, skipped (first: {k} {s_ckpt} in the checkpoint, "
+                         f"{s_model} in the model)")
+        self.logger.warning(f"Checkpoint {getattr(self, '_loading', '?')} does not match the model: " + "; ".join(parts))
 
     def _atomic_write(self, path: str, write: Callable[[Any], None], mode: str) -> None:
         local = self.path_manager.get_local_path(os.path.dirname(path) or ".")
@@ -121,7 +208,8 @@ class AtomicCheckpointer(DetectionCheckpointer):
             with self.path_manager.open(path, mode) as f:
                 write(f)
             return
-        fd, tmp = tempfile.mkstemp(dir=local, prefix=".tmp_", suffix=os.path.basename(path))
+        self._remove_stale_temp_files(local)
+        fd, tmp = tempfile.mkstemp(dir=local, prefix=_temp_prefix(), suffix=os.path.basename(path))
         try:
             with os.fdopen(fd, mode) as f:
                 write(f)
@@ -153,8 +241,17 @@ class AtomicCheckpointer(DetectionCheckpointer):
     def _load_file(self, filename: str) -> Dict[str, Any]:
         if filename.endswith(".pkl"):
             return super()._load_file(filename)
-        with self.path_manager.open(filename, "rb") as f:
-            loaded = torch.load(f, map_location=torch.device("cpu"), weights_only=True)
+        try:
+            with self.path_manager.open(filename, "rb") as f:
+                loaded = torch.load(f, map_location=torch.device("cpu"), weights_only=True)
+        except pickle.UnpicklingError as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(f"Checkpoint {filename} holds more than tensors and plain containers; "
+                             f"torch.load(weights_only=True) refused it ({first})") from e
+        except (RuntimeError, EOFError) as e:  # truncated / not a torch file
+            raise ValueError(f"Checkpoint {filename} is unreadable (truncated or not a torch.save file): {e}") from e
+        if not isinstance(loaded, dict):
+            raise ValueError(f"Checkpoint {filename} holds a {type(loaded).__name__}, not a state dict")
         return loaded if "model" in loaded else {"model": loaded}
 
 
@@ -194,32 +291,18 @@ class ElixirTrainer(DefaultTrainer):
         self.cfg = cfg
         self.register_hooks(self.build_hooks())
 
-    @classmethod
-    def build_model(cls, cfg):
-        """detectron2's model, then MODEL.FREEZE_MODULES frozen (fine-tuning protocol of Table
-        4: backbone + proposal generator; see elixir_d2/modeling/freeze.py)."""
-        from .modeling.freeze import freeze_modules
+    # detectron2 v0.6's DefaultTrainer checkpoints the iteration and the hooks (LR scheduler)
+    # but not the optimizer: a resumed run would restart SGD momentum from zero. Later
+    # detectron2 saves it under "_trainer", as here.
+    def state_dict(self) -> Dict[str, Any]:
+        ret = super().state_dict()
+        ret["_trainer"] = self._trainer.state_dict()
+        return ret
 
-        model = super().build_model(cfg)
-        freeze_modules(model, cfg.MODEL.FREEZE_MODULES)
-        return model
-
-    @classmethod
-    def test(cls, cfg, model, evaluators=None):
-        """DefaultTrainer.test; on typed datasets also logs the per-type table (Table 4 layout)."""
-        from .evaluation import format_type_table
-
-        results = super().test(cfg, model, evaluators)
-        # Under detectron2's logger: train_net's default_setup gives it the console and log.txt,
-        # next to detectron2's own results printout.
-        d2_logger = logging.getLogger("detectron2.elixir_d2")
-        # DefaultTrainer.test unwraps the result of a single dataset.
-        per_dataset = {cfg.DATASETS.TEST[0]: results} if "lesion" in results else results
-        for name, res in per_dataset.items():
-            metrics = res.get("lesion", {}) if isinstance(res, dict) else {}
-            if comm.is_main_process() and "AP_typed" in metrics:  # typed dataset
-                d2_logger.info(f"Per-type results on {name}:\n" + format_type_table({cfg.OUTPUT_DIR: metrics}))
-        return results
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        if "_trainer" in state_dict:  # absent from checkpoints written before this fix
+            self._trainer.load_state_dict(state_dict["_trainer"])
 
     @classmethod
     def build_train_loader(cls, cfg):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import math
 import os
 from collections import OrderedDict
 from typing import Dict, List, Optional, Tuple
@@ -67,16 +68,20 @@ def _floats(text: str, n: Optional[int], where: str) -> List[float]:
         raise DeepLesionFormatError(f"{where}: expected numbers separated by ',', got {text!r}") from None
     if n is not None and len(values) != n:
         raise DeepLesionFormatError(f"{where}: expected {n} values, got {len(values)} in {text!r}")
-    if any(v != v for v in values):  # NaN
-        raise DeepLesionFormatError(f"{where}: NaN in {text!r}")
+    if not all(math.isfinite(v) for v in values):
+        raise DeepLesionFormatError(f"{where}: NaN or infinite value in {text!r}")
     return values
 
 
 def _int(text: str, where: str) -> int:
     try:
-        return int(float(text))
+        value = float(text)
     except ValueError:
         raise DeepLesionFormatError(f"{where}: expected an integer, got {text!r}") from None
+    # int(float("inf")) raises OverflowError and int(2.5) would truncate silently: refuse both.
+    if not math.isfinite(value) or value != int(value):
+        raise DeepLesionFormatError(f"{where}: expected an integer, got {text!r}")
+    return int(value)
 
 
 def series_dir_and_slice(file_name: str) -> Tuple[str, int]:
@@ -112,12 +117,18 @@ def parse_dl_info_row(row: Dict[str, str], where: str) -> Dict:
     box = [x1 - 1, y1 - 1, x2 - 1, y2 - 1]
     if not (box[2] > box[0] and box[3] > box[1]):
         raise DeepLesionFormatError(f"{at('Bounding_boxes')}: empty or inverted box {col('Bounding_boxes')!r}")
+    width, height = _floats(col("Image_size"), 2, at("Image_size"))
+    if width < 1 or height < 1:
+        raise DeepLesionFormatError(f"{at('Image_size')}: expected a positive size, got {col('Image_size')!r}")
+    if box[0] >= width or box[1] >= height or box[2] <= 0 or box[3] <= 0:
+        raise DeepLesionFormatError(
+            f"{at('Bounding_boxes')}: box {col('Bounding_boxes')!r} lies outside the {width:g} x {height:g} image"
+        )
     spacing = _floats(col("Spacing_mm_px_"), 3, at("Spacing_mm_px_"))
     if min(spacing) <= 0:
         raise DeepLesionFormatError(f"{at('Spacing_mm_px_')}: spacing must be positive, got {spacing}")
     diam_px = _floats(col("Lesion_diameters_Pixel_"), 2, at("Lesion_diameters_Pixel_"))
     slice_range = _floats(col("Slice_range"), 2, at("Slice_range"))
-    width, height = _floats(col("Image_size"), 2, at("Image_size"))
     noisy = _int(col("Possibly_noisy"), at("Possibly_noisy"))
     if noisy not in (0, 1):
         raise DeepLesionFormatError(f"{at('Possibly_noisy')}: expected 0 or 1, got {noisy}")
@@ -153,8 +164,13 @@ def parse_dl_info_row(row: Dict[str, str], where: str) -> Dict:
 
 def read_dl_info(csv_path: str) -> List[Dict]:
     """Parse every row of DL_info.csv; raise DeepLesionFormatError naming file, row and column."""
-    with PathManager.open(csv_path, "r") as f:
-        text = f.read()
+    try:
+        with PathManager.open(csv_path, "r") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise DeepLesionFormatError(f"{csv_path}: not a text (UTF-8) file: {e}") from None
+    if not text.strip():
+        raise DeepLesionFormatError(f"{csv_path}: empty file (expected a header row and one row per lesion)")
     reader = csv.DictReader(io.StringIO(text))
     header = reader.fieldnames or []
     missing = [c for c in DL_INFO_COLUMNS if c not in header]
@@ -166,6 +182,8 @@ def read_dl_info(csv_path: str) -> List[Dict]:
         if None in row:  # more fields than the header has
             raise DeepLesionFormatError(f"{where}: {len(header) + len(row[None])} fields, header has {len(header)}")
         lesions.append(parse_dl_info_row(row, where))
+    if not lesions:
+        raise DeepLesionFormatError(f"{csv_path}: a header but no lesion rows")
     return lesions
 
 
@@ -188,7 +206,7 @@ def load_deeplesion_dicts(root: str, split: str, typed: bool = False) -> List[Di
         if lesion["split"] == SPLITS[split]:
             grouped.setdefault(lesion["file_name"], []).append(lesion)
 
-    stats = {"key_slices": len(grouped), "missing_key_slice": 0, "untyped_lesion": 0}
+    stats = {"key_slices": len(grouped), "missing_key_slice": 0, "untyped_lesion": 0, "clipped_box": 0}
     records = []
     for image_id, (file_name, lesions) in enumerate(sorted(grouped.items())):
         first = lesions[0]
@@ -197,14 +215,20 @@ def load_deeplesion_dicts(root: str, split: str, typed: bool = False) -> List[Di
         if not PathManager.exists(key_path):
             stats["missing_key_slice"] += 1
             continue
+        height, width = first["size"]
         annotations = []
         for idx, les in enumerate(lesions):
             if typed and les["lesion_type"] == -1:
                 stats["untyped_lesion"] += 1
                 continue
+            # A box reaching past the image border (e.g. -0.5 after the minus-1 convention) is
+            # clipped to it and counted; one wholly outside was refused by parse_dl_info_row.
+            x1, y1, x2, y2 = les["bbox"]
+            bbox = [max(x1, 0.0), max(y1, 0.0), min(x2, float(width)), min(y2, float(height))]
+            stats["clipped_box"] += int(bbox != les["bbox"])
             annotations.append(
                 {
-                    "bbox": les["bbox"],
+                    "bbox": bbox,
                     "bbox_mode": BoxMode.XYXY_ABS,
                     "category_id": les["lesion_type"] - 1 if typed else 0,
                     "lesion_type": les["lesion_type"],
@@ -213,7 +237,6 @@ def load_deeplesion_dicts(root: str, split: str, typed: bool = False) -> List[Di
                     "lesion_idx": idx,
                 }
             )
-        height, width = first["size"]
         records.append(
             {
                 "file_name": key_path,
@@ -231,11 +254,12 @@ def load_deeplesion_dicts(root: str, split: str, typed: bool = False) -> List[Di
             }
         )
     LOAD_STATS[(root, split, typed)] = stats
-    if stats["missing_key_slice"] or stats["untyped_lesion"]:
+    if stats["missing_key_slice"] or stats["untyped_lesion"] or stats["clipped_box"]:
         logger.warning(
             f"DeepLesion {split}{'_typed' if typed else ''} at {root}: skipped "
             f"{stats['missing_key_slice']} of {stats['key_slices']} key slices whose PNG is missing, "
-            f"{stats['untyped_lesion']} lesions without a type"
+            f"{stats['untyped_lesion']} lesions without a type; clipped {stats['clipped_box']} boxes "
+            "reaching past the image border"
         )
     logger.info(f"Loaded {len(records)} key slices of DeepLesion {split} from {root}")
     return records

@@ -29,6 +29,8 @@ from PIL import Image
 from detectron2.structures import BoxMode
 from detectron2.utils.file_io import PathManager
 
+from .nifti_check import nifti_truncation
+
 logger = logging.getLogger(__name__)
 
 KIDNEY_LABEL, TUMOR_LABEL = 1, 2
@@ -119,6 +121,9 @@ def read_nifti(path: str, what: str = "NIfTI"):
         img = sitk.ReadImage(local)
     except RuntimeError as e:
         raise KiTS19Error(f"cannot read {what} {path}: {str(e).strip().splitlines()[-1]}") from None
+    truncated = nifti_truncation(path)  # SimpleITK zero-fills what a cut-off file lacks
+    if truncated:
+        raise KiTS19Error(f"cannot read {what} {path}: {truncated}")
     if img.GetDimension() != 3 or img.GetNumberOfComponentsPerPixel() != 1:
         raise KiTS19Error(f"{what} {path}: expected a 3-D scalar volume, got dimension {img.GetDimension()} "
                           f"with {img.GetNumberOfComponentsPerPixel()} component(s)")

@@ -29,6 +29,7 @@ import numpy as np
 from detectron2.utils.file_io import PathManager
 
 from ..data.ct_mapper import CTSliceError, read_hu_slice
+from ..data.nifti_check import nifti_truncation
 
 logger = logging.getLogger(__name__)
 
@@ -376,6 +377,9 @@ def read_nifti(path: str, name: str) -> CTVolume:
     pixdim = nifti_pixdim(path)
     if pixdim is not None and not all(math.isfinite(v) and v > 0 for v in pixdim):
         raise CTInputError(f"{path}: missing spacing (NIfTI pixdim[1:4] = {tuple(float(v) for v in pixdim)})")
+    truncated = nifti_truncation(path)  # SimpleITK zero-fills what a cut-off file lacks
+    if truncated:
+        raise CTInputError(f"{path}: unreadable NIfTI file ({truncated})")
     try:
         img = reader.Execute()
     except RuntimeError as e:
