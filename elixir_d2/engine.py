@@ -305,6 +305,33 @@ class ElixirTrainer(DefaultTrainer):
             self._trainer.load_state_dict(state_dict["_trainer"])
 
     @classmethod
+    def build_model(cls, cfg):
+        """detectron2's model, then MODEL.FREEZE_MODULES frozen (fine-tuning protocol of Table
+        4: backbone + proposal generator; see elixir_d2/modeling/freeze.py)."""
+        from .modeling.freeze import freeze_modules
+
+        model = super().build_model(cfg)
+        freeze_modules(model, cfg.MODEL.FREEZE_MODULES)
+        return model
+
+    @classmethod
+    def test(cls, cfg, model, evaluators=None):
+        """DefaultTrainer.test; on typed datasets also logs the per-type table (Table 4 layout)."""
+        from .evaluation import format_type_table
+
+        results = super().test(cfg, model, evaluators)
+        # Under detectron2's logger: train_net's default_setup gives it the console and log.txt,
+        # next to detectron2's own results printout.
+        d2_logger = logging.getLogger("detectron2.elixir_d2")
+        # DefaultTrainer.test unwraps the result of a single dataset.
+        per_dataset = {cfg.DATASETS.TEST[0]: results} if "lesion" in results else results
+        for name, res in per_dataset.items():
+            metrics = res.get("lesion", {}) if isinstance(res, dict) else {}
+            if comm.is_main_process() and "AP_typed" in metrics:  # typed dataset
+                d2_logger.info(f"Per-type results on {name}:\n" + format_type_table({cfg.OUTPUT_DIR: metrics}))
+        return results
+
+    @classmethod
     def build_train_loader(cls, cfg):
         return build_detection_train_loader(cfg, mapper=CTDatasetMapper(cfg, is_train=True))
 
