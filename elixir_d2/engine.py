@@ -328,7 +328,10 @@ class ElixirTrainer(DefaultTrainer):
         for name, res in per_dataset.items():
             metrics = res.get("lesion", {}) if isinstance(res, dict) else {}
             if comm.is_main_process() and "AP_typed" in metrics:  # typed dataset
-                d2_logger.info(f"Per-type results on {name}:\n" + format_type_table({cfg.OUTPUT_DIR: metrics}))
+                meta = MetadataCatalog.get(name)
+                types = meta.get("thing_classes")
+                table = format_type_table({cfg.OUTPUT_DIR: metrics}, types, meta.get("type_abbrev", types))
+                d2_logger.info(f"Per-type results on {name}:\n" + table)
         return results
 
     @classmethod
