@@ -1,0 +1,109 @@
+#!/usr/bin/env python
+"""Differentiable search of the Auto-lesion Blocks (ALB / ALB_r), or a random genotype.
+
+    python search_net.py --config-file configs/search_alb_R_50_FPN_deeplesion.yaml --num-gpus 4
+    python search_net.py --config-file configs/quickstart/search_alb.yaml \
+        MODEL.WEIGHTS output/quickstart/fpn/model_final.pth        # CPU, synthetic data
+    python search_net.py --config-file C --resume                  # continue an interrupted search
+    python search_net.py --config-file C --random SEED 3           # Table 6's "random ALB"
+
+Writes OUTPUT_DIR/genotype.yaml (use it as MODEL.ALB.GENOTYPE of train_net.py), alphas.json
+(softmax(alpha) after every epoch) and alphas.png; --random writes genotype.yaml only.
+Multi-machine: add --num-machines M --machine-rank R --dist-url tcp://<host0>:<port>.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+from detectron2.config import CfgNode, get_cfg
+from detectron2.engine import default_argument_parser, default_setup, launch
+from detectron2.utils import comm
+from detectron2.utils.file_io import PathManager
+from detectron2.utils.logger import setup_logger
+
+import elixir_d2  # noqa: F401  (registers models and datasets)
+from elixir_d2 import add_elixirnet_config
+from elixir_d2.modeling.alb.genotype import Genotype, save_genotype
+from elixir_d2.search import GENOTYPE_YAML, ALBSearcher, format_genotype, sample_random_genotype
+
+logger = logging.getLogger("elixir_d2")
+
+
+def build_parser():
+    """detectron2's default parser plus --random."""
+    parser = default_argument_parser()
+    parser.add_argument(
+        "--random", action="store_true",
+        help="sample a genotype uniformly from the search space (seed: SEED, random if < 0) "
+        "instead of searching",
+    )
+    return parser
+
+
+def setup(args) -> CfgNode:
+    """Config from defaults + ElixirNet keys + the file + command-line opts."""
+    cfg = get_cfg()
+    add_elixirnet_config(cfg)
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    cfg.freeze()
+    default_setup(cfg, args)
+    # The search logs its per-epoch genotypes under "elixir_d2": to the console and log.txt.
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="elixir_d2")
+    return cfg
+
+
+def command_line(args) -> str:
+    """The command that reproduces this run, for the genotype file's header."""
+    parts = ["python search_net.py", "--config-file", args.config_file]
+    if args.random:
+        parts.append("--random")
+    if args.num_gpus > 1 or args.num_machines > 1:
+        parts += ["--num-gpus", str(args.num_gpus), "--num-machines", str(args.num_machines)]
+    return "Command: " + " ".join(parts + [str(o) for o in args.opts])
+
+
+def write_random_genotype(cfg: CfgNode, provenance: str = "") -> Genotype:
+    """Sample a random genotype of cfg's space / branches (seed cfg.SEED, drawn if < 0) and
+    write it to OUTPUT_DIR/genotype.yaml."""
+    seed = cfg.SEED if cfg.SEED >= 0 else int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF
+    genotype = sample_random_genotype(cfg.MODEL.ALB.SEARCH_SPACE, cfg.MODEL.ALB.BRANCHES, seed)
+    path = os.path.join(cfg.OUTPUT_DIR, GENOTYPE_YAML)
+    if comm.is_main_process():
+        PathManager.mkdirs(cfg.OUTPUT_DIR)
+        comment = "\n".join([
+            "RANDOM ALB / ALB_r genotype (paper Table 6, 'random ALB'): NOT a search result.",
+            f"Sampled uniformly by search_net.py --random with seed {seed}: per branch 2 distinct "
+            "inputs and a non-none op each,",
+            f"space {cfg.MODEL.ALB.SEARCH_SPACE}, B={cfg.MODEL.ALB.BRANCHES}.",
+            *([provenance] if provenance else []),
+        ])
+        save_genotype(genotype, path, comment=comment)
+    logger.info("Random genotype (seed %d) written to %s: %s", seed, path, format_genotype(genotype))
+    return genotype
+
+
+def main(args) -> Genotype | None:
+    """Search (or sample with --random); returns the genotype written to OUTPUT_DIR."""
+    cfg = setup(args)
+    if args.eval_only:
+        raise ValueError("search_net.py has no --eval-only; evaluate a genotype with train_net.py")
+    if args.random:
+        return write_random_genotype(cfg, command_line(args))
+    searcher = ALBSearcher(cfg, provenance=command_line(args))
+    searcher.resume_or_load(resume=args.resume)
+    return searcher.train()
+
+
+if __name__ == "__main__":
+    args = build_parser().parse_args()
+    print("Command Line Args:", args)
+    launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )
