@@ -205,6 +205,53 @@ def test_wrong_box_head_is_a_clear_error(tiny_set, tmp_path):
         ALBSearcher(cfg)
 
 
+def test_frozen_parts_are_initialised_from_model_weights(tiny_set, tmp_path, caplog):
+    import logging
+
+    from detectron2.modeling import build_model
+
+    from elixir_d2.search import searcher as searcher_module
+
+    # A "trained baseline": the quickstart FPN (2-fc head) with weights of its own.
+    base = build_model(search_net.setup(search_net.build_parser().parse_args(
+        ["--config-file", os.path.join(REPO, "configs/quickstart/fpn.yaml"), "OUTPUT_DIR",
+         str(tmp_path / "base")])))
+    # Perturbed: setup() reseeds, so an unloaded model could otherwise match by chance.
+    full = {k: v + 0.25 * torch.randn_like(v) if v.is_floating_point() else v
+            for k, v in base.state_dict().items()}
+    torch.save({"model": full}, tmp_path / "baseline.pth")
+    torch.save({"model": {k: v for k, v in full.items() if k.startswith("backbone.")}},
+               tmp_path / "backbone_only.pth")
+
+    logging.getLogger(searcher_module.__name__).addHandler(caplog.handler)
+    try:
+        s = ALBSearcher(search_net.setup(_search_args(
+            tmp_path / "s1", "MODEL.WEIGHTS", str(tmp_path / "baseline.pth"))))
+        caplog.clear()
+        s.resume_or_load(resume=False)
+        assert "RANDOM" not in caplog.text
+        for name in ("backbone", "proposal_generator"):
+            state = getattr(s.model, name).state_dict()
+            assert state and all(torch.equal(v, full[f"{name}.{k}"]) for k, v in state.items())
+        # The 2-fc head's tensors do not fit the search head: it keeps its own initialisation.
+        assert "roi_heads.box_head.fc1.weight" in full
+        assert not any(k.startswith("roi_heads.box_head.fc") for k in s.model.state_dict())
+
+        s = ALBSearcher(search_net.setup(_search_args(
+            tmp_path / "s2", "MODEL.WEIGHTS", str(tmp_path / "backbone_only.pth"))))
+        caplog.clear()
+        s.resume_or_load(resume=False)
+        assert "proposal_generator tensors" in caplog.text and "RANDOM" in caplog.text
+        assert "backbone tensors" not in caplog.text
+
+        s = ALBSearcher(search_net.setup(_search_args(tmp_path / "s3")))
+        caplog.clear()
+        s.resume_or_load(resume=False)
+        assert "MODEL.WEIGHTS is empty" in caplog.text
+    finally:
+        logging.getLogger(searcher_module.__name__).removeHandler(caplog.handler)
+
+
 # ---------------------------------------------------------------------------------- resume
 class _Killed(Exception):
     pass

@@ -147,6 +147,13 @@ class ALBSearcher(TrainerBase):
         search_head(model)
         freeze_for_search(model)
         self.w_optimizer, self.alpha_optimizer = build_search_optimizers(cfg, model)
+        logger.info(
+            "ALB search: backbone + proposal generator frozen (%d parameters); training %d "
+            "weights (SGD) and %d alphas (Adam)",
+            sum(p.numel() for m in frozen_modules(model).values() for p in m.parameters()),
+            sum(p.numel() for g in self.w_optimizer.param_groups for p in g["params"]),
+            sum(p.numel() for g in self.alpha_optimizer.param_groups for p in g["params"]),
+        )
         w_half, alpha_half = load_search_halves(cfg)
         self.iters_per_epoch = iters_per_epoch(len(w_half), cfg.SOLVER.IMS_PER_BATCH)
         self.max_iter = cfg.SEARCH.EPOCHS * self.iters_per_epoch
