@@ -316,6 +316,35 @@ def test_resume_continues_from_the_last_checkpoint(tiny_set, tmp_path, monkeypat
         ALBSearcher(cfg).resume_or_load(resume=True)
 
 
+def test_checkpoint_killed_mid_write_keeps_the_previous_one(tmp_path, monkeypatch):
+    from elixir_d2.search import SearchCheckpointer
+    from elixir_d2.search import checkpoint as checkpoint_module
+
+    model = torch.nn.Linear(3, 2)
+    ckpt = SearchCheckpointer(model, str(tmp_path))
+    ckpt.save("model_0000000")
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    assert sorted(os.listdir(tmp_path)) == ["last_checkpoint", "model_0000000.pth"]
+
+    def dies_mid_write(data, f):
+        f.write(b"half a checkpoint")
+        raise KeyboardInterrupt  # as a kill during torch.save
+
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    monkeypatch.setattr(checkpoint_module.torch, "save", dies_mid_write)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save("model_0000001")
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save("model_0000000")  # overwriting the same name must not truncate it either
+    monkeypatch.undo()
+    assert (tmp_path / "last_checkpoint").read_text() == "model_0000000.pth"
+    assert sorted(os.listdir(tmp_path)) == ["last_checkpoint", "model_0000000.pth"]
+    fresh = torch.nn.Linear(3, 2)
+    SearchCheckpointer(fresh, str(tmp_path)).resume_or_load("", resume=True)
+    assert all(torch.equal(v, saved[k]) for k, v in fresh.state_dict().items())
+
+
 # ---------------------------------------------------------------------------------- end to end
 def test_search_then_train_elixirnet_then_evaluate(tiny_set, tmp_path):
     import train_net

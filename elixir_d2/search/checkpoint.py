@@ -42,10 +42,15 @@ class SearchCheckpointer(DetectionCheckpointer):
         self.logger.info("Saving checkpoint to %s", save_file)
         PathManager.mkdirs(self.save_dir)
         tmp = save_file + ".tmp"
-        with PathManager.open(tmp, "wb") as f:
-            torch.save(data, f)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with PathManager.open(tmp, "wb") as f:
+                torch.save(data, f)
+                f.flush()
+                os.fsync(f.fileno())
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
         os.replace(tmp, save_file)
         self.tag_last_checkpoint(basename)
 
