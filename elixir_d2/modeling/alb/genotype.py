@@ -67,6 +67,8 @@ class Genotype:
 
     def validate(self, source: str = "<genotype>") -> "Genotype":
         """Raise :class:`GenotypeError` naming ``source`` and the bad entry; return self if fine."""
+        if not isinstance(self.space, str):  # e.g. a YAML list: not even a search-space name
+            raise GenotypeError(f"{source}: 'space' must be 'elixir' or 'darts', got {self.space!r}")
         try:
             ops = get_search_space(self.space)
         except ValueError:
@@ -147,7 +149,7 @@ def genotype_from_dict(data: Any, source: str = "<genotype>") -> Genotype:
         raise GenotypeError(f"{source}: a genotype must be a mapping, got {type(data).__name__}")
     unknown = set(data) - {"space", "branches", "normal", "reduce"}
     if unknown:
-        raise GenotypeError(f"{source}: unknown keys {sorted(unknown)}")
+        raise GenotypeError(f"{source}: unknown keys {sorted(unknown, key=repr)}")  # keys of any type
     for key in ("normal", "reduce"):
         if key not in data:
             raise GenotypeError(f"{source}: missing key '{key}'")
@@ -167,7 +169,7 @@ def load_genotype(path: str) -> Genotype:
     with PathManager.open(path, "r") as f:
         try:
             data = yaml.safe_load(f)
-        except yaml.YAMLError as e:
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
             raise GenotypeError(f"{path}: not valid YAML: {e}") from e
     return genotype_from_dict(data, source=path)
 
