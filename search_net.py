@@ -17,13 +17,14 @@ import logging
 import os
 
 from detectron2.config import CfgNode, get_cfg
-from detectron2.engine import default_argument_parser, default_setup, launch
+from detectron2.engine import default_argument_parser, default_setup
 from detectron2.utils import comm
 from detectron2.utils.file_io import PathManager
 from detectron2.utils.logger import setup_logger
 
 import elixir_d2  # noqa: F401  (registers models and datasets)
 from elixir_d2 import add_elixirnet_config
+from elixir_d2.engine import launch
 from elixir_d2.modeling.alb.genotype import Genotype, save_genotype
 from elixir_d2.search import GENOTYPE_YAML, ALBSearcher, format_genotype, sample_random_genotype
 

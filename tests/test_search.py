@@ -318,7 +318,6 @@ def test_resume_continues_from_the_last_checkpoint(tiny_set, tmp_path, monkeypat
 
 def test_checkpoint_killed_mid_write_keeps_the_previous_one(tmp_path, monkeypatch):
     from elixir_d2.search import SearchCheckpointer
-    from elixir_d2.search import checkpoint as checkpoint_module
 
     model = torch.nn.Linear(3, 2)
     ckpt = SearchCheckpointer(model, str(tmp_path))
@@ -332,7 +331,7 @@ def test_checkpoint_killed_mid_write_keeps_the_previous_one(tmp_path, monkeypatc
 
     with torch.no_grad():
         model.weight.add_(1.0)
-    monkeypatch.setattr(checkpoint_module.torch, "save", dies_mid_write)
+    monkeypatch.setattr(torch, "save", dies_mid_write)
     with pytest.raises(KeyboardInterrupt):
         ckpt.save("model_0000001")
     with pytest.raises(KeyboardInterrupt):

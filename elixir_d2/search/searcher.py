@@ -22,7 +22,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 from detectron2.config import CfgNode
-from detectron2.engine import HookBase, TrainerBase, create_ddp_model, hooks
+from detectron2.engine import HookBase, TrainerBase, hooks
 from detectron2.modeling import build_model
 from detectron2.utils import comm
 from detectron2.utils.events import CommonMetricPrinter, JSONWriter
@@ -30,6 +30,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parallel import DistributedDataParallel
 
+from ..engine import create_ddp_model
 from ..modeling.alb.genotype import Genotype
 from .checkpoint import SearchCheckpointer
 from .data import build_search_loaders, iters_per_epoch, load_search_halves
@@ -159,9 +160,7 @@ class ALBSearcher(TrainerBase):
         self.max_iter = cfg.SEARCH.EPOCHS * self.iters_per_epoch
         self._loaders = build_search_loaders(cfg, w_half, alpha_half)
         self._iters = None  # loader iterators, started at the first step
-        # CPU processes (gloo) take no device_ids; GPU ones get their local rank's device.
-        ddp_kwargs = {"device_ids": None} if model.device.type == "cpu" else {}
-        self.model = create_ddp_model(model, broadcast_buffers=False, **ddp_kwargs)
+        self.model = create_ddp_model(model, broadcast_buffers=False)
         self.model.train()
         self.start_iter = 0
         self.checkpointer = SearchCheckpointer(
