@@ -52,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
 def setup_cfg(args):
     cfg = get_cfg()
     add_elixirnet_config(cfg)
-    cfg.merge_from_file(args.config_file)
+    # safe YAML only: detectron2 would otherwise fall back to yaml.unsafe_load (runs code)
+    cfg.merge_from_file(args.config_file, allow_unsafe=False)
     cfg.merge_from_list(args.opts)
     if args.weights is not None:
         cfg.MODEL.WEIGHTS = args.weights

@@ -237,6 +237,36 @@ def test_unknown_config_key_is_named(tmp_path):
         build_cfg(["SOLVER.MAX_ITER", "ten"])
 
 
+def test_config_yaml_that_would_run_code_is_refused(tmp_path):
+    import sys
+
+    import yaml
+    from detectron2.config import get_cfg
+    from detectron2.engine import default_argument_parser
+
+    if REPO not in sys.path:
+        sys.path.insert(0, REPO)
+    import predict_net
+    import train_net
+
+    marker = tmp_path / "ran"
+    path = tmp_path / "evil.yaml"
+    path.write_text(f'_BASE_: "{QUICKSTART}"\nSEED: !!python/object/apply:os.system ["touch {marker}"]\n')
+    with pytest.raises(yaml.constructor.ConstructorError, match=r"python/object/apply:os\.system[\s\S]*evil\.yaml"):
+        train_net.setup(default_argument_parser().parse_args(["--config-file", str(path)]))
+    with pytest.raises(yaml.constructor.ConstructorError, match="python/object/apply"):
+        predict_net.setup_cfg(predict_net.build_parser().parse_args(
+            ["--config-file", str(path), "--input", "x", "--output", str(tmp_path)]))
+    assert not marker.exists()
+    # the hazard refused: detectron2's own default (allow_unsafe=True) falls back to unsafe_load
+    from elixir_d2 import add_elixirnet_config
+
+    cfg = get_cfg()
+    add_elixirnet_config(cfg)
+    cfg.merge_from_file(str(path))
+    assert marker.exists() and cfg.SEED == 0  # os.system's exit status
+
+
 def test_genotype_with_unknown_op_fails_the_model_build_naming_the_file(tmp_path):
     from detectron2.modeling import build_model
 

@@ -26,7 +26,6 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import MetadataCatalog
 from detectron2.data import transforms as T
 from detectron2.modeling import build_model
@@ -81,10 +80,13 @@ class VolumePrediction:
 
 
 def build_predictor_model(cfg) -> torch.nn.Module:
-    """build_model + DetectionCheckpointer.load(cfg.MODEL.WEIGHTS) + eval()."""
+    """build_model + AtomicCheckpointer.load(cfg.MODEL.WEIGHTS) + eval() (weights_only loads,
+    a mismatch summary, an error for a checkpoint of another model)."""
+    from ..engine import AtomicCheckpointer
+
     model = build_model(cfg)
     if cfg.MODEL.WEIGHTS:
-        DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+        AtomicCheckpointer(model).load(cfg.MODEL.WEIGHTS)
     else:
         logger.warning("MODEL.WEIGHTS is empty: predicting with a randomly initialised model")
     return model.eval()
