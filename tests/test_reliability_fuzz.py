@@ -13,7 +13,7 @@ from elixir_d2.data.deeplesion import DL_INFO_COLUMNS, DeepLesionFormatError, pa
 from elixir_d2.modeling.alb.genotype import Genotype, GenotypeError, genotype_from_dict, load_genotype
 from elixir_d2.modeling.alb.ops import get_search_space
 
-FUZZ = settings(max_examples=int(os.environ.get("ELIXIR_FUZZ_EXAMPLES", 200)), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+FUZZ = settings(max_examples=int(os.environ.get("ELIXIR_FUZZ_EXAMPLES", 150)), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 # ----------------------------------------------------------------------------- DL_info rows
 VALID = dl_row()
