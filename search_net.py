@@ -46,7 +46,8 @@ def setup(args) -> CfgNode:
     """Config from defaults + ElixirNet keys + the file + command-line opts."""
     cfg = get_cfg()
     add_elixirnet_config(cfg)
-    cfg.merge_from_file(args.config_file)
+    # safe YAML only: detectron2 would otherwise fall back to yaml.unsafe_load (runs code)
+    cfg.merge_from_file(args.config_file, allow_unsafe=False)
     cfg.merge_from_list(args.opts)
     cfg.freeze()
     default_setup(cfg, args)
