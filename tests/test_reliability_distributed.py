@@ -12,7 +12,9 @@ What must hold, and why:
   gradient of the 1-process mean loss because every image here has the same loss normalisers
   (one lesion per image, same size; RPN and ROI sampling take every anchor / proposal, so no
   random subsample differs). The losses then agree up to float summation order: asserted to a
-  relative 1e-4 over 4 iterations (observed: about 1e-6). The two replicas must stay bit-identical.
+  relative 1e-4 over 4 iterations (observed: at most 3e-6). With detectron2's default random
+  subsampling the two runs draw different anchors / proposals and differ by 1e-3 to 3e-2, which
+  this tolerance would catch. The two replicas must stay bit-identical.
 """
 import hashlib
 import json
