@@ -252,3 +252,24 @@ def test_quickstart_ablation_rows(name, channels, space, darts_genotype):
     assert model.backbone.bottom_up.stem.conv1.in_channels == channels
     assert model.roi_heads.box_head.genotype == load_genotype(genotype)
     _train_step(model, channels=channels)
+
+
+# ---------------------------------------------------------------- Table 5 RTM rows
+@pytest.mark.parametrize("name,own_relations", [
+    ("ablation/trpn_rtm.yaml", True),  # 2-fc head: RTM computes E itself
+    ("ablation/full.yaml", False),  # ALB head: E from its region_nonlocal
+    ("quickstart/ablation/trpn_rtm.yaml", True),
+])
+def test_rtm_ablation_rows(name, own_relations):
+    cfg = _cfg(name, *SMALL)
+    assert cfg.MODEL.RTM.ENABLED and cfg.MODEL.ROI_HEADS.NUM_CLASSES == cfg.MODEL.RTM.NUM_TYPES == 8
+    assert list(cfg.MODEL.FREEZE_MODULES) == ["backbone", "proposal_generator"]
+    assert cfg.DATASETS.TRAIN[0].endswith("val_typed")
+    # Table 5 reads the binary test split; the typed one is evaluated as well.
+    assert {d.rsplit("_", 1)[-1] for d in cfg.DATASETS.TEST} == {"test", "typed"}
+    torch.manual_seed(7)
+    model = build_model(cfg)
+    assert isinstance(model.proposal_generator, TRPN)
+    assert model.roi_heads.rtm is not None and (model.roi_heads.rtm.phi is not None) == own_relations
+    assert model.roi_heads.box_predictor.cls_score.out_features == 2  # binary predictor kept
+    _train_step(model)

@@ -13,6 +13,7 @@ import os
 import sys
 import tempfile
 import time
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -33,14 +34,15 @@ def phantom(rng: np.random.Generator) -> np.ndarray:
     return (hu + rng.normal(0, 15, hu.shape)).clip(-1024, 3071)
 
 
-def main() -> None:
+def main(argv: Optional[Sequence[str]] = None) -> float:
+    """Run the benchmark (``argv``: command-line arguments); returns records/s."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--records", type=int, default=200)
     ap.add_argument("--slices", type=int, default=40)
     ap.add_argument("--interval", type=float, default=2.0, help="slice interval in mm (1.25: 5 slices read)")
     ap.add_argument("--spacing", type=float, default=0.7, help="pixel spacing in mm")
     ap.add_argument("--train", action="store_true", help="training mapper (random flip, instances)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     torch.set_num_threads(1)
 
     rng = np.random.default_rng(0)
@@ -70,6 +72,7 @@ def main() -> None:
     print(f"CTDatasetMapper: {args.records} records 512x512x3 (interval {args.interval} mm, spacing "
           f"{args.spacing} mm -> output {tuple(out['image'].shape)}), 1 thread: "
           f"{args.records / dt:.1f} records/s ({1000 * dt / args.records:.1f} ms/record); target >= 40/s")
+    return args.records / dt
 
 
 if __name__ == "__main__":

@@ -1,0 +1,382 @@
+"""Shared plumbing of the paper-table recipes (projects/paper/table*.py).
+
+A recipe chains steps (steps.py): train the FPN baseline, search the ALB genotype from it
+(search_net.py), train every row's model (train_net.py), fine-tune typed models, and reads what
+the LesionEvaluator wrote at the end of each training (``<step>/inference/<dataset>/
+lesion_metrics.json``). Steps run in this process through ``train_net.main`` / ``search_net.main``
+(under detectron2's ``launch``, so ``--num-gpus N`` spawns N workers), each in its own folder
+``<output>/<step>``. A finished step (its ``recipe_step.json`` written last) is not run again
+unless ``--force``: Tables 1, 4, 5 and 6 share the FPN baseline, the search and some models, and an
+interrupted recipe resumes where it stopped.
+
+``--quick`` swaps every config for its CPU quickstart counterpart and the data for the synthetic
+DeepLesion-format set under ``<root>/synthetic`` (KiTS19 format: ``<root>/synthetic_kits19``),
+written first when absent; ``--iters`` / ``--search-epochs`` / ``--finetune-iters`` shorten runs.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Dict, Iterator, List, Optional, Sequence
+
+import torch
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+for _p in (ROOT, os.path.join(ROOT, "projects", "benchmarks"), os.path.dirname(os.path.abspath(__file__))):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+from detectron2.utils.file_io import PathManager  # noqa: E402
+
+logger = logging.getLogger("elixir_d2.paper")
+
+__all__ = ["DataSource", "Recipe", "StepFailed", "add_recipe_args", "prepare_data", "markdown_table", "fmt",
+           "recipe_main", "sens", "STEP_DONE"]
+
+STEP_DONE = "recipe_step.json"  # written when a step has finished; its presence skips the step
+LOGGERS = ("detectron2", "fvcore", "elixir_d2", "d2")
+
+
+class StepFailed(RuntimeError):
+    """A recipe step ran but left no result where it should have."""
+
+
+# ------------------------------------------------------------------------------ arguments
+def add_recipe_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The arguments every recipe takes."""
+    parser.add_argument("--root", default=None,
+                        help="dataset root holding DeepLesion/ and kits19/ (default: $DETECTRON2_DATASETS "
+                        "or ./datasets); --quick uses <root>/synthetic and <root>/synthetic_kits19")
+    parser.add_argument("--num-gpus", type=int, default=1, help="processes per run (GPUs; CPU workers "
+                        "over gloo without CUDA)")
+    parser.add_argument("--output", default=None, help="folder of all runs and tables (default "
+                        "output/paper, with --quick output/paper_quick)")
+    parser.add_argument("--quick", action="store_true",
+                        help="quickstart configs on the synthetic data: CPU, minutes")
+    parser.add_argument("--iters", type=int, default=None,
+                        help="SOLVER.MAX_ITER of every training run (steps and warm-up scaled); default: "
+                        "the configs' schedules")
+    parser.add_argument("--finetune-iters", type=int, default=None,
+                        help="SOLVER.MAX_ITER of the typed fine-tuning runs (default: the configs', 6 epochs)")
+    parser.add_argument("--search-epochs", type=int, default=None, help="SEARCH.EPOCHS of the searches")
+    parser.add_argument("--genotype", default=None,
+                        help="use this genotype YAML instead of running the (medical-space) search")
+    parser.add_argument("--speed-images", type=int, default=None,
+                        help="test images timed per model for the speed column (default 50, --quick 5)")
+    parser.add_argument("--force", action="store_true", help="rerun steps that already finished")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, default=[],
+                        help="config options added to every run (KEY VALUE ...)")
+    return parser
+
+
+# ----------------------------------------------------------------------------------- data
+@dataclass(frozen=True)
+class DataSource:
+    """A data set registered under ``prefix``: ``<prefix>_train``, ``<prefix>_test`` ...
+
+    ``kind`` "deeplesion" (``path`` = the folder holding DL_info.csv) or "kits19" (``path`` =
+    the slice cache holding records.json).
+    """
+
+    kind: str
+    path: str
+    prefix: str
+
+    def register(self) -> None:
+        from elixir_d2.data import register_deeplesion, register_kits19
+
+        if self.kind == "deeplesion":
+            register_deeplesion(self.path, prefix=self.prefix)
+        elif self.kind == "kits19":
+            register_kits19(self.path, prefix=self.prefix)
+        else:
+            raise ValueError(f"unknown data kind {self.kind!r}")
+
+    def name(self, split: str) -> str:
+        return f"{self.prefix}_{split}"
+
+    def num_images(self, split: str) -> int:
+        from detectron2.data import DatasetCatalog
+
+        return len(DatasetCatalog.get(self.name(split)))
+
+
+def _prefix(kind: str, path: str) -> str:
+    # Names are bound to a folder for the life of the process: one prefix per folder.
+    return f"paper_{kind}_{hashlib.sha1(os.path.abspath(path).encode()).hexdigest()[:8]}"
+
+
+def prepare_data(kind: str, root: Optional[str], quick: bool) -> DataSource:
+    """The data set of a recipe, registered; the quick synthetic sets are written when absent."""
+    from elixir_d2.data import datasets_root
+
+    root = os.path.abspath(os.path.expanduser(root or datasets_root()))
+    if kind == "deeplesion":
+        path = os.path.join(root, "synthetic" if quick else "DeepLesion")
+        if not PathManager.exists(os.path.join(path, "DL_info.csv")):
+            if not quick:
+                raise FileNotFoundError(f"{path}/DL_info.csv not found: prepare DeepLesion as datasets/README.md "
+                                        "says, or pass --root")
+            from elixir_d2.data.synthetic import generate_deeplesion
+
+            logger.info("writing the synthetic DeepLesion-format set to %s", path)
+            generate_deeplesion(path)
+    elif kind == "kits19":
+        from elixir_d2.data.kits19 import RECORDS_FILE, prepare_kits19
+
+        base = os.path.join(root, "synthetic_kits19" if quick else "kits19")
+        path = os.path.join(base, "cache")
+        if not PathManager.exists(os.path.join(path, RECORDS_FILE)):
+            if not PathManager.exists(os.path.join(base, "data")):
+                if not quick:
+                    raise FileNotFoundError(f"{base}/data not found: download KiTS19 as datasets/README.md says, "
+                                            "or pass --root")
+                from elixir_d2.data.synthetic import generate_kits19
+
+                logger.info("writing the synthetic KiTS19-format set to %s", base)
+                generate_kits19(base)
+            prepare_kits19(base, path)
+    else:
+        raise ValueError(f"unknown data kind {kind!r}")
+    source = DataSource(kind, path, _prefix(kind, path))
+    source.register()
+    return source
+
+
+# ------------------------------------------------------------------------------ running
+def _worker(entry: str, args: argparse.Namespace, sources: Sequence[DataSource]):
+    """One process of a run: (re-)register the data (spawned workers start empty), then main."""
+    for s in sources:
+        s.register()
+    if entry == "train":
+        import train_net
+
+        return train_net.main(args)
+    if entry == "search":
+        import search_net
+
+        return search_net.main(args)
+    raise ValueError(f"unknown entry {entry!r}")
+
+
+@contextlib.contextmanager
+def _isolated_logging() -> Iterator[None]:
+    """Drop the log handlers a run adds (detectron2 adds a console and a file handler per output
+    folder; kept, every later run would print each line again and write into earlier log.txt)."""
+    from detectron2.utils.logger import setup_logger
+
+    before = {n: list(logging.getLogger(n).handlers) for n in LOGGERS}
+    try:
+        yield
+    finally:
+        for n, handlers in before.items():
+            lg = logging.getLogger(n)
+            for h in list(lg.handlers):
+                if h not in handlers:
+                    lg.removeHandler(h)
+                    h.close()
+        setup_logger.cache_clear()
+
+
+def _schedule_opts(max_iter: int) -> List[str]:
+    """MAX_ITER and a schedule scaled to it (lr steps at 2/3 and 11/12, as 8 and 11 of 12 epochs)."""
+    if max_iter < 1:
+        raise ValueError(f"--iters must be >= 1, got {max_iter}")
+    steps = tuple(sorted({max(1, round(max_iter * 2 / 3)), max(1, round(max_iter * 11 / 12))} - {max_iter}))
+    return ["SOLVER.MAX_ITER", str(max_iter), "SOLVER.STEPS", str(steps or "()").replace(" ", ""),
+            "SOLVER.WARMUP_ITERS", str(min(50, max(1, max_iter // 4))),
+            "SOLVER.CHECKPOINT_PERIOD", str(max_iter)]
+
+
+def fmt(value: Optional[float], digits: int = 2) -> str:
+    """A table cell: "-" for missing / NaN."""
+    if value is None or value != value:
+        return "-"
+    return f"{value:.{digits}f}"
+
+
+def sens(metrics: dict, fp: float, criterion: str = "iou") -> Optional[float]:
+    """Sensitivity (%) at ``fp`` FPs per image from a lesion_metrics.json "metrics" dict."""
+    return metrics.get(f"sens@{float(fp):g}_{criterion}")
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A markdown table, first column left-aligned, the others right-aligned."""
+    lines = ["| " + " | ".join(header) + " |", "|:--|" + "--:|" * (len(header) - 1)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+class Recipe:
+    """Runs steps (steps.Train / steps.Search) into ``<output>/<step name>`` and reads results."""
+
+    def __init__(self, args: argparse.Namespace, source: DataSource):
+        self.args = args
+        self.quick = bool(args.quick)
+        self.source = source
+        self.output = os.path.abspath(args.output or os.path.join(ROOT, "output", "paper_quick" if args.quick
+                                                                  else "paper"))
+        self.num_gpus = args.num_gpus
+        self.extra_opts = list(args.opts or [])
+        if self.extra_opts and self.extra_opts[0] == "--":
+            self.extra_opts = self.extra_opts[1:]
+        if len(self.extra_opts) % 2:
+            raise ValueError(f"config options must be KEY VALUE pairs, got {self.extra_opts}")
+        self.device_opts: List[str] = []
+        if not self.quick and not torch.cuda.is_available():
+            logger.warning("no CUDA device: the R-50 runs go to the CPU (MODEL.DEVICE cpu); expect days")
+            self.device_opts = ["MODEL.DEVICE", "cpu"]
+        self.started = time.time()
+        self.ran: Dict[str, dict] = {}
+        self.overridden: set = set()  # searches replaced by --genotype
+        PathManager.mkdirs(self.output)
+
+    # ---------------------------------------------------------------- paths
+    def step_dir(self, name: str) -> str:
+        return os.path.join(self.output, name)
+
+    def weights(self, name: str) -> str:
+        path = os.path.join(self.step_dir(name), "model_final.pth")
+        if not PathManager.exists(path):
+            raise StepFailed(f"{path} does not exist: step {name!r} has not finished")
+        return path
+
+    def genotype(self, name: str) -> str:
+        if name in self.overridden:
+            return os.path.abspath(self.args.genotype)
+        path = os.path.join(self.step_dir(name), "genotype.yaml")
+        if not PathManager.exists(path):
+            raise StepFailed(f"{path} does not exist: step {name!r} has not finished")
+        return path
+
+    def record(self, name: str) -> dict:
+        with PathManager.open(os.path.join(self.step_dir(name), STEP_DONE), "r") as f:
+            return json.load(f)
+
+    def metrics(self, name: str, split: str) -> dict:
+        """The flat metrics dict of ``lesion_metrics.json`` of step ``name`` on ``split``."""
+        path = os.path.join(self.step_dir(name), "inference", self.source.name(split), "lesion_metrics.json")
+        if not PathManager.exists(path):
+            raise StepFailed(f"{path} does not exist: step {name!r} did not evaluate on {split}")
+        with PathManager.open(path, "r") as f:
+            return json.load(f)["metrics"]
+
+    # ---------------------------------------------------------------- running
+    def _done(self, name: str) -> bool:
+        return not self.args.force and PathManager.exists(os.path.join(self.step_dir(name), STEP_DONE))
+
+    def _launch(self, entry: str, args: argparse.Namespace):
+        from elixir_d2.engine import launch
+
+        with _isolated_logging():
+            if self.num_gpus <= 1:
+                return _worker(entry, args, [self.source])
+            return launch(_worker, self.num_gpus, args=(entry, args, [self.source]))
+
+    def _finish(self, name: str, info: dict, t0: float) -> None:
+        info.update({"wall_s": round(time.time() - t0, 1), "num_gpus": self.num_gpus, "quick": self.quick})
+        with PathManager.open(os.path.join(self.step_dir(name), STEP_DONE), "w") as f:
+            json.dump(info, f, indent=1)
+        self.ran[name] = info
+        logger.info("step %s finished in %.0f s", name, info["wall_s"])
+
+    def run(self, steps: Sequence) -> None:
+        """Run each step unless finished; steps must come after those they read from."""
+        for step in steps:
+            if getattr(step, "overridable", False) and self.args.genotype:
+                if not PathManager.exists(self.args.genotype):
+                    raise FileNotFoundError(f"--genotype {self.args.genotype}: no such file")
+                self.overridden.add(step.name)
+                print(f"[paper] {step.name}: skipped, using --genotype {self.args.genotype}")
+                continue
+            if self._done(step.name):
+                self.ran[step.name] = self.record(step.name)
+                print(f"[paper] {step.name}: finished earlier, reusing {self.step_dir(step.name)}")
+                continue
+            print(f"[paper] {step.name}: running {step.config_for(self.quick)}")
+            t0 = time.time()
+            step.execute(self)
+            self._finish(step.name, step.describe(self), t0)
+
+    def train_args(self, config: str, opts: Sequence[str], eval_only: bool = False) -> argparse.Namespace:
+        from detectron2.engine import default_argument_parser
+
+        argv = ["--config-file", os.path.join(ROOT, config), "--num-gpus", str(self.num_gpus)]
+        if eval_only:
+            argv.append("--eval-only")
+        return default_argument_parser().parse_args(argv + list(opts))
+
+    def search_args(self, config: str, opts: Sequence[str], random: bool) -> argparse.Namespace:
+        import search_net
+
+        argv = ["--config-file", os.path.join(ROOT, config), "--num-gpus", str(self.num_gpus)]
+        if random:
+            argv.append("--random")
+        return search_net.build_parser().parse_args(argv + list(opts))
+
+    def common_opts(self, name: str) -> List[str]:
+        return ["OUTPUT_DIR", self.step_dir(name), *self.device_opts, *self.extra_opts]
+
+    def schedule_opts(self, finetune: bool) -> List[str]:
+        iters = self.args.finetune_iters if finetune else self.args.iters
+        return _schedule_opts(iters) if iters else []
+
+    # ---------------------------------------------------------------- reporting
+    def header(self, title: str, splits: Sequence[str]) -> str:
+        """What was run: data, sizes, mode; every number below comes from these runs."""
+        data = ", ".join(f"{s} {self.source.num_images(s)} images" for s in splits)
+        mode = ("--quick: CPU quickstart configs (R-18 / half-width R-50, from scratch, 192 px) on the synthetic "
+                "data" if self.quick else "R-50 configs of configs/ (ImageNet init)")
+        return "\n".join([
+            f"## {title}",
+            "",
+            f"Produced by this run of projects/paper ({mode}); rows marked (paper) are the paper's numbers, "
+            "typed in from the paper, not results of this repository.",
+            f"Data: {self.source.kind} at {self.source.path} ({data}).",
+        ])
+
+    def runs_note(self, names: Sequence[str]) -> str:
+        """One line per step: config, iterations, wall time."""
+        lines = ["", "Runs:"]
+        for n in names:
+            if n in self.overridden:
+                lines.append(f"- {n}: not run; genotype given with --genotype {self.args.genotype}")
+                continue
+            r = self.ran.get(n) or self.record(n)
+            it = f", {r['max_iter']} iterations at batch {r['batch']}" if "max_iter" in r else ""
+            ep = f", {r['epochs']} search epochs" if "epochs" in r else ""
+            lines.append(f"- {n}: {r['config']}{it}{ep}, {r['wall_s']:.0f} s on {r['num_gpus']} process(es)"
+                         + (f"; genotype {r['genotype']}" if r.get("genotype") else ""))
+        return "\n".join(lines)
+
+    def write(self, filename: str, text: str) -> str:
+        path = os.path.join(self.output, filename)
+        with PathManager.open(path, "w") as f:
+            f.write(text + "\n")
+        print(text)
+        print(f"[paper] written to {path}")
+        return path
+
+
+# ------------------------------------------------------------------------------ entry point
+def recipe_main(doc: str, kind: str, step_list: Sequence, render, argv: Optional[Sequence[str]] = None):
+    """Parse the recipe arguments, prepare the data, run ``step_list``, return ``render(recipe)``."""
+    parser = add_recipe_args(argparse.ArgumentParser(description=doc,
+                                                     formatter_class=argparse.RawDescriptionHelpFormatter))
+    args = parser.parse_args(argv)
+    if not logging.getLogger("elixir_d2.paper").handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("[paper] %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+    source = prepare_data(kind, args.root, args.quick)
+    recipe = Recipe(args, source)
+    recipe.run(step_list)
+    return render(recipe)
