@@ -86,7 +86,9 @@ def main() -> None:
     trainer.resume_or_load(resume=False)
     trainer.train()
     train_s = time.time() - t0
-    after = evaluate(cfg, trainer.model)
+    # DefaultTrainer evaluates once more after its last iteration: reuse those numbers.
+    final = getattr(trainer, "_last_eval_results", None)
+    after = final.get("lesion", {}) if final else evaluate(cfg, trainer.model)
 
     rows = {
         "FPN quickstart, untrained": before,
