@@ -136,3 +136,27 @@ def test_paper_numbers_match_the_improvements_printed_in_the_paper():
     # Table 3: 61.20 = FPN's 58.46 + 2.74; Deformv2 + 0.7 mAP.
     assert P.TABLE3["ElixirNet w FPN"]["sens"][2] - P.TABLE3["FPN"]["sens"][2] == pytest.approx(2.74)
     assert P.TABLE3["ElixirNet w Deformv2"]["mAP"] - P.TABLE3["Deformv2"]["mAP"] == pytest.approx(0.7)
+
+
+def test_finished_step_is_reused_only_with_the_same_settings(tmp_path):
+    import argparse
+
+    from steps import STEPS
+
+    args = argparse.Namespace(quick=True, output=str(tmp_path), num_gpus=1, opts=[], iters=None, finetune_iters=None,
+                              search_epochs=None, genotype=None, force=False, speed_images=None)
+    recipe = common.Recipe(args, common.DataSource("deeplesion", str(tmp_path), "unused"))
+    assert args.iters == common.QUICK_ITERS  # --quick default
+    fpn = STEPS["fpn"]
+    sig = recipe._signature(fpn, ["SOLVER.MAX_ITER", "2"])
+    os.makedirs(tmp_path / "fpn")
+    recipe._finish("fpn", {"config": "x"}, 0.0, sig)
+    assert recipe._done("fpn", sig)
+    assert not recipe._done("fpn", recipe._signature(fpn, ["SOLVER.MAX_ITER", "3"]))
+    # A step reading from fpn becomes stale when fpn finishes again.
+    search = STEPS["search"]
+    s1 = recipe._signature(search, [])
+    recipe._finish("fpn", {"config": "x"}, 0.0, sig)
+    assert recipe._signature(search, []) != s1
+    args.force = True
+    assert not recipe._done("fpn", sig)

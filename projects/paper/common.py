@@ -41,6 +41,9 @@ __all__ = ["DataSource", "Recipe", "StepFailed", "add_recipe_args", "prepare_dat
            "recipe_main", "sens", "STEP_DONE"]
 
 STEP_DONE = "recipe_step.json"  # written when a step has finished; its presence skips the step
+# --quick defaults (CPU minutes per model; the quickstart configs' own schedules are 400 iterations).
+QUICK_ITERS = 100
+QUICK_SEARCH_EPOCHS = 1
 LOGGERS = ("detectron2", "fvcore", "elixir_d2", "d2")
 
 
@@ -62,10 +65,11 @@ def add_recipe_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="quickstart configs on the synthetic data: CPU, minutes")
     parser.add_argument("--iters", type=int, default=None,
                         help="SOLVER.MAX_ITER of every training run (steps and warm-up scaled); default: "
-                        "the configs' schedules")
+                        f"the configs' schedules, --quick {QUICK_ITERS}")
     parser.add_argument("--finetune-iters", type=int, default=None,
                         help="SOLVER.MAX_ITER of the typed fine-tuning runs (default: the configs', 6 epochs)")
-    parser.add_argument("--search-epochs", type=int, default=None, help="SEARCH.EPOCHS of the searches")
+    parser.add_argument("--search-epochs", type=int, default=None,
+                        help=f"SEARCH.EPOCHS of the searches (default: the configs', --quick {QUICK_SEARCH_EPOCHS})")
     parser.add_argument("--genotype", default=None,
                         help="use this genotype YAML instead of running the (medical-space) search")
     parser.add_argument("--speed-images", type=int, default=None,
@@ -220,6 +224,9 @@ class Recipe:
     def __init__(self, args: argparse.Namespace, source: DataSource):
         self.args = args
         self.quick = bool(args.quick)
+        if self.quick:
+            args.iters = args.iters or QUICK_ITERS
+            args.search_epochs = args.search_epochs or QUICK_SEARCH_EPOCHS
         self.source = source
         self.output = os.path.abspath(args.output or os.path.join(ROOT, "output", "paper_quick" if args.quick
                                                                   else "paper"))
@@ -233,7 +240,6 @@ class Recipe:
         if not self.quick and not torch.cuda.is_available():
             logger.warning("no CUDA device: the R-50 runs go to the CPU (MODEL.DEVICE cpu); expect days")
             self.device_opts = ["MODEL.DEVICE", "cpu"]
-        self.started = time.time()
         self.ran: Dict[str, dict] = {}
         self.overridden: set = set()  # searches replaced by --genotype
         PathManager.mkdirs(self.output)
@@ -269,8 +275,22 @@ class Recipe:
             return json.load(f)["metrics"]
 
     # ---------------------------------------------------------------- running
-    def _done(self, name: str) -> bool:
-        return not self.args.force and PathManager.exists(os.path.join(self.step_dir(name), STEP_DONE))
+    def _signature(self, step, opts: Sequence[str]) -> str:
+        """What a run depends on: its config, options, and when the runs it reads from finished (a
+        rerun dependency makes it stale)."""
+        deps = {d: self.record(d).get("finished_at") for d in step.deps if d not in self.overridden}
+        if self.overridden and getattr(step, "genotype_from", None) in self.overridden:
+            deps["--genotype"] = os.path.getmtime(self.args.genotype)
+        return json.dumps({"config": step.config_for(self.quick), "opts": list(opts), "deps": deps}, sort_keys=True)
+
+    def _done(self, name: str, signature: str) -> bool:
+        path = os.path.join(self.step_dir(name), STEP_DONE)
+        if self.args.force or not PathManager.exists(path):
+            return False
+        if self.record(name).get("signature") != signature:
+            print(f"[paper] {name}: finished earlier with other settings or inputs; running it again")
+            return False
+        return True
 
     def _launch(self, entry: str, args: argparse.Namespace):
         from elixir_d2.engine import launch
@@ -280,8 +300,9 @@ class Recipe:
                 return _worker(entry, args, [self.source])
             return launch(_worker, self.num_gpus, args=(entry, args, [self.source]))
 
-    def _finish(self, name: str, info: dict, t0: float) -> None:
-        info.update({"wall_s": round(time.time() - t0, 1), "num_gpus": self.num_gpus, "quick": self.quick})
+    def _finish(self, name: str, info: dict, t0: float, signature: str) -> None:
+        info.update({"wall_s": round(time.time() - t0, 1), "num_gpus": self.num_gpus, "quick": self.quick,
+                     "finished_at": time.time(), "signature": signature})
         with PathManager.open(os.path.join(self.step_dir(name), STEP_DONE), "w") as f:
             json.dump(info, f, indent=1)
         self.ran[name] = info
@@ -296,21 +317,24 @@ class Recipe:
                 self.overridden.add(step.name)
                 print(f"[paper] {step.name}: skipped, using --genotype {self.args.genotype}")
                 continue
-            if self._done(step.name):
+            opts = step.plan(self)
+            signature = self._signature(step, opts)
+            if self._done(step.name, signature):
                 self.ran[step.name] = self.record(step.name)
                 print(f"[paper] {step.name}: finished earlier, reusing {self.step_dir(step.name)}")
                 continue
+            done_file = os.path.join(self.step_dir(step.name), STEP_DONE)
+            if PathManager.exists(done_file):
+                PathManager.rm(done_file)  # a failed rerun must not leave the old run looking finished
             print(f"[paper] {step.name}: running {step.config_for(self.quick)}")
             t0 = time.time()
-            step.execute(self)
-            self._finish(step.name, step.describe(self), t0)
+            step.execute(self, opts)
+            self._finish(step.name, step.describe(self), t0, signature)
 
-    def train_args(self, config: str, opts: Sequence[str], eval_only: bool = False) -> argparse.Namespace:
+    def train_args(self, config: str, opts: Sequence[str]) -> argparse.Namespace:
         from detectron2.engine import default_argument_parser
 
         argv = ["--config-file", os.path.join(ROOT, config), "--num-gpus", str(self.num_gpus)]
-        if eval_only:
-            argv.append("--eval-only")
         return default_argument_parser().parse_args(argv + list(opts))
 
     def search_args(self, config: str, opts: Sequence[str], random: bool) -> argparse.Namespace:

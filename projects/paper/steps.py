@@ -13,7 +13,7 @@ import json
 import os
 import statistics
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from detectron2.utils.file_io import PathManager
@@ -80,7 +80,12 @@ class Train:
     def config_for(self, quick: bool) -> str:
         return self.quick_config if quick else self.config
 
-    def execute(self, recipe: Recipe) -> None:
+    @property
+    def deps(self) -> Tuple[str, ...]:
+        return tuple(d for d in (self.weights_from, self.genotype_from) if d)
+
+    def plan(self, recipe: Recipe) -> List[str]:
+        """The train_net.py options of this run (after the config file)."""
         src = recipe.source
         opts = ["DATASETS.TRAIN", f"('{src.name(self.train_split)}',)",
                 "DATASETS.TEST", "(" + "".join(f"'{src.name(s)}'," for s in self.test_splits) + ")"]
@@ -88,14 +93,16 @@ class Train:
             opts += ["MODEL.WEIGHTS", recipe.weights(self.weights_from)]
         if self.genotype_from:
             opts += ["MODEL.ALB.GENOTYPE", recipe.genotype(self.genotype_from)]
-        opts += list(self.opts) + recipe.schedule_opts(self.finetune) + recipe.common_opts(self.name)
+        return opts + list(self.opts) + recipe.schedule_opts(self.finetune) + recipe.common_opts(self.name)
+
+    def execute(self, recipe: Recipe, opts: List[str]) -> None:
         recipe._launch("train", recipe.train_args(self.config_for(recipe.quick), opts))
         recipe.weights(self.name)  # raises if training left no final model
         for split in self.test_splits:
             recipe.metrics(self.name, split)  # raises if it was not evaluated
         if self.speed:
             n = recipe.args.speed_images or (5 if recipe.quick else 50)
-            info = measure_speed(recipe.step_dir(self.name), src.name(self.test_splits[0]), n)
+            info = measure_speed(recipe.step_dir(self.name), recipe.source.name(self.test_splits[0]), n)
             with PathManager.open(os.path.join(recipe.step_dir(self.name), "speed.json"), "w") as f:
                 json.dump(info, f, indent=1)
 
@@ -129,16 +136,23 @@ class Search:
     def config_for(self, quick: bool) -> str:
         return self.quick_config if quick else self.config
 
-    def execute(self, recipe: Recipe) -> None:
+    @property
+    def deps(self) -> Tuple[str, ...]:
+        return (self.weights_from,) if self.weights_from and not self.random else ()
+
+    def plan(self, recipe: Recipe) -> List[str]:
+        """The search_net.py options of this run (after the config file)."""
         src = recipe.source
         opts = ["DATASETS.TRAIN", f"('{src.name('train')}',)", "DATASETS.TEST", "()"]
         if self.weights_from and not self.random:
             opts += ["MODEL.WEIGHTS", recipe.weights(self.weights_from)]
         if recipe.quick:
             opts += list(self.quick_opts)
-        if recipe.args.search_epochs:
+        if recipe.args.search_epochs and not self.random:
             opts += ["SEARCH.EPOCHS", str(recipe.args.search_epochs)]
-        opts += list(self.opts) + recipe.common_opts(self.name)
+        return opts + list(self.opts) + recipe.common_opts(self.name)
+
+    def execute(self, recipe: Recipe, opts: List[str]) -> None:
         recipe._launch("search", recipe.search_args(self.config_for(recipe.quick), opts, self.random))
         recipe.genotype(self.name)  # raises if no genotype was written
 
