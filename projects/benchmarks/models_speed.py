@@ -67,7 +67,7 @@ from elixir_d2 import add_elixirnet_config  # noqa: E402
 from elixir_d2.data.ct_mapper import window_to_uint8_range  # noqa: E402
 
 __all__ = ["ModelSpec", "MODELS", "BASELINE", "load_cfg", "ct_input", "calibrate_frozen_bn", "staged_inference",
-           "time_inference", "time_training", "median_ratio", "measure", "format_table"]
+           "time_inference", "time_training", "median_ratio", "measure", "format_table", "select"]
 
 BASELINE = "FPN"
 STAGES = ("backbone", "proposals", "roi_heads")
@@ -246,6 +246,17 @@ def time_training(
     return times
 
 
+def select(names: Optional[str]) -> Sequence[ModelSpec]:
+    """MODELS restricted to the comma-separated ``names`` (FPN, the baseline, always kept)."""
+    if not names:
+        return MODELS
+    wanted = {n.strip() for n in names.split(",") if n.strip()} | {BASELINE}
+    unknown = wanted - {s.name for s in MODELS}
+    if unknown:
+        raise ValueError(f"unknown models {sorted(unknown)}; known: {[s.name for s in MODELS]}")
+    return tuple(s for s in MODELS if s.name in wanted)
+
+
 def median_ratio(times: Sequence[float], base: Sequence[float]) -> float:
     """Median over rounds of time / baseline time of the same round."""
     return statistics.median(t / b for t, b in zip(times, base))
@@ -353,10 +364,11 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict]:
     ap.add_argument("--slow-rounds", type=int, default=3, help="inference rounds of the slow models "
                     "(FRCNN C4, R-50 on the CPU)")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    ap.add_argument("--models", default=None, help="comma-separated subset of the model names (FPN always in)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     res = measure(args.quick, args.device, args.size, args.rounds, args.warmup, args.train_rounds,
-                  slow_rounds=args.slow_rounds)
+                  specs=select(args.models), slow_rounds=args.slow_rounds)
     print(format_table(res))
     print(format_stages(res, args.device))
     return res

@@ -1,0 +1,49 @@
+"""projects/benchmarks/models_speed.py: the interleaving schedule, the per-round ratio and the FrozenBN
+calibration that keeps random-weight R-50 activations at unit scale."""
+import os
+import sys
+
+import torch
+from detectron2.layers import FrozenBatchNorm2d
+from detectron2.modeling import build_model
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "projects", "benchmarks"))
+
+import models_speed as ms  # noqa: E402
+
+
+def test_rounds_alternate_order_and_slow_models_take_the_first_rounds_only():
+    got = [order for _, order in ms._orders(["a", "b", "c"], 4, {"b": 2})]
+    assert got == [["a", "b", "c"], ["c", "b", "a"], ["a", "c"], ["c", "a"]]
+
+
+def test_median_ratio_is_per_round():
+    # medians of the times would give 4 / 2 = 2; the per-round ratios are 1, 1, 10 -> 1
+    assert ms.median_ratio([1.0, 4.0, 100.0], [1.0, 4.0, 10.0]) == 1.0
+
+
+def test_frozen_bn_calibration_normalises_each_layer_input():
+    torch.manual_seed(0)
+    cfg = ms.load_cfg("configs/fpn_R_50_deeplesion.yaml")
+    assert cfg.MODEL.WEIGHTS == "" and cfg.MODEL.DEVICE == "cpu"
+    model = build_model(cfg).eval()
+    inputs = [ms.ct_input(64)]
+    seen = {}
+    norms = [m for m in model.modules() if isinstance(m, FrozenBatchNorm2d)]
+    hooks = [m.register_forward_hook(lambda m, a, out: seen.__setitem__(m, out.clone()))
+             for m in norms[:4] + norms[-2:]]  # cloned: ReLUs run in place on these outputs
+    assert ms.calibrate_frozen_bn(model, inputs) == len(norms) == 53
+    with torch.no_grad():
+        model.inference(inputs)
+    for h in hooks:
+        h.remove()
+    for out in seen.values():  # after calibration each FrozenBN output is standardised per channel
+        mean, var = out.mean(dim=(0, 2, 3)), out.var(dim=(0, 2, 3), unbiased=False)
+        assert torch.allclose(mean, torch.zeros_like(mean), atol=1e-3)
+        # var / (var + eps): 1 except for channels whose input barely varies (eps = 1e-5 dominates)
+        assert (var <= 1.0 + 1e-3).all() and (var > 0.99).float().mean() > 0.9
+
+
+def test_trpn_keeps_every_location_when_timed():
+    assert ms.load_cfg("configs/elixirnet_R_50_FPN_deeplesion.yaml").MODEL.TRPN.THRESHOLD == 0.0
+    assert ms.load_cfg("configs/elixirnet_R_50_FPN_deeplesion.yaml", trpn_keep_all=False).MODEL.TRPN.THRESHOLD < 0
