@@ -375,7 +375,7 @@ class Recipe:
                 continue
             r = self.ran.get(n) or self.record(n)
             it = f", {r['max_iter']} iterations at batch {r['batch']}" if "max_iter" in r else ""
-            ep = f", {r['epochs']} search epochs" if "epochs" in r else ""
+            ep = f", search epochs: {r['epochs']} at batch {r['batch']}" if "epochs" in r else ""
             lines.append(f"- {n}: {r['config']}{it}{ep}, {r['wall_s']:.0f} s on {r['num_gpus']} process(es)"
                          + (f"; genotype {r['genotype']}" if r.get("genotype") else ""))
         return "\n".join(lines)
