@@ -70,6 +70,75 @@ def test_stem_values():
                                rtol=1e-4, atol=1e-5)
 
 
+def test_stem_pointwise_before_roi_align_gives_the_same_roi_features():
+    """RoIAlign(1x1 conv(maps)) == 1x1 conv(RoIAlign(maps)), checked against torchvision's
+    roi_align directly, with boxes reaching past the map border (zero samples)."""
+    from torchvision.ops import roi_align
+
+    torch.manual_seed(0)
+    stem = ALBStem("sep_conv_3x3", 16, 8, norm="BN").eval()
+    stem.norm.running_mean.uniform_(-1, 1)
+    stem.norm.running_var.uniform_(0.5, 2.0)
+    maps = torch.randn(2, 16, 12, 10)
+    rois = torch.tensor([[0, 1.0, 2.0, 9.0, 11.0], [1, -3.0, -2.0, 5.0, 4.0],
+                         [1, 6.0, 7.0, 14.0, 15.5], [0, 3.3, 3.3, 3.9, 4.1]])
+    pool = dict(output_size=7, spatial_scale=0.5, sampling_ratio=0, aligned=True)
+    after = F.conv2d(roi_align(maps, rois, **pool), stem.pointwise.weight)
+    before = roi_align(stem.reduce_maps([maps])[0], rois, **pool)
+    torch.testing.assert_close(before, after, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(stem(before, reduced=True), stem(roi_align(maps, rois, **pool)),
+                                   rtol=1e-4, atol=1e-5)
+    dense = ALBStem("conv_3x3", 16, 8, norm="")
+    assert not dense.can_reduce_maps
+    with pytest.raises(ValueError, match="no pointwise conv"):
+        dense.reduce_maps([maps])
+
+
+def test_roi_heads_pointwise_before_pooling_same_outputs_and_losses(tmp_path):
+    def build(flag, *opts):
+        cfg = _cfg("configs/quickstart/elixirnet.yaml", "MODEL.ALB.GENOTYPE", DEFAULT,
+                   "MODEL.ALB.NORM", "GN", "MODEL.ALB.STEM_CHANNELS", "32",
+                   "MODEL.ALB.POINTWISE_BEFORE_POOLING", str(flag),
+                   "MODEL.RPN.POST_NMS_TOPK_TEST", "30", "MODEL.TRPN.THRESHOLD", "0.0", *opts)
+        torch.manual_seed(0)
+        return build_model(cfg)
+
+    pre, post = build(True), build(False)
+    post.load_state_dict(pre.state_dict())
+    assert pre.roi_heads.reduce_before_pooling and not post.roi_heads.reduce_before_pooling
+    seen = []
+    pre.roi_heads.box_pooler.register_forward_hook(lambda m, args, out: seen.append(out.shape))
+    pre.eval(), post.eval()
+    with torch.no_grad():
+        a, b = pre(_images())[0]["instances"], post(_images())[0]["instances"]
+    # RoIAlign pooled the stem's 32 channels instead of the FPN's 64.
+    assert pre.backbone.output_shape()["p2"].channels == 64
+    assert seen[0][1] == pre.roi_heads.box_head.stem.conv.in_channels == 32
+    assert len(a) == len(b) > 0
+    torch.testing.assert_close(a.scores, b.scores, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(a.pred_boxes.tensor, b.pred_boxes.tensor, rtol=1e-4, atol=1e-3)
+    pre.train(), post.train()
+    losses = []
+    for m in (pre, post):
+        torch.manual_seed(1)  # same proposal sampling
+        with EventStorage(0):
+            losses.append(m(_images()))
+    for k in losses[0]:
+        torch.testing.assert_close(losses[0][k], losses[1][k], rtol=1e-4, atol=1e-5)
+    # Not with the dense stem (nothing to move) nor when RTM pools its own relations from the
+    # 256-channel RoI features (a head without region_nonlocal).
+    assert not build(True, "MODEL.ALB.STEM", "conv_3x3").roi_heads.reduce_before_pooling
+    no_relations = tmp_path / "no_nonlocal.yaml"
+    with open(DEFAULT) as f:
+        no_relations.write_text(f.read().replace("region_nonlocal", "conv_1x1"))
+    rtm = build(True, "MODEL.ALB.GENOTYPE", str(no_relations), "MODEL.RTM.ENABLED", "True",
+                "MODEL.ROI_HEADS.NUM_CLASSES", "8")
+    assert rtm.roi_heads.rtm.phi.in_features == 64 and not rtm.roi_heads.reduce_before_pooling
+    with EventStorage(0):
+        assert all(torch.isfinite(v) for v in rtm(_images()).values())
+
+
 def test_alb_head_relations_are_per_image_and_never_mix():
     torch.manual_seed(0)
     head = ALBHead(ShapeSpec(channels=16, height=7, width=7), genotype=load_genotype(DEFAULT),

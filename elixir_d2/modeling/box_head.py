@@ -59,8 +59,25 @@ class ALBStem(nn.Module):
             )
         self.norm = make_norm(norm, c_out, affine=True)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.pointwise is not None:
+    @property
+    def can_reduce_maps(self) -> bool:
+        """Whether the stem starts with a pointwise conv that :meth:`reduce_maps` can apply."""
+        return self.pointwise is not None
+
+    def reduce_maps(self, maps: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+        """The pointwise conv applied to whole (N, C, H, W) feature maps, for RoIAlign to pool
+        afterwards: a bias-free 1x1 conv is linear per pixel and RoIAlign is a per-channel
+        weighted average of pixels (zero outside the map), so the two commute exactly."""
+        if self.pointwise is None:
+            raise ValueError(f"ALBStem {self.kind!r} has no pointwise conv to apply before pooling")
+        return [self.pointwise(m) for m in maps]
+
+    def forward(self, x: torch.Tensor, reduced: bool = False) -> torch.Tensor:
+        """``x``: (N, C_in, R, R) RoI features, or (N, c_out, R, R) when ``reduced`` (pooled
+        from the maps of :meth:`reduce_maps`)."""
+        if reduced and self.pointwise is None:
+            raise ValueError(f"ALBStem {self.kind!r}: reduced input needs the sep_conv_3x3 stem")
+        if self.pointwise is not None and not reduced:
             # The 1x1 conv as one batched matmul reading NCHW and writing channels_last: no
             # layout copy (measured ~15% faster than conv + copy).
             n, c, h, w = x.shape
@@ -127,6 +144,16 @@ class _ALBHeadBase(nn.Module):
         return ShapeSpec(channels=self._out_channels)
 
     @property
+    def can_reduce_before_pooling(self) -> bool:
+        """Whether :meth:`reduce_features` exists for this stem (sep_conv_3x3)."""
+        return self.stem.can_reduce_maps
+
+    def reduce_features(self, maps: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+        """The stem's pointwise conv on the feature maps the RoIs are pooled from; RoIs pooled
+        from them go to ``forward(..., reduced=True)`` (see ``MODEL.ALB.POINTWISE_BEFORE_POOLING``)."""
+        return self.stem.reduce_maps(maps)
+
+    @property
     def last_relations(self) -> List[torch.Tensor]:
         """Per-image E (N_i x N_i) of the first region_nonlocal of the first block that has one
         (the ALB in the default layout), from the latest forward; [] if the head has none."""
@@ -137,16 +164,18 @@ class _ALBHeadBase(nn.Module):
         return []
 
     def forward(
-        self, x: torch.Tensor, num_per_image: Optional[Sequence[int]] = None
+        self, x: torch.Tensor, num_per_image: Optional[Sequence[int]] = None,
+        reduced: bool = False,
     ) -> torch.Tensor:
-        """``x``: (N, C, R, R) RoI features; returns (N, P) features."""
+        """``x``: (N, C, R, R) RoI features, or RoIs pooled from :meth:`reduce_features` maps
+        when ``reduced``; returns (N, P) features."""
         if num_per_image is None:
             # Without counts every RoI would count as one image's: refuse rather than mix images.
             raise ValueError(
                 f"{type(self).__name__} needs num_per_image (proposals per image); "
                 "use MODEL.ROI_HEADS.NAME 'ElixirROIHeads'"
             )
-        s0 = s1 = self.stem(x)  # channels_last from here on, see ALBStem
+        s0 = s1 = self.stem(x, reduced)  # channels_last from here on, see ALBStem
         for i in range(len(self.blocks)):
             s0, s1 = s1, self._run_block(i, s0, s1, num_per_image)
         return F.adaptive_avg_pool2d(s1, 1).flatten(1)

@@ -2,7 +2,9 @@
 which carries the Relation Transfer Module when MODEL.RTM.ENABLED.
 
 The Auto-lesion Block's region_nonlocal relates the proposals of one image only, so the box head
-needs the proposal count of each image. ``_forward_box`` is split into small steps (pool, head,
+needs the proposal count of each image. With MODEL.ALB.POINTWISE_BEFORE_POOLING, an ALB head's
+pointwise stem conv runs on the feature maps before RoIAlign (same values, see
+``ALBStem.reduce_maps``), which halves RoIAlign's channels. ``_forward_box`` is split into small steps (pool, head,
 predict, losses / inference).
 
 With RTM (paper Table 4, design.md 2): ``box_predictor`` stays the binary (lesion / background)
@@ -55,12 +57,23 @@ def _has_relations(box_head: torch.nn.Module) -> bool:
 class ElixirROIHeads(StandardROIHeads):
     """StandardROIHeads that hands ``[len(p) for p in proposals]`` to box heads declaring
     ``takes_num_per_image = True`` (ALBHead, ALBSearchHead); other heads are called as usual.
-    ``rtm``: the Relation Transfer Module, or None (MODEL.RTM.ENABLED False)."""
+    ``rtm``: the Relation Transfer Module, or None (MODEL.RTM.ENABLED False).
+    ``pointwise_before_pooling``: reduce the feature maps with the box head's stem before
+    RoIAlign when the head can (sep_conv_3x3 stem) and RTM does not pool its own relations
+    from the unreduced RoI features."""
 
     @configurable
-    def __init__(self, *, rtm: Optional[RelationTransferModule] = None, **kwargs):
+    def __init__(
+        self, *, rtm: Optional[RelationTransferModule] = None,
+        pointwise_before_pooling: bool = False, **kwargs,
+    ):
         super().__init__(**kwargs)
         self.rtm = rtm
+        self.reduce_before_pooling = bool(
+            pointwise_before_pooling
+            and getattr(self.box_head, "can_reduce_before_pooling", False)
+            and (rtm is None or rtm.phi is None)
+        )
         if rtm is not None:
             if self.box_predictor.num_classes != 1:
                 raise ValueError("ElixirROIHeads with RTM needs a binary box_predictor (1 class)")
@@ -79,6 +92,7 @@ class ElixirROIHeads(StandardROIHeads):
     def _init_box_head(cls, cfg, input_shape: Dict[str, ShapeSpec]) -> Dict:
         ret = super()._init_box_head(cfg, input_shape)
         ret["rtm"] = None
+        ret["pointwise_before_pooling"] = cfg.MODEL.ALB.POINTWISE_BEFORE_POOLING
         if not cfg.MODEL.RTM.ENABLED:
             return ret
         if cfg.MODEL.ROI_HEADS.NUM_CLASSES != cfg.MODEL.RTM.NUM_TYPES:
@@ -104,10 +118,14 @@ class ElixirROIHeads(StandardROIHeads):
     ) -> Tuple[torch.Tensor, List[int]]:
         """RoIAlign features of all proposals (image after image) and the count per image."""
         feats = [features[f] for f in self.box_in_features]
+        if self.reduce_before_pooling:
+            feats = self.box_head.reduce_features(feats)
         box_features = self.box_pooler(feats, [p.proposal_boxes for p in proposals])
         return box_features, [len(p) for p in proposals]
 
     def _run_box_head(self, box_features: torch.Tensor, num_per_image: List[int]) -> torch.Tensor:
+        if self.reduce_before_pooling:
+            return self.box_head(box_features, num_per_image, reduced=True)
         if getattr(self.box_head, "takes_num_per_image", False):
             return self.box_head(box_features, num_per_image)
         return self.box_head(box_features)
