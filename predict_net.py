@@ -16,10 +16,9 @@ import argparse
 import logging
 import sys
 
-from detectron2.config import get_cfg
 from detectron2.utils.logger import setup_logger
 
-from elixir_d2 import add_elixirnet_config
+from elixir_d2 import load_config
 from elixir_d2.inference import PredictOptions, run_prediction
 from elixir_d2.inference.runner import INPUT_ERRORS
 
@@ -50,11 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def setup_cfg(args):
-    cfg = get_cfg()
-    add_elixirnet_config(cfg)
-    # safe YAML only: detectron2 would otherwise fall back to yaml.unsafe_load (runs code)
-    cfg.merge_from_file(args.config_file, allow_unsafe=False)
-    cfg.merge_from_list(args.opts)
+    cfg = load_config(args.config_file, args.opts)
     if args.weights is not None:
         cfg.MODEL.WEIGHTS = args.weights
     if args.device is not None:

@@ -16,14 +16,14 @@ from __future__ import annotations
 import logging
 import os
 
-from detectron2.config import CfgNode, get_cfg
+from detectron2.config import CfgNode
 from detectron2.engine import default_argument_parser, default_setup
 from detectron2.utils import comm
 from detectron2.utils.file_io import PathManager
 from detectron2.utils.logger import setup_logger
 
 import elixir_d2  # noqa: F401  (registers models and datasets)
-from elixir_d2 import add_elixirnet_config
+from elixir_d2 import load_config
 from elixir_d2.engine import launch
 from elixir_d2.modeling.alb.genotype import Genotype, save_genotype
 from elixir_d2.search import GENOTYPE_YAML, ALBSearcher, format_genotype, sample_random_genotype
@@ -44,11 +44,7 @@ def build_parser():
 
 def setup(args) -> CfgNode:
     """Config from defaults + ElixirNet keys + the file + command-line opts."""
-    cfg = get_cfg()
-    add_elixirnet_config(cfg)
-    # safe YAML only: detectron2 would otherwise fall back to yaml.unsafe_load (runs code)
-    cfg.merge_from_file(args.config_file, allow_unsafe=False)
-    cfg.merge_from_list(args.opts)
+    cfg = load_config(args.config_file, args.opts)
     cfg.freeze()
     default_setup(cfg, args)
     # The search logs its per-epoch genotypes under "elixir_d2": to the console and log.txt.

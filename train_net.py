@@ -9,12 +9,12 @@ Multi-machine: add --num-machines M --machine-rank R --dist-url tcp://<host0>:<p
 """
 from __future__ import annotations
 
-from detectron2.config import CfgNode, get_cfg
+from detectron2.config import CfgNode
 from detectron2.engine import default_argument_parser, default_setup
 from detectron2.evaluation import verify_results
 
 import elixir_d2  # noqa: F401  (registers models and datasets)
-from elixir_d2 import add_elixirnet_config
+from elixir_d2 import load_config
 from elixir_d2.engine import AtomicCheckpointer, ElixirTrainer, launch
 
 
@@ -24,11 +24,7 @@ Trainer = ElixirTrainer
 
 def setup(args) -> CfgNode:
     """Config from defaults + ElixirNet keys + the file + command-line opts."""
-    cfg = get_cfg()
-    add_elixirnet_config(cfg)
-    # safe YAML only: detectron2 would otherwise fall back to yaml.unsafe_load (runs code)
-    cfg.merge_from_file(args.config_file, allow_unsafe=False)
-    cfg.merge_from_list(args.opts)
+    cfg = load_config(args.config_file, args.opts)
     cfg.freeze()
     default_setup(cfg, args)
     return cfg

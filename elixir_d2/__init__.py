@@ -4,9 +4,9 @@ Importing this package registers every component with detectron2's registries
 (PROPOSAL_GENERATOR ``TRPN``, ROI_BOX_HEAD ``ALBHead`` / ``ALBSearchHead``, ROI_HEADS
 ``ElixirROIHeads``, the datasets in DatasetCatalog).
 """
-from .config import add_elixirnet_config
+from .config import add_elixirnet_config, load_config
 from .env import print_env
 from . import data  # noqa: F401  (registers datasets)
 from . import modeling  # noqa: F401  (registers models)
 
-__all__ = ["add_elixirnet_config", "print_env"]
+__all__ = ["add_elixirnet_config", "load_config", "print_env"]

@@ -1,5 +1,21 @@
-"""Config keys added by ElixirNet on top of detectron2's defaults."""
+"""Config keys added by ElixirNet on top of detectron2's defaults, and the config loader."""
+from typing import Sequence
+
 from detectron2.config import CfgNode as CN
+from detectron2.config import get_cfg
+
+__all__ = ["add_elixirnet_config", "load_config"]
+
+
+def load_config(config_file: str, opts: Sequence = ()) -> CN:
+    """detectron2's defaults + the ElixirNet keys + ``config_file`` + ``opts`` (KEY VALUE ...),
+    not frozen. Safe YAML only: detectron2 would otherwise fall back to ``yaml.unsafe_load``,
+    which runs code from the file."""
+    cfg = get_cfg()
+    add_elixirnet_config(cfg)
+    cfg.merge_from_file(config_file, allow_unsafe=False)
+    cfg.merge_from_list(list(opts))
+    return cfg
 
 
 def add_elixirnet_config(cfg: CN) -> None:

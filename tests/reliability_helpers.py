@@ -83,13 +83,8 @@ def tiny_opts(prefix: str, output_dir: str, max_iter: int, **extra) -> List[str]
 
 def build_cfg(opts: Sequence[str], config_file: str = QUICKSTART):
     """cfg as train_net.setup builds it, without default_setup's side effects."""
-    from detectron2.config import get_cfg
+    from elixir_d2 import load_config
 
-    from elixir_d2 import add_elixirnet_config
-
-    cfg = get_cfg()
-    add_elixirnet_config(cfg)
-    cfg.merge_from_file(config_file)
-    cfg.merge_from_list(list(opts))
+    cfg = load_config(config_file, opts)
     cfg.freeze()
     return cfg

@@ -6,13 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from detectron2.config import get_cfg
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
-from elixir_d2 import add_elixirnet_config
+from elixir_d2 import load_config
 from elixir_d2.modeling.alb.genotype import load_genotype
 from elixir_d2.modeling.alb.ops import ELIXIR_OPS, RegionNonLocal
 from elixir_d2.modeling.box_head import ALBHead, ALBSearchHead, ALBStem
@@ -24,11 +23,7 @@ DEFAULT = os.path.join(ROOT, "configs", "genotypes", "elixir_default.yaml")
 
 
 def _cfg(path, *opts):
-    cfg = get_cfg()
-    add_elixirnet_config(cfg)
-    cfg.merge_from_file(os.path.join(ROOT, path))
-    cfg.merge_from_list(["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu", *opts])
-    return cfg
+    return load_config(os.path.join(ROOT, path), ["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu", *opts])
 
 
 def _block_shapes(head, x, counts):

@@ -5,7 +5,6 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from detectron2.config import get_cfg
 from detectron2.layers import ModulatedDeformConv, ShapeSpec
 from detectron2.modeling import build_model
 from detectron2.modeling.backbone.resnet import (
@@ -16,7 +15,7 @@ from detectron2.modeling.backbone.resnet import (
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
-from elixir_d2 import add_elixirnet_config
+from elixir_d2 import load_config
 from elixir_d2.modeling import backbone as bb
 from elixir_d2.modeling.backbone import (
     TorchvisionDeformBottleneckBlock,
@@ -30,11 +29,7 @@ CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
 
 
 def _cfg(name, *opts):
-    cfg = get_cfg()
-    add_elixirnet_config(cfg)
-    cfg.merge_from_file(os.path.join(CONFIGS, name))
-    cfg.merge_from_list(["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu", *opts])
-    return cfg
+    return load_config(os.path.join(CONFIGS, name), ["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu", *opts])
 
 
 # ------------------------------------------------------------------ independent reference

@@ -6,14 +6,13 @@ import os
 import pytest
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 from detectron2.modeling.proposal_generator import RPN
 from detectron2.modeling.roi_heads.box_head import FastRCNNConvFCHead
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
-from elixir_d2 import add_elixirnet_config
+from elixir_d2 import load_config
 from elixir_d2.modeling.alb.genotype import load_genotype
 from elixir_d2.modeling.backbone import TorchvisionDeformConv
 from elixir_d2.modeling.box_head import ALBHead
@@ -50,11 +49,7 @@ ELIXIR_GENOTYPE = os.path.join(CONFIGS, "genotypes", "elixir_default.yaml")
 
 
 def _cfg(name, *opts):
-    cfg = get_cfg()
-    add_elixirnet_config(cfg)
-    cfg.merge_from_file(os.path.join(CONFIGS, name))
-    cfg.merge_from_list(["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu", *opts])
-    return cfg
+    return load_config(os.path.join(CONFIGS, name), ["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu", *opts])
 
 
 def _n(module):

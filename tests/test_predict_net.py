@@ -11,13 +11,12 @@ import torch
 from torch import nn
 
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 from detectron2.modeling.postprocessing import detector_postprocess
-from detectron2.structures import Boxes, BoxMode, Instances
+from detectron2.structures import Boxes, Instances
 
 from conftest import dl_row, write_dl_info
-from elixir_d2 import add_elixirnet_config
+from elixir_d2 import load_config
 from elixir_d2.data.ct_mapper import CTDatasetMapper
 from elixir_d2.inference import CTPredictor, PredictOptions, discover_cases, read_case, run_prediction
 from elixir_d2.visualization import DET_COLOR, GT_COLOR
@@ -29,11 +28,7 @@ FAST = ["MODEL.RPN.PRE_NMS_TOPK_TEST", "60", "MODEL.RPN.POST_NMS_TOPK_TEST", "30
 
 
 def quickstart_cfg(name="fpn", opts=()):
-    cfg = get_cfg()
-    add_elixirnet_config(cfg)
-    cfg.merge_from_file(f"configs/quickstart/{name}.yaml")
-    cfg.merge_from_list(FAST + list(opts))
-    return cfg
+    return load_config(f"configs/quickstart/{name}.yaml", FAST + list(opts))
 
 
 @pytest.fixture(scope="module")

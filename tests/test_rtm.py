@@ -9,7 +9,6 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from detectron2.config import get_cfg
 from detectron2.engine import default_argument_parser
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_model
@@ -19,7 +18,7 @@ from detectron2.solver import build_optimizer
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
-from elixir_d2 import add_elixirnet_config
+from elixir_d2 import load_config
 from elixir_d2.engine import AtomicCheckpointer, ElixirTrainer
 from elixir_d2.evaluation import format_type_table
 from elixir_d2.modeling.alb.ops import RegionNonLocal
@@ -35,11 +34,7 @@ SMALL = ["MODEL.RPN.POST_NMS_TOPK_TRAIN", "40", "MODEL.RPN.POST_NMS_TOPK_TEST", 
 
 
 def _cfg(path, *opts):
-    cfg = get_cfg()
-    add_elixirnet_config(cfg)
-    cfg.merge_from_file(os.path.join(REPO, path))
-    cfg.merge_from_list(["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu", *opts])
-    return cfg
+    return load_config(os.path.join(REPO, path), ["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu", *opts])
 
 
 def _predictor(channels, num_classes):

@@ -106,6 +106,18 @@ def _check_blocks(blocks: Sequence[str]) -> List[str]:
     return blocks
 
 
+def _layout_from_config(cfg, input_shape: ShapeSpec) -> Dict:
+    """The from_config arguments shared by the fixed and the searchable head."""
+    return {
+        "input_shape": input_shape,
+        "blocks": list(cfg.MODEL.ALB.BLOCKS),
+        "channels": cfg.MODEL.ALB.CHANNELS,
+        "stem_channels": cfg.MODEL.ALB.STEM_CHANNELS,
+        "stem": cfg.MODEL.ALB.STEM,
+        "norm": cfg.MODEL.ALB.NORM,
+    }
+
+
 class _ALBHeadBase(nn.Module):
     """Stem, block chain and global pooling shared by the fixed and searchable heads."""
 
@@ -220,15 +232,7 @@ class ALBHead(_ALBHeadBase):
                 f"{cfg.MODEL.ALB.GENOTYPE}: genotype has {genotype.branches} branches but "
                 f"MODEL.ALB.BRANCHES is {cfg.MODEL.ALB.BRANCHES}"
             )
-        return {
-            "input_shape": input_shape,
-            "genotype": genotype,
-            "blocks": list(cfg.MODEL.ALB.BLOCKS),
-            "channels": cfg.MODEL.ALB.CHANNELS,
-            "stem_channels": cfg.MODEL.ALB.STEM_CHANNELS,
-            "stem": cfg.MODEL.ALB.STEM,
-            "norm": cfg.MODEL.ALB.NORM,
-        }
+        return {**_layout_from_config(cfg, input_shape), "genotype": genotype}
 
     def _make_block(self, kind, c_pp, c_p, d, reduction, reduction_prev):
         return GenotypeBlock(
@@ -269,14 +273,9 @@ class ALBSearchHead(_ALBHeadBase):
     @classmethod
     def from_config(cls, cfg, input_shape: ShapeSpec) -> Dict:
         return {
-            "input_shape": input_shape,
+            **_layout_from_config(cfg, input_shape),
             "space": cfg.MODEL.ALB.SEARCH_SPACE,
-            "blocks": list(cfg.MODEL.ALB.BLOCKS),
-            "channels": cfg.MODEL.ALB.CHANNELS,
-            "stem_channels": cfg.MODEL.ALB.STEM_CHANNELS,
-            "stem": cfg.MODEL.ALB.STEM,
             "branches": cfg.MODEL.ALB.BRANCHES,
-            "norm": cfg.MODEL.ALB.NORM,
         }
 
     def _make_block(self, kind, c_pp, c_p, d, reduction, reduction_prev):

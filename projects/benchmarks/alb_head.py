@@ -21,13 +21,9 @@ import os
 import sys
 
 if __name__ == "__main__":
-    _threads = "1"
-    for _i, _a in enumerate(sys.argv):
-        if _a == "--threads" and _i + 1 < len(sys.argv):
-            _threads = sys.argv[_i + 1]
-    # Pin every BLAS / OpenMP pool before torch is imported.
-    for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ[_var] = _threads
+    from pin_threads import pin_threads, threads_from_argv  # the script's folder is on sys.path
+
+    pin_threads(threads_from_argv(default=1))
 
 import argparse  # noqa: E402
 import statistics  # noqa: E402
@@ -35,13 +31,12 @@ import time  # noqa: E402
 from typing import Callable, Dict, List  # noqa: E402
 
 import torch  # noqa: E402
-from detectron2.config import get_cfg  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 from detectron2.structures import Boxes, Instances  # noqa: E402
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 sys.path.insert(0, ROOT)
-from elixir_d2 import add_elixirnet_config  # noqa: E402
+from elixir_d2 import load_config  # noqa: E402
 from elixir_d2.modeling.roi_heads import ElixirROIHeads  # noqa: E402
 
 FPN_CFG = os.path.join(ROOT, "configs", "fpn_R_50_deeplesion.yaml")
@@ -50,11 +45,7 @@ ELIXIR_CFG = os.path.join(ROOT, "configs", "elixirnet_R_50_FPN_deeplesion.yaml")
 
 def load_cfg(path: str, opts: List[str] = ()):
     """Config ``path`` for a CPU model built without pretrained weights."""
-    cfg = get_cfg()
-    add_elixirnet_config(cfg)
-    cfg.merge_from_file(path)
-    cfg.merge_from_list(["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu", *opts])
-    return cfg
+    return load_config(path, ["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu", *opts])
 
 
 def count_params(module: torch.nn.Module) -> int:

@@ -6,12 +6,11 @@ Prints the median wall time of ``--runs`` calls per criterion (input arrays buil
 1-3 lesions per image, random boxes and scores, fixed seed); ``--strict`` exits 1 when a
 median is above ``--limit`` seconds.
 """
-import os
 
 if __name__ == "__main__":
-    # One core: pin every BLAS / OpenMP pool before numpy (or torch) is imported.
-    for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMEXPR_NUM_THREADS"):
-        os.environ[_var] = "1"
+    from pin_threads import pin_threads  # the script's folder is on sys.path
+
+    pin_threads(1)  # one core
 
 import argparse  # noqa: E402
 import statistics  # noqa: E402

@@ -32,12 +32,9 @@ import os
 import sys
 
 if __name__ == "__main__":
-    _threads = "2"
-    for _i, _a in enumerate(sys.argv):
-        if _a == "--threads" and _i + 1 < len(sys.argv):
-            _threads = sys.argv[_i + 1]
-    for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ[_var] = _threads
+    from pin_threads import pin_threads, threads_from_argv  # the script's folder is on sys.path
+
+    pin_threads(threads_from_argv(default=2))
 
 import argparse  # noqa: E402
 import statistics  # noqa: E402
@@ -53,7 +50,7 @@ for _p in (ROOT, os.path.dirname(os.path.abspath(__file__))):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
-from detectron2.config import CfgNode, get_cfg  # noqa: E402
+from detectron2.config import CfgNode  # noqa: E402
 from detectron2.layers import FrozenBatchNorm2d  # noqa: E402
 from detectron2.engine.defaults import DefaultTrainer  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
@@ -63,7 +60,7 @@ from detectron2.utils.events import EventStorage  # noqa: E402
 
 import elixir_d2  # noqa: E402,F401  (registers TRPN, ALBHead, the deformable backbones)
 from data_loader import phantom  # noqa: E402
-from elixir_d2 import add_elixirnet_config  # noqa: E402
+from elixir_d2 import load_config  # noqa: E402
 from elixir_d2.data.ct_mapper import window_to_uint8_range  # noqa: E402
 
 __all__ = ["ModelSpec", "MODELS", "BASELINE", "load_cfg", "ct_input", "calibrate_frozen_bn", "staged_inference",
@@ -103,12 +100,9 @@ MODELS = (
 def load_cfg(config: str, device: str = "cpu", opts: Sequence[str] = (), trpn_keep_all: bool = True) -> CfgNode:
     """``config`` (relative to the repository) with random weights on ``device``; TRPN keeps every
     location when ``trpn_keep_all`` (see the module docstring)."""
-    cfg = get_cfg()
-    add_elixirnet_config(cfg)
-    cfg.merge_from_file(config if os.path.isabs(config) else os.path.join(ROOT, config))
     # A tiny learning rate: training is only timed, and random weights must not blow up.
-    cfg.merge_from_list(["MODEL.WEIGHTS", "", "MODEL.DEVICE", device, "SOLVER.BASE_LR", "1e-5",
-                         *opts])
+    cfg = load_config(config if os.path.isabs(config) else os.path.join(ROOT, config),
+                      ["MODEL.WEIGHTS", "", "MODEL.DEVICE", device, "SOLVER.BASE_LR", "1e-5", *opts])
     if trpn_keep_all and cfg.MODEL.PROPOSAL_GENERATOR.NAME == "TRPN":
         cfg.MODEL.TRPN.THRESHOLD = 0.0  # p > 0 everywhere: nothing truncated
     return cfg

@@ -14,13 +14,12 @@ import os
 import sys
 
 import torch
-from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, REPO)
 
-from elixir_d2 import add_elixirnet_config  # noqa: E402
+from elixir_d2 import load_config  # noqa: E402
 
 TARGET = 0.005  # +0.5%
 CONFIGS = {
@@ -36,10 +35,8 @@ def count(module: torch.nn.Module) -> int:
 
 
 def build(path: str) -> torch.nn.Module:
-    cfg = get_cfg()
-    add_elixirnet_config(cfg)
-    cfg.merge_from_file(os.path.join(REPO, path))
-    cfg.merge_from_list(["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu", "MODEL.FREEZE_MODULES", "[]"])
+    cfg = load_config(os.path.join(REPO, path),
+                      ["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu", "MODEL.FREEZE_MODULES", "[]"])
     return build_model(cfg)
 
 

@@ -19,12 +19,9 @@ import os
 import sys
 
 if __name__ == "__main__":
-    _threads = "2"
-    for _i, _a in enumerate(sys.argv):
-        if _a == "--threads" and _i + 1 < len(sys.argv):
-            _threads = sys.argv[_i + 1]
-    for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ[_var] = _threads
+    from pin_threads import pin_threads, threads_from_argv  # the script's folder is on sys.path
+
+    pin_threads(threads_from_argv(default=2))
 
 import argparse  # noqa: E402
 import json  # noqa: E402

@@ -380,6 +380,21 @@ class Recipe:
                          + (f"; genotype {r['genotype']}" if r.get("genotype") else ""))
         return "\n".join(lines)
 
+    def table_text(self, title: str, splits: Sequence[str], table: str, step_names: Sequence[str],
+                   notes: Sequence[str] = ()) -> str:
+        """A table's markdown: :meth:`header`, the table, each note after a blank line, :meth:`runs_note`."""
+        parts = [self.header(title, splits), "", table]
+        for note in notes:
+            parts += ["", note]
+        return "\n".join(parts + [self.runs_note(step_names)])
+
+    def write_json(self, filename: str, obj) -> str:
+        """``obj`` as indented JSON in the output folder; returns the path."""
+        path = os.path.join(self.output, filename)
+        with PathManager.open(path, "w") as f:
+            json.dump(obj, f, indent=1)
+        return path
+
     def write(self, filename: str, text: str) -> str:
         path = os.path.join(self.output, filename)
         with PathManager.open(path, "w") as f:

@@ -25,14 +25,9 @@ __all__ = ["Train", "Search", "STEPS", "load_run_cfg", "measure_speed"]
 
 def load_run_cfg(step_dir: str):
     """The full config a run used (train_net / search_net dump it as config.yaml)."""
-    from detectron2.config import get_cfg
+    from elixir_d2 import load_config
 
-    from elixir_d2 import add_elixirnet_config
-
-    cfg = get_cfg()
-    add_elixirnet_config(cfg)
-    cfg.merge_from_file(os.path.join(step_dir, "config.yaml"))
-    return cfg
+    return load_config(os.path.join(step_dir, "config.yaml"))
 
 
 def measure_speed(step_dir: str, dataset: str, num_images: int) -> Dict[str, float]:

@@ -57,16 +57,12 @@ def render_table1(recipe: Recipe, res: Dict[str, dict]) -> str:
         rows.append([f"{name} (paper)"] + [fmt(p["sens"][f]) for f in P.FPS]
                     + [fmt(p["mAP"], 1), fmt(p["ms"], 0), fmt(p["params"], 1)])
     speed = res["FPN"]["speed"]
-    return "\n".join([
-        recipe.header("Table 1: sensitivity (%) with IoU at FPs per image, DeepLesion test split", ["test"]),
-        "",
-        markdown_table(header, rows),
-        "",
-        f"ms/img (this run): batch 1, median over {speed['timed_images']} test images on {speed['device']} "
+    return recipe.table_text(
+        "Table 1: sensitivity (%) with IoU at FPs per image, DeepLesion test split", ["test"],
+        markdown_table(header, rows), STEP_ORDER, notes=[
+            f"ms/img (this run): batch 1, median over {speed['timed_images']} test images on {speed['device']} "
         f"({speed['threads']} CPU threads), measured after each training, not interleaved. Paper: 4 GTX1080 "
-        "(its header reads img/ms; the values are ms per image).",
-        recipe.runs_note(STEP_ORDER),
-    ])
+            "(its header reads img/ms; the values are ms per image)."])
 
 
 def render_table2(recipe: Recipe, res: Dict[str, dict]) -> str:
@@ -78,20 +74,15 @@ def render_table2(recipe: Recipe, res: Dict[str, dict]) -> str:
         m = res[name]["metrics"]
         rows.append([f"{name} (this run)"] + [fmt(sens(m, f, "iobb")) for f in P.FPS])
         rows.append([f"{name} (paper)"] + [fmt(P.TABLE2[name]["sens"][f]) for f in P.FPS])
-    return "\n".join([
-        recipe.header("Table 2: sensitivity (%) with IoBB at FPs per image, DeepLesion test split", ["test"]),
-        "",
-        markdown_table(header, rows),
-        recipe.runs_note(STEP_ORDER),
-    ])
+    return recipe.table_text("Table 2: sensitivity (%) with IoBB at FPs per image, DeepLesion test split",
+                             ["test"], markdown_table(header, rows), STEP_ORDER)
 
 
 def render(recipe: Recipe) -> Dict[str, str]:
     res = results(recipe)
     out = {"table1": recipe.write("table1.md", render_table1(recipe, res)),
            "table2": recipe.write("table2.md", render_table2(recipe, res))}
-    with open(os.path.join(recipe.output, "table1.json"), "w") as f:
-        json.dump(res, f, indent=1)
+    recipe.write_json("table1.json", res)
     return out
 
 

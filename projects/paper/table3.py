@@ -12,7 +12,6 @@ mAP). Writes <output>/table3.md with the paper's rows, labelled "(paper)", and t
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 from typing import Dict, Optional, Sequence
@@ -36,17 +35,11 @@ def render(recipe: Recipe) -> Dict[str, str]:
         m, p = res[name], P.TABLE3[name]
         rows.append([f"{name} (this run)"] + [fmt(sens(m, f)) for f in P.KITS_FPS] + [fmt(m.get("AP"), 1)])
         rows.append([f"{name} (paper)"] + [fmt(p["sens"][f]) for f in P.KITS_FPS] + [fmt(p["mAP"], 1)])
-    text = "\n".join([
-        recipe.header("Table 3: sensitivity (%) with IoU at FPs per image and mAP, KiTS19 test split",
-                      ["train", "test"]),
-        "",
-        markdown_table(header, rows),
-        "",
-        "Paper row ElixirNet w FPN: only its 2-FP cell survived in our copy of the paper (\"-\" = lost).",
-        recipe.runs_note(STEP_ORDER),
-    ])
-    with open(os.path.join(recipe.output, "table3.json"), "w") as f:
-        json.dump(res, f, indent=1)
+    text = recipe.table_text(
+        "Table 3: sensitivity (%) with IoU at FPs per image and mAP, KiTS19 test split", ["train", "test"],
+        markdown_table(header, rows), STEP_ORDER,
+        notes=["Paper row ElixirNet w FPN: only its 2-FP cell survived in our copy of the paper (\"-\" = lost)."])
+    recipe.write_json("table3.json", res)
     return {"table3": recipe.write("table3.md", text)}
 
 

@@ -12,7 +12,6 @@ Writes <output>/table4.md with the paper's rows, labelled "(paper)", and table4.
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 from typing import Dict, Optional, Sequence
@@ -45,19 +44,13 @@ def render(recipe: Recipe) -> Dict[str, str]:
         m = res[name]
         rows.append([f"{name} (this run)"] + [fmt(m.get(k)) for k in keys] + [fmt(sens(m, 3)), fmt(m.get("AP"), 1)])
         rows.append([f"{name} (paper)"] + [fmt(P.TABLE4[name][a]) for a in P.TYPE_ABBREV] + ["-", "-"])
-    text = "\n".join([
-        recipe.header("Table 4: sensitivity (%) at 3 FPs per image (IoU) per lesion type, typed test split",
-                      ["val_typed", "test_typed"]),
-        "",
-        markdown_table(header, rows),
-        "",
-        "Per-type cells are class-aware (a detection counts for its predicted type only); \"-\": the type's "
+    text = recipe.table_text(
+        "Table 4: sensitivity (%) at 3 FPs per image (IoU) per lesion type, typed test split",
+        ["val_typed", "test_typed"], markdown_table(header, rows), STEP_ORDER, notes=[
+            "Per-type cells are class-aware (a detection counts for its predicted type only); \"-\": the type's "
         "FROC curve never reaches 3 FPs per image (the paper's \"too low recall\") or no value. \"all types\" "
-        "and mAP are class-agnostic (this run only; not in the paper's table).",
-        recipe.runs_note(STEP_ORDER),
-    ])
-    with open(os.path.join(recipe.output, "table4.json"), "w") as f:
-        json.dump(res, f, indent=1)
+            "and mAP are class-agnostic (this run only; not in the paper's table)."])
+    recipe.write_json("table4.json", res)
     return {"table4": recipe.write("table4.md", text)}
 
 

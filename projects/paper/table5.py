@@ -13,7 +13,6 @@ Writes <output>/table5.md with the paper's rows, labelled "(paper)", and table5.
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 from typing import Dict, Optional, Sequence
@@ -47,18 +46,12 @@ def render(recipe: Recipe) -> Dict[str, str]:
         m, p = res[name], P.TABLE5[name]
         rows.append([f"{name} (this run)"] + marks + [fmt(sens(m, 3)), fmt(m.get("AP"), 1)])
         rows.append([f"{name} (paper)"] + marks + [fmt(p["sens3"]), fmt(p["mAP"], 1)])
-    text = "\n".join([
-        recipe.header("Table 5: ablation, sensitivity (%) at 3 FPs per image (IoU) and mAP, test split",
-                      ["train", "val_typed", "test"]),
-        "",
-        markdown_table(header, rows),
-        "",
-        "RTM rows: binary model fine-tuned with RTM on the typed validation split, then evaluated "
-        "class-agnostically on the test split like the other rows.",
-        recipe.runs_note(STEP_ORDER),
-    ])
-    with open(os.path.join(recipe.output, "table5.json"), "w") as f:
-        json.dump(res, f, indent=1)
+    text = recipe.table_text(
+        "Table 5: ablation, sensitivity (%) at 3 FPs per image (IoU) and mAP, test split",
+        ["train", "val_typed", "test"], markdown_table(header, rows), STEP_ORDER,
+        notes=["RTM rows: binary model fine-tuned with RTM on the typed validation split, then evaluated "
+               "class-agnostically on the test split like the other rows."])
+    recipe.write_json("table5.json", res)
     return {"table5": recipe.write("table5.md", text)}
 
 

@@ -13,7 +13,6 @@ table6.json.
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 from typing import Dict, Optional, Sequence
@@ -41,15 +40,10 @@ def render(recipe: Recipe) -> Dict[str, str]:
         m, p = res[name], P.TABLE6[name]
         rows.append([f"{name} (this run)", fmt(sens(m, 3)), fmt(m.get("AP"), 1)])
         rows.append([f"{name} (paper)", fmt(p["sens3"]), fmt(p["mAP"], 1)])
-    text = "\n".join([
-        recipe.header("Table 6: search space and strategy, sensitivity (%) at 3 FPs per image (IoU) and mAP",
-                      ["train", "test"]),
-        "",
-        markdown_table(header, rows),
-        recipe.runs_note(STEP_ORDER),
-    ])
-    with open(os.path.join(recipe.output, "table6.json"), "w") as f:
-        json.dump(res, f, indent=1)
+    text = recipe.table_text(
+        "Table 6: search space and strategy, sensitivity (%) at 3 FPs per image (IoU) and mAP", ["train", "test"],
+        markdown_table(header, rows), STEP_ORDER)
+    recipe.write_json("table6.json", res)
     return {"table6": recipe.write("table6.md", text)}
 
 

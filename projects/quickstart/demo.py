@@ -21,7 +21,6 @@ import torch
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 sys.path.insert(0, ROOT)
 
-from detectron2.config import get_cfg  # noqa: E402
 from detectron2.engine import default_setup  # noqa: E402
 from detectron2.utils.file_io import PathManager  # noqa: E402
 
@@ -46,10 +45,7 @@ def ensure_synthetic(root: str, seed: int = 0) -> None:
 
 
 def build_cfg(config_file: str, output_dir: str, opts: list[str]):
-    cfg = get_cfg()
-    elixir_d2.add_elixirnet_config(cfg)
-    cfg.merge_from_file(config_file)
-    cfg.merge_from_list(opts)
+    cfg = elixir_d2.load_config(config_file, opts)
     cfg.OUTPUT_DIR = output_dir
     cfg.freeze()
     return cfg
