@@ -16,7 +16,7 @@ from elixir_d2.modeling.alb.genotype import (
 from elixir_d2.modeling.alb.ops import DARTS_OPS, ELIXIR_OPS
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
-DEFAULT = os.path.join(ROOT, "configs", "genotypes", "elixir_default.yaml")
+DEFAULT = os.path.join(ROOT, "configs", "genotypes", "figure3.yaml")
 
 NORMAL = [["dil_conv_3x3_r2", 1], ["region_nonlocal", 0], ["conv_1x1", 2], ["skip_connect", 1],
           ["dw_conv_7x7", 3], ["avg_pool_3x3", 0], ["asym_conv_3", 4], ["dil_conv_3x3_r3", 2]]

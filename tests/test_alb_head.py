@@ -19,7 +19,7 @@ from elixir_d2.modeling.roi_heads import ElixirROIHeads
 
 torch.set_num_threads(1)
 ROOT = os.path.join(os.path.dirname(__file__), "..")
-DEFAULT = os.path.join(ROOT, "configs", "genotypes", "elixir_default.yaml")
+DEFAULT = os.path.join(ROOT, "configs", "genotypes", "figure3.yaml")
 
 
 def _cfg(path, *opts):

@@ -45,7 +45,7 @@ reduce:
 - [dil_conv_3x3, 0]
 - [max_pool_3x3, 4]
 """
-ELIXIR_GENOTYPE = os.path.join(CONFIGS, "genotypes", "elixir_default.yaml")
+ELIXIR_GENOTYPE = os.path.join(CONFIGS, "genotypes", "figure3.yaml")
 
 
 def _cfg(name, *opts):

@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.join(REPO, "projects", "paper"))
 import common  # noqa: E402
 import paper_numbers as P  # noqa: E402
 
-ELIXIR_GENOTYPE = os.path.join(REPO, "configs", "genotypes", "elixir_default.yaml")
+ELIXIR_GENOTYPE = os.path.join(REPO, "configs", "genotypes", "figure3.yaml")
 
 
 @pytest.fixture(scope="module")

@@ -272,7 +272,7 @@ def test_genotype_with_unknown_op_fails_the_model_build_naming_the_file(tmp_path
 
     import yaml
 
-    with open(os.path.join(REPO, "configs", "genotypes", "elixir_default.yaml")) as f:
+    with open(os.path.join(REPO, "configs", "genotypes", "figure3.yaml")) as f:
         genotype = yaml.safe_load(f)
     genotype["normal"][0][0] = "conv_9x9"
     bad = tmp_path / "bad_genotype.yaml"
