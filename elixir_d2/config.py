@@ -1,5 +1,7 @@
 """Config keys added by ElixirNet on top of detectron2's defaults, and the config loader."""
-from typing import Sequence
+from typing import List, Sequence
+
+import yaml
 
 from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
@@ -10,12 +12,52 @@ __all__ = ["add_elixirnet_config", "load_config"]
 def load_config(config_file: str, opts: Sequence = ()) -> CN:
     """detectron2's defaults + the ElixirNet keys + ``config_file`` + ``opts`` (KEY VALUE ...),
     not frozen. Safe YAML only: detectron2 would otherwise fall back to ``yaml.unsafe_load``,
-    which runs code from the file."""
+    which runs code from the file. A missing or unreadable file, YAML that is not plain data, an
+    unknown key (the closest known key suggested) or a value of the wrong type raise
+    :class:`elixir_d2.cli.UserInputError` naming the file or the key."""
+    from .cli import MissingFileError, UnknownKeyError, UserInputError, did_you_mean, one_line, require_file
+
+    if not config_file:
+        raise MissingFileError("no config file given: pass --config-file FILE (configs/ holds them, "
+                               "e.g. configs/quickstart/fpn.yaml)")
+    require_file(config_file, "config file", "pass --config-file with an existing YAML file (see configs/)")
     cfg = get_cfg()
     add_elixirnet_config(cfg)
-    cfg.merge_from_file(config_file, allow_unsafe=False)
-    cfg.merge_from_list(list(opts))
+    try:
+        cfg.merge_from_file(config_file, allow_unsafe=False)
+    except KeyError as e:
+        key = _key_from(e)
+        raise UnknownKeyError(f"{config_file}: unknown config key {key}{did_you_mean(key, _all_keys(cfg))}") from e
+    except yaml.YAMLError as e:
+        raise UserInputError(f"{config_file}: not a plain-data YAML config ({one_line(e)})") from e
+    except (OSError, UnicodeDecodeError) as e:  # a _BASE_ that is missing, a binary file
+        raise MissingFileError(f"{config_file}: cannot be read ({one_line(e)})") from e
+    except (ValueError, AssertionError) as e:  # yacs: type mismatch, a key that cannot be merged
+        raise UserInputError(f"{config_file}: {one_line(e)}") from e
+    try:
+        cfg.merge_from_list(list(opts))
+    except (KeyError, AssertionError) as e:
+        if "Non-existent" not in str(e):  # an odd number of KEY VALUE items
+            raise UserInputError(f"config overrides must be KEY VALUE pairs, got {list(opts)}") from e
+        key = _key_from(e)
+        raise UnknownKeyError(f"command-line override {key}: unknown config key"
+                              f"{did_you_mean(key, _all_keys(cfg))}") from e
+    except ValueError as e:
+        raise UserInputError(f"command-line override: {one_line(e)}") from e
     return cfg
+
+
+def _key_from(e: BaseException) -> str:
+    # yacs: "Non-existent config key: A.B" (file) / "Non-existent key: A.B" (overrides)
+    return str(e.args[0] if e.args else e).rsplit(":", 1)[-1].strip().strip("'")
+
+
+def _all_keys(cfg: CN, prefix: str = "") -> List[str]:
+    keys = []
+    for k, v in cfg.items():
+        full = f"{prefix}{k}"
+        keys += _all_keys(v, full + ".") if isinstance(v, CN) else [full]
+    return keys
 
 
 def add_elixirnet_config(cfg: CN) -> None:
@@ -36,6 +78,13 @@ def add_elixirnet_config(cfg: CN) -> None:
     _C.INPUT.MAX_IMAGE_SIZE = 512
     # Training-time horizontal flip probability (0 switches it off).
     _C.INPUT.FLIP_PROB = 0.5
+    # Training on square crops of the resampled slice (inference always sees whole slices), so
+    # a fine pixel spacing stays cheap per iteration. SIZE: side in pixels, 0 = no crop.
+    # LESION_PROB: share of crops that hold a whole lesion chosen at random; the rest are
+    # uniform over the slice, so background and lesion-free slices are still seen.
+    _C.INPUT.LESION_CROP = CN()
+    _C.INPUT.LESION_CROP.SIZE = 0
+    _C.INPUT.LESION_CROP.LESION_PROB = 0.5
 
     # ---------------------------------------------------------------- Deformable backbone (Deformv2)
     # Op behind MODEL.RESNETS.DEFORM_ON_PER_STAGE in build_deformable_resnet{,_fpn}_backbone:
@@ -62,6 +111,10 @@ def add_elixirnet_config(cfg: CN) -> None:
     _C.MODEL.ALB = CN()
     # Genotype YAML of the fixed ALBHead (written by search_net.py); ignored by ALBSearchHead.
     _C.MODEL.ALB.GENOTYPE = ""
+    # The resolved genotype as one line of YAML; train_net / search_net fill it from GENOTYPE so a
+    # run's config.yaml names the structure it trained, and predict_net / --eval-only from the
+    # checkpoint when GENOTYPE is empty. When both are set they must agree.
+    _C.MODEL.ALB.GENOTYPE_YAML = ""
     # Candidate operations: "elixir" (the paper's medical space) or "darts" (Table 6 ablation).
     _C.MODEL.ALB.SEARCH_SPACE = "elixir"
     # Branches per block (B) and channels per operation (D; 16 while searching, 32 final).

@@ -57,7 +57,8 @@ def test_default_genotype_is_a_labelled_placeholder():
     assert "region_nonlocal" in normal_ops
     assert normal_ops & {"dil_conv_3x3_r2", "dil_conv_3x3_r3"}
     header = "".join(line for line in open(DEFAULT) if line.startswith("#")).lower()
-    assert "hand-written" in header and "placeholder" in header
+    assert "hand-written" in header and "figure 3" in header and "not a search result" in header
+    assert yaml.safe_load(open(DEFAULT))["provenance"]["searched"] is False
 
 
 @pytest.mark.parametrize("data,pattern", [

@@ -10,7 +10,6 @@ Both heads take ``forward(x, num_per_image)``; ElixirROIHeads passes the proposa
 image (``takes_num_per_image = True``) so region_nonlocal never relates proposals of different
 images. ``last_relations`` gives the per-image relation matrices E of the latest forward.
 """
-import os
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -18,16 +17,14 @@ import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.layers import ShapeSpec
 from detectron2.modeling.roi_heads.box_head import ROI_BOX_HEAD_REGISTRY
-from detectron2.utils.file_io import PathManager
 from torch import nn
 
 from .alb.cells import GenotypeBlock, SearchBlock
-from .alb.genotype import Genotype, derive_genotype, edge_inputs, load_genotype
+from .alb.genotype import Genotype, derive_genotype, edge_inputs
+from .genotype_source import genotype_from_config, resolve_genotype_path  # noqa: F401 (re-exported)
 from .alb.ops import conv_norm, get_search_space, make_norm
 
 __all__ = ["ALBHead", "ALBSearchHead", "ALBStem", "resolve_genotype_path"]
-
-_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))  # elixir_d2/modeling
 
 
 class ALBStem(nn.Module):
@@ -86,15 +83,6 @@ class ALBStem(nn.Module):
             x = y.view(n, h, w, -1).permute(0, 3, 1, 2)
         x = x.contiguous(memory_format=torch.channels_last)
         return conv_norm(self.conv, self.norm, x)
-
-
-def resolve_genotype_path(path: str) -> str:
-    """``path`` as given if it exists; a relative path missing from the working directory is
-    looked up from the repository root (configs name ``configs/genotypes/...``)."""
-    if not path or PathManager.exists(path) or os.path.isabs(path) or "://" in path:
-        return path
-    in_repo = os.path.join(os.path.dirname(os.path.dirname(_PACKAGE_DIR)), path)
-    return in_repo if PathManager.exists(in_repo) else path
 
 
 def _check_blocks(blocks: Sequence[str]) -> List[str]:
@@ -221,7 +209,7 @@ class ALBHead(_ALBHeadBase):
 
     @classmethod
     def from_config(cls, cfg, input_shape: ShapeSpec) -> Dict:
-        genotype = load_genotype(resolve_genotype_path(cfg.MODEL.ALB.GENOTYPE))
+        genotype = genotype_from_config(cfg)  # logs the file and whether it was searched
         if genotype.space != cfg.MODEL.ALB.SEARCH_SPACE:
             raise ValueError(
                 f"{cfg.MODEL.ALB.GENOTYPE}: genotype of space {genotype.space!r} but "

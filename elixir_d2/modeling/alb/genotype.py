@@ -147,7 +147,8 @@ def genotype_from_dict(data: Any, source: str = "<genotype>") -> Genotype:
     """Build and validate a :class:`Genotype` from the YAML mapping ``data``."""
     if not isinstance(data, dict):
         raise GenotypeError(f"{source}: a genotype must be a mapping, got {type(data).__name__}")
-    unknown = set(data) - {"space", "branches", "normal", "reduce"}
+    # "provenance" (who wrote the file, see modeling/genotype_source.py) is not structure.
+    unknown = set(data) - {"space", "branches", "normal", "reduce", "provenance"}
     if unknown:
         raise GenotypeError(f"{source}: unknown keys {sorted(unknown, key=repr)}")  # keys of any type
     for key in ("normal", "reduce"):
