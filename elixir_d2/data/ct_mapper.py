@@ -6,6 +6,7 @@ import logging
 import math
 from typing import Dict, List, Optional, Tuple
 
+import cv2
 import numpy as np
 import torch
 from PIL import Image
@@ -13,6 +14,7 @@ from PIL import Image
 from detectron2.config import configurable
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
+from detectron2.structures import BoxMode
 from detectron2.utils.file_io import PathManager
 
 logger = logging.getLogger(__name__)
@@ -100,6 +102,45 @@ class SliceStack:
         return (1.0 - w) * self.slice_at(lo) + w * self.slice_at(lo + 1)
 
 
+class CVResizeTransform(T.ResizeTransform):
+    """detectron2's ResizeTransform with OpenCV's bilinear resize for float images (same
+    half-pixel sampling as ``F.interpolate(align_corners=False)``, several times faster)."""
+
+    def apply_image(self, img: np.ndarray, interp=None) -> np.ndarray:
+        if img.dtype != np.float32 or interp not in (None, Image.BILINEAR) or img.ndim != 3:
+            return super().apply_image(img, interp)
+        assert img.shape[:2] == (self.h, self.w)
+        # cv2.resize takes at most 512 channels and drops a trailing channel axis of size 1.
+        out = cv2.resize(np.ascontiguousarray(img), (self.new_w, self.new_h), interpolation=cv2.INTER_LINEAR)
+        return out.reshape(self.new_h, self.new_w, img.shape[2])
+
+
+def choose_crop(
+    height: int, width: int, crop_size: int, boxes: np.ndarray, lesion_prob: float,
+    rng: np.random.RandomState,
+) -> Tuple[int, int, int, int]:
+    """A training crop ``(x0, y0, w, h)`` of at most ``crop_size`` px a side.
+
+    With probability ``lesion_prob`` (and at least one box) the crop holds one lesion chosen at
+    random, placed uniformly among the positions that keep it whole (centred when it is larger
+    than the crop); otherwise the crop is uniform over the image. ``boxes``: (K, 4) XYXY.
+    """
+    cw, ch = min(crop_size, width), min(crop_size, height)
+
+    def axis_start(lo_edge: float, hi_edge: float, extent: int, size: int) -> int:
+        lo = max(0, int(math.ceil(hi_edge)) - extent)
+        hi = min(size - extent, int(math.floor(lo_edge)))
+        if lo > hi:  # the lesion is larger than the crop: centre it
+            centre = 0.5 * (lo_edge + hi_edge)
+            return int(np.clip(round(centre - extent / 2), 0, size - extent))
+        return int(rng.randint(lo, hi + 1))
+
+    if len(boxes) and rng.rand() < lesion_prob:
+        b = boxes[rng.randint(len(boxes))]
+        return axis_start(b[0], b[2], cw, width), axis_start(b[1], b[3], ch, height), cw, ch
+    return int(rng.randint(0, width - cw + 1)), int(rng.randint(0, height - ch + 1)), cw, ch
+
+
 class CTDatasetMapper:
     """Map a CT record (see elixir_d2.data.deeplesion) to the model input dict.
 
@@ -120,6 +161,8 @@ class CTDatasetMapper:
         norm_spacing_mm: float = 0.8,
         max_size: int = 512,
         flip_prob: float = 0.5,
+        crop_size: int = 0,
+        crop_lesion_prob: float = 0.5,
     ):
         self.is_train = is_train
         self.offsets_mm = slice_offsets_mm(num_slices, slice_interval_mm)
@@ -127,6 +170,14 @@ class CTDatasetMapper:
         self.norm_spacing_mm = norm_spacing_mm
         self.max_size = max_size
         self.flip_prob = flip_prob if is_train else 0.0
+        if crop_size < 0 or not 0.0 <= crop_lesion_prob <= 1.0:
+            raise ValueError(
+                f"INPUT.LESION_CROP.SIZE={crop_size} must be >= 0 and INPUT.LESION_CROP.LESION_PROB="
+                f"{crop_lesion_prob} in [0, 1]"
+            )
+        # Crops are a training device: inference always sees the whole slice.
+        self.crop_size = int(crop_size) if is_train else 0
+        self.crop_lesion_prob = float(crop_lesion_prob)
         self.fallback_slices = 0
         self.records_seen = 0
 
@@ -140,6 +191,8 @@ class CTDatasetMapper:
             "norm_spacing_mm": cfg.INPUT.NORM_SPACING_MM,
             "max_size": cfg.INPUT.MAX_IMAGE_SIZE,
             "flip_prob": cfg.INPUT.FLIP_PROB,
+            "crop_size": cfg.INPUT.LESION_CROP.SIZE,
+            "crop_lesion_prob": cfg.INPUT.LESION_CROP.LESION_PROB,
         }
 
     def output_size(self, height: int, width: int, spacing: float) -> Tuple[int, int]:
@@ -173,16 +226,28 @@ class CTDatasetMapper:
             )
         image = window_to_uint8_range(hu, self.hu_window)
         new_h, new_w = self.output_size(h, w, record["spacing"])
-        transforms = [T.ResizeTransform(h, w, new_h, new_w)]
+        annos = record.pop("annotations", None)
+        transforms = [CVResizeTransform(h, w, new_h, new_w)]
+        if self.crop_size > 0:
+            transforms.append(self._crop_transform(annos or [], h, w, new_h, new_w))
+            new_h, new_w = transforms[-1].h, transforms[-1].w
         if self.flip_prob > 0 and np.random.rand() < self.flip_prob:
             transforms.append(T.HFlipTransform(new_w))
         tfm = T.TransformList(transforms)
         image = tfm.apply_image(image)
         record["image"] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
         record["fallback_slices"] = fallbacks
-        annos = record.pop("annotations", None)
         if self.is_train and annos is not None:
             annos = [utils.transform_instance_annotations(a, tfm, (new_h, new_w)) for a in annos]
             instances = utils.annotations_to_instances(annos, (new_h, new_w))
             record["instances"] = utils.filter_empty_instances(instances)
         return record
+
+    def _crop_transform(self, annos: List[Dict], h: int, w: int, new_h: int, new_w: int) -> T.CropTransform:
+        """Training crop in resized coordinates (see :func:`choose_crop`)."""
+        boxes = np.array(
+            [BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS) for a in annos], dtype=np.float64
+        ).reshape(-1, 4)
+        boxes *= np.array([new_w / w, new_h / h, new_w / w, new_h / h])
+        x0, y0, cw, ch = choose_crop(new_h, new_w, self.crop_size, boxes, self.crop_lesion_prob, np.random)
+        return T.CropTransform(x0, y0, cw, ch, orig_w=new_w, orig_h=new_h)
