@@ -2,7 +2,8 @@
 
 Importing registers, lazily, under ``$DETECTRON2_DATASETS`` (default ``./datasets``):
 deeplesion_{train,val,test}, deeplesion_{val,test}_typed from ``DeepLesion/``; the same names with
-prefix ``synthetic`` from ``synthetic/`` (written by ``python -m elixir_d2.data.synthetic``);
+prefix ``synthetic`` from ``synthetic/`` (written by ``python -m elixir_d2.data.synthetic``, or
+generated on first use when missing);
 kits19_{train,test} from ``kits19/``.
 """
 import os
@@ -10,6 +11,7 @@ import os
 from .ct_mapper import CTDatasetMapper
 from .deeplesion import load_deeplesion_dicts, register_deeplesion
 from .kits19 import load_kits19_dicts, register_kits19
+from .synthetic_first_use import ensure_synthetic
 
 
 def datasets_root() -> str:
@@ -20,11 +22,12 @@ def datasets_root() -> str:
 def register_all(root: str) -> None:
     """Register every dataset this project knows under ``root`` (lazy: nothing is read yet)."""
     register_deeplesion(os.path.join(root, "DeepLesion"), prefix="deeplesion")
-    register_deeplesion(os.path.join(root, "synthetic"), prefix="synthetic")
+    synthetic = os.path.join(root, "synthetic")
+    register_deeplesion(synthetic, prefix="synthetic", prepare=lambda: ensure_synthetic(synthetic))
     register_kits19(os.path.join(root, "kits19"), prefix="kits19")
 
 
 register_all(datasets_root())
 
 __all__ = ["CTDatasetMapper", "load_deeplesion_dicts", "register_deeplesion", "register_all", "datasets_root",
-           "load_kits19_dicts", "register_kits19"]
+           "load_kits19_dicts", "register_kits19", "ensure_synthetic"]

@@ -7,7 +7,7 @@ import logging
 import math
 import os
 from collections import OrderedDict
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 from detectron2.structures import BoxMode
 from detectron2.utils.file_io import PathManager
@@ -265,9 +265,15 @@ def load_deeplesion_dicts(root: str, split: str, typed: bool = False) -> List[Di
     return records
 
 
-def register_deeplesion(root: str, prefix: str = "deeplesion") -> List[str]:
-    """Register ``<prefix>_{train,val,test}`` and ``<prefix>_{val,test}_typed`` (lazily)."""
+def register_deeplesion(root: str, prefix: str = "deeplesion", prepare: Optional[Callable[[], object]] = None) -> List[str]:
+    """Register ``<prefix>_{train,val,test}`` and ``<prefix>_{val,test}_typed`` (lazily);
+    ``prepare()`` runs before each load (e.g. to generate a missing synthetic set)."""
     from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    def load(split: str, typed: bool) -> List[Dict]:
+        if prepare is not None:
+            prepare()
+        return load_deeplesion_dicts(root, split, typed)
 
     names = []
     for split in SPLITS:
@@ -275,7 +281,7 @@ def register_deeplesion(root: str, prefix: str = "deeplesion") -> List[str]:
             name = f"{prefix}_{split}{'_typed' if typed else ''}"
             if name in DatasetCatalog.list():
                 continue
-            DatasetCatalog.register(name, lambda r=root, s=split, t=typed: load_deeplesion_dicts(r, s, t))
+            DatasetCatalog.register(name, lambda s=split, t=typed: load(s, t))
             MetadataCatalog.get(name).set(
                 thing_classes=list(LESION_TYPES) if typed else ["lesion"],
                 type_abbrev=list(LESION_TYPE_ABBREV) if typed else ["lesion"],

@@ -14,17 +14,14 @@ axis the direction matrix points most along the body (z).
 """
 from __future__ import annotations
 
-import argparse
-import io
 import json
 import logging
 import os
 import re
 import tempfile
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Sequence, Tuple, Union
 
 import numpy as np
-from PIL import Image
 
 from detectron2.structures import BoxMode
 from detectron2.utils.file_io import PathManager
@@ -38,7 +35,7 @@ HU_OFFSET = 32768
 KIDNEY_HU_WINDOW = (-160.0, 240.0)  # abdominal soft-tissue window (W400 / L40), for display
 CASE_RE = re.compile(r"^case_(\d+)$")
 RECORDS_FILE = "records.json"
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: case.json lists its PNGs; source fingerprints in ns + hash
 # (slice, row, col) as SimpleITK voxel axes, per slice axis; SimpleITK's numpy axis = 2 - voxel axis.
 # Slices on axis 0 (KiTS19) give nibabel's view (as KiTS19's own tools), on axis 2 the usual one.
 _VIEW = {0: (0, 1, 2), 1: (1, 2, 0), 2: (2, 1, 0)}
@@ -243,83 +240,6 @@ def find_cases(root: str) -> List[str]:
     return [os.path.join(base, n) for n in names]
 
 
-def _write_png16(hu_slice: np.ndarray, path: str) -> None:
-    arr = (np.clip(np.rint(hu_slice), -HU_OFFSET, HU_OFFSET - 1).astype(np.int32) + HU_OFFSET).astype(np.uint16)
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG", compress_level=1)
-    with PathManager.open(path, "wb") as f:
-        f.write(buf.getvalue())
-
-
-def _source_stamp(case_dir: str, params: Dict) -> Dict:
-    stamp = dict(params)
-    for f in ("imaging.nii.gz", "segmentation.nii.gz"):
-        local = PathManager.get_local_path(os.path.join(case_dir, f))
-        st = os.stat(local)
-        stamp[f] = [st.st_size, int(st.st_mtime)]
-    return stamp
-
-
-def _prepare_case(case_dir: str, cache_dir: str, slice_axis, margin_mm: Optional[float]) -> Tuple[List[Dict], bool]:
-    """Cache one case's slices + its records (relative to ``cache_dir``); reuse a matching cache."""
-    name = os.path.basename(os.path.normpath(case_dir))
-    out_dir = os.path.join(cache_dir, name)
-    meta_path = os.path.join(out_dir, "case.json")
-    stamp = _source_stamp(case_dir, {"version": CACHE_VERSION, "slice_axis": slice_axis, "margin_mm": margin_mm})
-    if PathManager.exists(meta_path):
-        with PathManager.open(meta_path, "r") as f:
-            meta = json.load(f)
-        if meta.get("stamp") == stamp:
-            return meta["records"], False
-    case = read_case(case_dir, slice_axis)
-    n = case["seg"].shape[0]
-    first, last = 0, n - 1
-    if margin_mm is not None:
-        tumour_z = np.nonzero((case["seg"] == TUMOR_LABEL).any(axis=(1, 2)))[0]
-        if tumour_z.size == 0:
-            first, last = 0, -1
-        else:
-            pad = int(np.ceil(margin_mm / case["slice_intv"]))
-            first, last = max(0, int(tumour_z.min()) - pad), min(n - 1, int(tumour_z.max()) + pad)
-    PathManager.mkdirs(out_dir)
-    for z in range(first, last + 1):
-        _write_png16(case["image"][z], os.path.join(out_dir, f"{z:03d}.png"))
-    records = _slice_records(case, name, lambda z: f"{name}/{z:03d}.png", (first, last))
-    for r in records:  # JSON-friendly: BoxMode as its int value
-        for a in r["annotations"]:
-            a["bbox_mode"] = int(a["bbox_mode"])
-    with PathManager.open(meta_path, "w") as f:
-        json.dump({"stamp": stamp, "slice_axis": case["slice_axis"], "num_slices": n, "records": records}, f)
-    logger.info(f"KiTS19 {name}: cached slices {first}..{last} of {n}, {len(records)} tumour slices")
-    return records, True
-
-
-def prepare_kits19(root: str, cache_dir: str, slice_axis: Union[str, int] = "auto",
-                   margin_mm: Optional[float] = None) -> Dict:
-    """Cache every case under ``root`` into ``cache_dir`` (PNG slices + records.json); idempotent.
-
-    ``margin_mm`` caches only slices within that distance of the case's tumour slices (default:
-    every slice). A case whose cache matches its NIfTI files (size, mtime, options) is not re-read.
-    Returns a summary: cases, cases re-read, tumour slices, boxes, cases without tumour.
-    """
-    cases = find_cases(root)
-    PathManager.mkdirs(cache_dir)
-    all_records, names, decoded, no_tumour = [], [], 0, []
-    for case_dir in cases:
-        records, did = _prepare_case(case_dir, cache_dir, slice_axis, margin_mm)
-        decoded += int(did)
-        names.append(os.path.basename(os.path.normpath(case_dir)))
-        if not records:
-            no_tumour.append(names[-1])
-        all_records.extend(records)
-    with PathManager.open(os.path.join(cache_dir, RECORDS_FILE), "w") as f:
-        json.dump({"version": CACHE_VERSION, "source": root, "cases": names, "records": all_records}, f)
-    if no_tumour:
-        logger.warning(f"KiTS19: {len(no_tumour)} case(s) without tumour (no records): {no_tumour}")
-    return {"cases": len(names), "decoded": decoded, "tumour_slices": len(all_records),
-            "boxes": sum(len(r["annotations"]) for r in all_records), "cases_without_tumour": no_tumour}
-
-
 # ----------------------------------------------------------------------------- split / catalog
 def split_cases(case_ids: Sequence[str], seed: int = 0, train_frac: float = 0.8) -> Tuple[List[str], List[str]]:
     """Patient-level split: a seeded permutation of the sorted ids, ``train_frac`` to train."""
@@ -384,30 +304,8 @@ def register_kits19(root_or_cache: str, prefix: str = "kits19") -> List[str]:
     return names
 
 
-def main(argv: Optional[Sequence[str]] = None) -> Dict:
-    parser = argparse.ArgumentParser(description="Cache KiTS19 slices as 16-bit PNG + records.json")
-    parser.add_argument("--root", default=None,
-                        help="KiTS19 root holding data/case_XXXXX/ (default: $DETECTRON2_DATASETS/kits19)")
-    parser.add_argument("--cache", default=None, help="cache folder (default: <root>/cache)")
-    parser.add_argument("--slice-axis", default="auto", help="voxel axis of the slices: auto, 0, 1 or 2")
-    parser.add_argument("--margin-mm", type=float, default=None,
-                        help="cache only slices within this distance of tumour slices (default: all)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    axis = args.slice_axis if args.slice_axis == "auto" else int(args.slice_axis)
-    if args.root is None:
-        from . import datasets_root
-
-        args.root = os.path.join(datasets_root(), "kits19")
-    cache = args.cache or os.path.join(args.root, "cache")
-    summary = prepare_kits19(args.root, cache, slice_axis=axis, margin_mm=args.margin_mm)
-    with PathManager.open(os.path.join(cache, RECORDS_FILE), "r") as f:
-        cases = json.load(f)["cases"]
-    train, test = split_cases(cases)
-    summary.update({"cache": cache, "train_cases": len(train), "test_cases": len(test)})
-    print(json.dumps(summary, indent=1))
-    return summary
-
+# Cache preparation lives in kits19_cache; imported last because it builds on this module.
+from .kits19_cache import main, prepare_kits19  # noqa: E402
 
 if __name__ == "__main__":
     main()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import inspect
 import io
 import json
 import math
@@ -22,9 +23,10 @@ from PIL import Image
 
 from detectron2.utils.file_io import PathManager
 
+from ..atomic_io import build_dir_atomically
 from .deeplesion import DL_INFO_COLUMNS, LESION_TYPES
 from .synthetic_phantom import (
-    BONE, KIDNEY, LESION, LIVER, LUNG, MEDIASTINAL_FAT, MUSCLE, RENAL_SINUS, SUBCUT_FAT, VESSEL, VISCERAL_FAT,
+    BONE, KIDNEY, LESION, LIVER, LUNG, MEDIASTINAL_FAT, MUSCLE, SUBCUT_FAT, VESSEL, VISCERAL_FAT,
     Blob, SliceCanvas, build_anatomy, ellipse_box, hu_to_png16, render_series,
 )
 
@@ -249,11 +251,13 @@ def _lesion_row(les: Blob, lesion_type: int, z: float, sp: float, size: int, noi
             "Lesion_diameters_Pixel_": _fmt([2 * a, 2 * b])}
 
 
-def generate_deeplesion(out_dir: str, *, num_patients: int = 60, slices_per_series: Tuple[int, int] = (12, 20),
+def write_deeplesion(out_dir: str, *, num_patients: int = 60, slices_per_series: Tuple[int, int] = (12, 20),
                         keys_per_series: Tuple[int, int] = (3, 6), image_size: int = 192, seed: int = 0,
                         val_frac: float = 0.15, test_frac: float = 0.15, noise_hu: Tuple[float, float] = (10, 20),
                         noisy_fraction: float = NOISY_FRACTION) -> Dict:
-    """Write a DeepLesion-format data set under ``out_dir``; returns (and writes) a summary.
+    """Write a DeepLesion-format data set into ``out_dir`` in place (use :func:`generate_deeplesion`,
+    which takes the same options and makes the set appear whole or not at all); returns (and
+    writes) a summary.
 
     One study / series per patient; every slice of each series is written, so ``Slice_range``
     is exactly what is on disk. Train lesions get Coarse_lesion_type -1, val/test 1..8 (each
@@ -326,53 +330,31 @@ def generate_deeplesion(out_dir: str, *, num_patients: int = 60, slices_per_seri
     return summary
 
 
-def generate_kits19(out_dir: str, *, num_cases: int = 10, num_slices: Tuple[int, int] = (24, 40),
-                    image_size: int = 192, seed: int = 0, noise_hu: Tuple[float, float] = (10, 20)) -> Dict:
-    """Write KiTS19-format cases ``out_dir/data/case_XXXXX/{imaging,segmentation}.nii.gz``.
+def _generate(kind: str, write: Callable[..., Dict], out_dir: str, options: Dict) -> Dict:
+    """``write(out_dir, **options)`` into a temporary folder renamed to ``out_dir`` when complete,
+    with a completion marker holding the generator, every option (defaults included) and the counts."""
+    bound = inspect.signature(write).bind(out_dir, **options)
+    bound.apply_defaults()
+    recorded = json.loads(json.dumps({k: v for k, v in bound.arguments.items() if k != "out_dir"}))
+    marker = {"generator": kind, "options": recorded}
+    summary = build_dir_atomically(
+        out_dir, lambda tmp: {k: v for k, v in write(tmp, **options).items() if k != "out_dir"}, marker)
+    return dict(summary, out_dir=out_dir)
 
-    imaging: int16 HU; segmentation: uint8 0 background, 1 kidney, 2 tumour (1-2 tumours of
-    12-45 mm per case, some exophytic). Arrays are (z, y, x) in SimpleITK's view with the voxel
-    spacing (x, y, z) in the header, so the slices are on the third NIfTI axis.
-    """
-    from .kits19 import write_nifti
 
-    if num_cases < 1:
-        raise ValueError(f"num_cases must be >= 1, got {num_cases}")
-    if image_size < 64:
-        raise ValueError(f"image_size must be >= 64 pixels, got {image_size}")
-    summary = {"out_dir": out_dir, "format": "kits19", "seed": seed, "num_cases": num_cases, "tumour_slices": 0,
-               "tumours": 0}
-    for case in range(num_cases):
-        rng = np.random.default_rng([seed, 2, case])
-        spacing = _u(rng, *SPACING_MM_AT_192) * 192 / image_size
-        interval = float(rng.choice((2.5, 3.0, 5.0)))
-        n = int(rng.integers(num_slices[0], num_slices[1] + 1))
-        z_mm = [(k - (n - 1) / 2) * interval for k in range(n)]
-        blobs, geo = build_anatomy("abdomen", image_size * spacing, n * interval, rng,
-                                   kidney_z=(_u(rng, -0.1, 0.1) * n * interval, _u(rng, 45, 60)))
-        tumours: List[Blob] = []
-        for _ in range(1 if rng.random() < 0.7 else 2):
-            kid = geo["kidneys"][int(rng.integers(2))]
-            for _try in range(20):
-                z = kid.zc + _u(rng, -0.5, 0.5) * kid.rz
-                kx, ky, ka, kb = kid.section(z)
-                r = _u(rng, 6, 22.5)
-                ang, rr = _u(rng, 0, 2 * math.pi), _u(rng, 0.0, 0.9)
-                cx, cy = kx + rr * ka * math.cos(ang), ky + rr * kb * math.sin(ang)
-                if all(math.hypot(cx - t.cx, cy - t.cy) > r + t.a + 3 or abs(z - t.zc) > r + t.rz + 3 for t in tumours):
-                    tumours.append(Blob(cx, cy, r, r * _u(rng, 0.75, 1.0), _u(rng, 30, 90), LESION,
-                                        theta=_u(rng, 0, math.pi), zc=z, rz=r * _u(rng, 0.8, 1.2),
-                                        edge=_u(rng, 0.8, 2.0)))
-                    break
-        vol, lab = render_series(blobs + tumours, z_mm, image_size, spacing, _u(rng, *noise_hu), rng)
-        seg = np.where(lab == LESION, 2, np.where(np.isin(lab, (KIDNEY, RENAL_SINUS)), 1, 0)).astype(np.uint8)
-        case_dir = os.path.join(out_dir, "data", f"case_{case:05d}")
-        write_nifti(np.rint(np.clip(vol, -1024, 3071)).astype(np.int16), (spacing, spacing, interval),
-                    os.path.join(case_dir, "imaging.nii.gz"))
-        write_nifti(seg, (spacing, spacing, interval), os.path.join(case_dir, "segmentation.nii.gz"))
-        summary["tumours"] += len(tumours)
-        summary["tumour_slices"] += int((seg == 2).any(axis=(1, 2)).sum())
-    return summary
+def generate_deeplesion(out_dir: str, **options) -> Dict:
+    """:func:`write_deeplesion` (same options) into a temporary folder renamed to ``out_dir`` when
+    complete, replacing an older set; interrupted, it leaves ``out_dir`` as it was. The set's
+    :data:`~elixir_d2.atomic_io.MARKER` records the options, seed and counts."""
+    return _generate("deeplesion", write_deeplesion, out_dir, options)
+
+
+def generate_kits19(out_dir: str, **options) -> Dict:
+    """:func:`~elixir_d2.data.synthetic_kits19.write_kits19` (same options), whole or not at all
+    as :func:`generate_deeplesion`."""
+    from .synthetic_kits19 import write_kits19
+
+    return _generate("kits19", write_kits19, out_dir, options)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict:

@@ -119,33 +119,28 @@ def _prefix(kind: str, path: str) -> str:
 
 def prepare_data(kind: str, root: Optional[str], quick: bool) -> DataSource:
     """The data set of a recipe, registered; the quick synthetic sets are written when absent."""
-    from elixir_d2.data import datasets_root
+    from elixir_d2.data import datasets_root, ensure_synthetic
 
     root = os.path.abspath(os.path.expanduser(root or datasets_root()))
     if kind == "deeplesion":
         path = os.path.join(root, "synthetic" if quick else "DeepLesion")
-        if not PathManager.exists(os.path.join(path, "DL_info.csv")):
-            if not quick:
-                raise FileNotFoundError(f"{path}/DL_info.csv not found: prepare DeepLesion as datasets/README.md "
-                                        "says, or pass --root")
-            from elixir_d2.data.synthetic import generate_deeplesion
-
-            logger.info("writing the synthetic DeepLesion-format set to %s", path)
-            generate_deeplesion(path)
+        if quick:
+            ensure_synthetic(path)  # a set counts only once its completion marker is written
+        elif not PathManager.exists(os.path.join(path, "DL_info.csv")):
+            raise FileNotFoundError(f"{path}/DL_info.csv not found: prepare DeepLesion as datasets/README.md "
+                                    "says, or pass --root")
     elif kind == "kits19":
         from elixir_d2.data.kits19 import RECORDS_FILE, prepare_kits19
 
         base = os.path.join(root, "synthetic_kits19" if quick else "kits19")
         path = os.path.join(base, "cache")
-        if not PathManager.exists(os.path.join(path, RECORDS_FILE)):
+        if quick:
+            ensure_synthetic(base, kind="kits19")  # data/ counts only once the marker is written
+            prepare_kits19(base, path)  # idempotent: reuses every complete, matching case cache
+        elif not PathManager.exists(os.path.join(path, RECORDS_FILE)):
             if not PathManager.exists(os.path.join(base, "data")):
-                if not quick:
-                    raise FileNotFoundError(f"{base}/data not found: download KiTS19 as datasets/README.md says, "
-                                            "or pass --root")
-                from elixir_d2.data.synthetic import generate_kits19
-
-                logger.info("writing the synthetic KiTS19-format set to %s", base)
-                generate_kits19(base)
+                raise FileNotFoundError(f"{base}/data not found: download KiTS19 as datasets/README.md says, "
+                                        "or pass --root")
             prepare_kits19(base, path)
     else:
         raise ValueError(f"unknown data kind {kind!r}")
