@@ -14,13 +14,17 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from detectron2.utils.logger import setup_logger
 
 from elixir_d2 import load_config
+from elixir_d2.checkpoint import fill_genotype_from_checkpoint
+from elixir_d2.cli import EXIT_USER_ERROR, MissingFileError, require_file, run_cli
 from elixir_d2.inference import PredictOptions, run_prediction
 from elixir_d2.inference.runner import INPUT_ERRORS
+from elixir_d2.modeling.genotype_source import resolve_genotype_config
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,6 +59,11 @@ def setup_cfg(args):
     if args.device is not None:
         cfg.MODEL.DEVICE = args.device
     cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = args.score_thresh
+    if not cfg.MODEL.WEIGHTS:
+        raise MissingFileError("no weights given: pass --weights with a checkpoint written by train_net.py")
+    require_file(cfg.MODEL.WEIGHTS, "weights file", "pass --weights with a checkpoint written by train_net.py")
+    fill_genotype_from_checkpoint(cfg, cfg.MODEL.WEIGHTS)  # when the config names no genotype
+    resolve_genotype_config(cfg)
     cfg.freeze()
     return cfg
 
@@ -63,6 +72,9 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     setup_logger(name="elixir_d2")
     cfg = setup_cfg(args)
+    if not os.path.exists(args.input):
+        raise MissingFileError(f"--input {args.input} not found; give a slice folder, a NIfTI file, a DICOM "
+                               "series folder or a folder of such cases")
     opts = PredictOptions(
         batch_size=args.batch_size, spacing=args.spacing, slice_interval=args.slice_intv,
         view_window=tuple(args.view_window), overlays=args.overlays, draw_relations=args.draw_relations,
@@ -71,12 +83,9 @@ def main(argv=None) -> int:
     )
     try:
         summary = run_prediction(cfg, args.input, args.output, opts)
-    except INPUT_ERRORS as e:
-        print(f"predict_net.py: error: {e}", file=sys.stderr)
-        return 1
-    except ValueError as e:  # a model that cannot draw what was asked, bad ground truth file
-        print(f"predict_net.py: error: {e}", file=sys.stderr)
-        return 2
+    except (INPUT_ERRORS + (ValueError,)) as e:  # unusable input; a model that cannot draw what was
+        print(f"predict_net.py: error: {e}", file=sys.stderr)  # asked; a bad ground truth file
+        return EXIT_USER_ERROR
     t = summary["timing_s"]
     print(f"{len(summary['cases'])} case(s) -> {args.output}: "
           f"{sum(c['detections'] for c in summary['cases'])} detections, "
@@ -91,4 +100,4 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.WARNING)
-    sys.exit(main())
+    run_cli(main)

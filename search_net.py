@@ -13,8 +13,10 @@ Multi-machine: add --num-machines M --machine-rank R --dist-url tcp://<host0>:<p
 """
 from __future__ import annotations
 
+import datetime
 import logging
 import os
+from typing import Optional
 
 from detectron2.config import CfgNode
 from detectron2.engine import default_argument_parser, default_setup
@@ -24,8 +26,10 @@ from detectron2.utils.logger import setup_logger
 
 import elixir_d2  # noqa: F401  (registers models and datasets)
 from elixir_d2 import load_config
+from elixir_d2.cli import UserInputError, check_datasets, require_file, run_cli
 from elixir_d2.engine import launch
-from elixir_d2.modeling.alb.genotype import Genotype, save_genotype
+from elixir_d2.modeling.alb.genotype import Genotype
+from elixir_d2.modeling.genotype_source import write_genotype
 from elixir_d2.search import GENOTYPE_YAML, ALBSearcher, format_genotype, sample_random_genotype
 
 logger = logging.getLogger("elixir_d2")
@@ -42,9 +46,35 @@ def build_parser():
     return parser
 
 
-def setup(args) -> CfgNode:
-    """Config from defaults + ElixirNet keys + the file + command-line opts."""
+def check_inputs(args) -> CfgNode:
+    """The unfrozen config, after checking the weights and training data a search reads.
+    Expected problems raise elixir_d2.cli.UserInputError (one line, exit code 2)."""
+    if args.eval_only:
+        raise UserInputError("search_net.py has no --eval-only; evaluate a genotype with train_net.py")
     cfg = load_config(args.config_file, args.opts)
+    if not args.random:
+        require_file(cfg.MODEL.WEIGHTS, "weights file MODEL.WEIGHTS",
+                     "give the trained FPN baseline the search starts from (train_net.py's model_final.pth)")
+        check_datasets(cfg.DATASETS.TRAIN, "DATASETS.TRAIN")
+    return cfg
+
+
+def provenance(cfg: CfgNode, args, searched: bool) -> dict:
+    """What the genotype file records of its origin: config, data, epochs, date, command."""
+    info = {"searched": searched, "method": "first-order differentiable search (search_net.py)" if searched
+            else f"uniform random sample (search_net.py --random, seed {cfg.SEED})",
+            "config": args.config_file}
+    if searched:
+        info.update({"data": list(cfg.DATASETS.TRAIN), "epochs": cfg.SEARCH.EPOCHS,
+                     "weights": cfg.MODEL.WEIGHTS})
+    info.update({"space": cfg.MODEL.ALB.SEARCH_SPACE, "date": datetime.date.today().isoformat(),
+                 "command": command_line(args)[len("Command: "):]})
+    return info
+
+
+def setup(args) -> CfgNode:
+    """Config from defaults + ElixirNet keys + the file + command-line opts, inputs checked."""
+    cfg = check_inputs(args)
     cfg.freeze()
     default_setup(cfg, args)
     # The search logs its per-epoch genotypes under "elixir_d2": to the console and log.txt.
@@ -62,7 +92,7 @@ def command_line(args) -> str:
     return "Command: " + " ".join(parts + [str(o) for o in args.opts])
 
 
-def write_random_genotype(cfg: CfgNode, provenance: str = "") -> Genotype:
+def write_random_genotype(cfg: CfgNode, provenance: str = "", record: Optional[dict] = None) -> Genotype:
     """Sample a random genotype of cfg's space / branches (seed cfg.SEED, drawn if < 0) and
     write it to OUTPUT_DIR/genotype.yaml."""
     seed = cfg.SEED if cfg.SEED >= 0 else int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF
@@ -77,7 +107,7 @@ def write_random_genotype(cfg: CfgNode, provenance: str = "") -> Genotype:
             f"space {cfg.MODEL.ALB.SEARCH_SPACE}, B={cfg.MODEL.ALB.BRANCHES}.",
             *([provenance] if provenance else []),
         ])
-        save_genotype(genotype, path, comment=comment)
+        write_genotype(genotype, path, comment=comment, provenance=record)
     logger.info("Random genotype (seed %d) written to %s: %s", seed, path, format_genotype(genotype))
     return genotype
 
@@ -85,18 +115,19 @@ def write_random_genotype(cfg: CfgNode, provenance: str = "") -> Genotype:
 def main(args) -> Genotype | None:
     """Search (or sample with --random); returns the genotype written to OUTPUT_DIR."""
     cfg = setup(args)
-    if args.eval_only:
-        raise ValueError("search_net.py has no --eval-only; evaluate a genotype with train_net.py")
     if args.random:
-        return write_random_genotype(cfg, command_line(args))
-    searcher = ALBSearcher(cfg, provenance=command_line(args))
+        return write_random_genotype(cfg, command_line(args), provenance(cfg, args, searched=False))
+    searcher = ALBSearcher(cfg, provenance=command_line(args), record=provenance(cfg, args, searched=True))
     searcher.resume_or_load(resume=args.resume)
     return searcher.train()
 
 
-if __name__ == "__main__":
-    args = build_parser().parse_args()
+def cli(argv=None) -> None:
+    """Command-line entry: inputs checked in this process (one-line errors, exit code 2), then
+    detectron2's launcher."""
+    args = build_parser().parse_args(argv)
     print("Command Line Args:", args)
+    check_inputs(args)
     launch(
         main,
         args.num_gpus,
@@ -105,3 +136,7 @@ if __name__ == "__main__":
         dist_url=args.dist_url,
         args=(args,),
     )
+
+
+if __name__ == "__main__":
+    run_cli(cli)

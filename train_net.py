@@ -9,13 +9,18 @@ Multi-machine: add --num-machines M --machine-rank R --dist-url tcp://<host0>:<p
 """
 from __future__ import annotations
 
+import os
+
 from detectron2.config import CfgNode
 from detectron2.engine import default_argument_parser, default_setup
 from detectron2.evaluation import verify_results
 
 import elixir_d2  # noqa: F401  (registers models and datasets)
 from elixir_d2 import load_config
+from elixir_d2.checkpoint import fill_genotype_from_checkpoint
+from elixir_d2.cli import check_datasets, require_file, run_cli
 from elixir_d2.engine import AtomicCheckpointer, ElixirTrainer, launch
+from elixir_d2.modeling.genotype_source import resolve_genotype_config
 
 
 # detectron2's DefaultTrainer with the CT mapper, the lesion evaluator, atomic checkpoints.
@@ -23,10 +28,29 @@ Trainer = ElixirTrainer
 
 
 def setup(args) -> CfgNode:
-    """Config from defaults + ElixirNet keys + the file + command-line opts."""
-    cfg = load_config(args.config_file, args.opts)
+    """Config from defaults + ElixirNet keys + the file + command-line opts, its inputs checked;
+    the ALB genotype resolved into MODEL.ALB.GENOTYPE_YAML (from the checkpoint with --eval-only
+    when the config names none) before config.yaml is written."""
+    cfg = check_inputs(args)
     cfg.freeze()
     default_setup(cfg, args)
+    return cfg
+
+
+def check_inputs(args) -> CfgNode:
+    """The unfrozen config, after checking what the run reads: weights, genotype, datasets.
+    Expected problems raise elixir_d2.cli.UserInputError (one line, exit code 2)."""
+    cfg = load_config(args.config_file, args.opts)
+    resuming = args.resume and os.path.exists(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint"))
+    if not resuming:  # a resumed run reads OUTPUT_DIR's checkpoint, not MODEL.WEIGHTS
+        require_file(cfg.MODEL.WEIGHTS, "weights file MODEL.WEIGHTS",
+                     "give a checkpoint written by train_net.py, or MODEL.WEIGHTS '' to start from scratch")
+    if args.eval_only:
+        fill_genotype_from_checkpoint(cfg, cfg.MODEL.WEIGHTS)
+    resolve_genotype_config(cfg)
+    if not args.eval_only:
+        check_datasets(cfg.DATASETS.TRAIN, "DATASETS.TRAIN")
+    check_datasets(cfg.DATASETS.TEST, "DATASETS.TEST")
     return cfg
 
 
@@ -43,9 +67,12 @@ def main(args):
     return trainer.train()
 
 
-if __name__ == "__main__":
-    args = default_argument_parser().parse_args()
+def cli(argv=None) -> None:
+    """Command-line entry: inputs checked in this process (one-line errors, exit code 2), then
+    detectron2's launcher."""
+    args = default_argument_parser().parse_args(argv)
     print("Command Line Args:", args)
+    check_inputs(args)
     launch(
         main,
         args.num_gpus,
@@ -54,3 +81,7 @@ if __name__ == "__main__":
         dist_url=args.dist_url,
         args=(args,),
     )
+
+
+if __name__ == "__main__":
+    run_cli(cli)

@@ -87,6 +87,8 @@ def check_datasets(names: Sequence[str], key: str) -> None:
             raise UnknownKeyError(f"{key}: dataset {name!r} is not registered{did_you_mean(name, known)} "
                                   "(the names are listed in README.md, section Data)")
         root = MetadataCatalog.get(name).get("dataset_root", None)
+        if name.startswith("synthetic"):  # generated on first use when missing
+            continue
         if root and not os.path.isdir(root):
             raise MissingFileError(
                 f"{key}: dataset {name} reads {root}, which does not exist; prepare it as "

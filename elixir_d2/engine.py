@@ -3,8 +3,8 @@
 - ``launch``: detectron2's launcher; on a machine without CUDA (where detectron2 v0.6's launcher
   refuses to start) the same process layout over the gloo backend, so multi-process CPU runs and
   tests work.
-- ``AtomicCheckpointer``: detectron2's checkpointer whose files are written then renamed, so a
-  process killed mid-save never leaves a half-written checkpoint or ``last_checkpoint``.
+- ``AtomicCheckpointer`` (defined in ``elixir_d2.checkpoint``): atomic, genotype-aware saves and
+  safe loads.
 - ``ElixirTrainer``: DefaultTrainer reading CT through CTDatasetMapper, evaluating lesions with
   LesionEvaluator, wrapping the model in DDP on CPU too, and checkpointing atomically.
 """
@@ -14,10 +14,6 @@ import importlib
 import inspect
 import logging
 import os
-import pickle
-import re
-import socket
-import tempfile
 import weakref
 from datetime import timedelta
 from typing import Any, Callable, Dict, Optional, Sequence
@@ -27,7 +23,6 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode
 from detectron2.data import MetadataCatalog, build_detection_test_loader, build_detection_train_loader
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase
@@ -36,6 +31,7 @@ from detectron2.evaluation import COCOEvaluator, DatasetEvaluator
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
+from .checkpoint import AtomicCheckpointer
 from .data import CTDatasetMapper
 
 logger = logging.getLogger(__name__)
@@ -108,151 +104,6 @@ def create_ddp_model(model: torch.nn.Module, **kwargs) -> torch.nn.Module:
     if next(model.parameters()).is_cuda:
         kwargs.setdefault("device_ids", [comm.get_local_rank()])
     return DistributedDataParallel(model, **kwargs)
-
-
-# ------------------------------------------------------------------------------- checkpoints
-def _short_host() -> str:
-    return socket.gethostname().split(".")[0] or "localhost"
-
-
-def _temp_prefix() -> str:
-    # The writer's pid and host in the name let a later run tell a dead writer's leftover from a
-    # file being written right now ('.' and '@' never occur in mkstemp's random part).
-    return f".tmp_{os.getpid()}@{_short_host()}."
-
-
-def _is_stale_temp(name: str) -> bool:
-    """A temporary checkpoint file whose writer, a process on this host, no longer exists."""
-    m = re.match(r"\.tmp_(\d+)@([^.]*)\.", name)
-    if not m or m.group(2) != _short_host():
-        return False
-    try:
-        os.kill(int(m.group(1)), 0)
-    except ProcessLookupError:
-        return True
-    except (PermissionError, OverflowError):
-        return False
-    return False
-
-
-class AtomicCheckpointer(DetectionCheckpointer):
-    """DetectionCheckpointer writing to a temporary file then renaming it into place.
-
-    ``.pth`` files are loaded with ``torch.load(weights_only=True)``: a checkpoint cannot run code.
-    (detectron2's ``.pkl`` model-zoo weights still go through its own pickle loader.)
-    A process killed mid-write leaves only a ``.tmp_<pid>@<host>.*`` file, removed (and logged) by
-    the next save in that folder once process <pid> on this host is gone. Loading a checkpoint
-    that does not fit the model logs one summary line (counts and first keys) after detectron2's
-    per-key warnings, and one that shares no tensor with the model is an error.
-    """
-
-    _cleaned_dirs: Optional[set] = None
-
-    def _remove_stale_temp_files(self, folder: str) -> None:
-        # Once per folder and checkpointer: a live writer's temp file is never touched.
-        if self._cleaned_dirs is None:
-            self._cleaned_dirs = set()
-        if folder in self._cleaned_dirs:
-            return
-        self._cleaned_dirs.add(folder)
-        stale = [n for n in sorted(os.listdir(folder)) if _is_stale_temp(n)]
-        for name in stale:
-            os.remove(os.path.join(folder, name))
-        if stale:
-            self.logger.warning(f"Removed {len(stale)} partial checkpoint file(s) of killed runs in {folder}: {stale}")
-
-    def load(self, path: str, checkpointables: Optional[list] = None) -> Dict[str, Any]:
-        self._loading = path  # named in the mismatch summary
-        return super().load(path, checkpointables)
-
-    def _load_model(self, checkpoint: Any):
-        state = checkpoint.get("model", {})
-        heuristics = checkpoint.get("matching_heuristics", False)  # detectron2 renames .pkl keys
-        num_in_checkpoint = len(state) if isinstance(state, dict) else 0
-        first_keys = sorted(state)[:3] if isinstance(state, dict) else []
-        incompatible = super()._load_model(checkpoint)
-        # Checkpoint tensors that went into the model: neither unknown to it nor of another shape.
-        self._num_loaded = num_in_checkpoint - len(incompatible.unexpected_keys) - len(incompatible.incorrect_shapes)
-        if num_in_checkpoint and self._num_loaded <= 0 and not heuristics:
-            model_keys = list(self.model.state_dict())
-            raise ValueError(
-                f"Checkpoint {getattr(self, '_loading', '?')} does not belong to this model: none of its "
-                f"{num_in_checkpoint} tensors matches one of the model's {len(model_keys)} by name and shape "
-                f"(checkpoint keys start {first_keys}, model keys start {model_keys[:3]})"
-            )
-        return incompatible
-
-    def _log_incompatible_keys(self, incompatible) -> None:
-        super()._log_incompatible_keys(incompatible)
-        shapes = incompatible.incorrect_shapes
-        reshaped = {k for k, _, _ in shapes}
-        missing = [k for k in incompatible.missing_keys if k not in reshaped]
-        unexpected = incompatible.unexpected_keys
-        if not (missing or unexpected or shapes):
-            return
-        total = len(self.model.state_dict())
-        parts = [f"{min(getattr(self, '_num_loaded', 0), total)} of the model's {total} tensors loaded"]
-        if missing:
-            parts.append(f"{len(missing)} missing from the checkpoint (first: {missing[:3]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} in the checkpoint but not in the model (first: {unexpected[:3]})")
-        if shapes:
-            k, s_ckpt, s_model = shapes[0]
-            parts.append(f"{len(shapes)} of another shape, skipped (first: {k} {s_ckpt} in the checkpoint, "
-                         f"{s_model} in the model)")
-        self.logger.warning(f"Checkpoint {getattr(self, '_loading', '?')} does not match the model: " + "; ".join(parts))
-
-    def _atomic_write(self, path: str, write: Callable[[Any], None], mode: str) -> None:
-        local = self.path_manager.get_local_path(os.path.dirname(path) or ".")
-        if not os.path.isdir(local):  # non-local backend: no rename; plain write
-            with self.path_manager.open(path, mode) as f:
-                write(f)
-            return
-        self._remove_stale_temp_files(local)
-        fd, tmp = tempfile.mkstemp(dir=local, prefix=_temp_prefix(), suffix=os.path.basename(path))
-        try:
-            with os.fdopen(fd, mode) as f:
-                write(f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, os.path.join(local, os.path.basename(path)))
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
-
-    def save(self, name: str, **kwargs: Any) -> None:
-        if not self.save_dir or not self.save_to_disk:
-            return
-        data = {"model": self.model.state_dict()}
-        for key, obj in self.checkpointables.items():
-            data[key] = obj.state_dict()
-        data.update(kwargs)
-        basename = f"{name}.pth"
-        save_file = os.path.join(self.save_dir, basename)
-        self.logger.info(f"Saving checkpoint to {save_file}")
-        self._atomic_write(save_file, lambda f: torch.save(data, f), "wb")
-        self.tag_last_checkpoint(basename)
-
-    def tag_last_checkpoint(self, last_filename_basename: str) -> None:
-        path = os.path.join(self.save_dir, "last_checkpoint")
-        self._atomic_write(path, lambda f: f.write(last_filename_basename), "w")
-
-    def _load_file(self, filename: str) -> Dict[str, Any]:
-        if filename.endswith(".pkl"):
-            return super()._load_file(filename)
-        try:
-            with self.path_manager.open(filename, "rb") as f:
-                loaded = torch.load(f, map_location=torch.device("cpu"), weights_only=True)
-        except pickle.UnpicklingError as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ValueError(f"Checkpoint {filename} holds more than tensors and plain containers; "
-                             f"torch.load(weights_only=True) refused it ({first})") from e
-        except (RuntimeError, EOFError) as e:  # truncated / not a torch file
-            raise ValueError(f"Checkpoint {filename} is unreadable (truncated or not a torch.save file): {e}") from e
-        if not isinstance(loaded, dict):
-            raise ValueError(f"Checkpoint {filename} holds a {type(loaded).__name__}, not a state dict")
-        return loaded if "model" in loaded else {"model": loaded}
 
 
 # ----------------------------------------------------------------------------------- trainer

@@ -150,7 +150,8 @@ class CTPredictor:
 
     def close(self) -> None:
         """Remove the proposal hook from the model (it may be reused by another predictor)."""
-        if self._hook is not None:
+        # getattr: __del__ also runs on an instance whose __init__ failed before setting _hook.
+        if getattr(self, "_hook", None) is not None:
             self._hook.remove()
             self._hook = None
 

@@ -23,7 +23,8 @@ from detectron2.engine import HookBase
 from detectron2.utils import comm
 from detectron2.utils.file_io import PathManager
 
-from ..modeling.alb.genotype import Genotype, edge_inputs, save_genotype
+from ..modeling.alb.genotype import Genotype, edge_inputs
+from ..modeling.genotype_source import write_genotype
 
 __all__ = [
     "ALPHAS_JSON",
@@ -90,14 +91,15 @@ def _history_json(history: Dict) -> str:
     return head[:-2] + ',\n "epochs": [\n' + epochs + "\n ]\n}\n"
 
 
-def write_search_outputs(head, output_dir: str, comment: Optional[str] = None) -> Genotype:
+def write_search_outputs(head, output_dir: str, comment: Optional[str] = None,
+                         provenance: Optional[Dict] = None) -> Genotype:
     """Write ``genotype.yaml`` (derived from the head's alphas; ``comment`` lines on top) and
     ``alphas.png`` to ``output_dir``; return the genotype."""
     from ..visualization import draw_alpha_heatmap  # matplotlib only when drawing
 
     PathManager.mkdirs(output_dir)
     genotype = head.genotype()
-    save_genotype(genotype, os.path.join(output_dir, GENOTYPE_YAML), comment=comment)
+    write_genotype(genotype, os.path.join(output_dir, GENOTYPE_YAML), comment=comment or "", provenance=provenance)
     draw_alpha_heatmap(
         softmax_alphas(head), head.op_names, os.path.join(output_dir, ALPHAS_PNG),
         edge_labels=edge_labels(head.branches),
@@ -114,11 +116,13 @@ class AlphaRecorder(HookBase):
     every process derives the same genotype since alphas are identical across processes.
     """
 
-    def __init__(self, head_fn, iters_per_epoch: int, output_dir: str, comment: str = ""):
+    def __init__(self, head_fn, iters_per_epoch: int, output_dir: str, comment: str = "",
+                 provenance: Optional[Dict] = None):
         self._head_fn = head_fn
         self.iters_per_epoch = iters_per_epoch
         self.output_dir = output_dir
         self.comment = comment
+        self.provenance = provenance
         self.history: Dict = {}
         self.final_genotype: Optional[Genotype] = None
 
@@ -176,7 +180,7 @@ class AlphaRecorder(HookBase):
             return  # interrupted: --resume finishes the search and writes the outputs
         head = self._head_fn()
         if comm.is_main_process():
-            self.final_genotype = write_search_outputs(head, self.output_dir, self.comment)
+            self.final_genotype = write_search_outputs(head, self.output_dir, self.comment, self.provenance)
             logger.info(
                 "ALB search done: %s written to %s; genotype %s",
                 ", ".join((GENOTYPE_YAML, ALPHAS_JSON, ALPHAS_PNG)), self.output_dir,

@@ -134,8 +134,9 @@ class ALBSearcher(TrainerBase):
     SEARCH.EPOCHS epochs and checkpoints every SEARCH.CHECKPOINT_PERIOD epochs.
     """
 
-    def __init__(self, cfg: CfgNode, provenance: str = ""):
-        """``provenance``: text put on top of genotype.yaml (e.g. the command line)."""
+    def __init__(self, cfg: CfgNode, provenance: str = "", record: Optional[Dict] = None):
+        """``provenance``: text put on top of genotype.yaml (e.g. the command line); ``record``:
+        the ``provenance`` mapping written into it (config, data, epochs, date)."""
         super().__init__()
         if cfg.SEARCH.EPOCHS < 1:
             raise ValueError(f"SEARCH.EPOCHS must be >= 1, got {cfg.SEARCH.EPOCHS}")
@@ -170,6 +171,7 @@ class ALBSearcher(TrainerBase):
         self.recorder = AlphaRecorder(
             lambda: search_head(self.model), self.iters_per_epoch, cfg.OUTPUT_DIR,
             comment=self._genotype_comment(provenance, len(w_half), len(alpha_half)),
+            provenance={**(record or {"searched": True}), "records_w_alpha": [len(w_half), len(alpha_half)]},
         )
         self.register_hooks(self.build_hooks())
 

@@ -1,0 +1,300 @@
+"""AtomicCheckpointer: detectron2's checkpointer made safe to interrupt, to resume and to load.
+
+- Files are written to a temporary name then renamed, so a process killed mid-save never leaves a
+  half-written checkpoint or ``last_checkpoint``.
+- Every checkpoint of a model with a fixed ALB head stores its genotype (``alb_genotype``); loading
+  it into a head of another genotype is an error naming both (weight names do not encode the
+  structure, so the load would otherwise succeed into a different network).
+- ``--resume`` whose ``last_checkpoint`` names a missing file falls back to the newest complete
+  ``model_*.pth`` in the folder, with a warning.
+- ``.pth`` files load with ``torch.load(weights_only=True)`` and detectron2's ``.pkl`` model-zoo
+  weights through a restricted unpickler (``elixir_d2.safe_pickle``): no checkpoint can run code.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import socket
+import tempfile
+import zipfile
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+
+from .cli import MissingFileError, UserInputError
+from .modeling.alb.genotype import Genotype, GenotypeError, genotype_from_dict
+from .modeling.genotype_source import genotype_to_yaml, uses_fixed_alb_head
+from .safe_pickle import load_weights_pickle
+
+__all__ = ["AtomicCheckpointer", "CheckpointError", "GENOTYPE_KEY", "alb_genotype_of",
+           "fill_genotype_from_checkpoint"]
+
+GENOTYPE_KEY = "alb_genotype"  # checkpoint entry: the fixed ALB head's genotype as a plain dict
+
+
+class CheckpointError(UserInputError, ValueError):
+    """A weights file that cannot be loaded into this model: unreadable, unsafe, or trained with
+    another ALB genotype."""
+
+
+def alb_genotype_of(model: torch.nn.Module) -> Optional[Genotype]:
+    """The genotype of ``model``'s fixed ALB head (DDP unwrapped), or None without one."""
+    for module in getattr(model, "module", model).modules():
+        genotype = getattr(module, "genotype", None)
+        if isinstance(genotype, Genotype):
+            return genotype
+    return None
+
+
+def _read_genotype(entry: Any, path: str) -> Genotype:
+    try:
+        return genotype_from_dict(entry, source=f"{path} ({GENOTYPE_KEY})")
+    except GenotypeError as e:
+        raise CheckpointError(str(e)) from e
+
+
+def fill_genotype_from_checkpoint(cfg, weights: str) -> bool:
+    """For evaluation / prediction: when ``cfg`` (unfrozen) builds a fixed ALB head but names no
+    genotype, set MODEL.ALB.GENOTYPE_YAML to the one stored in ``weights``. Returns whether it did."""
+    if not uses_fixed_alb_head(cfg) or cfg.MODEL.ALB.GENOTYPE or cfg.MODEL.ALB.GENOTYPE_YAML:
+        return False
+    hint = "pass MODEL.ALB.GENOTYPE <the genotype.yaml the model was trained with>"
+    if not weights or "://" in weights or weights.endswith(".pkl"):
+        raise UserInputError(f"MODEL.ALB.GENOTYPE is empty and the weights ({weights or 'none'}) "
+                             f"hold no genotype: {hint}")
+    if not os.path.isfile(weights):
+        raise MissingFileError(f"weights file {weights} not found (MODEL.WEIGHTS / --weights)")
+    entry = _load_pth(weights).get(GENOTYPE_KEY)
+    if entry is None:
+        raise UserInputError(f"MODEL.ALB.GENOTYPE is empty and checkpoint {weights} holds no genotype "
+                             f"(written before checkpoints stored it): {hint}")
+    cfg.MODEL.ALB.GENOTYPE_YAML = genotype_to_yaml(_read_genotype(entry, weights))
+    return True
+
+
+def _load_pth(filename: str, path_manager=None) -> Dict[str, Any]:
+    try:
+        if path_manager is None:
+            loaded = torch.load(filename, map_location="cpu", weights_only=True, mmap=True)
+        else:
+            with path_manager.open(filename, "rb") as f:
+                loaded = torch.load(f, map_location=torch.device("cpu"), weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"Checkpoint {filename} holds more than tensors and plain containers; "
+                              f"torch.load(weights_only=True) refused it ({first})") from e
+    except (RuntimeError, EOFError, ValueError) as e:  # truncated / not a torch file
+        raise CheckpointError(f"Checkpoint {filename} is unreadable (truncated or not a torch.save file): "
+                              f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from e
+    if not isinstance(loaded, dict):
+        raise CheckpointError(f"Checkpoint {filename} holds a {type(loaded).__name__}, not a state dict")
+    return loaded
+
+
+_ITER_NAME = re.compile(r"model_(\d+|final)\.pth$")
+
+
+def complete_checkpoints(folder: str) -> List[str]:
+    """``model_*.pth`` files of ``folder`` that are whole torch zip archives, newest (highest
+    iteration, model_final first) first."""
+    found = []
+    for name in os.listdir(folder) if os.path.isdir(folder) else []:
+        m = _ITER_NAME.fullmatch(name)
+        path = os.path.join(folder, name)
+        if m and zipfile.is_zipfile(path):  # a truncated archive has no central directory
+            found.append((float("inf") if m.group(1) == "final" else int(m.group(1)), path))
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def _short_host() -> str:
+    return socket.gethostname().split(".")[0] or "localhost"
+
+
+def _temp_prefix() -> str:
+    # The writer's pid and host in the name let a later run tell a dead writer's leftover from a
+    # file being written right now ('.' and '@' never occur in mkstemp's random part).
+    return f".tmp_{os.getpid()}@{_short_host()}."
+
+
+def _is_stale_temp(name: str) -> bool:
+    """A temporary checkpoint file whose writer, a process on this host, no longer exists."""
+    m = re.match(r"\.tmp_(\d+)@([^.]*)\.", name)
+    if not m or m.group(2) != _short_host():
+        return False
+    try:
+        os.kill(int(m.group(1)), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, OverflowError):
+        return False
+    return False
+
+
+class AtomicCheckpointer(DetectionCheckpointer):
+    """DetectionCheckpointer writing to a temporary file then renaming it into place.
+
+    ``.pth`` files are loaded with ``torch.load(weights_only=True)`` and ``.pkl`` model-zoo files
+    through a restricted unpickler: a checkpoint cannot run code. See the module docstring for
+    the genotype check and the resume fallback.
+    A process killed mid-write leaves only a ``.tmp_<pid>@<host>.*`` file, removed (and logged) by
+    the next save in that folder once process <pid> on this host is gone. Loading a checkpoint
+    that does not fit the model logs one summary line (counts and first keys) after detectron2's
+    per-key warnings, and one that shares no tensor with the model is an error.
+    """
+
+    _cleaned_dirs: Optional[set] = None
+
+    def _remove_stale_temp_files(self, folder: str) -> None:
+        # Once per folder and checkpointer: a live writer's temp file is never touched.
+        if self._cleaned_dirs is None:
+            self._cleaned_dirs = set()
+        if folder in self._cleaned_dirs:
+            return
+        self._cleaned_dirs.add(folder)
+        stale = [n for n in sorted(os.listdir(folder)) if _is_stale_temp(n)]
+        for name in stale:
+            os.remove(os.path.join(folder, name))
+        if stale:
+            self.logger.warning(f"Removed {len(stale)} partial checkpoint file(s) of killed runs in {folder}: {stale}")
+
+    def load(self, path: str, checkpointables: Optional[list] = None) -> Dict[str, Any]:
+        self._loading = path  # named in the mismatch summary
+        if path and "://" not in path and not os.path.isfile(path):
+            raise MissingFileError(
+                f"weights file {path} not found (MODEL.WEIGHTS / --weights); give a checkpoint written by "
+                "train_net.py, or leave MODEL.WEIGHTS empty to start from scratch")
+        return super().load(path, checkpointables)
+
+    def get_checkpoint_file(self) -> str:
+        """The file ``last_checkpoint`` names; if it is gone, the newest complete ``model_*.pth``."""
+        path = super().get_checkpoint_file()
+        if not path or self.path_manager.exists(path) or not os.path.isdir(self.save_dir):
+            return path
+        tag = os.path.join(self.save_dir, "last_checkpoint")
+        candidates = complete_checkpoints(self.save_dir)
+        if not candidates:
+            raise MissingFileError(
+                f"{tag} names {os.path.basename(path)}, which is missing, and no complete model_*.pth is left "
+                f"in {self.save_dir}: delete {tag} to start from MODEL.WEIGHTS, or run without --resume")
+        self.logger.warning(f"{tag} names {os.path.basename(path)}, which is missing; resuming from "
+                            f"{os.path.basename(candidates[0])}, the newest complete checkpoint there")
+        return candidates[0]
+
+    def _check_genotype(self, checkpoint: Dict[str, Any]) -> None:
+        entry = checkpoint.get(GENOTYPE_KEY)
+        ours = alb_genotype_of(self.model)
+        if entry is None or ours is None:
+            return
+        path = getattr(self, "_loading", "?")
+        theirs = _read_genotype(entry, path)
+        if theirs != ours:
+            raise CheckpointError(
+                f"Checkpoint {path} was trained with ALB genotype {genotype_to_yaml(theirs)} but the config "
+                f"builds {genotype_to_yaml(ours)} (MODEL.ALB.GENOTYPE / GENOTYPE_YAML); set MODEL.ALB.GENOTYPE "
+                "to the file the checkpoint was trained with, or to '' (and MODEL.ALB.GENOTYPE_YAML '') to "
+                "take the checkpoint's")
+
+    def _load_model(self, checkpoint: Any):
+        self._check_genotype(checkpoint)
+        state = checkpoint.get("model", {})
+        heuristics = checkpoint.get("matching_heuristics", False)  # detectron2 renames .pkl keys
+        num_in_checkpoint = len(state) if isinstance(state, dict) else 0
+        first_keys = sorted(state)[:3] if isinstance(state, dict) else []
+        incompatible = super()._load_model(checkpoint)
+        # Checkpoint tensors that went into the model: neither unknown to it nor of another shape.
+        self._num_loaded = num_in_checkpoint - len(incompatible.unexpected_keys) - len(incompatible.incorrect_shapes)
+        if num_in_checkpoint and self._num_loaded <= 0 and not heuristics:
+            model_keys = list(self.model.state_dict())
+            raise ValueError(
+                f"Checkpoint {getattr(self, '_loading', '?')} does not belong to this model: none of its "
+                f"{num_in_checkpoint} tensors matches one of the model's {len(model_keys)} by name and shape "
+                f"(checkpoint keys start {first_keys}, model keys start {model_keys[:3]})"
+            )
+        return incompatible
+
+    def _log_incompatible_keys(self, incompatible) -> None:
+        super()._log_incompatible_keys(incompatible)
+        shapes = incompatible.incorrect_shapes
+        reshaped = {k for k, _, _ in shapes}
+        missing = [k for k in incompatible.missing_keys if k not in reshaped]
+        unexpected = incompatible.unexpected_keys
+        if not (missing or unexpected or shapes):
+            return
+        total = len(self.model.state_dict())
+        parts = [f"{min(getattr(self, '_num_loaded', 0), total)} of the model's {total} tensors loaded"]
+        if missing:
+            parts.append(f"{len(missing)} missing from the checkpoint (first: {missing[:3]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} in the checkpoint but not in the model (first: {unexpected[:3]})")
+        if shapes:
+            k, s_ckpt, s_model = shapes[0]
+            parts.append(f"{len(shapes)} of another shape, skipped (first: {k} {s_ckpt} in the checkpoint, "
+                         f"{s_model} in the model)")
+        self.logger.warning(f"Checkpoint {getattr(self, '_loading', '?')} does not match the model: " + "; ".join(parts))
+
+    def _atomic_write(self, path: str, write: Callable[[Any], None], mode: str) -> None:
+        local = self.path_manager.get_local_path(os.path.dirname(path) or ".")
+        if not os.path.isdir(local):  # non-local backend: no rename; plain write
+            with self.path_manager.open(path, mode) as f:
+                write(f)
+            return
+        self._remove_stale_temp_files(local)
+        fd, tmp = tempfile.mkstemp(dir=local, prefix=_temp_prefix(), suffix=os.path.basename(path))
+        try:
+            with os.fdopen(fd, mode) as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, os.path.join(local, os.path.basename(path)))
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
+
+    def save(self, name: str, **kwargs: Any) -> None:
+        if not self.save_dir or not self.save_to_disk:
+            return
+        data = {"model": self.model.state_dict()}
+        for key, obj in self.checkpointables.items():
+            data[key] = obj.state_dict()
+        data.update(kwargs)
+        genotype = alb_genotype_of(self.model)
+        if genotype is not None:
+            data[GENOTYPE_KEY] = genotype.to_dict()
+        basename = f"{name}.pth"
+        save_file = os.path.join(self.save_dir, basename)
+        self.logger.info(f"Saving checkpoint to {save_file}")
+        self._atomic_write(save_file, lambda f: torch.save(data, f), "wb")
+        self.tag_last_checkpoint(basename)
+
+    def tag_last_checkpoint(self, last_filename_basename: str) -> None:
+        path = os.path.join(self.save_dir, "last_checkpoint")
+        self._atomic_write(path, lambda f: f.write(last_filename_basename), "w")
+
+    def _load_file(self, filename: str) -> Dict[str, Any]:
+        if filename.endswith(".pkl"):
+            return self._load_pkl(filename)
+        loaded = _load_pth(filename, self.path_manager)
+        return loaded if "model" in loaded else {"model": loaded}
+
+    def _load_pkl(self, filename: str) -> Dict[str, Any]:
+        # detectron2's DetectionCheckpointer._load_file, with the restricted unpickler.
+        try:
+            with self.path_manager.open(filename, "rb") as f:
+                data = load_weights_pickle(f, filename)
+        except pickle.UnpicklingError as e:
+            raise CheckpointError(str(e) if "asks to load" in str(e) else
+                                  f"Weights file {filename} is not a readable pickle ({e})") from e
+        except (EOFError, ValueError, TypeError) as e:
+            raise CheckpointError(f"Weights file {filename} is unreadable (truncated?): {e}") from e
+        if not isinstance(data, dict):
+            raise CheckpointError(f"Weights file {filename} holds a {type(data).__name__}, not a dict of arrays")
+        if "model" in data and "__author__" in data:  # detectron2 model-zoo format
+            self.logger.info(f"Reading a file from '{data['__author__']}'")
+            return data
+        if "blobs" in data:  # Caffe2 / Detectron1 detection models
+            data = data["blobs"]
+        data = {k: v for k, v in data.items() if not k.endswith("_momentum")}
+        return {"model": data, "__author__": "Caffe2", "matching_heuristics": True}
