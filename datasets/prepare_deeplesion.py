@@ -14,16 +14,21 @@ import sys
 from collections import Counter
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from elixir_d2.cli import MissingFileError, run_cli  # noqa: E402
 from elixir_d2.data import datasets_root  # noqa: E402
-from elixir_d2.data.deeplesion import SPLITS, read_dl_info  # noqa: E402
+from elixir_d2.data.deeplesion import SPLITS, DeepLesionFormatError, read_dl_info  # noqa: E402
 
 
-def main() -> int:
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--root", default=os.path.join(datasets_root(), "DeepLesion"))
     ap.add_argument("--slice-intv-mm", type=float, default=2.0)
-    args = ap.parse_args()
-    lesions = read_dl_info(os.path.join(args.root, "DL_info.csv"))
+    args = ap.parse_args(argv)
+    csv_path = os.path.join(args.root, "DL_info.csv")
+    if not os.path.isfile(csv_path):
+        raise MissingFileError(f"--root {args.root}: no DL_info.csv there; download DeepLesion as "
+                               "datasets/README.md says, or pass --root")
+    lesions = read_dl_info(csv_path)
     names = {v: k for k, v in SPLITS.items()}
     key_slices = {les["file_name"]: les for les in lesions}
     counts: Counter = Counter()
@@ -46,4 +51,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main, expected=(DeepLesionFormatError,))

@@ -6,11 +6,26 @@
 
 Same as ``python -m elixir_d2.data.kits19``; see datasets/README.md.
 """
+import argparse
 import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from elixir_d2.data.kits19 import main  # noqa: E402
+from elixir_d2.cli import MissingFileError, run_cli  # noqa: E402
+from elixir_d2.data import datasets_root  # noqa: E402
+from elixir_d2.data.kits19 import KiTS19Error, main  # noqa: E402
+
+
+def checked_main(argv=None):
+    """main, after checking that the KiTS19 root holds data/ (one-line error otherwise)."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--root", default=os.path.join(datasets_root(), "kits19"))
+    root = pre.parse_known_args(argv)[0].root
+    if not os.path.isdir(os.path.join(root, "data")):
+        raise MissingFileError(f"--root {root}: no data/ folder of case_XXXXX cases there; download KiTS19 as "
+                               "datasets/README.md says, or pass --root")
+    return main(argv)
+
 
 if __name__ == "__main__":
-    main()
+    run_cli(checked_main, expected=(KiTS19Error,))

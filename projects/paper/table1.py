@@ -92,4 +92,6 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, str]:
 
 
 if __name__ == "__main__":
-    main()
+    from elixir_d2.cli import run_cli
+
+    run_cli(main)

@@ -15,4 +15,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from table1 import main  # noqa: E402
 
 if __name__ == "__main__":
-    main()
+    from elixir_d2.cli import run_cli
+
+    run_cli(main)
