@@ -18,6 +18,7 @@ setup(
         "matplotlib",
         "pycocotools",
         "SimpleITK",
+        "opencv-python-headless",
         "tqdm",
         "fvcore",
         "iopath",

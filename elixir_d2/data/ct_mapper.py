@@ -20,26 +20,51 @@ from detectron2.utils.file_io import PathManager
 logger = logging.getLogger(__name__)
 
 HU_OFFSET = 32768  # DeepLesion PNGs store HU + 32768 as uint16
-_PNG16_MODES = ("I;16", "I;16B", "I;16L", "I")
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# A CT slice is 512-1024 px a side; anything past this is refused before decoding.
+MAX_SLICE_SIDE = 8192
+# PNG (color type, bit depth) -> the mode PIL names it by, for error messages users recognise.
+_PNG_MODES = {0: "L", 2: "RGB", 3: "P", 4: "LA", 6: "RGBA"}
 
 
 class CTSliceError(ValueError):
     """A slice file that cannot be used (unreadable, corrupt, not 16-bit, wrong size)."""
 
 
+def _png_header(path: str, head: bytes) -> Tuple[int, int, int, int]:
+    """(width, height, bit depth, color type) from a PNG's signature and IHDR chunk."""
+    if len(head) < 26 or head[:8] != _PNG_SIGNATURE or head[12:16] != b"IHDR":
+        raise CTSliceError(f"cannot read CT slice {path}: not a PNG file (DeepLesion-format slices are 16-bit PNG)")
+    width, height = int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+    return width, height, head[24], head[25]
+
+
+def png_size(path: str) -> Tuple[int, int]:
+    """(height, width) of a PNG slice from its IHDR chunk, without decoding it."""
+    with PathManager.open(path, "rb") as f:
+        width, height, _, _ = _png_header(path, f.read(26))
+    return height, width
+
+
 def read_hu_slice(path: str) -> np.ndarray:
-    """Read a 16-bit DeepLesion-format PNG as float32 HU; errors name the file."""
-    try:
-        with PathManager.open(path, "rb") as f:
-            img = Image.open(f)
-            img.load()
-    except FileNotFoundError:
-        raise
-    except Exception as e:  # PIL raises many types for corrupt / truncated files
-        raise CTSliceError(f"cannot read CT slice {path}: {e}") from e
-    if img.mode not in _PNG16_MODES:
-        raise CTSliceError(f"{path}: expected a 16-bit grayscale PNG (HU + {HU_OFFSET}), got mode {img.mode!r}")
-    return np.asarray(img, dtype=np.float32) - HU_OFFSET
+    """Read a 16-bit grayscale DeepLesion-format PNG as float32 HU; errors name the file.
+
+    Only PNG is accepted (signature checked), and its IHDR is checked (16-bit grayscale, at most
+    MAX_SLICE_SIDE a side) before the pixels are decoded with OpenCV.
+    """
+    with PathManager.open(path, "rb") as f:  # FileNotFoundError passes through: callers fall back
+        data = f.read()
+    width, height, depth, color = _png_header(path, data[:26])
+    if color != 0 or depth != 16:
+        mode = "1" if (color, depth) == (0, 1) else _PNG_MODES.get(color, f"color type {color}")
+        raise CTSliceError(f"{path}: expected a 16-bit grayscale PNG (HU + {HU_OFFSET}), got mode {mode!r} "
+                           f"({depth}-bit)")
+    if not (0 < width <= MAX_SLICE_SIDE and 0 < height <= MAX_SLICE_SIDE):
+        raise CTSliceError(f"cannot read CT slice {path}: {width} x {height} pixels (at most {MAX_SLICE_SIDE} a side)")
+    img = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
+    if img is None or img.dtype != np.uint16 or img.shape != (height, width):
+        raise CTSliceError(f"cannot read CT slice {path}: corrupt or truncated PNG data")
+    return img.astype(np.float32) - HU_OFFSET
 
 
 def slice_offsets_mm(num_slices: int, interval_mm: float) -> List[float]:
