@@ -9,6 +9,9 @@ a DICOM series folder, or a folder of such cases. Outputs (see elixir_d2/inferen
 per-case detections.json / detections.csv / findings.csv, overlay PNGs, coco_results.json,
 summary.json; froc.png with --gt; relation graphs with --draw-relations (ALB head); TRPN
 confidence maps with --draw-confidence. Trailing KEY VALUE pairs override config keys.
+Case ids (output folder names) come from file and folder names, made safe and unique; inputs are
+named relative to PATH; --anonymize-ids replaces the ids by case_0001, ... A non-empty DIR is
+refused unless --overwrite; cases larger than --max-voxels are refused from their headers.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ from elixir_d2 import load_config
 from elixir_d2.checkpoint import fill_genotype_from_checkpoint
 from elixir_d2.cli import EXIT_USER_ERROR, MissingFileError, require_file, run_cli
 from elixir_d2.inference import PredictOptions, run_prediction
+from elixir_d2.inference.orientation import DEFAULT_MAX_VOXELS
 from elixir_d2.inference.runner import INPUT_ERRORS
 from elixir_d2.modeling.genotype_source import resolve_genotype_config
 
@@ -47,6 +51,14 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--draw-confidence", action="store_true", help="TRPN location confidence heat maps")
     ap.add_argument("--group-iou", type=float, default=0.3, help="IoU linking detections on nearby slices")
     ap.add_argument("--group-gap", type=int, default=1, help="largest slice gap linking detections")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="reuse a non-empty --output: replace what an earlier run wrote there (else refused)")
+    ap.add_argument("--max-voxels", type=int, default=DEFAULT_MAX_VOXELS, metavar="N",
+                    help=f"refuse a case of more voxels, from its header (default {DEFAULT_MAX_VOXELS:,}: "
+                         "512 x 512 x 2048); 0: no limit")
+    ap.add_argument("--anonymize-ids", default=None, metavar="MAPPING.csv",
+                    help="name cases case_0001, ... in every output (case ids otherwise come from file and folder "
+                         "names) and write which input each id is to MAPPING.csv, outside --output")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")
     return ap
@@ -79,7 +91,8 @@ def main(argv=None) -> int:
         batch_size=args.batch_size, spacing=args.spacing, slice_interval=args.slice_intv,
         view_window=tuple(args.view_window), overlays=args.overlays, draw_relations=args.draw_relations,
         draw_confidence=args.draw_confidence, group_iou=args.group_iou, group_gap=args.group_gap, gt=args.gt,
-        progress=not args.no_progress,
+        progress=not args.no_progress, overwrite=args.overwrite, max_voxels=args.max_voxels or None,
+        anonymize_ids=args.anonymize_ids,
     )
     try:
         summary = run_prediction(cfg, args.input, args.output, opts)

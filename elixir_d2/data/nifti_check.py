@@ -53,7 +53,7 @@ def nifti_truncation(path: str) -> Optional[str]:
             present = f.tell()
         expected = _expected_bytes(hdr)
     else:
-        present, hdr = 0, b""
+        present, hdr, expected = 0, b"", None
         try:
             with gzip.open(local, "rb") as f:
                 while True:
@@ -62,12 +62,15 @@ def nifti_truncation(path: str) -> Optional[str]:
                         break
                     if len(hdr) < 540:
                         hdr += chunk[: 540 - len(hdr)]
+                        expected = _expected_bytes(hdr)
                     present += len(chunk)
+                    if expected is not None and present >= expected:
+                        break  # all declared voxels are there; whatever follows is never read
         except EOFError:
             return "the gzip stream ends before its end marker (truncated file)"
         except (OSError, zlib.error) as e:
             return f"corrupt gzip stream ({e})"
-        expected = _expected_bytes(hdr)
+        expected = expected if expected is not None else _expected_bytes(hdr)
     if expected is not None and present < expected:
         return f"{present} bytes of header and voxels where the header declares {expected} (truncated file)"
     return None

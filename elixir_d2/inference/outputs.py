@@ -7,13 +7,13 @@ the LPS position (mm) of the box centre. Nothing from DICOM headers beyond geome
 from __future__ import annotations
 
 import csv
+import io
 import json
 from typing import Dict, Iterable, List, Optional, Sequence
 
 import numpy as np
 
-from detectron2.utils.file_io import PathManager
-
+from ..atomic_io import atomic_write_text
 from .grouping import Finding
 from .predictor import VolumePrediction
 
@@ -102,8 +102,8 @@ def case_summary(pred: VolumePrediction, detections: List[Dict], findings: Seque
 
 
 def write_json(path: str, obj, indent: Optional[int] = 1) -> None:
-    with PathManager.open(path, "w") as f:
-        json.dump(obj, f, indent=indent)
+    """Written then renamed: a run killed or out of disk leaves no truncated file."""
+    atomic_write_text(path, json.dumps(obj, indent=indent))
 
 
 def _cell(v):
@@ -115,12 +115,13 @@ def _cell(v):
 
 
 def write_csv(path: str, rows: Iterable[Dict], columns: Sequence[str]) -> None:
-    """CSV with a header; list values become space-separated numbers."""
-    with PathManager.open(path, "w") as f:
-        w = csv.DictWriter(f, fieldnames=list(columns), lineterminator="\n")
-        w.writeheader()
-        for r in rows:
-            w.writerow({c: _cell(r.get(c)) for c in columns})
+    """CSV with a header; list values become space-separated numbers. Written then renamed."""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(columns), lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({c: _cell(r.get(c)) for c in columns})
+    atomic_write_text(path, buf.getvalue())
 
 
 class CocoResults:

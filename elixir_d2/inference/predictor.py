@@ -21,7 +21,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -172,9 +172,11 @@ class CTPredictor:
         return tensor, (new_h, new_w), stack.fallbacks
 
     # ------------------------------------------------------------------ inference
-    def predict_volume(self, volume: CTVolume, progress=None) -> VolumePrediction:
+    def predict_volume(self, volume: CTVolume, progress=None,
+                       on_slice: Optional[Callable[[SlicePrediction], None]] = None) -> VolumePrediction:
         """Predict every slice of ``volume`` (or its key slices). ``progress``: an object with
-        ``update(n)`` (e.g. tqdm), advanced after each batch."""
+        ``update(n)`` (e.g. tqdm), advanced after each batch. ``on_slice``: called with each
+        slice's prediction as soon as its batch is done (to draw it and release its captures)."""
         check_context(volume, self.mapper.offsets_mm)
         sx, sy = volume.spacing
         if abs(sx - sy) > 0.01 * max(sx, sy):
@@ -198,6 +200,8 @@ class CTPredictor:
             result.forward_s += t2 - t1
             for i, (n, (_, size, fallbacks), out) in enumerate(zip(chunk, prepared, outputs)):
                 result.slices.append(self._slice_result(volume, n, size, fallbacks, out["instances"], i))
+                if on_slice is not None:
+                    on_slice(result.slices[-1])
             if progress is not None:
                 progress.update(len(chunk))
         return result

@@ -12,12 +12,21 @@ Output layout under ``output_dir``::
     coco_results.json, coco_images.json
     froc.png, froc.json                with ground truth: FROC over the slices it annotates
     summary.json                       cases done, cases that failed (and why), ignored files, timing
+
+Case folder names are case ids (:mod:`.case_ids`: from file / folder names, sanitised, unique);
+every path is checked to stay inside ``output_dir``. Each case folder is written under a
+temporary name and renamed when complete; the files above are written then renamed. A run refuses
+a non-empty ``output_dir`` unless ``overwrite``, which removes only what an earlier run wrote there
+(the files above and case folders holding :data:`CASE_MARKER`). Outputs and logs name inputs
+relative to the input path, or, with ``anonymize_ids``, by sequential ids only (the mapping goes to
+a separate CSV).
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
@@ -27,6 +36,7 @@ from tqdm import tqdm
 
 from detectron2.utils.file_io import PathManager
 
+from ..atomic_io import atomic_write_text, build_dir_atomically, remove_stale_tmp
 from ..data.ct_mapper import CTSliceError
 from ..data.deeplesion import DeepLesionFormatError, read_dl_info
 from ..visualization import draw_confidence_map, draw_detections, draw_relation_graph, window_for_display
@@ -35,15 +45,24 @@ from .outputs import (
     DETECTION_COLUMNS, FINDING_COLUMNS, CocoResults, case_summary, detection_rows, finding_rows, flat_detections,
     write_csv, write_json,
 )
-from .predictor import CTPredictor, VolumePrediction
-from .volume_io import CTInputError, discover_cases, read_case
+from .case_ids import RUN_FILES, InputNames, OutputDir, UnsafeOutputError
+from .orientation import DEFAULT_MAX_VOXELS
+from .predictor import CTPredictor, SlicePrediction, VolumePrediction
+from .volume_io import CTInputError, CaseSource, discover_cases, read_case
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PredictOptions", "load_ground_truth", "run_prediction", "INPUT_ERRORS"]
+__all__ = ["PredictOptions", "load_ground_truth", "run_prediction", "INPUT_ERRORS", "OutputNotEmptyError"]
 
 # Errors that make one case unusable; a folder run lists them and goes on.
 INPUT_ERRORS = (CTInputError, CTSliceError, DeepLesionFormatError, OSError)
+# Out of memory on one huge case, or a runtime failure in the model on it, fails that case only.
+CASE_ERRORS = INPUT_ERRORS + (MemoryError, RuntimeError, UnsafeOutputError)
+CASE_MARKER = ".elixir_d2_case"  # in every case folder a run writes: what --overwrite may remove
+
+
+class OutputNotEmptyError(ValueError):
+    """The output folder holds files and the run was not told it may replace them."""
 
 GroundTruth = Dict[str, Dict[int, np.ndarray]]  # case -> slice number -> (M, 4) XYXY pixels
 
@@ -61,6 +80,9 @@ class PredictOptions:
     group_gap: int = 1
     gt: Optional[str] = None
     progress: bool = True
+    max_voxels: Optional[int] = DEFAULT_MAX_VOXELS  # larger cases are refused from their header
+    overwrite: bool = False  # replace what an earlier run wrote in the output folder
+    anonymize_ids: Optional[str] = None  # CSV path: sequential case ids, the mapping written there
 
 
 def load_ground_truth(path: str) -> GroundTruth:
@@ -100,30 +122,65 @@ def load_ground_truth(path: str) -> GroundTruth:
     return gt
 
 
-def _draw_case(pred: VolumePrediction, case_dir: str, gt: Dict[int, np.ndarray], opts: PredictOptions) -> int:
-    """Overlays (and relation / confidence pictures) of the slices worth looking at."""
-    if opts.overlays == "none" and not (opts.draw_relations or opts.draw_confidence):
-        return 0
-    vol = pred.volume
-    drawn = 0
-    for sp in pred.slices:
+def _slice_drawer(case_dir: str, name: str, view_hu, gt: Dict[int, np.ndarray], opts: PredictOptions):
+    """on_slice callback: draws one slice's pictures as soon as it is predicted, then drops the
+    relation matrix, proposals and confidence maps it held (P x P per slice would add up)."""
+    counts = {"drawn": 0}
+
+    def draw(sp: SlicePrediction) -> None:
         gt_boxes = gt.get(sp.slice_number)
-        if opts.overlays != "all" and not len(sp.scores) and gt_boxes is None:
-            continue
-        grey = window_for_display(vol.hu[vol.rows[sp.slice_number]], opts.view_window)
-        name = f"slice_{sp.slice_number:03d}.png"
-        if opts.overlays != "none":
-            PathManager.mkdirs(f"{case_dir}/overlays")
-            draw_detections(grey, sp.boxes, sp.scores, sp.type_names, gt_boxes, f"{case_dir}/overlays/{name}")
-            drawn += 1
-        if opts.draw_relations and sp.relations is not None and len(sp.proposals):
-            PathManager.mkdirs(f"{case_dir}/relations")
-            draw_relation_graph(grey, sp.proposals, sp.relations, f"{case_dir}/relations/{name}",
-                                scores=sp.proposal_scores, title=f"{vol.name} slice {sp.slice_number}")
-        if opts.draw_confidence and sp.conf_maps:
-            PathManager.mkdirs(f"{case_dir}/confidence")
-            draw_confidence_map(grey, sp.conf_maps, f"{case_dir}/confidence/{name}", eps=sp.conf_eps)
-    return drawn
+        wanted = opts.overlays == "all" or len(sp.scores) or gt_boxes is not None
+        relations = opts.draw_relations and sp.relations is not None and len(sp.proposals)
+        confidence = opts.draw_confidence and sp.conf_maps
+        file = f"slice_{sp.slice_number:03d}.png"
+        if (wanted and opts.overlays != "none") or relations or confidence:
+            grey = window_for_display(view_hu(sp.slice_number), opts.view_window)
+            if wanted and opts.overlays != "none":
+                os.makedirs(f"{case_dir}/overlays", exist_ok=True)
+                draw_detections(grey, sp.boxes, sp.scores, sp.type_names, gt_boxes, f"{case_dir}/overlays/{file}")
+                counts["drawn"] += 1
+            if relations:
+                os.makedirs(f"{case_dir}/relations", exist_ok=True)
+                draw_relation_graph(grey, sp.proposals, sp.relations, f"{case_dir}/relations/{file}",
+                                    scores=sp.proposal_scores, title=f"{name} slice {sp.slice_number}")
+            if confidence:
+                os.makedirs(f"{case_dir}/confidence", exist_ok=True)
+                draw_confidence_map(grey, sp.conf_maps, f"{case_dir}/confidence/{file}", eps=sp.conf_eps)
+        sp.relations = sp.proposals = sp.proposal_scores = None
+        sp.conf_maps = sp.conf_eps = None
+
+    return draw, counts
+
+
+def _prepare_output(out: OutputDir, overwrite: bool) -> None:
+    """Refuse a non-empty output folder, or (``overwrite``) remove what an earlier run wrote."""
+    os.makedirs(out.root, exist_ok=True)
+    entries = sorted(os.listdir(out.root))
+    if not entries:
+        return
+    if not overwrite:
+        raise OutputNotEmptyError(
+            f"--output {out.given} is not empty ({len(entries)} entries, e.g. {entries[0]}); pass --overwrite to "
+            f"replace what an earlier run wrote there, or give an empty folder"
+        )
+    for e in entries:
+        path = os.path.join(out.root, e)
+        if e in RUN_FILES and os.path.isfile(path) and not os.path.islink(path):
+            os.remove(path)
+        elif os.path.isdir(path) and not os.path.islink(path) and os.path.isfile(os.path.join(path, CASE_MARKER)):
+            shutil.rmtree(path)
+        elif e.startswith(".") and ".tmp-" in e:  # a killed run's unfinished case folder or file
+            remove_stale_tmp(out.root, e[1:].split(".tmp-")[0])
+
+
+def _write_case(case_dir: str, pred: VolumePrediction, dets: List[Dict], findings, names: InputNames,
+                case: CaseSource) -> None:
+    vol = pred.volume
+    vol.warnings = [names.scrub(w, case.path, vol.name) for w in vol.warnings]
+    write_json(f"{case_dir}/detections.json", case_summary(pred, dets, findings))
+    write_csv(f"{case_dir}/detections.csv", dets, DETECTION_COLUMNS)
+    write_csv(f"{case_dir}/findings.csv", finding_rows(vol.name, findings), FINDING_COLUMNS)
+    atomic_write_text(f"{case_dir}/{CASE_MARKER}", "written by elixir_d2 predict_net.py\n")
 
 
 def _froc(preds: List[VolumePrediction], gt: GroundTruth, out_dir: str, fps) -> Optional[Dict]:
@@ -151,77 +208,105 @@ def _froc(preds: List[VolumePrediction], gt: GroundTruth, out_dir: str, fps) -> 
     return doc
 
 
+def _case_ids(cases: List[CaseSource], names: InputNames, opts: PredictOptions, out: OutputDir) -> List[str]:
+    """Output ids of the cases; anonymised: case_0001 ... with the mapping written to its CSV."""
+    if not opts.anonymize_ids:
+        return [c.name for c in cases]
+    if out.contains(opts.anonymize_ids):
+        raise OutputNotEmptyError(f"--anonymize-ids {opts.anonymize_ids}: keep the id mapping outside --output "
+                                  f"{out.given}, which is meant to be shared")
+    ids = [f"case_{i:04d}" for i in range(1, len(cases) + 1)]
+    rows = [{"case_id": i, "input": names.relative(c.path)} for i, c in zip(ids, cases)]
+    os.makedirs(os.path.dirname(os.path.abspath(opts.anonymize_ids)), exist_ok=True)
+    atomic_write_text(opts.anonymize_ids, InputNames.mapping_csv(rows))
+    return ids
+
+
 def run_prediction(cfg, input_path: str, output_dir: str, opts: Optional[PredictOptions] = None,
                    model=None) -> Dict:
     """Predict every case under ``input_path`` and write the outputs (module docstring).
 
     A single case that cannot be read raises its error; in a run over several cases a bad case
-    is skipped, logged, and listed under ``failed`` in the returned summary and summary.json.
+    (unreadable, too large, out of memory, a write that failed) is skipped, logged, and listed
+    under ``failed`` in the returned summary and summary.json, and the other cases complete.
     """
     opts = opts or PredictOptions()
     cases, ignored = discover_cases(input_path)
+    names = InputNames(input_path, anonymize=bool(opts.anonymize_ids))
+    out = OutputDir(output_dir)
+    _prepare_output(out, opts.overwrite)
+    ids = _case_ids(cases, names, opts, out)
     t_setup = time.perf_counter()
     predictor = CTPredictor(cfg, model, batch_size=opts.batch_size, capture_relations=opts.draw_relations,
                             capture_confidence=opts.draw_confidence)
     t_start = time.perf_counter()  # model construction / loading is timed apart
     gt = load_ground_truth(opts.gt) if opts.gt else {}
-    PathManager.mkdirs(output_dir)
     coco = CocoResults(predictor.class_names)
     all_dets, all_findings, done, failed, preds = [], [], [], [], []
     forward_s = prepare_s = 0.0
     context_mm = max(abs(o) for o in predictor.mapper.offsets_mm)
-    bar = tqdm(cases, desc="cases", unit="case", disable=not opts.progress or len(cases) == 1)
-    for case in bar:
+    bar = tqdm(list(zip(cases, ids)), desc="cases", unit="case", disable=not opts.progress or len(cases) == 1)
+    for case, case_id in bar:
+        case_gt = gt.get(case.name, {})  # ground truth names cases as the input does, not by anonymous id
         try:
-            volume = read_case(case, opts.spacing, opts.slice_interval, context_mm=context_mm)
-            with tqdm(total=len(volume.slices_to_predict()), desc=case.name, unit="slice", leave=False,
-                      disable=not opts.progress) as slice_bar:
-                pred = predictor.predict_volume(volume, progress=slice_bar)
-        except INPUT_ERRORS as e:
+            volume = read_case(case, opts.spacing, opts.slice_interval, context_mm=context_mm,
+                               max_voxels=opts.max_voxels)
+            volume.name = case_id
+
+            def build(case_dir: str) -> Dict:
+                draw, counts = _slice_drawer(case_dir, case_id, lambda n: volume.hu[volume.rows[n]], case_gt, opts)
+                with tqdm(total=len(volume.slices_to_predict()), desc=case_id, unit="slice", leave=False,
+                          disable=not opts.progress) as slice_bar:
+                    pred = predictor.predict_volume(volume, progress=slice_bar, on_slice=draw)
+                slices, boxes, scores = flat_detections(pred)
+                findings = group_detections(slices, boxes, scores, volume.spacing, volume.slice_interval,
+                                            iou_thresh=opts.group_iou, max_gap=opts.group_gap)
+                finding_of = {i: f.finding_id for f in findings for i in f.members}
+                dets = detection_rows(pred, finding_of)
+                _write_case(case_dir, pred, dets, findings, names, case)
+                return {"pred": pred, "dets": dets, "findings": findings}
+
+            built = build_dir_atomically(out.path(case_id), build, None)
+        except CASE_ERRORS as e:
             if len(cases) == 1:
                 raise
-            logger.warning(f"skipping case {case.name}: {e}")
-            failed.append({"case": case.name, "path": case.path, "error": str(e)})
+            error = names.scrub(str(e) or type(e).__name__, case.path, case_id)
+            logger.warning(f"skipping case {case_id}: {error}")
+            failed.append({"case": case_id, "path": names.shown(case.path, case_id), "error": error})
             continue
+        finally:
+            volume = None  # release the volume whatever happened
+        pred, dets, findings = built["pred"], built["dets"], built["findings"]
         forward_s += pred.forward_s
         prepare_s += pred.prepare_s
-        slices, boxes, scores = flat_detections(pred)
-        findings = group_detections(slices, boxes, scores, volume.spacing, volume.slice_interval,
-                                    iou_thresh=opts.group_iou, max_gap=opts.group_gap)
-        finding_of = {i: f.finding_id for f in findings for i in f.members}
-        dets = detection_rows(pred, finding_of)
-        case_dir = f"{output_dir}/{volume.name}"
-        PathManager.mkdirs(case_dir)
-        write_json(f"{case_dir}/detections.json", case_summary(pred, dets, findings))
-        write_csv(f"{case_dir}/detections.csv", dets, DETECTION_COLUMNS)
-        f_rows = finding_rows(volume.name, findings)
-        write_csv(f"{case_dir}/findings.csv", f_rows, FINDING_COLUMNS)
-        _draw_case(pred, case_dir, gt.get(volume.name, {}), opts)
         coco.add_volume(pred)
         all_dets += dets
-        all_findings += f_rows
-        for w in volume.warnings:
+        all_findings += finding_rows(case_id, findings)
+        for w in pred.volume.warnings:
             logger.warning(w)
-        done.append({"case": volume.name, "input_kind": volume.kind, "slices": len(pred.slices),
+        done.append({"case": case_id, "input_kind": pred.volume.kind, "slices": len(pred.slices),
                      "detections": len(dets), "findings": len(findings),
                      "model_input_size": [list(s) for s in sorted({tuple(sp.input_size) for sp in pred.slices})]})
+        pred.volume.hu = None  # outputs are written
         if opts.gt:
+            pred.volume.name = case.name  # FROC matches ground truth by the input's case name
             preds.append(pred)
-        volume.hu = None  # release the volume; outputs are written
-    write_csv(f"{output_dir}/detections.csv", all_dets, DETECTION_COLUMNS)
-    write_csv(f"{output_dir}/findings.csv", all_findings, FINDING_COLUMNS)
-    coco.write(output_dir)
-    froc = _froc(preds, gt, output_dir, tuple(cfg.TEST.FROC_FPS)) if opts.gt else None
+    write_csv(out.path("detections.csv"), all_dets, DETECTION_COLUMNS)
+    write_csv(out.path("findings.csv"), all_findings, FINDING_COLUMNS)
+    coco.write(out.root)
+    froc = _froc(preds, gt, out.root, tuple(cfg.TEST.FROC_FPS)) if opts.gt else None
     total_s = time.perf_counter() - t_start
     summary = {
-        "cases": done, "failed": failed, "ignored": ignored, "froc": froc,
+        "cases": done, "failed": failed,
+        "ignored": len(ignored) if opts.anonymize_ids else [names.relative(p) for p in ignored], "froc": froc,
         "timing_s": {"model_setup": round(t_start - t_setup, 3), "total": round(total_s, 3), "model_forward": round(forward_s, 3),
                      "prepare_inputs": round(prepare_s, 3),
                      "total_over_forward": round(total_s / forward_s, 3) if forward_s > 0 else None},
     }
-    write_json(f"{output_dir}/summary.json", summary)
+    write_json(out.path("summary.json"), summary)
     if failed:
         logger.warning(f"{len(failed)} case(s) failed: " + "; ".join(f"{f['case']} ({f['error']})" for f in failed))
     if ignored:
-        logger.info(f"ignored {len(ignored)} file(s) that are not CT input, e.g. {ignored[0]}")
+        logger.info(f"ignored {len(ignored)} file(s) that are not CT input"
+                    + ("" if opts.anonymize_ids else f", e.g. {names.relative(ignored[0])}"))
     return summary

@@ -13,6 +13,10 @@ NIfTI and DICOM volumes are reoriented to LPS (``sitk.DICOMOrient``): axis 0 run
 patient's superior axis and slices show the patient's right on the image's left, anterior at
 the top, the radiological display DeepLesion's PNGs use. Only the geometry, modality and rescale
 tags of DICOM headers are read: no patient identifier ever enters a :class:`CTVolume`.
+
+Case names come from file and folder names (:mod:`.case_ids` makes them safe and unique). Sizes
+are checked on headers against a voxel cap (:data:`.orientation.DEFAULT_MAX_VOXELS`) before any
+volume is allocated. The NIfTI and DICOM readers live in :mod:`.nifti_io` and :mod:`.dicom_io`.
 """
 from __future__ import annotations
 
@@ -28,8 +32,9 @@ import numpy as np
 
 from detectron2.utils.file_io import PathManager
 
-from ..data.ct_mapper import CTSliceError, read_hu_slice
-from ..data.nifti_check import nifti_truncation
+from ..data.ct_mapper import CTSliceError, png_size, read_hu_slice
+from .case_ids import unique_case_ids
+from .orientation import DEFAULT_MAX_VOXELS, check_voxel_cap
 
 logger = logging.getLogger(__name__)
 
@@ -160,11 +165,12 @@ def discover_cases(path: str) -> Tuple[List[CaseSource], List[str]]:
         base = os.path.basename(path)
         low = base.lower()
         if low.endswith(_NIFTI_EXT):
-            return [CaseSource(_strip_nifti_ext(base), path, "nifti")], []
+            return [CaseSource(unique_case_ids([_strip_nifti_ext(base)])[0], path, "nifti")], []
         m = _PNG_SLICE.match(base)
         if m:
             folder = os.path.dirname(path) or "."
-            return [CaseSource(os.path.basename(os.path.abspath(folder)), folder, "deeplesion", int(m.group(1)))], []
+            name = unique_case_ids([os.path.basename(os.path.abspath(folder))])[0]
+            return [CaseSource(name, folder, "deeplesion", int(m.group(1)))], []
         if low.endswith(".png"):
             raise CTInputError(f"{path}: a DeepLesion key slice must be named <number>.png inside its series folder")
         if _is_dicom_file(path):
@@ -176,13 +182,9 @@ def discover_cases(path: str) -> Tuple[List[CaseSource], List[str]]:
     _walk(path, cases, ignored, depth=0)
     if not cases:
         raise CTInputError(f"{path}: no CT input found (DeepLesion PNG slices, NIfTI volumes or DICOM series)")
-    # Case names become output folder names: make them unique.
-    seen: Dict[str, int] = {}
-    for c in cases:
-        k = seen.get(c.name, 0)
-        seen[c.name] = k + 1
-        if k:
-            c.name = f"{c.name}_{k + 1}"
+    # Case names become output folder names: safe and unique by construction.
+    for c, name in zip(cases, unique_case_ids([c.name for c in cases])):
+        c.name = name
     return cases, ignored
 
 
@@ -231,16 +233,17 @@ def check_context(volume: CTVolume, offsets_mm: Sequence[float]) -> None:
 
 # ---------------------------------------------------------------------------------- readers
 def read_case(case: CaseSource, spacing: Optional[float] = None, slice_interval: Optional[float] = None,
-              context_mm: float = 2.0) -> CTVolume:
+              context_mm: float = 2.0, max_voxels: Optional[int] = DEFAULT_MAX_VOXELS) -> CTVolume:
     """Read one discovered case. ``spacing`` / ``slice_interval`` override what a DeepLesion folder
-    gets from DL_info.csv (NIfTI and DICOM carry their own)."""
+    gets from DL_info.csv (NIfTI and DICOM carry their own); a case of more than ``max_voxels``
+    voxels (None: no cap) is refused from its header."""
     if case.kind == "deeplesion":
         return read_png_series(case.path, case.name, key_slice=case.key_slice, spacing=spacing,
-                               slice_interval=slice_interval, context_mm=context_mm)
+                               slice_interval=slice_interval, context_mm=context_mm, max_voxels=max_voxels)
     if case.kind == "nifti":
-        return read_nifti(case.path, case.name)
+        return read_nifti(case.path, case.name, max_voxels)
     if case.kind == "dicom":
-        return read_dicom_series(case.path, case.name)
+        return read_dicom_series(case.path, case.name, max_voxels)
     raise ValueError(f"unknown case kind {case.kind!r} for {case.path}")
 
 
@@ -269,7 +272,8 @@ def deeplesion_spacing(folder: str) -> Optional[Tuple[float, float]]:
 
 
 def read_png_series(folder: str, name: str, key_slice: Optional[int] = None, spacing: Optional[float] = None,
-                    slice_interval: Optional[float] = None, context_mm: float = 2.0) -> CTVolume:
+                    slice_interval: Optional[float] = None, context_mm: float = 2.0,
+                    max_voxels: Optional[int] = DEFAULT_MAX_VOXELS) -> CTVolume:
     """A DeepLesion-format slice folder as a volume; with ``key_slice`` only the slices within
     ``context_mm`` (+ one) of it are read. Spacing: arguments, else DL_info.csv, else an error."""
     numbers = _png_numbers(folder)
@@ -293,6 +297,8 @@ def read_png_series(folder: str, name: str, key_slice: Optional[int] = None, spa
     if key_slice is not None:
         reach = int(math.ceil(context_mm / slice_interval - 1e-6)) + 1
         wanted = [n for n in wanted if abs(n - key_slice) <= reach]
+    h, w = png_size(numbers[wanted[0]])
+    check_voxel_cap(folder, (w, h, len(wanted)), max_voxels, CTInputError)
     slices = [read_hu_slice(numbers[n]) for n in wanted]
     shapes = {s.shape for s in slices}
     if len(shapes) != 1:
@@ -319,148 +325,11 @@ def _sitk():
     return sitk
 
 
-def _oriented_volume(img, source: str, name: str, kind: str) -> CTVolume:
-    """LPS-reoriented SimpleITK image -> CTVolume (HU float32)."""
-    sitk = _sitk()
-    img = sitk.DICOMOrient(img, "LPS")
-    sx, sy, sz = img.GetSpacing()
-    _check_positive(source, min(sx, sy), sz)
-    hu = sitk.GetArrayFromImage(img).astype(np.float32, copy=False)
-    return CTVolume(
-        name=name, source=source, kind=kind, hu=hu, slice_numbers=list(range(hu.shape[0])),
-        spacing=(float(sx), float(sy)), slice_interval=float(sz),
-        origin=tuple(float(v) for v in img.GetOrigin()),
-        direction=np.asarray(img.GetDirection(), dtype=np.float64).reshape(3, 3),
-    )
-
-
-def nifti_pixdim(path: str) -> Optional[Tuple[float, ...]]:
-    """pixdim[1..3] of a NIfTI-1 / NIfTI-2 header (.nii or .nii.gz), None if it is neither.
-    ITK silently turns a zero pixdim into 1 mm, so the header is read here to catch it."""
-    import gzip
-    import struct
-
-    with PathManager.open(path, "rb") as raw:
-        head = raw.read(2)
-    opener = gzip.open if head == b"\x1f\x8b" else open
-    try:
-        with opener(PathManager.get_local_path(path), "rb") as f:
-            hdr = f.read(540)
-    except (OSError, EOFError):
-        return None
-    for endian in "<>":
-        if len(hdr) >= 348 and struct.unpack(endian + "i", hdr[:4])[0] == 348:
-            return struct.unpack(endian + "8f", hdr[76:108])[1:4]
-        if len(hdr) >= 540 and struct.unpack(endian + "i", hdr[:4])[0] == 540:
-            return struct.unpack(endian + "8d", hdr[104:168])[1:4]
-    return None
-
-
-def read_nifti(path: str, name: str) -> CTVolume:
-    """A NIfTI CT volume in HU; 2-D, 4-D, multi-component (RGB) or non-HU images are refused,
-    as is a header without spacing (pixdim 0)."""
-    sitk = _sitk()
-    local = PathManager.get_local_path(path)
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(local)
-    try:
-        reader.ReadImageInformation()
-    except RuntimeError as e:
-        raise CTInputError(f"{path}: unreadable NIfTI file ({_first_line(e)})") from None
-    size = reader.GetSize()
-    if reader.GetNumberOfComponents() != 1:
-        raise CTInputError(f"{path}: not a CT volume ({reader.GetNumberOfComponents()} components per voxel, e.g. RGB)")
-    if reader.GetDimension() == 2 or (reader.GetDimension() == 3 and min(size) == 1):
-        raise CTInputError(f"{path}: a 2-D image (size {size}); inference needs a 3-D CT volume")
-    if reader.GetDimension() != 3:
-        raise CTInputError(f"{path}: {reader.GetDimension()}-D image; expected a 3-D CT volume")
-    pixdim = nifti_pixdim(path)
-    if pixdim is not None and not all(math.isfinite(v) and v > 0 for v in pixdim):
-        raise CTInputError(f"{path}: missing spacing (NIfTI pixdim[1:4] = {tuple(float(v) for v in pixdim)})")
-    truncated = nifti_truncation(path)  # SimpleITK zero-fills what a cut-off file lacks
-    if truncated:
-        raise CTInputError(f"{path}: unreadable NIfTI file ({truncated})")
-    try:
-        img = reader.Execute()
-    except RuntimeError as e:
-        raise CTInputError(f"{path}: unreadable NIfTI file ({_first_line(e)})") from None
-    vol = _oriented_volume(img, path, name, "nifti")
-    if vol.hu.size and float(vol.hu.min()) >= 0.0:
-        raise CTInputError(
-            f"{path}: not a CT volume in Hounsfield units (no value below 0 HU, where a body CT has air "
-            f"and fat; range {float(vol.hu.min()):g}..{float(vol.hu.max()):g}): an MR / PET image, a mask, "
-            f"or HU stored with an offset?"
-        )
-    return vol
-
-
 def _first_line(e: Exception) -> str:
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
     return lines[-1] if lines else type(e).__name__
 
 
-def _header(sitk, path: str, folder: str) -> Dict[str, str]:
-    """Only the tags inference needs (geometry, modality): nothing that identifies the patient."""
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(path)
-    reader.LoadPrivateTagsOff()
-    try:
-        reader.ReadImageInformation()
-    except RuntimeError as e:
-        raise CTInputError(f"{folder}: unreadable DICOM file {os.path.basename(path)} ({_first_line(e)})") from None
-    tags = {"modality": "0008|0060", "position": "0020|0032", "orientation": "0020|0037", "spacing": "0028|0030"}
-    return {k: reader.GetMetaData(t).strip() for k, t in tags.items() if reader.HasMetaDataKey(t)}
-
-
-def _numbers(text: str, n: int, what: str, where: str) -> np.ndarray:
-    try:
-        vals = [float(v) for v in text.replace(" ", "").split("\\") if v != ""]
-    except ValueError:
-        vals = []
-    if len(vals) != n or not all(math.isfinite(v) for v in vals):
-        raise CTInputError(f"{where}: malformed {what} {text!r}")
-    return np.asarray(vals)
-
-
-def read_dicom_series(folder: str, name: str) -> CTVolume:
-    """A DICOM CT series folder in HU (one series per folder; modality CT; PixelSpacing and
-    evenly spaced ImagePositionPatient on every slice)."""
-    sitk = _sitk()
-    local = PathManager.get_local_path(folder)
-    ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(local)
-    if not ids:
-        raise CTInputError(f"{folder}: no readable DICOM series")
-    if len(ids) > 1:
-        raise CTInputError(f"{folder}: {len(ids)} DICOM series in one folder; put each series in its own folder")
-    files = list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(local, ids[0]))
-    if len(files) < 2:
-        raise CTInputError(f"{folder}: a single DICOM slice is a 2-D image; inference needs a series")
-    headers = [_header(sitk, f, folder) for f in files]
-    modalities = {h.get("modality", "") for h in headers}
-    if modalities != {"CT"}:
-        shown = sorted(m or "<missing>" for m in modalities)
-        raise CTInputError(f"{folder}: not a CT series (Modality {', '.join(shown)})")
-    for f, h in zip(files, headers):
-        for key, tag in (("spacing", "PixelSpacing 0028|0030"), ("position", "ImagePositionPatient 0020|0032")):
-            if key not in h:
-                raise CTInputError(f"{folder}: missing spacing ({tag} absent from {os.path.basename(f)})")
-    iop = _numbers(headers[0].get("orientation", "1\\0\\0\\0\\1\\0"), 6, "ImageOrientationPatient", folder)
-    normal = np.cross(iop[:3], iop[3:])
-    pos = np.array([_numbers(h["position"], 3, "ImagePositionPatient", folder) @ normal for h in headers])
-    gaps = np.diff(np.sort(pos))
-    step = float(np.median(gaps))
-    if step <= 0 or np.any(np.abs(gaps - step) > _SPACING_RTOL * step + _SPACING_ATOL_MM):
-        shown = ", ".join(f"{g:.3g}" for g in gaps[:8]) + (" ..." if len(gaps) > 8 else "")
-        raise CTInputError(f"{folder}: inconsistent slice spacing (gaps between slice positions: {shown} mm)")
-    pixel = {tuple(_numbers(h["spacing"], 2, "PixelSpacing", folder)) for h in headers}
-    if len(pixel) != 1:
-        raise CTInputError(f"{folder}: PixelSpacing differs between slices {sorted(pixel)}")
-    reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(files)
-    try:
-        img = reader.Execute()
-    except RuntimeError as e:
-        raise CTInputError(f"{folder}: unreadable DICOM series ({_first_line(e)})") from None
-    # GDCM derives the series' z spacing from the same positions; ours was checked above.
-    img.SetSpacing(tuple(img.GetSpacing()[:2]) + (step,))
-    return _oriented_volume(img, folder, name, "dicom")
+# The readers build on the classes above; imported last so `volume_io` keeps offering them.
+from .dicom_io import read_dicom_series  # noqa: E402
+from .nifti_io import nifti_pixdim, read_nifti  # noqa: E402
