@@ -15,6 +15,7 @@ import inspect
 import logging
 import os
 import weakref
+from collections import OrderedDict
 from datetime import timedelta
 from typing import Any, Callable, Dict, Optional, Sequence
 
@@ -170,7 +171,7 @@ class ElixirTrainer(DefaultTrainer):
         """DefaultTrainer.test; on typed datasets also logs the per-type table (Table 4 layout)."""
         from .evaluation import format_type_table
 
-        results = super().test(cfg, model, evaluators)
+        results = cls._test_rtm_per_split(cfg, model, evaluators)
         # Under detectron2's logger: train_net's default_setup gives it the console and log.txt,
         # next to detectron2's own results printout.
         d2_logger = logging.getLogger("detectron2.elixir_d2")
@@ -184,6 +185,28 @@ class ElixirTrainer(DefaultTrainer):
                 table = format_type_table({cfg.OUTPUT_DIR: metrics}, types, meta.get("type_abbrev", types))
                 d2_logger.info(f"Per-type results on {name}:\n" + table)
         return results
+
+    @classmethod
+    def _test_rtm_per_split(cls, cfg, model, evaluators=None):
+        """DefaultTrainer.test; an RTM model is run per dataset with typed output on typed splits
+        and binary output (one box per proposal, lesion probability) on untyped ones."""
+        roi_heads = getattr(getattr(model, "module", model), "roi_heads", None)
+        if getattr(roi_heads, "rtm", None) is None:
+            return super().test(cfg, model, evaluators)
+        if isinstance(evaluators, DatasetEvaluator):
+            evaluators = [evaluators]
+        results, before = OrderedDict(), roi_heads.rtm_output
+        try:
+            for idx, name in enumerate(cfg.DATASETS.TEST):
+                sub = cfg.clone()
+                sub.defrost()
+                sub.DATASETS.TEST = (name,)
+                typed = len(MetadataCatalog.get(name).get("thing_classes", None) or ()) > 1
+                roi_heads.rtm_output = "typed" if typed else "binary"
+                results[name] = super().test(sub, model, [evaluators[idx]] if evaluators else None)
+        finally:
+            roi_heads.rtm_output = before
+        return results[cfg.DATASETS.TEST[0]] if len(results) == 1 else results
 
     @classmethod
     def build_train_loader(cls, cfg):

@@ -171,7 +171,7 @@ def test_rtm_inference_outputs_and_binary_scores():
     rtm, binary = _rtm(p=6, e=4, types=3)
     heads = ElixirROIHeads.__new__(ElixirROIHeads)  # the inference step alone, no full model
     torch.nn.Module.__init__(heads)
-    heads.rtm, heads.box_predictor = rtm, binary
+    heads.rtm, heads.box_predictor, heads.rtm_output = rtm, binary, "typed"
     rtm.predictor.test_score_thresh, rtm.predictor.test_topk_per_image = 0.5, 10
     props = [Instances((50, 50), proposal_boxes=Boxes(torch.tensor(
         [[0.0, 0.0, 10.0, 10.0], [20.0, 20.0, 30.0, 30.0], [5.0, 30.0, 15.0, 40.0]])))]

@@ -16,9 +16,14 @@ of the typed dataset, used to label the sampled proposals (background = NUM_TYPE
   proposals with every type mapped to "lesion", so the binary scores (Gamma, and the binary
   output) stay consistent with the head features being fine-tuned. M is detached either way;
   list ``roi_heads.box_predictor`` in MODEL.FREEZE_MODULES to keep the binary predictor fixed.
-- Inference: ``pred_classes`` = lesion type index (0..NUM_TYPES-1) and ``scores`` from the
-  multi-type softmax (so the class-aware per-type evaluation works), ``pred_types`` = the same
-  type index (what the CT predictor reads), ``pred_binary_scores`` = the binary lesion
+- Inference, ``rtm_output = "binary"`` (the default; ElixirTrainer.test uses it on untyped
+  splits): one detection per proposal, the box of its most likely type scored by the binary
+  lesion probability, class-agnostic NMS; ``pred_types`` / ``pred_classes`` = that type. Scoring
+  by the per-type softmax instead would split a lesion's probability over up to NUM_TYPES
+  near-duplicate boxes and rank them below confident false positives.
+- Inference, ``rtm_output = "typed"`` (typed splits, Table 4): ``pred_classes`` = lesion type
+  index and ``scores`` from the multi-type softmax with per-type NMS (the class-aware per-type
+  evaluation), ``pred_types`` = the same index, ``pred_binary_scores`` = the binary lesion
   probability of the proposal each detection comes from.
 """
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -69,6 +74,7 @@ class ElixirROIHeads(StandardROIHeads):
     ):
         super().__init__(**kwargs)
         self.rtm = rtm
+        self.rtm_output = "binary"  # or "typed"; see the module docstring
         self.reduce_before_pooling = bool(
             pointwise_before_pooling
             and getattr(self.box_head, "can_reduce_before_pooling", False)
@@ -187,6 +193,10 @@ class ElixirROIHeads(StandardROIHeads):
         return self._rtm_inference(binary, typed, proposals)
 
     def _rtm_inference(self, binary, typed, proposals: List[Instances]) -> List[Instances]:
+        if self.rtm_output == "binary":
+            return self._rtm_binary_inference(binary, typed, proposals)
+        if self.rtm_output != "typed":
+            raise ValueError(f"rtm_output must be 'binary' or 'typed', got {self.rtm_output!r}")
         predictor = self.rtm.predictor
         boxes = predictor.predict_boxes(typed, proposals)
         scores = predictor.predict_probs(typed, proposals)
@@ -201,4 +211,27 @@ class ElixirROIHeads(StandardROIHeads):
             valid = (torch.isfinite(b).all(dim=1) & torch.isfinite(s).all(dim=1)).nonzero()[:, 0]
             inst.pred_binary_scores = prob[valid[k], 0]
             inst.pred_types = inst.pred_classes.clone()
+        return instances
+
+    def _rtm_binary_inference(self, binary, typed, proposals: List[Instances]) -> List[Instances]:
+        """One box per proposal: its most likely type's box, scored by the binary lesion probability."""
+        predictor = self.rtm.predictor
+        boxes, scores, types = [], [], []
+        for b, p, lesion in zip(predictor.predict_boxes(typed, proposals),
+                                predictor.predict_probs(typed, proposals),
+                                self.box_predictor.predict_probs(binary, proposals)):
+            t = p[:, :-1].argmax(dim=1)
+            per_type = b.view(len(b), -1, 4)
+            boxes.append(per_type[torch.arange(len(b)), t] if per_type.shape[1] > 1 else per_type[:, 0])
+            scores.append(lesion)  # (R, 2): lesion, background
+            types.append(t)
+        instances, kept = fast_rcnn_inference(
+            boxes, scores, [p.image_size for p in proposals], predictor.test_score_thresh,
+            predictor.test_nms_thresh, predictor.test_topk_per_image,
+        )
+        for inst, b, s, t, k in zip(instances, boxes, scores, types, kept):
+            valid = (torch.isfinite(b).all(dim=1) & torch.isfinite(s).all(dim=1)).nonzero()[:, 0]
+            inst.pred_types = t[valid[k]]
+            inst.pred_classes = inst.pred_types.clone()
+            inst.pred_binary_scores = inst.scores.clone()
         return instances
