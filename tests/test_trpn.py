@@ -16,7 +16,7 @@ from detectron2.modeling.proposal_generator import build_proposal_generator
 from detectron2.structures import Boxes, ImageList, Instances
 from detectron2.utils.events import EventStorage
 
-from elixir_d2 import add_elixirnet_config
+from elixir_d2 import add_elixirnet_config, load_config
 from elixir_d2.modeling.trpn import TRPN
 
 torch.set_num_threads(1)
@@ -310,9 +310,7 @@ def test_bad_threshold_is_rejected():
 
 
 def test_deeplesion_config_selects_trpn_with_paper_anchors():
-    cfg = get_cfg()
-    add_elixirnet_config(cfg)
-    cfg.merge_from_file("configs/trpn_fpn_R_50_deeplesion.yaml")
+    cfg = load_config("configs/trpn_fpn_R_50_deeplesion.yaml")
     assert cfg.MODEL.PROPOSAL_GENERATOR.NAME == "TRPN"
     assert cfg.MODEL.ANCHOR_GENERATOR.SIZES == [[16], [24], [32], [48], [96]]
     assert cfg.MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS == [[0.5, 1.0, 2.0]]
@@ -337,9 +335,7 @@ def _synthetic_batch(g, n=2, size=96):
 
 
 def test_quickstart_training_with_trpn_lowers_loss():
-    cfg = get_cfg()
-    add_elixirnet_config(cfg)
-    cfg.merge_from_file("configs/quickstart/trpn.yaml")
+    cfg = load_config("configs/quickstart/trpn.yaml")
     torch.manual_seed(0)
     model = build_model(cfg)
     assert isinstance(model.proposal_generator, TRPN)

@@ -22,9 +22,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
-from detectron2.config import get_cfg  # noqa: E402
 
-from elixir_d2 import add_elixirnet_config  # noqa: E402
+from elixir_d2 import load_config  # noqa: E402
 from elixir_d2.inference import PredictOptions, run_prediction  # noqa: E402
 
 
@@ -91,9 +90,7 @@ def main() -> None:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    cfg = get_cfg()
-    add_elixirnet_config(cfg)
-    cfg.merge_from_file(args.config_file)
+    cfg = load_config(args.config_file)  # safe YAML: a config file cannot run code
     cfg.MODEL.WEIGHTS = args.weights
     cfg.MODEL.DEVICE = args.device
     cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = args.score_thresh

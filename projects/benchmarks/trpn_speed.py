@@ -16,12 +16,11 @@ from typing import Callable, Dict
 
 import torch
 
-from detectron2.config import get_cfg
 from detectron2.modeling.backbone import build_backbone
 from detectron2.modeling.proposal_generator import build_proposal_generator
 from detectron2.structures import ImageList
 
-from elixir_d2 import add_elixirnet_config
+from elixir_d2 import load_config
 
 
 def _parse() -> argparse.Namespace:
@@ -55,9 +54,7 @@ def main() -> None:
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
 
-    cfg = get_cfg()
-    add_elixirnet_config(cfg)
-    cfg.merge_from_file(args.config)
+    cfg = load_config(args.config)  # safe YAML: a config file cannot run code
     cfg.MODEL.DEVICE = args.device
     shapes = build_backbone(cfg).output_shape()  # shapes only; features below are random
 
