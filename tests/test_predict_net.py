@@ -207,7 +207,7 @@ def test_cli_single_bad_input_names_it(tmp_path, fpn_weights, capsys):
     vol = write_nifti(tmp_path / "flat.nii.gz", phantom()[0], spacing=(0.8, 0.8))
     rc = predict_net.main(["--config-file", "configs/quickstart/fpn.yaml", "--weights", fpn_weights,
                            "--input", vol, "--output", str(tmp_path / "out"), "--no-progress"])
-    assert rc == 1
+    assert rc == 2
     assert f"{vol}: a 2-D image" in capsys.readouterr().err
 
 
