@@ -10,6 +10,7 @@ from itertools import combinations
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from detectron2.engine import HookBase, default_argument_parser
@@ -149,6 +150,8 @@ def test_random_flag_writes_a_usable_genotype(tmp_path):
     written = load_genotype(str(tmp_path / "r1" / "genotype.yaml"))
     assert written == g == sample_random_genotype("elixir", 4, seed=11)
     assert "RANDOM" in open(tmp_path / "r1" / "genotype.yaml").read()
+    prov = yaml.safe_load(open(tmp_path / "r1" / "genotype.yaml"))["provenance"]
+    assert prov["searched"] is False and "seed 11" in prov["method"] and prov["config"].endswith(".yaml")
     g2 = search_net.main(_search_args(tmp_path / "r2", "SEED", "12", random=True))
     assert g2 != g
     assert not (tmp_path / "r1" / "alphas.json").exists()  # no search, nothing else written
@@ -354,6 +357,8 @@ def test_search_then_train_elixirnet_then_evaluate(tiny_set, tmp_path):
     assert load_genotype(str(path)) == genotype
     header = path.read_text().splitlines()[0]
     assert header.startswith("#") and "search_net.py" in header
+    prov = yaml.safe_load(path.read_text())["provenance"]  # logged when a head is built from it
+    assert prov["searched"] is True and prov["epochs"] == 2 and prov["data"] and prov["date"]
 
     history = json.loads((out / "alphas.json").read_text())
     assert history["ops"] == ELIXIR_OPS and len(history["edges"]) == 14
