@@ -38,7 +38,7 @@ def test_no_merge_from_file_outside_the_safe_loader():
                 if not f.endswith(".py") or f == os.path.basename(__file__):
                     continue
                 path = os.path.join(root, f)
-                with open(path) as fh:
+                with open(path, encoding="utf-8", errors="replace") as fh:
                     for i, line in enumerate(fh, 1):
                         if "merge_from_file(" in line and os.path.relpath(path, REPO) != os.path.join("elixir_d2", "config.py"):
                             hits.append(f"{os.path.relpath(path, REPO)}:{i}")
