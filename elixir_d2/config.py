@@ -106,6 +106,12 @@ def add_elixirnet_config(cfg: CN) -> None:
     # from p = 0.5 the focal loss on the mostly negative locations is large and its first steps
     # collapse p; 0.01 starts it small.
     _C.MODEL.TRPN.PRIOR_PROB = 0.01
+    # What multiplies the RPN head's input: "p" (equation 1), "max_norm" (p / its per-image,
+    # per-level maximum) or "none" (truncation only). See TRPN.__init__.
+    _C.MODEL.TRPN.GATE = "p"
+    # Positive locations of the focal loss: "foreground" (an anchor matched to a lesion) or
+    # "not_background" (an anchor above the RPN's negative IoU threshold).
+    _C.MODEL.TRPN.CONF_POSITIVES = "foreground"
 
     # ---------------------------------------------------------------- Auto-lesion Block
     _C.MODEL.ALB = CN()

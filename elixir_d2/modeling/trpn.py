@@ -92,6 +92,8 @@ class TRPN(RPN):
         loc_loss_weight: float = 1.0,
         focal_alpha: float = 0.25,
         focal_gamma: float = 2.0,
+        gate: str = "p",
+        conf_positives: str = "foreground",
         **kwargs,
     ):
         """
@@ -101,6 +103,12 @@ class TRPN(RPN):
             threshold: eps; negative = mean of p per image and level, else a value in [0, 1).
             loc_loss_weight: weight of the focal loss on p; 0 switches it off (no loss term).
             focal_alpha, focal_gamma: the focal loss's alpha and gamma.
+            gate: what multiplies the head's input: "p" (equation 1), "max_norm" (p divided by
+                its maximum over the image's locations of the level, so the most confident
+                location passes I unchanged), "none" (I; truncation only).
+            conf_positives: locations the focal loss treats as positive: "foreground" (an
+                anchor matched to a lesion) or "not_background" (foreground or ignored, i.e. an
+                anchor with IoU above the RPN's negative threshold).
             kwargs: every argument of detectron2's :class:`RPN`.
         """
         super().__init__(**kwargs)
@@ -116,6 +124,14 @@ class TRPN(RPN):
         self.loc_loss_weight = float(loc_loss_weight)
         self.focal_alpha = float(focal_alpha)
         self.focal_gamma = float(focal_gamma)
+        if gate not in ("p", "max_norm", "none"):
+            raise ValueError(f"MODEL.TRPN.GATE={gate!r}: must be 'p', 'max_norm' or 'none'")
+        if conf_positives not in ("foreground", "not_background"):
+            raise ValueError(
+                f"MODEL.TRPN.CONF_POSITIVES={conf_positives!r}: must be 'foreground' or 'not_background'"
+            )
+        self.gate = gate
+        self.conf_positives = conf_positives
         # Filled by the last inference forward, for visualization.
         self.last_conf_maps: Dict[str, torch.Tensor] = {}
         self.last_eps: Dict[str, torch.Tensor] = {}
@@ -138,6 +154,8 @@ class TRPN(RPN):
             loc_loss_weight=cfg.MODEL.TRPN.LOC_LOSS_WEIGHT,
             focal_alpha=cfg.MODEL.TRPN.FOCAL_ALPHA,
             focal_gamma=cfg.MODEL.TRPN.FOCAL_GAMMA,
+            gate=cfg.MODEL.TRPN.GATE,
+            conf_positives=cfg.MODEL.TRPN.CONF_POSITIVES,
         )
         return ret
 
@@ -180,12 +198,26 @@ class TRPN(RPN):
             valids.append(valid)
         return keeps, epss, valids
 
+    def gated(
+        self, feats: List[torch.Tensor], conf: List[torch.Tensor], valids: List[torch.Tensor]
+    ) -> List[torch.Tensor]:
+        """The RPN head's input per level under ``self.gate`` (see ``__init__``)."""
+        if self.gate == "none":
+            return feats
+        if self.gate == "p":
+            return [p * x for p, x in zip(conf, feats)]
+        out = []
+        for p, x, valid in zip(conf, feats, valids):
+            peak = (p[:, 0] * valid).flatten(1).amax(1).clamp(min=1e-6).detach()
+            out.append(p / peak[:, None, None, None] * x)
+        return out
+
     # ------------------------------------------------------------------ training
     def _subsample_labels(self, label: torch.Tensor) -> torch.Tensor:
         # label_and_sample_anchors calls this once per image with the matcher's labels: record
         # the foreground anchors before subsampling drops some of them to "ignore".
         if self._matched_pos is not None:
-            self._matched_pos.append(label == 1)
+            self._matched_pos.append(label == 1 if self.conf_positives == "foreground" else label != 0)
         return super()._subsample_labels(label)
 
     def conf_loss(
@@ -241,9 +273,9 @@ class TRPN(RPN):
 
         conf_logits = [self.conf_head(x) for x in feats]
         conf = [torch.sigmoid(z) for z in conf_logits]
-        pred_objectness_logits, pred_anchor_deltas = self.rpn_head(
-            [p * x for p, x in zip(conf, feats)]
-        )
+        with torch.no_grad():
+            keeps, epss, valids = self.location_keep_masks(conf, images.image_sizes)
+        pred_objectness_logits, pred_anchor_deltas = self.rpn_head(self.gated(feats, conf, valids))
         # Same layout as RPN: anchor index runs over (Hi, Wi, A).
         pred_objectness_logits = [s.permute(0, 2, 3, 1).flatten(1) for s in pred_objectness_logits]
         box_dim = self.anchor_generator.box_dim
@@ -253,8 +285,6 @@ class TRPN(RPN):
             .flatten(1, -2)
             for x in pred_anchor_deltas
         ]
-        with torch.no_grad():
-            keeps, epss, valids = self.location_keep_masks(conf, images.image_sizes)
 
         if self.training:
             if gt_instances is None:

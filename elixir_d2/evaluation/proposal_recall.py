@@ -1,0 +1,124 @@
+"""Proposal recall: the share of lesions that the proposal generator's top-k boxes cover.
+
+This is what a TRPN or RPN change should be judged by before the box head sees anything: a
+lesion without a proposal at IoU >= 0.5 can only be found through the box head's regression.
+"""
+from __future__ import annotations
+
+import contextlib
+import itertools
+from collections import OrderedDict
+from typing import Dict, Iterator, List, Sequence
+
+import numpy as np
+import torch
+
+from detectron2.data import DatasetCatalog
+from detectron2.evaluation import DatasetEvaluator
+from detectron2.structures import BoxMode, Instances
+from detectron2.utils import comm
+
+__all__ = ["ProposalRecallEvaluator", "capture_proposals", "recall_at"]
+
+
+def _iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU of every box of ``a`` (P, 4) with every box of ``b`` (G, 4), XYXY -> (P, G)."""
+    iw = np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0])
+    ih = np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1])
+    inter = np.clip(iw, 0, None) * np.clip(ih, 0, None)
+    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
+    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    union = area_a[:, None] + area_b[None, :] - inter
+    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+
+
+def recall_at(proposals: np.ndarray, gt: np.ndarray, topks: Sequence[int], iou: float = 0.5) -> Dict[int, int]:
+    """How many of ``gt`` (G, 4) have a box among the first k rows of ``proposals`` (ranked
+    best first, (P, 4)) with IoU >= ``iou``, for each k of ``topks``."""
+    if len(gt) == 0:
+        return {k: 0 for k in topks}
+    if len(proposals) == 0:
+        return {k: 0 for k in topks}
+    ious = _iou_matrix(proposals.astype(np.float64), gt.astype(np.float64))
+    # Rank of the first proposal covering each lesion; a lesion never covered gets P.
+    covered = ious >= iou
+    first = np.where(covered.any(0), covered.argmax(0), len(proposals))
+    return {k: int((first < k).sum()) for k in topks}
+
+
+@contextlib.contextmanager
+def capture_proposals(model: torch.nn.Module) -> Iterator[List[Instances]]:
+    """Within the block, every forward of ``model.proposal_generator`` appends its proposals
+    (a list of Instances per image, in input-image coordinates) to the yielded list."""
+    store: List[Instances] = []
+
+    def hook(_module, _inputs, output):
+        store.extend(p.to("cpu") for p in output[0])
+
+    handle = model.proposal_generator.register_forward_hook(hook)
+    try:
+        yield store
+    finally:
+        handle.remove()
+
+
+class ProposalRecallEvaluator(DatasetEvaluator):
+    """Recall of the top-k proposals at IoU >= 0.5 over the lesions of a dataset.
+
+    ``proposals`` is the list filled by :func:`capture_proposals`; :meth:`process` consumes
+    one entry per input, in order. Proposals are scaled from the network input back to the
+    record's height and width. Possibly_noisy lesions are left out, as in
+    :class:`~elixir_d2.evaluation.LesionEvaluator`.
+    """
+
+    def __init__(self, dataset_name: str, proposals: List[Instances], topks: Sequence[int] = (50, 100, 300)):
+        self._dataset_name = dataset_name
+        self._proposals = proposals
+        self._topks = tuple(int(k) for k in topks)
+        self.reset()
+
+    def reset(self) -> None:
+        self._counts: List[Dict[int, int]] = []
+        self._num_gt = 0
+        self._proposals.clear()
+        self._gt = None
+
+    def _gt_boxes(self) -> Dict:
+        if self._gt is None:
+            self._gt = {}
+            for r in DatasetCatalog.get(self._dataset_name):
+                boxes = [
+                    BoxMode.convert(list(a["bbox"]), a.get("bbox_mode", BoxMode.XYXY_ABS), BoxMode.XYXY_ABS)
+                    for a in r.get("annotations", []) if not a.get("noisy", False)
+                ]
+                self._gt[r["image_id"]] = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+        return self._gt
+
+    def process(self, inputs, outputs) -> None:
+        if len(self._proposals) < len(inputs):
+            raise RuntimeError(
+                "ProposalRecallEvaluator: no captured proposals for this batch; run inference "
+                "inside capture_proposals(model)"
+            )
+        batch, rest = self._proposals[: len(inputs)], self._proposals[len(inputs):]
+        self._proposals[:] = rest
+        gt = self._gt_boxes()
+        for inp, props in zip(inputs, batch):
+            boxes = props.proposal_boxes.tensor.numpy().astype(np.float64)
+            h_in, w_in = props.image_size
+            scale = np.array([inp["width"] / w_in, inp["height"] / h_in] * 2)
+            order = np.argsort(-props.objectness_logits.numpy(), kind="stable")
+            g = gt[inp["image_id"]]
+            self._counts.append(recall_at(boxes[order] * scale, g, self._topks))
+            self._num_gt += len(g)
+
+    def evaluate(self):
+        counts = list(itertools.chain(*comm.gather(self._counts, dst=0)))
+        num_gt = sum(comm.gather(self._num_gt, dst=0))
+        if not comm.is_main_process():
+            return {}
+        res = OrderedDict(
+            (f"recall@{k}", 100.0 * sum(c[k] for c in counts) / max(num_gt, 1)) for k in self._topks
+        )
+        res["num_lesions"] = num_gt
+        return OrderedDict([("proposals", res)])
