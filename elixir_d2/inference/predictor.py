@@ -27,10 +27,9 @@ import numpy as np
 import torch
 
 from detectron2.data import MetadataCatalog
-from detectron2.data import transforms as T
 from detectron2.modeling import build_model
 
-from ..data.ct_mapper import CTDatasetMapper, SliceStack, window_to_uint8_range
+from ..data.ct_mapper import CTDatasetMapper, CVResizeTransform, SliceStack, window_to_uint8_range
 from ..data.deeplesion import LESION_TYPES
 from .volume_io import CTVolume, check_context
 
@@ -167,7 +166,7 @@ class CTPredictor:
         image = window_to_uint8_range(hu, self.mapper.hu_window)
         h, w = hu.shape[:2]
         new_h, new_w = self.mapper.output_size(h, w, volume.spacing[0])
-        image = T.ResizeTransform(h, w, new_h, new_w).apply_image(image)
+        image = CVResizeTransform(h, w, new_h, new_w).apply_image(image)
         tensor = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
         return tensor, (new_h, new_w), stack.fallbacks
 
