@@ -1,5 +1,5 @@
 # Every target works on a fresh machine: `install` creates .venv and installs torch, detectron2
-# (design.md section 5) and this package; re-running it is a quick no-op.
+# (docs/design.md, Installation and dependencies) and this package; re-running it is a quick no-op.
 PY := .venv/bin/python
 export PYTHONUNBUFFERED := 1
 export OMP_NUM_THREADS ?= 2

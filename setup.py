@@ -1,7 +1,7 @@
 """Install the ElixirNet detectron2 extension (package ``elixir_d2``).
 
 detectron2 itself is not listed in ``install_requires``: it has no release on PyPI, and
-``scripts/install.sh`` installs it by the route of design.md section 5.
+``scripts/install.sh`` installs it by the route of docs/design.md, Installation and dependencies.
 """
 from setuptools import find_packages, setup
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One-command set-up (design.md section 5): .venv, torch + torchvision (pinned), detectron2, this
-# package with its dev extras. Re-running is a no-op once the stamp matches setup.py and this file.
+# One-command set-up (docs/design.md, Installation and dependencies): .venv, torch + torchvision
+# (pinned), detectron2, this package with its dev extras. Re-running is a no-op once the stamp
+# matches setup.py and this file.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

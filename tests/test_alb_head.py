@@ -1,5 +1,6 @@
 """Tests of ALBHead / ALBSearchHead (box_head.py), ElixirROIHeads (roi_heads.py) and the ALB
-configs: layout of design.md, per-image relations, search parameters, end-to-end forward."""
+configs: layout of docs/design.md (Auto-lesion Block), per-image relations, search parameters,
+end-to-end forward."""
 import os
 
 import pytest

@@ -124,7 +124,8 @@ def test_receptive_fields(name, offsets):
 
 
 def _nonlocal_reference(op: RegionNonLocal, x, counts):
-    """The design.md formula written out per image with the module's weights."""
+    """The formula of docs/design.md (Region non-local operator), written out per image with the
+    module's weights."""
     outs = []
     for xi in x.split(counts):
         m = xi.mean(dim=(2, 3))

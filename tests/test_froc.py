@@ -1,4 +1,5 @@
-"""compute_froc against hand-computed cases, a brute-force reference and properties (design.md 3)."""
+"""compute_froc against hand-computed cases, a brute-force reference and properties
+(docs/design.md, Evaluation protocol)."""
 import importlib.util
 import math
 import os

@@ -1,7 +1,8 @@
 """KiTS19: NIfTI cases -> one record per tumour slice, a PNG slice cache, the 80/20 patient split.
 
-Layout (design.md 4): ``<root>/data/case_XXXXX/{imaging,segmentation}.nii.gz`` (``<root>/case_XXXXX``
-also accepted); segmentation 0 background, 1 kidney, 2 tumour. Boxes are the connected components
+Layout (docs/design.md, Data conventions):
+``<root>/data/case_XXXXX/{imaging,segmentation}.nii.gz`` (``<root>/case_XXXXX`` also accepted);
+segmentation 0 background, 1 kidney, 2 tumour. Boxes are the connected components
 (8-connectivity) of the tumour label on each axial slice: x1 = min column, x2 = max column + 1,
 likewise y. ``prepare_kits19`` caches every slice as a DeepLesion-style 16-bit PNG (HU + 32768) plus
 ``records.json`` so training never decodes NIfTI.

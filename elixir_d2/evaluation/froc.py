@@ -1,4 +1,5 @@
-"""FROC (sensitivity at false positives per image) for lesion detection, design.md section 3.
+"""FROC (sensitivity at false positives per image) for lesion detection (docs/design.md,
+Evaluation protocol).
 
 Pure numpy: no detectron2 or torch import, so the protocol can be checked on its own.
 

@@ -1,5 +1,5 @@
 """LesionEvaluator: DeepLesion / KiTS19 metrics (FROC with IoU and IoBB, COCO mAP, per type,
-per size) as a detectron2 DatasetEvaluator (design.md section 3)."""
+per size) as a detectron2 DatasetEvaluator (docs/design.md, Evaluation protocol)."""
 from __future__ import annotations
 
 import contextlib

@@ -1,4 +1,5 @@
-"""Relation Transfer Module (paper section "Relation Transfer Module", Table 4; design.md 2).
+"""Relation Transfer Module (paper section "Relation Transfer Module", Table 4; docs/design.md,
+Relation Transfer Module).
 
 The binary classifier's weights M = [W | b] (2 x (P+1), lesion and background rows) are taken as
 category-wise semantic embeddings. Each RoI maps onto them softly, with Gamma = softmax of its

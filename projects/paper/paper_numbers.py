@@ -1,4 +1,4 @@
-"""The paper's own numbers (ElixirNet, AAAI 2020), typed in from shared/paper/elixirnet-aaai2020.md.
+"""The paper's own numbers (ElixirNet, AAAI 2020), typed in from the paper's text.
 
 Every value here is THE PAPER'S, never a result of this repository; the recipes print them in
 rows labelled "(paper)". Values are as printed (%, or ms / M where said), including the paper's

@@ -1,4 +1,4 @@
-"""Candidate operations of the Auto-lesion Block search spaces (design.md section 2).
+"""Candidate operations of the Auto-lesion Block search spaces (docs/design.md, Auto-lesion Block).
 
 Every operation maps ``(N, C_in, H, W)`` to ``(N, C_out, ceil(H / s), ceil(W / s))`` for a stride
 ``s`` in {1, 2} and any ``C_in`` / ``C_out``, so that the same op can sit on a normal edge (ALB),
@@ -264,7 +264,8 @@ def skip_op(c_in, c_out, stride, norm, affine=True) -> ALBOp:
 
 
 class RegionNonLocal(ALBOp):
-    """Relation among the proposals of one image (paper eq. 2 and design.md).
+    """Relation among the proposals of one image (paper eq. 2; docs/design.md, Region non-local
+    operator).
 
     For the ``N_i`` proposals of image ``i``: ``x`` = spatial mean of each RoI feature;
     ``phi, psi`` = FC + ReLU to ``C/2``; ``E = softmax_rows(phi phi^T)`` (``N_i x N_i``);
