@@ -106,12 +106,15 @@ def add_elixirnet_config(cfg: CN) -> None:
     # from p = 0.5 the focal loss on the mostly negative locations is large and its first steps
     # collapse p; 0.01 starts it small.
     _C.MODEL.TRPN.PRIOR_PROB = 0.01
-    # What multiplies the RPN head's input: "p" (equation 1), "max_norm" (p / its per-image,
-    # per-level maximum) or "none" (truncation only). See TRPN.__init__.
-    _C.MODEL.TRPN.GATE = "p"
-    # Positive locations of the focal loss: "foreground" (an anchor matched to a lesion) or
-    # "not_background" (an anchor above the RPN's negative IoU threshold).
-    _C.MODEL.TRPN.CONF_POSITIVES = "foreground"
+    # What multiplies the RPN head's input: "max_norm" (p divided by its per-image, per-level
+    # maximum), "p" (equation 1 literally) or "none" (truncation only). With "p" the focal loss
+    # drives p to ~0 away from lesions and the RPN head, fed ~0, stops learning (measured:
+    # no lesion found after 400-500 iterations); see docs/design.md, TruncatedRPN.
+    _C.MODEL.TRPN.GATE = "max_norm"
+    # Positive locations of the focal loss: "not_background" (an anchor above the RPN's negative
+    # IoU threshold, so the ring of locations whose anchors regress onto a lesion is kept) or
+    # "foreground" (an anchor matched to a lesion).
+    _C.MODEL.TRPN.CONF_POSITIVES = "not_background"
 
     # ---------------------------------------------------------------- Auto-lesion Block
     _C.MODEL.ALB = CN()
@@ -150,9 +153,15 @@ def add_elixirnet_config(cfg: CN) -> None:
     _C.SEARCH.W_LR = 0.02  # SGD on w, cosine-annealed to 0
     _C.SEARCH.W_MOMENTUM = 0.9
     _C.SEARCH.W_WEIGHT_DECAY = 3e-4
-    _C.SEARCH.ALPHA_LR = 3e-4  # Adam on alpha
+    # Adam on alpha. Each step moves an alpha by about ALPHA_LR, so ALPHA_LR x (alpha steps)
+    # bounds how far the ops' weights can separate: the paper's 3e-4 suits searches of
+    # thousands of steps; a short search needs a larger rate (the search warns below 0.5).
+    _C.SEARCH.ALPHA_LR = 3e-4
     _C.SEARCH.ALPHA_BETAS = (0.5, 0.999)
     _C.SEARCH.ALPHA_WEIGHT_DECAY = 1e-3
+    # Epochs at the start in which only w is trained (alpha fixed), so that alpha compares ops
+    # whose weights have begun to fit instead of their random initialisations.
+    _C.SEARCH.WARMUP_EPOCHS = 0
     _C.SEARCH.CHECKPOINT_PERIOD = 1  # epochs between checkpoints
 
     # ---------------------------------------------------------------- Relation Transfer Module

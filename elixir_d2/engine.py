@@ -219,3 +219,20 @@ class ElixirTrainer(DefaultTrainer):
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         return build_lesion_evaluator(cfg, dataset_name, output_folder)
+
+
+def evaluate_with_proposal_recall(cfg: CfgNode, model: torch.nn.Module) -> Dict[str, float]:
+    """Lesion metrics (LesionEvaluator) and the proposals' recall at 50 / 100 / 300 (IoU 0.5,
+    keys ``recall@k``) of ``model`` on ``cfg.DATASETS.TEST[0]``, from one inference pass."""
+    from detectron2.evaluation import DatasetEvaluators, inference_on_dataset
+
+    from .evaluation.proposal_recall import ProposalRecallEvaluator, capture_proposals
+
+    dataset = cfg.DATASETS.TEST[0]
+    with capture_proposals(model) as captured:
+        evaluators = DatasetEvaluators([
+            ElixirTrainer.build_evaluator(cfg, dataset, os.path.join(cfg.OUTPUT_DIR, "inference", dataset)),
+            ProposalRecallEvaluator(dataset, captured),
+        ])
+        res = inference_on_dataset(model, ElixirTrainer.build_test_loader(cfg, dataset), evaluators)
+    return {**res.get("lesion", {}), **res.get("proposals", {})}

@@ -29,7 +29,8 @@ IMG = 64  # image side: P2..P6 maps are 16, 8, 4, 2, 1 locations wide
 CH = 8
 
 
-def _cfg(threshold=-1.0, loc_weight=1.0, levels=FPN_LEVELS, sizes=None):
+def _cfg(threshold=-1.0, loc_weight=1.0, levels=FPN_LEVELS, sizes=None, gate="p", positives="foreground"):
+    """TRPN config; the literal equation-1 gate and matched-anchor positives unless asked."""
     cfg = get_cfg()
     add_elixirnet_config(cfg)
     cfg.MODEL.PROPOSAL_GENERATOR.NAME = "TRPN"
@@ -38,6 +39,8 @@ def _cfg(threshold=-1.0, loc_weight=1.0, levels=FPN_LEVELS, sizes=None):
     cfg.MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS = [RATIOS]
     cfg.MODEL.TRPN.THRESHOLD = threshold
     cfg.MODEL.TRPN.LOC_LOSS_WEIGHT = loc_weight
+    cfg.MODEL.TRPN.GATE = gate
+    cfg.MODEL.TRPN.CONF_POSITIVES = positives
     return cfg
 
 
@@ -356,3 +359,82 @@ def test_quickstart_training_with_trpn_lowers_loss():
             totals.append(total.item())
     assert all(math.isfinite(t) for t in totals)
     assert sum(totals[-4:]) / 4 < sum(totals[:4]) / 4
+
+
+class _RecordingHead(_ScoresHead):
+    """Stub RPN head that keeps the features it was given."""
+
+    def forward(self, feats):
+        self.seen = [f.detach().clone() for f in feats]
+        return super().forward(feats)
+
+
+@pytest.mark.parametrize("gate", ["p", "max_norm", "none"])
+def test_gate_feeds_the_rpn_head(gate):
+    trpn = _fpn_trpn(_cfg(gate=gate)).eval()
+    p = _constructed_p(2, seed=3)
+    trpn.conf_head = _MapsByShape([torch.logit(x) for x in p])
+    head = _RecordingHead([torch.zeros(2, 3, IMG // s, IMG // s) for s in FPN_STRIDES])
+    trpn.rpn_head = head
+    feats = _fpn_features(2)
+    trpn(_images(2), feats)
+    for lvl, name in enumerate(FPN_LEVELS):
+        x, pl = feats[name], p[lvl]
+        if gate == "none":
+            want = x
+        elif gate == "p":
+            want = pl * x
+        else:  # every location lies inside the 64 px images: the maximum is over the whole map
+            peak = pl.flatten(1).max(dim=1).values
+            want = pl / peak[:, None, None, None] * x
+        assert torch.allclose(head.seen[lvl], want, atol=1e-6), (gate, name)
+    if gate == "max_norm":  # the most confident location passes its features unchanged
+        i = p[0][0, 0].flatten().argmax()
+        assert torch.allclose(head.seen[0][0].flatten(1)[:, i], feats["p2"][0].flatten(1)[:, i])
+
+
+def _unclipped_anchors(level, i, j):
+    s, size = FPN_STRIDES[level], FPN_SIZES[level]
+    out = []
+    for r in RATIOS:
+        w = math.sqrt(size * size / r)
+        h = r * w
+        out.append([j * s - w / 2, i * s - h / 2, j * s + w / 2, i * s + h / 2])
+    return out
+
+
+def _iou(a, b):
+    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = iw * ih
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union
+
+
+def test_not_background_positives_are_locations_with_an_anchor_above_the_negative_iou():
+    """CONF_POSITIVES 'not_background': a location is positive when one of its anchors has IoU
+    >= the RPN's negative threshold (0.3) with a lesion, counted here by brute force."""
+    trpn = _fpn_trpn(_cfg(positives="not_background")).train()
+    z = -1.5
+    nn.init.zeros_(trpn.conf_head.weight)
+    nn.init.constant_(trpn.conf_head.bias, z)
+    box = [22.0, 26.0, 42.0, 40.0]
+    neg_thresh = trpn.anchor_matcher.thresholds[1]
+    num_pos = sum(
+        any(_iou(a, box) >= neg_thresh for a in _unclipped_anchors(lvl, i, j))
+        for lvl, s in enumerate(FPN_STRIDES) for i in range(IMG // s) for j in range(IMG // s)
+    )
+    assert num_pos > 1  # more than the single best-matching location
+    with EventStorage():
+        _, losses = trpn(_images(2), _fpn_features(2), [_gt([box]), _gt([])])
+    locations = 2 * sum((IMG // s) ** 2 for s in FPN_STRIDES)
+    expected = num_pos * _focal_closed_form(z, True) + (locations - num_pos) * _focal_closed_form(z, False)
+    expected /= max(num_pos, locations / 200)
+    assert losses["loss_trpn_conf"].item() == pytest.approx(expected, rel=1e-4)
+
+
+def test_gate_and_positives_are_checked():
+    with pytest.raises(ValueError, match="MODEL.TRPN.GATE"):
+        _fpn_trpn(_cfg(gate="sqrt"))
+    with pytest.raises(ValueError, match="MODEL.TRPN.CONF_POSITIVES"):
+        _fpn_trpn(_cfg(positives="all"))

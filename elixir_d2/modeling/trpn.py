@@ -1,48 +1,41 @@
-"""TruncatedRPN (paper section "Truncated RPN", equation 1; design.md section 2).
+"""TruncatedRPN (paper section "Truncated RPN", equation 1; docs/design.md, TruncatedRPN).
 
     TRPN = F([p(I(i,j)) * I(i,j)]_{p(I(i,j)) > eps} | k)
 
 A shared 1x1 conv + sigmoid (``conf_head``) gives a location confidence ``p`` on every input
-level. The RPN head (detectron2's, unchanged) sees ``p * I``; a location with ``p <= eps``
-contributes none of its A anchors as a proposal candidate, in training and in inference. The
-RPN losses are still computed on all anchors, so ``p`` learns end to end through ``p * I``; when
-``MODEL.TRPN.LOC_LOSS_WEIGHT > 0`` it also learns from an auxiliary sigmoid focal loss whose
-positives are the locations holding at least one anchor that the RPN matcher labels foreground.
+level. The RPN head (detectron2's, unchanged) sees the gated features; a location with
+``p <= eps`` contributes none of its A anchors as a proposal candidate, in training and in
+inference. The RPN losses are computed on all anchors, so ``p`` learns end to end through the
+gate and, with ``MODEL.TRPN.LOC_LOSS_WEIGHT > 0``, from an auxiliary sigmoid focal loss.
 
 Decisions where the paper is silent:
 
-* ``eps``: ``MODEL.TRPN.THRESHOLD < 0`` means the mean of ``p`` per image and level, taken over
-  the locations that lie inside the image (padding added by ``ImageList`` is left out, so the
-  threshold of an image does not depend on the other images of its batch). A value in [0, 1)
-  is used as is.
-* Constant (or nearly constant) ``p`` with the mean threshold: nothing is strictly above the
-  mean, so the rule would truncate every location. The map then carries no information about
-  where lesions are, so that (image, level) keeps ALL its locations, i.e. it behaves as the
-  plain RPN. With a fixed float threshold there is no such fallback: a level with every
-  ``p <= THRESHOLD`` yields no proposal (an image may then get an empty proposal set).
+* Gate (``MODEL.TRPN.GATE``): by default ``p / max(p)`` per image and level, not ``p`` itself.
+  The focal loss pushes ``p`` towards 0 away from lesions, so with the literal ``p * I`` the
+  RPN head is fed almost nothing, its gradients vanish with it, and the detector never starts
+  learning. Dividing by the maximum keeps the ranking and the truncation of equation 1 while
+  the most confident location passes ``I`` unchanged. ``"p"`` keeps the literal form.
+* Focal-loss positives (``MODEL.TRPN.CONF_POSITIVES``): by default every location with an
+  anchor above the RPN's negative IoU threshold, i.e. the ring whose anchors regress onto a
+  lesion, not only the few matched ones; otherwise truncation removes the neighbours that give
+  a small lesion its best proposal.
+* ``eps``: ``MODEL.TRPN.THRESHOLD < 0`` means the mean of ``p`` per image and level over the
+  locations inside the image (padding left out, so an image's threshold does not depend on its
+  batch). A value in [0, 1) is used as is.
+* Constant ``p`` with the mean threshold: nothing is strictly above the mean, so that (image,
+  level) keeps all its locations (the map carries no information). A fixed threshold has no such
+  fallback: a level with every ``p <= THRESHOLD`` yields no proposal.
 * Exactness: truncated candidates get the lowest finite logit before detectron2's top-k / NMS
-  (which raises on non-finite scores in training) and are removed afterwards. Being the lowest
-  they never displace, suppress or outrank a kept candidate, so the result is exactly what top-k
-  + NMS give on the kept candidates alone. A kept candidate whose own logit is already at or
-  below that value (-inf, or the dtype's minimum) is dropped too, as detectron2 drops -inf.
-* Focal loss normaliser: the number of positive locations in the batch, but at least 1/200 of
-  the batch's locations (Guided Anchoring's normaliser; its location branch is the closest
-  published design). A slice holds one to three lesions, i.e. a few positive locations among
-  ~22k per 512 px image: dividing a sum over all locations by the positives alone diverged
-  (quickstart R-18 model, 96 px synthetic slices, batch 2, LR 0.02 after 50 warm-up iterations:
-  loss_trpn_conf ~1 -> ~7e3 within 80 iterations), with the floor it decreases smoothly. With
-  many positives it is the plain "normalised by positives".
-* Initial p: ``conf_head`` starts at p ~ MODEL.TRPN.PRIOR_PROB (0.01) everywhere, RetinaNet's
-  focal-loss prior (from p = 0.5 the focal loss starts ~100x larger and its first steps collapse
-  p anyway). Known cost of the p * I gate with the focal loss on: p falls towards 0 on the
-  background, so the head sees ~0 there and learns background objectness mostly from its bias.
-  Quickstart model, 120 iterations at LR 0.01: loss_rpn_cls 0.28 with TRPN against 0.017 with the
-  plain RPN, top-50 proposal recall 5/16 against 10/16 lesions (7/16 with PRIOR_PROB 0.5).
+  and are removed afterwards; being the lowest they never displace, suppress or outrank a kept
+  candidate, so the result is what top-k + NMS give on the kept candidates alone.
+* Focal-loss normaliser: the number of positive locations, but at least 1/200 of the batch's
+  locations (Guided Anchoring's normaliser): with one to three lesions a slice, dividing by the
+  positives alone makes the loss diverge.
+* Initial ``p``: ``MODEL.TRPN.PRIOR_PROB`` (0.01) everywhere, RetinaNet's focal-loss prior.
 
-Training logs ``trpn/truncated_frac_<level>`` (fraction of in-image locations truncated, over the
-batch) to EventStorage. In inference the module keeps the last confidence maps
-(``last_conf_maps[level]``: N x H x W in [0, 1]), thresholds (``last_eps[level]``: N) and keep
-masks (``last_keep_masks[level]``: N x H x W bool) for drawing.
+Training logs ``trpn/truncated_frac_<level>``. In inference the module keeps the last
+confidence maps (``last_conf_maps[level]``: N x H x W in [0, 1]), thresholds (``last_eps``) and
+keep masks (``last_keep_masks``) for drawing.
 """
 import math
 from typing import Dict, List, Optional, Tuple
@@ -61,9 +54,7 @@ from detectron2.utils.events import get_event_storage
 
 __all__ = ["TRPN", "build_conf_head"]
 
-# Floor of the focal loss normaliser, per location (Guided Anchoring's N_locations / 200): with
-# a lesion or two per batch, dividing a sum over thousands of locations by 1-2 positives makes
-# the loss diverge (measured; see the module docstring).
+# Floor of the focal loss normaliser, per location (Guided Anchoring's N_locations / 200).
 _MIN_NORMALIZER_PER_LOCATION = 1.0 / 200
 
 
@@ -92,8 +83,8 @@ class TRPN(RPN):
         loc_loss_weight: float = 1.0,
         focal_alpha: float = 0.25,
         focal_gamma: float = 2.0,
-        gate: str = "p",
-        conf_positives: str = "foreground",
+        gate: str = "max_norm",
+        conf_positives: str = "not_background",
         **kwargs,
     ):
         """

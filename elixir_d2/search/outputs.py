@@ -12,6 +12,7 @@
 (one heatmap per block type, edges x ops) are written when the search finishes.
 """
 import json
+import math
 import logging
 import os
 from typing import Dict, List, Optional
@@ -52,6 +53,13 @@ def softmax_alphas(head) -> Dict[str, np.ndarray]:
             name: F.softmax(alpha.detach().cpu().double(), dim=-1).numpy()
             for name, alpha in zip(("normal", "reduce"), head.arch_parameters())
         }
+
+
+def edge_entropy(weights: np.ndarray) -> np.ndarray:
+    """Entropy (nats) of each edge's op distribution, rows of ``weights`` (edges x ops): ln(#ops)
+    for a uniform row, 0 once one op has all the weight."""
+    p = np.clip(np.asarray(weights, dtype=np.float64), 1e-12, 1.0)
+    return -(p * np.log(p)).sum(axis=1)
 
 
 def edge_labels(branches: int) -> List[str]:
@@ -164,11 +172,19 @@ class AlphaRecorder(HookBase):
             "ALB search epoch %d/%d (iteration %d): genotype %s",
             epoch, self.trainer.max_iter // self.iters_per_epoch, it, format_genotype(genotype),
         )
+        entropy = {kind: edge_entropy(w) for kind, w in weights.items()}
+        logger.info(
+            "ALB search epoch %d: entropy of softmax(alpha) per edge, normal %s, reduce %s "
+            "(uniform = %.3f)", epoch, np.round(entropy["normal"], 3).tolist(),
+            np.round(entropy["reduce"], 3).tolist(), math.log(len(head.op_names)),
+        )
         self.history["epochs"].append({
             "epoch": epoch,
             "iteration": it,
             "normal": weights["normal"].tolist(),
             "reduce": weights["reduce"].tolist(),
+            "entropy_normal": entropy["normal"].tolist(),
+            "entropy_reduce": entropy["reduce"].tolist(),
             "genotype": genotype.to_dict(),
         })
         if comm.is_main_process():

@@ -159,6 +159,21 @@ class ALBSearcher(TrainerBase):
         w_half, alpha_half = load_search_halves(cfg)
         self.iters_per_epoch = iters_per_epoch(len(w_half), cfg.SOLVER.IMS_PER_BATCH)
         self.max_iter = cfg.SEARCH.EPOCHS * self.iters_per_epoch
+        if not 0 <= cfg.SEARCH.WARMUP_EPOCHS < cfg.SEARCH.EPOCHS:
+            raise ValueError(
+                f"SEARCH.WARMUP_EPOCHS={cfg.SEARCH.WARMUP_EPOCHS} must be >= 0 and below "
+                f"SEARCH.EPOCHS={cfg.SEARCH.EPOCHS}"
+            )
+        self.alpha_start_iter = cfg.SEARCH.WARMUP_EPOCHS * self.iters_per_epoch
+        # Adam moves each alpha by about ALPHA_LR per step: fewer than that many steps cannot
+        # separate the ops' softmax weights, and the derived genotype is then noise.
+        reach = cfg.SEARCH.ALPHA_LR * (self.max_iter - self.alpha_start_iter)
+        if reach < 0.5:
+            logger.warning(
+                "ALB search: SEARCH.ALPHA_LR x alpha steps = %.3g: the alphas can move by at most "
+                "about that much, too little to tell ops apart; raise SEARCH.ALPHA_LR or EPOCHS",
+                reach,
+            )
         self._loaders = build_search_loaders(cfg, w_half, alpha_half)
         self._iters = None  # loader iterators, started at the first step
         self.model = create_ddp_model(model, broadcast_buffers=False)
@@ -309,10 +324,12 @@ class ALBSearcher(TrainerBase):
         for group in self.w_optimizer.param_groups:
             group["lr"] = lr
         w_losses = self.w_step(w_batch)
-        alpha_losses = self.alpha_step(alpha_batch)
-
         metrics = {f"w_{k}": v for k, v in w_losses.items()}
-        metrics.update({f"alpha_{k}": v for k, v in alpha_losses.items()})
+        # During the warm-up epochs only w learns, so that the alphas first compare ops whose
+        # weights have started to fit rather than their random initialisations.
+        if self.iter >= self.alpha_start_iter:
+            alpha_losses = self.alpha_step(alpha_batch)
+            metrics.update({f"alpha_{k}": v for k, v in alpha_losses.items()})
         self._write_metrics(metrics, data_time, lr)
 
     def _write_metrics(self, metrics: Dict[str, float], data_time: float, lr: float) -> None:

@@ -66,11 +66,9 @@ def evaluate_model(config_file: str, opts: Sequence[str]) -> None:
     """--evaluate: FROC metrics and proposal recall of MODEL.WEIGHTS on the test split, one pass."""
     import torch
     from detectron2.checkpoint import DetectionCheckpointer
-    from detectron2.evaluation import DatasetEvaluators, inference_on_dataset
 
     import elixir_d2
-    from elixir_d2.engine import ElixirTrainer
-    from elixir_d2.evaluation.proposal_recall import ProposalRecallEvaluator, capture_proposals
+    from elixir_d2.engine import ElixirTrainer, evaluate_with_proposal_recall
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     cfg = elixir_d2.load_config(config_file, opts)
@@ -78,15 +76,7 @@ def evaluate_model(config_file: str, opts: Sequence[str]) -> None:
     model = ElixirTrainer.build_model(cfg)
     DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
     model.eval()
-    dataset = cfg.DATASETS.TEST[0]
-    evaluators = []
-    with capture_proposals(model) as captured:
-        evaluators = DatasetEvaluators([
-            ElixirTrainer.build_evaluator(cfg, dataset, os.path.join(cfg.OUTPUT_DIR, "inference", dataset)),
-            ProposalRecallEvaluator(dataset, captured),
-        ])
-        res = inference_on_dataset(model, ElixirTrainer.build_test_loader(cfg, dataset), evaluators)
-    metrics = {**res["lesion"], **res["proposals"]}
+    metrics = evaluate_with_proposal_recall(cfg, model)
     with open(os.path.join(cfg.OUTPUT_DIR, "quality_metrics.json"), "w") as f:
         json.dump({k: (v if v == v else None) for k, v in metrics.items()}, f, indent=1)
 

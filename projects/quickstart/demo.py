@@ -1,11 +1,15 @@
 #!/usr/bin/env python
-"""`make demo`: synthetic DeepLesion-format data -> train the quickstart FPN -> FROC table.
+"""`make demo`: FPN and ElixirNet trained on the same budget on the synthetic set, side by side.
 
-    python projects/quickstart/demo.py --output output/demo [--config configs/quickstart/fpn.yaml]
+    python projects/quickstart/demo.py --output output/demo [--iters N] [--search-epochs E]
 
-Generates ``$DETECTRON2_DATASETS/synthetic`` (default ./datasets/synthetic) when absent, evaluates
-the untrained model, trains it, evaluates again and prints both side by side in the paper's layout
-(sensitivity at 0.5..8 FPs per image, mAP) for IoU and IoBB. Runs on a 2-core CPU in minutes.
+1. the synthetic DeepLesion-format set (written on first use under $DETECTRON2_DATASETS);
+2. FPN: configs/quickstart/fpn.yaml, trained from scratch;
+3. ALB search from the trained FPN (configs/quickstart/search_alb.yaml) -> search/genotype.yaml;
+4. ElixirNet (TRPN + ALB of that genotype): configs/quickstart/elixirnet.yaml, same iterations;
+5. the untrained FPN, FPN and ElixirNet evaluated on the test split: FROC sensitivity (IoU,
+   IoBB), mAP, proposal recall and parameter counts printed side by side; demo.png shows both
+   FROC curves and a few test slices with ground truth and both models' detections.
 """
 from __future__ import annotations
 
@@ -13,93 +17,173 @@ import argparse
 import json
 import logging
 import os
-import sys
 import time
+from typing import Dict, List
 
+import numpy as np
 import torch
 
+from detectron2.data import DatasetCatalog
+from detectron2.engine import default_setup
+from detectron2.utils.file_io import PathManager
+
+import elixir_d2
+from elixir_d2.cli import run_cli
+from elixir_d2.data.ct_mapper import CTDatasetMapper
+from elixir_d2.engine import ElixirTrainer, evaluate_with_proposal_recall
+from elixir_d2.evaluation import PAPER_FPS, format_froc_table
+from elixir_d2.modeling.genotype_source import resolve_genotype_config
+from elixir_d2.search import ALBSearcher
+
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
-sys.path.insert(0, ROOT)
-
-from detectron2.engine import default_setup  # noqa: E402
-from detectron2.utils.file_io import PathManager  # noqa: E402
-
-import elixir_d2  # noqa: E402
-from elixir_d2.data import datasets_root  # noqa: E402
-from elixir_d2.data.synthetic import generate_deeplesion  # noqa: E402
-from elixir_d2.evaluation import format_froc_table  # noqa: E402
-from train_net import Trainer  # noqa: E402
-
 logger = logging.getLogger("elixir_d2.demo")
 
 
-def ensure_synthetic(root: str, seed: int = 0) -> None:
-    """Write the synthetic DeepLesion-format set under ``root`` unless it is already there."""
-    if PathManager.exists(os.path.join(root, "DL_info.csv")):
-        print(f"[demo] using the synthetic data at {root}")
-        return
-    print(f"[demo] generating synthetic DeepLesion-format data at {root} ...")
-    t0 = time.time()
-    summary = generate_deeplesion(root, seed=seed)
-    print(f"[demo] generated in {time.time() - t0:.0f} s: {summary}")
-
-
-def build_cfg(config_file: str, output_dir: str, opts: list[str]):
-    cfg = elixir_d2.load_config(config_file, opts)
+def config(name: str, output_dir: str, opts: List[str]):
+    """A quickstart config with the demo's output folder and overrides, frozen."""
+    cfg = elixir_d2.load_config(os.path.join(ROOT, "configs", "quickstart", name), opts)
     cfg.OUTPUT_DIR = output_dir
+    resolve_genotype_config(cfg)  # config.yaml then records the ALB structure
     cfg.freeze()
+    PathManager.mkdirs(output_dir)
+    with PathManager.open(os.path.join(output_dir, "config.yaml"), "w") as f:
+        f.write(cfg.dump())
     return cfg
 
 
-def evaluate(cfg, model) -> dict:
-    """Lesion metrics on cfg.DATASETS.TEST[0] (flat dict)."""
-    res = Trainer.test(cfg, model)
-    return res.get("lesion", next(iter(res.values()))) if res else {}
-
-
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default=os.path.join(ROOT, "configs/quickstart/fpn.yaml"))
-    ap.add_argument("--output", default=os.path.join(ROOT, "output/demo"))
-    ap.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, KEY VALUE ...")
-    args = ap.parse_args()
-
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-    root = os.path.join(datasets_root(), "synthetic")
-    ensure_synthetic(root)
-
-    cfg = build_cfg(args.config, os.path.join(args.output, "fpn"), args.opts)
-    default_setup(cfg, argparse.Namespace(config_file=args.config, eval_only=False, opts=[]))
-    t0 = time.time()
-
-    model = Trainer.build_model(cfg)  # seeded by default_setup (cfg.SEED): the untrained baseline
-    untrained_cfg = cfg.clone()
-    untrained_cfg.defrost()
-    untrained_cfg.OUTPUT_DIR = os.path.join(args.output, "untrained")
-    before = evaluate(untrained_cfg, model)
-
-    trainer = Trainer(cfg)
+def train(cfg) -> torch.nn.Module:
+    trainer = ElixirTrainer(cfg)
     trainer.resume_or_load(resume=False)
     trainer.train()
-    train_s = time.time() - t0
-    # DefaultTrainer evaluates once more after its last iteration: reuse those numbers.
-    final = getattr(trainer, "_last_eval_results", None)
-    after = final.get("lesion", {}) if final else evaluate(cfg, trainer.model)
+    return trainer.model
 
-    rows = {
-        "FPN quickstart, untrained": before,
-        f"FPN quickstart, trained {cfg.SOLVER.MAX_ITER} it": after,
-    }
-    with PathManager.open(os.path.join(args.output, "demo_results.json"), "w") as f:
-        # NaN (e.g. a size bucket without lesions) as null: strict JSON readers reject NaN.
+
+def num_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def detections_on(model, cfg, records: List[Dict], min_score: float) -> List[np.ndarray]:
+    """Boxes (XYXY, record pixels) scoring at least ``min_score`` on each record."""
+    mapper = CTDatasetMapper(cfg, is_train=False)
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for r in records:
+            inst = model([mapper(r)])[0]["instances"].to("cpu")
+            keep = inst.scores >= min_score
+            out.append(inst.pred_boxes.tensor[keep].numpy())
+    return out
+
+
+def draw_figure(path: str, rows: Dict[str, Dict], cfg, models: Dict[str, torch.nn.Module], num_slices: int = 3):
+    """FROC curves (IoU) of the trained models and ``num_slices`` test slices with ground truth
+    (green) and each model's detections of score >= 0.5 (red)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from elixir_d2.data.ct_mapper import SliceStack
+    from elixir_d2.visualization import draw_detections, window_for_display
+
+    records = [r for r in DatasetCatalog.get(cfg.DATASETS.TEST[0]) if r.get("annotations")]
+    picks = [records[i] for i in np.linspace(0, len(records) - 1, num_slices).astype(int)]
+    dets = {name: detections_on(m, cfg, picks, 0.5) for name, m in models.items()}
+    fig = plt.figure(figsize=(4 + 3 * len(models), 3 * num_slices), dpi=90)
+    grid = fig.add_gridspec(num_slices, 1 + len(models), width_ratios=[1.4] + [1] * len(models))
+    ax = fig.add_subplot(grid[:, 0])
+    for name in models:
+        ax.plot(PAPER_FPS, [rows[name][f"sens@{f:g}_iou"] for f in PAPER_FPS], marker="o", label=name)
+    ax.set(xscale="log", xlabel="false positives per image", ylabel="sensitivity (%), IoU >= 0.5",
+           title="FROC, synthetic test split", ylim=(0, 100))
+    ax.set_xticks(PAPER_FPS, [f"{f:g}" for f in PAPER_FPS])
+    ax.grid(alpha=0.3)
+    ax.legend()
+    for i, r in enumerate(picks):
+        hu = SliceStack(r["slice_dir"], r["slice_idx"], r["slice_range"]).slice_at(r["slice_idx"])
+        gt = np.array([a["bbox"] for a in r["annotations"]]).reshape(-1, 4)
+        for j, name in enumerate(models):
+            img = draw_detections(window_for_display(hu), dets[name][i], gt_boxes=gt)
+            a = fig.add_subplot(grid[i, 1 + j])
+            a.imshow(img)
+            a.set_axis_off()
+            if i == 0:
+                a.set_title(f"{name}\ngreen: lesions, red: score >= 0.5", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--output", default=os.path.join(ROOT, "output", "demo"))
+    ap.add_argument("--iters", type=int, default=None, help="training iterations of each model (config: 600)")
+    ap.add_argument("--search-epochs", type=int, default=2, help="ALB search epochs (the first trains w only)")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    out = os.path.abspath(args.output)
+    opts = ["SEED", str(args.seed)]
+    if args.iters:
+        opts += ["SOLVER.MAX_ITER", str(args.iters), "SOLVER.WARMUP_ITERS", str(min(50, args.iters // 4)),
+                 "SOLVER.STEPS", f"({int(args.iters * 0.75)},{int(args.iters * 0.92)})"]
+    t0 = time.time()
+    fpn_cfg = config("fpn.yaml", os.path.join(out, "fpn"), opts)
+    default_setup(fpn_cfg, argparse.Namespace(config_file="configs/quickstart/fpn.yaml", eval_only=False, opts=opts))
+    DatasetCatalog.get(fpn_cfg.DATASETS.TRAIN[0])  # generates the synthetic set on first use
+    times = {"data": time.time() - t0}
+
+    untrained = ElixirTrainer.build_model(fpn_cfg)  # random initialisation: the "before" row
+    t = time.time()
+    fpn = train(fpn_cfg)
+    times["FPN training"] = time.time() - t
+
+    t = time.time()
+    search_cfg = config("search_alb.yaml", os.path.join(out, "search"), opts + [
+        "MODEL.WEIGHTS", os.path.join(fpn_cfg.OUTPUT_DIR, "model_final.pth"),
+        "SEARCH.EPOCHS", str(args.search_epochs), "SEARCH.WARMUP_EPOCHS", str(min(1, args.search_epochs - 1))])
+    searcher = ALBSearcher(search_cfg, provenance="Command: projects/quickstart/demo.py",
+                           record={"searched": True, "method": "first-order differentiable search (demo.py)",
+                                   "config": "configs/quickstart/search_alb.yaml", "epochs": args.search_epochs,
+                                   "data": list(search_cfg.DATASETS.TRAIN)})
+    searcher.resume_or_load(resume=False)
+    searcher.train()
+    genotype = os.path.join(search_cfg.OUTPUT_DIR, "genotype.yaml")
+    times["ALB search"] = time.time() - t
+
+    t = time.time()
+    elixir_cfg = config("elixirnet.yaml", os.path.join(out, "elixirnet"), opts + ["MODEL.ALB.GENOTYPE", genotype])
+    elixir = train(elixir_cfg)
+    times["ElixirNet training"] = time.time() - t
+
+    t = time.time()
+    models = {"FPN": fpn, "ElixirNet": elixir}
+    untrained_cfg = fpn_cfg.clone()
+    untrained_cfg.defrost()
+    untrained_cfg.OUTPUT_DIR = os.path.join(out, "untrained")
+    rows = {"FPN, untrained": evaluate_with_proposal_recall(untrained_cfg, untrained.eval())}
+    for name, model, cfg in (("FPN", fpn, fpn_cfg), ("ElixirNet", elixir, elixir_cfg)):
+        rows[name] = evaluate_with_proposal_recall(cfg, model.eval())
+    times["evaluation"] = time.time() - t
+    draw_figure(os.path.join(out, "demo.png"), rows, fpn_cfg, models)
+
+    params = {"FPN, untrained": num_params(untrained), "FPN": num_params(fpn), "ElixirNet": num_params(elixir)}
+    with PathManager.open(os.path.join(out, "demo_results.json"), "w") as f:
         clean = {k: {m: (v if v == v else None) for m, v in r.items()} for k, r in rows.items()}
-        json.dump({"rows": clean, "train_and_eval_seconds": train_s}, f, indent=2)
-    print(f"\n[demo] synthetic test split ({cfg.DATASETS.TEST[0]}), {time.time() - t0:.0f} s train + eval on CPU")
+        json.dump({"rows": clean, "params": params, "seconds": times, "genotype": genotype}, f, indent=2)
+    iters = fpn_cfg.SOLVER.MAX_ITER
+    print(f"\n[demo] synthetic test split ({fpn_cfg.DATASETS.TEST[0]}): FPN and ElixirNet, {iters} iterations "
+          f"each from scratch, seed {args.seed}; {time.time() - t0:.0f} s in all "
+          + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()))
+    named = {f"{k} ({params[k] / 1e6:.2f}M params)": v for k, v in rows.items()}
     for criterion in ("iou", "iobb"):
         print()
-        print(format_froc_table(rows, criterion))
-    print(f"\n[demo] outputs under {args.output}")
+        print(format_froc_table(named, criterion))
+    print("\nProposal recall (%) at IoU 0.5: " + "; ".join(
+        f"{k}: " + " / ".join(f"{r.get(f'recall@{n}', float('nan')):.1f}" for n in (50, 100, 300)) + " at 50/100/300"
+        for k, r in rows.items()))
+    print(f"\n[demo] picture: {os.path.join(out, 'demo.png')}; ElixirNet's genotype: {genotype}")
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)
