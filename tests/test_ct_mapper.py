@@ -123,3 +123,58 @@ def test_size_mismatch_with_annotation(tmp_path):
     rec["height"] = 40
     with pytest.raises(CTSliceError, match="annotation says"):
         _mapper()(rec)
+
+
+def test_choose_crop_keeps_the_chosen_lesion_whole():
+    from elixir_d2.data.ct_mapper import choose_crop
+
+    rng = np.random.RandomState(0)
+    box = np.array([[70.0, 10.0, 90.0, 25.0]])
+    for _ in range(200):
+        x0, y0, w, h = choose_crop(100, 120, 40, box, 1.0, rng)
+        assert (w, h) == (40, 40)
+        assert x0 <= 70 and x0 + w >= 90 and y0 <= 10 and y0 + h >= 25  # whole lesion inside
+        assert 0 <= x0 <= 120 - 40 and 0 <= y0 <= 100 - 40  # inside the image
+
+
+def test_choose_crop_centres_a_lesion_larger_than_the_crop_and_shrinks_to_small_images():
+    from elixir_d2.data.ct_mapper import choose_crop
+
+    rng = np.random.RandomState(1)
+    x0, y0, w, h = choose_crop(100, 100, 20, np.array([[30.0, 40.0, 70.0, 60.0]]), 1.0, rng)
+    assert (x0, y0, w, h) == (40, 40, 20, 20)  # centre (50, 50) minus half the crop
+    assert choose_crop(30, 50, 64, np.zeros((0, 4)), 1.0, rng) == (0, 0, 50, 30)
+
+
+def test_uniform_crops_cover_the_image():
+    from elixir_d2.data.ct_mapper import choose_crop
+
+    rng = np.random.RandomState(2)
+    starts = {choose_crop(12, 12, 10, np.array([[0.0, 0.0, 2.0, 2.0]]), 0.0, rng)[:2] for _ in range(400)}
+    assert starts == {(x, y) for x in range(3) for y in range(3)}  # every position, lesion or not
+
+
+def test_training_crop_moves_boxes_and_inference_sees_whole_slices(tmp_path):
+    d = _series(tmp_path, [0.0, 10.0, 20.0])
+    rec = _record(d, 2, (1, 3), 2.0, spacing=0.8, boxes=((4, 6, 12, 20),))
+    np.random.seed(0)
+    out = _mapper(is_train=True, crop_size=16, crop_lesion_prob=1.0)(rec)
+    assert tuple(out["image"].shape[1:]) == (16, 16)
+    (box,) = out["instances"].gt_boxes.tensor.numpy()
+    assert box[2] - box[0] == pytest.approx(8) and box[3] - box[1] == pytest.approx(14)  # whole, shifted
+    assert 0 <= box[0] and box[2] <= 16 and 0 <= box[1] and box[3] <= 16
+    test_out = _mapper(is_train=False, crop_size=16, crop_lesion_prob=1.0)(rec)
+    assert tuple(test_out["image"].shape[1:]) == (H, W)
+
+
+def test_opencv_resize_matches_bilinear_half_pixel_reference():
+    import torch
+    import torch.nn.functional as F
+
+    from elixir_d2.data.ct_mapper import CVResizeTransform
+
+    img = np.random.RandomState(3).rand(20, 30, 3).astype(np.float32) * 255
+    got = CVResizeTransform(20, 30, 33, 47).apply_image(img)
+    ref = F.interpolate(torch.from_numpy(img).permute(2, 0, 1)[None], size=(33, 47), mode="bilinear",
+                        align_corners=False)[0].permute(1, 2, 0).numpy()
+    np.testing.assert_allclose(got, ref, atol=0.02)

@@ -40,6 +40,7 @@ SMALL = [
     "DATASETS.TRAIN", f"('{PREFIX}_train',)", "DATASETS.TEST", f"('{PREFIX}_test',)",
     "INPUT.MAX_IMAGE_SIZE", "64", "SOLVER.IMS_PER_BATCH", "2",
     "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "16", "MODEL.RPN.POST_NMS_TOPK_TRAIN", "100",
+    "SEARCH.WARMUP_EPOCHS", "0",
 ]
 
 
@@ -395,3 +396,36 @@ def test_search_then_train_elixirnet_then_evaluate(tiny_set, tmp_path):
     for key in ("sens@3_iou", "sens@0.5_iou", "sens@8_iobb", "mean_sens_iou"):
         assert key in lesion
         assert 0.0 <= lesion[key] <= 100.0
+
+
+def test_warmup_epochs_train_w_only_and_entropy_is_logged(tiny_set, tmp_path):
+    """SEARCH.WARMUP_EPOCHS 1 of 2: alpha is untouched in epoch 1 and moves in epoch 2; every
+    epoch of alphas.json carries each edge's entropy of softmax(alpha), checked against its
+    weights (uniform weights over the 9 ops give ln 9)."""
+    out = tmp_path / "warm"
+    cfg = search_net.setup(_search_args(out, "SEARCH.EPOCHS", "2", "SEARCH.WARMUP_EPOCHS", "1"))
+    s = ALBSearcher(cfg)
+    s.resume_or_load(resume=False)
+    head = s.model.roi_heads.box_head
+    start = head.alpha_normal.detach().clone()
+    seen = []
+
+    class _Watch(HookBase):
+        def after_step(self):
+            seen.append(head.alpha_normal.detach().clone())
+
+    s.register_hooks([_Watch()])
+    s.train()
+    assert s.iters_per_epoch == 1
+    assert torch.equal(seen[0], start) and not torch.equal(seen[1], start)
+    history = json.loads((out / "alphas.json").read_text())
+    for epoch in history["epochs"]:
+        for kind in ("normal", "reduce"):
+            w = np.array(epoch[kind])
+            expect = -(w * np.log(w)).sum(axis=1)
+            np.testing.assert_allclose(epoch[f"entropy_{kind}"], expect, rtol=1e-6)
+    first = np.array(history["epochs"][0]["entropy_normal"])
+    np.testing.assert_allclose(first, math.log(len(history["ops"])), atol=1e-3)  # alphas start ~0
+    with pytest.raises(ValueError, match="WARMUP_EPOCHS"):
+        ALBSearcher(search_net.setup(_search_args(tmp_path / "bad", "SEARCH.EPOCHS", "2",
+                                                  "SEARCH.WARMUP_EPOCHS", "2")))
