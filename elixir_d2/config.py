@@ -64,7 +64,7 @@ def add_elixirnet_config(cfg: CN) -> None:
     """Add every ElixirNet key to ``cfg`` in place (call before ``merge_from_file``)."""
     _C = cfg
 
-    # ---------------------------------------------------------------- CT input (design.md 4)
+    # ------------------------------------------ CT input (docs/design.md, Data conventions)
     # Slices stacked as channels: 3 (key -d, key, key +d) or 9 (key +- d, 2d, 3d, 4d).
     _C.INPUT.NUM_SLICES = 3
     # Distance d between stacked slices, in mm; neighbours are interpolated linearly between the

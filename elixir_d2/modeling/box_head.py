@@ -1,7 +1,8 @@
 """ROI box heads built from Auto-lesion Blocks: ``ALBHead`` (fixed genotype) and
 ``ALBSearchHead`` (mixed ops + architecture parameters).
 
-Layout (design.md): RoI feature (C x 7 x 7) -> stem to MODEL.ALB.STEM_CHANNELS -> blocks of
+Layout (docs/design.md, Auto-lesion Block): RoI feature (C x 7 x 7) -> stem to
+MODEL.ALB.STEM_CHANNELS -> blocks of
 MODEL.ALB.BLOCKS (default ALB, ALB_r, ALB_r; D = MODEL.ALB.CHANNELS, doubled by each ALB_r) ->
 global average pool -> P = B x D_last features, fed to detectron2's FastRCNNOutputLayers.
 With D = 32: 128 @ 7x7 -> 128 @ 7x7 -> 256 @ 4x4 -> 512 @ 2x2 -> P = 512.

@@ -7,7 +7,8 @@ pointwise stem conv runs on the feature maps before RoIAlign (same values, see
 ``ALBStem.reduce_maps``), which halves RoIAlign's channels. ``_forward_box`` is split into small steps (pool, head,
 predict, losses / inference).
 
-With RTM (paper Table 4, design.md 2): ``box_predictor`` stays the binary (lesion / background)
+With RTM (paper Table 4; docs/design.md, Relation Transfer Module): ``box_predictor`` stays the
+binary (lesion / background)
 predictor, loaded from the binary checkpoint; ``rtm`` adds the multi-type predictor over
 [f, f_E]. MODEL.ROI_HEADS.NUM_CLASSES must equal MODEL.RTM.NUM_TYPES: it is the number of classes
 of the typed dataset, used to label the sampled proposals (background = NUM_TYPES).
