@@ -52,6 +52,11 @@ def config(name: str, output_dir: str, opts: List[str]):
 
 
 def train(cfg) -> torch.nn.Module:
+    """Train from scratch; the evaluation is left to the caller (one pass, with proposal recall)."""
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.DATASETS.TEST = ()
+    cfg.freeze()
     trainer = ElixirTrainer(cfg)
     trainer.resume_or_load(resume=False)
     trainer.train()
@@ -117,7 +122,7 @@ def draw_figure(path: str, rows: Dict[str, Dict], cfg, models: Dict[str, torch.n
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--output", default=os.path.join(ROOT, "output", "demo"))
-    ap.add_argument("--iters", type=int, default=None, help="training iterations of each model (config: 600)")
+    ap.add_argument("--iters", type=int, default=None, help="training iterations of each model (config: 500)")
     ap.add_argument("--search-epochs", type=int, default=2, help="ALB search epochs (the first trains w only)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
