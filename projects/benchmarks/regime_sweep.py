@@ -1,0 +1,85 @@
+#!/usr/bin/env python
+"""Train and evaluate many variants of a config in parallel (one process each), one table.
+
+    python projects/benchmarks/regime_sweep.py projects/benchmarks/sweeps/anchors.json \
+        --iters 400 --jobs 14 --output output/sweep [MODEL.DEVICE cuda]
+
+The JSON maps option-group names to KEY VALUE lists ("groups") and variant names to
+[config, [group names or KEY, VALUE, ...], iterations (optional)] ("variants"). Each variant is
+trained with train_net.py (no evaluation) and evaluated with quality.py --evaluate (FROC +
+proposal recall); the table lists sensitivity (IoU) at 0.5/1/2/4/8 FPs, their mean over
+0.5/1/2/4, IoBB at 4 FPs, AP50, recall of the top 50/100/300 proposals and the training time.
+Made for a machine with many cores (and a GPU: pass MODEL.DEVICE cuda); one seed per variant.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Dict, List
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+COLUMNS = ["sens@0.5_iou", "sens@1_iou", "sens@2_iou", "sens@4_iou", "sens@8_iou", "mean_sens_iou",
+           "sens@4_iobb", "AP50", "recall@50", "recall@100", "recall@300", "train_s"]
+
+
+def expand(items: List, groups: Dict[str, List[str]]) -> List[str]:
+    out: List[str] = []
+    for x in items:
+        out += groups.get(x, [x])
+    return out
+
+
+def run_variant(name: str, spec: List, groups: Dict, args) -> Dict:
+    config, items, *iters = spec
+    n = iters[0] if iters else args.iters
+    out = os.path.join(args.output, name)
+    common = ["--config-file", config, "OUTPUT_DIR", out, "SOLVER.MAX_ITER", str(n),
+              "SOLVER.STEPS", f"({int(n * 0.75)},{int(n * 0.92)})", *args.opts, *expand(items, groups)]
+    os.makedirs(out, exist_ok=True)
+    t0 = time.time()
+    with open(out + ".log", "w") as log:
+        code = subprocess.call([sys.executable, "train_net.py", *common, "DATASETS.TEST", "()"],
+                               stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        t1 = time.time()
+        if code == 0:
+            code = subprocess.call([sys.executable, "projects/benchmarks/quality.py", "--evaluate", *common,
+                                    "MODEL.WEIGHTS", os.path.join(out, "model_final.pth")],
+                                   stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    if code != 0:
+        return {"error": f"exit {code}, see {out}.log"}
+    with open(os.path.join(out, "quality_metrics.json")) as f:
+        metrics = json.load(f)
+    metrics["train_s"] = t1 - t0
+    return metrics
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("variants", help="JSON file with 'groups' and 'variants'")
+    ap.add_argument("--iters", type=int, default=400)
+    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--output", default=os.path.join(ROOT, "output", "sweep"))
+    ap.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides for every variant")
+    args = ap.parse_args()
+    args.output = os.path.abspath(args.output)
+    with open(args.variants) as f:
+        spec = json.load(f)
+    groups, variants = spec.get("groups", {}), spec["variants"]
+    with ThreadPoolExecutor(args.jobs) as pool:
+        results = dict(zip(variants, pool.map(lambda v: run_variant(v, variants[v], groups, args), variants)))
+    with open(os.path.join(args.output, "sweep.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    print("| variant | " + " | ".join(COLUMNS) + " |")
+    print("|:--|" + "--:|" * len(COLUMNS))
+    for name, m in results.items():
+        cells = [m["error"]] if "error" in m else [f"{m.get(k, float('nan')):.1f}" for k in COLUMNS]
+        print(f"| {name} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
