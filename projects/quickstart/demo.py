@@ -130,10 +130,9 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     out = os.path.abspath(args.output)
-    opts = ["SEED", str(args.seed)]
-    if args.iters != 500:
-        opts += ["SOLVER.MAX_ITER", str(args.iters), "SOLVER.WARMUP_ITERS", str(min(50, args.iters // 4)),
-                 "SOLVER.STEPS", f"({int(args.iters * 0.75)},{int(args.iters * 0.92)})"]
+    opts = ["SEED", str(args.seed), "SOLVER.MAX_ITER", str(args.iters),
+            "SOLVER.WARMUP_ITERS", str(min(50, args.iters // 4)),
+            "SOLVER.STEPS", f"({int(args.iters * 0.75)},{int(args.iters * 0.92)})"]
     t0 = time.time()
     fpn_cfg = config("fpn.yaml", os.path.join(out, "fpn"), opts)
     default_setup(fpn_cfg, argparse.Namespace(config_file="configs/quickstart/fpn.yaml", eval_only=False, opts=opts))
