@@ -15,21 +15,10 @@ import torch
 
 from detectron2.data import DatasetCatalog
 from detectron2.evaluation import DatasetEvaluator
-from detectron2.structures import BoxMode, Instances
+from detectron2.structures import Boxes, BoxMode, Instances, pairwise_iou
 from detectron2.utils import comm
 
 __all__ = ["ProposalRecallEvaluator", "capture_proposals", "recall_at"]
-
-
-def _iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU of every box of ``a`` (P, 4) with every box of ``b`` (G, 4), XYXY -> (P, G)."""
-    iw = np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0])
-    ih = np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1])
-    inter = np.clip(iw, 0, None) * np.clip(ih, 0, None)
-    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
-    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    union = area_a[:, None] + area_b[None, :] - inter
-    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
 
 
 def recall_at(proposals: np.ndarray, gt: np.ndarray, topks: Sequence[int], iou: float = 0.5) -> Dict[int, int]:
@@ -39,7 +28,8 @@ def recall_at(proposals: np.ndarray, gt: np.ndarray, topks: Sequence[int], iou: 
         return {k: 0 for k in topks}
     if len(proposals) == 0:
         return {k: 0 for k in topks}
-    ious = _iou_matrix(proposals.astype(np.float64), gt.astype(np.float64))
+    ious = pairwise_iou(Boxes(torch.as_tensor(proposals, dtype=torch.float64)),
+                        Boxes(torch.as_tensor(gt, dtype=torch.float64))).numpy()
     # Rank of the first proposal covering each lesion; a lesion never covered gets P.
     covered = ious >= iou
     first = np.where(covered.any(0), covered.argmax(0), len(proposals))
