@@ -76,6 +76,9 @@ def tiny_opts(prefix: str, output_dir: str, max_iter: int, **extra) -> List[str]
         "SOLVER.BASE_LR": "0.01", "SOLVER.CHECKPOINT_PERIOD": "1000", "DATALOADER.NUM_WORKERS": "0",
         "MODEL.RPN.POST_NMS_TOPK_TRAIN": "64", "MODEL.RPN.POST_NMS_TOPK_TEST": "32",
         "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE": "32", "TEST.DETECTIONS_PER_IMAGE": "20", "SEED": "0",
+        # GroupNorm: each DDP replica's BatchNorm statistics follow its own half of the batch,
+        # so with BN the replicas' buffers would differ by design.
+        "MODEL.RESNETS.NORM": "GN", "MODEL.FPN.NORM": "GN",
     }
     opts.update({k: str(v) for k, v in extra.items()})
     return [x for kv in opts.items() for x in kv]

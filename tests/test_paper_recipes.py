@@ -24,7 +24,7 @@ ELIXIR_GENOTYPE = os.path.join(REPO, "configs", "genotypes", "figure3.yaml")
 def tiny_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("paper")
     generate_deeplesion(str(root / "synthetic"), num_patients=8, slices_per_series=(8, 10), keys_per_series=(1, 2),
-                        image_size=64, seed=3)
+                        image_size=64, seed=3, val_frac=0.15, test_frac=0.15)
     return root
 
 

@@ -24,7 +24,8 @@ from test_predict_io import FAKE_PHI, phantom, write_dicom_series, write_nifti, 
 import predict_net
 
 # Keep the random quickstart model cheap: few proposals per slice.
-FAST = ["MODEL.RPN.PRE_NMS_TOPK_TEST", "60", "MODEL.RPN.POST_NMS_TOPK_TEST", "30"]
+# The sizes below are worked out for 2 mm model pixels (the quickstart resamples to 0.75 mm).
+FAST = ["MODEL.RPN.PRE_NMS_TOPK_TEST", "60", "MODEL.RPN.POST_NMS_TOPK_TEST", "30", "INPUT.NORM_SPACING_MM", "2.0"]
 
 
 def quickstart_cfg(name="fpn", opts=()):
@@ -109,12 +110,12 @@ def test_known_lesion_through_the_pipeline(tmp_path):
     vol = phantom(slices=7, lesion=(1, 5, 10, 22, 14, 30))
     cases = tmp_path / "cases"
     cases.mkdir()
-    # 2 mm pixels = the quickstart's NORM_SPACING_MM: the model sees the native grid.
+    # 2 mm pixels = NORM_SPACING_MM of FAST: the model sees the native grid.
     write_nifti(cases / "ct_nifti.nii.gz", vol, spacing=(2.0, 2.0, 2.5), origin=(-40.0, -30.0, 100.0))
     write_dicom_series(cases / "ct_dicom", vol, spacing=(2.0, 2.0))
     cfg = quickstart_cfg()
     lo, hi = cfg.INPUT.HU_WINDOW
-    level = (80 + 1024) * 255 / (hi - lo)  # between body (40 HU) and lesion (120 HU)
+    level = (80 - lo) * 255 / (hi - lo)  # between body (40 HU) and lesion (120 HU)
     gt = {"ct_nifti": {"0": [], "2": [[13, 9, 31, 23]], "6": []}}
     (tmp_path / "gt.json").write_text(json.dumps(gt))
     out = str(tmp_path / "out")

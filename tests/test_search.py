@@ -193,7 +193,7 @@ def test_steps_touch_only_their_parameters_and_frozen_parts_stay(tiny_set, tmp_p
         assert all(not torch.equal(a, b) for a, b in zip(head.arch_parameters(), alphas0))
         # Adam's first step moves every alpha entry with a gradient by about lr.
         step = (head.alpha_normal - alphas0[0]).abs()
-        assert step.max().item() == pytest.approx(3e-4, rel=0.05)
+        assert step.max().item() == pytest.approx(s.cfg.SEARCH.ALPHA_LR, rel=0.05)
 
         # A full iteration through the trainer loop (model.train() each step) still keeps them.
         s.train()

@@ -183,7 +183,9 @@ def test_deterministic_by_seed(tmp_path):
 
 
 def test_every_type_in_val_and_test(tmp_path):
-    s = generate_deeplesion(str(tmp_path / "t"), num_patients=24, slices_per_series=(8, 9), image_size=128, seed=0)
+    # 4 val and 4 test patients (the default 10 % val would leave 2, too few for 8 types).
+    s = generate_deeplesion(str(tmp_path / "t"), num_patients=24, slices_per_series=(8, 9), image_size=128, seed=0,
+                            val_frac=0.15, test_frac=0.15)
     for split in ("val", "test"):
         assert all(n > 0 for n in s["splits"][split]["types"].values()), s["splits"][split]
     assert s["splits"]["train"]["lesions"] > s["splits"]["val"]["lesions"]

@@ -145,6 +145,8 @@ class Search:
             opts += list(self.quick_opts)
         if recipe.args.search_epochs and not self.random:
             opts += ["SEARCH.EPOCHS", str(recipe.args.search_epochs)]
+            if recipe.args.search_epochs < 2:  # a one-epoch search has no room for a w-only warm-up
+                opts += ["SEARCH.WARMUP_EPOCHS", "0"]
         return opts + list(self.opts) + recipe.common_opts(self.name)
 
     def execute(self, recipe: Recipe, opts: List[str]) -> None:
