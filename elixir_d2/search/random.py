@@ -8,7 +8,7 @@ from typing import List, Optional, Tuple
 import numpy as np
 
 from ..modeling.alb.genotype import Genotype
-from ..modeling.alb.ops import get_search_space
+from ..modeling.alb.spaces import get_search_space
 
 __all__ = ["sample_random_genotype"]
 

@@ -1,4 +1,6 @@
-"""Auto-lesion Block: search spaces and ops, searchable / fixed blocks, genotypes."""
+"""Auto-lesion Block, in the DARTS roles: search spaces (spaces.py, op names only), operations
+(ops.py, with the BatchNorm-folding fast paths in fused.py), searchable / fixed blocks (cells.py)
+and genotypes (genotype.py)."""
 from .cells import GenotypeBlock, MixedOp, SearchBlock
 from .genotype import (
     Genotype,
@@ -11,7 +13,8 @@ from .genotype import (
     num_edges,
     save_genotype,
 )
-from .ops import DARTS_OPS, ELIXIR_OPS, SEARCH_SPACES, RegionNonLocal, build_op, get_search_space
+from .ops import RegionNonLocal, build_op
+from .spaces import DARTS_OPS, ELIXIR_OPS, SEARCH_SPACES, get_search_space
 
 __all__ = [
     "DARTS_OPS",

@@ -20,11 +20,10 @@ from math import comb
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
-import torch
 import yaml
 from detectron2.utils.file_io import PathManager
 
-from .ops import get_search_space
+from .spaces import get_search_space
 
 __all__ = [
     "Genotype",
@@ -185,7 +184,8 @@ def save_genotype(genotype: Genotype, path: str, comment: Optional[str] = None) 
 
 
 def _as_numpy(alpha: Any) -> np.ndarray:
-    if isinstance(alpha, torch.Tensor):
+    # Duck-typed so that this module needs no torch: a tensor (e.g. a Parameter) has detach().
+    if hasattr(alpha, "detach"):
         alpha = alpha.detach().cpu().numpy()
     return np.asarray(alpha, dtype=np.float64)
 

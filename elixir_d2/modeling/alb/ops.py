@@ -9,12 +9,20 @@ Every op's ``forward`` takes ``(x, num_per_image)``: the number of proposals of 
 sum is ``N``. Only ``region_nonlocal`` uses it (it relates the proposals of one image only); the
 others accept and ignore it, so that mixed ops and blocks can call every op the same way without
 hidden global state.
+
+The op names of each search space are data in ``spaces.py``; the BatchNorm-folding fast paths that
+the conv ops call are in ``fused.py``.
 """
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+# Re-exported: op names live in spaces.py and BN folding in fused.py, but callers (box_head.py,
+# tests) import them from here.
+from .fused import bn_fold, concat_conv_norm, conv_norm
+from .spaces import DARTS_OPS, ELIXIR_OPS, SEARCH_SPACES, get_search_space
 
 __all__ = [
     "ELIXIR_OPS",
@@ -32,41 +40,6 @@ __all__ = [
     "RegionNonLocal",
     "region_relations",
 ]
-
-# Order matters: alphas are indexed by it and genotypes are derived from it. "none" first, as in
-# DARTS, so that derivation can skip it by name.
-ELIXIR_OPS: List[str] = [
-    "none",
-    "skip_connect",
-    "avg_pool_3x3",
-    "conv_1x1",
-    "asym_conv_3",
-    "dil_conv_3x3_r2",
-    "dil_conv_3x3_r3",
-    "dw_conv_7x7",
-    "region_nonlocal",
-]
-DARTS_OPS: List[str] = [
-    "none",
-    "max_pool_3x3",
-    "avg_pool_3x3",
-    "skip_connect",
-    "sep_conv_3x3",
-    "sep_conv_5x5",
-    "dil_conv_3x3",
-    "dil_conv_5x5",
-]
-SEARCH_SPACES: Dict[str, List[str]] = {"elixir": ELIXIR_OPS, "darts": DARTS_OPS}
-
-
-def get_search_space(name: str) -> List[str]:
-    """Return the ordered op names of the search space ``name`` ("elixir" or "darts")."""
-    if name not in SEARCH_SPACES:
-        raise ValueError(
-            f"Unknown ALB search space {name!r} (MODEL.ALB.SEARCH_SPACE); "
-            f"expected one of {sorted(SEARCH_SPACES)}"
-        )
-    return list(SEARCH_SPACES[name])
 
 
 def _gn_groups(channels: int) -> int:
@@ -88,38 +61,6 @@ def make_norm(norm: str, channels: int, affine: bool = True) -> nn.Module:
     if norm == "":
         return nn.Identity()
     raise ValueError(f"Unknown ALB norm {norm!r} (MODEL.ALB.NORM); expected 'BN', 'GN' or ''")
-
-
-def bn_fold(norm: nn.Module) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
-    """``(scale, shift)`` with ``norm(y) == y * scale + shift`` per channel, for a BatchNorm in
-    eval mode with running statistics; None otherwise (train mode, GN, no norm)."""
-    if not isinstance(norm, nn.BatchNorm2d) or norm.training or norm.running_var is None:
-        return None
-    scale = torch.rsqrt(norm.running_var + norm.eps)
-    if norm.weight is not None:
-        scale = scale * norm.weight
-    shift = -norm.running_mean * scale
-    if norm.bias is not None:
-        shift = shift + norm.bias
-    return scale, shift
-
-
-def conv_norm(
-    conv: nn.Conv2d, norm: nn.Module, x: torch.Tensor, channels: Optional[slice] = None
-) -> torch.Tensor:
-    """``norm(conv(x))``, or ``norm``'s ``channels`` applied to ``conv(x)``. An eval-mode
-    BatchNorm is folded into the conv's weights: one pass over the feature map less (these maps
-    are small, so elementwise passes are a large part of the CPU time), same values."""
-    fold = bn_fold(norm)
-    if fold is None:
-        if channels is not None:
-            raise ValueError("conv_norm: channels only with an eval-mode BatchNorm")
-        return norm(conv(x))
-    scale, shift = fold
-    if channels is not None:
-        scale, shift = scale[channels], shift[channels]
-    bias = shift if conv.bias is None else shift + conv.bias * scale
-    return conv._conv_forward(x, conv.weight * scale.view(-1, 1, 1, 1), bias)
 
 
 class ALBOp(nn.Module):
@@ -224,12 +165,7 @@ class FactorizedReduce(ALBOp):
         h, w = -(-x.shape[2] // 2), -(-x.shape[3] // 2)
         odd = x[:, :, 1::2, 1::2]
         odd = F.pad(odd, (0, w - odd.shape[3], 0, h - odd.shape[2]))
-        if bn_fold(self.norm) is None:
-            return self.norm(torch.cat([self.conv_a(x), self.conv_b(odd)], dim=1))
-        half = self.conv_a.out_channels
-        a = conv_norm(self.conv_a, self.norm, x, slice(0, half))
-        b = conv_norm(self.conv_b, self.norm, odd, slice(half, None))
-        return torch.cat([a, b], dim=1)
+        return concat_conv_norm(self.norm, [(self.conv_a, x), (self.conv_b, odd)])
 
 
 class Identity(ALBOp):
