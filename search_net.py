@@ -27,7 +27,7 @@ from detectron2.utils.logger import setup_logger
 import elixir_d2  # noqa: F401  (registers models and datasets)
 from elixir_d2 import load_config
 from elixir_d2.cli import UserInputError, check_datasets, require_file, run_cli
-from elixir_d2.engine import launch
+from elixir_d2.launch import launch
 from elixir_d2.modeling.alb.genotype import Genotype
 from elixir_d2.modeling.genotype_source import write_genotype
 from elixir_d2.search import GENOTYPE_YAML, ALBSearcher, format_genotype, sample_random_genotype

@@ -17,10 +17,11 @@ from detectron2.evaluation import verify_results
 
 import elixir_d2  # noqa: F401  (registers models and datasets)
 from elixir_d2 import load_config
-from elixir_d2.checkpoint import fill_genotype_from_checkpoint
+from elixir_d2.checkpoint import AtomicCheckpointer, fill_genotype_from_checkpoint
 from elixir_d2.cli import check_datasets, require_file, run_cli
-from elixir_d2.engine import AtomicCheckpointer, ElixirTrainer, launch
+from elixir_d2.launch import launch
 from elixir_d2.modeling.genotype_source import resolve_genotype_config
+from elixir_d2.trainer import ElixirTrainer
 
 
 # detectron2's DefaultTrainer with the CT mapper, the lesion evaluator, atomic checkpoints.

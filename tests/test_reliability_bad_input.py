@@ -28,7 +28,7 @@ from elixir_d2.data.ct_mapper import CTDatasetMapper, CTSliceError, read_hu_slic
 from elixir_d2.data.deeplesion import LOAD_STATS, DeepLesionFormatError, load_deeplesion_dicts, read_dl_info
 from elixir_d2.data.kits19 import KiTS19Error, write_nifti
 from elixir_d2.data.kits19 import read_nifti as kits19_read_nifti
-from elixir_d2.engine import AtomicCheckpointer
+from elixir_d2.checkpoint import AtomicCheckpointer
 from elixir_d2.inference.volume_io import CTInputError
 from elixir_d2.inference.volume_io import read_nifti as volume_read_nifti
 from elixir_d2.modeling.alb.genotype import GenotypeError

@@ -1,4 +1,4 @@
-"""train_net's trainer and evaluator under a 2-process gloo group (elixir_d2.engine.launch, the
+"""train_net's trainer and evaluator under a 2-process gloo group (elixir_d2.launch.launch, the
 path `train_net.py --num-gpus 2` takes on a machine without CUDA) against a 1-process run.
 
 What must hold, and why:
@@ -56,7 +56,7 @@ def train_and_evaluate(root: str, prefix: str, opts, eval_weights: str, out_dir:
     from detectron2.utils import comm
 
     from elixir_d2.data import register_deeplesion
-    from elixir_d2.engine import AtomicCheckpointer
+    from elixir_d2.checkpoint import AtomicCheckpointer
 
     register_deeplesion(root, prefix=prefix)
     args = default_argument_parser().parse_args(["--config-file", QUICKSTART] + list(opts))
@@ -87,7 +87,7 @@ def train_and_evaluate(root: str, prefix: str, opts, eval_weights: str, out_dir:
 
 
 def test_two_process_training_and_evaluation_match_one_process(tmp_path):
-    from elixir_d2.engine import launch
+    from elixir_d2.launch import launch
 
     root = write_tiny_deeplesion(str(tmp_path / "data"), num_train=8, num_test=5)
     prefix = f"rel_dist_{uuid.uuid4().hex[:8]}"

@@ -16,7 +16,7 @@ import torch
 
 from reliability_helpers import QUICKSTART, REPO, tiny_opts, write_tiny_deeplesion
 
-from elixir_d2.engine import AtomicCheckpointer
+from elixir_d2.checkpoint import AtomicCheckpointer
 
 MAX_ITER, PERIOD = 12, 4
 
@@ -121,14 +121,14 @@ def test_sigkill_then_resume_ends_like_an_uninterrupted_run(tmp_path):
 # ------------------------------------------------------------------ killed inside a save
 def _save_forever(out_dir: str) -> None:
     """Child: start saving 'model_a' with a torch.save that writes half a file, then hangs."""
-    import elixir_d2.engine as engine
+    import elixir_d2.checkpoint as checkpoint_module
 
     def slow_save(obj, f):
         f.write(b"PK\x03\x04" + b"\0" * 4096)
         f.flush()
         time.sleep(600)
 
-    engine.torch.save = slow_save
+    checkpoint_module.torch.save = slow_save
     ckpt = AtomicCheckpointer(torch.nn.Linear(2, 2), save_dir=out_dir)
     ckpt.save("model_a")
 
@@ -168,7 +168,7 @@ def test_checkpoint_killed_mid_write_leaves_the_previous_files_intact(tmp_path):
 
 
 def test_failed_write_removes_its_temporary_file(tmp_path, monkeypatch):
-    import elixir_d2.engine as engine
+    import elixir_d2.checkpoint as checkpoint_module
 
     ckpt = AtomicCheckpointer(torch.nn.Linear(2, 2), save_dir=str(tmp_path))
     ckpt.save("model_a")
@@ -177,7 +177,7 @@ def test_failed_write_removes_its_temporary_file(tmp_path, monkeypatch):
         f.write(b"PK\x03\x04")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(engine.torch, "save", full_disk)
+    monkeypatch.setattr(checkpoint_module.torch, "save", full_disk)
     with pytest.raises(OSError, match="No space left"):
         ckpt.save("model_b")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last_checkpoint", "model_a.pth"]
@@ -188,7 +188,7 @@ def test_resume_restores_the_optimizer_momentum(tmp_path):
     from detectron2.utils.env import seed_all_rng
 
     from elixir_d2.data import register_deeplesion
-    from elixir_d2.engine import ElixirTrainer
+    from elixir_d2.trainer import ElixirTrainer
 
     from reliability_helpers import build_cfg
 
@@ -209,3 +209,18 @@ def test_resume_restores_the_optimizer_momentum(tmp_path):
     assert restored.keys() == momentum.keys()
     for k, m in momentum.items():
         assert torch.equal(restored[k]["momentum_buffer"], m), k
+
+
+def test_trainer_saves_through_the_atomic_checkpointer(tmp_path):
+    from detectron2.engine import hooks
+
+    from elixir_d2.data import register_deeplesion
+    from elixir_d2.trainer import ElixirTrainer
+
+    from reliability_helpers import build_cfg
+
+    register_deeplesion(write_tiny_deeplesion(str(tmp_path / "data"), num_train=2, num_test=1), prefix="rel_atomic")
+    trainer = ElixirTrainer(build_cfg(tiny_opts("rel_atomic", str(tmp_path / "out"), 2, **{"TEST.EVAL_PERIOD": 0})))
+    assert type(trainer.checkpointer) is AtomicCheckpointer
+    periodic = [h for h in trainer._hooks if isinstance(h, hooks.PeriodicCheckpointer)]
+    assert periodic and all(h.checkpointer is trainer.checkpointer for h in periodic)

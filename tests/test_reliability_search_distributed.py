@@ -1,4 +1,4 @@
-"""search_net under a 2-process gloo group (elixir_d2.engine.launch, the path `search_net.py
+"""search_net under a 2-process gloo group (elixir_d2.launch.launch, the path `search_net.py
 --num-gpus 2` takes without CUDA): the architecture weights alpha must stay identical across the
 processes (DDP all-reduces their gradients like the head weights'), and must have moved."""
 import os
@@ -41,7 +41,7 @@ def search_rank(root: str, prefix: str, out_dir: str) -> None:
 
 
 def test_search_keeps_alphas_identical_across_two_processes(tmp_path):
-    from elixir_d2.engine import launch
+    from elixir_d2.launch import launch
 
     root = str(tmp_path / "data")
     write_tiny_deeplesion(root, num_train=4, num_test=2)

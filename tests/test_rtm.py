@@ -19,7 +19,8 @@ from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
 from elixir_d2 import load_config
-from elixir_d2.engine import AtomicCheckpointer, ElixirTrainer
+from elixir_d2.checkpoint import AtomicCheckpointer
+from elixir_d2.trainer import ElixirTrainer
 from elixir_d2.evaluation import format_type_table
 from elixir_d2.modeling.alb.ops import RegionNonLocal
 from elixir_d2.modeling.freeze import freeze_modules

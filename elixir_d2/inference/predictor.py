@@ -81,7 +81,7 @@ class VolumePrediction:
 def build_predictor_model(cfg) -> torch.nn.Module:
     """build_model + AtomicCheckpointer.load(cfg.MODEL.WEIGHTS) + eval() (weights_only loads,
     a mismatch summary, an error for a checkpoint of another model)."""
-    from ..engine import AtomicCheckpointer
+    from ..checkpoint import AtomicCheckpointer
 
     model = build_model(cfg)
     if cfg.MODEL.WEIGHTS:

@@ -288,7 +288,7 @@ class Recipe:
         return True
 
     def _launch(self, entry: str, args: argparse.Namespace):
-        from elixir_d2.engine import launch
+        from elixir_d2.launch import launch
 
         with _isolated_logging():
             if self.num_gpus <= 1:

@@ -37,7 +37,7 @@ def measure_speed(step_dir: str, dataset: str, num_images: int) -> Dict[str, flo
     from detectron2.modeling import build_model
 
     from elixir_d2.data import CTDatasetMapper
-    from elixir_d2.engine import AtomicCheckpointer
+    from elixir_d2.checkpoint import AtomicCheckpointer
     from models_speed import staged_inference
 
     cfg = load_run_cfg(step_dir)

@@ -1,0 +1,164 @@
+"""Training and evaluation for CT lesions, used by train_net.py, the projects and the tests.
+
+- ``ElixirTrainer``: detectron2's DefaultTrainer reading CT through CTDatasetMapper, evaluating
+  lesions with LesionEvaluator, wrapping the model in DDP on the CPU too, and checkpointing with
+  ``AtomicCheckpointer`` (``elixir_d2.checkpoint``).
+- ``build_lesion_evaluator``, ``create_ddp_model``, ``evaluate_with_proposal_recall``.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import weakref
+from collections import OrderedDict
+from typing import Any, Dict, List, Optional
+from unittest import mock
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from detectron2.config import CfgNode
+from detectron2.data import MetadataCatalog, build_detection_test_loader, build_detection_train_loader
+from detectron2.engine import DefaultTrainer, HookBase
+from detectron2.engine import defaults as d2_defaults
+from detectron2.evaluation import COCOEvaluator, DatasetEvaluator
+from detectron2.utils import comm
+
+from .checkpoint import AtomicCheckpointer
+from .data import CTDatasetMapper
+
+__all__ = ["ElixirTrainer", "build_lesion_evaluator", "create_ddp_model", "evaluate_with_proposal_recall"]
+
+
+def create_ddp_model(model: torch.nn.Module, **kwargs) -> torch.nn.Module:
+    """DDP when there are several processes: on the local GPU, or on the CPU (no device_ids)."""
+    if comm.get_world_size() == 1:
+        return model
+    if next(model.parameters()).is_cuda:
+        kwargs.setdefault("device_ids", [comm.get_local_rank()])
+    return DistributedDataParallel(model, **kwargs)
+
+
+def build_lesion_evaluator(cfg: CfgNode, dataset_name: str, output_folder: Optional[str] = None) -> DatasetEvaluator:
+    """LesionEvaluator (FROC + mAP) for lesion datasets, else pycocotools COCO AP."""
+    from .evaluation import LesionEvaluator
+
+    output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+    if MetadataCatalog.get(dataset_name).get("evaluator_type", "coco") == "lesion":
+        return LesionEvaluator(dataset_name, output_folder, fps=tuple(cfg.TEST.FROC_FPS),
+                               max_dets_per_image=cfg.TEST.DETECTIONS_PER_IMAGE)
+    # The fast COCO evaluation needs detectron2's C++ ops, absent from a Python-only build.
+    return COCOEvaluator(dataset_name, output_dir=output_folder, use_fast_impl=False)
+
+
+class ElixirTrainer(DefaultTrainer):
+    """DefaultTrainer for CT lesions: CT mapper, lesion evaluator, CPU-capable DDP, atomic saves."""
+
+    def __init__(self, cfg: CfgNode):
+        # DefaultTrainer.__init__ wraps the model with a create_ddp_model that always passes
+        # device_ids, which DDP refuses for a CPU model: ours leaves them out there.
+        with mock.patch.object(d2_defaults, "create_ddp_model", create_ddp_model):
+            super().__init__(cfg)
+
+    def build_hooks(self) -> List[HookBase]:
+        """DefaultTrainer's hooks, saving through AtomicCheckpointer.
+
+        DefaultTrainer.__init__ calls this right after making its DetectionCheckpointer: the swap
+        here comes before PeriodicCheckpointer (or a subclass's hook) takes hold of it.
+        """
+        self.checkpointer = AtomicCheckpointer(self.checkpointer.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        return super().build_hooks()
+
+    # detectron2 v0.6's DefaultTrainer checkpoints the iteration and the hooks (LR scheduler)
+    # but not the optimizer: a resumed run would restart SGD momentum from zero. Later
+    # detectron2 saves it under "_trainer", as here.
+    def state_dict(self) -> Dict[str, Any]:
+        ret = super().state_dict()
+        ret["_trainer"] = self._trainer.state_dict()
+        return ret
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        if "_trainer" in state_dict:  # absent from checkpoints written before this fix
+            self._trainer.load_state_dict(state_dict["_trainer"])
+
+    @classmethod
+    def build_model(cls, cfg):
+        """detectron2's model, then MODEL.FREEZE_MODULES frozen (fine-tuning protocol of Table
+        4: backbone + proposal generator; see elixir_d2/modeling/freeze.py)."""
+        from .modeling.freeze import freeze_modules
+
+        model = super().build_model(cfg)
+        freeze_modules(model, cfg.MODEL.FREEZE_MODULES)
+        return model
+
+    @classmethod
+    def test(cls, cfg, model, evaluators=None):
+        """DefaultTrainer.test; on typed datasets also logs the per-type table (Table 4 layout)."""
+        from .evaluation import format_type_table
+
+        results = cls._test_rtm_per_split(cfg, model, evaluators)
+        # Under detectron2's logger: train_net's default_setup gives it the console and log.txt,
+        # next to detectron2's own results printout.
+        d2_logger = logging.getLogger("detectron2.elixir_d2")
+        # DefaultTrainer.test unwraps the result of a single dataset.
+        per_dataset = {cfg.DATASETS.TEST[0]: results} if "lesion" in results else results
+        for name, res in per_dataset.items():
+            metrics = res.get("lesion", {}) if isinstance(res, dict) else {}
+            if comm.is_main_process() and "AP_typed" in metrics:  # typed dataset
+                meta = MetadataCatalog.get(name)
+                types = meta.get("thing_classes")
+                table = format_type_table({cfg.OUTPUT_DIR: metrics}, types, meta.get("type_abbrev", types))
+                d2_logger.info(f"Per-type results on {name}:\n" + table)
+        return results
+
+    @classmethod
+    def _test_rtm_per_split(cls, cfg, model, evaluators=None):
+        """DefaultTrainer.test; an RTM model is run per dataset with typed output on typed splits
+        and binary output (one box per proposal, lesion probability) on untyped ones."""
+        roi_heads = getattr(getattr(model, "module", model), "roi_heads", None)
+        if getattr(roi_heads, "rtm", None) is None:
+            return super().test(cfg, model, evaluators)
+        if isinstance(evaluators, DatasetEvaluator):
+            evaluators = [evaluators]
+        results, before = OrderedDict(), roi_heads.rtm_output
+        try:
+            for idx, name in enumerate(cfg.DATASETS.TEST):
+                sub = cfg.clone()
+                sub.defrost()
+                sub.DATASETS.TEST = (name,)
+                typed = len(MetadataCatalog.get(name).get("thing_classes", None) or ()) > 1
+                roi_heads.rtm_output = "typed" if typed else "binary"
+                results[name] = super().test(sub, model, [evaluators[idx]] if evaluators else None)
+        finally:
+            roi_heads.rtm_output = before
+        return results[cfg.DATASETS.TEST[0]] if len(results) == 1 else results
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        return build_detection_train_loader(cfg, mapper=CTDatasetMapper(cfg, is_train=True))
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        return build_detection_test_loader(cfg, dataset_name, mapper=CTDatasetMapper(cfg, is_train=False))
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        return build_lesion_evaluator(cfg, dataset_name, output_folder)
+
+
+def evaluate_with_proposal_recall(cfg: CfgNode, model: torch.nn.Module) -> Dict[str, float]:
+    """Lesion metrics (LesionEvaluator) and the proposals' recall at 50 / 100 / 300 (IoU 0.5,
+    keys ``recall@k``) of ``model`` on ``cfg.DATASETS.TEST[0]``, from one inference pass."""
+    from detectron2.evaluation import DatasetEvaluators, inference_on_dataset
+
+    from .evaluation.proposal_recall import ProposalRecallEvaluator, capture_proposals
+
+    dataset = cfg.DATASETS.TEST[0]
+    with capture_proposals(model) as captured:
+        evaluators = DatasetEvaluators([
+            ElixirTrainer.build_evaluator(cfg, dataset, os.path.join(cfg.OUTPUT_DIR, "inference", dataset)),
+            ProposalRecallEvaluator(dataset, captured),
+        ])
+        res = inference_on_dataset(model, ElixirTrainer.build_test_loader(cfg, dataset), evaluators)
+    return {**res.get("lesion", {}), **res.get("proposals", {})}
