@@ -1,4 +1,5 @@
 """Differentiable search of the Auto-lesion Blocks (search_net.py) and random genotypes."""
+from .architect import Architect
 from .checkpoint import SearchCheckpointer
 from .data import build_search_loaders, halve_dataset, iters_per_epoch, load_search_halves
 from .outputs import (
@@ -20,10 +21,12 @@ from .searcher import (
     frozen_modules,
     search_head,
 )
+from .step import optimizer_step, search_loss
 
 __all__ = [
     "ALBSearcher",
     "ALPHAS_JSON",
+    "Architect",
     "ALPHAS_PNG",
     "AlphaRecorder",
     "GENOTYPE_YAML",
@@ -38,8 +41,10 @@ __all__ = [
     "halve_dataset",
     "iters_per_epoch",
     "load_search_halves",
+    "optimizer_step",
     "sample_random_genotype",
     "search_head",
+    "search_loss",
     "softmax_alphas",
     "write_search_outputs",
 ]

@@ -8,6 +8,9 @@ first-order approximation: alpha's gradient is taken at the current w). The obje
 of the detector losses that depend on trainable parameters (the box classification and
 regression losses; the frozen RPN's losses carry no gradient and are left out).
 
+Roles as in DARTS: the alpha step is the :class:`~.architect.Architect`'s; both steps are
+:func:`~.step.optimizer_step` with their own optimiser; this module runs the loop.
+
 Distributed: the model is wrapped in DistributedDataParallel with the alphas as ordinary
 parameters, so their gradients are all-reduced like the weights' and every process applies the
 same Adam step: alphas stay identical across processes (DDP also broadcasts rank 0's initial
@@ -32,9 +35,11 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..engine import create_ddp_model
 from ..modeling.alb.genotype import Genotype
+from .architect import Architect
 from .checkpoint import SearchCheckpointer
 from .data import build_search_loaders, iters_per_epoch, load_search_halves
 from .outputs import AlphaRecorder
+from .step import optimizer_step
 
 __all__ = [
     "ALBSearcher",
@@ -178,6 +183,7 @@ class ALBSearcher(TrainerBase):
         self._iters = None  # loader iterators, started at the first step
         self.model = create_ddp_model(model, broadcast_buffers=False)
         self.model.train()
+        self.architect = Architect(self.model, self.alpha_optimizer)
         self.start_iter = 0
         self.checkpointer = SearchCheckpointer(
             model, cfg.OUTPUT_DIR, w_optimizer=self.w_optimizer,
@@ -270,40 +276,15 @@ class ALBSearcher(TrainerBase):
         """Epochs completed when the search (re)starts: 0, or those of the checkpoint resumed."""
         return self.start_iter // self.iters_per_epoch
 
-    def _objective(self, batch: List[Dict]) -> Tuple[torch.Tensor, Dict[str, float]]:
-        # Cheap, and robust to anything (hooks, evaluation) that called model.train() since.
-        _set_frozen_norms_eval(self.model)
-        loss_dict = self.model(batch)
-        trainable = {k: v for k, v in loss_dict.items() if v.requires_grad}
-        if not trainable:
-            raise RuntimeError(
-                f"No loss depends on trainable parameters (losses: {sorted(loss_dict)})"
-            )
-        total = sum(trainable.values())
-        values = {k: float(v.detach()) for k, v in trainable.items()}
-        values["total_loss"] = float(total.detach())
-        return total, values
-
-    def _backward(self, total: torch.Tensor) -> None:
-        # Both steps differentiate w.r.t. w and alpha (DDP must see every trainable parameter
-        # get a gradient); the other set's gradient is cleared here before it is used.
-        self.w_optimizer.zero_grad(set_to_none=True)
-        self.alpha_optimizer.zero_grad(set_to_none=True)
-        total.backward()
-
     def w_step(self, batch: List[Dict]) -> Dict[str, float]:
         """One SGD step on the weights with ``batch`` (from the weight half); returns losses."""
-        total, values = self._objective(batch)
-        self._backward(total)
-        self.w_optimizer.step()
-        return values
+        _set_frozen_norms_eval(self.model)
+        return optimizer_step(self.model, batch, self.w_optimizer)
 
     def alpha_step(self, batch: List[Dict]) -> Dict[str, float]:
         """One Adam step on the alphas with ``batch`` (from the architecture half)."""
-        total, values = self._objective(batch)
-        self._backward(total)
-        self.alpha_optimizer.step()
-        return values
+        _set_frozen_norms_eval(self.model)
+        return self.architect.step(batch)
 
     def next_batches(self) -> Tuple[List[Dict], List[Dict]]:
         """The next (weight-half batch, architecture-half batch)."""
