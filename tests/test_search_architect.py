@@ -53,3 +53,28 @@ def test_weight_step_and_architect_step_move_only_their_parameters():
     # Adam's first step moves each entry with a gradient by about lr.
     torch.testing.assert_close((model.alpha - a0).abs(), torch.full((2,), 0.01))
     assert set(values) == {"loss_fit", "total_loss"}
+
+
+def test_freeze_for_search_is_the_freeze_modules_mechanism():
+    from elixir_d2.search import freeze_for_search
+
+    class _Detector(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.backbone = nn.Sequential(nn.Conv2d(1, 2, 1), nn.BatchNorm2d(2))
+            self.proposal_generator = nn.Sequential(nn.Conv2d(2, 2, 1), nn.BatchNorm2d(2))
+            self.roi_heads = nn.Linear(2, 2)
+
+    model = _Detector()
+    freeze_for_search(model)
+    model.train()  # as the trainer does; the frozen norms return to eval at their forward
+    stats = [t.clone() for t in model.backbone[1].buffers()]
+    model.proposal_generator(model.backbone(torch.randn(2, 1, 4, 4)))
+    assert not model.backbone[1].training and not model.proposal_generator[1].training
+    assert all(torch.equal(a, b) for a, b in zip(stats, model.backbone[1].buffers()))
+    assert model.proposal_generator.training  # training-time proposal counts
+    assert not any(p.requires_grad for n in ("backbone", "proposal_generator")
+                   for p in getattr(model, n).parameters())
+    assert all(p.requires_grad for p in model.roi_heads.parameters())
+    with pytest.raises(ValueError, match="has none"):
+        freeze_for_search(nn.Module())

@@ -30,11 +30,11 @@ from detectron2.modeling import build_model
 from detectron2.utils import comm
 from detectron2.utils.events import CommonMetricPrinter, JSONWriter
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parallel import DistributedDataParallel
 
 from ..engine import create_ddp_model
 from ..modeling.alb.genotype import Genotype
+from ..modeling.freeze import freeze_modules
 from .architect import Architect
 from .checkpoint import SearchCheckpointer
 from .data import build_search_loaders, iters_per_epoch, load_search_halves
@@ -84,24 +84,15 @@ def frozen_modules(model: nn.Module) -> Dict[str, nn.Module]:
     return parts
 
 
-def _set_frozen_norms_eval(model: nn.Module) -> None:
-    # Batch statistics of a frozen part must not drift with the search's batches: keep its
-    # BatchNorms in eval mode (GroupNorm and FrozenBatchNorm have no running statistics).
-    for part in frozen_modules(model).values():
-        for m in part.modules():
-            if isinstance(m, _BatchNorm):
-                m.eval()
-
-
 def freeze_for_search(model: nn.Module) -> None:
-    """Freeze backbone and proposal generator: no gradients, BatchNorm statistics fixed.
+    """Freeze backbone and proposal generator: no gradients, norm statistics fixed.
 
-    The proposal generator itself stays in training mode so it returns training-time proposal
-    counts (PRE/POST_NMS_TOPK_TRAIN), as the head sees when the final network is trained.
+    The project's MODEL.FREEZE_MODULES mechanism (``modeling/freeze.py``): its norms are kept in
+    eval mode before every forward, whatever called ``model.train()`` since. The proposal
+    generator itself stays in training mode so it returns training-time proposal counts
+    (PRE/POST_NMS_TOPK_TRAIN), as the head sees when the final network is trained.
     """
-    for part in frozen_modules(model).values():
-        part.requires_grad_(False)
-    _set_frozen_norms_eval(model)
+    freeze_modules(_unwrap(model), list(frozen_modules(model)))
 
 
 def build_search_optimizers(
@@ -278,12 +269,10 @@ class ALBSearcher(TrainerBase):
 
     def w_step(self, batch: List[Dict]) -> Dict[str, float]:
         """One SGD step on the weights with ``batch`` (from the weight half); returns losses."""
-        _set_frozen_norms_eval(self.model)
         return optimizer_step(self.model, batch, self.w_optimizer)
 
     def alpha_step(self, batch: List[Dict]) -> Dict[str, float]:
         """One Adam step on the alphas with ``batch`` (from the architecture half)."""
-        _set_frozen_norms_eval(self.model)
         return self.architect.step(batch)
 
     def next_batches(self) -> Tuple[List[Dict], List[Dict]]:
