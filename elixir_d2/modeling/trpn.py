@@ -1,41 +1,18 @@
-"""TruncatedRPN (paper section "Truncated RPN", equation 1; docs/design.md, TruncatedRPN).
+"""TruncatedRPN (ElixirNet, AAAI 2020, section "Truncated RPN", equation 1).
 
     TRPN = F([p(I(i,j)) * I(i,j)]_{p(I(i,j)) > eps} | k)
 
-A shared 1x1 conv + sigmoid (``conf_head``) gives a location confidence ``p`` on every input
-level. The RPN head (detectron2's, unchanged) sees the gated features; a location with
-``p <= eps`` contributes none of its A anchors as a proposal candidate, in training and in
-inference. The RPN losses are computed on all anchors, so ``p`` learns end to end through the
-gate and, with ``MODEL.TRPN.LOC_LOSS_WEIGHT > 0``, from an auxiliary sigmoid focal loss.
+detectron2's :class:`RPN` with a location confidence p (a 1x1 conv + sigmoid shared across
+levels). The RPN head sees the gated features, and the anchors of the locations with p <= eps are
+dropped before box decoding, top-k and NMS, so they are never proposed and cost nothing there. p
+learns through the gate and from an auxiliary focal loss; the RPN losses stay on every anchor.
 
-Decisions where the paper is silent:
-
-* Gate (``MODEL.TRPN.GATE``): by default ``p / max(p)`` per image and level, not ``p`` itself.
-  The focal loss pushes ``p`` towards 0 away from lesions, so with the literal ``p * I`` the
-  RPN head is fed almost nothing, its gradients vanish with it, and the detector never starts
-  learning. Dividing by the maximum keeps the ranking and the truncation of equation 1 while
-  the most confident location passes ``I`` unchanged. ``"p"`` keeps the literal form.
-* Focal-loss positives (``MODEL.TRPN.CONF_POSITIVES``): by default every location with an
-  anchor above the RPN's negative IoU threshold, i.e. the ring whose anchors regress onto a
-  lesion, not only the few matched ones; otherwise truncation removes the neighbours that give
-  a small lesion its best proposal.
-* ``eps``: ``MODEL.TRPN.THRESHOLD < 0`` means the mean of ``p`` per image and level over the
-  locations inside the image (padding left out, so an image's threshold does not depend on its
-  batch). A value in [0, 1) is used as is.
-* Constant ``p`` with the mean threshold: nothing is strictly above the mean, so that (image,
-  level) keeps all its locations (the map carries no information). A fixed threshold has no such
-  fallback: a level with every ``p <= THRESHOLD`` yields no proposal.
-* Exactness: truncated candidates get the lowest finite logit before detectron2's top-k / NMS
-  and are removed afterwards; being the lowest they never displace, suppress or outrank a kept
-  candidate, so the result is what top-k + NMS give on the kept candidates alone.
-* Focal-loss normaliser: the number of positive locations, but at least 1/200 of the batch's
-  locations (Guided Anchoring's normaliser): with one to three lesions a slice, dividing by the
-  positives alone makes the loss diverge.
-* Initial ``p``: ``MODEL.TRPN.PRIOR_PROB`` (0.01) everywhere, RetinaNet's focal-loss prior.
-
-Training logs ``trpn/truncated_frac_<level>``. In inference the module keeps the last
-confidence maps (``last_conf_maps[level]``: N x H x W in [0, 1]), thresholds (``last_eps``) and
-keep masks (``last_keep_masks``) for drawing.
+Two defaults are not the literal paper: the gate is p / max(p) (with p * I the focal loss drives
+p, and with it the head's input and gradients, to 0 away from lesions), and the focal loss's
+positives include every location with an anchor above the RPN's negative IoU (with only matched
+anchors, truncation removes the neighbours giving a small lesion its best box). docs/design.md,
+"Decisions where the paper is silent" / TruncatedRPN, has the runs behind both and the rest
+(eps, padding, constant maps, the focal normaliser).
 """
 import math
 from typing import Dict, List, Optional, Tuple
@@ -49,8 +26,9 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling.proposal_generator import PROPOSAL_GENERATOR_REGISTRY
 from detectron2.modeling.proposal_generator.proposal_utils import find_top_rpn_proposals
 from detectron2.modeling.proposal_generator.rpn import RPN
-from detectron2.structures import Boxes, ImageList, Instances
+from detectron2.structures import Boxes, ImageList, Instances, pairwise_iou
 from detectron2.utils.events import get_event_storage
+from detectron2.utils.memory import retry_if_cuda_oom
 
 __all__ = ["TRPN", "build_conf_head"]
 
@@ -72,7 +50,10 @@ def build_conf_head(in_channels: int, prior_prob: float = 0.01) -> nn.Conv2d:
 @PROPOSAL_GENERATOR_REGISTRY.register()
 class TRPN(RPN):
     """TruncatedRPN: detectron2's :class:`RPN` with a learned location confidence that gates
-    the head's input (p * I) and truncates proposal candidates at locations with p <= eps."""
+    the head's input (p * I) and truncates proposal candidates at locations with p <= eps.
+
+    After an inference forward, ``last_conf_maps``, ``last_eps`` and ``last_keep_masks`` (per
+    level: N x H x W p, N thresholds, N x H x W bool) hold the maps for drawing."""
 
     @configurable
     def __init__(
@@ -98,8 +79,8 @@ class TRPN(RPN):
                 its maximum over the image's locations of the level, so the most confident
                 location passes I unchanged), "none" (I; truncation only).
             conf_positives: locations the focal loss treats as positive: "foreground" (an
-                anchor matched to a lesion) or "not_background" (foreground or ignored, i.e. an
-                anchor with IoU above the RPN's negative threshold).
+                anchor the RPN matcher labels foreground) or "not_background" (an anchor the
+                matcher does not label background: IoU above the RPN's negative threshold).
             kwargs: every argument of detectron2's :class:`RPN`.
         """
         super().__init__(**kwargs)
@@ -110,25 +91,22 @@ class TRPN(RPN):
             )
         if loc_loss_weight < 0:
             raise ValueError(f"MODEL.TRPN.LOC_LOSS_WEIGHT={loc_loss_weight} must be >= 0")
-        self.conf_head = conf_head
-        self.threshold = float(threshold)
-        self.loc_loss_weight = float(loc_loss_weight)
-        self.focal_alpha = float(focal_alpha)
-        self.focal_gamma = float(focal_gamma)
         if gate not in ("p", "max_norm", "none"):
             raise ValueError(f"MODEL.TRPN.GATE={gate!r}: must be 'p', 'max_norm' or 'none'")
         if conf_positives not in ("foreground", "not_background"):
             raise ValueError(
                 f"MODEL.TRPN.CONF_POSITIVES={conf_positives!r}: must be 'foreground' or 'not_background'"
             )
+        self.conf_head = conf_head
+        self.threshold = float(threshold)
+        self.loc_loss_weight = float(loc_loss_weight)
+        self.focal_alpha = float(focal_alpha)
+        self.focal_gamma = float(focal_gamma)
         self.gate = gate
         self.conf_positives = conf_positives
-        # Filled by the last inference forward, for visualization.
         self.last_conf_maps: Dict[str, torch.Tensor] = {}
         self.last_eps: Dict[str, torch.Tensor] = {}
         self.last_keep_masks: Dict[str, torch.Tensor] = {}
-        # Per-image "anchor matched to a gt" masks, recorded before subsampling (see below).
-        self._matched_pos: Optional[List[torch.Tensor]] = None
 
     @classmethod
     def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]):
@@ -150,7 +128,7 @@ class TRPN(RPN):
         )
         return ret
 
-    # ------------------------------------------------------------------ truncation
+    # ------------------------------------------------------------------ truncation and gate
     def location_keep_masks(
         self, conf: List[torch.Tensor], image_sizes: List[Tuple[int, int]]
     ) -> Tuple[List[torch.Tensor], List[torch.Tensor], List[torch.Tensor]]:
@@ -199,56 +177,10 @@ class TRPN(RPN):
             return [p * x for p, x in zip(conf, feats)]
         out = []
         for p, x, valid in zip(conf, feats, valids):
+            # Detached: the maximum only rescales; gradients reach p through p itself.
             peak = (p[:, 0] * valid).flatten(1).amax(1).clamp(min=1e-6).detach()
             out.append(p / peak[:, None, None, None] * x)
         return out
-
-    # ------------------------------------------------------------------ training
-    def _subsample_labels(self, label: torch.Tensor) -> torch.Tensor:
-        # label_and_sample_anchors calls this once per image with the matcher's labels: record
-        # the foreground anchors before subsampling drops some of them to "ignore".
-        if self._matched_pos is not None:
-            self._matched_pos.append(label == 1 if self.conf_positives == "foreground" else label != 0)
-        return super()._subsample_labels(label)
-
-    def conf_loss(
-        self,
-        conf_logits: List[torch.Tensor],
-        matched_pos: List[torch.Tensor],
-        num_anchors: List[int],
-    ) -> torch.Tensor:
-        """Sigmoid focal loss on the confidence logits; a location is positive when one of its
-        anchors is matched to a ground truth. Normalised by the number of positive locations,
-        but by at least (number of locations) / 200 (see the module docstring).
-
-        Args:
-            conf_logits: per level, (N, 1, H, W) logits.
-            matched_pos: per image, (sum_l H_l * W_l * A_l,) bool over the concatenated anchors.
-            num_anchors: per level, the number of anchors A_l at each location.
-        """
-        pos = torch.stack(matched_pos)  # N x R
-        n = pos.shape[0]
-        targets, offset = [], 0
-        for z, a in zip(conf_logits, num_anchors):
-            h, w = z.shape[-2:]
-            num = h * w * a
-            targets.append(pos[:, offset : offset + num].reshape(n, h, w, a).any(-1).flatten(1))
-            offset += num
-        if offset != pos.shape[1]:
-            raise ValueError(f"TRPN: {pos.shape[1]} matched anchors, {offset} expected from maps")
-        target = torch.cat(targets, dim=1).to(conf_logits[0].dtype)
-        logits = torch.cat([z.flatten(1) for z in conf_logits], dim=1)
-        loss = sigmoid_focal_loss(
-            logits, target, alpha=self.focal_alpha, gamma=self.focal_gamma, reduction="sum"
-        )
-        return loss / target.sum().clamp(min=target.numel() * _MIN_NORMALIZER_PER_LOCATION)
-
-    def _log_truncation(self, keeps: List[torch.Tensor], valids: List[torch.Tensor]) -> None:
-        storage = get_event_storage()
-        for name, keep, valid in zip(self.in_features, keeps, valids):
-            cut = (~keep & valid).sum()
-            frac = cut.float() / valid.sum().clamp(min=1)
-            storage.put_scalar(f"trpn/truncated_frac_{name}", frac.item())
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -257,55 +189,100 @@ class TRPN(RPN):
         features: Dict[str, torch.Tensor],
         gt_instances: Optional[List[Instances]] = None,
     ):
-        """Same inputs and outputs as :meth:`RPN.forward`; adds ``loss_trpn_conf`` to the losses
-        when LOC_LOSS_WEIGHT > 0."""
+        """:meth:`RPN.forward` on the gated features, with proposals only from kept locations;
+        adds ``loss_trpn_conf`` to the losses when LOC_LOSS_WEIGHT > 0."""
         feats = [features[f] for f in self.in_features]
-        anchors = self.anchor_generator(feats)
-
         conf_logits = [self.conf_head(x) for x in feats]
         conf = [torch.sigmoid(z) for z in conf_logits]
         with torch.no_grad():
             keeps, epss, valids = self.location_keep_masks(conf, images.image_sizes)
-        pred_objectness_logits, pred_anchor_deltas = self.rpn_head(self.gated(feats, conf, valids))
-        # Same layout as RPN: anchor index runs over (Hi, Wi, A).
-        pred_objectness_logits = [s.permute(0, 2, 3, 1).flatten(1) for s in pred_objectness_logits]
-        box_dim = self.anchor_generator.box_dim
-        pred_anchor_deltas = [
-            x.view(x.shape[0], -1, box_dim, x.shape[-2], x.shape[-1])
-            .permute(0, 3, 4, 1, 2)
-            .flatten(1, -2)
-            for x in pred_anchor_deltas
-        ]
 
+        anchors = self.anchor_generator(feats)
+        pred_objectness_logits, pred_anchor_deltas = self._per_anchor(
+            *self.rpn_head(self.gated(feats, conf, valids))
+        )
         if self.training:
             if gt_instances is None:
                 raise ValueError("TRPN requires gt_instances in training")
-            self._matched_pos = []
-            try:
-                gt_labels, gt_boxes = self.label_and_sample_anchors(anchors, gt_instances)
-                matched_pos = self._matched_pos
-            finally:
-                self._matched_pos = None
+            gt_labels, gt_boxes = self.label_and_sample_anchors(anchors, gt_instances)
             losses = self.losses(
                 anchors, pred_objectness_logits, gt_labels, pred_anchor_deltas, gt_boxes
             )
             if self.loc_loss_weight > 0:
-                num_anchors = [s.shape[1] // (z.shape[-2] * z.shape[-1])
-                               for s, z in zip(pred_objectness_logits, conf_logits)]
-                losses["loss_trpn_conf"] = self.loc_loss_weight * self.conf_loss(
-                    conf_logits, matched_pos, num_anchors
-                )
+                targets = self.conf_targets(anchors, gt_instances, conf_logits)
+                loss = self.conf_loss(conf_logits, targets)
+                losses["loss_trpn_conf"] = self.loc_loss_weight * loss
             self._log_truncation(keeps, valids)
         else:
             losses = {}
             self.last_conf_maps = {f: p[:, 0].detach() for f, p in zip(self.in_features, conf)}
-            self.last_eps = {f: e for f, e in zip(self.in_features, epss)}
-            self.last_keep_masks = {f: k for f, k in zip(self.in_features, keeps)}
+            self.last_eps = dict(zip(self.in_features, epss))
+            self.last_keep_masks = dict(zip(self.in_features, keeps))
         proposals = self.predict_proposals(
             anchors, pred_objectness_logits, pred_anchor_deltas, images.image_sizes, keeps
         )
         return proposals, losses
 
+    def _per_anchor(
+        self, pred_objectness_logits: List[torch.Tensor], pred_anchor_deltas: List[torch.Tensor]
+    ) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+        """The head's maps in the anchor order of :meth:`RPN.forward` (Hi, Wi, A): logits
+        (N, Hi*Wi*A), deltas (N, Hi*Wi*A, B). RPN does this inline in its forward, which TRPN
+        cannot call because the keep masks must reach ``predict_proposals``."""
+        box_dim = self.anchor_generator.box_dim
+        logits = [s.permute(0, 2, 3, 1).flatten(1) for s in pred_objectness_logits]
+        deltas = [
+            x.view(x.shape[0], -1, box_dim, x.shape[-2], x.shape[-1])
+            .permute(0, 3, 4, 1, 2)
+            .flatten(1, -2)
+            for x in pred_anchor_deltas
+        ]
+        return logits, deltas
+
+    # ------------------------------------------------------------------ training
+    @torch.no_grad()
+    def conf_targets(
+        self, anchors: List[Boxes], gt_instances: List[Instances], conf_logits: List[torch.Tensor]
+    ) -> torch.Tensor:
+        """Focal-loss targets, (N, sum_l H_l * W_l) in {0, 1}: a location is positive when one
+        of its anchors is "foreground" / "not_background" (``conf_positives``) to the RPN's
+        matcher. The matcher's labels are taken before RPN subsampling, which drops foreground
+        anchors to "ignore" and forgets the not-background ones."""
+        all_anchors = Boxes.cat(anchors)
+        labels = []
+        for inst in gt_instances:
+            iou = retry_if_cuda_oom(pairwise_iou)(inst.gt_boxes, all_anchors)
+            _, label = retry_if_cuda_oom(self.anchor_matcher)(iou)
+            labels.append(label.to(device=inst.gt_boxes.device))
+        label = torch.stack(labels)  # N x R, anchors in (level, Hi, Wi, A) order
+        pos = label == 1 if self.conf_positives == "foreground" else label != 0
+        targets, offset = [], 0
+        for level_anchors, z in zip(anchors, conf_logits):
+            h, w = z.shape[-2:]
+            num = len(level_anchors)
+            level_pos = pos[:, offset : offset + num].reshape(len(pos), h, w, -1)
+            targets.append(level_pos.any(-1).flatten(1))
+            offset += num
+        return torch.cat(targets, dim=1).to(conf_logits[0].dtype)
+
+    def conf_loss(self, conf_logits: List[torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
+        """Sigmoid focal loss on the confidence logits against :meth:`conf_targets`, normalised
+        by the number of positive locations, but by at least (number of locations) / 200 (with one
+        to three lesions a slice, the positives alone make the loss diverge; docs/design.md)."""
+        logits = torch.cat([z.flatten(1) for z in conf_logits], dim=1)
+        loss = sigmoid_focal_loss(
+            logits, targets, alpha=self.focal_alpha, gamma=self.focal_gamma, reduction="sum"
+        )
+        return loss / targets.sum().clamp(min=targets.numel() * _MIN_NORMALIZER_PER_LOCATION)
+
+    def _log_truncation(self, keeps: List[torch.Tensor], valids: List[torch.Tensor]) -> None:
+        storage = get_event_storage()
+        for name, keep, valid in zip(self.in_features, keeps, valids):
+            cut = (~keep & valid).sum()
+            frac = cut.float() / valid.sum().clamp(min=1)
+            storage.put_scalar(f"trpn/truncated_frac_{name}", frac.item())
+
+    # ------------------------------------------------------------------ proposals
     def predict_proposals(
         self,
         anchors: List[Boxes],
@@ -314,7 +291,12 @@ class TRPN(RPN):
         image_sizes: List[Tuple[int, int]],
         keep_masks: Optional[List[torch.Tensor]] = None,
     ) -> List[Instances]:
-        """:meth:`RPN.predict_proposals` restricted to the anchors of kept locations.
+        """:meth:`RPN.predict_proposals` on the anchors of kept locations only.
+
+        Per image and level, the truncated anchors are dropped first, then the top
+        ``pre_nms_topk`` of the rest are taken and only those are decoded; detectron2's
+        :func:`find_top_rpn_proposals` does NMS and the final top-k as for RPN. RPN decodes and
+        sorts every anchor, so this costs at most what RPN costs.
 
         Args:
             keep_masks: per level, (N, H, W) bool from :meth:`location_keep_masks`; None
@@ -324,24 +306,33 @@ class TRPN(RPN):
             return super().predict_proposals(
                 anchors, pred_objectness_logits, pred_anchor_deltas, image_sizes
             )
-        with torch.no_grad():
-            pred_proposals = self._decode_proposals(anchors, pred_anchor_deltas)
-            sentinel = torch.finfo(pred_objectness_logits[0].dtype).min
-            masked = []
-            for logits, keep in zip(pred_objectness_logits, keep_masks):
-                n, h, w = keep.shape
-                a = logits.shape[1] // (h * w)
-                keep_a = keep[..., None].expand(n, h, w, a).reshape(n, -1)
-                masked.append(logits.masked_fill(~keep_a, sentinel))
-            results = find_top_rpn_proposals(
-                pred_proposals,
-                masked,
-                image_sizes,
-                self.nms_thresh,
-                self.pre_nms_topk[self.training],
-                self.post_nms_topk[self.training],
-                self.min_box_size,
-                self.training,
-            )
-            # Truncated candidates sort last everywhere: dropping them afterwards is exact.
-            return [r[r.objectness_logits > sentinel] for r in results]
+        pre_nms_topk = self.pre_nms_topk[self.training]
+        results: List[Instances] = []
+        with torch.no_grad():  # proposals are fixed inputs to the ROI heads, as in RPN
+            for n, image_size in enumerate(image_sizes):
+                boxes, scores = [], []
+                for level_anchors, logits, deltas, keep in zip(
+                    anchors, pred_objectness_logits, pred_anchor_deltas, keep_masks
+                ):
+                    # A location's A anchors are consecutive in the (Hi, Wi, A) order.
+                    num_a = logits.shape[1] // keep[n].numel()
+                    kept = keep[n].flatten().repeat_interleave(num_a).nonzero().squeeze(1)
+                    kept_logits, order = logits[n, kept].sort(descending=True)
+                    top = kept[order[:pre_nms_topk]]
+                    scores.append(kept_logits[:pre_nms_topk][None])
+                    decoded = self.box2box_transform.apply_deltas(
+                        deltas[n, top], level_anchors.tensor[top]
+                    )
+                    boxes.append(decoded[None])
+                # Already at most pre_nms_topk a level: this does the checks, NMS and final top-k.
+                results += find_top_rpn_proposals(
+                    boxes,
+                    scores,
+                    [image_size],
+                    self.nms_thresh,
+                    pre_nms_topk,
+                    self.post_nms_topk[self.training],
+                    self.min_box_size,
+                    self.training,
+                )
+        return results
