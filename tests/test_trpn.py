@@ -114,13 +114,15 @@ def _sorted_rows(t):
     return t
 
 
-def _reference_keep(m, threshold=-1.0):
+def _reference_keep(m, threshold=-1.0, inside=None):
     """Kept locations of one (image, level) map: p > eps; a map with nothing above its mean
-    (constant, e.g. a 1x1 level) keeps everything."""
+    (constant, e.g. a 1x1 level) keeps everything. ``inside``: (rows, cols) of the map that
+    lie in the image (the rest is padding, left out of the mean)."""
     if threshold >= 0:
         return m > threshold
-    keep = m > m.mean()
-    return keep if keep.any() else torch.ones_like(keep)
+    rows, cols = inside or m.shape
+    keep = m > m[:rows, :cols].mean()
+    return keep if keep[:rows, :cols].any() else torch.ones_like(keep)
 
 
 def _constructed_p(n, seed):
@@ -438,3 +440,144 @@ def test_gate_and_positives_are_checked():
         _fpn_trpn(_cfg(gate="sqrt"))
     with pytest.raises(ValueError, match="MODEL.TRPN.CONF_POSITIVES"):
         _fpn_trpn(_cfg(positives="all"))
+
+
+class _FixedHead(nn.Module):
+    """Stub RPN head returning the given objectness (N, A, H, W) and deltas (N, A*4, H, W)."""
+
+    def __init__(self, scores, deltas):
+        super().__init__()
+        self.scores, self.deltas = scores, deltas
+
+    def forward(self, feats):
+        return list(self.scores), list(self.deltas)
+
+
+def _gather_after_reference(trpn, scores, deltas, keep_maps, image_sizes, training):
+    """The previous TRPN inference path, written out with detectron2's pieces: decode every
+    anchor, give truncated anchors the lowest finite logit, detectron2's top-k + NMS over all
+    of them, then drop what is left of the truncated ones."""
+    from detectron2.modeling.proposal_generator.proposal_utils import find_top_rpn_proposals
+
+    feats = [torch.zeros(s.shape[0], 1, *s.shape[-2:]) for s in scores]
+    anchors = trpn.anchor_generator(feats)
+    sentinel = torch.finfo(torch.float32).min
+    logits, boxes = [], []
+    for s, d, k, a in zip(scores, deltas, keep_maps, anchors):
+        n, num_a, h, w = s.shape
+        flat = s.permute(0, 2, 3, 1).reshape(n, -1)  # anchor order (H, W, A)
+        keep = k[:, :, :, None].expand(n, h, w, num_a).reshape(n, -1)
+        logits.append(flat.masked_fill(~keep, sentinel))
+        d = d.view(n, num_a, 4, h, w).permute(0, 3, 4, 1, 2).reshape(-1, 4)
+        all_a = a.tensor[None].expand(n, -1, -1).reshape(-1, 4)
+        boxes.append(trpn.box2box_transform.apply_deltas(d, all_a).view(n, -1, 4))
+    out = find_top_rpn_proposals(
+        boxes, logits, image_sizes, trpn.nms_thresh, trpn.pre_nms_topk[training],
+        trpn.post_nms_topk[training], trpn.min_box_size, training,
+    )
+    return [r[r.objectness_logits > sentinel] for r in out]
+
+
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("threshold", [0.6, -1.0])
+def test_truncating_before_topk_equals_gathering_after(training, threshold):
+    """Dropping truncated anchors before decoding / top-k / NMS gives the very proposals of
+    the gather-after path (same boxes, same scores, same order), and none from a truncated
+    location although those score highest."""
+    cfg = _cfg(threshold=threshold)
+    cfg.MODEL.RPN.PRE_NMS_TOPK_TEST = cfg.MODEL.RPN.PRE_NMS_TOPK_TRAIN = 20
+    cfg.MODEL.RPN.POST_NMS_TOPK_TEST = cfg.MODEL.RPN.POST_NMS_TOPK_TRAIN = 30
+    trpn = _fpn_trpn(cfg).train(training)
+    n = 2
+    p = _constructed_p(n, seed=6)
+    trpn.conf_head = _MapsByShape([torch.logit(x) for x in p])
+    sizes = [(IMG, IMG), (IMG, 52)]  # image 1: the right columns of P2-P4 are padding
+    keep_maps = [
+        torch.stack([
+            _reference_keep(x[i, 0], threshold, (math.ceil(h / s), math.ceil(w / s)))
+            for i, (h, w) in enumerate(sizes)
+        ])
+        for x, s in zip(p, FPN_STRIDES)
+    ]
+    g = torch.Generator().manual_seed(7)
+    scores, deltas = [], []
+    for x, k in zip(p, keep_maps):
+        base = torch.randn(n, 3, *x.shape[-2:], generator=g)
+        scores.append(torch.where(k[:, None], base, base + 50.0))  # truncated: the best scores
+        deltas.append(0.3 * torch.randn(n, 12, *x.shape[-2:], generator=g))
+    trpn.rpn_head = _FixedHead(scores, deltas)
+    with EventStorage():
+        got, _ = trpn(_images(n, sizes), _fpn_features(n), [_gt([[20, 20, 36, 36]]), _gt([])])
+    want = _gather_after_reference(trpn, scores, deltas, keep_maps, sizes, training)
+    for g_img, w_img in zip(got, want):
+        assert 0 < len(w_img) and len(g_img) == len(w_img)
+        assert torch.equal(g_img.objectness_logits, w_img.objectness_logits)
+        assert torch.allclose(g_img.proposal_boxes.tensor, w_img.proposal_boxes.tensor,
+                              rtol=1e-6, atol=1e-5)
+        assert (g_img.objectness_logits < 10).all()  # nothing from a truncated location
+
+
+def test_nothing_truncated_proposes_what_rpn_proposes():
+    """Constant p keeps every location and the max_norm gate passes I unchanged: TRPN's
+    proposals are detectron2's RPN's with the same head."""
+    cfg = _cfg(gate="max_norm")
+    cfg.MODEL.RPN.PRE_NMS_TOPK_TEST = 40
+    cfg.MODEL.RPN.POST_NMS_TOPK_TEST = 50
+    torch.manual_seed(0)
+    trpn = _fpn_trpn(cfg).eval()
+    nn.init.zeros_(trpn.conf_head.weight)
+    cfg.MODEL.PROPOSAL_GENERATOR.NAME = "RPN"
+    rpn = build_proposal_generator(cfg, {f: ShapeSpec(channels=CH, stride=s)
+                                         for f, s in zip(FPN_LEVELS, FPN_STRIDES)}).eval()
+    rpn.rpn_head.load_state_dict(trpn.rpn_head.state_dict())
+    images, feats = _images(2, [(IMG, IMG), (48, IMG)]), _fpn_features(2, seed=8)
+    with torch.no_grad():
+        got, _ = trpn(images, feats)
+        want, _ = rpn(images, feats)
+    for g_img, w_img in zip(got, want):
+        assert torch.equal(g_img.objectness_logits, w_img.objectness_logits)
+        assert torch.allclose(g_img.proposal_boxes.tensor, w_img.proposal_boxes.tensor,
+                              rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("gate", ["p", "max_norm", "none"])
+def test_rpn_losses_are_detectron2_rpn_losses_on_the_gated_features(gate):
+    """loss_rpn_cls / loss_rpn_loc: detectron2's RPN, same head weights, fed the gate's
+    features computed here, on the same anchor sample (same seed)."""
+    trpn = _fpn_trpn(_cfg(gate=gate)).train()
+    p = _constructed_p(2, seed=9)
+    trpn.conf_head = _MapsByShape([torch.logit(x) for x in p])
+    cfg = _cfg(gate=gate)
+    cfg.MODEL.PROPOSAL_GENERATOR.NAME = "RPN"
+    rpn = build_proposal_generator(cfg, {f: ShapeSpec(channels=CH, stride=s)
+                                         for f, s in zip(FPN_LEVELS, FPN_STRIDES)}).train()
+    rpn.rpn_head.load_state_dict(trpn.rpn_head.state_dict())
+    feats = _fpn_features(2, seed=10)
+    gated = {}
+    for (name, x), pl in zip(feats.items(), p):
+        if gate == "none":
+            gated[name] = x
+        elif gate == "p":
+            gated[name] = pl * x
+        else:
+            gated[name] = pl / pl.flatten(1).max(dim=1).values[:, None, None, None] * x
+    gts = [_gt([[20, 20, 36, 36], [4, 30, 20, 60]]), _gt([[40, 40, 60, 52]])]
+    with EventStorage():
+        torch.manual_seed(11)
+        _, got = trpn(_images(2), feats, gts)
+        torch.manual_seed(11)
+        _, want = rpn(_images(2), gated, gts)
+    assert set(got) == {"loss_rpn_cls", "loss_rpn_loc", "loss_trpn_conf"}
+    for k in ("loss_rpn_cls", "loss_rpn_loc"):
+        assert got[k].item() == pytest.approx(want[k].item(), rel=1e-5), k
+
+
+def test_checkpoint_keys_unchanged():
+    """Saved TRPN models load by these names (conf_head + detectron2's rpn_head)."""
+    keys = set(_fpn_trpn(_cfg()).state_dict())
+    assert keys == {
+        "conf_head.weight", "conf_head.bias",
+        "rpn_head.conv.weight", "rpn_head.conv.bias",
+        "rpn_head.objectness_logits.weight", "rpn_head.objectness_logits.bias",
+        "rpn_head.anchor_deltas.weight", "rpn_head.anchor_deltas.bias",
+    }
