@@ -10,13 +10,11 @@ whose PNG is missing (those records are skipped at training time) and the neighb
 import argparse
 import math
 import os
-import sys
 from collections import Counter
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from elixir_d2.cli import MissingFileError, run_cli  # noqa: E402
-from elixir_d2.data import datasets_root  # noqa: E402
-from elixir_d2.data.deeplesion import SPLITS, DeepLesionFormatError, read_dl_info  # noqa: E402
+from elixir_d2.cli import MissingFileError, run_cli
+from elixir_d2.data import datasets_root
+from elixir_d2.data.deeplesion import SPLITS, DeepLesionFormatError, read_dl_info
 
 
 def main(argv=None) -> int:

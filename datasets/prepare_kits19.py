@@ -8,12 +8,10 @@ Same as ``python -m elixir_d2.data.kits19``; see datasets/README.md.
 """
 import argparse
 import os
-import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from elixir_d2.cli import MissingFileError, run_cli  # noqa: E402
-from elixir_d2.data import datasets_root  # noqa: E402
-from elixir_d2.data.kits19 import KiTS19Error, main  # noqa: E402
+from elixir_d2.cli import MissingFileError, run_cli
+from elixir_d2.data import datasets_root
+from elixir_d2.data.kits19 import KiTS19Error, main
 
 
 def checked_main(argv=None):

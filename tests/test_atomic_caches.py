@@ -115,7 +115,6 @@ def test_marker_records_options_seed_and_counts(tmp_path):
 
 
 def test_paper_quick_kits19_with_only_a_first_case_is_regenerated(tmp_path, monkeypatch):
-    sys.path.insert(0, os.path.join(REPO, "projects", "paper"))
     import common
 
     base = tmp_path / "synthetic_kits19"

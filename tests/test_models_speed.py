@@ -1,15 +1,10 @@
 """projects/benchmarks/models_speed.py: the interleaving schedule, the per-round ratio and the FrozenBN
 calibration that keeps random-weight R-50 activations at unit scale."""
-import os
-import sys
-
 import torch
 from detectron2.layers import FrozenBatchNorm2d
 from detectron2.modeling import build_model
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "projects", "benchmarks"))
-
-import models_speed as ms  # noqa: E402
+import models_speed as ms  # projects/benchmarks, on pytest's pythonpath
 
 
 def test_rounds_alternate_order_and_slow_models_take_the_first_rounds_only():

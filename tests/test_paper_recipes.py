@@ -4,18 +4,15 @@ plumbing, and the paper's numbers against the improvements the paper prints."""
 import json
 import os
 import re
-import sys
 
 import pytest
 import yaml
 
+import common  # projects/paper, on pytest's pythonpath
+import paper_numbers as P
 from elixir_d2.data.synthetic import generate_deeplesion
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "projects", "paper"))
-
-import common  # noqa: E402
-import paper_numbers as P  # noqa: E402
 
 ELIXIR_GENOTYPE = os.path.join(REPO, "configs", "genotypes", "figure3.yaml")
 

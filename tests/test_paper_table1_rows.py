@@ -1,18 +1,15 @@
 """Table 1 compares like with like: each "this run" row is the model the paper's row describes, or
 its label says what was run instead."""
 import os
-import sys
 
 import pytest
 
+import paper_numbers as P  # projects/paper, on pytest's pythonpath
+import table1
 from elixir_d2 import load_config
+from steps import STEPS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "projects", "paper"))
-
-import paper_numbers as P  # noqa: E402
-import table1  # noqa: E402
-from steps import STEPS  # noqa: E402
 
 
 def _components(step: str, quick: bool):

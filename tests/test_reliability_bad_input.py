@@ -242,13 +242,9 @@ def test_unknown_config_key_is_named(tmp_path):
 
 
 def test_config_yaml_that_would_run_code_is_refused(tmp_path):
-    import sys
-
     import yaml
     from detectron2.engine import default_argument_parser
 
-    if REPO not in sys.path:
-        sys.path.insert(0, REPO)
     import predict_net
     import train_net
 

@@ -19,13 +19,12 @@ What must hold, and why:
 import hashlib
 import json
 import os
-import sys
 import uuid
 
 import pytest
 import torch
 
-from reliability_helpers import QUICKSTART, REPO, tiny_opts, write_tiny_deeplesion
+from reliability_helpers import QUICKSTART, tiny_opts, write_tiny_deeplesion
 
 MAX_ITER = 4
 # Take-all sampling (see the module docstring): 64 px images have 1023 anchors; 32 proposals + 1
@@ -49,8 +48,6 @@ def train_and_evaluate(root: str, prefix: str, opts, eval_weights: str, out_dir:
     """One rank of the run: train_net.main's training path, recording every iteration's loss and
     the replica's final weights, then train_net's evaluation of ``eval_weights``."""
     torch.set_num_threads(1)
-    if REPO not in sys.path:
-        sys.path.insert(0, REPO)
     import train_net
     from detectron2.engine import HookBase, default_argument_parser
     from detectron2.utils import comm

@@ -50,8 +50,6 @@ def _read_tag(out_dir):
 
 def test_sigkill_then_resume_ends_like_an_uninterrupted_run(tmp_path):
     # the child registers synthetic_* from $DETECTRON2_DATASETS/synthetic, as a user's run does
-    if REPO not in sys.path:
-        sys.path.insert(0, REPO)
     import train_net
     from detectron2.engine import default_argument_parser
 

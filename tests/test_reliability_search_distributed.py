@@ -2,7 +2,6 @@
 --num-gpus 2` takes without CUDA): the architecture weights alpha must stay identical across the
 processes (DDP all-reduces their gradients like the head weights'), and must have moved."""
 import os
-import sys
 import uuid
 
 import torch
@@ -15,8 +14,6 @@ SEARCH_CFG = os.path.join(REPO, "configs", "quickstart", "search_alb.yaml")
 def search_rank(root: str, prefix: str, out_dir: str) -> None:
     """One rank: two search iterations (1 image per rank per step), then save this rank's alphas."""
     torch.set_num_threads(1)
-    if REPO not in sys.path:
-        sys.path.insert(0, REPO)
     import search_net
     from detectron2.utils import comm
 

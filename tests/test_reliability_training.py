@@ -1,12 +1,11 @@
 """Training loop faults: determinism under a fixed seed, NaN loss."""
 import os
 import re
-import sys
 
 import pytest
 import torch
 
-from reliability_helpers import QUICKSTART, REPO, tiny_opts, write_tiny_deeplesion
+from reliability_helpers import QUICKSTART, tiny_opts, write_tiny_deeplesion
 
 
 @pytest.fixture(scope="module")
@@ -20,8 +19,6 @@ def tiny_set(tmp_path_factory):
 
 def _trainer(prefix, out_dir, max_iter, **opts):
     """train_net's setup (default_setup seeds every RNG from cfg.SEED) and Trainer."""
-    if REPO not in sys.path:
-        sys.path.insert(0, REPO)
     import train_net
     from detectron2.engine import default_argument_parser
 

@@ -4,7 +4,6 @@ binary train -> RTM fine-tune (frozen backbone / proposal generator) -> typed ev
 import logging
 import math
 import os
-import sys
 
 import pytest
 import torch
@@ -294,7 +293,6 @@ def tiny_typed_set(tmp_path_factory):
 
 
 def test_quickstart_binary_then_rtm_finetune_then_typed_eval(tiny_typed_set, tmp_path):
-    sys.path.insert(0, REPO)
     import train_net
 
     def run(config, out, *opts, eval_only=False):

@@ -3,7 +3,6 @@ genotypes, checkpoint / --resume, and search -> train_net.py -> evaluation end t
 import json
 import math
 import os
-import sys
 from collections import Counter
 from itertools import combinations
 
@@ -16,6 +15,7 @@ from PIL import Image
 from detectron2.engine import HookBase, default_argument_parser
 from detectron2.utils.events import EventStorage
 
+import search_net  # the repository root, on pytest's pythonpath
 from elixir_d2.data import register_deeplesion
 from elixir_d2.data.synthetic import generate_deeplesion
 from elixir_d2.modeling.alb.genotype import derive_genotype, load_genotype
@@ -30,8 +30,6 @@ from elixir_d2.search import (
 
 torch.set_num_threads(1)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-import search_net  # noqa: E402
 
 PREFIX = "searchtest"
 SEARCH_CFG = os.path.join(REPO, "configs/quickstart/search_alb.yaml")

@@ -27,7 +27,6 @@ def test_prepare_deeplesion_checker_runs(tiny_set):
 
 
 def test_train_then_eval_only(tiny_set, tmp_path):
-    sys.path.insert(0, REPO)
     import train_net
     from detectron2.engine import default_argument_parser
 

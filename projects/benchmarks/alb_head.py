@@ -34,10 +34,10 @@ import torch  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 from detectron2.structures import Boxes, Instances  # noqa: E402
 
-ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
-sys.path.insert(0, ROOT)
 from elixir_d2 import load_config  # noqa: E402
 from elixir_d2.modeling.roi_heads import ElixirROIHeads  # noqa: E402
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 
 FPN_CFG = os.path.join(ROOT, "configs", "fpn_R_50_deeplesion.yaml")
 ELIXIR_CFG = os.path.join(ROOT, "configs", "elixirnet_R_50_FPN_deeplesion.yaml")

@@ -10,7 +10,6 @@ of 3), windowing and spacing normalisation are all timed. PNG decoding dominates
 """
 import argparse
 import os
-import sys
 import tempfile
 import time
 from typing import Optional, Sequence
@@ -19,8 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
-from elixir_d2.data.ct_mapper import CTDatasetMapper  # noqa: E402
+from elixir_d2.data.ct_mapper import CTDatasetMapper
 
 
 def phantom(rng: np.random.Generator) -> np.ndarray:

@@ -29,7 +29,6 @@ on that image with two lesions, fewer rounds (``--train-rounds``). On CUDA (``--
 CPU threads are pinned (``--threads``) before torch is imported.
 """
 import os
-import sys
 
 if __name__ == "__main__":
     from pin_threads import pin_threads, threads_from_argv  # the script's folder is on sys.path
@@ -46,9 +45,6 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
-for _p in (ROOT, os.path.dirname(os.path.abspath(__file__))):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
 
 from detectron2.config import CfgNode  # noqa: E402
 from detectron2.layers import FrozenBatchNorm2d  # noqa: E402
@@ -61,9 +57,10 @@ from detectron2.utils.events import EventStorage  # noqa: E402
 import elixir_d2  # noqa: E402,F401  (registers TRPN, ALBHead, the deformable backbones)
 from data_loader import phantom  # noqa: E402
 from elixir_d2 import load_config  # noqa: E402
+from elixir_d2.benchmarking import staged_inference, sync  # noqa: E402
 from elixir_d2.data.ct_mapper import window_to_uint8_range  # noqa: E402
 
-__all__ = ["ModelSpec", "MODELS", "BASELINE", "load_cfg", "ct_input", "calibrate_frozen_bn", "staged_inference",
+__all__ = ["ModelSpec", "MODELS", "BASELINE", "load_cfg", "ct_input", "calibrate_frozen_bn",
            "time_inference", "time_training", "median_ratio", "measure", "format_table", "select"]
 
 BASELINE = "FPN"
@@ -146,34 +143,6 @@ def calibrate_frozen_bn(model: GeneralizedRCNN, inputs: List[Dict]) -> int:
     return len(norms)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def staged_inference(model: GeneralizedRCNN, inputs: List[Dict]) -> Dict[str, float]:
-    """GeneralizedRCNN.inference step by step; wall seconds per stage (CUDA-synchronised)."""
-    dev = model.device
-    out = {}
-    _sync(dev)
-    t0 = time.perf_counter()
-    images = model.preprocess_image(inputs)
-    features = model.backbone(images.tensor)
-    _sync(dev)
-    t1 = time.perf_counter()
-    proposals, _ = model.proposal_generator(images, features, None)
-    _sync(dev)
-    t2 = time.perf_counter()
-    results, _ = model.roi_heads(images, features, proposals, None)
-    GeneralizedRCNN._postprocess(results, inputs, images.image_sizes)
-    _sync(dev)
-    t3 = time.perf_counter()
-    out["backbone"], out["proposals"], out["roi_heads"] = t1 - t0, t2 - t1, t3 - t2
-    out["total"] = t3 - t0
-    out["num_proposals"] = float(sum(len(p) for p in proposals))
-    return out
-
-
 def _orders(names: Sequence[str], rounds: int, rounds_of: Dict[str, int]):
     """Per round, the models taking part (those with rounds left), order reversed every other round."""
     for r in range(rounds):
@@ -230,10 +199,10 @@ def time_training(
         for _, order in _orders(list(models), rounds, rounds_of):
             for name in order:
                 dev = models[name].device
-                _sync(dev)
+                sync(dev)
                 t0 = time.perf_counter()
                 steps[name]()
-                _sync(dev)
+                sync(dev)
                 times[name].append(time.perf_counter() - t0)
     for m in models.values():
         m.eval()

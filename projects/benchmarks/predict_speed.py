@@ -14,17 +14,14 @@ Without --weights the model is randomly initialised: its detections are meaningl
 """
 import argparse
 import os
-import sys
 import tempfile
 import time
 
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
-
-from elixir_d2 import load_config  # noqa: E402
-from elixir_d2.inference import PredictOptions, run_prediction  # noqa: E402
+from elixir_d2 import load_config
+from elixir_d2.inference import PredictOptions, run_prediction
 
 
 def phantom_volume(slices: int, size: int, rng: np.random.Generator) -> np.ndarray:

@@ -16,10 +16,9 @@ import sys
 import torch
 from detectron2.modeling import build_model
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, REPO)
+from elixir_d2 import load_config
 
-from elixir_d2 import load_config  # noqa: E402
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 TARGET = 0.005  # +0.5%
 CONFIGS = {

@@ -16,7 +16,6 @@ CT data loader's records/s (data_loader.py) and the FROC evaluation time (froc_s
 Results also go to <output>/bench.md and bench.json.
 """
 import os
-import sys
 
 if __name__ == "__main__":
     from pin_threads import pin_threads, threads_from_argv  # the script's folder is on sys.path
@@ -30,10 +29,6 @@ import time  # noqa: E402
 from typing import Dict, List, Optional, Sequence  # noqa: E402
 
 import torch  # noqa: E402
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-if HERE not in sys.path:
-    sys.path.insert(0, HERE)
 
 import data_loader  # noqa: E402
 import froc_speed  # noqa: E402

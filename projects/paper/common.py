@@ -3,11 +3,11 @@
 A recipe chains steps (steps.py): train the FPN baseline, search the ALB genotype from it
 (search_net.py), train every row's model (train_net.py), fine-tune typed models, and reads what
 the LesionEvaluator wrote at the end of each training (``<step>/inference/<dataset>/
-lesion_metrics.json``). Steps run in this process through ``train_net.main`` / ``search_net.main``
-(under detectron2's ``launch``, so ``--num-gpus N`` spawns N workers), each in its own folder
-``<output>/<step>``. A finished step (its ``recipe_step.json`` written last) is not run again
-unless ``--force``: Tables 1, 4, 5 and 6 share the FPN baseline, the search and some models, and an
-interrupted recipe resumes where it stopped.
+lesion_metrics.json``). Steps run in this process through the code of train_net.py / search_net.py
+(``elixir_d2.commands``' ``train.main`` / ``search.main``, under detectron2's ``launch``, so
+``--num-gpus N`` spawns N workers), each in its own folder ``<output>/<step>``. A finished step (its
+``recipe_step.json`` written last) is not run again unless ``--force``: Tables 1, 4, 5 and 6 share
+the FPN baseline, the search and some models, and an interrupted recipe resumes where it stopped.
 
 ``--quick`` swaps every config for its CPU quickstart counterpart and the data for the synthetic
 DeepLesion-format set under ``<root>/synthetic`` (KiTS19 format: ``<root>/synthetic_kits19``),
@@ -28,12 +28,9 @@ from typing import Dict, Iterator, List, Optional, Sequence
 
 import torch
 
-ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
-for _p in (ROOT, os.path.join(ROOT, "projects", "benchmarks"), os.path.dirname(os.path.abspath(__file__))):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
+from detectron2.utils.file_io import PathManager
 
-from detectron2.utils.file_io import PathManager  # noqa: E402
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 
 logger = logging.getLogger("elixir_d2.paper")
 
@@ -155,13 +152,13 @@ def _worker(entry: str, args: argparse.Namespace, sources: Sequence[DataSource])
     for s in sources:
         s.register()
     if entry == "train":
-        import train_net
+        from elixir_d2.commands import train
 
-        return train_net.main(args)
+        return train.main(args)
     if entry == "search":
-        import search_net
+        from elixir_d2.commands import search
 
-        return search_net.main(args)
+        return search.main(args)
     raise ValueError(f"unknown entry {entry!r}")
 
 
@@ -333,12 +330,12 @@ class Recipe:
         return default_argument_parser().parse_args(argv + list(opts))
 
     def search_args(self, config: str, opts: Sequence[str], random: bool) -> argparse.Namespace:
-        import search_net
+        from elixir_d2.commands import search
 
         argv = ["--config-file", os.path.join(ROOT, config), "--num-gpus", str(self.num_gpus)]
         if random:
             argv.append("--random")
-        return search_net.build_parser().parse_args(argv + list(opts))
+        return search.build_parser().parse_args(argv + list(opts))
 
     def common_opts(self, name: str) -> List[str]:
         return ["OUTPUT_DIR", self.step_dir(name), *self.device_opts, *self.extra_opts]

@@ -37,8 +37,8 @@ def measure_speed(step_dir: str, dataset: str, num_images: int) -> Dict[str, flo
     from detectron2.modeling import build_model
 
     from elixir_d2.data import CTDatasetMapper
+    from elixir_d2.benchmarking import staged_inference
     from elixir_d2.checkpoint import AtomicCheckpointer
-    from models_speed import staged_inference
 
     cfg = load_run_cfg(step_dir)
     model = build_model(cfg).eval()

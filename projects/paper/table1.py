@@ -17,14 +17,11 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from typing import Dict, Optional, Sequence
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import paper_numbers as P  # noqa: E402
-from common import Recipe, fmt, markdown_table, recipe_main, sens  # noqa: E402
-from steps import steps  # noqa: E402
+import paper_numbers as P
+from common import Recipe, fmt, markdown_table, recipe_main, sens
+from steps import steps
 
 # Table row -> (step evaluated, step timed, what was run when it is not the paper's model), paper
 # order. The paper's "ElixirNet w FPN" figures (86.63 at 3 FPs, mAP 35.2) equal Table 5's full

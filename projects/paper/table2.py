@@ -7,12 +7,7 @@
 Same arguments, runs and outputs as table1.py (which writes both table1.md and table2.md); the
 runs are shared, so after table1.py this only re-reads them and rewrites the tables.
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from table1 import main  # noqa: E402
+from table1 import main
 
 if __name__ == "__main__":
     from elixir_d2.cli import run_cli

@@ -12,15 +12,11 @@ mAP). Writes <output>/table3.md with the paper's rows, labelled "(paper)", and t
 """
 from __future__ import annotations
 
-import os
-import sys
 from typing import Dict, Optional, Sequence
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import paper_numbers as P  # noqa: E402
-from common import Recipe, fmt, markdown_table, recipe_main, sens  # noqa: E402
-from steps import steps  # noqa: E402
+import paper_numbers as P
+from common import Recipe, fmt, markdown_table, recipe_main, sens
+from steps import steps
 
 ROWS = (("FPN", "kits19_fpn"), ("Deformv2", "kits19_deformv2"), ("ElixirNet w FPN", "kits19_elixirnet_fpn"),
         ("ElixirNet w Deformv2", "kits19_elixirnet_deformv2"))

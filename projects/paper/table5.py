@@ -13,15 +13,11 @@ Writes <output>/table5.md with the paper's rows, labelled "(paper)", and table5.
 """
 from __future__ import annotations
 
-import os
-import sys
 from typing import Dict, Optional, Sequence
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import paper_numbers as P  # noqa: E402
-from common import Recipe, fmt, markdown_table, recipe_main, sens  # noqa: E402
-from steps import steps  # noqa: E402
+import paper_numbers as P
+from common import Recipe, fmt, markdown_table, recipe_main, sens
+from steps import steps
 
 # Row, step, (TRPN, ALB, RTM, 9 slices).
 ROWS = (

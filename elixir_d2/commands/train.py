@@ -1,0 +1,81 @@
+"""What train_net.py runs: the config set-up, the input checks, training or evaluation in one
+process (``main``) and the command line under detectron2's launcher (``cli``)."""
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any, Optional, Sequence
+
+from detectron2.config import CfgNode
+from detectron2.engine import default_argument_parser, default_setup
+from detectron2.evaluation import verify_results
+
+from .. import load_config
+from ..checkpoint import AtomicCheckpointer, fill_genotype_from_checkpoint
+from ..cli import check_datasets, require_file
+from ..launch import launch
+from ..modeling.genotype_source import resolve_genotype_config
+from ..trainer import ElixirTrainer
+
+__all__ = ["Trainer", "setup", "check_inputs", "main", "cli"]
+
+
+# detectron2's DefaultTrainer with the CT mapper, the lesion evaluator, atomic checkpoints.
+Trainer = ElixirTrainer
+
+
+def setup(args: argparse.Namespace) -> CfgNode:
+    """Config from defaults + ElixirNet keys + the file + command-line opts, its inputs checked;
+    the ALB genotype resolved into MODEL.ALB.GENOTYPE_YAML (from the checkpoint with --eval-only
+    when the config names none) before config.yaml is written."""
+    cfg = check_inputs(args)
+    cfg.freeze()
+    default_setup(cfg, args)
+    return cfg
+
+
+def check_inputs(args: argparse.Namespace) -> CfgNode:
+    """The unfrozen config, after checking what the run reads: weights, genotype, datasets.
+    Expected problems raise elixir_d2.cli.UserInputError (one line, exit code 2)."""
+    cfg = load_config(args.config_file, args.opts)
+    resuming = args.resume and os.path.exists(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint"))
+    if not resuming:  # a resumed run reads OUTPUT_DIR's checkpoint, not MODEL.WEIGHTS
+        require_file(cfg.MODEL.WEIGHTS, "weights file MODEL.WEIGHTS",
+                     "give a checkpoint written by train_net.py, or MODEL.WEIGHTS '' to start from scratch")
+    if args.eval_only:
+        fill_genotype_from_checkpoint(cfg, cfg.MODEL.WEIGHTS)
+    resolve_genotype_config(cfg)
+    if not args.eval_only:
+        check_datasets(cfg.DATASETS.TRAIN, "DATASETS.TRAIN")
+    check_datasets(cfg.DATASETS.TEST, "DATASETS.TEST")
+    return cfg
+
+
+def main(args: argparse.Namespace) -> Any:
+    """Train (resuming with --resume) or, with --eval-only, evaluate MODEL.WEIGHTS; one process."""
+    cfg = setup(args)
+    if args.eval_only:
+        model = Trainer.build_model(cfg)
+        AtomicCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        res = Trainer.test(cfg, model)
+        verify_results(cfg, res)
+        return res
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    return trainer.train()
+
+
+def cli(argv: Optional[Sequence[str]] = None) -> None:
+    """Command-line entry: inputs checked in this process (one-line errors, exit code 2), then
+    detectron2's launcher."""
+    args = default_argument_parser().parse_args(argv)
+    print("Command Line Args:", args)
+    check_inputs(args)
+    launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )
