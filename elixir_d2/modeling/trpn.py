@@ -246,8 +246,9 @@ class TRPN(RPN):
     ) -> torch.Tensor:
         """Focal-loss targets, (N, sum_l H_l * W_l) in {0, 1}: a location is positive when one
         of its anchors is "foreground" / "not_background" (``conf_positives``) to the RPN's
-        matcher. The matcher's labels are taken before RPN subsampling, which drops foreground
-        anchors to "ignore" and forgets the not-background ones."""
+        matcher. Labels from before the RPN's anchor sampling, which turns unsampled anchors
+        (background or not) into "ignore"; and without the legacy RPN.BOUNDARY_THRESH "ignore",
+        which would make every anchor crossing the border a not-background one."""
         all_anchors = Boxes.cat(anchors)
         labels = []
         for inst in gt_instances:
@@ -295,8 +296,8 @@ class TRPN(RPN):
 
         Per image and level, the truncated anchors are dropped first, then the top
         ``pre_nms_topk`` of the rest are taken and only those are decoded; detectron2's
-        :func:`find_top_rpn_proposals` does NMS and the final top-k as for RPN. RPN decodes and
-        sorts every anchor, so this costs at most what RPN costs.
+        :func:`find_top_rpn_proposals` does NMS and the final top-k as for RPN. RPN sorts and
+        decodes every anchor; this sorts the kept ones and decodes at most pre_nms_topk a level.
 
         Args:
             keep_masks: per level, (N, H, W) bool from :meth:`location_keep_masks`; None
