@@ -20,6 +20,7 @@ from ..launch import launch
 from ..modeling.alb.genotype import Genotype
 from ..modeling.genotype_source import write_genotype
 from ..search import GENOTYPE_YAML, ALBSearcher, format_genotype, sample_random_genotype
+from ..search.step import check_search_amp
 
 logger = logging.getLogger("elixir_d2")
 
@@ -45,6 +46,10 @@ def check_inputs(args: argparse.Namespace) -> CfgNode:
         raise UserInputError("search_net.py has no --eval-only; evaluate a genotype with train_net.py")
     cfg = load_config(args.config_file, args.opts)
     if not args.random:
+        try:
+            check_search_amp(cfg)
+        except ValueError as e:
+            raise UserInputError(str(e)) from None
         require_file(cfg.MODEL.WEIGHTS, "weights file MODEL.WEIGHTS",
                      "give the trained FPN baseline the search starts from (train_net.py's model_final.pth)")
         check_datasets(cfg.DATASETS.TRAIN, "DATASETS.TRAIN")

@@ -24,7 +24,7 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling.roi_heads.fast_rcnn import FastRCNNOutputLayers
 from torch import nn
 
-from .alb.ops import check_num_per_image, region_relations
+from .alb.ops import autocast_off, check_num_per_image, region_relations
 
 __all__ = ["RelationTransferModule", "semantic_embeddings"]
 
@@ -107,7 +107,9 @@ class RelationTransferModule(nn.Module):
                 "RTM was built without its own relation embedding (relation_channels=None): "
                 "the box head must provide E (a region_nonlocal edge)"
             )
-        phi = F.relu(self.phi(pooled.mean(dim=(2, 3)) if pooled.dim() == 4 else pooled))
+        with autocast_off(pooled):  # float32, as region_nonlocal's (see region_relations)
+            x = pooled.mean(dim=(2, 3), dtype=torch.float32) if pooled.dim() == 4 else pooled.float()
+            phi = F.relu(self.phi(x))
         return region_relations(phi, num_per_image)
 
     def transfer(
@@ -116,7 +118,8 @@ class RelationTransferModule(nn.Module):
         binary_predictor: FastRCNNOutputLayers,
         relations: Sequence[torch.Tensor],
     ) -> torch.Tensor:
-        """f_E = E Gamma M W_E for the (N, P) features, image by image (E never mixes images)."""
+        """f_E = E Gamma M W_E for the (N, P) features, image by image (E never mixes images);
+        computed in float32, returned in the features' dtype."""
         if features.dim() != 2 or features.shape[1] != self.feature_dim:
             raise ValueError(
                 f"RTM expects (N, {self.feature_dim}) box features, got {tuple(features.shape)}"
@@ -127,17 +130,25 @@ class RelationTransferModule(nn.Module):
                 f"binary classifier M is {tuple(m.shape)} but RTM's features have P = "
                 f"{self.feature_dim} (M must be 2 x (P+1))"
             )
-        # Binary scores s = [f, 1] M^T: the same values as the binary classifier's output, but
-        # through the detached M, so no gradient reaches the binary classifier from here.
-        gamma = torch.softmax(F.linear(features, m[:, :-1], m[:, -1]), dim=1)
-        node = gamma @ (m @ self.w_e)  # (N, E): Gamma M W_E, reassociated (M W_E is 2 x E)
         counts = check_num_per_image([len(e) for e in relations], len(features), "RTM")
-        out = []
-        for e, node_i in zip(relations, node.split(counts)):
-            if e.shape != (len(node_i), len(node_i)):
-                raise ValueError(f"RTM: relation matrix {tuple(e.shape)} for {len(node_i)} RoIs")
-            out.append(e @ node_i)
-        return torch.cat(out, dim=0) if out else node
+        # float32 whatever autocast says: the binary scores feed a softmax (float16 overflows to
+        # inf - inf = NaN, bfloat16 rounds them coarsely) and E's rows sum to 1 only in float32.
+        # The result goes back to the features' dtype for the predictor.
+        with autocast_off(features):
+            f, m = features.float(), m.float()
+            # Binary scores s = [f, 1] M^T: the same values as the binary classifier's output,
+            # but through the detached M, so no gradient reaches the binary classifier from here.
+            gamma = torch.softmax(F.linear(f, m[:, :-1], m[:, -1]), dim=1)
+            node = gamma @ (m @ self.w_e.float())  # (N, E): Gamma M W_E (M W_E is 2 x E)
+            out = []
+            for e, node_i in zip(relations, node.split(counts)):
+                if e.shape != (len(node_i), len(node_i)):
+                    raise ValueError(
+                        f"RTM: relation matrix {tuple(e.shape)} for {len(node_i)} RoIs"
+                    )
+                out.append(e.float() @ node_i)
+            f_e = torch.cat(out, dim=0) if out else node
+        return f_e.to(features.dtype)
 
     def forward(
         self,

@@ -9,7 +9,9 @@ of the detector losses that depend on trainable parameters (the box classificati
 regression losses; the frozen RPN's losses carry no gradient and are left out).
 
 Roles as in DARTS: the alpha step is the :class:`~.architect.Architect`'s; both steps are
-:func:`~.step.optimizer_step` with their own optimiser; this module runs the loop.
+:func:`~.step.optimizer_step` with their own optimiser; this module runs the loop. With
+SOLVER.AMP.ENABLED (CUDA only) both forwards run under float16 autocast, each step with its own
+GradScaler, saved in the checkpoints.
 
 Distributed: the model is wrapped in DistributedDataParallel with the alphas as ordinary
 parameters, so their gradients are all-reduced like the weights' and every process applies the
@@ -39,7 +41,7 @@ from .architect import Architect
 from .checkpoint import SearchCheckpointer
 from .data import build_search_loaders, iters_per_epoch, load_search_halves
 from .outputs import AlphaRecorder
-from .step import optimizer_step
+from .step import MixedPrecision, optimizer_step, search_precision
 
 __all__ = [
     "ALBSearcher",
@@ -141,6 +143,9 @@ class ALBSearcher(TrainerBase):
                 f"SEARCH.CHECKPOINT_PERIOD must be >= 1 epoch, got {cfg.SEARCH.CHECKPOINT_PERIOD}"
             )
         self.cfg = cfg
+        # SOLVER.AMP.ENABLED: float16 autocast + a GradScaler per optimiser (step.py); checked
+        # before the model is built so a CPU config fails at once.
+        self.w_precision, alpha_precision = search_precision(cfg)
         model = build_model(cfg)
         search_head(model)
         freeze_for_search(model)
@@ -174,7 +179,7 @@ class ALBSearcher(TrainerBase):
         self._iters = None  # loader iterators, started at the first step
         self.model = create_ddp_model(model, broadcast_buffers=False)
         self.model.train()
-        self.architect = Architect(self.model, self.alpha_optimizer)
+        self.architect = Architect(self.model, self.alpha_optimizer, alpha_precision)
         self.start_iter = 0
         self.checkpointer = SearchCheckpointer(
             model, cfg.OUTPUT_DIR, w_optimizer=self.w_optimizer,
@@ -249,7 +254,14 @@ class ALBSearcher(TrainerBase):
     def state_dict(self) -> Dict:
         ret = super().state_dict()
         ret["iters_per_epoch"] = self.iters_per_epoch
+        for key, precision in self._scalers():
+            ret[key] = precision.scaler.state_dict()
         return ret
+
+    def _scalers(self) -> List[Tuple[str, MixedPrecision]]:
+        """(checkpoint key, MixedPrecision) of each GradScaler in use (none without AMP)."""
+        pairs = [("grad_scaler_w", self.w_precision), ("grad_scaler_alpha", self.architect.precision)]
+        return [(k, p) for k, p in pairs if p is not None and p.scaler is not None]
 
     def load_state_dict(self, state_dict: Dict) -> None:
         saved = state_dict.get("iters_per_epoch", self.iters_per_epoch)
@@ -260,6 +272,9 @@ class ALBSearcher(TrainerBase):
                 "resume with the same data and batch or use another OUTPUT_DIR"
             )
         super().load_state_dict(state_dict)
+        for key, precision in self._scalers():
+            if key in state_dict:  # absent when the checkpoint was written without AMP
+                precision.scaler.load_state_dict(state_dict[key])
 
     # ------------------------------------------------------------------ the steps
     @property
@@ -269,7 +284,7 @@ class ALBSearcher(TrainerBase):
 
     def w_step(self, batch: List[Dict]) -> Dict[str, float]:
         """One SGD step on the weights with ``batch`` (from the weight half); returns losses."""
-        return optimizer_step(self.model, batch, self.w_optimizer)
+        return optimizer_step(self.model, batch, self.w_optimizer, self.w_precision)
 
     def alpha_step(self, batch: List[Dict]) -> Dict[str, float]:
         """One Adam step on the alphas with ``batch`` (from the architecture half)."""

@@ -3,13 +3,51 @@
 Both steps differentiate the same objective with respect to every trainable parameter (under
 DistributedDataParallel every trainable parameter must get a gradient), and each then moves only
 the parameters of its own optimiser; the other set's gradients are cleared before the next use.
+
+Mixed precision (``SOLVER.AMP.ENABLED``, as detectron2's AMPTrainer: float16 autocast on CUDA and
+a GradScaler): the forward runs under autocast, the backward and the step outside it. The weight
+step and the architect each have their own GradScaler, since an overflow in one parameter set's
+gradients says nothing about the other's.
 """
-from typing import Dict, List, Tuple
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
 
 import torch
+from detectron2.config import CfgNode
 from torch import nn
 
-__all__ = ["search_loss", "optimizer_step"]
+__all__ = ["MixedPrecision", "check_search_amp", "search_precision", "search_loss", "optimizer_step"]
+
+
+@dataclass
+class MixedPrecision:
+    """How one search step runs its forward: autocast on ``device_type`` to ``dtype``, with
+    ``scaler`` scaling the loss (float16), or None (bfloat16 needs no scaling)."""
+
+    device_type: str
+    dtype: torch.dtype = torch.float16
+    scaler: Optional[torch.amp.GradScaler] = None
+
+
+def check_search_amp(cfg: CfgNode) -> None:
+    """Raise ValueError naming SOLVER.AMP.ENABLED when it is set for a device other than CUDA
+    (detectron2's AMP, which the search follows, is CUDA float16 only)."""
+    if cfg.SOLVER.AMP.ENABLED and torch.device(cfg.MODEL.DEVICE).type != "cuda":
+        raise ValueError(
+            f"SOLVER.AMP.ENABLED True needs MODEL.DEVICE cuda (got {cfg.MODEL.DEVICE!r}): mixed "
+            "precision is float16 autocast on CUDA, as detectron2's AMPTrainer; set "
+            "SOLVER.AMP.ENABLED False on the CPU"
+        )
+
+
+def search_precision(cfg: CfgNode) -> Tuple[Optional[MixedPrecision], Optional[MixedPrecision]]:
+    """(weight step's, architect's) mixed precision from SOLVER.AMP.ENABLED; (None, None) off."""
+    check_search_amp(cfg)
+    if not cfg.SOLVER.AMP.ENABLED:
+        return None, None
+    w_step = MixedPrecision("cuda", torch.float16, torch.amp.GradScaler("cuda"))
+    alpha_step = MixedPrecision("cuda", torch.float16, torch.amp.GradScaler("cuda"))
+    return w_step, alpha_step
 
 
 def search_loss(model: nn.Module, batch: List[Dict]) -> Tuple[torch.Tensor, Dict[str, float]]:
@@ -28,15 +66,27 @@ def search_loss(model: nn.Module, batch: List[Dict]) -> Tuple[torch.Tensor, Dict
 
 
 def optimizer_step(
-    model: nn.Module, batch: List[Dict], optimizer: torch.optim.Optimizer
+    model: nn.Module, batch: List[Dict], optimizer: torch.optim.Optimizer,
+    precision: Optional[MixedPrecision] = None,
 ) -> Dict[str, float]:
     """One step of ``optimizer`` on the search objective of ``batch``; returns the losses.
 
     ``optimizer``'s parameter groups say which parameters move: the network weights for the
-    weight step, the alphas for the architect's step.
+    weight step, the alphas for the architect's step. With ``precision`` the forward runs under
+    autocast and a scaler, if any, scales the loss and skips the step on inf / NaN gradients.
     """
-    total, values = search_loss(model, batch)
+    if precision is None:
+        total, values = search_loss(model, batch)
+    else:
+        with torch.autocast(device_type=precision.device_type, dtype=precision.dtype):
+            total, values = search_loss(model, batch)
     model.zero_grad(set_to_none=True)
-    total.backward()
-    optimizer.step()
+    scaler = precision.scaler if precision is not None else None
+    if scaler is None:
+        total.backward()
+        optimizer.step()
+    else:
+        scaler.scale(total).backward()
+        scaler.step(optimizer)
+        scaler.update()
     return values

@@ -35,9 +35,16 @@ class MixedOp(nn.Module):
         self, x: torch.Tensor, weights: torch.Tensor,
         num_per_image: Optional[Sequence[int]] = None,
     ) -> torch.Tensor:
-        """``weights``: one per op (softmax of the edge's alphas, computed by the caller)."""
+        """``weights``: one per op (softmax of the edge's alphas, computed by the caller).
+
+        The weighted sum is float32 whatever dtype autocast gives the ops: each weight is kept a
+        (1, 1, 1) float32 tensor, which type promotion honours (a 0-dim weight would take the
+        op's half dtype), so the alpha gradient, a sum over the whole feature map, is
+        accumulated in float32 and cannot overflow float16.
+        """
         if weights.shape != (len(self.ops),):
             raise ValueError(f"MixedOp: {len(self.ops)} ops but weights of shape {weights.shape}")
+        weights = weights.float()[:, None, None, None]
         return sum(w * op(x, num_per_image) for w, op in zip(weights, self.ops))
 
 

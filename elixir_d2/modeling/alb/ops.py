@@ -39,6 +39,7 @@ __all__ = [
     "FactorizedReduce",
     "RegionNonLocal",
     "region_relations",
+    "autocast_off",
 ]
 
 
@@ -208,7 +209,8 @@ class RegionNonLocal(ALBOp):
     ``Y = ReLU(E psi W)``; output ``g(Y)`` (FC to ``C_out``) broadcast over the output resolution.
     Images are processed one by one, so no relation crosses images and memory is O(N_i^2).
     ``last_relations`` holds the E of each image from the latest forward (kept in the autograd
-    graph, so a module using it in the same forward, e.g. RTM, trains through it).
+    graph, so a module using it in the same forward, e.g. RTM, trains through it). Under
+    autocast the op still computes in float32 (E included) and returns ``x``'s dtype.
     """
 
     def __init__(self, c_in: int, c_out: int, stride: int):
@@ -224,23 +226,38 @@ class RegionNonLocal(ALBOp):
     def forward(self, x, num_per_image=None):
         n, _, h, w = x.shape
         counts = check_num_per_image(num_per_image, n, "region_nonlocal")
-        pooled = x.mean(dim=(2, 3))
-        phi = F.relu(self.phi(pooled))
-        psi = F.relu(self.psi(pooled))
-        relations = region_relations(phi, counts)
-        outs = [F.relu(self.w(e @ psi_i)) for e, psi_i in zip(relations, psi.split(counts))]
+        # In float32 whatever autocast says (see region_relations); the op works on one vector
+        # per RoI, so this costs next to nothing. The output goes back to x's dtype.
+        with autocast_off(x):
+            pooled = x.mean(dim=(2, 3), dtype=torch.float32)
+            phi = F.relu(self.phi(pooled))
+            psi = F.relu(self.psi(pooled))
+            relations = region_relations(phi, counts)
+            outs = [F.relu(self.w(e @ psi_i)) for e, psi_i in zip(relations, psi.split(counts))]
+            y = self.g(torch.cat(outs, dim=0)) if outs else self.g(psi)
         self.last_relations = relations
-        y = self.g(torch.cat(outs, dim=0)) if outs else self.g(psi)
         s = self.stride
-        return y[:, :, None, None].expand(-1, -1, -(-h // s), -(-w // s))
+        return y.to(x.dtype)[:, :, None, None].expand(-1, -1, -(-h // s), -(-w // s))
+
+
+def autocast_off(t: torch.Tensor) -> torch.autocast:
+    """Context with autocast disabled on ``t``'s device, so float32 tensors stay float32."""
+    return torch.autocast(device_type=t.device.type, enabled=False)
 
 
 def region_relations(phi: torch.Tensor, num_per_image: Sequence[int]) -> List[torch.Tensor]:
     """Per-image relation graphs ``E_i = softmax_rows(phi_i phi_i^T)`` (``N_i x N_i``), where
     ``phi_i`` are the rows of ``phi`` (N x K embeddings) of image ``i``. Shared by
-    region_nonlocal and by RTM when its box head has no region_nonlocal edge."""
+    region_nonlocal and by RTM when its box head has no region_nonlocal edge.
+
+    Always float32 (autocast off, ``phi`` cast up): the logits phi_i phi_j^T grow with the square
+    of the features, overflow float16 (inf - inf gives NaN rows) and lose their differences in
+    bfloat16's 8-bit mantissa, which changes which neighbours a row attends to.
+    """
     counts = check_num_per_image(num_per_image, phi.shape[0], "region_relations")
-    return [torch.softmax(p @ p.t(), dim=1) for p in phi.split(counts)]
+    with autocast_off(phi):
+        phi = phi.float()
+        return [torch.softmax(p @ p.t(), dim=1) for p in phi.split(counts)]
 
 
 def check_num_per_image(num_per_image: Optional[Sequence[int]], n: int, who: str) -> List[int]:
