@@ -15,35 +15,30 @@ from detectron2.utils.events import EventStorage
 import search_net  # the repository root, on pytest's pythonpath
 from elixir_d2.cli import UserInputError
 from elixir_d2.data import register_deeplesion
-from elixir_d2.data.synthetic import generate_deeplesion
 from elixir_d2.search import ALBSearcher, search_head
 from elixir_d2.search.step import MixedPrecision, check_search_amp
+from reliability_helpers import REPO, write_tiny_deeplesion
 
 torch.set_num_threads(1)
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 PREFIX = "searchamp"
-SEARCH_CFG = os.path.join(REPO, "configs/quickstart/search_alb.yaml")
-SMALL = [
-    "DATASETS.TRAIN", f"('{PREFIX}_train',)", "DATASETS.TEST", f"('{PREFIX}_test',)",
-    "INPUT.MAX_IMAGE_SIZE", "64", "SOLVER.IMS_PER_BATCH", "2", "SEARCH.EPOCHS", "1",
-    "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "16", "MODEL.RPN.POST_NMS_TOPK_TRAIN", "100",
-    "SEARCH.WARMUP_EPOCHS", "0",
-]
+SEARCH_CFG = os.path.join(REPO, "configs", "quickstart", "search_alb.yaml")
 
 
 @pytest.fixture(scope="module")
 def tiny_set(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("searchamp") / "synthetic")
-    generate_deeplesion(root, num_patients=6, slices_per_series=(6, 8), keys_per_series=(1, 2),
-                        image_size=64, seed=3)
+    root = str(tmp_path_factory.mktemp("searchamp") / "tiny")
+    write_tiny_deeplesion(root, num_train=4, num_test=2)  # 2 + 2 records: one step an epoch
     register_deeplesion(root, prefix=PREFIX)
     return root
 
 
 def _args(out_dir, *opts):
+    data = ["DATASETS.TRAIN", f"('{PREFIX}_train',)", "DATASETS.TEST", f"('{PREFIX}_test',)"]
+    cheap = ["INPUT.MAX_IMAGE_SIZE", "64", "SOLVER.IMS_PER_BATCH", "2", "SEARCH.EPOCHS", "1",
+             "SEARCH.WARMUP_EPOCHS", "0", "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "16"]
     return search_net.build_parser().parse_args(
-        ["--config-file", SEARCH_CFG] + SMALL + ["OUTPUT_DIR", str(out_dir), *opts])
+        ["--config-file", SEARCH_CFG, *data, *cheap, "OUTPUT_DIR", str(out_dir), *opts])
 
 
 def _cfg(out_dir, *opts):
