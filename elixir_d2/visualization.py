@@ -247,16 +247,17 @@ def draw_confidence_map(
 
 
 def _edge_labels(num_edges: int) -> List[str]:
-    """DARTS-style block with B branches has 2 + 3 + ... + (B + 1) edges: label them
-    "b<branch><-<input>" with inputs s0, s1 (the block inputs) and n<j> (branch j)."""
+    """The search's row names (elixir_d2.search.outputs.edge_labels) of the DARTS-style block with
+    ``num_edges`` edges (B branches have 2 + 3 + ... + (B + 1)); "e<k>" when no block has that many."""
+    from .search.outputs import edge_labels  # the search stack only when a heatmap is drawn
+
     total, branches = 0, 0
     while total < num_edges:
         total += 2 + branches
         branches += 1
     if total != num_edges:
         return [f"e{k}" for k in range(num_edges)]
-    names = lambda j: f"s{j}" if j < 2 else f"n{j - 2}"  # noqa: E731
-    return [f"b{b}<-{names(j)}" for b in range(branches) for j in range(2 + b)]
+    return edge_labels(branches)
 
 
 def _as_weights(a: np.ndarray) -> np.ndarray:

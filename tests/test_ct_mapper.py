@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from detectron2.structures import BoxMode
 
-from elixir_d2.data.ct_mapper import CTDatasetMapper, CTSliceError, read_hu_slice, window_to_uint8_range
+from elixir_d2.data.ct_mapper import CTDatasetMapper, CTSliceError, hu_to_png16, read_hu_slice, window_to_uint8_range
 from conftest import write_slice
 
 H = W = 32
@@ -178,3 +178,23 @@ def test_opencv_resize_matches_bilinear_half_pixel_reference():
     ref = F.interpolate(torch.from_numpy(img).permute(2, 0, 1)[None], size=(33, 47), mode="bilinear",
                         align_corners=False)[0].permute(1, 2, 0).numpy()
     np.testing.assert_allclose(got, ref, atol=0.02)
+
+
+def test_hu_to_png16_is_deeplesions_hu_plus_32768():
+    hu = np.array([-40000.0, -32768, -1024, -0.5, 0.4, 0.5, 1.5, 40, 3071, 32767, 40000])
+    # rounded half to even, + 32768, clipped to what uint16 holds
+    expected = [0, 0, 31744, 32768, 32768, 32768, 32770, 32808, 35839, 65535, 65535]
+    out = hu_to_png16(hu)
+    assert out.dtype == np.uint16 and out.tolist() == expected
+    assert hu_to_png16(np.array([-1024, 0, 3071], dtype=np.int16)).tolist() == [31744, 32768, 35839]
+    assert hu_to_png16(np.array([-128, 127], dtype=np.int8)).tolist() == [32640, 32895]
+    with pytest.raises(ValueError, match="NaN or infinity"):
+        hu_to_png16(np.array([0.0, np.nan]))
+
+
+def test_hu_to_png16_reads_back_through_read_hu_slice(tmp_path):
+    from PIL import Image
+
+    hu = np.array([[-1024, -1000, 0], [40, 1000, 3071]], dtype=np.int16)
+    Image.fromarray(hu_to_png16(hu)).save(tmp_path / "001.png")
+    np.testing.assert_array_equal(read_hu_slice(str(tmp_path / "001.png")), hu.astype(np.float32))

@@ -19,7 +19,7 @@ from elixir_d2.data.kits19 import (
     label_components,
     load_kits19_dicts,
     prepare_kits19,
-    read_case,
+    read_kits19_case,
     register_kits19,
     split_cases,
 )
@@ -146,7 +146,7 @@ def test_case_records_boxes_from_known_masks(tmp_path, layout):
     hu, seg = make_volume()
     case_dir = str(tmp_path / "data" / "case_00007")
     write_case(case_dir, hu, seg, layout)
-    case = read_case(case_dir)
+    case = read_kits19_case(case_dir)
     assert case["slice_axis"] == (2 if layout == "standard" else 0)
     np.testing.assert_array_equal(case["image"], hu)
     np.testing.assert_array_equal(case["seg"], seg)

@@ -2,14 +2,7 @@
 import numpy as np
 import pytest
 
-from elixir_d2.inference.grouping import group_detections, pairwise_iou
-
-
-def test_pairwise_iou_by_hand():
-    a = [[0, 0, 10, 10]]
-    b = [[5, 0, 15, 10], [20, 20, 30, 30], [0, 0, 10, 10]]
-    # overlap 5 x 10 = 50, union 150
-    np.testing.assert_allclose(pairwise_iou(a, b), [[50 / 150, 0.0, 1.0]])
+from elixir_d2.inference.grouping import group_detections
 
 
 def test_two_lesions_across_slices():

@@ -27,7 +27,7 @@ from reliability_helpers import QUICKSTART, REPO, build_cfg
 from elixir_d2.data.ct_mapper import CTDatasetMapper, CTSliceError, read_hu_slice
 from elixir_d2.data.deeplesion import LOAD_STATS, DeepLesionFormatError, load_deeplesion_dicts, read_dl_info
 from elixir_d2.data.kits19 import KiTS19Error, write_nifti
-from elixir_d2.data.kits19 import read_nifti as kits19_read_nifti
+from elixir_d2.data.kits19 import read_nifti_image
 from elixir_d2.checkpoint import AtomicCheckpointer
 from elixir_d2.inference.volume_io import CTInputError
 from elixir_d2.inference.volume_io import read_nifti as volume_read_nifti
@@ -95,7 +95,7 @@ def test_truncated_nifti_is_an_error_not_zeros(tmp_path, ext):
     zero_filled = sitk.GetArrayFromImage(sitk.ReadImage(path))
     assert zero_filled.shape == (6, 32, 32) and (zero_filled == 0).mean() > 0.4  # the silent failure
     with pytest.raises(KiTS19Error, match=rf"cannot read case_00001 imaging .*imaging{ext}: .*truncated file"):
-        kits19_read_nifti(path, "case_00001 imaging")
+        read_nifti_image(path, "case_00001 imaging")
     with pytest.raises(CTInputError, match=rf"imaging{ext}: unreadable NIfTI file \(.*truncated file"):
         volume_read_nifti(path, "case")
 

@@ -12,7 +12,7 @@ from PIL import Image
 
 from elixir_d2.data.ct_mapper import SliceStack
 from elixir_d2.data.deeplesion import DL_INFO_COLUMNS, load_deeplesion_dicts
-from elixir_d2.data.kits19 import case_records, read_case
+from elixir_d2.data.kits19 import case_records, read_kits19_case
 from elixir_d2.data.synthetic import generate_deeplesion, generate_kits19, main
 from elixir_d2.data import synthetic_phantom as P
 
@@ -223,7 +223,7 @@ def test_kits19_variant_reads_back(tmp_path):
     main(["--out", str(tmp_path), "--format", "kits19", "--patients", "2", "--size", "64", "--slices", "16", "18"])
     for i in range(2):
         case_dir = str(tmp_path / "data" / f"case_{i:05d}")
-        case = read_case(case_dir)
+        case = read_kits19_case(case_dir)
         img, seg = case["image"], case["seg"]
         assert img.dtype == np.int16 and seg.dtype == np.uint8 and img.shape == seg.shape
         assert img.shape[1:] == (64, 64) and 16 <= img.shape[0] <= 18 and case["slice_axis"] == 2

@@ -16,11 +16,11 @@ from detectron2.utils.logger import setup_logger
 
 from .. import load_config
 from ..cli import UserInputError, check_datasets, require_file
-from ..launch import launch
 from ..modeling.alb.genotype import Genotype
 from ..modeling.genotype_source import write_genotype
 from ..search import GENOTYPE_YAML, ALBSearcher, format_genotype, sample_random_genotype
 from ..search.step import check_search_amp
+from . import run_command
 
 logger = logging.getLogger("elixir_d2")
 
@@ -122,14 +122,4 @@ def main(args: argparse.Namespace) -> Genotype | None:
 def cli(argv: Optional[Sequence[str]] = None) -> None:
     """Command-line entry: inputs checked in this process (one-line errors, exit code 2), then
     detectron2's launcher."""
-    args = build_parser().parse_args(argv)
-    print("Command Line Args:", args)
-    check_inputs(args)
-    launch(
-        main,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-    )
+    run_command(build_parser(), check_inputs, main, argv)

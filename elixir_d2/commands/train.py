@@ -13,9 +13,9 @@ from detectron2.evaluation import verify_results
 from .. import load_config
 from ..checkpoint import AtomicCheckpointer, fill_genotype_from_checkpoint
 from ..cli import check_datasets, require_file
-from ..launch import launch
 from ..modeling.genotype_source import resolve_genotype_config
 from ..trainer import ElixirTrainer
+from . import run_command
 
 __all__ = ["Trainer", "setup", "check_inputs", "main", "cli"]
 
@@ -68,14 +68,4 @@ def main(args: argparse.Namespace) -> Any:
 def cli(argv: Optional[Sequence[str]] = None) -> None:
     """Command-line entry: inputs checked in this process (one-line errors, exit code 2), then
     detectron2's launcher."""
-    args = default_argument_parser().parse_args(argv)
-    print("Command Line Args:", args)
-    check_inputs(args)
-    launch(
-        main,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-    )
+    run_command(default_argument_parser(), check_inputs, main, argv)

@@ -46,6 +46,20 @@ def png_size(path: str) -> Tuple[int, int]:
     return height, width
 
 
+def hu_to_png16(hu: np.ndarray) -> np.ndarray:
+    """HU -> DeepLesion PNG values: round(HU) + 32768 as uint16, what read_hu_slice reads back.
+
+    HU outside what uint16 holds, [-32768, 32767], is clipped to that range (no CT value lies
+    there); NaN or infinite HU raises ValueError.
+    """
+    hu = np.asarray(hu)
+    # At least float32: exact for every integer HU, where float16 could not hold HU + 32768.
+    hu = hu.astype(np.result_type(hu.dtype, np.float32), copy=False)
+    if not np.isfinite(hu).all():
+        raise ValueError("HU values to write as a 16-bit PNG hold NaN or infinity")
+    return (np.clip(np.rint(hu), -HU_OFFSET, HU_OFFSET - 1) + HU_OFFSET).astype(np.uint16)
+
+
 def read_hu_slice(path: str) -> np.ndarray:
     """Read a 16-bit grayscale DeepLesion-format PNG as float32 HU; errors name the file.
 

@@ -27,12 +27,12 @@ import numpy as np
 from detectron2.structures import BoxMode
 from detectron2.utils.file_io import PathManager
 
+from ..union_find import UnionFind
 from .nifti_check import nifti_truncation
 
 logger = logging.getLogger(__name__)
 
 KIDNEY_LABEL, TUMOR_LABEL = 1, 2
-HU_OFFSET = 32768
 KIDNEY_HU_WINDOW = (-160.0, 240.0)  # abdominal soft-tissue window (W400 / L40), for display
 CASE_RE = re.compile(r"^case_(\d+)$")
 RECORDS_FILE = "records.json"
@@ -67,14 +67,7 @@ def label_components(mask: np.ndarray) -> Tuple[np.ndarray, int]:
     if mask.ndim != 2:
         raise ValueError(f"label_components expects a 2-D mask, got shape {mask.shape}")
     rows, starts, ends = _runs(mask)
-    parent = list(range(len(rows)))
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
+    runs = UnionFind(len(rows))
     # Runs of row r - 1 touch a run [s, e) of row r (8-connectivity) when they overlap [s - 1, e + 1).
     row_first = np.searchsorted(rows, np.arange(mask.shape[0] + 1))
     for i in range(len(rows)):
@@ -84,13 +77,11 @@ def label_components(mask: np.ndarray) -> Tuple[np.ndarray, int]:
         j0, j1 = row_first[r - 1], row_first[r]
         for j in range(j0, j1):
             if starts[j] <= ends[i] and starts[i] <= ends[j]:
-                a, b = find(i), find(j)
-                if a != b:
-                    parent[max(a, b)] = min(a, b)  # the root stays the earliest run
+                runs.union(i, j)
     labels = np.zeros(mask.shape, dtype=np.int32)
     ids: Dict[int, int] = {}
     for i in range(len(rows)):
-        root = find(i)
+        root = runs.find(i)
         if root not in ids:
             ids[root] = len(ids) + 1
         labels[rows[i], starts[i]:ends[i]] = ids[root]
@@ -108,7 +99,7 @@ def component_boxes(mask: np.ndarray) -> List[List[float]]:
 
 
 # ----------------------------------------------------------------------------- NIfTI I/O
-def read_nifti(path: str, what: str = "NIfTI"):
+def read_nifti_image(path: str, what: str = "NIfTI"):
     """Read a NIfTI with SimpleITK (through PathManager); errors name the file."""
     import SimpleITK as sitk
 
@@ -156,7 +147,7 @@ def slice_axis_of(img, slice_axis: Union[str, int] = "auto") -> int:
     return int(np.argmax(np.abs(direction[2])))  # column = voxel axis, row 2 = world z
 
 
-def read_case(case_dir: str, slice_axis: Union[str, int] = "auto") -> Dict:
+def read_kits19_case(case_dir: str, slice_axis: Union[str, int] = "auto") -> Dict:
     """Load one case as (slice, row, col) arrays: ``image`` (HU, int16/float), ``seg`` (uint8).
 
     Also returns ``spacing`` (in-plane mm/px), ``slice_intv`` (mm) and ``slice_axis`` (voxel axis).
@@ -167,8 +158,8 @@ def read_case(case_dir: str, slice_axis: Union[str, int] = "auto") -> Dict:
 
     name = os.path.basename(os.path.normpath(case_dir))
     img_path, seg_path = os.path.join(case_dir, "imaging.nii.gz"), os.path.join(case_dir, "segmentation.nii.gz")
-    img = read_nifti(img_path, f"{name} imaging")
-    seg = read_nifti(seg_path, f"{name} segmentation")
+    img = read_nifti_image(img_path, f"{name} imaging")
+    seg = read_nifti_image(seg_path, f"{name} segmentation")
     if img.GetSize() != seg.GetSize():
         raise KiTS19Error(f"{name}: image and mask shapes differ: {img_path} has size {img.GetSize()}, "
                           f"{seg_path} has size {seg.GetSize()}")
@@ -225,7 +216,7 @@ def case_records(case_dir: str, slice_axis: Union[str, int] = "auto") -> List[Di
     Records point into ``case_dir`` (``slice_dir`` = ``case_dir``, ``file_name`` = the imaging
     NIfTI): only ``prepare_kits19`` turns them into PNG-backed records a mapper can read.
     """
-    case = read_case(case_dir, slice_axis)
+    case = read_kits19_case(case_dir, slice_axis)
     img_path = os.path.join(case_dir, "imaging.nii.gz")
     return _slice_records(case, case_dir, lambda z: img_path, (0, case["seg"].shape[0] - 1))
 

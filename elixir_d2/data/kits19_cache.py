@@ -16,7 +16,10 @@ from PIL import Image
 from detectron2.utils.file_io import PathManager
 
 from ..atomic_io import atomic_write_json, build_dir_atomically, file_lock, remove_stale_tmp
-from .kits19 import CACHE_VERSION, HU_OFFSET, RECORDS_FILE, TUMOR_LABEL, _slice_records, find_cases, read_case, split_cases
+from .ct_mapper import hu_to_png16
+from .kits19 import (
+    CACHE_VERSION, RECORDS_FILE, TUMOR_LABEL, _slice_records, find_cases, read_kits19_case, split_cases,
+)
 
 logger = logging.getLogger("elixir_d2.data.kits19")
 
@@ -27,7 +30,7 @@ _HASH_BYTES = 1 << 20
 
 def _write_png16(hu_slice: np.ndarray, path: str) -> int:
     """Write a slice as 16-bit PNG (HU + 32768); returns the file's size."""
-    arr = (np.clip(np.rint(hu_slice), -HU_OFFSET, HU_OFFSET - 1).astype(np.int32) + HU_OFFSET).astype(np.uint16)
+    arr = hu_to_png16(hu_slice)
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="PNG", compress_level=1)
     with PathManager.open(path, "wb") as f:
@@ -84,7 +87,7 @@ def _prepare_case(case_dir: str, cache_dir: str, slice_axis, margin_mm: Optional
     records = _cached_records(out_dir, stamp)
     if records is not None:
         return records, False
-    case = read_case(case_dir, slice_axis)
+    case = read_kits19_case(case_dir, slice_axis)
     n = case["seg"].shape[0]
     first, last = 0, n - 1
     if margin_mm is not None:

@@ -1,5 +1,5 @@
 """Truncated NIfTI files: SimpleITK reads a cut-off .nii / .nii.gz without complaint and fills
-the missing voxels with zeros, so the readers (kits19.read_nifti, inference.volume_io.read_nifti)
+the missing voxels with zeros, so the readers (kits19.read_nifti_image, inference.volume_io.read_nifti)
 check the voxel data against the header first."""
 from __future__ import annotations
 

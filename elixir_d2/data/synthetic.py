@@ -25,9 +25,10 @@ from detectron2.utils.file_io import PathManager
 
 from ..atomic_io import build_dir_atomically
 from .deeplesion import DL_INFO_COLUMNS, LESION_TYPES
+from .ct_mapper import hu_to_png16
 from .synthetic_phantom import (
-    BONE, KIDNEY, LESION, LIVER, LUNG, MEDIASTINAL_FAT, MUSCLE, SUBCUT_FAT, VESSEL, VISCERAL_FAT,
-    Blob, SliceCanvas, build_anatomy, ellipse_box, hu_to_png16, render_series,
+    BONE, KIDNEY, LESION, LIVER, LUNG, MEDIASTINAL_FAT, MUSCLE, SCANNER_HU_RANGE, SUBCUT_FAT, VESSEL, VISCERAL_FAT,
+    Blob, SliceCanvas, build_anatomy, ellipse_box, render_series,
 )
 
 SLICE_INTERVALS_MM = (1.0, 1.25, 2.0, 2.5, 5.0)
@@ -290,7 +291,7 @@ def write_deeplesion(out_dir: str, *, num_patients: int = DEFAULT_PATIENTS,
         folder = f"{pat:06d}_01_01"
         vol, _ = render_series(ser["blobs"] + ser["lesions"], ser["z_mm"], image_size, ser["spacing"],
                                _u(rng, *noise_hu), rng)
-        png = hu_to_png16(vol)
+        png = hu_to_png16(np.clip(vol, *SCANNER_HU_RANGE))
         sdir = os.path.join(out_dir, "Images_png", folder)
         PathManager.mkdirs(sdir)
         for k in range(ser["n"]):

@@ -9,7 +9,7 @@ import numpy as np
 
 from .kits19 import write_nifti
 from .synthetic import SPACING_MM_AT_192, _u
-from .synthetic_phantom import KIDNEY, LESION, RENAL_SINUS, Blob, build_anatomy, render_series
+from .synthetic_phantom import KIDNEY, LESION, RENAL_SINUS, SCANNER_HU_RANGE, Blob, build_anatomy, render_series
 
 def write_kits19(out_dir: str, *, num_cases: int = 10, num_slices: Tuple[int, int] = (24, 40),
                     image_size: int = 192, seed: int = 0, noise_hu: Tuple[float, float] = (10, 20)) -> Dict:
@@ -51,7 +51,7 @@ def write_kits19(out_dir: str, *, num_cases: int = 10, num_slices: Tuple[int, in
         vol, lab = render_series(blobs + tumours, z_mm, image_size, spacing, _u(rng, *noise_hu), rng)
         seg = np.where(lab == LESION, 2, np.where(np.isin(lab, (KIDNEY, RENAL_SINUS)), 1, 0)).astype(np.uint8)
         case_dir = os.path.join(out_dir, "data", f"case_{case:05d}")
-        write_nifti(np.rint(np.clip(vol, -1024, 3071)).astype(np.int16), (spacing, spacing, interval),
+        write_nifti(np.rint(np.clip(vol, *SCANNER_HU_RANGE)).astype(np.int16), (spacing, spacing, interval),
                     os.path.join(case_dir, "imaging.nii.gz"))
         write_nifti(seg, (spacing, spacing, interval), os.path.join(case_dir, "segmentation.nii.gz"))
         summary["tumours"] += len(tumours)

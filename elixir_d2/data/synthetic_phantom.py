@@ -19,6 +19,8 @@ AIR, SUBCUT_FAT, MUSCLE, VISCERAL_FAT, MEDIASTINAL_FAT, LUNG, LIVER, SPLEEN, KID
 BONE, CORTEX, VESSEL, BOWEL, HEART, BLADDER, FLUID, CALCIFICATION, LESION, RENAL_SINUS = range(9, 19)
 
 HU_AIR = -1000.0
+# What a 12-bit CT scanner stores: the written phantom's HU are clipped to it.
+SCANNER_HU_RANGE = (-1024, 3071)
 NOISE_SMOOTHING = np.array([0.25, 0.5, 0.25])  # mild in-plane correlation, as CT noise has
 
 
@@ -165,11 +167,6 @@ def correlated_noise(shape: Tuple[int, ...], sigma: float, rng: np.random.Genera
     smooth = k[0] * np.roll(smooth, 1, axis=-2) + k[1] * smooth + k[2] * np.roll(smooth, -1, axis=-2)
     gain = 1.0 / float(np.sum(k * k))  # variance kept at sigma^2 after the two passes
     return smooth * (sigma * gain)
-
-
-def hu_to_png16(hu: np.ndarray) -> np.ndarray:
-    """HU -> DeepLesion PNG values (HU + 32768, uint16), clipped to the CT range [-1024, 3071]."""
-    return (np.rint(np.clip(hu, -1024, 3071)) + 32768).astype(np.uint16)
 
 
 # ----------------------------------------------------------------------------- anatomy

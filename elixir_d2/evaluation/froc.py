@@ -29,35 +29,14 @@ from typing import Dict, Mapping, Optional, Sequence
 
 import numpy as np
 
+from ..boxes import OVERLAP_CRITERIA as CRITERIA
+from ..boxes import box_overlap
+
 PAPER_FPS = (0.5, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0)
 # FP points whose mean sensitivity the lesion-detection literature reports (3DCE, ElixirNet).
 MEAN_SENS_FPS = (0.5, 1.0, 2.0, 4.0)
-CRITERIA = ("iou", "iobb")
 
-__all__ = ["compute_froc", "box_overlaps", "PAPER_FPS", "MEAN_SENS_FPS", "CRITERIA"]
-
-
-def box_overlaps(det: np.ndarray, gt: np.ndarray, criterion: str = "iou") -> np.ndarray:
-    """Overlap of row-aligned XYXY boxes ``det`` (P, 4) and ``gt`` (P, 4) -> (P,).
-
-    ``iou``: intersection over union; ``iobb``: intersection over the detected box's area.
-    Continuous coordinates (area = (x2 - x1) * (y2 - y1)). A zero denominator (degenerate
-    boxes) gives overlap 0 rather than NaN.
-    """
-    if criterion not in CRITERIA:
-        raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
-    iw = np.minimum(det[:, 2], gt[:, 2]) - np.maximum(det[:, 0], gt[:, 0])
-    ih = np.minimum(det[:, 3], gt[:, 3]) - np.maximum(det[:, 1], gt[:, 1])
-    inter = np.clip(iw, 0.0, None) * np.clip(ih, 0.0, None)
-    area_det = (det[:, 2] - det[:, 0]) * (det[:, 3] - det[:, 1])
-    if criterion == "iou":
-        area_gt = (gt[:, 2] - gt[:, 0]) * (gt[:, 3] - gt[:, 1])
-        denom = area_det + area_gt - inter
-    else:
-        denom = area_det
-    out = np.zeros_like(inter)
-    np.divide(inter, denom, out=out, where=denom > 0)
-    return out
+__all__ = ["compute_froc", "PAPER_FPS", "MEAN_SENS_FPS", "CRITERIA"]
 
 
 def _as_boxes(a, what: str, i: int) -> np.ndarray:
@@ -195,7 +174,7 @@ def compute_froc(
     P = int(pair_start[-1])
     pair_det = np.repeat(np.arange(D, dtype=np.int64), k_per_det)
     pair_gt = gt_off[det_img][pair_det] + (np.arange(P, dtype=np.int64) - pair_start[pair_det])
-    overlap = box_overlaps(det_all[pair_det], gt_all[pair_gt], criterion)
+    overlap = box_overlap(det_all[pair_det], gt_all[pair_gt], criterion)
     is_match = overlap >= threshold
 
     # FP: no lesion in the image, or best overlap below the threshold.

@@ -16,7 +16,10 @@ from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
-__all__ = ["Finding", "group_detections", "pairwise_iou"]
+from ..boxes import box_overlap
+from ..union_find import UnionFind
+
+__all__ = ["Finding", "group_detections"]
 
 
 @dataclass
@@ -34,26 +37,6 @@ class Finding:
 
     def to_dict(self) -> Dict:
         return asdict(self)
-
-
-def pairwise_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU of XYXY boxes (continuous coordinates: area = (x2 - x1) * (y2 - y1)), len(a) x len(b)."""
-    a = np.asarray(a, dtype=np.float64).reshape(-1, 4)
-    b = np.asarray(b, dtype=np.float64).reshape(-1, 4)
-    iw = np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0])
-    ih = np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1])
-    inter = np.clip(iw, 0, None) * np.clip(ih, 0, None)
-    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
-    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    union = area_a[:, None] + area_b[None, :] - inter
-    return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
-
-
-def _find(parent: List[int], i: int) -> int:
-    while parent[i] != i:
-        parent[i] = parent[parent[i]]
-        i = parent[i]
-    return i
 
 
 def group_detections(
@@ -84,21 +67,19 @@ def group_detections(
     if not len(slices) == len(boxes) == len(scores):
         raise ValueError(f"{len(slices)} slices, {len(boxes)} boxes, {len(scores)} scores: lengths differ")
     n = len(slices)
-    parent = list(range(n))
+    sets = UnionFind(n)
     by_slice: Dict[int, np.ndarray] = {int(s): np.flatnonzero(slices == s) for s in np.unique(slices)}
     for s, idx in by_slice.items():
         for gap in range(1, max_gap + 1):
             other = by_slice.get(s + gap)
             if other is None:
                 continue
-            linked = np.argwhere(pairwise_iou(boxes[idx], boxes[other]) >= iou_thresh)
+            linked = np.argwhere(box_overlap(boxes[idx][:, None], boxes[other][None]) >= iou_thresh)
             for a, b in linked:
-                ra, rb = _find(parent, int(idx[a])), _find(parent, int(other[b]))
-                if ra != rb:
-                    parent[rb] = ra
+                sets.union(int(idx[a]), int(other[b]))
     groups: Dict[int, List[int]] = {}
     for i in range(n):
-        groups.setdefault(_find(parent, i), []).append(i)
+        groups.setdefault(sets.find(i), []).append(i)
 
     sx, sy = spacing
     findings = []

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from elixir_d2.data.ct_mapper import CTDatasetMapper
+from elixir_d2.data.ct_mapper import CTDatasetMapper, hu_to_png16
 
 
 def phantom(rng: np.random.Generator) -> np.ndarray:
@@ -49,7 +49,7 @@ def main(argv: Optional[Sequence[str]] = None) -> float:
         os.makedirs(series)
         for i in range(1, args.slices + 1):
             hu = phantom(rng)
-            Image.fromarray((hu + 32768).astype(np.uint16)).save(os.path.join(series, f"{i:03d}.png"))
+            Image.fromarray(hu_to_png16(hu)).save(os.path.join(series, f"{i:03d}.png"))
         mapper = CTDatasetMapper(args.train, num_slices=3, slice_interval_mm=2.0, hu_window=(-1024.0, 3071.0),
                                  norm_spacing_mm=0.8, max_size=512, flip_prob=0.5)
         records = []
