@@ -13,7 +13,7 @@ from elixir_d2.modeling.alb.genotype import (
     load_genotype,
     save_genotype,
 )
-from elixir_d2.modeling.alb.ops import DARTS_OPS, ELIXIR_OPS
+from elixir_d2.modeling.alb.spaces import DARTS_OPS, ELIXIR_OPS
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 DEFAULT = os.path.join(ROOT, "configs", "genotypes", "figure3.yaml")

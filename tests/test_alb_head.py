@@ -14,7 +14,8 @@ from detectron2.utils.events import EventStorage
 
 from elixir_d2 import load_config
 from elixir_d2.modeling.alb.genotype import load_genotype
-from elixir_d2.modeling.alb.ops import ELIXIR_OPS, RegionNonLocal
+from elixir_d2.modeling.alb.ops import RegionNonLocal
+from elixir_d2.modeling.alb.spaces import ELIXIR_OPS
 from elixir_d2.modeling.box_head import ALBHead, ALBSearchHead, ALBStem
 from elixir_d2.modeling.roi_heads import ElixirROIHeads
 

@@ -12,15 +12,8 @@ import torch.nn.functional as F
 
 from elixir_d2.modeling.alb.cells import GenotypeBlock, MixedOp, SearchBlock
 from elixir_d2.modeling.alb.genotype import count_structures, edge_inputs, num_edges
-from elixir_d2.modeling.alb.ops import (
-    DARTS_OPS,
-    ELIXIR_OPS,
-    FactorizedReduce,
-    RegionNonLocal,
-    build_op,
-    get_search_space,
-    make_norm,
-)
+from elixir_d2.modeling.alb.ops import FactorizedReduce, RegionNonLocal, build_op, make_norm
+from elixir_d2.modeling.alb.spaces import DARTS_OPS, ELIXIR_OPS, get_search_space
 
 torch.set_num_threads(1)
 

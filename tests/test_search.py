@@ -19,7 +19,7 @@ import search_net  # the repository root, on pytest's pythonpath
 from elixir_d2.data import register_deeplesion
 from elixir_d2.data.synthetic import generate_deeplesion
 from elixir_d2.modeling.alb.genotype import derive_genotype, load_genotype
-from elixir_d2.modeling.alb.ops import DARTS_OPS, ELIXIR_OPS
+from elixir_d2.modeling.alb.spaces import DARTS_OPS, ELIXIR_OPS
 from elixir_d2.search import (
     ALBSearcher,
     cosine_lr,
