@@ -79,7 +79,7 @@ class ElixirTrainer(DefaultTrainer):
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
-        if "_trainer" in state_dict:  # absent from checkpoints written before this fix
+        if "_trainer" in state_dict:  # detectron2 v0.6's own DefaultTrainer does not save it
             self._trainer.load_state_dict(state_dict["_trainer"])
 
     @classmethod

@@ -225,9 +225,8 @@ def _free_port():
 def test_two_gloo_processes_give_the_single_process_numbers(binary_name, tmp_path):
     single = run(LesionEvaluator(binary_name, None, distributed=False), binary_predictions(), [11, 12, 13, 14])
     name = f"lesion_eval_gloo_{uuid.uuid4().hex[:8]}"
-    # fork: the children inherit the imported torch / detectron2 (spawn re-imports them, ~30 s on
-    # a loaded 2-core machine); each child pins torch to one thread first, so no OpenMP pool is
-    # used across the fork.
+    # fork: the children inherit the imported torch / detectron2 (spawn would import them again,
+    # slowly); each child pins torch to one thread first, so no OpenMP pool is used across the fork.
     method = "fork" if threading.active_count() == 1 else "spawn"  # fork is unsafe beside threads
     mp.start_processes(_worker, args=(_free_port(), name, str(tmp_path)), nprocs=2, join=True,
                        start_method=method)

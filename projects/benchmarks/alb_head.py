@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""ALB head targets (issue 5): parameters of ElixirNet vs FPN, and CPU time of the box heads.
+"""ALB head targets: parameters of ElixirNet vs FPN, and CPU time of the box heads.
 
     python projects/benchmarks/alb_head.py [--runs 21] [--threads 1] [--proposals 1000] [--strict]
 

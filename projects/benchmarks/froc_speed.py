@@ -1,4 +1,4 @@
-"""Time compute_froc on 5,000 images x 100 detections on one core (issue 3: at most 2 s).
+"""Time compute_froc on 5,000 images x 100 detections on one core (target: at most 2 s).
 
     python projects/benchmarks/froc_speed.py [--images 5000] [--dets 100] [--runs 5] [--strict]
 

@@ -7,14 +7,13 @@ Models (paper Table 1): FPN, ElixirNet w FPN, Deformv2, ElixirNet w Deformv2, FR
 ElixirNet (C4), from their R-50 DeepLesion configs (``--quick``: the CPU quickstart configs), built
 with random weights (MODEL.WEIGHTS unset): the compute is that of trained weights except for what
 depends on learned values. One such thing matters: how many locations TRPN keeps. With random
-weights the mean-threshold truncation is arbitrary (one draw kept 1 of the 1024 res4 locations of
-ElixirNet (C4), hence 15 proposals against FRCNN's 1000), and the proposal count sets the ROI
-head's cost. So TRPN is timed keeping every location (MODEL.TRPN.THRESHOLD 0): its own overhead
+weights the mean-threshold truncation is arbitrary (it may keep almost no location, hence a
+handful of proposals against FRCNN's 1000), and the proposal count sets the ROI head's cost. So TRPN is timed keeping every location (MODEL.TRPN.THRESHOLD 0): its own overhead
 (the p conv, masking) is paid in full and every model's ROI heads see the same number of
 proposals (POST_NMS_TOPK_TEST), as trained models on CT do. That is TRPN's slowest case; the
 printed proposal counts show what each head received. Second: random convs between identity
-FrozenBN layers blow activations up through 50 layers (an ElixirNet (C4) draw gave non-finite RPN
-scores, hence no proposal at all), so before timing, every FrozenBN gets the channel mean and
+FrozenBN layers blow activations up through 50 layers (up to non-finite RPN scores, hence no
+proposal at all), so before timing, every FrozenBN gets the channel mean and
 variance of its input on the benchmark image (one calibration pass, as a trained network's
 statistics keep activations near unit scale). GroupNorm / BatchNorm models are unaffected.
 
@@ -86,7 +85,7 @@ MODELS = (
               "configs/quickstart/deformv2.yaml"),
     ModelSpec("ElixirNet w Deformv2", "configs/elixirnet_deformv2_R_50_FPN_deeplesion.yaml",
               "configs/quickstart/elixirnet_deformv2.yaml"),
-    # res5 on each of 1000 test RoIs: ~0.7 TMAC per image, tens of seconds on a CPU.
+    # res5 runs on each of the 1000 test RoIs (~0.7 TMAC an image): too slow for every CPU round.
     ModelSpec("FRCNN (C4)", "configs/faster_rcnn_R_50_C4_deeplesion.yaml",
               "configs/quickstart/faster_rcnn_C4.yaml", slow=True),
     ModelSpec("ElixirNet (C4)", "configs/elixirnet_R_50_C4_deeplesion.yaml",

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""RTM parameter target (issue 6): parameters RTM adds to "ElixirNet w/o RTM".
+"""RTM parameter target: parameters RTM adds to "ElixirNet w/o RTM".
 
     python projects/benchmarks/rtm_params.py [--strict] [--quickstart]
 

@@ -40,7 +40,7 @@ PAPER_DEFORM_EXTRA_M = 42.2 - 41.4  # paper Table 1: Deformv2 42.2M, FPN 41.4M
 
 
 def targets(cpu: Dict[str, Dict], gpu: Optional[Dict[str, Dict]]) -> List[str]:
-    """The issue's targets, each with PASS / MISS and the measured value."""
+    """The targets, each with PASS / MISS and the measured value."""
     fpn, eli, dfm = cpu["FPN"], cpu.get("ElixirNet w FPN"), cpu.get("Deformv2")
     if eli is None:
         return ["ElixirNet w FPN not measured (--models)"]
