@@ -143,8 +143,10 @@ def add_elixirnet_config(cfg: CN) -> None:
     _C.MODEL.ALB.POINTWISE_BEFORE_POOLING = True
     # Block sequence: "normal" = ALB (keeps size), "reduce" = ALB_r (halves size, doubles D).
     _C.MODEL.ALB.BLOCKS = ["normal", "reduce", "reduce"]
-    # Normalisation inside operations: "BN", "GN" (small batches) or "" (none).
-    _C.MODEL.ALB.NORM = "GN"
+    # Normalisation inside operations: "BN", "GN" or "" (none). GroupNorm normalises each RoI on
+    # its own, which erases how strongly a RoI responds, the cue that separates a lesion from
+    # faint look-alikes (docs/design.md, Auto-lesion Block); BatchNorm keeps it.
+    _C.MODEL.ALB.NORM = "BN"
 
     # ---------------------------------------------------------------- Architecture search
     _C.SEARCH = CN()
