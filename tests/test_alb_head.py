@@ -32,7 +32,7 @@ def _block_shapes(head, x, counts):
     shapes = []
     hooks = [b.register_forward_hook(lambda m, i, o: shapes.append(tuple(o.shape[1:])))
              for b in head.blocks]
-    out = head(x, counts)
+    out, _ = head(x, counts)
     for h in hooks:
         h.remove()
     return out, shapes
@@ -81,15 +81,18 @@ def test_stem_pointwise_before_roi_align_gives_the_same_roi_features():
                          [1, 6.0, 7.0, 14.0, 15.5], [0, 3.3, 3.3, 3.9, 4.1]])
     pool = dict(output_size=7, spatial_scale=0.5, sampling_ratio=0, aligned=True)
     after = F.conv2d(roi_align(maps, rois, **pool), stem.pointwise.weight)
-    before = roi_align(stem.reduce_maps([maps])[0], rois, **pool)
+    before = roi_align(stem.pointwise_maps([maps])[0], rois, **pool)
     torch.testing.assert_close(before, after, rtol=1e-4, atol=1e-5)
     with torch.no_grad():
-        torch.testing.assert_close(stem(before, reduced=True), stem(roi_align(maps, rois, **pool)),
+        torch.testing.assert_close(stem(before, pointwise_before_pooling=True),
+                                   stem(roi_align(maps, rois, **pool)),
                                    rtol=1e-4, atol=1e-5)
     dense = ALBStem("conv_3x3", 16, 8, norm="")
-    assert not dense.can_reduce_maps
+    assert dense.pointwise is None
     with pytest.raises(ValueError, match="no pointwise conv"):
-        dense.reduce_maps([maps])
+        dense.pointwise_maps([maps])
+    with pytest.raises(ValueError, match="needs the sep_conv_3x3 stem"):
+        dense(torch.randn(2, 16, 7, 7), pointwise_before_pooling=True)
 
 
 def test_roi_heads_pointwise_before_pooling_same_outputs_and_losses(tmp_path):
@@ -103,7 +106,8 @@ def test_roi_heads_pointwise_before_pooling_same_outputs_and_losses(tmp_path):
 
     pre, post = build(True), build(False)
     post.load_state_dict(pre.state_dict())
-    assert pre.roi_heads.reduce_before_pooling and not post.roi_heads.reduce_before_pooling
+    assert pre.roi_heads.box_head.pointwise_before_pooling
+    assert not post.roi_heads.box_head.pointwise_before_pooling
     seen = []
     pre.roi_heads.box_pooler.register_forward_hook(lambda m, args, out: seen.append(out.shape))
     pre.eval(), post.eval()
@@ -125,13 +129,14 @@ def test_roi_heads_pointwise_before_pooling_same_outputs_and_losses(tmp_path):
         torch.testing.assert_close(losses[0][k], losses[1][k], rtol=1e-4, atol=1e-5)
     # Not with the dense stem (nothing to move) nor when RTM pools its own relations from the
     # 256-channel RoI features (a head without region_nonlocal).
-    assert not build(True, "MODEL.ALB.STEM", "conv_3x3").roi_heads.reduce_before_pooling
+    assert not build(True, "MODEL.ALB.STEM", "conv_3x3").roi_heads.box_head.pointwise_before_pooling
     no_relations = tmp_path / "no_nonlocal.yaml"
     with open(DEFAULT) as f:
         no_relations.write_text(f.read().replace("region_nonlocal", "conv_1x1"))
     rtm = build(True, "MODEL.ALB.GENOTYPE", str(no_relations), "MODEL.RTM.ENABLED", "True",
                 "MODEL.ROI_HEADS.NUM_CLASSES", "8")
-    assert rtm.roi_heads.rtm.phi.in_features == 64 and not rtm.roi_heads.reduce_before_pooling
+    assert rtm.roi_heads.rtm.phi.in_features == 64 and rtm.roi_heads.rtm.has_own_relations
+    assert not rtm.roi_heads.box_head.pointwise_before_pooling
     with EventStorage(0):
         assert all(torch.isfinite(v) for v in rtm(_images()).values())
 
@@ -141,13 +146,12 @@ def test_alb_head_relations_are_per_image_and_never_mix():
     head = ALBHead(ShapeSpec(channels=16, height=7, width=7), genotype=load_genotype(DEFAULT),
                    channels=4, stem_channels=16, norm="GN")  # GN: per-RoI statistics only
     a, b = torch.randn(3, 16, 7, 7), torch.randn(5, 16, 7, 7)
-    y = head(torch.cat([a, b]), [3, 5])
-    rel = head.last_relations
+    y, rel = head(torch.cat([a, b]), [3, 5])
     assert [tuple(e.shape) for e in rel] == [(3, 3), (5, 5)]
     first = [m for m in head.blocks[0].modules() if isinstance(m, RegionNonLocal)][0]
-    assert rel is first.last_relations  # E of the ALB's region_nonlocal
+    assert all(e is f for e, f in zip(rel, first.last_relations))  # E of the ALB's region_nonlocal
     perm = torch.tensor([4, 2, 0, 3, 1])
-    y2 = head(torch.cat([a, 2.0 * b[perm] - 1.0]), [3, 5])
+    y2, _ = head(torch.cat([a, 2.0 * b[perm] - 1.0]), [3, 5])
     torch.testing.assert_close(y2[:3], y[:3])
     with pytest.raises(ValueError, match="ElixirROIHeads"):
         head(torch.cat([a, b]))
@@ -162,7 +166,7 @@ def test_search_head_parameters_and_genotype():
     ids = {id(p) for p in weights}
     assert not ids & {id(p) for p in arch}
     assert len(ids) + 2 == len(list(head.parameters()))
-    out = head(torch.randn(5, 8, 7, 7), [2, 3])
+    out, _ = head(torch.randn(5, 8, 7, 7), [2, 3])
     assert out.shape == (5, head.output_shape.channels) == (5, 32)
     out.sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in arch)
@@ -224,7 +228,10 @@ def test_elixir_roi_heads_pass_proposal_counts(config, head):
                "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "24")
     model = build_model(cfg)
     seen = []
+    relations = []
     model.roi_heads.box_head.register_forward_hook(lambda m, args, out: seen.append(args))
+    model.roi_heads.box_head.register_forward_hook(
+        lambda m, args, out: relations.append(out[1] if isinstance(out, tuple) else None))
     sampled = []
     orig = model.roi_heads.label_and_sample_proposals
 
@@ -243,13 +250,13 @@ def test_elixir_roi_heads_pass_proposal_counts(config, head):
     assert isinstance(model.roi_heads.box_head, head)
     counts = seen[0][1]
     assert counts == sampled[0] and sum(counts) == seen[0][0].shape[0]
-    assert [e.shape[0] for e in model.roi_heads.box_head.last_relations] == counts
+    assert [e.shape[0] for e in relations[0]] == counts
     sum(losses.values()).backward()
     model.eval()
     with torch.no_grad():
         out = model(_images())
     assert len(out) == 2 and all("instances" in o for o in out)
-    assert [e.shape[0] for e in model.roi_heads.box_head.last_relations] == seen[-1][1]
+    assert [e.shape[0] for e in relations[-1]] == seen[-1][1]
 
 
 def test_elixirnet_r50_parameter_target():

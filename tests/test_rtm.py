@@ -148,17 +148,18 @@ def _images(n=2, size=64, classes=(2, 5)):
 def test_roi_heads_use_the_alb_relations_and_train_through_them():
     model = build_model(_cfg(RTM_QS, *SMALL))
     heads = model.roi_heads
-    assert isinstance(heads, ElixirROIHeads) and heads.rtm.phi is None  # E from the ALB
+    assert isinstance(heads, ElixirROIHeads) and not heads.rtm.has_own_relations  # E: the ALB's
     assert heads.box_predictor.num_classes == 1 and heads.rtm.predictor.num_classes == 8
     assert heads.rtm.w_e.shape == (257, 128)  # (P+1) x E with P = 256 in the quickstart head
-    seen = []
+    seen, head_relations = [], []
     heads.rtm.register_forward_hook(lambda m, args, out: seen.append(args[2]))
+    heads.box_head.register_forward_hook(lambda m, args, out: head_relations.append(out[1]))
     with EventStorage(0):
         losses = model(_images())
     assert {"loss_cls", "loss_box_reg", "loss_cls_binary", "loss_box_reg_binary"} <= set(losses)
     assert all(torch.isfinite(v) for v in losses.values())
     # The very E of the ALB's region_nonlocal in this forward, one per image.
-    assert len(seen[0]) == 2 and all(a is b for a, b in zip(seen[0], heads.box_head.last_relations))
+    assert len(seen[0]) == 2 and all(a is b for a, b in zip(seen[0], head_relations[0]))
     # RTM's multi-type loss alone reaches the ALB's relation embedding phi (E kept in the graph),
     # and never the binary classifier.
     losses["loss_cls"].backward()

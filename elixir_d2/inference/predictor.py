@@ -10,8 +10,9 @@ as in the mapper's evaluation mode.
 Optional captures, for drawing:
 
 * ``capture_relations``: the proposals the box head saw (a forward hook on the proposal
-  generator: in inference ROIHeads boxes exactly those proposals, in that order) and the head's
-  ``last_relations`` E (N x N per image; ALBHead with a region_nonlocal edge);
+  generator: in inference ROIHeads boxes exactly those proposals, in that order) and the relation
+  graphs E the box head returns (N x N per image; ALBHead with a region_nonlocal edge), through a
+  forward hook on the head;
 * ``capture_confidence``: TRPN's ``last_conf_maps`` / ``last_eps`` per level, cropped to the
   locations inside the image (ImageList padding removed).
 """
@@ -31,6 +32,7 @@ from detectron2.modeling import build_model
 
 from ..data.ct_mapper import CTDatasetMapper, CVResizeTransform, SliceStack, window_to_uint8_range
 from ..data.deeplesion import LESION_TYPES
+from ..modeling.box_head import RelationBoxHead
 from .volume_io import CTVolume, check_context
 
 logger = logging.getLogger(__name__)
@@ -129,15 +131,19 @@ class CTPredictor:
         self.capture_relations = capture_relations
         self.capture_confidence = capture_confidence
         self._proposals: Optional[list] = None
-        self._hook = None
+        self._relations: List[torch.Tensor] = []
+        self._hooks: list = []
         if capture_relations:
             head = getattr(getattr(self.model, "roi_heads", None), "box_head", None)
-            if head is None or not hasattr(head, "last_relations"):
+            if not isinstance(head, RelationBoxHead):
                 raise ValueError(
                     f"--draw-relations needs a box head with region_nonlocal relations (ALBHead); "
                     f"MODEL.ROI_BOX_HEAD.NAME is {cfg.MODEL.ROI_BOX_HEAD.NAME!r}"
                 )
-            self._hook = self.model.proposal_generator.register_forward_hook(self._keep_proposals)
+            self._hooks = [
+                self.model.proposal_generator.register_forward_hook(self._keep_proposals),
+                head.register_forward_hook(self._keep_relations),
+            ]
         if capture_confidence and not hasattr(getattr(self.model, "proposal_generator", None), "last_conf_maps"):
             raise ValueError(
                 f"--draw-confidence needs the TRPN proposal generator; MODEL.PROPOSAL_GENERATOR.NAME is "
@@ -147,12 +153,15 @@ class CTPredictor:
     def _keep_proposals(self, module, inputs, output) -> None:
         self._proposals = output[0]
 
+    def _keep_relations(self, module, inputs, output) -> None:
+        self._relations = output[1]
+
     def close(self) -> None:
-        """Remove the proposal hook from the model (it may be reused by another predictor)."""
-        # getattr: __del__ also runs on an instance whose __init__ failed before setting _hook.
-        if getattr(self, "_hook", None) is not None:
-            self._hook.remove()
-            self._hook = None
+        """Remove the capture hooks from the model (it may be reused by another predictor)."""
+        # getattr: __del__ also runs on an instance whose __init__ failed before setting _hooks.
+        for hook in getattr(self, "_hooks", []):
+            hook.remove()
+        self._hooks = []
 
     def __del__(self):
         self.close()
@@ -223,7 +232,7 @@ class CTPredictor:
         scale = np.array([volume.width / size[1], volume.height / size[0]] * 2)
         if self.capture_relations:
             props = self._proposals[i].to("cpu")
-            relations = self.model.roi_heads.box_head.last_relations
+            relations = self._relations
             if len(relations) <= i:
                 raise ValueError(
                     "--draw-relations: the box head kept no relation matrix (its genotype has no region_nonlocal edge)"

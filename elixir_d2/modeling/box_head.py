@@ -7,11 +7,11 @@ MODEL.ALB.BLOCKS (default ALB, ALB_r, ALB_r; D = MODEL.ALB.CHANNELS, doubled by 
 global average pool -> P = B x D_last features, fed to detectron2's FastRCNNOutputLayers.
 With D = 32: 128 @ 7x7 -> 128 @ 7x7 -> 256 @ 4x4 -> 512 @ 2x2 -> P = 512.
 
-Both heads take ``forward(x, num_per_image)``; ElixirROIHeads passes the proposal count of each
-image (``takes_num_per_image = True``) so region_nonlocal never relates proposals of different
-images. ``last_relations`` gives the per-image relation matrices E of the latest forward.
+Both heads follow :class:`RelationBoxHead`, the contract ElixirROIHeads relies on:
+``forward(x, num_per_image) -> (features, relations)``, with the proposal count of each image so
+region_nonlocal never relates proposals of different images, and ``pointwise_before_pooling``.
 """
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +25,29 @@ from .alb.genotype import Genotype, derive_genotype, edge_inputs
 from .genotype_source import genotype_from_config, resolve_genotype_path  # noqa: F401 (re-exported)
 from .alb.ops import conv_norm, get_search_space, make_norm
 
-__all__ = ["ALBHead", "ALBSearchHead", "ALBStem", "resolve_genotype_path"]
+__all__ = ["ALBHead", "ALBSearchHead", "ALBStem", "RelationBoxHead", "resolve_genotype_path"]
+
+
+class RelationBoxHead(nn.Module):
+    """Box head whose RoIs know their image: the interface ElixirROIHeads calls.
+
+    ``forward(x, num_per_image)`` takes the (N, C, R, R) RoI features of all images, image after
+    image, and the number of RoIs of each image; it returns the (N, P) features for the box
+    predictor and, per image, the N_i x N_i relation matrix E among its RoIs ([] when the head
+    relates none). With ``pointwise_before_pooling`` True, the caller applies
+    :meth:`pointwise_maps` to the feature maps and pools the RoIs from its output.
+    """
+
+    pointwise_before_pooling: bool = False
+
+    def pointwise_maps(self, maps: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+        """The head's first (pointwise) layer on whole feature maps, before RoIAlign."""
+        raise NotImplementedError(f"{type(self).__name__} has no pointwise layer to run before pooling")
+
+    def forward(
+        self, x: torch.Tensor, num_per_image: Sequence[int]
+    ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        raise NotImplementedError
 
 
 class ALBStem(nn.Module):
@@ -57,12 +79,7 @@ class ALBStem(nn.Module):
             )
         self.norm = make_norm(norm, c_out, affine=True)
 
-    @property
-    def can_reduce_maps(self) -> bool:
-        """Whether the stem starts with a pointwise conv that :meth:`reduce_maps` can apply."""
-        return self.pointwise is not None
-
-    def reduce_maps(self, maps: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+    def pointwise_maps(self, maps: Sequence[torch.Tensor]) -> List[torch.Tensor]:
         """The pointwise conv applied to whole (N, C, H, W) feature maps, for RoIAlign to pool
         afterwards: a bias-free 1x1 conv is linear per pixel and RoIAlign is a per-channel
         weighted average of pixels (zero outside the map), so the two commute exactly."""
@@ -70,12 +87,14 @@ class ALBStem(nn.Module):
             raise ValueError(f"ALBStem {self.kind!r} has no pointwise conv to apply before pooling")
         return [self.pointwise(m) for m in maps]
 
-    def forward(self, x: torch.Tensor, reduced: bool = False) -> torch.Tensor:
-        """``x``: (N, C_in, R, R) RoI features, or (N, c_out, R, R) when ``reduced`` (pooled
-        from the maps of :meth:`reduce_maps`)."""
-        if reduced and self.pointwise is None:
-            raise ValueError(f"ALBStem {self.kind!r}: reduced input needs the sep_conv_3x3 stem")
-        if self.pointwise is not None and not reduced:
+    def forward(self, x: torch.Tensor, pointwise_before_pooling: bool = False) -> torch.Tensor:
+        """``x``: (N, C_in, R, R) RoI features, or (N, c_out, R, R) RoIs pooled from the maps of
+        :meth:`pointwise_maps` when ``pointwise_before_pooling``."""
+        if pointwise_before_pooling and self.pointwise is None:
+            raise ValueError(
+                f"ALBStem {self.kind!r}: pointwise before pooling needs the sep_conv_3x3 stem"
+            )
+        if self.pointwise is not None and not pointwise_before_pooling:
             # The 1x1 conv as one batched matmul reading NCHW and writing channels_last: no
             # layout copy (measured ~15% faster than conv + copy).
             n, c, h, w = x.shape
@@ -104,23 +123,27 @@ def _layout_from_config(cfg, input_shape: ShapeSpec) -> Dict:
         "stem_channels": cfg.MODEL.ALB.STEM_CHANNELS,
         "stem": cfg.MODEL.ALB.STEM,
         "norm": cfg.MODEL.ALB.NORM,
+        "pointwise_before_pooling": cfg.MODEL.ALB.POINTWISE_BEFORE_POOLING,
     }
 
 
-class _ALBHeadBase(nn.Module):
-    """Stem, block chain and global pooling shared by the fixed and searchable heads."""
-
-    takes_num_per_image = True
+class _ALBHeadBase(RelationBoxHead):
+    """Stem, block chain and global pooling shared by the fixed and searchable heads.
+    ``pointwise_before_pooling`` holds only with the sep_conv_3x3 stem (the dense stem has no
+    pointwise layer; the option is then ignored, as MODEL.ALB.POINTWISE_BEFORE_POOLING says)."""
 
     def __init__(
         self, input_shape: ShapeSpec, blocks: Sequence[str], channels: int, stem_channels: int,
-        stem: str, branches: int, norm: str, affine: bool,
+        stem: str, branches: int, norm: str, affine: bool, pointwise_before_pooling: bool,
     ):
         super().__init__()
         self.block_types = _check_blocks(blocks)
         self.branches = branches
         self._norm = norm
         self.stem = ALBStem(stem, input_shape.channels, stem_channels, norm)
+        self.pointwise_before_pooling = bool(pointwise_before_pooling) and (
+            self.stem.pointwise is not None
+        )
         self.blocks = nn.ModuleList()
         c_pp = c_p = stem_channels
         d, reduction_prev = channels, False
@@ -144,42 +167,36 @@ class _ALBHeadBase(nn.Module):
     def output_shape(self) -> ShapeSpec:
         return ShapeSpec(channels=self._out_channels)
 
-    @property
-    def can_reduce_before_pooling(self) -> bool:
-        """Whether :meth:`reduce_features` exists for this stem (sep_conv_3x3)."""
-        return self.stem.can_reduce_maps
+    def pointwise_maps(self, maps: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+        """The stem's pointwise conv on the feature maps the RoIs are pooled from."""
+        return self.stem.pointwise_maps(maps)
 
-    def reduce_features(self, maps: Sequence[torch.Tensor]) -> List[torch.Tensor]:
-        """The stem's pointwise conv on the feature maps the RoIs are pooled from; RoIs pooled
-        from them go to ``forward(..., reduced=True)`` (see ``MODEL.ALB.POINTWISE_BEFORE_POOLING``)."""
-        return self.stem.reduce_maps(maps)
-
-    @property
-    def last_relations(self) -> List[torch.Tensor]:
-        """Per-image E (N_i x N_i) of the first region_nonlocal of the first block that has one
-        (the ALB in the default layout), from the latest forward; [] if the head has none."""
+    def _relation_op(self):
+        """The first region_nonlocal of the first block that has one (the ALB in the default
+        layout): its E is the head's relation graph. None if the head has none."""
         for block in self.blocks:
             ops = block.relation_ops()
             if ops:
-                return ops[0].last_relations
-        return []
+                return ops[0]
+        return None
 
     def forward(
-        self, x: torch.Tensor, num_per_image: Optional[Sequence[int]] = None,
-        reduced: bool = False,
-    ) -> torch.Tensor:
-        """``x``: (N, C, R, R) RoI features, or RoIs pooled from :meth:`reduce_features` maps
-        when ``reduced``; returns (N, P) features."""
+        self, x: torch.Tensor, num_per_image: Optional[Sequence[int]] = None
+    ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """``x``: (N, C, R, R) RoI features (pooled from :meth:`pointwise_maps` maps when
+        ``pointwise_before_pooling``); returns (N, P) features and the per-image E."""
         if num_per_image is None:
             # Without counts every RoI would count as one image's: refuse rather than mix images.
             raise ValueError(
                 f"{type(self).__name__} needs num_per_image (proposals per image); "
                 "use MODEL.ROI_HEADS.NAME 'ElixirROIHeads'"
             )
-        s0 = s1 = self.stem(x, reduced)  # channels_last from here on, see ALBStem
+        s0 = s1 = self.stem(x, self.pointwise_before_pooling)  # channels_last, see ALBStem
         for i in range(len(self.blocks)):
             s0, s1 = s1, self._run_block(i, s0, s1, num_per_image)
-        return F.adaptive_avg_pool2d(s1, 1).flatten(1)
+        relation_op = self._relation_op()
+        relations = list(relation_op.last_relations) if relation_op is not None else []
+        return F.adaptive_avg_pool2d(s1, 1).flatten(1), relations
 
 
 @ROI_BOX_HEAD_REGISTRY.register()
@@ -190,7 +207,7 @@ class ALBHead(_ALBHeadBase):
     def __init__(
         self, input_shape: ShapeSpec, *, genotype: Genotype, blocks: Sequence[str] = (
             "normal", "reduce", "reduce"), channels: int = 32, stem_channels: int = 128,
-        stem: str = "sep_conv_3x3", norm: str = "GN",
+        stem: str = "sep_conv_3x3", norm: str = "BN", pointwise_before_pooling: bool = False,
     ):
         """
         Args:
@@ -201,11 +218,12 @@ class ALBHead(_ALBHeadBase):
             stem_channels: output channels of the stem conv (= 4 D keeps ALB's channels).
             stem: "sep_conv_3x3" or "conv_3x3", see :class:`ALBStem`.
             norm: "BN", "GN" or "" inside ops.
+            pointwise_before_pooling: see :class:`RelationBoxHead`.
         """
         self.genotype = genotype.validate()
         super().__init__(
             input_shape, blocks, channels, stem_channels, stem, genotype.branches, norm,
-            affine=True,
+            affine=True, pointwise_before_pooling=pointwise_before_pooling,
         )
 
     @classmethod
@@ -246,14 +264,16 @@ class ALBSearchHead(_ALBHeadBase):
     def __init__(
         self, input_shape: ShapeSpec, *, space: str = "elixir", blocks: Sequence[str] = (
             "normal", "reduce", "reduce"), channels: int = 16, stem_channels: int = 64,
-        stem: str = "sep_conv_3x3", branches: int = 4, norm: str = "GN",
+        stem: str = "sep_conv_3x3", branches: int = 4, norm: str = "BN",
+        pointwise_before_pooling: bool = False,
     ):
         """Arguments as :class:`ALBHead`, with the search ``space`` and ``branches`` instead
         of a genotype. Norms inside ops have no affine parameters while searching (DARTS)."""
         self.space = space
         self.op_names = get_search_space(space)
         super().__init__(
-            input_shape, blocks, channels, stem_channels, stem, branches, norm, affine=False
+            input_shape, blocks, channels, stem_channels, stem, branches, norm, affine=False,
+            pointwise_before_pooling=pointwise_before_pooling,
         )
         shape = (len(edge_inputs(branches)), len(self.op_names))
         self.alpha_normal = nn.Parameter(1e-3 * torch.randn(shape))

@@ -1,11 +1,13 @@
 """ElixirROIHeads: StandardROIHeads whose box head learns which RoIs belong to which image, and
 which carries the Relation Transfer Module when MODEL.RTM.ENABLED.
 
-The Auto-lesion Block's region_nonlocal relates the proposals of one image only, so the box head
-needs the proposal count of each image. With MODEL.ALB.POINTWISE_BEFORE_POOLING, an ALB head's
-pointwise stem conv runs on the feature maps before RoIAlign (same values, see
-``ALBStem.reduce_maps``), which halves RoIAlign's channels. ``_forward_box`` is split into small steps (pool, head,
-predict, losses / inference).
+The Auto-lesion Block's region_nonlocal relates the proposals of one image only, so a
+:class:`~elixir_d2.modeling.box_head.RelationBoxHead` gets the proposal count of each image and
+returns its features with the per-image relation graphs E. When the head's
+``pointwise_before_pooling`` holds, its pointwise layer runs on the feature maps before RoIAlign
+(same values, see ``ALBStem.pointwise_maps``), which halves RoIAlign's channels. Other box heads
+(detectron2's 2-fc head) are called as in StandardROIHeads. ``_forward_box`` is split into small
+steps (pool, head, predict, losses / inference).
 
 With RTM (paper Table 4; docs/design.md, Relation Transfer Module): ``box_predictor`` stays the
 binary (lesion / background)
@@ -37,6 +39,7 @@ from detectron2.modeling.roi_heads.fast_rcnn import FastRCNNOutputLayers, fast_r
 from detectron2.structures import Boxes, Instances
 
 from .alb.ops import RegionNonLocal
+from .box_head import RelationBoxHead
 from .rtm import RelationTransferModule
 
 __all__ = ["ElixirROIHeads"]
@@ -61,26 +64,20 @@ def _has_relations(box_head: torch.nn.Module) -> bool:
 
 @ROI_HEADS_REGISTRY.register()
 class ElixirROIHeads(StandardROIHeads):
-    """StandardROIHeads that hands ``[len(p) for p in proposals]`` to box heads declaring
-    ``takes_num_per_image = True`` (ALBHead, ALBSearchHead); other heads are called as usual.
-    ``rtm``: the Relation Transfer Module, or None (MODEL.RTM.ENABLED False).
-    ``pointwise_before_pooling``: reduce the feature maps with the box head's stem before
-    RoIAlign when the head can (sep_conv_3x3 stem) and RTM does not pool its own relations
-    from the unreduced RoI features."""
+    """StandardROIHeads that calls a :class:`RelationBoxHead` with ``[len(p) for p in proposals]``
+    and takes its relation graphs; other heads are called as usual.
+    ``rtm``: the Relation Transfer Module, or None (MODEL.RTM.ENABLED False)."""
 
     @configurable
-    def __init__(
-        self, *, rtm: Optional[RelationTransferModule] = None,
-        pointwise_before_pooling: bool = False, **kwargs,
-    ):
+    def __init__(self, *, rtm: Optional[RelationTransferModule] = None, **kwargs):
         super().__init__(**kwargs)
         self.rtm = rtm
         self.rtm_output = "binary"  # or "typed"; see the module docstring
-        self.reduce_before_pooling = bool(
-            pointwise_before_pooling
-            and getattr(self.box_head, "can_reduce_before_pooling", False)
-            and (rtm is None or rtm.phi is None)
-        )
+        if rtm is not None and rtm.has_own_relations and self._pointwise_before_pooling:
+            raise ValueError(
+                "RTM computing its own relations pools the box head's unreduced RoI features: "
+                "build the box head with pointwise_before_pooling=False"
+            )
         if rtm is not None:
             if self.box_predictor.num_classes != 1:
                 raise ValueError("ElixirROIHeads with RTM needs a binary box_predictor (1 class)")
@@ -90,7 +87,7 @@ class ElixirROIHeads(StandardROIHeads):
                     f"MODEL.ROI_HEADS.NUM_CLASSES ({self.num_classes}): with RTM the ROI heads "
                     "label proposals with the typed dataset's classes"
                 )
-            if rtm.phi is None and not _has_relations(self.box_head):
+            if not rtm.has_own_relations and not _has_relations(self.box_head):
                 raise ValueError(
                     "RTM without its own relations needs a box head with region_nonlocal"
                 )
@@ -99,7 +96,6 @@ class ElixirROIHeads(StandardROIHeads):
     def _init_box_head(cls, cfg, input_shape: Dict[str, ShapeSpec]) -> Dict:
         ret = super()._init_box_head(cfg, input_shape)
         ret["rtm"] = None
-        ret["pointwise_before_pooling"] = cfg.MODEL.ALB.POINTWISE_BEFORE_POOLING
         if not cfg.MODEL.RTM.ENABLED:
             return ret
         if cfg.MODEL.ROI_HEADS.NUM_CLASSES != cfg.MODEL.RTM.NUM_TYPES:
@@ -118,30 +114,40 @@ class ElixirROIHeads(StandardROIHeads):
         pooled_channels = input_shape[cfg.MODEL.ROI_HEADS.IN_FEATURES[0]].channels
         own = None if _has_relations(ret["box_head"]) else pooled_channels
         ret["rtm"] = RelationTransferModule(cfg, head_shape, relation_channels=own)
+        if own is not None and isinstance(ret["box_head"], RelationBoxHead):
+            # RTM's own E comes from the RoIs pooled at full width, before any pointwise layer.
+            ret["box_head"].pointwise_before_pooling = False
         return ret
+
+    @property
+    def _pointwise_before_pooling(self) -> bool:
+        return isinstance(self.box_head, RelationBoxHead) and self.box_head.pointwise_before_pooling
 
     def _pool_box_features(
         self, features: Dict[str, torch.Tensor], proposals: List[Instances]
     ) -> Tuple[torch.Tensor, List[int]]:
         """RoIAlign features of all proposals (image after image) and the count per image."""
         feats = [features[f] for f in self.box_in_features]
-        if self.reduce_before_pooling:
-            feats = self.box_head.reduce_features(feats)
+        if self._pointwise_before_pooling:
+            feats = self.box_head.pointwise_maps(feats)
         box_features = self.box_pooler(feats, [p.proposal_boxes for p in proposals])
         return box_features, [len(p) for p in proposals]
 
-    def _run_box_head(self, box_features: torch.Tensor, num_per_image: List[int]) -> torch.Tensor:
-        if self.reduce_before_pooling:
-            return self.box_head(box_features, num_per_image, reduced=True)
-        if getattr(self.box_head, "takes_num_per_image", False):
+    def _run_box_head(
+        self, box_features: torch.Tensor, num_per_image: List[int]
+    ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """(N, P) features and the per-image relation graphs ([] from a head without any)."""
+        if isinstance(self.box_head, RelationBoxHead):
             return self.box_head(box_features, num_per_image)
-        return self.box_head(box_features)
+        return self.box_head(box_features), []
 
-    def _relations(self, pooled: torch.Tensor, num_per_image: List[int]) -> List[torch.Tensor]:
-        """Per-image E for RTM: the head's region_nonlocal of this forward, or RTM's own."""
-        if self.rtm.phi is not None:
+    def _rtm_relations(
+        self, pooled: torch.Tensor, head_relations: List[torch.Tensor], num_per_image: List[int]
+    ) -> List[torch.Tensor]:
+        """Per-image E for RTM: RTM's own, or the head's region_nonlocal of this forward."""
+        if self.rtm.has_own_relations:
             return self.rtm.own_relations(pooled, num_per_image)
-        relations = list(self.box_head.last_relations)
+        relations = head_relations
         if [len(e) for e in relations] != list(num_per_image):
             raise ValueError(
                 f"box head relations {[tuple(e.shape) for e in relations]} do not match the "
@@ -152,9 +158,9 @@ class ElixirROIHeads(StandardROIHeads):
     def _forward_box(self, features: Dict[str, torch.Tensor], proposals: List[Instances]):
         """As StandardROIHeads._forward_box, with per-image proposal counts for the head."""
         pooled, num_per_image = self._pool_box_features(features, proposals)
-        box_features = self._run_box_head(pooled, num_per_image)
+        box_features, relations = self._run_box_head(pooled, num_per_image)
         if self.rtm is not None:
-            relations = self._relations(pooled, num_per_image)
+            relations = self._rtm_relations(pooled, relations, num_per_image)
             del pooled
             return self._forward_rtm(box_features, relations, proposals)
         del pooled

@@ -75,6 +75,12 @@ class RelationTransferModule(nn.Module):
         if relation_channels is not None:
             self.phi = nn.Linear(relation_channels, max(relation_channels // 2, 1))
 
+    @property
+    def has_own_relations(self) -> bool:
+        """Whether RTM computes E itself (:meth:`own_relations`) rather than taking the box
+        head's region_nonlocal graph."""
+        return self.phi is not None
+
     @classmethod
     def from_config(
         cls, cfg, feature_shape: ShapeSpec, relation_channels: Optional[int] = None

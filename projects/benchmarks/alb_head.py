@@ -56,7 +56,7 @@ def box_stage(roi_heads: torch.nn.Module, maps: Dict[str, torch.Tensor], proposa
     """RoIAlign + box head of ``roi_heads`` on one image's ``proposals`` (as in inference)."""
     if isinstance(roi_heads, ElixirROIHeads):
         pooled, counts = roi_heads._pool_box_features(maps, [proposals])
-        return roi_heads._run_box_head(pooled, counts)
+        return roi_heads._run_box_head(pooled, counts)[0]
     pooled = roi_heads.box_pooler([maps[f] for f in roi_heads.box_in_features], [proposals.proposal_boxes])
     return roi_heads.box_head(pooled)
 
