@@ -34,7 +34,7 @@ from detectron2.utils.events import CommonMetricPrinter, JSONWriter
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ..engine import create_ddp_model
+from ..trainer import create_ddp_model
 from ..modeling.alb.genotype import Genotype
 from ..modeling.freeze import freeze_modules
 from .architect import Architect

@@ -68,7 +68,7 @@ def evaluate_model(config_file: str, opts: Sequence[str]) -> None:
     from detectron2.checkpoint import DetectionCheckpointer
 
     import elixir_d2
-    from elixir_d2.engine import ElixirTrainer, evaluate_with_proposal_recall
+    from elixir_d2.trainer import ElixirTrainer, evaluate_with_proposal_recall
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     cfg = elixir_d2.load_config(config_file, opts)

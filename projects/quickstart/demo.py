@@ -30,7 +30,7 @@ from detectron2.utils.file_io import PathManager
 import elixir_d2
 from elixir_d2.cli import run_cli
 from elixir_d2.data.ct_mapper import CTDatasetMapper
-from elixir_d2.engine import ElixirTrainer, evaluate_with_proposal_recall
+from elixir_d2.trainer import ElixirTrainer, evaluate_with_proposal_recall
 from elixir_d2.evaluation import PAPER_FPS, format_froc_table
 from elixir_d2.modeling.genotype_source import resolve_genotype_config
 from elixir_d2.search import ALBSearcher
