@@ -21,6 +21,7 @@ import zipfile
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
+
 from detectron2.checkpoint import DetectionCheckpointer
 
 from .cli import MissingFileError, UserInputError

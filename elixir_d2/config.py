@@ -15,7 +15,14 @@ def load_config(config_file: str, opts: Sequence = ()) -> CN:
     which runs code from the file. A missing or unreadable file, YAML that is not plain data, an
     unknown key (the closest known key suggested) or a value of the wrong type raise
     :class:`elixir_d2.cli.UserInputError` naming the file or the key."""
-    from .cli import MissingFileError, UnknownKeyError, UserInputError, did_you_mean, one_line, require_file
+    from .cli import (
+        MissingFileError,
+        UnknownKeyError,
+        UserInputError,
+        did_you_mean,
+        one_line,
+        require_file,
+    )
 
     if not config_file:
         raise MissingFileError("no config file given: pass --config-file FILE (configs/ holds them, "

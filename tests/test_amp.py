@@ -8,15 +8,14 @@ in the autocast dtype overflow (float16) or lose the logits' differences (bfloat
 checks that the naive computation does fail on them, so it tests what it claims.
 """
 import os
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
+
 from detectron2.layers import ShapeSpec
 from detectron2.modeling.box_regression import Box2BoxTransform
 from detectron2.modeling.roi_heads.fast_rcnn import FastRCNNOutputLayers
-from detectron2.utils.events import EventStorage
 
 from elixir_d2.modeling.alb.cells import MixedOp
 from elixir_d2.modeling.alb.ops import RegionNonLocal, region_relations

@@ -10,6 +10,7 @@ import os
 
 import pytest
 import torch
+
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage

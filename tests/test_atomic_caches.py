@@ -16,6 +16,7 @@ from elixir_d2.data import register_all, synthetic_first_use
 from elixir_d2.data import synthetic as synthetic_mod
 from elixir_d2.data.kits19 import load_kits19_dicts, prepare_kits19
 from elixir_d2.data.synthetic import generate_deeplesion
+
 from test_kits19 import make_volume, write_case
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

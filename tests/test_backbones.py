@@ -5,6 +5,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+
 from detectron2.layers import ModulatedDeformConv, ShapeSpec
 from detectron2.modeling import build_model
 from detectron2.modeling.backbone.resnet import (

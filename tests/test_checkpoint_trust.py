@@ -8,10 +8,16 @@ import numpy as np
 import pytest
 import torch
 import yaml
+
 from detectron2.layers import ShapeSpec
 
 from elixir_d2 import load_config
-from elixir_d2.checkpoint import GENOTYPE_KEY, AtomicCheckpointer, CheckpointError, fill_genotype_from_checkpoint
+from elixir_d2.checkpoint import (
+    GENOTYPE_KEY,
+    AtomicCheckpointer,
+    CheckpointError,
+    fill_genotype_from_checkpoint,
+)
 from elixir_d2.cli import MissingFileError, UserInputError
 from elixir_d2.modeling.alb.genotype import Genotype, load_genotype
 from elixir_d2.modeling.box_head import ALBHead

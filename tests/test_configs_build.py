@@ -5,6 +5,7 @@ import os
 
 import pytest
 import torch
+
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
 from detectron2.modeling.proposal_generator import RPN

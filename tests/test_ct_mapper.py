@@ -1,9 +1,17 @@
 """CTDatasetMapper: windowing, neighbour interpolation, fallback, spacing normalisation, boxes."""
 import numpy as np
 import pytest
+
 from detectron2.structures import BoxMode
 
-from elixir_d2.data.ct_mapper import CTDatasetMapper, CTSliceError, hu_to_png16, read_hu_slice, window_to_uint8_range
+from elixir_d2.data.ct_mapper import (
+    CTDatasetMapper,
+    CTSliceError,
+    hu_to_png16,
+    read_hu_slice,
+    window_to_uint8_range,
+)
+
 from conftest import write_slice
 
 H = W = 32

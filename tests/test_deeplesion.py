@@ -12,6 +12,7 @@ from elixir_d2.data.deeplesion import (
     register_deeplesion,
     series_dir_and_slice,
 )
+
 from conftest import dl_row, write_dl_info, write_slice
 
 BLANK = np.zeros((64, 64))

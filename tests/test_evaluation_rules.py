@@ -5,6 +5,7 @@ import uuid
 
 import pytest
 import torch
+
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, BoxMode, Instances

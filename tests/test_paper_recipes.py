@@ -8,9 +8,10 @@ import re
 import pytest
 import yaml
 
+from elixir_d2.data.synthetic import generate_deeplesion
+
 import common  # projects/paper, on pytest's pythonpath
 import paper_numbers as P
-from elixir_d2.data.synthetic import generate_deeplesion
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -4,9 +4,10 @@ import os
 
 import pytest
 
+from elixir_d2 import load_config
+
 import paper_numbers as P  # projects/paper, on pytest's pythonpath
 import table1
-from elixir_d2 import load_config
 from steps import STEPS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -6,12 +6,19 @@ import pytest
 import SimpleITK as sitk
 from PIL import Image
 
-from conftest import dl_row, write_dl_info, write_slice
 from elixir_d2.data.ct_mapper import CTSliceError
 from elixir_d2.inference.volume_io import (
-    CTInputError, check_context, context_slices_needed, discover_cases, read_case, read_dicom_series, read_nifti,
+    CTInputError,
+    check_context,
+    context_slices_needed,
+    discover_cases,
+    read_case,
+    read_dicom_series,
+    read_nifti,
     read_png_series,
 )
+
+from conftest import dl_row, write_dl_info, write_slice
 
 # Fake identifiers written into DICOM headers: none may reach any output.
 FAKE_PHI = {"0010|0010": "ZZFAKE^PATIENTNAME", "0010|0020": "PIDQ98765X", "0010|0030": "19010203",

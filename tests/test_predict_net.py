@@ -15,13 +15,20 @@ from detectron2.modeling import build_model
 from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.structures import Boxes, Instances
 
-from conftest import dl_row, write_dl_info
 from elixir_d2 import load_config
 from elixir_d2.data.ct_mapper import CTDatasetMapper
-from elixir_d2.inference import CTPredictor, PredictOptions, discover_cases, read_case, run_prediction
+from elixir_d2.inference import (
+    CTPredictor,
+    PredictOptions,
+    discover_cases,
+    read_case,
+    run_prediction,
+)
 from elixir_d2.visualization import DET_COLOR, GT_COLOR
-from test_predict_io import FAKE_PHI, phantom, write_dicom_series, write_nifti, write_png_series
+
 import predict_net
+from conftest import dl_row, write_dl_info
+from test_predict_io import FAKE_PHI, phantom, write_dicom_series, write_nifti, write_png_series
 
 # Keep the random quickstart model cheap: few proposals per slice.
 # The sizes below are worked out for 2 mm model pixels (the quickstart resamples to 0.75 mm).

@@ -21,17 +21,21 @@ from PIL import Image
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
-from conftest import dl_row, write_dl_info, write_slice
-from reliability_helpers import QUICKSTART, REPO, build_cfg
-
-from elixir_d2.data.ct_mapper import CTDatasetMapper, CTSliceError, read_hu_slice
-from elixir_d2.data.deeplesion import LOAD_STATS, DeepLesionFormatError, load_deeplesion_dicts, read_dl_info
-from elixir_d2.data.kits19 import KiTS19Error, write_nifti
-from elixir_d2.data.kits19 import read_nifti_image
 from elixir_d2.checkpoint import AtomicCheckpointer
+from elixir_d2.data.ct_mapper import CTDatasetMapper, CTSliceError, read_hu_slice
+from elixir_d2.data.deeplesion import (
+    LOAD_STATS,
+    DeepLesionFormatError,
+    load_deeplesion_dicts,
+    read_dl_info,
+)
+from elixir_d2.data.kits19 import KiTS19Error, read_nifti_image, write_nifti
 from elixir_d2.inference.volume_io import CTInputError
 from elixir_d2.inference.volume_io import read_nifti as volume_read_nifti
 from elixir_d2.modeling.alb.genotype import GenotypeError
+
+from conftest import dl_row, write_dl_info, write_slice
+from reliability_helpers import QUICKSTART, REPO, build_cfg
 
 RNG = np.random.default_rng(0)
 NOISE = RNG.normal(0, 200, (64, 64))  # incompressible enough that half a file is half the pixels
@@ -242,7 +246,6 @@ def test_unknown_config_key_is_named(tmp_path):
 
 
 def test_config_yaml_that_would_run_code_is_refused(tmp_path):
-    import yaml
     from detectron2.engine import default_argument_parser
 
     import predict_net
@@ -267,9 +270,9 @@ def test_config_yaml_that_would_run_code_is_refused(tmp_path):
 
 
 def test_genotype_with_unknown_op_fails_the_model_build_naming_the_file(tmp_path):
-    from detectron2.modeling import build_model
-
     import yaml
+
+    from detectron2.modeling import build_model
 
     with open(os.path.join(REPO, "configs", "genotypes", "figure3.yaml")) as f:
         genotype = yaml.safe_load(f)

@@ -48,12 +48,13 @@ def train_and_evaluate(root: str, prefix: str, opts, eval_weights: str, out_dir:
     """One rank of the run: train_net.main's training path, recording every iteration's loss and
     the replica's final weights, then train_net's evaluation of ``eval_weights``."""
     torch.set_num_threads(1)
-    import train_net
     from detectron2.engine import HookBase, default_argument_parser
     from detectron2.utils import comm
 
-    from elixir_d2.data import register_deeplesion
     from elixir_d2.checkpoint import AtomicCheckpointer
+    from elixir_d2.data import register_deeplesion
+
+    import train_net
 
     register_deeplesion(root, prefix=prefix)
     args = default_argument_parser().parse_args(["--config-file", QUICKSTART] + list(opts))

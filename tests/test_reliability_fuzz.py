@@ -7,11 +7,21 @@ import yaml
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from conftest import dl_row
-
-from elixir_d2.data.deeplesion import DL_INFO_COLUMNS, DeepLesionFormatError, parse_dl_info_row, read_dl_info
-from elixir_d2.modeling.alb.genotype import Genotype, GenotypeError, genotype_from_dict, load_genotype
+from elixir_d2.data.deeplesion import (
+    DL_INFO_COLUMNS,
+    DeepLesionFormatError,
+    parse_dl_info_row,
+    read_dl_info,
+)
+from elixir_d2.modeling.alb.genotype import (
+    Genotype,
+    GenotypeError,
+    genotype_from_dict,
+    load_genotype,
+)
 from elixir_d2.modeling.alb.ops import get_search_space
+
+from conftest import dl_row
 
 FUZZ = settings(max_examples=int(os.environ.get("ELIXIR_FUZZ_EXAMPLES", 150)), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 

@@ -14,9 +14,9 @@ import uuid
 import pytest
 import torch
 
-from reliability_helpers import QUICKSTART, REPO, tiny_opts, write_tiny_deeplesion
-
 from elixir_d2.checkpoint import AtomicCheckpointer
+
+from reliability_helpers import QUICKSTART, REPO, tiny_opts, write_tiny_deeplesion
 
 MAX_ITER, PERIOD = 12, 4
 
@@ -50,10 +50,11 @@ def _read_tag(out_dir):
 
 def test_sigkill_then_resume_ends_like_an_uninterrupted_run(tmp_path):
     # the child registers synthetic_* from $DETECTRON2_DATASETS/synthetic, as a user's run does
-    import train_net
     from detectron2.engine import default_argument_parser
 
     from elixir_d2.data import register_deeplesion
+
+    import train_net
 
     data = write_tiny_deeplesion(str(tmp_path / "datasets" / "synthetic"), num_train=4, num_test=2)
     env = dict(os.environ, DETECTRON2_DATASETS=str(tmp_path / "datasets"), OMP_NUM_THREADS="1")

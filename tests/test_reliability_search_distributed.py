@@ -14,11 +14,12 @@ SEARCH_CFG = os.path.join(REPO, "configs", "quickstart", "search_alb.yaml")
 def search_rank(root: str, prefix: str, out_dir: str) -> None:
     """One rank: two search iterations (1 image per rank per step), then save this rank's alphas."""
     torch.set_num_threads(1)
-    import search_net
     from detectron2.utils import comm
 
     from elixir_d2.data import register_deeplesion
     from elixir_d2.search import ALBSearcher, search_head
+
+    import search_net
 
     register_deeplesion(root, prefix=prefix)
     args = search_net.build_parser().parse_args([

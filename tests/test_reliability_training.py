@@ -3,7 +3,6 @@ import os
 import re
 
 import pytest
-import torch
 
 from reliability_helpers import QUICKSTART, tiny_opts, write_tiny_deeplesion
 
@@ -19,8 +18,9 @@ def tiny_set(tmp_path_factory):
 
 def _trainer(prefix, out_dir, max_iter, **opts):
     """train_net's setup (default_setup seeds every RNG from cfg.SEED) and Trainer."""
-    import train_net
     from detectron2.engine import default_argument_parser
+
+    import train_net
 
     args = default_argument_parser().parse_args(
         ["--config-file", QUICKSTART] + tiny_opts(prefix, out_dir, max_iter, **opts))

@@ -8,6 +8,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+
 from detectron2.engine import default_argument_parser
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_model
@@ -19,12 +20,12 @@ from detectron2.utils.events import EventStorage
 
 from elixir_d2 import load_config
 from elixir_d2.checkpoint import AtomicCheckpointer
-from elixir_d2.trainer import ElixirTrainer
 from elixir_d2.evaluation import format_type_table
 from elixir_d2.modeling.alb.ops import RegionNonLocal
 from elixir_d2.modeling.freeze import freeze_modules
 from elixir_d2.modeling.roi_heads import ElixirROIHeads, _binary_targets
 from elixir_d2.modeling.rtm import RelationTransferModule, semantic_embeddings
+from elixir_d2.trainer import ElixirTrainer
 
 torch.set_num_threads(1)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

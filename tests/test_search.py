@@ -15,7 +15,6 @@ from PIL import Image
 from detectron2.engine import HookBase, default_argument_parser
 from detectron2.utils.events import EventStorage
 
-import search_net  # the repository root, on pytest's pythonpath
 from elixir_d2.data import register_deeplesion
 from elixir_d2.data.synthetic import generate_deeplesion
 from elixir_d2.modeling.alb.genotype import derive_genotype, load_genotype
@@ -27,6 +26,8 @@ from elixir_d2.search import (
     load_search_halves,
     sample_random_genotype,
 )
+
+import search_net  # the repository root, on pytest's pythonpath
 
 torch.set_num_threads(1)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from elixir_d2.data import synthetic_phantom as P
 from elixir_d2.data.ct_mapper import SliceStack
 from elixir_d2.data.deeplesion import DL_INFO_COLUMNS, load_deeplesion_dicts
 from elixir_d2.data.kits19 import case_records, read_kits19_case
 from elixir_d2.data.synthetic import generate_deeplesion, generate_kits19, main
-from elixir_d2.data import synthetic_phantom as P
 
 SIZE = 160
 KW = dict(num_patients=10, slices_per_series=(8, 10), image_size=SIZE, seed=3)

@@ -27,8 +27,9 @@ def test_prepare_deeplesion_checker_runs(tiny_set):
 
 
 def test_train_then_eval_only(tiny_set, tmp_path):
-    import train_net
     from detectron2.engine import default_argument_parser
+
+    import train_net
 
     common = ["DATASETS.TRAIN", "('e2e_train',)", "DATASETS.TEST", "('e2e_test',)", "OUTPUT_DIR", str(tmp_path),
               "INPUT.MAX_IMAGE_SIZE", "96", "SOLVER.IMS_PER_BATCH", "2", "SOLVER.MAX_ITER", "4",

@@ -19,6 +19,7 @@ from elixir_d2.inference.case_ids import OutputDir, UnsafeOutputError, unique_ca
 from elixir_d2.inference.orientation import to_lps_array
 from elixir_d2.inference.runner import OutputNotEmptyError
 from elixir_d2.inference.volume_io import CTInputError, read_dicom_series, read_nifti
+
 from test_predict_io import phantom, write_dicom_series, write_nifti
 from test_predict_net import FixedModel, quickstart_cfg
 

@@ -5,7 +5,13 @@ from matplotlib import colormaps
 from PIL import Image
 
 from elixir_d2.visualization import (
-    DET_COLOR, GT_COLOR, draw_alpha_heatmap, draw_confidence_map, draw_detections, draw_relation_graph, plot_froc,
+    DET_COLOR,
+    GT_COLOR,
+    draw_alpha_heatmap,
+    draw_confidence_map,
+    draw_detections,
+    draw_relation_graph,
+    plot_froc,
     window_for_display,
 )
 

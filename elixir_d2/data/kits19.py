@@ -297,7 +297,8 @@ def register_kits19(root_or_cache: str, prefix: str = "kits19") -> List[str]:
 
 
 # Cache preparation lives in kits19_cache; imported last because it builds on this module.
-from .kits19_cache import main, prepare_kits19  # noqa: E402
+# prepare_kits19 is re-exported: callers import it from here.
+from .kits19_cache import main, prepare_kits19  # noqa: E402,F401
 
 if __name__ == "__main__":
     main()

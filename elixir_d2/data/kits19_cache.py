@@ -18,7 +18,13 @@ from detectron2.utils.file_io import PathManager
 from ..atomic_io import atomic_write_json, build_dir_atomically, file_lock, remove_stale_tmp
 from .ct_mapper import hu_to_png16
 from .kits19 import (
-    CACHE_VERSION, RECORDS_FILE, TUMOR_LABEL, _slice_records, find_cases, read_kits19_case, split_cases,
+    CACHE_VERSION,
+    RECORDS_FILE,
+    TUMOR_LABEL,
+    _slice_records,
+    find_cases,
+    read_kits19_case,
+    split_cases,
 )
 
 logger = logging.getLogger("elixir_d2.data.kits19")

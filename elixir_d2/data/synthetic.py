@@ -24,11 +24,25 @@ from PIL import Image
 from detectron2.utils.file_io import PathManager
 
 from ..atomic_io import build_dir_atomically
-from .deeplesion import DL_INFO_COLUMNS, LESION_TYPES
 from .ct_mapper import hu_to_png16
+from .deeplesion import DL_INFO_COLUMNS, LESION_TYPES
 from .synthetic_phantom import (
-    BONE, KIDNEY, LESION, LIVER, LUNG, MEDIASTINAL_FAT, MUSCLE, SCANNER_HU_RANGE, SUBCUT_FAT, VESSEL, VISCERAL_FAT,
-    Blob, SliceCanvas, build_anatomy, ellipse_box, render_series,
+    BONE,
+    KIDNEY,
+    LESION,
+    LIVER,
+    LUNG,
+    MEDIASTINAL_FAT,
+    MUSCLE,
+    SCANNER_HU_RANGE,
+    SUBCUT_FAT,
+    VESSEL,
+    VISCERAL_FAT,
+    Blob,
+    SliceCanvas,
+    build_anatomy,
+    ellipse_box,
+    render_series,
 )
 
 SLICE_INTERVALS_MM = (1.0, 1.25, 2.0, 2.5, 5.0)

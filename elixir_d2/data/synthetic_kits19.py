@@ -9,7 +9,16 @@ import numpy as np
 
 from .kits19 import write_nifti
 from .synthetic import SPACING_MM_AT_192, _u
-from .synthetic_phantom import KIDNEY, LESION, RENAL_SINUS, SCANNER_HU_RANGE, Blob, build_anatomy, render_series
+from .synthetic_phantom import (
+    KIDNEY,
+    LESION,
+    RENAL_SINUS,
+    SCANNER_HU_RANGE,
+    Blob,
+    build_anatomy,
+    render_series,
+)
+
 
 def write_kits19(out_dir: str, *, num_cases: int = 10, num_slices: Tuple[int, int] = (24, 40),
                     image_size: int = 192, seed: int = 0, noise_hu: Tuple[float, float] = (10, 20)) -> Dict:

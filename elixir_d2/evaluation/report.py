@@ -110,10 +110,11 @@ def plot_froc(
     before the last point is drawn flat to it (the evaluation's "last sensitivity" rule).
     """
     # Figure + Agg canvas directly: no pyplot, so no global backend switch for the caller.
-    from detectron2.utils.file_io import PathManager
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import NullFormatter
+
+    from detectron2.utils.file_io import PathManager
 
     fps = [float(f) for f in fps if f > 0]
     lo = min(fps) / 2 if fps else 0.1

@@ -39,16 +39,28 @@ from detectron2.utils.file_io import PathManager
 from ..atomic_io import atomic_write_text, build_dir_atomically, remove_stale_tmp
 from ..data.ct_mapper import CTSliceError
 from ..data.deeplesion import DeepLesionFormatError, read_dl_info
-from ..visualization import draw_confidence_map, draw_detections, draw_relation_graph, window_for_display
-from .grouping import group_detections
-from .outputs import (
-    DETECTION_COLUMNS, FINDING_COLUMNS, CocoResults, case_summary, detection_rows, finding_rows, flat_detections,
-    write_csv, write_json,
+from ..visualization import (
+    draw_confidence_map,
+    draw_detections,
+    draw_relation_graph,
+    window_for_display,
 )
 from .case_ids import RUN_FILES, InputNames, OutputDir, UnsafeOutputError
+from .grouping import group_detections
 from .orientation import DEFAULT_MAX_VOXELS
+from .outputs import (
+    DETECTION_COLUMNS,
+    FINDING_COLUMNS,
+    CocoResults,
+    case_summary,
+    detection_rows,
+    finding_rows,
+    flat_detections,
+    write_csv,
+    write_json,
+)
 from .predictor import CTPredictor, SlicePrediction, VolumePrediction
-from .volume_io import CTInputError, CaseSource, discover_cases, read_case
+from .volume_io import CaseSource, CTInputError, discover_cases, read_case
 
 logger = logging.getLogger(__name__)
 

@@ -332,4 +332,4 @@ def _first_line(e: Exception) -> str:
 
 # The readers build on the classes above; imported last so `volume_io` keeps offering them.
 from .dicom_io import read_dicom_series  # noqa: E402
-from .nifti_io import nifti_pixdim, read_nifti  # noqa: E402
+from .nifti_io import nifti_pixdim, read_nifti  # noqa: E402,F401  (re-exported)

@@ -21,6 +21,7 @@ import os
 from typing import Any, Dict, Optional, Tuple
 
 import yaml
+
 from detectron2.utils.file_io import PathManager
 
 from .alb.genotype import Genotype, GenotypeError, genotype_from_dict

@@ -10,6 +10,7 @@ import math
 from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
+
 from detectron2.config import CfgNode
 from detectron2.data import build_detection_train_loader, get_detection_dataset_dicts
 

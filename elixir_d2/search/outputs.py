@@ -12,14 +12,15 @@
 (one heatmap per block type, edges x ops) are written when the search finishes.
 """
 import json
-import math
 import logging
+import math
 import os
 from typing import Dict, List, Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
 from detectron2.engine import HookBase
 from detectron2.utils import comm
 from detectron2.utils.file_io import PathManager

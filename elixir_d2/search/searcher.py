@@ -26,13 +26,14 @@ import weakref
 from typing import Dict, List, Optional, Tuple
 
 import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
 from detectron2.config import CfgNode
 from detectron2.engine import HookBase, TrainerBase, hooks
 from detectron2.modeling import build_model
 from detectron2.utils import comm
 from detectron2.utils.events import CommonMetricPrinter, JSONWriter
-from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from ..engine import create_ddp_model
 from ..modeling.alb.genotype import Genotype

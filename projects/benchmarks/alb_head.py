@@ -31,6 +31,7 @@ import time  # noqa: E402
 from typing import Callable, Dict, List  # noqa: E402
 
 import torch  # noqa: E402
+
 from detectron2.modeling import build_model  # noqa: E402
 from detectron2.structures import Boxes, Instances  # noqa: E402
 

@@ -46,18 +46,19 @@ import torch  # noqa: E402
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 
 from detectron2.config import CfgNode  # noqa: E402
-from detectron2.layers import FrozenBatchNorm2d  # noqa: E402
 from detectron2.engine.defaults import DefaultTrainer  # noqa: E402
+from detectron2.layers import FrozenBatchNorm2d  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 from detectron2.modeling.meta_arch.rcnn import GeneralizedRCNN  # noqa: E402
 from detectron2.structures import Boxes, Instances  # noqa: E402
 from detectron2.utils.events import EventStorage  # noqa: E402
 
 import elixir_d2  # noqa: E402,F401  (registers TRPN, ALBHead, the deformable backbones)
-from data_loader import phantom  # noqa: E402
 from elixir_d2 import load_config  # noqa: E402
 from elixir_d2.benchmarking import staged_inference, sync  # noqa: E402
 from elixir_d2.data.ct_mapper import window_to_uint8_range  # noqa: E402
+
+from data_loader import phantom  # noqa: E402
 
 __all__ = ["ModelSpec", "MODELS", "BASELINE", "load_cfg", "ct_input", "calibrate_frozen_bn",
            "time_inference", "time_training", "median_ratio", "measure", "format_table", "select"]

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 import torch
+
 from detectron2.utils.file_io import PathManager
 
 from common import Recipe, StepFailed
@@ -36,9 +37,9 @@ def measure_speed(step_dir: str, dataset: str, num_images: int) -> Dict[str, flo
     from detectron2.data import DatasetCatalog
     from detectron2.modeling import build_model
 
-    from elixir_d2.data import CTDatasetMapper
     from elixir_d2.benchmarking import staged_inference
     from elixir_d2.checkpoint import AtomicCheckpointer
+    from elixir_d2.data import CTDatasetMapper
 
     cfg = load_run_cfg(step_dir)
     model = build_model(cfg).eval()

@@ -21,6 +21,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import yaml
+
 from detectron2.utils.file_io import PathManager
 
 from .spaces import get_search_space
