@@ -18,7 +18,8 @@ from elixir_d2.data.deeplesion import SPLITS, DeepLesionFormatError, read_dl_inf
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--root", default=os.path.join(datasets_root(), "DeepLesion"))
     ap.add_argument("--slice-intv-mm", type=float, default=2.0)
     args = ap.parse_args(argv)
@@ -44,7 +45,8 @@ def main(argv=None) -> int:
     print(f"{args.root}: {len(lesions)} lesions on {len(key_slices)} key slices")
     for split in SPLITS:
         print(f"  {split:5s}: " + ", ".join(f"{counts[split, k]} {k}" for k in
-                                            ("key slices", "missing key slices", "missing neighbour slices")))
+                                            ("key slices", "missing key slices",
+                                             "missing neighbour slices")))
     return 0
 
 

@@ -9,5 +9,5 @@ from .trainer import (
     evaluate_with_proposal_recall,
 )
 
-__all__ = ["launch", "AtomicCheckpointer", "ElixirTrainer", "build_lesion_evaluator", "create_ddp_model",
-           "evaluate_with_proposal_recall"]
+__all__ = ["launch", "AtomicCheckpointer", "ElixirTrainer", "build_lesion_evaluator",
+           "create_ddp_model", "evaluate_with_proposal_recall"]

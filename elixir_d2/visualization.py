@@ -26,8 +26,8 @@ from .data.ct_mapper import window_to_uint8_range
 from .evaluation.report import plot_froc
 
 __all__ = [
-    "plot_froc", "window_for_display", "draw_detections", "draw_relation_graph", "draw_confidence_map",
-    "draw_alpha_heatmap", "DET_COLOR", "GT_COLOR",
+    "plot_froc", "window_for_display", "draw_detections", "draw_relation_graph",
+    "draw_confidence_map", "draw_alpha_heatmap", "DET_COLOR", "GT_COLOR",
 ]
 
 DET_COLOR = (255, 48, 48)  # detections: red
@@ -58,7 +58,8 @@ def _rgb(image: np.ndarray) -> np.ndarray:
     if image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"expected an (H, W) or (H, W, 3) image, got shape {image.shape}")
     if image.dtype != np.uint8:
-        raise ValueError(f"expected a uint8 image (use window_for_display on HU), got {image.dtype}")
+        raise ValueError("expected a uint8 image (use window_for_display on HU), got "
+                         f"{image.dtype}")
     return image
 
 
@@ -238,7 +239,8 @@ def draw_confidence_map(
         panel = Image.fromarray(np.round(blend).astype(np.uint8))
         if level:
             label = level + (f"  eps={level_eps:.2f}" if level_eps is not None else "")
-            ImageDraw.Draw(panel).text((2, 2), label, fill=(255, 255, 255), font=ImageFont.load_default())
+            ImageDraw.Draw(panel).text((2, 2), label, fill=(255, 255, 255),
+                                       font=ImageFont.load_default())
         panels.append(np.asarray(panel))
     out = np.concatenate(panels, axis=1)
     if path is not None:
@@ -248,7 +250,8 @@ def draw_confidence_map(
 
 def _edge_labels(num_edges: int) -> List[str]:
     """The search's row names (elixir_d2.search.outputs.edge_labels) of the DARTS-style block with
-    ``num_edges`` edges (B branches have 2 + 3 + ... + (B + 1)); "e<k>" when no block has that many."""
+    ``num_edges`` edges (B branches have 2 + 3 + ... + (B + 1)); "e<k>" when no block has that
+    many."""
     from .search.outputs import edge_labels  # the search stack only when a heatmap is drawn
 
     total, branches = 0, 0
@@ -293,8 +296,8 @@ def draw_alpha_heatmap(
     for name, a in alphas.items():
         a = np.asarray(a.detach().cpu() if hasattr(a, "detach") else a, dtype=np.float64)
         if a.ndim != 2 or a.shape[1] != len(op_names):
-            raise ValueError(f"alphas[{name!r}] has shape {a.shape}; expected (num_edges, {len(op_names)}) "
-                             f"for the {len(op_names)} op names")
+            raise ValueError(f"alphas[{name!r}] has shape {a.shape}; expected (num_edges, "
+                             f"{len(op_names)}) for the {len(op_names)} op names")
         drawn[name] = _as_weights(a)
     rows = max(a.shape[0] for a in drawn.values())
     fig = _figure(1.6 + 0.75 * len(op_names) * len(drawn), 1.6 + 0.32 * rows)

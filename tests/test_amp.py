@@ -113,7 +113,8 @@ def test_region_nonlocal_op_under_autocast(device, dtype):
         rows.append(F.relu((ref_e @ ref_psi) @ w["w.weight"].t()))
     ref_y = torch.cat(rows) @ w["g.weight"].t() + w["g.bias"]
     scale = ref_y.abs().max()
-    torch.testing.assert_close(y[:, :, 0, 0].double().cpu() / scale, ref_y / scale, atol=2e-2, rtol=0)
+    torch.testing.assert_close(y[:, :, 0, 0].double().cpu() / scale, ref_y / scale, atol=2e-2,
+                               rtol=0)
     y.float().sum().backward()
     grads = [p.grad for p in op.parameters()]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)

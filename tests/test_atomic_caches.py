@@ -63,7 +63,8 @@ def test_source_rewritten_within_the_same_second_is_decoded_again(tmp_path):
     img = os.path.join(root, "data", "case_00000", "imaging.nii.gz")
     st = os.stat(img)
     # Same size, same whole second: only the nanoseconds (as a rewrite within that second) differ.
-    os.utime(img, ns=(st.st_atime_ns, st.st_mtime_ns - st.st_mtime_ns % 10**9 + (st.st_mtime_ns + 1) % 10**9))
+    os.utime(img, ns=(st.st_atime_ns,
+                      st.st_mtime_ns - st.st_mtime_ns % 10**9 + (st.st_mtime_ns + 1) % 10**9))
     assert int(os.stat(img).st_mtime) == int(st.st_mtime)
     assert prepare_kits19(root, cache)["decoded"] == 1
 
@@ -72,7 +73,8 @@ def test_two_concurrent_prepare_runs_decode_each_case_once(tmp_path):
     root, cache = _kits_root(tmp_path, n=3), str(tmp_path / "cache")
     code = ("import json, sys; from elixir_d2.data.kits19 import prepare_kits19; "
             "print(json.dumps(prepare_kits19(sys.argv[1], sys.argv[2])))")
-    procs = [subprocess.Popen([sys.executable, "-c", code, root, cache], cwd=REPO, stdout=subprocess.PIPE)
+    procs = [subprocess.Popen([sys.executable, "-c", code, root, cache], cwd=REPO,
+                              stdout=subprocess.PIPE)
              for _ in range(2)]
     outs = [json.loads(p.communicate(timeout=120)[0].decode().strip().splitlines()[-1]) for p in procs]
     assert all(p.returncode == 0 for p in procs)
@@ -110,7 +112,8 @@ def test_marker_records_options_seed_and_counts(tmp_path):
     m = read_marker(str(tmp_path / "s"))
     assert m["generator"] == "deeplesion"
     assert m["options"]["seed"] == 5 and m["options"]["num_patients"] == 4
-    assert m["options"]["slices_per_series"] == [6, 8] and m["options"]["noisy_fraction"] == 0.03  # a default
+    # a default
+    assert m["options"]["slices_per_series"] == [6, 8] and m["options"]["noisy_fraction"] == 0.03
     assert m["result"]["splits"] == json.loads(json.dumps(s["splits"]))
     assert s["out_dir"] == str(tmp_path / "s")
 
@@ -120,7 +123,8 @@ def test_paper_quick_kits19_with_only_a_first_case_is_regenerated(tmp_path, monk
 
     base = tmp_path / "synthetic_kits19"
     hu, seg = make_volume()
-    write_case(str(base / "data" / "case_00000"), hu, seg)  # what an interrupted generate_kits19 leaves
+    # what an interrupted generate_kits19 leaves
+    write_case(str(base / "data" / "case_00000"), hu, seg)
     monkeypatch.setattr(synthetic_first_use, "FIRST_USE_OPTIONS",
                         {"seed": 0, "num_cases": 2, "image_size": 64, "num_slices": (16, 18)})
     src = common.prepare_data("kits19", str(tmp_path), quick=True)
@@ -160,7 +164,8 @@ print("GENERATED" if s else "REUSED", flush=True)
 
 def test_two_processes_starting_together_generate_once(tmp_path):
     out, go = str(tmp_path / "synthetic"), str(tmp_path / "go")
-    procs = [subprocess.Popen([sys.executable, "-c", _RACER, out, go], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    procs = [subprocess.Popen([sys.executable, "-c", _RACER, out, go], cwd=REPO,
+                              stdout=subprocess.PIPE, text=True)
              for _ in range(2)]
     for p in procs:  # both imported and waiting: released together
         assert p.stdout.readline().strip() == "ready"
@@ -171,6 +176,7 @@ def test_two_processes_starting_together_generate_once(tmp_path):
     assert results == ["GENERATED", "REUSED"]
     ref = str(tmp_path / "ref")
     generate_deeplesion(ref, seed=0, **TINY)
-    assert filecmp.cmp(os.path.join(ref, "DL_info.csv"), os.path.join(out, "DL_info.csv"), shallow=False)
+    assert filecmp.cmp(os.path.join(ref, "DL_info.csv"), os.path.join(out, "DL_info.csv"),
+                       shallow=False)
     assert filecmp.cmp(os.path.join(ref, MARKER), os.path.join(out, MARKER), shallow=False)
     assert sorted(os.listdir(tmp_path)) == [".synthetic.lock", "go", "ref", "synthetic"]

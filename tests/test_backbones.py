@@ -30,7 +30,8 @@ CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
 
 
 def _cfg(name, *opts):
-    return load_config(os.path.join(CONFIGS, name), ["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu", *opts])
+    return load_config(os.path.join(CONFIGS, name),
+                       ["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu", *opts])
 
 
 # ------------------------------------------------------------------ independent reference

@@ -1,5 +1,5 @@
-"""Checkpoints a researcher can trust: the ALB genotype travels with the weights, --resume survives a
-deleted checkpoint, .pkl weights cannot run code."""
+"""Checkpoints a researcher can trust: the ALB genotype travels with the weights, --resume survives
+a deleted checkpoint, .pkl weights cannot run code."""
 import logging
 import os
 import pickle
@@ -102,7 +102,8 @@ def test_run_config_records_the_resolved_genotype_and_build_logs_its_origin(tmp_
     changed = tmp_path / "g.yaml"
     changed.write_text(yaml.safe_dump(_swap_dilation(load_genotype(FIGURE3)).to_dict()))
     bad = load_config(str(dumped), ["MODEL.ALB.GENOTYPE", str(changed)])
-    with pytest.raises(UserInputError, match=r"GENOTYPE_YAML .* differs from the genotype in .*g\.yaml"):
+    with pytest.raises(UserInputError,
+                       match=r"GENOTYPE_YAML .* differs from the genotype in .*g\.yaml"):
         resolve_genotype_config(bad)
 
 
@@ -126,7 +127,8 @@ def test_resume_after_a_deleted_checkpoint_falls_back_to_the_newest_complete(tmp
                for r in caplog.records)
     for name in ("model_0000001.pth", "model_0000003.pth"):
         os.remove(os.path.join(out, name))
-    with pytest.raises(MissingFileError, match=r"last_checkpoint names model_0000005\.pth.*delete .*last_checkpoint"):
+    with pytest.raises(MissingFileError,
+                       match=r"last_checkpoint names model_0000005\.pth.*delete .*last_checkpoint"):
         AtomicCheckpointer(torch.nn.Linear(2, 1), out).resume_or_load("", resume=True)
 
 
@@ -158,7 +160,8 @@ def test_model_zoo_pkl_weights_still_load(tmp_path, protocol):
     w = np.arange(2, dtype=np.float32).reshape(1, 2)
     path = tmp_path / "zoo.pkl"
     with open(path, "wb") as f:  # Caffe2 layout: a plain dict of arrays, with a momentum blob
-        pickle.dump({"blobs": {"weight": w, "bias": np.float32(0.5).reshape(1), "weight_momentum": w}},
+        pickle.dump({"blobs": {"weight": w, "bias": np.float32(0.5).reshape(1),
+                               "weight_momentum": w}},
                     f, protocol=protocol)
     data = AtomicCheckpointer(torch.nn.Linear(2, 1))._load_file(str(path))
     assert data["matching_heuristics"] and set(data["model"]) == {"weight", "bias"}

@@ -50,7 +50,8 @@ ELIXIR_GENOTYPE = os.path.join(CONFIGS, "genotypes", "figure3.yaml")
 
 
 def _cfg(name, *opts):
-    return load_config(os.path.join(CONFIGS, name), ["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu", *opts])
+    return load_config(os.path.join(CONFIGS, name),
+                       ["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu", *opts])
 
 
 def _n(module):
@@ -115,7 +116,8 @@ def test_elixirnet_deformv2_is_the_deformable_backbone_with_elixirnet_head():
     deform = build_model(_cfg("deformv2_R_50_FPN_deeplesion.yaml"))
     elixir_fpn = build_model(_cfg("elixirnet_R_50_FPN_deeplesion.yaml"))
     model = build_model(_cfg("elixirnet_deformv2_R_50_FPN_deeplesion.yaml", *SMALL))
-    assert sum(isinstance(m, TorchvisionDeformConv) for m in model.modules()) == 13  # res3-res5 3x3s
+    # res3-res5 3x3s
+    assert sum(isinstance(m, TorchvisionDeformConv) for m in model.modules()) == 13
     assert isinstance(model.proposal_generator, TRPN) and isinstance(model.roi_heads.box_head, ALBHead)
     assert _n(model.backbone) == _n(deform.backbone)
     assert _n(model.proposal_generator) == _n(elixir_fpn.proposal_generator)

@@ -34,8 +34,8 @@ def _record(slice_dir, key, slice_range, intv, spacing=0.8, boxes=((4, 6, 12, 20
 
 
 def _mapper(is_train=False, **kw):
-    args = dict(num_slices=3, slice_interval_mm=2.0, hu_window=(-1024.0, 3071.0), norm_spacing_mm=0.8,
-                max_size=512, flip_prob=0.0)
+    args = dict(num_slices=3, slice_interval_mm=2.0, hu_window=(-1024.0, 3071.0),
+                norm_spacing_mm=0.8, max_size=512, flip_prob=0.0)
     args.update(kw)
     return CTDatasetMapper(is_train, **args)
 
@@ -48,7 +48,8 @@ def test_window_values_at_known_hu():
 
 def test_read_hu_slice_subtracts_offset(tmp_path):
     write_slice(str(tmp_path), "s", 1, np.array([[-1000, 0], [40, 1500]]))
-    np.testing.assert_array_equal(read_hu_slice(f"{tmp_path}/Images_png/s/001.png"), [[-1000, 0], [40, 1500]])
+    np.testing.assert_array_equal(read_hu_slice(f"{tmp_path}/Images_png/s/001.png"),
+                                  [[-1000, 0], [40, 1500]])
 
 
 def test_neighbours_when_interval_divides_2mm(tmp_path):
@@ -169,7 +170,8 @@ def test_training_crop_moves_boxes_and_inference_sees_whole_slices(tmp_path):
     out = _mapper(is_train=True, crop_size=16, crop_lesion_prob=1.0)(rec)
     assert tuple(out["image"].shape[1:]) == (16, 16)
     (box,) = out["instances"].gt_boxes.tensor.numpy()
-    assert box[2] - box[0] == pytest.approx(8) and box[3] - box[1] == pytest.approx(14)  # whole, shifted
+    # whole, shifted
+    assert box[2] - box[0] == pytest.approx(8) and box[3] - box[1] == pytest.approx(14)
     assert 0 <= box[0] and box[2] <= 16 and 0 <= box[1] and box[3] <= 16
     test_out = _mapper(is_train=False, crop_size=16, crop_lesion_prob=1.0)(rec)
     assert tuple(test_out["image"].shape[1:]) == (H, W)
@@ -183,8 +185,8 @@ def test_opencv_resize_matches_bilinear_half_pixel_reference():
 
     img = np.random.RandomState(3).rand(20, 30, 3).astype(np.float32) * 255
     got = CVResizeTransform(20, 30, 33, 47).apply_image(img)
-    ref = F.interpolate(torch.from_numpy(img).permute(2, 0, 1)[None], size=(33, 47), mode="bilinear",
-                        align_corners=False)[0].permute(1, 2, 0).numpy()
+    ref = F.interpolate(torch.from_numpy(img).permute(2, 0, 1)[None], size=(33, 47),
+                        mode="bilinear", align_corners=False)[0].permute(1, 2, 0).numpy()
     np.testing.assert_allclose(got, ref, atol=0.02)
 
 

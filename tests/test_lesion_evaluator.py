@@ -57,7 +57,8 @@ def binary_predictions():
 def typed_records():
     return [
         {"image_id": 1, "height": 200, "width": 200, "file_name": "a.png",
-         "annotations": [_ann([0, 0, 10, 10], category_id=0), _ann([50, 50, 60, 60], category_id=1)]},
+         "annotations": [_ann([0, 0, 10, 10], category_id=0),
+                         _ann([50, 50, 60, 60], category_id=1)]},
         {"image_id": 2, "height": 200, "width": 200, "file_name": "b.png",
          "annotations": [_ann([0, 0, 10, 10], category_id=1)]},
     ]
@@ -109,7 +110,8 @@ def test_binary_metrics_match_hand_computation(binary_name, tmp_path):
     res = run(ev, binary_predictions(), [14, 12, 13, 11])  # processing order must not matter
     m = res["lesion"]
     third = 100.0 / 3
-    iou = {"0.5": third, "1": 2 * third, "2": 2 * third, "3": 2 * third, "4": 2 * third, "6": 100.0, "8": 100.0}
+    iou = {"0.5": third, "1": 2 * third, "2": 2 * third, "3": 2 * third, "4": 2 * third, "6": 100.0,
+           "8": 100.0}
     iobb = {"0.5": third, "1": 100.0, "2": 100.0, "3": 100.0, "4": 100.0, "6": 100.0, "8": 100.0}
     for f in iou:
         assert m[f"sens@{f}_iou"] == pytest.approx(iou[f]), f
@@ -207,7 +209,8 @@ def _worker(rank, port, name, out_dir):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
         register(name, binary_records(), ["lesion"])
-        ev = LesionEvaluator(name, os.path.join(out_dir, "files") if rank == 0 else None, distributed=True)
+        ev = LesionEvaluator(name, os.path.join(out_dir, "files") if rank == 0 else None,
+                             distributed=True)
         # Rank 0 gets images 12 and 14, rank 1 images 11 and 13: gathered in an order that
         # differs from the dataset's (the .5 tie would then move sens@0.5).
         res = run(ev, binary_predictions(), [12, 14] if rank == 0 else [11, 13])
@@ -224,7 +227,8 @@ def _free_port():
 
 
 def test_two_gloo_processes_give_the_single_process_numbers(binary_name, tmp_path):
-    single = run(LesionEvaluator(binary_name, None, distributed=False), binary_predictions(), [11, 12, 13, 14])
+    single = run(LesionEvaluator(binary_name, None, distributed=False), binary_predictions(),
+                 [11, 12, 13, 14])
     name = f"lesion_eval_gloo_{uuid.uuid4().hex[:8]}"
     # fork: the children inherit the imported torch / detectron2 (spawn would import them again,
     # slowly); each child pins torch to one thread first, so no OpenMP pool is used across the fork.

@@ -1,5 +1,5 @@
-"""projects/benchmarks/models_speed.py: the interleaving schedule, the per-round ratio and the FrozenBN
-calibration that keeps random-weight R-50 activations at unit scale."""
+"""projects/benchmarks/models_speed.py: the interleaving schedule, the per-round ratio and the
+FrozenBN calibration that keeps random-weight R-50 activations at unit scale."""
 import torch
 
 from detectron2.layers import FrozenBatchNorm2d

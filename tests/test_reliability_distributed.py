@@ -93,11 +93,13 @@ def test_two_process_training_and_evaluation_match_one_process(tmp_path):
     one.mkdir()
     two.mkdir()
 
-    launch(train_and_evaluate, 1, args=(root, prefix, tiny_opts(prefix, str(one), MAX_ITER, **EXACT_SAMPLING),
-                                       "", str(one)))
+    launch(train_and_evaluate, 1,
+           args=(root, prefix, tiny_opts(prefix, str(one), MAX_ITER, **EXACT_SAMPLING),
+                "", str(one)))
     weights = str(one / "model_final.pth")
     launch(train_and_evaluate, 2, dist_url="auto",
-           args=(root, prefix, tiny_opts(prefix, str(two), MAX_ITER, **EXACT_SAMPLING), weights, str(two)))
+           args=(root, prefix, tiny_opts(prefix, str(two), MAX_ITER, **EXACT_SAMPLING), weights,
+                 str(two)))
 
     r1 = json.loads((one / "rank0.json").read_text())
     r2 = [json.loads((two / f"rank{r}.json").read_text()) for r in (0, 1)]

@@ -60,7 +60,8 @@ def test_sigkill_then_resume_ends_like_an_uninterrupted_run(tmp_path):
     env = dict(os.environ, DETECTRON2_DATASETS=str(tmp_path / "datasets"), OMP_NUM_THREADS="1")
     out = tmp_path / "out"
 
-    proc = subprocess.Popen(_train_cmd(out), env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(_train_cmd(out), env=env, cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while _read_tag(out) != "model_0000003.pth":  # the first checkpoint is complete and tagged
         assert proc.poll() is None, f"training ended (rc {proc.returncode}) before its first checkpoint"
@@ -191,7 +192,8 @@ def test_resume_restores_the_optimizer_momentum(tmp_path):
 
     from reliability_helpers import build_cfg
 
-    register_deeplesion(write_tiny_deeplesion(str(tmp_path / "data"), num_train=2, num_test=1), prefix="rel_resume")
+    register_deeplesion(write_tiny_deeplesion(str(tmp_path / "data"), num_train=2, num_test=1),
+                        prefix="rel_resume")
     cfg = build_cfg(tiny_opts("rel_resume", str(tmp_path / "out"), 2, **{"TEST.EVAL_PERIOD": 0}))
     seed_all_rng(0)
     first = ElixirTrainer(cfg)
@@ -218,8 +220,10 @@ def test_trainer_saves_through_the_atomic_checkpointer(tmp_path):
 
     from reliability_helpers import build_cfg
 
-    register_deeplesion(write_tiny_deeplesion(str(tmp_path / "data"), num_train=2, num_test=1), prefix="rel_atomic")
-    trainer = ElixirTrainer(build_cfg(tiny_opts("rel_atomic", str(tmp_path / "out"), 2, **{"TEST.EVAL_PERIOD": 0})))
+    register_deeplesion(write_tiny_deeplesion(str(tmp_path / "data"), num_train=2, num_test=1),
+                        prefix="rel_atomic")
+    trainer = ElixirTrainer(build_cfg(tiny_opts("rel_atomic", str(tmp_path / "out"), 2,
+                                                **{"TEST.EVAL_PERIOD": 0})))
     assert type(trainer.checkpointer) is AtomicCheckpointer
     periodic = [h for h in trainer._hooks if isinstance(h, hooks.PeriodicCheckpointer)]
     assert periodic and all(h.checkpointer is trainer.checkpointer for h in periodic)

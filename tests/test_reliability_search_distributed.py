@@ -23,9 +23,12 @@ def search_rank(root: str, prefix: str, out_dir: str) -> None:
 
     register_deeplesion(root, prefix=prefix)
     args = search_net.build_parser().parse_args([
-        "--config-file", SEARCH_CFG, "DATASETS.TRAIN", f"('{prefix}_train',)", "DATASETS.TEST", f"('{prefix}_test',)",
-        "INPUT.MAX_IMAGE_SIZE", "64", "SOLVER.IMS_PER_BATCH", "2", "SEARCH.EPOCHS", "1", "SEARCH.WARMUP_EPOCHS", "0", "INPUT.FLIP_PROB", "0.0",
-        "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "16", "MODEL.RPN.POST_NMS_TOPK_TRAIN", "32", "OUTPUT_DIR", out_dir,
+        "--config-file", SEARCH_CFG, "DATASETS.TRAIN", f"('{prefix}_train',)", "DATASETS.TEST",
+        f"('{prefix}_test',)",
+        "INPUT.MAX_IMAGE_SIZE", "64", "SOLVER.IMS_PER_BATCH", "2", "SEARCH.EPOCHS", "1",
+        "SEARCH.WARMUP_EPOCHS", "0", "INPUT.FLIP_PROB", "0.0",
+        "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "16", "MODEL.RPN.POST_NMS_TOPK_TRAIN", "32",
+        "OUTPUT_DIR", out_dir,
     ])
     cfg = search_net.setup(args)
     searcher = ALBSearcher(cfg)

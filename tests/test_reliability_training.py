@@ -11,7 +11,8 @@ from reliability_helpers import QUICKSTART, tiny_opts, write_tiny_deeplesion
 def tiny_set(tmp_path_factory):
     from elixir_d2.data import register_deeplesion
 
-    root = write_tiny_deeplesion(str(tmp_path_factory.mktemp("rel_train") / "data"), num_train=6, num_test=1)
+    root = write_tiny_deeplesion(str(tmp_path_factory.mktemp("rel_train") / "data"), num_train=6,
+                                 num_test=1)
     register_deeplesion(root, prefix="rel_train")
     return "rel_train"
 
@@ -80,7 +81,8 @@ def test_nan_loss_stops_naming_the_iteration_and_the_loss(tiny_set, tmp_path):
         trainer.train()
     msg = str(info.value)
     assert "iteration=2" in msg
-    assert re.search(r"'loss_box_reg': (np\.float64\()?nan", msg)  # numpy >= 2 shows np.float64(nan)
+    # numpy >= 2 shows np.float64(nan)
+    assert re.search(r"'loss_box_reg': (np\.float64\()?nan", msg)
     assert trainer.iter == 2
     # nothing written as if the run had finished
     assert not os.path.exists(tmp_path / "model_final.pth")

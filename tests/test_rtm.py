@@ -35,7 +35,8 @@ SMALL = ["MODEL.RPN.POST_NMS_TOPK_TRAIN", "40", "MODEL.RPN.POST_NMS_TOPK_TEST", 
 
 
 def _cfg(path, *opts):
-    return load_config(os.path.join(REPO, path), ["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu", *opts])
+    return load_config(os.path.join(REPO, path),
+                       ["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu", *opts])
 
 
 def _predictor(channels, num_classes):
@@ -95,7 +96,8 @@ def test_relations_are_per_image():
     e1 = torch.softmax(torch.randn(2, 2), 1)
     e2 = torch.softmax(torch.randn(3, 3), 1)
     f_e = rtm.transfer(f, binary, [e1, e2])
-    torch.testing.assert_close(f_e, _expected_f_e(f, binary, rtm.w_e, [e1, e2]), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(f_e, _expected_f_e(f, binary, rtm.w_e, [e1, e2]), rtol=1e-5,
+                               atol=1e-5)
     # Another second image changes nothing in the first one's f_E.
     g = f.clone()
     g[2:] = 3.0 * torch.randn(3, 6)
@@ -195,7 +197,8 @@ def test_config_errors():
     with pytest.raises(ValueError, match="NUM_TYPES"):
         build_model(_cfg(RTM_QS, "MODEL.ROI_HEADS.NUM_CLASSES", "1"))
     model = build_model(_cfg("configs/quickstart/fpn.yaml"))
-    with pytest.raises(ValueError, match="MODEL.FREEZE_MODULES: 'backbone.nope'.*proposal_generator"):
+    with pytest.raises(ValueError,
+                       match="MODEL.FREEZE_MODULES: 'backbone.nope'.*proposal_generator"):
         freeze_modules(model, ["backbone.nope"])
     # A plain 2-fc head has no region_nonlocal: RTM computes E itself from the pooled RoIs.
     own = build_model(_cfg("configs/quickstart/fpn.yaml", "MODEL.ROI_HEADS.NAME", "ElixirROIHeads",
@@ -273,7 +276,8 @@ def test_format_type_table():
         "FPN w finetune": {"sens@3_iou_bone": math.nan, "sens@3_iou_abdomen": 79.58,
                            "sens@3_iou_soft_tissue": 57.961, "sens@3_iou_kidney": None},
         "ElixirNet": {"metrics": {f"sens@3_iou_{t}": 50.0 + i for i, t in enumerate(
-            ["bone", "abdomen", "mediastinum", "liver", "lung", "kidney", "soft_tissue", "pelvis"])}},
+            ["bone", "abdomen", "mediastinum", "liver", "lung", "kidney", "soft_tissue",
+             "pelvis"])}},
     }
     lines = format_type_table(rows).splitlines()
     assert lines[2] == "| Method | BN | AB | ME | LV | LU | KD | ST | PV |"

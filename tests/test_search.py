@@ -380,8 +380,10 @@ def test_search_then_train_elixirnet_then_evaluate(tiny_set, tmp_path):
 
     train_out = tmp_path / "train"
     common = SMALL[:6] + ["OUTPUT_DIR", str(train_out), "MODEL.ALB.GENOTYPE", str(path),
-                          "SOLVER.MAX_ITER", "3", "SOLVER.WARMUP_ITERS", "1", "SOLVER.STEPS", "(2,)",
-                          "SOLVER.CHECKPOINT_PERIOD", "100", "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "16"]
+                          "SOLVER.MAX_ITER", "3", "SOLVER.WARMUP_ITERS", "1", "SOLVER.STEPS",
+                          "(2,)",
+                          "SOLVER.CHECKPOINT_PERIOD", "100", "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE",
+                          "16"]
     cfg_file = os.path.join(REPO, "configs/quickstart/elixirnet.yaml")
     train_net.main(default_argument_parser().parse_args(["--config-file", cfg_file] + common))
     weights = train_out / "model_final.pth"

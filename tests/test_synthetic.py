@@ -18,7 +18,8 @@ from elixir_d2.data.synthetic import generate_deeplesion, generate_kits19, main
 
 SIZE = 160
 KW = dict(num_patients=10, slices_per_series=(8, 10), image_size=SIZE, seed=3)
-SPACING = (1.6 * 192 / SIZE, 2.2 * 192 / SIZE)  # 1.6-2.2 mm at 192 px, the field kept at other sizes
+# 1.6-2.2 mm at 192 px, the field kept at other sizes
+SPACING = (1.6 * 192 / SIZE, 2.2 * 192 / SIZE)
 
 
 def floats(text, n):
@@ -30,7 +31,8 @@ def floats(text, n):
 def read_png_hu(path):
     with open(path, "rb") as f:
         head = f.read(26)
-    assert head[:8] == b"\x89PNG\r\n\x1a\n" and head[24] == 16 and head[25] == 0, path  # 16-bit gray
+    # 16-bit gray
+    assert head[:8] == b"\x89PNG\r\n\x1a\n" and head[24] == 16 and head[25] == 0, path
     return np.array(Image.open(path), dtype=np.float64) - 32768
 
 
@@ -130,11 +132,13 @@ def test_boxes_lie_on_lesions_that_span_neighbouring_slices(dataset):
 
         contrast.append(diff(key))
         sx, _, sz = floats(r["Spacing_mm_px_"], 3)
-        if floats(r["Lesion_diameters_Pixel_"], 2)[1] * sx / 2 * 0.7 > 1.5 * sz:  # z half-extent > 1.5 intervals
+        # z half-extent > 1.5 intervals
+        if floats(r["Lesion_diameters_Pixel_"], 2)[1] * sx / 2 * 0.7 > 1.5 * sz:
             neighbour.append(min(diff(key - 1), diff(key + 1)))
     contrast = np.array(contrast)
     assert len(contrast) >= 10
-    assert np.mean(contrast >= 30) >= 0.85, np.sort(contrast)[:10]  # the box holds a lesion, not its host
+    # the box holds a lesion, not its host
+    assert np.mean(contrast >= 30) >= 0.85, np.sort(contrast)[:10]
     assert np.median(contrast) >= 60
     assert neighbour and np.mean(np.array(neighbour) >= 20) >= 0.8  # 3-D: visible on the neighbours
 
@@ -151,7 +155,8 @@ def test_organ_hu_ranges_at_known_pixels():
         for dy in (-1, 0, 1):
             for dx in (-1, 0, 1):
                 same &= np.roll(np.roll(lab, dy, 0), dx, 1) == lab
-        expected = {P.SUBCUT_FAT: (-130, -70), P.MUSCLE: (20, 75), P.LUNG: (-900, -780), P.LIVER: (50, 100),
+        expected = {P.SUBCUT_FAT: (-130, -70), P.MUSCLE: (20, 75), P.LUNG: (-900, -780),
+                    P.LIVER: (50, 100),
                     P.KIDNEY: (120, 210), P.CORTEX: (400, 1000), P.VISCERAL_FAT: (-130, -65),
                     P.MEDIASTINAL_FAT: (-125, -55), P.BLADDER: (-20, 40)}
         seen = 0
@@ -184,8 +189,8 @@ def test_deterministic_by_seed(tmp_path):
 
 def test_every_type_in_val_and_test(tmp_path):
     # 4 val and 4 test patients (the default 10 % val would leave 2, too few for 8 types).
-    s = generate_deeplesion(str(tmp_path / "t"), num_patients=24, slices_per_series=(8, 9), image_size=128, seed=0,
-                            val_frac=0.15, test_frac=0.15)
+    s = generate_deeplesion(str(tmp_path / "t"), num_patients=24, slices_per_series=(8, 9),
+                            image_size=128, seed=0, val_frac=0.15, test_frac=0.15)
     for split in ("val", "test"):
         assert all(n > 0 for n in s["splits"][split]["types"].values()), s["splits"][split]
     assert s["splits"]["train"]["lesions"] > s["splits"]["val"]["lesions"]
@@ -220,15 +225,18 @@ def test_bad_arguments_name_the_argument(tmp_path):
 
 
 def test_kits19_variant_reads_back(tmp_path):
-    main(["--out", str(tmp_path), "--format", "kits19", "--patients", "2", "--size", "64", "--slices", "16", "18"])
+    main(["--out", str(tmp_path), "--format", "kits19", "--patients", "2", "--size", "64",
+          "--slices", "16", "18"])
     for i in range(2):
         case_dir = str(tmp_path / "data" / f"case_{i:05d}")
         case = read_kits19_case(case_dir)
         img, seg = case["image"], case["seg"]
         assert img.dtype == np.int16 and seg.dtype == np.uint8 and img.shape == seg.shape
         assert img.shape[1:] == (64, 64) and 16 <= img.shape[0] <= 18 and case["slice_axis"] == 2
-        assert 1.6 * 3 <= case["spacing"] <= 2.2 * 3 and case["slice_intv"] in (2.5, 3.0, 5.0)  # 64 px
+        # 64 px
+        assert 1.6 * 3 <= case["spacing"] <= 2.2 * 3 and case["slice_intv"] in (2.5, 3.0, 5.0)
         assert set(np.unique(seg)) == {0, 1, 2}
-        assert np.median(img[seg == 1]) - np.median(img[seg == 2]) >= 40  # tumour darker than kidney
+        # tumour darker than kidney
+        assert np.median(img[seg == 1]) - np.median(img[seg == 2]) >= 40
         recs = case_records(case_dir)
         assert [r["slice_idx"] for r in recs] == np.nonzero((seg == 2).any(axis=(1, 2)))[0].tolist()

@@ -29,7 +29,8 @@ IMG = 64  # image side: P2..P6 maps are 16, 8, 4, 2, 1 locations wide
 CH = 8
 
 
-def _cfg(threshold=-1.0, loc_weight=1.0, levels=FPN_LEVELS, sizes=None, gate="p", positives="foreground"):
+def _cfg(threshold=-1.0, loc_weight=1.0, levels=FPN_LEVELS, sizes=None, gate="p",
+         positives="foreground"):
     """TRPN config; the literal equation-1 gate and matched-anchor positives unless asked."""
     cfg = get_cfg()
     add_elixirnet_config(cfg)

@@ -41,7 +41,8 @@ def check_inputs(args: argparse.Namespace) -> CfgNode:
     resuming = args.resume and os.path.exists(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint"))
     if not resuming:  # a resumed run reads OUTPUT_DIR's checkpoint, not MODEL.WEIGHTS
         require_file(cfg.MODEL.WEIGHTS, "weights file MODEL.WEIGHTS",
-                     "give a checkpoint written by train_net.py, or MODEL.WEIGHTS '' to start from scratch")
+                     "give a checkpoint written by train_net.py, or MODEL.WEIGHTS '' to start from "
+                     "scratch")
     if args.eval_only:
         fill_genotype_from_checkpoint(cfg, cfg.MODEL.WEIGHTS)
     resolve_genotype_config(cfg)

@@ -1,6 +1,6 @@
 """Truncated NIfTI files: SimpleITK reads a cut-off .nii / .nii.gz without complaint and fills
-the missing voxels with zeros, so the readers (kits19.read_nifti_image, inference.volume_io.read_nifti)
-check the voxel data against the header first."""
+the missing voxels with zeros, so the readers (kits19.read_nifti_image,
+inference.volume_io.read_nifti) check the voxel data against the header first."""
 from __future__ import annotations
 
 import gzip

@@ -59,7 +59,8 @@ def _as_vector(a, what: str, i: int, n: int, dtype) -> np.ndarray:
     if arr.size == 0:
         arr = arr.reshape(0)
     if arr.ndim != 1 or arr.shape[0] != n:
-        raise ValueError(f"{what}[{i}] has shape {arr.shape}, expected ({n},): one per box of image {i}")
+        raise ValueError(f"{what}[{i}] has shape {arr.shape}, expected ({n},): one per box of "
+                         f"image {i}")
     return arr
 
 

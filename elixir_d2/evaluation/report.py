@@ -19,7 +19,8 @@ def fp_key(fp: float) -> str:
 
 
 def _metrics_of(entry: Mapping) -> Mapping:
-    # Accept evaluate()'s {"lesion": {...}}, lesion_metrics.json's {"metrics": {...}} or the flat dict.
+    # Accept evaluate()'s {"lesion": {...}}, lesion_metrics.json's {"metrics": {...}} or the flat
+    # dict.
     for key in ("lesion", "metrics"):
         if key in entry and isinstance(entry[key], Mapping):
             return entry[key]

@@ -65,7 +65,8 @@ def group_detections(
     boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
     scores = np.asarray(scores, dtype=np.float64).reshape(-1)
     if not len(slices) == len(boxes) == len(scores):
-        raise ValueError(f"{len(slices)} slices, {len(boxes)} boxes, {len(scores)} scores: lengths differ")
+        raise ValueError(f"{len(slices)} slices, {len(boxes)} boxes, {len(scores)} scores: lengths "
+                         "differ")
     n = len(slices)
     sets = UnionFind(n)
     by_slice: Dict[int, np.ndarray] = {int(s): np.flatnonzero(slices == s) for s in np.unique(slices)}

@@ -48,7 +48,8 @@ def to_lps_array(img) -> Tuple[np.ndarray, Tuple[float, float, float], Tuple[flo
     if layout is None:  # a 45-degree oblique: leave the choice to ITK (whole copies)
         img = sitk.DICOMOrient(img, "LPS")
         return (sitk.GetArrayFromImage(img).astype(np.float32, copy=False), tuple(img.GetSpacing()),
-                tuple(img.GetOrigin()), np.asarray(img.GetDirection(), dtype=np.float64).reshape(3, 3))
+                tuple(img.GetOrigin()),
+                np.asarray(img.GetDirection(), dtype=np.float64).reshape(3, 3))
     perm, flips = layout
     size, sp = img.GetSize(), img.GetSpacing()
     d = np.asarray(img.GetDirection(), dtype=np.float64).reshape(3, 3)

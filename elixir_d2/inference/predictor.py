@@ -35,7 +35,8 @@ from .volume_io import CTVolume, check_context
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ArraySliceStack", "SlicePrediction", "VolumePrediction", "CTPredictor", "build_predictor_model"]
+__all__ = ["ArraySliceStack", "SlicePrediction", "VolumePrediction", "CTPredictor",
+           "build_predictor_model"]
 
 
 class ArraySliceStack(SliceStack):
@@ -138,10 +139,11 @@ class CTPredictor:
                     f"MODEL.ROI_BOX_HEAD.NAME is {cfg.MODEL.ROI_BOX_HEAD.NAME!r}"
                 )
             self._hook = self.model.proposal_generator.register_forward_hook(self._keep_proposals)
-        if capture_confidence and not hasattr(getattr(self.model, "proposal_generator", None), "last_conf_maps"):
+        if capture_confidence and not hasattr(getattr(self.model, "proposal_generator", None),
+                                              "last_conf_maps"):
             raise ValueError(
-                f"--draw-confidence needs the TRPN proposal generator; MODEL.PROPOSAL_GENERATOR.NAME is "
-                f"{cfg.MODEL.PROPOSAL_GENERATOR.NAME!r}"
+                "--draw-confidence needs the TRPN proposal generator; "
+                f"MODEL.PROPOSAL_GENERATOR.NAME is {cfg.MODEL.PROPOSAL_GENERATOR.NAME!r}"
             )
 
     def _keep_proposals(self, module, inputs, output) -> None:
@@ -162,7 +164,8 @@ class CTPredictor:
         """Model input (3 x h' x w' float tensor) of slice ``number``, its size and fallbacks;
         the steps of CTDatasetMapper.__call__ in evaluation mode."""
         stack = ArraySliceStack(volume, number)
-        hu = np.stack([stack.at_offset(o / volume.slice_interval) for o in self.mapper.offsets_mm], axis=-1)
+        hu = np.stack([stack.at_offset(o / volume.slice_interval) for o in self.mapper.offsets_mm],
+                      axis=-1)
         image = window_to_uint8_range(hu, self.mapper.hu_window)
         h, w = hu.shape[:2]
         new_h, new_w = self.mapper.output_size(h, w, volume.spacing[0])
@@ -180,7 +183,8 @@ class CTPredictor:
         sx, sy = volume.spacing
         if abs(sx - sy) > 0.01 * max(sx, sy):
             volume.warnings.append(
-                f"{volume.source}: non-square pixels ({sx:g} x {sy:g} mm); resampled by the x spacing as in training"
+                f"{volume.source}: non-square pixels ({sx:g} x {sy:g} mm); resampled by the x "
+                "spacing as in training"
             )
         result = VolumePrediction(volume)
         numbers = volume.slices_to_predict()
@@ -198,7 +202,8 @@ class CTPredictor:
             result.prepare_s += t1 - t0
             result.forward_s += t2 - t1
             for i, (n, (_, size, fallbacks), out) in enumerate(zip(chunk, prepared, outputs)):
-                result.slices.append(self._slice_result(volume, n, size, fallbacks, out["instances"], i))
+                result.slices.append(self._slice_result(volume, n, size, fallbacks,
+                                                        out["instances"], i))
                 if on_slice is not None:
                     on_slice(result.slices[-1])
             if progress is not None:
@@ -226,7 +231,8 @@ class CTPredictor:
             relations = self.model.roi_heads.box_head.last_relations
             if len(relations) <= i:
                 raise ValueError(
-                    "--draw-relations: the box head kept no relation matrix (its genotype has no region_nonlocal edge)"
+                    "--draw-relations: the box head kept no relation matrix (its genotype has no "
+                    "region_nonlocal edge)"
                 )
             e = relations[i].detach().cpu().numpy()
             if e.shape != (len(props), len(props)):

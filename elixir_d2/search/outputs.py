@@ -108,7 +108,8 @@ def write_search_outputs(head, output_dir: str, comment: Optional[str] = None,
 
     PathManager.mkdirs(output_dir)
     genotype = head.genotype()
-    write_genotype(genotype, os.path.join(output_dir, GENOTYPE_YAML), comment=comment or "", provenance=provenance)
+    write_genotype(genotype, os.path.join(output_dir, GENOTYPE_YAML), comment=comment or "",
+                   provenance=provenance)
     draw_alpha_heatmap(
         softmax_alphas(head), head.op_names, os.path.join(output_dir, ALPHAS_PNG),
         edge_labels=edge_labels(head.branches),
@@ -197,7 +198,8 @@ class AlphaRecorder(HookBase):
             return  # interrupted: --resume finishes the search and writes the outputs
         head = self._head_fn()
         if comm.is_main_process():
-            self.final_genotype = write_search_outputs(head, self.output_dir, self.comment, self.provenance)
+            self.final_genotype = write_search_outputs(head, self.output_dir, self.comment,
+                                                       self.provenance)
             logger.info(
                 "ALB search done: %s written to %s; genotype %s",
                 ", ".join((GENOTYPE_YAML, ALPHAS_JSON, ALPHAS_PNG)), self.output_dir,

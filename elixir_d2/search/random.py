@@ -13,7 +13,8 @@ from ..modeling.alb.spaces import get_search_space
 __all__ = ["sample_random_genotype"]
 
 
-def _sample_pairs(rng: np.random.RandomState, ops: List[str], branches: int) -> List[Tuple[str, int]]:
+def _sample_pairs(rng: np.random.RandomState, ops: List[str],
+                  branches: int) -> List[Tuple[str, int]]:
     pairs = []
     for b in range(branches):
         inputs = sorted(rng.choice(b + 2, size=2, replace=False).tolist())

@@ -17,7 +17,8 @@ from torch import nn
 
 from detectron2.config import CfgNode
 
-__all__ = ["MixedPrecision", "check_search_amp", "search_precision", "search_loss", "optimizer_step"]
+__all__ = ["MixedPrecision", "check_search_amp", "search_precision", "search_loss",
+           "optimizer_step"]
 
 
 @dataclass

@@ -8,14 +8,15 @@ ElixirNet (C4), from their R-50 DeepLesion configs (``--quick``: the CPU quickst
 with random weights (MODEL.WEIGHTS unset): the compute is that of trained weights except for what
 depends on learned values. One such thing matters: how many locations TRPN keeps. With random
 weights the mean-threshold truncation is arbitrary (it may keep almost no location, hence a
-handful of proposals against FRCNN's 1000), and the proposal count sets the ROI head's cost. So TRPN is timed keeping every location (MODEL.TRPN.THRESHOLD 0): its own overhead
-(the p conv, masking) is paid in full and every model's ROI heads see the same number of
-proposals (POST_NMS_TOPK_TEST), as trained models on CT do. That is TRPN's slowest case; the
-printed proposal counts show what each head received. Second: random convs between identity
-FrozenBN layers blow activations up through 50 layers (up to non-finite RPN scores, hence no
-proposal at all), so before timing, every FrozenBN gets the channel mean and
-variance of its input on the benchmark image (one calibration pass, as a trained network's
-statistics keep activations near unit scale). GroupNorm / BatchNorm models are unaffected.
+handful of proposals against FRCNN's 1000), and the proposal count sets the ROI head's cost. So TRPN
+is timed keeping every location (MODEL.TRPN.THRESHOLD 0): its own overhead (the p conv, masking) is
+paid in full and every model's ROI heads see the same number of proposals (POST_NMS_TOPK_TEST), as
+trained models on CT do. That is TRPN's slowest case; the printed proposal counts show what each
+head received. Second: random convs between identity FrozenBN layers blow activations up through 50
+layers (up to non-finite RPN scores, hence no proposal at all), so before timing, every FrozenBN
+gets the channel mean and variance of its input on the benchmark image (one calibration pass, as a
+trained network's statistics keep activations near unit scale). GroupNorm / BatchNorm models are
+unaffected.
 
 Input: one CT-like 512x512 slice (the phantom of data_loader.py, windowed, 3 channels).
 Inference: ``--warmup`` untimed rounds, then ``--rounds`` rounds; each round runs every model once,
@@ -94,12 +95,14 @@ MODELS = (
 )
 
 
-def load_cfg(config: str, device: str = "cpu", opts: Sequence[str] = (), trpn_keep_all: bool = True) -> CfgNode:
+def load_cfg(config: str, device: str = "cpu", opts: Sequence[str] = (),
+             trpn_keep_all: bool = True) -> CfgNode:
     """``config`` (relative to the repository) with random weights on ``device``; TRPN keeps every
     location when ``trpn_keep_all`` (see the module docstring)."""
     # A tiny learning rate: training is only timed, and random weights must not blow up.
     cfg = load_config(config if os.path.isabs(config) else os.path.join(ROOT, config),
-                      ["MODEL.WEIGHTS", "", "MODEL.DEVICE", device, "SOLVER.BASE_LR", "1e-5", *opts])
+                      ["MODEL.WEIGHTS", "", "MODEL.DEVICE", device, "SOLVER.BASE_LR", "1e-5",
+                       *opts])
     if trpn_keep_all and cfg.MODEL.PROPOSAL_GENERATOR.NAME == "TRPN":
         cfg.MODEL.TRPN.THRESHOLD = 0.0  # p > 0 everywhere: nothing truncated
     return cfg
@@ -109,7 +112,8 @@ def ct_input(size: int = 512, seed: int = 0) -> Dict:
     """A CT-like ``size`` x ``size`` 3-channel model input (windowed phantom, two lesion boxes)."""
     hu = phantom(np.random.default_rng(seed))
     if size != hu.shape[0]:
-        hu = torch.nn.functional.interpolate(torch.as_tensor(hu)[None, None].float(), size=(size, size),
+        hu = torch.nn.functional.interpolate(torch.as_tensor(hu)[None, None].float(),
+                                             size=(size, size),
                                              mode="bilinear", align_corners=False)[0, 0].numpy()
     img = window_to_uint8_range(np.stack([hu] * 3, axis=0), (-1024.0, 3071.0))
     inst = Instances((size, size))
@@ -233,11 +237,13 @@ def measure(
     """Build every model of ``specs`` on ``device`` and time them; returns per model
     {"config", "params", "infer_ms", "infer_ratio", "infer_rounds", "stages_ms", "num_proposals",
     "train_s", "train_ratio", "train_rounds"}. Slow specs get ``slow_rounds`` inference rounds and
-    1 training round (R-50 on the CPU only; every model gets every round with --quick or on CUDA)."""
+    1 training round (R-50 on the CPU only; every model gets every round with --quick or on
+    CUDA)."""
     if rounds < 1 or warmup < 0:
         raise ValueError(f"rounds must be >= 1 and warmup >= 0, got {rounds}, {warmup}")
     if not any(s.name == BASELINE for s in specs):
-        raise ValueError(f"the model list must contain the baseline {BASELINE!r} (ratios are to it)")
+        raise ValueError(f"the model list must contain the baseline {BASELINE!r} (ratios are to "
+                         "it)")
     torch.manual_seed(0)
     cfgs, models = {}, {}
     for spec in specs:
@@ -285,7 +291,8 @@ def measure(
 def format_table(cpu: Dict[str, Dict], gpu: Optional[Dict[str, Dict]] = None) -> str:
     """One markdown table: per model parameters, CPU (and GPU) inference and training vs FPN."""
     base = cpu[BASELINE]
-    head = ["Model", "Params (M)", "x FPN", "CPU ms/img", "x FPN", "rounds", "train s/iter", "x FPN"]
+    head = ["Model", "Params (M)", "x FPN", "CPU ms/img", "x FPN", "rounds", "train s/iter",
+            "x FPN"]
     if gpu:
         head += ["GPU ms/img", "x FPN", "GPU train s/iter", "x FPN"]
     lines = ["| " + " | ".join(head) + " |", "|:--|" + "--:|" * (len(head) - 1)]
@@ -295,8 +302,8 @@ def format_table(cpu: Dict[str, Dict], gpu: Optional[Dict[str, Dict]] = None) ->
 
     for name, r in cpu.items():
         row = [name, f(r["params"] / 1e6, ".2f"), f(r["params"] / base["params"], ".3f"),
-               f(r["infer_ms"], ".0f"), f(r["infer_ratio"], ".2f"), str(r["infer_rounds"]), f(r["train_s"], ".2f"),
-               f(r["train_ratio"], ".2f")]
+               f(r["infer_ms"], ".0f"), f(r["infer_ratio"], ".2f"), str(r["infer_rounds"]),
+               f(r["train_s"], ".2f"), f(r["train_ratio"], ".2f")]
         if gpu:
             g = gpu.get(name, {})
             row += [f(g.get("infer_ms"), ".1f"), f(g.get("infer_ratio"), ".2f"),
@@ -311,23 +318,27 @@ def format_stages(res: Dict[str, Dict], device: str) -> str:
              "generator (RPN / TRPN) | ROI heads incl. postprocessing (proposals they got)"]
     for name, r in res.items():
         s = r["stages_ms"]
-        lines.append(f"  {name:22s} {s['backbone']:8.1f} | {s['proposals']:7.1f} | {s['roi_heads']:7.1f}"
-                     f"  ({r['num_proposals']:.0f})")
+        lines.append(f"  {name:22s} {s['backbone']:8.1f} | {s['proposals']:7.1f} | "
+                     f"{s['roi_heads']:7.1f}  ({r['num_proposals']:.0f})")
     return "\n".join(lines)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict]:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="quickstart (CPU-sized) configs")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--size", type=int, default=512, help="square image side in pixels")
-    ap.add_argument("--rounds", type=int, default=10, help="timed inference rounds (>= 10 for reporting)")
+    ap.add_argument("--rounds", type=int, default=10,
+                    help="timed inference rounds (>= 10 for reporting)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--train-rounds", type=int, default=2, help="timed training rounds (0: skip)")
-    ap.add_argument("--slow-rounds", type=int, default=3, help="inference rounds of the slow models "
-                    "(FRCNN C4, R-50 on the CPU)")
+    ap.add_argument("--slow-rounds", type=int, default=3,
+                    help="inference rounds of the slow models "
+                         "(FRCNN C4, R-50 on the CPU)")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    ap.add_argument("--models", default=None, help="comma-separated subset of the model names (FPN always in)")
+    ap.add_argument("--models", default=None,
+                    help="comma-separated subset of the model names (FPN always in)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     res = measure(args.quick, args.device, args.size, args.rounds, args.warmup, args.train_rounds,
