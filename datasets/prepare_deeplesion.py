@@ -40,7 +40,8 @@ def main(argv=None) -> int:
             continue
         reach = math.ceil(args.slice_intv_mm / les["spacing"][2])
         for idx in range(les["name_slice"] - reach, les["name_slice"] + reach + 1):
-            if idx != les["name_slice"] and not os.path.exists(os.path.join(series, f"{idx:03d}.png")):
+            if idx != les["name_slice"] and not os.path.exists(os.path.join(series,
+                                                                            f"{idx:03d}.png")):
                 counts[split, "missing neighbour slices"] += 1
     print(f"{args.root}: {len(lesions)} lesions on {len(key_slices)} key slices")
     for split in SPLITS:

@@ -88,7 +88,8 @@ def read_marker(folder: str) -> Optional[Dict]:
 
 
 def remove_stale_tmp(parent: str, name: str) -> None:
-    """Remove the temporary siblings of ``parent/name`` a killed writer left (call under the lock)."""
+    """Remove the temporary siblings of ``parent/name`` a killed writer left (call under the
+    lock)."""
     prefix = f".{name}{_TMP_TAG}"
     with contextlib.suppress(FileNotFoundError):
         for entry in os.listdir(parent):

@@ -89,8 +89,9 @@ def _load_pth(filename: str, path_manager=None) -> Dict[str, Any]:
                               "containers; torch.load(weights_only=True) refused it "
                               f"({first})") from e
     except (RuntimeError, EOFError, ValueError) as e:  # truncated / not a torch file
-        raise CheckpointError(f"Checkpoint {filename} is unreadable (truncated or not a torch.save file): "
-                              f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from e
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"Checkpoint {filename} is unreadable (truncated or not a torch.save "
+                              f"file): {first}") from e
     if not isinstance(loaded, dict):
         raise CheckpointError(f"Checkpoint {filename} holds a {type(loaded).__name__}, not a state "
                               "dict")
@@ -173,7 +174,8 @@ class AtomicCheckpointer(DetectionCheckpointer):
         return super().load(path, checkpointables)
 
     def get_checkpoint_file(self) -> str:
-        """The file ``last_checkpoint`` names; if it is gone, the newest complete ``model_*.pth``."""
+        """The file ``last_checkpoint`` names; if it is gone, the newest complete
+        ``model_*.pth``."""
         path = super().get_checkpoint_file()
         if not path or self.path_manager.exists(path) or not os.path.isdir(self.save_dir):
             return path
@@ -211,7 +213,8 @@ class AtomicCheckpointer(DetectionCheckpointer):
         first_keys = sorted(state)[:3] if isinstance(state, dict) else []
         incompatible = super()._load_model(checkpoint)
         # Checkpoint tensors that went into the model: neither unknown to it nor of another shape.
-        self._num_loaded = num_in_checkpoint - len(incompatible.unexpected_keys) - len(incompatible.incorrect_shapes)
+        self._num_loaded = (num_in_checkpoint - len(incompatible.unexpected_keys)
+                            - len(incompatible.incorrect_shapes))
         if num_in_checkpoint and self._num_loaded <= 0 and not heuristics:
             model_keys = list(self.model.state_dict())
             raise ValueError(
@@ -242,7 +245,8 @@ class AtomicCheckpointer(DetectionCheckpointer):
             k, s_ckpt, s_model = shapes[0]
             parts.append(f"{len(shapes)} of another shape, skipped (first: {k} {s_ckpt} in the "
                          f"checkpoint, {s_model} in the model)")
-        self.logger.warning(f"Checkpoint {getattr(self, '_loading', '?')} does not match the model: " + "; ".join(parts))
+        self.logger.warning(f"Checkpoint {getattr(self, '_loading', '?')} does not match the "
+                            "model: " + "; ".join(parts))
 
     def _atomic_write(self, path: str, write: Callable[[Any], None], mode: str) -> None:
         local = self.path_manager.get_local_path(os.path.dirname(path) or ".")

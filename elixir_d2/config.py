@@ -96,7 +96,7 @@ def add_elixirnet_config(cfg: CN) -> None:
     _C.INPUT.LESION_CROP.SIZE = 0
     _C.INPUT.LESION_CROP.LESION_PROB = 0.5
 
-    # ---------------------------------------------------------------- Deformable backbone (Deformv2)
+    # -------------------------------------------------------- Deformable backbone (Deformv2)
     # Op behind MODEL.RESNETS.DEFORM_ON_PER_STAGE in build_deformable_resnet{,_fpn}_backbone:
     # "torchvision" (torchvision.ops.deform_conv2d, runs anywhere), "detectron2" (its C++ ops) or
     # "auto" = detectron2's when compiled and MODEL.DEVICE is CUDA, torchvision's otherwise.

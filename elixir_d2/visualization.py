@@ -48,7 +48,8 @@ def _save_figure(fig, path: str) -> None:
 
 def window_for_display(hu: np.ndarray, window: Tuple[float, float] = VIEW_WINDOW) -> np.ndarray:
     """HU slice -> uint8 grey image with ``window`` mapped onto 0..255 (the training windowing)."""
-    return np.round(window_to_uint8_range(np.asarray(hu, dtype=np.float32), window)).astype(np.uint8)
+    return np.round(window_to_uint8_range(np.asarray(hu, dtype=np.float32),
+                                          window)).astype(np.uint8)
 
 
 def _rgb(image: np.ndarray) -> np.ndarray:
@@ -102,8 +103,8 @@ def draw_detections(
     for k, box in enumerate(boxes):
         x1, y1, x2, y2 = _box_pixels(box)
         draw.rectangle((x1, y1, x2, y2), outline=det_color, width=width)
-        text = " ".join(t for t in (
-            f"{float(scores[k]):.2f}" if scores is not None else "", labels[k] if labels is not None else "") if t)
+        text = " ".join(t for t in (f"{float(scores[k]):.2f}" if scores is not None else "",
+                                    labels[k] if labels is not None else "") if t)
         if text:
             # Above the box when there is room, else just below its top edge, inside.
             ty = y1 - 11 if y1 >= 11 else y1 + 2
@@ -154,7 +155,8 @@ def draw_relation_graph(
     n = len(boxes)
     if e.shape != (n, n):
         raise ValueError(f"relations must be {n} x {n} for {n} boxes, got {e.shape}")
-    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable") if scores is not None else np.arange(n)
+    order = (np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
+             if scores is not None else np.arange(n))
     nodes = np.sort(order[:max_nodes])
     sym = (e + e.T) / 2
     pairs = [(int(i), int(j), float(sym[i, j])) for a, i in enumerate(nodes) for j in nodes[a + 1:]]
@@ -307,7 +309,8 @@ def draw_alpha_heatmap(
         ax.set_xticks(range(len(op_names)))
         ax.set_xticklabels(op_names, rotation=60, ha="right", fontsize=7)
         ax.set_yticks(range(a.shape[0]))
-        ax.set_yticklabels(list(edge_labels) if edge_labels is not None else _edge_labels(a.shape[0]), fontsize=7)
+        ax.set_yticklabels(list(edge_labels) if edge_labels is not None
+                           else _edge_labels(a.shape[0]), fontsize=7)
         for (r, c), v in np.ndenumerate(a):
             ax.text(c, r, f"{v:.2f}", ha="center", va="center", fontsize=5,
                     color="white" if v < 0.6 * a.max() else "black")

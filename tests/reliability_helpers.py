@@ -53,15 +53,15 @@ def write_tiny_deeplesion(root: str, num_train: int = 4, num_test: int = 3, seed
         rows.append({
             "File_name": f"{folder}_002.png", "Patient_index": str(pat), "Study_index": "1",
             "Series_ID": "1", "Key_slice_index": "2",
-            "Measurement_coordinates": ", ".join(f"{v:.2f}" for v in (cx - r, cy, cx + r, cy, cx, cy - r, cx, cy + r)),
+            "Measurement_coordinates": ", ".join(f"{v:.2f}" for v in (cx - r, cy, cx + r, cy, cx,
+                                                                       cy - r, cx, cy + r)),
             "Bounding_boxes": ", ".join(f"{v:.3f}" for v in box),
             "Lesion_diameters_Pixel_": f"{2 * r:.3f}, {2 * r:.3f}",
             "Normalized_lesion_location": "0.5, 0.5, 0.5",
             "Coarse_lesion_type": "-1" if split == 1 else "4", "Possibly_noisy": "0",
             "Slice_range": "1, 3", "Spacing_mm_px_": f"{SPACING_MM}, {SPACING_MM}, {SLICE_INTV_MM}",
-            "Image_size": f"{SIZE}, {SIZE}",
-            "DICOM_windows": "-175, 275", "Patient_gender": "F", "Patient_age": "50",
-            "Train_Val_Test": str(split),
+            "Image_size": f"{SIZE}, {SIZE}", "DICOM_windows": "-175, 275", "Patient_gender": "F",
+            "Patient_age": "50", "Train_Val_Test": str(split),
         })
     with open(os.path.join(root, "DL_info.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=_columns())

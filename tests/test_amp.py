@@ -144,8 +144,9 @@ def test_mixed_op_sum_and_alpha_gradient_in_float32(device, dtype):
 
 # --------------------------------------------------------------------------------- RTM
 def _predictor(channels, num_classes, device):
-    return FastRCNNOutputLayers(ShapeSpec(channels=channels), num_classes=num_classes,
-                                box2box_transform=Box2BoxTransform((10.0, 10.0, 5.0, 5.0))).to(device)
+    head = FastRCNNOutputLayers(ShapeSpec(channels=channels), num_classes=num_classes,
+                                box2box_transform=Box2BoxTransform((10.0, 10.0, 5.0, 5.0)))
+    return head.to(device)
 
 
 @pytest.mark.parametrize("device,dtype", CASES, ids=IDS)

@@ -76,7 +76,8 @@ def test_two_concurrent_prepare_runs_decode_each_case_once(tmp_path):
     procs = [subprocess.Popen([sys.executable, "-c", code, root, cache], cwd=REPO,
                               stdout=subprocess.PIPE)
              for _ in range(2)]
-    outs = [json.loads(p.communicate(timeout=120)[0].decode().strip().splitlines()[-1]) for p in procs]
+    outs = [json.loads(p.communicate(timeout=120)[0].decode().strip().splitlines()[-1])
+            for p in procs]
     assert all(p.returncode == 0 for p in procs)
     assert sorted(o["decoded"] for o in outs) == [0, 3]  # the second waited, then reused all 3
     assert len(load_kits19_dicts(cache, "train")) + len(load_kits19_dicts(cache, "test")) == 6
@@ -100,7 +101,8 @@ def test_interrupted_regeneration_leaves_the_old_set_whole(tmp_path, monkeypatch
     monkeypatch.setattr(synthetic_mod, "_write_png", dying_write)
     with pytest.raises(KeyboardInterrupt):
         generate_deeplesion(out, seed=4, **TINY)
-    files = [os.path.relpath(os.path.join(d, n), ref) for d, _, names in os.walk(ref) for n in names]
+    files = [os.path.relpath(os.path.join(d, n), ref)
+             for d, _, names in os.walk(ref) for n in names]
     _, mismatch, errors = filecmp.cmpfiles(ref, out, files, shallow=False)
     assert not mismatch and not errors and len(files) > 20
     assert read_marker(out)["options"]["seed"] == 3
@@ -156,8 +158,8 @@ go = sys.argv[2]
 print("ready", flush=True)
 while not os.path.exists(go):
     time.sleep(0.01)
-s = ensure_synthetic(sys.argv[1], seed=0, num_patients=4, slices_per_series=(6, 8), keys_per_series=(1, 2),
-                     image_size=64)
+s = ensure_synthetic(sys.argv[1], seed=0, num_patients=4, slices_per_series=(6, 8),
+                     keys_per_series=(1, 2), image_size=64)
 print("GENERATED" if s else "REUSED", flush=True)
 """
 

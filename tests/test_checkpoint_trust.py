@@ -123,8 +123,8 @@ def test_resume_after_a_deleted_checkpoint_falls_back_to_the_newest_complete(tmp
     with caplog.at_level(logging.WARNING):
         extra = AtomicCheckpointer(fresh, out).resume_or_load("", resume=True)
     assert extra["iteration"] == 3 and float(fresh.weight.detach()[0, 0]) == 3.0
-    assert any("model_0000005.pth, which is missing; resuming from model_0000003.pth" in r.getMessage()
-               for r in caplog.records)
+    assert any("model_0000005.pth, which is missing; resuming from model_0000003.pth"
+               in r.getMessage() for r in caplog.records)
     for name in ("model_0000001.pth", "model_0000003.pth"):
         os.remove(os.path.join(out, name))
     with pytest.raises(MissingFileError,

@@ -29,7 +29,8 @@ def _record(slice_dir, key, slice_range, intv, spacing=0.8, boxes=((4, 6, 12, 20
         "file_name": f"{slice_dir}/{key:03d}.png", "image_id": 0, "height": H, "width": W,
         "slice_dir": slice_dir, "slice_idx": key, "slice_range": slice_range, "slice_intv": intv,
         "spacing": spacing, "hu_window": (-175, 275),
-        "annotations": [{"bbox": list(b), "bbox_mode": BoxMode.XYXY_ABS, "category_id": 0} for b in boxes],
+        "annotations": [{"bbox": list(b), "bbox_mode": BoxMode.XYXY_ABS, "category_id": 0}
+                        for b in boxes],
     }
 
 
@@ -159,7 +160,8 @@ def test_uniform_crops_cover_the_image():
     from elixir_d2.data.ct_mapper import choose_crop
 
     rng = np.random.RandomState(2)
-    starts = {choose_crop(12, 12, 10, np.array([[0.0, 0.0, 2.0, 2.0]]), 0.0, rng)[:2] for _ in range(400)}
+    starts = {choose_crop(12, 12, 10, np.array([[0.0, 0.0, 2.0, 2.0]]), 0.0, rng)[:2]
+              for _ in range(400)}
     assert starts == {(x, y) for x in range(3) for y in range(3)}  # every position, lesion or not
 
 

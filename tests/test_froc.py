@@ -55,7 +55,8 @@ def reference_froc(pred_boxes, pred_scores, gt_boxes, fps, criterion="iou", thre
     for f, h in points:  # repeated FP values: keep the highest sensitivity
         best[f] = max(best.get(f, 0), h)
     xs = np.array(sorted(best), dtype=float) / max(n_img, 1)
-    ys = np.array([best[f] for f in sorted(best)], dtype=float) / n_gt if n_gt else np.zeros(len(best))
+    ys = (np.array([best[f] for f in sorted(best)], dtype=float) / n_gt if n_gt
+          else np.zeros(len(best)))
     return {f: float(np.interp(f, xs, ys)) for f in fps}, xs, ys
 
 

@@ -200,7 +200,7 @@ def test_missing_unreadable_and_bad_labels(tmp_path):
         case_records(case_dir)
 
 
-# ----------------------------------------------------------------------------- cache, split, catalog
+# --------------------------------------------------------------------- cache, split, catalog
 def test_split_cases_is_80_20_seeded_and_disjoint():
     ids = [f"case_{i:05d}" for i in range(10)]
     train, test = split_cases(list(reversed(ids)), seed=0)
@@ -227,7 +227,8 @@ def test_prepare_cache_is_idempotent_and_loads_by_split(tmp_path):
     with open(png, "rb") as f:
         assert f.read(26)[24:26] == b"\x10\x00"  # IHDR: 16-bit grayscale
     np.testing.assert_array_equal(arr, hu[3].astype(np.int32) + 32768)
-    assert sorted(os.listdir(os.path.join(cache, "case_00001"))) == [f"{z:03d}.png" for z in range(6)] + ["case.json"]
+    assert (sorted(os.listdir(os.path.join(cache, "case_00001")))
+            == [f"{z:03d}.png" for z in range(6)] + ["case.json"])
     mtime = os.path.getmtime(png)
     with open(os.path.join(cache, "records.json")) as f:
         first = f.read()
@@ -241,9 +242,11 @@ def test_prepare_cache_is_idempotent_and_loads_by_split(tmp_path):
     train_cases = {r["case"][:10] for r in train}
     test_cases = {r["case"][:10] for r in test}
     assert (len(train_cases), len(test_cases)) == (4, 1) and not train_cases & test_cases
-    assert (sorted(train_cases), sorted(test_cases)) == split_cases([f"case_{i:05d}" for i in range(5)])
+    assert (sorted(train_cases), sorted(test_cases)) == split_cases([f"case_{i:05d}"
+                                                                     for i in range(5)])
     for r in train + test:
-        assert os.path.isfile(r["file_name"]) and r["file_name"] == f"{r['slice_dir']}/{r['slice_idx']:03d}.png"
+        assert (os.path.isfile(r["file_name"])
+                and r["file_name"] == f"{r['slice_dir']}/{r['slice_idx']:03d}.png")
         assert [a["bbox"] for a in r["annotations"]] == EXPECTED[r["slice_idx"]]
         assert r["annotations"][0]["bbox_mode"] == BoxMode.XYXY_ABS
 
@@ -266,6 +269,7 @@ def test_register_and_missing_cache_message(tmp_path):
                        match=r"python -m elixir_d2.data.kits19 --root .* --cache .*cache"):
         DatasetCatalog.get("kits19_unit_train")
     prepare_kits19(str(tmp_path), str(tmp_path / "cache"))
-    assert len(DatasetCatalog.get("kits19_unit_train")) == 2 and len(DatasetCatalog.get("kits19_unit_test")) == 2
+    assert (len(DatasetCatalog.get("kits19_unit_train")) == 2
+            and len(DatasetCatalog.get("kits19_unit_test")) == 2)
     with open(tmp_path / "cache" / "records.json") as f:
         assert json.load(f)["cases"] == ["case_00000", "case_00001"]

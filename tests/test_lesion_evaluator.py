@@ -128,10 +128,12 @@ def test_binary_metrics_match_hand_computation(binary_name, tmp_path):
 
     # Files: froc.csv (paper layout), lesion_metrics.json, froc.png.
     rows = [line.split(",") for line in (tmp_path / "froc.csv").read_text().strip().splitlines()]
-    assert rows[0][:3] == ["criterion", "sens@0.5", "sens@1"] and [r[0] for r in rows[1:]] == ["iou", "iobb"]
+    assert (rows[0][:3] == ["criterion", "sens@0.5", "sens@1"]
+            and [r[0] for r in rows[1:]] == ["iou", "iobb"])
     assert float(rows[1][2]) == pytest.approx(2 * third, abs=1e-4)
     payload = json.loads((tmp_path / "lesion_metrics.json").read_text())
-    assert payload["counts"]["num_noisy_left_out"] == 1 and payload["counts"]["num_detections"] == 20
+    assert (payload["counts"]["num_noisy_left_out"] == 1
+            and payload["counts"]["num_detections"] == 20)
     assert payload["max_fp_per_image"] == {"iou": 17 / 4, "iobb": 16 / 4}
     assert payload["per_size_sens@3_iou"]["size>30"] == 0.0
     assert (tmp_path / "froc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -158,7 +160,8 @@ def test_max_dets_per_image_keeps_the_top_scores(typed_name):
     ev = LesionEvaluator(typed_name, None, distributed=False, max_dets_per_image=2)
     m = run(ev, typed_predictions(), [1, 2])["lesion"]
     # Kept: image 1 .9 (hit a), .8 (duplicate); image 2 .6, .5 (FPs): 1 of 3 lesions, 1 FP/image.
-    assert m["sens@1_iou"] == pytest.approx(100.0 / 3) and m["sens@8_iou"] == pytest.approx(100.0 / 3)
+    assert (m["sens@1_iou"] == pytest.approx(100.0 / 3)
+            and m["sens@8_iou"] == pytest.approx(100.0 / 3))
 
 
 def test_bad_predictions(binary_name):
@@ -185,10 +188,12 @@ def test_coco_ap_by_hand():
     one = [np.array([0])]
     assert coco_ap(gt, one, det, [np.array([0.9])], one) == pytest.approx((50.0, 100.0))
     assert coco_ap(gt, one, gt, [np.array([0.9])], one) == pytest.approx((100.0, 100.0))
-    assert coco_ap(gt, one, [np.zeros((0, 4))], [np.zeros(0)], [np.zeros(0, dtype=int)]) == (0.0, 0.0)
+    assert coco_ap(gt, one, [np.zeros((0, 4))], [np.zeros(0)],
+                   [np.zeros(0, dtype=int)]) == (0.0, 0.0)
     # Class-aware: right box, wrong class -> 0; category-agnostic -> 100.
     assert coco_ap(gt, one, gt, [np.array([0.9])], [np.array([1])], num_classes=2) == (0.0, 0.0)
-    assert coco_ap(gt, one, gt, [np.array([0.9])], [np.array([1])], num_classes=1)[1] == pytest.approx(100.0)
+    assert coco_ap(gt, one, gt, [np.array([0.9])], [np.array([1])],
+                   num_classes=1)[1] == pytest.approx(100.0)
 
 
 def test_format_froc_table_paper_layout():

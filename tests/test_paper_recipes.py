@@ -42,9 +42,8 @@ def test_table6_quick_end_to_end(tiny_root, capsys):
     # The medical-space search is given (--genotype); the DARTS-space search and the random draw
     # run. 4 images per batch: one search iteration per epoch on the 4-record weight half.
     argv = ["--quick", "--root", str(tiny_root), "--output", str(out), "--iters", "2",
-            "--search-epochs", "1",
-            "--genotype", ELIXIR_GENOTYPE, "SOLVER.IMS_PER_BATCH", "4", "INPUT.MAX_IMAGE_SIZE",
-            "64",
+            "--search-epochs", "1", "--genotype", ELIXIR_GENOTYPE,
+            "SOLVER.IMS_PER_BATCH", "4", "INPUT.MAX_IMAGE_SIZE", "64",
             "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "16", "MODEL.RPN.POST_NMS_TOPK_TEST", "50"]
     paths = table6.main(argv)
     md = open(paths["table6"]).read()
@@ -72,7 +71,8 @@ def test_table6_quick_end_to_end(tiny_root, capsys):
     genotypes = {s: yaml.safe_load(open(out / s / "config.yaml"))["MODEL"]["ALB"] for s in
                  ("ablation_alb", "ablation_alb_darts", "ablation_alb_random")}
     assert genotypes["ablation_alb"]["GENOTYPE"] == ELIXIR_GENOTYPE
-    assert genotypes["ablation_alb_darts"]["GENOTYPE"] == str(out / "search_darts" / "genotype.yaml")
+    assert genotypes["ablation_alb_darts"]["GENOTYPE"] == str(out / "search_darts"
+                                                              / "genotype.yaml")
     assert genotypes["ablation_alb_darts"]["SEARCH_SPACE"] == "darts"
     assert genotypes["ablation_alb_random"]["GENOTYPE"] == str(out / "random_alb" / "genotype.yaml")
     darts = yaml.safe_load(open(out / "search_darts" / "genotype.yaml"))
@@ -109,8 +109,10 @@ def test_schedule_scaled_to_iters():
 
 
 def test_cells_and_tables():
-    assert common.fmt(None) == "-" and common.fmt(float("nan")) == "-" and common.fmt(83.876) == "83.88"
-    assert common.markdown_table(["Method", "a"], [["x", "1"]]) == "| Method | a |\n|:--|--:|\n| x | 1 |"
+    assert (common.fmt(None) == "-" and common.fmt(float("nan")) == "-"
+            and common.fmt(83.876) == "83.88")
+    assert (common.markdown_table(["Method", "a"], [["x", "1"]])
+            == "| Method | a |\n|:--|--:|\n| x | 1 |")
 
 
 def test_missing_dataset_names_the_file(tmp_path):
@@ -127,21 +129,25 @@ def test_paper_numbers_match_the_improvements_printed_in_the_paper():
         assert t1[eli]["sens"][0.5] - t1[base]["sens"][0.5] == pytest.approx(d05, abs=0.006)
         assert t1[eli]["mAP"] - t1[base]["mAP"] == pytest.approx(dmap, abs=0.06)
     # Table 2 (IoBB): +6.50 at 0.5 FPs and +4.09 at 8 FPs for ElixirNet w FPN over FPN.
-    assert t2["ElixirNet w FPN"]["sens"][0.5] - t2["FPN"]["sens"][0.5] == pytest.approx(6.50, abs=0.006)
+    assert (t2["ElixirNet w FPN"]["sens"][0.5] - t2["FPN"]["sens"][0.5]
+            == pytest.approx(6.50, abs=0.006))
     assert t2["ElixirNet w FPN"]["sens"][8] - t2["FPN"]["sens"][8] == pytest.approx(4.09, abs=0.006)
     # Table 5's FPN and ElixirNet rows are Table 1's FPN / ElixirNet w FPN at 3 FPs; Table 6's first
     # row is Table 5's ALB row; the text: RTM adds 1.91 points at 3 FPs over TRPN + ALB.
     assert P.TABLE5["FPN"]["sens3"] == t1["FPN"]["sens"][3]
     assert P.TABLE5["ElixirNet (TRPN + ALB + RTM)"]["sens3"] == t1["ElixirNet w FPN"]["sens"][3]
-    assert P.TABLE5["ElixirNet (TRPN + ALB + RTM)"]["sens3"] - P.TABLE5["TRPN + ALB"]["sens3"] == pytest.approx(1.91)
+    assert (P.TABLE5["ElixirNet (TRPN + ALB + RTM)"]["sens3"] - P.TABLE5["TRPN + ALB"]["sens3"]
+            == pytest.approx(1.91))
     assert P.TABLE6["ElixirNet (ALB, our space, differentiable search)"] == P.TABLE5["ALB"]
     # Table 6 prints -2.82 / -2.04 points for the DARTS space / random ALB.
     base = P.TABLE6["ElixirNet (ALB, our space, differentiable search)"]["sens3"]
     assert base - P.TABLE6["ALB w/o our search space (DARTS space)"]["sens3"] == pytest.approx(2.82)
     assert base - P.TABLE6["random ALB"]["sens3"] == pytest.approx(2.04)
     # Table 3: 61.20 = FPN's 58.46 + 2.74; Deformv2 + 0.7 mAP.
-    assert P.TABLE3["ElixirNet w FPN"]["sens"][2] - P.TABLE3["FPN"]["sens"][2] == pytest.approx(2.74)
-    assert P.TABLE3["ElixirNet w Deformv2"]["mAP"] - P.TABLE3["Deformv2"]["mAP"] == pytest.approx(0.7)
+    assert (P.TABLE3["ElixirNet w FPN"]["sens"][2] - P.TABLE3["FPN"]["sens"][2]
+            == pytest.approx(2.74))
+    assert (P.TABLE3["ElixirNet w Deformv2"]["mAP"] - P.TABLE3["Deformv2"]["mAP"]
+            == pytest.approx(0.7))
 
 
 def test_finished_step_is_reused_only_with_the_same_settings(tmp_path):

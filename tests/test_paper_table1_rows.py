@@ -21,7 +21,8 @@ def _components(step: str, quick: bool):
 
 def test_paper_elixirnet_w_fpn_figures_are_the_full_model():
     # The identity the mapping rests on: Table 1's row equals Table 5's TRPN + ALB + RTM row.
-    assert P.TABLE1["ElixirNet w FPN"]["sens"][3.0] == P.TABLE5["ElixirNet (TRPN + ALB + RTM)"]["sens3"]
+    assert (P.TABLE1["ElixirNet w FPN"]["sens"][3.0]
+            == P.TABLE5["ElixirNet (TRPN + ALB + RTM)"]["sens3"])
     assert P.TABLE1["ElixirNet w FPN"]["mAP"] == P.TABLE5["ElixirNet (TRPN + ALB + RTM)"]["mAP"]
 
 

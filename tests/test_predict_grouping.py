@@ -34,7 +34,8 @@ def test_iou_threshold_and_gap():
     slices, boxes, scores = [0, 2], [[0, 0, 10, 10], [5, 0, 15, 10]], [0.5, 0.6]
     assert len(group_detections(slices, boxes, scores, (1, 1), 1.0)) == 2  # slices 2 apart
     assert len(group_detections(slices, boxes, scores, (1, 1), 1.0, max_gap=2)) == 1
-    assert len(group_detections(slices, boxes, scores, (1, 1), 1.0, iou_thresh=0.34, max_gap=2)) == 2
+    assert len(group_detections(slices, boxes, scores, (1, 1), 1.0, iou_thresh=0.34,
+                                max_gap=2)) == 2
 
 
 def test_chain_links_boxes_that_do_not_overlap_directly():

@@ -136,7 +136,8 @@ def test_dicom_series_hu_from_rescale_and_spacing_from_headers(tmp_path):
     vol = phantom()
     folder = write_dicom_series(tmp_path / "series", vol, spacing=(0.7, 0.7))
     # The files store HU + 1024 (RescaleIntercept -1024): the HU below come from the rescale.
-    raw = np.frombuffer((tmp_path / "series" / "IM0003.dcm").read_bytes()[-40 * 40 * 2:], "<i2").reshape(40, 40)
+    raw = np.frombuffer((tmp_path / "series" / "IM0003.dcm").read_bytes()[-40 * 40 * 2:],
+                        "<i2").reshape(40, 40)
     np.testing.assert_array_equal(raw, vol[3].astype(np.int32) + 1024)
     v = read_dicom_series(folder, "series")
     np.testing.assert_array_equal(v.hu, vol.astype(np.float32))
@@ -210,7 +211,8 @@ def test_context_slices_needed(interval, need):
 
 
 def test_too_few_slices_for_the_context(tmp_path):
-    v = read_nifti(write_nifti(tmp_path / "short.nii.gz", phantom(slices=4), spacing=(0.8, 0.8, 1.0)), "short")
+    v = read_nifti(write_nifti(tmp_path / "short.nii.gz", phantom(slices=4),
+                               spacing=(0.8, 0.8, 1.0)), "short")
     with pytest.raises(CTInputError,
                        match=r"short\.nii\.gz: 4 slice\(s\) at 1 mm; .* needs at least 5"):
         check_context(v, [-2.0, 0.0, 2.0])

@@ -132,7 +132,8 @@ def test_known_lesion_through_the_pipeline(tmp_path):
     summary = run_prediction(cfg, str(cases), out,
                              PredictOptions(gt=str(tmp_path / "gt.json"), progress=False),
                              model=OracleModel(level))
-    assert [c["case"] for c in summary["cases"]] == ["ct_dicom", "ct_nifti"] and summary["failed"] == []
+    assert ([c["case"] for c in summary["cases"]] == ["ct_dicom", "ct_nifti"]
+            and summary["failed"] == [])
     for case in ("ct_nifti", "ct_dicom"):
         doc = json.load(open(f"{out}/{case}/detections.json"))
         assert doc["model_input_size"] == [[40, 40]]
@@ -142,7 +143,8 @@ def test_known_lesion_through_the_pipeline(tmp_path):
             assert [d["x1_mm"], d["y1_mm"], d["width_mm"], d["height_mm"]] == [28, 20, 32, 24]
         (f,) = doc["findings"]
         assert (f["slice_first"], f["slice_last"], f["num_slices"]) == (1, 4, 4)
-        assert f["extent_mm"] == pytest.approx(4 * 2.5) and f["largest_diameter_mm"] == pytest.approx(32.0)
+        assert (f["extent_mm"] == pytest.approx(4 * 2.5)
+                and f["largest_diameter_mm"] == pytest.approx(32.0))
         assert all(d["finding_id"] == f["finding_id"] for d in doc["detections"])
     # LPS centre of the box on NIfTI slice 3: continuous (22, 16) -> voxel (21.5, 15.5, 3).
     d3 = json.load(open(f"{out}/ct_nifti/detections.json"))["detections"][2]
@@ -174,14 +176,16 @@ def test_cli_folder_run(tmp_path, fpn_weights, capsys):
     write_nifti(cases / "thin.nii.gz", phantom(slices=3), spacing=(0.8, 0.8, 1.0))
     out = str(tmp_path / "out")
     rc = predict_net.main(["--config-file", "configs/quickstart/fpn.yaml", "--weights", fpn_weights,
-                           "--input", str(cases), "--output", out, "--score-thresh", "0.0", "--no-progress"] + FAST)
+                           "--input", str(cases), "--output", out, "--score-thresh", "0.0",
+                           "--no-progress"] + FAST)
     assert rc == 0
     err = capsys.readouterr().err
     summary = json.load(open(f"{out}/summary.json"))
     assert sorted(c["case"] for c in summary["cases"]) == ["000006_01_01", "series_b", "vol_a"]
     failed = {f["case"]: f["error"] for f in summary["failed"]}
     assert set(failed) == {"broken", "series_mr", "thin"}
-    assert "broken.nii.gz: unreadable" in failed["broken"] and "not a CT series" in failed["series_mr"]
+    assert ("broken.nii.gz: unreadable" in failed["broken"]
+            and "not a CT series" in failed["series_mr"])
     assert "thin.nii.gz: 3 slice(s) at 1 mm" in failed["thin"]
     assert "3 case(s) failed" in err and "series_mr" in err
     # The model saw 40 px * 0.8 mm / 2 mm = 16 px.

@@ -6,7 +6,8 @@ or a documented, counted skip. Cases already tested elsewhere are referenced, no
                                     ::test_malformed_row_names_file_row_and_column
   genotype unknown op / edge        test_alb_genotype.py::test_validation_errors_name_file_and_entry
   NIfTI 2-D / RGB / not HU / no spacing  test_predict_io.py::test_nifti_bad_inputs_are_named, ...
-  image without lesion in the FROC denominator  test_froc.py::test_images_without_lesions_count_in_the_fp_denominator
+  image without lesion in the FROC denominator
+                                    test_froc.py::test_images_without_lesions_count_in_the_fp_denominator
 """
 import logging
 import os
@@ -49,7 +50,8 @@ def _series(root, n=3):
 
 
 def _record(slice_dir, with_lesion=True):
-    anns = [{"bbox": [10.0, 12.0, 30.0, 28.0], "bbox_mode": 0, "category_id": 0}] if with_lesion else []
+    anns = ([{"bbox": [10.0, 12.0, 30.0, 28.0], "bbox_mode": 0, "category_id": 0}] if with_lesion
+            else [])
     return {"file_name": f"{slice_dir}/002.png", "image_id": 0, "height": 64, "width": 64,
             "slice_dir": slice_dir,
             "slice_idx": 2, "slice_range": (1, 3), "slice_intv": 2.0, "spacing": 0.8,
@@ -174,7 +176,7 @@ def test_box_past_the_border_is_clipped_and_counted(dl_root, caplog):
     assert "clipped 2 boxes reaching past the image border" in caplog.text
 
 
-# ----------------------------------------------------------------------------- a key slice with no lesion
+# ---------------------------------------------------------------- a key slice with no lesion
 @pytest.fixture(scope="module")
 def fpn_model():
     from detectron2.modeling import build_model
@@ -207,10 +209,12 @@ def test_key_slice_without_lesion_trains_as_a_negative_and_counts_in_evaluation(
     # training keeps it (Base-DeepLesion: FILTER_EMPTY_ANNOTATIONS False) as a negative image
     cfg = build_cfg([])
     assert cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS is False
-    assert len(get_detection_dataset_dicts([name], filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS)) == 2
+    assert len(get_detection_dataset_dicts(
+        [name], filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS)) == 2
     mapper = CTDatasetMapper(cfg, is_train=True)
     # (the quickstart model is binary: the typed lesion trains as class 0 here)
-    batch = [mapper(dict(r, annotations=[dict(a, category_id=0) for a in r["annotations"]])) for r in recs]
+    batch = [mapper(dict(r, annotations=[dict(a, category_id=0) for a in r["annotations"]]))
+             for r in recs]
     assert len(batch[0]["instances"]) == 0 and len(batch[1]["instances"]) == 1
     fpn_model.train()
     with EventStorage(0):
@@ -345,8 +349,8 @@ def test_checkpoint_of_a_model_with_other_shapes_is_summarised(fpn_model, fpn_ch
     assert f"Checkpoint {fpn_checkpoint} does not match the model" in summary
     assert f"{len(own) - 4} of the model's {len(own)} tensors loaded" in summary
     first = next(k for k in ref if k in other_shape)  # in checkpoint order
-    assert (f"4 of another shape, skipped (first: {first} {tuple(ref[first].shape)} in the checkpoint, "
-            f"{tuple(own[first].shape)} in the model)") in summary
+    assert (f"4 of another shape, skipped (first: {first} {tuple(ref[first].shape)} in the "
+            f"checkpoint, {tuple(own[first].shape)} in the model)") in summary
     assert "missing from the checkpoint" not in summary
 
 

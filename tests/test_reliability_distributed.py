@@ -65,7 +65,8 @@ def train_and_evaluate(root: str, prefix: str, opts, eval_weights: str, out_dir:
         def after_step(self):
             if comm.is_main_process():  # only rank 0 holds the (rank-averaged) scalars
                 latest = self.trainer.storage.latest()
-                losses.append({k: latest[k][0] for k in latest if k.startswith("loss") or k == "total_loss"})
+                losses.append({k: latest[k][0] for k in latest
+                               if k.startswith("loss") or k == "total_loss"})
 
     trainer = train_net.Trainer(cfg)
     trainer.register_hooks([RecordLosses()])
@@ -95,7 +96,7 @@ def test_two_process_training_and_evaluation_match_one_process(tmp_path):
 
     launch(train_and_evaluate, 1,
            args=(root, prefix, tiny_opts(prefix, str(one), MAX_ITER, **EXACT_SAMPLING),
-                "", str(one)))
+                 "", str(one)))
     weights = str(one / "model_final.pth")
     launch(train_and_evaluate, 2, dist_url="auto",
            args=(root, prefix, tiny_opts(prefix, str(two), MAX_ITER, **EXACT_SAMPLING), weights,

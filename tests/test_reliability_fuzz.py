@@ -93,7 +93,8 @@ SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-3, 12), st.floats(all
                     st.sampled_from(OPS + ["conv_9x9", "none", "elixir", "darts", ""]),
                     st.text(max_size=8))
 ANY = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=9) |
-                   st.dictionaries(SCALARS.filter(lambda v: v == v), inner, max_size=5), max_leaves=30)
+                   st.dictionaries(SCALARS.filter(lambda v: v == v), inner, max_size=5),
+                   max_leaves=30)
 PAIR = st.tuples(st.sampled_from(OPS + ["conv_9x9"]), st.integers(-1, 6)).map(list) | ANY
 
 

@@ -24,7 +24,8 @@ MAX_ITER, PERIOD = 12, 4
 def _expected_checkpoints(max_iter: int, period: int):
     # fvcore's PeriodicCheckpointer: model_{i:07d} after iteration i when (i + 1) % period == 0,
     # and model_final after the last iteration.
-    return {f"model_{i:07d}.pth" for i in range(max_iter) if (i + 1) % period == 0} | {"model_final.pth"}
+    return ({f"model_{i:07d}.pth" for i in range(max_iter) if (i + 1) % period == 0}
+            | {"model_final.pth"})
 
 
 def _train_cmd(out_dir, resume=False):
@@ -64,7 +65,8 @@ def test_sigkill_then_resume_ends_like_an_uninterrupted_run(tmp_path):
                             stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while _read_tag(out) != "model_0000003.pth":  # the first checkpoint is complete and tagged
-        assert proc.poll() is None, f"training ended (rc {proc.returncode}) before its first checkpoint"
+        assert proc.poll() is None, (f"training ended (rc {proc.returncode}) before its first "
+                                     "checkpoint")
         assert time.time() < deadline, "no checkpoint after 300 s"
         time.sleep(0.02)
     os.kill(proc.pid, signal.SIGKILL)
@@ -147,7 +149,8 @@ def test_checkpoint_killed_mid_write_leaves_the_previous_files_intact(tmp_path):
     child = ctx.Process(target=_save_forever, args=(str(tmp_path),))
     child.start()
     deadline = time.time() + 120
-    while not any(p.name.startswith(f".tmp_{child.pid}@") and p.stat().st_size > 0 for p in tmp_path.iterdir()):
+    while not any(p.name.startswith(f".tmp_{child.pid}@") and p.stat().st_size > 0
+                  for p in tmp_path.iterdir()):
         assert child.is_alive() and time.time() < deadline
         time.sleep(0.01)
     os.kill(child.pid, signal.SIGKILL)
@@ -199,7 +202,8 @@ def test_resume_restores_the_optimizer_momentum(tmp_path):
     first = ElixirTrainer(cfg)
     first.resume_or_load(resume=False)
     first.train()
-    momentum = {k: v["momentum_buffer"].clone() for k, v in first.optimizer.state_dict()["state"].items()}
+    momentum = {k: v["momentum_buffer"].clone()
+                for k, v in first.optimizer.state_dict()["state"].items()}
     assert momentum and any(bool(m.abs().sum() > 0) for m in momentum.values())
 
     second = ElixirTrainer(cfg)

@@ -38,7 +38,8 @@ def _losses_per_iteration(trainer):
     class Record(HookBase):
         def after_step(self):
             latest = self.trainer.storage.latest()
-            seen.append({k: latest[k][0] for k in sorted(latest) if k.startswith("loss") or k == "total_loss"})
+            seen.append({k: latest[k][0] for k in sorted(latest)
+                         if k.startswith("loss") or k == "total_loss"})
 
     trainer.register_hooks([Record()])
     return seen

@@ -165,7 +165,8 @@ def test_roi_heads_use_the_alb_relations_and_train_through_them():
     # RTM's multi-type loss alone reaches the ALB's relation embedding phi (E kept in the graph),
     # and never the binary classifier.
     losses["loss_cls"].backward()
-    nonlocal_op = [m for m in heads.box_head.blocks[0].modules() if isinstance(m, RegionNonLocal)][0]
+    nonlocal_op = [m for m in heads.box_head.blocks[0].modules()
+                   if isinstance(m, RegionNonLocal)][0]
     assert nonlocal_op.phi.weight.grad.abs().sum() > 0
     assert heads.box_predictor.cls_score.weight.grad is None
 
@@ -230,7 +231,8 @@ def test_frozen_parts_do_not_change_with_batchnorm():
     assert all(torch.equal(after[k], v) for k, v in frozen.items())
     assert all(not p.requires_grad for p in model.backbone.parameters())
     changed = [k for k, p in model.roi_heads.named_parameters() if not torch.equal(p, head[k])]
-    assert any(k.startswith("rtm.") for k in changed) and any(k.startswith("box_head.") for k in changed)
+    assert (any(k.startswith("rtm.") for k in changed)
+            and any(k.startswith("box_head.") for k in changed))
 
 
 def _capture(logger_name):
@@ -282,7 +284,8 @@ def test_format_type_table():
     lines = format_type_table(rows).splitlines()
     assert lines[2] == "| Method | BN | AB | ME | LV | LU | KD | ST | PV |"
     assert lines[4] == "| FPN w finetune | - | 79.58 | - | - | - | - | 57.96 | - |"
-    assert lines[5] == "| ElixirNet | 50.00 | 51.00 | 52.00 | 53.00 | 54.00 | 55.00 | 56.00 | 57.00 |"
+    assert lines[5] == ("| ElixirNet | 50.00 | 51.00 | 52.00 | 53.00 | 54.00 | 55.00 | 56.00 "
+                        "| 57.00 |")
 
 
 @pytest.fixture(scope="module")
@@ -329,7 +332,8 @@ def test_quickstart_binary_then_rtm_finetune_then_typed_eval(tiny_typed_set, tmp
     after = torch.load(rtm_dir / "model_final.pth", weights_only=True)["model"]
     frozen = [k for k in before if k.startswith(("backbone.", "proposal_generator."))]
     assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
-    head = [k for k in before if k.startswith("roi_heads.box_head.") and before[k].is_floating_point()]
+    head = [k for k in before
+            if k.startswith("roi_heads.box_head.") and before[k].is_floating_point()]
     assert any(not torch.equal(before[k], after[k]) for k in head)
     assert not torch.equal(before["roi_heads.box_predictor.cls_score.weight"],
                            after["roi_heads.box_predictor.cls_score.weight"])

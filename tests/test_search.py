@@ -151,7 +151,8 @@ def test_random_flag_writes_a_usable_genotype(tmp_path):
     assert written == g == sample_random_genotype("elixir", 4, seed=11)
     assert "RANDOM" in open(tmp_path / "r1" / "genotype.yaml").read()
     prov = yaml.safe_load(open(tmp_path / "r1" / "genotype.yaml"))["provenance"]
-    assert prov["searched"] is False and "seed 11" in prov["method"] and prov["config"].endswith(".yaml")
+    assert (prov["searched"] is False and "seed 11" in prov["method"]
+            and prov["config"].endswith(".yaml"))
     g2 = search_net.main(_search_args(tmp_path / "r2", "SEED", "12", random=True))
     assert g2 != g
     assert not (tmp_path / "r1" / "alphas.json").exists()  # no search, nothing else written
@@ -169,9 +170,11 @@ def test_steps_touch_only_their_parameters_and_frozen_parts_stay(tiny_set, tmp_p
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.backbone.modules())
     alpha_ids = {id(a) for a in head.arch_parameters()}
     weights = [p for p in model.parameters() if p.requires_grad and id(p) not in alpha_ids]
-    assert {id(p) for g in s.w_optimizer.param_groups for p in g["params"]} == {id(p) for p in weights}
+    assert ({id(p) for g in s.w_optimizer.param_groups for p in g["params"]}
+            == {id(p) for p in weights})
     assert {id(p) for g in s.alpha_optimizer.param_groups for p in g["params"]} == alpha_ids
-    assert isinstance(s.w_optimizer, torch.optim.SGD) and isinstance(s.alpha_optimizer, torch.optim.Adam)
+    assert (isinstance(s.w_optimizer, torch.optim.SGD)
+            and isinstance(s.alpha_optimizer, torch.optim.Adam))
     assert s.alpha_optimizer.param_groups[0]["betas"] == (0.5, 0.999)
     assert s.alpha_optimizer.param_groups[0]["weight_decay"] == 1e-3
     assert s.w_optimizer.param_groups[0]["momentum"] == 0.9
@@ -309,7 +312,8 @@ def test_resume_continues_from_the_last_checkpoint(tiny_set, tmp_path, monkeypat
     final = torch.load(out / "model_final.pth", weights_only=False)
     assert final["trainer"]["iteration"] == 2
     # lr of the resumed iterations follows the cosine of the whole 3-iteration search.
-    lrs = {m["iteration"]: m["lr"] for m in map(json.loads, open(out / "metrics.json")) if "lr" in m}
+    lrs = {m["iteration"]: m["lr"] for m in map(json.loads, open(out / "metrics.json"))
+           if "lr" in m}
     assert lrs[2] == pytest.approx(0.5 * 0.02 * (1 + math.cos(math.pi * 2 / 3)))
     assert load_genotype(str(out / "genotype.yaml")) == genotype
     # A checkpoint of another epoch length is refused instead of silently misnumbering epochs.

@@ -55,8 +55,8 @@ def test_dl_info_has_all_18_columns_in_their_formats(dataset):
     for r in rows:
         m = re.fullmatch(r"(\d{6})_(\d{2})_(\d{2})_(\d{3})\.png", r["File_name"])
         assert m, r["File_name"]
-        assert [int(g) for g in m.groups()] == [int(r[c]) for c in ("Patient_index", "Study_index", "Series_ID",
-                                                                    "Key_slice_index")]
+        assert [int(g) for g in m.groups()] == [int(r[c]) for c in ("Patient_index", "Study_index",
+                                                                    "Series_ID", "Key_slice_index")]
         first, last = (int(v) for v in floats(r["Slice_range"], 2))
         assert first <= int(r["Key_slice_index"]) - 2 and int(r["Key_slice_index"]) + 2 <= last
         sx, sy, sz = floats(r["Spacing_mm_px_"], 3)
@@ -75,7 +75,8 @@ def test_dl_info_has_all_18_columns_in_their_formats(dataset):
         axes = (recist[2:4] - recist[0:2]) @ (recist[6:8] - recist[4:6])
         assert abs(axes) < 1e-2 * long_px * short_px + 1e-3  # long and short axes perpendicular
         xs, ys = recist[0::2], recist[1::2]
-        assert x1 - 1e-3 <= xs.min() and xs.max() <= x2 + 1e-3 and y1 - 1e-3 <= ys.min() and ys.max() <= y2 + 1e-3
+        assert (x1 - 1e-3 <= xs.min() and xs.max() <= x2 + 1e-3
+                and y1 - 1e-3 <= ys.min() and ys.max() <= y2 + 1e-3)
         assert all(0.0 <= v <= 1.0 for v in floats(r["Normalized_lesion_location"], 3))
         split = int(r["Train_Val_Test"])
         assert split in (1, 2, 3)
@@ -201,12 +202,16 @@ def test_round_trip_through_deeplesion_loader(dataset):
     for split, code in (("train", "1"), ("val", "2"), ("test", "3")):
         csv_rows = [r for r in rows if r["Train_Val_Test"] == code]
         recs = load_deeplesion_dicts(out, split)
-        assert len(recs) == len({r["File_name"] for r in csv_rows}) == summary["splits"][split]["key_slices"]
-        boxes = sorted(tuple(round(v, 3) for v in a["bbox"]) for rec in recs for a in rec["annotations"])
-        want = sorted(tuple(round(v - 1, 3) for v in floats(r["Bounding_boxes"], 4)) for r in csv_rows)
+        assert (len(recs) == len({r["File_name"] for r in csv_rows})
+                == summary["splits"][split]["key_slices"])
+        boxes = sorted(tuple(round(v, 3) for v in a["bbox"])
+                       for rec in recs for a in rec["annotations"])
+        want = sorted(tuple(round(v - 1, 3) for v in floats(r["Bounding_boxes"], 4))
+                      for r in csv_rows)
         assert boxes == want
         for rec in recs:
-            assert os.path.isfile(rec["file_name"]) and (rec["height"], rec["width"]) == (SIZE, SIZE)
+            assert (os.path.isfile(rec["file_name"])
+                    and (rec["height"], rec["width"]) == (SIZE, SIZE))
             stack = SliceStack(rec["slice_dir"], rec["slice_idx"], rec["slice_range"])
             for offset_mm in (-2.0, 2.0):
                 stack.at_offset(offset_mm / rec["slice_intv"])

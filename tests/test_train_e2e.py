@@ -33,11 +33,12 @@ def test_train_then_eval_only(tiny_set, tmp_path):
 
     import train_net
 
-    common = ["DATASETS.TRAIN", "('e2e_train',)", "DATASETS.TEST", "('e2e_test',)", "OUTPUT_DIR",
-              str(tmp_path),
+    common = ["DATASETS.TRAIN", "('e2e_train',)", "DATASETS.TEST", "('e2e_test',)",
+              "OUTPUT_DIR", str(tmp_path),
               "INPUT.MAX_IMAGE_SIZE", "96", "SOLVER.IMS_PER_BATCH", "2", "SOLVER.MAX_ITER", "4",
               "SOLVER.WARMUP_ITERS", "1", "SOLVER.STEPS", "(3,)", "SOLVER.CHECKPOINT_PERIOD", "100"]
-    args = default_argument_parser().parse_args(["--config-file", os.path.join(REPO, "configs/quickstart/fpn.yaml")] + common)
+    args = default_argument_parser().parse_args(
+        ["--config-file", os.path.join(REPO, "configs/quickstart/fpn.yaml")] + common)
     train_net.main(args)
     weights = tmp_path / "model_final.pth"
     assert weights.exists()

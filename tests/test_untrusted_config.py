@@ -42,6 +42,7 @@ def test_no_merge_from_file_outside_the_safe_loader():
                 path = os.path.join(root, f)
                 with open(path, encoding="utf-8", errors="replace") as fh:
                     for i, line in enumerate(fh, 1):
-                        if "merge_from_file(" in line and os.path.relpath(path, REPO) != os.path.join("elixir_d2", "config.py"):
+                        if ("merge_from_file(" in line and os.path.relpath(path, REPO)
+                                != os.path.join("elixir_d2", "config.py")):
                             hits.append(f"{os.path.relpath(path, REPO)}:{i}")
     assert not hits, f"config read without the safe loader elixir_d2.load_config: {hits}"

@@ -71,7 +71,8 @@ def test_output_paths_that_resolve_outside_are_refused(tmp_path):
     for parts in (("..", "x"), ("a/../../x",), ("link", "x"), (".",)):
         with pytest.raises(UnsafeOutputError, match="outside the output folder"):
             out.path(*parts)
-    assert out.path("case~1", "detections.json") == str(tmp_path / "out" / "case~1" / "detections.json")
+    assert out.path("case~1", "detections.json") == str(tmp_path / "out" / "case~1"
+                                                        / "detections.json")
 
 
 # ----------------------------------------------------------------------------- 3: DICOM spacing
@@ -169,8 +170,9 @@ def test_relation_graphs_are_drawn_slice_by_slice(tmp_path, monkeypatch):
     model = build_model(cfg).eval()
     events = []
     model.register_forward_hook(lambda *a: events.append("forward"))
-    monkeypatch.setattr(runner_mod, "draw_relation_graph", lambda grey, props, e, path, **kw: events.append(
-        ("draw", os.path.basename(path), e.shape == (len(props), len(props)))))
+    monkeypatch.setattr(runner_mod, "draw_relation_graph",
+                        lambda grey, props, e, path, **kw: events.append(
+                            ("draw", os.path.basename(path), e.shape == (len(props), len(props)))))
     vol = write_nifti(tmp_path / "v.nii.gz", phantom(slices=3, size=64), spacing=(1.0, 1.0, 5.0))
     run(vol, tmp_path / "out", model=model, cfg=cfg, batch_size=1, draw_relations=True,
         overlays="none")
@@ -206,7 +208,8 @@ def test_anonymized_ids_and_a_separate_mapping(tmp_path):
     with pytest.raises(OutputNotEmptyError, match="outside --output"):
         run(scans, out, anonymize_ids=str(out / "ids.csv"))
     s = run(scans, out, anonymize_ids=str(tmp_path / "private" / "ids.csv"))
-    assert [c["case"] for c in s["cases"]] == ["case_0002"] and s["failed"][0]["case"] == "case_0001"
+    assert ([c["case"] for c in s["cases"]] == ["case_0002"]
+            and s["failed"][0]["case"] == "case_0001")
     assert s["failed"][0]["error"].startswith("case_0001: unreadable NIfTI")
     assert open(tmp_path / "private" / "ids.csv").read() == (
         "case_id,input\ncase_0001,Doe_Jane/Doe_Jane_0001.nii.gz\ncase_0002,Smith_John.nii.gz\n")
@@ -230,7 +233,8 @@ def test_non_empty_output_needs_overwrite_which_clears_only_the_runs_files(tmp_p
     run(b, out, overwrite=True)
     assert sorted(os.listdir(out)) == ["coco_images.json", "coco_results.json", "detections.csv",
                                        "findings.csv", "my_notes.txt", "second", "summary.json"]
-    assert sorted(os.listdir(out / "second" / "overlays")) == [f"slice_{i:03d}.png" for i in range(3)]
+    assert sorted(os.listdir(out / "second" / "overlays")) == [f"slice_{i:03d}.png"
+                                                               for i in range(3)]
 
 
 def test_a_failed_case_write_leaves_no_partial_folder(tmp_path, monkeypatch):

@@ -127,7 +127,8 @@ def test_alpha_edge_labels():
     from elixir_d2.visualization import _edge_labels
 
     labels = _edge_labels(14)
-    assert labels[:5] == ["b0<-s0", "b0<-s1", "b1<-s0", "b1<-s1", "b1<-n0"] and labels[-1] == "b3<-n2"
+    assert (labels[:5] == ["b0<-s0", "b0<-s1", "b1<-s0", "b1<-s1", "b1<-n0"]
+            and labels[-1] == "b3<-n2")
     assert _edge_labels(4) == ["e0", "e1", "e2", "e3"]  # not a block's edge count
 
 

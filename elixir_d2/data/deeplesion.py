@@ -86,7 +86,8 @@ def _int(text: str, where: str) -> int:
 
 
 def series_dir_and_slice(file_name: str) -> Tuple[str, int]:
-    """``000001_01_01_109.png`` -> (``000001_01_01``, 109): the folder under Images_png and slice."""
+    """``000001_01_01_109.png`` -> (``000001_01_01``, 109): the folder under Images_png and
+    slice."""
     stem = os.path.splitext(os.path.basename(file_name))[0]
     folder, sep, slice_str = stem.rpartition("_")
     if not sep or not folder or not slice_str.isdigit():
@@ -97,7 +98,8 @@ def series_dir_and_slice(file_name: str) -> Tuple[str, int]:
 
 
 def parse_dl_info_row(row: Dict[str, str], where: str) -> Dict:
-    """Parse one DL_info.csv row (all 18 columns) into a lesion dict; errors name ``where`` + column."""
+    """Parse one DL_info.csv row (all 18 columns) into a lesion dict; errors name ``where`` +
+    column."""
 
     def col(name: str) -> str:
         value = row.get(name)

@@ -69,8 +69,8 @@ def label_components(mask: np.ndarray) -> Tuple[np.ndarray, int]:
         raise ValueError(f"label_components expects a 2-D mask, got shape {mask.shape}")
     rows, starts, ends = _runs(mask)
     runs = UnionFind(len(rows))
-    # Runs of row r - 1 touch a run [s, e) of row r (8-connectivity) when they overlap [s - 1, e +
-    # 1).
+    # Runs of row r - 1 touch a run [s, e) of row r (8-connectivity) when they overlap
+    # [s - 1, e + 1).
     row_first = np.searchsorted(rows, np.arange(mask.shape[0] + 1))
     for i in range(len(rows)):
         r = rows[i]
@@ -160,7 +160,8 @@ def read_kits19_case(case_dir: str, slice_axis: Union[str, int] = "auto") -> Dic
     import SimpleITK as sitk
 
     name = os.path.basename(os.path.normpath(case_dir))
-    img_path, seg_path = os.path.join(case_dir, "imaging.nii.gz"), os.path.join(case_dir, "segmentation.nii.gz")
+    img_path = os.path.join(case_dir, "imaging.nii.gz")
+    seg_path = os.path.join(case_dir, "segmentation.nii.gz")
     img = read_nifti_image(img_path, f"{name} imaging")
     seg = read_nifti_image(seg_path, f"{name} segmentation")
     if img.GetSize() != seg.GetSize():
@@ -234,7 +235,8 @@ def find_cases(root: str) -> List[str]:
     base = os.path.join(root, "data") if PathManager.isdir(os.path.join(root, "data")) else root
     if not PathManager.isdir(base):
         raise FileNotFoundError(f"KiTS19 root not found: {root} (expected {root}/data/case_XXXXX/)")
-    names = sorted(n for n in PathManager.ls(base) if CASE_RE.match(n) and PathManager.isdir(os.path.join(base, n)))
+    names = sorted(n for n in PathManager.ls(base)
+                   if CASE_RE.match(n) and PathManager.isdir(os.path.join(base, n)))
     if not names:
         raise FileNotFoundError(f"no case_XXXXX folders under {base}")
     return [os.path.join(base, n) for n in names]
@@ -256,7 +258,8 @@ def split_cases(case_ids: Sequence[str], seed: int = 0,
 
 def load_kits19_dicts(cache_dir: str, split: str, seed: int = 0,
                       train_frac: float = 0.8) -> List[Dict]:
-    """Records of the ``split`` ('train' / 'test') cases of a prepared cache, paths made absolute."""
+    """Records of the ``split`` ('train' / 'test') cases of a prepared cache, paths made
+    absolute."""
     if split not in ("train", "test"):
         raise ValueError(f"KiTS19 split must be 'train' or 'test', got {split!r}")
     path = os.path.join(cache_dir, RECORDS_FILE)

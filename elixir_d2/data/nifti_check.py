@@ -72,5 +72,6 @@ def nifti_truncation(path: str) -> Optional[str]:
             return f"corrupt gzip stream ({e})"
         expected = expected if expected is not None else _expected_bytes(hdr)
     if expected is not None and present < expected:
-        return f"{present} bytes of header and voxels where the header declares {expected} (truncated file)"
+        return (f"{present} bytes of header and voxels where the header declares {expected} "
+                "(truncated file)")
     return None

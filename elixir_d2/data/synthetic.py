@@ -73,7 +73,8 @@ def _u(rng, lo, hi) -> float:
 
 
 def lesion_hu(lesion_type: int, host_label: int, host_hu: float, rng: np.random.Generator) -> float:
-    """Lesion attenuation: hypo- or hyper-dense against its host, by type (see datasets/README.md)."""
+    """Lesion attenuation: hypo- or hyper-dense against its host, by type (see
+    datasets/README.md)."""
     if lesion_type == 1:
         hu = _u(rng, 10, 80) if rng.random() < 0.6 else _u(rng, 650, 950)  # lytic / sclerotic
     elif lesion_type == 4:
@@ -197,10 +198,12 @@ def _split_of_patients(num_patients: int, rng: np.random.Generator, val_frac: fl
 
 def _series(pat_rng: np.random.Generator, image_size: int, slices_per_series: Tuple[int, int],
             keys_per_series: Tuple[int, int], pending_types: List[int]) -> Dict:
-    """One series: geometry, anatomy + lesions (3-D), key slices and the lesions annotated on each."""
+    """One series: geometry, anatomy + lesions (3-D), key slices and the lesions annotated on
+    each."""
     rng = pat_rng
     if pending_types:
-        region = next(r for r in ("abdomen", "chest", "pelvis") if pending_types[0] in REGION_TYPES[r])
+        region = next(r for r in ("abdomen", "chest", "pelvis")
+                      if pending_types[0] in REGION_TYPES[r])
     else:
         region = str(rng.choice(list(REGION_PROB), p=list(REGION_PROB.values())))
     spacing = _u(rng, *SPACING_MM_AT_192) * 192 / image_size
@@ -261,13 +264,15 @@ def _series(pat_rng: np.random.Generator, image_size: int, slices_per_series: Tu
 
 def _lesion_row(les: Blob, lesion_type: int, z: float, sp: float, size: int, noisy: bool,
                 rng: np.random.Generator) -> Dict[str, str]:
-    """Geometry columns of one DL_info row: RECIST, box (both written +1 as DL_info is), diameters."""
+    """Geometry columns of one DL_info row: RECIST, box (both written +1 as DL_info is),
+    diameters."""
     cx_mm, cy_mm, a, b = les.section(z)
     cx, cy = size / 2 + cx_mm / sp, size / 2 + cy_mm / sp
     a, b = a / sp, b / sp
     if noisy:  # a possibly-noisy annotation: shifted off the lesion by 20-40 % of its size
         ang = _u(rng, 0, 2 * math.pi)
-        cx, cy = cx + _u(rng, 0.4, 0.8) * a * math.cos(ang), cy + _u(rng, 0.4, 0.8) * a * math.sin(ang)
+        cx, cy = (cx + _u(rng, 0.4, 0.8) * a * math.cos(ang),
+                  cy + _u(rng, 0.4, 0.8) * a * math.sin(ang))
     c, s = math.cos(les.theta), math.sin(les.theta)
     recist = [cx - a * c, cy - a * s, cx + a * c, cy + a * s, cx + b * s, cy - b * c, cx - b * s,
               cy + b * c]
@@ -306,8 +311,8 @@ def write_deeplesion(out_dir: str, *, num_patients: int = DEFAULT_PATIENTS,
         pending[s] = [int(t) for t in np.random.default_rng([seed, s]).permutation(np.arange(1, 9))]
     rows: List[Dict[str, str]] = []
     summary = {"out_dir": out_dir, "format": "deeplesion", "seed": seed,
-               "num_patients": num_patients,
-               "image_size": image_size, "slices_written": 0, "noisy_lesions": 0,
+               "num_patients": num_patients, "image_size": image_size, "slices_written": 0,
+               "noisy_lesions": 0,
                "splits": {name: {"patients": 0, "key_slices": 0, "lesions": 0,
                                  "types": {t: 0 for t in LESION_TYPES}}
                           for name in ("train", "val", "test")}}
@@ -340,9 +345,10 @@ def write_deeplesion(out_dir: str, *, num_patients: int = DEFAULT_PATIENTS,
                 row = {
                     "File_name": f"{folder}_{first + k:03d}.png", "Patient_index": str(pat),
                     "Study_index": "1", "Series_ID": "1", "Key_slice_index": str(first + k),
-                    "Normalized_lesion_location": _fmt([0.5 + les.cx / (image_size * ser["spacing"]),
-                                                        0.5 + les.cy / (image_size * ser["spacing"]),
-                                                        zlo + (zhi - zlo) * k / max(ser["n"] - 1, 1)], 4),
+                    "Normalized_lesion_location": _fmt(
+                        [0.5 + les.cx / (image_size * ser["spacing"]),
+                         0.5 + les.cy / (image_size * ser["spacing"]),
+                         zlo + (zhi - zlo) * k / max(ser["n"] - 1, 1)], 4),
                     "Coarse_lesion_type": str(t if split != 1 else -1),
                     "Possibly_noisy": str(int(noisy)),
                     "Slice_range": f"{first}, {first + ser['n'] - 1}",

@@ -53,14 +53,16 @@ def write_kits19(out_dir: str, *, num_cases: int = 10, num_slices: Tuple[int, in
                 r = _u(rng, 6, 22.5)
                 ang, rr = _u(rng, 0, 2 * math.pi), _u(rng, 0.0, 0.9)
                 cx, cy = kx + rr * ka * math.cos(ang), ky + rr * kb * math.sin(ang)
-                if all(math.hypot(cx - t.cx, cy - t.cy) > r + t.a + 3 or abs(z - t.zc) > r + t.rz + 3 for t in tumours):
+                if all(math.hypot(cx - t.cx, cy - t.cy) > r + t.a + 3
+                       or abs(z - t.zc) > r + t.rz + 3 for t in tumours):
                     tumours.append(Blob(cx, cy, r, r * _u(rng, 0.75, 1.0), _u(rng, 30, 90), LESION,
                                         theta=_u(rng, 0, math.pi), zc=z, rz=r * _u(rng, 0.8, 1.2),
                                         edge=_u(rng, 0.8, 2.0)))
                     break
         vol, lab = render_series(blobs + tumours, z_mm, image_size, spacing, _u(rng, *noise_hu),
                                  rng)
-        seg = np.where(lab == LESION, 2, np.where(np.isin(lab, (KIDNEY, RENAL_SINUS)), 1, 0)).astype(np.uint8)
+        seg = np.where(lab == LESION, 2,
+                       np.where(np.isin(lab, (KIDNEY, RENAL_SINUS)), 1, 0)).astype(np.uint8)
         case_dir = os.path.join(out_dir, "data", f"case_{case:05d}")
         write_nifti(np.rint(np.clip(vol, *SCANNER_HU_RANGE)).astype(np.int16),
                     (spacing, spacing, interval), os.path.join(case_dir, "imaging.nii.gz"))

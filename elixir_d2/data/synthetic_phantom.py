@@ -16,7 +16,8 @@ import numpy as np
 
 # Tissue labels of the label map rendered with each slice.
 AIR, SUBCUT_FAT, MUSCLE, VISCERAL_FAT, MEDIASTINAL_FAT, LUNG, LIVER, SPLEEN, KIDNEY = range(9)
-BONE, CORTEX, VESSEL, BOWEL, HEART, BLADDER, FLUID, CALCIFICATION, LESION, RENAL_SINUS = range(9, 19)
+(BONE, CORTEX, VESSEL, BOWEL, HEART, BLADDER, FLUID, CALCIFICATION, LESION,
+ RENAL_SINUS) = range(9, 19)
 
 HU_AIR = -1000.0
 # What a 12-bit CT scanner stores: the written phantom's HU are clipped to it.
@@ -158,7 +159,8 @@ def tissue_texture(n: int, size: int, rng: np.random.Generator,
         return rows[:, i0] * (1 - f)[None, :] + rows[:, i0 + 1] * f[None, :]
 
     top, bottom = upsample(coarse[0]), upsample(coarse[1])
-    w = np.linspace(0.0, 1.0, n, dtype=np.float32)[:, None, None] if n > 1 else np.zeros((1, 1, 1), np.float32)
+    w = (np.linspace(0.0, 1.0, n, dtype=np.float32)[:, None, None] if n > 1
+         else np.zeros((1, 1, 1), np.float32))
     return top[None] * (1 - w) + bottom[None] * w
 
 
@@ -167,7 +169,8 @@ def correlated_noise(shape: Tuple[int, ...], sigma: float, rng: np.random.Genera
     white = rng.standard_normal(size=shape, dtype=np.float32)
     k = NOISE_SMOOTHING
     smooth = k[0] * np.roll(white, 1, axis=-1) + k[1] * white + k[2] * np.roll(white, -1, axis=-1)
-    smooth = k[0] * np.roll(smooth, 1, axis=-2) + k[1] * smooth + k[2] * np.roll(smooth, -1, axis=-2)
+    smooth = (k[0] * np.roll(smooth, 1, axis=-2) + k[1] * smooth
+              + k[2] * np.roll(smooth, -1, axis=-2))
     gain = 1.0 / float(np.sum(k * k))  # variance kept at sigma^2 after the two passes
     return smooth * (sigma * gain)
 

@@ -62,7 +62,9 @@ def coco_ap(
     from pycocotools.cocoeval import COCOeval
 
     def cat(c: np.ndarray) -> np.ndarray:
-        return np.zeros(len(c), dtype=np.int64) if num_classes == 1 else np.asarray(c, dtype=np.int64)
+        if num_classes == 1:
+            return np.zeros(len(c), dtype=np.int64)
+        return np.asarray(c, dtype=np.int64)
 
     images, anns, dets = [], [], []
     for i, (gb, gc, pb, ps, pc) in enumerate(zip(gt_boxes, gt_classes, pred_boxes, pred_scores,
@@ -80,8 +82,10 @@ def coco_ap(
         return 0.0, 0.0
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
         coco_gt = COCO()
-        coco_gt.dataset = {"images": images, "annotations": anns,
-                           "categories": [{"id": k + 1, "name": str(k)} for k in range(num_classes)]}
+        coco_gt.dataset = {
+            "images": images, "annotations": anns,
+            "categories": [{"id": k + 1, "name": str(k)} for k in range(num_classes)],
+        }
         coco_gt.createIndex()
         coco_eval = COCOeval(coco_gt, coco_gt.loadRes(dets), "bbox")
         coco_eval.evaluate()
@@ -296,10 +300,12 @@ class LesionEvaluator(DatasetEvaluator):
             for name, v in per_type.items():
                 m[f"sens@{fp_key(TYPE_FP)}_iou_{name}"] = math.nan if v is None else 100.0 * v
         per_size = OrderedDict()
-        group_sens, group_n = froc["iou"].get("group_sensitivity", {}), froc["iou"].get("group_num_gt", {})
+        group_sens = froc["iou"].get("group_sensitivity", {})
+        group_n = froc["iou"].get("group_num_gt", {})
         for b, (name, _, _) in enumerate(SIZE_BUCKETS):
             per_size[name] = group_sens[b][TYPE_FP] if group_n.get(b, 0) > 0 else None
-            m[f"sens@{fp_key(TYPE_FP)}_iou_{name}"] = math.nan if per_size[name] is None else 100.0 * per_size[name]
+            m[f"sens@{fp_key(TYPE_FP)}_iou_{name}"] = (math.nan if per_size[name] is None
+                                                       else 100.0 * per_size[name])
         m["num_images"] = float(froc["iou"]["num_images"])
         m["num_lesions"] = float(froc["iou"]["num_gt"])
         m["num_noisy_left_out"] = float(data["num_noisy"])
@@ -347,7 +353,8 @@ class LesionEvaluator(DatasetEvaluator):
     def _write(self, metrics: "OrderedDict[str, float]", extra: dict) -> None:
         PathManager.mkdirs(self._output_dir)
         froc = extra["froc"]
-        header = ["criterion"] + [f"sens@{fp_key(f)}" for f in self._fps] + ["mean_sens", "max_fp_per_image"]
+        header = (["criterion"] + [f"sens@{fp_key(f)}" for f in self._fps]
+                  + ["mean_sens", "max_fp_per_image"])
         lines = [",".join(header)]
         for crit in CRITERIA:
             vals = [f"{metrics[f'sens@{fp_key(f)}_{crit}']:.4f}" for f in self._fps]
@@ -373,7 +380,8 @@ class LesionEvaluator(DatasetEvaluator):
         }
         with PathManager.open(os.path.join(self._output_dir, "lesion_metrics.json"), "w") as f:
             json.dump(payload, f, indent=2)
-        curves = {CRITERION_NAMES[c]: (froc[c]["fp_per_image"], froc[c]["sens_curve"]) for c in CRITERIA}
+        curves = {CRITERION_NAMES[c]: (froc[c]["fp_per_image"], froc[c]["sens_curve"])
+                  for c in CRITERIA}
         plot_froc(curves, os.path.join(self._output_dir, "froc.png"), fps=self._fps,
                   title=f"FROC on {self._dataset_name}")
         logger.info("[LesionEvaluator] wrote froc.csv, froc.png, lesion_metrics.json to "

@@ -60,7 +60,8 @@ class InputNames:
 
     def __init__(self, input_path: str, anonymize: bool = False):
         given = os.path.normpath(input_path)
-        self.root = os.path.dirname(os.path.abspath(given)) if os.path.isfile(given) else os.path.abspath(given)
+        self.root = (os.path.dirname(os.path.abspath(given)) if os.path.isfile(given)
+                     else os.path.abspath(given))
         self.anonymize = anonymize
         self._given_root = os.path.dirname(given) if os.path.isfile(given) else given
 

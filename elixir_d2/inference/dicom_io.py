@@ -75,7 +75,8 @@ def read_dicom_series(folder: str, name: str,
     iop = _numbers(headers[0].get("orientation", "1\\0\\0\\0\\1\\0"), 6, "ImageOrientationPatient",
                    folder)
     normal = np.cross(iop[:3], iop[3:])
-    pos = np.array([_numbers(h["position"], 3, "ImagePositionPatient", folder) @ normal for h in headers])
+    pos = np.array([_numbers(h["position"], 3, "ImagePositionPatient", folder) @ normal
+                    for h in headers])
     gaps = np.diff(np.sort(pos))
     step = float(np.median(gaps))
     if step <= 0 or np.any(np.abs(gaps - step) > _SPACING_RTOL * step + _SPACING_ATOL_MM):
@@ -89,9 +90,10 @@ def read_dicom_series(folder: str, name: str,
     bad = [(os.path.basename(f), h["spacing"]) for f, h in zip(files, headers)
            if not all(v > 0 for v in _numbers(h["spacing"], 2, "PixelSpacing", folder))]
     if bad:
-        raise CTInputError(f"{folder}: DICOM series {os.path.basename(os.path.normpath(folder))!r} has PixelSpacing "
-                           f"{bad[0][1]!r} (in {bad[0][0]}{f' and {len(bad) - 1} more file(s)' if len(bad) > 1 else ''}): "
-                           f"pixel spacing must be positive mm")
+        series = os.path.basename(os.path.normpath(folder))
+        more = f" and {len(bad) - 1} more file(s)" if len(bad) > 1 else ""
+        raise CTInputError(f"{folder}: DICOM series {series!r} has PixelSpacing {bad[0][1]!r} "
+                           f"(in {bad[0][0]}{more}): pixel spacing must be positive mm")
     rows_cols = {h["size"][:2] for h in headers}
     if len(rows_cols) != 1:
         raise CTInputError(f"{folder}: slices differ in size {sorted(rows_cols)}")

@@ -69,7 +69,8 @@ def group_detections(
                          "differ")
     n = len(slices)
     sets = UnionFind(n)
-    by_slice: Dict[int, np.ndarray] = {int(s): np.flatnonzero(slices == s) for s in np.unique(slices)}
+    by_slice: Dict[int, np.ndarray] = {int(s): np.flatnonzero(slices == s)
+                                       for s in np.unique(slices)}
     for s, idx in by_slice.items():
         for gap in range(1, max_gap + 1):
             other = by_slice.get(s + gap)

@@ -1,4 +1,5 @@
-"""NIfTI CT volumes for inference (``.nii`` / ``.nii.gz``), header checked before any voxel is read."""
+"""NIfTI CT volumes for inference (``.nii`` / ``.nii.gz``), header checked before any voxel is
+read."""
 from __future__ import annotations
 
 import math

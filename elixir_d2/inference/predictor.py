@@ -174,8 +174,9 @@ class CTPredictor:
         return tensor, (new_h, new_w), stack.fallbacks
 
     # ------------------------------------------------------------------ inference
-    def predict_volume(self, volume: CTVolume, progress=None,
-                       on_slice: Optional[Callable[[SlicePrediction], None]] = None) -> VolumePrediction:
+    def predict_volume(
+            self, volume: CTVolume, progress=None,
+            on_slice: Optional[Callable[[SlicePrediction], None]] = None) -> VolumePrediction:
         """Predict every slice of ``volume`` (or its key slices). ``progress``: an object with
         ``update(n)`` (e.g. tqdm), advanced after each batch. ``on_slice``: called with each
         slice's prediction as soon as its batch is done (to draw it and release its captures)."""
@@ -192,7 +193,8 @@ class CTPredictor:
             chunk = numbers[start : start + self.batch_size]
             t0 = time.perf_counter()
             prepared = [self.prepare(volume, n) for n in chunk]
-            inputs = [{"image": t, "height": volume.height, "width": volume.width} for t, _, _ in prepared]
+            inputs = [{"image": t, "height": volume.height, "width": volume.width}
+                      for t, _, _ in prepared]
             t1 = time.perf_counter()
             with torch.no_grad():
                 outputs = self.model(inputs)
@@ -217,7 +219,8 @@ class CTPredictor:
         type_names = None
         if inst.has("pred_types"):  # RTM: a type index per detection
             types = inst.pred_types.numpy().astype(np.int64)
-            type_names = [LESION_TYPES[t] if 0 <= t < len(LESION_TYPES) else f"type_{t}" for t in types]
+            type_names = [LESION_TYPES[t] if 0 <= t < len(LESION_TYPES) else f"type_{t}"
+                          for t in types]
         elif self.class_names is not None:
             type_names = [self.class_names[c] for c in classes]
         pred = SlicePrediction(

@@ -11,7 +11,8 @@ Output layout under ``output_dir``::
     detections.csv, findings.csv       all cases together
     coco_results.json, coco_images.json
     froc.png, froc.json                with ground truth: FROC over the slices it annotates
-    summary.json                       cases done, cases that failed (and why), ignored files, timing
+    summary.json                       cases done, cases that failed (and why), ignored files,
+                                       timing
 
 Case folder names are case ids (:mod:`.case_ids`: from file / folder names, sanitised, unique);
 every path is checked to stay inside ``output_dir``. Each case folder is written under a
@@ -128,7 +129,8 @@ def load_ground_truth(path: str) -> GroundTruth:
         if not isinstance(slices, dict):
             raise ValueError(f"{path}: case {case!r} must map slice numbers to box lists")
         for s, boxes in slices.items():
-            arr = np.asarray(boxes, dtype=np.float64).reshape(-1, 4) if len(boxes) else np.zeros((0, 4))
+            arr = (np.asarray(boxes, dtype=np.float64).reshape(-1, 4) if len(boxes)
+                   else np.zeros((0, 4)))
             if arr.size and not np.all(arr[:, 2:] > arr[:, :2]):
                 raise ValueError(f"{path}: case {case!r} slice {s}: boxes must be [x1, y1, x2, y2] "
                                  "with x2 > x1, y2 > y1")
@@ -189,7 +191,8 @@ def _prepare_output(out: OutputDir, overwrite: bool) -> None:
         path = os.path.join(out.root, e)
         if e in RUN_FILES and os.path.isfile(path) and not os.path.islink(path):
             os.remove(path)
-        elif os.path.isdir(path) and not os.path.islink(path) and os.path.isfile(os.path.join(path, CASE_MARKER)):
+        elif (os.path.isdir(path) and not os.path.islink(path)
+              and os.path.isfile(os.path.join(path, CASE_MARKER))):
             shutil.rmtree(path)
         elif e.startswith(".") and ".tmp-" in e:  # a killed run's unfinished case folder or file
             remove_stale_tmp(out.root, e[1:].split(".tmp-")[0])
@@ -316,7 +319,8 @@ def run_prediction(cfg, input_path: str, output_dir: str, opts: Optional[Predict
             logger.warning(w)
         done.append({"case": case_id, "input_kind": pred.volume.kind, "slices": len(pred.slices),
                      "detections": len(dets), "findings": len(findings),
-                     "model_input_size": [list(s) for s in sorted({tuple(sp.input_size) for sp in pred.slices})]})
+                     "model_input_size": [list(s) for s in
+                                          sorted({tuple(sp.input_size) for sp in pred.slices})]})
         pred.volume.hu = None  # outputs are written
         if opts.gt:
             pred.volume.name = case.name  # FROC matches ground truth by the input's case name
@@ -332,11 +336,13 @@ def run_prediction(cfg, input_path: str, output_dir: str, opts: Optional[Predict
         "froc": froc,
         "timing_s": {"model_setup": round(t_start - t_setup, 3), "total": round(total_s, 3),
                      "model_forward": round(forward_s, 3), "prepare_inputs": round(prepare_s, 3),
-                     "total_over_forward": round(total_s / forward_s, 3) if forward_s > 0 else None},
+                     "total_over_forward":
+                         round(total_s / forward_s, 3) if forward_s > 0 else None},
     }
     write_json(out.path("summary.json"), summary)
     if failed:
-        logger.warning(f"{len(failed)} case(s) failed: " + "; ".join(f"{f['case']} ({f['error']})" for f in failed))
+        logger.warning(f"{len(failed)} case(s) failed: "
+                       + "; ".join(f"{f['case']} ({f['error']})" for f in failed))
     if ignored:
         logger.info(f"ignored {len(ignored)} file(s) that are not CT input"
                     + ("" if opts.anonymize_ids else f", e.g. {names.relative(ignored[0])}"))

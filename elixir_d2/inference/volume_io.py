@@ -217,8 +217,8 @@ def _walk(folder: str, cases: List[CaseSource], ignored: List[str], depth: int) 
 # ---------------------------------------------------------------------------------- context
 def context_slices_needed(offsets_mm: Sequence[float], slice_interval: float) -> int:
     """Fewest slices a series needs so that one key slice has every neighbour of the context
-    (neighbours interpolated between the two nearest slices): 2 * ceil(max|offset| / interval) +
-    1."""
+    (neighbours interpolated between the two nearest slices):
+    2 * ceil(max|offset| / interval) + 1."""
     reach = max(abs(o) for o in offsets_mm) / slice_interval
     return 2 * int(math.ceil(reach - 1e-6)) + 1
 

@@ -109,7 +109,8 @@ class RelationTransferModule(nn.Module):
                 "the box head must provide E (a region_nonlocal edge)"
             )
         with autocast_off(pooled):  # float32, as region_nonlocal's (see region_relations)
-            x = pooled.mean(dim=(2, 3), dtype=torch.float32) if pooled.dim() == 4 else pooled.float()
+            x = (pooled.mean(dim=(2, 3), dtype=torch.float32) if pooled.dim() == 4
+                 else pooled.float())
             phi = F.relu(self.phi(x))
         return region_relations(phi, num_per_image)
 

@@ -3,9 +3,10 @@
 ``<OUTPUT_DIR>/alphas.json``::
 
     {"space": "elixir", "branches": 4, "ops": [... op names, column order ...],
-     "edges": ["b0<-s0", "b0<-s1", "b1<-s0", ...],          # row order (s = block input, n = branch)
-     "epochs": [{"epoch": 1, "iteration": 12,                 # iterations done at the epoch's end
-                 "normal": [[...], ...], "reduce": [[...], ...],   # softmax(alpha) per edge (rows sum to 1)
+     "edges": ["b0<-s0", "b0<-s1", "b1<-s0", ...],  # row order (s = block input, n = branch)
+     "epochs": [{"epoch": 1, "iteration": 12,  # iterations done at the epoch's end
+                 "normal": [[...], ...],  # softmax(alpha) per edge (rows sum to 1)
+                 "reduce": [[...], ...],
                  "genotype": {... derived genotype, as genotype.yaml ...}}, ...]}
 
 ``<OUTPUT_DIR>/genotype.yaml`` (usable as MODEL.ALB.GENOTYPE) and ``<OUTPUT_DIR>/alphas.png``

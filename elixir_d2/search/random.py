@@ -34,6 +34,6 @@ def sample_random_genotype(
     rng = np.random.RandomState(seed)
     normal = _sample_pairs(rng, real_ops, branches)
     reduce = _sample_pairs(rng, real_ops, branches)
-    return Genotype(normal=tuple(normal), reduce=tuple(reduce), space=space, branches=branches).validate(
-        f"random genotype (space {space!r}, seed {seed})"
-    )
+    genotype = Genotype(normal=tuple(normal), reduce=tuple(reduce), space=space,
+                        branches=branches)
+    return genotype.validate(f"random genotype (space {space!r}, seed {seed})")

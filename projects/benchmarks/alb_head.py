@@ -117,7 +117,8 @@ def main() -> int:
     xy = torch.rand(n, 2) * 440
     proposals = Instances((512, 512),
                           proposal_boxes=Boxes(torch.cat([xy, xy + 8 + torch.rand(n, 2) * 64], 1)))
-    fns = {name: (lambda h: lambda: box_stage(h, maps, proposals))(h) for name, h in roi_heads.items()}
+    fns = {name: (lambda h: lambda: box_stage(h, maps, proposals))(h)
+           for name, h in roi_heads.items()}
     times = time_interleaved(fns, args.runs)
     base = times["FPN 2-fc head"]
     print(f"\nRoI box stage CPU time (RoIAlign + box head), {n} RoIs on the P2-P5 maps of a "

@@ -118,7 +118,8 @@ def ct_input(size: int = 512, seed: int = 0) -> Dict:
     img = window_to_uint8_range(np.stack([hu] * 3, axis=0), (-1024.0, 3071.0))
     inst = Instances((size, size))
     s = size / 512.0
-    inst.gt_boxes = Boxes(torch.tensor([[150.0, 200.0, 180.0, 226.0], [300.0, 330.0, 348.0, 372.0]]) * s)
+    inst.gt_boxes = Boxes(torch.tensor([[150.0, 200.0, 180.0, 226.0],
+                                        [300.0, 330.0, 348.0, 372.0]]) * s)
     inst.gt_classes = torch.zeros(2, dtype=torch.int64)
     return {"image": torch.as_tensor(img), "height": size, "width": size, "instances": inst}
 
@@ -148,7 +149,8 @@ def calibrate_frozen_bn(model: GeneralizedRCNN, inputs: List[Dict]) -> int:
 
 
 def _orders(names: Sequence[str], rounds: int, rounds_of: Dict[str, int]):
-    """Per round, the models taking part (those with rounds left), order reversed every other round."""
+    """Per round, the models taking part (those with rounds left), order reversed every other
+    round."""
     for r in range(rounds):
         names_r = [n for n in names if r < rounds_of.get(n, rounds)]
         yield r, (names_r if r % 2 == 0 else list(reversed(names_r)))
@@ -257,16 +259,17 @@ def measure(
     limit_slow = not quick and device == "cpu"
     slow = {s.name for s in specs if s.slow and limit_slow}
     inf_rounds = {n: min(slow_rounds, rounds) for n in slow}
-    log(f"timing inference: {warmup} warm-up + {rounds} rounds of {len(models)} models at {size}x{size} "
-        f"on {device}" + (f" ({', '.join(sorted(slow))}: {slow_rounds} rounds)" if slow else "") + " ...")
+    log(f"timing inference: {warmup} warm-up + {rounds} rounds of {len(models)} models at "
+        f"{size}x{size} on {device}"
+        + (f" ({', '.join(sorted(slow))}: {slow_rounds} rounds)" if slow else "") + " ...")
     t0 = time.perf_counter()
     inf = time_inference(models, inputs, rounds, warmup, inf_rounds)
     log(f"  done in {time.perf_counter() - t0:.0f} s")
     tr = None
     if train_rounds > 0:
         tr_rounds = {n: 1 for n in slow}
-        log(f"timing training: 1 warm-up + {train_rounds} rounds" + (f" ({', '.join(sorted(slow))}: 1)" if slow
-                                                                       else "") + " ...")
+        log(f"timing training: 1 warm-up + {train_rounds} rounds"
+            + (f" ({', '.join(sorted(slow))}: 1)" if slow else "") + " ...")
         t0 = time.perf_counter()
         tr = time_training(models, cfgs, inputs, train_rounds, rounds_of=tr_rounds)
         log(f"  done in {time.perf_counter() - t0:.0f} s")

@@ -28,7 +28,8 @@ def phantom_volume(slices: int, size: int, rng: np.random.Generator) -> np.ndarr
     """(slices, size, size) int16 HU: an elliptic body with lungs and spine, three lesions."""
     yy, xx = np.mgrid[0:size, 0:size] / size
     body = ((xx - 0.5) / 0.43) ** 2 + ((yy - 0.5) / 0.33) ** 2 < 1
-    lungs = (((xx - 0.35) / 0.12) ** 2 + ((yy - 0.45) / 0.18) ** 2 < 1) | (((xx - 0.65) / 0.12) ** 2 + ((yy - 0.45) / 0.18) ** 2 < 1)
+    lungs = ((((xx - 0.35) / 0.12) ** 2 + ((yy - 0.45) / 0.18) ** 2 < 1)
+             | (((xx - 0.65) / 0.12) ** 2 + ((yy - 0.45) / 0.18) ** 2 < 1))
     spine = ((xx - 0.5) / 0.05) ** 2 + ((yy - 0.7) / 0.05) ** 2 < 1
     base = np.full((size, size), -1000.0)
     base[body] = 40.0

@@ -2,7 +2,8 @@
 """`make bench`: one table comparing ElixirNet with the detectors it improves on, plus the data
 loader and the evaluator.
 
-    python projects/benchmarks/run_all.py [--quick] [--threads 2] [--rounds 10] [--output output/bench]
+    python projects/benchmarks/run_all.py [--quick] [--threads 2] [--rounds 10]
+        [--output output/bench]
 
 Per model (FPN, ElixirNet w FPN, Deformv2, ElixirNet w Deformv2, FRCNN (C4), ElixirNet (C4); R-50
 DeepLesion configs, --quick: the CPU quickstart ones): parameters (M) and their ratio to FPN; CPU
@@ -117,8 +118,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
         f"CPU: {os.cpu_count()} cores ({cpu_name}), torch {torch.__version__}, {args.threads} "
         f"threads; inference {warmup} warm-up + up to {rounds} interleaved rounds (\"rounds\" "
         f"column), training 1 warm-up + up to {train_rounds}."
-        + (f" GPU: {torch.cuda.get_device_name(0)}." if gpu else " No CUDA device: GPU columns "
-                                                                 "absent."),
+        + (f" GPU: {torch.cuda.get_device_name(0)}." if gpu
+           else " No CUDA device: GPU columns absent."),
         "",
         ms.format_table(cpu, gpu),
         "",

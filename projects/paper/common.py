@@ -188,10 +188,12 @@ def _isolated_logging() -> Iterator[None]:
 
 
 def _schedule_opts(max_iter: int) -> List[str]:
-    """MAX_ITER and a schedule scaled to it (lr steps at 2/3 and 11/12, as 8 and 11 of 12 epochs)."""
+    """MAX_ITER and a schedule scaled to it (lr steps at 2/3 and 11/12, as 8 and 11 of 12
+    epochs)."""
     if max_iter < 1:
         raise ValueError(f"--iters must be >= 1, got {max_iter}")
-    steps = tuple(sorted({max(1, round(max_iter * 2 / 3)), max(1, round(max_iter * 11 / 12))} - {max_iter}))
+    steps = tuple(sorted({max(1, round(max_iter * 2 / 3)), max(1, round(max_iter * 11 / 12))}
+                         - {max_iter}))
     return ["SOLVER.MAX_ITER", str(max_iter), "SOLVER.STEPS", str(steps or "()").replace(" ", ""),
             "SOLVER.WARMUP_ITERS", str(min(50, max(1, max_iter // 4))),
             "SOLVER.CHECKPOINT_PERIOD", str(max_iter)]
@@ -226,8 +228,8 @@ class Recipe:
             args.iters = args.iters or QUICK_ITERS
             args.search_epochs = args.search_epochs or QUICK_SEARCH_EPOCHS
         self.source = source
-        self.output = os.path.abspath(args.output or os.path.join(ROOT, "output", "paper_quick" if args.quick
-                                                                  else "paper"))
+        self.output = os.path.abspath(
+            args.output or os.path.join(ROOT, "output", "paper_quick" if args.quick else "paper"))
         self.num_gpus = args.num_gpus
         self.extra_opts = list(args.opts or [])
         if self.extra_opts and self.extra_opts[0] == "--":
@@ -359,8 +361,8 @@ class Recipe:
     def header(self, title: str, splits: Sequence[str]) -> str:
         """What was run: data, sizes, mode; every number below comes from these runs."""
         data = ", ".join(f"{s} {self.source.num_images(s)} images" for s in splits)
-        mode = ("--quick: CPU quickstart configs (R-18 / half-width R-50, from scratch, 192 px) on the synthetic "
-                "data" if self.quick else "R-50 configs of configs/ (ImageNet init)")
+        mode = ("--quick: CPU quickstart configs (R-18 / half-width R-50, from scratch, 192 px) on "
+                "the synthetic data" if self.quick else "R-50 configs of configs/ (ImageNet init)")
         return "\n".join([
             f"## {title}",
             "",
@@ -386,7 +388,8 @@ class Recipe:
 
     def table_text(self, title: str, splits: Sequence[str], table: str, step_names: Sequence[str],
                    notes: Sequence[str] = ()) -> str:
-        """A table's markdown: :meth:`header`, the table, each note after a blank line, :meth:`runs_note`."""
+        """A table's markdown: :meth:`header`, the table, each note after a blank line,
+        :meth:`runs_note`."""
         parts = [self.header(title, splits), "", table]
         for note in notes:
             parts += ["", note]
@@ -411,7 +414,8 @@ class Recipe:
 # ------------------------------------------------------------------------------ entry point
 def recipe_main(doc: str, kind: str, step_list: Sequence, render,
                 argv: Optional[Sequence[str]] = None):
-    """Parse the recipe arguments, prepare the data, run ``step_list``, return ``render(recipe)``."""
+    """Parse the recipe arguments, prepare the data, run ``step_list``, return
+    ``render(recipe)``."""
     parser = add_recipe_args(argparse.ArgumentParser(description=doc,
                                                      formatter_class=argparse.RawDescriptionHelpFormatter))
     args = parser.parse_args(argv)

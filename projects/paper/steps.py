@@ -60,7 +60,8 @@ def measure_speed(step_dir: str, dataset: str, num_images: int) -> Dict[str, flo
 
 @dataclass(frozen=True)
 class Train:
-    """Train ``config`` (``quick_config`` with --quick) on ``train_split``, evaluate on ``test_splits``."""
+    """Train ``config`` (``quick_config`` with --quick) on ``train_split``, evaluate on
+    ``test_splits``."""
 
     name: str
     config: str
@@ -89,7 +90,8 @@ class Train:
             opts += ["MODEL.WEIGHTS", recipe.weights(self.weights_from)]
         if self.genotype_from:
             opts += ["MODEL.ALB.GENOTYPE", recipe.genotype(self.genotype_from)]
-        return opts + list(self.opts) + recipe.schedule_opts(self.finetune) + recipe.common_opts(self.name)
+        return (opts + list(self.opts) + recipe.schedule_opts(self.finetune)
+                + recipe.common_opts(self.name))
 
     def execute(self, recipe: Recipe, opts: List[str]) -> None:
         recipe._launch("train", recipe.train_args(self.config_for(recipe.quick), opts))
@@ -202,7 +204,7 @@ STEPS = _steps(
           "configs/quickstart/ablation/alb_darts_space.yaml", genotype_from="search_darts"),
     Train("ablation_alb_random", "configs/ablation/alb_random.yaml",
           "configs/quickstart/ablation/alb_random.yaml", genotype_from="random_alb"),
-    # ---------------------------------------------------------------- typed fine-tuning (Table 4, RTM rows)
+    # ------------------------------------------------ typed fine-tuning (Table 4, RTM rows)
     Train("fpn_finetune_typed", "configs/fpn_finetune_typed_deeplesion.yaml",
           "configs/quickstart/fpn_finetune_typed.yaml", test_splits=("test_typed",),
           weights_from="fpn", **_TYPED),

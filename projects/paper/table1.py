@@ -86,7 +86,8 @@ def render_table2(recipe: Recipe, res: Dict[str, dict]) -> str:
     header = ["Method"] + [f"{f:g}" for f in P.FPS]
     rows = []
     for name in NOT_RUN:
-        rows.append([f"{name} (paper; not run here)"] + [fmt(P.TABLE2[name]["sens"][f]) for f in P.FPS])
+        rows.append([f"{name} (paper; not run here)"]
+                    + [fmt(P.TABLE2[name]["sens"][f]) for f in P.FPS])
     for name, _, _, what in ROWS:
         m = res[name]["metrics"]
         rows.append([_label(name, what)] + [fmt(sens(m, f, "iobb")) for f in P.FPS])

@@ -31,8 +31,10 @@ def render(recipe: Recipe) -> Dict[str, str]:
     rows = []
     for name, _ in ROWS:
         m, p = res[name], P.TABLE3[name]
-        rows.append([f"{name} (this run)"] + [fmt(sens(m, f)) for f in P.KITS_FPS] + [fmt(m.get("AP"), 1)])
-        rows.append([f"{name} (paper)"] + [fmt(p["sens"][f]) for f in P.KITS_FPS] + [fmt(p["mAP"], 1)])
+        rows.append([f"{name} (this run)"] + [fmt(sens(m, f)) for f in P.KITS_FPS]
+                    + [fmt(m.get("AP"), 1)])
+        rows.append([f"{name} (paper)"] + [fmt(p["sens"][f]) for f in P.KITS_FPS]
+                    + [fmt(p["mAP"], 1)])
     text = recipe.table_text(
         "Table 3: sensitivity (%) with IoU at FPs per image and mAP, KiTS19 test split",
         ["train", "test"], markdown_table(header, rows), STEP_ORDER,

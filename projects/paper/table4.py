@@ -40,8 +40,10 @@ def render(recipe: Recipe) -> Dict[str, str]:
     rows = []
     for name, _ in ROWS:
         m = res[name]
-        rows.append([f"{name} (this run)"] + [fmt(m.get(k)) for k in keys] + [fmt(sens(m, 3)), fmt(m.get("AP"), 1)])
-        rows.append([f"{name} (paper)"] + [fmt(P.TABLE4[name][a]) for a in P.TYPE_ABBREV] + ["-", "-"])
+        rows.append([f"{name} (this run)"] + [fmt(m.get(k)) for k in keys]
+                    + [fmt(sens(m, 3)), fmt(m.get("AP"), 1)])
+        rows.append([f"{name} (paper)"] + [fmt(P.TABLE4[name][a]) for a in P.TYPE_ABBREV]
+                    + ["-", "-"])
     text = recipe.table_text(
         "Table 4: sensitivity (%) at 3 FPs per image (IoU) per lesion type, typed test split",
         ["val_typed", "test_typed"], markdown_table(header, rows), STEP_ORDER, notes=[
