@@ -4,13 +4,16 @@ PY := .venv/bin/python
 export PYTHONUNBUFFERED := 1
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: install test demo bench env clean-demo
+.PHONY: install lint test demo bench env clean-demo
 
 install:
 	@bash scripts/install.sh
 
 env: install
 	@$(PY) -c "import elixir_d2; elixir_d2.print_env()"
+
+lint: install
+	$(PY) -m ruff check .
 
 test: install
 	$(PY) -m pytest -q tests

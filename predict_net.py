@@ -32,33 +32,45 @@ from elixir_d2.modeling.genotype_source import resolve_genotype_config
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config-file", required=True, metavar="FILE")
-    ap.add_argument("--weights", default=None, help="checkpoint (default: MODEL.WEIGHTS of the config)")
+    ap.add_argument("--weights", default=None,
+                    help="checkpoint (default: MODEL.WEIGHTS of the config)")
     ap.add_argument("--input", required=True, metavar="PATH")
     ap.add_argument("--output", required=True, metavar="DIR")
-    ap.add_argument("--gt", default=None, help="ground truth: DeepLesion DL_info.csv or {case: {slice: [boxes]}} JSON")
-    ap.add_argument("--score-thresh", type=float, default=0.5, help="keep detections scoring at least this")
+    ap.add_argument("--gt", default=None,
+                    help="ground truth: DeepLesion DL_info.csv or {case: {slice: [boxes]}} JSON")
+    ap.add_argument("--score-thresh", type=float, default=0.5,
+                    help="keep detections scoring at least this")
     ap.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: MODEL.DEVICE)")
     ap.add_argument("--batch-size", type=int, default=4, help="slices per forward pass")
-    ap.add_argument("--spacing", type=float, default=None, help="DeepLesion folders: pixel spacing in mm (else DL_info.csv)")
-    ap.add_argument("--slice-intv", type=float, default=None, help="DeepLesion folders: slice interval in mm (else DL_info.csv)")
-    ap.add_argument("--view-window", type=float, nargs=2, default=(-175.0, 275.0), metavar=("LO", "HI"),
-                    help="HU window of the overlay pictures")
+    ap.add_argument("--spacing", type=float, default=None,
+                    help="DeepLesion folders: pixel spacing in mm (else DL_info.csv)")
+    ap.add_argument("--slice-intv", type=float, default=None,
+                    help="DeepLesion folders: slice interval in mm (else DL_info.csv)")
+    ap.add_argument("--view-window", type=float, nargs=2, default=(-175.0, 275.0),
+                    metavar=("LO", "HI"), help="HU window of the overlay pictures")
     ap.add_argument("--overlays", choices=("detections", "all", "none"), default="detections",
-                    help="overlay PNGs for slices with a detection or ground truth (default), every slice, or none")
-    ap.add_argument("--draw-relations", action="store_true", help="relation graph of the ALB head (paper Fig. 5)")
-    ap.add_argument("--draw-confidence", action="store_true", help="TRPN location confidence heat maps")
-    ap.add_argument("--group-iou", type=float, default=0.3, help="IoU linking detections on nearby slices")
+                    help="overlay PNGs for slices with a detection or ground truth (default), "
+                         "every slice, or none")
+    ap.add_argument("--draw-relations", action="store_true",
+                    help="relation graph of the ALB head (paper Fig. 5)")
+    ap.add_argument("--draw-confidence", action="store_true",
+                    help="TRPN location confidence heat maps")
+    ap.add_argument("--group-iou", type=float, default=0.3,
+                    help="IoU linking detections on nearby slices")
     ap.add_argument("--group-gap", type=int, default=1, help="largest slice gap linking detections")
     ap.add_argument("--overwrite", action="store_true",
-                    help="reuse a non-empty --output: replace what an earlier run wrote there (else refused)")
+                    help="reuse a non-empty --output: replace what an earlier run wrote there "
+                         "(else refused)")
     ap.add_argument("--max-voxels", type=int, default=DEFAULT_MAX_VOXELS, metavar="N",
-                    help=f"refuse a case of more voxels, from its header (default {DEFAULT_MAX_VOXELS:,}: "
-                         "512 x 512 x 2048); 0: no limit")
+                    help="refuse a case of more voxels, from its header (default "
+                         f"{DEFAULT_MAX_VOXELS:,}: 512 x 512 x 2048); 0: no limit")
     ap.add_argument("--anonymize-ids", default=None, metavar="MAPPING.csv",
-                    help="name cases case_0001, ... in every output (case ids otherwise come from file and folder "
-                         "names) and write which input each id is to MAPPING.csv, outside --output")
+                    help="name cases case_0001, ... in every output (case ids otherwise come from "
+                         "file and folder names) and write which input each id is to MAPPING.csv, "
+                         "outside --output")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")
     return ap
@@ -72,8 +84,10 @@ def setup_cfg(args):
         cfg.MODEL.DEVICE = args.device
     cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = args.score_thresh
     if not cfg.MODEL.WEIGHTS:
-        raise MissingFileError("no weights given: pass --weights with a checkpoint written by train_net.py")
-    require_file(cfg.MODEL.WEIGHTS, "weights file", "pass --weights with a checkpoint written by train_net.py")
+        raise MissingFileError("no weights given: pass --weights with a checkpoint written by "
+                               "train_net.py")
+    require_file(cfg.MODEL.WEIGHTS, "weights file",
+                 "pass --weights with a checkpoint written by train_net.py")
     fill_genotype_from_checkpoint(cfg, cfg.MODEL.WEIGHTS)  # when the config names no genotype
     resolve_genotype_config(cfg)
     cfg.freeze()
@@ -85,12 +99,14 @@ def main(argv=None) -> int:
     setup_logger(name="elixir_d2")
     cfg = setup_cfg(args)
     if not os.path.exists(args.input):
-        raise MissingFileError(f"--input {args.input} not found; give a slice folder, a NIfTI file, a DICOM "
-                               "series folder or a folder of such cases")
+        raise MissingFileError(f"--input {args.input} not found; give a slice folder, a NIfTI "
+                               "file, a DICOM series folder or a folder of such cases")
     opts = PredictOptions(
         batch_size=args.batch_size, spacing=args.spacing, slice_interval=args.slice_intv,
-        view_window=tuple(args.view_window), overlays=args.overlays, draw_relations=args.draw_relations,
-        draw_confidence=args.draw_confidence, group_iou=args.group_iou, group_gap=args.group_gap, gt=args.gt,
+        view_window=tuple(args.view_window), overlays=args.overlays,
+        draw_relations=args.draw_relations,
+        draw_confidence=args.draw_confidence, group_iou=args.group_iou, group_gap=args.group_gap,
+        gt=args.gt,
         progress=not args.no_progress, overwrite=args.overwrite, max_voxels=args.max_voxels or None,
         anonymize_ids=args.anonymize_ids,
     )

@@ -13,7 +13,15 @@ Multi-machine: add --num-machines M --machine-rank R --dist-url tcp://<host0>:<p
 """
 from elixir_d2.cli import run_cli
 from elixir_d2.commands.search import (  # noqa: F401  (the script's API)
-    build_parser, check_inputs, cli, command_line, main, provenance, setup, write_random_genotype)
+    build_parser,
+    check_inputs,
+    cli,
+    command_line,
+    main,
+    provenance,
+    setup,
+    write_random_genotype,
+)
 
 if __name__ == "__main__":
     run_cli(cli)

@@ -24,6 +24,7 @@ setup(
         "iopath",
     ],
     extras_require={
-        "dev": ["pytest", "pytest-timeout", "hypothesis"],
+        # ruff pinned: `make lint` (.ci/run) must give the same verdict on every machine.
+        "dev": ["pytest", "pytest-timeout", "hypothesis", "ruff==0.17.6"],
     },
 )

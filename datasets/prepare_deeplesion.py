@@ -18,7 +18,8 @@ from elixir_d2.data.deeplesion import SPLITS, DeepLesionFormatError, read_dl_inf
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--root", default=os.path.join(datasets_root(), "DeepLesion"))
     ap.add_argument("--slice-intv-mm", type=float, default=2.0)
     args = ap.parse_args(argv)
@@ -39,12 +40,14 @@ def main(argv=None) -> int:
             continue
         reach = math.ceil(args.slice_intv_mm / les["spacing"][2])
         for idx in range(les["name_slice"] - reach, les["name_slice"] + reach + 1):
-            if idx != les["name_slice"] and not os.path.exists(os.path.join(series, f"{idx:03d}.png")):
+            if idx != les["name_slice"] and not os.path.exists(os.path.join(series,
+                                                                            f"{idx:03d}.png")):
                 counts[split, "missing neighbour slices"] += 1
     print(f"{args.root}: {len(lesions)} lesions on {len(key_slices)} key slices")
     for split in SPLITS:
         print(f"  {split:5s}: " + ", ".join(f"{counts[split, k]} {k}" for k in
-                                            ("key slices", "missing key slices", "missing neighbour slices")))
+                                            ("key slices", "missing key slices",
+                                             "missing neighbour slices")))
     return 0
 
 

@@ -6,7 +6,8 @@ Importing this package registers every component with detectron2's registries
 """
 from .config import add_elixirnet_config, load_config
 from .env import print_env
-from . import data  # noqa: F401  (registers datasets)
-from . import modeling  # noqa: F401  (registers models)
+
+# isort: split
+from . import data, modeling  # noqa: F401  (imported last, to register the datasets and models)
 
 __all__ = ["add_elixirnet_config", "load_config", "print_env"]

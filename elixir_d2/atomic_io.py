@@ -17,8 +17,8 @@ import socket
 import time
 from typing import Any, Callable, Dict, Iterator, Optional
 
-__all__ = ["MARKER", "tmp_name", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "file_lock",
-           "read_marker", "build_dir_atomically", "remove_stale_tmp"]
+__all__ = ["MARKER", "tmp_name", "atomic_write_bytes", "atomic_write_text", "atomic_write_json",
+           "file_lock", "read_marker", "build_dir_atomically", "remove_stale_tmp"]
 
 MARKER = ".complete.json"
 _TMP_TAG = ".tmp-"
@@ -27,7 +27,8 @@ _TMP_TAG = ".tmp-"
 def tmp_name(path: str) -> str:
     """A sibling of ``path`` no other process uses (host + pid + clock in the name)."""
     head, tail = os.path.split(os.path.abspath(path))
-    return os.path.join(head, f".{tail}{_TMP_TAG}{socket.gethostname()}-{os.getpid()}-{time.monotonic_ns()}")
+    return os.path.join(head,
+                        f".{tail}{_TMP_TAG}{socket.gethostname()}-{os.getpid()}-{time.monotonic_ns()}")
 
 
 def atomic_write_bytes(path: str, data: bytes) -> None:
@@ -68,7 +69,8 @@ def file_lock(path: str, timeout_s: float = 3600.0) -> Iterator[None]:
                 break
             except OSError as e:
                 if e.errno not in (errno.EAGAIN, errno.EACCES) or time.monotonic() > deadline:
-                    raise TimeoutError(f"{path}: still locked by another process after {timeout_s:g} s") from e
+                    raise TimeoutError(f"{path}: still locked by another process after "
+                                       f"{timeout_s:g} s") from e
                 time.sleep(0.1)
         yield
     finally:
@@ -86,7 +88,8 @@ def read_marker(folder: str) -> Optional[Dict]:
 
 
 def remove_stale_tmp(parent: str, name: str) -> None:
-    """Remove the temporary siblings of ``parent/name`` a killed writer left (call under the lock)."""
+    """Remove the temporary siblings of ``parent/name`` a killed writer left (call under the
+    lock)."""
     prefix = f".{name}{_TMP_TAG}"
     with contextlib.suppress(FileNotFoundError):
         for entry in os.listdir(parent):
@@ -94,7 +97,8 @@ def remove_stale_tmp(parent: str, name: str) -> None:
                 shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
 
 
-def build_dir_atomically(out_dir: str, build: Callable[[str], Dict], marker: Optional[Dict]) -> Dict:
+def build_dir_atomically(out_dir: str, build: Callable[[str], Dict],
+                         marker: Optional[Dict]) -> Dict:
     """Run ``build(tmp_dir)`` in a fresh temporary folder, write the completion marker
     (``marker`` + what ``build`` returned under "result"; None: ``build`` writes its own), then
     put the folder at ``out_dir``, replacing an older one. Interrupted, it leaves ``out_dir`` as it

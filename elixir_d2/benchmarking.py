@@ -6,6 +6,7 @@ import time
 from typing import Dict, List
 
 import torch
+
 from detectron2.modeling.meta_arch.rcnn import GeneralizedRCNN
 
 __all__ = ["staged_inference", "sync"]

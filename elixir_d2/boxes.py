@@ -17,7 +17,8 @@ def box_overlap(a: np.ndarray, b: np.ndarray, criterion: str = "iou") -> np.ndar
 
     Row-aligned pairs: ``a`` (P, 4) and ``b`` (P, 4) give (P,); every pair: ``a[:, None]`` and
     ``b[None]`` give (len(a), len(b)). ``iou``: intersection over union; ``iobb``: intersection over
-    the area of the ``a`` box (the detection). A zero denominator (degenerate boxes) gives 0, not NaN.
+    the area of the ``a`` box (the detection). A zero denominator (degenerate boxes) gives 0, not
+    NaN.
     """
     if criterion not in OVERLAP_CRITERIA:
         raise ValueError(f"criterion must be one of {OVERLAP_CRITERIA}, got {criterion!r}")

@@ -21,6 +21,7 @@ import zipfile
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
+
 from detectron2.checkpoint import DetectionCheckpointer
 
 from .cli import MissingFileError, UserInputError
@@ -57,7 +58,8 @@ def _read_genotype(entry: Any, path: str) -> Genotype:
 
 def fill_genotype_from_checkpoint(cfg, weights: str) -> bool:
     """For evaluation / prediction: when ``cfg`` (unfrozen) builds a fixed ALB head but names no
-    genotype, set MODEL.ALB.GENOTYPE_YAML to the one stored in ``weights``. Returns whether it did."""
+    genotype, set MODEL.ALB.GENOTYPE_YAML to the one stored in ``weights``. Returns whether it
+    did."""
     if not uses_fixed_alb_head(cfg) or cfg.MODEL.ALB.GENOTYPE or cfg.MODEL.ALB.GENOTYPE_YAML:
         return False
     hint = "pass MODEL.ALB.GENOTYPE <the genotype.yaml the model was trained with>"
@@ -68,8 +70,8 @@ def fill_genotype_from_checkpoint(cfg, weights: str) -> bool:
         raise MissingFileError(f"weights file {weights} not found (MODEL.WEIGHTS / --weights)")
     entry = _load_pth(weights).get(GENOTYPE_KEY)
     if entry is None:
-        raise UserInputError(f"MODEL.ALB.GENOTYPE is empty and checkpoint {weights} holds no genotype "
-                             f"(written before checkpoints stored it): {hint}")
+        raise UserInputError(f"MODEL.ALB.GENOTYPE is empty and checkpoint {weights} holds no "
+                             f"genotype (written before checkpoints stored it): {hint}")
     cfg.MODEL.ALB.GENOTYPE_YAML = genotype_to_yaml(_read_genotype(entry, weights))
     return True
 
@@ -83,13 +85,16 @@ def _load_pth(filename: str, path_manager=None) -> Dict[str, Any]:
                 loaded = torch.load(f, map_location=torch.device("cpu"), weights_only=True)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"Checkpoint {filename} holds more than tensors and plain containers; "
-                              f"torch.load(weights_only=True) refused it ({first})") from e
+        raise CheckpointError(f"Checkpoint {filename} holds more than tensors and plain "
+                              "containers; torch.load(weights_only=True) refused it "
+                              f"({first})") from e
     except (RuntimeError, EOFError, ValueError) as e:  # truncated / not a torch file
-        raise CheckpointError(f"Checkpoint {filename} is unreadable (truncated or not a torch.save file): "
-                              f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from e
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"Checkpoint {filename} is unreadable (truncated or not a torch.save "
+                              f"file): {first}") from e
     if not isinstance(loaded, dict):
-        raise CheckpointError(f"Checkpoint {filename} holds a {type(loaded).__name__}, not a state dict")
+        raise CheckpointError(f"Checkpoint {filename} holds a {type(loaded).__name__}, not a state "
+                              "dict")
     return loaded
 
 
@@ -157,18 +162,20 @@ class AtomicCheckpointer(DetectionCheckpointer):
         for name in stale:
             os.remove(os.path.join(folder, name))
         if stale:
-            self.logger.warning(f"Removed {len(stale)} partial checkpoint file(s) of killed runs in {folder}: {stale}")
+            self.logger.warning(f"Removed {len(stale)} partial checkpoint file(s) of killed runs "
+                                f"in {folder}: {stale}")
 
     def load(self, path: str, checkpointables: Optional[list] = None) -> Dict[str, Any]:
         self._loading = path  # named in the mismatch summary
         if path and "://" not in path and not os.path.isfile(path):
             raise MissingFileError(
-                f"weights file {path} not found (MODEL.WEIGHTS / --weights); give a checkpoint written by "
-                "train_net.py, or leave MODEL.WEIGHTS empty to start from scratch")
+                f"weights file {path} not found (MODEL.WEIGHTS / --weights); give a checkpoint "
+                "written by train_net.py, or leave MODEL.WEIGHTS empty to start from scratch")
         return super().load(path, checkpointables)
 
     def get_checkpoint_file(self) -> str:
-        """The file ``last_checkpoint`` names; if it is gone, the newest complete ``model_*.pth``."""
+        """The file ``last_checkpoint`` names; if it is gone, the newest complete
+        ``model_*.pth``."""
         path = super().get_checkpoint_file()
         if not path or self.path_manager.exists(path) or not os.path.isdir(self.save_dir):
             return path
@@ -176,10 +183,12 @@ class AtomicCheckpointer(DetectionCheckpointer):
         candidates = complete_checkpoints(self.save_dir)
         if not candidates:
             raise MissingFileError(
-                f"{tag} names {os.path.basename(path)}, which is missing, and no complete model_*.pth is left "
-                f"in {self.save_dir}: delete {tag} to start from MODEL.WEIGHTS, or run without --resume")
-        self.logger.warning(f"{tag} names {os.path.basename(path)}, which is missing; resuming from "
-                            f"{os.path.basename(candidates[0])}, the newest complete checkpoint there")
+                f"{tag} names {os.path.basename(path)}, which is missing, and no complete "
+                f"model_*.pth is left in {self.save_dir}: delete {tag} to start from "
+                "MODEL.WEIGHTS, or run without --resume")
+        self.logger.warning(f"{tag} names {os.path.basename(path)}, which is missing; resuming "
+                            f"from {os.path.basename(candidates[0])}, the newest complete "
+                            "checkpoint there")
         return candidates[0]
 
     def _check_genotype(self, checkpoint: Dict[str, Any]) -> None:
@@ -191,10 +200,10 @@ class AtomicCheckpointer(DetectionCheckpointer):
         theirs = _read_genotype(entry, path)
         if theirs != ours:
             raise CheckpointError(
-                f"Checkpoint {path} was trained with ALB genotype {genotype_to_yaml(theirs)} but the config "
-                f"builds {genotype_to_yaml(ours)} (MODEL.ALB.GENOTYPE / GENOTYPE_YAML); set MODEL.ALB.GENOTYPE "
-                "to the file the checkpoint was trained with, or to '' (and MODEL.ALB.GENOTYPE_YAML '') to "
-                "take the checkpoint's")
+                f"Checkpoint {path} was trained with ALB genotype {genotype_to_yaml(theirs)} but "
+                f"the config builds {genotype_to_yaml(ours)} (MODEL.ALB.GENOTYPE / GENOTYPE_YAML); "
+                "set MODEL.ALB.GENOTYPE to the file the checkpoint was trained with, or to '' (and "
+                "MODEL.ALB.GENOTYPE_YAML '') to take the checkpoint's")
 
     def _load_model(self, checkpoint: Any):
         self._check_genotype(checkpoint)
@@ -204,13 +213,15 @@ class AtomicCheckpointer(DetectionCheckpointer):
         first_keys = sorted(state)[:3] if isinstance(state, dict) else []
         incompatible = super()._load_model(checkpoint)
         # Checkpoint tensors that went into the model: neither unknown to it nor of another shape.
-        self._num_loaded = num_in_checkpoint - len(incompatible.unexpected_keys) - len(incompatible.incorrect_shapes)
+        self._num_loaded = (num_in_checkpoint - len(incompatible.unexpected_keys)
+                            - len(incompatible.incorrect_shapes))
         if num_in_checkpoint and self._num_loaded <= 0 and not heuristics:
             model_keys = list(self.model.state_dict())
             raise ValueError(
-                f"Checkpoint {getattr(self, '_loading', '?')} does not belong to this model: none of its "
-                f"{num_in_checkpoint} tensors matches one of the model's {len(model_keys)} by name and shape "
-                f"(checkpoint keys start {first_keys}, model keys start {model_keys[:3]})"
+                f"Checkpoint {getattr(self, '_loading', '?')} does not belong to this model: none "
+                f"of its {num_in_checkpoint} tensors matches one of the model's {len(model_keys)} "
+                f"by name and shape (checkpoint keys start {first_keys}, model keys start "
+                f"{model_keys[:3]})"
             )
         return incompatible
 
@@ -223,16 +234,19 @@ class AtomicCheckpointer(DetectionCheckpointer):
         if not (missing or unexpected or shapes):
             return
         total = len(self.model.state_dict())
-        parts = [f"{min(getattr(self, '_num_loaded', 0), total)} of the model's {total} tensors loaded"]
+        parts = [f"{min(getattr(self, '_num_loaded', 0), total)} of the model's {total} tensors "
+                 "loaded"]
         if missing:
             parts.append(f"{len(missing)} missing from the checkpoint (first: {missing[:3]})")
         if unexpected:
-            parts.append(f"{len(unexpected)} in the checkpoint but not in the model (first: {unexpected[:3]})")
+            parts.append(f"{len(unexpected)} in the checkpoint but not in the model (first: "
+                         f"{unexpected[:3]})")
         if shapes:
             k, s_ckpt, s_model = shapes[0]
-            parts.append(f"{len(shapes)} of another shape, skipped (first: {k} {s_ckpt} in the checkpoint, "
-                         f"{s_model} in the model)")
-        self.logger.warning(f"Checkpoint {getattr(self, '_loading', '?')} does not match the model: " + "; ".join(parts))
+            parts.append(f"{len(shapes)} of another shape, skipped (first: {k} {s_ckpt} in the "
+                         f"checkpoint, {s_model} in the model)")
+        self.logger.warning(f"Checkpoint {getattr(self, '_loading', '?')} does not match the "
+                            "model: " + "; ".join(parts))
 
     def _atomic_write(self, path: str, write: Callable[[Any], None], mode: str) -> None:
         local = self.path_manager.get_local_path(os.path.dirname(path) or ".")
@@ -290,7 +304,8 @@ class AtomicCheckpointer(DetectionCheckpointer):
         except (EOFError, ValueError, TypeError) as e:
             raise CheckpointError(f"Weights file {filename} is unreadable (truncated?): {e}") from e
         if not isinstance(data, dict):
-            raise CheckpointError(f"Weights file {filename} holds a {type(data).__name__}, not a dict of arrays")
+            raise CheckpointError(f"Weights file {filename} holds a {type(data).__name__}, not a "
+                                  "dict of arrays")
         if "model" in data and "__author__" in data:  # detectron2 model-zoo format
             self.logger.info(f"Reading a file from '{data['__author__']}'")
             return data

@@ -1,10 +1,10 @@
 """What the user-facing scripts share: expected failures become one line and exit code 2.
 
-Every entry point (``train_net.py``, ``search_net.py``, ``predict_net.py``, ``datasets/prepare_*.py``,
-the paper recipes) runs its ``main`` through :func:`run_cli`. A :class:`UserInputError` (a missing
-or unreadable config, weights file, genotype, dataset root or input; an unknown config key) is
-printed as ``<prog>: error: <message>`` on stderr and the process exits with 2. Anything else is
-a bug or an environment failure and keeps its traceback.
+Every entry point (``train_net.py``, ``search_net.py``, ``predict_net.py``,
+``datasets/prepare_*.py``, the paper recipes) runs its ``main`` through :func:`run_cli`. A
+:class:`UserInputError` (a missing or unreadable config, weights file, genotype, dataset root or
+input; an unknown config key) is printed as ``<prog>: error: <message>`` on stderr and the process
+exits with 2. Anything else is a bug or an environment failure and keeps its traceback.
 
     from elixir_d2.cli import run_cli
 
@@ -84,8 +84,9 @@ def check_datasets(names: Sequence[str], key: str) -> None:
     known = DatasetCatalog.list()
     for name in names:
         if name not in known:
-            raise UnknownKeyError(f"{key}: dataset {name!r} is not registered{did_you_mean(name, known)} "
-                                  "(the names are listed in README.md, section Data)")
+            raise UnknownKeyError(f"{key}: dataset {name!r} is not "
+                                  f"registered{did_you_mean(name, known)} (the names are listed in "
+                                  "README.md, section Data)")
         root = MetadataCatalog.get(name).get("dataset_root", None)
         if name.startswith("synthetic"):  # generated on first use when missing
             continue

@@ -15,19 +15,28 @@ def load_config(config_file: str, opts: Sequence = ()) -> CN:
     which runs code from the file. A missing or unreadable file, YAML that is not plain data, an
     unknown key (the closest known key suggested) or a value of the wrong type raise
     :class:`elixir_d2.cli.UserInputError` naming the file or the key."""
-    from .cli import MissingFileError, UnknownKeyError, UserInputError, did_you_mean, one_line, require_file
+    from .cli import (
+        MissingFileError,
+        UnknownKeyError,
+        UserInputError,
+        did_you_mean,
+        one_line,
+        require_file,
+    )
 
     if not config_file:
-        raise MissingFileError("no config file given: pass --config-file FILE (configs/ holds them, "
-                               "e.g. configs/quickstart/fpn.yaml)")
-    require_file(config_file, "config file", "pass --config-file with an existing YAML file (see configs/)")
+        raise MissingFileError("no config file given: pass --config-file FILE (configs/ holds "
+                               "them, e.g. configs/quickstart/fpn.yaml)")
+    require_file(config_file, "config file",
+                 "pass --config-file with an existing YAML file (see configs/)")
     cfg = get_cfg()
     add_elixirnet_config(cfg)
     try:
         cfg.merge_from_file(config_file, allow_unsafe=False)
     except KeyError as e:
         key = _key_from(e)
-        raise UnknownKeyError(f"{config_file}: unknown config key {key}{did_you_mean(key, _all_keys(cfg))}") from e
+        raise UnknownKeyError(f"{config_file}: unknown config key "
+                              f"{key}{did_you_mean(key, _all_keys(cfg))}") from e
     except yaml.YAMLError as e:
         raise UserInputError(f"{config_file}: not a plain-data YAML config ({one_line(e)})") from e
     except (OSError, UnicodeDecodeError) as e:  # a _BASE_ that is missing, a binary file
@@ -38,7 +47,8 @@ def load_config(config_file: str, opts: Sequence = ()) -> CN:
         cfg.merge_from_list(list(opts))
     except (KeyError, AssertionError) as e:
         if "Non-existent" not in str(e):  # an odd number of KEY VALUE items
-            raise UserInputError(f"config overrides must be KEY VALUE pairs, got {list(opts)}") from e
+            raise UserInputError("config overrides must be KEY VALUE pairs, got "
+                                 f"{list(opts)}") from e
         key = _key_from(e)
         raise UnknownKeyError(f"command-line override {key}: unknown config key"
                               f"{did_you_mean(key, _all_keys(cfg))}") from e
@@ -86,7 +96,7 @@ def add_elixirnet_config(cfg: CN) -> None:
     _C.INPUT.LESION_CROP.SIZE = 0
     _C.INPUT.LESION_CROP.LESION_PROB = 0.5
 
-    # ---------------------------------------------------------------- Deformable backbone (Deformv2)
+    # -------------------------------------------------------- Deformable backbone (Deformv2)
     # Op behind MODEL.RESNETS.DEFORM_ON_PER_STAGE in build_deformable_resnet{,_fpn}_backbone:
     # "torchvision" (torchvision.ops.deform_conv2d, runs anywhere), "detectron2" (its C++ ops) or
     # "auto" = detectron2's when compiled and MODEL.DEVICE is CUDA, torchvision's otherwise.

@@ -18,7 +18,11 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from detectron2.config import CfgNode
-from detectron2.data import MetadataCatalog, build_detection_test_loader, build_detection_train_loader
+from detectron2.data import (
+    MetadataCatalog,
+    build_detection_test_loader,
+    build_detection_train_loader,
+)
 from detectron2.engine import DefaultTrainer, HookBase
 from detectron2.engine import defaults as d2_defaults
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluator
@@ -27,7 +31,8 @@ from detectron2.utils import comm
 from .checkpoint import AtomicCheckpointer
 from .data import CTDatasetMapper
 
-__all__ = ["ElixirTrainer", "build_lesion_evaluator", "create_ddp_model", "evaluate_with_proposal_recall"]
+__all__ = ["ElixirTrainer", "build_lesion_evaluator", "create_ddp_model",
+           "evaluate_with_proposal_recall"]
 
 
 def create_ddp_model(model: torch.nn.Module, **kwargs) -> torch.nn.Module:
@@ -39,7 +44,8 @@ def create_ddp_model(model: torch.nn.Module, **kwargs) -> torch.nn.Module:
     return DistributedDataParallel(model, **kwargs)
 
 
-def build_lesion_evaluator(cfg: CfgNode, dataset_name: str, output_folder: Optional[str] = None) -> DatasetEvaluator:
+def build_lesion_evaluator(cfg: CfgNode, dataset_name: str,
+                           output_folder: Optional[str] = None) -> DatasetEvaluator:
     """LesionEvaluator (FROC + mAP) for lesion datasets, else pycocotools COCO AP."""
     from .evaluation import LesionEvaluator
 
@@ -66,7 +72,8 @@ class ElixirTrainer(DefaultTrainer):
         DefaultTrainer.__init__ calls this right after making its DetectionCheckpointer: the swap
         here comes before PeriodicCheckpointer (or a subclass's hook) takes hold of it.
         """
-        self.checkpointer = AtomicCheckpointer(self.checkpointer.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.checkpointer = AtomicCheckpointer(self.checkpointer.model, self.cfg.OUTPUT_DIR,
+                                               trainer=weakref.proxy(self))
         return super().build_hooks()
 
     # detectron2 v0.6's DefaultTrainer checkpoints the iteration and the hooks (LR scheduler)
@@ -108,7 +115,8 @@ class ElixirTrainer(DefaultTrainer):
             if comm.is_main_process() and "AP_typed" in metrics:  # typed dataset
                 meta = MetadataCatalog.get(name)
                 types = meta.get("thing_classes")
-                table = format_type_table({cfg.OUTPUT_DIR: metrics}, types, meta.get("type_abbrev", types))
+                table = format_type_table({cfg.OUTPUT_DIR: metrics}, types,
+                                          meta.get("type_abbrev", types))
                 d2_logger.info(f"Per-type results on {name}:\n" + table)
         return results
 
@@ -140,7 +148,8 @@ class ElixirTrainer(DefaultTrainer):
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
-        return build_detection_test_loader(cfg, dataset_name, mapper=CTDatasetMapper(cfg, is_train=False))
+        return build_detection_test_loader(cfg, dataset_name,
+                                           mapper=CTDatasetMapper(cfg, is_train=False))
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
@@ -157,7 +166,8 @@ def evaluate_with_proposal_recall(cfg: CfgNode, model: torch.nn.Module) -> Dict[
     dataset = cfg.DATASETS.TEST[0]
     with capture_proposals(model) as captured:
         evaluators = DatasetEvaluators([
-            ElixirTrainer.build_evaluator(cfg, dataset, os.path.join(cfg.OUTPUT_DIR, "inference", dataset)),
+            ElixirTrainer.build_evaluator(cfg, dataset,
+                                          os.path.join(cfg.OUTPUT_DIR, "inference", dataset)),
             ProposalRecallEvaluator(dataset, captured),
         ])
         res = inference_on_dataset(model, ElixirTrainer.build_test_loader(cfg, dataset), evaluators)

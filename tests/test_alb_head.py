@@ -25,7 +25,8 @@ DEFAULT = os.path.join(ROOT, "configs", "genotypes", "figure3.yaml")
 
 
 def _cfg(path, *opts):
-    return load_config(os.path.join(ROOT, path), ["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu", *opts])
+    return load_config(os.path.join(ROOT, path),
+                       ["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu", *opts])
 
 
 def _block_shapes(head, x, counts):

@@ -8,15 +8,14 @@ in the autocast dtype overflow (float16) or lose the logits' differences (bfloat
 checks that the naive computation does fail on them, so it tests what it claims.
 """
 import os
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
+
 from detectron2.layers import ShapeSpec
 from detectron2.modeling.box_regression import Box2BoxTransform
 from detectron2.modeling.roi_heads.fast_rcnn import FastRCNNOutputLayers
-from detectron2.utils.events import EventStorage
 
 from elixir_d2.modeling.alb.cells import MixedOp
 from elixir_d2.modeling.alb.ops import RegionNonLocal, region_relations
@@ -114,7 +113,8 @@ def test_region_nonlocal_op_under_autocast(device, dtype):
         rows.append(F.relu((ref_e @ ref_psi) @ w["w.weight"].t()))
     ref_y = torch.cat(rows) @ w["g.weight"].t() + w["g.bias"]
     scale = ref_y.abs().max()
-    torch.testing.assert_close(y[:, :, 0, 0].double().cpu() / scale, ref_y / scale, atol=2e-2, rtol=0)
+    torch.testing.assert_close(y[:, :, 0, 0].double().cpu() / scale, ref_y / scale, atol=2e-2,
+                               rtol=0)
     y.float().sum().backward()
     grads = [p.grad for p in op.parameters()]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
@@ -144,8 +144,9 @@ def test_mixed_op_sum_and_alpha_gradient_in_float32(device, dtype):
 
 # --------------------------------------------------------------------------------- RTM
 def _predictor(channels, num_classes, device):
-    return FastRCNNOutputLayers(ShapeSpec(channels=channels), num_classes=num_classes,
-                                box2box_transform=Box2BoxTransform((10.0, 10.0, 5.0, 5.0))).to(device)
+    head = FastRCNNOutputLayers(ShapeSpec(channels=channels), num_classes=num_classes,
+                                box2box_transform=Box2BoxTransform((10.0, 10.0, 5.0, 5.0)))
+    return head.to(device)
 
 
 @pytest.mark.parametrize("device,dtype", CASES, ids=IDS)

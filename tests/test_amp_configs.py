@@ -10,6 +10,7 @@ import os
 
 import pytest
 import torch
+
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
@@ -68,7 +69,8 @@ def test_config_trains_a_step_under_autocast(name, device, tmp_path):
         path = str(tmp_path / "genotype.yaml")
         save_genotype(sample_random_genotype(cfg.MODEL.ALB.SEARCH_SPACE, seed=0), path)
         cfg = load_config(os.path.join(CONFIGS, name), opts + ["MODEL.ALB.GENOTYPE", path])
-    deformable = cfg.MODEL.RESNETS.DEFORM_ON_PER_STAGE and any(cfg.MODEL.RESNETS.DEFORM_ON_PER_STAGE)
+    deformable = (cfg.MODEL.RESNETS.DEFORM_ON_PER_STAGE
+                  and any(cfg.MODEL.RESNETS.DEFORM_ON_PER_STAGE))
     if device == "cpu" and deformable:
         pytest.skip("torchvision's CPU deform_conv2d has no bfloat16 kernel")
     torch.manual_seed(0)

@@ -5,6 +5,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+
 from detectron2.layers import ModulatedDeformConv, ShapeSpec
 from detectron2.modeling import build_model
 from detectron2.modeling.backbone.resnet import (
@@ -29,7 +30,8 @@ CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
 
 
 def _cfg(name, *opts):
-    return load_config(os.path.join(CONFIGS, name), ["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu", *opts])
+    return load_config(os.path.join(CONFIGS, name),
+                       ["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu", *opts])
 
 
 # ------------------------------------------------------------------ independent reference

@@ -1,5 +1,5 @@
-"""Checkpoints a researcher can trust: the ALB genotype travels with the weights, --resume survives a
-deleted checkpoint, .pkl weights cannot run code."""
+"""Checkpoints a researcher can trust: the ALB genotype travels with the weights, --resume survives
+a deleted checkpoint, .pkl weights cannot run code."""
 import logging
 import os
 import pickle
@@ -8,10 +8,16 @@ import numpy as np
 import pytest
 import torch
 import yaml
+
 from detectron2.layers import ShapeSpec
 
 from elixir_d2 import load_config
-from elixir_d2.checkpoint import GENOTYPE_KEY, AtomicCheckpointer, CheckpointError, fill_genotype_from_checkpoint
+from elixir_d2.checkpoint import (
+    GENOTYPE_KEY,
+    AtomicCheckpointer,
+    CheckpointError,
+    fill_genotype_from_checkpoint,
+)
 from elixir_d2.cli import MissingFileError, UserInputError
 from elixir_d2.modeling.alb.genotype import Genotype, load_genotype
 from elixir_d2.modeling.box_head import ALBHead
@@ -96,7 +102,8 @@ def test_run_config_records_the_resolved_genotype_and_build_logs_its_origin(tmp_
     changed = tmp_path / "g.yaml"
     changed.write_text(yaml.safe_dump(_swap_dilation(load_genotype(FIGURE3)).to_dict()))
     bad = load_config(str(dumped), ["MODEL.ALB.GENOTYPE", str(changed)])
-    with pytest.raises(UserInputError, match=r"GENOTYPE_YAML .* differs from the genotype in .*g\.yaml"):
+    with pytest.raises(UserInputError,
+                       match=r"GENOTYPE_YAML .* differs from the genotype in .*g\.yaml"):
         resolve_genotype_config(bad)
 
 
@@ -116,11 +123,12 @@ def test_resume_after_a_deleted_checkpoint_falls_back_to_the_newest_complete(tmp
     with caplog.at_level(logging.WARNING):
         extra = AtomicCheckpointer(fresh, out).resume_or_load("", resume=True)
     assert extra["iteration"] == 3 and float(fresh.weight.detach()[0, 0]) == 3.0
-    assert any("model_0000005.pth, which is missing; resuming from model_0000003.pth" in r.getMessage()
-               for r in caplog.records)
+    assert any("model_0000005.pth, which is missing; resuming from model_0000003.pth"
+               in r.getMessage() for r in caplog.records)
     for name in ("model_0000001.pth", "model_0000003.pth"):
         os.remove(os.path.join(out, name))
-    with pytest.raises(MissingFileError, match=r"last_checkpoint names model_0000005\.pth.*delete .*last_checkpoint"):
+    with pytest.raises(MissingFileError,
+                       match=r"last_checkpoint names model_0000005\.pth.*delete .*last_checkpoint"):
         AtomicCheckpointer(torch.nn.Linear(2, 1), out).resume_or_load("", resume=True)
 
 
@@ -152,7 +160,8 @@ def test_model_zoo_pkl_weights_still_load(tmp_path, protocol):
     w = np.arange(2, dtype=np.float32).reshape(1, 2)
     path = tmp_path / "zoo.pkl"
     with open(path, "wb") as f:  # Caffe2 layout: a plain dict of arrays, with a momentum blob
-        pickle.dump({"blobs": {"weight": w, "bias": np.float32(0.5).reshape(1), "weight_momentum": w}},
+        pickle.dump({"blobs": {"weight": w, "bias": np.float32(0.5).reshape(1),
+                               "weight_momentum": w}},
                     f, protocol=protocol)
     data = AtomicCheckpointer(torch.nn.Linear(2, 1))._load_file(str(path))
     assert data["matching_heuristics"] and set(data["model"]) == {"weight", "bias"}

@@ -5,6 +5,7 @@ import os
 
 import pytest
 import torch
+
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
 from detectron2.modeling.proposal_generator import RPN
@@ -49,7 +50,8 @@ ELIXIR_GENOTYPE = os.path.join(CONFIGS, "genotypes", "figure3.yaml")
 
 
 def _cfg(name, *opts):
-    return load_config(os.path.join(CONFIGS, name), ["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu", *opts])
+    return load_config(os.path.join(CONFIGS, name),
+                       ["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu", *opts])
 
 
 def _n(module):
@@ -88,8 +90,10 @@ def test_elixirnet_c4_is_frcnn_c4_with_trpn_and_alb_head_on_res4():
     frcnn = build_model(_cfg("faster_rcnn_R_50_C4_deeplesion.yaml"))
     cfg = _cfg("elixirnet_R_50_C4_deeplesion.yaml", *SMALL)
     model = build_model(cfg)
-    assert isinstance(model.proposal_generator, TRPN) and model.proposal_generator.in_features == ["res4"]
-    assert isinstance(model.roi_heads, ElixirROIHeads) and isinstance(model.roi_heads.box_head, ALBHead)
+    assert (isinstance(model.proposal_generator, TRPN)
+            and model.proposal_generator.in_features == ["res4"])
+    assert (isinstance(model.roi_heads, ElixirROIHeads)
+            and isinstance(model.roi_heads.box_head, ALBHead))
     assert model.backbone.output_shape().keys() == {"res4"}
     assert not [n for n, _ in model.named_modules() if "res5" in n]  # res5 is not built at all
     # The ALB stem's pointwise conv reads res4's 1024 channels; the head ends at P = 512.
@@ -101,7 +105,8 @@ def test_elixirnet_c4_is_frcnn_c4_with_trpn_and_alb_head_on_res4():
     assert _n(model.proposal_generator) - _n(frcnn.proposal_generator) == 1024 + 1
     # FRCNN's Res5ROIHeads, counted by hand: res5 (3 bottlenecks, 512 wide, FrozenBN has no
     # parameters) + 2048 -> 2 classes and 2048 -> 4 box deltas.
-    res5 = (1024 * 512 + 512 * 512 * 9 + 512 * 2048 + 1024 * 2048) + 2 * (2048 * 512 + 512 * 512 * 9 + 512 * 2048)
+    res5 = ((1024 * 512 + 512 * 512 * 9 + 512 * 2048 + 1024 * 2048)
+            + 2 * (2048 * 512 + 512 * 512 * 9 + 512 * 2048))
     assert _n(frcnn.roi_heads) == res5 + (2048 * 2 + 2) + (2048 * 4 + 4)
     assert _n(model) / _n(frcnn) <= 0.70  # paper Table 1: 19.9M against 33.0M
     losses = _train_step(model)
@@ -114,8 +119,10 @@ def test_elixirnet_deformv2_is_the_deformable_backbone_with_elixirnet_head():
     deform = build_model(_cfg("deformv2_R_50_FPN_deeplesion.yaml"))
     elixir_fpn = build_model(_cfg("elixirnet_R_50_FPN_deeplesion.yaml"))
     model = build_model(_cfg("elixirnet_deformv2_R_50_FPN_deeplesion.yaml", *SMALL))
-    assert sum(isinstance(m, TorchvisionDeformConv) for m in model.modules()) == 13  # res3-res5 3x3s
-    assert isinstance(model.proposal_generator, TRPN) and isinstance(model.roi_heads.box_head, ALBHead)
+    # res3-res5 3x3s
+    assert sum(isinstance(m, TorchvisionDeformConv) for m in model.modules()) == 13
+    assert (isinstance(model.proposal_generator, TRPN)
+            and isinstance(model.roi_heads.box_head, ALBHead))
     assert _n(model.backbone) == _n(deform.backbone)
     assert _n(model.proposal_generator) == _n(elixir_fpn.proposal_generator)
     assert _n(model.roi_heads) == _n(elixir_fpn.roi_heads)
@@ -190,7 +197,8 @@ def test_darts_space_config_refuses_an_elixir_genotype():
 def test_nine_slices_stem_and_imagenet_weights(tmp_path):
     cfg3 = _cfg("ablation/alb.yaml", *SMALL)
     cfg9 = _cfg("ablation/alb_9slices.yaml", *SMALL)
-    assert cfg9.INPUT.NUM_SLICES == 9 and len(cfg9.MODEL.PIXEL_MEAN) == len(cfg9.MODEL.PIXEL_STD) == 9
+    assert (cfg9.INPUT.NUM_SLICES == 9
+            and len(cfg9.MODEL.PIXEL_MEAN) == len(cfg9.MODEL.PIXEL_STD) == 9)
     torch.manual_seed(3)
     m3, m9 = build_model(cfg3), build_model(cfg9)
     conv1 = m9.backbone.bottom_up.stem.conv1
@@ -216,7 +224,8 @@ def test_quickstart_elixirnet_c4():
     torch.manual_seed(4)
     frcnn = build_model(_cfg("quickstart/faster_rcnn_C4.yaml"))
     model = build_model(_cfg("quickstart/elixirnet_C4.yaml"))
-    assert isinstance(model.proposal_generator, TRPN) and isinstance(model.roi_heads.box_head, ALBHead)
+    assert (isinstance(model.proposal_generator, TRPN)
+            and isinstance(model.roi_heads.box_head, ALBHead))
     assert model.roi_heads.box_head.stem.pointwise.in_channels == 512  # half-width res4
     assert _n(model.backbone) == _n(frcnn.backbone)
     assert not [n for n, _ in model.named_modules() if "res5" in n]
@@ -228,7 +237,8 @@ def test_quickstart_elixirnet_deformv2():
     deform = build_model(_cfg("quickstart/deformv2.yaml"))
     model = build_model(_cfg("quickstart/elixirnet_deformv2.yaml"))
     assert sum(isinstance(m, TorchvisionDeformConv) for m in model.modules()) == 13
-    assert isinstance(model.proposal_generator, TRPN) and isinstance(model.roi_heads.box_head, ALBHead)
+    assert (isinstance(model.proposal_generator, TRPN)
+            and isinstance(model.roi_heads.box_head, ALBHead))
     assert _n(model.backbone) == _n(deform.backbone)
     _train_step(model)
 
@@ -265,6 +275,7 @@ def test_rtm_ablation_rows(name, own_relations):
     torch.manual_seed(7)
     model = build_model(cfg)
     assert isinstance(model.proposal_generator, TRPN)
-    assert model.roi_heads.rtm is not None and (model.roi_heads.rtm.phi is not None) == own_relations
+    assert (model.roi_heads.rtm is not None
+            and (model.roi_heads.rtm.phi is not None) == own_relations)
     assert model.roi_heads.box_predictor.cls_score.out_features == 2  # binary predictor kept
     _train_step(model)

@@ -1,9 +1,17 @@
 """CTDatasetMapper: windowing, neighbour interpolation, fallback, spacing normalisation, boxes."""
 import numpy as np
 import pytest
+
 from detectron2.structures import BoxMode
 
-from elixir_d2.data.ct_mapper import CTDatasetMapper, CTSliceError, hu_to_png16, read_hu_slice, window_to_uint8_range
+from elixir_d2.data.ct_mapper import (
+    CTDatasetMapper,
+    CTSliceError,
+    hu_to_png16,
+    read_hu_slice,
+    window_to_uint8_range,
+)
+
 from conftest import write_slice
 
 H = W = 32
@@ -21,13 +29,14 @@ def _record(slice_dir, key, slice_range, intv, spacing=0.8, boxes=((4, 6, 12, 20
         "file_name": f"{slice_dir}/{key:03d}.png", "image_id": 0, "height": H, "width": W,
         "slice_dir": slice_dir, "slice_idx": key, "slice_range": slice_range, "slice_intv": intv,
         "spacing": spacing, "hu_window": (-175, 275),
-        "annotations": [{"bbox": list(b), "bbox_mode": BoxMode.XYXY_ABS, "category_id": 0} for b in boxes],
+        "annotations": [{"bbox": list(b), "bbox_mode": BoxMode.XYXY_ABS, "category_id": 0}
+                        for b in boxes],
     }
 
 
 def _mapper(is_train=False, **kw):
-    args = dict(num_slices=3, slice_interval_mm=2.0, hu_window=(-1024.0, 3071.0), norm_spacing_mm=0.8,
-                max_size=512, flip_prob=0.0)
+    args = dict(num_slices=3, slice_interval_mm=2.0, hu_window=(-1024.0, 3071.0),
+                norm_spacing_mm=0.8, max_size=512, flip_prob=0.0)
     args.update(kw)
     return CTDatasetMapper(is_train, **args)
 
@@ -40,7 +49,8 @@ def test_window_values_at_known_hu():
 
 def test_read_hu_slice_subtracts_offset(tmp_path):
     write_slice(str(tmp_path), "s", 1, np.array([[-1000, 0], [40, 1500]]))
-    np.testing.assert_array_equal(read_hu_slice(f"{tmp_path}/Images_png/s/001.png"), [[-1000, 0], [40, 1500]])
+    np.testing.assert_array_equal(read_hu_slice(f"{tmp_path}/Images_png/s/001.png"),
+                                  [[-1000, 0], [40, 1500]])
 
 
 def test_neighbours_when_interval_divides_2mm(tmp_path):
@@ -150,7 +160,8 @@ def test_uniform_crops_cover_the_image():
     from elixir_d2.data.ct_mapper import choose_crop
 
     rng = np.random.RandomState(2)
-    starts = {choose_crop(12, 12, 10, np.array([[0.0, 0.0, 2.0, 2.0]]), 0.0, rng)[:2] for _ in range(400)}
+    starts = {choose_crop(12, 12, 10, np.array([[0.0, 0.0, 2.0, 2.0]]), 0.0, rng)[:2]
+              for _ in range(400)}
     assert starts == {(x, y) for x in range(3) for y in range(3)}  # every position, lesion or not
 
 
@@ -161,7 +172,8 @@ def test_training_crop_moves_boxes_and_inference_sees_whole_slices(tmp_path):
     out = _mapper(is_train=True, crop_size=16, crop_lesion_prob=1.0)(rec)
     assert tuple(out["image"].shape[1:]) == (16, 16)
     (box,) = out["instances"].gt_boxes.tensor.numpy()
-    assert box[2] - box[0] == pytest.approx(8) and box[3] - box[1] == pytest.approx(14)  # whole, shifted
+    # whole, shifted
+    assert box[2] - box[0] == pytest.approx(8) and box[3] - box[1] == pytest.approx(14)
     assert 0 <= box[0] and box[2] <= 16 and 0 <= box[1] and box[3] <= 16
     test_out = _mapper(is_train=False, crop_size=16, crop_lesion_prob=1.0)(rec)
     assert tuple(test_out["image"].shape[1:]) == (H, W)
@@ -175,8 +187,8 @@ def test_opencv_resize_matches_bilinear_half_pixel_reference():
 
     img = np.random.RandomState(3).rand(20, 30, 3).astype(np.float32) * 255
     got = CVResizeTransform(20, 30, 33, 47).apply_image(img)
-    ref = F.interpolate(torch.from_numpy(img).permute(2, 0, 1)[None], size=(33, 47), mode="bilinear",
-                        align_corners=False)[0].permute(1, 2, 0).numpy()
+    ref = F.interpolate(torch.from_numpy(img).permute(2, 0, 1)[None], size=(33, 47),
+                        mode="bilinear", align_corners=False)[0].permute(1, 2, 0).numpy()
     np.testing.assert_allclose(got, ref, atol=0.02)
 
 

@@ -5,6 +5,7 @@ import uuid
 
 import pytest
 import torch
+
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, BoxMode, Instances
@@ -102,11 +103,14 @@ def test_image_with_only_noisy_lesions_leaves_the_test_set_as_in_3dce():
     Keeping it would make both its detections FPs ranked first: 0 % at 0.5 FPs over 2 images."""
     name = _register([
         {"image_id": 1, "height": 64, "width": 64, "annotations": [_ann(LESION)]},
-        {"image_id": 2, "height": 64, "width": 64, "annotations": [_ann([40, 40, 50, 50], noisy=True)]},
+        {"image_id": 2, "height": 64, "width": 64,
+         "annotations": [_ann([40, 40, 50, 50], noisy=True)]},
         {"image_id": 3, "height": 64, "width": 64, "annotations": []},  # no lesion at all: kept
     ])
-    m = _evaluate(name, {1: _det([LESION], [0.9]), 2: _det([[40, 40, 50, 50], [5, 40, 15, 50]], [0.95, 0.94]),
-                         3: _det([], [])}, fps=(0.5,))
+    m = _evaluate(name,
+                  {1: _det([LESION], [0.9]),
+                   2: _det([[40, 40, 50, 50], [5, 40, 15, 50]], [0.95, 0.94]),
+                   3: _det([], [])}, fps=(0.5,))
     assert m["num_images"] == 2 and m["num_lesions"] == 1
     assert m["num_noisy_left_out"] == 1 and m["num_images_noisy_only_left_out"] == 1
     assert m["sens@0.5_iou"] == 100.0

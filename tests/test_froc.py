@@ -55,14 +55,16 @@ def reference_froc(pred_boxes, pred_scores, gt_boxes, fps, criterion="iou", thre
     for f, h in points:  # repeated FP values: keep the highest sensitivity
         best[f] = max(best.get(f, 0), h)
     xs = np.array(sorted(best), dtype=float) / max(n_img, 1)
-    ys = np.array([best[f] for f in sorted(best)], dtype=float) / n_gt if n_gt else np.zeros(len(best))
+    ys = (np.array([best[f] for f in sorted(best)], dtype=float) / n_gt if n_gt
+          else np.zeros(len(best)))
     return {f: float(np.interp(f, xs, ys)) for f in fps}, xs, ys
 
 
 # ---------------------------------------------------------------- hand-computed cases
 def test_one_box_hits_two_lesions():
     # IoU 100/110 and 110/120 with two nested lesions: both are hit by the one box.
-    r = compute_froc([B([0, 0, 10, 11])], [S(0.9)], [B([0, 0, 10, 10], [0, 0, 10, 12])], fps=(0.5, 1))
+    r = compute_froc([B([0, 0, 10, 11])], [S(0.9)], [B([0, 0, 10, 10], [0, 0, 10, 12])],
+                     fps=(0.5, 1))
     assert r["num_hits"] == 2 and r["num_fp"] == 0
     assert r["sensitivity"] == {0.5: 1.0, 1.0: 1.0}
 
@@ -115,13 +117,15 @@ def test_score_ties_keep_input_order():
         # FP first: curve (0, 0), (.5, .5); hit first: (0, .5), (.5, .5).
         assert r["sensitivity"][0.25] == expected
     # Ties inside one image: the earlier detection is ranked first too.
-    r = compute_froc([B([50, 50, 60, 60], [0, 0, 10, 10])], [S(0.5, 0.5)], [B([0, 0, 10, 10])], fps=(0.5,))
+    r = compute_froc([B([50, 50, 60, 60], [0, 0, 10, 10])], [S(0.5, 0.5)], [B([0, 0, 10, 10])],
+                     fps=(0.5,))
     np.testing.assert_array_equal(r["sens_curve"], [0.0, 1.0])
     assert r["sensitivity"][0.5] == 0.5
 
 
 def test_fp_point_beyond_the_curve_takes_the_last_sensitivity():
-    r = compute_froc([B([50, 50, 60, 60], [0, 0, 10, 10])], [S(0.9, 0.8)], [B([0, 0, 10, 10], [30, 30, 40, 40])])
+    r = compute_froc([B([50, 50, 60, 60], [0, 0, 10, 10])], [S(0.9, 0.8)],
+                     [B([0, 0, 10, 10], [30, 30, 40, 40])])
     assert r["max_fp_per_image"] == 1.0
     assert r["sensitivity"][0.5] == 0.25  # halfway between (0, 0) and (1, 0.5)
     assert r["sensitivity"][8.0] == 0.5 and r["sensitivity"][1.0] == 0.5
@@ -238,8 +242,8 @@ def test_invariant_to_image_order(dataset, rnd):
     rnd.shuffle(perm)
     for criterion in ("iou", "iobb"):
         a = compute_froc(boxes, scores, gts, fps=FPS, criterion=criterion)
-        b = compute_froc([boxes[i] for i in perm], [scores[i] for i in perm], [gts[i] for i in perm],
-                         fps=FPS, criterion=criterion)
+        b = compute_froc([boxes[i] for i in perm], [scores[i] for i in perm],
+                         [gts[i] for i in perm], fps=FPS, criterion=criterion)
         assert a["sensitivity"] == b["sensitivity"]
         np.testing.assert_array_equal(a["sens_curve"], b["sens_curve"])
 

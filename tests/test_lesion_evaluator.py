@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import Boxes, BoxMode, Instances
 
@@ -56,7 +57,8 @@ def binary_predictions():
 def typed_records():
     return [
         {"image_id": 1, "height": 200, "width": 200, "file_name": "a.png",
-         "annotations": [_ann([0, 0, 10, 10], category_id=0), _ann([50, 50, 60, 60], category_id=1)]},
+         "annotations": [_ann([0, 0, 10, 10], category_id=0),
+                         _ann([50, 50, 60, 60], category_id=1)]},
         {"image_id": 2, "height": 200, "width": 200, "file_name": "b.png",
          "annotations": [_ann([0, 0, 10, 10], category_id=1)]},
     ]
@@ -108,7 +110,8 @@ def test_binary_metrics_match_hand_computation(binary_name, tmp_path):
     res = run(ev, binary_predictions(), [14, 12, 13, 11])  # processing order must not matter
     m = res["lesion"]
     third = 100.0 / 3
-    iou = {"0.5": third, "1": 2 * third, "2": 2 * third, "3": 2 * third, "4": 2 * third, "6": 100.0, "8": 100.0}
+    iou = {"0.5": third, "1": 2 * third, "2": 2 * third, "3": 2 * third, "4": 2 * third, "6": 100.0,
+           "8": 100.0}
     iobb = {"0.5": third, "1": 100.0, "2": 100.0, "3": 100.0, "4": 100.0, "6": 100.0, "8": 100.0}
     for f in iou:
         assert m[f"sens@{f}_iou"] == pytest.approx(iou[f]), f
@@ -125,10 +128,12 @@ def test_binary_metrics_match_hand_computation(binary_name, tmp_path):
 
     # Files: froc.csv (paper layout), lesion_metrics.json, froc.png.
     rows = [line.split(",") for line in (tmp_path / "froc.csv").read_text().strip().splitlines()]
-    assert rows[0][:3] == ["criterion", "sens@0.5", "sens@1"] and [r[0] for r in rows[1:]] == ["iou", "iobb"]
+    assert (rows[0][:3] == ["criterion", "sens@0.5", "sens@1"]
+            and [r[0] for r in rows[1:]] == ["iou", "iobb"])
     assert float(rows[1][2]) == pytest.approx(2 * third, abs=1e-4)
     payload = json.loads((tmp_path / "lesion_metrics.json").read_text())
-    assert payload["counts"]["num_noisy_left_out"] == 1 and payload["counts"]["num_detections"] == 20
+    assert (payload["counts"]["num_noisy_left_out"] == 1
+            and payload["counts"]["num_detections"] == 20)
     assert payload["max_fp_per_image"] == {"iou": 17 / 4, "iobb": 16 / 4}
     assert payload["per_size_sens@3_iou"]["size>30"] == 0.0
     assert (tmp_path / "froc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -155,7 +160,8 @@ def test_max_dets_per_image_keeps_the_top_scores(typed_name):
     ev = LesionEvaluator(typed_name, None, distributed=False, max_dets_per_image=2)
     m = run(ev, typed_predictions(), [1, 2])["lesion"]
     # Kept: image 1 .9 (hit a), .8 (duplicate); image 2 .6, .5 (FPs): 1 of 3 lesions, 1 FP/image.
-    assert m["sens@1_iou"] == pytest.approx(100.0 / 3) and m["sens@8_iou"] == pytest.approx(100.0 / 3)
+    assert (m["sens@1_iou"] == pytest.approx(100.0 / 3)
+            and m["sens@8_iou"] == pytest.approx(100.0 / 3))
 
 
 def test_bad_predictions(binary_name):
@@ -182,10 +188,12 @@ def test_coco_ap_by_hand():
     one = [np.array([0])]
     assert coco_ap(gt, one, det, [np.array([0.9])], one) == pytest.approx((50.0, 100.0))
     assert coco_ap(gt, one, gt, [np.array([0.9])], one) == pytest.approx((100.0, 100.0))
-    assert coco_ap(gt, one, [np.zeros((0, 4))], [np.zeros(0)], [np.zeros(0, dtype=int)]) == (0.0, 0.0)
+    assert coco_ap(gt, one, [np.zeros((0, 4))], [np.zeros(0)],
+                   [np.zeros(0, dtype=int)]) == (0.0, 0.0)
     # Class-aware: right box, wrong class -> 0; category-agnostic -> 100.
     assert coco_ap(gt, one, gt, [np.array([0.9])], [np.array([1])], num_classes=2) == (0.0, 0.0)
-    assert coco_ap(gt, one, gt, [np.array([0.9])], [np.array([1])], num_classes=1)[1] == pytest.approx(100.0)
+    assert coco_ap(gt, one, gt, [np.array([0.9])], [np.array([1])],
+                   num_classes=1)[1] == pytest.approx(100.0)
 
 
 def test_format_froc_table_paper_layout():
@@ -206,7 +214,8 @@ def _worker(rank, port, name, out_dir):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
         register(name, binary_records(), ["lesion"])
-        ev = LesionEvaluator(name, os.path.join(out_dir, "files") if rank == 0 else None, distributed=True)
+        ev = LesionEvaluator(name, os.path.join(out_dir, "files") if rank == 0 else None,
+                             distributed=True)
         # Rank 0 gets images 12 and 14, rank 1 images 11 and 13: gathered in an order that
         # differs from the dataset's (the .5 tie would then move sens@0.5).
         res = run(ev, binary_predictions(), [12, 14] if rank == 0 else [11, 13])
@@ -223,7 +232,8 @@ def _free_port():
 
 
 def test_two_gloo_processes_give_the_single_process_numbers(binary_name, tmp_path):
-    single = run(LesionEvaluator(binary_name, None, distributed=False), binary_predictions(), [11, 12, 13, 14])
+    single = run(LesionEvaluator(binary_name, None, distributed=False), binary_predictions(),
+                 [11, 12, 13, 14])
     name = f"lesion_eval_gloo_{uuid.uuid4().hex[:8]}"
     # fork: the children inherit the imported torch / detectron2 (spawn would import them again,
     # slowly); each child pins torch to one thread first, so no OpenMP pool is used across the fork.

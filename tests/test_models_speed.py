@@ -1,6 +1,7 @@
-"""projects/benchmarks/models_speed.py: the interleaving schedule, the per-round ratio and the FrozenBN
-calibration that keeps random-weight R-50 activations at unit scale."""
+"""projects/benchmarks/models_speed.py: the interleaving schedule, the per-round ratio and the
+FrozenBN calibration that keeps random-weight R-50 activations at unit scale."""
 import torch
+
 from detectron2.layers import FrozenBatchNorm2d
 from detectron2.modeling import build_model
 
@@ -41,4 +42,5 @@ def test_frozen_bn_calibration_normalises_each_layer_input():
 
 def test_trpn_keeps_every_location_when_timed():
     assert ms.load_cfg("configs/elixirnet_R_50_FPN_deeplesion.yaml").MODEL.TRPN.THRESHOLD == 0.0
-    assert ms.load_cfg("configs/elixirnet_R_50_FPN_deeplesion.yaml", trpn_keep_all=False).MODEL.TRPN.THRESHOLD < 0
+    assert ms.load_cfg("configs/elixirnet_R_50_FPN_deeplesion.yaml",
+                       trpn_keep_all=False).MODEL.TRPN.THRESHOLD < 0

@@ -1,5 +1,5 @@
-"""projects/paper recipes: a --quick recipe end to end on a tiny synthetic set (Table 6: search in the
-DARTS space, random genotype, three FPN + ALB trainings, evaluation, markdown), the shared
+"""projects/paper recipes: a --quick recipe end to end on a tiny synthetic set (Table 6: search in
+the DARTS space, random genotype, three FPN + ALB trainings, evaluation, markdown), the shared
 plumbing, and the paper's numbers against the improvements the paper prints."""
 import json
 import os
@@ -8,9 +8,10 @@ import re
 import pytest
 import yaml
 
+from elixir_d2.data.synthetic import generate_deeplesion
+
 import common  # projects/paper, on pytest's pythonpath
 import paper_numbers as P
-from elixir_d2.data.synthetic import generate_deeplesion
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -20,7 +21,8 @@ ELIXIR_GENOTYPE = os.path.join(REPO, "configs", "genotypes", "figure3.yaml")
 @pytest.fixture(scope="module")
 def tiny_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("paper")
-    generate_deeplesion(str(root / "synthetic"), num_patients=8, slices_per_series=(8, 10), keys_per_series=(1, 2),
+    generate_deeplesion(str(root / "synthetic"), num_patients=8, slices_per_series=(8, 10),
+                        keys_per_series=(1, 2),
                         image_size=64, seed=3, val_frac=0.15, test_frac=0.15)
     return root
 
@@ -37,16 +39,18 @@ def test_table6_quick_end_to_end(tiny_root, capsys):
     import table6
 
     out = tiny_root / "out"
-    # The medical-space search is given (--genotype); the DARTS-space search and the random draw run.
-    # 4 images per batch: one search iteration per epoch on the 4-record weight half.
-    argv = ["--quick", "--root", str(tiny_root), "--output", str(out), "--iters", "2", "--search-epochs", "1",
-            "--genotype", ELIXIR_GENOTYPE, "SOLVER.IMS_PER_BATCH", "4", "INPUT.MAX_IMAGE_SIZE", "64",
+    # The medical-space search is given (--genotype); the DARTS-space search and the random draw
+    # run. 4 images per batch: one search iteration per epoch on the 4-record weight half.
+    argv = ["--quick", "--root", str(tiny_root), "--output", str(out), "--iters", "2",
+            "--search-epochs", "1", "--genotype", ELIXIR_GENOTYPE,
+            "SOLVER.IMS_PER_BATCH", "4", "INPUT.MAX_IMAGE_SIZE", "64",
             "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "16", "MODEL.RPN.POST_NMS_TOPK_TEST", "50"]
     paths = table6.main(argv)
     md = open(paths["table6"]).read()
     assert paths["table6"] == str(out / "table6.md")
 
-    # Each "(this run)" row holds the numbers its run's evaluator wrote, the "(paper)" row the paper's.
+    # Each "(this run)" row holds the numbers its run's evaluator wrote, the "(paper)" row the
+    # paper's.
     for row, step, paper in (
         ("ElixirNet (ALB, our space, differentiable search)", "ablation_alb", ("83.88", "34.1")),
         ("ALB w/o our search space (DARTS space)", "ablation_alb_darts", ("81.06", "32.1")),
@@ -67,7 +71,8 @@ def test_table6_quick_end_to_end(tiny_root, capsys):
     genotypes = {s: yaml.safe_load(open(out / s / "config.yaml"))["MODEL"]["ALB"] for s in
                  ("ablation_alb", "ablation_alb_darts", "ablation_alb_random")}
     assert genotypes["ablation_alb"]["GENOTYPE"] == ELIXIR_GENOTYPE
-    assert genotypes["ablation_alb_darts"]["GENOTYPE"] == str(out / "search_darts" / "genotype.yaml")
+    assert genotypes["ablation_alb_darts"]["GENOTYPE"] == str(out / "search_darts"
+                                                              / "genotype.yaml")
     assert genotypes["ablation_alb_darts"]["SEARCH_SPACE"] == "darts"
     assert genotypes["ablation_alb_random"]["GENOTYPE"] == str(out / "random_alb" / "genotype.yaml")
     darts = yaml.safe_load(open(out / "search_darts" / "genotype.yaml"))
@@ -80,7 +85,8 @@ def test_table6_quick_end_to_end(tiny_root, capsys):
     # What was run is stated: data sizes, the given genotype, each run's iterations.
     assert "train 7 images, test 1 images" in md
     assert f"search: not run; genotype given with --genotype {ELIXIR_GENOTYPE}" in md
-    assert re.search(r"- ablation_alb_darts: configs/quickstart/ablation/alb_darts_space.yaml, 2 iterations", md)
+    assert re.search(r"- ablation_alb_darts: configs/quickstart/ablation/alb_darts_space.yaml, 2 "
+                     r"iterations", md)
 
     # A second call reuses every finished run and only rewrites the table.
     before = os.path.getmtime(out / "ablation_alb" / "model_final.pth")
@@ -93,16 +99,20 @@ def test_table6_quick_end_to_end(tiny_root, capsys):
 
 def test_schedule_scaled_to_iters():
     assert common._schedule_opts(12) == ["SOLVER.MAX_ITER", "12", "SOLVER.STEPS", "(8,11)",
-                                         "SOLVER.WARMUP_ITERS", "3", "SOLVER.CHECKPOINT_PERIOD", "12"]
-    assert common._schedule_opts(2)[3] == "(1,)"  # steps at 1.33 -> 1 and 1.83 -> 2 (= MAX_ITER, dropped)
+                                         "SOLVER.WARMUP_ITERS", "3", "SOLVER.CHECKPOINT_PERIOD",
+                                         "12"]
+    # steps at 1.33 -> 1 and 1.83 -> 2 (= MAX_ITER, dropped)
+    assert common._schedule_opts(2)[3] == "(1,)"
     assert common._schedule_opts(1)[3] == "()"
     with pytest.raises(ValueError, match="--iters"):
         common._schedule_opts(0)
 
 
 def test_cells_and_tables():
-    assert common.fmt(None) == "-" and common.fmt(float("nan")) == "-" and common.fmt(83.876) == "83.88"
-    assert common.markdown_table(["Method", "a"], [["x", "1"]]) == "| Method | a |\n|:--|--:|\n| x | 1 |"
+    assert (common.fmt(None) == "-" and common.fmt(float("nan")) == "-"
+            and common.fmt(83.876) == "83.88")
+    assert (common.markdown_table(["Method", "a"], [["x", "1"]])
+            == "| Method | a |\n|:--|--:|\n| x | 1 |")
 
 
 def test_missing_dataset_names_the_file(tmp_path):
@@ -113,26 +123,31 @@ def test_missing_dataset_names_the_file(tmp_path):
 def test_paper_numbers_match_the_improvements_printed_in_the_paper():
     t1, t2 = P.TABLE1, P.TABLE2
     # Table 1 prints ElixirNet's gains over its baseline at 0.5 FPs and on mAP.
-    for eli, base, d05, dmap in (("ElixirNet", "FRCNN", 4.49, 2.9), ("ElixirNet w FPN", "FPN", 5.82, 3.7),
+    for eli, base, d05, dmap in (("ElixirNet", "FRCNN", 4.49, 2.9),
+                                 ("ElixirNet w FPN", "FPN", 5.82, 3.7),
                                  ("ElixirNet w Deformv2", "Deformv2", 2.48, 2.0)):
         assert t1[eli]["sens"][0.5] - t1[base]["sens"][0.5] == pytest.approx(d05, abs=0.006)
         assert t1[eli]["mAP"] - t1[base]["mAP"] == pytest.approx(dmap, abs=0.06)
     # Table 2 (IoBB): +6.50 at 0.5 FPs and +4.09 at 8 FPs for ElixirNet w FPN over FPN.
-    assert t2["ElixirNet w FPN"]["sens"][0.5] - t2["FPN"]["sens"][0.5] == pytest.approx(6.50, abs=0.006)
+    assert (t2["ElixirNet w FPN"]["sens"][0.5] - t2["FPN"]["sens"][0.5]
+            == pytest.approx(6.50, abs=0.006))
     assert t2["ElixirNet w FPN"]["sens"][8] - t2["FPN"]["sens"][8] == pytest.approx(4.09, abs=0.006)
-    # Table 5's FPN and ElixirNet rows are Table 1's FPN / ElixirNet w FPN at 3 FPs; Table 6's first row
-    # is Table 5's ALB row; the text: RTM adds 1.91 points at 3 FPs over TRPN + ALB.
+    # Table 5's FPN and ElixirNet rows are Table 1's FPN / ElixirNet w FPN at 3 FPs; Table 6's first
+    # row is Table 5's ALB row; the text: RTM adds 1.91 points at 3 FPs over TRPN + ALB.
     assert P.TABLE5["FPN"]["sens3"] == t1["FPN"]["sens"][3]
     assert P.TABLE5["ElixirNet (TRPN + ALB + RTM)"]["sens3"] == t1["ElixirNet w FPN"]["sens"][3]
-    assert P.TABLE5["ElixirNet (TRPN + ALB + RTM)"]["sens3"] - P.TABLE5["TRPN + ALB"]["sens3"] == pytest.approx(1.91)
+    assert (P.TABLE5["ElixirNet (TRPN + ALB + RTM)"]["sens3"] - P.TABLE5["TRPN + ALB"]["sens3"]
+            == pytest.approx(1.91))
     assert P.TABLE6["ElixirNet (ALB, our space, differentiable search)"] == P.TABLE5["ALB"]
     # Table 6 prints -2.82 / -2.04 points for the DARTS space / random ALB.
     base = P.TABLE6["ElixirNet (ALB, our space, differentiable search)"]["sens3"]
     assert base - P.TABLE6["ALB w/o our search space (DARTS space)"]["sens3"] == pytest.approx(2.82)
     assert base - P.TABLE6["random ALB"]["sens3"] == pytest.approx(2.04)
     # Table 3: 61.20 = FPN's 58.46 + 2.74; Deformv2 + 0.7 mAP.
-    assert P.TABLE3["ElixirNet w FPN"]["sens"][2] - P.TABLE3["FPN"]["sens"][2] == pytest.approx(2.74)
-    assert P.TABLE3["ElixirNet w Deformv2"]["mAP"] - P.TABLE3["Deformv2"]["mAP"] == pytest.approx(0.7)
+    assert (P.TABLE3["ElixirNet w FPN"]["sens"][2] - P.TABLE3["FPN"]["sens"][2]
+            == pytest.approx(2.74))
+    assert (P.TABLE3["ElixirNet w Deformv2"]["mAP"] - P.TABLE3["Deformv2"]["mAP"]
+            == pytest.approx(0.7))
 
 
 def test_finished_step_is_reused_only_with_the_same_settings(tmp_path):
@@ -140,7 +155,8 @@ def test_finished_step_is_reused_only_with_the_same_settings(tmp_path):
 
     from steps import STEPS
 
-    args = argparse.Namespace(quick=True, output=str(tmp_path), num_gpus=1, opts=[], iters=None, finetune_iters=None,
+    args = argparse.Namespace(quick=True, output=str(tmp_path), num_gpus=1, opts=[], iters=None,
+                              finetune_iters=None,
                               search_epochs=None, genotype=None, force=False, speed_images=None)
     recipe = common.Recipe(args, common.DataSource("deeplesion", str(tmp_path), "unused"))
     assert args.iters == common.QUICK_ITERS  # --quick default

@@ -4,9 +4,10 @@ import os
 
 import pytest
 
+from elixir_d2 import load_config
+
 import paper_numbers as P  # projects/paper, on pytest's pythonpath
 import table1
-from elixir_d2 import load_config
 from steps import STEPS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -20,7 +21,8 @@ def _components(step: str, quick: bool):
 
 def test_paper_elixirnet_w_fpn_figures_are_the_full_model():
     # The identity the mapping rests on: Table 1's row equals Table 5's TRPN + ALB + RTM row.
-    assert P.TABLE1["ElixirNet w FPN"]["sens"][3.0] == P.TABLE5["ElixirNet (TRPN + ALB + RTM)"]["sens3"]
+    assert (P.TABLE1["ElixirNet w FPN"]["sens"][3.0]
+            == P.TABLE5["ElixirNet (TRPN + ALB + RTM)"]["sens3"])
     assert P.TABLE1["ElixirNet w FPN"]["mAP"] == P.TABLE5["ElixirNet (TRPN + ALB + RTM)"]["mAP"]
 
 

@@ -6,11 +6,12 @@ from elixir_d2.inference.grouping import group_detections
 
 
 def test_two_lesions_across_slices():
-    # Lesion A on slices 3, 4, 5 (drifting right by 2 px per slice); lesion B on slices 4, 5 far away;
-    # a lone detection on slice 9 at A's position (a gap of 4 slices: not linked).
+    # Lesion A on slices 3, 4, 5 (drifting right by 2 px per slice); lesion B on slices 4, 5 far
+    # away; a lone detection on slice 9 at A's position (a gap of 4 slices: not linked).
     slices = [3, 4, 5, 4, 5, 9]
     boxes = np.array([
-        [10, 10, 30, 30], [12, 10, 32, 30], [14, 10, 34, 36],  # A: IoU(3,4) = 360/440, IoU(4,5) = ...
+        # A: IoU(3,4) = 360/440, IoU(4,5) = ...
+        [10, 10, 30, 30], [12, 10, 32, 30], [14, 10, 34, 36],
         [60, 60, 70, 70], [61, 60, 71, 70],  # B
         [10, 10, 30, 30],  # C
     ], dtype=float)
@@ -33,7 +34,8 @@ def test_iou_threshold_and_gap():
     slices, boxes, scores = [0, 2], [[0, 0, 10, 10], [5, 0, 15, 10]], [0.5, 0.6]
     assert len(group_detections(slices, boxes, scores, (1, 1), 1.0)) == 2  # slices 2 apart
     assert len(group_detections(slices, boxes, scores, (1, 1), 1.0, max_gap=2)) == 1
-    assert len(group_detections(slices, boxes, scores, (1, 1), 1.0, iou_thresh=0.34, max_gap=2)) == 2
+    assert len(group_detections(slices, boxes, scores, (1, 1), 1.0, iou_thresh=0.34,
+                                max_gap=2)) == 2
 
 
 def test_chain_links_boxes_that_do_not_overlap_directly():

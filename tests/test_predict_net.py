@@ -15,17 +15,25 @@ from detectron2.modeling import build_model
 from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.structures import Boxes, Instances
 
-from conftest import dl_row, write_dl_info
 from elixir_d2 import load_config
 from elixir_d2.data.ct_mapper import CTDatasetMapper
-from elixir_d2.inference import CTPredictor, PredictOptions, discover_cases, read_case, run_prediction
+from elixir_d2.inference import (
+    CTPredictor,
+    PredictOptions,
+    discover_cases,
+    read_case,
+    run_prediction,
+)
 from elixir_d2.visualization import DET_COLOR, GT_COLOR
-from test_predict_io import FAKE_PHI, phantom, write_dicom_series, write_nifti, write_png_series
+
 import predict_net
+from conftest import dl_row, write_dl_info
+from test_predict_io import FAKE_PHI, phantom, write_dicom_series, write_nifti, write_png_series
 
 # Keep the random quickstart model cheap: few proposals per slice.
 # The sizes below are worked out for 2 mm model pixels (the quickstart resamples to 0.75 mm).
-FAST = ["MODEL.RPN.PRE_NMS_TOPK_TEST", "60", "MODEL.RPN.POST_NMS_TOPK_TEST", "30", "INPUT.NORM_SPACING_MM", "2.0"]
+FAST = ["MODEL.RPN.PRE_NMS_TOPK_TEST", "60", "MODEL.RPN.POST_NMS_TOPK_TEST", "30",
+        "INPUT.NORM_SPACING_MM", "2.0"]
 
 
 def quickstart_cfg(name="fpn", opts=()):
@@ -62,7 +70,8 @@ def test_inputs_equal_the_training_mapper(tmp_path):
     root = str(tmp_path / "DeepLesion")
     folder = write_png_series(root, "000005_01_01", vol, first=1)
     write_dl_info(root, [dl_row("000005_01_01_004.png", spacing=(0.7, 0.7, 1.25), size=(36, 30))])
-    cfg = quickstart_cfg(opts=["INPUT.NORM_SPACING_MM", "0.5"])  # 0.7 -> 0.5 mm: upsampled to 42 x 50
+    # 0.7 -> 0.5 mm: upsampled to 42 x 50
+    cfg = quickstart_cfg(opts=["INPUT.NORM_SPACING_MM", "0.5"])
     predictor = CTPredictor(cfg, model=nn.Identity())
     mapper = CTDatasetMapper(cfg, is_train=False)
     volume = read_case(discover_cases(folder)[0][0])
@@ -111,7 +120,8 @@ def test_known_lesion_through_the_pipeline(tmp_path):
     cases = tmp_path / "cases"
     cases.mkdir()
     # 2 mm pixels = NORM_SPACING_MM of FAST: the model sees the native grid.
-    write_nifti(cases / "ct_nifti.nii.gz", vol, spacing=(2.0, 2.0, 2.5), origin=(-40.0, -30.0, 100.0))
+    write_nifti(cases / "ct_nifti.nii.gz", vol, spacing=(2.0, 2.0, 2.5),
+                origin=(-40.0, -30.0, 100.0))
     write_dicom_series(cases / "ct_dicom", vol, spacing=(2.0, 2.0))
     cfg = quickstart_cfg()
     lo, hi = cfg.INPUT.HU_WINDOW
@@ -119,9 +129,11 @@ def test_known_lesion_through_the_pipeline(tmp_path):
     gt = {"ct_nifti": {"0": [], "2": [[13, 9, 31, 23]], "6": []}}
     (tmp_path / "gt.json").write_text(json.dumps(gt))
     out = str(tmp_path / "out")
-    summary = run_prediction(cfg, str(cases), out, PredictOptions(gt=str(tmp_path / "gt.json"), progress=False),
+    summary = run_prediction(cfg, str(cases), out,
+                             PredictOptions(gt=str(tmp_path / "gt.json"), progress=False),
                              model=OracleModel(level))
-    assert [c["case"] for c in summary["cases"]] == ["ct_dicom", "ct_nifti"] and summary["failed"] == []
+    assert ([c["case"] for c in summary["cases"]] == ["ct_dicom", "ct_nifti"]
+            and summary["failed"] == [])
     for case in ("ct_nifti", "ct_dicom"):
         doc = json.load(open(f"{out}/{case}/detections.json"))
         assert doc["model_input_size"] == [[40, 40]]
@@ -131,7 +143,8 @@ def test_known_lesion_through_the_pipeline(tmp_path):
             assert [d["x1_mm"], d["y1_mm"], d["width_mm"], d["height_mm"]] == [28, 20, 32, 24]
         (f,) = doc["findings"]
         assert (f["slice_first"], f["slice_last"], f["num_slices"]) == (1, 4, 4)
-        assert f["extent_mm"] == pytest.approx(4 * 2.5) and f["largest_diameter_mm"] == pytest.approx(32.0)
+        assert (f["extent_mm"] == pytest.approx(4 * 2.5)
+                and f["largest_diameter_mm"] == pytest.approx(32.0))
         assert all(d["finding_id"] == f["finding_id"] for d in doc["detections"])
     # LPS centre of the box on NIfTI slice 3: continuous (22, 16) -> voxel (21.5, 15.5, 3).
     d3 = json.load(open(f"{out}/ct_nifti/detections.json"))["detections"][2]
@@ -163,14 +176,16 @@ def test_cli_folder_run(tmp_path, fpn_weights, capsys):
     write_nifti(cases / "thin.nii.gz", phantom(slices=3), spacing=(0.8, 0.8, 1.0))
     out = str(tmp_path / "out")
     rc = predict_net.main(["--config-file", "configs/quickstart/fpn.yaml", "--weights", fpn_weights,
-                           "--input", str(cases), "--output", out, "--score-thresh", "0.0", "--no-progress"] + FAST)
+                           "--input", str(cases), "--output", out, "--score-thresh", "0.0",
+                           "--no-progress"] + FAST)
     assert rc == 0
     err = capsys.readouterr().err
     summary = json.load(open(f"{out}/summary.json"))
     assert sorted(c["case"] for c in summary["cases"]) == ["000006_01_01", "series_b", "vol_a"]
     failed = {f["case"]: f["error"] for f in summary["failed"]}
     assert set(failed) == {"broken", "series_mr", "thin"}
-    assert "broken.nii.gz: unreadable" in failed["broken"] and "not a CT series" in failed["series_mr"]
+    assert ("broken.nii.gz: unreadable" in failed["broken"]
+            and "not a CT series" in failed["series_mr"])
     assert "thin.nii.gz: 3 slice(s) at 1 mm" in failed["thin"]
     assert "3 case(s) failed" in err and "series_mr" in err
     # The model saw 40 px * 0.8 mm / 2 mm = 16 px.
@@ -215,7 +230,8 @@ def test_cli_single_bad_input_names_it(tmp_path, fpn_weights, capsys):
 def test_draw_relations_needs_an_alb_head(tmp_path, fpn_weights, capsys):
     vol = write_nifti(tmp_path / "v.nii.gz", phantom())
     rc = predict_net.main(["--config-file", "configs/quickstart/fpn.yaml", "--weights", fpn_weights,
-                           "--input", vol, "--output", str(tmp_path / "out"), "--draw-relations", "--no-progress"])
+                           "--input", vol, "--output", str(tmp_path / "out"), "--draw-relations",
+                           "--no-progress"])
     assert rc == 2
     assert "--draw-relations needs a box head with region_nonlocal" in capsys.readouterr().err
 
@@ -227,7 +243,8 @@ def test_relations_and_confidence_of_elixirnet(tmp_path):
     cfg = quickstart_cfg("elixirnet", ["MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0"])
     model = build_model(cfg).eval()
     vol = write_nifti(tmp_path / "v.nii.gz", phantom(slices=3, size=64), spacing=(1.0, 1.0, 5.0))
-    predictor = CTPredictor(cfg, model, batch_size=2, capture_relations=True, capture_confidence=True)
+    predictor = CTPredictor(cfg, model, batch_size=2, capture_relations=True,
+                            capture_confidence=True)
     pred = predictor.predict_volume(read_case(discover_cases(vol)[0][0]))
     assert len(pred.slices) == 3
     for sp in pred.slices:
@@ -242,10 +259,12 @@ def test_relations_and_confidence_of_elixirnet(tmp_path):
             "p2": (8, 8), "p3": (4, 4), "p4": (2, 2), "p5": (1, 1), "p6": (1, 1)}
         assert set(sp.conf_eps) == set(sp.conf_maps)
     out = str(tmp_path / "out")
-    run_prediction(cfg, vol, out, PredictOptions(draw_relations=True, draw_confidence=True, overlays="all",
-                                                 progress=False), model=model)
+    run_prediction(cfg, vol, out,
+                   PredictOptions(draw_relations=True, draw_confidence=True, overlays="all",
+                                  progress=False), model=model)
     for sub in ("overlays", "relations", "confidence"):
-        assert sorted(os.listdir(f"{out}/v/{sub}")) == ["slice_000.png", "slice_001.png", "slice_002.png"]
+        assert sorted(os.listdir(f"{out}/v/{sub}")) == ["slice_000.png", "slice_001.png",
+                                                        "slice_002.png"]
 
 
 class FixedModel(nn.Module):
@@ -272,7 +291,8 @@ def test_lesion_types_from_classes_or_rtm(tmp_path):
     vol = read_case(discover_cases(write_nifti(tmp_path / "v.nii.gz", phantom(slices=3)))[0][0])
     binary = CTPredictor(quickstart_cfg(), model=FixedModel()).predict_volume(vol)
     assert binary.slices[0].type_names is None  # one class: no type column
-    typed_cfg = quickstart_cfg(opts=["MODEL.ROI_HEADS.NUM_CLASSES", "8"])  # synthetic_test has 1 class name
+    # synthetic_test has 1 class name
+    typed_cfg = quickstart_cfg(opts=["MODEL.ROI_HEADS.NUM_CLASSES", "8"])
     typed = CTPredictor(typed_cfg, model=FixedModel()).predict_volume(vol)
     assert typed.slices[0].type_names == ["liver", "bone"]  # DeepLesion Coarse_lesion_type 4 and 1
     rtm = CTPredictor(quickstart_cfg(), model=FixedModel(types=[4, 7])).predict_volume(vol)
@@ -284,7 +304,8 @@ def test_lesion_types_from_classes_or_rtm(tmp_path):
 def test_ground_truth_files(tmp_path):
     from elixir_d2.inference import load_ground_truth
 
-    rows = [dl_row("000007_01_01_005.png", box=(11, 21, 31, 41)), dl_row("000007_01_01_005.png", box=(1, 2, 5, 6)),
+    rows = [dl_row("000007_01_01_005.png", box=(11, 21, 31, 41)),
+            dl_row("000007_01_01_005.png", box=(1, 2, 5, 6)),
             dl_row("000007_01_01_006.png", box=(3, 3, 9, 9), noisy=1)]
     gt = load_ground_truth(write_dl_info(str(tmp_path / "DL"), rows))
     # DL_info boxes minus 1 (the loader's convention); the noisy lesion is left out.

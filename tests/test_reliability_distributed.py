@@ -48,12 +48,13 @@ def train_and_evaluate(root: str, prefix: str, opts, eval_weights: str, out_dir:
     """One rank of the run: train_net.main's training path, recording every iteration's loss and
     the replica's final weights, then train_net's evaluation of ``eval_weights``."""
     torch.set_num_threads(1)
-    import train_net
     from detectron2.engine import HookBase, default_argument_parser
     from detectron2.utils import comm
 
-    from elixir_d2.data import register_deeplesion
     from elixir_d2.checkpoint import AtomicCheckpointer
+    from elixir_d2.data import register_deeplesion
+
+    import train_net
 
     register_deeplesion(root, prefix=prefix)
     args = default_argument_parser().parse_args(["--config-file", QUICKSTART] + list(opts))
@@ -64,7 +65,8 @@ def train_and_evaluate(root: str, prefix: str, opts, eval_weights: str, out_dir:
         def after_step(self):
             if comm.is_main_process():  # only rank 0 holds the (rank-averaged) scalars
                 latest = self.trainer.storage.latest()
-                losses.append({k: latest[k][0] for k in latest if k.startswith("loss") or k == "total_loss"})
+                losses.append({k: latest[k][0] for k in latest
+                               if k.startswith("loss") or k == "total_loss"})
 
     trainer = train_net.Trainer(cfg)
     trainer.register_hooks([RecordLosses()])
@@ -92,11 +94,13 @@ def test_two_process_training_and_evaluation_match_one_process(tmp_path):
     one.mkdir()
     two.mkdir()
 
-    launch(train_and_evaluate, 1, args=(root, prefix, tiny_opts(prefix, str(one), MAX_ITER, **EXACT_SAMPLING),
-                                       "", str(one)))
+    launch(train_and_evaluate, 1,
+           args=(root, prefix, tiny_opts(prefix, str(one), MAX_ITER, **EXACT_SAMPLING),
+                 "", str(one)))
     weights = str(one / "model_final.pth")
     launch(train_and_evaluate, 2, dist_url="auto",
-           args=(root, prefix, tiny_opts(prefix, str(two), MAX_ITER, **EXACT_SAMPLING), weights, str(two)))
+           args=(root, prefix, tiny_opts(prefix, str(two), MAX_ITER, **EXACT_SAMPLING), weights,
+                 str(two)))
 
     r1 = json.loads((one / "rank0.json").read_text())
     r2 = [json.loads((two / f"rank{r}.json").read_text()) for r in (0, 1)]

@@ -7,19 +7,32 @@ import yaml
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from conftest import dl_row
-
-from elixir_d2.data.deeplesion import DL_INFO_COLUMNS, DeepLesionFormatError, parse_dl_info_row, read_dl_info
-from elixir_d2.modeling.alb.genotype import Genotype, GenotypeError, genotype_from_dict, load_genotype
+from elixir_d2.data.deeplesion import (
+    DL_INFO_COLUMNS,
+    DeepLesionFormatError,
+    parse_dl_info_row,
+    read_dl_info,
+)
+from elixir_d2.modeling.alb.genotype import (
+    Genotype,
+    GenotypeError,
+    genotype_from_dict,
+    load_genotype,
+)
 from elixir_d2.modeling.alb.ops import get_search_space
 
-FUZZ = settings(max_examples=int(os.environ.get("ELIXIR_FUZZ_EXAMPLES", 150)), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+from conftest import dl_row
+
+FUZZ = settings(max_examples=int(os.environ.get("ELIXIR_FUZZ_EXAMPLES", 150)), deadline=None,
+                suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 # ----------------------------------------------------------------------------- DL_info rows
 VALID = dl_row()
 NUMBERISH = st.one_of(
-    st.sampled_from(["", " ", "nan", "inf", "-inf", "1e400", "-0", "0", "1.5", "2.0", "-1", "9", "12", "abc",
-                     "1,2", "1, 2, 3, 4", "3, 1, 2, 0", "1,,2", "0x10", "1_000", "\u0661", "1e-400", "\x00"]),
+    st.sampled_from(["", " ", "nan", "inf", "-inf", "1e400", "-0", "0", "1.5", "2.0", "-1", "9",
+                     "12", "abc",
+                     "1,2", "1, 2, 3, 4", "3, 1, 2, 0", "1,,2", "0x10", "1_000", "\u0661", "1e-400",
+                     "\x00"]),
     st.floats(allow_nan=True, allow_infinity=True).map(repr),
     st.lists(st.floats(allow_nan=True, allow_infinity=True, width=32), max_size=9).map(
         lambda v: ", ".join(repr(x) for x in v)),
@@ -77,9 +90,11 @@ def test_dl_info_file_parses_or_raises_deeplesion_format_error(tmp_path, data):
 # ----------------------------------------------------------------------------- genotypes
 OPS = get_search_space("elixir")
 SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-3, 12), st.floats(allow_nan=True),
-                    st.sampled_from(OPS + ["conv_9x9", "none", "elixir", "darts", ""]), st.text(max_size=8))
+                    st.sampled_from(OPS + ["conv_9x9", "none", "elixir", "darts", ""]),
+                    st.text(max_size=8))
 ANY = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=9) |
-                   st.dictionaries(SCALARS.filter(lambda v: v == v), inner, max_size=5), max_leaves=30)
+                   st.dictionaries(SCALARS.filter(lambda v: v == v), inner, max_size=5),
+                   max_leaves=30)
 PAIR = st.tuples(st.sampled_from(OPS + ["conv_9x9"]), st.integers(-1, 6)).map(list) | ANY
 
 
@@ -92,7 +107,8 @@ def genotype_dicts(draw):
             "branches": draw(st.just(4) | ANY),
             "normal": draw(st.lists(PAIR, min_size=6, max_size=9)),
             "reduce": draw(st.lists(PAIR, min_size=6, max_size=9))}
-    for key in draw(st.lists(st.sampled_from(["space", "branches", "normal", "reduce"]), unique=True, max_size=2)):
+    for key in draw(st.lists(st.sampled_from(["space", "branches", "normal", "reduce"]),
+                             unique=True, max_size=2)):
         del data[key]
     if draw(st.integers(0, 5)) == 0:
         data[draw(SCALARS.filter(lambda v: v == v))] = draw(ANY)  # an extra key of any type

@@ -14,9 +14,9 @@ import uuid
 import pytest
 import torch
 
-from reliability_helpers import QUICKSTART, REPO, tiny_opts, write_tiny_deeplesion
-
 from elixir_d2.checkpoint import AtomicCheckpointer
+
+from reliability_helpers import QUICKSTART, REPO, tiny_opts, write_tiny_deeplesion
 
 MAX_ITER, PERIOD = 12, 4
 
@@ -24,7 +24,8 @@ MAX_ITER, PERIOD = 12, 4
 def _expected_checkpoints(max_iter: int, period: int):
     # fvcore's PeriodicCheckpointer: model_{i:07d} after iteration i when (i + 1) % period == 0,
     # and model_final after the last iteration.
-    return {f"model_{i:07d}.pth" for i in range(max_iter) if (i + 1) % period == 0} | {"model_final.pth"}
+    return ({f"model_{i:07d}.pth" for i in range(max_iter) if (i + 1) % period == 0}
+            | {"model_final.pth"})
 
 
 def _train_cmd(out_dir, resume=False):
@@ -50,19 +51,22 @@ def _read_tag(out_dir):
 
 def test_sigkill_then_resume_ends_like_an_uninterrupted_run(tmp_path):
     # the child registers synthetic_* from $DETECTRON2_DATASETS/synthetic, as a user's run does
-    import train_net
     from detectron2.engine import default_argument_parser
 
     from elixir_d2.data import register_deeplesion
+
+    import train_net
 
     data = write_tiny_deeplesion(str(tmp_path / "datasets" / "synthetic"), num_train=4, num_test=2)
     env = dict(os.environ, DETECTRON2_DATASETS=str(tmp_path / "datasets"), OMP_NUM_THREADS="1")
     out = tmp_path / "out"
 
-    proc = subprocess.Popen(_train_cmd(out), env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(_train_cmd(out), env=env, cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while _read_tag(out) != "model_0000003.pth":  # the first checkpoint is complete and tagged
-        assert proc.poll() is None, f"training ended (rc {proc.returncode}) before its first checkpoint"
+        assert proc.poll() is None, (f"training ended (rc {proc.returncode}) before its first "
+                                     "checkpoint")
         assert time.time() < deadline, "no checkpoint after 300 s"
         time.sleep(0.02)
     os.kill(proc.pid, signal.SIGKILL)
@@ -145,7 +149,8 @@ def test_checkpoint_killed_mid_write_leaves_the_previous_files_intact(tmp_path):
     child = ctx.Process(target=_save_forever, args=(str(tmp_path),))
     child.start()
     deadline = time.time() + 120
-    while not any(p.name.startswith(f".tmp_{child.pid}@") and p.stat().st_size > 0 for p in tmp_path.iterdir()):
+    while not any(p.name.startswith(f".tmp_{child.pid}@") and p.stat().st_size > 0
+                  for p in tmp_path.iterdir()):
         assert child.is_alive() and time.time() < deadline
         time.sleep(0.01)
     os.kill(child.pid, signal.SIGKILL)
@@ -190,13 +195,15 @@ def test_resume_restores_the_optimizer_momentum(tmp_path):
 
     from reliability_helpers import build_cfg
 
-    register_deeplesion(write_tiny_deeplesion(str(tmp_path / "data"), num_train=2, num_test=1), prefix="rel_resume")
+    register_deeplesion(write_tiny_deeplesion(str(tmp_path / "data"), num_train=2, num_test=1),
+                        prefix="rel_resume")
     cfg = build_cfg(tiny_opts("rel_resume", str(tmp_path / "out"), 2, **{"TEST.EVAL_PERIOD": 0}))
     seed_all_rng(0)
     first = ElixirTrainer(cfg)
     first.resume_or_load(resume=False)
     first.train()
-    momentum = {k: v["momentum_buffer"].clone() for k, v in first.optimizer.state_dict()["state"].items()}
+    momentum = {k: v["momentum_buffer"].clone()
+                for k, v in first.optimizer.state_dict()["state"].items()}
     assert momentum and any(bool(m.abs().sum() > 0) for m in momentum.values())
 
     second = ElixirTrainer(cfg)
@@ -217,8 +224,10 @@ def test_trainer_saves_through_the_atomic_checkpointer(tmp_path):
 
     from reliability_helpers import build_cfg
 
-    register_deeplesion(write_tiny_deeplesion(str(tmp_path / "data"), num_train=2, num_test=1), prefix="rel_atomic")
-    trainer = ElixirTrainer(build_cfg(tiny_opts("rel_atomic", str(tmp_path / "out"), 2, **{"TEST.EVAL_PERIOD": 0})))
+    register_deeplesion(write_tiny_deeplesion(str(tmp_path / "data"), num_train=2, num_test=1),
+                        prefix="rel_atomic")
+    trainer = ElixirTrainer(build_cfg(tiny_opts("rel_atomic", str(tmp_path / "out"), 2,
+                                                **{"TEST.EVAL_PERIOD": 0})))
     assert type(trainer.checkpointer) is AtomicCheckpointer
     periodic = [h for h in trainer._hooks if isinstance(h, hooks.PeriodicCheckpointer)]
     assert periodic and all(h.checkpointer is trainer.checkpointer for h in periodic)

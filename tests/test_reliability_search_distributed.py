@@ -14,17 +14,21 @@ SEARCH_CFG = os.path.join(REPO, "configs", "quickstart", "search_alb.yaml")
 def search_rank(root: str, prefix: str, out_dir: str) -> None:
     """One rank: two search iterations (1 image per rank per step), then save this rank's alphas."""
     torch.set_num_threads(1)
-    import search_net
     from detectron2.utils import comm
 
     from elixir_d2.data import register_deeplesion
     from elixir_d2.search import ALBSearcher, search_head
 
+    import search_net
+
     register_deeplesion(root, prefix=prefix)
     args = search_net.build_parser().parse_args([
-        "--config-file", SEARCH_CFG, "DATASETS.TRAIN", f"('{prefix}_train',)", "DATASETS.TEST", f"('{prefix}_test',)",
-        "INPUT.MAX_IMAGE_SIZE", "64", "SOLVER.IMS_PER_BATCH", "2", "SEARCH.EPOCHS", "1", "SEARCH.WARMUP_EPOCHS", "0", "INPUT.FLIP_PROB", "0.0",
-        "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "16", "MODEL.RPN.POST_NMS_TOPK_TRAIN", "32", "OUTPUT_DIR", out_dir,
+        "--config-file", SEARCH_CFG, "DATASETS.TRAIN", f"('{prefix}_train',)", "DATASETS.TEST",
+        f"('{prefix}_test',)",
+        "INPUT.MAX_IMAGE_SIZE", "64", "SOLVER.IMS_PER_BATCH", "2", "SEARCH.EPOCHS", "1",
+        "SEARCH.WARMUP_EPOCHS", "0", "INPUT.FLIP_PROB", "0.0",
+        "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "16", "MODEL.RPN.POST_NMS_TOPK_TRAIN", "32",
+        "OUTPUT_DIR", out_dir,
     ])
     cfg = search_net.setup(args)
     searcher = ALBSearcher(cfg)

@@ -3,7 +3,6 @@ import os
 import re
 
 import pytest
-import torch
 
 from reliability_helpers import QUICKSTART, tiny_opts, write_tiny_deeplesion
 
@@ -12,15 +11,17 @@ from reliability_helpers import QUICKSTART, tiny_opts, write_tiny_deeplesion
 def tiny_set(tmp_path_factory):
     from elixir_d2.data import register_deeplesion
 
-    root = write_tiny_deeplesion(str(tmp_path_factory.mktemp("rel_train") / "data"), num_train=6, num_test=1)
+    root = write_tiny_deeplesion(str(tmp_path_factory.mktemp("rel_train") / "data"), num_train=6,
+                                 num_test=1)
     register_deeplesion(root, prefix="rel_train")
     return "rel_train"
 
 
 def _trainer(prefix, out_dir, max_iter, **opts):
     """train_net's setup (default_setup seeds every RNG from cfg.SEED) and Trainer."""
-    import train_net
     from detectron2.engine import default_argument_parser
+
+    import train_net
 
     args = default_argument_parser().parse_args(
         ["--config-file", QUICKSTART] + tiny_opts(prefix, out_dir, max_iter, **opts))
@@ -37,7 +38,8 @@ def _losses_per_iteration(trainer):
     class Record(HookBase):
         def after_step(self):
             latest = self.trainer.storage.latest()
-            seen.append({k: latest[k][0] for k in sorted(latest) if k.startswith("loss") or k == "total_loss"})
+            seen.append({k: latest[k][0] for k in sorted(latest)
+                         if k.startswith("loss") or k == "total_loss"})
 
     trainer.register_hooks([Record()])
     return seen
@@ -80,7 +82,8 @@ def test_nan_loss_stops_naming_the_iteration_and_the_loss(tiny_set, tmp_path):
         trainer.train()
     msg = str(info.value)
     assert "iteration=2" in msg
-    assert re.search(r"'loss_box_reg': (np\.float64\()?nan", msg)  # numpy >= 2 shows np.float64(nan)
+    # numpy >= 2 shows np.float64(nan)
+    assert re.search(r"'loss_box_reg': (np\.float64\()?nan", msg)
     assert trainer.iter == 2
     # nothing written as if the run had finished
     assert not os.path.exists(tmp_path / "model_final.pth")

@@ -8,6 +8,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+
 from detectron2.engine import default_argument_parser
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_model
@@ -19,12 +20,12 @@ from detectron2.utils.events import EventStorage
 
 from elixir_d2 import load_config
 from elixir_d2.checkpoint import AtomicCheckpointer
-from elixir_d2.trainer import ElixirTrainer
 from elixir_d2.evaluation import format_type_table
 from elixir_d2.modeling.alb.ops import RegionNonLocal
 from elixir_d2.modeling.freeze import freeze_modules
 from elixir_d2.modeling.roi_heads import ElixirROIHeads, _binary_targets
 from elixir_d2.modeling.rtm import RelationTransferModule, semantic_embeddings
+from elixir_d2.trainer import ElixirTrainer
 
 torch.set_num_threads(1)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -34,7 +35,8 @@ SMALL = ["MODEL.RPN.POST_NMS_TOPK_TRAIN", "40", "MODEL.RPN.POST_NMS_TOPK_TEST", 
 
 
 def _cfg(path, *opts):
-    return load_config(os.path.join(REPO, path), ["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu", *opts])
+    return load_config(os.path.join(REPO, path),
+                       ["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu", *opts])
 
 
 def _predictor(channels, num_classes):
@@ -94,7 +96,8 @@ def test_relations_are_per_image():
     e1 = torch.softmax(torch.randn(2, 2), 1)
     e2 = torch.softmax(torch.randn(3, 3), 1)
     f_e = rtm.transfer(f, binary, [e1, e2])
-    torch.testing.assert_close(f_e, _expected_f_e(f, binary, rtm.w_e, [e1, e2]), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(f_e, _expected_f_e(f, binary, rtm.w_e, [e1, e2]), rtol=1e-5,
+                               atol=1e-5)
     # Another second image changes nothing in the first one's f_E.
     g = f.clone()
     g[2:] = 3.0 * torch.randn(3, 6)
@@ -163,7 +166,8 @@ def test_roi_heads_use_the_alb_relations_and_train_through_them():
     # RTM's multi-type loss alone reaches the ALB's relation embedding phi (E kept in the graph),
     # and never the binary classifier.
     losses["loss_cls"].backward()
-    nonlocal_op = [m for m in heads.box_head.blocks[0].modules() if isinstance(m, RegionNonLocal)][0]
+    nonlocal_op = [m for m in heads.box_head.blocks[0].modules()
+                   if isinstance(m, RegionNonLocal)][0]
     assert nonlocal_op.phi.weight.grad.abs().sum() > 0
     assert heads.box_predictor.cls_score.weight.grad is None
 
@@ -195,7 +199,8 @@ def test_config_errors():
     with pytest.raises(ValueError, match="NUM_TYPES"):
         build_model(_cfg(RTM_QS, "MODEL.ROI_HEADS.NUM_CLASSES", "1"))
     model = build_model(_cfg("configs/quickstart/fpn.yaml"))
-    with pytest.raises(ValueError, match="MODEL.FREEZE_MODULES: 'backbone.nope'.*proposal_generator"):
+    with pytest.raises(ValueError,
+                       match="MODEL.FREEZE_MODULES: 'backbone.nope'.*proposal_generator"):
         freeze_modules(model, ["backbone.nope"])
     # A plain 2-fc head has no region_nonlocal: RTM computes E itself from the pooled RoIs.
     own = build_model(_cfg("configs/quickstart/fpn.yaml", "MODEL.ROI_HEADS.NAME", "ElixirROIHeads",
@@ -227,7 +232,8 @@ def test_frozen_parts_do_not_change_with_batchnorm():
     assert all(torch.equal(after[k], v) for k, v in frozen.items())
     assert all(not p.requires_grad for p in model.backbone.parameters())
     changed = [k for k, p in model.roi_heads.named_parameters() if not torch.equal(p, head[k])]
-    assert any(k.startswith("rtm.") for k in changed) and any(k.startswith("box_head.") for k in changed)
+    assert (any(k.startswith("rtm.") for k in changed)
+            and any(k.startswith("box_head.") for k in changed))
 
 
 def _capture(logger_name):
@@ -273,12 +279,14 @@ def test_format_type_table():
         "FPN w finetune": {"sens@3_iou_bone": math.nan, "sens@3_iou_abdomen": 79.58,
                            "sens@3_iou_soft_tissue": 57.961, "sens@3_iou_kidney": None},
         "ElixirNet": {"metrics": {f"sens@3_iou_{t}": 50.0 + i for i, t in enumerate(
-            ["bone", "abdomen", "mediastinum", "liver", "lung", "kidney", "soft_tissue", "pelvis"])}},
+            ["bone", "abdomen", "mediastinum", "liver", "lung", "kidney", "soft_tissue",
+             "pelvis"])}},
     }
     lines = format_type_table(rows).splitlines()
     assert lines[2] == "| Method | BN | AB | ME | LV | LU | KD | ST | PV |"
     assert lines[4] == "| FPN w finetune | - | 79.58 | - | - | - | - | 57.96 | - |"
-    assert lines[5] == "| ElixirNet | 50.00 | 51.00 | 52.00 | 53.00 | 54.00 | 55.00 | 56.00 | 57.00 |"
+    assert lines[5] == ("| ElixirNet | 50.00 | 51.00 | 52.00 | 53.00 | 54.00 | 55.00 | 56.00 "
+                        "| 57.00 |")
 
 
 @pytest.fixture(scope="module")
@@ -325,7 +333,8 @@ def test_quickstart_binary_then_rtm_finetune_then_typed_eval(tiny_typed_set, tmp
     after = torch.load(rtm_dir / "model_final.pth", weights_only=True)["model"]
     frozen = [k for k in before if k.startswith(("backbone.", "proposal_generator."))]
     assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
-    head = [k for k in before if k.startswith("roi_heads.box_head.") and before[k].is_floating_point()]
+    head = [k for k in before
+            if k.startswith("roi_heads.box_head.") and before[k].is_floating_point()]
     assert any(not torch.equal(before[k], after[k]) for k in head)
     assert not torch.equal(before["roi_heads.box_predictor.cls_score.weight"],
                            after["roi_heads.box_predictor.cls_score.weight"])

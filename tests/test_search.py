@@ -15,7 +15,6 @@ from PIL import Image
 from detectron2.engine import HookBase, default_argument_parser
 from detectron2.utils.events import EventStorage
 
-import search_net  # the repository root, on pytest's pythonpath
 from elixir_d2.data import register_deeplesion
 from elixir_d2.data.synthetic import generate_deeplesion
 from elixir_d2.modeling.alb.genotype import derive_genotype, load_genotype
@@ -27,6 +26,8 @@ from elixir_d2.search import (
     load_search_halves,
     sample_random_genotype,
 )
+
+import search_net  # the repository root, on pytest's pythonpath
 
 torch.set_num_threads(1)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -150,7 +151,8 @@ def test_random_flag_writes_a_usable_genotype(tmp_path):
     assert written == g == sample_random_genotype("elixir", 4, seed=11)
     assert "RANDOM" in open(tmp_path / "r1" / "genotype.yaml").read()
     prov = yaml.safe_load(open(tmp_path / "r1" / "genotype.yaml"))["provenance"]
-    assert prov["searched"] is False and "seed 11" in prov["method"] and prov["config"].endswith(".yaml")
+    assert (prov["searched"] is False and "seed 11" in prov["method"]
+            and prov["config"].endswith(".yaml"))
     g2 = search_net.main(_search_args(tmp_path / "r2", "SEED", "12", random=True))
     assert g2 != g
     assert not (tmp_path / "r1" / "alphas.json").exists()  # no search, nothing else written
@@ -168,9 +170,11 @@ def test_steps_touch_only_their_parameters_and_frozen_parts_stay(tiny_set, tmp_p
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.backbone.modules())
     alpha_ids = {id(a) for a in head.arch_parameters()}
     weights = [p for p in model.parameters() if p.requires_grad and id(p) not in alpha_ids]
-    assert {id(p) for g in s.w_optimizer.param_groups for p in g["params"]} == {id(p) for p in weights}
+    assert ({id(p) for g in s.w_optimizer.param_groups for p in g["params"]}
+            == {id(p) for p in weights})
     assert {id(p) for g in s.alpha_optimizer.param_groups for p in g["params"]} == alpha_ids
-    assert isinstance(s.w_optimizer, torch.optim.SGD) and isinstance(s.alpha_optimizer, torch.optim.Adam)
+    assert (isinstance(s.w_optimizer, torch.optim.SGD)
+            and isinstance(s.alpha_optimizer, torch.optim.Adam))
     assert s.alpha_optimizer.param_groups[0]["betas"] == (0.5, 0.999)
     assert s.alpha_optimizer.param_groups[0]["weight_decay"] == 1e-3
     assert s.w_optimizer.param_groups[0]["momentum"] == 0.9
@@ -308,7 +312,8 @@ def test_resume_continues_from_the_last_checkpoint(tiny_set, tmp_path, monkeypat
     final = torch.load(out / "model_final.pth", weights_only=False)
     assert final["trainer"]["iteration"] == 2
     # lr of the resumed iterations follows the cosine of the whole 3-iteration search.
-    lrs = {m["iteration"]: m["lr"] for m in map(json.loads, open(out / "metrics.json")) if "lr" in m}
+    lrs = {m["iteration"]: m["lr"] for m in map(json.loads, open(out / "metrics.json"))
+           if "lr" in m}
     assert lrs[2] == pytest.approx(0.5 * 0.02 * (1 + math.cos(math.pi * 2 / 3)))
     assert load_genotype(str(out / "genotype.yaml")) == genotype
     # A checkpoint of another epoch length is refused instead of silently misnumbering epochs.
@@ -379,8 +384,10 @@ def test_search_then_train_elixirnet_then_evaluate(tiny_set, tmp_path):
 
     train_out = tmp_path / "train"
     common = SMALL[:6] + ["OUTPUT_DIR", str(train_out), "MODEL.ALB.GENOTYPE", str(path),
-                          "SOLVER.MAX_ITER", "3", "SOLVER.WARMUP_ITERS", "1", "SOLVER.STEPS", "(2,)",
-                          "SOLVER.CHECKPOINT_PERIOD", "100", "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "16"]
+                          "SOLVER.MAX_ITER", "3", "SOLVER.WARMUP_ITERS", "1", "SOLVER.STEPS",
+                          "(2,)",
+                          "SOLVER.CHECKPOINT_PERIOD", "100", "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE",
+                          "16"]
     cfg_file = os.path.join(REPO, "configs/quickstart/elixirnet.yaml")
     train_net.main(default_argument_parser().parse_args(["--config-file", cfg_file] + common))
     weights = train_out / "model_final.pth"

@@ -10,13 +10,15 @@ import os
 
 import pytest
 import torch
+
 from detectron2.utils.events import EventStorage
 
-import search_net  # the repository root, on pytest's pythonpath
 from elixir_d2.cli import UserInputError
 from elixir_d2.data import register_deeplesion
 from elixir_d2.search import ALBSearcher, search_head
 from elixir_d2.search.step import MixedPrecision, check_search_amp
+
+import search_net  # the repository root, on pytest's pythonpath
 from reliability_helpers import REPO, write_tiny_deeplesion
 
 torch.set_num_threads(1)

@@ -10,15 +10,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from elixir_d2.data import synthetic_phantom as P
 from elixir_d2.data.ct_mapper import SliceStack
 from elixir_d2.data.deeplesion import DL_INFO_COLUMNS, load_deeplesion_dicts
 from elixir_d2.data.kits19 import case_records, read_kits19_case
 from elixir_d2.data.synthetic import generate_deeplesion, generate_kits19, main
-from elixir_d2.data import synthetic_phantom as P
 
 SIZE = 160
 KW = dict(num_patients=10, slices_per_series=(8, 10), image_size=SIZE, seed=3)
-SPACING = (1.6 * 192 / SIZE, 2.2 * 192 / SIZE)  # 1.6-2.2 mm at 192 px, the field kept at other sizes
+# 1.6-2.2 mm at 192 px, the field kept at other sizes
+SPACING = (1.6 * 192 / SIZE, 2.2 * 192 / SIZE)
 
 
 def floats(text, n):
@@ -30,7 +31,8 @@ def floats(text, n):
 def read_png_hu(path):
     with open(path, "rb") as f:
         head = f.read(26)
-    assert head[:8] == b"\x89PNG\r\n\x1a\n" and head[24] == 16 and head[25] == 0, path  # 16-bit gray
+    # 16-bit gray
+    assert head[:8] == b"\x89PNG\r\n\x1a\n" and head[24] == 16 and head[25] == 0, path
     return np.array(Image.open(path), dtype=np.float64) - 32768
 
 
@@ -53,8 +55,8 @@ def test_dl_info_has_all_18_columns_in_their_formats(dataset):
     for r in rows:
         m = re.fullmatch(r"(\d{6})_(\d{2})_(\d{2})_(\d{3})\.png", r["File_name"])
         assert m, r["File_name"]
-        assert [int(g) for g in m.groups()] == [int(r[c]) for c in ("Patient_index", "Study_index", "Series_ID",
-                                                                    "Key_slice_index")]
+        assert [int(g) for g in m.groups()] == [int(r[c]) for c in ("Patient_index", "Study_index",
+                                                                    "Series_ID", "Key_slice_index")]
         first, last = (int(v) for v in floats(r["Slice_range"], 2))
         assert first <= int(r["Key_slice_index"]) - 2 and int(r["Key_slice_index"]) + 2 <= last
         sx, sy, sz = floats(r["Spacing_mm_px_"], 3)
@@ -73,7 +75,8 @@ def test_dl_info_has_all_18_columns_in_their_formats(dataset):
         axes = (recist[2:4] - recist[0:2]) @ (recist[6:8] - recist[4:6])
         assert abs(axes) < 1e-2 * long_px * short_px + 1e-3  # long and short axes perpendicular
         xs, ys = recist[0::2], recist[1::2]
-        assert x1 - 1e-3 <= xs.min() and xs.max() <= x2 + 1e-3 and y1 - 1e-3 <= ys.min() and ys.max() <= y2 + 1e-3
+        assert (x1 - 1e-3 <= xs.min() and xs.max() <= x2 + 1e-3
+                and y1 - 1e-3 <= ys.min() and ys.max() <= y2 + 1e-3)
         assert all(0.0 <= v <= 1.0 for v in floats(r["Normalized_lesion_location"], 3))
         split = int(r["Train_Val_Test"])
         assert split in (1, 2, 3)
@@ -130,11 +133,13 @@ def test_boxes_lie_on_lesions_that_span_neighbouring_slices(dataset):
 
         contrast.append(diff(key))
         sx, _, sz = floats(r["Spacing_mm_px_"], 3)
-        if floats(r["Lesion_diameters_Pixel_"], 2)[1] * sx / 2 * 0.7 > 1.5 * sz:  # z half-extent > 1.5 intervals
+        # z half-extent > 1.5 intervals
+        if floats(r["Lesion_diameters_Pixel_"], 2)[1] * sx / 2 * 0.7 > 1.5 * sz:
             neighbour.append(min(diff(key - 1), diff(key + 1)))
     contrast = np.array(contrast)
     assert len(contrast) >= 10
-    assert np.mean(contrast >= 30) >= 0.85, np.sort(contrast)[:10]  # the box holds a lesion, not its host
+    # the box holds a lesion, not its host
+    assert np.mean(contrast >= 30) >= 0.85, np.sort(contrast)[:10]
     assert np.median(contrast) >= 60
     assert neighbour and np.mean(np.array(neighbour) >= 20) >= 0.8  # 3-D: visible on the neighbours
 
@@ -151,7 +156,8 @@ def test_organ_hu_ranges_at_known_pixels():
         for dy in (-1, 0, 1):
             for dx in (-1, 0, 1):
                 same &= np.roll(np.roll(lab, dy, 0), dx, 1) == lab
-        expected = {P.SUBCUT_FAT: (-130, -70), P.MUSCLE: (20, 75), P.LUNG: (-900, -780), P.LIVER: (50, 100),
+        expected = {P.SUBCUT_FAT: (-130, -70), P.MUSCLE: (20, 75), P.LUNG: (-900, -780),
+                    P.LIVER: (50, 100),
                     P.KIDNEY: (120, 210), P.CORTEX: (400, 1000), P.VISCERAL_FAT: (-130, -65),
                     P.MEDIASTINAL_FAT: (-125, -55), P.BLADDER: (-20, 40)}
         seen = 0
@@ -184,8 +190,8 @@ def test_deterministic_by_seed(tmp_path):
 
 def test_every_type_in_val_and_test(tmp_path):
     # 4 val and 4 test patients (the default 10 % val would leave 2, too few for 8 types).
-    s = generate_deeplesion(str(tmp_path / "t"), num_patients=24, slices_per_series=(8, 9), image_size=128, seed=0,
-                            val_frac=0.15, test_frac=0.15)
+    s = generate_deeplesion(str(tmp_path / "t"), num_patients=24, slices_per_series=(8, 9),
+                            image_size=128, seed=0, val_frac=0.15, test_frac=0.15)
     for split in ("val", "test"):
         assert all(n > 0 for n in s["splits"][split]["types"].values()), s["splits"][split]
     assert s["splits"]["train"]["lesions"] > s["splits"]["val"]["lesions"]
@@ -196,12 +202,16 @@ def test_round_trip_through_deeplesion_loader(dataset):
     for split, code in (("train", "1"), ("val", "2"), ("test", "3")):
         csv_rows = [r for r in rows if r["Train_Val_Test"] == code]
         recs = load_deeplesion_dicts(out, split)
-        assert len(recs) == len({r["File_name"] for r in csv_rows}) == summary["splits"][split]["key_slices"]
-        boxes = sorted(tuple(round(v, 3) for v in a["bbox"]) for rec in recs for a in rec["annotations"])
-        want = sorted(tuple(round(v - 1, 3) for v in floats(r["Bounding_boxes"], 4)) for r in csv_rows)
+        assert (len(recs) == len({r["File_name"] for r in csv_rows})
+                == summary["splits"][split]["key_slices"])
+        boxes = sorted(tuple(round(v, 3) for v in a["bbox"])
+                       for rec in recs for a in rec["annotations"])
+        want = sorted(tuple(round(v - 1, 3) for v in floats(r["Bounding_boxes"], 4))
+                      for r in csv_rows)
         assert boxes == want
         for rec in recs:
-            assert os.path.isfile(rec["file_name"]) and (rec["height"], rec["width"]) == (SIZE, SIZE)
+            assert (os.path.isfile(rec["file_name"])
+                    and (rec["height"], rec["width"]) == (SIZE, SIZE))
             stack = SliceStack(rec["slice_dir"], rec["slice_idx"], rec["slice_range"])
             for offset_mm in (-2.0, 2.0):
                 stack.at_offset(offset_mm / rec["slice_intv"])
@@ -220,15 +230,18 @@ def test_bad_arguments_name_the_argument(tmp_path):
 
 
 def test_kits19_variant_reads_back(tmp_path):
-    main(["--out", str(tmp_path), "--format", "kits19", "--patients", "2", "--size", "64", "--slices", "16", "18"])
+    main(["--out", str(tmp_path), "--format", "kits19", "--patients", "2", "--size", "64",
+          "--slices", "16", "18"])
     for i in range(2):
         case_dir = str(tmp_path / "data" / f"case_{i:05d}")
         case = read_kits19_case(case_dir)
         img, seg = case["image"], case["seg"]
         assert img.dtype == np.int16 and seg.dtype == np.uint8 and img.shape == seg.shape
         assert img.shape[1:] == (64, 64) and 16 <= img.shape[0] <= 18 and case["slice_axis"] == 2
-        assert 1.6 * 3 <= case["spacing"] <= 2.2 * 3 and case["slice_intv"] in (2.5, 3.0, 5.0)  # 64 px
+        # 64 px
+        assert 1.6 * 3 <= case["spacing"] <= 2.2 * 3 and case["slice_intv"] in (2.5, 3.0, 5.0)
         assert set(np.unique(seg)) == {0, 1, 2}
-        assert np.median(img[seg == 1]) - np.median(img[seg == 2]) >= 40  # tumour darker than kidney
+        # tumour darker than kidney
+        assert np.median(img[seg == 1]) - np.median(img[seg == 2]) >= 40
         recs = case_records(case_dir)
         assert [r["slice_idx"] for r in recs] == np.nonzero((seg == 2).any(axis=(1, 2)))[0].tolist()

@@ -29,7 +29,8 @@ IMG = 64  # image side: P2..P6 maps are 16, 8, 4, 2, 1 locations wide
 CH = 8
 
 
-def _cfg(threshold=-1.0, loc_weight=1.0, levels=FPN_LEVELS, sizes=None, gate="p", positives="foreground"):
+def _cfg(threshold=-1.0, loc_weight=1.0, levels=FPN_LEVELS, sizes=None, gate="p",
+         positives="foreground"):
     """TRPN config; the literal equation-1 gate and matched-anchor positives unless asked."""
     cfg = get_cfg()
     add_elixirnet_config(cfg)
@@ -430,7 +431,8 @@ def test_not_background_positives_are_locations_with_an_anchor_above_the_negativ
     with EventStorage():
         _, losses = trpn(_images(2), _fpn_features(2), [_gt([box]), _gt([])])
     locations = 2 * sum((IMG // s) ** 2 for s in FPN_STRIDES)
-    expected = num_pos * _focal_closed_form(z, True) + (locations - num_pos) * _focal_closed_form(z, False)
+    expected = (num_pos * _focal_closed_form(z, True)
+                + (locations - num_pos) * _focal_closed_form(z, False))
     expected /= max(num_pos, locations / 200)
     assert losses["loss_trpn_conf"].item() == pytest.approx(expected, rel=1e-4)
 

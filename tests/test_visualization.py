@@ -5,7 +5,13 @@ from matplotlib import colormaps
 from PIL import Image
 
 from elixir_d2.visualization import (
-    DET_COLOR, GT_COLOR, draw_alpha_heatmap, draw_confidence_map, draw_detections, draw_relation_graph, plot_froc,
+    DET_COLOR,
+    GT_COLOR,
+    draw_alpha_heatmap,
+    draw_confidence_map,
+    draw_detections,
+    draw_relation_graph,
+    plot_froc,
     window_for_display,
 )
 
@@ -25,7 +31,8 @@ def test_detections_and_ground_truth_colours(tmp_path):
     grey = np.full((60, 80), 90, np.uint8)
     det = [[10, 20, 30, 40]]  # continuous XYXY: columns 10..29, rows 20..39
     gt = [[50, 35, 70, 55]]
-    out = draw_detections(grey, det, scores=[0.87], labels=["liver"], gt_boxes=gt, path=str(tmp_path / "o.png"))
+    out = draw_detections(grey, det, scores=[0.87], labels=["liver"], gt_boxes=gt,
+                          path=str(tmp_path / "o.png"))
     assert out.shape == (60, 80, 3)
     for x, y in [(10, 30), (29, 30), (20, 39)]:  # left, right, bottom edges of the detection
         assert tuple(out[y, x]) == DET_COLOR
@@ -56,7 +63,8 @@ def test_confidence_map_blend_and_truncation(tmp_path):
     jet = colormaps["jet"]
     expect_hot = np.round(0.6 * 100 + 0.4 * np.asarray(jet(0.9)[:3]) * 255)
     expect_mid = np.round(0.6 * 100 + 0.4 * np.asarray(jet(0.6)[:3]) * 255)
-    np.testing.assert_array_equal(out[6, 6], [100, 100, 100])  # p = 0.4 <= eps: truncated, plain slice
+    # p = 0.4 <= eps: truncated, plain slice
+    np.testing.assert_array_equal(out[6, 6], [100, 100, 100])
     np.testing.assert_array_equal(out[2, 6], [100, 100, 100])  # p = 0.2
     np.testing.assert_array_equal(out[5, 1], expect_mid)  # p = 0.6
     np.testing.assert_array_equal(out[3, 3], expect_hot)  # p = 0.9 (away from the level label)
@@ -64,7 +72,8 @@ def test_confidence_map_blend_and_truncation(tmp_path):
 
 def test_confidence_map_one_panel_per_level():
     grey = np.zeros((10, 12), np.uint8)
-    out = draw_confidence_map(grey, {"p2": np.ones((4, 4)), "p3": np.zeros((2, 2)), "p4": np.ones((1, 1))})
+    out = draw_confidence_map(grey, {"p2": np.ones((4, 4)), "p3": np.zeros((2, 2)),
+                                     "p4": np.ones((1, 1))})
     assert out.shape == (10, 36, 3)
     with pytest.raises(ValueError, match="2-D"):
         draw_confidence_map(grey, np.ones((2, 2, 2)))
@@ -78,12 +87,14 @@ def test_relation_graph_edges_and_thickness(tmp_path):
         [0.30, 0.10, 0.50, 0.10],
         [0.05, 0.05, 0.10, 0.80],
     ])
-    # Symmetric weights (E + E^T) / 2: (0,1) 0.40, (0,2) 0.25, (0,3) 0.075, (1,2) 0.20, (1,3) 0.225, (2,3) 0.10
-    edges = draw_relation_graph(np.zeros((32, 32), np.uint8), boxes, e, str(tmp_path / "g.png"), max_edges=3,
-                                max_linewidth=4.0)
+    # Symmetric weights (E + E^T) / 2: (0,1) 0.40, (0,2) 0.25, (0,3) 0.075, (1,2) 0.20, (1,3) 0.225,
+    # (2,3) 0.10
+    edges = draw_relation_graph(np.zeros((32, 32), np.uint8), boxes, e, str(tmp_path / "g.png"),
+                                max_edges=3, max_linewidth=4.0)
     assert [(i, j) for i, j, _, _ in edges] == [(0, 1), (0, 2), (1, 3)]
     np.testing.assert_allclose([w for _, _, w, _ in edges], [0.40, 0.25, 0.225])
-    np.testing.assert_allclose([lw for _, _, _, lw in edges], [4.0, 4.0 * 0.25 / 0.40, 4.0 * 0.225 / 0.40])
+    np.testing.assert_allclose([lw for _, _, _, lw in edges],
+                               [4.0, 4.0 * 0.25 / 0.40, 4.0 * 0.225 / 0.40])
     assert _png(tmp_path / "g.png").shape[2] == 3
 
 
@@ -107,7 +118,8 @@ def test_alpha_heatmap_softmax_and_labels(tmp_path):
     np.testing.assert_allclose(drawn["normal"], np.tile(z / z.sum(), (14, 1)))
     np.testing.assert_allclose(drawn["reduce"], weights)
     assert _png(tmp_path / "a.png").ndim == 3
-    with pytest.raises(ValueError, match=r"alphas\['normal'\] has shape \(14, 3\); expected \(num_edges, 2\)"):
+    with pytest.raises(ValueError,
+                       match=r"alphas\['normal'\] has shape \(14, 3\); expected \(num_edges, 2\)"):
         draw_alpha_heatmap({"normal": alpha}, ops[:2], str(tmp_path / "b.png"))
 
 
@@ -115,10 +127,12 @@ def test_alpha_edge_labels():
     from elixir_d2.visualization import _edge_labels
 
     labels = _edge_labels(14)
-    assert labels[:5] == ["b0<-s0", "b0<-s1", "b1<-s0", "b1<-s1", "b1<-n0"] and labels[-1] == "b3<-n2"
+    assert (labels[:5] == ["b0<-s0", "b0<-s1", "b1<-s0", "b1<-s1", "b1<-n0"]
+            and labels[-1] == "b3<-n2")
     assert _edge_labels(4) == ["e0", "e1", "e2", "e3"]  # not a block's edge count
 
 
 def test_plot_froc_is_available_here(tmp_path):
-    plot_froc({"IoU": (np.array([0.0, 1.0, 2.0]), np.array([0.5, 0.7, 0.8]))}, str(tmp_path / "froc.png"))
+    plot_froc({"IoU": (np.array([0.0, 1.0, 2.0]), np.array([0.5, 0.7, 0.8]))},
+              str(tmp_path / "froc.png"))
     assert _png(tmp_path / "froc.png").shape[0] > 100

@@ -11,9 +11,11 @@ __all__ = ["run_command"]
 
 
 def run_command(parser: argparse.ArgumentParser, check_inputs: Callable[[argparse.Namespace], Any],
-                main: Callable[[argparse.Namespace], Any], argv: Optional[Sequence[str]] = None) -> None:
+                main: Callable[[argparse.Namespace], Any],
+                argv: Optional[Sequence[str]] = None) -> None:
     """Parse ``argv``, check the inputs in this process (one-line errors, exit code 2), then run
-    ``main(args)`` under the launcher (--num-gpus processes a machine, --num-machines, --dist-url)."""
+    ``main(args)`` under the launcher (--num-gpus processes a machine, --num-machines,
+    --dist-url)."""
     args = parser.parse_args(argv)
     print("Command Line Args:", args)
     check_inputs(args)

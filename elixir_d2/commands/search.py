@@ -24,8 +24,8 @@ from . import run_command
 
 logger = logging.getLogger("elixir_d2")
 
-__all__ = ["build_parser", "check_inputs", "provenance", "setup", "command_line", "write_random_genotype", "main",
-           "cli"]
+__all__ = ["build_parser", "check_inputs", "provenance", "setup", "command_line",
+           "write_random_genotype", "main", "cli"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,7 +43,8 @@ def check_inputs(args: argparse.Namespace) -> CfgNode:
     """The unfrozen config, after checking the weights and training data a search reads.
     Expected problems raise elixir_d2.cli.UserInputError (one line, exit code 2)."""
     if args.eval_only:
-        raise UserInputError("search_net.py has no --eval-only; evaluate a genotype with train_net.py")
+        raise UserInputError("search_net.py has no --eval-only; evaluate a genotype with "
+                             "train_net.py")
     cfg = load_config(args.config_file, args.opts)
     if not args.random:
         try:
@@ -51,14 +52,16 @@ def check_inputs(args: argparse.Namespace) -> CfgNode:
         except ValueError as e:
             raise UserInputError(str(e)) from None
         require_file(cfg.MODEL.WEIGHTS, "weights file MODEL.WEIGHTS",
-                     "give the trained FPN baseline the search starts from (train_net.py's model_final.pth)")
+                     "give the trained FPN baseline the search starts from (train_net.py's "
+                     "model_final.pth)")
         check_datasets(cfg.DATASETS.TRAIN, "DATASETS.TRAIN")
     return cfg
 
 
 def provenance(cfg: CfgNode, args: argparse.Namespace, searched: bool) -> dict:
     """What the genotype file records of its origin: config, data, epochs, date, command."""
-    info = {"searched": searched, "method": "first-order differentiable search (search_net.py)" if searched
+    info = {"searched": searched,
+            "method": "first-order differentiable search (search_net.py)" if searched
             else f"uniform random sample (search_net.py --random, seed {cfg.SEED})",
             "config": args.config_file}
     if searched:
@@ -89,7 +92,8 @@ def command_line(args: argparse.Namespace) -> str:
     return "Command: " + " ".join(parts + [str(o) for o in args.opts])
 
 
-def write_random_genotype(cfg: CfgNode, provenance: str = "", record: Optional[dict] = None) -> Genotype:
+def write_random_genotype(cfg: CfgNode, provenance: str = "",
+                          record: Optional[dict] = None) -> Genotype:
     """Sample a random genotype of cfg's space / branches (seed cfg.SEED, drawn if < 0) and
     write it to OUTPUT_DIR/genotype.yaml."""
     seed = cfg.SEED if cfg.SEED >= 0 else int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF
@@ -105,7 +109,8 @@ def write_random_genotype(cfg: CfgNode, provenance: str = "", record: Optional[d
             *([provenance] if provenance else []),
         ])
         write_genotype(genotype, path, comment=comment, provenance=record)
-    logger.info("Random genotype (seed %d) written to %s: %s", seed, path, format_genotype(genotype))
+    logger.info("Random genotype (seed %d) written to %s: %s", seed, path,
+                format_genotype(genotype))
     return genotype
 
 
@@ -114,7 +119,8 @@ def main(args: argparse.Namespace) -> Genotype | None:
     cfg = setup(args)
     if args.random:
         return write_random_genotype(cfg, command_line(args), provenance(cfg, args, searched=False))
-    searcher = ALBSearcher(cfg, provenance=command_line(args), record=provenance(cfg, args, searched=True))
+    searcher = ALBSearcher(cfg, provenance=command_line(args),
+                           record=provenance(cfg, args, searched=True))
     searcher.resume_or_load(resume=args.resume)
     return searcher.train()
 

@@ -41,7 +41,8 @@ def check_inputs(args: argparse.Namespace) -> CfgNode:
     resuming = args.resume and os.path.exists(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint"))
     if not resuming:  # a resumed run reads OUTPUT_DIR's checkpoint, not MODEL.WEIGHTS
         require_file(cfg.MODEL.WEIGHTS, "weights file MODEL.WEIGHTS",
-                     "give a checkpoint written by train_net.py, or MODEL.WEIGHTS '' to start from scratch")
+                     "give a checkpoint written by train_net.py, or MODEL.WEIGHTS '' to start from "
+                     "scratch")
     if args.eval_only:
         fill_genotype_from_checkpoint(cfg, cfg.MODEL.WEIGHTS)
     resolve_genotype_config(cfg)
@@ -56,7 +57,8 @@ def main(args: argparse.Namespace) -> Any:
     cfg = setup(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        AtomicCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        AtomicCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+            cfg.MODEL.WEIGHTS, resume=args.resume)
         res = Trainer.test(cfg, model)
         verify_results(cfg, res)
         return res

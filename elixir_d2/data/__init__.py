@@ -29,5 +29,5 @@ def register_all(root: str) -> None:
 
 register_all(datasets_root())
 
-__all__ = ["CTDatasetMapper", "load_deeplesion_dicts", "register_deeplesion", "register_all", "datasets_root",
-           "load_kits19_dicts", "register_kits19", "ensure_synthetic"]
+__all__ = ["CTDatasetMapper", "load_deeplesion_dicts", "register_deeplesion", "register_all",
+           "datasets_root", "load_kits19_dicts", "register_kits19", "ensure_synthetic"]

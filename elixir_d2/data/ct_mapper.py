@@ -34,7 +34,8 @@ class CTSliceError(ValueError):
 def _png_header(path: str, head: bytes) -> Tuple[int, int, int, int]:
     """(width, height, bit depth, color type) from a PNG's signature and IHDR chunk."""
     if len(head) < 26 or head[:8] != _PNG_SIGNATURE or head[12:16] != b"IHDR":
-        raise CTSliceError(f"cannot read CT slice {path}: not a PNG file (DeepLesion-format slices are 16-bit PNG)")
+        raise CTSliceError(f"cannot read CT slice {path}: not a PNG file (DeepLesion-format slices "
+                           "are 16-bit PNG)")
     width, height = int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
     return width, height, head[24], head[25]
 
@@ -71,10 +72,11 @@ def read_hu_slice(path: str) -> np.ndarray:
     width, height, depth, color = _png_header(path, data[:26])
     if color != 0 or depth != 16:
         mode = "1" if (color, depth) == (0, 1) else _PNG_MODES.get(color, f"color type {color}")
-        raise CTSliceError(f"{path}: expected a 16-bit grayscale PNG (HU + {HU_OFFSET}), got mode {mode!r} "
-                           f"({depth}-bit)")
+        raise CTSliceError(f"{path}: expected a 16-bit grayscale PNG (HU + {HU_OFFSET}), got mode "
+                           f"{mode!r} ({depth}-bit)")
     if not (0 < width <= MAX_SLICE_SIDE and 0 < height <= MAX_SLICE_SIDE):
-        raise CTSliceError(f"cannot read CT slice {path}: {width} x {height} pixels (at most {MAX_SLICE_SIDE} a side)")
+        raise CTSliceError(f"cannot read CT slice {path}: {width} x {height} pixels (at most "
+                           f"{MAX_SLICE_SIDE} a side)")
     img = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
     if img is None or img.dtype != np.uint16 or img.shape != (height, width):
         raise CTSliceError(f"cannot read CT slice {path}: corrupt or truncated PNG data")
@@ -116,7 +118,8 @@ class SliceStack:
                 self._cache[idx] = read_hu_slice(f"{self.slice_dir}/{idx:03d}.png")
             except FileNotFoundError:
                 if idx == self.key:
-                    raise FileNotFoundError(f"key slice missing: {self.slice_dir}/{idx:03d}.png") from None
+                    raise FileNotFoundError("key slice missing: "
+                                            f"{self.slice_dir}/{idx:03d}.png") from None
                 return None
         return self._cache[idx]
 
@@ -150,7 +153,8 @@ class CVResizeTransform(T.ResizeTransform):
             return super().apply_image(img, interp)
         assert img.shape[:2] == (self.h, self.w)
         # cv2.resize takes at most 512 channels and drops a trailing channel axis of size 1.
-        out = cv2.resize(np.ascontiguousarray(img), (self.new_w, self.new_h), interpolation=cv2.INTER_LINEAR)
+        out = cv2.resize(np.ascontiguousarray(img), (self.new_w, self.new_h),
+                         interpolation=cv2.INTER_LINEAR)
         return out.reshape(self.new_h, self.new_w, img.shape[2])
 
 
@@ -211,8 +215,8 @@ class CTDatasetMapper:
         self.flip_prob = flip_prob if is_train else 0.0
         if crop_size < 0 or not 0.0 <= crop_lesion_prob <= 1.0:
             raise ValueError(
-                f"INPUT.LESION_CROP.SIZE={crop_size} must be >= 0 and INPUT.LESION_CROP.LESION_PROB="
-                f"{crop_lesion_prob} in [0, 1]"
+                f"INPUT.LESION_CROP.SIZE={crop_size} must be >= 0 and "
+                f"INPUT.LESION_CROP.LESION_PROB={crop_lesion_prob} in [0, 1]"
             )
         # Crops are a training device: inference always sees the whole slice.
         self.crop_size = int(crop_size) if is_train else 0
@@ -243,15 +247,18 @@ class CTDatasetMapper:
     def load_volume(self, record: Dict) -> Tuple[np.ndarray, int]:
         """HU stack (H, W, num_slices) for the record's key slice, and how many slices fell back."""
         if record.get("slice_intv", 0) <= 0:
-            raise ValueError(f"{record.get('file_name')}: slice interval must be positive, got {record.get('slice_intv')}")
+            raise ValueError(f"{record.get('file_name')}: slice interval must be positive, got "
+                             f"{record.get('slice_intv')}")
         stack = SliceStack(record["slice_dir"], record["slice_idx"], record["slice_range"])
         channels = [stack.at_offset(o / record["slice_intv"]) for o in self.offsets_mm]
         shapes = {c.shape for c in channels}
         if len(shapes) != 1:
-            raise CTSliceError(f"{record['slice_dir']}: neighbour slices differ in size {sorted(shapes)}")
+            raise CTSliceError(f"{record['slice_dir']}: neighbour slices differ in size "
+                               f"{sorted(shapes)}")
         if stack.fallbacks:
             self.fallback_slices += stack.fallbacks
-            logger.debug(f"{record['file_name']}: {stack.fallbacks} neighbour slice(s) fell back toward the key slice")
+            logger.debug(f"{record['file_name']}: {stack.fallbacks} neighbour slice(s) fell back "
+                         "toward the key slice")
         return np.stack(channels, axis=-1), stack.fallbacks
 
     def __call__(self, dataset_dict: Dict) -> Dict:
@@ -261,7 +268,8 @@ class CTDatasetMapper:
         h, w = hu.shape[:2]
         if (h, w) != (record["height"], record["width"]):
             raise CTSliceError(
-                f"{record['file_name']}: image is {w}x{h} but the annotation says {record['width']}x{record['height']}"
+                f"{record['file_name']}: image is {w}x{h} but the annotation says "
+                f"{record['width']}x{record['height']}"
             )
         image = window_to_uint8_range(hu, self.hu_window)
         new_h, new_w = self.output_size(h, w, record["spacing"])
@@ -282,11 +290,14 @@ class CTDatasetMapper:
             record["instances"] = utils.filter_empty_instances(instances)
         return record
 
-    def _crop_transform(self, annos: List[Dict], h: int, w: int, new_h: int, new_w: int) -> T.CropTransform:
+    def _crop_transform(self, annos: List[Dict], h: int, w: int, new_h: int,
+                        new_w: int) -> T.CropTransform:
         """Training crop in resized coordinates (see :func:`choose_crop`)."""
         boxes = np.array(
-            [BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS) for a in annos], dtype=np.float64
+            [BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS) for a in annos],
+            dtype=np.float64
         ).reshape(-1, 4)
         boxes *= np.array([new_w / w, new_h / h, new_w / w, new_h / h])
-        x0, y0, cw, ch = choose_crop(new_h, new_w, self.crop_size, boxes, self.crop_lesion_prob, np.random)
+        x0, y0, cw, ch = choose_crop(new_h, new_w, self.crop_size, boxes, self.crop_lesion_prob,
+                                     np.random)
         return T.CropTransform(x0, y0, cw, ch, orig_w=new_w, orig_h=new_h)

@@ -18,7 +18,13 @@ from detectron2.utils.file_io import PathManager
 from ..atomic_io import atomic_write_json, build_dir_atomically, file_lock, remove_stale_tmp
 from .ct_mapper import hu_to_png16
 from .kits19 import (
-    CACHE_VERSION, RECORDS_FILE, TUMOR_LABEL, _slice_records, find_cases, read_kits19_case, split_cases,
+    CACHE_VERSION,
+    RECORDS_FILE,
+    TUMOR_LABEL,
+    _slice_records,
+    find_cases,
+    read_kits19_case,
+    split_cases,
 )
 
 logger = logging.getLogger("elixir_d2.data.kits19")
@@ -75,7 +81,8 @@ def _cached_records(out_dir: str, stamp: Dict) -> Optional[List[Dict]]:
         return None
 
 
-def _prepare_case(case_dir: str, cache_dir: str, slice_axis, margin_mm: Optional[float]) -> Tuple[List[Dict], bool]:
+def _prepare_case(case_dir: str, cache_dir: str, slice_axis,
+                  margin_mm: Optional[float]) -> Tuple[List[Dict], bool]:
     """Cache one case's slices + its records (relative to ``cache_dir``); reuse a matching cache.
 
     The case is written into a temporary folder with case.json (the completion marker: source
@@ -83,7 +90,8 @@ def _prepare_case(case_dir: str, cache_dir: str, slice_axis, margin_mm: Optional
     """
     name = os.path.basename(os.path.normpath(case_dir))
     out_dir = os.path.join(cache_dir, name)
-    stamp = _source_stamp(case_dir, {"version": CACHE_VERSION, "slice_axis": slice_axis, "margin_mm": margin_mm})
+    stamp = _source_stamp(case_dir, {"version": CACHE_VERSION, "slice_axis": slice_axis,
+                                     "margin_mm": margin_mm})
     records = _cached_records(out_dir, stamp)
     if records is not None:
         return records, False
@@ -107,11 +115,13 @@ def _prepare_case(case_dir: str, cache_dir: str, slice_axis, margin_mm: Optional
             for a in r["annotations"]:
                 a["bbox_mode"] = int(a["bbox_mode"])
         atomic_write_json(os.path.join(tmp, "case.json"), {
-            "stamp": stamp, "slice_axis": case["slice_axis"], "num_slices": n, "pngs": pngs, "records": recs})
+            "stamp": stamp, "slice_axis": case["slice_axis"], "num_slices": n, "pngs": pngs,
+            "records": recs})
         return {"records": recs}
 
     records = build_dir_atomically(out_dir, build, None)["records"]  # case.json is the marker
-    logger.info(f"KiTS19 {name}: cached slices {first}..{last} of {n}, {len(records)} tumour slices")
+    logger.info(f"KiTS19 {name}: cached slices {first}..{last} of {n}, {len(records)} tumour "
+                "slices")
     return records, True
 
 
@@ -140,21 +150,26 @@ def prepare_kits19(root: str, cache_dir: str, slice_axis: Union[str, int] = "aut
                 no_tumour.append(names[-1])
             all_records.extend(records)
         atomic_write_json(os.path.join(cache_dir, RECORDS_FILE),
-                          {"version": CACHE_VERSION, "source": root, "cases": names, "records": all_records})
+                          {"version": CACHE_VERSION, "source": root, "cases": names,
+                           "records": all_records})
     if no_tumour:
         logger.warning(f"KiTS19: {len(no_tumour)} case(s) without tumour (no records): {no_tumour}")
     return {"cases": len(names), "decoded": decoded, "tumour_slices": len(all_records),
-            "boxes": sum(len(r["annotations"]) for r in all_records), "cases_without_tumour": no_tumour}
+            "boxes": sum(len(r["annotations"]) for r in all_records),
+            "cases_without_tumour": no_tumour}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict:
     parser = argparse.ArgumentParser(description="Cache KiTS19 slices as 16-bit PNG + records.json")
     parser.add_argument("--root", default=None,
-                        help="KiTS19 root holding data/case_XXXXX/ (default: $DETECTRON2_DATASETS/kits19)")
+                        help="KiTS19 root holding data/case_XXXXX/ (default: "
+                             "$DETECTRON2_DATASETS/kits19)")
     parser.add_argument("--cache", default=None, help="cache folder (default: <root>/cache)")
-    parser.add_argument("--slice-axis", default="auto", help="voxel axis of the slices: auto, 0, 1 or 2")
+    parser.add_argument("--slice-axis", default="auto",
+                        help="voxel axis of the slices: auto, 0, 1 or 2")
     parser.add_argument("--margin-mm", type=float, default=None,
-                        help="cache only slices within this distance of tumour slices (default: all)")
+                        help="cache only slices within this distance of tumour slices (default: "
+                             "all)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     axis = args.slice_axis if args.slice_axis == "auto" else int(args.slice_axis)

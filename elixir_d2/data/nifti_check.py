@@ -1,6 +1,6 @@
 """Truncated NIfTI files: SimpleITK reads a cut-off .nii / .nii.gz without complaint and fills
-the missing voxels with zeros, so the readers (kits19.read_nifti_image, inference.volume_io.read_nifti)
-check the voxel data against the header first."""
+the missing voxels with zeros, so the readers (kits19.read_nifti_image,
+inference.volume_io.read_nifti) check the voxel data against the header first."""
 from __future__ import annotations
 
 import gzip
@@ -72,5 +72,6 @@ def nifti_truncation(path: str) -> Optional[str]:
             return f"corrupt gzip stream ({e})"
         expected = expected if expected is not None else _expected_bytes(hdr)
     if expected is not None and present < expected:
-        return f"{present} bytes of header and voxels where the header declares {expected} (truncated file)"
+        return (f"{present} bytes of header and voxels where the header declares {expected} "
+                "(truncated file)")
     return None

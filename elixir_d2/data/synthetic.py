@@ -1,4 +1,5 @@
-"""Synthetic CT lesion data in DeepLesion format (and a KiTS19-format variant), deterministic by seed.
+"""Synthetic CT lesion data in DeepLesion format (and a KiTS19-format variant), deterministic by
+seed.
 
 ``python -m elixir_d2.data.synthetic --out datasets/synthetic`` writes ``DL_info.csv`` (the 18
 columns of the real file) and ``Images_png/<patient>_<study>_<series>/<slice:03d>.png`` (uint16,
@@ -24,11 +25,25 @@ from PIL import Image
 from detectron2.utils.file_io import PathManager
 
 from ..atomic_io import build_dir_atomically
-from .deeplesion import DL_INFO_COLUMNS, LESION_TYPES
 from .ct_mapper import hu_to_png16
+from .deeplesion import DL_INFO_COLUMNS, LESION_TYPES
 from .synthetic_phantom import (
-    BONE, KIDNEY, LESION, LIVER, LUNG, MEDIASTINAL_FAT, MUSCLE, SCANNER_HU_RANGE, SUBCUT_FAT, VESSEL, VISCERAL_FAT,
-    Blob, SliceCanvas, build_anatomy, ellipse_box, render_series,
+    BONE,
+    KIDNEY,
+    LESION,
+    LIVER,
+    LUNG,
+    MEDIASTINAL_FAT,
+    MUSCLE,
+    SCANNER_HU_RANGE,
+    SUBCUT_FAT,
+    VESSEL,
+    VISCERAL_FAT,
+    Blob,
+    SliceCanvas,
+    build_anatomy,
+    ellipse_box,
+    render_series,
 )
 
 SLICE_INTERVALS_MM = (1.0, 1.25, 2.0, 2.5, 5.0)
@@ -38,9 +53,10 @@ SPACING_MM_AT_192 = (1.6, 2.2)
 REGIONS = {"chest": (0.2, 0.45), "abdomen": (0.45, 0.7), "pelvis": (0.7, 0.92)}  # normalised body z
 REGION_PROB = {"chest": 0.4, "abdomen": 0.45, "pelvis": 0.15}
 # Coarse_lesion_type (1-based, LESION_TYPES order) -> host labels, long-diameter range (mm), weight.
-TYPE_HOSTS = {1: (BONE,), 2: (VISCERAL_FAT,), 3: (MEDIASTINAL_FAT,), 4: (LIVER,), 5: (LUNG,), 6: (KIDNEY,),
-              7: (SUBCUT_FAT, MUSCLE), 8: (VISCERAL_FAT,)}
-TYPE_SIZE_MM = {1: (5, 22), 2: (8, 30), 3: (8, 28), 4: (5, 30), 5: (3, 30), 6: (6, 28), 7: (6, 30), 8: (8, 30)}
+TYPE_HOSTS = {1: (BONE,), 2: (VISCERAL_FAT,), 3: (MEDIASTINAL_FAT,), 4: (LIVER,), 5: (LUNG,),
+              6: (KIDNEY,), 7: (SUBCUT_FAT, MUSCLE), 8: (VISCERAL_FAT,)}
+TYPE_SIZE_MM = {1: (5, 22), 2: (8, 30), 3: (8, 28), 4: (5, 30), 5: (3, 30), 6: (6, 28), 7: (6, 30),
+                8: (8, 30)}
 TYPE_WEIGHT = {1: 0.07, 2: 0.17, 3: 0.14, 4: 0.14, 5: 0.2, 6: 0.1, 7: 0.06, 8: 0.12}
 REGION_TYPES = {"chest": (5, 3, 7, 1), "abdomen": (4, 6, 2, 7, 1), "pelvis": (8, 7, 1)}
 MIN_CONTRAST_HU = 50.0  # lesion HU kept at least this far from the mean of the tissue it replaces
@@ -57,7 +73,8 @@ def _u(rng, lo, hi) -> float:
 
 
 def lesion_hu(lesion_type: int, host_label: int, host_hu: float, rng: np.random.Generator) -> float:
-    """Lesion attenuation: hypo- or hyper-dense against its host, by type (see datasets/README.md)."""
+    """Lesion attenuation: hypo- or hyper-dense against its host, by type (see
+    datasets/README.md)."""
     if lesion_type == 1:
         hu = _u(rng, 10, 80) if rng.random() < 0.6 else _u(rng, 650, 950)  # lytic / sclerotic
     elif lesion_type == 4:
@@ -155,12 +172,14 @@ def _fmt(values: Sequence[float], digits: int = 3) -> str:
 
 def _write_png(arr: np.ndarray, path: str) -> None:
     buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG", compress_level=1)  # lossless at any level: the fastest
+    # lossless at any level: the fastest
+    Image.fromarray(arr).save(buf, format="PNG", compress_level=1)
     with PathManager.open(path, "wb") as f:
         f.write(buf.getvalue())
 
 
-def _split_of_patients(num_patients: int, rng: np.random.Generator, val_frac: float, test_frac: float) -> List[int]:
+def _split_of_patients(num_patients: int, rng: np.random.Generator, val_frac: float,
+                       test_frac: float) -> List[int]:
     """Train_Val_Test (1/2/3) per patient, a seeded ~70/15/15 split with every split non-empty."""
     if num_patients < 3:
         raise ValueError(f"num_patients must be >= 3 (one per split), got {num_patients}")
@@ -179,10 +198,12 @@ def _split_of_patients(num_patients: int, rng: np.random.Generator, val_frac: fl
 
 def _series(pat_rng: np.random.Generator, image_size: int, slices_per_series: Tuple[int, int],
             keys_per_series: Tuple[int, int], pending_types: List[int]) -> Dict:
-    """One series: geometry, anatomy + lesions (3-D), key slices and the lesions annotated on each."""
+    """One series: geometry, anatomy + lesions (3-D), key slices and the lesions annotated on
+    each."""
     rng = pat_rng
     if pending_types:
-        region = next(r for r in ("abdomen", "chest", "pelvis") if pending_types[0] in REGION_TYPES[r])
+        region = next(r for r in ("abdomen", "chest", "pelvis")
+                      if pending_types[0] in REGION_TYPES[r])
     else:
         region = str(rng.choice(list(REGION_PROB), p=list(REGION_PROB.values())))
     spacing = _u(rng, *SPACING_MM_AT_192) * 192 / image_size
@@ -190,7 +211,8 @@ def _series(pat_rng: np.random.Generator, image_size: int, slices_per_series: Tu
     n = int(rng.integers(slices_per_series[0], slices_per_series[1] + 1))
     z_mm = [(k - (n - 1) / 2) * interval for k in range(n)]
     blobs, _ = build_anatomy(region, image_size * spacing, n * interval, rng)
-    keys = _pick_keys(n, interval, int(rng.integers(keys_per_series[0], keys_per_series[1] + 1)), rng)
+    keys = _pick_keys(n, interval, int(rng.integers(keys_per_series[0], keys_per_series[1] + 1)),
+                      rng)
     lesions: List[Blob] = []
     types: List[int] = []
 
@@ -208,8 +230,10 @@ def _series(pat_rng: np.random.Generator, image_size: int, slices_per_series: Tu
             canvas.paint(blob, z_mm[k])
         placer = LesionPlacer(canvas, z_mm[k], rng)
         wanted = int(rng.choice([1, 2, 3], p=[0.5, 0.33, 0.17]))
-        wanted = max(wanted, min(MAX_LESIONS_PER_KEY, sum(t in REGION_TYPES[region] for t in pending_types)))
-        placed = sum(annotated_on(o, k) for o in lesions)  # lesions of earlier keys reaching this one
+        wanted = max(wanted, min(MAX_LESIONS_PER_KEY,
+                                 sum(t in REGION_TYPES[region] for t in pending_types)))
+        # lesions of earlier keys reaching this one
+        placed = sum(annotated_on(o, k) for o in lesions)
         for _ in range(wanted + 3):
             if placed >= wanted:
                 break
@@ -240,15 +264,18 @@ def _series(pat_rng: np.random.Generator, image_size: int, slices_per_series: Tu
 
 def _lesion_row(les: Blob, lesion_type: int, z: float, sp: float, size: int, noisy: bool,
                 rng: np.random.Generator) -> Dict[str, str]:
-    """Geometry columns of one DL_info row: RECIST, box (both written +1 as DL_info is), diameters."""
+    """Geometry columns of one DL_info row: RECIST, box (both written +1 as DL_info is),
+    diameters."""
     cx_mm, cy_mm, a, b = les.section(z)
     cx, cy = size / 2 + cx_mm / sp, size / 2 + cy_mm / sp
     a, b = a / sp, b / sp
     if noisy:  # a possibly-noisy annotation: shifted off the lesion by 20-40 % of its size
         ang = _u(rng, 0, 2 * math.pi)
-        cx, cy = cx + _u(rng, 0.4, 0.8) * a * math.cos(ang), cy + _u(rng, 0.4, 0.8) * a * math.sin(ang)
+        cx, cy = (cx + _u(rng, 0.4, 0.8) * a * math.cos(ang),
+                  cy + _u(rng, 0.4, 0.8) * a * math.sin(ang))
     c, s = math.cos(les.theta), math.sin(les.theta)
-    recist = [cx - a * c, cy - a * s, cx + a * c, cy + a * s, cx + b * s, cy - b * c, cx - b * s, cy + b * c]
+    recist = [cx - a * c, cy - a * s, cx + a * c, cy + a * s, cx + b * s, cy - b * c, cx - b * s,
+              cy + b * c]
     box = ellipse_box(cx, cy, a, b, les.theta)
     return {"Measurement_coordinates": _fmt([v + 1 for v in recist]),
             "Bounding_boxes": _fmt([v + 1 for v in box]),
@@ -256,12 +283,14 @@ def _lesion_row(les: Blob, lesion_type: int, z: float, sp: float, size: int, noi
 
 
 def write_deeplesion(out_dir: str, *, num_patients: int = DEFAULT_PATIENTS,
-                     slices_per_series: Tuple[int, int] = (12, 20), keys_per_series: Tuple[int, int] = (3, 6),
-                     image_size: int = 192, seed: int = 0, val_frac: float = 0.1, test_frac: float = 0.25,
-                     noise_hu: Tuple[float, float] = (10, 20), noisy_fraction: float = NOISY_FRACTION) -> Dict:
-    """Write a DeepLesion-format data set into ``out_dir`` in place (use :func:`generate_deeplesion`,
-    which takes the same options and makes the set appear whole or not at all); returns (and
-    writes) a summary.
+                     slices_per_series: Tuple[int, int] = (12, 20),
+                     keys_per_series: Tuple[int, int] = (3, 6),
+                     image_size: int = 192, seed: int = 0, val_frac: float = 0.1,
+                     test_frac: float = 0.25, noise_hu: Tuple[float, float] = (10, 20),
+                     noisy_fraction: float = NOISY_FRACTION) -> Dict:
+    """Write a DeepLesion-format data set into ``out_dir`` in place (use
+    :func:`generate_deeplesion`, which takes the same options and makes the set appear whole or not
+    at all); returns (and writes) a summary.
 
     One study / series per patient; every slice of each series is written, so ``Slice_range``
     is exactly what is on disk. Train lesions get Coarse_lesion_type -1, val/test 1..8 (each
@@ -270,17 +299,22 @@ def write_deeplesion(out_dir: str, *, num_patients: int = DEFAULT_PATIENTS,
     if image_size < 64:
         raise ValueError(f"image_size must be >= 64 pixels, got {image_size}")
     if not 5 <= slices_per_series[0] <= slices_per_series[1] <= 900:
-        raise ValueError(f"slices_per_series must be (lo, hi) with 5 <= lo <= hi <= 900, got {slices_per_series}")
+        raise ValueError("slices_per_series must be (lo, hi) with 5 <= lo <= hi <= 900, got "
+                         f"{slices_per_series}")
     if not 1 <= keys_per_series[0] <= keys_per_series[1]:
-        raise ValueError(f"keys_per_series must be (lo, hi) with 1 <= lo <= hi, got {keys_per_series}")
-    split_of = _split_of_patients(num_patients, np.random.default_rng([seed, 0]), val_frac, test_frac)
+        raise ValueError("keys_per_series must be (lo, hi) with 1 <= lo <= hi, got "
+                         f"{keys_per_series}")
+    split_of = _split_of_patients(num_patients, np.random.default_rng([seed, 0]), val_frac,
+                                  test_frac)
     pending = {s: [] for s in (1, 2, 3)}
     for s in (2, 3):  # every lesion type early in val and test, in a seeded order
         pending[s] = [int(t) for t in np.random.default_rng([seed, s]).permutation(np.arange(1, 9))]
     rows: List[Dict[str, str]] = []
-    summary = {"out_dir": out_dir, "format": "deeplesion", "seed": seed, "num_patients": num_patients,
-               "image_size": image_size, "slices_written": 0, "noisy_lesions": 0,
-               "splits": {name: {"patients": 0, "key_slices": 0, "lesions": 0, "types": {t: 0 for t in LESION_TYPES}}
+    summary = {"out_dir": out_dir, "format": "deeplesion", "seed": seed,
+               "num_patients": num_patients, "image_size": image_size, "slices_written": 0,
+               "noisy_lesions": 0,
+               "splits": {name: {"patients": 0, "key_slices": 0, "lesions": 0,
+                                 "types": {t: 0 for t in LESION_TYPES}}
                           for name in ("train", "val", "test")}}
     PathManager.mkdirs(os.path.join(out_dir, "Images_png"))
     for pat in range(1, num_patients + 1):
@@ -289,8 +323,8 @@ def write_deeplesion(out_dir: str, *, num_patients: int = DEFAULT_PATIENTS,
         ser = _series(rng, image_size, slices_per_series, keys_per_series, pending[split])
         first = int(rng.integers(1, 999 - ser["n"]))
         folder = f"{pat:06d}_01_01"
-        vol, _ = render_series(ser["blobs"] + ser["lesions"], ser["z_mm"], image_size, ser["spacing"],
-                               _u(rng, *noise_hu), rng)
+        vol, _ = render_series(ser["blobs"] + ser["lesions"], ser["z_mm"], image_size,
+                               ser["spacing"], _u(rng, *noise_hu), rng)
         png = hu_to_png16(np.clip(vol, *SCANNER_HU_RANGE))
         sdir = os.path.join(out_dir, "Images_png", folder)
         PathManager.mkdirs(sdir)
@@ -309,18 +343,22 @@ def write_deeplesion(out_dir: str, *, num_patients: int = DEFAULT_PATIENTS,
                 les, t = ser["lesions"][i], ser["types"][i]
                 noisy = bool(rng.random() < noisy_fraction)
                 row = {
-                    "File_name": f"{folder}_{first + k:03d}.png", "Patient_index": str(pat), "Study_index": "1",
-                    "Series_ID": "1", "Key_slice_index": str(first + k),
-                    "Normalized_lesion_location": _fmt([0.5 + les.cx / (image_size * ser["spacing"]),
-                                                        0.5 + les.cy / (image_size * ser["spacing"]),
-                                                        zlo + (zhi - zlo) * k / max(ser["n"] - 1, 1)], 4),
-                    "Coarse_lesion_type": str(t if split != 1 else -1), "Possibly_noisy": str(int(noisy)),
+                    "File_name": f"{folder}_{first + k:03d}.png", "Patient_index": str(pat),
+                    "Study_index": "1", "Series_ID": "1", "Key_slice_index": str(first + k),
+                    "Normalized_lesion_location": _fmt(
+                        [0.5 + les.cx / (image_size * ser["spacing"]),
+                         0.5 + les.cy / (image_size * ser["spacing"]),
+                         zlo + (zhi - zlo) * k / max(ser["n"] - 1, 1)], 4),
+                    "Coarse_lesion_type": str(t if split != 1 else -1),
+                    "Possibly_noisy": str(int(noisy)),
                     "Slice_range": f"{first}, {first + ser['n'] - 1}",
-                    "Spacing_mm_px_": f"{ser['spacing']:.6f}, {ser['spacing']:.6f}, {ser['interval']:g}",
+                    "Spacing_mm_px_": f"{ser['spacing']:.6f}, {ser['spacing']:.6f}, "
+                                      f"{ser['interval']:g}",
                     "Image_size": f"{image_size}, {image_size}", "DICOM_windows": window,
                     "Patient_gender": gender, "Patient_age": str(age), "Train_Val_Test": str(split),
                 }
-                row.update(_lesion_row(les, t, ser["z_mm"][k], ser["spacing"], image_size, noisy, rng))
+                row.update(_lesion_row(les, t, ser["z_mm"][k], ser["spacing"], image_size, noisy,
+                                       rng))
                 rows.append(row)
                 stats["lesions"] += 1
                 stats["types"][LESION_TYPES[t - 1]] += 1
@@ -330,19 +368,22 @@ def write_deeplesion(out_dir: str, *, num_patients: int = DEFAULT_PATIENTS,
         writer.writeheader()
         writer.writerows(rows)
     with PathManager.open(os.path.join(out_dir, "synthetic_info.json"), "w") as f:
-        json.dump({k: v for k, v in summary.items() if k != "out_dir"}, f, indent=1)  # same bytes anywhere
+        # same bytes anywhere
+        json.dump({k: v for k, v in summary.items() if k != "out_dir"}, f, indent=1)
     return summary
 
 
 def _generate(kind: str, write: Callable[..., Dict], out_dir: str, options: Dict) -> Dict:
     """``write(out_dir, **options)`` into a temporary folder renamed to ``out_dir`` when complete,
-    with a completion marker holding the generator, every option (defaults included) and the counts."""
+    with a completion marker holding the generator, every option (defaults included) and the
+    counts."""
     bound = inspect.signature(write).bind(out_dir, **options)
     bound.apply_defaults()
     recorded = json.loads(json.dumps({k: v for k, v in bound.arguments.items() if k != "out_dir"}))
     marker = {"generator": kind, "options": recorded}
     summary = build_dir_atomically(
-        out_dir, lambda tmp: {k: v for k, v in write(tmp, **options).items() if k != "out_dir"}, marker)
+        out_dir,
+        lambda tmp: {k: v for k, v in write(tmp, **options).items() if k != "out_dir"}, marker)
     return dict(summary, out_dir=out_dir)
 
 
@@ -362,23 +403,27 @@ def generate_kits19(out_dir: str, **options) -> Dict:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict:
-    parser = argparse.ArgumentParser(description="Write a synthetic CT lesion data set (DeepLesion or KiTS19 format)")
+    parser = argparse.ArgumentParser(description="Write a synthetic CT lesion data set (DeepLesion "
+                                                 "or KiTS19 format)")
     parser.add_argument("--out", required=True, help="output folder (e.g. datasets/synthetic)")
     parser.add_argument("--format", choices=("deeplesion", "kits19"), default="deeplesion")
     parser.add_argument("--patients", type=int, default=None,
-                        help=f"patients (deeplesion, default {DEFAULT_PATIENTS}) or cases (kits19, default 10)")
+                        help=f"patients (deeplesion, default {DEFAULT_PATIENTS}) or cases (kits19, "
+                             "default 10)")
     parser.add_argument("--size", type=int, default=192, help="image side in pixels")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--slices", type=int, nargs=2, default=None, metavar=("LO", "HI"),
-                        help="slices per series (deeplesion, default 12 20) or case (kits19, default 24 40)")
+                        help="slices per series (deeplesion, default 12 20) or case (kits19, "
+                             "default 24 40)")
     args = parser.parse_args(argv)
     if args.format == "deeplesion":
         kw = {"slices_per_series": tuple(args.slices)} if args.slices else {}
-        summary = generate_deeplesion(args.out, num_patients=args.patients or DEFAULT_PATIENTS, image_size=args.size,
-                                      seed=args.seed, **kw)
+        summary = generate_deeplesion(args.out, num_patients=args.patients or DEFAULT_PATIENTS,
+                                      image_size=args.size, seed=args.seed, **kw)
     else:
         kw = {"num_slices": tuple(args.slices)} if args.slices else {}
-        summary = generate_kits19(args.out, num_cases=args.patients or 10, image_size=args.size, seed=args.seed, **kw)
+        summary = generate_kits19(args.out, num_cases=args.patients or 10, image_size=args.size,
+                                  seed=args.seed, **kw)
     print(json.dumps(summary, indent=1))
     return summary
 

@@ -17,7 +17,8 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["ensure_synthetic", "FIRST_USE_OPTIONS"]
 
-FIRST_USE_OPTIONS: Dict = {"seed": 0}  # the generator's defaults otherwise: the set `make demo` writes
+# the generator's defaults otherwise: the set `make demo` writes
+FIRST_USE_OPTIONS: Dict = {"seed": 0}
 
 
 def ensure_synthetic(out_dir: str, kind: str = "deeplesion", **options) -> Optional[Dict]:
@@ -38,8 +39,8 @@ def ensure_synthetic(out_dir: str, kind: str = "deeplesion", **options) -> Optio
         if read_marker(out_dir) is not None:  # another process finished it while we waited
             return None
         if kind == "deeplesion" and os.path.isfile(os.path.join(out_dir, "DL_info.csv")):
-            logger.warning(f"{out_dir}: a synthetic set without completion marker; using it as it is "
-                           f"(delete the folder to have it generated again)")
+            logger.warning(f"{out_dir}: a synthetic set without completion marker; using it as it "
+                           "is (delete the folder to have it generated again)")
             return None
         remove_stale_tmp(parent, name)
         opts = dict(FIRST_USE_OPTIONS, **options)

@@ -16,7 +16,8 @@ import numpy as np
 
 # Tissue labels of the label map rendered with each slice.
 AIR, SUBCUT_FAT, MUSCLE, VISCERAL_FAT, MEDIASTINAL_FAT, LUNG, LIVER, SPLEEN, KIDNEY = range(9)
-BONE, CORTEX, VESSEL, BOWEL, HEART, BLADDER, FLUID, CALCIFICATION, LESION, RENAL_SINUS = range(9, 19)
+(BONE, CORTEX, VESSEL, BOWEL, HEART, BLADDER, FLUID, CALCIFICATION, LESION,
+ RENAL_SINUS) = range(9, 19)
 
 HU_AIR = -1000.0
 # What a 12-bit CT scanner stores: the written phantom's HU are clipped to it.
@@ -56,7 +57,8 @@ class Blob:
         return self.cx + self.slope[0] * dz, self.cy + self.slope[1] * dz, self.a * s, self.b * s
 
 
-def ellipse_box(cx: float, cy: float, a: float, b: float, theta: float) -> Tuple[float, float, float, float]:
+def ellipse_box(cx: float, cy: float, a: float, b: float,
+                theta: float) -> Tuple[float, float, float, float]:
     """Tight axis-aligned box (x1, y1, x2, y2) of a rotated ellipse."""
     c, s = math.cos(theta), math.sin(theta)
     hx = math.sqrt((a * c) ** 2 + (b * s) ** 2)
@@ -77,7 +79,8 @@ class SliceCanvas:
         return self.size / 2 + x_mm / self.spacing, self.size / 2 + y_mm / self.spacing
 
     def alpha(self, cx: float, cy: float, a: float, b: float, theta: float, edge: float):
-        """Coverage in [0, 1] of an ellipse (pixel units) on its bounding crop, with the crop slices.
+        """Coverage in [0, 1] of an ellipse (pixel units) on its bounding crop, with the crop
+        slices.
 
         Coverage is 0.5 on the ellipse itself and ramps linearly over ``edge`` pixels, using the
         radial distance to the boundary (exact on circles, close enough on ellipses).
@@ -143,7 +146,8 @@ def render_series(blobs: Sequence[Blob], z_mm: Sequence[float], size: int, spaci
     return vol, lab
 
 
-def tissue_texture(n: int, size: int, rng: np.random.Generator, amplitude: float = 6.0) -> np.ndarray:
+def tissue_texture(n: int, size: int, rng: np.random.Generator,
+                   amplitude: float = 6.0) -> np.ndarray:
     """Smooth low-frequency HU variation, varying slowly along z (organ inhomogeneity)."""
     coarse = rng.normal(0.0, amplitude, size=(2, 9, 9)).astype(np.float32)
     grid = np.linspace(0, 8, size, dtype=np.float32)
@@ -155,7 +159,8 @@ def tissue_texture(n: int, size: int, rng: np.random.Generator, amplitude: float
         return rows[:, i0] * (1 - f)[None, :] + rows[:, i0 + 1] * f[None, :]
 
     top, bottom = upsample(coarse[0]), upsample(coarse[1])
-    w = np.linspace(0.0, 1.0, n, dtype=np.float32)[:, None, None] if n > 1 else np.zeros((1, 1, 1), np.float32)
+    w = (np.linspace(0.0, 1.0, n, dtype=np.float32)[:, None, None] if n > 1
+         else np.zeros((1, 1, 1), np.float32))
     return top[None] * (1 - w) + bottom[None] * w
 
 
@@ -164,7 +169,8 @@ def correlated_noise(shape: Tuple[int, ...], sigma: float, rng: np.random.Genera
     white = rng.standard_normal(size=shape, dtype=np.float32)
     k = NOISE_SMOOTHING
     smooth = k[0] * np.roll(white, 1, axis=-1) + k[1] * white + k[2] * np.roll(white, -1, axis=-1)
-    smooth = k[0] * np.roll(smooth, 1, axis=-2) + k[1] * smooth + k[2] * np.roll(smooth, -1, axis=-2)
+    smooth = (k[0] * np.roll(smooth, 1, axis=-2) + k[1] * smooth
+              + k[2] * np.roll(smooth, -1, axis=-2))
     gain = 1.0 / float(np.sum(k * k))  # variance kept at sigma^2 after the two passes
     return smooth * (sigma * gain)
 
@@ -199,7 +205,8 @@ def build_anatomy(region: str, fov_mm: float, z_len: float, rng: np.random.Gener
 
     def organ(fx, fy, fa, fb, hu, label, zc_frac=0.0, rz_frac=2.0, theta=0.0, edge=1.2):
         return Blob(ox + fx * iw, oy + fy * ih, fa * iw, fb * ih, hu, label, theta=theta,
-                    zc=zc_frac * z_len, rz=max(rz_frac * z_len, 40.0) * _u(rng, 0.9, 1.2), edge=edge)
+                    zc=zc_frac * z_len, rz=max(rz_frac * z_len, 40.0) * _u(rng, 0.9, 1.2),
+                    edge=edge)
 
     def tubes(count, region_fn, r_lo, r_hi, hu_lo, hu_hi, max_slope):
         out = []
@@ -209,7 +216,8 @@ def build_anatomy(region: str, fov_mm: float, z_len: float, rng: np.random.Gener
             out.append(Blob(x, y, r * _u(rng, 1.0, 1.3), r, _u(rng, hu_lo, hu_hi), VESSEL,
                             theta=_u(rng, 0, math.pi), zc=_u(rng, -0.5, 0.5) * z_len,
                             rz=_u(rng, 0.4, 1.5) * z_len + 5.0, tube=True,
-                            slope=(_u(rng, -max_slope, max_slope), _u(rng, -max_slope, max_slope)), edge=0.8))
+                            slope=(_u(rng, -max_slope, max_slope), _u(rng, -max_slope, max_slope)),
+                            edge=0.8))
         return out
 
     def inside(blob: Blob, frac: float = 0.8):
@@ -234,7 +242,8 @@ def build_anatomy(region: str, fov_mm: float, z_len: float, rng: np.random.Gener
             if abs(phi - math.pi / 2) < 0.4:  # the spine sits there
                 phi += math.pi
             r = _u(rng, 3, 6)
-            out.append(Blob(ox + (iw + 0.5 * mus_t) * math.cos(phi), oy + (ih + 0.5 * mus_t) * math.sin(phi),
+            out.append(Blob(ox + (iw + 0.5 * mus_t) * math.cos(phi),
+                            oy + (ih + 0.5 * mus_t) * math.sin(phi),
                             r * 1.6, r, _u(rng, 450, 800), CORTEX, theta=phi + math.pi / 2,
                             zc=_u(rng, -0.5, 0.5) * z_len, rz=_u(rng, 8, 25), tube=True,
                             slope=(0.0, _u(rng, -0.5, 0.5)), edge=0.8))
@@ -242,7 +251,8 @@ def build_anatomy(region: str, fov_mm: float, z_len: float, rng: np.random.Gener
 
     def round_vessel(fx, y, r_lo, r_hi, hu_lo, hu_hi, label=VESSEL):
         r = _u(rng, r_lo, r_hi)
-        return Blob(ox + fx * iw, y, r, r * _u(rng, 0.85, 1.0), _u(rng, hu_lo, hu_hi), label, rz=big, edge=1.0)
+        return Blob(ox + fx * iw, y, r, r * _u(rng, 0.85, 1.0), _u(rng, hu_lo, hu_hi), label,
+                    rz=big, edge=1.0)
 
     def bowel(count, region_fn):
         out = []
@@ -253,10 +263,11 @@ def build_anatomy(region: str, fov_mm: float, z_len: float, rng: np.random.Gener
             kind = rng.choice(3, p=[0.55, 0.25, 0.2])
             content = (_u(rng, 0, 25), _u(rng, -1000, -900), _u(rng, 150, 300))[kind]
             wall = _u(rng, 2.0, 3.5)
-            common = dict(theta=_u(rng, 0, math.pi), zc=_u(rng, -0.6, 0.6) * z_len, rz=_u(rng, 15, 45),
-                          slope=(_u(rng, -0.4, 0.4), _u(rng, -0.4, 0.4)))
+            common = dict(theta=_u(rng, 0, math.pi), zc=_u(rng, -0.6, 0.6) * z_len,
+                          rz=_u(rng, 15, 45), slope=(_u(rng, -0.4, 0.4), _u(rng, -0.4, 0.4)))
             out.append(Blob(x, y, a, b, _u(rng, 35, 55), BOWEL, edge=1.0, **common))
-            out.append(Blob(x, y, max(a - wall, 1.0), max(b - wall, 1.0), content, BOWEL, edge=1.0, **common))
+            out.append(Blob(x, y, max(a - wall, 1.0), max(b - wall, 1.0), content, BOWEL, edge=1.0,
+                            **common))
         return out
 
     def calcifications(count, region_fn):
@@ -271,11 +282,13 @@ def build_anatomy(region: str, fov_mm: float, z_len: float, rng: np.random.Gener
     if region == "chest":
         cav.hu, cav.label = _u(rng, 35, 50), MUSCLE  # chest wall where the lungs do not reach
         blobs.append(cav)
-        blobs.append(organ(0.0, -0.05, _u(rng, 0.28, 0.36), 0.75, _u(rng, -100, -80), MEDIASTINAL_FAT, edge=1.0))
+        blobs.append(organ(0.0, -0.05, _u(rng, 0.28, 0.36), 0.75, _u(rng, -100, -80),
+                           MEDIASTINAL_FAT, edge=1.0))
         lung_r = organ(-0.5, -0.02, 0.47, 0.88, _u(rng, -880, -820), LUNG, edge=0.8)
         lung_l = organ(0.5, -0.02, 0.45, 0.86, _u(rng, -880, -820), LUNG, edge=0.8)
         blobs += [lung_r, lung_l]
-        blobs.append(organ(0.1, -0.2, 0.3, 0.35, _u(rng, 35, 50), HEART, zc_frac=_u(rng, 0.4, 1.0), rz_frac=0.8))
+        blobs.append(organ(0.1, -0.2, 0.3, 0.35, _u(rng, 35, 50), HEART, zc_frac=_u(rng, 0.4, 1.0),
+                           rz_frac=0.8))
         blobs += [round_vessel(0.08, spine_y - 0.34 * ih, 11, 15, 170, 260),  # descending aorta
                   round_vessel(-0.12, oy - 0.25 * ih, 9, 13, 150, 230),  # ascending aorta / SVC
                   round_vessel(-0.02, spine_y - 0.28 * ih, 5, 7, -300, 40, BOWEL)]  # oesophagus
@@ -285,7 +298,8 @@ def build_anatomy(region: str, fov_mm: float, z_len: float, rng: np.random.Gener
         blobs += calcifications(int(rng.integers(1, 5)), inside(cav, 0.4))
     elif region == "abdomen":
         blobs.append(cav)
-        blobs += bowel(int(rng.integers(4, 9)), lambda: (ox + _u(rng, -0.5, 0.6) * iw, oy + _u(rng, -0.7, 0.2) * ih))
+        blobs += bowel(int(rng.integers(4, 9)),
+                       lambda: (ox + _u(rng, -0.5, 0.6) * iw, oy + _u(rng, -0.7, 0.2) * ih))
         blobs += [organ(-0.5, 0.55, 0.11, 0.3, _u(rng, 45, 55), MUSCLE, theta=0.3),
                   organ(0.5, 0.55, 0.11, 0.3, _u(rng, 45, 55), MUSCLE, theta=-0.3)]
         liver = organ(-0.45, -0.15, _u(rng, 0.42, 0.52), _u(rng, 0.55, 0.7), _u(rng, 65, 80), LIVER,
@@ -293,18 +307,23 @@ def build_anatomy(region: str, fov_mm: float, z_len: float, rng: np.random.Gener
         blobs.append(liver)
         if rng.random() < 0.5:
             r = _u(rng, 10, 17)  # gallbladder: a hypodense look-alike of liver lesions
-            blobs.append(Blob(liver.cx + 0.3 * liver.a, liver.cy + 0.4 * liver.b, r, r * 0.7, _u(rng, 0, 20), FLUID,
-                              theta=_u(rng, 0, math.pi), zc=liver.zc - 0.3 * z_len, rz=_u(rng, 20, 40), edge=1.0))
-        blobs.append(organ(0.62, 0.15, 0.22, 0.35, _u(rng, 45, 60), SPLEEN, zc_frac=_u(rng, -0.5, 0.2),
-                           rz_frac=0.8, theta=-0.4))
+            blobs.append(Blob(liver.cx + 0.3 * liver.a, liver.cy + 0.4 * liver.b, r, r * 0.7,
+                              _u(rng, 0, 20), FLUID,
+                              theta=_u(rng, 0, math.pi), zc=liver.zc - 0.3 * z_len,
+                              rz=_u(rng, 20, 40), edge=1.0))
+        blobs.append(organ(0.62, 0.15, 0.22, 0.35, _u(rng, 45, 60), SPLEEN,
+                           zc_frac=_u(rng, -0.5, 0.2), rz_frac=0.8, theta=-0.4))
         for side in (-1, 1):
-            k = organ(side * 0.42, 0.38, _u(rng, 0.14, 0.18), _u(rng, 0.22, 0.28), _u(rng, 140, 190), KIDNEY,
-                      zc_frac=_u(rng, -0.3, 0.3), rz_frac=1.0, theta=side * _u(rng, 0.2, 0.6), edge=1.0)
+            k = organ(side * 0.42, 0.38, _u(rng, 0.14, 0.18), _u(rng, 0.22, 0.28),
+                      _u(rng, 140, 190), KIDNEY,
+                      zc_frac=_u(rng, -0.3, 0.3), rz_frac=1.0, theta=side * _u(rng, 0.2, 0.6),
+                      edge=1.0)
             if kidney_z is not None:
                 k.zc, k.rz = kidney_z[0] + _u(rng, -5, 5), kidney_z[1] * _u(rng, 0.9, 1.1)
             blobs.append(k)
             blobs.append(Blob(k.cx - side * 0.35 * k.a, k.cy - 0.1 * k.b, k.a * 0.35, k.b * 0.3,
-                              _u(rng, -80, 10), RENAL_SINUS, theta=k.theta, zc=k.zc, rz=k.rz * 0.5, edge=1.0))
+                              _u(rng, -80, 10), RENAL_SINUS, theta=k.theta, zc=k.zc, rz=k.rz * 0.5,
+                              edge=1.0))
         geo["kidneys"] = [b for b in blobs if b.label == KIDNEY]
         blobs += [round_vessel(0.1, spine_y - 0.3 * ih, 9, 13, 150, 230),  # aorta
                   round_vessel(-0.15, spine_y - 0.32 * ih, 9, 14, 110, 170)]  # inferior vena cava
@@ -313,14 +332,18 @@ def build_anatomy(region: str, fov_mm: float, z_len: float, rng: np.random.Gener
         blobs += calcifications(int(rng.integers(2, 7)), inside(cav, 0.6))
     elif region == "pelvis":
         blobs.append(cav)
-        blobs += bowel(int(rng.integers(3, 7)), lambda: (ox + _u(rng, -0.5, 0.5) * iw, oy + _u(rng, -0.6, 0.1) * ih))
-        blobs.append(organ(0.0, -0.1, _u(rng, 0.22, 0.32), _u(rng, 0.25, 0.35), _u(rng, 0, 20), BLADDER,
-                           zc_frac=_u(rng, -0.3, 0.3), rz_frac=0.9, edge=1.0))
+        blobs += bowel(int(rng.integers(3, 7)),
+                       lambda: (ox + _u(rng, -0.5, 0.5) * iw, oy + _u(rng, -0.6, 0.1) * ih))
+        blobs.append(organ(0.0, -0.1, _u(rng, 0.22, 0.32), _u(rng, 0.25, 0.35), _u(rng, 0, 20),
+                           BLADDER, zc_frac=_u(rng, -0.3, 0.3), rz_frac=0.9, edge=1.0))
         blobs.append(organ(0.0, 0.45, 0.12, 0.12, _u(rng, 30, 45), BOWEL, rz_frac=3.0))
         for side in (-1, 1):
-            for fa, fb, hu, label in ((0.22, 0.12, _u(rng, 650, 900), CORTEX), (0.17, 0.07, _u(rng, 200, 320), BONE)):
-                blobs.append(organ(side * 0.72, 0.35, fa, fb, hu, label, theta=side * 0.9, rz_frac=3.0, edge=0.8))
-            blobs.append(organ(side * 0.55, 0.85, 0.28, 0.15, _u(rng, 45, 55), MUSCLE, theta=side * 0.3, rz_frac=3.0))
+            for fa, fb, hu, label in ((0.22, 0.12, _u(rng, 650, 900), CORTEX),
+                                      (0.17, 0.07, _u(rng, 200, 320), BONE)):
+                blobs.append(organ(side * 0.72, 0.35, fa, fb, hu, label, theta=side * 0.9,
+                                   rz_frac=3.0, edge=0.8))
+            blobs.append(organ(side * 0.55, 0.85, 0.28, 0.15, _u(rng, 45, 55), MUSCLE,
+                               theta=side * 0.3, rz_frac=3.0))
         blobs += vertebra(oy + ih * 0.72, scale=1.1)
         blobs += tubes(4, lambda: (ox + _u(rng, -0.55, 0.55) * iw, oy + _u(rng, 0.05, 0.3) * ih),
                        4.0, 7.0, 140, 210, 0.3)  # iliac vessels

@@ -59,7 +59,8 @@ def _as_vector(a, what: str, i: int, n: int, dtype) -> np.ndarray:
     if arr.size == 0:
         arr = arr.reshape(0)
     if arr.ndim != 1 or arr.shape[0] != n:
-        raise ValueError(f"{what}[{i}] has shape {arr.shape}, expected ({n},): one per box of image {i}")
+        raise ValueError(f"{what}[{i}] has shape {arr.shape}, expected ({n},): one per box of "
+                         f"image {i}")
     return arr
 
 
@@ -137,7 +138,8 @@ def compute_froc(
 
     dets = [_as_boxes(b, "pred_boxes", i) for i, b in enumerate(pred_boxes)]
     scores = [
-        _as_vector(s, "pred_scores", i, len(d), np.float64) for i, (s, d) in enumerate(zip(pred_scores, dets))
+        _as_vector(s, "pred_scores", i, len(d), np.float64)
+        for i, (s, d) in enumerate(zip(pred_scores, dets))
     ]
     gts = [_as_boxes(b, "gt_boxes", i) for i, b in enumerate(gt_boxes)]
     n_det = np.array([len(d) for d in dets], dtype=np.int64)
@@ -156,7 +158,8 @@ def compute_froc(
     group_all = None
     if gt_groups is not None:
         group_all = _concat(
-            [_as_vector(g, "gt_groups", i, len(b), np.int64) for i, (g, b) in enumerate(zip(gt_groups, gts))],
+            [_as_vector(g, "gt_groups", i, len(b), np.int64)
+             for i, (g, b) in enumerate(zip(gt_groups, gts))],
             None,
             np.int64,
         )

@@ -13,6 +13,7 @@ from collections import OrderedDict
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+
 from detectron2.config import configurable
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.evaluation import DatasetEvaluator
@@ -31,7 +32,8 @@ __all__ = ["LesionEvaluator", "coco_ap", "SIZE_BUCKETS", "TYPE_FP"]
 TYPE_FP = 3.0
 # Long-diameter buckets in mm: name, lower bound (inclusive), upper bound (inclusive; the first
 # bucket's upper bound is exclusive: < 10).
-SIZE_BUCKETS = (("size<10", -math.inf, 10.0), ("size10to30", 10.0, 30.0), ("size>30", 30.0, math.inf))
+SIZE_BUCKETS = (("size<10", -math.inf, 10.0), ("size10to30", 10.0, 30.0),
+                ("size>30", 30.0, math.inf))
 
 
 def _size_bucket(diameter: Optional[float]) -> int:
@@ -60,10 +62,13 @@ def coco_ap(
     from pycocotools.cocoeval import COCOeval
 
     def cat(c: np.ndarray) -> np.ndarray:
-        return np.zeros(len(c), dtype=np.int64) if num_classes == 1 else np.asarray(c, dtype=np.int64)
+        if num_classes == 1:
+            return np.zeros(len(c), dtype=np.int64)
+        return np.asarray(c, dtype=np.int64)
 
     images, anns, dets = [], [], []
-    for i, (gb, gc, pb, ps, pc) in enumerate(zip(gt_boxes, gt_classes, pred_boxes, pred_scores, pred_classes)):
+    for i, (gb, gc, pb, ps, pc) in enumerate(zip(gt_boxes, gt_classes, pred_boxes, pred_scores,
+                                                 pred_classes)):
         images.append({"id": i + 1})
         for b, c in zip(np.asarray(gb, dtype=np.float64).reshape(-1, 4), cat(gc)):
             w, h = float(b[2] - b[0]), float(b[3] - b[1])
@@ -71,13 +76,16 @@ def coco_ap(
                          "bbox": [float(b[0]), float(b[1]), w, h], "area": w * h, "iscrowd": 0})
         for b, s, c in zip(np.asarray(pb, dtype=np.float64).reshape(-1, 4), ps, cat(pc)):
             dets.append({"image_id": i + 1, "category_id": int(c) + 1, "score": float(s),
-                         "bbox": [float(b[0]), float(b[1]), float(b[2] - b[0]), float(b[3] - b[1])]})
+                         "bbox": [float(b[0]), float(b[1]), float(b[2] - b[0]),
+                                  float(b[3] - b[1])]})
     if not anns or not dets:
         return 0.0, 0.0
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
         coco_gt = COCO()
-        coco_gt.dataset = {"images": images, "annotations": anns,
-                           "categories": [{"id": k + 1, "name": str(k)} for k in range(num_classes)]}
+        coco_gt.dataset = {
+            "images": images, "annotations": anns,
+            "categories": [{"id": k + 1, "name": str(k)} for k in range(num_classes)],
+        }
         coco_gt.createIndex()
         coco_eval = COCOeval(coco_gt, coco_gt.loadRes(dets), "bbox")
         coco_eval.evaluate()
@@ -93,15 +101,15 @@ class LesionEvaluator(DatasetEvaluator):
     Ground truth comes from ``DatasetCatalog.get(dataset_name)``. Lesions flagged ``noisy``
     (DeepLesion's Possibly_noisy) are removed from the ground truth and counted, and an image whose
     lesions are all noisy is left out with its detections, as 3DCE's test loading does
-    (docs/evaluation.md); a detection on a noisy lesion of a kept image is a false positive. Only the
-    images that went through :meth:`process` are evaluated (others are counted and logged).
-    All metrics are in %. Binary FROC and mAP are class-agnostic. On typed datasets (metadata
+    (docs/evaluation.md); a detection on a noisy lesion of a kept image is a false positive. Only
+    the images that went through :meth:`process` are evaluated (others are counted and logged). All
+    metrics are in %. Binary FROC and mAP are class-agnostic. On typed datasets (metadata
     ``thing_classes`` with more than one class) the per-type sensitivity at 3 FPs (IoU) is
-    class-aware (detections of class t against lesions with category_id t, FP axis = FPs of
-    class-t detections); it is NaN in the returned dict and null in the JSON where the type has no
-    lesion or its curve never reaches 3 FPs per image (Table 4's "-"). The per-size sensitivity at
-    3 FPs (IoU) uses the overall FP axis and counts the lesions of the bucket only: the fraction
-    of the bucket's lesions found at the score threshold where the overall FP rate is 3/image.
+    class-aware (detections of class t against lesions with category_id t, FP axis = FPs of class-t
+    detections); it is NaN in the returned dict and null in the JSON where the type has no lesion or
+    its curve never reaches 3 FPs per image (Table 4's "-"). The per-size sensitivity at 3 FPs (IoU)
+    uses the overall FP axis and counts the lesions of the bucket only: the fraction of the bucket's
+    lesions found at the score threshold where the overall FP rate is 3/image.
     """
 
     @configurable
@@ -129,7 +137,8 @@ class LesionEvaluator(DatasetEvaluator):
         self._distributed = distributed
         self._fps = tuple(float(f) for f in fps)
         if max_dets_per_image is not None and max_dets_per_image <= 0:
-            raise ValueError(f"max_dets_per_image must be positive or None, got {max_dets_per_image}")
+            raise ValueError("max_dets_per_image must be positive or None, got "
+                             f"{max_dets_per_image}")
         self._max_dets = max_dets_per_image
         meta = MetadataCatalog.get(dataset_name)
         self._classes = list(getattr(meta, "thing_classes", None) or ["lesion"])
@@ -154,7 +163,8 @@ class LesionEvaluator(DatasetEvaluator):
     def process(self, inputs, outputs) -> None:
         for inp, out in zip(inputs, outputs):
             if "image_id" not in inp:
-                raise ValueError(f"LesionEvaluator needs 'image_id' in every input, got keys {sorted(inp)}")
+                raise ValueError("LesionEvaluator needs 'image_id' in every input, got keys "
+                                 f"{sorted(inp)}")
             if "instances" not in out:
                 raise ValueError(f"output for image {inp['image_id']} has no 'instances'")
             inst = out["instances"].to("cpu")
@@ -162,8 +172,9 @@ class LesionEvaluator(DatasetEvaluator):
                     (inst.scores == inst.pred_binary_scores).all()):
                 # Per-type scores split a lesion's probability over near-duplicate boxes.
                 raise ValueError(
-                    f"{self._dataset_name} is untyped but image {inp['image_id']} has an RTM model's per-type "
-                    "detections: set model.roi_heads.rtm_output = 'binary' (ElixirTrainer.test does)")
+                    f"{self._dataset_name} is untyped but image {inp['image_id']} has an RTM "
+                    "model's per-type detections: set model.roi_heads.rtm_output = 'binary' "
+                    "(ElixirTrainer.test does)")
             boxes = inst.pred_boxes.tensor.numpy().astype(np.float32)
             scores = inst.scores.numpy().astype(np.float32)
             classes = inst.pred_classes.numpy() if inst.has("pred_classes") else np.zeros(len(inst))
@@ -173,8 +184,9 @@ class LesionEvaluator(DatasetEvaluator):
             if bad.any():
                 k = int(np.flatnonzero(bad)[0])
                 raise ValueError(
-                    f"prediction {k} for image_id {inp['image_id']} of {self._dataset_name} has a NaN/infinite "
-                    f"or inverted box or score: box {boxes[k].tolist()}, score {scores[k]}"
+                    f"prediction {k} for image_id {inp['image_id']} of {self._dataset_name} has a "
+                    f"NaN/infinite or inverted box or score: box {boxes[k].tolist()}, score "
+                    f"{scores[k]}"
                 )
             if self._max_dets is not None and len(scores) > self._max_dets:
                 keep = np.argsort(-scores, kind="stable")[: self._max_dets]
@@ -192,7 +204,8 @@ class LesionEvaluator(DatasetEvaluator):
         else:
             predictions = self._predictions
         if not predictions:
-            logger.warning(f"[LesionEvaluator] {self._dataset_name}: no prediction received, nothing evaluated.")
+            logger.warning(f"[LesionEvaluator] {self._dataset_name}: no prediction received, "
+                           "nothing evaluated.")
             return {}
         data = self._collect(predictions)
         metrics, extra = self._compute(data)
@@ -213,12 +226,15 @@ class LesionEvaluator(DatasetEvaluator):
         by_pos = {}
         for p in predictions:
             if p["image_id"] not in position:
-                raise ValueError(f"prediction for image_id {p['image_id']} not in dataset {self._dataset_name}")
+                raise ValueError(f"prediction for image_id {p['image_id']} not in dataset "
+                                 f"{self._dataset_name}")
             pos = position[p["image_id"]]
             if pos in by_pos:
-                raise ValueError(f"image_id {p['image_id']} of {self._dataset_name} was predicted twice")
+                raise ValueError(f"image_id {p['image_id']} of {self._dataset_name} was predicted "
+                                 "twice")
             by_pos[pos] = p
-        data = {k: [] for k in ("pred_boxes", "pred_scores", "pred_classes", "gt_boxes", "gt_classes", "gt_size")}
+        data = {k: [] for k in ("pred_boxes", "pred_scores", "pred_classes", "gt_boxes",
+                                "gt_classes", "gt_size")}
         data["num_noisy"] = data["num_images_noisy_only"] = 0
         for pos in sorted(by_pos):
             p, record = by_pos[pos], records[pos]
@@ -248,8 +264,8 @@ class LesionEvaluator(DatasetEvaluator):
         data["num_missing"] = len(records) - len(by_pos)
         if data["num_missing"]:
             logger.warning(
-                f"[LesionEvaluator] {self._dataset_name}: {data['num_missing']} of {len(records)} images "
-                "were never processed and are left out of the evaluation."
+                f"[LesionEvaluator] {self._dataset_name}: {data['num_missing']} of {len(records)} "
+                "images were never processed and are left out of the evaluation."
             )
         return data
 
@@ -269,8 +285,9 @@ class LesionEvaluator(DatasetEvaluator):
             if froc[crit]["max_fp_per_image"] < max(self._fps):
                 logger.warning(
                     f"[LesionEvaluator] {self._dataset_name} ({crit}): the FROC curve ends at "
-                    f"{froc[crit]['max_fp_per_image']:.2f} FPs/image < {max(self._fps):g}; sensitivities beyond "
-                    "it repeat the last value. Raise TEST.DETECTIONS_PER_IMAGE or lower the score threshold."
+                    f"{froc[crit]['max_fp_per_image']:.2f} FPs/image < {max(self._fps):g}; "
+                    "sensitivities beyond it repeat the last value. Raise "
+                    "TEST.DETECTIONS_PER_IMAGE or lower the score threshold."
                 )
         m["AP"], m["AP50"] = coco_ap(data["gt_boxes"], data["gt_classes"], data["pred_boxes"],
                                      data["pred_scores"], data["pred_classes"], num_classes=1)
@@ -283,10 +300,12 @@ class LesionEvaluator(DatasetEvaluator):
             for name, v in per_type.items():
                 m[f"sens@{fp_key(TYPE_FP)}_iou_{name}"] = math.nan if v is None else 100.0 * v
         per_size = OrderedDict()
-        group_sens, group_n = froc["iou"].get("group_sensitivity", {}), froc["iou"].get("group_num_gt", {})
+        group_sens = froc["iou"].get("group_sensitivity", {})
+        group_n = froc["iou"].get("group_num_gt", {})
         for b, (name, _, _) in enumerate(SIZE_BUCKETS):
             per_size[name] = group_sens[b][TYPE_FP] if group_n.get(b, 0) > 0 else None
-            m[f"sens@{fp_key(TYPE_FP)}_iou_{name}"] = math.nan if per_size[name] is None else 100.0 * per_size[name]
+            m[f"sens@{fp_key(TYPE_FP)}_iou_{name}"] = (math.nan if per_size[name] is None
+                                                       else 100.0 * per_size[name])
         m["num_images"] = float(froc["iou"]["num_images"])
         m["num_lesions"] = float(froc["iou"]["num_gt"])
         m["num_noisy_left_out"] = float(data["num_noisy"])
@@ -313,8 +332,8 @@ class LesionEvaluator(DatasetEvaluator):
         known = sum(int(((c >= 0) & (c < len(self._classes))).sum()) for c in data["gt_classes"])
         total = sum(len(c) for c in data["gt_classes"])
         if known < total:
-            logger.warning(f"[LesionEvaluator] {self._dataset_name}: {total - known} lesions have no valid "
-                           "type and are left out of the per-type sensitivity only.")
+            logger.warning(f"[LesionEvaluator] {self._dataset_name}: {total - known} lesions have "
+                           "no valid type and are left out of the per-type sensitivity only.")
         for t, name in enumerate(self._classes):
             pm = [c == t for c in data["pred_classes"]]
             gm = [c == t for c in data["gt_classes"]]
@@ -334,7 +353,8 @@ class LesionEvaluator(DatasetEvaluator):
     def _write(self, metrics: "OrderedDict[str, float]", extra: dict) -> None:
         PathManager.mkdirs(self._output_dir)
         froc = extra["froc"]
-        header = ["criterion"] + [f"sens@{fp_key(f)}" for f in self._fps] + ["mean_sens", "max_fp_per_image"]
+        header = (["criterion"] + [f"sens@{fp_key(f)}" for f in self._fps]
+                  + ["mean_sens", "max_fp_per_image"])
         lines = [",".join(header)]
         for crit in CRITERIA:
             vals = [f"{metrics[f'sens@{fp_key(f)}_{crit}']:.4f}" for f in self._fps]
@@ -360,7 +380,9 @@ class LesionEvaluator(DatasetEvaluator):
         }
         with PathManager.open(os.path.join(self._output_dir, "lesion_metrics.json"), "w") as f:
             json.dump(payload, f, indent=2)
-        curves = {CRITERION_NAMES[c]: (froc[c]["fp_per_image"], froc[c]["sens_curve"]) for c in CRITERIA}
+        curves = {CRITERION_NAMES[c]: (froc[c]["fp_per_image"], froc[c]["sens_curve"])
+                  for c in CRITERIA}
         plot_froc(curves, os.path.join(self._output_dir, "froc.png"), fps=self._fps,
                   title=f"FROC on {self._dataset_name}")
-        logger.info(f"[LesionEvaluator] wrote froc.csv, froc.png, lesion_metrics.json to {self._output_dir}")
+        logger.info("[LesionEvaluator] wrote froc.csv, froc.png, lesion_metrics.json to "
+                    f"{self._output_dir}")

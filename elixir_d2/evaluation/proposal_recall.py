@@ -21,7 +21,8 @@ from detectron2.utils import comm
 __all__ = ["ProposalRecallEvaluator", "capture_proposals", "recall_at"]
 
 
-def recall_at(proposals: np.ndarray, gt: np.ndarray, topks: Sequence[int], iou: float = 0.5) -> Dict[int, int]:
+def recall_at(proposals: np.ndarray, gt: np.ndarray, topks: Sequence[int],
+              iou: float = 0.5) -> Dict[int, int]:
     """How many of ``gt`` (G, 4) have a box among the first k rows of ``proposals`` (ranked
     best first, (P, 4)) with IoU >= ``iou``, for each k of ``topks``."""
     if len(gt) == 0:
@@ -61,7 +62,8 @@ class ProposalRecallEvaluator(DatasetEvaluator):
     :class:`~elixir_d2.evaluation.LesionEvaluator`.
     """
 
-    def __init__(self, dataset_name: str, proposals: List[Instances], topks: Sequence[int] = (50, 100, 300)):
+    def __init__(self, dataset_name: str, proposals: List[Instances],
+                 topks: Sequence[int] = (50, 100, 300)):
         self._dataset_name = dataset_name
         self._proposals = proposals
         self._topks = tuple(int(k) for k in topks)
@@ -78,7 +80,8 @@ class ProposalRecallEvaluator(DatasetEvaluator):
             self._gt = {}
             for r in DatasetCatalog.get(self._dataset_name):
                 boxes = [
-                    BoxMode.convert(list(a["bbox"]), a.get("bbox_mode", BoxMode.XYXY_ABS), BoxMode.XYXY_ABS)
+                    BoxMode.convert(list(a["bbox"]), a.get("bbox_mode", BoxMode.XYXY_ABS),
+                                    BoxMode.XYXY_ABS)
                     for a in r.get("annotations", []) if not a.get("noisy", False)
                 ]
                 self._gt[r["image_id"]] = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)

@@ -19,7 +19,8 @@ def fp_key(fp: float) -> str:
 
 
 def _metrics_of(entry: Mapping) -> Mapping:
-    # Accept evaluate()'s {"lesion": {...}}, lesion_metrics.json's {"metrics": {...}} or the flat dict.
+    # Accept evaluate()'s {"lesion": {...}}, lesion_metrics.json's {"metrics": {...}} or the flat
+    # dict.
     for key in ("lesion", "metrics"):
         if key in entry and isinstance(entry[key], Mapping):
             return entry[key]
@@ -110,10 +111,11 @@ def plot_froc(
     before the last point is drawn flat to it (the evaluation's "last sensitivity" rule).
     """
     # Figure + Agg canvas directly: no pyplot, so no global backend switch for the caller.
-    from detectron2.utils.file_io import PathManager
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import NullFormatter
+
+    from detectron2.utils.file_io import PathManager
 
     fps = [float(f) for f in fps if f > 0]
     lo = min(fps) / 2 if fps else 0.1

@@ -2,10 +2,11 @@
 from .grouping import Finding, group_detections
 from .predictor import CTPredictor, SlicePrediction, VolumePrediction, build_predictor_model
 from .runner import PredictOptions, load_ground_truth, run_prediction
-from .volume_io import CTInputError, CTVolume, CaseSource, discover_cases, read_case
+from .volume_io import CaseSource, CTInputError, CTVolume, discover_cases, read_case
 
 __all__ = [
-    "CTInputError", "CTVolume", "CaseSource", "discover_cases", "read_case", "CTPredictor", "SlicePrediction",
+    "CTInputError", "CTVolume", "CaseSource", "discover_cases", "read_case", "CTPredictor",
+    "SlicePrediction",
     "VolumePrediction", "build_predictor_model", "Finding", "group_detections", "PredictOptions",
     "load_ground_truth", "run_prediction",
 ]

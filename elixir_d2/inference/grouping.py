@@ -65,10 +65,12 @@ def group_detections(
     boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
     scores = np.asarray(scores, dtype=np.float64).reshape(-1)
     if not len(slices) == len(boxes) == len(scores):
-        raise ValueError(f"{len(slices)} slices, {len(boxes)} boxes, {len(scores)} scores: lengths differ")
+        raise ValueError(f"{len(slices)} slices, {len(boxes)} boxes, {len(scores)} scores: lengths "
+                         "differ")
     n = len(slices)
     sets = UnionFind(n)
-    by_slice: Dict[int, np.ndarray] = {int(s): np.flatnonzero(slices == s) for s in np.unique(slices)}
+    by_slice: Dict[int, np.ndarray] = {int(s): np.flatnonzero(slices == s)
+                                       for s in np.unique(slices)}
     for s, idx in by_slice.items():
         for gap in range(1, max_gap + 1):
             other = by_slice.get(s + gap)

@@ -1,4 +1,5 @@
-"""NIfTI CT volumes for inference (``.nii`` / ``.nii.gz``), header checked before any voxel is read."""
+"""NIfTI CT volumes for inference (``.nii`` / ``.nii.gz``), header checked before any voxel is
+read."""
 from __future__ import annotations
 
 import math
@@ -19,7 +20,8 @@ def oriented_volume(img, source: str, name: str, kind: str) -> CTVolume:
     _check_positive(source, min(sx, sy), sz)
     return CTVolume(
         name=name, source=source, kind=kind, hu=hu, slice_numbers=list(range(hu.shape[0])),
-        spacing=(float(sx), float(sy)), slice_interval=float(sz), origin=origin, direction=direction,
+        spacing=(float(sx), float(sy)), slice_interval=float(sz), origin=origin,
+        direction=direction,
     )
 
 
@@ -59,7 +61,8 @@ def read_nifti(path: str, name: str, max_voxels: Optional[int] = DEFAULT_MAX_VOX
         raise CTInputError(f"{path}: unreadable NIfTI file ({_first_line(e)})") from None
     size = reader.GetSize()
     if reader.GetNumberOfComponents() != 1:
-        raise CTInputError(f"{path}: not a CT volume ({reader.GetNumberOfComponents()} components per voxel, e.g. RGB)")
+        raise CTInputError(f"{path}: not a CT volume ({reader.GetNumberOfComponents()} components "
+                           "per voxel, e.g. RGB)")
     if reader.GetDimension() == 2 or (reader.GetDimension() == 3 and min(size) == 1):
         raise CTInputError(f"{path}: a 2-D image (size {size}); inference needs a 3-D CT volume")
     if reader.GetDimension() != 3:
@@ -67,7 +70,8 @@ def read_nifti(path: str, name: str, max_voxels: Optional[int] = DEFAULT_MAX_VOX
     check_voxel_cap(path, size, max_voxels, CTInputError)
     pixdim = nifti_pixdim(path)
     if pixdim is not None and not all(math.isfinite(v) and v > 0 for v in pixdim):
-        raise CTInputError(f"{path}: missing spacing (NIfTI pixdim[1:4] = {tuple(float(v) for v in pixdim)})")
+        raise CTInputError(f"{path}: missing spacing (NIfTI pixdim[1:4] = "
+                           f"{tuple(float(v) for v in pixdim)})")
     truncated = nifti_truncation(path)  # SimpleITK zero-fills what a cut-off file lacks
     if truncated:
         raise CTInputError(f"{path}: unreadable NIfTI file ({truncated})")
@@ -79,8 +83,8 @@ def read_nifti(path: str, name: str, max_voxels: Optional[int] = DEFAULT_MAX_VOX
     vol = oriented_volume(img, path, name, "nifti")
     if vol.hu.size and float(vol.hu.min()) >= 0.0:
         raise CTInputError(
-            f"{path}: not a CT volume in Hounsfield units (no value below 0 HU, where a body CT has air "
-            f"and fat; range {float(vol.hu.min()):g}..{float(vol.hu.max()):g}): an MR / PET image, a mask, "
-            f"or HU stored with an offset?"
+            f"{path}: not a CT volume in Hounsfield units (no value below 0 HU, where a body CT "
+            f"has air and fat; range {float(vol.hu.min()):g}..{float(vol.hu.max()):g}): an MR / "
+            "PET image, a mask, or HU stored with an offset?"
         )
     return vol

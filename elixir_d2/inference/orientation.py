@@ -28,7 +28,8 @@ def check_voxel_cap(where: str, size: Sequence[int], max_voxels: Optional[int], 
                     f"(predict_net.py --max-voxels N raises it)")
 
 
-def lps_layout(direction: np.ndarray) -> Optional[Tuple[Tuple[int, int, int], Tuple[bool, bool, bool]]]:
+def lps_layout(
+        direction: np.ndarray) -> Optional[Tuple[Tuple[int, int, int], Tuple[bool, bool, bool]]]:
     """For LPS axes j = 0, 1, 2: the index axis running most along j and whether it runs
     backwards (ITK's rule for DICOMOrient); None when two index axes share a dominant axis."""
     d = np.asarray(direction, dtype=np.float64).reshape(3, 3)
@@ -40,7 +41,8 @@ def lps_layout(direction: np.ndarray) -> Optional[Tuple[Tuple[int, int, int], Tu
     return perm, flips  # type: ignore[return-value]
 
 
-def to_lps_array(img) -> Tuple[np.ndarray, Tuple[float, float, float], Tuple[float, float, float], np.ndarray]:
+def to_lps_array(img) -> Tuple[np.ndarray, Tuple[float, float, float],
+                               Tuple[float, float, float], np.ndarray]:
     """(hu as (z, y, x) float32, spacing, origin, direction) of ``img`` reoriented to LPS."""
     import SimpleITK as sitk
 
@@ -48,7 +50,8 @@ def to_lps_array(img) -> Tuple[np.ndarray, Tuple[float, float, float], Tuple[flo
     if layout is None:  # a 45-degree oblique: leave the choice to ITK (whole copies)
         img = sitk.DICOMOrient(img, "LPS")
         return (sitk.GetArrayFromImage(img).astype(np.float32, copy=False), tuple(img.GetSpacing()),
-                tuple(img.GetOrigin()), np.asarray(img.GetDirection(), dtype=np.float64).reshape(3, 3))
+                tuple(img.GetOrigin()),
+                np.asarray(img.GetDirection(), dtype=np.float64).reshape(3, 3))
     perm, flips = layout
     size, sp = img.GetSize(), img.GetSpacing()
     d = np.asarray(img.GetDirection(), dtype=np.float64).reshape(3, 3)

@@ -18,8 +18,8 @@ from .grouping import Finding
 from .predictor import VolumePrediction
 
 __all__ = [
-    "DETECTION_COLUMNS", "FINDING_COLUMNS", "detection_rows", "case_summary", "write_json", "write_csv",
-    "CocoResults",
+    "DETECTION_COLUMNS", "FINDING_COLUMNS", "detection_rows", "case_summary", "write_json",
+    "write_csv", "CocoResults",
 ]
 
 DETECTION_COLUMNS = (
@@ -27,8 +27,8 @@ DETECTION_COLUMNS = (
     "height_mm", "score", "class_id", "lesion_type", "finding_id", "center_lps_mm",
 )
 FINDING_COLUMNS = (
-    "case", "finding_id", "slice_first", "slice_last", "num_slices", "extent_mm", "largest_diameter_mm",
-    "best_score", "best_slice", "best_box", "num_detections",
+    "case", "finding_id", "slice_first", "slice_last", "num_slices", "extent_mm",
+    "largest_diameter_mm", "best_score", "best_slice", "best_box", "num_detections",
 )
 
 
@@ -36,7 +36,8 @@ def _round(v: float, nd: int = 3) -> float:
     return float(round(float(v), nd))
 
 
-def detection_rows(pred: VolumePrediction, finding_of: Optional[Dict[int, int]] = None) -> List[Dict]:
+def detection_rows(pred: VolumePrediction,
+                   finding_of: Optional[Dict[int, int]] = None) -> List[Dict]:
     """One dict per detection (DETECTION_COLUMNS), in slice then score order.
 
     ``finding_of`` maps the running detection index (the order of this function's output) to a
@@ -54,7 +55,8 @@ def detection_rows(pred: VolumePrediction, finding_of: Optional[Dict[int, int]] 
                 "case": vol.name, "slice_index": int(sp.slice_number),
                 "x1": _round(x1, 2), "y1": _round(y1, 2), "x2": _round(x2, 2), "y2": _round(y2, 2),
                 "x1_mm": _round(x1 * sx), "y1_mm": _round(y1 * sy), "x2_mm": _round(x2 * sx),
-                "y2_mm": _round(y2 * sy), "width_mm": _round((x2 - x1) * sx), "height_mm": _round((y2 - y1) * sy),
+                "y2_mm": _round(y2 * sy), "width_mm": _round((x2 - x1) * sx),
+                "height_mm": _round((y2 - y1) * sy),
                 "score": _round(sp.scores[k], 5), "class_id": int(sp.classes[k]),
                 "lesion_type": sp.type_names[k] if sp.type_names is not None else "",
                 "finding_id": (finding_of or {}).get(i, -1),
@@ -68,20 +70,23 @@ def flat_detections(pred: VolumePrediction):
     slices = [sp.slice_number for sp in pred.slices for _ in range(len(sp.scores))]
     boxes = [sp.boxes for sp in pred.slices if len(sp.scores)]
     scores = [sp.scores for sp in pred.slices if len(sp.scores)]
-    return (np.asarray(slices, dtype=np.int64), np.concatenate(boxes) if boxes else np.zeros((0, 4)),
+    return (np.asarray(slices, dtype=np.int64),
+            np.concatenate(boxes) if boxes else np.zeros((0, 4)),
             np.concatenate(scores) if scores else np.zeros(0))
 
 
 def finding_rows(case: str, findings: Sequence[Finding]) -> List[Dict]:
     return [{
-        "case": case, "finding_id": f.finding_id, "slice_first": f.slice_first, "slice_last": f.slice_last,
-        "num_slices": f.num_slices, "extent_mm": _round(f.extent_mm), "largest_diameter_mm": _round(f.largest_diameter_mm),
+        "case": case, "finding_id": f.finding_id, "slice_first": f.slice_first,
+        "slice_last": f.slice_last, "num_slices": f.num_slices, "extent_mm": _round(f.extent_mm),
+        "largest_diameter_mm": _round(f.largest_diameter_mm),
         "best_score": _round(f.best_score, 5), "best_slice": f.best_slice,
         "best_box": [_round(v, 2) for v in f.best_box], "num_detections": len(f.members),
     } for f in findings]
 
 
-def case_summary(pred: VolumePrediction, detections: List[Dict], findings: Sequence[Finding]) -> Dict:
+def case_summary(pred: VolumePrediction, detections: List[Dict],
+                 findings: Sequence[Finding]) -> Dict:
     """The per-case JSON document: geometry, what the model saw, detections and findings."""
     vol = pred.volume
     sizes = sorted({tuple(sp.input_size) for sp in pred.slices})
@@ -138,15 +143,19 @@ class CocoResults:
         vol = pred.volume
         for sp in pred.slices:
             image_id = len(self.images) + 1
-            self.images.append({"id": image_id, "file_name": f"{vol.name}/{sp.slice_number:03d}", "case": vol.name,
-                                "slice_index": int(sp.slice_number), "height": vol.height, "width": vol.width})
+            self.images.append({"id": image_id, "file_name": f"{vol.name}/{sp.slice_number:03d}",
+                                "case": vol.name,
+                                "slice_index": int(sp.slice_number), "height": vol.height,
+                                "width": vol.width})
             for box, score, cls in zip(sp.boxes, sp.scores, sp.classes):
                 x1, y1, x2, y2 = (float(v) for v in box)
                 self.results.append({"image_id": image_id, "category_id": int(cls) + 1,
-                                     "bbox": [_round(x1, 2), _round(y1, 2), _round(x2 - x1, 2), _round(y2 - y1, 2)],
+                                     "bbox": [_round(x1, 2), _round(y1, 2), _round(x2 - x1, 2),
+                                              _round(y2 - y1, 2)],
                                      "score": _round(score, 5)})
 
     def write(self, out_dir: str) -> None:
-        write_json(f"{out_dir}/coco_results.json", self.results, indent=None)  # can be long: compact
+        # can be long: compact
+        write_json(f"{out_dir}/coco_results.json", self.results, indent=None)
         cats = [{"id": i + 1, "name": n} for i, n in enumerate(self.class_names)]
         write_json(f"{out_dir}/coco_images.json", {"images": self.images, "categories": cats})

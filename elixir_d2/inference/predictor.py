@@ -37,7 +37,8 @@ from .volume_io import CTVolume, check_context
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ArraySliceStack", "SlicePrediction", "VolumePrediction", "CTPredictor", "build_predictor_model"]
+__all__ = ["ArraySliceStack", "SlicePrediction", "VolumePrediction", "CTPredictor",
+           "build_predictor_model"]
 
 
 class ArraySliceStack(SliceStack):
@@ -144,10 +145,11 @@ class CTPredictor:
                 self.model.proposal_generator.register_forward_hook(self._keep_proposals),
                 head.register_forward_hook(self._keep_relations),
             ]
-        if capture_confidence and not hasattr(getattr(self.model, "proposal_generator", None), "last_conf_maps"):
+        if capture_confidence and not hasattr(getattr(self.model, "proposal_generator", None),
+                                              "last_conf_maps"):
             raise ValueError(
-                f"--draw-confidence needs the TRPN proposal generator; MODEL.PROPOSAL_GENERATOR.NAME is "
-                f"{cfg.MODEL.PROPOSAL_GENERATOR.NAME!r}"
+                "--draw-confidence needs the TRPN proposal generator; "
+                f"MODEL.PROPOSAL_GENERATOR.NAME is {cfg.MODEL.PROPOSAL_GENERATOR.NAME!r}"
             )
 
     def _keep_proposals(self, module, inputs, output) -> None:
@@ -171,7 +173,8 @@ class CTPredictor:
         """Model input (3 x h' x w' float tensor) of slice ``number``, its size and fallbacks;
         the steps of CTDatasetMapper.__call__ in evaluation mode."""
         stack = ArraySliceStack(volume, number)
-        hu = np.stack([stack.at_offset(o / volume.slice_interval) for o in self.mapper.offsets_mm], axis=-1)
+        hu = np.stack([stack.at_offset(o / volume.slice_interval) for o in self.mapper.offsets_mm],
+                      axis=-1)
         image = window_to_uint8_range(hu, self.mapper.hu_window)
         h, w = hu.shape[:2]
         new_h, new_w = self.mapper.output_size(h, w, volume.spacing[0])
@@ -180,8 +183,9 @@ class CTPredictor:
         return tensor, (new_h, new_w), stack.fallbacks
 
     # ------------------------------------------------------------------ inference
-    def predict_volume(self, volume: CTVolume, progress=None,
-                       on_slice: Optional[Callable[[SlicePrediction], None]] = None) -> VolumePrediction:
+    def predict_volume(
+            self, volume: CTVolume, progress=None,
+            on_slice: Optional[Callable[[SlicePrediction], None]] = None) -> VolumePrediction:
         """Predict every slice of ``volume`` (or its key slices). ``progress``: an object with
         ``update(n)`` (e.g. tqdm), advanced after each batch. ``on_slice``: called with each
         slice's prediction as soon as its batch is done (to draw it and release its captures)."""
@@ -189,7 +193,8 @@ class CTPredictor:
         sx, sy = volume.spacing
         if abs(sx - sy) > 0.01 * max(sx, sy):
             volume.warnings.append(
-                f"{volume.source}: non-square pixels ({sx:g} x {sy:g} mm); resampled by the x spacing as in training"
+                f"{volume.source}: non-square pixels ({sx:g} x {sy:g} mm); resampled by the x "
+                "spacing as in training"
             )
         result = VolumePrediction(volume)
         numbers = volume.slices_to_predict()
@@ -197,7 +202,8 @@ class CTPredictor:
             chunk = numbers[start : start + self.batch_size]
             t0 = time.perf_counter()
             prepared = [self.prepare(volume, n) for n in chunk]
-            inputs = [{"image": t, "height": volume.height, "width": volume.width} for t, _, _ in prepared]
+            inputs = [{"image": t, "height": volume.height, "width": volume.width}
+                      for t, _, _ in prepared]
             t1 = time.perf_counter()
             with torch.no_grad():
                 outputs = self.model(inputs)
@@ -207,7 +213,8 @@ class CTPredictor:
             result.prepare_s += t1 - t0
             result.forward_s += t2 - t1
             for i, (n, (_, size, fallbacks), out) in enumerate(zip(chunk, prepared, outputs)):
-                result.slices.append(self._slice_result(volume, n, size, fallbacks, out["instances"], i))
+                result.slices.append(self._slice_result(volume, n, size, fallbacks,
+                                                        out["instances"], i))
                 if on_slice is not None:
                     on_slice(result.slices[-1])
             if progress is not None:
@@ -221,7 +228,8 @@ class CTPredictor:
         type_names = None
         if inst.has("pred_types"):  # RTM: a type index per detection
             types = inst.pred_types.numpy().astype(np.int64)
-            type_names = [LESION_TYPES[t] if 0 <= t < len(LESION_TYPES) else f"type_{t}" for t in types]
+            type_names = [LESION_TYPES[t] if 0 <= t < len(LESION_TYPES) else f"type_{t}"
+                          for t in types]
         elif self.class_names is not None:
             type_names = [self.class_names[c] for c in classes]
         pred = SlicePrediction(
@@ -235,7 +243,8 @@ class CTPredictor:
             relations = self._relations
             if len(relations) <= i:
                 raise ValueError(
-                    "--draw-relations: the box head kept no relation matrix (its genotype has no region_nonlocal edge)"
+                    "--draw-relations: the box head kept no relation matrix (its genotype has no "
+                    "region_nonlocal edge)"
                 )
             e = relations[i].detach().cpu().numpy()
             if e.shape != (len(props), len(props)):

@@ -11,7 +11,8 @@ Output layout under ``output_dir``::
     detections.csv, findings.csv       all cases together
     coco_results.json, coco_images.json
     froc.png, froc.json                with ground truth: FROC over the slices it annotates
-    summary.json                       cases done, cases that failed (and why), ignored files, timing
+    summary.json                       cases done, cases that failed (and why), ignored files,
+                                       timing
 
 Case folder names are case ids (:mod:`.case_ids`: from file / folder names, sanitised, unique);
 every path is checked to stay inside ``output_dir``. Each case folder is written under a
@@ -39,20 +40,33 @@ from detectron2.utils.file_io import PathManager
 from ..atomic_io import atomic_write_text, build_dir_atomically, remove_stale_tmp
 from ..data.ct_mapper import CTSliceError
 from ..data.deeplesion import DeepLesionFormatError, read_dl_info
-from ..visualization import draw_confidence_map, draw_detections, draw_relation_graph, window_for_display
-from .grouping import group_detections
-from .outputs import (
-    DETECTION_COLUMNS, FINDING_COLUMNS, CocoResults, case_summary, detection_rows, finding_rows, flat_detections,
-    write_csv, write_json,
+from ..visualization import (
+    draw_confidence_map,
+    draw_detections,
+    draw_relation_graph,
+    window_for_display,
 )
 from .case_ids import RUN_FILES, InputNames, OutputDir, UnsafeOutputError
+from .grouping import group_detections
 from .orientation import DEFAULT_MAX_VOXELS
+from .outputs import (
+    DETECTION_COLUMNS,
+    FINDING_COLUMNS,
+    CocoResults,
+    case_summary,
+    detection_rows,
+    finding_rows,
+    flat_detections,
+    write_csv,
+    write_json,
+)
 from .predictor import CTPredictor, SlicePrediction, VolumePrediction
-from .volume_io import CTInputError, CaseSource, discover_cases, read_case
+from .volume_io import CaseSource, CTInputError, discover_cases, read_case
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PredictOptions", "load_ground_truth", "run_prediction", "INPUT_ERRORS", "OutputNotEmptyError"]
+__all__ = ["PredictOptions", "load_ground_truth", "run_prediction", "INPUT_ERRORS",
+           "OutputNotEmptyError"]
 
 # Errors that make one case unusable; a folder run lists them and goes on.
 INPUT_ERRORS = (CTInputError, CTSliceError, DeepLesionFormatError, OSError)
@@ -73,7 +87,8 @@ class PredictOptions:
     spacing: Optional[float] = None  # mm/px for DeepLesion folders (else DL_info.csv)
     slice_interval: Optional[float] = None  # mm for DeepLesion folders (else DL_info.csv)
     view_window: Tuple[float, float] = (-175.0, 275.0)
-    overlays: str = "detections"  # "detections" (slices with a detection or ground truth), "all", "none"
+    # "detections" (slices with a detection or ground truth), "all", "none"
+    overlays: str = "detections"
     draw_relations: bool = False
     draw_confidence: bool = False
     group_iou: float = 0.3
@@ -97,9 +112,11 @@ def load_ground_truth(path: str) -> GroundTruth:
                 noisy += 1
                 continue
             per = gt.setdefault(les["series_dir"], {})
-            per[les["name_slice"]] = np.vstack([per.get(les["name_slice"], np.zeros((0, 4))), [les["bbox"]]])
+            per[les["name_slice"]] = np.vstack([per.get(les["name_slice"], np.zeros((0, 4))),
+                                                [les["bbox"]]])
         if noisy:
-            logger.info(f"{path}: {noisy} lesion(s) flagged Possibly_noisy left out of the ground truth")
+            logger.info(f"{path}: {noisy} lesion(s) flagged Possibly_noisy left out of the ground "
+                        "truth")
         return gt
     with PathManager.open(path, "r") as f:
         try:
@@ -112,17 +129,21 @@ def load_ground_truth(path: str) -> GroundTruth:
         if not isinstance(slices, dict):
             raise ValueError(f"{path}: case {case!r} must map slice numbers to box lists")
         for s, boxes in slices.items():
-            arr = np.asarray(boxes, dtype=np.float64).reshape(-1, 4) if len(boxes) else np.zeros((0, 4))
+            arr = (np.asarray(boxes, dtype=np.float64).reshape(-1, 4) if len(boxes)
+                   else np.zeros((0, 4)))
             if arr.size and not np.all(arr[:, 2:] > arr[:, :2]):
-                raise ValueError(f"{path}: case {case!r} slice {s}: boxes must be [x1, y1, x2, y2] with x2 > x1, y2 > y1")
+                raise ValueError(f"{path}: case {case!r} slice {s}: boxes must be [x1, y1, x2, y2] "
+                                 "with x2 > x1, y2 > y1")
             try:
                 gt.setdefault(case, {})[int(s)] = arr
             except ValueError:
-                raise ValueError(f"{path}: case {case!r}: slice key {s!r} is not an integer") from None
+                raise ValueError(f"{path}: case {case!r}: slice key {s!r} is not an "
+                                 "integer") from None
     return gt
 
 
-def _slice_drawer(case_dir: str, name: str, view_hu, gt: Dict[int, np.ndarray], opts: PredictOptions):
+def _slice_drawer(case_dir: str, name: str, view_hu, gt: Dict[int, np.ndarray],
+                  opts: PredictOptions):
     """on_slice callback: draws one slice's pictures as soon as it is predicted, then drops the
     relation matrix, proposals and confidence maps it held (P x P per slice would add up)."""
     counts = {"drawn": 0}
@@ -137,15 +158,18 @@ def _slice_drawer(case_dir: str, name: str, view_hu, gt: Dict[int, np.ndarray], 
             grey = window_for_display(view_hu(sp.slice_number), opts.view_window)
             if wanted and opts.overlays != "none":
                 os.makedirs(f"{case_dir}/overlays", exist_ok=True)
-                draw_detections(grey, sp.boxes, sp.scores, sp.type_names, gt_boxes, f"{case_dir}/overlays/{file}")
+                draw_detections(grey, sp.boxes, sp.scores, sp.type_names, gt_boxes,
+                                f"{case_dir}/overlays/{file}")
                 counts["drawn"] += 1
             if relations:
                 os.makedirs(f"{case_dir}/relations", exist_ok=True)
-                draw_relation_graph(grey, sp.proposals, sp.relations, f"{case_dir}/relations/{file}",
-                                    scores=sp.proposal_scores, title=f"{name} slice {sp.slice_number}")
+                draw_relation_graph(grey, sp.proposals, sp.relations,
+                                    f"{case_dir}/relations/{file}", scores=sp.proposal_scores,
+                                    title=f"{name} slice {sp.slice_number}")
             if confidence:
                 os.makedirs(f"{case_dir}/confidence", exist_ok=True)
-                draw_confidence_map(grey, sp.conf_maps, f"{case_dir}/confidence/{file}", eps=sp.conf_eps)
+                draw_confidence_map(grey, sp.conf_maps, f"{case_dir}/confidence/{file}",
+                                    eps=sp.conf_eps)
         sp.relations = sp.proposals = sp.proposal_scores = None
         sp.conf_maps = sp.conf_eps = None
 
@@ -160,21 +184,22 @@ def _prepare_output(out: OutputDir, overwrite: bool) -> None:
         return
     if not overwrite:
         raise OutputNotEmptyError(
-            f"--output {out.given} is not empty ({len(entries)} entries, e.g. {entries[0]}); pass --overwrite to "
-            f"replace what an earlier run wrote there, or give an empty folder"
+            f"--output {out.given} is not empty ({len(entries)} entries, e.g. {entries[0]}); pass "
+            "--overwrite to replace what an earlier run wrote there, or give an empty folder"
         )
     for e in entries:
         path = os.path.join(out.root, e)
         if e in RUN_FILES and os.path.isfile(path) and not os.path.islink(path):
             os.remove(path)
-        elif os.path.isdir(path) and not os.path.islink(path) and os.path.isfile(os.path.join(path, CASE_MARKER)):
+        elif (os.path.isdir(path) and not os.path.islink(path)
+              and os.path.isfile(os.path.join(path, CASE_MARKER))):
             shutil.rmtree(path)
         elif e.startswith(".") and ".tmp-" in e:  # a killed run's unfinished case folder or file
             remove_stale_tmp(out.root, e[1:].split(".tmp-")[0])
 
 
-def _write_case(case_dir: str, pred: VolumePrediction, dets: List[Dict], findings, names: InputNames,
-                case: CaseSource) -> None:
+def _write_case(case_dir: str, pred: VolumePrediction, dets: List[Dict], findings,
+                names: InputNames, case: CaseSource) -> None:
     vol = pred.volume
     vol.warnings = [names.scrub(w, case.path, vol.name) for w in vol.warnings]
     write_json(f"{case_dir}/detections.json", case_summary(pred, dets, findings))
@@ -199,22 +224,24 @@ def _froc(preds: List[VolumePrediction], gt: GroundTruth, out_dir: str, fps) -> 
         logger.warning("ground truth given but no predicted slice has any: no FROC")
         return None
     result = compute_froc(boxes, scores, truths, fps=fps)
-    plot_froc({"IoU": (result["fp_per_image"], result["sens_curve"])}, f"{out_dir}/froc.png", fps=fps,
-              title=f"FROC over {len(truths)} annotated slices")
-    doc = {"num_images": result["num_images"], "num_gt": result["num_gt"], "num_hits": result["num_hits"],
+    plot_froc({"IoU": (result["fp_per_image"], result["sens_curve"])}, f"{out_dir}/froc.png",
+              fps=fps, title=f"FROC over {len(truths)} annotated slices")
+    doc = {"num_images": result["num_images"], "num_gt": result["num_gt"],
+           "num_hits": result["num_hits"],
            "sensitivity": {str(k): v for k, v in result["sensitivity"].items()},
            "note": "computed on the detections kept by the score threshold of this run"}
     write_json(f"{out_dir}/froc.json", doc)
     return doc
 
 
-def _case_ids(cases: List[CaseSource], names: InputNames, opts: PredictOptions, out: OutputDir) -> List[str]:
+def _case_ids(cases: List[CaseSource], names: InputNames, opts: PredictOptions,
+              out: OutputDir) -> List[str]:
     """Output ids of the cases; anonymised: case_0001 ... with the mapping written to its CSV."""
     if not opts.anonymize_ids:
         return [c.name for c in cases]
     if out.contains(opts.anonymize_ids):
-        raise OutputNotEmptyError(f"--anonymize-ids {opts.anonymize_ids}: keep the id mapping outside --output "
-                                  f"{out.given}, which is meant to be shared")
+        raise OutputNotEmptyError(f"--anonymize-ids {opts.anonymize_ids}: keep the id mapping "
+                                  f"outside --output {out.given}, which is meant to be shared")
     ids = [f"case_{i:04d}" for i in range(1, len(cases) + 1)]
     rows = [{"case_id": i, "input": names.relative(c.path)} for i, c in zip(ids, cases)]
     os.makedirs(os.path.dirname(os.path.abspath(opts.anonymize_ids)), exist_ok=True)
@@ -237,7 +264,8 @@ def run_prediction(cfg, input_path: str, output_dir: str, opts: Optional[Predict
     _prepare_output(out, opts.overwrite)
     ids = _case_ids(cases, names, opts, out)
     t_setup = time.perf_counter()
-    predictor = CTPredictor(cfg, model, batch_size=opts.batch_size, capture_relations=opts.draw_relations,
+    predictor = CTPredictor(cfg, model, batch_size=opts.batch_size,
+                            capture_relations=opts.draw_relations,
                             capture_confidence=opts.draw_confidence)
     t_start = time.perf_counter()  # model construction / loading is timed apart
     gt = load_ground_truth(opts.gt) if opts.gt else {}
@@ -245,21 +273,25 @@ def run_prediction(cfg, input_path: str, output_dir: str, opts: Optional[Predict
     all_dets, all_findings, done, failed, preds = [], [], [], [], []
     forward_s = prepare_s = 0.0
     context_mm = max(abs(o) for o in predictor.mapper.offsets_mm)
-    bar = tqdm(list(zip(cases, ids)), desc="cases", unit="case", disable=not opts.progress or len(cases) == 1)
+    bar = tqdm(list(zip(cases, ids)), desc="cases", unit="case",
+               disable=not opts.progress or len(cases) == 1)
     for case, case_id in bar:
-        case_gt = gt.get(case.name, {})  # ground truth names cases as the input does, not by anonymous id
+        # ground truth names cases as the input does, not by anonymous id
+        case_gt = gt.get(case.name, {})
         try:
             volume = read_case(case, opts.spacing, opts.slice_interval, context_mm=context_mm,
                                max_voxels=opts.max_voxels)
             volume.name = case_id
 
             def build(case_dir: str) -> Dict:
-                draw, counts = _slice_drawer(case_dir, case_id, lambda n: volume.hu[volume.rows[n]], case_gt, opts)
-                with tqdm(total=len(volume.slices_to_predict()), desc=case_id, unit="slice", leave=False,
-                          disable=not opts.progress) as slice_bar:
+                draw, counts = _slice_drawer(case_dir, case_id,
+                                             lambda n: volume.hu[volume.rows[n]], case_gt, opts)
+                with tqdm(total=len(volume.slices_to_predict()), desc=case_id, unit="slice",
+                          leave=False, disable=not opts.progress) as slice_bar:
                     pred = predictor.predict_volume(volume, progress=slice_bar, on_slice=draw)
                 slices, boxes, scores = flat_detections(pred)
-                findings = group_detections(slices, boxes, scores, volume.spacing, volume.slice_interval,
+                findings = group_detections(slices, boxes, scores, volume.spacing,
+                                            volume.slice_interval,
                                             iou_thresh=opts.group_iou, max_gap=opts.group_gap)
                 finding_of = {i: f.finding_id for f in findings for i in f.members}
                 dets = detection_rows(pred, finding_of)
@@ -272,7 +304,8 @@ def run_prediction(cfg, input_path: str, output_dir: str, opts: Optional[Predict
                 raise
             error = names.scrub(str(e) or type(e).__name__, case.path, case_id)
             logger.warning(f"skipping case {case_id}: {error}")
-            failed.append({"case": case_id, "path": names.shown(case.path, case_id), "error": error})
+            failed.append({"case": case_id, "path": names.shown(case.path, case_id),
+                           "error": error})
             continue
         finally:
             volume = None  # release the volume whatever happened
@@ -286,7 +319,8 @@ def run_prediction(cfg, input_path: str, output_dir: str, opts: Optional[Predict
             logger.warning(w)
         done.append({"case": case_id, "input_kind": pred.volume.kind, "slices": len(pred.slices),
                      "detections": len(dets), "findings": len(findings),
-                     "model_input_size": [list(s) for s in sorted({tuple(sp.input_size) for sp in pred.slices})]})
+                     "model_input_size": [list(s) for s in
+                                          sorted({tuple(sp.input_size) for sp in pred.slices})]})
         pred.volume.hu = None  # outputs are written
         if opts.gt:
             pred.volume.name = case.name  # FROC matches ground truth by the input's case name
@@ -298,14 +332,17 @@ def run_prediction(cfg, input_path: str, output_dir: str, opts: Optional[Predict
     total_s = time.perf_counter() - t_start
     summary = {
         "cases": done, "failed": failed,
-        "ignored": len(ignored) if opts.anonymize_ids else [names.relative(p) for p in ignored], "froc": froc,
-        "timing_s": {"model_setup": round(t_start - t_setup, 3), "total": round(total_s, 3), "model_forward": round(forward_s, 3),
-                     "prepare_inputs": round(prepare_s, 3),
-                     "total_over_forward": round(total_s / forward_s, 3) if forward_s > 0 else None},
+        "ignored": len(ignored) if opts.anonymize_ids else [names.relative(p) for p in ignored],
+        "froc": froc,
+        "timing_s": {"model_setup": round(t_start - t_setup, 3), "total": round(total_s, 3),
+                     "model_forward": round(forward_s, 3), "prepare_inputs": round(prepare_s, 3),
+                     "total_over_forward":
+                         round(total_s / forward_s, 3) if forward_s > 0 else None},
     }
     write_json(out.path("summary.json"), summary)
     if failed:
-        logger.warning(f"{len(failed)} case(s) failed: " + "; ".join(f"{f['case']} ({f['error']})" for f in failed))
+        logger.warning(f"{len(failed)} case(s) failed: "
+                       + "; ".join(f"{f['case']} ({f['error']})" for f in failed))
     if ignored:
         logger.info(f"ignored {len(ignored)} file(s) that are not CT input"
                     + ("" if opts.anonymize_ids else f", e.g. {names.relative(ignored[0])}"))

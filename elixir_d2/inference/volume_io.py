@@ -93,7 +93,8 @@ class CTVolume:
         """Slice number -> row of ``hu``."""
         return {n: i for i, n in enumerate(self.slice_numbers)}
 
-    def physical_point(self, x: float, y: float, number: int) -> Optional[Tuple[float, float, float]]:
+    def physical_point(self, x: float, y: float,
+                       number: int) -> Optional[Tuple[float, float, float]]:
         """LPS position (mm) of continuous pixel coordinate (x, y) on slice ``number``
         (pixel i spans [i, i + 1), so its centre is voxel index i); None without geometry."""
         if self.origin is None or self.direction is None:
@@ -172,16 +173,20 @@ def discover_cases(path: str) -> Tuple[List[CaseSource], List[str]]:
             name = unique_case_ids([os.path.basename(os.path.abspath(folder))])[0]
             return [CaseSource(name, folder, "deeplesion", int(m.group(1)))], []
         if low.endswith(".png"):
-            raise CTInputError(f"{path}: a DeepLesion key slice must be named <number>.png inside its series folder")
+            raise CTInputError(f"{path}: a DeepLesion key slice must be named <number>.png inside "
+                               "its series folder")
         if _is_dicom_file(path):
-            raise CTInputError(f"{path}: a single DICOM file is a 2-D image; pass the folder of its series")
-        raise CTInputError(f"{path}: unsupported input (expected a DeepLesion slice folder or .png key slice, "
-                           f"a .nii / .nii.gz volume, a DICOM series folder, or a folder of these)")
+            raise CTInputError(f"{path}: a single DICOM file is a 2-D image; pass the folder of "
+                               "its series")
+        raise CTInputError(f"{path}: unsupported input (expected a DeepLesion slice folder or .png "
+                           "key slice, a .nii / .nii.gz volume, a DICOM series folder, or a folder "
+                           "of these)")
     cases: List[CaseSource] = []
     ignored: List[str] = []
     _walk(path, cases, ignored, depth=0)
     if not cases:
-        raise CTInputError(f"{path}: no CT input found (DeepLesion PNG slices, NIfTI volumes or DICOM series)")
+        raise CTInputError(f"{path}: no CT input found (DeepLesion PNG slices, NIfTI volumes or "
+                           "DICOM series)")
     # Case names become output folder names: safe and unique by construction.
     for c, name in zip(cases, unique_case_ids([c.name for c in cases])):
         c.name = name
@@ -212,7 +217,8 @@ def _walk(folder: str, cases: List[CaseSource], ignored: List[str], depth: int) 
 # ---------------------------------------------------------------------------------- context
 def context_slices_needed(offsets_mm: Sequence[float], slice_interval: float) -> int:
     """Fewest slices a series needs so that one key slice has every neighbour of the context
-    (neighbours interpolated between the two nearest slices): 2 * ceil(max|offset| / interval) + 1."""
+    (neighbours interpolated between the two nearest slices):
+    2 * ceil(max|offset| / interval) + 1."""
     reach = max(abs(o) for o in offsets_mm) / slice_interval
     return 2 * int(math.ceil(reach - 1e-6)) + 1
 
@@ -226,20 +232,22 @@ def check_context(volume: CTVolume, offsets_mm: Sequence[float]) -> None:
     if have < need:
         span = max(abs(o) for o in offsets_mm)
         raise CTInputError(
-            f"{volume.source}: {have} slice(s) at {volume.slice_interval:g} mm; the {len(offsets_mm)}-slice "
-            f"context (key +- {span:g} mm) needs at least {need}"
+            f"{volume.source}: {have} slice(s) at {volume.slice_interval:g} mm; the "
+            f"{len(offsets_mm)}-slice context (key +- {span:g} mm) needs at least {need}"
         )
 
 
 # ---------------------------------------------------------------------------------- readers
-def read_case(case: CaseSource, spacing: Optional[float] = None, slice_interval: Optional[float] = None,
+def read_case(case: CaseSource, spacing: Optional[float] = None,
+              slice_interval: Optional[float] = None,
               context_mm: float = 2.0, max_voxels: Optional[int] = DEFAULT_MAX_VOXELS) -> CTVolume:
     """Read one discovered case. ``spacing`` / ``slice_interval`` override what a DeepLesion folder
     gets from DL_info.csv (NIfTI and DICOM carry their own); a case of more than ``max_voxels``
     voxels (None: no cap) is refused from its header."""
     if case.kind == "deeplesion":
         return read_png_series(case.path, case.name, key_slice=case.key_slice, spacing=spacing,
-                               slice_interval=slice_interval, context_mm=context_mm, max_voxels=max_voxels)
+                               slice_interval=slice_interval, context_mm=context_mm,
+                               max_voxels=max_voxels)
     if case.kind == "nifti":
         return read_nifti(case.path, case.name, max_voxels)
     if case.kind == "dicom":
@@ -271,7 +279,8 @@ def deeplesion_spacing(folder: str) -> Optional[Tuple[float, float]]:
     return None
 
 
-def read_png_series(folder: str, name: str, key_slice: Optional[int] = None, spacing: Optional[float] = None,
+def read_png_series(folder: str, name: str, key_slice: Optional[int] = None,
+                    spacing: Optional[float] = None,
                     slice_interval: Optional[float] = None, context_mm: float = 2.0,
                     max_voxels: Optional[int] = DEFAULT_MAX_VOXELS) -> CTVolume:
     """A DeepLesion-format slice folder as a volume; with ``key_slice`` only the slices within
@@ -285,14 +294,16 @@ def read_png_series(folder: str, name: str, key_slice: Optional[int] = None, spa
         found = deeplesion_spacing(folder)
         if found is None:
             raise CTInputError(
-                f"{folder}: missing spacing (no DL_info.csv row for series {os.path.basename(os.path.abspath(folder))!r} "
-                f"in the dataset root); pass --spacing MM and --slice-intv MM"
+                f"{folder}: missing spacing (no DL_info.csv row for series "
+                f"{os.path.basename(os.path.abspath(folder))!r} in the dataset root); pass "
+                "--spacing MM and --slice-intv MM"
             )
         spacing = spacing if spacing is not None else found[0]
         slice_interval = slice_interval if slice_interval is not None else found[1]
     _check_positive(folder, spacing, slice_interval)
     if len(numbers) < 2:
-        raise CTInputError(f"{folder}: a single slice is a 2-D image; inference needs the neighbouring slices")
+        raise CTInputError(f"{folder}: a single slice is a 2-D image; inference needs the "
+                           "neighbouring slices")
     wanted = sorted(numbers)
     if key_slice is not None:
         reach = int(math.ceil(context_mm / slice_interval - 1e-6)) + 1
@@ -332,4 +343,4 @@ def _first_line(e: Exception) -> str:
 
 # The readers build on the classes above; imported last so `volume_io` keeps offering them.
 from .dicom_io import read_dicom_series  # noqa: E402
-from .nifti_io import nifti_pixdim, read_nifti  # noqa: E402
+from .nifti_io import nifti_pixdim, read_nifti  # noqa: E402,F401  (re-exported)

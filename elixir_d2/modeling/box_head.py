@@ -15,15 +15,16 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from detectron2.config import configurable
 from detectron2.layers import ShapeSpec
 from detectron2.modeling.roi_heads.box_head import ROI_BOX_HEAD_REGISTRY
-from torch import nn
 
 from .alb.cells import GenotypeBlock, SearchBlock
 from .alb.genotype import Genotype, derive_genotype, edge_inputs
-from .genotype_source import genotype_from_config, resolve_genotype_path  # noqa: F401 (re-exported)
 from .alb.ops import conv_norm, get_search_space, make_norm
+from .genotype_source import genotype_from_config, resolve_genotype_path  # noqa: F401 (re-exported)
 
 __all__ = ["ALBHead", "ALBSearchHead", "ALBStem", "RelationBoxHead", "resolve_genotype_path"]
 
@@ -42,7 +43,8 @@ class RelationBoxHead(nn.Module):
 
     def pointwise_maps(self, maps: Sequence[torch.Tensor]) -> List[torch.Tensor]:
         """The head's first (pointwise) layer on whole feature maps, before RoIAlign."""
-        raise NotImplementedError(f"{type(self).__name__} has no pointwise layer to run before pooling")
+        raise NotImplementedError(f"{type(self).__name__} has no pointwise layer to run before "
+                                  "pooling")
 
     def forward(
         self, x: torch.Tensor, num_per_image: Sequence[int]

@@ -21,6 +21,7 @@ import os
 from typing import Any, Dict, Optional, Tuple
 
 import yaml
+
 from detectron2.utils.file_io import PathManager
 
 from .alb.genotype import Genotype, GenotypeError, genotype_from_dict
@@ -112,7 +113,8 @@ def genotype_from_config(cfg) -> Genotype:
         if path:
             from_file, _ = load_genotype_file(path)
             _check_same(from_file, genotype, path)
-        logger.info("ALB head genotype: from MODEL.ALB.GENOTYPE_YAML%s", f" (file {path})" if path else "")
+        logger.info("ALB head genotype: from MODEL.ALB.GENOTYPE_YAML%s",
+                    f" (file {path})" if path else "")
         return genotype
     genotype, provenance = load_genotype_file(path)
     logger.info("ALB head genotype: from %s, %s", path, describe_provenance(provenance))
@@ -125,8 +127,8 @@ def _check_same(from_file: Genotype, from_text: Genotype, path: str) -> None:
     if from_file != from_text:
         raise UserInputError(
             f"MODEL.ALB.GENOTYPE_YAML ({genotype_to_yaml(from_text)}) differs from the genotype in "
-            f"MODEL.ALB.GENOTYPE {path} ({genotype_to_yaml(from_file)}); the file changed since the run "
-            "was configured: clear one of the two keys")
+            f"MODEL.ALB.GENOTYPE {path} ({genotype_to_yaml(from_file)}); the file changed since "
+            "the run was configured: clear one of the two keys")
 
 
 def resolve_genotype_config(cfg) -> Optional[Genotype]:

@@ -32,6 +32,7 @@ of the typed dataset, used to label the sampled proposals (background = NUM_TYPE
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
+
 from detectron2.config import configurable
 from detectron2.layers import ShapeSpec
 from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY, StandardROIHeads
@@ -221,7 +222,8 @@ class ElixirROIHeads(StandardROIHeads):
         return instances
 
     def _rtm_binary_inference(self, binary, typed, proposals: List[Instances]) -> List[Instances]:
-        """One box per proposal: its most likely type's box, scored by the binary lesion probability."""
+        """One box per proposal: its most likely type's box, scored by the binary lesion
+        probability."""
         predictor = self.rtm.predictor
         boxes, scores, types = [], [], []
         for b, p, lesion in zip(predictor.predict_boxes(typed, proposals),
@@ -229,7 +231,8 @@ class ElixirROIHeads(StandardROIHeads):
                                 self.box_predictor.predict_probs(binary, proposals)):
             t = p[:, :-1].argmax(dim=1)
             per_type = b.view(len(b), -1, 4)
-            boxes.append(per_type[torch.arange(len(b)), t] if per_type.shape[1] > 1 else per_type[:, 0])
+            one_type = per_type.shape[1] == 1
+            boxes.append(per_type[:, 0] if one_type else per_type[torch.arange(len(b)), t])
             scores.append(lesion)  # (R, 2): lesion, background
             types.append(t)
         instances, kept = fast_rcnn_inference(

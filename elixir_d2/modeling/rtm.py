@@ -19,10 +19,11 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from detectron2.config import configurable
 from detectron2.layers import ShapeSpec
 from detectron2.modeling.roi_heads.fast_rcnn import FastRCNNOutputLayers
-from torch import nn
 
 from .alb.ops import autocast_off, check_num_per_image, region_relations
 
@@ -114,7 +115,8 @@ class RelationTransferModule(nn.Module):
                 "the box head must provide E (a region_nonlocal edge)"
             )
         with autocast_off(pooled):  # float32, as region_nonlocal's (see region_relations)
-            x = pooled.mean(dim=(2, 3), dtype=torch.float32) if pooled.dim() == 4 else pooled.float()
+            x = (pooled.mean(dim=(2, 3), dtype=torch.float32) if pooled.dim() == 4
+                 else pooled.float())
             phi = F.relu(self.phi(x))
         return region_relations(phi, num_per_image)
 

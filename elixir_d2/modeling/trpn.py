@@ -95,7 +95,8 @@ class TRPN(RPN):
             raise ValueError(f"MODEL.TRPN.GATE={gate!r}: must be 'p', 'max_norm' or 'none'")
         if conf_positives not in ("foreground", "not_background"):
             raise ValueError(
-                f"MODEL.TRPN.CONF_POSITIVES={conf_positives!r}: must be 'foreground' or 'not_background'"
+                f"MODEL.TRPN.CONF_POSITIVES={conf_positives!r}: must be 'foreground' or "
+                "'not_background'"
             )
         self.conf_head = conf_head
         self.threshold = float(threshold)

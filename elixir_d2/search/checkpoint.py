@@ -1,7 +1,8 @@
 """Checkpointer of the ALB search: the project's atomic checkpointer, remembering the last load.
 
 Checkpoints and the ``last_checkpoint`` tag are written whole or not at all (see
-``elixir_d2.checkpoint.AtomicCheckpointer``), so a search killed mid-save resumes from the previous one.
+``elixir_d2.checkpoint.AtomicCheckpointer``), so a search killed mid-save resumes from the previous
+one.
 """
 from typing import Any
 

@@ -10,6 +10,7 @@ import math
 from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
+
 from detectron2.config import CfgNode
 from detectron2.data import build_detection_train_loader, get_detection_dataset_dicts
 
@@ -53,7 +54,8 @@ def load_search_halves(cfg: CfgNode) -> Tuple[List[Dict], List[Dict]]:
     except ValueError as e:
         raise ValueError(f"DATASETS.TRAIN = {tuple(cfg.DATASETS.TRAIN)}: {e}") from None
     logger.info(
-        "ALB search: %d training records of %s halved with SEARCH.SEED=%d -> %d for w, %d for alpha",
+        "ALB search: %d training records of %s halved with SEARCH.SEED=%d -> %d for w, %d for "
+        "alpha",
         len(dicts), tuple(cfg.DATASETS.TRAIN), cfg.SEARCH.SEED, len(w_half), len(alpha_half),
     )
     return w_half, alpha_half

@@ -3,23 +3,25 @@
 ``<OUTPUT_DIR>/alphas.json``::
 
     {"space": "elixir", "branches": 4, "ops": [... op names, column order ...],
-     "edges": ["b0<-s0", "b0<-s1", "b1<-s0", ...],          # row order (s = block input, n = branch)
-     "epochs": [{"epoch": 1, "iteration": 12,                 # iterations done at the epoch's end
-                 "normal": [[...], ...], "reduce": [[...], ...],   # softmax(alpha) per edge (rows sum to 1)
+     "edges": ["b0<-s0", "b0<-s1", "b1<-s0", ...],  # row order (s = block input, n = branch)
+     "epochs": [{"epoch": 1, "iteration": 12,  # iterations done at the epoch's end
+                 "normal": [[...], ...],  # softmax(alpha) per edge (rows sum to 1)
+                 "reduce": [[...], ...],
                  "genotype": {... derived genotype, as genotype.yaml ...}}, ...]}
 
 ``<OUTPUT_DIR>/genotype.yaml`` (usable as MODEL.ALB.GENOTYPE) and ``<OUTPUT_DIR>/alphas.png``
 (one heatmap per block type, edges x ops) are written when the search finishes.
 """
 import json
-import math
 import logging
+import math
 import os
 from typing import Dict, List, Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
 from detectron2.engine import HookBase
 from detectron2.utils import comm
 from detectron2.utils.file_io import PathManager
@@ -107,7 +109,8 @@ def write_search_outputs(head, output_dir: str, comment: Optional[str] = None,
 
     PathManager.mkdirs(output_dir)
     genotype = head.genotype()
-    write_genotype(genotype, os.path.join(output_dir, GENOTYPE_YAML), comment=comment or "", provenance=provenance)
+    write_genotype(genotype, os.path.join(output_dir, GENOTYPE_YAML), comment=comment or "",
+                   provenance=provenance)
     draw_alpha_heatmap(
         softmax_alphas(head), head.op_names, os.path.join(output_dir, ALPHAS_PNG),
         edge_labels=edge_labels(head.branches),
@@ -196,7 +199,8 @@ class AlphaRecorder(HookBase):
             return  # interrupted: --resume finishes the search and writes the outputs
         head = self._head_fn()
         if comm.is_main_process():
-            self.final_genotype = write_search_outputs(head, self.output_dir, self.comment, self.provenance)
+            self.final_genotype = write_search_outputs(head, self.output_dir, self.comment,
+                                                       self.provenance)
             logger.info(
                 "ALB search done: %s written to %s; genotype %s",
                 ", ".join((GENOTYPE_YAML, ALPHAS_JSON, ALPHAS_PNG)), self.output_dir,

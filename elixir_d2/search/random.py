@@ -13,7 +13,8 @@ from ..modeling.alb.spaces import get_search_space
 __all__ = ["sample_random_genotype"]
 
 
-def _sample_pairs(rng: np.random.RandomState, ops: List[str], branches: int) -> List[Tuple[str, int]]:
+def _sample_pairs(rng: np.random.RandomState, ops: List[str],
+                  branches: int) -> List[Tuple[str, int]]:
     pairs = []
     for b in range(branches):
         inputs = sorted(rng.choice(b + 2, size=2, replace=False).tolist())
@@ -33,6 +34,6 @@ def sample_random_genotype(
     rng = np.random.RandomState(seed)
     normal = _sample_pairs(rng, real_ops, branches)
     reduce = _sample_pairs(rng, real_ops, branches)
-    return Genotype(normal=tuple(normal), reduce=tuple(reduce), space=space, branches=branches).validate(
-        f"random genotype (space {space!r}, seed {seed})"
-    )
+    genotype = Genotype(normal=tuple(normal), reduce=tuple(reduce), space=space,
+                        branches=branches)
+    return genotype.validate(f"random genotype (space {space!r}, seed {seed})")

@@ -26,17 +26,18 @@ import weakref
 from typing import Dict, List, Optional, Tuple
 
 import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
 from detectron2.config import CfgNode
 from detectron2.engine import HookBase, TrainerBase, hooks
 from detectron2.modeling import build_model
 from detectron2.utils import comm
 from detectron2.utils.events import CommonMetricPrinter, JSONWriter
-from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
-from ..trainer import create_ddp_model
 from ..modeling.alb.genotype import Genotype
 from ..modeling.freeze import freeze_modules
+from ..trainer import create_ddp_model
 from .architect import Architect
 from .checkpoint import SearchCheckpointer
 from .data import build_search_loaders, iters_per_epoch, load_search_halves
@@ -188,7 +189,8 @@ class ALBSearcher(TrainerBase):
         self.recorder = AlphaRecorder(
             lambda: search_head(self.model), self.iters_per_epoch, cfg.OUTPUT_DIR,
             comment=self._genotype_comment(provenance, len(w_half), len(alpha_half)),
-            provenance={**(record or {"searched": True}), "records_w_alpha": [len(w_half), len(alpha_half)]},
+            provenance={**(record or {"searched": True}),
+                        "records_w_alpha": [len(w_half), len(alpha_half)]},
         )
         self.register_hooks(self.build_hooks())
 
@@ -201,8 +203,9 @@ class ALBSearcher(TrainerBase):
             f"Data: {tuple(c.DATASETS.TRAIN)} halved with SEARCH.SEED={c.SEARCH.SEED} into "
             f"{n_w} (w) / {n_alpha} (alpha) records.",
             f"Search: {c.SEARCH.EPOCHS} epochs x {self.iters_per_epoch} iterations, batch "
-            f"{c.SOLVER.IMS_PER_BATCH}, space {c.MODEL.ALB.SEARCH_SPACE}, B={c.MODEL.ALB.BRANCHES},"
-            f" D={c.MODEL.ALB.CHANNELS}, backbone/RPN from MODEL.WEIGHTS={c.MODEL.WEIGHTS or '(random)'}.",
+            f"{c.SOLVER.IMS_PER_BATCH}, space {c.MODEL.ALB.SEARCH_SPACE}, "
+            f"B={c.MODEL.ALB.BRANCHES}, D={c.MODEL.ALB.CHANNELS}, backbone/RPN from "
+            f"MODEL.WEIGHTS={c.MODEL.WEIGHTS or '(random)'}.",
         ]
         return "\n".join(lines)
 
@@ -260,16 +263,17 @@ class ALBSearcher(TrainerBase):
 
     def _scalers(self) -> List[Tuple[str, MixedPrecision]]:
         """(checkpoint key, MixedPrecision) of each GradScaler in use (none without AMP)."""
-        pairs = [("grad_scaler_w", self.w_precision), ("grad_scaler_alpha", self.architect.precision)]
+        pairs = [("grad_scaler_w", self.w_precision),
+                 ("grad_scaler_alpha", self.architect.precision)]
         return [(k, p) for k, p in pairs if p is not None and p.scaler is not None]
 
     def load_state_dict(self, state_dict: Dict) -> None:
         saved = state_dict.get("iters_per_epoch", self.iters_per_epoch)
         if saved != self.iters_per_epoch:
             raise ValueError(
-                f"Checkpoint in {self.cfg.OUTPUT_DIR} has {saved} iterations per epoch but this run "
-                f"has {self.iters_per_epoch}: the training split or SOLVER.IMS_PER_BATCH changed; "
-                "resume with the same data and batch or use another OUTPUT_DIR"
+                f"Checkpoint in {self.cfg.OUTPUT_DIR} has {saved} iterations per epoch but this "
+                f"run has {self.iters_per_epoch}: the training split or SOLVER.IMS_PER_BATCH "
+                "changed; resume with the same data and batch or use another OUTPUT_DIR"
             )
         super().load_state_dict(state_dict)
         for key, precision in self._scalers():

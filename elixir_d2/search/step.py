@@ -13,10 +13,12 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 import torch
-from detectron2.config import CfgNode
 from torch import nn
 
-__all__ = ["MixedPrecision", "check_search_amp", "search_precision", "search_loss", "optimizer_step"]
+from detectron2.config import CfgNode
+
+__all__ = ["MixedPrecision", "check_search_amp", "search_precision", "search_loss",
+           "optimizer_step"]
 
 
 @dataclass

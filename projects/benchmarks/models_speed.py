@@ -8,14 +8,15 @@ ElixirNet (C4), from their R-50 DeepLesion configs (``--quick``: the CPU quickst
 with random weights (MODEL.WEIGHTS unset): the compute is that of trained weights except for what
 depends on learned values. One such thing matters: how many locations TRPN keeps. With random
 weights the mean-threshold truncation is arbitrary (it may keep almost no location, hence a
-handful of proposals against FRCNN's 1000), and the proposal count sets the ROI head's cost. So TRPN is timed keeping every location (MODEL.TRPN.THRESHOLD 0): its own overhead
-(the p conv, masking) is paid in full and every model's ROI heads see the same number of
-proposals (POST_NMS_TOPK_TEST), as trained models on CT do. That is TRPN's slowest case; the
-printed proposal counts show what each head received. Second: random convs between identity
-FrozenBN layers blow activations up through 50 layers (up to non-finite RPN scores, hence no
-proposal at all), so before timing, every FrozenBN gets the channel mean and
-variance of its input on the benchmark image (one calibration pass, as a trained network's
-statistics keep activations near unit scale). GroupNorm / BatchNorm models are unaffected.
+handful of proposals against FRCNN's 1000), and the proposal count sets the ROI head's cost. So TRPN
+is timed keeping every location (MODEL.TRPN.THRESHOLD 0): its own overhead (the p conv, masking) is
+paid in full and every model's ROI heads see the same number of proposals (POST_NMS_TOPK_TEST), as
+trained models on CT do. That is TRPN's slowest case; the printed proposal counts show what each
+head received. Second: random convs between identity FrozenBN layers blow activations up through 50
+layers (up to non-finite RPN scores, hence no proposal at all), so before timing, every FrozenBN
+gets the channel mean and variance of its input on the benchmark image (one calibration pass, as a
+trained network's statistics keep activations near unit scale). GroupNorm / BatchNorm models are
+unaffected.
 
 Input: one CT-like 512x512 slice (the phantom of data_loader.py, windowed, 3 channels).
 Inference: ``--warmup`` untimed rounds, then ``--rounds`` rounds; each round runs every model once,
@@ -46,18 +47,19 @@ import torch  # noqa: E402
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 
 from detectron2.config import CfgNode  # noqa: E402
-from detectron2.layers import FrozenBatchNorm2d  # noqa: E402
 from detectron2.engine.defaults import DefaultTrainer  # noqa: E402
+from detectron2.layers import FrozenBatchNorm2d  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 from detectron2.modeling.meta_arch.rcnn import GeneralizedRCNN  # noqa: E402
 from detectron2.structures import Boxes, Instances  # noqa: E402
 from detectron2.utils.events import EventStorage  # noqa: E402
 
 import elixir_d2  # noqa: E402,F401  (registers TRPN, ALBHead, the deformable backbones)
-from data_loader import phantom  # noqa: E402
 from elixir_d2 import load_config  # noqa: E402
 from elixir_d2.benchmarking import staged_inference, sync  # noqa: E402
 from elixir_d2.data.ct_mapper import window_to_uint8_range  # noqa: E402
+
+from data_loader import phantom  # noqa: E402
 
 __all__ = ["ModelSpec", "MODELS", "BASELINE", "load_cfg", "ct_input", "calibrate_frozen_bn",
            "time_inference", "time_training", "median_ratio", "measure", "format_table", "select"]
@@ -93,12 +95,14 @@ MODELS = (
 )
 
 
-def load_cfg(config: str, device: str = "cpu", opts: Sequence[str] = (), trpn_keep_all: bool = True) -> CfgNode:
+def load_cfg(config: str, device: str = "cpu", opts: Sequence[str] = (),
+             trpn_keep_all: bool = True) -> CfgNode:
     """``config`` (relative to the repository) with random weights on ``device``; TRPN keeps every
     location when ``trpn_keep_all`` (see the module docstring)."""
     # A tiny learning rate: training is only timed, and random weights must not blow up.
     cfg = load_config(config if os.path.isabs(config) else os.path.join(ROOT, config),
-                      ["MODEL.WEIGHTS", "", "MODEL.DEVICE", device, "SOLVER.BASE_LR", "1e-5", *opts])
+                      ["MODEL.WEIGHTS", "", "MODEL.DEVICE", device, "SOLVER.BASE_LR", "1e-5",
+                       *opts])
     if trpn_keep_all and cfg.MODEL.PROPOSAL_GENERATOR.NAME == "TRPN":
         cfg.MODEL.TRPN.THRESHOLD = 0.0  # p > 0 everywhere: nothing truncated
     return cfg
@@ -108,12 +112,14 @@ def ct_input(size: int = 512, seed: int = 0) -> Dict:
     """A CT-like ``size`` x ``size`` 3-channel model input (windowed phantom, two lesion boxes)."""
     hu = phantom(np.random.default_rng(seed))
     if size != hu.shape[0]:
-        hu = torch.nn.functional.interpolate(torch.as_tensor(hu)[None, None].float(), size=(size, size),
+        hu = torch.nn.functional.interpolate(torch.as_tensor(hu)[None, None].float(),
+                                             size=(size, size),
                                              mode="bilinear", align_corners=False)[0, 0].numpy()
     img = window_to_uint8_range(np.stack([hu] * 3, axis=0), (-1024.0, 3071.0))
     inst = Instances((size, size))
     s = size / 512.0
-    inst.gt_boxes = Boxes(torch.tensor([[150.0, 200.0, 180.0, 226.0], [300.0, 330.0, 348.0, 372.0]]) * s)
+    inst.gt_boxes = Boxes(torch.tensor([[150.0, 200.0, 180.0, 226.0],
+                                        [300.0, 330.0, 348.0, 372.0]]) * s)
     inst.gt_classes = torch.zeros(2, dtype=torch.int64)
     return {"image": torch.as_tensor(img), "height": size, "width": size, "instances": inst}
 
@@ -143,7 +149,8 @@ def calibrate_frozen_bn(model: GeneralizedRCNN, inputs: List[Dict]) -> int:
 
 
 def _orders(names: Sequence[str], rounds: int, rounds_of: Dict[str, int]):
-    """Per round, the models taking part (those with rounds left), order reversed every other round."""
+    """Per round, the models taking part (those with rounds left), order reversed every other
+    round."""
     for r in range(rounds):
         names_r = [n for n in names if r < rounds_of.get(n, rounds)]
         yield r, (names_r if r % 2 == 0 else list(reversed(names_r)))
@@ -232,11 +239,13 @@ def measure(
     """Build every model of ``specs`` on ``device`` and time them; returns per model
     {"config", "params", "infer_ms", "infer_ratio", "infer_rounds", "stages_ms", "num_proposals",
     "train_s", "train_ratio", "train_rounds"}. Slow specs get ``slow_rounds`` inference rounds and
-    1 training round (R-50 on the CPU only; every model gets every round with --quick or on CUDA)."""
+    1 training round (R-50 on the CPU only; every model gets every round with --quick or on
+    CUDA)."""
     if rounds < 1 or warmup < 0:
         raise ValueError(f"rounds must be >= 1 and warmup >= 0, got {rounds}, {warmup}")
     if not any(s.name == BASELINE for s in specs):
-        raise ValueError(f"the model list must contain the baseline {BASELINE!r} (ratios are to it)")
+        raise ValueError(f"the model list must contain the baseline {BASELINE!r} (ratios are to "
+                         "it)")
     torch.manual_seed(0)
     cfgs, models = {}, {}
     for spec in specs:
@@ -250,16 +259,17 @@ def measure(
     limit_slow = not quick and device == "cpu"
     slow = {s.name for s in specs if s.slow and limit_slow}
     inf_rounds = {n: min(slow_rounds, rounds) for n in slow}
-    log(f"timing inference: {warmup} warm-up + {rounds} rounds of {len(models)} models at {size}x{size} "
-        f"on {device}" + (f" ({', '.join(sorted(slow))}: {slow_rounds} rounds)" if slow else "") + " ...")
+    log(f"timing inference: {warmup} warm-up + {rounds} rounds of {len(models)} models at "
+        f"{size}x{size} on {device}"
+        + (f" ({', '.join(sorted(slow))}: {slow_rounds} rounds)" if slow else "") + " ...")
     t0 = time.perf_counter()
     inf = time_inference(models, inputs, rounds, warmup, inf_rounds)
     log(f"  done in {time.perf_counter() - t0:.0f} s")
     tr = None
     if train_rounds > 0:
         tr_rounds = {n: 1 for n in slow}
-        log(f"timing training: 1 warm-up + {train_rounds} rounds" + (f" ({', '.join(sorted(slow))}: 1)" if slow
-                                                                       else "") + " ...")
+        log(f"timing training: 1 warm-up + {train_rounds} rounds"
+            + (f" ({', '.join(sorted(slow))}: 1)" if slow else "") + " ...")
         t0 = time.perf_counter()
         tr = time_training(models, cfgs, inputs, train_rounds, rounds_of=tr_rounds)
         log(f"  done in {time.perf_counter() - t0:.0f} s")
@@ -284,7 +294,8 @@ def measure(
 def format_table(cpu: Dict[str, Dict], gpu: Optional[Dict[str, Dict]] = None) -> str:
     """One markdown table: per model parameters, CPU (and GPU) inference and training vs FPN."""
     base = cpu[BASELINE]
-    head = ["Model", "Params (M)", "x FPN", "CPU ms/img", "x FPN", "rounds", "train s/iter", "x FPN"]
+    head = ["Model", "Params (M)", "x FPN", "CPU ms/img", "x FPN", "rounds", "train s/iter",
+            "x FPN"]
     if gpu:
         head += ["GPU ms/img", "x FPN", "GPU train s/iter", "x FPN"]
     lines = ["| " + " | ".join(head) + " |", "|:--|" + "--:|" * (len(head) - 1)]
@@ -294,8 +305,8 @@ def format_table(cpu: Dict[str, Dict], gpu: Optional[Dict[str, Dict]] = None) ->
 
     for name, r in cpu.items():
         row = [name, f(r["params"] / 1e6, ".2f"), f(r["params"] / base["params"], ".3f"),
-               f(r["infer_ms"], ".0f"), f(r["infer_ratio"], ".2f"), str(r["infer_rounds"]), f(r["train_s"], ".2f"),
-               f(r["train_ratio"], ".2f")]
+               f(r["infer_ms"], ".0f"), f(r["infer_ratio"], ".2f"), str(r["infer_rounds"]),
+               f(r["train_s"], ".2f"), f(r["train_ratio"], ".2f")]
         if gpu:
             g = gpu.get(name, {})
             row += [f(g.get("infer_ms"), ".1f"), f(g.get("infer_ratio"), ".2f"),
@@ -310,23 +321,27 @@ def format_stages(res: Dict[str, Dict], device: str) -> str:
              "generator (RPN / TRPN) | ROI heads incl. postprocessing (proposals they got)"]
     for name, r in res.items():
         s = r["stages_ms"]
-        lines.append(f"  {name:22s} {s['backbone']:8.1f} | {s['proposals']:7.1f} | {s['roi_heads']:7.1f}"
-                     f"  ({r['num_proposals']:.0f})")
+        lines.append(f"  {name:22s} {s['backbone']:8.1f} | {s['proposals']:7.1f} | "
+                     f"{s['roi_heads']:7.1f}  ({r['num_proposals']:.0f})")
     return "\n".join(lines)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict]:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="quickstart (CPU-sized) configs")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--size", type=int, default=512, help="square image side in pixels")
-    ap.add_argument("--rounds", type=int, default=10, help="timed inference rounds (>= 10 for reporting)")
+    ap.add_argument("--rounds", type=int, default=10,
+                    help="timed inference rounds (>= 10 for reporting)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--train-rounds", type=int, default=2, help="timed training rounds (0: skip)")
-    ap.add_argument("--slow-rounds", type=int, default=3, help="inference rounds of the slow models "
-                    "(FRCNN C4, R-50 on the CPU)")
+    ap.add_argument("--slow-rounds", type=int, default=3,
+                    help="inference rounds of the slow models "
+                         "(FRCNN C4, R-50 on the CPU)")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    ap.add_argument("--models", default=None, help="comma-separated subset of the model names (FPN always in)")
+    ap.add_argument("--models", default=None,
+                    help="comma-separated subset of the model names (FPN always in)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     res = measure(args.quick, args.device, args.size, args.rounds, args.warmup, args.train_rounds,

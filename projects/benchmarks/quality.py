@@ -55,8 +55,10 @@ def train_and_evaluate(name: str, seed: int, out: str, opts: Sequence[str]) -> D
     common = ["--config-file", MODELS[name], "OUTPUT_DIR", out, "SEED", str(seed), *opts]
     if not os.path.exists(os.path.join(out, "model_final.pth")):
         # No evaluation at the end of training: evaluate_model below measures proposals too.
-        _run([sys.executable, "train_net.py", *common, "DATASETS.TEST", "()"], os.path.join(out, "train.log"))
-    _run([sys.executable, __file__, "--evaluate", *common, "MODEL.WEIGHTS", os.path.join(out, "model_final.pth")],
+        _run([sys.executable, "train_net.py", *common, "DATASETS.TEST", "()"],
+             os.path.join(out, "train.log"))
+    _run([sys.executable, __file__, "--evaluate", *common, "MODEL.WEIGHTS",
+          os.path.join(out, "model_final.pth")],
          os.path.join(out, "eval.log"))
     with open(metrics_file) as f:
         return json.load(f)
@@ -65,6 +67,7 @@ def train_and_evaluate(name: str, seed: int, out: str, opts: Sequence[str]) -> D
 def evaluate_model(config_file: str, opts: Sequence[str]) -> None:
     """--evaluate: FROC metrics and proposal recall of MODEL.WEIGHTS on the test split, one pass."""
     import torch
+
     from detectron2.checkpoint import DetectionCheckpointer
 
     import elixir_d2
@@ -89,8 +92,10 @@ def seed_pipeline(seed: int, args) -> Dict[str, Dict]:
     search_dir = os.path.join(base, "search")
     genotype = os.path.join(search_dir, "genotype.yaml")
     if not os.path.exists(genotype):
-        _run([sys.executable, "search_net.py", "--config-file", SEARCH_CONFIG, "OUTPUT_DIR", search_dir,
-              "SEED", str(seed), "MODEL.WEIGHTS", os.path.join(base, "fpn", "model_final.pth"), *opts],
+        _run([sys.executable, "search_net.py", "--config-file", SEARCH_CONFIG, "OUTPUT_DIR",
+              search_dir,
+              "SEED", str(seed), "MODEL.WEIGHTS", os.path.join(base, "fpn", "model_final.pth"),
+              *opts],
              os.path.join(search_dir, "search.log"))
     res["FPN+TRPN"] = train_and_evaluate("FPN+TRPN", seed, os.path.join(base, "trpn"), opts)
     res["FPN+ALB"] = train_and_evaluate("FPN+ALB", seed, os.path.join(base, "alb"),
@@ -104,7 +109,8 @@ def seed_pipeline(seed: int, args) -> Dict[str, Dict]:
             _run([sys.executable, "search_net.py", "--random", "--config-file", SEARCH_CONFIG,
                   "OUTPUT_DIR", rnd_dir, "SEED", str(seed)], os.path.join(rnd_dir, "search.log"))
         res["ElixirNet random ALB"] = train_and_evaluate(
-            "ElixirNet random ALB", seed, os.path.join(base, "elixirnet_random"), opts + ["MODEL.ALB.GENOTYPE", rnd])
+            "ElixirNet random ALB", seed, os.path.join(base, "elixirnet_random"),
+            opts + ["MODEL.ALB.GENOTYPE", rnd])
     return res
 
 
@@ -112,7 +118,8 @@ def summary_table(results: Dict[int, Dict[str, Dict]]) -> str:
     """Markdown table, one row per model, mean +- std over the seeds of each cell."""
     from elixir_d2.evaluation.report import fp_key
 
-    keys = ([("IoU", f"@{f:g}", f"sens@{fp_key(f)}_iou") for f in FPS] + [("IoU", "mean", "mean_sens_iou")]
+    keys = ([("IoU", f"@{f:g}", f"sens@{fp_key(f)}_iou") for f in FPS]
+            + [("IoU", "mean", "mean_sens_iou")]
             + [("IoBB", f"@{f:g}", f"sens@{fp_key(f)}_iobb") for f in FPS] + [("", "AP50", "AP50")]
             + [("", f"recall@{k}", f"recall@{k}") for k in (50, 100, 300)])
     header = "| model | " + " | ".join(f"{c} {h}".strip() for c, h, _ in keys) + " |"
@@ -129,14 +136,18 @@ def summary_table(results: Dict[int, Dict[str, Dict]]) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--output", default=os.path.join(ROOT, "output", "quality"))
-    ap.add_argument("--jobs", type=int, default=1, help="seeds run in parallel (each is one process at a time)")
-    ap.add_argument("--random-genotypes", action="store_true", help="also train ElixirNet on a random genotype")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="seeds run in parallel (each is one process at a time)")
+    ap.add_argument("--random-genotypes", action="store_true",
+                    help="also train ElixirNet on a random genotype")
     ap.add_argument("--evaluate", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--config-file", help=argparse.SUPPRESS)
-    ap.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides for every run, KEY VALUE ...")
+    ap.add_argument("opts", nargs=argparse.REMAINDER,
+                    help="config overrides for every run, KEY VALUE ...")
     args = ap.parse_args()
     if args.evaluate:
         return evaluate_model(args.config_file, args.opts)

@@ -39,7 +39,8 @@ def run_variant(name: str, spec: List, groups: Dict, args) -> Dict:
     n = iters[0] if iters else args.iters
     out = os.path.join(args.output, name)
     common = ["--config-file", config, "OUTPUT_DIR", out, "SOLVER.MAX_ITER", str(n),
-              "SOLVER.STEPS", f"({int(n * 0.75)},{int(n * 0.92)})", *args.opts, *expand(items, groups)]
+              "SOLVER.STEPS", f"({int(n * 0.75)},{int(n * 0.92)})", *args.opts,
+              *expand(items, groups)]
     os.makedirs(out, exist_ok=True)
     t0 = time.time()
     with open(out + ".log", "w") as log:
@@ -47,8 +48,8 @@ def run_variant(name: str, spec: List, groups: Dict, args) -> Dict:
                                stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
         t1 = time.time()
         if code == 0:
-            code = subprocess.call([sys.executable, "projects/benchmarks/quality.py", "--evaluate", *common,
-                                    "MODEL.WEIGHTS", os.path.join(out, "model_final.pth")],
+            code = subprocess.call([sys.executable, "projects/benchmarks/quality.py", "--evaluate",
+                                    *common, "MODEL.WEIGHTS", os.path.join(out, "model_final.pth")],
                                    stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     if code != 0:
         return {"error": f"exit {code}, see {out}.log"}
@@ -59,7 +60,8 @@ def run_variant(name: str, spec: List, groups: Dict, args) -> Dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("variants", help="JSON file with 'groups' and 'variants'")
     ap.add_argument("--iters", type=int, default=400)
     ap.add_argument("--jobs", type=int, default=2)
@@ -71,7 +73,8 @@ def main() -> None:
         spec = json.load(f)
     groups, variants = spec.get("groups", {}), spec["variants"]
     with ThreadPoolExecutor(args.jobs) as pool:
-        results = dict(zip(variants, pool.map(lambda v: run_variant(v, variants[v], groups, args), variants)))
+        results = dict(zip(variants,
+                           pool.map(lambda v: run_variant(v, variants[v], groups, args), variants)))
     with open(os.path.join(args.output, "sweep.json"), "w") as f:
         json.dump(results, f, indent=1)
     print("| variant | " + " | ".join(COLUMNS) + " |")

@@ -14,6 +14,7 @@ import os
 import sys
 
 import torch
+
 from detectron2.modeling import build_model
 
 from elixir_d2 import load_config

@@ -29,8 +29,8 @@ ROWS = (
     ("TRPN + RTM", "ablation_trpn_rtm", (1, 0, 1, 0)),
     ("ElixirNet (TRPN + ALB + RTM)", "elixirnet_rtm", (1, 1, 1, 0)),
 )
-STEP_ORDER = ("fpn", "search", "ablation_trpn", "ablation_alb", "ablation_alb_9slices", "elixirnet_fpn",
-              "ablation_trpn_rtm", "elixirnet_rtm")
+STEP_ORDER = ("fpn", "search", "ablation_trpn", "ablation_alb", "ablation_alb_9slices",
+              "elixirnet_fpn", "ablation_trpn_rtm", "elixirnet_rtm")
 
 
 def render(recipe: Recipe) -> Dict[str, str]:
@@ -45,8 +45,8 @@ def render(recipe: Recipe) -> Dict[str, str]:
     text = recipe.table_text(
         "Table 5: ablation, sensitivity (%) at 3 FPs per image (IoU) and mAP, test split",
         ["train", "val_typed", "test"], markdown_table(header, rows), STEP_ORDER,
-        notes=["RTM rows: binary model fine-tuned with RTM on the typed validation split, then evaluated "
-               "class-agnostically on the test split like the other rows."])
+        notes=["RTM rows: binary model fine-tuned with RTM on the typed validation split, then "
+               "evaluated class-agnostically on the test split like the other rows."])
     recipe.write_json("table5.json", res)
     return {"table5": recipe.write("table5.md", text)}
 

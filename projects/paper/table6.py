@@ -37,8 +37,8 @@ def render(recipe: Recipe) -> Dict[str, str]:
         rows.append([f"{name} (this run)", fmt(sens(m, 3)), fmt(m.get("AP"), 1)])
         rows.append([f"{name} (paper)", fmt(p["sens3"]), fmt(p["mAP"], 1)])
     text = recipe.table_text(
-        "Table 6: search space and strategy, sensitivity (%) at 3 FPs per image (IoU) and mAP", ["train", "test"],
-        markdown_table(header, rows), STEP_ORDER)
+        "Table 6: search space and strategy, sensitivity (%) at 3 FPs per image (IoU) and mAP",
+        ["train", "test"], markdown_table(header, rows), STEP_ORDER)
     recipe.write_json("table6.json", res)
     return {"table6": recipe.write("table6.md", text)}
 

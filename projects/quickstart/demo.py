@@ -30,10 +30,10 @@ from detectron2.utils.file_io import PathManager
 import elixir_d2
 from elixir_d2.cli import run_cli
 from elixir_d2.data.ct_mapper import CTDatasetMapper
-from elixir_d2.trainer import ElixirTrainer, evaluate_with_proposal_recall
 from elixir_d2.evaluation import PAPER_FPS, format_froc_table
 from elixir_d2.modeling.genotype_source import resolve_genotype_config
 from elixir_d2.search import ALBSearcher
+from elixir_d2.trainer import ElixirTrainer, evaluate_with_proposal_recall
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 logger = logging.getLogger("elixir_d2.demo")
@@ -80,7 +80,8 @@ def detections_on(model, cfg, records: List[Dict], min_score: float) -> List[np.
     return out
 
 
-def draw_figure(path: str, rows: Dict[str, Dict], cfg, models: Dict[str, torch.nn.Module], num_slices: int = 3):
+def draw_figure(path: str, rows: Dict[str, Dict], cfg, models: Dict[str, torch.nn.Module],
+                num_slices: int = 3):
     """FROC curves (IoU) of the trained models and ``num_slices`` test slices with ground truth
     (green) and each model's detections of score >= 0.5 (red)."""
     import matplotlib
@@ -98,7 +99,8 @@ def draw_figure(path: str, rows: Dict[str, Dict], cfg, models: Dict[str, torch.n
     grid = fig.add_gridspec(num_slices, 1 + len(models), width_ratios=[1.4] + [1] * len(models))
     ax = fig.add_subplot(grid[:, 0])
     for name in models:
-        ax.plot(PAPER_FPS, [rows[name][f"sens@{f:g}_iou"] for f in PAPER_FPS], marker="o", label=name)
+        ax.plot(PAPER_FPS, [rows[name][f"sens@{f:g}_iou"] for f in PAPER_FPS], marker="o",
+                label=name)
     ax.set(xscale="log", xlabel="false positives per image", ylabel="sensitivity (%), IoU >= 0.5",
            title="FROC, synthetic test split", ylim=(0, 100))
     ax.minorticks_off()
@@ -121,12 +123,14 @@ def draw_figure(path: str, rows: Dict[str, Dict], cfg, models: Dict[str, torch.n
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--output", default=os.path.join(ROOT, "output", "demo"))
     # 350 of the quickstart's 500 iterations keep the whole demo (search and three evaluations
     # included) within 10 minutes on 2 cores.
     ap.add_argument("--iters", type=int, default=350, help="training iterations of each model")
-    ap.add_argument("--search-epochs", type=int, default=2, help="ALB search epochs (the first trains w only)")
+    ap.add_argument("--search-epochs", type=int, default=2,
+                    help="ALB search epochs (the first trains w only)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
@@ -136,7 +140,8 @@ def main(argv=None) -> None:
             "SOLVER.STEPS", f"({int(args.iters * 0.75)},{int(args.iters * 0.92)})"]
     t0 = time.time()
     fpn_cfg = config("fpn.yaml", os.path.join(out, "fpn"), opts)
-    default_setup(fpn_cfg, argparse.Namespace(config_file="configs/quickstart/fpn.yaml", eval_only=False, opts=opts))
+    default_setup(fpn_cfg, argparse.Namespace(config_file="configs/quickstart/fpn.yaml",
+                                              eval_only=False, opts=opts))
     DatasetCatalog.get(fpn_cfg.DATASETS.TRAIN[0])  # generates the synthetic set on first use
     times = {"data": time.time() - t0}
 
@@ -148,10 +153,13 @@ def main(argv=None) -> None:
     t = time.time()
     search_cfg = config("search_alb.yaml", os.path.join(out, "search"), opts + [
         "MODEL.WEIGHTS", os.path.join(fpn_cfg.OUTPUT_DIR, "model_final.pth"),
-        "SEARCH.EPOCHS", str(args.search_epochs), "SEARCH.WARMUP_EPOCHS", str(min(1, args.search_epochs - 1))])
+        "SEARCH.EPOCHS", str(args.search_epochs), "SEARCH.WARMUP_EPOCHS",
+        str(min(1, args.search_epochs - 1))])
     searcher = ALBSearcher(search_cfg, provenance="Command: projects/quickstart/demo.py",
-                           record={"searched": True, "method": "first-order differentiable search (demo.py)",
-                                   "config": "configs/quickstart/search_alb.yaml", "epochs": args.search_epochs,
+                           record={"searched": True,
+                                   "method": "first-order differentiable search (demo.py)",
+                                   "config": "configs/quickstart/search_alb.yaml",
+                                   "epochs": args.search_epochs,
                                    "data": list(search_cfg.DATASETS.TRAIN)})
     searcher.resume_or_load(resume=False)
     searcher.train()
@@ -159,7 +167,8 @@ def main(argv=None) -> None:
     times["ALB search"] = time.time() - t
 
     t = time.time()
-    elixir_cfg = config("elixirnet.yaml", os.path.join(out, "elixirnet"), opts + ["MODEL.ALB.GENOTYPE", genotype])
+    elixir_cfg = config("elixirnet.yaml", os.path.join(out, "elixirnet"),
+                        opts + ["MODEL.ALB.GENOTYPE", genotype])
     elixir = train(elixir_cfg)
     times["ElixirNet training"] = time.time() - t
 
@@ -174,20 +183,23 @@ def main(argv=None) -> None:
     times["evaluation"] = time.time() - t
     draw_figure(os.path.join(out, "demo.png"), rows, fpn_cfg, models)
 
-    params = {"FPN, untrained": num_params(untrained), "FPN": num_params(fpn), "ElixirNet": num_params(elixir)}
+    params = {"FPN, untrained": num_params(untrained), "FPN": num_params(fpn),
+              "ElixirNet": num_params(elixir)}
     with PathManager.open(os.path.join(out, "demo_results.json"), "w") as f:
         clean = {k: {m: (v if v == v else None) for m, v in r.items()} for k, r in rows.items()}
-        json.dump({"rows": clean, "params": params, "seconds": times, "genotype": genotype}, f, indent=2)
+        json.dump({"rows": clean, "params": params, "seconds": times, "genotype": genotype}, f,
+                  indent=2)
     iters = fpn_cfg.SOLVER.MAX_ITER
-    print(f"\n[demo] synthetic test split ({fpn_cfg.DATASETS.TEST[0]}): FPN and ElixirNet, {iters} iterations "
-          f"each from scratch, seed {args.seed}; {time.time() - t0:.0f} s in all "
+    print(f"\n[demo] synthetic test split ({fpn_cfg.DATASETS.TEST[0]}): FPN and ElixirNet, {iters} "
+          f"iterations each from scratch, seed {args.seed}; {time.time() - t0:.0f} s in all "
           + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()))
     named = {f"{k} ({params[k] / 1e6:.2f}M params)": v for k, v in rows.items()}
     for criterion in ("iou", "iobb"):
         print()
         print(format_froc_table(named, criterion))
     print("\nProposal recall (%) at IoU 0.5: " + "; ".join(
-        f"{k}: " + " / ".join(f"{r.get(f'recall@{n}', float('nan')):.1f}" for n in (50, 100, 300)) + " at 50/100/300"
+        f"{k}: " + " / ".join(f"{r.get(f'recall@{n}', float('nan')):.1f}" for n in (50, 100, 300))
+        + " at 50/100/300"
         for k, r in rows.items()))
     print(f"\n[demo] picture: {os.path.join(out, 'demo.png')}; ElixirNet's genotype: {genotype}")
 

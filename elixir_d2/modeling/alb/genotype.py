@@ -21,6 +21,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import yaml
+
 from detectron2.utils.file_io import PathManager
 
 from .spaces import get_search_space
@@ -67,7 +68,8 @@ class Genotype:
     def validate(self, source: str = "<genotype>") -> "Genotype":
         """Raise :class:`GenotypeError` naming ``source`` and the bad entry; return self if fine."""
         if not isinstance(self.space, str):  # e.g. a YAML list: not even a search-space name
-            raise GenotypeError(f"{source}: 'space' must be 'elixir' or 'darts', got {self.space!r}")
+            raise GenotypeError(f"{source}: 'space' must be 'elixir' or 'darts', got "
+                                f"{self.space!r}")
         try:
             ops = get_search_space(self.space)
         except ValueError:
@@ -149,7 +151,8 @@ def genotype_from_dict(data: Any, source: str = "<genotype>") -> Genotype:
     # "provenance" (who wrote the file, see modeling/genotype_source.py) is not structure.
     unknown = set(data) - {"space", "branches", "normal", "reduce", "provenance"}
     if unknown:
-        raise GenotypeError(f"{source}: unknown keys {sorted(unknown, key=repr)}")  # keys of any type
+        # keys of any type
+        raise GenotypeError(f"{source}: unknown keys {sorted(unknown, key=repr)}")
     for key in ("normal", "reduce"):
         if key not in data:
             raise GenotypeError(f"{source}: missing key '{key}'")
