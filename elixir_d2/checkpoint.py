@@ -76,6 +76,11 @@ def fill_genotype_from_checkpoint(cfg, weights: str) -> bool:
     return True
 
 
+def _is_step_counter(key: str) -> bool:
+    """BatchNorm's ``num_batches_tracked``: a step count, not a weight."""
+    return key.endswith("num_batches_tracked")
+
+
 def _load_pth(filename: str, path_manager=None) -> Dict[str, Any]:
     try:
         if path_manager is None:
@@ -211,10 +216,15 @@ class AtomicCheckpointer(DetectionCheckpointer):
         heuristics = checkpoint.get("matching_heuristics", False)  # detectron2 renames .pkl keys
         num_in_checkpoint = len(state) if isinstance(state, dict) else 0
         first_keys = sorted(state)[:3] if isinstance(state, dict) else []
+        counters = sum(_is_step_counter(k) for k in state) if isinstance(state, dict) else 0
         incompatible = super()._load_model(checkpoint)
         # Checkpoint tensors that went into the model: neither unknown to it nor of another shape.
+        # BatchNorm step counters are left out of every count of the summary: torch sets a missing
+        # one to 0 without reporting it, so counting them would leave the figures unbalanced.
+        unexpected_counters = sum(_is_step_counter(k) for k in incompatible.unexpected_keys)
         self._num_loaded = (num_in_checkpoint - len(incompatible.unexpected_keys)
-                            - len(incompatible.incorrect_shapes))
+                            - len(incompatible.incorrect_shapes)
+                            - (counters - unexpected_counters))
         if num_in_checkpoint and self._num_loaded <= 0 and not heuristics:
             model_keys = list(self.model.state_dict())
             raise ValueError(
@@ -229,11 +239,12 @@ class AtomicCheckpointer(DetectionCheckpointer):
         super()._log_incompatible_keys(incompatible)
         shapes = incompatible.incorrect_shapes
         reshaped = {k for k, _, _ in shapes}
-        missing = [k for k in incompatible.missing_keys if k not in reshaped]
-        unexpected = incompatible.unexpected_keys
+        missing = [k for k in incompatible.missing_keys
+                   if k not in reshaped and not _is_step_counter(k)]
+        unexpected = [k for k in incompatible.unexpected_keys if not _is_step_counter(k)]
         if not (missing or unexpected or shapes):
             return
-        total = len(self.model.state_dict())
+        total = sum(not _is_step_counter(k) for k in self.model.state_dict())
         parts = [f"{min(getattr(self, '_num_loaded', 0), total)} of the model's {total} tensors "
                  "loaded"]
         if missing:
