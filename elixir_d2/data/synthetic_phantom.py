@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import numpy as np
 
@@ -176,8 +176,256 @@ def correlated_noise(shape: Tuple[int, ...], sigma: float, rng: np.random.Genera
 
 
 # ----------------------------------------------------------------------------- anatomy
+# Every draw below comes from the one generator passed to build_anatomy, in a fixed order: the
+# data sets are deterministic by seed, so reordering draws (even of arguments) changes them.
+_REGIONS = ("chest", "abdomen", "pelvis")
+
+_Picker = Callable[[], Tuple[float, float]]  # draws an in-plane point (mm)
+
+
 def _u(rng: np.random.Generator, lo: float, hi: float) -> float:
+    """One uniform draw in [lo, hi) as a Python float."""
     return float(rng.uniform(lo, hi))
+
+
+@dataclass
+class _AnatomyFrame:
+    """The body frame of one series and the primitives placed in it.
+
+    ``ox, oy``: body centre (mm); ``iw, ih``: semi-axes of the visceral cavity (organ positions
+    and sizes are fractions of them); ``mus_t``: muscle wall thickness (ribs sit in it); ``big``:
+    z half-extent of whatever spans the whole body.
+    """
+
+    rng: np.random.Generator
+    z_len: float
+    ox: float
+    oy: float
+    iw: float
+    ih: float
+    mus_t: float
+    big: float
+
+    @property
+    def spine_y(self) -> float:
+        """y (mm) of the vertebral body in the chest and abdomen."""
+        return self.oy + self.ih * 0.62
+
+    def u(self, lo: float, hi: float) -> float:
+        """One uniform draw in [lo, hi)."""
+        return _u(self.rng, lo, hi)
+
+    def count(self, lo: int, hi: int) -> int:
+        """One integer draw in [lo, hi)."""
+        return int(self.rng.integers(lo, hi))
+
+    def organ(self, fx: float, fy: float, fa: float, fb: float, hu: float, label: int,
+              zc_frac: float = 0.0, rz_frac: float = 2.0, theta: float = 0.0,
+              edge: float = 1.2) -> Blob:
+        """Ellipsoid placed and sized in cavity fractions, its z extent in series lengths."""
+        return Blob(self.ox + fx * self.iw, self.oy + fy * self.ih, fa * self.iw, fb * self.ih,
+                    hu, label, theta=theta, zc=zc_frac * self.z_len,
+                    rz=max(rz_frac * self.z_len, 40.0) * self.u(0.9, 1.2), edge=edge)
+
+    def round_vessel(self, fx: float, y: float, r_lo: float, r_hi: float, hu_lo: float,
+                     hu_hi: float, label: int = VESSEL) -> Blob:
+        """Near-circular section (aorta, vena cava, oesophagus) running through the whole body."""
+        r = self.u(r_lo, r_hi)
+        return Blob(self.ox + fx * self.iw, y, r, r * self.u(0.85, 1.0), self.u(hu_lo, hu_hi),
+                    label, rz=self.big, edge=1.0)
+
+    def within(self, fx_lo: float, fx_hi: float, fy_lo: float, fy_hi: float) -> _Picker:
+        """Picker of points uniform in a box given in cavity fractions."""
+        def pick() -> Tuple[float, float]:
+            x = self.ox + self.u(fx_lo, fx_hi) * self.iw
+            return x, self.oy + self.u(fy_lo, fy_hi) * self.ih
+        return pick
+
+    def inside(self, blob: Blob, frac: float = 0.8) -> _Picker:
+        """Picker of points uniform over ``blob``'s central section scaled by ``frac``."""
+        def pick() -> Tuple[float, float]:
+            rr, ang = math.sqrt(self.u(0, 1)) * frac, self.u(0, 2 * math.pi)
+            return blob.cx + rr * blob.a * math.cos(ang), blob.cy + rr * blob.b * math.sin(ang)
+        return pick
+
+    def tubes(self, count: int, pick: _Picker, r_lo: float, r_hi: float, hu_lo: float,
+              hu_hi: float, max_slope: float) -> List[Blob]:
+        """Vessels: tubes crossing the slices at a slant."""
+        out = []
+        for _ in range(count):
+            x, y = pick()
+            r = self.u(r_lo, r_hi)
+            out.append(Blob(x, y, r * self.u(1.0, 1.3), r, self.u(hu_lo, hu_hi), VESSEL,
+                            theta=self.u(0, math.pi), zc=self.u(-0.5, 0.5) * self.z_len,
+                            rz=self.u(0.4, 1.5) * self.z_len + 5.0, tube=True,
+                            slope=(self.u(-max_slope, max_slope), self.u(-max_slope, max_slope)),
+                            edge=0.8))
+        return out
+
+    def vertebra(self, y: float, scale: float = 1.0) -> List[Blob]:
+        """Vertebral body (cortex, marrow), spinal canal and posterior arch at ``y``."""
+        r = self.u(15, 20) * scale
+        ox, big = self.ox, self.big
+        return [
+            Blob(ox, y, r, r * 0.85, self.u(700, 950), CORTEX, rz=big, edge=0.8),
+            Blob(ox, y, r - 2.5, r * 0.85 - 2.5, self.u(220, 320), BONE, rz=big, edge=0.8),
+            Blob(ox, y + r * 1.25, r * 0.45, r * 0.4, self.u(10, 30), FLUID, rz=big, edge=0.8),
+            Blob(ox, y + r * 2.0, r * 0.9, r * 0.35, self.u(500, 800), CORTEX, rz=big, edge=0.8),
+        ]
+
+    def ribs(self, count: int) -> List[Blob]:
+        """Rib sections in the muscle wall, short tubes around the cavity."""
+        out = []
+        for _ in range(count):
+            phi = self.u(0.0, 2 * math.pi)
+            if abs(phi - math.pi / 2) < 0.4:  # the spine sits there
+                phi += math.pi
+            r = self.u(3, 6)
+            out.append(Blob(self.ox + (self.iw + 0.5 * self.mus_t) * math.cos(phi),
+                            self.oy + (self.ih + 0.5 * self.mus_t) * math.sin(phi),
+                            r * 1.6, r, self.u(450, 800), CORTEX, theta=phi + math.pi / 2,
+                            zc=self.u(-0.5, 0.5) * self.z_len, rz=self.u(8, 25), tube=True,
+                            slope=(0.0, self.u(-0.5, 0.5)), edge=0.8))
+        return out
+
+    def bowel(self, count: int, pick: _Picker) -> List[Blob]:
+        """Bowel loops: a wall ellipsoid, then its content (fluid, gas or oral contrast)."""
+        out = []
+        for _ in range(count):
+            x, y = pick()
+            a = self.u(7, 18)
+            b = a * self.u(0.6, 1.0)
+            kind = self.rng.choice(3, p=[0.55, 0.25, 0.2])
+            # All three contents are drawn whichever is kept, so the draw count is fixed.
+            content = (self.u(0, 25), self.u(-1000, -900), self.u(150, 300))[kind]
+            wall = self.u(2.0, 3.5)
+            common = dict(theta=self.u(0, math.pi), zc=self.u(-0.6, 0.6) * self.z_len,
+                          rz=self.u(15, 45), slope=(self.u(-0.4, 0.4), self.u(-0.4, 0.4)))
+            out.append(Blob(x, y, a, b, self.u(35, 55), BOWEL, edge=1.0, **common))
+            out.append(Blob(x, y, max(a - wall, 1.0), max(b - wall, 1.0), content, BOWEL, edge=1.0,
+                            **common))
+        return out
+
+    def calcifications(self, count: int, pick: _Picker) -> List[Blob]:
+        """Small dense spots a few mm long in z."""
+        out = []
+        for _ in range(count):
+            x, y = pick()
+            r = self.u(1.0, 2.5)
+            out.append(Blob(x, y, r, r * self.u(0.7, 1.0), self.u(300, 800), CALCIFICATION,
+                            zc=self.u(-0.5, 0.5) * self.z_len, rz=self.u(1.5, 4.0), edge=0.6))
+        return out
+
+
+def _body(fov_mm: float, z_len: float,
+          rng: np.random.Generator) -> Tuple[_AnatomyFrame, List[Blob], Blob, Dict]:
+    """Frame, outer layers (subcutaneous fat, muscle wall), cavity blob, and geometry.
+
+    The cavity is returned apart from the layers: the chest repaints it as chest wall.
+    """
+    W = fov_mm * _u(rng, 0.36, 0.45)  # body half-width
+    H = W * _u(rng, 0.66, 0.8)
+    ox, oy = _u(rng, -0.03, 0.03) * fov_mm, _u(rng, -0.02, 0.04) * fov_mm
+    fat_t, mus_t = _u(rng, 8, 28), _u(rng, 6, 13)
+    big = 4.0 * z_len + 200.0  # z extent of the body: never ends inside the series
+    layers = [
+        Blob(ox, oy, W, H, _u(rng, -110, -90), SUBCUT_FAT, rz=big, tube=True, edge=1.0),
+        Blob(ox, oy, W - fat_t, H - fat_t, _u(rng, 40, 55), MUSCLE, rz=big, tube=True, edge=1.0),
+    ]
+    iw, ih = W - fat_t - mus_t, H - fat_t - mus_t
+    cav = Blob(ox, oy, iw, ih, _u(rng, -105, -85), VISCERAL_FAT, rz=big, tube=True, edge=1.0)
+    geo = {"body": (ox, oy, W, H), "cavity": (ox, oy, iw, ih)}
+    return _AnatomyFrame(rng, z_len, ox, oy, iw, ih, mus_t, big), layers, cav, geo
+
+
+def _chest(f: _AnatomyFrame, cav: Blob) -> List[Blob]:
+    """Chest wall, mediastinum, lungs, heart, great vessels, spine, ribs, lung vessels."""
+    cav.hu, cav.label = f.u(35, 50), MUSCLE  # chest wall where the lungs do not reach
+    blobs = [cav, f.organ(0.0, -0.05, f.u(0.28, 0.36), 0.75, f.u(-100, -80), MEDIASTINAL_FAT,
+                          edge=1.0)]
+    lung_r = f.organ(-0.5, -0.02, 0.47, 0.88, f.u(-880, -820), LUNG, edge=0.8)
+    lung_l = f.organ(0.5, -0.02, 0.45, 0.86, f.u(-880, -820), LUNG, edge=0.8)
+    blobs += [lung_r, lung_l]
+    blobs.append(f.organ(0.1, -0.2, 0.3, 0.35, f.u(35, 50), HEART, zc_frac=f.u(0.4, 1.0),
+                         rz_frac=0.8))
+    spine_y, ih = f.spine_y, f.ih
+    blobs += [f.round_vessel(0.08, spine_y - 0.34 * ih, 11, 15, 170, 260),  # descending aorta
+              f.round_vessel(-0.12, f.oy - 0.25 * ih, 9, 13, 150, 230),  # ascending aorta / SVC
+              f.round_vessel(-0.02, spine_y - 0.28 * ih, 5, 7, -300, 40, BOWEL)]  # oesophagus
+    blobs += f.vertebra(spine_y) + f.ribs(f.count(6, 11))
+    blobs += f.tubes(f.count(14, 28), f.inside(lung_r, 0.85), 1.0, 3.5, -20, 80, 0.6)
+    blobs += f.tubes(f.count(14, 28), f.inside(lung_l, 0.85), 1.0, 3.5, -20, 80, 0.6)
+    blobs += f.calcifications(f.count(1, 5), f.inside(cav, 0.4))
+    return blobs
+
+
+def _gallbladder(f: _AnatomyFrame, liver: Blob) -> Blob:
+    """Fluid ellipsoid under the liver: a hypodense look-alike of liver lesions."""
+    r = f.u(10, 17)
+    return Blob(liver.cx + 0.3 * liver.a, liver.cy + 0.4 * liver.b, r, r * 0.7, f.u(0, 20), FLUID,
+                theta=f.u(0, math.pi), zc=liver.zc - 0.3 * f.z_len, rz=f.u(20, 40), edge=1.0)
+
+
+def _kidney(f: _AnatomyFrame, side: int,
+            kidney_z: Tuple[float, float] | None) -> Tuple[Blob, Blob]:
+    """Kidney on ``side`` (-1 right, 1 left) and its renal sinus."""
+    k = f.organ(side * 0.42, 0.38, f.u(0.14, 0.18), f.u(0.22, 0.28), f.u(140, 190), KIDNEY,
+                zc_frac=f.u(-0.3, 0.3), rz_frac=1.0, theta=side * f.u(0.2, 0.6), edge=1.0)
+    if kidney_z is not None:
+        k.zc, k.rz = kidney_z[0] + f.u(-5, 5), kidney_z[1] * f.u(0.9, 1.1)
+    sinus = Blob(k.cx - side * 0.35 * k.a, k.cy - 0.1 * k.b, k.a * 0.35, k.b * 0.3, f.u(-80, 10),
+                 RENAL_SINUS, theta=k.theta, zc=k.zc, rz=k.rz * 0.5, edge=1.0)
+    return k, sinus
+
+
+def _abdomen(f: _AnatomyFrame, cav: Blob,
+             kidney_z: Tuple[float, float] | None) -> List[Blob]:
+    """Cavity, bowel, psoas, liver (gallbladder), spleen, kidneys, great vessels, spine, ribs."""
+    blobs = [cav] + f.bowel(f.count(4, 9), f.within(-0.5, 0.6, -0.7, 0.2))
+    blobs += [f.organ(-0.5, 0.55, 0.11, 0.3, f.u(45, 55), MUSCLE, theta=0.3),
+              f.organ(0.5, 0.55, 0.11, 0.3, f.u(45, 55), MUSCLE, theta=-0.3)]
+    liver = f.organ(-0.45, -0.15, f.u(0.42, 0.52), f.u(0.55, 0.7), f.u(65, 80), LIVER,
+                    zc_frac=f.u(-0.6, 0.2), rz_frac=1.4, theta=f.u(-0.3, 0.3))
+    blobs.append(liver)
+    if f.rng.random() < 0.5:
+        blobs.append(_gallbladder(f, liver))
+    blobs.append(f.organ(0.62, 0.15, 0.22, 0.35, f.u(45, 60), SPLEEN,
+                         zc_frac=f.u(-0.5, 0.2), rz_frac=0.8, theta=-0.4))
+    for side in (-1, 1):
+        blobs += _kidney(f, side, kidney_z)
+    spine_y, ih = f.spine_y, f.ih
+    blobs += [f.round_vessel(0.1, spine_y - 0.3 * ih, 9, 13, 150, 230),  # aorta
+              f.round_vessel(-0.15, spine_y - 0.32 * ih, 9, 14, 110, 170)]  # inferior vena cava
+    blobs += f.vertebra(spine_y) + f.ribs(f.count(2, 6))
+    blobs += f.tubes(f.count(4, 10), f.inside(liver, 0.75), 2.0, 5.0, 150, 210, 0.5)
+    blobs += f.calcifications(f.count(2, 7), f.inside(cav, 0.6))
+    return blobs
+
+
+def _pelvic_side(f: _AnatomyFrame, side: int) -> List[Blob]:
+    """Iliac wing (cortex, marrow) and gluteal muscle on ``side`` (-1 right, 1 left)."""
+    out = []
+    for fa, fb, hu, label in ((0.22, 0.12, f.u(650, 900), CORTEX),
+                              (0.17, 0.07, f.u(200, 320), BONE)):
+        out.append(f.organ(side * 0.72, 0.35, fa, fb, hu, label, theta=side * 0.9, rz_frac=3.0,
+                           edge=0.8))
+    out.append(f.organ(side * 0.55, 0.85, 0.28, 0.15, f.u(45, 55), MUSCLE, theta=side * 0.3,
+                       rz_frac=3.0))
+    return out
+
+
+def _pelvis(f: _AnatomyFrame, cav: Blob) -> List[Blob]:
+    """Cavity, bowel, bladder, rectum, pelvic bones and muscles, sacrum, iliac vessels."""
+    blobs = [cav] + f.bowel(f.count(3, 7), f.within(-0.5, 0.5, -0.6, 0.1))
+    blobs.append(f.organ(0.0, -0.1, f.u(0.22, 0.32), f.u(0.25, 0.35), f.u(0, 20), BLADDER,
+                         zc_frac=f.u(-0.3, 0.3), rz_frac=0.9, edge=1.0))
+    blobs.append(f.organ(0.0, 0.45, 0.12, 0.12, f.u(30, 45), BOWEL, rz_frac=3.0))
+    for side in (-1, 1):
+        blobs += _pelvic_side(f, side)
+    blobs += f.vertebra(f.oy + f.ih * 0.72, scale=1.1)
+    blobs += f.tubes(4, f.within(-0.55, 0.55, 0.05, 0.3), 4.0, 7.0, 140, 210, 0.3)  # iliac
+    blobs += f.calcifications(f.count(2, 6), f.inside(cav, 0.6))
+    return blobs
 
 
 def build_anatomy(region: str, fov_mm: float, z_len: float, rng: np.random.Generator,
@@ -185,169 +433,21 @@ def build_anatomy(region: str, fov_mm: float, z_len: float, rng: np.random.Gener
     """Blobs of one body region ('chest', 'abdomen', 'pelvis'), painter's order, and key geometry.
 
     ``kidney_z`` = (centre, half extent) in mm places both kidneys along z (abdomen only).
+    The geometry holds ``body`` and ``cavity`` (ox, oy, semi-axes), and ``kidneys`` (the kidney
+    blobs) for the abdomen.
 
     Distractors are part of the anatomy: vessels (tubes crossing the slices), calcified spots,
     bowel loops, gallbladder, ribs; they look lesion-like on a single slice.
     """
-    W = fov_mm * _u(rng, 0.36, 0.45)  # body half-width
-    H = W * _u(rng, 0.66, 0.8)
-    ox, oy = _u(rng, -0.03, 0.03) * fov_mm, _u(rng, -0.02, 0.04) * fov_mm
-    fat_t, mus_t = _u(rng, 8, 28), _u(rng, 6, 13)
-    big = 4.0 * z_len + 200.0  # z extent of the body: never ends inside the series
-    blobs = [
-        Blob(ox, oy, W, H, _u(rng, -110, -90), SUBCUT_FAT, rz=big, tube=True, edge=1.0),
-        Blob(ox, oy, W - fat_t, H - fat_t, _u(rng, 40, 55), MUSCLE, rz=big, tube=True, edge=1.0),
-    ]
-    iw, ih = W - fat_t - mus_t, H - fat_t - mus_t  # cavity semi-axes
-    cav = Blob(ox, oy, iw, ih, _u(rng, -105, -85), VISCERAL_FAT, rz=big, tube=True, edge=1.0)
-    geo = {"body": (ox, oy, W, H), "cavity": (ox, oy, iw, ih)}
-    spine_y = oy + ih * 0.62
-
-    def organ(fx, fy, fa, fb, hu, label, zc_frac=0.0, rz_frac=2.0, theta=0.0, edge=1.2):
-        return Blob(ox + fx * iw, oy + fy * ih, fa * iw, fb * ih, hu, label, theta=theta,
-                    zc=zc_frac * z_len, rz=max(rz_frac * z_len, 40.0) * _u(rng, 0.9, 1.2),
-                    edge=edge)
-
-    def tubes(count, region_fn, r_lo, r_hi, hu_lo, hu_hi, max_slope):
-        out = []
-        for _ in range(count):
-            x, y = region_fn()
-            r = _u(rng, r_lo, r_hi)
-            out.append(Blob(x, y, r * _u(rng, 1.0, 1.3), r, _u(rng, hu_lo, hu_hi), VESSEL,
-                            theta=_u(rng, 0, math.pi), zc=_u(rng, -0.5, 0.5) * z_len,
-                            rz=_u(rng, 0.4, 1.5) * z_len + 5.0, tube=True,
-                            slope=(_u(rng, -max_slope, max_slope), _u(rng, -max_slope, max_slope)),
-                            edge=0.8))
-        return out
-
-    def inside(blob: Blob, frac: float = 0.8):
-        def pick():
-            rr, ang = math.sqrt(_u(rng, 0, 1)) * frac, _u(rng, 0, 2 * math.pi)
-            return blob.cx + rr * blob.a * math.cos(ang), blob.cy + rr * blob.b * math.sin(ang)
-        return pick
-
-    def vertebra(y, scale=1.0):
-        r = _u(rng, 15, 20) * scale
-        return [
-            Blob(ox, y, r, r * 0.85, _u(rng, 700, 950), CORTEX, rz=big, edge=0.8),
-            Blob(ox, y, r - 2.5, r * 0.85 - 2.5, _u(rng, 220, 320), BONE, rz=big, edge=0.8),
-            Blob(ox, y + r * 1.25, r * 0.45, r * 0.4, _u(rng, 10, 30), FLUID, rz=big, edge=0.8),
-            Blob(ox, y + r * 2.0, r * 0.9, r * 0.35, _u(rng, 500, 800), CORTEX, rz=big, edge=0.8),
-        ]
-
-    def ribs(count):
-        out = []
-        for _ in range(count):
-            phi = _u(rng, 0.0, 2 * math.pi)
-            if abs(phi - math.pi / 2) < 0.4:  # the spine sits there
-                phi += math.pi
-            r = _u(rng, 3, 6)
-            out.append(Blob(ox + (iw + 0.5 * mus_t) * math.cos(phi),
-                            oy + (ih + 0.5 * mus_t) * math.sin(phi),
-                            r * 1.6, r, _u(rng, 450, 800), CORTEX, theta=phi + math.pi / 2,
-                            zc=_u(rng, -0.5, 0.5) * z_len, rz=_u(rng, 8, 25), tube=True,
-                            slope=(0.0, _u(rng, -0.5, 0.5)), edge=0.8))
-        return out
-
-    def round_vessel(fx, y, r_lo, r_hi, hu_lo, hu_hi, label=VESSEL):
-        r = _u(rng, r_lo, r_hi)
-        return Blob(ox + fx * iw, y, r, r * _u(rng, 0.85, 1.0), _u(rng, hu_lo, hu_hi), label,
-                    rz=big, edge=1.0)
-
-    def bowel(count, region_fn):
-        out = []
-        for _ in range(count):
-            x, y = region_fn()
-            a = _u(rng, 7, 18)
-            b = a * _u(rng, 0.6, 1.0)
-            kind = rng.choice(3, p=[0.55, 0.25, 0.2])
-            content = (_u(rng, 0, 25), _u(rng, -1000, -900), _u(rng, 150, 300))[kind]
-            wall = _u(rng, 2.0, 3.5)
-            common = dict(theta=_u(rng, 0, math.pi), zc=_u(rng, -0.6, 0.6) * z_len,
-                          rz=_u(rng, 15, 45), slope=(_u(rng, -0.4, 0.4), _u(rng, -0.4, 0.4)))
-            out.append(Blob(x, y, a, b, _u(rng, 35, 55), BOWEL, edge=1.0, **common))
-            out.append(Blob(x, y, max(a - wall, 1.0), max(b - wall, 1.0), content, BOWEL, edge=1.0,
-                            **common))
-        return out
-
-    def calcifications(count, region_fn):
-        out = []
-        for _ in range(count):
-            x, y = region_fn()
-            r = _u(rng, 1.0, 2.5)
-            out.append(Blob(x, y, r, r * _u(rng, 0.7, 1.0), _u(rng, 300, 800), CALCIFICATION,
-                            zc=_u(rng, -0.5, 0.5) * z_len, rz=_u(rng, 1.5, 4.0), edge=0.6))
-        return out
-
-    if region == "chest":
-        cav.hu, cav.label = _u(rng, 35, 50), MUSCLE  # chest wall where the lungs do not reach
-        blobs.append(cav)
-        blobs.append(organ(0.0, -0.05, _u(rng, 0.28, 0.36), 0.75, _u(rng, -100, -80),
-                           MEDIASTINAL_FAT, edge=1.0))
-        lung_r = organ(-0.5, -0.02, 0.47, 0.88, _u(rng, -880, -820), LUNG, edge=0.8)
-        lung_l = organ(0.5, -0.02, 0.45, 0.86, _u(rng, -880, -820), LUNG, edge=0.8)
-        blobs += [lung_r, lung_l]
-        blobs.append(organ(0.1, -0.2, 0.3, 0.35, _u(rng, 35, 50), HEART, zc_frac=_u(rng, 0.4, 1.0),
-                           rz_frac=0.8))
-        blobs += [round_vessel(0.08, spine_y - 0.34 * ih, 11, 15, 170, 260),  # descending aorta
-                  round_vessel(-0.12, oy - 0.25 * ih, 9, 13, 150, 230),  # ascending aorta / SVC
-                  round_vessel(-0.02, spine_y - 0.28 * ih, 5, 7, -300, 40, BOWEL)]  # oesophagus
-        blobs += vertebra(spine_y) + ribs(int(rng.integers(6, 11)))
-        blobs += tubes(int(rng.integers(14, 28)), inside(lung_r, 0.85), 1.0, 3.5, -20, 80, 0.6)
-        blobs += tubes(int(rng.integers(14, 28)), inside(lung_l, 0.85), 1.0, 3.5, -20, 80, 0.6)
-        blobs += calcifications(int(rng.integers(1, 5)), inside(cav, 0.4))
-    elif region == "abdomen":
-        blobs.append(cav)
-        blobs += bowel(int(rng.integers(4, 9)),
-                       lambda: (ox + _u(rng, -0.5, 0.6) * iw, oy + _u(rng, -0.7, 0.2) * ih))
-        blobs += [organ(-0.5, 0.55, 0.11, 0.3, _u(rng, 45, 55), MUSCLE, theta=0.3),
-                  organ(0.5, 0.55, 0.11, 0.3, _u(rng, 45, 55), MUSCLE, theta=-0.3)]
-        liver = organ(-0.45, -0.15, _u(rng, 0.42, 0.52), _u(rng, 0.55, 0.7), _u(rng, 65, 80), LIVER,
-                      zc_frac=_u(rng, -0.6, 0.2), rz_frac=1.4, theta=_u(rng, -0.3, 0.3))
-        blobs.append(liver)
-        if rng.random() < 0.5:
-            r = _u(rng, 10, 17)  # gallbladder: a hypodense look-alike of liver lesions
-            blobs.append(Blob(liver.cx + 0.3 * liver.a, liver.cy + 0.4 * liver.b, r, r * 0.7,
-                              _u(rng, 0, 20), FLUID,
-                              theta=_u(rng, 0, math.pi), zc=liver.zc - 0.3 * z_len,
-                              rz=_u(rng, 20, 40), edge=1.0))
-        blobs.append(organ(0.62, 0.15, 0.22, 0.35, _u(rng, 45, 60), SPLEEN,
-                           zc_frac=_u(rng, -0.5, 0.2), rz_frac=0.8, theta=-0.4))
-        for side in (-1, 1):
-            k = organ(side * 0.42, 0.38, _u(rng, 0.14, 0.18), _u(rng, 0.22, 0.28),
-                      _u(rng, 140, 190), KIDNEY,
-                      zc_frac=_u(rng, -0.3, 0.3), rz_frac=1.0, theta=side * _u(rng, 0.2, 0.6),
-                      edge=1.0)
-            if kidney_z is not None:
-                k.zc, k.rz = kidney_z[0] + _u(rng, -5, 5), kidney_z[1] * _u(rng, 0.9, 1.1)
-            blobs.append(k)
-            blobs.append(Blob(k.cx - side * 0.35 * k.a, k.cy - 0.1 * k.b, k.a * 0.35, k.b * 0.3,
-                              _u(rng, -80, 10), RENAL_SINUS, theta=k.theta, zc=k.zc, rz=k.rz * 0.5,
-                              edge=1.0))
-        geo["kidneys"] = [b for b in blobs if b.label == KIDNEY]
-        blobs += [round_vessel(0.1, spine_y - 0.3 * ih, 9, 13, 150, 230),  # aorta
-                  round_vessel(-0.15, spine_y - 0.32 * ih, 9, 14, 110, 170)]  # inferior vena cava
-        blobs += vertebra(spine_y) + ribs(int(rng.integers(2, 6)))
-        blobs += tubes(int(rng.integers(4, 10)), inside(liver, 0.75), 2.0, 5.0, 150, 210, 0.5)
-        blobs += calcifications(int(rng.integers(2, 7)), inside(cav, 0.6))
-    elif region == "pelvis":
-        blobs.append(cav)
-        blobs += bowel(int(rng.integers(3, 7)),
-                       lambda: (ox + _u(rng, -0.5, 0.5) * iw, oy + _u(rng, -0.6, 0.1) * ih))
-        blobs.append(organ(0.0, -0.1, _u(rng, 0.22, 0.32), _u(rng, 0.25, 0.35), _u(rng, 0, 20),
-                           BLADDER, zc_frac=_u(rng, -0.3, 0.3), rz_frac=0.9, edge=1.0))
-        blobs.append(organ(0.0, 0.45, 0.12, 0.12, _u(rng, 30, 45), BOWEL, rz_frac=3.0))
-        for side in (-1, 1):
-            for fa, fb, hu, label in ((0.22, 0.12, _u(rng, 650, 900), CORTEX),
-                                      (0.17, 0.07, _u(rng, 200, 320), BONE)):
-                blobs.append(organ(side * 0.72, 0.35, fa, fb, hu, label, theta=side * 0.9,
-                                   rz_frac=3.0, edge=0.8))
-            blobs.append(organ(side * 0.55, 0.85, 0.28, 0.15, _u(rng, 45, 55), MUSCLE,
-                               theta=side * 0.3, rz_frac=3.0))
-        blobs += vertebra(oy + ih * 0.72, scale=1.1)
-        blobs += tubes(4, lambda: (ox + _u(rng, -0.55, 0.55) * iw, oy + _u(rng, 0.05, 0.3) * ih),
-                       4.0, 7.0, 140, 210, 0.3)  # iliac vessels
-        blobs += calcifications(int(rng.integers(2, 6)), inside(cav, 0.6))
-    else:
+    if region not in _REGIONS:
         raise ValueError(f"unknown body region {region!r}: expected chest, abdomen or pelvis")
+    frame, blobs, cav, geo = _body(fov_mm, z_len, rng)
+    if region == "chest":
+        blobs += _chest(frame, cav)
+    elif region == "abdomen":
+        organs = _abdomen(frame, cav, kidney_z)
+        blobs += organs
+        geo["kidneys"] = [b for b in organs if b.label == KIDNEY]
+    else:
+        blobs += _pelvis(frame, cav)
     return blobs, geo

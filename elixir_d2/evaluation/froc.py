@@ -25,7 +25,7 @@ Protocol (every image's detections and lesions at once):
 """
 from __future__ import annotations
 
-from typing import Dict, Mapping, Optional, Sequence
+from typing import Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -83,43 +83,31 @@ def _concat(arrays: Sequence[np.ndarray], width: Optional[int], dtype) -> np.nda
     return np.zeros((0, width) if width else (0,), dtype=dtype)
 
 
-def compute_froc(
+class _FrocInputs(NamedTuple):
+    """Validated inputs, every image's rows concatenated in image order."""
+
+    fps: List[float]
+    num_images: int
+    det: np.ndarray  # (D, 4) float64
+    scores: np.ndarray  # (D,) float64
+    gt: np.ndarray  # (G, 4) float64
+    n_det: np.ndarray  # (num_images,) int64: detections per image
+    n_gt: np.ndarray  # (num_images,) int64: lesions per image
+    gt_off: np.ndarray  # (num_images + 1,): image i's lesions are gt[gt_off[i]:gt_off[i + 1]]
+    groups: Optional[np.ndarray]  # (G,) int64 group id per lesion, or None
+
+
+def _check_froc_inputs(
     pred_boxes: Sequence[np.ndarray],
     pred_scores: Sequence[np.ndarray],
     gt_boxes: Sequence[np.ndarray],
-    fps: Sequence[float] = PAPER_FPS,
-    criterion: str = "iou",
-    threshold: float = 0.5,
-    *,
-    gt_groups: Optional[Sequence[np.ndarray]] = None,
-) -> Dict[str, object]:
-    """FROC of detections against lesions, by the protocol of this module's docstring.
-
-    Args:
-        pred_boxes: per image, detections (n_i, 4) XYXY in pixels.
-        pred_scores: per image, scores (n_i,).
-        gt_boxes: per image, lesions (m_i, 4) XYXY in pixels; (0, 4) for an image without any.
-        fps: FP-per-image points to read the sensitivity at.
-        criterion: ``"iou"`` or ``"iobb"`` (intersection over the detected box's area).
-        threshold: overlap at or above which a detection hits a lesion.
-        gt_groups: optional, per image, an int group id per lesion (m_i,); negative ids belong to
-            no group. For each group the sensitivity counts only the group's lesions while the FP
-            axis stays the overall one (all FPs of all images), so a group's value at f is the
-            fraction of its lesions found at the score threshold where the overall FP rate is f.
-
-    Returns:
-        dict with ``sensitivity`` {fp: float in [0, 1]}, ``fp_per_image`` and ``sens_curve`` (the
-        curve, 1-D float arrays of equal length), ``num_images``, ``num_gt``, ``num_detections``,
-        ``num_hits`` (lesions hit by some detection), ``num_fp``, ``max_fp_per_image`` (last
-        curve point), ``criterion``, ``threshold``; with ``gt_groups`` also
-        ``group_sensitivity`` {group: {fp: float}}, ``group_sens_curve`` {group: array} and
-        ``group_num_gt`` {group: int}.
-
-    Raises:
-        ValueError: on mismatched lengths, wrong shapes, non-finite or inverted boxes, NaN
-            scores, negative or non-finite FP points, an unknown criterion or a threshold
-            outside (0, 1].
-    """
+    fps: Sequence[float],
+    criterion: str,
+    threshold: float,
+    gt_groups: Optional[Sequence[np.ndarray]],
+) -> _FrocInputs:
+    """:func:`compute_froc`'s arguments checked and concatenated; raises its ValueErrors, the
+    first problem found (arguments, then per image, then per box) being the one reported."""
     if criterion not in CRITERIA:
         raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
     if not (np.isfinite(threshold) and 0.0 < threshold <= 1.0):
@@ -163,21 +151,23 @@ def compute_froc(
             None,
             np.int64,
         )
+    return _FrocInputs(fps, n_img, det_all, score_all, gt_all, n_det, n_gt, gt_off, group_all)
 
-    D, G = len(det_all), len(gt_all)
-    # Stable descending rank of every detection; rank_of[d] is d's position in the ranking.
-    order = np.argsort(-score_all, kind="stable")
-    rank_of = np.empty(D, dtype=np.int64)
-    rank_of[order] = np.arange(D, dtype=np.int64)
 
+def _match(inp: _FrocInputs, rank_of: np.ndarray, criterion: str,
+           threshold: float) -> Tuple[np.ndarray, np.ndarray]:
+    """(is_fp per detection, hit_rank per lesion): the ranking position of the first detection
+    that hits the lesion, or D where none does."""
+    D, G = len(inp.det), len(inp.gt)
     # Every (detection, lesion of the same image) pair, grouped by detection.
-    det_img = np.repeat(np.arange(n_img, dtype=np.int64), n_det)
-    k_per_det = n_gt[det_img] if D else np.zeros(0, dtype=np.int64)
+    det_img = np.repeat(np.arange(inp.num_images, dtype=np.int64), inp.n_det)
+    k_per_det = inp.n_gt[det_img] if D else np.zeros(0, dtype=np.int64)
     pair_start = np.concatenate([[0], np.cumsum(k_per_det)])
     P = int(pair_start[-1])
     pair_det = np.repeat(np.arange(D, dtype=np.int64), k_per_det)
-    pair_gt = gt_off[det_img][pair_det] + (np.arange(P, dtype=np.int64) - pair_start[pair_det])
-    overlap = box_overlap(det_all[pair_det], gt_all[pair_gt], criterion)
+    within = np.arange(P, dtype=np.int64) - pair_start[pair_det]  # lesion index in its image
+    pair_gt = inp.gt_off[det_img][pair_det] + within
+    overlap = box_overlap(inp.det[pair_det], inp.gt[pair_gt], criterion)
     is_match = overlap >= threshold
 
     # FP: no lesion in the image, or best overlap below the threshold.
@@ -188,32 +178,82 @@ def compute_froc(
         is_fp[has_pairs] = best < threshold
     # A lesion is hit by the first-ranked detection overlapping it enough; whether that
     # detection also hit other lesions does not matter, hence no sequential loop is needed.
-    hit_rank = np.full(G, D, dtype=np.int64)  # D = never hit
+    hit_rank = np.full(G, D, dtype=np.int64)
     np.minimum.at(hit_rank, pair_gt[is_match], rank_of[pair_det[is_match]])
+    return is_fp, hit_rank
+
+
+def _sens_curve(hit_ranks: np.ndarray, num_gt: int, fp_ranks: np.ndarray) -> np.ndarray:
+    """Sensitivity at each curve point, over ``num_gt`` lesions of which those hit were hit at
+    ranking positions ``hit_ranks``; ``fp_ranks``: the FPs' positions, increasing."""
+    ranks = np.sort(hit_ranks)
+    # Point k: lesions hit before the (k+1)-th FP; last point: all hits.
+    hits = np.append(np.searchsorted(ranks, fp_ranks, side="left"), len(ranks))
+    sens = hits / num_gt if num_gt else np.zeros(len(fp_ranks) + 1)
+    return sens.astype(np.float64)
+
+
+def _read(sens: np.ndarray, fp_axis: np.ndarray, fps: Sequence[float]) -> Dict[float, float]:
+    """Sensitivity at each of ``fps``, interpolated on the curve (module docstring's rule)."""
+    return {f: float(np.interp(f, fp_axis, sens)) for f in fps}
+
+
+def compute_froc(
+    pred_boxes: Sequence[np.ndarray],
+    pred_scores: Sequence[np.ndarray],
+    gt_boxes: Sequence[np.ndarray],
+    fps: Sequence[float] = PAPER_FPS,
+    criterion: str = "iou",
+    threshold: float = 0.5,
+    *,
+    gt_groups: Optional[Sequence[np.ndarray]] = None,
+) -> Dict[str, object]:
+    """FROC of detections against lesions, by the protocol of this module's docstring.
+
+    Args:
+        pred_boxes: per image, detections (n_i, 4) XYXY in pixels.
+        pred_scores: per image, scores (n_i,).
+        gt_boxes: per image, lesions (m_i, 4) XYXY in pixels; (0, 4) for an image without any.
+        fps: FP-per-image points to read the sensitivity at.
+        criterion: ``"iou"`` or ``"iobb"`` (intersection over the detected box's area).
+        threshold: overlap at or above which a detection hits a lesion.
+        gt_groups: optional, per image, an int group id per lesion (m_i,); negative ids belong to
+            no group. For each group the sensitivity counts only the group's lesions while the FP
+            axis stays the overall one (all FPs of all images), so a group's value at f is the
+            fraction of its lesions found at the score threshold where the overall FP rate is f.
+
+    Returns:
+        dict with ``sensitivity`` {fp: float in [0, 1]}, ``fp_per_image`` and ``sens_curve`` (the
+        curve, 1-D float arrays of equal length), ``num_images``, ``num_gt``, ``num_detections``,
+        ``num_hits`` (lesions hit by some detection), ``num_fp``, ``max_fp_per_image`` (last
+        curve point), ``criterion``, ``threshold``; with ``gt_groups`` also
+        ``group_sensitivity`` {group: {fp: float}}, ``group_sens_curve`` {group: array} and
+        ``group_num_gt`` {group: int}.
+
+    Raises:
+        ValueError: on mismatched lengths, wrong shapes, non-finite or inverted boxes, NaN
+            scores, negative or non-finite FP points, an unknown criterion or a threshold
+            outside (0, 1].
+    """
+    inp = _check_froc_inputs(pred_boxes, pred_scores, gt_boxes, fps, criterion, threshold,
+                             gt_groups)
+    D, G = len(inp.det), len(inp.gt)
+    # Stable descending rank of every detection; rank_of[d] is d's position in the ranking.
+    order = np.argsort(-inp.scores, kind="stable")
+    rank_of = np.empty(D, dtype=np.int64)
+    rank_of[order] = np.arange(D, dtype=np.int64)
+    is_fp, hit_rank = _match(inp, rank_of, criterion, threshold)
     is_hit = hit_rank < D
 
     fp_ranks = np.flatnonzero(is_fp[order])  # ranking positions of the FPs, increasing
     num_fp = len(fp_ranks)
-    fp_axis = np.arange(num_fp + 1, dtype=np.float64) / max(n_img, 1)
-
-    def curve(mask: Optional[np.ndarray]) -> tuple:
-        ranks = hit_rank[is_hit] if mask is None else hit_rank[is_hit & mask]
-        n = G if mask is None else int(mask.sum())
-        ranks = np.sort(ranks)
-        # Point k: lesions hit before the (k+1)-th FP; last point: all hits.
-        hits = np.append(np.searchsorted(ranks, fp_ranks, side="left"), len(ranks))
-        sens = hits / n if n else np.zeros(num_fp + 1)
-        return sens.astype(np.float64), n
-
-    def read(sens: np.ndarray) -> Dict[float, float]:
-        return {f: float(np.interp(f, fp_axis, sens)) for f in fps}
-
-    sens_curve, _ = curve(None)
+    fp_axis = np.arange(num_fp + 1, dtype=np.float64) / max(inp.num_images, 1)
+    sens_curve = _sens_curve(hit_rank[is_hit], G, fp_ranks)
     out: Dict[str, object] = {
-        "sensitivity": read(sens_curve),
+        "sensitivity": _read(sens_curve, fp_axis, inp.fps),
         "fp_per_image": fp_axis,
         "sens_curve": sens_curve,
-        "num_images": n_img,
+        "num_images": inp.num_images,
         "num_gt": G,
         "num_detections": D,
         "num_hits": int(is_hit.sum()),
@@ -222,12 +262,14 @@ def compute_froc(
         "criterion": criterion,
         "threshold": float(threshold),
     }
-    if group_all is not None:
-        groups = sorted(int(g) for g in np.unique(group_all[group_all >= 0]))
+    if inp.groups is not None:
+        groups = sorted(int(g) for g in np.unique(inp.groups[inp.groups >= 0]))
         out["group_sensitivity"], out["group_sens_curve"], out["group_num_gt"] = {}, {}, {}
         for g in groups:
-            sens_g, n_g = curve(group_all == g)
-            out["group_sensitivity"][g] = read(sens_g)
+            in_g = inp.groups == g
+            n_g = int(in_g.sum())
+            sens_g = _sens_curve(hit_rank[is_hit & in_g], n_g, fp_ranks)
+            out["group_sensitivity"][g] = _read(sens_g, fp_axis, inp.fps)
             out["group_sens_curve"][g] = sens_g
             out["group_num_gt"][g] = n_g
     return out
