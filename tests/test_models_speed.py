@@ -44,3 +44,52 @@ def test_trpn_keeps_every_location_when_timed():
     assert ms.load_cfg("configs/elixirnet_R_50_FPN_deeplesion.yaml").MODEL.TRPN.THRESHOLD == 0.0
     assert ms.load_cfg("configs/elixirnet_R_50_FPN_deeplesion.yaml",
                        trpn_keep_all=False).MODEL.TRPN.THRESHOLD < 0
+
+
+def test_inference_rounds_cycle_over_the_given_batches(monkeypatch):
+    seen = []
+
+    def fake(model, inputs):
+        seen.append((model, inputs[0]["id"]))
+        return {s: 0.0 for s in ms.STAGES + ("total", "num_proposals")}
+
+    monkeypatch.setattr(ms, "staged_inference", fake)
+    models = {"FPN": torch.nn.Linear(1, 1), "other": torch.nn.Linear(1, 1)}
+    batches = [[{"id": 0}], [{"id": 1}], [{"id": 2}]]
+    ms.time_inference(models, [{"id": -1}], rounds=4, warmup=1, batches=batches)
+    ids = [i for _, i in seen]
+    # warm-up round 0 (both models), then rounds 0..3 with images 0, 1, 2, 0; never `inputs`
+    assert ids == [0, 0, 0, 0, 1, 1, 2, 2, 0, 0]
+
+
+def test_trained_weights_keep_the_configured_trpn_and_their_genotype(tmp_path):
+    from elixir_d2.checkpoint import AtomicCheckpointer
+    from elixir_d2.modeling.alb.genotype import derive_genotype
+    from elixir_d2.modeling.alb.spaces import get_search_space
+    from elixir_d2.modeling.genotype_source import genotype_to_yaml
+
+    config = "configs/quickstart/elixirnet.yaml"
+    cfg = ms.load_cfg(config, trpn_keep_all=False)
+    # Trained with another genotype than the config's: load_trained must take the checkpoint's.
+    gen = torch.Generator().manual_seed(3)
+    shape = (14, len(get_search_space("elixir")))
+    other = derive_genotype(torch.randn(shape, generator=gen), torch.randn(shape, generator=gen))
+    cfg.MODEL.ALB.GENOTYPE, cfg.MODEL.ALB.GENOTYPE_YAML = "", genotype_to_yaml(other)
+    torch.manual_seed(1)
+    model = build_model(cfg)
+    assert model.roi_heads.box_head.genotype == other
+    AtomicCheckpointer(model, save_dir=str(tmp_path)).save("trained")
+    path = str(tmp_path / "trained.pth")
+    got_cfg, got = ms.load_trained(config, path)
+    assert got_cfg.MODEL.TRPN.THRESHOLD == cfg.MODEL.TRPN.THRESHOLD != 0.0
+    assert got.roi_heads.box_head.genotype == other
+    ref = model.state_dict()
+    assert all(torch.equal(v, ref[k]) for k, v in got.state_dict().items())
+
+
+def test_weights_must_name_every_timed_model():
+    import pytest
+
+    with pytest.raises(ValueError, match=r"give one for each timed model: \['FPN', "
+                                         r"'ElixirNet w FPN'\]"):
+        ms.measure(quick=True, specs=ms.select("ElixirNet w FPN"), weights={"FPN": "x.pth"})

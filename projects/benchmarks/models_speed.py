@@ -2,6 +2,9 @@
 """Per-model parameters, inference ms/image and training s/iteration, all models in one process.
 
     python projects/benchmarks/models_speed.py [--quick] [--threads 2] [--rounds 10] [--size 512]
+    python projects/benchmarks/models_speed.py --quick --models "ElixirNet w FPN" \
+        --weights FPN=output/quality/seed0/fpn/model_final.pth \
+        --weights "ElixirNet w FPN=output/quality/seed0/elixirnet/model_final.pth"
 
 Models (paper Table 1): FPN, ElixirNet w FPN, Deformv2, ElixirNet w Deformv2, FRCNN (C4) and
 ElixirNet (C4), from their R-50 DeepLesion configs (``--quick``: the CPU quickstart configs), built
@@ -27,6 +30,11 @@ ROI heads incl. postprocessing). Training: the same interleaving of forward + ba
 on that image with two lesions, fewer rounds (``--train-rounds``). On CUDA (``--device cuda``, or
 ``run_all.py`` when a GPU is present) every timed call is bracketed by ``torch.cuda.synchronize``.
 CPU threads are pinned (``--threads``) before torch is imported.
+
+Trained weights (``--weights NAME=PATH`` for every model timed): the models keep their configs'
+TRPN threshold, nothing is calibrated, and each round runs one image of the config's test split
+(``--test-images``, the first N, mapped as at evaluation), so the proposal count a trained TRPN
+keeps on CT is part of the timing.
 """
 import os
 
@@ -124,6 +132,34 @@ def ct_input(size: int = 512, seed: int = 0) -> Dict:
     return {"image": torch.as_tensor(img), "height": size, "width": size, "instances": inst}
 
 
+def load_trained(config: str, weights: str, device: str = "cpu"):
+    """(cfg, model) of ``config`` with the checkpoint ``weights`` (genotype included), TRPN's
+    threshold as configured."""
+    from elixir_d2.checkpoint import AtomicCheckpointer, fill_genotype_from_checkpoint
+
+    if not os.path.isfile(weights):
+        raise FileNotFoundError(f"weights file {weights} not found")
+    cfg = load_config(config if os.path.isabs(config) else os.path.join(ROOT, config),
+                      ["MODEL.WEIGHTS", weights, "MODEL.DEVICE", device])
+    cfg.MODEL.ALB.GENOTYPE, cfg.MODEL.ALB.GENOTYPE_YAML = "", ""  # the checkpoint's own
+    fill_genotype_from_checkpoint(cfg, weights)
+    model = build_model(cfg)
+    AtomicCheckpointer(model).load(weights)
+    return cfg, model.eval()
+
+
+def test_split_inputs(cfg: CfgNode, n: int) -> List[Dict]:
+    """The first ``n`` images of ``cfg``'s first test split, mapped as at evaluation."""
+    from detectron2.data import DatasetCatalog
+
+    from elixir_d2.data.ct_mapper import CTDatasetMapper
+
+    if n < 1:
+        raise ValueError(f"--test-images must be >= 1, got {n}")
+    mapper = CTDatasetMapper(cfg, is_train=False)
+    return [mapper(d) for d in DatasetCatalog.get(cfg.DATASETS.TEST[0])[:n]]
+
+
 @torch.no_grad()
 def calibrate_frozen_bn(model: GeneralizedRCNN, inputs: List[Dict]) -> int:
     """Set every FrozenBatchNorm2d's statistics to its input's channel mean / variance on ``inputs``
@@ -158,22 +194,27 @@ def _orders(names: Sequence[str], rounds: int, rounds_of: Dict[str, int]):
 
 def time_inference(
     models: Dict[str, GeneralizedRCNN], inputs: List[Dict], rounds: int, warmup: int,
-    rounds_of: Optional[Dict[str, int]] = None,
+    rounds_of: Optional[Dict[str, int]] = None, batches: Optional[List[List[Dict]]] = None,
 ) -> Dict[str, Dict[str, List[float]]]:
     """Per model, per stage ("backbone", "proposals", "roi_heads", "total"): seconds of each round
     (and "num_proposals": proposals handed to the ROI heads). ``rounds_of`` caps the rounds (and
-    warm-ups: at most 1) of some models; they run in the first rounds, interleaved with the rest."""
+    warm-ups: at most 1) of some models; they run in the first rounds, interleaved with the rest.
+    ``batches``: round r runs ``batches[r % len(batches)]`` instead of ``inputs``."""
     rounds_of = rounds_of or {}
     times = {k: {s: [] for s in STAGES + ("total", "num_proposals")} for k in models}
     for m in models.values():
         m.eval()
+
+    def batch(r: int) -> List[Dict]:
+        return batches[r % len(batches)] if batches else inputs
+
     with torch.no_grad():
-        for _, order in _orders(list(models), warmup, {k: min(v, 1) for k, v in rounds_of.items()}):
+        for r, order in _orders(list(models), warmup, {k: min(v, 1) for k, v in rounds_of.items()}):
             for name in order:
-                staged_inference(models[name], inputs)
-        for _, order in _orders(list(models), rounds, rounds_of):
+                staged_inference(models[name], batch(r))
+        for r, order in _orders(list(models), rounds, rounds_of):
             for name in order:
-                for stage, t in staged_inference(models[name], inputs).items():
+                for stage, t in staged_inference(models[name], batch(r)).items():
                     times[name][stage].append(t)
     return times
 
@@ -234,28 +275,42 @@ def median_ratio(times: Sequence[float], base: Sequence[float]) -> float:
 def measure(
     quick: bool = False, device: str = "cpu", size: int = 512, rounds: int = 10, warmup: int = 2,
     train_rounds: int = 2, specs: Sequence[ModelSpec] = MODELS, slow_rounds: int = 3,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = print, weights: Optional[Dict[str, str]] = None,
+    test_images: int = 20,
 ) -> Dict[str, Dict]:
     """Build every model of ``specs`` on ``device`` and time them; returns per model
     {"config", "params", "infer_ms", "infer_ratio", "infer_rounds", "stages_ms", "num_proposals",
     "train_s", "train_ratio", "train_rounds"}. Slow specs get ``slow_rounds`` inference rounds and
     1 training round (R-50 on the CPU only; every model gets every round with --quick or on
-    CUDA)."""
+    CUDA). ``weights``: model name -> trained checkpoint for every spec (see the module
+    docstring); inference rounds then cycle over ``test_images`` test images."""
     if rounds < 1 or warmup < 0:
         raise ValueError(f"rounds must be >= 1 and warmup >= 0, got {rounds}, {warmup}")
     if not any(s.name == BASELINE for s in specs):
         raise ValueError(f"the model list must contain the baseline {BASELINE!r} (ratios are to "
                          "it)")
+    if weights is not None and set(weights) != {s.name for s in specs}:
+        raise ValueError(f"--weights names {sorted(weights)}; give one for each timed model: "
+                         f"{[s.name for s in specs]}")
     torch.manual_seed(0)
     cfgs, models = {}, {}
     for spec in specs:
         config = spec.quick_config if quick else spec.config
-        cfgs[spec.name] = load_cfg(config, device)
-        models[spec.name] = build_model(cfgs[spec.name])
-        log(f"built {spec.name:22s} from {config}")
+        if weights is None:
+            cfgs[spec.name] = load_cfg(config, device)
+            models[spec.name] = build_model(cfgs[spec.name])
+        else:
+            cfgs[spec.name], models[spec.name] = load_trained(config, weights[spec.name], device)
+        log(f"built {spec.name:22s} from {config}"
+            + (f" with {weights[spec.name]}" if weights else ""))
     inputs = [ct_input(size)]
-    for m in models.values():
-        calibrate_frozen_bn(m, inputs)
+    batches = None
+    if weights is None:
+        for m in models.values():
+            calibrate_frozen_bn(m, inputs)
+    else:
+        batches = [[d] for d in test_split_inputs(cfgs[BASELINE], test_images)]
+        inputs = batches[0]
     limit_slow = not quick and device == "cpu"
     slow = {s.name for s in specs if s.slow and limit_slow}
     inf_rounds = {n: min(slow_rounds, rounds) for n in slow}
@@ -263,7 +318,7 @@ def measure(
         f"{size}x{size} on {device}"
         + (f" ({', '.join(sorted(slow))}: {slow_rounds} rounds)" if slow else "") + " ...")
     t0 = time.perf_counter()
-    inf = time_inference(models, inputs, rounds, warmup, inf_rounds)
+    inf = time_inference(models, inputs, rounds, warmup, inf_rounds, batches)
     log(f"  done in {time.perf_counter() - t0:.0f} s")
     tr = None
     if train_rounds > 0:
@@ -342,10 +397,22 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict]:
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     ap.add_argument("--models", default=None,
                     help="comma-separated subset of the model names (FPN always in)")
+    ap.add_argument("--weights", action="append", default=None, metavar="NAME=PATH",
+                    help="trained checkpoint of a model, one per timed model (see above)")
+    ap.add_argument("--test-images", type=int, default=20,
+                    help="with --weights: test images the inference rounds cycle over")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    weights = None
+    if args.weights:
+        bad = [w for w in args.weights if "=" not in w]
+        if bad:
+            ap.error(f"--weights {bad[0]!r}: expected NAME=PATH, e.g. "
+                     "FPN=output/fpn/model_final.pth")
+        weights = dict(w.split("=", 1) for w in args.weights)
     res = measure(args.quick, args.device, args.size, args.rounds, args.warmup, args.train_rounds,
-                  specs=select(args.models), slow_rounds=args.slow_rounds)
+                  specs=select(args.models), slow_rounds=args.slow_rounds, weights=weights,
+                  test_images=args.test_images)
     print(format_table(res))
     print(format_stages(res, args.device))
     return res
