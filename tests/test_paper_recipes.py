@@ -159,7 +159,7 @@ def test_finished_step_is_reused_only_with_the_same_settings(tmp_path):
                               finetune_iters=None,
                               search_epochs=None, genotype=None, force=False, speed_images=None)
     recipe = common.Recipe(args, common.DataSource("deeplesion", str(tmp_path), "unused"))
-    assert args.iters == common.QUICK_ITERS  # --quick default
+    assert args.iters is None  # --quick keeps the quickstart configs' schedules
     fpn = STEPS["fpn"]
     sig = recipe._signature(fpn, ["SOLVER.MAX_ITER", "2"])
     os.makedirs(tmp_path / "fpn")

@@ -34,7 +34,8 @@ CPU threads are pinned (``--threads``) before torch is imported.
 Trained weights (``--weights NAME=PATH`` for every model timed): the models keep their configs'
 TRPN threshold, nothing is calibrated, and each round runs one image of the config's test split
 (``--test-images``, the first N, mapped as at evaluation), so the proposal count a trained TRPN
-keeps on CT is part of the timing.
+keeps on CT is part of the timing. Training is not timed then (its cost does not depend on the
+weights).
 """
 import os
 
@@ -311,11 +312,13 @@ def measure(
     else:
         batches = [[d] for d in test_split_inputs(cfgs[BASELINE], test_images)]
         inputs = batches[0]
+        train_rounds = 0  # test images carry no annotations; training cost is weight-independent
     limit_slow = not quick and device == "cpu"
     slow = {s.name for s in specs if s.slow and limit_slow}
     inf_rounds = {n: min(slow_rounds, rounds) for n in slow}
-    log(f"timing inference: {warmup} warm-up + {rounds} rounds of {len(models)} models at "
-        f"{size}x{size} on {device}"
+    where = f"{len(batches)} test images" if batches else f"{size}x{size}"
+    log(f"timing inference: {warmup} warm-up + {rounds} rounds of {len(models)} models on "
+        f"{where} on {device}"
         + (f" ({', '.join(sorted(slow))}: {slow_rounds} rounds)" if slow else "") + " ...")
     t0 = time.perf_counter()
     inf = time_inference(models, inputs, rounds, warmup, inf_rounds, batches)

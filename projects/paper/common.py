@@ -38,10 +38,6 @@ __all__ = ["DataSource", "Recipe", "StepFailed", "add_recipe_args", "prepare_dat
            "markdown_table", "fmt", "recipe_main", "sens", "STEP_DONE"]
 
 STEP_DONE = "recipe_step.json"  # written when a step has finished; its presence skips the step
-# --quick defaults (CPU minutes per model; the quickstart configs' own schedules are 400
-# iterations).
-QUICK_ITERS = 100
-QUICK_SEARCH_EPOCHS = 1
 LOGGERS = ("detectron2", "fvcore", "elixir_d2", "d2")
 
 
@@ -65,13 +61,12 @@ def add_recipe_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="quickstart configs on the synthetic data: CPU, minutes")
     parser.add_argument("--iters", type=int, default=None,
                         help="SOLVER.MAX_ITER of every training run (steps and warm-up scaled); "
-                             f"default: the configs' schedules, --quick {QUICK_ITERS}")
+                             "default: the configs' schedules (--quick: the quickstart's, 500)")
     parser.add_argument("--finetune-iters", type=int, default=None,
                         help="SOLVER.MAX_ITER of the typed fine-tuning runs (default: the "
                              "configs', 6 epochs)")
     parser.add_argument("--search-epochs", type=int, default=None,
-                        help="SEARCH.EPOCHS of the searches (default: the configs', --quick "
-                             f"{QUICK_SEARCH_EPOCHS})")
+                        help="SEARCH.EPOCHS of the searches (default: the configs')")
     parser.add_argument("--genotype", default=None,
                         help="use this genotype YAML instead of running the (medical-space) search")
     parser.add_argument("--speed-images", type=int, default=None,
@@ -224,9 +219,6 @@ class Recipe:
     def __init__(self, args: argparse.Namespace, source: DataSource):
         self.args = args
         self.quick = bool(args.quick)
-        if self.quick:
-            args.iters = args.iters or QUICK_ITERS
-            args.search_epochs = args.search_epochs or QUICK_SEARCH_EPOCHS
         self.source = source
         self.output = os.path.abspath(
             args.output or os.path.join(ROOT, "output", "paper_quick" if args.quick else "paper"))
