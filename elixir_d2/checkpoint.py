@@ -216,15 +216,13 @@ class AtomicCheckpointer(DetectionCheckpointer):
         heuristics = checkpoint.get("matching_heuristics", False)  # detectron2 renames .pkl keys
         num_in_checkpoint = len(state) if isinstance(state, dict) else 0
         first_keys = sorted(state)[:3] if isinstance(state, dict) else []
-        counters = sum(_is_step_counter(k) for k in state) if isinstance(state, dict) else 0
+        num_weights = sum(not _is_step_counter(k) for k in state) if num_in_checkpoint else 0
         incompatible = super()._load_model(checkpoint)
-        # Checkpoint tensors that went into the model: neither unknown to it nor of another shape.
+        # Checkpoint weights that went into the model: neither unknown to it nor of another shape.
         # BatchNorm step counters are left out of every count of the summary: torch sets a missing
         # one to 0 without reporting it, so counting them would leave the figures unbalanced.
-        unexpected_counters = sum(_is_step_counter(k) for k in incompatible.unexpected_keys)
-        self._num_loaded = (num_in_checkpoint - len(incompatible.unexpected_keys)
-                            - len(incompatible.incorrect_shapes)
-                            - (counters - unexpected_counters))
+        unexpected = sum(not _is_step_counter(k) for k in incompatible.unexpected_keys)
+        self._num_loaded = num_weights - unexpected - len(incompatible.incorrect_shapes)
         if num_in_checkpoint and self._num_loaded <= 0 and not heuristics:
             model_keys = list(self.model.state_dict())
             raise ValueError(
