@@ -101,6 +101,11 @@ def add_elixirnet_config(cfg: CN) -> None:
     # "torchvision" (torchvision.ops.deform_conv2d, runs anywhere), "detectron2" (its C++ ops) or
     # "auto" = detectron2's when compiled and MODEL.DEVICE is CUDA, torchvision's otherwise.
     _C.MODEL.RESNETS.DEFORM_IMPL = "auto"
+    # Learning-rate factor of the layers that predict the deformable convs' offsets and masks
+    # (ElixirTrainer.build_optimizer). Trained from scratch at a high rate, offsets grow to
+    # hundreds of pixels within 100 iterations and every sampling point leaves the feature map;
+    # the DCN papers give these layers a reduced rate for the same reason.
+    _C.SOLVER.DEFORM_OFFSET_LR_FACTOR = 1.0
 
     # ---------------------------------------------------------------- TruncatedRPN (paper eq. 1)
     _C.MODEL.TRPN = CN()

@@ -26,13 +26,18 @@ from detectron2.data import (
 from detectron2.engine import DefaultTrainer, HookBase
 from detectron2.engine import defaults as d2_defaults
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluator
+from detectron2.solver.build import (
+    get_default_optimizer_params,
+    maybe_add_gradient_clipping,
+    reduce_param_groups,
+)
 from detectron2.utils import comm
 
 from .checkpoint import AtomicCheckpointer
 from .data import CTDatasetMapper
 
-__all__ = ["ElixirTrainer", "build_lesion_evaluator", "create_ddp_model",
-           "evaluate_with_proposal_recall"]
+__all__ = ["ElixirTrainer", "build_lesion_evaluator", "build_optimizer", "create_ddp_model",
+           "deform_offset_parameters", "evaluate_with_proposal_recall"]
 
 
 def create_ddp_model(model: torch.nn.Module, **kwargs) -> torch.nn.Module:
@@ -143,6 +148,12 @@ class ElixirTrainer(DefaultTrainer):
         return results[cfg.DATASETS.TEST[0]] if len(results) == 1 else results
 
     @classmethod
+    def build_optimizer(cls, cfg, model):
+        """detectron2's SGD, with SOLVER.DEFORM_OFFSET_LR_FACTOR on the deformable convs' offset
+        layers (see :func:`build_optimizer`)."""
+        return build_optimizer(cfg, model)
+
+    @classmethod
     def build_train_loader(cls, cfg):
         return build_detection_train_loader(cfg, mapper=CTDatasetMapper(cfg, is_train=True))
 
@@ -154,6 +165,42 @@ class ElixirTrainer(DefaultTrainer):
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         return build_lesion_evaluator(cfg, dataset_name, output_folder)
+
+
+def deform_offset_parameters(model: torch.nn.Module) -> List[torch.nn.Parameter]:
+    """The parameters of the layers predicting deformable-conv offsets (and DCNv2 masks): the
+    ``conv2_offset`` of every detectron2 ``DeformBottleneckBlock``."""
+    from detectron2.modeling.backbone.resnet import DeformBottleneckBlock
+
+    return [p for m in model.modules() if isinstance(m, DeformBottleneckBlock)
+            for p in m.conv2_offset.parameters()]
+
+
+def build_optimizer(cfg: CfgNode, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """detectron2's ``build_optimizer`` (SGD, its norm / bias settings, gradient clipping), with
+    the learning rate of :func:`deform_offset_parameters` scaled by
+    SOLVER.DEFORM_OFFSET_LR_FACTOR. The LR scheduler reads each group's rate, so the factor
+    holds through warmup and steps."""
+    factor = float(cfg.SOLVER.DEFORM_OFFSET_LR_FACTOR)
+    if factor <= 0:
+        raise ValueError(f"SOLVER.DEFORM_OFFSET_LR_FACTOR must be > 0, got {factor}")
+    groups = get_default_optimizer_params(
+        model, base_lr=cfg.SOLVER.BASE_LR, weight_decay_norm=cfg.SOLVER.WEIGHT_DECAY_NORM,
+        bias_lr_factor=cfg.SOLVER.BIAS_LR_FACTOR, weight_decay_bias=cfg.SOLVER.WEIGHT_DECAY_BIAS,
+    )
+    offsets = {id(p) for p in deform_offset_parameters(model)}
+    if factor != 1.0 and offsets:
+        # One group per parameter, the offset ones rescaled, then merged again by settings.
+        single = [{**{k: v for k, v in g.items() if k != "params"}, "params": [p]}
+                  for g in groups for p in g["params"]]
+        for g in single:
+            if id(g["params"][0]) in offsets:
+                g["lr"] = g.get("lr", cfg.SOLVER.BASE_LR) * factor
+        groups = reduce_param_groups(single)
+    return maybe_add_gradient_clipping(cfg, torch.optim.SGD)(
+        groups, lr=cfg.SOLVER.BASE_LR, momentum=cfg.SOLVER.MOMENTUM,
+        nesterov=cfg.SOLVER.NESTEROV, weight_decay=cfg.SOLVER.WEIGHT_DECAY,
+    )
 
 
 def evaluate_with_proposal_recall(cfg: CfgNode, model: torch.nn.Module) -> Dict[str, float]:

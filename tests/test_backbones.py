@@ -261,6 +261,37 @@ def test_quickstart_baselines_train_step(name):
         assert model.backbone.output_shape().keys() == {"res4"}
 
 
+def test_deform_offset_lr_factor_scales_only_offset_layers_through_the_schedule():
+    from detectron2.solver import build_lr_scheduler
+
+    from elixir_d2.trainer import build_optimizer
+
+    cfg = _cfg("quickstart/deformv2.yaml", "SOLVER.DEFORM_OFFSET_LR_FACTOR", 0.1,
+               "SOLVER.BASE_LR", 0.02, "SOLVER.WARMUP_ITERS", 10, "SOLVER.STEPS", (20,))
+    model = build_model(cfg)
+    optimizer = build_optimizer(cfg, model)
+    scheduler = build_lr_scheduler(cfg, optimizer)
+    lr_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    names = dict(model.named_parameters())
+    # 13 DCNv2 blocks in res3-res5, each with one offset/mask conv (weight and bias).
+    offset_names = [n for n in names if ".conv2_offset." in n]
+    assert len(offset_names) == 26
+    assert len(lr_of) == len(names)  # every trainable parameter is in exactly one group
+    for it in range(25):
+        # detectron2's linear warmup from WARMUP_FACTOR (1e-3) over 10 iterations, x0.1 at 20.
+        warm = 0.001 + 0.999 * it / 10 if it < 10 else 1.0
+        base = 0.02 * warm * (0.1 if it >= 20 else 1.0)
+        for n, p in names.items():
+            want = base * (0.1 if ".conv2_offset." in n else 1.0)
+            assert lr_of[id(p)]["lr"] == pytest.approx(want, rel=1e-6), (it, n)
+        optimizer.step()
+        scheduler.step()
+
+    bad = _cfg("quickstart/deformv2.yaml", "SOLVER.DEFORM_OFFSET_LR_FACTOR", 0.0)
+    with pytest.raises(ValueError, match="DEFORM_OFFSET_LR_FACTOR"):
+        build_optimizer(bad, model)
+
+
 def _n_params(model):
     return sum(p.numel() for p in model.parameters())
 

@@ -226,7 +226,7 @@ def test_quickstart_elixirnet_c4():
     model = build_model(_cfg("quickstart/elixirnet_C4.yaml"))
     assert (isinstance(model.proposal_generator, TRPN)
             and isinstance(model.roi_heads.box_head, ALBHead))
-    assert model.roi_heads.box_head.stem.pointwise.in_channels == 512  # half-width res4
+    assert model.roi_heads.box_head.stem.pointwise.in_channels == 256  # R-18 res4
     assert _n(model.backbone) == _n(frcnn.backbone)
     assert not [n for n, _ in model.named_modules() if "res5" in n]
     _train_step(model)

@@ -130,8 +130,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     if args.quick:
         lines += ["",
                   "Targets: not checked with --quick (they are about the R-50 configs; the "
-                  "quickstart models are not the paper's: R-18 with a 256-d 2-fc head, GroupNorm "
-                  "ALB, half-width R-50 for Deformv2 / C4)."]
+                  "quickstart models are not the paper's: R-18 with a 256-d 2-fc head, BatchNorm "
+                  "ALB, half-width R-50 for Deformv2)."]
     else:
         lines += ["", "Targets:"] + [f"- {t}" for t in targets(cpu, gpu)]
     lines += [
