@@ -353,8 +353,9 @@ class Recipe:
     def header(self, title: str, splits: Sequence[str]) -> str:
         """What was run: data, sizes, mode; every number below comes from these runs."""
         data = ", ".join(f"{s} {self.source.num_images(s)} images" for s in splits)
-        mode = ("--quick: CPU quickstart configs (R-18, half-width R-50 for Deformv2, from scratch, "
-                "192 px) on the synthetic data" if self.quick else "R-50 configs of configs/ (ImageNet init)")
+        mode = ("--quick: CPU quickstart configs (R-18, half-width R-50 for Deformv2, from "
+                "scratch, 192 px) on the synthetic data" if self.quick
+                else "R-50 configs of configs/ (ImageNet init)")
         return "\n".join([
             f"## {title}",
             "",
