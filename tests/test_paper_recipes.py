@@ -173,3 +173,32 @@ def test_finished_step_is_reused_only_with_the_same_settings(tmp_path):
     assert recipe._signature(search, []) != s1
     args.force = True
     assert not recipe._done("fpn", sig)
+
+
+def test_finished_step_is_stale_after_its_config_or_base_changes(tmp_path):
+    """Editing a step's YAML, or a _BASE_ file under it, reruns the step even though the path and
+    the options are the same."""
+    import argparse
+
+    from steps import Train
+
+    base = tmp_path / "Base.yaml"
+    child = tmp_path / "child.yaml"
+    base.write_text(f'_BASE_: "{os.path.join(common.ROOT, "configs/quickstart/fpn.yaml")}"\n'
+                    "SOLVER:\n  BASE_LR: 0.04\n")
+    child.write_text('_BASE_: "Base.yaml"\nSOLVER:\n  MAX_ITER: 7\n')
+    args = argparse.Namespace(quick=True, output=str(tmp_path / "out"), num_gpus=1, opts=[],
+                              iters=None, finetune_iters=None, search_epochs=None, genotype=None,
+                              force=False, speed_images=None)
+    recipe = common.Recipe(args, common.DataSource("deeplesion", str(tmp_path), "unused"))
+    step = Train("edited", str(child), str(child))
+    sig = recipe._signature(step, [])
+    os.makedirs(tmp_path / "out" / "edited")
+    recipe._finish("edited", {"config": str(child)}, 0.0, sig)
+    assert recipe._done("edited", recipe._signature(step, []))
+    child.write_text('_BASE_: "Base.yaml"\nSOLVER:\n  MAX_ITER: 8\n')
+    assert not recipe._done("edited", recipe._signature(step, []))
+    child.write_text('_BASE_: "Base.yaml"\nSOLVER:\n  MAX_ITER: 7\n')
+    assert recipe._done("edited", recipe._signature(step, []))  # back to what ran
+    base.write_text(base.read_text().replace("0.04", "0.02"))
+    assert not recipe._done("edited", recipe._signature(step, []))

@@ -270,12 +270,18 @@ class Recipe:
 
     # ---------------------------------------------------------------- running
     def _signature(self, step, opts: Sequence[str]) -> str:
-        """What a run depends on: its config, options, and when the runs it reads from finished (a
-        rerun dependency makes it stale)."""
+        """What a run depends on: its config as resolved (the file, its _BASE_ files, the defaults
+        and the options, so editing any of them makes the step stale), and when the runs it reads
+        from finished (a rerun dependency makes it stale too)."""
+        import elixir_d2
+
         deps = {d: self.record(d).get("finished_at") for d in step.deps if d not in self.overridden}
         if self.overridden and getattr(step, "genotype_from", None) in self.overridden:
             deps["--genotype"] = os.path.getmtime(self.args.genotype)
-        return json.dumps({"config": step.config_for(self.quick), "opts": list(opts), "deps": deps},
+        config = step.config_for(self.quick)
+        resolved = elixir_d2.load_config(os.path.join(ROOT, config), list(opts)).dump()
+        return json.dumps({"config": config, "opts": list(opts), "deps": deps,
+                           "resolved_sha256": hashlib.sha256(resolved.encode()).hexdigest()},
                           sort_keys=True)
 
     def _done(self, name: str, signature: str) -> bool:
