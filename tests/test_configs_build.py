@@ -229,6 +229,14 @@ def test_quickstart_elixirnet_c4():
     assert model.roi_heads.box_head.stem.pointwise.in_channels == 256  # R-18 res4
     assert _n(model.backbone) == _n(frcnn.backbone)
     assert not [n for n, _ in model.named_modules() if "res5" in n]
+    # On its single level the quickstart C4 TRPN keeps every location and leaves the head's
+    # input as it is: any confidence map, even one that is near 0 in places, truncates nothing.
+    trpn = model.proposal_generator
+    conf = [torch.rand(2, 1, 12, 12) * torch.tensor([1.0, 1e-6])[:, None, None, None]]
+    keep, _, valid = trpn.location_keep_masks(conf, [(192, 192), (100, 150)])
+    assert keep[0].all() and valid[0][1].sum() == 7 * 10
+    feats = [torch.randn(2, 256, 12, 12)]
+    assert torch.equal(trpn.gated(feats, conf, valid)[0], feats[0])
     _train_step(model)
 
 
