@@ -54,6 +54,57 @@ def test_alb_head_layout_of_the_paper():
     assert dense.stem.conv.in_channels == 256 and dense.stem.conv.kernel_size == (3, 3)
 
 
+@pytest.mark.parametrize("search", [False, True])
+def test_head_rectifies_each_block_output_once_same_values_as_darts_preprocessing(search):
+    # Reference: DARTS' cells, where each block's two preprocessing convs apply their own ReLU
+    # to the raw outputs of the previous blocks, and the head pools the last raw output. The
+    # head rectifies each output once and hands blocks rectified inputs: values and gradients
+    # must be those of the reference.
+    import copy
+
+    torch.manual_seed(0)
+    shape = ShapeSpec(channels=8, height=7, width=7)
+    if search:
+        head = ALBSearchHead(shape, channels=2, stem_channels=8, norm="BN")
+    else:
+        head = ALBHead(shape, genotype=load_genotype(DEFAULT), channels=2, stem_channels=8,
+                       norm="BN")
+    ref = copy.deepcopy(head)
+    for block in ref.blocks:
+        block.pre0.relu = block.pre1.relu = True
+    x = torch.randn(5, 8, 7, 7)
+    counts = [2, 3]
+    x_head, x_ref = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out, _ = head(x_head, counts)
+    s0 = s1 = ref.stem(x_ref)
+    for i, block in enumerate(ref.blocks):
+        if search:
+            kind = ref.block_types[i]
+            alpha = ref.alpha_reduce if kind == "reduce" else ref.alpha_normal
+            s0, s1 = s1, block(s0, s1, F.softmax(alpha, dim=-1), counts)
+        else:
+            s0, s1 = s1, block(s0, s1, counts)
+    expected = s1.mean(dim=(2, 3))
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    out.square().sum().backward()
+    expected.square().sum().backward()
+    torch.testing.assert_close(x_head.grad, x_ref.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_mixed_op_sum_keeps_channels_last():
+    # The none op's zeros and region_nonlocal's broadcast output are not channels_last; the
+    # mixed op's sum must still be (the head's convs are fast on that layout only).
+    from elixir_d2.modeling.alb.cells import MixedOp
+
+    mixed = MixedOp(ELIXIR_OPS, 4, 4, 1, norm="BN")
+    x = torch.randn(3, 4, 7, 7).contiguous(memory_format=torch.channels_last)
+    w = torch.softmax(torch.randn(len(ELIXIR_OPS)), dim=0)
+    y = mixed(x, w, [1, 2])
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    expected = sum(wk * op(x, [1, 2]) for wk, op in zip(w, mixed.ops))
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-6)
+
+
 def test_stem_values():
     torch.manual_seed(0)
     x = torch.randn(3, 16, 7, 7)

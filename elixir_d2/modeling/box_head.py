@@ -193,12 +193,17 @@ class _ALBHeadBase(RelationBoxHead):
                 f"{type(self).__name__} needs num_per_image (proposals per image); "
                 "use MODEL.ROI_HEADS.NAME 'ElixirROIHeads'"
             )
-        s0 = s1 = self.stem(x, self.pointwise_before_pooling)  # channels_last, see ALBStem
+        s = self.stem(x, self.pointwise_before_pooling)  # channels_last, see ALBStem
+        # Blocks take rectified inputs (cells.py): each output is rectified once here, not once
+        # per block that reads it. The head's features are the last output, unrectified.
+        r0 = r1 = F.relu(s)
         for i in range(len(self.blocks)):
-            s0, s1 = s1, self._run_block(i, s0, s1, num_per_image)
+            s = self._run_block(i, r0, r1, num_per_image)
+            if i + 1 < len(self.blocks):
+                r0, r1 = r1, F.relu(s)
         relation_op = self._relation_op()
         relations = list(relation_op.last_relations) if relation_op is not None else []
-        return F.adaptive_avg_pool2d(s1, 1).flatten(1), relations
+        return F.adaptive_avg_pool2d(s, 1).flatten(1), relations
 
 
 @ROI_BOX_HEAD_REGISTRY.register()

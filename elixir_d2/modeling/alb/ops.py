@@ -39,6 +39,7 @@ __all__ = [
     "FactorizedReduce",
     "RegionNonLocal",
     "region_relations",
+    "channels_last",
     "autocast_off",
 ]
 
@@ -85,15 +86,22 @@ class Zero(ALBOp):
 
 
 class ReLUConvNorm(ALBOp):
-    """ReLU -> one or more convolutions -> Norm (the paper's ReLU-Conv-BN order)."""
+    """ReLU -> one or more convolutions -> Norm (the paper's ReLU-Conv-BN order). With
+    ``relu=False`` the op expects an already rectified input and skips the ReLU (a block's
+    preprocessing, see cells.py): ``op(relu(x))`` is then the full op on ``x``."""
 
-    def __init__(self, convs: List[nn.Conv2d], c_out: int, norm: str, affine: bool = True):
+    def __init__(
+        self, convs: List[nn.Conv2d], c_out: int, norm: str, affine: bool = True,
+        relu: bool = True,
+    ):
         super().__init__()
+        self.relu = relu
         self.convs = nn.Sequential(*convs)
         self.norm = make_norm(norm, c_out, affine)
 
     def forward(self, x, num_per_image=None):
-        x = F.relu(x)
+        if self.relu:
+            x = F.relu(x)
         for conv in self.convs[:-1]:
             x = conv(x)
         return conv_norm(self.convs[-1], self.norm, x)
@@ -107,10 +115,10 @@ def _conv(c_in, c_out, k, stride=1, dilation=1, groups=1, bias=False) -> nn.Conv
     )
 
 
-def conv_op(c_in, c_out, k, stride, norm, affine=True, dilation=1) -> ReLUConvNorm:
-    """Plain ReLU-Conv(k x k, dilation)-Norm."""
+def conv_op(c_in, c_out, k, stride, norm, affine=True, dilation=1, relu=True) -> ReLUConvNorm:
+    """Plain ReLU-Conv(k x k, dilation)-Norm (``relu``: see :class:`ReLUConvNorm`)."""
     conv = _conv(c_in, c_out, k, stride, dilation, bias=not norm)
-    return ReLUConvNorm([conv], c_out, norm, affine)
+    return ReLUConvNorm([conv], c_out, norm, affine, relu=relu)
 
 
 def asym_conv_op(c_in, c_out, stride, norm, affine=True) -> ReLUConvNorm:
@@ -150,17 +158,20 @@ class SepConv(ALBOp):
 class FactorizedReduce(ALBOp):
     """Halve the resolution without dropping pixels: two 1x1 stride-2 convs on x and on x shifted
     by one pixel, concatenated (DARTS). The shifted copy is zero-padded at the far edge so odd
-    sizes (7x7 RoI features) give ceil(H / 2) on both paths."""
+    sizes (7x7 RoI features) give ceil(H / 2) on both paths. ReLU first, unless ``relu=False``
+    (input already rectified, as in :class:`ReLUConvNorm`)."""
 
-    def __init__(self, c_in: int, c_out: int, norm: str, affine: bool = True):
+    def __init__(self, c_in: int, c_out: int, norm: str, affine: bool = True, relu: bool = True):
         super().__init__()
+        self.relu = relu
         half = c_out // 2
         self.conv_a = _conv(c_in, half, 1, stride=2, bias=not norm)
         self.conv_b = _conv(c_in, c_out - half, 1, bias=not norm)  # applied to x[1::2, 1::2]
         self.norm = make_norm(norm, c_out, affine)
 
     def forward(self, x, num_per_image=None):
-        x = F.relu(x)
+        if self.relu:
+            x = F.relu(x)
         # Subsample before convolving (a 1x1 conv commutes with it), then pad the odd-size
         # remainder: same values as convolving the padded, shifted map, at a quarter of the cost.
         h, w = -(-x.shape[2] // 2), -(-x.shape[3] // 2)
@@ -238,6 +249,11 @@ class RegionNonLocal(ALBOp):
         self.last_relations = relations
         s = self.stride
         return y.to(x.dtype)[:, :, None, None].expand(-1, -1, -(-h // s), -(-w // s))
+
+
+def channels_last(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in channels_last memory format (itself when it already is; values unchanged)."""
+    return x.contiguous(memory_format=torch.channels_last)
 
 
 def autocast_off(t: torch.Tensor) -> torch.autocast:
