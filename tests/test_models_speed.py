@@ -93,3 +93,17 @@ def test_weights_must_name_every_timed_model():
     with pytest.raises(ValueError, match=r"give one for each timed model: \['FPN', "
                                          r"'ElixirNet w FPN'\]"):
         ms.measure(quick=True, specs=ms.select("ElixirNet w FPN"), weights={"FPN": "x.pth"})
+
+
+def test_search_head_benchmark_times_both_layouts_and_restores_the_shipped_one():
+    # The "ops' own layouts" variant swaps cells.channels_last for the identity while it runs;
+    # afterwards (and after an error) the mixed ops must be back on the shipped function.
+    import search_head
+
+    from elixir_d2.modeling.alb import cells
+
+    shipped = cells.channels_last
+    times = search_head.time_layouts(rounds=2, rois=8, repeats=1)
+    assert list(times) == ["channels_last sum (shipped)", "ops' own layouts"]
+    assert all(len(ts) == 2 and all(t > 0 for t in ts) for ts in times.values())
+    assert cells.channels_last is shipped

@@ -14,7 +14,7 @@ image these maps are the largest of the head.
 A mixed op brings each op output to channels_last, the layout of the head's maps (see
 box_head.ALBStem), before the weighted sum: the ``none`` op's zeros and region_nonlocal's output
 (broadcast over H x W) would otherwise make the sum NCHW, and every conv after it take oneDNN's
-slower path (the searchable head's forward + backward ran 25% slower, measured).
+slower path (projects/benchmarks/search_head.py times both).
 
 Every forward takes ``num_per_image`` (proposals per image) and hands it to each op; only
 ``region_nonlocal`` uses it.
