@@ -7,11 +7,10 @@ Builds the ALBSearchHead of configs/quickstart/search_alb.yaml (random weights) 
 backward on ``--rois`` random pooled RoI features of 4 images (the quickstart search samples 32
 RoIs from each of 4 images), as ALBSearcher's weight and alpha steps run it. Two variants of the
 same head, in one process, rounds interleaved with the order swapped every other round: the
-mixed-op sum as shipped
-(each op output brought to channels_last, cells.MixedOp) and the sum of the ops' outputs in
-whatever layout they return (``none``'s zeros and region_nonlocal's broadcast output are NCHW,
-so the sum and every conv after it turn NCHW). Prints the median ms of each and the median of the
-per-round ratios.
+mixed-op sum as shipped (each op output brought to channels_last, cells.MixedOp) and the sum of
+the ops' outputs in whatever layout they return (``none``'s zeros and region_nonlocal's broadcast
+output are NCHW, so the sum and every conv after it turn NCHW). Prints the median ms of each and
+the median of the per-round ratios.
 """
 import os
 import sys
