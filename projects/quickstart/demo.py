@@ -127,7 +127,7 @@ def main(argv=None) -> None:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--output", default=os.path.join(ROOT, "output", "demo"))
     # The quickstart's own schedule; the whole demo (search and three evaluations included)
-    # stays within 10 minutes on 2 cores (projects/benchmarks/README.md has the timings).
+    # took 8 to 15 minutes on the 2-core machines measured (projects/benchmarks/README.md).
     ap.add_argument("--iters", type=int, default=500, help="training iterations of each model")
     ap.add_argument("--search-epochs", type=int, default=2,
                     help="ALB search epochs (the first trains w only)")
