@@ -23,7 +23,7 @@ from detectron2.modeling.roi_heads.box_head import ROI_BOX_HEAD_REGISTRY
 
 from .alb.cells import GenotypeBlock, SearchBlock
 from .alb.genotype import Genotype, derive_genotype, edge_inputs
-from .alb.ops import conv_norm, get_search_space, make_norm
+from .alb.ops import channels_last, conv_norm, get_search_space, make_norm
 from .genotype_source import genotype_from_config, resolve_genotype_path  # noqa: F401 (re-exported)
 
 __all__ = ["ALBHead", "ALBSearchHead", "ALBStem", "RelationBoxHead", "resolve_genotype_path"]
@@ -103,7 +103,7 @@ class ALBStem(nn.Module):
             weight = self.pointwise.weight.view(-1, c)
             y = torch.matmul(x.reshape(n, c, h * w).transpose(1, 2), weight.t())
             x = y.view(n, h, w, -1).permute(0, 3, 1, 2)
-        x = x.contiguous(memory_format=torch.channels_last)
+        x = channels_last(x)
         return conv_norm(self.conv, self.norm, x)
 
 

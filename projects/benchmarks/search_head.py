@@ -13,7 +13,6 @@ output are NCHW, so the sum and every conv after it turn NCHW). Prints the media
 the median of the per-round ratios.
 """
 import os
-import sys
 
 if __name__ == "__main__":
     from pin_threads import pin_threads, threads_from_argv  # the script's folder is on sys.path
@@ -31,6 +30,8 @@ from detectron2.modeling import build_model  # noqa: E402
 
 from elixir_d2 import load_config  # noqa: E402
 from elixir_d2.modeling.alb import cells  # noqa: E402
+
+from models_speed import median_ratio  # noqa: E402
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 SEARCH_CFG = os.path.join(ROOT, "configs", "quickstart", "search_alb.yaml")
@@ -78,8 +79,7 @@ def main(argv: Optional[Sequence[str]] = None) -> float:
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     times = time_layouts(args.rounds, args.rois)
-    (new, new_t), (old, old_t) = times.items()
-    ratio = statistics.median(a / b for a, b in zip(new_t, old_t))
+    ratio = median_ratio(*times.values())
     print(f"ALBSearchHead ({os.path.relpath(SEARCH_CFG, ROOT)}), forward + backward on {args.rois} "
           f"RoIs, {args.threads} thread(s), {args.rounds} interleaved rounds:")
     for name, ts in times.items():
@@ -90,4 +90,3 @@ def main(argv: Optional[Sequence[str]] = None) -> float:
 
 if __name__ == "__main__":
     main()
-    sys.exit(0)
