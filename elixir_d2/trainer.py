@@ -35,6 +35,7 @@ from detectron2.utils import comm
 
 from .checkpoint import AtomicCheckpointer
 from .data import CTDatasetMapper
+from .solver import PerParameterNormClippedSGD
 
 __all__ = ["ElixirTrainer", "build_lesion_evaluator", "build_optimizer", "create_ddp_model",
            "deform_offset_parameters", "evaluate_with_proposal_recall"]
@@ -177,7 +178,8 @@ def deform_offset_parameters(model: torch.nn.Module) -> List[torch.nn.Parameter]
 
 
 def build_optimizer(cfg: CfgNode, model: torch.nn.Module) -> torch.optim.Optimizer:
-    """detectron2's ``build_optimizer`` (SGD, its norm / bias settings, gradient clipping), with
+    """detectron2's ``build_optimizer`` (SGD, its norm / bias settings, gradient clipping; "norm"
+    clipping batched by :class:`~elixir_d2.solver.PerParameterNormClippedSGD`), with
     the learning rate of :func:`deform_offset_parameters` scaled by
     SOLVER.DEFORM_OFFSET_LR_FACTOR. The LR scheduler reads each group's rate, so the factor
     holds through warmup and steps."""
@@ -197,10 +199,14 @@ def build_optimizer(cfg: CfgNode, model: torch.nn.Module) -> torch.optim.Optimiz
             if id(g["params"][0]) in offsets:
                 g["lr"] = g.get("lr", cfg.SOLVER.BASE_LR) * factor
         groups = reduce_param_groups(single)
-    return maybe_add_gradient_clipping(cfg, torch.optim.SGD)(
-        groups, lr=cfg.SOLVER.BASE_LR, momentum=cfg.SOLVER.MOMENTUM,
-        nesterov=cfg.SOLVER.NESTEROV, weight_decay=cfg.SOLVER.WEIGHT_DECAY,
-    )
+    sgd = dict(lr=cfg.SOLVER.BASE_LR, momentum=cfg.SOLVER.MOMENTUM,
+               nesterov=cfg.SOLVER.NESTEROV, weight_decay=cfg.SOLVER.WEIGHT_DECAY)
+    clip = cfg.SOLVER.CLIP_GRADIENTS
+    if clip.ENABLED and clip.CLIP_TYPE == "norm":
+        # detectron2's per-parameter norm clipping, batched (same values, elixir_d2.solver).
+        return PerParameterNormClippedSGD(groups, max_norm=clip.CLIP_VALUE,
+                                          norm_type=clip.NORM_TYPE, **sgd)
+    return maybe_add_gradient_clipping(cfg, torch.optim.SGD)(groups, **sgd)
 
 
 def evaluate_with_proposal_recall(cfg: CfgNode, model: torch.nn.Module) -> Dict[str, float]:

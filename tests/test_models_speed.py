@@ -107,3 +107,13 @@ def test_search_head_benchmark_times_both_layouts_and_restores_the_shipped_one()
     assert list(times) == ["channels_last sum (shipped)", "ops' own layouts"]
     assert all(len(ts) == 2 and all(t > 0 for t in ts) for ts in times.values())
     assert cells.channels_last is shipped
+
+
+def test_optimizer_step_benchmark_times_both_and_checks_equality():
+    import optimizer_step
+
+    times, n = optimizer_step.time_steps("fpn.yaml", rounds=2, steps=2)
+    assert list(times) == ["detectron2 loop", "batched (shipped)"]
+    assert all(len(v) == 2 and min(v) > 0 for v in times.values())
+    model = build_model(optimizer_step.load_config("configs/quickstart/fpn.yaml", []))
+    assert n == len(list(model.parameters()))

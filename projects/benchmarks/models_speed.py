@@ -56,7 +56,6 @@ import torch  # noqa: E402
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 
 from detectron2.config import CfgNode  # noqa: E402
-from detectron2.engine.defaults import DefaultTrainer  # noqa: E402
 from detectron2.layers import FrozenBatchNorm2d  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 from detectron2.modeling.meta_arch.rcnn import GeneralizedRCNN  # noqa: E402
@@ -67,6 +66,7 @@ import elixir_d2  # noqa: E402,F401  (registers TRPN, ALBHead, the deformable ba
 from elixir_d2 import load_config  # noqa: E402
 from elixir_d2.benchmarking import staged_inference, sync  # noqa: E402
 from elixir_d2.data.ct_mapper import window_to_uint8_range  # noqa: E402
+from elixir_d2.trainer import ElixirTrainer  # noqa: E402
 
 from data_loader import phantom  # noqa: E402
 
@@ -230,7 +230,7 @@ def time_training(
     steps: Dict[str, Callable[[], None]] = {}
     for name, model in models.items():
         model.train()
-        opt = DefaultTrainer.build_optimizer(cfgs[name], model)
+        opt = ElixirTrainer.build_optimizer(cfgs[name], model)
 
         def step(model=model, opt=opt):
             losses = model(inputs)
