@@ -117,3 +117,28 @@ def test_optimizer_step_benchmark_times_both_and_checks_equality():
     assert all(len(v) == 2 and min(v) > 0 for v in times.values())
     model = build_model(optimizer_step.load_config("configs/quickstart/fpn.yaml", []))
     assert n == len(list(model.parameters()))
+
+
+def test_lesion_sizes_breakdown_by_hand():
+    import lesion_sizes as ls
+
+    inf = float("inf")
+    # 2 images; false-positive scores 0.9, 0.8, 0.7, 0.6, 0.5: at 1 FP an image two are allowed,
+    # so a lesion counts as found when its hit scores above the third, 0.7.
+    fps = [0.5, 0.9, 0.7, 0.8, 0.6]
+    assert ls.score_at_fps(fps, 2, 1.0) == 0.7
+    assert ls.score_at_fps(fps, 2, 4.0) == -inf  # 8 allowed, 5 made
+    lesions = [
+        ls.Lesion(5.0, 3.0, 0.2, -inf),   # 0-6: no proposal, never detected
+        ls.Lesion(8.0, 4.0, 0.4, 0.75),   # 6-10: proposal at 0.3 only, found at 1 FP
+        ls.Lesion(9.0, 6.0, 0.6, 0.65),   # 6-10: found only at a lower score
+        ls.Lesion(25.0, 14.0, 0.9, 0.95),  # 20-inf
+        ls.Lesion(float("nan"), 5.0, 0.9, 0.95),  # no diameter: in no bucket
+    ]
+    rows = ls.breakdown(lesions, fps, num_images=2, fps=1.0)
+    assert [(r["lo"], r["hi"], r["lesions"]) for r in rows] == [(0, 6, 1), (6, 10, 2), (20, inf, 1)]
+    six_ten = rows[1]
+    assert six_ten["median_width_px"] == 5.0
+    assert six_ten["proposal_iou50"] == 50.0 and six_ten["proposal_iou30"] == 100.0
+    assert six_ten["found_at_1fp"] == 50.0 and six_ten["found_any_score"] == 100.0
+    assert rows[0]["found_any_score"] == 0.0 and rows[2]["found_at_1fp"] == 100.0
