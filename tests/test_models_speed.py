@@ -142,3 +142,34 @@ def test_lesion_sizes_breakdown_by_hand():
     assert six_ten["proposal_iou50"] == 50.0 and six_ten["proposal_iou30"] == 100.0
     assert six_ten["found_at_1fp"] == 50.0 and six_ten["found_any_score"] == 100.0
     assert rows[0]["found_any_score"] == 0.0 and rows[2]["found_at_1fp"] == 100.0
+
+
+def test_every_sweep_file_names_configs_and_keys_that_load():
+    # A sweep that names a missing config or key fails only after its first training; catch it here.
+    import glob
+    import json
+
+    import regime_sweep
+
+    from elixir_d2 import load_config
+
+    files = sorted(glob.glob("projects/benchmarks/sweeps/*.json"))
+    assert len(files) >= 7
+    for path in files:
+        with open(path) as f:
+            sweep = json.load(f)
+        for name, (config, items, *_) in sweep["variants"].items():
+            opts = regime_sweep.expand(items, sweep.get("groups", {}))
+            assert len(opts) % 2 == 0, (path, name)
+            load_config(config, opts)  # raises on an unknown key or a bad value
+
+
+def test_sweep_expand_takes_group_names_only_where_a_key_is_expected():
+    import pytest
+    import regime_sweep
+
+    groups = {"BN": ["MODEL.RESNETS.NORM", "BN"], "W": ["A.B", "1", "C.D", "2"]}
+    got = regime_sweep.expand(["W", "MODEL.FPN.NORM", "BN", "BN"], groups)
+    assert got == ["A.B", "1", "C.D", "2", "MODEL.FPN.NORM", "BN", "MODEL.RESNETS.NORM", "BN"]
+    with pytest.raises(ValueError, match="SEED"):
+        regime_sweep.expand(["W", "SEED"], groups)

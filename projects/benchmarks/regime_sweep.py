@@ -28,9 +28,21 @@ COLUMNS = ["sens@0.5_iou", "sens@1_iou", "sens@2_iou", "sens@4_iou", "sens@8_iou
 
 
 def expand(items: List, groups: Dict[str, List[str]]) -> List[str]:
+    """``items`` with each group name replaced by its KEY VALUE list. A name is a group only where
+    a key is expected: a value equal to a group's name (``MODEL.FPN.NORM BN`` beside a group
+    ``BN``) stays a value."""
     out: List[str] = []
-    for x in items:
-        out += groups.get(x, [x])
+    i = 0
+    while i < len(items):
+        if items[i] in groups:
+            out += groups[items[i]]
+            i += 1
+        elif i + 1 < len(items):
+            out += [items[i], items[i + 1]]
+            i += 2
+        else:
+            raise ValueError(f"option {items[i]!r} has no value and is not a group "
+                             f"(groups: {', '.join(groups) or 'none'})")
     return out
 
 
