@@ -26,7 +26,7 @@ from typing import Dict, List, Tuple  # noqa: E402
 import torch  # noqa: E402
 
 from detectron2.modeling import build_model  # noqa: E402
-from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping  # noqa: E402,E501
+from detectron2.solver.build import maybe_add_gradient_clipping  # noqa: E402
 
 from elixir_d2 import load_config  # noqa: E402
 from elixir_d2.trainer import build_optimizer  # noqa: E402
@@ -44,12 +44,10 @@ def time_steps(config: str, rounds: int, steps: int = 10) -> Tuple[Dict[str, Lis
     torch.manual_seed(0)
     models = {"detectron2 loop": build_model(cfg)}
     models["batched (shipped)"] = copy.deepcopy(models["detectron2 loop"])
-    s = cfg.SOLVER
-    sgd = dict(lr=s.BASE_LR, momentum=s.MOMENTUM, nesterov=s.NESTEROV, weight_decay=s.WEIGHT_DECAY)
-    d2_groups = get_default_optimizer_params(
-        models["detectron2 loop"], base_lr=s.BASE_LR, weight_decay_norm=s.WEIGHT_DECAY_NORM,
-        bias_lr_factor=s.BIAS_LR_FACTOR, weight_decay_bias=s.WEIGHT_DECAY_BIAS)
-    opts = {"detectron2 loop": maybe_add_gradient_clipping(cfg, torch.optim.SGD)(d2_groups, **sgd),
+    # The reference takes the shipped optimizer's parameter groups (rates, decay), so the two
+    # differ only in how they clip.
+    groups = [dict(g) for g in build_optimizer(cfg, models["detectron2 loop"]).param_groups]
+    opts = {"detectron2 loop": maybe_add_gradient_clipping(cfg, torch.optim.SGD)(groups),
             "batched (shipped)": build_optimizer(cfg, models["batched (shipped)"])}
     g = torch.Generator().manual_seed(1)
     grads = [torch.randn(p.shape, generator=g) * 4 for p in models["detectron2 loop"].parameters()]
