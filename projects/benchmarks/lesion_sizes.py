@@ -66,7 +66,7 @@ def collect(cfg) -> tuple:
 
     from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.data import DatasetCatalog
-    from detectron2.structures import Boxes, pairwise_iou
+    from detectron2.structures import Boxes, BoxMode, pairwise_iou
 
     from elixir_d2.evaluation.proposal_recall import capture_proposals
     from elixir_d2.trainer import ElixirTrainer
@@ -94,18 +94,20 @@ def collect(cfg) -> tuple:
                 order = torch.argsort(props.objectness_logits, descending=True)[:300]
                 proposals = Boxes(props.proposal_boxes.tensor[order] * scale)
                 inst = out["instances"].to("cpu")
-                gt = Boxes(torch.tensor([a["bbox"] for a in gts], dtype=torch.float32)
-                           .reshape(-1, 4))
+                # In the record's box mode, as the evaluator reads it.
+                xyxy = [BoxMode.convert(list(a["bbox"]), a.get("bbox_mode", BoxMode.XYXY_ABS),
+                                        BoxMode.XYXY_ABS) for a in gts]
+                gt = Boxes(torch.tensor(xyxy, dtype=torch.float32).reshape(-1, 4))
                 p_iou = pairwise_iou(proposals, gt)
                 d_iou = pairwise_iou(inst.pred_boxes, gt)
                 hit = d_iou >= 0.5
                 fp_scores += inst.scores[~hit.any(1)].tolist()
-                for j, a in enumerate(gts):
+                for j, (a, box) in enumerate(zip(gts, xyxy)):
                     hits = inst.scores[hit[:, j]]
                     diameter = a.get("diameter_mm")
                     lesions.append(Lesion(
                         float(diameter[0]) if diameter is not None else float("nan"),
-                        float(a["bbox"][2] - a["bbox"][0]),
+                        float(box[2] - box[0]),
                         float(p_iou[:, j].max()) if len(proposals) else 0.0,
                         float(hits.max()) if len(hits) else float("-inf")))
     return lesions, fp_scores, kept
