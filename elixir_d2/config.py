@@ -95,6 +95,14 @@ def add_elixirnet_config(cfg: CN) -> None:
     _C.INPUT.LESION_CROP = CN()
     _C.INPUT.LESION_CROP.SIZE = 0
     _C.INPUT.LESION_CROP.LESION_PROB = 0.5
+    # Inference on the body only: each test slice is cropped to the box of its body (pixels of
+    # the key slice above HU_THRESHOLD, specks left out) grown by MARGIN_MM, at the resampling
+    # the whole slice would get, so the air and table around it cost no backbone time.
+    # Predictions come back in slice pixels (elixir_d2.data.body_crop.to_slice_pixels).
+    _C.INPUT.BODY_CROP = CN()
+    _C.INPUT.BODY_CROP.ENABLED = False
+    _C.INPUT.BODY_CROP.HU_THRESHOLD = -500.0
+    _C.INPUT.BODY_CROP.MARGIN_MM = 10.0
 
     # -------------------------------------------------------- Deformable backbone (Deformv2)
     # Op behind MODEL.RESNETS.DEFORM_ON_PER_STAGE in build_deformable_resnet{,_fpn}_backbone:

@@ -80,8 +80,8 @@ def test_inputs_equal_the_training_mapper(tmp_path):
                   "slice_dir": folder, "slice_idx": key, "slice_range": (1, 7), "slice_intv": 1.25,
                   "spacing": 0.7, "annotations": []}
         expect = mapper(record)
-        got, size, fallbacks = predictor.prepare(volume, key)
-        assert tuple(got.shape) == (3, 42, 50) and size == (42, 50)
+        got, size, fallbacks, crop = predictor.prepare(volume, key)
+        assert tuple(got.shape) == (3, 42, 50) and size == (42, 50) and crop is None
         torch.testing.assert_close(got, expect["image"], rtol=0, atol=0)
         assert fallbacks == expect["fallback_slices"]
 
@@ -160,6 +160,26 @@ def test_known_lesion_through_the_pipeline(tmp_path):
     assert (froc["num_images"], froc["num_gt"], froc["num_hits"]) == (3, 1, 1)
     assert set(froc["sensitivity"].values()) == {1.0}
     assert os.path.getsize(f"{out}/froc.png") > 1000
+
+
+def test_body_crop_gives_the_same_boxes_in_slice_pixels(tmp_path):
+    """INPUT.BODY_CROP: the model sees the body (rows / columns 4..35 of 40) plus a 2 mm (one
+    pixel) margin, 34 x 34, and the lesion still comes out at [14, 10, 30, 22]."""
+    vol = phantom(slices=5, lesion=(1, 4, 10, 22, 14, 30))
+    cases = tmp_path / "cases"
+    cases.mkdir()
+    write_nifti(cases / "ct.nii.gz", vol, spacing=(2.0, 2.0, 2.5))
+    cfg = quickstart_cfg(opts=["INPUT.BODY_CROP.ENABLED", "True",
+                               "INPUT.BODY_CROP.MARGIN_MM", "2.0"])
+    lo, hi = cfg.INPUT.HU_WINDOW
+    out = str(tmp_path / "out")
+    run_prediction(cfg, str(cases), out, PredictOptions(progress=False),
+                   model=OracleModel((80 - lo) * 255 / (hi - lo)))
+    doc = json.load(open(f"{out}/ct/detections.json"))
+    assert doc["model_input_size"] == [[34, 34]]
+    assert [d["slice_index"] for d in doc["detections"]] == [1, 2, 3]
+    for d in doc["detections"]:
+        assert [d["x1"], d["y1"], d["x2"], d["y2"]] == [14, 10, 30, 22]
 
 
 # ----------------------------------------------------------------------------- CLI, real model

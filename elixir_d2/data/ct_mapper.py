@@ -17,6 +17,8 @@ from detectron2.data import transforms as T
 from detectron2.structures import BoxMode
 from detectron2.utils.file_io import PathManager
 
+from .body_crop import body_box
+
 logger = logging.getLogger(__name__)
 
 HU_OFFSET = 32768  # DeepLesion PNGs store HU + 32768 as uint16
@@ -206,6 +208,9 @@ class CTDatasetMapper:
         flip_prob: float = 0.5,
         crop_size: int = 0,
         crop_lesion_prob: float = 0.5,
+        body_crop: bool = False,
+        body_hu_threshold: float = -500.0,
+        body_margin_mm: float = 10.0,
     ):
         self.is_train = is_train
         self.offsets_mm = slice_offsets_mm(num_slices, slice_interval_mm)
@@ -221,6 +226,12 @@ class CTDatasetMapper:
         # Crops are a training device: inference always sees the whole slice.
         self.crop_size = int(crop_size) if is_train else 0
         self.crop_lesion_prob = float(crop_lesion_prob)
+        if body_margin_mm < 0:
+            raise ValueError(f"INPUT.BODY_CROP.MARGIN_MM={body_margin_mm} must be >= 0")
+        # Body crops are an inference device: training crops come from LESION_CROP.
+        self.body_crop = bool(body_crop) and not is_train
+        self.body_hu_threshold = float(body_hu_threshold)
+        self.body_margin_mm = float(body_margin_mm)
         self.fallback_slices = 0
         self.records_seen = 0
 
@@ -236,6 +247,9 @@ class CTDatasetMapper:
             "flip_prob": cfg.INPUT.FLIP_PROB,
             "crop_size": cfg.INPUT.LESION_CROP.SIZE,
             "crop_lesion_prob": cfg.INPUT.LESION_CROP.LESION_PROB,
+            "body_crop": cfg.INPUT.BODY_CROP.ENABLED,
+            "body_hu_threshold": cfg.INPUT.BODY_CROP.HU_THRESHOLD,
+            "body_margin_mm": cfg.INPUT.BODY_CROP.MARGIN_MM,
         }
 
     def output_size(self, height: int, width: int, spacing: float) -> Tuple[int, int]:
@@ -271,8 +285,14 @@ class CTDatasetMapper:
                 f"{record['file_name']}: image is {w}x{h} but the annotation says "
                 f"{record['width']}x{record['height']}"
             )
-        image = window_to_uint8_range(hu, self.hu_window)
         new_h, new_w = self.output_size(h, w, record["spacing"])
+        if self.body_crop:
+            hu, new_h, new_w, box = self.crop_to_body(hu, record["spacing"], new_h, new_w)
+            if box is not None:
+                # Predictions come out in this frame; to_slice_pixels adds the offset back.
+                h, w = hu.shape[:2]
+                record["height"], record["width"], record["body_crop"] = h, w, box
+        image = window_to_uint8_range(hu, self.hu_window)
         annos = record.pop("annotations", None)
         transforms = [CVResizeTransform(h, w, new_h, new_w)]
         if self.crop_size > 0:
@@ -289,6 +309,22 @@ class CTDatasetMapper:
             instances = utils.annotations_to_instances(annos, (new_h, new_w))
             record["instances"] = utils.filter_empty_instances(instances)
         return record
+
+    def crop_to_body(self, hu: np.ndarray, spacing: float, new_h: int, new_w: int
+                     ) -> Tuple[np.ndarray, int, int, Optional[Tuple[int, int, int, int]]]:
+        """``hu`` (H, W, slices) cropped to the key slice's body (:func:`body_box`), with the
+        output size that keeps the whole slice's scale ``new_h / H`` (the one training saw, not
+        the crop's own cap), and the crop box in slice pixels; ``hu`` unchanged and None when
+        the body fills the slice or no pixel is above the threshold."""
+        h, w = hu.shape[:2]
+        margin = int(math.ceil(self.body_margin_mm / spacing))
+        box = body_box(hu[..., hu.shape[2] // 2], self.body_hu_threshold, margin)
+        if box is None or box == (0, 0, w, h):
+            return hu, new_h, new_w, None
+        x0, y0, x1, y1 = box
+        crop_h = max(1, int(round((y1 - y0) * new_h / h)))
+        crop_w = max(1, int(round((x1 - x0) * new_w / w)))
+        return hu[y0:y1, x0:x1], crop_h, crop_w, box
 
     def _crop_transform(self, annos: List[Dict], h: int, w: int, new_h: int,
                         new_w: int) -> T.CropTransform:

@@ -21,6 +21,7 @@ from detectron2.structures import BoxMode
 from detectron2.utils import comm
 from detectron2.utils.file_io import PathManager
 
+from ..data.body_crop import to_slice_pixels
 from .froc import CRITERIA, MEAN_SENS_FPS, PAPER_FPS, compute_froc
 from .report import CRITERION_NAMES, fp_key, plot_froc
 
@@ -175,7 +176,7 @@ class LesionEvaluator(DatasetEvaluator):
                     f"{self._dataset_name} is untyped but image {inp['image_id']} has an RTM "
                     "model's per-type detections: set model.roi_heads.rtm_output = 'binary' "
                     "(ElixirTrainer.test does)")
-            boxes = inst.pred_boxes.tensor.numpy().astype(np.float32)
+            boxes = to_slice_pixels(inst.pred_boxes.tensor.numpy().astype(np.float32), inp)
             scores = inst.scores.numpy().astype(np.float32)
             classes = inst.pred_classes.numpy() if inst.has("pred_classes") else np.zeros(len(inst))
             classes = classes.astype(np.int64)

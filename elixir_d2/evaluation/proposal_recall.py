@@ -18,6 +18,8 @@ from detectron2.evaluation import DatasetEvaluator
 from detectron2.structures import Boxes, BoxMode, Instances, pairwise_iou
 from detectron2.utils import comm
 
+from ..data.body_crop import to_slice_pixels
+
 __all__ = ["ProposalRecallEvaluator", "capture_proposals", "recall_at"]
 
 
@@ -58,8 +60,8 @@ class ProposalRecallEvaluator(DatasetEvaluator):
 
     ``proposals`` is the list filled by :func:`capture_proposals`; :meth:`process` consumes
     one entry per input, in order. Proposals are scaled from the network input back to the
-    record's height and width. Possibly_noisy lesions are left out, as in
-    :class:`~elixir_d2.evaluation.LesionEvaluator`.
+    record's height and width, and shifted by its body crop (slice pixels). Possibly_noisy
+    lesions are left out, as in :class:`~elixir_d2.evaluation.LesionEvaluator`.
     """
 
     def __init__(self, dataset_name: str, proposals: List[Instances],
@@ -102,7 +104,8 @@ class ProposalRecallEvaluator(DatasetEvaluator):
             scale = np.array([inp["width"] / w_in, inp["height"] / h_in] * 2)
             order = np.argsort(-props.objectness_logits.numpy(), kind="stable")
             g = gt[inp["image_id"]]
-            self._counts.append(recall_at(boxes[order] * scale, g, self._topks))
+            self._counts.append(recall_at(to_slice_pixels(boxes[order] * scale, inp), g,
+                                          self._topks))
             self._num_gt += len(g)
 
     def evaluate(self):

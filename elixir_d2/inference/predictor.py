@@ -22,7 +22,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 import torch
@@ -30,6 +30,7 @@ import torch
 from detectron2.data import MetadataCatalog
 from detectron2.modeling import build_model
 
+from ..data.body_crop import to_slice_pixels
 from ..data.ct_mapper import CTDatasetMapper, CVResizeTransform, SliceStack, window_to_uint8_range
 from ..data.deeplesion import LESION_TYPES
 from ..modeling.box_head import RelationBoxHead
@@ -53,6 +54,15 @@ class ArraySliceStack(SliceStack):
     def _read(self, idx: int) -> Optional[np.ndarray]:
         row = self._volume.rows.get(idx)
         return None if row is None else self._volume.hu[row]
+
+
+class Prepared(NamedTuple):
+    """One slice's model input and where it came from."""
+
+    image: torch.Tensor  # 3 x h x w
+    size: Tuple[int, int]  # (h, w)
+    fallbacks: int  # neighbour slices that fell back toward the key slice
+    body_crop: Optional[Tuple[int, int, int, int]]  # (x0, y0, x1, y1) slice pixels, or None
 
 
 @dataclass
@@ -127,6 +137,10 @@ class CTPredictor:
         self.model = model if model is not None else build_predictor_model(cfg)
         self.model.eval()
         self.mapper = CTDatasetMapper(cfg, is_train=False)
+        # TRPN's confidence is drawn over the whole slice, air included, as training saw it.
+        self.body_crop = self.mapper.body_crop and not capture_confidence
+        if self.mapper.body_crop and capture_confidence:
+            logger.info("--draw-confidence: slices are seen whole (INPUT.BODY_CROP left out)")
         self.batch_size = batch_size
         self.class_names = _class_names(cfg)
         self.capture_relations = capture_relations
@@ -169,18 +183,21 @@ class CTPredictor:
         self.close()
 
     # ------------------------------------------------------------------ inputs
-    def prepare(self, volume: CTVolume, number: int) -> Tuple[torch.Tensor, Tuple[int, int], int]:
-        """Model input (3 x h' x w' float tensor) of slice ``number``, its size and fallbacks;
-        the steps of CTDatasetMapper.__call__ in evaluation mode."""
+    def prepare(self, volume: CTVolume, number: int) -> Prepared:
+        """Model input of slice ``number``: the steps of CTDatasetMapper.__call__ in
+        evaluation mode, body crop (INPUT.BODY_CROP) included."""
         stack = ArraySliceStack(volume, number)
         hu = np.stack([stack.at_offset(o / volume.slice_interval) for o in self.mapper.offsets_mm],
                       axis=-1)
-        image = window_to_uint8_range(hu, self.mapper.hu_window)
+        new_h, new_w = self.mapper.output_size(hu.shape[0], hu.shape[1], volume.spacing[0])
+        crop = None
+        if self.body_crop:
+            hu, new_h, new_w, crop = self.mapper.crop_to_body(hu, volume.spacing[0], new_h, new_w)
         h, w = hu.shape[:2]
-        new_h, new_w = self.mapper.output_size(h, w, volume.spacing[0])
+        image = window_to_uint8_range(hu, self.mapper.hu_window)
         image = CVResizeTransform(h, w, new_h, new_w).apply_image(image)
         tensor = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
-        return tensor, (new_h, new_w), stack.fallbacks
+        return Prepared(tensor, (new_h, new_w), stack.fallbacks, crop)
 
     # ------------------------------------------------------------------ inference
     def predict_volume(
@@ -202,8 +219,7 @@ class CTPredictor:
             chunk = numbers[start : start + self.batch_size]
             t0 = time.perf_counter()
             prepared = [self.prepare(volume, n) for n in chunk]
-            inputs = [{"image": t, "height": volume.height, "width": volume.width}
-                      for t, _, _ in prepared]
+            inputs = [self._model_input(volume, p) for p in prepared]
             t1 = time.perf_counter()
             with torch.no_grad():
                 outputs = self.model(inputs)
@@ -212,17 +228,26 @@ class CTPredictor:
             t2 = time.perf_counter()
             result.prepare_s += t1 - t0
             result.forward_s += t2 - t1
-            for i, (n, (_, size, fallbacks), out) in enumerate(zip(chunk, prepared, outputs)):
-                result.slices.append(self._slice_result(volume, n, size, fallbacks,
-                                                        out["instances"], i))
+            for i, (n, p, inp, out) in enumerate(zip(chunk, prepared, inputs, outputs)):
+                result.slices.append(self._slice_result(volume, n, p, inp, out["instances"], i))
                 if on_slice is not None:
                     on_slice(result.slices[-1])
             if progress is not None:
                 progress.update(len(chunk))
         return result
 
-    def _slice_result(self, volume: CTVolume, number: int, size: Tuple[int, int], fallbacks: int,
-                      inst, i: int) -> SlicePrediction:
+    @staticmethod
+    def _model_input(volume: CTVolume, p: Prepared) -> Dict:
+        """The model's input dict: outputs come in the crop's frame when the slice was cropped
+        (the mapper's convention, undone by to_slice_pixels)."""
+        if p.body_crop is None:
+            return {"image": p.image, "height": volume.height, "width": volume.width}
+        x0, y0, x1, y1 = p.body_crop
+        return {"image": p.image, "height": y1 - y0, "width": x1 - x0, "body_crop": p.body_crop}
+
+    def _slice_result(self, volume: CTVolume, number: int, p: Prepared, inp: Dict, inst,
+                      i: int) -> SlicePrediction:
+        size = p.size
         inst = inst.to("cpu")
         classes = inst.pred_classes.numpy().astype(np.int64)
         type_names = None
@@ -233,11 +258,12 @@ class CTPredictor:
         elif self.class_names is not None:
             type_names = [self.class_names[c] for c in classes]
         pred = SlicePrediction(
-            slice_number=number, boxes=inst.pred_boxes.tensor.numpy().astype(np.float64),
+            slice_number=number,
+            boxes=to_slice_pixels(inst.pred_boxes.tensor.numpy().astype(np.float64), inp),
             scores=inst.scores.numpy().astype(np.float64), classes=classes, type_names=type_names,
-            input_size=size, fallbacks=fallbacks,
+            input_size=size, fallbacks=p.fallbacks,
         )
-        scale = np.array([volume.width / size[1], volume.height / size[0]] * 2)
+        scale = np.array([inp["width"] / size[1], inp["height"] / size[0]] * 2)
         if self.capture_relations:
             props = self._proposals[i].to("cpu")
             relations = self._relations
@@ -249,7 +275,7 @@ class CTPredictor:
             e = relations[i].detach().cpu().numpy()
             if e.shape != (len(props), len(props)):
                 raise ValueError(f"relation matrix {e.shape} does not match {len(props)} proposals")
-            pred.proposals = props.proposal_boxes.tensor.numpy() * scale
+            pred.proposals = to_slice_pixels(props.proposal_boxes.tensor.numpy() * scale, inp)
             pred.proposal_scores = props.objectness_logits.numpy()
             pred.relations = e
         if self.capture_confidence:

@@ -68,6 +68,7 @@ def collect(cfg) -> tuple:
     from detectron2.data import DatasetCatalog
     from detectron2.structures import Boxes, BoxMode, pairwise_iou
 
+    from elixir_d2.data.body_crop import to_slice_pixels
     from elixir_d2.evaluation.proposal_recall import capture_proposals
     from elixir_d2.trainer import ElixirTrainer
 
@@ -92,8 +93,11 @@ def collect(cfg) -> tuple:
                 h, w = props.image_size
                 scale = torch.tensor([inp["width"] / w, inp["height"] / h] * 2)
                 order = torch.argsort(props.objectness_logits, descending=True)[:300]
-                proposals = Boxes(props.proposal_boxes.tensor[order] * scale)
+                proposals = Boxes(torch.as_tensor(
+                    to_slice_pixels((props.proposal_boxes.tensor[order] * scale).numpy(), inp)))
                 inst = out["instances"].to("cpu")
+                inst.pred_boxes = Boxes(torch.as_tensor(
+                    to_slice_pixels(inst.pred_boxes.tensor.numpy(), inp)))
                 # In the record's box mode, as the evaluator reads it.
                 xyxy = [BoxMode.convert(list(a["bbox"]), a.get("bbox_mode", BoxMode.XYXY_ABS),
                                         BoxMode.XYXY_ABS) for a in gts]

@@ -29,6 +29,7 @@ from detectron2.utils.file_io import PathManager
 
 import elixir_d2
 from elixir_d2.cli import run_cli
+from elixir_d2.data.body_crop import to_slice_pixels
 from elixir_d2.data.ct_mapper import CTDatasetMapper
 from elixir_d2.evaluation import PAPER_FPS, format_froc_table
 from elixir_d2.modeling.genotype_source import resolve_genotype_config
@@ -74,9 +75,10 @@ def detections_on(model, cfg, records: List[Dict], min_score: float) -> List[np.
     out = []
     with torch.no_grad():
         for r in records:
-            inst = model([mapper(r)])[0]["instances"].to("cpu")
+            inp = mapper(r)
+            inst = model([inp])[0]["instances"].to("cpu")
             keep = inst.scores >= min_score
-            out.append(inst.pred_boxes.tensor[keep].numpy())
+            out.append(to_slice_pixels(inst.pred_boxes.tensor[keep].numpy(), inp))
     return out
 
 
