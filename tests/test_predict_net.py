@@ -86,6 +86,30 @@ def test_inputs_equal_the_training_mapper(tmp_path):
         assert fallbacks == expect["fallback_slices"]
 
 
+def test_cropped_inputs_equal_the_training_mapper(tmp_path):
+    """With INPUT.BODY_CROP the predictor crops as the evaluation mapper does: same box, same
+    tensor, at the whole slice's scale (0.7 -> 0.5 mm)."""
+    rng = np.random.default_rng(1)
+    vol = np.full((5, 30, 36), -1000, np.int16)
+    vol[:, 6:25, 9:30] = rng.integers(-400, 1500, size=(5, 19, 21))
+    root = str(tmp_path / "DeepLesion")
+    folder = write_png_series(root, "000005_01_01", vol, first=1)
+    write_dl_info(root, [dl_row("000005_01_01_003.png", spacing=(0.7, 0.7, 2.0), size=(36, 30))])
+    cfg = quickstart_cfg(opts=["INPUT.NORM_SPACING_MM", "0.5", "INPUT.BODY_CROP.ENABLED", "True",
+                               "INPUT.BODY_CROP.MARGIN_MM", "1.4"])
+    predictor = CTPredictor(cfg, model=nn.Identity())
+    volume = read_case(discover_cases(folder)[0][0])
+    record = {"file_name": f"{folder}/003.png", "image_id": 0, "height": 30, "width": 36,
+              "slice_dir": folder, "slice_idx": 3, "slice_range": (1, 5), "slice_intv": 2.0,
+              "spacing": 0.7, "annotations": []}
+    expect = CTDatasetMapper(cfg, is_train=False)(record)
+    got, size, _, crop = predictor.prepare(volume, 3)
+    # Body rows 6..24, columns 9..29, grown by 2 pixels (1.4 mm); x 1.4 of 23 x 25 = 32 x 35.
+    assert crop == expect["body_crop"] == (7, 4, 32, 27)
+    assert size == (32, 35) and (expect["height"], expect["width"]) == (23, 25)
+    torch.testing.assert_close(got, expect["image"], rtol=0, atol=0)
+
+
 # ----------------------------------------------------------------------------- oracle model
 class OracleModel(nn.Module):
     """Detects the bright lesion in the key-slice channel: the box around input pixels above
