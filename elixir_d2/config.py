@@ -115,6 +115,9 @@ def add_elixirnet_config(cfg: CN) -> None:
     # the DCN papers give these layers a reduced rate for the same reason.
     _C.SOLVER.DEFORM_OFFSET_LR_FACTOR = 1.0
 
+    # Negative slope of the hidden conv's activation in MODEL.RPN.HEAD_NAME "LeakyRPNHead".
+    _C.MODEL.RPN.LEAKY_SLOPE = 0.1
+
     # ---------------------------------------------------------------- TruncatedRPN (paper eq. 1)
     _C.MODEL.TRPN = CN()
     # Truncation threshold eps on the location confidence p; a negative value means "the mean
