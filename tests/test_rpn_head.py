@@ -47,7 +47,8 @@ def test_built_from_the_config_for_rpn_and_trpn():
         assert isinstance(head.conv.activation, nn.LeakyReLU)
         assert head.conv.activation.negative_slope == 0.2
         # StandardRPNHead's init of its hidden conv still applies.
-        assert float(head.conv.bias.abs().max()) == 0.0 and float(head.conv.weight.std()) < 0.02
+        bias, weight = head.conv.bias.detach(), head.conv.weight.detach()
+        assert float(bias.abs().max()) == 0.0 and float(weight.std()) < 0.02
 
 
 @pytest.mark.parametrize("slope", [0.0, 1.0, -0.1])
