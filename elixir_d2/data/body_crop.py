@@ -6,12 +6,12 @@ margin, and predictions are shifted back to slice pixels with :func:`to_slice_pi
 """
 from __future__ import annotations
 
-from typing import Mapping, Optional, Tuple
+from typing import Dict, Mapping, Optional, Tuple
 
 import cv2
 import numpy as np
 
-__all__ = ["body_box", "to_slice_pixels"]
+__all__ = ["body_box", "crop_frame", "to_slice_pixels"]
 
 # Components smaller than this share of the largest one are specks (noise, streaks, wires), not
 # body; arms and the table are far larger and are kept, which only widens the box.
@@ -46,6 +46,14 @@ def body_box(
     h, w = hu.shape
     return (int(max(0, x0 - margin_px)), int(max(0, y0 - margin_px)),
             int(min(w, x1 + margin_px)), int(min(h, y1 + margin_px)))
+
+
+def crop_frame(box: Tuple[int, int, int, int]) -> Dict:
+    """The model-input keys of a slice cropped to ``box``: detectron2 puts predictions in the
+    ``height`` x ``width`` frame, which becomes the crop's, and ``body_crop`` keeps the box for
+    :func:`to_slice_pixels`."""
+    x0, y0, x1, y1 = box
+    return {"height": y1 - y0, "width": x1 - x0, "body_crop": box}
 
 
 def to_slice_pixels(boxes: np.ndarray, record: Mapping) -> np.ndarray:

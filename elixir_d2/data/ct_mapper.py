@@ -17,7 +17,7 @@ from detectron2.data import transforms as T
 from detectron2.structures import BoxMode
 from detectron2.utils.file_io import PathManager
 
-from .body_crop import body_box
+from .body_crop import body_box, crop_frame
 
 logger = logging.getLogger(__name__)
 
@@ -289,9 +289,8 @@ class CTDatasetMapper:
         if self.body_crop:
             hu, new_h, new_w, box = self.crop_to_body(hu, record["spacing"], new_h, new_w)
             if box is not None:
-                # Predictions come out in this frame; to_slice_pixels adds the offset back.
                 h, w = hu.shape[:2]
-                record["height"], record["width"], record["body_crop"] = h, w, box
+                record.update(crop_frame(box))
         image = window_to_uint8_range(hu, self.hu_window)
         annos = record.pop("annotations", None)
         transforms = [CVResizeTransform(h, w, new_h, new_w)]

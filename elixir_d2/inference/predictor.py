@@ -30,7 +30,7 @@ import torch
 from detectron2.data import MetadataCatalog
 from detectron2.modeling import build_model
 
-from ..data.body_crop import to_slice_pixels
+from ..data.body_crop import crop_frame, to_slice_pixels
 from ..data.ct_mapper import CTDatasetMapper, CVResizeTransform, SliceStack, window_to_uint8_range
 from ..data.deeplesion import LESION_TYPES
 from ..modeling.box_head import RelationBoxHead
@@ -242,8 +242,7 @@ class CTPredictor:
         (the mapper's convention, undone by to_slice_pixels)."""
         if p.body_crop is None:
             return {"image": p.image, "height": volume.height, "width": volume.width}
-        x0, y0, x1, y1 = p.body_crop
-        return {"image": p.image, "height": y1 - y0, "width": x1 - x0, "body_crop": p.body_crop}
+        return {"image": p.image, **crop_frame(p.body_crop)}
 
     def _slice_result(self, volume: CTVolume, number: int, p: Prepared, inp: Dict, inst,
                       i: int) -> SlicePrediction:

@@ -44,8 +44,10 @@ def lesion_rows(model_dir: str) -> List[Row]:
     from elixir_d2.evaluation.proposal_recall import capture_proposals
     from elixir_d2.trainer import ElixirTrainer
 
+    # Whole test slices: the lesion geometry below is in whole-slice network coordinates.
     cfg = elixir_d2.load_config(os.path.join(model_dir, "config.yaml"), [
-        "MODEL.WEIGHTS", os.path.join(model_dir, "model_final.pth"), "MODEL.DEVICE", "cpu"])
+        "MODEL.WEIGHTS", os.path.join(model_dir, "model_final.pth"), "MODEL.DEVICE", "cpu",
+        "INPUT.BODY_CROP.ENABLED", "False"])
     model = ElixirTrainer.build_model(cfg)
     DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
     model.eval()
