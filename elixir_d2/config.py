@@ -117,6 +117,10 @@ def add_elixirnet_config(cfg: CN) -> None:
 
     # Negative slope of the hidden conv's activation in MODEL.RPN.HEAD_NAME "LeakyRPNHead".
     _C.MODEL.RPN.LEAKY_SLOPE = 0.1
+    # Normalisation after the hidden conv in MODEL.RPN.HEAD_NAME "NormRPNHead" ("BN", "GN", ...),
+    # shared by the feature levels as the conv is, or one per level.
+    _C.MODEL.RPN.HEAD_NORM = "BN"
+    _C.MODEL.RPN.HEAD_NORM_PER_LEVEL = False
 
     # ---------------------------------------------------------------- TruncatedRPN (paper eq. 1)
     _C.MODEL.TRPN = CN()

@@ -7,13 +7,17 @@ highest where every hidden unit is off. There the ReLU passes no gradient, so ne
 the units back on, and the box deltas at the lesion are the delta conv's bias alone.
 docs/design.md, "Decisions where the paper is silent" / RPN head, has the measurements.
 """
+from typing import List
+
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 from detectron2.config import configurable
-from detectron2.layers import Conv2d
+from detectron2.layers import Conv2d, get_norm
 from detectron2.modeling.proposal_generator.rpn import RPN_HEAD_REGISTRY, StandardRPNHead
 
-__all__ = ["LeakyRPNHead"]
+__all__ = ["LeakyRPNHead", "NormRPNHead"]
 
 
 @RPN_HEAD_REGISTRY.register()
@@ -38,3 +42,48 @@ class LeakyRPNHead(StandardRPNHead):
         # StandardRPNHead.__init__ initialises it as its own hidden conv.
         return Conv2d(in_channels, out_channels, kernel_size=3, stride=1, padding=1,
                       activation=nn.LeakyReLU(self.negative_slope))
+
+
+@RPN_HEAD_REGISTRY.register()
+class NormRPNHead(StandardRPNHead):
+    """:class:`StandardRPNHead` with a normalisation (``MODEL.RPN.HEAD_NORM``) between its hidden
+    conv and the ReLU. The conv is shared across feature levels as in detectron2; the norm is too,
+    or one per level with ``MODEL.RPN.HEAD_NORM_PER_LEVEL`` (BatchNorm's running statistics of a
+    level then serve that level at test)."""
+
+    @configurable
+    def __init__(self, *, norm: str = "BN", num_levels: int = 1, per_level: bool = False,
+                 **kwargs):
+        if not norm:
+            raise ValueError("NormRPNHead needs MODEL.RPN.HEAD_NORM (e.g. 'BN'), got ''")
+        if len(kwargs.get("conv_dims", (-1,))) != 1:
+            raise ValueError(f"NormRPNHead has one hidden conv; MODEL.RPN.CONV_DIMS="
+                             f"{kwargs['conv_dims']} asks for more")
+        super().__init__(**kwargs)
+        channels = self.conv.out_channels
+        self.num_levels = num_levels
+        self.norms = nn.ModuleList(get_norm(norm, channels)
+                                   for _ in range(num_levels if per_level else 1))
+
+    @classmethod
+    def from_config(cls, cfg, input_shape):
+        ret = super().from_config(cfg, input_shape)
+        ret["norm"] = cfg.MODEL.RPN.HEAD_NORM
+        ret["num_levels"] = len(input_shape)
+        ret["per_level"] = cfg.MODEL.RPN.HEAD_NORM_PER_LEVEL
+        return ret
+
+    def _get_rpn_conv(self, in_channels: int, out_channels: int) -> nn.Module:
+        return Conv2d(in_channels, out_channels, kernel_size=3, stride=1, padding=1)
+
+    def forward(self, features: List[torch.Tensor]):
+        if len(features) != self.num_levels:
+            raise ValueError(f"NormRPNHead was built for {self.num_levels} feature levels, got "
+                             f"{len(features)}")
+        logits, deltas = [], []
+        for level, x in enumerate(features):
+            norm = self.norms[level if len(self.norms) > 1 else 0]
+            t = F.relu(norm(self.conv(x)))
+            logits.append(self.objectness_logits(t))
+            deltas.append(self.anchor_deltas(t))
+        return logits, deltas
