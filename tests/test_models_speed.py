@@ -173,3 +173,30 @@ def test_sweep_expand_takes_group_names_only_where_a_key_is_expected():
     assert got == ["A.B", "1", "C.D", "2", "MODEL.FPN.NORM", "BN", "MODEL.RESNETS.NORM", "BN"]
     with pytest.raises(ValueError, match="SEED"):
         regime_sweep.expand(["W", "SEED"], groups)
+
+
+def test_rpn_head_weights_reports_each_tensor_against_its_init(tmp_path):
+    import pytest
+    import rpn_head_weights as rw
+
+    # Objectness weights -1, 3, -1, -1: mean 0, std 2 (unbiased), one of four above zero.
+    state = {"model": {
+        "proposal_generator.rpn_head.objectness_logits.weight":
+            torch.tensor([-1.0, 3.0, -1.0, -1.0]).view(1, 4, 1, 1),
+        "proposal_generator.rpn_head.objectness_logits.bias": torch.tensor([0.5]),
+        "backbone.stem.conv1.weight": torch.ones(1),
+    }}
+    path = str(tmp_path / "model_final.pth")
+    torch.save(state, path)
+    lines = rw.report(path)
+    assert lines[0] == path
+    weight = next(line for line in lines if "objectness_logits.weight" in line)
+    assert "mean +0.0000" in weight and "std 2.0000" in weight and "init N(0, 0.01)" in weight
+    bias = next(line for line in lines if "objectness_logits.bias" in line)
+    assert "mean +0.5000" in bias and "init -" in bias
+    assert lines[-1].strip() == "objectness weights > 0: 25.0%"
+    assert not any("backbone" in line for line in lines)
+
+    torch.save({"model": {"backbone.stem.conv1.weight": torch.ones(1)}}, path)
+    with pytest.raises(ValueError, match="no tensor under 'proposal_generator.rpn_head.'"):
+        rw.report(path)

@@ -125,3 +125,22 @@ def test_norm_head_refuses_a_bad_setup():
         NormRPNHead(in_channels=1, num_anchors=1, norm="BN", num_levels=1, conv_dims=[4, 4])
     with pytest.raises(ValueError, match="built for 2 feature levels, got 1"):
         _norm_head(2)([torch.ones(1, 1, 2, 2)])
+
+
+def test_norm_head_trains_on_a_one_value_level_with_the_running_statistics():
+    # P6 of a tiny input: one image, a 1 x 1 map, so BatchNorm has no batch statistics there.
+    head = _norm_head(num_levels=2, per_level=False)
+    with torch.no_grad():
+        head.norms[0].running_mean.fill_(1.0)
+        head.norms[0].running_var.fill_(4.0)
+    small = torch.tensor([1.0, 2.0, 3.0, 4.0]).view(1, 1, 2, 2)
+    logits, _ = head([small, torch.full((1, 1, 1, 1), 7.0)])
+    # The 2 x 2 level first: its batch statistics, and it updates the shared running ones to
+    # mean 0.9 * 1 + 0.1 * 2.5 = 1.15, variance 0.9 * 4 + 0.1 * 5/3 (unbiased) = 3.7667.
+    torch.testing.assert_close(logits[0].flatten(),
+                               torch.tensor([0.0, 0.0, 0.5, 1.5]) / (1.25 + 1e-5) ** 0.5)
+    var = 0.9 * 4.0 + 0.1 * 5.0 / 3.0
+    # The 1 x 1 level reads those and leaves them as they are.
+    assert logits[1].item() == pytest.approx((7.0 - 1.15) / (var + 1e-5) ** 0.5)
+    assert head.norms[0].running_mean.item() == pytest.approx(1.15)
+    assert head.norms[0].running_var.item() == pytest.approx(var)

@@ -1,10 +1,17 @@
-"""An RPN head whose hidden conv keeps a gradient where it is off: a leaky ReLU.
+"""RPN heads for short from-scratch training: a leaky ReLU, or a norm before the ReLU.
 
-detectron2's :class:`StandardRPNHead` reads objectness and box deltas from ReLU(conv3x3(x)).
-Trained from scratch on CT slices, where a few lesions face thousands of background anchors, the
-objectness weights all turn negative: the head learns to score background, and a lesion scores
-highest where every hidden unit is off. There the ReLU passes no gradient, so neither loss can turn
-the units back on, and the box deltas at the lesion are the delta conv's bias alone.
+detectron2's :class:`StandardRPNHead` reads objectness and box deltas from ReLU(conv3x3(x)), every
+conv started from N(0, 0.01^2). Trained from scratch for a few hundred iterations on CT slices,
+where a few lesions face thousands of background anchors, its hidden conv and delta conv stay
+close to that start, and the objectness weights all turn negative: the head scores background, and
+a lesion scores highest where every hidden unit is off. There the ReLU passes no gradient, and
+the box deltas at the lesion are the delta conv's bias alone.
+
+- :class:`LeakyRPNHead` keeps a gradient where a unit is off.
+- :class:`NormRPNHead` normalises the hidden conv's output before the ReLU: whatever the conv's
+  scale, each hidden unit is centred and of unit spread over the batch (BatchNorm in training), so
+  it is on at some locations and off at others.
+
 docs/design.md, "Decisions where the paper is silent" / RPN head, has the measurements.
 """
 from typing import List
@@ -83,7 +90,18 @@ class NormRPNHead(StandardRPNHead):
         logits, deltas = [], []
         for level, x in enumerate(features):
             norm = self.norms[level if len(self.norms) > 1 else 0]
-            t = F.relu(norm(self.conv(x)))
+            t = F.relu(_normalise(norm, self.conv(x)))
             logits.append(self.objectness_logits(t))
             deltas.append(self.anchor_deltas(t))
         return logits, deltas
+
+
+def _normalise(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``norm(x)``, except for a BatchNorm in training given one value per channel (a 1 x 1 map of
+    one image, e.g. P6 of an input under 128 px), which has no batch statistics: that level is
+    normalised with the running ones, left as they are."""
+    one_value = x.shape[0] * x.shape[2] * x.shape[3] == 1
+    if one_value and norm.training and isinstance(norm, nn.modules.batchnorm._BatchNorm):
+        return F.batch_norm(x, norm.running_mean, norm.running_var, norm.weight, norm.bias,
+                            training=False, eps=norm.eps)
+    return norm(x)
