@@ -26,6 +26,7 @@ from elixir_d2.search import (
     load_search_halves,
     sample_random_genotype,
 )
+from elixir_d2.search.step import search_loss
 
 import search_net  # the repository root, on pytest's pythonpath
 
@@ -434,3 +435,45 @@ def test_warmup_epochs_train_w_only_and_entropy_is_logged(tiny_set, tmp_path):
     with pytest.raises(ValueError, match="WARMUP_EPOCHS"):
         ALBSearcher(search_net.setup(_search_args(tmp_path / "bad", "SEARCH.EPOCHS", "2",
                                                   "SEARCH.WARMUP_EPOCHS", "2")))
+
+
+def test_search_signal_measures_alpha_gradients_without_stepping(tiny_set, tmp_path, capsys):
+    """projects/benchmarks/search_signal.py on a finished search: its gradient is the one a full
+    backward gives; adding a constant to an edge's alphas leaves softmax(alpha) as it is, so each
+    edge's 9 gradients sum to 0; nothing moves and the weights stay trainable."""
+    import search_signal
+
+    out = tmp_path / "signal"
+    search_net.main(_search_args(out, "SEARCH.EPOCHS", "1"))
+    s = ALBSearcher(search_net.setup(_search_args(out, "SEARCH.EPOCHS", "1")))
+    s.checkpointer.load(str(out / "model_final.pth"), checkpointables=[])
+    head = s.model.roi_heads.box_head
+    params = {k: p.detach().clone() for k, p in s.model.named_parameters()}
+    trainable = [k for k, p in s.model.named_parameters() if p.requires_grad]
+    batch = s.next_batches()[1]
+    s.next_batches = lambda: (None, batch)
+    torch.manual_seed(5)  # the RoI sampling draws random numbers
+    grads = search_signal.alpha_gradients(s, 2)
+    assert grads.shape == (2, 2 * 14 * 9) and np.abs(grads).max() > 0
+    np.testing.assert_allclose(grads.reshape(2, 28, 9).sum(axis=2), 0.0,
+                               atol=1e-5 * np.abs(grads).max())
+    assert all(torch.equal(p, params[k]) for k, p in s.model.named_parameters())
+    assert [k for k, p in s.model.named_parameters() if p.requires_grad] == trainable
+
+    torch.manual_seed(5)
+    with EventStorage():
+        total, _ = search_loss(s.model, batch)
+    s.model.zero_grad(set_to_none=True)
+    total.backward()
+    full = torch.cat([a.grad.flatten() for a in head.arch_parameters()]).numpy()
+    np.testing.assert_allclose(grads[0], full, rtol=1e-4, atol=1e-7)
+
+    genotype = tmp_path / "gradient.yaml"
+    search_signal.main(["--search-dir", str(out), "--checkpoints", "model_final.pth",
+                        "model_final.pth", "--batches", "3", "--threads", "1",
+                        "--genotype-out", str(genotype)])
+    printed = capsys.readouterr().out
+    assert printed.count("| model_final.pth | 1 |") == 2  # two rows, epoch 1 of 1
+    assert "Correlation of the t vectors" in printed and "| 2: model_final.pth | " in printed
+    assert load_genotype(str(genotype)).space == "elixir"
+    assert yaml.safe_load(genotype.read_text())["provenance"]["batches"] == 3
