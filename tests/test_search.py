@@ -15,6 +15,7 @@ from PIL import Image
 from detectron2.engine import HookBase, default_argument_parser
 from detectron2.utils.events import EventStorage
 
+from elixir_d2.cli import MissingFileError
 from elixir_d2.data import register_deeplesion
 from elixir_d2.data.synthetic import generate_deeplesion
 from elixir_d2.modeling.alb.genotype import derive_genotype, load_genotype
@@ -477,3 +478,9 @@ def test_search_signal_measures_alpha_gradients_without_stepping(tiny_set, tmp_p
     assert "Correlation of the t vectors" in printed and "| 2: model_final.pth | " in printed
     assert load_genotype(str(genotype)).space == "elixir"
     assert yaml.safe_load(genotype.read_text())["provenance"]["batches"] == 3
+    with pytest.raises(MissingFileError, match="search checkpoint .*model_0000099.pth not found"):
+        search_signal.measure(str(out), ["model_final.pth", "model_0000099.pth"], 2)
+    # The DARTS space has 8 ops, not 9: the checkpoint's alphas do not fit, and it says so.
+    with pytest.raises(ValueError, match="model_final.pth does not fit.*alpha_normal"):
+        search_signal.measure(str(out), ["model_final.pth"], 2,
+                              ["MODEL.ALB.SEARCH_SPACE", "darts"])

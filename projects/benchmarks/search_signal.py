@@ -115,13 +115,22 @@ def measure(search_dir: str, checkpoints: Sequence[str], batches: int,
     cfg = load_config(require_file(os.path.join(search_dir, "config.yaml"), "search config",
                                    "--search-dir must be an OUTPUT_DIR of search_net.py"),
                       ["OUTPUT_DIR", search_dir, *opts])
+    paths = [require_file(os.path.join(search_dir, name), "search checkpoint",
+                          "name files of --search-dir (model_*.pth)") for name in checkpoints]
     searcher = ALBSearcher(cfg)
     searcher.model.train()
     rows = []
-    for name in checkpoints:
-        path = require_file(os.path.join(search_dir, name), "search checkpoint",
-                            "name files of --search-dir (model_*.pth)")
+    for name, path in zip(checkpoints, paths):
         extra = searcher.checkpointer.load(path, checkpointables=[])
+        # fvcore only logs what it could not load; a checkpoint of another search would leave
+        # parts of this one at their initialisation and measure those.
+        bad = searcher.checkpointer.last_incompatible
+        if bad is not None and (bad.missing_keys or bad.incorrect_shapes):
+            raise ValueError(
+                f"{path} does not fit the search of {search_dir}/config.yaml: missing "
+                f"{list(bad.missing_keys)[:3]}, shapes differ for "
+                f"{[k for k, *_ in bad.incorrect_shapes][:3]}"
+            )
         grads = alpha_gradients(searcher, batches)
         rows.append({"checkpoint": name, "iteration": extra.get("iteration"),
                      "iters_per_epoch": searcher.iters_per_epoch, **signal_summary(grads),
