@@ -111,7 +111,7 @@ def gradient_genotype(t: np.ndarray, space: str, branches: int) -> Genotype:
 
 def measure(search_dir: str, checkpoints: Sequence[str], batches: int,
             opts: Sequence[str] = ()) -> List[Dict]:
-    """One row per checkpoint: its name, iteration, summary and t vector."""
+    """One row per checkpoint: its name, iteration, summary, t vector and the search space."""
     cfg = load_config(require_file(os.path.join(search_dir, "config.yaml"), "search config",
                                    "--search-dir must be an OUTPUT_DIR of search_net.py"),
                       ["OUTPUT_DIR", search_dir, *opts])
@@ -134,7 +134,8 @@ def measure(search_dir: str, checkpoints: Sequence[str], batches: int,
         grads = alpha_gradients(searcher, batches)
         rows.append({"checkpoint": name, "iteration": extra.get("iteration"),
                      "iters_per_epoch": searcher.iters_per_epoch, **signal_summary(grads),
-                     "t": gradient_t(grads)})
+                     "t": gradient_t(grads), "space": cfg.MODEL.ALB.SEARCH_SPACE,
+                     "branches": cfg.MODEL.ALB.BRANCHES})
     return rows
 
 
@@ -178,9 +179,7 @@ def main(argv=None) -> None:
           f"checkpoint, {rows[0]['t'].size} alphas:\n")
     print(format_rows(rows))
     if args.genotype_out:
-        cfg = load_config(os.path.join(args.search_dir, "config.yaml"), args.opts)
-        genotype = gradient_genotype(rows[0]["t"], cfg.MODEL.ALB.SEARCH_SPACE,
-                                     cfg.MODEL.ALB.BRANCHES)
+        genotype = gradient_genotype(rows[0]["t"], rows[0]["space"], rows[0]["branches"])
         source = os.path.join(args.search_dir, rows[0]["checkpoint"])
         write_genotype(genotype, args.genotype_out,
                        comment=f"Genotype of the alphas' mean gradient over {args.batches} "
