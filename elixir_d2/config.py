@@ -114,6 +114,9 @@ def add_elixirnet_config(cfg: CN) -> None:
     # hundreds of pixels within 100 iterations and every sampling point leaves the feature map;
     # the DCN papers give these layers a reduced rate for the same reason.
     _C.SOLVER.DEFORM_OFFSET_LR_FACTOR = 1.0
+    # Autocast dtype of SOLVER.AMP.ENABLED: "float16" (detectron2's AMPTrainer, CUDA only) or
+    # "bfloat16" (no loss scaling; CUDA or CPU). elixir_d2/amp.py.
+    _C.SOLVER.AMP.PRECISION = "float16"
 
     # Negative slope of the hidden conv's activation in MODEL.RPN.HEAD_NAME "LeakyRPNHead".
     _C.MODEL.RPN.LEAKY_SLOPE = 0.1

@@ -11,6 +11,7 @@ import logging
 import os
 import weakref
 from collections import OrderedDict
+from functools import partial
 from typing import Any, Dict, List, Optional
 from unittest import mock
 
@@ -33,6 +34,7 @@ from detectron2.solver.build import (
 )
 from detectron2.utils import comm
 
+from .amp import autocast_dtype, build_step_trainer
 from .checkpoint import AtomicCheckpointer
 from .data import CTDatasetMapper
 from .solver import PerParameterNormClippedSGD
@@ -64,12 +66,17 @@ def build_lesion_evaluator(cfg: CfgNode, dataset_name: str,
 
 
 class ElixirTrainer(DefaultTrainer):
-    """DefaultTrainer for CT lesions: CT mapper, lesion evaluator, CPU-capable DDP, atomic saves."""
+    """DefaultTrainer for CT lesions: CT mapper, lesion evaluator, CPU-capable DDP, atomic saves,
+    bfloat16 mixed precision (SOLVER.AMP.PRECISION) besides detectron2's float16."""
 
     def __init__(self, cfg: CfgNode):
+        autocast_dtype(cfg)  # a bad SOLVER.AMP is refused before anything is built
         # DefaultTrainer.__init__ wraps the model with a create_ddp_model that always passes
-        # device_ids, which DDP refuses for a CPU model: ours leaves them out there.
-        with mock.patch.object(d2_defaults, "create_ddp_model", create_ddp_model):
+        # device_ids, which DDP refuses for a CPU model: ours leaves them out there. With
+        # SOLVER.AMP.ENABLED it makes an AMPTrainer (float16, CUDA only): ours also runs
+        # SOLVER.AMP.PRECISION bfloat16, on the CPU too (elixir_d2/amp.py).
+        with mock.patch.object(d2_defaults, "create_ddp_model", create_ddp_model), \
+                mock.patch.object(d2_defaults, "AMPTrainer", partial(build_step_trainer, cfg)):
             super().__init__(cfg)
 
     def build_hooks(self) -> List[HookBase]:

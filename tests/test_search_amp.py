@@ -1,5 +1,6 @@
-"""The ALB search under mixed precision (issue 16.4): SOLVER.AMP.ENABLED on the CPU is a clear
-error naming the key; the weight step and the architect step run under autocast (with or
+"""The ALB search under mixed precision (issue 16.4): float16 (SOLVER.AMP.ENABLED's default
+precision) on the CPU is a clear error naming the key, SOLVER.AMP.PRECISION bfloat16 runs a whole
+search on the CPU; the weight step and the architect step run under autocast (with or
 without a GradScaler) and give finite losses and gradients; the scalers go into checkpoints.
 
 On the CPU the steps run under bfloat16 autocast (float16 on the CPU is much slower, and what it
@@ -100,6 +101,26 @@ def test_search_steps_under_cpu_autocast(tiny_set, tmp_path, scaled):
         assert fresh.architect.precision.scaler.get_scale() == 2.0 ** 5
     else:
         assert "grad_scaler_w" not in state and "grad_scaler_alpha" not in state
+
+
+def test_search_under_bfloat16_on_the_cpu_from_the_config(tiny_set, tmp_path):
+    out = tmp_path / "bf16"
+    s = ALBSearcher(_cfg(out, "SOLVER.AMP.ENABLED", "True", "SOLVER.AMP.PRECISION", "bfloat16"))
+    assert s.w_precision == s.architect.precision == MixedPrecision("cpu", torch.bfloat16, None)
+    seen = []
+    s.model.roi_heads.box_predictor.cls_score.register_forward_hook(
+        lambda m, i, o: seen.append(o.dtype))
+    head = search_head(s.model)
+    alphas0 = [a.detach().clone() for a in head.arch_parameters()]
+    s.resume_or_load(resume=False)
+    s.train()
+    assert seen and set(seen) == {torch.bfloat16}
+    for a, a0 in zip(head.arch_parameters(), alphas0):
+        assert a.dtype == torch.float32 and torch.isfinite(a).all()
+    assert any(not torch.equal(a, a0) for a, a0 in zip(head.arch_parameters(), alphas0))
+    final = torch.load(out / "model_final.pth", weights_only=False)
+    assert "grad_scaler_w" not in final["trainer"] and "grad_scaler_alpha" not in final["trainer"]
+    assert (out / "genotype.yaml").exists()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="SOLVER.AMP.ENABLED needs CUDA")

@@ -11,8 +11,9 @@ from detectron2.engine import default_argument_parser, default_setup
 from detectron2.evaluation import verify_results
 
 from .. import load_config
+from ..amp import autocast_dtype
 from ..checkpoint import AtomicCheckpointer, fill_genotype_from_checkpoint
-from ..cli import check_datasets, require_file
+from ..cli import UserInputError, check_datasets, require_file
 from ..modeling.genotype_source import resolve_genotype_config
 from ..trainer import ElixirTrainer
 from . import run_command
@@ -47,6 +48,10 @@ def check_inputs(args: argparse.Namespace) -> CfgNode:
         fill_genotype_from_checkpoint(cfg, cfg.MODEL.WEIGHTS)
     resolve_genotype_config(cfg)
     if not args.eval_only:
+        try:
+            autocast_dtype(cfg)
+        except ValueError as e:
+            raise UserInputError(str(e)) from None
         check_datasets(cfg.DATASETS.TRAIN, "DATASETS.TRAIN")
     check_datasets(cfg.DATASETS.TEST, "DATASETS.TEST")
     return cfg

@@ -10,8 +10,8 @@ regression losses; the frozen RPN's losses carry no gradient and are left out).
 
 Roles as in DARTS: the alpha step is the :class:`~.architect.Architect`'s; both steps are
 :func:`~.step.optimizer_step` with their own optimiser; this module runs the loop. With
-SOLVER.AMP.ENABLED (CUDA only) both forwards run under float16 autocast, each step with its own
-GradScaler, saved in the checkpoints.
+SOLVER.AMP.ENABLED both forwards run under autocast: float16 on CUDA, each step with its own
+GradScaler, saved in the checkpoints, or SOLVER.AMP.PRECISION bfloat16 (CUDA or CPU, unscaled).
 
 Distributed: the model is wrapped in DistributedDataParallel with the alphas as ordinary
 parameters, so their gradients are all-reduced like the weights' and every process applies the
@@ -144,8 +144,8 @@ class ALBSearcher(TrainerBase):
                 f"SEARCH.CHECKPOINT_PERIOD must be >= 1 epoch, got {cfg.SEARCH.CHECKPOINT_PERIOD}"
             )
         self.cfg = cfg
-        # SOLVER.AMP.ENABLED: float16 autocast + a GradScaler per optimiser (step.py); checked
-        # before the model is built so a CPU config fails at once.
+        # SOLVER.AMP: autocast, float16 with a GradScaler per optimiser (step.py); checked
+        # before the model is built so float16 on the CPU fails at once.
         self.w_precision, alpha_precision = search_precision(cfg)
         model = build_model(cfg)
         search_head(model)

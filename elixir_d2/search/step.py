@@ -4,10 +4,11 @@ Both steps differentiate the same objective with respect to every trainable para
 DistributedDataParallel every trainable parameter must get a gradient), and each then moves only
 the parameters of its own optimiser; the other set's gradients are cleared before the next use.
 
-Mixed precision (``SOLVER.AMP.ENABLED``, as detectron2's AMPTrainer: float16 autocast on CUDA and
-a GradScaler): the forward runs under autocast, the backward and the step outside it. The weight
-step and the architect each have their own GradScaler, since an overflow in one parameter set's
-gradients says nothing about the other's.
+Mixed precision (``SOLVER.AMP``, as in training: float16 autocast on CUDA with a GradScaler, or
+bfloat16 autocast on CUDA or the CPU, unscaled; elixir_d2/amp.py): the forward runs under
+autocast, the backward and the step outside it. Under float16 the weight step and the architect
+each have their own GradScaler, since an overflow in one parameter set's gradients says nothing
+about the other's.
 """
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
@@ -16,6 +17,8 @@ import torch
 from torch import nn
 
 from detectron2.config import CfgNode
+
+from ..amp import autocast_dtype
 
 __all__ = ["MixedPrecision", "check_search_amp", "search_precision", "search_loss",
            "optimizer_step"]
@@ -32,24 +35,22 @@ class MixedPrecision:
 
 
 def check_search_amp(cfg: CfgNode) -> None:
-    """Raise ValueError naming SOLVER.AMP.ENABLED when it is set for a device other than CUDA
-    (detectron2's AMP, which the search follows, is CUDA float16 only)."""
-    if cfg.SOLVER.AMP.ENABLED and torch.device(cfg.MODEL.DEVICE).type != "cuda":
-        raise ValueError(
-            f"SOLVER.AMP.ENABLED True needs MODEL.DEVICE cuda (got {cfg.MODEL.DEVICE!r}): mixed "
-            "precision is float16 autocast on CUDA, as detectron2's AMPTrainer; set "
-            "SOLVER.AMP.ENABLED False on the CPU"
-        )
+    """Raise ValueError naming the key when SOLVER.AMP asks for what the search cannot run:
+    float16 off CUDA (detectron2's AMP is CUDA float16; bfloat16 runs on the CPU too)."""
+    autocast_dtype(cfg)
 
 
 def search_precision(cfg: CfgNode) -> Tuple[Optional[MixedPrecision], Optional[MixedPrecision]]:
-    """(weight step's, architect's) mixed precision from SOLVER.AMP.ENABLED; (None, None) off."""
-    check_search_amp(cfg)
-    if not cfg.SOLVER.AMP.ENABLED:
+    """(weight step's, architect's) mixed precision from SOLVER.AMP; (None, None) off.
+    float16 gets one GradScaler per step, bfloat16 none."""
+    dtype = autocast_dtype(cfg)
+    if dtype is None:
         return None, None
-    w_step = MixedPrecision("cuda", torch.float16, torch.amp.GradScaler("cuda"))
-    alpha_step = MixedPrecision("cuda", torch.float16, torch.amp.GradScaler("cuda"))
-    return w_step, alpha_step
+    device = torch.device(cfg.MODEL.DEVICE).type
+    if dtype == torch.float16:
+        return (MixedPrecision(device, dtype, torch.amp.GradScaler(device)),
+                MixedPrecision(device, dtype, torch.amp.GradScaler(device)))
+    return MixedPrecision(device, dtype), MixedPrecision(device, dtype)
 
 
 def search_loss(model: nn.Module, batch: List[Dict]) -> Tuple[torch.Tensor, Dict[str, float]]:

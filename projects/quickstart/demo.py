@@ -2,6 +2,7 @@
 """`make demo`: FPN and ElixirNet trained on the same budget on the synthetic set, side by side.
 
     python projects/quickstart/demo.py --output output/demo [--iters N] [--search-epochs E]
+                                       [--precision auto|float32|bfloat16]
 
 1. the synthetic DeepLesion-format set (written on first use under $DETECTRON2_DATASETS);
 2. FPN: configs/quickstart/fpn.yaml, trained from scratch;
@@ -10,6 +11,9 @@
 5. the untrained FPN, FPN and ElixirNet evaluated on the test split: FROC sensitivity (IoU,
    IoBB), mAP, proposal recall and parameter counts printed side by side; demo.png shows both
    FROC curves and a few test slices with ground truth and both models' detections.
+
+Training and search run under bfloat16 autocast (SOLVER.AMP.PRECISION bfloat16) when the CPU
+computes bfloat16 natively (--precision auto), in float32 otherwise; evaluation in float32.
 """
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ import json
 import logging
 import os
 import time
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import numpy as np
 import torch
@@ -28,6 +32,7 @@ from detectron2.engine import default_setup
 from detectron2.utils.file_io import PathManager
 
 import elixir_d2
+from elixir_d2.amp import native_cpu_bfloat16
 from elixir_d2.cli import run_cli
 from elixir_d2.data.body_crop import to_slice_pixels
 from elixir_d2.data.ct_mapper import CTDatasetMapper
@@ -62,6 +67,18 @@ def train(cfg) -> torch.nn.Module:
     trainer.resume_or_load(resume=False)
     trainer.train()
     return trainer.model
+
+
+def precision_opts(choice: str, native_bfloat16: bool) -> Tuple[str, List[str]]:
+    """(precision, config overrides) for --precision ``choice``: "auto" is bfloat16 autocast on
+    a CPU with native bfloat16, float32 elsewhere (emulated bfloat16 is slower than float32)."""
+    if choice == "auto":
+        choice = "bfloat16" if native_bfloat16 else "float32"
+    if choice == "float32":
+        return choice, []
+    if choice == "bfloat16":
+        return choice, ["SOLVER.AMP.ENABLED", "True", "SOLVER.AMP.PRECISION", "bfloat16"]
+    raise ValueError(f"--precision must be auto, float32 or bfloat16, got {choice!r}")
 
 
 def num_params(model: torch.nn.Module) -> int:
@@ -134,12 +151,17 @@ def main(argv=None) -> None:
     ap.add_argument("--search-epochs", type=int, default=2,
                     help="ALB search epochs (the first trains w only)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--precision", choices=("auto", "float32", "bfloat16"), default="auto",
+                    help="training and search precision; auto: bfloat16 autocast where the CPU "
+                         "has native bfloat16 (AVX512-BF16 / AMX), else float32")
     args = ap.parse_args(argv)
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     out = os.path.abspath(args.output)
     opts = ["SEED", str(args.seed), "SOLVER.MAX_ITER", str(args.iters),
             "SOLVER.WARMUP_ITERS", str(min(50, args.iters // 4)),
             "SOLVER.STEPS", f"({int(args.iters * 0.75)},{int(args.iters * 0.92)})"]
+    precision, amp_opts = precision_opts(args.precision, native_cpu_bfloat16())
+    opts += amp_opts
     t0 = time.time()
     fpn_cfg = config("fpn.yaml", os.path.join(out, "fpn"), opts)
     default_setup(fpn_cfg, argparse.Namespace(config_file="configs/quickstart/fpn.yaml",
@@ -189,11 +211,12 @@ def main(argv=None) -> None:
               "ElixirNet": num_params(elixir)}
     with PathManager.open(os.path.join(out, "demo_results.json"), "w") as f:
         clean = {k: {m: (v if v == v else None) for m, v in r.items()} for k, r in rows.items()}
-        json.dump({"rows": clean, "params": params, "seconds": times, "genotype": genotype}, f,
-                  indent=2)
+        json.dump({"rows": clean, "params": params, "seconds": times, "genotype": genotype,
+                   "precision": precision}, f, indent=2)
     iters = fpn_cfg.SOLVER.MAX_ITER
     print(f"\n[demo] synthetic test split ({fpn_cfg.DATASETS.TEST[0]}): FPN and ElixirNet, {iters} "
-          f"iterations each from scratch, seed {args.seed}; {time.time() - t0:.0f} s in all "
+          f"iterations each from scratch, seed {args.seed}, trained in {precision}; "
+          f"{time.time() - t0:.0f} s in all "
           + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()))
     named = {f"{k} ({params[k] / 1e6:.2f}M params)": v for k, v in rows.items()}
     for criterion in ("iou", "iobb"):
