@@ -162,3 +162,13 @@ def test_demo_precision_turns_into_the_configs_amp(choice, native, expected):
         assert autocast_dtype(cfg) == (torch.bfloat16 if expected == "bfloat16" else None)
     with pytest.raises(ValueError, match="--precision must be auto, float32 or bfloat16"):
         precision_opts("float16", True)
+
+
+def test_amp_speed_times_both_loops_on_a_tiny_set(tiny_set, tmp_path):
+    import amp_speed  # projects/benchmarks/amp_speed.py
+
+    assert amp_speed.amp_opts("float32") == ["SOLVER.AMP.ENABLED", "False"]
+    opts = tiny_opts(PREFIX, str(tmp_path), 2)
+    times = amp_speed.time_config("fpn.yaml", rounds=3, warmup=1, batches=1, opts=opts)
+    assert sorted(times) == ["bfloat16", "float32"]
+    assert all(len(t) == 3 and min(t) > 0 for t in times.values())
