@@ -185,3 +185,30 @@ def test_rtm_transfer_and_forward_under_autocast(device, dtype):
     # a sum of features of 2e4 in half precision, may overflow: the GradScaler's business.)
     for param in (rtm.w_e, rtm.phi.weight, rtm.phi.bias):
         assert param.grad is not None and torch.isfinite(param.grad).all()
+
+
+def test_depthwise_convs_compute_in_float32_under_autocast():
+    from elixir_d2.modeling.alb.ops import DepthwiseConv2d, build_op
+    from elixir_d2.modeling.box_head import ALBStem
+
+    torch.manual_seed(0)
+    conv = DepthwiseConv2d(8, 8, 7, stride=2, padding=3, groups=8, bias=True)
+    x = torch.randn(5, 8, 7, 7).to(torch.bfloat16).requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = conv(x)
+    ref = F.conv2d(x.detach().float(), conv.weight.detach(), conv.bias.detach(), stride=2,
+                   padding=3, groups=8)
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y, ref, rtol=0, atol=0)  # float32 on the same inputs, exactly
+    y.sum().backward()
+    assert conv.weight.grad.dtype == torch.float32 and x.grad.dtype == torch.bfloat16
+    # an ordinary conv outside autocast
+    xf = torch.randn(5, 8, 7, 7)
+    torch.testing.assert_close(conv(xf), F.conv2d(xf, conv.weight, conv.bias, stride=2, padding=3,
+                                                  groups=8))
+    # the depthwise convs of the ALB ops and of the head's stem are these; dense ones are not
+    kinds = {type(m) for m in build_op("dw_conv_7x7", 8, 8, 2, "BN").modules()}
+    assert DepthwiseConv2d in kinds
+    dense = build_op("conv_1x1", 8, 16, 1, "BN")
+    assert all(type(m) is not DepthwiseConv2d for m in dense.modules())
+    assert isinstance(ALBStem("sep_conv_3x3", 32, 16, "BN").conv, DepthwiseConv2d)

@@ -23,7 +23,7 @@ from detectron2.modeling.roi_heads.box_head import ROI_BOX_HEAD_REGISTRY
 
 from .alb.cells import GenotypeBlock, SearchBlock
 from .alb.genotype import Genotype, derive_genotype, edge_inputs
-from .alb.ops import channels_last, conv_norm, get_search_space, make_norm
+from .alb.ops import DepthwiseConv2d, channels_last, conv_norm, get_search_space, make_norm
 from .genotype_source import genotype_from_config, resolve_genotype_path  # noqa: F401 (re-exported)
 
 __all__ = ["ALBHead", "ALBSearchHead", "ALBStem", "RelationBoxHead", "resolve_genotype_path"]
@@ -74,7 +74,8 @@ class ALBStem(nn.Module):
         elif kind == "sep_conv_3x3":
             # Pointwise first: the depthwise conv then runs on c_out (< c_in) channels.
             self.pointwise = nn.Conv2d(c_in, c_out, 1, bias=False)
-            self.conv = nn.Conv2d(c_out, c_out, 3, padding=1, groups=c_out, bias=not norm)
+            self.conv = DepthwiseConv2d(c_out, c_out, 3, padding=1, groups=c_out,
+                                        bias=not norm)
         else:
             raise ValueError(
                 f"Unknown MODEL.ALB.STEM {kind!r}; expected 'sep_conv_3x3' or 'conv_3x3'"

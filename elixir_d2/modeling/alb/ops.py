@@ -41,6 +41,7 @@ __all__ = [
     "region_relations",
     "channels_last",
     "autocast_off",
+    "DepthwiseConv2d",
 ]
 
 
@@ -107,12 +108,29 @@ class ReLUConvNorm(ALBOp):
         return conv_norm(self.convs[-1], self.norm, x)
 
 
+class DepthwiseConv2d(nn.Conv2d):
+    """A depthwise conv (``groups`` = channels) that trains in float32 under autocast.
+
+    A depthwise conv has few FLOPs per byte, so half precision saves it little, and oneDNN's
+    bfloat16 depthwise backward is slow: up to 17x float32's at stride 2 on a 7x7 kernel
+    (projects/benchmarks/README.md, "bfloat16 training"). Its output is float32; the next conv
+    casts it back under autocast. Without autocast it is an ordinary nn.Conv2d, and so is an
+    eval-mode BatchNorm-folded pass (fused.py), which has no backward.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.is_autocast_enabled(x.device.type):
+            return super().forward(x)
+        with autocast_off(x):
+            return super().forward(x.float())
+
+
 def _conv(c_in, c_out, k, stride=1, dilation=1, groups=1, bias=False) -> nn.Conv2d:
     # "Same" padding, so stride 2 gives ceil(H / 2) for odd and even H alike.
     pad = (k - 1) * dilation // 2 if isinstance(k, int) else tuple((kk - 1) // 2 for kk in k)
-    return nn.Conv2d(
-        c_in, c_out, k, stride=stride, padding=pad, dilation=dilation, groups=groups, bias=bias
-    )
+    cls = DepthwiseConv2d if groups > 1 and groups == c_in == c_out else nn.Conv2d
+    return cls(c_in, c_out, k, stride=stride, padding=pad, dilation=dilation, groups=groups,
+               bias=bias)
 
 
 def conv_op(c_in, c_out, k, stride, norm, affine=True, dilation=1, relu=True) -> ReLUConvNorm:
