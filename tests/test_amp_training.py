@@ -172,3 +172,12 @@ def test_amp_speed_times_both_loops_on_a_tiny_set(tiny_set, tmp_path):
     times = amp_speed.time_config("fpn.yaml", rounds=3, warmup=1, batches=1, opts=opts)
     assert sorted(times) == ["bfloat16", "float32"]
     assert all(len(t) == 3 and min(t) > 0 for t in times.values())
+
+
+def test_amp_speed_refuses_a_config_it_cannot_find_before_timing(capsys):
+    import amp_speed
+
+    with pytest.raises(SystemExit) as e:
+        amp_speed.main(["--config", "fpn.yaml", "--config", "fnp.yaml", "MODEL.ALB.GENOTYPE", "g"])
+    assert e.value.code == 2
+    assert "configs/quickstart/fnp.yaml not found" in capsys.readouterr().err

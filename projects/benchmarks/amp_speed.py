@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Training step time in float32 against bfloat16 autocast (SOLVER.AMP.PRECISION bfloat16).
 
-    python projects/benchmarks/amp_speed.py [--configs fpn.yaml elixirnet.yaml] [--rounds 8]
+    python projects/benchmarks/amp_speed.py [--config fpn.yaml --config elixirnet.yaml] [--rounds 8]
+                                            [KEY VALUE ...]
 
 Per quickstart config, two copies of one initialised model train side by side in this process,
 one through the float32 loop and one through the bfloat16 one (elixir_d2.amp.build_step_trainer,
@@ -70,14 +71,20 @@ def time_config(config: str, rounds: int, warmup: int, batches: int,
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, List[float]]]:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--configs", nargs="+", default=["fpn.yaml", "elixirnet.yaml"],
-                    help="files under configs/quickstart")
+    ap.add_argument("--config", action="append", dest="configs", metavar="NAME",
+                    help="a file under configs/quickstart, once per config (default: fpn.yaml "
+                         "and elixirnet.yaml)")
     ap.add_argument("--rounds", type=int, default=8, help="timed iterations per precision")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--batches", type=int, default=4, help="distinct training batches, cycled")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     ap.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, KEY VALUE ...")
     args = ap.parse_args(argv)
+    args.configs = args.configs or ["fpn.yaml", "elixirnet.yaml"]
+    for config in args.configs:  # checked before any timing
+        if not os.path.isfile(os.path.join(ROOT, "configs", "quickstart", config)):
+            ap.error(f"configs/quickstart/{config} not found (--config takes a file name under "
+                     "configs/quickstart)")
     torch.set_num_threads(args.threads)
     print(f"CPU with native bfloat16: {native_cpu_bfloat16()}; {args.threads} threads, "
           f"{args.rounds} timed iterations per precision after {args.warmup} warm-up")
