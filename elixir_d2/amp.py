@@ -44,7 +44,10 @@ def autocast_dtype(cfg: CfgNode) -> Optional[torch.dtype]:
 def native_cpu_bfloat16() -> bool:
     """Whether this CPU computes bfloat16 natively (AVX512-BF16 / AMX): elsewhere oneDNN
     emulates it and bfloat16 autocast is slower than float32."""
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    try:  # a private torch op: a build without it is taken as having no native bfloat16
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 class AutocastTrainer(SimpleTrainer):

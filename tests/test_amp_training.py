@@ -181,3 +181,15 @@ def test_amp_speed_refuses_a_config_it_cannot_find_before_timing(capsys):
         amp_speed.main(["--config", "fpn.yaml", "--config", "fnp.yaml", "MODEL.ALB.GENOTYPE", "g"])
     assert e.value.code == 2
     assert "configs/quickstart/fnp.yaml not found" in capsys.readouterr().err
+
+
+def test_native_cpu_bfloat16_is_false_where_torch_cannot_tell(monkeypatch):
+    import types
+
+    from elixir_d2.amp import native_cpu_bfloat16
+
+    monkeypatch.setattr(torch.ops, "mkldnn", types.SimpleNamespace())  # a build without the op
+    assert native_cpu_bfloat16() is False
+    monkeypatch.setattr(torch.ops, "mkldnn",
+                        types.SimpleNamespace(_is_mkldnn_bf16_supported=lambda: True))
+    assert native_cpu_bfloat16() is True
