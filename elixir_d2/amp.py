@@ -11,14 +11,14 @@ The computations that half precision breaks stay float32 inside the model either
 from __future__ import annotations
 
 import time
-from typing import Optional
+from typing import List, Optional
 
 import torch
 
 from detectron2.config import CfgNode
 from detectron2.engine import AMPTrainer, SimpleTrainer
 
-__all__ = ["PRECISIONS", "AutocastTrainer", "autocast_dtype", "build_step_trainer",
+__all__ = ["PRECISIONS", "AutocastTrainer", "amp_opts", "autocast_dtype", "build_step_trainer",
            "native_cpu_bfloat16"]
 
 PRECISIONS = {"float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -39,6 +39,17 @@ def autocast_dtype(cfg: CfgNode) -> Optional[torch.dtype]:
             f"(got {cfg.MODEL.DEVICE!r}): float16 training is detectron2's AMPTrainer, CUDA "
             "only; on the CPU set SOLVER.AMP.PRECISION bfloat16, or SOLVER.AMP.ENABLED False")
     return PRECISIONS[name]
+
+
+def amp_opts(precision: str) -> List[str]:
+    """Config overrides (KEY VALUE ...) that train in ``precision``: "float32" (AMP off),
+    "float16" or "bfloat16"."""
+    if precision == "float32":
+        return ["SOLVER.AMP.ENABLED", "False"]
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be float32 or one of {sorted(PRECISIONS)}, got "
+                         f"{precision!r}")
+    return ["SOLVER.AMP.ENABLED", "True", "SOLVER.AMP.PRECISION", precision]
 
 
 def native_cpu_bfloat16() -> bool:

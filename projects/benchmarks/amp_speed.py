@@ -26,19 +26,12 @@ import torch
 from detectron2.utils.events import EventStorage
 
 import elixir_d2
-from elixir_d2.amp import build_step_trainer, native_cpu_bfloat16
+from elixir_d2.amp import amp_opts, build_step_trainer, native_cpu_bfloat16
 from elixir_d2.modeling.genotype_source import resolve_genotype_config
 from elixir_d2.trainer import ElixirTrainer
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 PRECISIONS = ("float32", "bfloat16")
-
-
-def amp_opts(precision: str) -> List[str]:
-    """Config overrides that train in ``precision`` ("float32" or "bfloat16")."""
-    if precision == "float32":
-        return ["SOLVER.AMP.ENABLED", "False"]
-    return ["SOLVER.AMP.ENABLED", "True", "SOLVER.AMP.PRECISION", precision]
 
 
 def time_config(config: str, rounds: int, warmup: int, batches: int,

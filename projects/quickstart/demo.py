@@ -32,7 +32,7 @@ from detectron2.engine import default_setup
 from detectron2.utils.file_io import PathManager
 
 import elixir_d2
-from elixir_d2.amp import native_cpu_bfloat16
+from elixir_d2.amp import amp_opts, native_cpu_bfloat16
 from elixir_d2.cli import run_cli
 from elixir_d2.data.body_crop import to_slice_pixels
 from elixir_d2.data.ct_mapper import CTDatasetMapper
@@ -77,7 +77,7 @@ def precision_opts(choice: str, native_bfloat16: bool) -> Tuple[str, List[str]]:
     if choice == "float32":
         return choice, []
     if choice == "bfloat16":
-        return choice, ["SOLVER.AMP.ENABLED", "True", "SOLVER.AMP.PRECISION", "bfloat16"]
+        return choice, amp_opts(choice)
     raise ValueError(f"--precision must be auto, float32 or bfloat16, got {choice!r}")
 
 
@@ -161,8 +161,8 @@ def main(argv=None) -> None:
     opts = ["SEED", str(args.seed), "SOLVER.MAX_ITER", str(args.iters),
             "SOLVER.WARMUP_ITERS", str(min(50, args.iters // 4)),
             "SOLVER.STEPS", f"({int(args.iters * 0.75)},{int(args.iters * 0.92)})"]
-    precision, amp_opts = precision_opts(args.precision, native_cpu_bfloat16())
-    opts += amp_opts
+    precision, overrides = precision_opts(args.precision, native_cpu_bfloat16())
+    opts += overrides
     t0 = time.time()
     fpn_cfg = config("fpn.yaml", os.path.join(out, "fpn"), opts)
     default_setup(fpn_cfg, argparse.Namespace(config_file="configs/quickstart/fpn.yaml",
