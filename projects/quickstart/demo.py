@@ -74,11 +74,9 @@ def precision_opts(choice: str, native_bfloat16: bool) -> Tuple[str, List[str]]:
     a CPU with native bfloat16, float32 elsewhere (emulated bfloat16 is slower than float32)."""
     if choice == "auto":
         choice = "bfloat16" if native_bfloat16 else "float32"
-    if choice == "float32":
-        return choice, []
-    if choice == "bfloat16":
-        return choice, amp_opts(choice)
-    raise ValueError(f"--precision must be auto, float32 or bfloat16, got {choice!r}")
+    if choice not in ("float32", "bfloat16"):
+        raise ValueError(f"--precision must be auto, float32 or bfloat16, got {choice!r}")
+    return choice, amp_opts(choice)
 
 
 def num_params(model: torch.nn.Module) -> int:
