@@ -340,28 +340,35 @@ def _synthetic_batch(g, n=2, size=96):
     return batch
 
 
-def test_quickstart_training_with_trpn_lowers_loss():
+def test_quickstart_trpn_overfits_one_batch():
+    """The quickstart TRPN model learns: SGD on one fixed batch (the RPN's and the RoI head's
+    sampling fixed by reseeding) drives the total loss to well under half its start and the
+    location-confidence loss to under a fifth. Each CPU's rounding moves single steps by a few
+    percent; these margins are several times wider than that, unlike a comparison of noisy
+    losses over a handful of different batches."""
     cfg = load_config("configs/quickstart/trpn.yaml")
     torch.manual_seed(0)
     model = build_model(cfg)
     assert isinstance(model.proposal_generator, TRPN)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    g = torch.Generator().manual_seed(0)
-    batches = [_synthetic_batch(g) for _ in range(4)]
+    batch = _synthetic_batch(torch.Generator().manual_seed(0))
+    assert sum(len(b["instances"]) for b in batch) > 0
     model.train()
-    totals = []
+    totals, conf = [], []
     with EventStorage() as storage:
-        for it in range(24):
-            losses = model(batches[it % 4])
-            assert "loss_trpn_conf" in losses
+        for _ in range(30):
+            torch.manual_seed(1)
+            losses = model(batch)
             total = sum(losses.values())
             opt.zero_grad()
             total.backward()
             opt.step()
             storage.step()
             totals.append(total.item())
+            conf.append(losses["loss_trpn_conf"].item())
     assert all(math.isfinite(t) for t in totals)
-    assert sum(totals[-4:]) / 4 < sum(totals[:4]) / 4
+    assert totals[-1] < 0.4 * totals[0], totals
+    assert conf[-1] < 0.2 * conf[0], conf
 
 
 class _RecordingHead(_ScoresHead):
