@@ -4,7 +4,7 @@ PY := .venv/bin/python
 export PYTHONUNBUFFERED := 1
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: install lint test demo bench env clean-demo
+.PHONY: install lint test test-cpu-paths demo bench env clean-demo
 
 install:
 	@bash scripts/install.sh
@@ -17,6 +17,10 @@ lint: install
 
 test: install
 	$(PY) -m pytest -q tests
+
+# The suite again on the kernel paths of CPUs below this one (AVX2, SSE4): scripts/test_cpu_paths.sh
+test-cpu-paths: install
+	@bash scripts/test_cpu_paths.sh
 
 demo: install
 	$(PY) projects/quickstart/demo.py --output output/demo
