@@ -215,3 +215,8 @@ def add_elixirnet_config(cfg: CN) -> None:
 
     # ---------------------------------------------------------------- Evaluation
     _C.TEST.FROC_FPS = (0.5, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0)
+    # How the FROC measures boxes and reads the curve (docs/evaluation.md, FROC conventions):
+    # "continuous" (areas (x2 - x1)(y2 - y1), sensitivity interpolated between FP counts) or
+    # "deeplesion" (the DeepLesion authors' code: +1-pixel areas, the step at floor(f x images)
+    # FPs), which the configs that compare with published DeepLesion numbers set.
+    _C.TEST.FROC_CONVENTION = "continuous"

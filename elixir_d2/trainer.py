@@ -60,7 +60,8 @@ def build_lesion_evaluator(cfg: CfgNode, dataset_name: str,
     output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
     if MetadataCatalog.get(dataset_name).get("evaluator_type", "coco") == "lesion":
         return LesionEvaluator(dataset_name, output_folder, fps=tuple(cfg.TEST.FROC_FPS),
-                               max_dets_per_image=cfg.TEST.DETECTIONS_PER_IMAGE)
+                               max_dets_per_image=cfg.TEST.DETECTIONS_PER_IMAGE,
+                               froc_convention=cfg.TEST.FROC_CONVENTION)
     # The fast COCO evaluation needs detectron2's C++ ops, absent from a Python-only build.
     return COCOEvaluator(dataset_name, output_dir=output_folder, use_fast_impl=False)
 

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from elixir_d2.evaluation.froc import compute_froc
+from elixir_d2.evaluation.froc import compute_froc, sensitivity_at
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -176,6 +176,7 @@ def test_groups_count_their_lesions_on_the_overall_fp_axis():
         (dict(threshold=0.0), r"threshold"),
         (dict(fps=(-1,)), r"fps"),
         (dict(gt_groups=[np.array([0, 1])]), r"gt_groups\[0\]"),
+        (dict(convention="3dce"), r"convention must be one of .*'3dce'"),
     ],
 )
 def test_bad_input_raises_a_clear_error(kwargs, match):
@@ -183,6 +184,159 @@ def test_bad_input_raises_a_clear_error(kwargs, match):
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         compute_froc(**args)
+
+
+# ---------------------------------------------------------------- conventions
+@pytest.mark.parametrize("criterion", ["iou", "iobb"])
+def test_plus_one_pixel_areas_turn_a_miss_into_a_hit(criterion):
+    # Lesion [0,0,10,10], detection [0,0,10,21] (it contains the lesion, so IoU = IoBB).
+    # continuous: intersection 10 x 10 = 100, detection 10 x 21 = 210 = union: 100/210 < 0.5.
+    # deeplesion: 11 x 11 = 121 pixels, detection 11 x 22 = 242 = union: 121/242 = 0.5, a hit.
+    args = ([B([0, 0, 10, 21])], [S(0.9)], [B([0, 0, 10, 10])])
+    cont = compute_froc(*args, fps=(1,), criterion=criterion)
+    dl = compute_froc(*args, fps=(1,), criterion=criterion, convention="deeplesion")
+    assert (cont["num_hits"], cont["num_fp"], cont["sensitivity"]) == (0, 1, {1.0: 0.0})
+    assert (dl["num_hits"], dl["num_fp"], dl["sensitivity"]) == (1, 0, {1.0: 1.0})
+    assert cont["convention"] == "continuous" and dl["convention"] == "deeplesion"
+
+
+def _three_images_fp_then_hit():
+    """3 images, one lesion each; ranking FP .9, hit .8, FP .7, hit .6, FP .5, hit .4."""
+    lesion, far = [0, 0, 10, 10], [50, 50, 60, 60]
+    return ([B(far, lesion)] * 3, [S(0.9, 0.8), S(0.7, 0.6), S(0.5, 0.4)], [B(lesion)] * 3)
+
+
+def test_step_reading_differs_from_interpolation_at_half_fp_with_odd_images():
+    # Curve, 3 images: (0, 0), (1/3, 1/3), (2/3, 2/3), (1, 1) (point k: hits before FP k+1).
+    # continuous, linear between points: f=0.25 -> 0.25; f=0.5 -> midway between 1/3 and 2/3 = 0.5.
+    # deeplesion, point floor(3f): f=0.25 -> point 0 = 0; f=0.5 -> point 1 = 1/3. By hand on
+    # MULAN's per-detection curve (FP/img, sens): (1/3, 0) (1/3, 1/3) (2/3, 1/3) (2/3, 2/3) (1, 2/3)
+    # (1, 1): at 0.5 the last point at or below is (1/3, 1/3) and the next (2/3, 1/3) is level,
+    # so 1/3; at f=1, the curve's end, its last value 1 (at 0.25 their interp1d raises: below
+    # its first FP value 1/3). Past the end (f=2) both give the last sensitivity, 1.
+    fps = (0.0, 0.25, 0.5, 1.0, 2.0)
+    cont = compute_froc(*_three_images_fp_then_hit(), fps=fps)
+    dl = compute_froc(*_three_images_fp_then_hit(), fps=fps, convention="deeplesion")
+    np.testing.assert_allclose(dl["sens_curve"], [0, 1 / 3, 2 / 3, 1])
+    np.testing.assert_array_equal(dl["sens_curve"], cont["sens_curve"])  # same counting
+    assert cont["sensitivity"] == pytest.approx(dict(zip(fps, [0, 0.25, 0.5, 1, 1])))
+    assert dl["sensitivity"] == pytest.approx(dict(zip(fps, [0, 0, 1 / 3, 1, 1])))
+    assert sensitivity_at(dl, 0.5) == pytest.approx(1 / 3)
+    assert sensitivity_at(cont, 0.5) == pytest.approx(0.5)
+
+
+def test_step_reading_at_exact_fp_counts_and_zero():
+    # 2 images: hit .95 (image 0's lesion), FP .9, hit .8 (image 1's), FP .7. Curve (0, .5),
+    # (.5, 1), (1, 1). At f = 0 and f = 0.5 = 1 FP / 2 images the step takes the point itself:
+    # MULAN's per-detection curve (0, .5) (.5, .5) (.5, 1) (1, 1) has, at f = 0.5, (.5, 1) as the
+    # last point at or below f. At f = 0.25 the step stays at point 0: 0.5 (continuous: 0.75).
+    lesion, far = [0, 0, 10, 10], [50, 50, 60, 60]
+    args = ([B(lesion, far), B(lesion, far)], [S(0.95, 0.9), S(0.8, 0.7)], [B(lesion)] * 2)
+    dl = compute_froc(*args, fps=(0.0, 0.25, 0.5), convention="deeplesion")
+    assert dl["sensitivity"] == {0.0: 0.5, 0.25: 0.5, 0.5: 1.0}
+    assert compute_froc(*args, fps=(0.25,))["sensitivity"] == {0.25: 0.75}
+
+
+# The DeepLesion authors' algorithm, from a reading of CADLab's 3DCE rcnn/utils/evaluation.py and
+# MULAN's DeepLesion/detection_eval.py, one detection at a time, sharing nothing with froc.py.
+def _authors_overlap(d, g, criterion):
+    iw = max(min(d[2], g[2]) - max(d[0], g[0]) + 1.0, 0.0)
+    ih = max(min(d[3], g[3]) - max(d[1], g[1]) + 1.0, 0.0)
+    inter = iw * ih
+    area_d = (d[2] - d[0] + 1.0) * (d[3] - d[1] + 1.0)
+    if criterion == "iobb":  # not in their code: the same pixel count over the detection's area
+        return inter / area_d
+    return inter / (area_d + (g[2] - g[0] + 1.0) * (g[3] - g[1] + 1.0) - inter)
+
+
+def authors_froc(pred_boxes, pred_scores, gt_boxes, criterion, threshold=0.5):
+    """Their FROC(): one curve point (FPs / images, hits / lesions) after every detection."""
+    n_img = len(pred_boxes)
+    dets = sorted(((float(s), i, list(b)) for i in range(n_img)
+                   for b, s in zip(pred_boxes[i], pred_scores[i])), key=lambda t: -t[0])
+    hit = [[False] * len(g) for g in gt_boxes]
+    n_hits = n_miss = 0
+    tps, fps = [], []
+    for _, i, box in dets:
+        ov = [_authors_overlap(box, g, criterion) for g in gt_boxes[i]]
+        if len(ov) == 0 or max(ov) < threshold:
+            n_miss += 1
+        else:
+            for j, o in enumerate(ov):
+                if o >= threshold and not hit[i][j]:
+                    hit[i][j] = True
+                    n_hits += 1
+        tps.append(n_hits)
+        fps.append(n_miss)
+    n_gt = sum(len(g) for g in gt_boxes)
+    return [t / n_gt for t in tps], [f / n_img for f in fps]
+
+
+def mulan_sens_at_fp(sens, fp_per_img, avg_fp):
+    """MULAN's sens_at_FP: past the last FP value, the last sensitivity; otherwise scipy's
+    interp1d(fp_per_img, sens) (SciPy >= 1.6 keeps equal x values in order, and its linear path
+    is np.interp, which takes the last of equal x values at or below avg_fp, then the line to
+    the next point); below the first x value interp1d raises."""
+    if avg_fp > fp_per_img[-1]:
+        return sens[-1]
+    if avg_fp < fp_per_img[0]:
+        raise ValueError(f"{avg_fp} is below the interpolation range")
+    j = 0
+    for k, x in enumerate(fp_per_img):
+        if x <= avg_fp:
+            j = k
+    if j == len(fp_per_img) - 1 or fp_per_img[j] == avg_fp:
+        return sens[j]
+    x0, x1, y0, y1 = fp_per_img[j], fp_per_img[j + 1], sens[j], sens[j + 1]
+    return y0 + (y1 - y0) * (avg_fp - x0) / (x1 - x0)
+
+
+def _random_case(seed, n_img=201):
+    """Small lesions (+1 pixel matters), detections jittered around them or anywhere, distinct
+    scores; some images without lesions. 201 images: 0.5 FPs/image is between two FP counts."""
+    rng = np.random.default_rng(seed)
+    boxes, scores, gts = [], [], []
+    for _ in range(n_img):
+        gt = []
+        for _ in range(rng.integers(0, 3)):
+            x, y = rng.integers(0, 200, size=2)
+            w, h = rng.integers(2, 25, size=2)
+            gt.append([x, y, x + w, y + h])
+        dets = []
+        for _ in range(rng.integers(0, 10)):
+            if gt and rng.random() < 0.5:
+                g = np.array(gt[rng.integers(len(gt))], dtype=float)
+                d = g + rng.normal(0, 0.15 * (g[2] - g[0] + g[3] - g[1]) / 2, size=4)
+            else:
+                x, y = rng.uniform(0, 200, size=2)
+                d = np.array([x, y, x + rng.uniform(2, 25), y + rng.uniform(2, 25)])
+            d = np.round(d, 1)
+            dets.append([min(d[0], d[2]), min(d[1], d[3]), max(d[0], d[2]), max(d[1], d[3])])
+        gts.append(B(*gt))
+        boxes.append(B(*dets))
+    total = sum(len(b) for b in boxes)
+    distinct = iter(rng.permutation(total) / total)
+    scores = [S(*[next(distinct) for _ in b]) for b in boxes]
+    return boxes, scores, gts
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("criterion", ["iou", "iobb"])
+def test_deeplesion_mode_equals_the_authors_algorithm(seed, criterion):
+    fps = (0.125, 0.3, 0.5, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 100.0)
+    boxes, scores, gts = _random_case(seed)
+    sens, fp_per_img = authors_froc(boxes, scores, gts, criterion)
+    assert fp_per_img[0] <= fps[0] and fp_per_img[-1] < fps[-1]  # in range, and past the end
+    dl = compute_froc(boxes, scores, gts, fps=fps, criterion=criterion, convention="deeplesion")
+    for f in fps:
+        assert dl["sensitivity"][f] == pytest.approx(mulan_sens_at_fp(sens, fp_per_img, f),
+                                                     abs=1e-12), f
+    assert dl["num_hits"] == round(sens[-1] * dl["num_gt"])
+    assert dl["num_fp"] == round(fp_per_img[-1] * len(gts))
+    # The case tells the conventions apart (else the equality above would prove little).
+    cont = compute_froc(boxes, scores, gts, fps=fps, criterion=criterion)
+    assert cont["num_hits"] != dl["num_hits"]
+    assert any(cont["sensitivity"][f] != dl["sensitivity"][f] for f in fps)
 
 
 # ---------------------------------------------------------------- properties

@@ -18,6 +18,8 @@ from detectron2.structures import Boxes, BoxMode, Instances
 from elixir_d2.evaluation import LesionEvaluator, format_froc_table
 from elixir_d2.evaluation.lesion_evaluator import coco_ap
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 def _ann(box, diameter=None, noisy=False, category_id=0):
     ann = {"bbox": list(map(float, box)), "bbox_mode": BoxMode.XYXY_ABS, "category_id": category_id,
@@ -266,3 +268,61 @@ def test_built_from_config(binary_name, tmp_path):
         "sens@1_iou", "sens@2_iou", "sens@1_iobb", "sens@2_iobb"]
     assert m["sens@1_iou"] == pytest.approx(100.0 / 3)
     assert (tmp_path / "inference" / binary_name / "froc.csv").exists()
+
+
+def test_froc_convention_passed_through_from_config(tmp_path):
+    from detectron2.config import get_cfg
+
+    from elixir_d2 import add_elixirnet_config
+    from elixir_d2.trainer import build_lesion_evaluator
+
+    name = register(f"lesion_eval_conv_{uuid.uuid4().hex[:8]}",
+                    [{"image_id": 1, "height": 200, "width": 200, "file_name": "a.png",
+                      "annotations": [_ann([0, 0, 10, 10], 5)]}], ["lesion"])
+    # Lesion [0,0,10,10], detection [0,0,10,21]: overlap 100/210 in continuous coordinates (an FP)
+    # and 121/242 = 0.5 in the authors' +1-pixel counts (a hit), for IoU and IoBB alike.
+    preds = {1: [([0, 0, 10, 21], 0.9)]}
+    cfg = get_cfg()
+    add_elixirnet_config(cfg)
+    assert cfg.TEST.FROC_CONVENTION == "continuous"
+    cfg.TEST.FROC_FPS = (1.0,)
+    for convention, expected in (("continuous", 0.0), ("deeplesion", 100.0)):
+        cfg.TEST.FROC_CONVENTION = convention
+        cfg.OUTPUT_DIR = str(tmp_path / convention)
+        for ev in (LesionEvaluator(cfg, name), build_lesion_evaluator(cfg, name)):
+            m = run(ev, preds, [1])["lesion"]
+            assert (m["sens@1_iou"], m["sens@1_iobb"]) == (expected, expected), convention
+        payload = json.loads((tmp_path / convention / "inference" / name / "lesion_metrics.json")
+                             .read_text())
+        assert payload["froc_convention"] == convention
+    cfg.TEST.FROC_CONVENTION = "3DCE"
+    with pytest.raises(ValueError, match=r"TEST\.FROC_CONVENTION.*'3DCE'"):
+        LesionEvaluator(cfg, name)
+
+
+def test_train_net_refuses_an_unknown_froc_convention_by_name():
+    from detectron2.engine import default_argument_parser
+
+    from elixir_d2.cli import UserInputError
+
+    import train_net
+
+    args = default_argument_parser().parse_args(
+        ["--config-file", os.path.join(REPO, "configs", "quickstart", "fpn.yaml"),
+         "TEST.FROC_CONVENTION", "mulan"])
+    with pytest.raises(UserInputError, match=r"TEST\.FROC_CONVENTION must be one of .*'mulan'"):
+        train_net.check_inputs(args)
+
+
+def test_paper_configs_read_the_froc_as_deeplesion_quickstart_configs_continuous():
+    import glob
+
+    from elixir_d2 import load_config
+
+    configs = glob.glob(os.path.join(REPO, "configs", "**", "*.yaml"), recursive=True)
+    configs = [c for c in configs if os.sep + "genotypes" + os.sep not in c]
+    quick = [c for c in configs if os.sep + "quickstart" + os.sep in c]
+    assert len(quick) >= 10 and len(configs) - len(quick) >= 20
+    for c in configs:
+        expected = "continuous" if c in quick else "deeplesion"
+        assert load_config(c).TEST.FROC_CONVENTION == expected, c

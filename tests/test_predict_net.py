@@ -183,6 +183,7 @@ def test_known_lesion_through_the_pipeline(tmp_path):
     froc = json.load(open(f"{out}/froc.json"))
     assert (froc["num_images"], froc["num_gt"], froc["num_hits"]) == (3, 1, 1)
     assert set(froc["sensitivity"].values()) == {1.0}
+    assert froc["froc_convention"] == "continuous"  # the quickstart config's TEST.FROC_CONVENTION
     assert os.path.getsize(f"{out}/froc.png") > 1000
 
 

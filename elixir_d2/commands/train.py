@@ -14,6 +14,7 @@ from .. import load_config
 from ..amp import autocast_dtype
 from ..checkpoint import AtomicCheckpointer, fill_genotype_from_checkpoint
 from ..cli import UserInputError, check_datasets, require_file
+from ..evaluation.froc import check_convention
 from ..modeling.genotype_source import resolve_genotype_config
 from ..trainer import ElixirTrainer
 from . import run_command
@@ -39,6 +40,10 @@ def check_inputs(args: argparse.Namespace) -> CfgNode:
     """The unfrozen config, after checking what the run reads: weights, genotype, datasets.
     Expected problems raise elixir_d2.cli.UserInputError (one line, exit code 2)."""
     cfg = load_config(args.config_file, args.opts)
+    try:  # refused now rather than when the first evaluation builds the evaluator
+        check_convention(cfg.TEST.FROC_CONVENTION, "TEST.FROC_CONVENTION")
+    except ValueError as e:
+        raise UserInputError(str(e)) from None
     resuming = args.resume and os.path.exists(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint"))
     if not resuming:  # a resumed run reads OUTPUT_DIR's checkpoint, not MODEL.WEIGHTS
         require_file(cfg.MODEL.WEIGHTS, "weights file MODEL.WEIGHTS",

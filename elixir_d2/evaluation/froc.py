@@ -16,12 +16,25 @@ Protocol (every image's detections and lesions at once):
   (k / num_images, hits / num_gt). The curve is recorded after every detection and, where several
   points share an FP value, the highest sensitivity is kept: the point for k FPs therefore holds
   every hit ranked before the (k+1)-th FP, i.e. the sensitivity at the loosest score threshold
-  that still gives k FPs (the usual FROC operating point, and 3DCE's reading).
-* Sensitivity at f FPs per image = ``np.interp(f, fp_per_image, sens_curve)``; beyond the last
-  point of the curve it is the last sensitivity.
+  that still gives k FPs (the usual FROC operating point, and the value MULAN's ``sens_at_FP``
+  reads at k FPs; 3DCE's generally reads the hits before the k-th FP there).
 * ``num_images`` is the number of images passed, images without ground truth included.
 * No ground truth at all: every sensitivity is 0.0 (a zero result, not an error). No image at
   all: the curve is the single point (0, 0) and every sensitivity is 0.0.
+
+Two conventions (``convention``; docs/evaluation.md, FROC conventions) differ in two places only:
+
+* ``"continuous"`` (default): box areas in continuous coordinates, (x2 - x1) * (y2 - y1); the
+  sensitivity at f FPs per image is ``np.interp(f, fp_per_image, sens_curve)``, linear between
+  the curve's points; beyond its last point, the last sensitivity.
+* ``"deeplesion"``: what the DeepLesion authors' code (CADLab: 3DCE's
+  ``rcnn/utils/evaluation.py``, MULAN's ``DeepLesion/detection_eval.py``) computes. Overlaps count
+  pixels inclusively, (x2 - x1 + 1) * (y2 - y1 + 1), the intersection too (:mod:`..boxes`; their
+  code has IoU only, the same count is applied to IoBB). The sensitivity at f is MULAN's reading:
+  a step, the curve's point for floor(f * num_images) FPs (the hits ranked before the next FP);
+  from the curve's last point on, its last sensitivity. Where their code raises or gives NaN (f
+  below the first FP value it recorded, no detection, no lesion) this one gives the step's value
+  or 0.
 """
 from __future__ import annotations
 
@@ -35,8 +48,19 @@ from ..boxes import box_overlap
 PAPER_FPS = (0.5, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0)
 # FP points whose mean sensitivity the lesion-detection literature reports (3DCE, ElixirNet).
 MEAN_SENS_FPS = (0.5, 1.0, 2.0, 4.0)
+# How boxes are measured and the curve is read (module docstring).
+CONVENTIONS = ("continuous", "deeplesion")
 
-__all__ = ["compute_froc", "PAPER_FPS", "MEAN_SENS_FPS", "CRITERIA"]
+__all__ = ["compute_froc", "sensitivity_at", "PAPER_FPS", "MEAN_SENS_FPS", "CRITERIA",
+           "CONVENTIONS", "check_convention"]
+
+
+def check_convention(convention: str, what: str = "convention") -> str:
+    """``convention`` if it is one of :data:`CONVENTIONS`, else a ValueError naming it as
+    ``what`` (e.g. the config key it came from)."""
+    if not isinstance(convention, str) or convention not in CONVENTIONS:
+        raise ValueError(f"{what} must be one of {CONVENTIONS}, got {convention!r}")
+    return convention
 
 
 def _as_boxes(a, what: str, i: int) -> np.ndarray:
@@ -87,6 +111,7 @@ class _FrocInputs(NamedTuple):
     """Validated inputs, every image's rows concatenated in image order."""
 
     fps: List[float]
+    convention: str
     num_images: int
     det: np.ndarray  # (D, 4) float64
     scores: np.ndarray  # (D,) float64
@@ -105,11 +130,13 @@ def _check_froc_inputs(
     criterion: str,
     threshold: float,
     gt_groups: Optional[Sequence[np.ndarray]],
+    convention: str,
 ) -> _FrocInputs:
     """:func:`compute_froc`'s arguments checked and concatenated; raises its ValueErrors, the
     first problem found (arguments, then per image, then per box) being the one reported."""
     if criterion not in CRITERIA:
         raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
+    check_convention(convention)
     if not (np.isfinite(threshold) and 0.0 < threshold <= 1.0):
         raise ValueError(f"threshold must be in (0, 1], got {threshold!r}")
     fps = [float(f) for f in fps]
@@ -151,7 +178,8 @@ def _check_froc_inputs(
             None,
             np.int64,
         )
-    return _FrocInputs(fps, n_img, det_all, score_all, gt_all, n_det, n_gt, gt_off, group_all)
+    return _FrocInputs(fps, convention, n_img, det_all, score_all, gt_all, n_det, n_gt, gt_off,
+                       group_all)
 
 
 def _match(inp: _FrocInputs, rank_of: np.ndarray, criterion: str,
@@ -167,7 +195,8 @@ def _match(inp: _FrocInputs, rank_of: np.ndarray, criterion: str,
     pair_det = np.repeat(np.arange(D, dtype=np.int64), k_per_det)
     within = np.arange(P, dtype=np.int64) - pair_start[pair_det]  # lesion index in its image
     pair_gt = inp.gt_off[det_img][pair_det] + within
-    overlap = box_overlap(inp.det[pair_det], inp.gt[pair_gt], criterion)
+    overlap = box_overlap(inp.det[pair_det], inp.gt[pair_gt], criterion,
+                          plus_one=inp.convention == "deeplesion")
     is_match = overlap >= threshold
 
     # FP: no lesion in the image, or best overlap below the threshold.
@@ -193,9 +222,22 @@ def _sens_curve(hit_ranks: np.ndarray, num_gt: int, fp_ranks: np.ndarray) -> np.
     return sens.astype(np.float64)
 
 
-def _read(sens: np.ndarray, fp_axis: np.ndarray, fps: Sequence[float]) -> Dict[float, float]:
-    """Sensitivity at each of ``fps``, interpolated on the curve (module docstring's rule)."""
-    return {f: float(np.interp(f, fp_axis, sens)) for f in fps}
+def _read_one(sens: np.ndarray, fp_axis: np.ndarray, f: float, convention: str) -> float:
+    """Sensitivity at ``f`` FPs per image on the curve, by ``convention``'s rule."""
+    if convention == "continuous":
+        return float(np.interp(f, fp_axis, sens))
+    # MULAN interpolates linearly over one point per detection. The point that follows the last
+    # one at a given FP value is an FP, which adds no hit, so each segment between two FP values
+    # is flat: the reading is the last point whose FP value is <= f. fp_axis holds the same
+    # k / num_images floats as their fp_per_img, so f = k / num_images lands on the same side.
+    k = int(np.searchsorted(fp_axis, f, side="right")) - 1  # >= 0: f >= 0 = fp_axis[0]
+    return float(sens[k])
+
+
+def _read(sens: np.ndarray, fp_axis: np.ndarray, fps: Sequence[float],
+          convention: str) -> Dict[float, float]:
+    """Sensitivity at each of ``fps`` (module docstring's rule for ``convention``)."""
+    return {f: _read_one(sens, fp_axis, f, convention) for f in fps}
 
 
 def compute_froc(
@@ -207,6 +249,7 @@ def compute_froc(
     threshold: float = 0.5,
     *,
     gt_groups: Optional[Sequence[np.ndarray]] = None,
+    convention: str = "continuous",
 ) -> Dict[str, object]:
     """FROC of detections against lesions, by the protocol of this module's docstring.
 
@@ -221,22 +264,24 @@ def compute_froc(
             no group. For each group the sensitivity counts only the group's lesions while the FP
             axis stays the overall one (all FPs of all images), so a group's value at f is the
             fraction of its lesions found at the score threshold where the overall FP rate is f.
+        convention: ``"continuous"`` or ``"deeplesion"`` (the DeepLesion authors' pixel counts
+            and step reading of the curve; module docstring).
 
     Returns:
         dict with ``sensitivity`` {fp: float in [0, 1]}, ``fp_per_image`` and ``sens_curve`` (the
         curve, 1-D float arrays of equal length), ``num_images``, ``num_gt``, ``num_detections``,
         ``num_hits`` (lesions hit by some detection), ``num_fp``, ``max_fp_per_image`` (last
-        curve point), ``criterion``, ``threshold``; with ``gt_groups`` also
+        curve point), ``criterion``, ``threshold``, ``convention``; with ``gt_groups`` also
         ``group_sensitivity`` {group: {fp: float}}, ``group_sens_curve`` {group: array} and
         ``group_num_gt`` {group: int}.
 
     Raises:
         ValueError: on mismatched lengths, wrong shapes, non-finite or inverted boxes, NaN
-            scores, negative or non-finite FP points, an unknown criterion or a threshold
-            outside (0, 1].
+            scores, negative or non-finite FP points, an unknown criterion or convention or a
+            threshold outside (0, 1].
     """
     inp = _check_froc_inputs(pred_boxes, pred_scores, gt_boxes, fps, criterion, threshold,
-                             gt_groups)
+                             gt_groups, convention)
     D, G = len(inp.det), len(inp.gt)
     # Stable descending rank of every detection; rank_of[d] is d's position in the ranking.
     order = np.argsort(-inp.scores, kind="stable")
@@ -250,7 +295,7 @@ def compute_froc(
     fp_axis = np.arange(num_fp + 1, dtype=np.float64) / max(inp.num_images, 1)
     sens_curve = _sens_curve(hit_rank[is_hit], G, fp_ranks)
     out: Dict[str, object] = {
-        "sensitivity": _read(sens_curve, fp_axis, inp.fps),
+        "sensitivity": _read(sens_curve, fp_axis, inp.fps, convention),
         "fp_per_image": fp_axis,
         "sens_curve": sens_curve,
         "num_images": inp.num_images,
@@ -261,6 +306,7 @@ def compute_froc(
         "max_fp_per_image": float(fp_axis[-1]),
         "criterion": criterion,
         "threshold": float(threshold),
+        "convention": convention,
     }
     if inp.groups is not None:
         groups = sorted(int(g) for g in np.unique(inp.groups[inp.groups >= 0]))
@@ -269,12 +315,15 @@ def compute_froc(
             in_g = inp.groups == g
             n_g = int(in_g.sum())
             sens_g = _sens_curve(hit_rank[is_hit & in_g], n_g, fp_ranks)
-            out["group_sensitivity"][g] = _read(sens_g, fp_axis, inp.fps)
+            out["group_sensitivity"][g] = _read(sens_g, fp_axis, inp.fps, convention)
             out["group_sens_curve"][g] = sens_g
             out["group_num_gt"][g] = n_g
     return out
 
 
 def sensitivity_at(result: Mapping[str, object], fp: float) -> float:
-    """Sensitivity of a :func:`compute_froc` result at ``fp`` FPs per image (same rule)."""
-    return float(np.interp(float(fp), result["fp_per_image"], result["sens_curve"]))
+    """Sensitivity of a :func:`compute_froc` result at ``fp`` FPs per image, read by the
+    result's convention."""
+    convention = check_convention(result.get("convention", "continuous"))
+    return _read_one(np.asarray(result["sens_curve"]), np.asarray(result["fp_per_image"]),
+                     float(fp), convention)

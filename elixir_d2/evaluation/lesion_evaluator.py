@@ -22,7 +22,7 @@ from detectron2.utils import comm
 from detectron2.utils.file_io import PathManager
 
 from ..data.body_crop import to_slice_pixels
-from .froc import CRITERIA, MEAN_SENS_FPS, PAPER_FPS, compute_froc
+from .froc import CRITERIA, MEAN_SENS_FPS, PAPER_FPS, check_convention, compute_froc
 from .report import CRITERION_NAMES, fp_key, plot_froc
 
 logger = logging.getLogger(__name__)
@@ -110,7 +110,8 @@ class LesionEvaluator(DatasetEvaluator):
     detections); it is NaN in the returned dict and null in the JSON where the type has no lesion or
     its curve never reaches 3 FPs per image (Table 4's "-"). The per-size sensitivity at 3 FPs (IoU)
     uses the overall FP axis and counts the lesions of the bucket only: the fraction of the bucket's
-    lesions found at the score threshold where the overall FP rate is 3/image.
+    lesions found at the score threshold where the overall FP rate is 3/image. Every FROC is
+    computed with one convention (``TEST.FROC_CONVENTION``; docs/evaluation.md).
     """
 
     @configurable
@@ -122,6 +123,7 @@ class LesionEvaluator(DatasetEvaluator):
         distributed: bool = True,
         fps: Sequence[float] = PAPER_FPS,
         max_dets_per_image: Optional[int] = None,
+        froc_convention: str = "continuous",
     ):
         """
         Args:
@@ -132,6 +134,8 @@ class LesionEvaluator(DatasetEvaluator):
             fps: FP-per-image points reported.
             max_dets_per_image: keep only the top-scored detections of each image; None keeps
                 all. Must be large enough for the curve to reach max(fps) FPs per image.
+            froc_convention: ``"continuous"`` or ``"deeplesion"`` (the DeepLesion authors' pixel
+                counts and curve reading, for comparison with published numbers).
         """
         self._dataset_name = dataset_name
         self._output_dir = output_dir
@@ -141,6 +145,8 @@ class LesionEvaluator(DatasetEvaluator):
             raise ValueError("max_dets_per_image must be positive or None, got "
                              f"{max_dets_per_image}")
         self._max_dets = max_dets_per_image
+        self._convention = check_convention(froc_convention,
+                                            "froc_convention (TEST.FROC_CONVENTION)")
         meta = MetadataCatalog.get(dataset_name)
         self._classes = list(getattr(meta, "thing_classes", None) or ["lesion"])
         self.reset()
@@ -152,6 +158,7 @@ class LesionEvaluator(DatasetEvaluator):
             "output_dir": output_dir or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name),
             "fps": tuple(cfg.TEST.get("FROC_FPS", PAPER_FPS)),
             "max_dets_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
+            "froc_convention": cfg.TEST.get("FROC_CONVENTION", "continuous"),
         }
 
     @property
@@ -273,9 +280,11 @@ class LesionEvaluator(DatasetEvaluator):
     def _compute(self, data: Dict[str, list]) -> Tuple["OrderedDict[str, float]", dict]:
         read_fps = sorted(set(self._fps) | set(MEAN_SENS_FPS) | {TYPE_FP})
         args = (data["pred_boxes"], data["pred_scores"], data["gt_boxes"])
+        conv = self._convention
         froc = {
-            "iou": compute_froc(*args, fps=read_fps, criterion="iou", gt_groups=data["gt_size"]),
-            "iobb": compute_froc(*args, fps=read_fps, criterion="iobb"),
+            "iou": compute_froc(*args, fps=read_fps, criterion="iou", gt_groups=data["gt_size"],
+                                convention=conv),
+            "iobb": compute_froc(*args, fps=read_fps, criterion="iobb", convention=conv),
         }
         m: "OrderedDict[str, float]" = OrderedDict()
         for crit in CRITERIA:
@@ -342,7 +351,7 @@ class LesionEvaluator(DatasetEvaluator):
                 [b[k] for b, k in zip(data["pred_boxes"], pm)],
                 [s[k] for s, k in zip(data["pred_scores"], pm)],
                 [g[k] for g, k in zip(data["gt_boxes"], gm)],
-                fps=(TYPE_FP,), criterion="iou",
+                fps=(TYPE_FP,), criterion="iou", convention=self._convention,
             )
             key = name.replace(" ", "_")
             if res["num_gt"] == 0 or res["max_fp_per_image"] < TYPE_FP:
@@ -373,6 +382,7 @@ class LesionEvaluator(DatasetEvaluator):
         payload = {
             "dataset": self._dataset_name,
             "units": "%",
+            "froc_convention": self._convention,
             "metrics": {k: clean(v) for k, v in metrics.items()},
             "per_type_sens@3_iou": {k: pct(v) for k, v in extra["per_type"].items()},
             "per_size_sens@3_iou": {k: pct(v) for k, v in extra["per_size"].items()},

@@ -208,7 +208,8 @@ def _write_case(case_dir: str, pred: VolumePrediction, dets: List[Dict], finding
     atomic_write_text(f"{case_dir}/{CASE_MARKER}", "written by elixir_d2 predict_net.py\n")
 
 
-def _froc(preds: List[VolumePrediction], gt: GroundTruth, out_dir: str, fps) -> Optional[Dict]:
+def _froc(preds: List[VolumePrediction], gt: GroundTruth, out_dir: str, fps,
+          convention: str = "continuous") -> Optional[Dict]:
     from ..evaluation.froc import compute_froc
     from ..visualization import plot_froc
 
@@ -223,11 +224,11 @@ def _froc(preds: List[VolumePrediction], gt: GroundTruth, out_dir: str, fps) -> 
     if not truths:
         logger.warning("ground truth given but no predicted slice has any: no FROC")
         return None
-    result = compute_froc(boxes, scores, truths, fps=fps)
+    result = compute_froc(boxes, scores, truths, fps=fps, convention=convention)
     plot_froc({"IoU": (result["fp_per_image"], result["sens_curve"])}, f"{out_dir}/froc.png",
               fps=fps, title=f"FROC over {len(truths)} annotated slices")
     doc = {"num_images": result["num_images"], "num_gt": result["num_gt"],
-           "num_hits": result["num_hits"],
+           "num_hits": result["num_hits"], "froc_convention": convention,
            "sensitivity": {str(k): v for k, v in result["sensitivity"].items()},
            "note": "computed on the detections kept by the score threshold of this run"}
     write_json(f"{out_dir}/froc.json", doc)
@@ -328,7 +329,8 @@ def run_prediction(cfg, input_path: str, output_dir: str, opts: Optional[Predict
     write_csv(out.path("detections.csv"), all_dets, DETECTION_COLUMNS)
     write_csv(out.path("findings.csv"), all_findings, FINDING_COLUMNS)
     coco.write(out.root)
-    froc = _froc(preds, gt, out.root, tuple(cfg.TEST.FROC_FPS)) if opts.gt else None
+    froc = (_froc(preds, gt, out.root, tuple(cfg.TEST.FROC_FPS), cfg.TEST.FROC_CONVENTION)
+            if opts.gt else None)
     total_s = time.perf_counter() - t_start
     summary = {
         "cases": done, "failed": failed,
