@@ -3,21 +3,37 @@ read."""
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 from detectron2.utils.file_io import PathManager
 
-from ..data.nifti_check import nifti_truncation
+from ..data.nifti_check import nifti_scan
+from .hu_check import check_hu
 from .orientation import DEFAULT_MAX_VOXELS, check_voxel_cap, to_lps_array
-from .volume_io import CTInputError, CTVolume, _check_positive, _first_line, _sitk
+from .volume_io import (
+    CTInputError,
+    CTVolume,
+    _first_line,
+    _sitk,
+    check_mm,
+    check_slice_side,
+    check_spacing,
+)
 
-__all__ = ["read_nifti", "nifti_pixdim", "oriented_volume"]
+__all__ = ["read_nifti", "nifti_pixdim", "oriented_volume", "MAX_NON_FINITE_FRACTION"]
+
+# NaN / inf voxels a NIfTI may hold and still be read (as 0 HU, ITK's rule), with a warning: a
+# stray voxel is no reason to refuse a scan, a region of them is.
+MAX_NON_FINITE_FRACTION = 1e-4
 
 
 def oriented_volume(img, source: str, name: str, kind: str) -> CTVolume:
-    """SimpleITK image -> LPS-reoriented CTVolume (HU float32), converted slab by slab."""
+    """SimpleITK image -> LPS-reoriented CTVolume (HU float32), converted slab by slab; spacing,
+    slice size and values checked as CT (:func:`.hu_check.check_hu`)."""
     hu, (sx, sy, sz), origin, direction = to_lps_array(img)
-    _check_positive(source, min(sx, sy), sz)
+    check_spacing(source, (sx, sy), sz)
+    check_slice_side(source, hu.shape[2], hu.shape[1])
+    check_hu(source, hu)
     return CTVolume(
         name=name, source=source, kind=kind, hu=hu, slice_numbers=list(range(hu.shape[0])),
         spacing=(float(sx), float(sy)), slice_interval=float(sz), origin=origin,
@@ -72,19 +88,27 @@ def read_nifti(path: str, name: str, max_voxels: Optional[int] = DEFAULT_MAX_VOX
     if pixdim is not None and not all(math.isfinite(v) and v > 0 for v in pixdim):
         raise CTInputError(f"{path}: missing spacing (NIfTI pixdim[1:4] = "
                            f"{tuple(float(v) for v in pixdim)})")
-    truncated = nifti_truncation(path)  # SimpleITK zero-fills what a cut-off file lacks
+    # In mm as ITK scales the header's units; which axis is in-plane is known only after the
+    # reorientation, and all three share one plausible range.
+    for v in reader.GetSpacing():
+        check_mm(path, "voxel spacing", float(v))
+    # SimpleITK zero-fills what a cut-off file lacks and reads NaN / inf as 0: both are counted
+    # in the file itself.
+    truncated, non_finite, voxels = nifti_scan(path)
     if truncated:
         raise CTInputError(f"{path}: unreadable NIfTI file ({truncated})")
+    warnings: List[str] = []
+    if non_finite:
+        what = f"{path}: {non_finite:,} of {voxels:,} voxels are NaN or infinite"
+        if non_finite > MAX_NON_FINITE_FRACTION * voxels:
+            raise CTInputError(f"{what}; at most {MAX_NON_FINITE_FRACTION:.2%} may be (a corrupt "
+                               "or non-CT volume?)")
+        warnings.append(f"{what}; read as 0 HU (at most {MAX_NON_FINITE_FRACTION:.2%} are)")
     try:
         img = reader.Execute()
     except RuntimeError as e:
         raise CTInputError(f"{path}: unreadable NIfTI file ({_first_line(e)})") from None
     del reader  # only the image and the float32 volume from here on
     vol = oriented_volume(img, path, name, "nifti")
-    if vol.hu.size and float(vol.hu.min()) >= 0.0:
-        raise CTInputError(
-            f"{path}: not a CT volume in Hounsfield units (no value below 0 HU, where a body CT "
-            f"has air and fat; range {float(vol.hu.min()):g}..{float(vol.hu.max()):g}): an MR / "
-            "PET image, a mask, or HU stored with an offset?"
-        )
+    vol.warnings.extend(warnings)
     return vol

@@ -32,7 +32,7 @@ import numpy as np
 
 from detectron2.utils.file_io import PathManager
 
-from ..data.ct_mapper import CTSliceError, png_size, read_hu_slice
+from ..data.ct_mapper import png_size, read_hu_slice
 from .case_ids import unique_case_ids
 from .orientation import DEFAULT_MAX_VOXELS, check_voxel_cap
 
@@ -49,6 +49,10 @@ _DICOM_EXT = (".dcm", ".dicom", ".ima")
 # Even-spacing tolerance of DICOM slice positions: scanners write positions rounded to ~1e-3 mm.
 _SPACING_RTOL, _SPACING_ATOL_MM = 0.01, 0.01
 _MAX_DEPTH = 4
+# Plausible CT geometry. Spacing: 0.05 mm (micro-CT) to 50 mm (a coarse scout); slices below
+# 16 px a side hold no anatomy (CT slices are 512 px; 16 keeps small synthetic test series).
+MIN_SPACING_MM, MAX_SPACING_MM = 0.05, 50.0
+MIN_SLICE_SIDE = 16
 
 
 class CTInputError(ValueError):
@@ -300,7 +304,7 @@ def read_png_series(folder: str, name: str, key_slice: Optional[int] = None,
             )
         spacing = spacing if spacing is not None else found[0]
         slice_interval = slice_interval if slice_interval is not None else found[1]
-    _check_positive(folder, spacing, slice_interval)
+    check_spacing(folder, spacing, slice_interval)
     if len(numbers) < 2:
         raise CTInputError(f"{folder}: a single slice is a 2-D image; inference needs the "
                            "neighbouring slices")
@@ -308,12 +312,17 @@ def read_png_series(folder: str, name: str, key_slice: Optional[int] = None,
     if key_slice is not None:
         reach = int(math.ceil(context_mm / slice_interval - 1e-6)) + 1
         wanted = [n for n in wanted if abs(n - key_slice) <= reach]
-    h, w = png_size(numbers[wanted[0]])
+    # Every slice's IHDR is checked before any is decoded: the cap counts the real sizes.
+    first = numbers[wanted[0]]
+    h, w = png_size(first)
+    check_slice_side(first, w, h)
+    for n in wanted[1:]:
+        hn, wn = png_size(numbers[n])
+        if (hn, wn) != (h, w):
+            raise CTInputError(f"{numbers[n]}: {wn} x {hn} px, where {os.path.basename(first)} is "
+                               f"{w} x {h}; the slices of a series share one size")
     check_voxel_cap(folder, (w, h, len(wanted)), max_voxels, CTInputError)
     slices = [read_hu_slice(numbers[n]) for n in wanted]
-    shapes = {s.shape for s in slices}
-    if len(shapes) != 1:
-        raise CTSliceError(f"{folder}: slices differ in size {sorted(shapes)}")
     return CTVolume(
         name=name, source=folder if key_slice is None else numbers[key_slice], kind="deeplesion",
         hu=np.stack(slices), slice_numbers=wanted, spacing=(float(spacing), float(spacing)),
@@ -322,10 +331,29 @@ def read_png_series(folder: str, name: str, key_slice: Optional[int] = None,
     )
 
 
-def _check_positive(where: str, spacing, slice_interval) -> None:
-    for what, v in (("pixel spacing", spacing), ("slice interval", slice_interval)):
-        if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
-            raise CTInputError(f"{where}: {what} must be a positive number of mm, got {v!r}")
+def check_mm(where: str, what: str, v) -> None:
+    """A spacing must be a number of mm within [MIN_SPACING_MM, MAX_SPACING_MM]: a pixdim of
+    1e30 is a broken header, not a scan."""
+    if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+        raise CTInputError(f"{where}: {what} must be a positive number of mm, got {v!r}")
+    if not MIN_SPACING_MM <= v <= MAX_SPACING_MM:
+        raise CTInputError(f"{where}: {what} {float(v):g} mm is outside the plausible "
+                           f"{MIN_SPACING_MM:g}..{MAX_SPACING_MM:g} mm of a CT")
+
+
+def check_spacing(where: str, spacing, slice_interval) -> None:
+    """:func:`check_mm` on the pixel spacing (one number, or one per in-plane axis) and the
+    slice interval."""
+    for v in spacing if isinstance(spacing, (tuple, list)) else (spacing,):
+        check_mm(where, "pixel spacing", v)
+    check_mm(where, "slice interval", slice_interval)
+
+
+def check_slice_side(where: str, width: int, height: int) -> None:
+    """Refuse slices smaller than MIN_SLICE_SIDE a side (a 1 x 1 PNG, a 2-px-wide scout)."""
+    if min(width, height) < MIN_SLICE_SIDE:
+        raise CTInputError(f"{where}: {width} x {height} px slices; a CT slice needs at least "
+                           f"{MIN_SLICE_SIDE} px a side")
 
 
 def _sitk():
