@@ -141,6 +141,32 @@ def test_binary_metrics_match_hand_computation(binary_name, tmp_path):
     assert (tmp_path / "froc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_froc_inputs_file_holds_what_was_evaluated(binary_name, tmp_path):
+    """froc_inputs.json: the evaluated images in dataset order (the noisy lesion left out, the
+    image without lesions kept), patients as the bootstrap's unit, and enough to recompute the
+    hand-computed FROC above without the model."""
+    from elixir_d2.evaluation.froc import compute_froc
+    from elixir_d2.evaluation.froc_inputs import read_froc_inputs
+
+    records = binary_records()
+    for r, patient in zip(records, (5, 5, 6, 7)):
+        r["patient"] = patient
+    name = register(f"lesion_eval_patients_{uuid.uuid4().hex[:8]}", records, ["lesion"])
+    run(LesionEvaluator(name, str(tmp_path), distributed=False), binary_predictions(),
+        [14, 12, 13, 11])
+    got = read_froc_inputs(str(tmp_path / "froc_inputs.json"))
+    assert got.image_ids == [11, 12, 13, 14] and got.patients == [5, 5, 6, 7]
+    assert [len(g) for g in got.gt_boxes] == [1, 1, 1, 0]
+    assert got.gt_boxes[0].tolist() == [[10, 10, 30, 30]]
+    assert [len(s) for s in got.pred_scores] == [2, 2, 2, 14]
+    res = compute_froc(got.pred_boxes, got.pred_scores, got.gt_boxes, fps=(0.5, 1.0, 6.0))
+    assert res["sensitivity"] == {0.5: pytest.approx(1 / 3), 1.0: pytest.approx(2 / 3),
+                                  6.0: pytest.approx(1.0)}
+    (tmp_path / "bad.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="bad.json"):
+        read_froc_inputs(str(tmp_path / "bad.json"))
+
+
 def test_typed_metrics_are_class_aware_and_none_below_3_fps(typed_name, tmp_path):
     ev = LesionEvaluator(typed_name, str(tmp_path), distributed=False)
     m = run(ev, typed_predictions(), [1, 2])["lesion"]

@@ -23,6 +23,7 @@ from detectron2.utils.file_io import PathManager
 
 from ..data.body_crop import to_slice_pixels
 from .froc import CRITERIA, MEAN_SENS_FPS, PAPER_FPS, check_convention, compute_froc
+from .froc_inputs import FROC_INPUTS_FILE, write_froc_inputs
 from .report import CRITERION_NAMES, fp_key, plot_froc
 
 logger = logging.getLogger(__name__)
@@ -219,6 +220,9 @@ class LesionEvaluator(DatasetEvaluator):
         metrics, extra = self._compute(data)
         if self._output_dir:
             self._write(metrics, extra)
+            write_froc_inputs(os.path.join(self._output_dir, FROC_INPUTS_FILE),
+                              self._dataset_name, data["image_id"], data["patient"],
+                              data["pred_boxes"], data["pred_scores"], data["gt_boxes"])
         return OrderedDict([("lesion", metrics)])
 
     # ------------------------------------------------------------------ internals
@@ -241,8 +245,8 @@ class LesionEvaluator(DatasetEvaluator):
                 raise ValueError(f"image_id {p['image_id']} of {self._dataset_name} was predicted "
                                  "twice")
             by_pos[pos] = p
-        data = {k: [] for k in ("pred_boxes", "pred_scores", "pred_classes", "gt_boxes",
-                                "gt_classes", "gt_size")}
+        data = {k: [] for k in ("image_id", "patient", "pred_boxes", "pred_scores",
+                                "pred_classes", "gt_boxes", "gt_classes", "gt_size")}
         data["num_noisy"] = data["num_images_noisy_only"] = 0
         for pos in sorted(by_pos):
             p, record = by_pos[pos], records[pos]
@@ -263,6 +267,9 @@ class LesionEvaluator(DatasetEvaluator):
                 classes.append(int(ann.get("category_id", 0)))
                 diameter = ann.get("diameter_mm")
                 sizes.append(_size_bucket(float(diameter[0]) if diameter is not None else None))
+            data["image_id"].append(record["image_id"])
+            # The bootstrap's resampling unit; a set without patients resamples images.
+            data["patient"].append(record.get("patient", record["image_id"]))
             data["pred_boxes"].append(p["boxes"])
             data["pred_scores"].append(p["scores"])
             data["pred_classes"].append(p["classes"])
