@@ -287,3 +287,26 @@ def test_rtm_ablation_rows(name, own_relations):
             and (model.roi_heads.rtm.phi is not None) == own_relations)
     assert model.roi_heads.box_predictor.cls_score.out_features == 2  # binary predictor kept
     _train_step(model)
+
+
+def _head_params(model):
+    rh = model.roi_heads
+    return sum(p.numel() for m in (rh.box_head, rh.box_predictor) for p in m.parameters())
+
+
+def test_fair_baseline_conv_head_is_normalised_and_sized_like_the_alb_head():
+    """The quality benchmark's fair baseline (issue: within 15% of the ALB head's parameters,
+    BatchNorm like it): counted here from the built modules, with the conv head's count also
+    worked out by hand."""
+    conv = build_model(load_config("configs/quickstart/fpn_conv_head.yaml"))
+    alb = build_model(load_config("configs/quickstart/alb.yaml"))
+    head = conv.roi_heads.box_head
+    assert isinstance(head, FastRCNNConvFCHead)
+    convs = [m for m in head.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == 4 and all(isinstance(c.norm, torch.nn.BatchNorm2d) for c in convs)
+    # 3x3 convs 64->24 and 3 x 24->24 (no bias beside BN), BN scale + shift, fc 24*7*7->64,
+    # predictor: scores 64->2 (lesion, background), boxes 64->4 (one class).
+    by_hand = (9 * 64 * 24 + 3 * 9 * 24 * 24 + 4 * 2 * 24 + (24 * 49 * 64 + 64)
+               + (64 * 2 + 2) + (64 * 4 + 4))
+    assert _head_params(conv) == by_hand
+    assert abs(_head_params(conv) / _head_params(alb) - 1) < 0.15

@@ -156,6 +156,7 @@ def test_froc_inputs_file_holds_what_was_evaluated(binary_name, tmp_path):
         [14, 12, 13, 11])
     got = read_froc_inputs(str(tmp_path / "froc_inputs.json"))
     assert got.image_ids == [11, 12, 13, 14] and got.patients == [5, 5, 6, 7]
+    assert got.convention == "continuous"
     assert [len(g) for g in got.gt_boxes] == [1, 1, 1, 0]
     assert got.gt_boxes[0].tolist() == [[10, 10, 30, 30]]
     assert [len(s) for s in got.pred_scores] == [2, 2, 2, 14]

@@ -17,8 +17,9 @@ FROC_INPUTS_FILE = "froc_inputs.json"
 
 class FrocInputs(NamedTuple):
     """Per evaluated image (in dataset order): id, patient (the bootstrap's unit), detections
-    (XYXY slice pixels), their scores and the lesions."""
+    (XYXY slice pixels), their scores and the lesions; and the FROC convention of the run."""
 
+    convention: str
     image_ids: List[object]
     patients: List[object]
     pred_boxes: List[np.ndarray]
@@ -26,7 +27,7 @@ class FrocInputs(NamedTuple):
     gt_boxes: List[np.ndarray]
 
 
-def write_froc_inputs(path: str, dataset: str, image_ids: Sequence[object],
+def write_froc_inputs(path: str, dataset: str, convention: str, image_ids: Sequence[object],
                       patients: Sequence[object], pred_boxes: Sequence[np.ndarray],
                       pred_scores: Sequence[np.ndarray], gt_boxes: Sequence[np.ndarray]) -> None:
     """Write ``path`` atomically (boxes rounded to 1/100 pixel, scores to 6 digits)."""
@@ -37,7 +38,8 @@ def write_froc_inputs(path: str, dataset: str, image_ids: Sequence[object],
          "gt_boxes": np.asarray(g, dtype=np.float64).tolist()}
         for i, p, b, s, g in zip(image_ids, patients, pred_boxes, pred_scores, gt_boxes)
     ]
-    atomic_write_text(path, json.dumps({"dataset": dataset, "images": images}))
+    atomic_write_text(path, json.dumps({"dataset": dataset, "convention": convention,
+                                         "images": images}))
 
 
 def read_froc_inputs(path: str) -> FrocInputs:
@@ -45,8 +47,10 @@ def read_froc_inputs(path: str) -> FrocInputs:
     ``path``."""
     try:
         with open(path) as f:
-            images: List[Dict] = json.load(f)["images"]
+            payload = json.load(f)
+        images: List[Dict] = payload["images"]
         return FrocInputs(
+            str(payload["convention"]),
             [im["image_id"] for im in images],
             [im["patient"] for im in images],
             [np.asarray(im["pred_boxes"], dtype=np.float64).reshape(-1, 4) for im in images],

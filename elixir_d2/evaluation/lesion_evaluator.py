@@ -221,8 +221,9 @@ class LesionEvaluator(DatasetEvaluator):
         if self._output_dir:
             self._write(metrics, extra)
             write_froc_inputs(os.path.join(self._output_dir, FROC_INPUTS_FILE),
-                              self._dataset_name, data["image_id"], data["patient"],
-                              data["pred_boxes"], data["pred_scores"], data["gt_boxes"])
+                              self._dataset_name, self._convention, data["image_id"],
+                              data["patient"], data["pred_boxes"], data["pred_scores"],
+                              data["gt_boxes"])
         return OrderedDict([("lesion", metrics)])
 
     # ------------------------------------------------------------------ internals

@@ -1,40 +1,60 @@
 #!/usr/bin/env python
-"""Detection quality of FPN and ElixirNet's parts on the synthetic set, mean +- std over seeds.
+"""Detection quality of FPN, fair baselines and ElixirNet's parts, over seeds and data sets, with
+intervals (projects/benchmarks/README.md, "Quality").
 
-    python projects/benchmarks/quality.py --seeds 0 1 2 --output output/quality
+    python projects/benchmarks/quality.py --seeds 0 1 2 3 4 --sets synthetic synthetic_v2 \
+        --jobs 2 --output output/quality                       # validation split
+    python projects/benchmarks/quality.py ... --split test      # the test split, once per table
 
-Per seed, in this order (each step a fresh process, on the quickstart regime):
-  FPN                    configs/quickstart/fpn.yaml
-  FPN+TRPN               configs/quickstart/trpn.yaml
-  FPN+ALB                configs/quickstart/alb.yaml (genotype: the searched one below)
-  search                 search_net.py on configs/quickstart/search_alb.yaml, from this seed's FPN
+Choices are made on the validation split (the default); ``--split test`` reads the test split and
+says so in every table. Per data set and seed, each model is trained once (reused by both splits)
+by train_net.py on ``<set>_train`` and evaluated on ``<set>_<split>``; the search runs first from
+that seed's FPN. Models (``--models``, default: the first five):
+  FPN                    configs/quickstart/fpn.yaml (2-fc head)
+  FPN conv head          configs/quickstart/fpn_conv_head.yaml (4 conv + 1 fc, BatchNorm, within
+                         15% of the ALB head's parameters)
+  FPN+TRPN               configs/quickstart/trpn.yaml (gate max_norm, location-confidence loss)
+  FPN+ALB                configs/quickstart/alb.yaml, the searched genotype
   ElixirNet              configs/quickstart/elixirnet.yaml (TRPN + ALB), the searched genotype
-  ElixirNet random ALB   with --random-genotypes: a search_net.py --random genotype instead
-Prints sensitivity (%) at 0.5..8 FPs per image (IoU and IoBB), their mean over 0.5/1/2/4, AP50
-and the proposals' recall at 50/100/300 (IoU 0.5), and writes quality.json / quality.md.
-Finished runs are reused (delete a run's folder to redo it).
+  ElixirNet random ALB   ElixirNet on a random genotype (search_net.py --random)
+  FPN+ALB figure3        the ALB head on the fixed hand-made genotype configs/genotypes/figure3.yaml
+  FPN+TRPN gate p / gate none / no conf loss   TRPN ablations
+Prints, per set: sensitivity (%) at 0.5..8 FPs (IoU, IoBB), their mean over 0.5/1/2/4, AP50 and
+the proposals' recall, mean +- sample std over seeds; then each comparison of a part with its
+baseline: the paired per-seed difference of the mean IoU sensitivity with a 95% t-interval, and
+the first seed's difference with a 95% bootstrap interval over test patients. Writes
+quality.json and quality.md. Finished runs are reused (delete a run's folder to redo it).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Dict, List, Sequence
-
-import numpy as np
+from typing import Dict, List, Optional, Sequence, Tuple
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
-FPS = (0.5, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0)
-MODELS = {
-    "FPN": "configs/quickstart/fpn.yaml",
-    "FPN+TRPN": "configs/quickstart/trpn.yaml",
-    "FPN+ALB": "configs/quickstart/alb.yaml",
-    "ElixirNet": "configs/quickstart/elixirnet.yaml",
-    "ElixirNet random ALB": "configs/quickstart/elixirnet.yaml",
+SPLITS = ("val", "test")
+FIGURE3 = "configs/genotypes/figure3.yaml"
+TRPN = "configs/quickstart/trpn.yaml"
+# name -> (config, overrides, genotype: None, "searched", "random" or a genotype file)
+MODELS: Dict[str, Tuple[str, List[str], Optional[str]]] = {
+    "FPN": ("configs/quickstart/fpn.yaml", [], None),
+    "FPN conv head": ("configs/quickstart/fpn_conv_head.yaml", [], None),
+    "FPN+TRPN": (TRPN, [], None),
+    "FPN+ALB": ("configs/quickstart/alb.yaml", [], "searched"),
+    "ElixirNet": ("configs/quickstart/elixirnet.yaml", [], "searched"),
+    "ElixirNet random ALB": ("configs/quickstart/elixirnet.yaml", [], "random"),
+    "FPN+ALB figure3": ("configs/quickstart/alb.yaml", [], FIGURE3),
+    "FPN+TRPN gate p": (TRPN, ["MODEL.TRPN.GATE", "p"], None),
+    "FPN+TRPN gate none": (TRPN, ["MODEL.TRPN.GATE", "none"], None),
+    "FPN+TRPN no conf loss": (TRPN, ["MODEL.TRPN.LOC_LOSS_WEIGHT", "0.0"], None),
 }
+DEFAULT_MODELS = ["FPN", "FPN conv head", "FPN+TRPN", "FPN+ALB", "ElixirNet"]
 SEARCH_CONFIG = "configs/quickstart/search_alb.yaml"
 
 
@@ -46,26 +66,47 @@ def _run(cmd: List[str], log: str) -> None:
         raise RuntimeError(f"{' '.join(cmd)} failed (exit {code}); see {log}")
 
 
-def train_and_evaluate(name: str, seed: int, out: str, opts: Sequence[str]) -> Dict:
-    """Train one model (unless model_final.pth exists) and evaluate it; returns the metrics."""
-    metrics_file = os.path.join(out, "quality_metrics.json")
-    if os.path.exists(metrics_file):
-        with open(metrics_file) as f:
-            return json.load(f)
-    common = ["--config-file", MODELS[name], "OUTPUT_DIR", out, "SEED", str(seed), *opts]
-    if not os.path.exists(os.path.join(out, "model_final.pth")):
-        # No evaluation at the end of training: evaluate_model below measures proposals too.
-        _run([sys.executable, "train_net.py", *common, "DATASETS.TEST", "()"],
-             os.path.join(out, "train.log"))
-    _run([sys.executable, __file__, "--evaluate", *common, "MODEL.WEIGHTS",
-          os.path.join(out, "model_final.pth")],
-         os.path.join(out, "eval.log"))
-    with open(metrics_file) as f:
-        return json.load(f)
+def slug(name: str) -> str:
+    """A model's folder name: 'FPN+TRPN gate p' -> 'fpn_trpn_gate_p'."""
+    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
 
 
-def evaluate_model(config_file: str, opts: Sequence[str]) -> None:
-    """--evaluate: FROC metrics and proposal recall of MODEL.WEIGHTS on the test split, one pass."""
+def dataset_opts(data_set: str, split: str) -> List[str]:
+    """Overrides that train on ``<data_set>_train`` and evaluate on ``<data_set>_<split>``."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    return ["DATASETS.TRAIN", f"('{data_set}_train',)", "DATASETS.TEST",
+            f"('{data_set}_{split}',)"]
+
+
+def metrics_file(run_dir: str, data_set: str, split: str) -> str:
+    return os.path.join(run_dir, f"quality_metrics_{data_set}_{split}.json")
+
+
+def train_and_evaluate(config: str, run_dir: str, seed: int, data_set: str, split: str,
+                       opts: Sequence[str]) -> Dict:
+    """Train one model (unless model_final.pth exists) and evaluate it on one split; returns the
+    metrics, with ``froc_inputs`` naming the per-image file the intervals read."""
+    out = metrics_file(run_dir, data_set, split)
+    if not os.path.exists(out):
+        common = ["OUTPUT_DIR", run_dir, "SEED", str(seed), *opts, *dataset_opts(data_set, split)]
+        if not os.path.exists(os.path.join(run_dir, "model_final.pth")):
+            # No evaluation at the end of training: evaluate_model below measures proposals too.
+            _run([sys.executable, "train_net.py", "--config-file", config, *common,
+                  "DATASETS.TEST", "()"], os.path.join(run_dir, "train.log"))
+        _run([sys.executable, __file__, "--evaluate", out, "--config-file", config, *common,
+              "MODEL.WEIGHTS", os.path.join(run_dir, "model_final.pth")],
+             os.path.join(run_dir, f"eval_{split}.log"))
+    with open(out) as f:
+        metrics = json.load(f)
+    metrics["froc_inputs"] = os.path.join(run_dir, "inference", f"{data_set}_{split}",
+                                          "froc_inputs.json")
+    return metrics
+
+
+def evaluate_model(out_file: str, config_file: str, opts: Sequence[str]) -> None:
+    """--evaluate: FROC metrics and proposal recall of MODEL.WEIGHTS on DATASETS.TEST[0], one
+    pass, written to ``out_file``."""
     import torch
 
     from detectron2.checkpoint import DetectionCheckpointer
@@ -80,87 +121,95 @@ def evaluate_model(config_file: str, opts: Sequence[str]) -> None:
     DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
     model.eval()
     metrics = evaluate_with_proposal_recall(cfg, model)
-    with open(os.path.join(cfg.OUTPUT_DIR, "quality_metrics.json"), "w") as f:
+    with open(out_file, "w") as f:
         json.dump({k: (v if v == v else None) for k, v in metrics.items()}, f, indent=1)
 
 
-def seed_pipeline(seed: int, args) -> Dict[str, Dict]:
-    """Every model of one seed; the search starts from this seed's trained FPN."""
-    base = os.path.join(args.output, f"seed{seed}")
-    opts = list(args.opts)
-    res = {"FPN": train_and_evaluate("FPN", seed, os.path.join(base, "fpn"), opts)}
-    search_dir = os.path.join(base, "search")
-    genotype = os.path.join(search_dir, "genotype.yaml")
+def _genotype(kind: Optional[str], seed: int, base: str, fpn_weights: str,
+              train_opts: List[str], opts: Sequence[str]) -> List[str]:
+    """MODEL.ALB.GENOTYPE overrides for a model's genotype kind, searching it first if needed."""
+    if kind is None:
+        return []
+    if kind not in ("searched", "random"):
+        return ["MODEL.ALB.GENOTYPE", kind]
+    folder = os.path.join(base, "search" if kind == "searched" else "random_genotype")
+    genotype = os.path.join(folder, "genotype.yaml")
     if not os.path.exists(genotype):
-        _run([sys.executable, "search_net.py", "--config-file", SEARCH_CONFIG, "OUTPUT_DIR",
-              search_dir,
-              "SEED", str(seed), "MODEL.WEIGHTS", os.path.join(base, "fpn", "model_final.pth"),
-              *opts],
-             os.path.join(search_dir, "search.log"))
-    res["FPN+TRPN"] = train_and_evaluate("FPN+TRPN", seed, os.path.join(base, "trpn"), opts)
-    res["FPN+ALB"] = train_and_evaluate("FPN+ALB", seed, os.path.join(base, "alb"),
-                                        opts + ["MODEL.ALB.GENOTYPE", genotype])
-    res["ElixirNet"] = train_and_evaluate("ElixirNet", seed, os.path.join(base, "elixirnet"),
-                                          opts + ["MODEL.ALB.GENOTYPE", genotype])
-    if args.random_genotypes:
-        rnd_dir = os.path.join(base, "random_genotype")
-        rnd = os.path.join(rnd_dir, "genotype.yaml")
-        if not os.path.exists(rnd):
-            _run([sys.executable, "search_net.py", "--random", "--config-file", SEARCH_CONFIG,
-                  "OUTPUT_DIR", rnd_dir, "SEED", str(seed)], os.path.join(rnd_dir, "search.log"))
-        res["ElixirNet random ALB"] = train_and_evaluate(
-            "ElixirNet random ALB", seed, os.path.join(base, "elixirnet_random"),
-            opts + ["MODEL.ALB.GENOTYPE", rnd])
-    return res
+        cmd = [sys.executable, "search_net.py", "--config-file", SEARCH_CONFIG, "OUTPUT_DIR",
+               folder, "SEED", str(seed), *train_opts, *opts]
+        if kind == "searched":
+            cmd += ["MODEL.WEIGHTS", fpn_weights]
+        else:
+            cmd.insert(2, "--random")
+        _run(cmd, os.path.join(folder, "search.log"))
+    return ["MODEL.ALB.GENOTYPE", genotype]
 
 
-def summary_table(results: Dict[int, Dict[str, Dict]]) -> str:
-    """Markdown table, one row per model, mean +- std over the seeds of each cell."""
-    from elixir_d2.evaluation.report import fp_key
-
-    keys = ([("IoU", f"@{f:g}", f"sens@{fp_key(f)}_iou") for f in FPS]
-            + [("IoU", "mean", "mean_sens_iou")]
-            + [("IoBB", f"@{f:g}", f"sens@{fp_key(f)}_iobb") for f in FPS] + [("", "AP50", "AP50")]
-            + [("", f"recall@{k}", f"recall@{k}") for k in (50, 100, 300)])
-    header = "| model | " + " | ".join(f"{c} {h}".strip() for c, h, _ in keys) + " |"
-    lines = [header, "|:--|" + "--:|" * len(keys)]
-    names = [n for n in MODELS if all(n in r for r in results.values())]
+def seed_pipeline(data_set: str, seed: int, args) -> Dict[str, Dict]:
+    """Every model of one data set and seed; the search starts from this seed's trained FPN."""
+    base = os.path.join(args.output, data_set, f"seed{seed}")
+    train_opts = dataset_opts(data_set, "val")[:2]
+    names = ["FPN"] + [m for m in args.models if m != "FPN"]  # the search needs FPN's weights
+    res: Dict[str, Dict] = {}
     for name in names:
-        cells = []
-        for _, _, key in keys:
-            vals = [r[name].get(key) for r in results.values()]
-            vals = np.array([v for v in vals if v is not None], dtype=float)
-            cells.append(f"{vals.mean():.1f} ± {vals.std():.1f}" if len(vals) else "-")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        config, model_opts, kind = MODELS[name]
+        run_dir = os.path.join(base, slug(name))
+        geno = _genotype(kind, seed, base, os.path.join(base, "fpn", "model_final.pth"),
+                         train_opts, args.opts)
+        res[name] = train_and_evaluate(config, run_dir, seed, data_set, args.split,
+                                       [*model_opts, *geno, *args.opts])
+    return {n: res[n] for n in args.models}
 
 
-def main() -> None:
+def main(argv: Optional[Sequence[str]] = None) -> Dict:
+    from quality_report import comparisons, summary_table
+
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    ap.add_argument("--sets", nargs="+", default=["synthetic"],
+                    help="data set prefixes: each has <set>_train and <set>_val / _test")
+    ap.add_argument("--split", choices=SPLITS, default="val",
+                    help="evaluation split (default val: where choices are made)")
+    ap.add_argument("--models", nargs="+", default=DEFAULT_MODELS, choices=list(MODELS),
+                    metavar="MODEL", help=f"from: {', '.join(MODELS)}")
+    ap.add_argument("--bootstrap", type=int, default=1000,
+                    help="patient resamples for the single-run intervals (0: none)")
     ap.add_argument("--output", default=os.path.join(ROOT, "output", "quality"))
     ap.add_argument("--jobs", type=int, default=1,
-                    help="seeds run in parallel (each is one process at a time)")
-    ap.add_argument("--random-genotypes", action="store_true",
-                    help="also train ElixirNet on a random genotype")
-    ap.add_argument("--evaluate", action="store_true", help=argparse.SUPPRESS)
+                    help="(set, seed) pipelines run in parallel (each one process at a time)")
+    ap.add_argument("--evaluate", metavar="OUT_JSON", help=argparse.SUPPRESS)
     ap.add_argument("--config-file", help=argparse.SUPPRESS)
     ap.add_argument("opts", nargs=argparse.REMAINDER,
                     help="config overrides for every run, KEY VALUE ...")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.evaluate:
-        return evaluate_model(args.config_file, args.opts)
+        evaluate_model(args.evaluate, args.config_file, args.opts)
+        return {}
+    if len(args.seeds) < 2:
+        ap.error("--seeds: the intervals over seeds need at least 2 seeds")
     args.output = os.path.abspath(args.output)
+    t0 = time.time()
+    jobs = [(s, seed) for s in args.sets for seed in args.seeds]
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        results = dict(zip(args.seeds, pool.map(lambda s: seed_pipeline(s, args), args.seeds)))
-    table = summary_table(results)
-    with open(os.path.join(args.output, "quality.json"), "w") as f:
-        json.dump({"seeds": args.seeds, "opts": args.opts, "results": results}, f, indent=1)
-    with open(os.path.join(args.output, "quality.md"), "w") as f:
-        f.write(table + "\n")
-    print(f"seeds {args.seeds}, synthetic test split, opts {args.opts or 'none'}\n")
-    print(table)
+        runs = list(pool.map(lambda j: seed_pipeline(j[0], j[1], args), jobs))
+    results = {s: {seed: r for (s2, seed), r in zip(jobs, runs) if s2 == s} for s in args.sets}
+    lines = [f"split: {args.split}; seeds {args.seeds}; opts {args.opts or 'none'}", ""]
+    summary = {"split": args.split, "seeds": args.seeds, "opts": args.opts, "sets": {}}
+    for data_set, by_seed in results.items():
+        comp = comparisons(by_seed, args.models, num_samples=args.bootstrap)
+        summary["sets"][data_set] = {"results": by_seed, "comparisons": comp["rows"]}
+        lines += [f"### {data_set}_{args.split}", "", summary_table(by_seed, args.models), "",
+                  comp["table"], ""]
+    lines.append(f"elapsed {time.time() - t0:.0f} s")
+    os.makedirs(args.output, exist_ok=True)
+    with open(os.path.join(args.output, f"quality_{args.split}.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    text = "\n".join(lines)
+    with open(os.path.join(args.output, f"quality_{args.split}.md"), "w") as f:
+        f.write(text + "\n")
+    print(text)
+    return summary
 
 
 if __name__ == "__main__":

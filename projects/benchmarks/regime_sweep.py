@@ -6,9 +6,11 @@
 
 The JSON maps option-group names to KEY VALUE lists ("groups") and variant names to
 [config, [group names or KEY, VALUE, ...], iterations (optional)] ("variants"). Each variant is
-trained with train_net.py (no evaluation) and evaluated with quality.py --evaluate (FROC +
-proposal recall); the table lists sensitivity (IoU) at 0.5/1/2/4/8 FPs, their mean over
-0.5/1/2/4, IoBB at 4 FPs, AP50, recall of the top 50/100/300 proposals and the training time.
+trained with train_net.py on ``<--set>_train`` (no evaluation) and evaluated with quality.py
+--evaluate (FROC + proposal recall) on ``<--set>_<--split>``, the validation split unless
+``--split test`` is given (choices are made on val); the table lists sensitivity (IoU) at
+0.5/1/2/4/8 FPs, their mean over 0.5/1/2/4, IoBB at 4 FPs, AP50, recall of the top 50/100/300
+proposals and the training time.
 Made for a machine with many cores (and a GPU: pass MODEL.DEVICE cuda); one seed per variant.
 """
 from __future__ import annotations
@@ -21,6 +23,8 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, List
+
+from quality import SPLITS, dataset_opts
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 COLUMNS = ["sens@0.5_iou", "sens@1_iou", "sens@2_iou", "sens@4_iou", "sens@8_iou", "mean_sens_iou",
@@ -51,8 +55,9 @@ def run_variant(name: str, spec: List, groups: Dict, args) -> Dict:
     n = iters[0] if iters else args.iters
     out = os.path.join(args.output, name)
     common = ["--config-file", config, "OUTPUT_DIR", out, "SOLVER.MAX_ITER", str(n),
-              "SOLVER.STEPS", f"({int(n * 0.75)},{int(n * 0.92)})", *args.opts,
-              *expand(items, groups)]
+              "SOLVER.STEPS", f"({int(n * 0.75)},{int(n * 0.92)})",
+              *dataset_opts(args.set, args.split), *args.opts, *expand(items, groups)]
+    metrics_json = os.path.join(out, f"quality_metrics_{args.set}_{args.split}.json")
     os.makedirs(out, exist_ok=True)
     t0 = time.time()
     with open(out + ".log", "w") as log:
@@ -61,11 +66,12 @@ def run_variant(name: str, spec: List, groups: Dict, args) -> Dict:
         t1 = time.time()
         if code == 0:
             code = subprocess.call([sys.executable, "projects/benchmarks/quality.py", "--evaluate",
-                                    *common, "MODEL.WEIGHTS", os.path.join(out, "model_final.pth")],
+                                    metrics_json, *common,
+                                    "MODEL.WEIGHTS", os.path.join(out, "model_final.pth")],
                                    stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     if code != 0:
         return {"error": f"exit {code}, see {out}.log"}
-    with open(os.path.join(out, "quality_metrics.json")) as f:
+    with open(metrics_json) as f:
         metrics = json.load(f)
     metrics["train_s"] = t1 - t0
     return metrics
@@ -78,6 +84,9 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=400)
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--output", default=os.path.join(ROOT, "output", "sweep"))
+    ap.add_argument("--set", default="synthetic", help="data set prefix (<set>_train, _val, _test)")
+    ap.add_argument("--split", choices=SPLITS, default="val",
+                    help="evaluation split (default val: where choices are made)")
     ap.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides for every variant")
     args = ap.parse_args()
     args.output = os.path.abspath(args.output)
@@ -89,6 +98,7 @@ def main() -> None:
                            pool.map(lambda v: run_variant(v, variants[v], groups, args), variants)))
     with open(os.path.join(args.output, "sweep.json"), "w") as f:
         json.dump(results, f, indent=1)
+    print(f"{args.set}_{args.split}, {args.iters} iterations unless a variant says otherwise\n")
     print("| variant | " + " | ".join(COLUMNS) + " |")
     print("|:--|" + "--:|" * len(COLUMNS))
     for name, m in results.items():

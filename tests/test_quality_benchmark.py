@@ -1,0 +1,76 @@
+"""quality.py's protocol (validation split by default, one folder per model) and its comparison
+tables, on hand-made metrics and per-image FROC inputs."""
+import numpy as np
+import pytest
+import quality
+from quality_report import comparisons, summary_table
+
+from elixir_d2.evaluation.froc_inputs import write_froc_inputs
+
+
+def test_evaluation_split_is_val_unless_test_is_asked_for(capsys):
+    assert quality.dataset_opts("synthetic_v2", "val") == [
+        "DATASETS.TRAIN", "('synthetic_v2_train',)", "DATASETS.TEST", "('synthetic_v2_val',)"]
+    assert quality.dataset_opts("synthetic", "test")[-1] == "('synthetic_test',)"
+    with pytest.raises(ValueError, match="split"):
+        quality.dataset_opts("synthetic", "train")
+    with pytest.raises(SystemExit):
+        quality.main(["--seeds", "0"])  # no interval over one seed
+    assert "at least 2 seeds" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        quality.main(["--seeds", "0", "1", "--models", "FPN", "Faster FPN"])
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_model_folders_are_distinct():
+    slugs = [quality.slug(m) for m in quality.MODELS]
+    assert len(set(slugs)) == len(slugs)
+    assert quality.slug("FPN+TRPN gate p") == "fpn_trpn_gate_p"
+
+
+def _inputs(path, found):
+    """3 patients, one key slice and one lesion each; ``found`` lists the patients whose lesion
+    the run detects (no false positive anywhere)."""
+    gt = [np.array([[10.0 * k, 0, 10.0 * k + 8, 8]]) for k in range(3)]
+    boxes = [g if k in found else np.zeros((0, 4)) for k, g in enumerate(gt)]
+    scores = [np.array([0.9]) if k in found else np.zeros(0) for k in range(3)]
+    write_froc_inputs(str(path), "toy_val", "continuous", [1, 2, 3], [1, 2, 3], boxes, scores, gt)
+    return str(path)
+
+
+def test_comparisons_by_hand(tmp_path):
+    every, none = _inputs(tmp_path / "a.json", {0, 1, 2}), _inputs(tmp_path / "b.json", set())
+    by_seed = {
+        s: {"FPN+TRPN": {"mean_sens_iou": a, "froc_inputs": every},
+            "FPN": {"mean_sens_iou": b, "froc_inputs": none}}
+        for s, a, b in ((0, 50.0, 45.0), (1, 52.0, 48.0), (2, 55.0, 49.0))
+    }
+    out = comparisons(by_seed, ["FPN", "FPN+TRPN"], num_samples=200)
+    (row,) = out["rows"]
+    # differences 5, 4, 6: mean 5, sample std 1, t(0.975, 2) = 4.303
+    half = 4.303 / np.sqrt(3)
+    assert (row["part"], row["baseline"], row["differences"]) == ("FPN+TRPN", "FPN", [5, 4, 6])
+    assert row["mean"] == pytest.approx(5.0) and row["std"] == pytest.approx(1.0)
+    assert row["t_low"] == pytest.approx(5 - half, abs=1e-3)
+    assert row["t_high"] == pytest.approx(5 + half, abs=1e-3)
+    assert row["t_excludes_zero"]
+    # every lesion found against none, in every resample: 100 points
+    assert (row["boot_low"], row["boot_high"]) == (100.0, 100.0)
+    assert "| FPN+TRPN | FPN | +5.0, +4.0, +6.0 | +5.0 ± 1.0 |" in out["table"]
+
+
+def test_comparisons_refuse_runs_on_different_images(tmp_path):
+    a = _inputs(tmp_path / "a.json", {0})
+    b = tmp_path / "b.json"
+    write_froc_inputs(str(b), "toy_val", "continuous", [7], [7], [np.zeros((0, 4))], [np.zeros(0)],
+                      [np.zeros((0, 4))])
+    by_seed = {s: {"FPN+TRPN": {"mean_sens_iou": 1.0 + s, "froc_inputs": a},
+                   "FPN": {"mean_sens_iou": 0.0, "froc_inputs": str(b)}} for s in (0, 1)}
+    with pytest.raises(ValueError, match="different images"):
+        comparisons(by_seed, ["FPN", "FPN+TRPN"], num_samples=5)
+
+
+def test_summary_table_uses_the_sample_std():
+    by_seed = {0: {"FPN": {"mean_sens_iou": 40.0}}, 1: {"FPN": {"mean_sens_iou": 44.0}}}
+    row = summary_table(by_seed, ["FPN"]).splitlines()[2]
+    assert "42.0 ± 2.8" in row  # sqrt(8) = 2.83 (ddof 1); ddof 0 would give 2.0
