@@ -11,7 +11,9 @@ summary.json; froc.png with --gt; relation graphs with --draw-relations (ALB hea
 confidence maps with --draw-confidence. Trailing KEY VALUE pairs override config keys.
 Case ids (output folder names) come from file and folder names, made safe and unique; inputs are
 named relative to PATH; --anonymize-ids replaces the ids by case_0001, ... A non-empty DIR is
-refused unless --overwrite; cases larger than --max-voxels are refused from their headers.
+refused unless --overwrite or --resume (an interrupted run: the case folders it finished, verified
+against their manifests, are kept, the rest done); cases larger than --max-voxels are refused from
+their headers. Ctrl-C ends with one line saying how many cases are done (exit code 130).
 """
 from __future__ import annotations
 
@@ -24,10 +26,10 @@ from detectron2.utils.logger import setup_logger
 
 from elixir_d2 import load_config
 from elixir_d2.checkpoint import fill_genotype_from_checkpoint
-from elixir_d2.cli import EXIT_USER_ERROR, MissingFileError, require_file, run_cli
+from elixir_d2.cli import EXIT_USER_ERROR, MissingFileError, escape_name, require_file, run_cli
 from elixir_d2.inference import PredictOptions, run_prediction
 from elixir_d2.inference.orientation import DEFAULT_MAX_VOXELS
-from elixir_d2.inference.runner import INPUT_ERRORS
+from elixir_d2.inference.runner import INPUT_ERRORS, RunInterrupted
 from elixir_d2.modeling.genotype_source import resolve_genotype_config
 
 
@@ -61,9 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--group-iou", type=float, default=0.3,
                     help="IoU linking detections on nearby slices")
     ap.add_argument("--group-gap", type=int, default=1, help="largest slice gap linking detections")
-    ap.add_argument("--overwrite", action="store_true",
-                    help="reuse a non-empty --output: replace what an earlier run wrote there "
-                         "(else refused)")
+    reuse = ap.add_mutually_exclusive_group()
+    reuse.add_argument("--overwrite", action="store_true",
+                       help="reuse a non-empty --output: replace what an earlier run wrote there "
+                            "(else refused)")
+    reuse.add_argument("--resume", action="store_true",
+                       help="finish an interrupted run in --output: keep the case folders it "
+                            "completed (checked against their manifests), do the others")
     ap.add_argument("--max-voxels", type=int, default=DEFAULT_MAX_VOXELS, metavar="N",
                     help="refuse a case of more voxels, from its header (default "
                          f"{DEFAULT_MAX_VOXELS:,}: 512 x 512 x 2048); 0: no limit")
@@ -94,29 +100,46 @@ def setup_cfg(args):
     return cfg
 
 
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     setup_logger(name="elixir_d2")
+    try:
+        return _predict(args)
+    except RunInterrupted as e:
+        print(f"predict_net.py: {e}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except KeyboardInterrupt:
+        print("predict_net.py: interrupted before any case was started", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _predict(args: argparse.Namespace) -> int:
     cfg = setup_cfg(args)
     if not os.path.exists(args.input):
-        raise MissingFileError(f"--input {args.input} not found; give a slice folder, a NIfTI "
-                               "file, a DICOM series folder or a folder of such cases")
+        raise MissingFileError(f"--input {escape_name(args.input)} not found; give a slice "
+                               "folder, a NIfTI file, a DICOM series folder or a folder of such "
+                               "cases")
     opts = PredictOptions(
         batch_size=args.batch_size, spacing=args.spacing, slice_interval=args.slice_intv,
         view_window=tuple(args.view_window), overlays=args.overlays,
         draw_relations=args.draw_relations,
         draw_confidence=args.draw_confidence, group_iou=args.group_iou, group_gap=args.group_gap,
         gt=args.gt,
-        progress=not args.no_progress, overwrite=args.overwrite, max_voxels=args.max_voxels or None,
+        progress=not args.no_progress, overwrite=args.overwrite, resume=args.resume,
+        max_voxels=args.max_voxels or None,
         anonymize_ids=args.anonymize_ids,
     )
     try:
         summary = run_prediction(cfg, args.input, args.output, opts)
-    except (INPUT_ERRORS + (ValueError,)) as e:  # unusable input; a model that cannot draw what was
-        print(f"predict_net.py: error: {e}", file=sys.stderr)  # asked; a bad ground truth file
+    # unusable input; a model that cannot draw what was asked; a bad ground truth file
+    except (INPUT_ERRORS + (ValueError,)) as e:
+        print(f"predict_net.py: error: {escape_name(e)}", file=sys.stderr)
         return EXIT_USER_ERROR
     t = summary["timing_s"]
-    print(f"{len(summary['cases'])} case(s) -> {args.output}: "
+    print(f"{len(summary['cases'])} case(s) -> {escape_name(args.output)}: "
           f"{sum(c['detections'] for c in summary['cases'])} detections, "
           f"{sum(c['findings'] for c in summary['cases'])} findings; {t['total']:.1f} s "
           f"(model forward {t['model_forward']:.1f} s)")

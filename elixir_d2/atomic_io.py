@@ -12,16 +12,19 @@ import errno
 import fcntl
 import json
 import os
+import re
 import shutil
 import socket
 import time
 from typing import Any, Callable, Dict, Iterator, Optional
 
 __all__ = ["MARKER", "tmp_name", "atomic_write_bytes", "atomic_write_text", "atomic_write_json",
-           "file_lock", "read_marker", "build_dir_atomically", "remove_stale_tmp"]
+           "file_lock", "read_marker", "build_dir_atomically", "remove_stale_tmp", "tmp_target"]
 
 MARKER = ".complete.json"
 _TMP_TAG = ".tmp-"
+# What tmp_name makes: "." + target + ".tmp-" + host + "-" + pid + "-" + monotonic ns.
+_TMP_RE = re.compile(r"\.(?P<target>.+?)\.tmp-(?P<host>[^/]*)-(?P<pid>[0-9]+)-(?P<ns>[0-9]+)")
 
 
 def tmp_name(path: str) -> str:
@@ -29,6 +32,13 @@ def tmp_name(path: str) -> str:
     head, tail = os.path.split(os.path.abspath(path))
     return os.path.join(head,
                         f".{tail}{_TMP_TAG}{socket.gethostname()}-{os.getpid()}-{time.monotonic_ns()}")
+
+
+def tmp_target(entry: str) -> Optional[str]:
+    """The name ``entry`` is a temporary sibling of, when :func:`tmp_name` made it, else None.
+    Only this exact pattern counts: a user's ``.notes.tmp-old`` is not ours to delete."""
+    m = _TMP_RE.fullmatch(entry)
+    return m.group("target") if m else None
 
 
 def atomic_write_bytes(path: str, data: bytes) -> None:
@@ -89,12 +99,16 @@ def read_marker(folder: str) -> Optional[Dict]:
 
 def remove_stale_tmp(parent: str, name: str) -> None:
     """Remove the temporary siblings of ``parent/name`` a killed writer left (call under the
-    lock)."""
-    prefix = f".{name}{_TMP_TAG}"
+    lock): entries named as :func:`tmp_name` names them, nothing else."""
     with contextlib.suppress(FileNotFoundError):
         for entry in os.listdir(parent):
-            if entry.startswith(prefix):
-                shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+            if tmp_target(entry) == name:
+                path = os.path.join(parent, entry)
+                if os.path.isdir(path) and not os.path.islink(path):
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    with contextlib.suppress(OSError):
+                        os.remove(path)
 
 
 def build_dir_atomically(out_dir: str, build: Callable[[str], Dict],

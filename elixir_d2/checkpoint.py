@@ -24,13 +24,13 @@ import torch
 
 from detectron2.checkpoint import DetectionCheckpointer
 
-from .cli import MissingFileError, UserInputError
+from .cli import MissingFileError, UserInputError, escape_name
 from .modeling.alb.genotype import Genotype, GenotypeError, genotype_from_dict
 from .modeling.genotype_source import genotype_to_yaml, uses_fixed_alb_head
 from .safe_pickle import load_weights_pickle
 
 __all__ = ["AtomicCheckpointer", "CheckpointError", "GENOTYPE_KEY", "alb_genotype_of",
-           "fill_genotype_from_checkpoint"]
+           "fill_genotype_from_checkpoint", "last_checkpoint_target"]
 
 GENOTYPE_KEY = "alb_genotype"  # checkpoint entry: the fixed ALB head's genotype as a plain dict
 
@@ -81,7 +81,24 @@ def _is_step_counter(key: str) -> bool:
     return key.endswith("num_batches_tracked")
 
 
+def _torch_file_head(filename: str, path_manager=None) -> None:
+    """Refuse a file that is neither a zip archive (torch.save's format) nor a pickle (its legacy
+    format) before torch.load sees it: on text, torch's legacy loader fails with an IndexError or
+    KeyError that names nothing."""
+    try:
+        opener = path_manager.open if path_manager is not None else open
+        with opener(filename, "rb") as f:
+            head = f.read(4)
+    except OSError as e:
+        raise CheckpointError(f"Checkpoint {escape_name(filename)} cannot be read "
+                              f"({e.strerror or e})") from e
+    if not (head.startswith(b"PK") or head.startswith(b"\x80")):
+        raise CheckpointError(f"Checkpoint {escape_name(filename)} is not a torch.save file (it "
+                              f"starts with {head!r}); give a checkpoint written by train_net.py")
+
+
 def _load_pth(filename: str, path_manager=None) -> Dict[str, Any]:
+    _torch_file_head(filename, path_manager)
     try:
         if path_manager is None:
             loaded = torch.load(filename, map_location="cpu", weights_only=True, mmap=True)
@@ -93,7 +110,8 @@ def _load_pth(filename: str, path_manager=None) -> Dict[str, Any]:
         raise CheckpointError(f"Checkpoint {filename} holds more than tensors and plain "
                               "containers; torch.load(weights_only=True) refused it "
                               f"({first})") from e
-    except (RuntimeError, EOFError, ValueError) as e:  # truncated / not a torch file
+    # truncated / not a torch file (the legacy loader fails on garbage with Index / Key errors)
+    except (RuntimeError, EOFError, ValueError, IndexError, KeyError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"Checkpoint {filename} is unreadable (truncated or not a torch.save "
                               f"file): {first}") from e
@@ -101,6 +119,34 @@ def _load_pth(filename: str, path_manager=None) -> Dict[str, Any]:
         raise CheckpointError(f"Checkpoint {filename} holds a {type(loaded).__name__}, not a state "
                               "dict")
     return loaded
+
+
+def last_checkpoint_target(save_dir: str) -> str:
+    """The path the ``last_checkpoint`` tag of ``save_dir`` names ("" without a tag). It must name
+    a file inside ``save_dir`` (the checkpointer writes a bare file name); anything else is a
+    :class:`elixir_d2.cli.UserInputError` naming the tag, never a load of whatever it points at."""
+    tag = os.path.join(save_dir, "last_checkpoint")
+    try:
+        with open(tag, "rb") as f:
+            raw = f.read(4097)
+    except FileNotFoundError:
+        return ""
+    except OSError as e:
+        raise UserInputError(f"{escape_name(tag)} cannot be read ({e.strerror or e}); delete it "
+                             "or run without --resume") from e
+    try:
+        name = raw.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        name = ""
+    root = os.path.realpath(save_dir)
+    target = os.path.realpath(os.path.join(save_dir, name))
+    if (not name or len(raw) > 4096 or os.path.dirname(target) != root
+            or os.path.basename(name) != name):
+        shown = escape_name(raw[:80].decode("utf-8", "backslashreplace").strip())
+        raise UserInputError(f"{escape_name(tag)} names {shown!r}, which is not a file name "
+                             f"inside {escape_name(save_dir)} (outside the output folder, or not "
+                             "a name); delete it to start from MODEL.WEIGHTS, or fix it")
+    return os.path.join(save_dir, name)
 
 
 _ITER_NAME = re.compile(r"model_(\d+|final)\.pth$")
@@ -179,9 +225,11 @@ class AtomicCheckpointer(DetectionCheckpointer):
         return super().load(path, checkpointables)
 
     def get_checkpoint_file(self) -> str:
-        """The file ``last_checkpoint`` names; if it is gone, the newest complete
-        ``model_*.pth``."""
-        path = super().get_checkpoint_file()
+        """The file ``last_checkpoint`` names (a file in the output folder, else an error);
+        if it is gone, the newest complete ``model_*.pth``."""
+        local = self.path_manager.get_local_path(self.save_dir) if self.save_dir else ""
+        path = (last_checkpoint_target(self.save_dir) if local and os.path.isdir(local)
+                else super().get_checkpoint_file())
         if not path or self.path_manager.exists(path) or not os.path.isdir(self.save_dir):
             return path
         tag = os.path.join(self.save_dir, "last_checkpoint")

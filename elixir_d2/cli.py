@@ -16,6 +16,7 @@ from __future__ import annotations
 import difflib
 import os
 import sys
+import unicodedata
 from typing import Any, Callable, Iterable, List, NoReturn, Optional, Sequence, Tuple, Type
 
 __all__ = [
@@ -26,6 +27,7 @@ __all__ = [
     "closest",
     "did_you_mean",
     "one_line",
+    "escape_name",
     "require_file",
     "check_datasets",
     "run_cli",
@@ -61,17 +63,46 @@ def did_you_mean(word: str, candidates: Iterable[str]) -> str:
     return f"; did you mean {best}?" if best else ""
 
 
+_NAMED_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+# Bidirectional overrides and isolates: they reorder how the rest of a line is displayed.
+_BIDI = set(range(0x202A, 0x202F)) | set(range(0x2066, 0x206A)) | {0x200E, 0x200F, 0x061C}
+
+
+def escape_name(text: str) -> str:
+    """``text`` (a file name, a path, or a message holding them) safe to print on one line:
+    control characters and line / paragraph separators as ``\\n``, ``\\xNN``, ``\\uNNNN``, bidi
+    controls as ``\\uNNNN``, and the bytes of a name that is not valid UTF-8 (which Python keeps as
+    lone surrogates) as ``\\xNN``, so the result also encodes as UTF-8.
+
+    Printable text, backslashes included, is left as it is: escaping an escaped text changes
+    nothing, so every layer that prints a path can call this without double escapes."""
+    out = []
+    for ch in str(text):
+        o = ord(ch)
+        if ch in _NAMED_ESCAPES:
+            out.append(_NAMED_ESCAPES[ch])
+        elif 0xDC80 <= o <= 0xDCFF:  # os.fsdecode's surrogateescape of byte o - 0xDC00
+            out.append(f"\\x{o - 0xDC00:02x}")
+        elif (0xD800 <= o <= 0xDFFF or o in _BIDI
+              or unicodedata.category(ch) in ("Cc", "Zl", "Zp")):
+            out.append(f"\\x{o:02x}" if o < 0x100 else f"\\u{o:04x}")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
 def require_file(path: str, what: str, hint: str) -> str:
     """``path`` if it is a local file (URLs pass unchecked); else :class:`MissingFileError`
     naming ``what`` (e.g. "weights file MODEL.WEIGHTS") and ``hint`` (what to do)."""
     if not path or "://" in path:
         return path
+    shown = escape_name(path)
     if os.path.isdir(path):
-        raise MissingFileError(f"{what} {path} is a folder, not a file; {hint}")
+        raise MissingFileError(f"{what} {shown} is a folder, not a file; {hint}")
     if not os.path.isfile(path):
-        raise MissingFileError(f"{what} {path} not found; {hint}")
+        raise MissingFileError(f"{what} {shown} not found; {hint}")
     if not os.access(path, os.R_OK):
-        raise MissingFileError(f"{what} {path} is not readable (permissions); {hint}")
+        raise MissingFileError(f"{what} {shown} is not readable (permissions); {hint}")
     return path
 
 
@@ -112,7 +143,7 @@ def run_cli(main: Callable[..., Any], *args: Any, prog: Optional[str] = None,
     try:
         rc = main(*args)
     except tuple(_expected_errors()) + tuple(expected) as e:
-        print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
+        print(f"{prog}: error: {escape_name(one_line(e))}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
     sys.exit(rc if isinstance(rc, int) else 0)
 

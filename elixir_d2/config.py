@@ -1,5 +1,6 @@
 """Config keys added by ElixirNet on top of detectron2's defaults, and the config loader."""
-from typing import List, Sequence
+import os
+from typing import Any, List, Sequence, Tuple
 
 import yaml
 
@@ -31,6 +32,7 @@ def load_config(config_file: str, opts: Sequence = ()) -> CN:
                  "pass --config-file with an existing YAML file (see configs/)")
     cfg = get_cfg()
     add_elixirnet_config(cfg)
+    _check_config_shape(config_file, cfg, config_file, ())
     try:
         cfg.merge_from_file(config_file, allow_unsafe=False)
     except KeyError as e:
@@ -43,6 +45,8 @@ def load_config(config_file: str, opts: Sequence = ()) -> CN:
         raise MissingFileError(f"{config_file}: cannot be read ({one_line(e)})") from e
     except (ValueError, AssertionError) as e:  # yacs: type mismatch, a key that cannot be merged
         raise UserInputError(f"{config_file}: {one_line(e)}") from e
+    except (TypeError, AttributeError) as e:  # a shape _check_config_shape did not foresee
+        raise UserInputError(f"{config_file}: not a valid config ({one_line(e)})") from e
     try:
         cfg.merge_from_list(list(opts))
     except (KeyError, AssertionError) as e:
@@ -55,6 +59,70 @@ def load_config(config_file: str, opts: Sequence = ()) -> CN:
     except ValueError as e:
         raise UserInputError(f"command-line override: {one_line(e)}") from e
     return cfg
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return f"true / false ({value})"
+    if isinstance(value, (int, float)):
+        return f"a number ({value})"
+    if isinstance(value, str):  # not echoed: it may be any file a _BASE_ named
+        return "plain text (no KEY: value lines)"
+    return f"a {type(value).__name__}"
+
+
+def _check_config_shape(path: str, cfg: CN, top: str, seen: Tuple[str, ...]) -> None:
+    """Raise :class:`elixir_d2.cli.UserInputError` naming the file when the YAML at ``path`` (or a
+    ``_BASE_`` it names, followed as detectron2 follows it) is not a mapping, or maps a config
+    group (MODEL, SOLVER ...) to something that is not a mapping: yacs would fail on either with
+    a bare TypeError. Files that cannot be read or parsed are left to ``merge_from_file``, whose
+    errors are already reported by :func:`load_config`."""
+    from .cli import UserInputError
+
+    where = path if path == top else f"{top}: _BASE_ {path}"
+    real = os.path.realpath(path)
+    if real in seen:
+        raise UserInputError(f"{top}: _BASE_ loop: {path} includes itself through its _BASE_ "
+                             "chain")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return
+    if data is None:
+        raise UserInputError(f"{where}: empty config file; expected a mapping of config keys "
+                             "(e.g. MODEL: ...)")
+    if not isinstance(data, dict):
+        raise UserInputError(f"{where}: expected a mapping of config keys, got {_kind(data)} (a "
+                             "config holds KEY: value lines, e.g. MODEL: ...)")
+    base = data.get("_BASE_")
+    if base is not None:
+        bases = base if isinstance(base, list) else [base]
+        if not bases or not all(isinstance(b, str) and b for b in bases):
+            raise UserInputError(f"{where}: _BASE_ must be a file name or a list of them, got "
+                                 f"{_kind(base)}")
+        for b in bases:
+            b = os.path.expanduser(b)
+            if b.startswith(("https://", "http://")):
+                continue
+            if not b.startswith("/"):  # relative to the including file, as detectron2 resolves it
+                b = os.path.join(os.path.dirname(path), b)
+            _check_config_shape(b, cfg, top, seen + (real,))
+    _check_groups(where, data, cfg, "")
+
+
+def _check_groups(where: str, data: dict, node: CN, prefix: str) -> None:
+    from .cli import UserInputError
+
+    for k, v in data.items():
+        if not isinstance(k, str):
+            raise UserInputError(f"{where}: config keys are names, got {_kind(k)} as a key")
+        if k == "_BASE_" or k not in node or not isinstance(node[k], CN):
+            continue  # unknown keys and values of the wrong type: yacs names them
+        if not isinstance(v, dict):
+            raise UserInputError(f"{where}: {prefix}{k} must be a mapping of config keys, got "
+                                 f"{v!r}"[:300])
+        _check_groups(where, v, node[k], f"{prefix}{k}.")
 
 
 def _key_from(e: BaseException) -> str:

@@ -12,7 +12,7 @@ from detectron2.evaluation import verify_results
 
 from .. import load_config
 from ..amp import autocast_dtype
-from ..checkpoint import AtomicCheckpointer, fill_genotype_from_checkpoint
+from ..checkpoint import AtomicCheckpointer, fill_genotype_from_checkpoint, last_checkpoint_target
 from ..cli import UserInputError, check_datasets, require_file
 from ..evaluation.froc import check_convention
 from ..modeling.genotype_source import resolve_genotype_config
@@ -45,6 +45,8 @@ def check_inputs(args: argparse.Namespace) -> CfgNode:
     except ValueError as e:
         raise UserInputError(str(e)) from None
     resuming = args.resume and os.path.exists(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint"))
+    if resuming:  # checked here, before workers start: the tag must name a file in OUTPUT_DIR
+        last_checkpoint_target(cfg.OUTPUT_DIR)
     if not resuming:  # a resumed run reads OUTPUT_DIR's checkpoint, not MODEL.WEIGHTS
         require_file(cfg.MODEL.WEIGHTS, "weights file MODEL.WEIGHTS",
                      "give a checkpoint written by train_net.py, or MODEL.WEIGHTS '' to start from "

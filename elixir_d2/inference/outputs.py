@@ -140,19 +140,26 @@ class CocoResults:
         self.results: List[Dict] = []
 
     def add_volume(self, pred: VolumePrediction) -> None:
-        vol = pred.volume
-        for sp in pred.slices:
+        self.add_case(case_summary(pred, detection_rows(pred), []))
+
+    def add_case(self, doc: Dict) -> None:
+        """Add one case from its ``detections.json`` document (:func:`case_summary`): the
+        boxes as written there, so a resumed run that reads finished cases back from their folders
+        writes the same results as a run that predicted them."""
+        height, width = doc["image_size"]
+        by_slice: Dict[int, List[Dict]] = {}
+        for d in doc["detections"]:
+            by_slice.setdefault(int(d["slice_index"]), []).append(d)
+        for n in doc["slices_predicted"]:
             image_id = len(self.images) + 1
-            self.images.append({"id": image_id, "file_name": f"{vol.name}/{sp.slice_number:03d}",
-                                "case": vol.name,
-                                "slice_index": int(sp.slice_number), "height": vol.height,
-                                "width": vol.width})
-            for box, score, cls in zip(sp.boxes, sp.scores, sp.classes):
-                x1, y1, x2, y2 = (float(v) for v in box)
-                self.results.append({"image_id": image_id, "category_id": int(cls) + 1,
-                                     "bbox": [_round(x1, 2), _round(y1, 2), _round(x2 - x1, 2),
-                                              _round(y2 - y1, 2)],
-                                     "score": _round(score, 5)})
+            self.images.append({"id": image_id, "file_name": f"{doc['case']}/{n:03d}",
+                                "case": doc["case"], "slice_index": int(n), "height": height,
+                                "width": width})
+            for d in by_slice.get(int(n), []):
+                self.results.append({"image_id": image_id, "category_id": int(d["class_id"]) + 1,
+                                     "bbox": [d["x1"], d["y1"], _round(d["x2"] - d["x1"], 2),
+                                              _round(d["y2"] - d["y1"], 2)],
+                                     "score": d["score"]})
 
     def write(self, out_dir: str) -> None:
         # can be long: compact

@@ -16,28 +16,37 @@ Output layout under ``output_dir``::
 
 Case folder names are case ids (:mod:`.case_ids`: from file / folder names, sanitised, unique);
 every path is checked to stay inside ``output_dir``. Each case folder is written under a
-temporary name and renamed when complete; the files above are written then renamed. A run refuses
-a non-empty ``output_dir`` unless ``overwrite``, which removes only what an earlier run wrote there
-(the files above and case folders holding :data:`CASE_MARKER`). Outputs and logs name inputs
-relative to the input path, or, with ``anonymize_ids``, by sequential ids only (the mapping goes to
-a separate CSV).
+temporary name and renamed when complete; the files above are written then renamed. The last file
+written into a case folder is its manifest :data:`CASE_MARKER` (JSON: every file of the folder with
+its size and SHA-256, a fingerprint of the settings and of the input). A run refuses a non-empty
+``output_dir`` unless ``overwrite``, which removes only what an earlier run wrote there (the files
+above, case folders holding :data:`CASE_MARKER`, and temporary entries named as
+:func:`elixir_d2.atomic_io.tmp_name` names them), or ``resume``, which keeps every case folder whose
+manifest still matches (same settings, same input, every file of the size and hash recorded) and
+does the other cases; the run files are rewritten from all case folders, so they equal those of an
+uninterrupted run but for timing. Outputs and logs name inputs relative to the input path, or, with
+``anonymize_ids``, by sequential ids only (the mapping goes to a separate CSV); every name shown is
+escaped (:func:`elixir_d2.cli.escape_name`). Which files are read: :mod:`.discovery`.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import time
-from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from dataclasses import asdict, dataclass
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 from tqdm import tqdm
 
 from detectron2.utils.file_io import PathManager
 
-from ..atomic_io import atomic_write_text, build_dir_atomically, remove_stale_tmp
+from ..atomic_io import atomic_write_text, build_dir_atomically, tmp_target
+from ..cli import escape_name
 from ..data.ct_mapper import CTSliceError
 from ..data.deeplesion import DeepLesionFormatError, read_dl_info
 from ..visualization import (
@@ -47,6 +56,7 @@ from ..visualization import (
     window_for_display,
 )
 from .case_ids import RUN_FILES, InputNames, OutputDir, UnsafeOutputError
+from .discovery import check_case_paths, discover_cases
 from .grouping import group_detections
 from .orientation import DEFAULT_MAX_VOXELS
 from .outputs import (
@@ -61,22 +71,34 @@ from .outputs import (
     write_json,
 )
 from .predictor import CTPredictor, SlicePrediction, VolumePrediction
-from .volume_io import CaseSource, CTInputError, discover_cases, read_case
+from .volume_io import CaseSource, CTInputError, read_case
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["PredictOptions", "load_ground_truth", "run_prediction", "INPUT_ERRORS",
-           "OutputNotEmptyError"]
+           "OutputNotEmptyError", "RunInterrupted", "CASE_MARKER"]
 
 # Errors that make one case unusable; a folder run lists them and goes on.
 INPUT_ERRORS = (CTInputError, CTSliceError, DeepLesionFormatError, OSError)
 # Out of memory on one huge case, or a runtime failure in the model on it, fails that case only.
 CASE_ERRORS = INPUT_ERRORS + (MemoryError, RuntimeError, UnsafeOutputError)
-CASE_MARKER = ".elixir_d2_case"  # in every case folder a run writes: what --overwrite may remove
+# Written last into every case folder: what --overwrite may remove, what --resume verifies.
+CASE_MARKER = ".elixir_d2_case"
+_MANIFEST_VERSION = 1
+# A case folder's temporary name: a sanitised case id (case_ids), maybe with its ~N suffix.
+_CASE_ID_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*(~[0-9]+)?")
 
 
 class OutputNotEmptyError(ValueError):
     """The output folder holds files and the run was not told it may replace them."""
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """SIGINT / Ctrl-C during a run: ``done`` of ``total`` cases have complete folders."""
+
+    def __init__(self, done: int, total: int):
+        super().__init__(f"interrupted: {done} of {total} cases done; rerun with --resume")
+        self.done, self.total = done, total
 
 GroundTruth = Dict[str, Dict[int, np.ndarray]]  # case -> slice number -> (M, 4) XYXY pixels
 
@@ -97,6 +119,7 @@ class PredictOptions:
     progress: bool = True
     max_voxels: Optional[int] = DEFAULT_MAX_VOXELS  # larger cases are refused from their header
     overwrite: bool = False  # replace what an earlier run wrote in the output folder
+    resume: bool = False  # keep the verified case folders of an interrupted run, do the rest
     anonymize_ids: Optional[str] = None  # CSV path: sequential case ids, the mapping written there
 
 
@@ -176,51 +199,161 @@ def _slice_drawer(case_dir: str, name: str, view_hu, gt: Dict[int, np.ndarray],
     return draw, counts
 
 
-def _prepare_output(out: OutputDir, overwrite: bool) -> None:
-    """Refuse a non-empty output folder, or (``overwrite``) remove what an earlier run wrote."""
+def _is_ours(path: str) -> bool:
+    """A case folder some run of this tool wrote (it holds :data:`CASE_MARKER`)."""
+    return (os.path.isdir(path) and not os.path.islink(path)
+            and os.path.isfile(os.path.join(path, CASE_MARKER)))
+
+
+def _is_our_tmp(root: str, entry: str) -> bool:
+    """A temporary entry this tool's writers leave when killed: a run file or a case folder under
+    :func:`elixir_d2.atomic_io.tmp_name`'s exact naming, nothing a user named alike."""
+    target = tmp_target(entry)
+    path = os.path.join(root, entry)
+    if target is None or os.path.islink(path):
+        return False
+    if target in RUN_FILES:
+        return os.path.isfile(path)
+    return bool(_CASE_ID_RE.fullmatch(target)) and os.path.isdir(path)
+
+
+def _prepare_output(out: OutputDir, overwrite: bool, resume: bool = False) -> None:
+    """Refuse a non-empty output folder; or (``overwrite``) remove what an earlier run wrote;
+    or (``resume``) remove only its temporary entries and run files, which are rewritten."""
     os.makedirs(out.root, exist_ok=True)
     entries = sorted(os.listdir(out.root))
     if not entries:
         return
-    if not overwrite:
+    if not (overwrite or resume):
         raise OutputNotEmptyError(
-            f"--output {out.given} is not empty ({len(entries)} entries, e.g. {entries[0]}); pass "
-            "--overwrite to replace what an earlier run wrote there, or give an empty folder"
+            f"--output {escape_name(out.given)} is not empty ({len(entries)} entries, e.g. "
+            f"{escape_name(entries[0])}); pass --overwrite to replace what an earlier run wrote "
+            "there, --resume to finish an interrupted run, or give an empty folder"
         )
     for e in entries:
         path = os.path.join(out.root, e)
         if e in RUN_FILES and os.path.isfile(path) and not os.path.islink(path):
             os.remove(path)
-        elif (os.path.isdir(path) and not os.path.islink(path)
-              and os.path.isfile(os.path.join(path, CASE_MARKER))):
+        elif overwrite and _is_ours(path):
             shutil.rmtree(path)
-        elif e.startswith(".") and ".tmp-" in e:  # a killed run's unfinished case folder or file
-            remove_stale_tmp(out.root, e[1:].split(".tmp-")[0])
+        elif _is_our_tmp(out.root, e):  # a killed run's unfinished case folder or file
+            if os.path.isdir(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                os.remove(path)
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _settings_fingerprint(cfg, opts: PredictOptions) -> str:
+    """What a case's outputs depend on besides its input: the config, the weights' content, the
+    drawing / grouping / spacing options and the ground truth file (drawn on the overlays)."""
+    weights = cfg.MODEL.WEIGHTS
+    opt = {k: v for k, v in asdict(opts).items()
+           if k not in ("batch_size", "progress", "max_voxels", "overwrite", "resume")}
+    opt["anonymize_ids"] = bool(opts.anonymize_ids)
+    opt["gt"] = _sha256(opts.gt) if opts.gt and os.path.isfile(opts.gt) else opts.gt
+    doc = {"config": cfg.dump(),
+           "weights": _sha256(weights) if weights and os.path.isfile(weights) else weights,
+           "options": opt}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _input_fingerprint(case: CaseSource, shown: str) -> Dict[str, Any]:
+    """The case's input as found on disk (sizes and modification times): a case folder made from
+    another version of the input is not reused."""
+    def stamp(p: str) -> List[int]:
+        st = os.stat(p)
+        return [st.st_size, st.st_mtime_ns]
+
+    files = ({escape_name(e): stamp(os.path.join(case.path, e))
+              for e in sorted(os.listdir(case.path))
+              if os.path.isfile(os.path.join(case.path, e))}
+             if os.path.isdir(case.path) else {"": stamp(case.path)})
+    return {"path": shown, "kind": case.kind, "key_slice": case.key_slice, "files": files}
+
+
+def _write_manifest(case_dir: str, settings: str, input_fp: Dict[str, Any]) -> None:
+    """Every file of the case folder with its size and SHA-256; written last, atomically."""
+    files = {}
+    for folder, _, names in os.walk(case_dir):
+        for n in names:
+            p = os.path.join(folder, n)
+            if n != CASE_MARKER:
+                files[os.path.relpath(p, case_dir)] = [os.path.getsize(p), _sha256(p)]
+    doc = {"written_by": "elixir_d2 predict_net.py", "version": _MANIFEST_VERSION,
+           "settings": settings, "input": input_fp, "files": dict(sorted(files.items()))}
+    atomic_write_text(os.path.join(case_dir, CASE_MARKER), json.dumps(doc, indent=1))
+
+
+def _verified_case(case_dir: str, settings: str, input_fp: Dict[str, Any]) -> Optional[Dict]:
+    """The ``detections.json`` document of a finished case folder whose manifest matches the
+    settings and input and whose every file has the size and hash recorded, else None."""
+    if not _is_ours(case_dir):
+        return None
+    try:
+        with open(os.path.join(case_dir, CASE_MARKER), encoding="utf-8") as f:
+            doc = json.load(f)
+        if (not isinstance(doc, dict) or doc.get("version") != _MANIFEST_VERSION
+                or doc.get("settings") != settings or doc.get("input") != input_fp
+                or not isinstance(doc.get("files"), dict)
+                or "detections.json" not in doc["files"]):
+            return None
+        for rel, (size, digest) in doc["files"].items():
+            p = os.path.normpath(os.path.join(case_dir, rel))
+            if (os.path.isabs(rel) or not p.startswith(case_dir + os.sep) or os.path.islink(p)
+                    or not os.path.isfile(p) or os.path.getsize(p) != size
+                    or _sha256(p) != digest):
+                return None
+        with open(os.path.join(case_dir, "detections.json"), encoding="utf-8") as f:
+            case_doc = json.load(f)
+    except (OSError, ValueError, TypeError):  # unreadable or malformed: the case is done again
+        return None
+    return case_doc if isinstance(case_doc, dict) else None
 
 
 def _write_case(case_dir: str, pred: VolumePrediction, dets: List[Dict], findings,
-                names: InputNames, case: CaseSource) -> None:
+                names: InputNames, case: CaseSource) -> Dict:
+    """The case's files (but the manifest); returns its detections.json document as read back."""
     vol = pred.volume
-    vol.warnings = [names.scrub(w, case.path, vol.name) for w in vol.warnings]
-    write_json(f"{case_dir}/detections.json", case_summary(pred, dets, findings))
+    vol.warnings = [escape_name(names.scrub(w, case.path, vol.name)) for w in vol.warnings]
+    doc = case_summary(pred, dets, findings)
+    write_json(f"{case_dir}/detections.json", doc)
     write_csv(f"{case_dir}/detections.csv", dets, DETECTION_COLUMNS)
     write_csv(f"{case_dir}/findings.csv", finding_rows(vol.name, findings), FINDING_COLUMNS)
-    atomic_write_text(f"{case_dir}/{CASE_MARKER}", "written by elixir_d2 predict_net.py\n")
+    return json.loads(json.dumps(doc))  # what a resumed run reads back: the same values
 
 
-def _froc(preds: List[VolumePrediction], gt: GroundTruth, out_dir: str, fps,
+def _done_entry(doc: Dict) -> Dict:
+    """A case's summary.json entry, from its detections.json document."""
+    return {"case": doc["case"], "input_kind": doc["input_kind"],
+            "slices": len(doc["slices_predicted"]), "detections": len(doc["detections"]),
+            "findings": len(doc["findings"]), "model_input_size": doc["model_input_size"]}
+
+
+def _froc(docs: List[Tuple[str, Dict]], gt: GroundTruth, out_dir: str, fps,
           convention: str = "continuous") -> Optional[Dict]:
+    """FROC over the predicted slices with ground truth, from the (input case name, detections.json
+    document) of every finished case: the boxes as written, fresh and resumed cases alike."""
     from ..evaluation.froc import compute_froc
     from ..visualization import plot_froc
 
     boxes, scores, truths = [], [], []
-    for pred in preds:
-        case_gt = gt.get(pred.volume.name, {})
-        for sp in pred.slices:
-            if sp.slice_number in case_gt:
-                boxes.append(sp.boxes)
-                scores.append(sp.scores)
-                truths.append(case_gt[sp.slice_number])
+    for name, doc in docs:
+        case_gt = gt.get(name, {})
+        for n in doc["slices_predicted"]:
+            if n in case_gt:
+                rows = [d for d in doc["detections"] if d["slice_index"] == n]
+                boxes.append(np.array([[d["x1"], d["y1"], d["x2"], d["y2"]] for d in rows],
+                                      dtype=np.float64).reshape(-1, 4))
+                scores.append(np.array([d["score"] for d in rows], dtype=np.float64))
+                truths.append(case_gt[n])
     if not truths:
         logger.warning("ground truth given but no predicted slice has any: no FROC")
         return None
@@ -241,10 +374,12 @@ def _case_ids(cases: List[CaseSource], names: InputNames, opts: PredictOptions,
     if not opts.anonymize_ids:
         return [c.name for c in cases]
     if out.contains(opts.anonymize_ids):
-        raise OutputNotEmptyError(f"--anonymize-ids {opts.anonymize_ids}: keep the id mapping "
-                                  f"outside --output {out.given}, which is meant to be shared")
+        raise OutputNotEmptyError(f"--anonymize-ids {escape_name(opts.anonymize_ids)}: keep the "
+                                  f"id mapping outside --output {escape_name(out.given)}, which "
+                                  "is meant to be shared")
     ids = [f"case_{i:04d}" for i in range(1, len(cases) + 1)]
-    rows = [{"case_id": i, "input": names.relative(c.path)} for i, c in zip(ids, cases)]
+    rows = [{"case_id": i, "input": escape_name(names.relative(c.path))}
+            for i, c in zip(ids, cases)]
     os.makedirs(os.path.dirname(os.path.abspath(opts.anonymize_ids)), exist_ok=True)
     atomic_write_text(opts.anonymize_ids, InputNames.mapping_csv(rows))
     return ids
@@ -257,13 +392,35 @@ def run_prediction(cfg, input_path: str, output_dir: str, opts: Optional[Predict
     A single case that cannot be read raises its error; in a run over several cases a bad case
     (unreadable, too large, out of memory, a write that failed) is skipped, logged, and listed
     under ``failed`` in the returned summary and summary.json, and the other cases complete.
+    With ``opts.resume`` the case folders an earlier run finished (verified) are read back instead
+    of predicted again. SIGINT raises :class:`RunInterrupted` (how many cases are done) once the
+    case being written is cleaned up.
     """
     opts = opts or PredictOptions()
+    if opts.resume and opts.overwrite:
+        raise ValueError("--resume keeps what an earlier run finished, --overwrite removes it: "
+                         "pass one of them")
     cases, ignored = discover_cases(input_path)
     names = InputNames(input_path, anonymize=bool(opts.anonymize_ids))
+    input_root = os.path.realpath(names.root)
     out = OutputDir(output_dir)
-    _prepare_output(out, opts.overwrite)
+    _prepare_output(out, opts.overwrite, opts.resume)
     ids = _case_ids(cases, names, opts, out)
+    done: List[Dict] = []
+    try:
+        return _run_cases(cfg, cases, ids, ignored, names, input_root, out, opts, model, done)
+    except RunInterrupted:
+        raise
+    except KeyboardInterrupt:
+        raise RunInterrupted(len(done), len(cases)) from None
+
+
+def _run_cases(cfg, cases: List[CaseSource], ids: List[str], ignored: List[str],
+               names: InputNames, input_root: str, out: OutputDir, opts: PredictOptions, model,
+               done: List[Dict]) -> Dict:
+    """The body of :func:`run_prediction` after the output folder is prepared; ``done`` fills
+    with the summary entry of each finished case as it finishes."""
+    settings = _settings_fingerprint(cfg, opts)
     t_setup = time.perf_counter()
     predictor = CTPredictor(cfg, model, batch_size=opts.batch_size,
                             capture_relations=opts.draw_relations,
@@ -271,70 +428,84 @@ def run_prediction(cfg, input_path: str, output_dir: str, opts: Optional[Predict
     t_start = time.perf_counter()  # model construction / loading is timed apart
     gt = load_ground_truth(opts.gt) if opts.gt else {}
     coco = CocoResults(predictor.class_names)
-    all_dets, all_findings, done, failed, preds = [], [], [], [], []
+    all_dets, all_findings, failed, docs = [], [], [], []
     forward_s = prepare_s = 0.0
+    resumed = 0
     context_mm = max(abs(o) for o in predictor.mapper.offsets_mm)
     bar = tqdm(list(zip(cases, ids)), desc="cases", unit="case",
                disable=not opts.progress or len(cases) == 1)
     for case, case_id in bar:
         # ground truth names cases as the input does, not by anonymous id
         case_gt = gt.get(case.name, {})
+        shown = escape_name(names.shown(case.path, case_id))
         try:
-            volume = read_case(case, opts.spacing, opts.slice_interval, context_mm=context_mm,
-                               max_voxels=opts.max_voxels)
-            volume.name = case_id
+            check_case_paths(case, input_root)
+            case_dir = out.path(case_id)
+            input_fp = _input_fingerprint(case, shown)
+            doc = _verified_case(case_dir, settings, input_fp) if opts.resume else None
+            if doc is not None:
+                resumed += 1
+            elif os.path.lexists(case_dir) and not _is_ours(case_dir):
+                raise UnsafeOutputError(f"{escape_name(case_id)} in --output "
+                                        f"{escape_name(out.given)} was not written by this tool; "
+                                        "move it away")
+            else:
+                volume = read_case(case, opts.spacing, opts.slice_interval,
+                                   context_mm=context_mm, max_voxels=opts.max_voxels)
+                volume.name = case_id
 
-            def build(case_dir: str) -> Dict:
-                draw, counts = _slice_drawer(case_dir, case_id,
-                                             lambda n: volume.hu[volume.rows[n]], case_gt, opts)
-                with tqdm(total=len(volume.slices_to_predict()), desc=case_id, unit="slice",
-                          leave=False, disable=not opts.progress) as slice_bar:
-                    pred = predictor.predict_volume(volume, progress=slice_bar, on_slice=draw)
-                slices, boxes, scores = flat_detections(pred)
-                findings = group_detections(slices, boxes, scores, volume.spacing,
-                                            volume.slice_interval,
-                                            iou_thresh=opts.group_iou, max_gap=opts.group_gap)
-                finding_of = {i: f.finding_id for f in findings for i in f.members}
-                dets = detection_rows(pred, finding_of)
-                _write_case(case_dir, pred, dets, findings, names, case)
-                return {"pred": pred, "dets": dets, "findings": findings}
+                def build(tmp_dir: str) -> Dict:
+                    draw, counts = _slice_drawer(tmp_dir, case_id,
+                                                 lambda n: volume.hu[volume.rows[n]], case_gt,
+                                                 opts)
+                    with tqdm(total=len(volume.slices_to_predict()), desc=case_id, unit="slice",
+                              leave=False, disable=not opts.progress) as slice_bar:
+                        pred = predictor.predict_volume(volume, progress=slice_bar, on_slice=draw)
+                    slices, boxes, scores = flat_detections(pred)
+                    findings = group_detections(slices, boxes, scores, volume.spacing,
+                                                volume.slice_interval,
+                                                iou_thresh=opts.group_iou,
+                                                max_gap=opts.group_gap)
+                    finding_of = {i: f.finding_id for f in findings for i in f.members}
+                    dets = detection_rows(pred, finding_of)
+                    written = _write_case(tmp_dir, pred, dets, findings, names, case)
+                    _write_manifest(tmp_dir, settings, input_fp)  # last: the folder is complete
+                    return {"pred": pred, "doc": written}
 
-            built = build_dir_atomically(out.path(case_id), build, None)
+                built = build_dir_atomically(case_dir, build, None)
+                pred, doc = built["pred"], built["doc"]
+                forward_s += pred.forward_s
+                prepare_s += pred.prepare_s
+                for w in pred.volume.warnings:
+                    logger.warning(w)
         except CASE_ERRORS as e:
             if len(cases) == 1:
                 raise
-            error = names.scrub(str(e) or type(e).__name__, case.path, case_id)
-            logger.warning(f"skipping case {case_id}: {error}")
-            failed.append({"case": case_id, "path": names.shown(case.path, case_id),
-                           "error": error})
+            error = escape_name(names.scrub(str(e) or type(e).__name__, case.path, case_id))
+            logger.warning(f"skipping case {escape_name(case_id)}: {error}")
+            failed.append({"case": case_id, "path": shown, "error": error})
             continue
         finally:
-            volume = None  # release the volume whatever happened
-        pred, dets, findings = built["pred"], built["dets"], built["findings"]
-        forward_s += pred.forward_s
-        prepare_s += pred.prepare_s
-        coco.add_volume(pred)
-        all_dets += dets
-        all_findings += finding_rows(case_id, findings)
-        for w in pred.volume.warnings:
-            logger.warning(w)
-        done.append({"case": case_id, "input_kind": pred.volume.kind, "slices": len(pred.slices),
-                     "detections": len(dets), "findings": len(findings),
-                     "model_input_size": [list(s) for s in
-                                          sorted({tuple(sp.input_size) for sp in pred.slices})]})
-        pred.volume.hu = None  # outputs are written
+            volume = pred = built = None  # release the volume whatever happened
+        coco.add_case(doc)
+        all_dets += doc["detections"]
+        all_findings += doc["findings"]
+        done.append(_done_entry(doc))
         if opts.gt:
-            pred.volume.name = case.name  # FROC matches ground truth by the input's case name
-            preds.append(pred)
+            docs.append((case.name, doc))  # FROC matches ground truth by the input's case name
+    if resumed:
+        logger.info(f"--resume: {resumed} of {len(cases)} case(s) were complete and verified in "
+                    f"{escape_name(out.given)}; read back, not predicted again")
     write_csv(out.path("detections.csv"), all_dets, DETECTION_COLUMNS)
     write_csv(out.path("findings.csv"), all_findings, FINDING_COLUMNS)
     coco.write(out.root)
-    froc = (_froc(preds, gt, out.root, tuple(cfg.TEST.FROC_FPS), cfg.TEST.FROC_CONVENTION)
+    froc = (_froc(docs, gt, out.root, tuple(cfg.TEST.FROC_FPS), cfg.TEST.FROC_CONVENTION)
             if opts.gt else None)
     total_s = time.perf_counter() - t_start
     summary = {
         "cases": done, "failed": failed,
-        "ignored": len(ignored) if opts.anonymize_ids else [names.relative(p) for p in ignored],
+        "ignored": (len(ignored) if opts.anonymize_ids
+                    else [escape_name(names.relative(p)) for p in ignored]),
         "froc": froc,
         "timing_s": {"model_setup": round(t_start - t_setup, 3), "total": round(total_s, 3),
                      "model_forward": round(forward_s, 3), "prepare_inputs": round(prepare_s, 3),
@@ -346,6 +517,7 @@ def run_prediction(cfg, input_path: str, output_dir: str, opts: Optional[Predict
         logger.warning(f"{len(failed)} case(s) failed: "
                        + "; ".join(f"{f['case']} ({f['error']})" for f in failed))
     if ignored:
-        logger.info(f"ignored {len(ignored)} file(s) that are not CT input"
-                    + ("" if opts.anonymize_ids else f", e.g. {names.relative(ignored[0])}"))
+        logger.info(f"ignored {len(ignored)} file(s) that are not CT input or not followed"
+                    + ("" if opts.anonymize_ids
+                       else f", e.g. {escape_name(names.relative(ignored[0]))}"))
     return summary
