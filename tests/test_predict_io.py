@@ -7,11 +7,11 @@ import SimpleITK as sitk
 from PIL import Image
 
 from elixir_d2.data.ct_mapper import CTSliceError
+from elixir_d2.inference import discover_cases
 from elixir_d2.inference.volume_io import (
     CTInputError,
     check_context,
     context_slices_needed,
-    discover_cases,
     read_case,
     read_dicom_series,
     read_nifti,

@@ -29,8 +29,8 @@ from .volume_io import (
     CTInputError,
     _classify_dir,
     _strip_nifti_ext,
+    single_file_case,
 )
-from .volume_io import discover_cases as _discover_file_case
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ def discover_cases(path: str) -> Tuple[List[CaseSource], List[str]]:
     """
     path = os.path.normpath(path)
     if not os.path.isdir(path):  # a single file (or nothing): no walk, the user named it
-        return _discover_file_case(path)
+        return single_file_case(path)
     root = os.path.realpath(path)
     cases: List[CaseSource] = []
     ignored: List[str] = []

@@ -1,6 +1,6 @@
 """Read CT inputs for inference into HU volumes, with validation that names the input at fault.
 
-Supported inputs (see :func:`discover_cases`):
+Supported inputs (found by :func:`.discovery.discover_cases`):
 
 * a DeepLesion slice folder (``NNN.png``, uint16, HU + 32768) or one key slice in it;
 * a NIfTI volume (``.nii`` / ``.nii.gz``);
@@ -39,7 +39,7 @@ from .orientation import DEFAULT_MAX_VOXELS, check_voxel_cap
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "CTInputError", "CTVolume", "CaseSource", "discover_cases", "read_case", "read_png_series",
+    "CTInputError", "CTVolume", "CaseSource", "single_file_case", "read_case", "read_png_series",
     "read_nifti", "read_dicom_series", "context_slices_needed", "check_context",
 ]
 
@@ -157,65 +157,34 @@ def _classify_dir(folder: str) -> Optional[str]:
     return None
 
 
-def discover_cases(path: str) -> Tuple[List[CaseSource], List[str]]:
-    """Cases under ``path`` and the files that were ignored (neither CT nor a folder of CT).
+def single_file_case(path: str) -> Tuple[List[CaseSource], List[str]]:
+    """The case of ``path`` when it is one file the user named (a NIfTI volume or a DeepLesion key
+    slice), as ``([case], [])``; folders are walked by :func:`.discovery.discover_cases`.
 
     Raises:
-        CTInputError: ``path`` does not exist, is a file of an unsupported type, or holds no case.
+        CTInputError: ``path`` does not exist or is a file of an unsupported type.
     """
     path = os.path.normpath(path)
     if not PathManager.exists(path):
         raise CTInputError(f"{path}: no such file or folder")
-    if PathManager.isfile(path):
-        base = os.path.basename(path)
-        low = base.lower()
-        if low.endswith(_NIFTI_EXT):
-            return [CaseSource(unique_case_ids([_strip_nifti_ext(base)])[0], path, "nifti")], []
-        m = _PNG_SLICE.match(base)
-        if m:
-            folder = os.path.dirname(path) or "."
-            name = unique_case_ids([os.path.basename(os.path.abspath(folder))])[0]
-            return [CaseSource(name, folder, "deeplesion", int(m.group(1)))], []
-        if low.endswith(".png"):
-            raise CTInputError(f"{path}: a DeepLesion key slice must be named <number>.png inside "
-                               "its series folder")
-        if _is_dicom_file(path):
-            raise CTInputError(f"{path}: a single DICOM file is a 2-D image; pass the folder of "
-                               "its series")
-        raise CTInputError(f"{path}: unsupported input (expected a DeepLesion slice folder or .png "
-                           "key slice, a .nii / .nii.gz volume, a DICOM series folder, or a folder "
-                           "of these)")
-    cases: List[CaseSource] = []
-    ignored: List[str] = []
-    _walk(path, cases, ignored, depth=0)
-    if not cases:
-        raise CTInputError(f"{path}: no CT input found (DeepLesion PNG slices, NIfTI volumes or "
-                           "DICOM series)")
-    # Case names become output folder names: safe and unique by construction.
-    for c, name in zip(cases, unique_case_ids([c.name for c in cases])):
-        c.name = name
-    return cases, ignored
-
-
-def _walk(folder: str, cases: List[CaseSource], ignored: List[str], depth: int) -> None:
-    kind = _classify_dir(folder)
-    if kind is not None:
-        cases.append(CaseSource(os.path.basename(os.path.abspath(folder)), folder, kind))
-        return
-    for entry in sorted(PathManager.ls(folder)):
-        child = os.path.join(folder, entry)
-        if PathManager.isdir(child):
-            if depth + 1 <= _MAX_DEPTH:
-                before = len(cases)
-                _walk(child, cases, ignored, depth + 1)
-                if len(cases) == before and not PathManager.ls(child):
-                    ignored.append(child)
-            else:
-                ignored.append(child)
-        elif entry.lower().endswith(_NIFTI_EXT):
-            cases.append(CaseSource(_strip_nifti_ext(entry), child, "nifti"))
-        else:
-            ignored.append(child)
+    base = os.path.basename(path)
+    low = base.lower()
+    if low.endswith(_NIFTI_EXT):
+        return [CaseSource(unique_case_ids([_strip_nifti_ext(base)])[0], path, "nifti")], []
+    m = _PNG_SLICE.match(base)
+    if m:
+        folder = os.path.dirname(path) or "."
+        name = unique_case_ids([os.path.basename(os.path.abspath(folder))])[0]
+        return [CaseSource(name, folder, "deeplesion", int(m.group(1)))], []
+    if low.endswith(".png"):
+        raise CTInputError(f"{path}: a DeepLesion key slice must be named <number>.png inside "
+                           "its series folder")
+    if _is_dicom_file(path):
+        raise CTInputError(f"{path}: a single DICOM file is a 2-D image; pass the folder of "
+                           "its series")
+    raise CTInputError(f"{path}: unsupported input (expected a DeepLesion slice folder or .png "
+                       "key slice, a .nii / .nii.gz volume, a DICOM series folder, or a folder "
+                       "of these)")
 
 
 # ---------------------------------------------------------------------------------- context
