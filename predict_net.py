@@ -8,7 +8,8 @@ PATH: a DeepLesion slice folder (NNN.png) or one key slice in it, a NIfTI volume
 a DICOM series folder, or a folder of such cases. Outputs (see elixir_d2/inference/runner.py):
 per-case detections.json / detections.csv / findings.csv, overlay PNGs, coco_results.json,
 summary.json; froc.png with --gt; relation graphs with --draw-relations (ALB head); TRPN
-confidence maps with --draw-confidence. Trailing KEY VALUE pairs override config keys.
+confidence maps with --draw-confidence; report.html per case and index.html (--report none: not).
+Trailing KEY VALUE pairs override config keys.
 Case ids (output folder names) come from file and folder names, made safe and unique; inputs are
 named relative to PATH; --anonymize-ids replaces the ids by case_0001, ... A non-empty DIR is
 refused unless --overwrite or --resume (an interrupted run: the case folders it finished, verified
@@ -56,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--overlays", choices=("detections", "all", "none"), default="detections",
                     help="overlay PNGs for slices with a detection or ground truth (default), "
                          "every slice, or none")
+    ap.add_argument("--report", choices=("html", "none"), default="html",
+                    help="report.html per case (slice scroller, boxes, findings; with --gt hits, "
+                         "misses, FROC) and index.html for the run (default), or none")
     ap.add_argument("--draw-relations", action="store_true",
                     help="relation graph of the ALB head (paper Fig. 5)")
     ap.add_argument("--draw-confidence", action="store_true",
@@ -127,6 +131,7 @@ def _predict(args: argparse.Namespace) -> int:
         view_window=tuple(args.view_window), overlays=args.overlays,
         draw_relations=args.draw_relations,
         draw_confidence=args.draw_confidence, group_iou=args.group_iou, group_gap=args.group_gap,
+        report=args.report,
         gt=args.gt,
         progress=not args.no_progress, overwrite=args.overwrite, resume=args.resume,
         max_voxels=args.max_voxels or None,

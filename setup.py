@@ -10,6 +10,8 @@ setup(
     version="0.1.0",
     description="ElixirNet (AAAI 2020) lesion detection in CT as a detectron2 extension",
     packages=find_packages(include=["elixir_d2", "elixir_d2.*"]),
+    # The case report's page templates, CSS and JS (elixir_d2/inference/report.py).
+    package_data={"elixir_d2.inference": ["report_assets/*"]},
     python_requires=">=3.10",
     install_requires=[
         "numpy",
@@ -25,6 +27,7 @@ setup(
     ],
     extras_require={
         # ruff pinned: `make lint` (.ci/run) must give the same verdict on every machine.
-        "dev": ["pytest", "pytest-timeout", "hypothesis", "ruff==0.17.6"],
+        # selenium: tests/test_report_html.py drives headless Chromium (scripts/install.sh).
+        "dev": ["pytest", "pytest-timeout", "hypothesis", "ruff==0.17.6", "selenium"],
     },
 )

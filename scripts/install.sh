@@ -13,12 +13,32 @@ D2_SDIST="pb1-detectron2==0.6"
 STAMP="$VENV/.elixir_d2_installed"
 want_stamp=$(cat setup.py scripts/install.sh | sha1sum | cut -d' ' -f1)
 
+# --- case report checks: Debian's chromium + chromium-driver (tests/test_report_html.py).
+have_chromium() { command -v chromium >/dev/null && command -v chromedriver >/dev/null; }
+have_chromium || rm -f "$STAMP"  # not up to date without them: the install below adds them
+# --- end case report checks
+
 # The no-op check only looks the packages up: importing them takes seconds, which every `make`
 # target (the timed demo included) would pay again before its own imports.
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want_stamp" ] \
    && "$VENV/bin/python" -c "import importlib.util as u, sys; sys.exit(not all(u.find_spec(m) for m in ('torch', 'torchvision', 'detectron2', 'elixir_d2')))" 2>/dev/null; then
   exit 0
 fi
+
+# --- case report checks: a headless browser for the report tests, from the system packages.
+if ! have_chromium; then
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "[install] error: chromium and chromium-driver are missing and installing them needs" \
+         "root: run 'sudo apt-get update && sudo apt-get install -y --no-install-recommends" \
+         "chromium chromium-driver', then this script again" >&2
+    exit 1
+  fi
+  echo "[install] installing chromium and chromium-driver (apt)"
+  apt-get update -q
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium \
+    chromium-driver
+fi
+# --- end case report checks
 
 if [ ! -x "$VENV/bin/python" ]; then
   command -v "$PY" >/dev/null || PY=python3

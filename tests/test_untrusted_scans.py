@@ -142,7 +142,7 @@ def test_one_failed_case_is_reported_and_the_folder_completes(tmp_path, monkeypa
     assert set(failed) == {"bomb", "oom"} and failed["oom"] == "MemoryError"
     assert failed["bomb"].startswith("bomb.nii.gz: 128 x 128 x 128 = 2,097,152 voxels exceeds")
     assert sorted(os.listdir(out)) == ["coco_images.json", "coco_results.json", "detections.csv",
-                                       "findings.csv", "good", "summary.json"]
+                                       "findings.csv", "good", "index.html", "summary.json"]
     # header + 2 per slice
     assert len(open(out / "detections.csv").read().splitlines()) == 1 + 3 * 2
 
@@ -232,7 +232,8 @@ def test_non_empty_output_needs_overwrite_which_clears_only_the_runs_files(tmp_p
         run(b, out)
     run(b, out, overwrite=True)
     assert sorted(os.listdir(out)) == ["coco_images.json", "coco_results.json", "detections.csv",
-                                       "findings.csv", "my_notes.txt", "second", "summary.json"]
+                                       "findings.csv", "index.html", "my_notes.txt", "second",
+                                       "summary.json"]
     assert sorted(os.listdir(out / "second" / "overlays")) == [f"slice_{i:03d}.png"
                                                                for i in range(3)]
 
@@ -255,5 +256,6 @@ def test_a_failed_case_write_leaves_no_partial_folder(tmp_path, monkeypatch):
     s = run(scans, out)
     assert [f["case"] for f in s["failed"]] == ["c1"] and "No space left" in s["failed"][0]["error"]
     assert sorted(os.listdir(out)) == ["c2", "coco_images.json", "coco_results.json",
-                                       "detections.csv", "findings.csv", "summary.json"]
+                                       "detections.csv", "findings.csv", "index.html",
+                                       "summary.json"]
     assert json.load(open(out / "summary.json"))["cases"][0]["case"] == "c2"

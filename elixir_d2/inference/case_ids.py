@@ -20,7 +20,7 @@ __all__ = ["RUN_FILES", "UnsafeOutputError", "sanitize_case_id", "unique_case_id
 
 # Files a run writes at the top of the output folder: no case may be named like one of them.
 RUN_FILES = ("summary.json", "detections.csv", "findings.csv", "coco_results.json",
-             "coco_images.json", "froc.png", "froc.json")
+             "coco_images.json", "froc.png", "froc.json", "index.html")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 _MAX_LEN = 80
 

@@ -8,9 +8,11 @@ Output layout under ``output_dir``::
     <case>/overlays/slice_NNN.png      windowed slice, detections (red) + ground truth (green)
     <case>/relations/slice_NNN.png     with draw_relations: the region_nonlocal graph
     <case>/confidence/slice_NNN.png    with draw_confidence: TRPN's p per level
+    <case>/report.html, <case>/report/ with report "html" (default): the case report (.report)
     detections.csv, findings.csv       all cases together
     coco_results.json, coco_images.json
     froc.png, froc.json                with ground truth: FROC over the slices it annotates
+    index.html                         with report "html": the cases, linking to their reports
     summary.json                       cases done, cases that failed (and why), ignored files,
                                        timing
 
@@ -71,6 +73,7 @@ from .outputs import (
     write_json,
 )
 from .predictor import CTPredictor, SlicePrediction, VolumePrediction
+from .report import REPORT_FORMATS, write_case_report, write_index
 from .volume_io import CaseSource, CTInputError, read_case
 
 logger = logging.getLogger(__name__)
@@ -111,6 +114,7 @@ class PredictOptions:
     view_window: Tuple[float, float] = (-175.0, 275.0)
     # "detections" (slices with a detection or ground truth), "all", "none"
     overlays: str = "detections"
+    report: str = "html"  # "html": report.html per case + index.html; "none"
     draw_relations: bool = False
     draw_confidence: bool = False
     group_iou: float = 0.3
@@ -397,6 +401,8 @@ def run_prediction(cfg, input_path: str, output_dir: str, opts: Optional[Predict
     case being written is cleaned up.
     """
     opts = opts or PredictOptions()
+    if opts.report not in REPORT_FORMATS:
+        raise ValueError(f"report must be one of {REPORT_FORMATS}, got {opts.report!r}")
     if opts.resume and opts.overwrite:
         raise ValueError("--resume keeps what an earlier run finished, --overwrite removes it: "
                          "pass one of them")
@@ -469,6 +475,12 @@ def _run_cases(cfg, cases: List[CaseSource], ids: List[str], ignored: List[str],
                     finding_of = {i: f.finding_id for f in findings for i in f.members}
                     dets = detection_rows(pred, finding_of)
                     written = _write_case(tmp_dir, pred, dets, findings, names, case)
+                    # --- case report (report.py): before the manifest, which then lists it
+                    if opts.report == "html":
+                        write_case_report(tmp_dir, written, volume,
+                                          case_gt if opts.gt else None,
+                                          tuple(cfg.TEST.FROC_FPS), cfg.TEST.FROC_CONVENTION)
+                    # --- end case report
                     _write_manifest(tmp_dir, settings, input_fp)  # last: the folder is complete
                     return {"pred": pred, "doc": written}
 
@@ -513,6 +525,8 @@ def _run_cases(cfg, cases: List[CaseSource], ids: List[str], ignored: List[str],
                          round(total_s / forward_s, 3) if forward_s > 0 else None},
     }
     write_json(out.path("summary.json"), summary)
+    if opts.report == "html":  # case report: the run's index page
+        write_index(out.root, done, failed, froc)
     if failed:
         logger.warning(f"{len(failed)} case(s) failed: "
                        + "; ".join(f"{f['case']} ({f['error']})" for f in failed))
