@@ -13,6 +13,11 @@ D2_SDIST="pb1-detectron2==0.6"
 STAMP="$VENV/.elixir_d2_installed"
 want_stamp=$(cat setup.py scripts/install.sh | sha1sum | cut -d' ' -f1)
 
+# --- issue 34: tests/test_dicom_sr.py validates SRs with dciodvfy (Debian dicom3tools): without
+# it the install is not up to date, whatever the stamp says.
+command -v dciodvfy >/dev/null || rm -f "$STAMP"
+# --- end issue 34
+
 # The no-op check only looks the packages up: importing them takes seconds, which every `make`
 # target (the timed demo included) would pay again before its own imports.
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want_stamp" ] \
@@ -63,6 +68,15 @@ CPP
   FORCE_CUDA=0 TORCH_CUDA_ARCH_LIST="" $PIP install -q --no-build-isolation "$src"
   rm -rf "$work"
 fi
+
+# --- issue 34: dciodvfy (dicom3tools), the DICOM validator of tests/test_dicom_sr.py
+if ! command -v dciodvfy >/dev/null; then
+  echo "[install] installing dicom3tools (dciodvfy) with apt-get"
+  SUDO=$([ "$(id -u)" = 0 ] || echo sudo)
+  $SUDO apt-get update -qq
+  $SUDO apt-get install -y -qq --no-install-recommends dicom3tools
+fi
+# --- end issue 34
 
 echo "[install] installing elixir_d2 (editable, with dev extras)"
 $PIP install -q --no-build-isolation -e ".[dev]"
