@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="name cases case_0001, ... in every output (case ids otherwise come from "
                          "file and folder names) and write which input each id is to MAPPING.csv, "
                          "outside --output")
+    ap.add_argument("--dicom-sr", action="store_true",
+                    help="DICOM series: also write <case>/dicom_sr/sr.dcm, a TID 1500 DICOM SR of "
+                         "the findings; it carries the patient's identifiers (needs highdicom)")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")
     return ap
@@ -136,6 +139,7 @@ def _predict(args: argparse.Namespace) -> int:
         progress=not args.no_progress, overwrite=args.overwrite, resume=args.resume,
         max_voxels=args.max_voxels or None,
         anonymize_ids=args.anonymize_ids,
+        dicom_sr=args.dicom_sr,
     )
     try:
         summary = run_prediction(cfg, args.input, args.output, opts)

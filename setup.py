@@ -5,6 +5,8 @@ detectron2 itself is not listed in ``install_requires``: it has no release on Py
 """
 from setuptools import find_packages, setup
 
+DICOM_SR = ["highdicom>=0.28"]  # the "dicom-sr" extra (tested with 0.28.2)
+
 setup(
     name="elixir_d2",
     version="0.1.0",
@@ -28,6 +30,9 @@ setup(
     extras_require={
         # ruff pinned: `make lint` (.ci/run) must give the same verdict on every machine.
         # selenium: tests/test_report_html.py drives headless Chromium (scripts/install.sh).
-        "dev": ["pytest", "pytest-timeout", "hypothesis", "ruff==0.17.6", "selenium"],
+        "dev": ["pytest", "pytest-timeout", "hypothesis", "ruff==0.17.6", "selenium", *DICOM_SR],
+        # predict_net.py --dicom-sr writes its DICOM SR with highdicom (which brings pydicom 3);
+        # optional for inference, in dev for tests/test_dicom_sr.py.
+        "dicom-sr": DICOM_SR,
     },
 )

@@ -13,10 +13,18 @@ D2_SDIST="pb1-detectron2==0.6"
 STAMP="$VENV/.elixir_d2_installed"
 want_stamp=$(cat setup.py scripts/install.sh | sha1sum | cut -d' ' -f1)
 
-# --- case report checks: Debian's chromium + chromium-driver (tests/test_report_html.py).
-have_chromium() { command -v chromium >/dev/null && command -v chromedriver >/dev/null; }
-have_chromium || rm -f "$STAMP"  # not up to date without them: the install below adds them
-# --- end case report checks
+# Debian packages the tests drive: a headless browser for the case report
+# (tests/test_report_html.py) and the DICOM validator dciodvfy (tests/test_dicom_sr.py).
+# "command package" pairs; a missing command makes the install out of date, whatever the stamp says.
+SYSTEM_TOOLS=("chromium chromium" "chromedriver chromium-driver" "dciodvfy dicom3tools")
+missing_packages() {
+  local pair
+  for pair in "${SYSTEM_TOOLS[@]}"; do
+    set -- $pair
+    command -v "$1" >/dev/null || echo "$2"
+  done
+}
+[ -z "$(missing_packages)" ] || rm -f "$STAMP"
 
 # The no-op check only looks the packages up: importing them takes seconds, which every `make`
 # target (the timed demo included) would pay again before its own imports.
@@ -25,20 +33,18 @@ if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want_stamp" ] \
   exit 0
 fi
 
-# --- case report checks: a headless browser for the report tests, from the system packages.
-if ! have_chromium; then
+packages=$(missing_packages | sort -u | tr '\n' ' ')
+if [ -n "$packages" ]; then
   if [ "$(id -u)" -ne 0 ]; then
-    echo "[install] error: chromium and chromium-driver are missing and installing them needs" \
-         "root: run 'sudo apt-get update && sudo apt-get install -y --no-install-recommends" \
-         "chromium chromium-driver', then this script again" >&2
+    echo "[install] error: missing Debian packages $packages; installing them needs root: run" \
+         "'sudo apt-get update && sudo apt-get install -y --no-install-recommends $packages'," \
+         "then this script again" >&2
     exit 1
   fi
-  echo "[install] installing chromium and chromium-driver (apt)"
+  echo "[install] installing $packages(apt)"
   apt-get update -q
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium \
-    chromium-driver
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $packages
 fi
-# --- end case report checks
 
 if [ ! -x "$VENV/bin/python" ]; then
   command -v "$PY" >/dev/null || PY=python3
@@ -83,6 +89,7 @@ CPP
   FORCE_CUDA=0 TORCH_CUDA_ARCH_LIST="" $PIP install -q --no-build-isolation "$src"
   rm -rf "$work"
 fi
+
 
 echo "[install] installing elixir_d2 (editable, with dev extras)"
 $PIP install -q --no-build-isolation -e ".[dev]"

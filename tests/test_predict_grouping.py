@@ -23,6 +23,9 @@ def test_two_lesions_across_slices():
     assert a.extent_mm == pytest.approx(3 * 2.5)
     # Longest side in mm: slice 5 box is 20 px wide (10 mm) and 26 px high (20.8 mm).
     assert a.largest_diameter_mm == pytest.approx(26 * 0.8)
+    # Short axis: the other side of that same slice-5 box (RECIST: both axes on one slice), not
+    # the shortest side over the slices (slice 3's and 4's 20 px height, 16 mm).
+    assert a.short_axis_mm == pytest.approx(20 * 0.5)
     assert (a.best_score, a.best_slice, a.best_box) == (0.9, 4, [12, 10, 32, 30])
     assert (b.slice_first, b.slice_last, b.largest_diameter_mm) == (4, 5, pytest.approx(8.0))
     assert (c.slice_first, c.slice_last, c.extent_mm) == (9, 9, pytest.approx(2.5))

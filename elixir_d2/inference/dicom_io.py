@@ -279,6 +279,7 @@ def read_dicom_series(folder: str, name: str,
     # GDCM derives the series' z spacing from the same positions; ours was checked above.
     img.SetSpacing(tuple(img.GetSpacing()[:2]) + (step,))
     vol = oriented_volume(img, folder, name, "dicom")
+    vol.series_files = files
     if drift:
         vol.warnings.append(drift)
     return vol

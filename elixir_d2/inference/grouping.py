@@ -7,7 +7,9 @@ Two detections belong to the same finding when they lie on different slices at m
 
 A finding reports its slice extent, the largest diameter (the longest box side in mm over its
 slices: the box of a lesion spans its long RECIST axis when that axis lies along x or y, and a
-slanted axis is longer than any side), its best score and where that score was found.
+slanted axis is longer than any side), the short axis (the shorter side, in mm, of the box whose
+longer side gives the largest diameter: both axes measured on one slice, as RECIST does), its best
+score and where that score was found.
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ class Finding:
     num_slices: int  # slices holding at least one member detection
     extent_mm: float  # (slice_last - slice_first + 1) * slice interval
     largest_diameter_mm: float
+    short_axis_mm: float  # shorter side of the box giving largest_diameter_mm
     best_score: float
     best_slice: int
     best_box: List[float]  # XYXY pixels on best_slice
@@ -88,12 +91,15 @@ def group_detections(
     for members in groups.values():
         m = np.asarray(members)
         best = int(m[np.argmax(scores[m])])  # first of equal scores
-        side_mm = np.maximum((boxes[m, 2] - boxes[m, 0]) * sx, (boxes[m, 3] - boxes[m, 1]) * sy)
+        w_mm, h_mm = (boxes[m, 2] - boxes[m, 0]) * sx, (boxes[m, 3] - boxes[m, 1]) * sy
+        side_mm = np.maximum(w_mm, h_mm)
+        widest = int(np.argmax(side_mm))  # first of equal diameters
         first, last = int(slices[m].min()), int(slices[m].max())
         findings.append(Finding(
             finding_id=-1, slice_first=first, slice_last=last, num_slices=len(np.unique(slices[m])),
             extent_mm=float((last - first + 1) * slice_interval),
-            largest_diameter_mm=float(side_mm.max()), best_score=float(scores[best]),
+            largest_diameter_mm=float(side_mm[widest]),
+            short_axis_mm=float(min(w_mm[widest], h_mm[widest])), best_score=float(scores[best]),
             best_slice=int(slices[best]), best_box=[float(v) for v in boxes[best]],
             members=sorted(int(i) for i in m),
         ))

@@ -29,6 +29,7 @@ DETECTION_COLUMNS = (
 FINDING_COLUMNS = (
     "case", "finding_id", "slice_first", "slice_last", "num_slices", "extent_mm",
     "largest_diameter_mm", "best_score", "best_slice", "best_box", "num_detections",
+    "short_axis_mm",
 )
 
 
@@ -82,6 +83,7 @@ def finding_rows(case: str, findings: Sequence[Finding]) -> List[Dict]:
         "largest_diameter_mm": _round(f.largest_diameter_mm),
         "best_score": _round(f.best_score, 5), "best_slice": f.best_slice,
         "best_box": [_round(v, 2) for v in f.best_box], "num_detections": len(f.members),
+        "short_axis_mm": _round(f.short_axis_mm),
     } for f in findings]
 
 

@@ -9,6 +9,9 @@ Output layout under ``output_dir``::
     <case>/relations/slice_NNN.png     with draw_relations: the region_nonlocal graph
     <case>/confidence/slice_NNN.png    with draw_confidence: TRPN's p per level
     <case>/report.html, <case>/report/ with report "html" (default): the case report (.report)
+    <case>/findings.mrk.json, detections.mrk.json   3D Slicer ROI markups (:mod:`.slicer_markups`)
+    <case>/dicom_sr/sr.dcm             with dicom_sr, DICOM series only: TID 1500 SR, which
+                                       carries the patient's identifiers (:mod:`.dicom_sr`)
     detections.csv, findings.csv       all cases together
     coco_results.json, coco_images.json
     froc.png, froc.json                with ground truth: FROC over the slices it annotates
@@ -74,6 +77,7 @@ from .outputs import (
 )
 from .predictor import CTPredictor, SlicePrediction, VolumePrediction
 from .report import REPORT_FORMATS, write_case_report, write_index
+from .slicer_markups import write_case_markups
 from .volume_io import CaseSource, CTInputError, read_case
 
 logger = logging.getLogger(__name__)
@@ -125,6 +129,7 @@ class PredictOptions:
     overwrite: bool = False  # replace what an earlier run wrote in the output folder
     resume: bool = False  # keep the verified case folders of an interrupted run, do the rest
     anonymize_ids: Optional[str] = None  # CSV path: sequential case ids, the mapping written there
+    dicom_sr: bool = False  # DICOM series: <case>/dicom_sr/sr.dcm (carries patient identifiers)
 
 
 def load_ground_truth(path: str) -> GroundTruth:
@@ -407,6 +412,9 @@ def run_prediction(cfg, input_path: str, output_dir: str, opts: Optional[Predict
         raise ValueError("--resume keeps what an earlier run finished, --overwrite removes it: "
                          "pass one of them")
     cases, ignored = discover_cases(input_path)
+    if opts.dicom_sr:  # refused before anything is written
+        from .dicom_sr import check_sr_request
+        check_sr_request(cases, bool(opts.anonymize_ids))
     names = InputNames(input_path, anonymize=bool(opts.anonymize_ids))
     input_root = os.path.realpath(names.root)
     out = OutputDir(output_dir)
@@ -481,6 +489,12 @@ def _run_cases(cfg, cases: List[CaseSource], ids: List[str], ignored: List[str],
                                           case_gt if opts.gt else None,
                                           tuple(cfg.TEST.FROC_FPS), cfg.TEST.FROC_CONVENTION)
                     # --- end case report
+                    # --- Slicer markups (every case), DICOM SR (opt-in)
+                    write_case_markups(tmp_dir, volume, findings, dets)
+                    if opts.dicom_sr and volume.kind == "dicom":
+                        from .dicom_sr import write_case_sr
+                        write_case_sr(tmp_dir, volume, findings)
+                    # --- end markups / SR ---
                     _write_manifest(tmp_dir, settings, input_fp)  # last: the folder is complete
                     return {"pred": pred, "doc": written}
 

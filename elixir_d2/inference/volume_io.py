@@ -79,6 +79,8 @@ class CTVolume:
     series_range: Optional[Tuple[int, int]] = None  # first/last number of the whole series
     origin: Optional[Tuple[float, float, float]] = None  # LPS mm of voxel (0, 0, 0)
     direction: Optional[np.ndarray] = None  # 3x3 index -> LPS direction cosines
+    # DICOM: the series' files (paths only; --dicom-sr reads their headers, nothing else does)
+    series_files: Optional[List[str]] = None
     warnings: List[str] = field(default_factory=list)
 
     @property
