@@ -20,10 +20,13 @@ of the typed dataset, used to label the sampled proposals (background = NUM_TYPE
   output) stay consistent with the head features being fine-tuned. M is detached either way;
   list ``roi_heads.box_predictor`` in MODEL.FREEZE_MODULES to keep the binary predictor fixed.
 - Inference, ``rtm_output = "binary"`` (the default; ElixirTrainer.test uses it on untyped
-  splits): one detection per proposal, the box of its most likely type scored by the binary
-  lesion probability, class-agnostic NMS; ``pred_types`` / ``pred_classes`` = that type. Scoring
-  by the per-type softmax instead would split a lesion's probability over up to NUM_TYPES
-  near-duplicate boxes and rank them below confident false positives.
+  splits): the binary predictor's detections (its box and lesion probability per proposal,
+  class-agnostic NMS: exactly the binary model's inference on the same head features);
+  ``pred_types`` / ``pred_classes`` = the most likely type of the proposal. Scoring by the
+  per-type softmax instead would split a lesion's probability over up to NUM_TYPES near-duplicate
+  boxes and rank them below confident false positives; taking the box from the multi-type
+  regressor (as before issue 32) used a regressor trained only by the short typed fine-tuning and
+  cost binary sensitivity (docs/evaluation.md, "RTM models on untyped splits").
 - Inference, ``rtm_output = "typed"`` (typed splits, Table 4): ``pred_classes`` = lesion type
   index and ``scores`` from the multi-type softmax with per-type NMS (the class-aware per-type
   evaluation), ``pred_types`` = the same index, ``pred_binary_scores`` = the binary lesion
@@ -222,19 +225,14 @@ class ElixirROIHeads(StandardROIHeads):
         return instances
 
     def _rtm_binary_inference(self, binary, typed, proposals: List[Instances]) -> List[Instances]:
-        """One box per proposal: its most likely type's box, scored by the binary lesion
-        probability."""
-        predictor = self.rtm.predictor
-        boxes, scores, types = [], [], []
-        for b, p, lesion in zip(predictor.predict_boxes(typed, proposals),
-                                predictor.predict_probs(typed, proposals),
-                                self.box_predictor.predict_probs(binary, proposals)):
-            t = p[:, :-1].argmax(dim=1)
-            per_type = b.view(len(b), -1, 4)
-            one_type = per_type.shape[1] == 1
-            boxes.append(per_type[:, 0] if one_type else per_type[torch.arange(len(b)), t])
-            scores.append(lesion)  # (R, 2): lesion, background
-            types.append(t)
+        """The binary predictor's detections (its boxes, its lesion probability, its NMS and
+        limits: the same as the binary model's inference on the same head features), each
+        labelled with the most likely type of its proposal."""
+        predictor = self.box_predictor
+        boxes = predictor.predict_boxes(binary, proposals)  # (R, 4): one lesion class
+        scores = predictor.predict_probs(binary, proposals)  # (R, 2): lesion, background
+        types = [p[:, :-1].argmax(dim=1)
+                 for p in self.rtm.predictor.predict_probs(typed, proposals)]
         instances, kept = fast_rcnn_inference(
             boxes, scores, [p.image_size for p in proposals], predictor.test_score_thresh,
             predictor.test_nms_thresh, predictor.test_topk_per_image,
