@@ -170,6 +170,14 @@ def parse_dl_info_row(row: Dict[str, str], where: str) -> Dict:
     }
 
 
+def write_dl_info(csv_path: str, rows: List[Dict]) -> None:
+    """Write ``rows`` (dicts keyed by :data:`DL_INFO_COLUMNS`) as a DL_info.csv."""
+    with PathManager.open(csv_path, "w") as f:
+        writer = csv.DictWriter(f, fieldnames=list(DL_INFO_COLUMNS), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
 def read_dl_info(csv_path: str) -> List[Dict]:
     """Parse every row of DL_info.csv; raise DeepLesionFormatError naming file, row and column."""
     try:

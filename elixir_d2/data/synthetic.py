@@ -11,7 +11,6 @@ the slices, calcified spots, bowel loops, gallbladder, ribs). ``--format kits19`
 from __future__ import annotations
 
 import argparse
-import csv
 import inspect
 import io
 import json
@@ -26,7 +25,7 @@ from detectron2.utils.file_io import PathManager
 
 from ..atomic_io import build_dir_atomically
 from .ct_mapper import hu_to_png16
-from .deeplesion import DL_INFO_COLUMNS, LESION_TYPES
+from .deeplesion import LESION_TYPES, write_dl_info
 from .synthetic_phantom import (
     BONE,
     KIDNEY,
@@ -363,10 +362,7 @@ def write_deeplesion(out_dir: str, *, num_patients: int = DEFAULT_PATIENTS,
                 stats["lesions"] += 1
                 stats["types"][LESION_TYPES[t - 1]] += 1
                 summary["noisy_lesions"] += int(noisy)
-    with PathManager.open(os.path.join(out_dir, "DL_info.csv"), "w") as f:
-        writer = csv.DictWriter(f, fieldnames=list(DL_INFO_COLUMNS), lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
+    write_dl_info(os.path.join(out_dir, "DL_info.csv"), rows)
     with PathManager.open(os.path.join(out_dir, "synthetic_info.json"), "w") as f:
         # same bytes anywhere
         json.dump({k: v for k, v in summary.items() if k != "out_dir"}, f, indent=1)

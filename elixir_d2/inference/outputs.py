@@ -9,7 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -168,3 +168,19 @@ class CocoResults:
         write_json(f"{out_dir}/coco_results.json", self.results, indent=None)
         cats = [{"id": i + 1, "name": n} for i, n in enumerate(self.class_names)]
         write_json(f"{out_dir}/coco_images.json", {"images": self.images, "categories": cats})
+
+
+def annotated_slices(doc: Dict, gt: Mapping[int, np.ndarray]
+                     ) -> Tuple[List[np.ndarray], List[np.ndarray], List[np.ndarray]]:
+    """The FROC's inputs from a case's detections.json document ``doc`` (the values as written):
+    per predicted slice that has ground truth in ``gt`` (slice number -> (M, 4) lesions), its
+    detections' boxes, their scores and the lesions."""
+    boxes, scores, truths = [], [], []
+    for n in doc["slices_predicted"]:
+        if n in gt:
+            rows = [d for d in doc["detections"] if d["slice_index"] == n]
+            boxes.append(np.array([[d["x1"], d["y1"], d["x2"], d["y2"]] for d in rows],
+                                  dtype=np.float64).reshape(-1, 4))
+            scores.append(np.array([d["score"] for d in rows], dtype=np.float64))
+            truths.append(np.asarray(gt[n], dtype=np.float64).reshape(-1, 4))
+    return boxes, scores, truths

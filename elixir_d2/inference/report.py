@@ -23,6 +23,7 @@ from PIL import Image
 from ..atomic_io import atomic_write_text
 from ..boxes import box_overlap
 from ..visualization import window_for_display
+from .outputs import annotated_slices
 from .volume_io import CTVolume
 
 __all__ = ["PRESETS", "REPORT_FORMATS", "write_case_report", "write_index", "ground_truth_matches"]
@@ -76,14 +77,7 @@ def _case_froc(doc: Dict, gt: Mapping[int, np.ndarray], fps: Sequence[float],
     """This case's FROC over its predicted slices with ground truth (None without any)."""
     from ..evaluation.froc import compute_froc
 
-    boxes, scores, truths = [], [], []
-    for n in doc["slices_predicted"]:
-        if n in gt:
-            rows = [d for d in doc["detections"] if d["slice_index"] == n]
-            boxes.append(np.array([[d["x1"], d["y1"], d["x2"], d["y2"]] for d in rows],
-                                  dtype=np.float64).reshape(-1, 4))
-            scores.append(np.array([d["score"] for d in rows], dtype=np.float64))
-            truths.append(np.asarray(gt[n], dtype=np.float64).reshape(-1, 4))
+    boxes, scores, truths = annotated_slices(doc, gt)
     if not truths or not sum(len(t) for t in truths):
         return None
     r = compute_froc(boxes, scores, truths, fps=fps, convention=convention)

@@ -68,6 +68,7 @@ from .outputs import (
     DETECTION_COLUMNS,
     FINDING_COLUMNS,
     CocoResults,
+    annotated_slices,
     case_summary,
     detection_rows,
     finding_rows,
@@ -355,14 +356,9 @@ def _froc(docs: List[Tuple[str, Dict]], gt: GroundTruth, out_dir: str, fps,
 
     boxes, scores, truths = [], [], []
     for name, doc in docs:
-        case_gt = gt.get(name, {})
-        for n in doc["slices_predicted"]:
-            if n in case_gt:
-                rows = [d for d in doc["detections"] if d["slice_index"] == n]
-                boxes.append(np.array([[d["x1"], d["y1"], d["x2"], d["y2"]] for d in rows],
-                                      dtype=np.float64).reshape(-1, 4))
-                scores.append(np.array([d["score"] for d in rows], dtype=np.float64))
-                truths.append(case_gt[n])
+        for values, case_values in zip((boxes, scores, truths),
+                                       annotated_slices(doc, gt.get(name, {}))):
+            values += case_values
     if not truths:
         logger.warning("ground truth given but no predicted slice has any: no FROC")
         return None

@@ -2,7 +2,6 @@
 a summary, and the whole-or-nothing folder with its completion marker."""
 from __future__ import annotations
 
-import csv
 import inspect
 import json
 import math
@@ -16,7 +15,7 @@ from detectron2.utils.file_io import PathManager
 
 from ...atomic_io import build_dir_atomically
 from ..ct_mapper import hu_to_png16
-from ..deeplesion import DL_INFO_COLUMNS, LESION_TYPES
+from ..deeplesion import LESION_TYPES, write_dl_info
 from .scanner import acquire, noise_sigma
 from .series import make_series
 from .tissues import MIMIC_KINDS
@@ -136,10 +135,7 @@ def write_deeplesion_v2(out_dir: str, *, num_patients: int = DEFAULT_PATIENTS,
                 stats["hypodense" if les.hu < les.host_hu else "hyperdense"] += 1
                 stats["types"][LESION_TYPES[les.lesion_type - 1]] += 1
                 summary["noisy_lesions"] += int(noisy)
-    with PathManager.open(os.path.join(out_dir, "DL_info.csv"), "w") as f:
-        writer = csv.DictWriter(f, fieldnames=list(DL_INFO_COLUMNS), lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
+    write_dl_info(os.path.join(out_dir, "DL_info.csv"), rows)
     with PathManager.open(os.path.join(out_dir, "synthetic_info.json"), "w") as f:
         json.dump(summary, f, indent=1)
     return dict(summary, out_dir=out_dir)
