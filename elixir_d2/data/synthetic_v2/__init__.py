@@ -8,10 +8,18 @@ encoding and the atomic folder writer).
 organs, bones, great vessels per region), :mod:`.mimics` (vessels, bowel loops, normal nodes,
 cyst-like organs, calcifications: never annotated), :mod:`.lesions` (lobulated hypo- and
 hyperdense lesions of 3-30 mm, the 8 DeepLesion types, RECIST-like measurement),
-:mod:`.scanner` (pixel spacing 0.6-1.0 mm at 512 px, i.e. 1.6-2.67 mm at 192 px so the field is a
-body; slice interval 1-5 mm; thickness partial volume, blur, textured noise, streaks),
+:mod:`.scanner` (pixel spacing 0.6-1.0 mm at 512 px, the default image size, scaled so the field
+stays a body at other sizes; slice interval 1-5 mm; thickness partial volume, blur, textured
+noise, streaks),
 :mod:`.series` and :mod:`.writer`.
 """
-from .writer import DEFAULT_PATIENTS, GENERATOR, generate_deeplesion_v2, write_deeplesion_v2
+from .writer import (
+           DEFAULT_IMAGE_SIZE,
+           DEFAULT_PATIENTS,
+           GENERATOR,
+           generate_deeplesion_v2,
+           write_deeplesion_v2,
+)
 
-__all__ = ["DEFAULT_PATIENTS", "GENERATOR", "generate_deeplesion_v2", "write_deeplesion_v2"]
+__all__ = ["DEFAULT_IMAGE_SIZE", "DEFAULT_PATIENTS", "GENERATOR", "generate_deeplesion_v2",
+           "write_deeplesion_v2"]

@@ -5,7 +5,7 @@ import argparse
 import json
 from typing import Dict, Optional, Sequence
 
-from .writer import DEFAULT_PATIENTS, generate_deeplesion_v2
+from .writer import DEFAULT_IMAGE_SIZE, DEFAULT_PATIENTS, generate_deeplesion_v2
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict:
@@ -15,7 +15,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     parser.add_argument("--out", required=True, help="output folder (e.g. datasets/synthetic_v2)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--patients", type=int, default=DEFAULT_PATIENTS)
-    parser.add_argument("--size", type=int, default=192, help="image side in pixels")
+    parser.add_argument("--size", type=int, default=DEFAULT_IMAGE_SIZE,
+                        help="image side in pixels (default: 0.6-1.0 mm pixels)")
     parser.add_argument("--slices", type=int, nargs=2, default=(12, 20), metavar=("LO", "HI"))
     args = parser.parse_args(argv)
     summary = generate_deeplesion_v2(args.out, num_patients=args.patients, image_size=args.size,

@@ -2,7 +2,7 @@
 in-plane blur, CT-textured (band-pass correlated) noise and beam-hardening streaks.
 
 Pixel spacing is drawn as 0.6-1.0 mm at 512 px and scaled to the image size so that the field
-stays a body (307-512 mm): 1.6-2.67 mm at 192 px.
+stays a body (307-512 mm): 1.6-2.67 mm at 192 px. The writer defaults to 512 px.
 """
 from __future__ import annotations
 
