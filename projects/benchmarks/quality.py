@@ -22,7 +22,8 @@ that seed's FPN. Models (``--models``, default: the first five):
 Prints, per set: sensitivity (%) at 0.5..8 FPs (IoU, IoBB), their mean over 0.5/1/2/4, AP50 and
 the proposals' recall, mean +- sample std over seeds; then each comparison of a part with its
 baseline: the paired per-seed difference of the mean IoU sensitivity with a 95% t-interval, and
-the first seed's difference with a 95% bootstrap interval over test patients. Writes
+the first seed's difference with a 95% bootstrap interval over the evaluated split's patients.
+Writes
 quality.json and quality.md. Finished runs are reused (delete a run's folder to redo it).
 """
 from __future__ import annotations

@@ -56,7 +56,7 @@ def summary_table(by_seed: Mapping[int, Mapping[str, Mapping]], models: Sequence
 def bootstrap_difference(part_file: str, base_file: str, num_samples: int,
                          seed: int = 0) -> Dict[str, float]:
     """Patient-bootstrap 95% interval of (part - baseline) mean IoU sensitivity, in points, from
-    two runs' froc_inputs.json on the same images."""
+    two runs' froc_inputs.json on the same images (the patients of the evaluated split)."""
     part, base = read_froc_inputs(part_file), read_froc_inputs(base_file)
     if part.image_ids != base.image_ids:
         raise ValueError(f"{part_file} and {base_file} hold different images")
@@ -93,7 +93,7 @@ def comparisons(by_seed: Mapping[int, Mapping[str, Mapping]], models: Sequence[s
             row.update(boot_seed=seeds[0], boot_low=boot["low"], boot_high=boot["high"])
         rows.append(row)
     head = ("| part | baseline | per-seed difference | mean ± std | 95% t-interval | excludes 0 |"
-            " first-seed bootstrap 95% |")
+            " first-seed patient bootstrap 95% |")
     lines = ["Mean IoU sensitivity over 0.5/1/2/4 FPs, part minus baseline (points):", "",
              head, "|:--|:--|:--|--:|--:|:--|--:|"]
     for r in rows:
