@@ -27,7 +27,14 @@ from detectron2.utils.logger import setup_logger
 
 from elixir_d2 import load_config
 from elixir_d2.checkpoint import fill_genotype_from_checkpoint
-from elixir_d2.cli import EXIT_USER_ERROR, MissingFileError, escape_name, require_file, run_cli
+from elixir_d2.cli import (
+    EXIT_USER_ERROR,
+    MissingFileError,
+    check_froc_convention,
+    escape_name,
+    require_file,
+    run_cli,
+)
 from elixir_d2.inference import PredictOptions, run_prediction
 from elixir_d2.inference.orientation import DEFAULT_MAX_VOXELS
 from elixir_d2.inference.runner import INPUT_ERRORS, RunInterrupted
@@ -96,6 +103,7 @@ def setup_cfg(args):
     if args.device is not None:
         cfg.MODEL.DEVICE = args.device
     cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = args.score_thresh
+    check_froc_convention(cfg)  # read with --gt, at the end of the run: refused before it starts
     if not cfg.MODEL.WEIGHTS:
         raise MissingFileError("no weights given: pass --weights with a checkpoint written by "
                                "train_net.py")

@@ -30,6 +30,7 @@ __all__ = [
     "escape_name",
     "require_file",
     "check_datasets",
+    "check_froc_convention",
     "run_cli",
 ]
 
@@ -125,6 +126,17 @@ def check_datasets(names: Sequence[str], key: str) -> None:
             raise MissingFileError(
                 f"{key}: dataset {name} reads {root}, which does not exist; prepare it as "
                 "datasets/README.md says, or point $DETECTRON2_DATASETS at the folder holding it")
+
+
+def check_froc_convention(cfg: Any) -> None:
+    """``cfg.TEST.FROC_CONVENTION`` is one the evaluator knows, else one clear error: checked when
+    a run starts rather than when its first evaluation builds the FROC."""
+    from .evaluation.froc import check_convention
+
+    try:
+        check_convention(cfg.TEST.FROC_CONVENTION, "TEST.FROC_CONVENTION")
+    except ValueError as e:
+        raise UserInputError(str(e)) from None
 
 
 def _expected_errors() -> Tuple[Type[BaseException], ...]:

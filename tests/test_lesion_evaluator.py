@@ -353,3 +353,18 @@ def test_paper_configs_read_the_froc_as_deeplesion_quickstart_configs_continuous
     for c in configs:
         expected = "continuous" if c in quick else "deeplesion"
         assert load_config(c).TEST.FROC_CONVENTION == expected, c
+
+
+def test_predict_net_refuses_an_unknown_froc_convention_before_the_run(tmp_path):
+    """predict_net reads the FROC only at the end of a --gt run: the key is checked first."""
+    from elixir_d2.cli import UserInputError
+
+    import predict_net
+
+    args = predict_net.build_parser().parse_args(
+        ["--config-file", os.path.join(REPO, "configs", "quickstart", "fpn.yaml"),
+         "--input", str(tmp_path), "--output", str(tmp_path / "out"),
+         "TEST.FROC_CONVENTION", "mulan"])
+    with pytest.raises(UserInputError, match=r"TEST\.FROC_CONVENTION must be one of .*'mulan'"):
+        predict_net.setup_cfg(args)
+    assert not (tmp_path / "out").exists()

@@ -13,8 +13,7 @@ from detectron2.evaluation import verify_results
 from .. import load_config
 from ..amp import autocast_dtype
 from ..checkpoint import AtomicCheckpointer, fill_genotype_from_checkpoint, last_checkpoint_target
-from ..cli import UserInputError, check_datasets, require_file
-from ..evaluation.froc import check_convention
+from ..cli import UserInputError, check_datasets, check_froc_convention, require_file
 from ..modeling.genotype_source import resolve_genotype_config
 from ..trainer import ElixirTrainer
 from . import run_command
@@ -40,10 +39,7 @@ def check_inputs(args: argparse.Namespace) -> CfgNode:
     """The unfrozen config, after checking what the run reads: weights, genotype, datasets.
     Expected problems raise elixir_d2.cli.UserInputError (one line, exit code 2)."""
     cfg = load_config(args.config_file, args.opts)
-    try:  # refused now rather than when the first evaluation builds the evaluator
-        check_convention(cfg.TEST.FROC_CONVENTION, "TEST.FROC_CONVENTION")
-    except ValueError as e:
-        raise UserInputError(str(e)) from None
+    check_froc_convention(cfg)
     resuming = args.resume and os.path.exists(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint"))
     if resuming:  # checked here, before workers start: the tag must name a file in OUTPUT_DIR
         last_checkpoint_target(cfg.OUTPUT_DIR)
