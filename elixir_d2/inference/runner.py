@@ -35,15 +35,14 @@ escaped (:func:`elixir_d2.cli.escape_name`). Which files are read: :mod:`.discov
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import re
 import shutil
 import time
-from dataclasses import asdict, dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 from tqdm import tqdm
@@ -61,6 +60,14 @@ from ..visualization import (
     window_for_display,
 )
 from .case_ids import RUN_FILES, InputNames, OutputDir, UnsafeOutputError
+from .case_manifest import (
+    CASE_MARKER,
+    input_fingerprint,
+    is_case_folder,
+    settings_fingerprint,
+    verified_case,
+    write_manifest,
+)
 from .discovery import check_case_paths, discover_cases
 from .grouping import group_detections
 from .orientation import DEFAULT_MAX_VOXELS
@@ -90,9 +97,6 @@ __all__ = ["PredictOptions", "load_ground_truth", "run_prediction", "INPUT_ERROR
 INPUT_ERRORS = (CTInputError, CTSliceError, DeepLesionFormatError, OSError)
 # Out of memory on one huge case, or a runtime failure in the model on it, fails that case only.
 CASE_ERRORS = INPUT_ERRORS + (MemoryError, RuntimeError, UnsafeOutputError)
-# Written last into every case folder: what --overwrite may remove, what --resume verifies.
-CASE_MARKER = ".elixir_d2_case"
-_MANIFEST_VERSION = 1
 # A case folder's temporary name: a sanitised case id (case_ids), maybe with its ~N suffix.
 _CASE_ID_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*(~[0-9]+)?")
 
@@ -209,12 +213,6 @@ def _slice_drawer(case_dir: str, name: str, view_hu, gt: Dict[int, np.ndarray],
     return draw, counts
 
 
-def _is_ours(path: str) -> bool:
-    """A case folder some run of this tool wrote (it holds :data:`CASE_MARKER`)."""
-    return (os.path.isdir(path) and not os.path.islink(path)
-            and os.path.isfile(os.path.join(path, CASE_MARKER)))
-
-
 def _is_our_tmp(root: str, entry: str) -> bool:
     """A temporary entry this tool's writers leave when killed: a run file or a case folder under
     :func:`elixir_d2.atomic_io.tmp_name`'s exact naming, nothing a user named alike."""
@@ -244,88 +242,13 @@ def _prepare_output(out: OutputDir, overwrite: bool, resume: bool = False) -> No
         path = os.path.join(out.root, e)
         if e in RUN_FILES and os.path.isfile(path) and not os.path.islink(path):
             os.remove(path)
-        elif overwrite and _is_ours(path):
+        elif overwrite and is_case_folder(path):
             shutil.rmtree(path)
         elif _is_our_tmp(out.root, e):  # a killed run's unfinished case folder or file
             if os.path.isdir(path):
                 shutil.rmtree(path, ignore_errors=True)
             else:
                 os.remove(path)
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _settings_fingerprint(cfg, opts: PredictOptions) -> str:
-    """What a case's outputs depend on besides its input: the config, the weights' content, the
-    drawing / grouping / spacing options and the ground truth file (drawn on the overlays)."""
-    weights = cfg.MODEL.WEIGHTS
-    opt = {k: v for k, v in asdict(opts).items()
-           if k not in ("batch_size", "progress", "max_voxels", "overwrite", "resume")}
-    opt["anonymize_ids"] = bool(opts.anonymize_ids)
-    opt["gt"] = _sha256(opts.gt) if opts.gt and os.path.isfile(opts.gt) else opts.gt
-    doc = {"config": cfg.dump(),
-           "weights": _sha256(weights) if weights and os.path.isfile(weights) else weights,
-           "options": opt}
-    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def _input_fingerprint(case: CaseSource, shown: str) -> Dict[str, Any]:
-    """The case's input as found on disk (sizes and modification times): a case folder made from
-    another version of the input is not reused."""
-    def stamp(p: str) -> List[int]:
-        st = os.stat(p)
-        return [st.st_size, st.st_mtime_ns]
-
-    files = ({escape_name(e): stamp(os.path.join(case.path, e))
-              for e in sorted(os.listdir(case.path))
-              if os.path.isfile(os.path.join(case.path, e))}
-             if os.path.isdir(case.path) else {"": stamp(case.path)})
-    return {"path": shown, "kind": case.kind, "key_slice": case.key_slice, "files": files}
-
-
-def _write_manifest(case_dir: str, settings: str, input_fp: Dict[str, Any]) -> None:
-    """Every file of the case folder with its size and SHA-256; written last, atomically."""
-    files = {}
-    for folder, _, names in os.walk(case_dir):
-        for n in names:
-            p = os.path.join(folder, n)
-            if n != CASE_MARKER:
-                files[os.path.relpath(p, case_dir)] = [os.path.getsize(p), _sha256(p)]
-    doc = {"written_by": "elixir_d2 predict_net.py", "version": _MANIFEST_VERSION,
-           "settings": settings, "input": input_fp, "files": dict(sorted(files.items()))}
-    atomic_write_text(os.path.join(case_dir, CASE_MARKER), json.dumps(doc, indent=1))
-
-
-def _verified_case(case_dir: str, settings: str, input_fp: Dict[str, Any]) -> Optional[Dict]:
-    """The ``detections.json`` document of a finished case folder whose manifest matches the
-    settings and input and whose every file has the size and hash recorded, else None."""
-    if not _is_ours(case_dir):
-        return None
-    try:
-        with open(os.path.join(case_dir, CASE_MARKER), encoding="utf-8") as f:
-            doc = json.load(f)
-        if (not isinstance(doc, dict) or doc.get("version") != _MANIFEST_VERSION
-                or doc.get("settings") != settings or doc.get("input") != input_fp
-                or not isinstance(doc.get("files"), dict)
-                or "detections.json" not in doc["files"]):
-            return None
-        for rel, (size, digest) in doc["files"].items():
-            p = os.path.normpath(os.path.join(case_dir, rel))
-            if (os.path.isabs(rel) or not p.startswith(case_dir + os.sep) or os.path.islink(p)
-                    or not os.path.isfile(p) or os.path.getsize(p) != size
-                    or _sha256(p) != digest):
-                return None
-        with open(os.path.join(case_dir, "detections.json"), encoding="utf-8") as f:
-            case_doc = json.load(f)
-    except (OSError, ValueError, TypeError):  # unreadable or malformed: the case is done again
-        return None
-    return case_doc if isinstance(case_doc, dict) else None
 
 
 def _write_case(case_dir: str, pred: VolumePrediction, dets: List[Dict], findings,
@@ -430,7 +353,7 @@ def _run_cases(cfg, cases: List[CaseSource], ids: List[str], ignored: List[str],
                done: List[Dict]) -> Dict:
     """The body of :func:`run_prediction` after the output folder is prepared; ``done`` fills
     with the summary entry of each finished case as it finishes."""
-    settings = _settings_fingerprint(cfg, opts)
+    settings = settings_fingerprint(cfg, opts)
     t_setup = time.perf_counter()
     predictor = CTPredictor(cfg, model, batch_size=opts.batch_size,
                             capture_relations=opts.draw_relations,
@@ -451,11 +374,11 @@ def _run_cases(cfg, cases: List[CaseSource], ids: List[str], ignored: List[str],
         try:
             check_case_paths(case, input_root)
             case_dir = out.path(case_id)
-            input_fp = _input_fingerprint(case, shown)
-            doc = _verified_case(case_dir, settings, input_fp) if opts.resume else None
+            input_fp = input_fingerprint(case, shown)
+            doc = verified_case(case_dir, settings, input_fp) if opts.resume else None
             if doc is not None:
                 resumed += 1
-            elif os.path.lexists(case_dir) and not _is_ours(case_dir):
+            elif os.path.lexists(case_dir) and not is_case_folder(case_dir):
                 raise UnsafeOutputError(f"{escape_name(case_id)} in --output "
                                         f"{escape_name(out.given)} was not written by this tool; "
                                         "move it away")
@@ -491,7 +414,7 @@ def _run_cases(cfg, cases: List[CaseSource], ids: List[str], ignored: List[str],
                         from .dicom_sr import write_case_sr
                         write_case_sr(tmp_dir, volume, findings)
                     # --- end markups / SR ---
-                    _write_manifest(tmp_dir, settings, input_fp)  # last: the folder is complete
+                    write_manifest(tmp_dir, settings, input_fp)  # last: the folder is complete
                     return {"pred": pred, "doc": written}
 
                 built = build_dir_atomically(case_dir, build, None)
