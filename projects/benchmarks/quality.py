@@ -191,7 +191,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
         ap.error("--seeds: the intervals over seeds need at least 2 seeds")
     args.output = os.path.abspath(args.output)
     t0 = time.time()
-    jobs = [(s, seed) for s in args.sets for seed in args.seeds]
+    # Seed-major order: an interrupted run still covers every set with its first seeds.
+    jobs = [(s, seed) for seed in args.seeds for s in args.sets]
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         runs = list(pool.map(lambda j: seed_pipeline(j[0], j[1], args), jobs))
     results = {s: {seed: r for (s2, seed), r in zip(jobs, runs) if s2 == s} for s in args.sets}
