@@ -15,6 +15,11 @@ named relative to PATH; --anonymize-ids replaces the ids by case_0001, ... A non
 refused unless --overwrite or --resume (an interrupted run: the case folders it finished, verified
 against their manifests, are kept, the rest done); cases larger than --max-voxels are refused from
 their headers. Ctrl-C ends with one line saying how many cases are done (exit code 130).
+
+Several processes, as train_net.py: --num-gpus N (per machine; CPU processes over gloo without
+CUDA) --num-machines M --machine-rank R --dist-url tcp://HOST:PORT. The cases are split across
+the processes round robin; rank 0 writes the run files at the end, the same bytes one process
+writes. DIR must be one folder all machines see.
 """
 from __future__ import annotations
 
@@ -22,7 +27,11 @@ import argparse
 import logging
 import os
 import sys
+from datetime import timedelta
 
+import torch.multiprocessing as mp
+
+from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from elixir_d2 import load_config
@@ -30,14 +39,17 @@ from elixir_d2.checkpoint import fill_genotype_from_checkpoint
 from elixir_d2.cli import (
     EXIT_USER_ERROR,
     MissingFileError,
+    UserInputError,
     check_froc_convention,
     escape_name,
+    one_line,
     require_file,
     run_cli,
 )
 from elixir_d2.inference import PredictOptions, run_prediction
 from elixir_d2.inference.orientation import DEFAULT_MAX_VOXELS
 from elixir_d2.inference.runner import INPUT_ERRORS, RunInterrupted
+from elixir_d2.launch import launch
 from elixir_d2.modeling.genotype_source import resolve_genotype_config
 
 
@@ -92,6 +104,16 @@ def build_parser() -> argparse.ArgumentParser:
                     help="DICOM series: also write <case>/dicom_sr/sr.dcm, a TID 1500 DICOM SR of "
                          "the findings; it carries the patient's identifiers (needs highdicom)")
     ap.add_argument("--no-progress", action="store_true")
+    dist = ap.add_argument_group("several processes (detectron2's launcher, as train_net.py)")
+    dist.add_argument("--num-gpus", type=int, default=1, metavar="N",
+                      help="processes per machine: one per GPU, or CPU processes over gloo "
+                           "without CUDA (default 1)")
+    dist.add_argument("--num-machines", type=int, default=1, metavar="M")
+    dist.add_argument("--machine-rank", type=int, default=0, metavar="R",
+                      help="this machine's rank, 0 .. M-1")
+    dist.add_argument("--dist-url", default="auto", metavar="URL",
+                      help="tcp://HOST:PORT of machine 0 (several machines); auto: a free local "
+                           "port")
     ap.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")
     return ap
 
@@ -116,27 +138,80 @@ def setup_cfg(args):
 
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
+# The ranks meet once at the end, where the fastest waits for the slowest to finish its share of
+# an archive: far longer than a training step's collective.
+DIST_TIMEOUT = timedelta(hours=24)
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     setup_logger(name="elixir_d2")
+    if args.num_gpus < 1 or args.num_machines < 1 or not 0 <= args.machine_rank < args.num_machines:
+        raise UserInputError(f"--num-gpus {args.num_gpus} --num-machines {args.num_machines} "
+                         f"--machine-rank {args.machine_rank}: need N >= 1, M >= 1 and "
+                         "0 <= R < M")
+    if args.num_gpus * args.num_machines == 1:
+        return _run_guarded(args)
+    return _launch_ranks(args)
+
+
+def _run_guarded(args: argparse.Namespace) -> int:
+    """The run in this process; Ctrl-C ends it with one line and exit code 130."""
     try:
         return _predict(args)
     except RunInterrupted as e:
-        print(f"predict_net.py: {e}", file=sys.stderr)
+        _say(f"predict_net.py: {e}")
         return EXIT_INTERRUPTED
     except KeyboardInterrupt:
-        print("predict_net.py: interrupted before any case was started", file=sys.stderr)
+        _say("predict_net.py: interrupted before any case was started")
         return EXIT_INTERRUPTED
+
+
+def _say(line: str) -> None:
+    """A message of the run on stderr, once: from rank 0 when there are several processes."""
+    if comm.is_main_process():
+        print(line, file=sys.stderr)
+
+
+def _launch_ranks(args: argparse.Namespace) -> int:
+    """The run over --num-gpus x --num-machines processes; the config, the weights and the input
+    are checked here first, so that a mistake is one line, not one per process."""
+    setup_cfg(args)
+    _require_input(args.input)
+    try:
+        launch(_rank_main, args.num_gpus, num_machines=args.num_machines,
+               machine_rank=args.machine_rank, dist_url=args.dist_url, args=(args,),
+               timeout=DIST_TIMEOUT)
+    except mp.ProcessExitedException as e:  # the rank said why before it exited
+        return e.exit_code if e.exit_code > 0 else 128 - e.exit_code  # -N: killed by signal N
+    except KeyboardInterrupt:
+        print("predict_net.py: interrupted; rerun with --resume to keep the finished cases",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return 0
+
+
+def _rank_main(args: argparse.Namespace) -> None:
+    """One rank of a run over several processes: exits with the run's exit code."""
+    setup_logger(name="elixir_d2", distributed_rank=comm.get_rank())
+    try:
+        rc = _run_guarded(args)
+    except UserInputError as e:  # the same error on every rank: rank 0 prints it
+        _say(f"predict_net.py: error: {escape_name(one_line(e))}")
+        rc = EXIT_USER_ERROR
+    if rc:
+        sys.exit(rc)
+
+
+def _require_input(path: str) -> None:
+    if not os.path.exists(path):
+        raise MissingFileError(f"--input {escape_name(path)} not found; give a slice folder, a "
+                               "NIfTI file, a DICOM series folder or a folder of such cases")
 
 
 def _predict(args: argparse.Namespace) -> int:
     cfg = setup_cfg(args)
-    if not os.path.exists(args.input):
-        raise MissingFileError(f"--input {escape_name(args.input)} not found; give a slice "
-                               "folder, a NIfTI file, a DICOM series folder or a folder of such "
-                               "cases")
+    _require_input(args.input)
     opts = PredictOptions(
         batch_size=args.batch_size, spacing=args.spacing, slice_interval=args.slice_intv,
         view_window=tuple(args.view_window), overlays=args.overlays,
@@ -153,8 +228,10 @@ def _predict(args: argparse.Namespace) -> int:
         summary = run_prediction(cfg, args.input, args.output, opts)
     # unusable input; a model that cannot draw what was asked; a bad ground truth file
     except (INPUT_ERRORS + (ValueError,)) as e:
-        print(f"predict_net.py: error: {escape_name(e)}", file=sys.stderr)
+        _say(f"predict_net.py: error: {escape_name(e)}")
         return EXIT_USER_ERROR
+    if summary is None:  # not rank 0: rank 0 reports the run
+        return 0
     t = summary["timing_s"]
     print(f"{len(summary['cases'])} case(s) -> {escape_name(args.output)}: "
           f"{sum(c['detections'] for c in summary['cases'])} detections, "

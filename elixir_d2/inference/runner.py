@@ -47,6 +47,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 from tqdm import tqdm
 
+from detectron2.utils import comm
 from detectron2.utils.file_io import PathManager
 
 from ..atomic_io import atomic_write_text, build_dir_atomically, tmp_target
@@ -85,6 +86,7 @@ from .outputs import (
 )
 from .predictor import CTPredictor, SlicePrediction, VolumePrediction
 from .report import REPORT_FORMATS, write_case_report, write_index
+from .sharding import run_on_every_rank, run_on_main, shard_indices
 from .slicer_markups import write_case_markups
 from .volume_io import CaseSource, CTInputError, read_case
 
@@ -313,8 +315,31 @@ def _case_ids(cases: List[CaseSource], names: InputNames, opts: PredictOptions,
     return ids
 
 
+@dataclass
+class _RunPlan:
+    """What rank 0 found and prepared before any case is predicted; shared with every rank."""
+
+    cases: List[CaseSource]
+    ignored: List[str]
+    ids: List[str]
+
+
+@dataclass
+class _CaseOutcome:
+    """One case of a rank's shard: its detections.json document, or why it failed."""
+
+    index: int
+    doc: Optional[Dict] = None
+    failure: Optional[Dict] = None
+    resumed: bool = False
+    read_s: float = 0.0  # reading the input files
+    prepare_s: float = 0.0  # building the model inputs
+    forward_s: float = 0.0  # the model
+    write_s: float = 0.0  # the rest of the case: grouping, outputs, pictures, manifest
+
+
 def run_prediction(cfg, input_path: str, output_dir: str, opts: Optional[PredictOptions] = None,
-                   model=None) -> Dict:
+                   model=None) -> Optional[Dict]:
     """Predict every case under ``input_path`` and write the outputs (module docstring).
 
     A single case that cannot be read raises its error; in a run over several cases a bad case
@@ -323,6 +348,11 @@ def run_prediction(cfg, input_path: str, output_dir: str, opts: Optional[Predict
     With ``opts.resume`` the case folders an earlier run finished (verified) are read back instead
     of predicted again. SIGINT raises :class:`RunInterrupted` (how many cases are done) once the
     case being written is cleaned up.
+
+    Under several processes (:mod:`.sharding`; ``predict_net.py --num-gpus``) every rank calls
+    this: rank 0 finds the cases and prepares ``output_dir``, each rank predicts its share of the
+    cases into their case folders, and rank 0 writes the run files from every rank's cases, in
+    the order one process would have used, and returns the summary (the other ranks: None).
     """
     opts = opts or PredictOptions()
     if opts.report not in REPORT_FORMATS:
@@ -330,132 +360,172 @@ def run_prediction(cfg, input_path: str, output_dir: str, opts: Optional[Predict
     if opts.resume and opts.overwrite:
         raise ValueError("--resume keeps what an earlier run finished, --overwrite removes it: "
                          "pass one of them")
+    names = InputNames(input_path, anonymize=bool(opts.anonymize_ids))
+    out = OutputDir(output_dir)
+    t_start = time.perf_counter()
+    plan = run_on_main(lambda: _plan_run(input_path, names, out, opts))
+    world, rank = comm.get_world_size(), comm.get_rank()
+    mine = shard_indices(len(plan.cases), world, rank)
+    outcomes: List[_CaseOutcome] = []
+    try:
+        class_names, setup_s = run_on_every_rank(
+            lambda: _predict_cases(cfg, plan, mine, names, out, opts, model, outcomes))[0]
+    except RunInterrupted:
+        raise
+    except KeyboardInterrupt:
+        raise RunInterrupted(sum(o.doc is not None for o in outcomes), len(plan.cases)) from None
+    shards = run_on_every_rank(lambda: outcomes)
+    ordered = sorted((o for shard in shards for o in shard), key=lambda o: o.index)
+    timing = {"processes": world, "model_setup": setup_s, "start": t_start}
+    summary = run_on_main(lambda: _write_run_files(cfg, plan, ordered, class_names, names, out,
+                                                   opts, timing))
+    return summary if comm.is_main_process() else None
+
+
+def _plan_run(input_path: str, names: InputNames, out: OutputDir,
+              opts: PredictOptions) -> _RunPlan:
+    """Find the cases, refuse what cannot run, prepare the output folder, name the cases."""
     cases, ignored = discover_cases(input_path)
     if opts.dicom_sr:  # refused before anything is written
         from .dicom_sr import check_sr_request
         check_sr_request(cases, bool(opts.anonymize_ids))
-    names = InputNames(input_path, anonymize=bool(opts.anonymize_ids))
-    input_root = os.path.realpath(names.root)
-    out = OutputDir(output_dir)
     _prepare_output(out, opts.overwrite, opts.resume)
-    ids = _case_ids(cases, names, opts, out)
-    done: List[Dict] = []
-    try:
-        return _run_cases(cfg, cases, ids, ignored, names, input_root, out, opts, model, done)
-    except RunInterrupted:
-        raise
-    except KeyboardInterrupt:
-        raise RunInterrupted(len(done), len(cases)) from None
+    return _RunPlan(cases, ignored, _case_ids(cases, names, opts, out))
 
 
-def _run_cases(cfg, cases: List[CaseSource], ids: List[str], ignored: List[str],
-               names: InputNames, input_root: str, out: OutputDir, opts: PredictOptions, model,
-               done: List[Dict]) -> Dict:
-    """The body of :func:`run_prediction` after the output folder is prepared; ``done`` fills
-    with the summary entry of each finished case as it finishes."""
+def _predict_cases(cfg, plan: _RunPlan, indices: List[int], names: InputNames, out: OutputDir,
+                   opts: PredictOptions, model,
+                   outcomes: List[_CaseOutcome]) -> Tuple[List[str], float]:
+    """Predict (or, resuming, verify and read back) the cases at ``indices`` of the plan, each
+    into its complete case folder; ``outcomes`` fills as cases finish. Returns the model's class
+    names and the seconds its construction took."""
     settings = settings_fingerprint(cfg, opts)
     t_setup = time.perf_counter()
     predictor = CTPredictor(cfg, model, batch_size=opts.batch_size,
                             capture_relations=opts.draw_relations,
                             capture_confidence=opts.draw_confidence)
-    t_start = time.perf_counter()  # model construction / loading is timed apart
+    setup_s = time.perf_counter() - t_setup
     gt = load_ground_truth(opts.gt) if opts.gt else {}
-    coco = CocoResults(predictor.class_names)
-    all_dets, all_findings, failed, docs = [], [], [], []
-    forward_s = prepare_s = 0.0
-    resumed = 0
+    input_root = os.path.realpath(names.root)
     context_mm = max(abs(o) for o in predictor.mapper.offsets_mm)
-    bar = tqdm(list(zip(cases, ids)), desc="cases", unit="case",
-               disable=not opts.progress or len(cases) == 1)
-    for case, case_id in bar:
+    world, rank = comm.get_world_size(), comm.get_rank()
+    single = len(plan.cases) == 1
+    bar = tqdm(indices, desc="cases" if world == 1 else f"cases, rank {rank}/{world}",
+               unit="case", position=comm.get_local_rank(),
+               disable=not opts.progress or single)
+    for index in bar:
+        case, case_id = plan.cases[index], plan.ids[index]
         # ground truth names cases as the input does, not by anonymous id
         case_gt = gt.get(case.name, {})
         shown = escape_name(names.shown(case.path, case_id))
+        outcome = _CaseOutcome(index)
         try:
             check_case_paths(case, input_root)
             case_dir = out.path(case_id)
             input_fp = input_fingerprint(case, shown)
-            doc = verified_case(case_dir, settings, input_fp) if opts.resume else None
-            if doc is not None:
-                resumed += 1
+            outcome.doc = verified_case(case_dir, settings, input_fp) if opts.resume else None
+            if outcome.doc is not None:
+                outcome.resumed = True
             elif os.path.lexists(case_dir) and not is_case_folder(case_dir):
                 raise UnsafeOutputError(f"{escape_name(case_id)} in --output "
                                         f"{escape_name(out.given)} was not written by this tool; "
                                         "move it away")
             else:
-                volume = read_case(case, opts.spacing, opts.slice_interval,
-                                   context_mm=context_mm, max_voxels=opts.max_voxels)
-                volume.name = case_id
-
-                def build(tmp_dir: str) -> Dict:
-                    draw, counts = _slice_drawer(tmp_dir, case_id,
-                                                 lambda n: volume.hu[volume.rows[n]], case_gt,
-                                                 opts)
-                    with tqdm(total=len(volume.slices_to_predict()), desc=case_id, unit="slice",
-                              leave=False, disable=not opts.progress) as slice_bar:
-                        pred = predictor.predict_volume(volume, progress=slice_bar, on_slice=draw)
-                    slices, boxes, scores = flat_detections(pred)
-                    findings = group_detections(slices, boxes, scores, volume.spacing,
-                                                volume.slice_interval,
-                                                iou_thresh=opts.group_iou,
-                                                max_gap=opts.group_gap)
-                    finding_of = {i: f.finding_id for f in findings for i in f.members}
-                    dets = detection_rows(pred, finding_of)
-                    written = _write_case(tmp_dir, pred, dets, findings, names, case)
-                    # --- case report (report.py): before the manifest, which then lists it
-                    if opts.report == "html":
-                        write_case_report(tmp_dir, written, volume,
-                                          case_gt if opts.gt else None,
-                                          tuple(cfg.TEST.FROC_FPS), cfg.TEST.FROC_CONVENTION)
-                    # --- end case report
-                    # --- Slicer markups (every case), DICOM SR (opt-in)
-                    write_case_markups(tmp_dir, volume, findings, dets)
-                    if opts.dicom_sr and volume.kind == "dicom":
-                        from .dicom_sr import write_case_sr
-                        write_case_sr(tmp_dir, volume, findings)
-                    # --- end markups / SR ---
-                    write_manifest(tmp_dir, settings, input_fp)  # last: the folder is complete
-                    return {"pred": pred, "doc": written}
-
-                built = build_dir_atomically(case_dir, build, None)
-                pred, doc = built["pred"], built["doc"]
-                forward_s += pred.forward_s
-                prepare_s += pred.prepare_s
+                t0 = time.perf_counter()
+                pred, outcome.doc, outcome.read_s = _predict_case(
+                    cfg, predictor, case, case_id, case_dir, case_gt, context_mm, names, opts,
+                    settings, input_fp)
+                outcome.forward_s, outcome.prepare_s = pred.forward_s, pred.prepare_s
+                outcome.write_s = (time.perf_counter() - t0 - outcome.read_s - pred.forward_s
+                                   - pred.prepare_s)
                 for w in pred.volume.warnings:
                     logger.warning(w)
+                pred = None  # release the volume
         except CASE_ERRORS as e:
-            if len(cases) == 1:
+            if single:
                 raise
             error = escape_name(names.scrub(str(e) or type(e).__name__, case.path, case_id))
             logger.warning(f"skipping case {escape_name(case_id)}: {error}")
-            failed.append({"case": case_id, "path": shown, "error": error})
+            outcome.doc, outcome.failure = None, {"case": case_id, "path": shown, "error": error}
+        outcomes.append(outcome)
+    return predictor.class_names, setup_s
+
+
+def _predict_case(cfg, predictor: CTPredictor, case: CaseSource, case_id: str, case_dir: str,
+                  case_gt: Dict[int, np.ndarray], context_mm: float, names: InputNames,
+                  opts: PredictOptions, settings: str,
+                  input_fp: Dict) -> Tuple[VolumePrediction, Dict, float]:
+    """Read one case, predict it and write its complete case folder (atomically); returns the
+    prediction, the detections.json document and the seconds reading took."""
+    t0 = time.perf_counter()
+    volume = read_case(case, opts.spacing, opts.slice_interval, context_mm=context_mm,
+                       max_voxels=opts.max_voxels)
+    volume.name = case_id
+    read_s = time.perf_counter() - t0
+
+    def build(tmp_dir: str) -> Dict:
+        draw, counts = _slice_drawer(tmp_dir, case_id, lambda n: volume.hu[volume.rows[n]],
+                                     case_gt, opts)
+        with tqdm(total=len(volume.slices_to_predict()), desc=case_id, unit="slice",
+                  leave=False, disable=not opts.progress or comm.get_world_size() > 1) as bar:
+            pred = predictor.predict_volume(volume, progress=bar, on_slice=draw)
+        slices, boxes, scores = flat_detections(pred)
+        findings = group_detections(slices, boxes, scores, volume.spacing, volume.slice_interval,
+                                    iou_thresh=opts.group_iou, max_gap=opts.group_gap)
+        finding_of = {i: f.finding_id for f in findings for i in f.members}
+        dets = detection_rows(pred, finding_of)
+        written = _write_case(tmp_dir, pred, dets, findings, names, case)
+        # --- case report (report.py): before the manifest, which then lists it
+        if opts.report == "html":
+            write_case_report(tmp_dir, written, volume, case_gt if opts.gt else None,
+                              tuple(cfg.TEST.FROC_FPS), cfg.TEST.FROC_CONVENTION)
+        # --- end case report
+        # --- Slicer markups (every case), DICOM SR (opt-in)
+        write_case_markups(tmp_dir, volume, findings, dets)
+        if opts.dicom_sr and volume.kind == "dicom":
+            from .dicom_sr import write_case_sr
+            write_case_sr(tmp_dir, volume, findings)
+        # --- end markups / SR ---
+        write_manifest(tmp_dir, settings, input_fp)  # last: the folder is complete
+        return {"pred": pred, "doc": written}
+
+    built = build_dir_atomically(case_dir, build, None)
+    return built["pred"], built["doc"], read_s
+
+
+def _write_run_files(cfg, plan: _RunPlan, outcomes: List[_CaseOutcome], class_names: List[str],
+                     names: InputNames, out: OutputDir, opts: PredictOptions,
+                     timing: Dict[str, float]) -> Dict:
+    """The run files (module docstring) from every case's outcome, in the plan's case order:
+    the same bytes whoever predicted which case, and whether it was predicted or resumed."""
+    gt = load_ground_truth(opts.gt) if opts.gt else {}
+    coco = CocoResults(class_names)
+    done, failed, all_dets, all_findings, docs = [], [], [], [], []
+    for o in outcomes:
+        if o.failure is not None:
+            failed.append(o.failure)
             continue
-        finally:
-            volume = pred = built = None  # release the volume whatever happened
-        coco.add_case(doc)
-        all_dets += doc["detections"]
-        all_findings += doc["findings"]
-        done.append(_done_entry(doc))
-        if opts.gt:
-            docs.append((case.name, doc))  # FROC matches ground truth by the input's case name
+        coco.add_case(o.doc)
+        all_dets += o.doc["detections"]
+        all_findings += o.doc["findings"]
+        done.append(_done_entry(o.doc))
+        if opts.gt:  # FROC matches ground truth by the input's case name
+            docs.append((plan.cases[o.index].name, o.doc))
+    resumed = sum(o.resumed for o in outcomes)
     if resumed:
-        logger.info(f"--resume: {resumed} of {len(cases)} case(s) were complete and verified in "
-                    f"{escape_name(out.given)}; read back, not predicted again")
+        logger.info(f"--resume: {resumed} of {len(plan.cases)} case(s) were complete and verified "
+                    f"in {escape_name(out.given)}; read back, not predicted again")
     write_csv(out.path("detections.csv"), all_dets, DETECTION_COLUMNS)
     write_csv(out.path("findings.csv"), all_findings, FINDING_COLUMNS)
     coco.write(out.root)
     froc = (_froc(docs, gt, out.root, tuple(cfg.TEST.FROC_FPS), cfg.TEST.FROC_CONVENTION)
             if opts.gt else None)
-    total_s = time.perf_counter() - t_start
     summary = {
         "cases": done, "failed": failed,
-        "ignored": (len(ignored) if opts.anonymize_ids
-                    else [escape_name(names.relative(p)) for p in ignored]),
+        "ignored": (len(plan.ignored) if opts.anonymize_ids
+                    else [escape_name(names.relative(p)) for p in plan.ignored]),
         "froc": froc,
-        "timing_s": {"model_setup": round(t_start - t_setup, 3), "total": round(total_s, 3),
-                     "model_forward": round(forward_s, 3), "prepare_inputs": round(prepare_s, 3),
-                     "total_over_forward":
-                         round(total_s / forward_s, 3) if forward_s > 0 else None},
+        "timing_s": _timing(outcomes, timing),
     }
     write_json(out.path("summary.json"), summary)
     if opts.report == "html":  # case report: the run's index page
@@ -463,8 +533,23 @@ def _run_cases(cfg, cases: List[CaseSource], ids: List[str], ignored: List[str],
     if failed:
         logger.warning(f"{len(failed)} case(s) failed: "
                        + "; ".join(f"{f['case']} ({f['error']})" for f in failed))
-    if ignored:
-        logger.info(f"ignored {len(ignored)} file(s) that are not CT input or not followed"
+    if plan.ignored:
+        logger.info(f"ignored {len(plan.ignored)} file(s) that are not CT input or not followed"
                     + ("" if opts.anonymize_ids
-                       else f", e.g. {escape_name(names.relative(ignored[0]))}"))
+                       else f", e.g. {escape_name(names.relative(plan.ignored[0]))}"))
     return summary
+
+
+def _timing(outcomes: List[_CaseOutcome], run: Dict[str, float]) -> Dict[str, float]:
+    """summary.json's timing_s: the run's wall time after model construction (rank 0's clock) and
+    the time of each step summed over the cases, whichever process did them."""
+    steps = {k: round(sum(getattr(o, f) for o in outcomes), 3)
+             for k, f in (("read_inputs", "read_s"), ("prepare_inputs", "prepare_s"),
+                          ("model_forward", "forward_s"), ("write_outputs", "write_s"))}
+    total = time.perf_counter() - run["start"] - run["model_setup"]
+    return {"processes": run["processes"], "model_setup": round(run["model_setup"], 3),
+            "total": round(total, 3), **steps,
+            # one process: how much of the run is the model's (predict_speed.py's target)
+            "total_over_forward": (round(total / steps["model_forward"], 3)
+                                   if run["processes"] == 1 and steps["model_forward"] > 0
+                                   else None)}
