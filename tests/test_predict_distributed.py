@@ -155,3 +155,35 @@ def test_a_rank_killed_then_resume_ends_like_an_uninterrupted_run(tmp_path,
     assert sorted(got) == sorted(want)
     for rel, data in want.items():
         assert got[rel] == data, rel
+
+
+# ----------------------------------------------------------------- throughput benchmark script
+def _throughput():
+    sys.path.insert(0, os.path.join(REPO, "projects", "benchmarks"))
+    import predict_throughput
+
+    return predict_throughput
+
+
+def test_throughput_table_arithmetic():
+    bench = _throughput()
+    steps = {"read_inputs": 2.0, "prepare_inputs": 1.0, "model_forward": 6.0,
+             "write_outputs": 1.0}
+    runs = [{"processes": 1, "wall_s": 60.0, "cases": 10, "timing_s": {**steps, "total": 50.0}},
+            {"processes": 2, "wall_s": 32.0, "cases": 10, "timing_s": {**steps, "total": 25.0}}]
+    rows = bench.report(runs, "cpu").splitlines()[3:]
+    # 10 cases in 60 s = 10/min, 12/min after loading; 10 in 32 s = 18.75/min, 1.875x
+    assert rows[0] == "| 1 | 60.0 | 10.0 | 12.0 | 1.00x | 20% | 10% | 60% | 10% |"
+    assert rows[1] == "| 2 | 32.0 | 18.8 | 24.0 | 1.88x | 20% | 10% | 60% | 10% |"
+
+
+def test_throughput_script_runs_one_and_two_processes(tmp_path):
+    runs = _throughput().main(["--cases", "3", "--slices", "4", "--size", "64", "--device", "cpu",
+                               "--output", str(tmp_path)])
+    assert [r["processes"] for r in runs] == [1, 2] and [r["cases"] for r in runs] == [3, 3]
+    for r in runs:
+        assert r["timing_s"]["processes"] == r["processes"]
+        assert all(r["timing_s"][k] > 0 for k in ("read_inputs", "model_forward", "write_outputs"))
+    # the two runs predicted the same detections
+    assert ((tmp_path / "out_1" / "detections.csv").read_bytes()
+            == (tmp_path / "out_2" / "detections.csv").read_bytes())

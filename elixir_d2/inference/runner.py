@@ -32,6 +32,11 @@ does the other cases; the run files are rewritten from all case folders, so they
 uninterrupted run but for timing. Outputs and logs name inputs relative to the input path, or, with
 ``anonymize_ids``, by sequential ids only (the mapping goes to a separate CSV); every name shown is
 escaped (:func:`elixir_d2.cli.escape_name`). Which files are read: :mod:`.discovery`.
+
+Several processes (:mod:`.sharding`): rank 0 finds the cases and prepares the output folder, every
+rank predicts its share of the cases into their case folders, and rank 0 writes the run files
+(:mod:`.run_files`) from all of them, in the case order one process uses: the same bytes but for
+summary.json's timing.
 """
 from __future__ import annotations
 
@@ -75,8 +80,6 @@ from .orientation import DEFAULT_MAX_VOXELS
 from .outputs import (
     DETECTION_COLUMNS,
     FINDING_COLUMNS,
-    CocoResults,
-    annotated_slices,
     case_summary,
     detection_rows,
     finding_rows,
@@ -85,7 +88,8 @@ from .outputs import (
     write_json,
 )
 from .predictor import CTPredictor, SlicePrediction, VolumePrediction
-from .report import REPORT_FORMATS, write_case_report, write_index
+from .report import REPORT_FORMATS, write_case_report
+from .run_files import CaseOutcome, GroundTruth, RunPlan, write_run_files
 from .sharding import run_on_every_rank, run_on_main, shard_indices
 from .slicer_markups import write_case_markups
 from .volume_io import CaseSource, CTInputError, read_case
@@ -114,7 +118,6 @@ class RunInterrupted(KeyboardInterrupt):
         super().__init__(f"interrupted: {done} of {total} cases done; rerun with --resume")
         self.done, self.total = done, total
 
-GroundTruth = Dict[str, Dict[int, np.ndarray]]  # case -> slice number -> (M, 4) XYXY pixels
 
 
 @dataclass
@@ -265,39 +268,6 @@ def _write_case(case_dir: str, pred: VolumePrediction, dets: List[Dict], finding
     return json.loads(json.dumps(doc))  # what a resumed run reads back: the same values
 
 
-def _done_entry(doc: Dict) -> Dict:
-    """A case's summary.json entry, from its detections.json document."""
-    return {"case": doc["case"], "input_kind": doc["input_kind"],
-            "slices": len(doc["slices_predicted"]), "detections": len(doc["detections"]),
-            "findings": len(doc["findings"]), "model_input_size": doc["model_input_size"]}
-
-
-def _froc(docs: List[Tuple[str, Dict]], gt: GroundTruth, out_dir: str, fps,
-          convention: str = "continuous") -> Optional[Dict]:
-    """FROC over the predicted slices with ground truth, from the (input case name, detections.json
-    document) of every finished case: the boxes as written, fresh and resumed cases alike."""
-    from ..evaluation.froc import compute_froc
-    from ..visualization import plot_froc
-
-    boxes, scores, truths = [], [], []
-    for name, doc in docs:
-        for values, case_values in zip((boxes, scores, truths),
-                                       annotated_slices(doc, gt.get(name, {}))):
-            values += case_values
-    if not truths:
-        logger.warning("ground truth given but no predicted slice has any: no FROC")
-        return None
-    result = compute_froc(boxes, scores, truths, fps=fps, convention=convention)
-    plot_froc({"IoU": (result["fp_per_image"], result["sens_curve"])}, f"{out_dir}/froc.png",
-              fps=fps, title=f"FROC over {len(truths)} annotated slices")
-    doc = {"num_images": result["num_images"], "num_gt": result["num_gt"],
-           "num_hits": result["num_hits"], "froc_convention": convention,
-           "sensitivity": {str(k): v for k, v in result["sensitivity"].items()},
-           "note": "computed on the detections kept by the score threshold of this run"}
-    write_json(f"{out_dir}/froc.json", doc)
-    return doc
-
-
 def _case_ids(cases: List[CaseSource], names: InputNames, opts: PredictOptions,
               out: OutputDir) -> List[str]:
     """Output ids of the cases; anonymised: case_0001 ... with the mapping written to its CSV."""
@@ -313,29 +283,6 @@ def _case_ids(cases: List[CaseSource], names: InputNames, opts: PredictOptions,
     os.makedirs(os.path.dirname(os.path.abspath(opts.anonymize_ids)), exist_ok=True)
     atomic_write_text(opts.anonymize_ids, InputNames.mapping_csv(rows))
     return ids
-
-
-@dataclass
-class _RunPlan:
-    """What rank 0 found and prepared before any case is predicted; shared with every rank."""
-
-    cases: List[CaseSource]
-    ignored: List[str]
-    ids: List[str]
-
-
-@dataclass
-class _CaseOutcome:
-    """One case of a rank's shard: its detections.json document, or why it failed."""
-
-    index: int
-    doc: Optional[Dict] = None
-    failure: Optional[Dict] = None
-    resumed: bool = False
-    read_s: float = 0.0  # reading the input files
-    prepare_s: float = 0.0  # building the model inputs
-    forward_s: float = 0.0  # the model
-    write_s: float = 0.0  # the rest of the case: grouping, outputs, pictures, manifest
 
 
 def run_prediction(cfg, input_path: str, output_dir: str, opts: Optional[PredictOptions] = None,
@@ -366,10 +313,11 @@ def run_prediction(cfg, input_path: str, output_dir: str, opts: Optional[Predict
     plan = run_on_main(lambda: _plan_run(input_path, names, out, opts))
     world, rank = comm.get_world_size(), comm.get_rank()
     mine = shard_indices(len(plan.cases), world, rank)
-    outcomes: List[_CaseOutcome] = []
+    gt = load_ground_truth(opts.gt) if opts.gt else {}
+    outcomes: List[CaseOutcome] = []
     try:
         class_names, setup_s = run_on_every_rank(
-            lambda: _predict_cases(cfg, plan, mine, names, out, opts, model, outcomes))[0]
+            lambda: _predict_cases(cfg, plan, mine, names, out, opts, gt, model, outcomes))[0]
     except RunInterrupted:
         raise
     except KeyboardInterrupt:
@@ -377,25 +325,25 @@ def run_prediction(cfg, input_path: str, output_dir: str, opts: Optional[Predict
     shards = run_on_every_rank(lambda: outcomes)
     ordered = sorted((o for shard in shards for o in shard), key=lambda o: o.index)
     timing = {"processes": world, "model_setup": setup_s, "start": t_start}
-    summary = run_on_main(lambda: _write_run_files(cfg, plan, ordered, class_names, names, out,
-                                                   opts, timing))
+    summary = run_on_main(lambda: write_run_files(cfg, plan, ordered, class_names, names, out,
+                                                  opts, gt, timing))
     return summary if comm.is_main_process() else None
 
 
 def _plan_run(input_path: str, names: InputNames, out: OutputDir,
-              opts: PredictOptions) -> _RunPlan:
+              opts: PredictOptions) -> RunPlan:
     """Find the cases, refuse what cannot run, prepare the output folder, name the cases."""
     cases, ignored = discover_cases(input_path)
     if opts.dicom_sr:  # refused before anything is written
         from .dicom_sr import check_sr_request
         check_sr_request(cases, bool(opts.anonymize_ids))
     _prepare_output(out, opts.overwrite, opts.resume)
-    return _RunPlan(cases, ignored, _case_ids(cases, names, opts, out))
+    return RunPlan(cases, ignored, _case_ids(cases, names, opts, out))
 
 
-def _predict_cases(cfg, plan: _RunPlan, indices: List[int], names: InputNames, out: OutputDir,
-                   opts: PredictOptions, model,
-                   outcomes: List[_CaseOutcome]) -> Tuple[List[str], float]:
+def _predict_cases(cfg, plan: RunPlan, indices: List[int], names: InputNames, out: OutputDir,
+                   opts: PredictOptions, gt: GroundTruth, model,
+                   outcomes: List[CaseOutcome]) -> Tuple[List[str], float]:
     """Predict (or, resuming, verify and read back) the cases at ``indices`` of the plan, each
     into its complete case folder; ``outcomes`` fills as cases finish. Returns the model's class
     names and the seconds its construction took."""
@@ -405,7 +353,6 @@ def _predict_cases(cfg, plan: _RunPlan, indices: List[int], names: InputNames, o
                             capture_relations=opts.draw_relations,
                             capture_confidence=opts.draw_confidence)
     setup_s = time.perf_counter() - t_setup
-    gt = load_ground_truth(opts.gt) if opts.gt else {}
     input_root = os.path.realpath(names.root)
     context_mm = max(abs(o) for o in predictor.mapper.offsets_mm)
     world, rank = comm.get_world_size(), comm.get_rank()
@@ -418,7 +365,7 @@ def _predict_cases(cfg, plan: _RunPlan, indices: List[int], names: InputNames, o
         # ground truth names cases as the input does, not by anonymous id
         case_gt = gt.get(case.name, {})
         shown = escape_name(names.shown(case.path, case_id))
-        outcome = _CaseOutcome(index)
+        outcome = CaseOutcome(index)
         try:
             check_case_paths(case, input_root)
             case_dir = out.path(case_id)
@@ -493,63 +440,3 @@ def _predict_case(cfg, predictor: CTPredictor, case: CaseSource, case_id: str, c
     return built["pred"], built["doc"], read_s
 
 
-def _write_run_files(cfg, plan: _RunPlan, outcomes: List[_CaseOutcome], class_names: List[str],
-                     names: InputNames, out: OutputDir, opts: PredictOptions,
-                     timing: Dict[str, float]) -> Dict:
-    """The run files (module docstring) from every case's outcome, in the plan's case order:
-    the same bytes whoever predicted which case, and whether it was predicted or resumed."""
-    gt = load_ground_truth(opts.gt) if opts.gt else {}
-    coco = CocoResults(class_names)
-    done, failed, all_dets, all_findings, docs = [], [], [], [], []
-    for o in outcomes:
-        if o.failure is not None:
-            failed.append(o.failure)
-            continue
-        coco.add_case(o.doc)
-        all_dets += o.doc["detections"]
-        all_findings += o.doc["findings"]
-        done.append(_done_entry(o.doc))
-        if opts.gt:  # FROC matches ground truth by the input's case name
-            docs.append((plan.cases[o.index].name, o.doc))
-    resumed = sum(o.resumed for o in outcomes)
-    if resumed:
-        logger.info(f"--resume: {resumed} of {len(plan.cases)} case(s) were complete and verified "
-                    f"in {escape_name(out.given)}; read back, not predicted again")
-    write_csv(out.path("detections.csv"), all_dets, DETECTION_COLUMNS)
-    write_csv(out.path("findings.csv"), all_findings, FINDING_COLUMNS)
-    coco.write(out.root)
-    froc = (_froc(docs, gt, out.root, tuple(cfg.TEST.FROC_FPS), cfg.TEST.FROC_CONVENTION)
-            if opts.gt else None)
-    summary = {
-        "cases": done, "failed": failed,
-        "ignored": (len(plan.ignored) if opts.anonymize_ids
-                    else [escape_name(names.relative(p)) for p in plan.ignored]),
-        "froc": froc,
-        "timing_s": _timing(outcomes, timing),
-    }
-    write_json(out.path("summary.json"), summary)
-    if opts.report == "html":  # case report: the run's index page
-        write_index(out.root, done, failed, froc)
-    if failed:
-        logger.warning(f"{len(failed)} case(s) failed: "
-                       + "; ".join(f"{f['case']} ({f['error']})" for f in failed))
-    if plan.ignored:
-        logger.info(f"ignored {len(plan.ignored)} file(s) that are not CT input or not followed"
-                    + ("" if opts.anonymize_ids
-                       else f", e.g. {escape_name(names.relative(plan.ignored[0]))}"))
-    return summary
-
-
-def _timing(outcomes: List[_CaseOutcome], run: Dict[str, float]) -> Dict[str, float]:
-    """summary.json's timing_s: the run's wall time after model construction (rank 0's clock) and
-    the time of each step summed over the cases, whichever process did them."""
-    steps = {k: round(sum(getattr(o, f) for o in outcomes), 3)
-             for k, f in (("read_inputs", "read_s"), ("prepare_inputs", "prepare_s"),
-                          ("model_forward", "forward_s"), ("write_outputs", "write_s"))}
-    total = time.perf_counter() - run["start"] - run["model_setup"]
-    return {"processes": run["processes"], "model_setup": round(run["model_setup"], 3),
-            "total": round(total, 3), **steps,
-            # one process: how much of the run is the model's (predict_speed.py's target)
-            "total_over_forward": (round(total / steps["model_forward"], 3)
-                                   if run["processes"] == 1 and steps["model_forward"] > 0
-                                   else None)}
