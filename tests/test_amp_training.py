@@ -193,3 +193,20 @@ def test_native_cpu_bfloat16_is_false_where_torch_cannot_tell(monkeypatch):
     monkeypatch.setattr(torch.ops, "mkldnn",
                         types.SimpleNamespace(_is_mkldnn_bf16_supported=lambda: True))
     assert native_cpu_bfloat16() is True
+
+
+def test_demo_stage_lines_estimate_the_time_to_go_from_fpn_training():
+    from demo import stage_line
+
+    times = {"data": 10.0}
+    assert stage_line(times, 10.0) == "[demo] stage 1/5 data: 10 s; 10 s elapsed"
+    times["FPN training"] = 200.0
+    # to go: 200 s per unit x (0.37 + 1.17 + 0.37) = 382 s
+    assert stage_line(times, 210.0) == ("[demo] stage 2/5 FPN training: 200 s; 210 s elapsed; "
+                                        "about 382 s to go (ALB search, ElixirNet training, "
+                                        "evaluation)")
+    # a slower search sets the pace: (200 + 137) / 1.37 = 245.99 s, x (1.17 + 0.37) = 378.8 s
+    times["ALB search"] = 137.0
+    assert stage_line(times, 347.0).endswith("about 379 s to go (ElixirNet training, evaluation)")
+    times.update({"ElixirNet training": 250.0, "evaluation": 80.0})
+    assert stage_line(times, 677.0) == "[demo] stage 5/5 evaluation: 80 s; 677 s elapsed; done"
