@@ -186,13 +186,13 @@ class Check:
         p = self.python(args, "tests", self.cap(self.plan.tests_cap))
         counts = runs.junit_counts(junit)
         detail = (f"{counts['passed']} passed, {counts['failed']} failed, "
-                  f"{counts['skipped']} skipped ({len(files)} test files)" if counts
+                  f"{counts['skipped']} skipped (test files: {len(files)})" if counts
                   else f"no JUnit report (see {p.log})")
         status = "timeout" if p.timed_out else ("ok" if p.rc == 0 else "failed")
         not_run = sorted(set(glob.glob("tests/test_*.py", root_dir=REPO)) - set(files))
         return self.record("tests", status, t0, detail, files=files, counts=counts,
-                           not_run=not_run, not_run_reason="CPU-only tests (MODEL.DEVICE cpu): "
-                           "CI runs them; not repeated within the time budget")
+                           not_run=not_run, not_run_reason="they pin MODEL.DEVICE cpu or use no "
+                           "device; CI runs them; not repeated within the time budget")
 
     def train_stage(self, name: str, jobs: List[runs.TrainJob], t0: float) -> bool:
         cap = self.cap(self.plan.caps[name])

@@ -300,6 +300,14 @@ def markdown(rec: Dict) -> str:
              "| stage | status | s | detail |", "|:--|:--|--:|:--|"]
     lines += [f"| {n} | {r['status']} | {r['seconds']:.0f} | {r['detail']} |"
               for n, r in st.items()]
+    tests, absent = st.get("tests", {}), st.get("deps", {}).get("absent_optional") or {}
+    if tests.get("files"):
+        lines += ["", f"Tests run: {', '.join(tests['files'])}. Not run: "
+                  f"{len(tests['not_run'])} other test files ({tests['not_run_reason']})."]
+    if absent:
+        lines += ["Not installed here (not bundled, see scripts/gpu_bundle.py): "
+                  + "; ".join(f"{m}, imported by {', '.join(f)}" for m, f in absent.items())
+                  + "."]
     train = [r for n in ("train_quickstart", "train_r50") for r in st.get(n, {}).get("runs", [])]
     if train:
         lines += ["", f"Training ({rec['plan']['precision']} AMP; eval on the synthetic test "
