@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, List, Optional, Sequence
 
@@ -74,26 +75,54 @@ def missing_modules(names: Sequence[str]) -> List[str]:
     return out
 
 
-def install_from_bundle(bundle: str, target: str, names: Sequence[str]) -> List[str]:
-    """pip-install offline into ``target`` the bundle wheels of the import names ``names``;
-    returns the wheel files installed. ValueError naming what the bundle lacks."""
+def unpack_wheel(wheel: str, target: str) -> None:
+    """Install ``wheel`` into ``target`` without pip (a wheel is a zip of the installed tree;
+    a ``*.data/purelib`` or ``platlib`` part belongs at the top)."""
+    with zipfile.ZipFile(wheel) as z:
+        z.extractall(target)
+        data_dirs = {n.split("/")[0] for n in z.namelist() if n.split("/")[0].endswith(".data")}
+    for data in data_dirs:
+        for lib in ("purelib", "platlib"):
+            src = os.path.join(target, data, lib)
+            if os.path.isdir(src):
+                shutil.copytree(src, target, dirs_exist_ok=True)
+        shutil.rmtree(os.path.join(target, data))
+
+
+def install_from_bundle(bundle: str, target: str, names: Sequence[str],
+                        use_pip: Optional[bool] = None) -> List[str]:
+    """Install offline into ``target`` the bundle wheels of the import names ``names`` (with pip
+    where this Python has it, else by unpacking them); returns the wheel files installed.
+    ValueError naming what the bundle lacks or a bundle made for another Python."""
     manifest_path = os.path.join(bundle, "manifest.json")
     if not os.path.isfile(manifest_path):
         raise ValueError(f"{manifest_path} not found: run scripts/gpu_bundle.sh on a machine with "
                          "network access first (it fills the bundle folder)")
     with open(manifest_path) as f:
-        wheels = json.load(f)["wheels"]
+        manifest = json.load(f)
+    wheels = manifest["wheels"]
     lacking = [n for n in names if n not in wheels]
     if lacking:
         raise ValueError(f"{manifest_path} has no wheel for {', '.join(lacking)} (needed by "
                          f"{'; '.join(NEEDED.get(n, '?') for n in lacking)})")
+    here = f"{sys.version_info.major}.{sys.version_info.minor}"
+    made_for = manifest.get("python_version", here)
+    if made_for != here:
+        raise ValueError(f"{manifest_path} was made for Python {made_for}, this is {here}: run "
+                         f"scripts/gpu_bundle.sh --python-version {here}")
     files = sorted({os.path.join(bundle, wheels[n]) for n in names})
     absent = [w for w in files if not os.path.isfile(w)]
     if absent:
         raise ValueError(f"bundle wheel {absent[0]} listed in {manifest_path} is missing")
     os.makedirs(target, exist_ok=True)
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps",
-                    "--disable-pip-version-check", "--target", target, *files], check=True)
+    if use_pip is None:
+        use_pip = importlib.util.find_spec("pip") is not None
+    if use_pip:
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps",
+                        "--disable-pip-version-check", "--target", target, *files], check=True)
+    else:  # a venv made without pip (uv makes them so)
+        for w in files:
+            unpack_wheel(w, target)
     return [os.path.basename(w) for w in files]
 
 

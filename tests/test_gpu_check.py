@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+import zipfile
 
 import pytest
 
@@ -109,6 +110,17 @@ def test_gpu_plan_trains_every_r50_config_under_float16_amp():
     assert sum(caps.values()) <= 460  # the whole check fits its default budget
 
 
+@pytest.mark.parametrize("job", runs.plan(dry=False).jobs["train_r50"], ids=lambda j: j.name)
+def test_every_r50_run_of_the_gpu_plan_builds_with_its_overrides(job):
+    # On the CPU: the device is the only override changed.
+    opts = ["cpu" if o == "cuda" else o for o in job.opts]
+    cfg = load_config(os.path.join(REPO, job.config), opts)
+    model = build_model(cfg)
+    norms = [type(m).__name__ for m in model.backbone.modules()]
+    assert "FrozenBatchNorm2d" not in norms and "BatchNorm2d" in norms
+    assert all(p.requires_grad for p in model.backbone.parameters())
+
+
 def test_junit_counts(tmp_path):
     xml = tmp_path / "r.xml"
     xml.write_text('<testsuites><testsuite tests="7" failures="1" errors="1" skipped="2"/>'
@@ -141,12 +153,13 @@ def _fake_bundle(tmp_path):
     return bundle, wheel
 
 
-def test_install_from_bundle_offline(tmp_path):
+@pytest.mark.parametrize("use_pip", [True, False], ids=["pip", "unpacked"])
+def test_install_from_bundle_offline(tmp_path, use_pip):
     bundle, wheel = _fake_bundle(tmp_path)
     assert os.path.basename(wheel) == "elixir_fake_pkg-1.0-py3-none-any.whl"
     target = tmp_path / "site"
-    assert gpu_check.install_from_bundle(str(bundle), str(target), ["elixir_fake_pkg"]) == [
-        os.path.basename(wheel)]
+    assert gpu_check.install_from_bundle(str(bundle), str(target), ["elixir_fake_pkg"],
+                                         use_pip=use_pip) == [os.path.basename(wheel)]
     out = subprocess.run([sys.executable, "-c", "import elixir_fake_pkg as m, os; print(m.VALUE,"
                           " os.path.isfile(os.path.join(os.path.dirname(m.__file__), "
                           "'data.txt')))"], env=dict(os.environ, PYTHONPATH=str(target)),
@@ -154,10 +167,26 @@ def test_install_from_bundle_offline(tmp_path):
     assert out.split() == ["42", "True"]
 
 
+def test_unpacked_wheel_puts_its_data_purelib_at_the_top(tmp_path):
+    wheel = tmp_path / "extra-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        z.writestr("extra/__init__.py", "")
+        z.writestr("extra-1.0.data/purelib/extra_top.py", "X = 1\n")
+        z.writestr("extra-1.0.dist-info/RECORD", "")
+    gpu_check.unpack_wheel(str(wheel), str(tmp_path / "site"))
+    assert sorted(os.listdir(tmp_path / "site")) == ["extra", "extra-1.0.dist-info",
+                                                     "extra_top.py"]
+
+
 def test_install_from_bundle_names_what_is_missing(tmp_path):
     bundle, _ = _fake_bundle(tmp_path)
     with pytest.raises(ValueError, match=r"has no wheel for detectron2 \(needed by the framework"):
         gpu_check.install_from_bundle(str(bundle), str(tmp_path / "t"), ["detectron2"])
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    (bundle / "manifest.json").write_text(json.dumps(dict(manifest, python_version="3.2")))
+    with pytest.raises(ValueError, match=r"made for Python 3\.2, this is 3\.\d+: run "
+                                         r"scripts/gpu_bundle.sh --python-version 3\.\d+"):
+        gpu_check.install_from_bundle(str(bundle), str(tmp_path / "t"), ["elixir_fake_pkg"])
     with pytest.raises(ValueError, match=r"nowhere/manifest.json not found: run "
                                          r"scripts/gpu_bundle.sh"):
         gpu_check.install_from_bundle(str(tmp_path / "nowhere"), str(tmp_path / "t"), ["x"])
