@@ -177,7 +177,7 @@ class Check:
         # The bundle's wheels hold what NEEDED imports in turn (tensorboard's absl ...): every
         # import name of its manifest is checked too.
         manifest = os.path.join(self.args.bundle, "manifest.json")
-        bundled = json.load(open(manifest))["wheels"] if os.path.isfile(manifest) else {}
+        bundled = runs.read_json(manifest).get("wheels", {}) if os.path.isfile(manifest) else {}
         missing = missing_modules(sorted(set(NEEDED) | set(bundled)))
         installed: List[str] = []
         if missing:

@@ -57,17 +57,10 @@ def run_proc(cmd: Sequence[str], log: str, timeout: float, env: Dict[str, str]) 
     return Proc(rc, time.perf_counter() - t0, timed_out, log)
 
 
-def last_json_line(path: str) -> Optional[Dict]:
-    """The last line of ``path`` that parses as a JSON object."""
-    if not os.path.isfile(path):
-        return None
-    for line in reversed(open(path).read().splitlines()):
-        if line.startswith("{"):
-            try:
-                return json.loads(line)
-            except json.JSONDecodeError:
-                continue
-    return None
+def read_json(path: str) -> Dict:
+    """The JSON object in ``path``."""
+    with open(path) as f:
+        return json.load(f)
 
 
 def junit_counts(path: str) -> Optional[Dict[str, int]]:
@@ -186,7 +179,7 @@ def waves(jobs: Sequence[TrainJob]) -> List[List[TrainJob]]:
     return [w for w in (first, [j for j in jobs if j.weights_from is not None]) if w]
 
 
-def resolve(job: TrainJob, done: Sequence[Dict]):
+def resolve(job: TrainJob, done: Sequence[Dict]) -> "TrainJob | _Skipped":
     """``job`` itself, unless the run whose weights it starts from did not train: then a
     stand-in that reports it as not run."""
     if job.weights_from is None:
@@ -228,6 +221,8 @@ class Plan:
 
 
 def schedule(iters: int) -> List[str]:
+    """Overrides for ``iters`` iterations: LR steps at 80%, short warm-up, no checkpoint or
+    evaluation before the end (train_net.py evaluates after the last iteration)."""
     return ["SOLVER.MAX_ITER", str(iters), "SOLVER.STEPS", f"({max(1, int(0.8 * iters))},)",
             "SOLVER.WARMUP_ITERS", str(max(1, min(50, iters // 5))),
             "SOLVER.CHECKPOINT_PERIOD", "1000000", "TEST.EVAL_PERIOD", "0"]
