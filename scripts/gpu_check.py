@@ -259,6 +259,13 @@ class Check:
         return self.record("speed", "ok", t0, detail, record=rec)
 
     def run(self) -> int:
+        try:
+            return self._run()
+        finally:  # also when interrupted: checkpoints of 14 R-50 runs are large
+            if not self.args.keep_work and not self.args.work:
+                shutil.rmtree(self.work, ignore_errors=True)
+
+    def _run(self) -> int:
         wanted = [s for s in STAGES if s in self.args.only] if self.args.only else list(STAGES)
         required = ("env", "deps", "data")
         for name in STAGES:
@@ -284,8 +291,6 @@ class Check:
         md = runs.markdown(rec)
         with open(os.path.join(self.out, "gpu_check.md"), "w") as f:
             f.write(md)
-        if not self.args.keep_work and not self.args.work:
-            shutil.rmtree(self.work, ignore_errors=True)
         failed = [n for n, r in self.results.items() if r["status"] != "ok"]
         say(f"results: {os.path.join(self.out, 'gpu_check.md')} and gpu_check.json; "
             + (f"not ok: {', '.join(failed)}" if failed else "every stage ok"))
