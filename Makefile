@@ -4,7 +4,7 @@ PY := .venv/bin/python
 export PYTHONUNBUFFERED := 1
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: install lint test test-cpu-paths demo bench env clean-demo
+.PHONY: install lint test test-cpu-paths demo bench env clean-demo gpu-bundle gpu-check
 
 install:
 	@bash scripts/install.sh
@@ -27,6 +27,15 @@ demo: install
 
 bench: install
 	$(PY) projects/benchmarks/run_all.py
+
+# The GPU check (docs/gpu_check.md): gpu-bundle here (PyPI access) fills .gpu_bundle/; gpu-check
+# on the GPU machine, which has no network, so it does not depend on `install`.
+# GPU_CHECK_ARGS: e.g. --cpu-dry-run, --out DIR, --only speed.
+gpu-bundle: install
+	@bash scripts/gpu_bundle.sh
+
+gpu-check:
+	@bash scripts/gpu_check.sh $(GPU_CHECK_ARGS)
 
 clean-demo:
 	rm -rf output/demo datasets/synthetic
