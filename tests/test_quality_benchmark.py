@@ -74,3 +74,34 @@ def test_summary_table_uses_the_sample_std():
     by_seed = {0: {"FPN": {"mean_sens_iou": 40.0}}, 1: {"FPN": {"mean_sens_iou": 44.0}}}
     row = summary_table(by_seed, ["FPN"]).splitlines()[2]
     assert "42.0 ± 2.8" in row  # sqrt(8) = 2.83 (ddof 1); ddof 0 would give 2.0
+
+
+def test_elixirnet_against_the_better_baseline_of_each_seed(tmp_path):
+    every, none = _inputs(tmp_path / "a.json", {0, 1, 2}), _inputs(tmp_path / "b.json", set())
+    means = {0: (50.0, 45.0, 48.0), 1: (52.0, 49.0, 44.0), 2: (51.0, 40.0, 47.0)}
+    by_seed = {s: {"ElixirNet": {"mean_sens_iou": e, "froc_inputs": every},
+                   "FPN": {"mean_sens_iou": f, "froc_inputs": none},
+                   "FPN conv head": {"mean_sens_iou": c, "froc_inputs": every}}
+               for s, (e, f, c) in means.items()}
+    rows = comparisons(by_seed, ["FPN", "FPN conv head", "ElixirNet"], num_samples=50)["rows"]
+    best = rows[-1]
+    assert best["baseline"] == "best baseline (per seed)"
+    # better baselines: conv head 48, FPN 49, conv head 47 -> differences 2, 3, 4
+    assert best["baselines"] == ["FPN conv head", "FPN", "FPN conv head"]
+    assert best["differences"] == [2.0, 3.0, 4.0]
+    assert best["mean"] == pytest.approx(3.0) and best["std"] == pytest.approx(1.0)
+    # seed 0: the better baseline (conv head) finds every lesion, as ElixirNet: 0 in each resample
+    assert (best["boot_low"], best["boot_high"]) == (0.0, 0.0)
+
+
+def test_across_sets_table_marks_intervals_excluding_zero():
+    from quality_report import across_sets_table
+
+    row = {"part": "ElixirNet", "baseline": "FPN"}
+    table = across_sets_table({
+        "a": [{**row, "mean": 3.0, "t_low": 1.0, "t_high": 5.0, "t_excludes_zero": True}],
+        "b": [{**row, "mean": 1.0, "t_low": -2.5, "t_high": 4.5, "t_excludes_zero": False}],
+    })
+    assert table.splitlines()[0] == "| part | baseline | a | b | intervals excluding 0 |"
+    assert table.splitlines()[2] == ("| ElixirNet | FPN | +3.0 [+1.0, +5.0] (w 4.0) **excl. 0** | "
+                                     "+1.0 [-2.5, +4.5] (w 7.0) | 1 of 2 |")

@@ -163,7 +163,7 @@ def seed_pipeline(data_set: str, seed: int, args) -> Dict[str, Dict]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict:
-    from quality_report import comparisons, summary_table
+    from quality_report import across_sets_table, comparisons, summary_table
 
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -203,6 +203,12 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
         summary["sets"][data_set] = {"results": by_seed, "comparisons": comp["rows"]}
         lines += [f"### {data_set}_{args.split}", "", summary_table(by_seed, args.models), "",
                   comp["table"], ""]
+    if len(results) > 1:
+        lines += [f"### Across sets ({args.split})", "",
+                  "Mean IoU sensitivity over 0.5/1/2/4 FPs, part minus baseline (points): mean "
+                  f"paired difference over seeds {args.seeds}, [95% t-interval] (w: its width).",
+                  "", across_sets_table({s: v["comparisons"] for s, v in summary["sets"].items()}),
+                  ""]
     lines.append(f"elapsed {time.time() - t0:.0f} s")
     os.makedirs(args.output, exist_ok=True)
     with open(os.path.join(args.output, f"quality_{args.split}.json"), "w") as f:

@@ -30,6 +30,9 @@ COMPARISONS = [
     ("FPN+TRPN", "FPN+TRPN no conf loss"),
 ]
 METRIC = "mean_sens_iou"
+# The issue's target: ElixirNet against the better of the two baselines, seed by seed.
+BASELINES = ("FPN", "FPN conv head")
+BEST_BASELINE = "best baseline (per seed)"
 
 
 def summary_table(by_seed: Mapping[int, Mapping[str, Mapping]], models: Sequence[str]) -> str:
@@ -76,20 +79,27 @@ def comparisons(by_seed: Mapping[int, Mapping[str, Mapping]], models: Sequence[s
     """Every :data:`COMPARISONS` pair whose two models ran: rows (dicts) and a markdown table."""
     seeds = sorted(by_seed)
     rows: List[Dict[str, object]] = []
-    for part, base in COMPARISONS:
-        if part not in models or base not in models:
-            continue
+    pairs = [(p, b) for p, b in COMPARISONS if p in models and b in models]
+    if "ElixirNet" in models and all(b in models for b in BASELINES):
+        pairs.append(("ElixirNet", BEST_BASELINE))
+    for part, base in pairs:
         a = [by_seed[s][part][METRIC] for s in seeds]
-        b = [by_seed[s][base][METRIC] for s in seeds]
+        if base == BEST_BASELINE:  # the better of the baselines on each seed
+            bases = [max(BASELINES, key=lambda m: by_seed[s][m][METRIC]) for s in seeds]
+        else:
+            bases = [base] * len(seeds)
+        b = [by_seed[s][m][METRIC] for s, m in zip(seeds, bases)]
         t = paired_interval(a, b)
         row: Dict[str, object] = {"part": part, "baseline": base, "seeds": seeds,
                                   "differences": [x - y for x, y in zip(a, b)],
                                   "mean": t.mean, "std": t.std, "t_low": t.low, "t_high": t.high,
                                   "t_excludes_zero": t.excludes_zero}
+        if base == BEST_BASELINE:
+            row["baselines"] = bases
         if num_samples > 0:
             first = by_seed[seeds[0]]
-            boot = bootstrap_difference(first[part]["froc_inputs"], first[base]["froc_inputs"],
-                                        num_samples)
+            boot = bootstrap_difference(first[part]["froc_inputs"],
+                                        first[bases[0]]["froc_inputs"], num_samples)
             row.update(boot_seed=seeds[0], boot_low=boot["low"], boot_high=boot["high"])
         rows.append(row)
     head = ("| part | baseline | per-seed difference | mean ± std | 95% t-interval | excludes 0 |"
@@ -103,3 +113,30 @@ def comparisons(by_seed: Mapping[int, Mapping[str, Mapping]], models: Sequence[s
                      f"{r['std']:.1f} | [{r['t_low']:+.1f}, {r['t_high']:+.1f}] | "
                      f"{'yes' if r['t_excludes_zero'] else 'no'} | {boot} |")
     return {"rows": rows, "table": "\n".join(lines)}
+
+
+def across_sets_table(rows_by_set: Mapping[str, Sequence[Mapping]]) -> str:
+    """Markdown table: each comparison (rows) on each data set (columns), its mean paired
+    difference with the 95% t-interval and the interval's width, marked where it excludes 0."""
+    sets = list(rows_by_set)
+    order: List[tuple] = []
+    for rows in rows_by_set.values():
+        for r in rows:
+            if (r["part"], r["baseline"]) not in order:
+                order.append((r["part"], r["baseline"]))
+    lines = ["| part | baseline | " + " | ".join(sets) + " | intervals excluding 0 |",
+             "|:--|:--|" + "--:|" * len(sets) + "--:|"]
+    for part, base in order:
+        cells, count = [], 0
+        for s in sets:
+            r = next((r for r in rows_by_set[s] if (r["part"], r["baseline"]) == (part, base)),
+                     None)
+            if r is None:
+                cells.append("-")
+                continue
+            count += bool(r["t_excludes_zero"])
+            mark = " **excl. 0**" if r["t_excludes_zero"] else ""
+            cells.append(f"{r['mean']:+.1f} [{r['t_low']:+.1f}, {r['t_high']:+.1f}] "
+                         f"(w {r['t_high'] - r['t_low']:.1f}){mark}")
+        lines.append(f"| {part} | {base} | " + " | ".join(cells) + f" | {count} of {len(sets)} |")
+    return "\n".join(lines)
