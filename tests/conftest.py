@@ -12,6 +12,14 @@ from elixir_d2.data.deeplesion import DL_INFO_COLUMNS
 torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Every test starts on one thread, whatever an earlier one set (a script's main called in
+    process may set its own): float sums then do not depend on the order the tests ran in."""
+    torch.set_num_threads(1)
+    yield
+
+
 def dl_row(file_name="000001_01_01_005.png", box=(11, 21, 31, 41), split=3, lesion_type=-1,
            noisy=0, spacing=(0.8, 0.8, 2.0), size=(64, 64), slice_range=(1, 9), **over):
     """One DL_info.csv row as a dict; values written as the real file writes them."""
