@@ -238,7 +238,10 @@ def test_sigint_then_resume_equals_an_uninterrupted_run(tmp_path, capsys, fpn_we
     out = tmp_path / "out"
     # predict_net.py as its __main__ runs it, each case held 0.5 s longer: the SIGINT sent after the
     # first case lands while others remain however busy the machine is.
-    slow = ("import logging, sys, time; sys.path.insert(0, '.'); import predict_net; "
+    # Ctrl-C's default handler, as at a terminal: a shell's background job (CI started with &)
+    # passes SIGINT on ignored, and Python then installs none.
+    slow = ("import logging, signal, sys, time; sys.path.insert(0, '.'); import predict_net; "
+            "signal.signal(signal.SIGINT, signal.default_int_handler); "
             "from elixir_d2.inference.predictor import CTPredictor as P; "
             "from elixir_d2.cli import run_cli; f = P.predict_volume; "
             "P.predict_volume = lambda *a, **k: (f(*a, **k), time.sleep(0.5))[0]; "
