@@ -3,7 +3,6 @@ import json
 import math
 import os
 import socket
-import threading
 import uuid
 
 import numpy as np
@@ -264,11 +263,10 @@ def test_two_gloo_processes_give_the_single_process_numbers(binary_name, tmp_pat
     single = run(LesionEvaluator(binary_name, None, distributed=False), binary_predictions(),
                  [11, 12, 13, 14])
     name = f"lesion_eval_gloo_{uuid.uuid4().hex[:8]}"
-    # fork: the children inherit the imported torch / detectron2 (spawn would import them again,
-    # slowly); each child pins torch to one thread first, so no OpenMP pool is used across the fork.
-    method = "fork" if threading.active_count() == 1 else "spawn"  # fork is unsafe beside threads
+    # spawn: a forked child inherits the thread pools earlier tests started in this process
+    # without their threads, and aborted at exit ("terminate called without an active exception")
     mp.start_processes(_worker, args=(_free_port(), name, str(tmp_path)), nprocs=2, join=True,
-                       start_method=method)
+                       start_method="spawn")
     rank0 = json.loads((tmp_path / "rank0.json").read_text())
     assert json.loads((tmp_path / "rank1.json").read_text()) == {}
     assert rank0["lesion"].keys() == single["lesion"].keys()
