@@ -316,14 +316,16 @@ def run_prediction(cfg, input_path: str, output_dir: str, opts: Optional[Predict
     gt = load_ground_truth(opts.gt) if opts.gt else {}
     outcomes: List[CaseOutcome] = []
     try:
-        class_names, setup_s = run_on_every_rank(
-            lambda: _predict_cases(cfg, plan, mine, names, out, opts, gt, model, outcomes))[0]
+        # one gather: every rank's outcomes, with rank 0's class names and model set-up time
+        shards = run_on_every_rank(
+            lambda: (*_predict_cases(cfg, plan, mine, names, out, opts, gt, model, outcomes),
+                     outcomes))
     except RunInterrupted:
         raise
     except KeyboardInterrupt:
         raise RunInterrupted(sum(o.doc is not None for o in outcomes), len(plan.cases)) from None
-    shards = run_on_every_rank(lambda: outcomes)
-    ordered = sorted((o for shard in shards for o in shard), key=lambda o: o.index)
+    class_names, setup_s, _ = shards[0]
+    ordered = sorted((o for *_, shard in shards for o in shard), key=lambda o: o.index)
     timing = {"processes": world, "model_setup": setup_s, "start": t_start}
     summary = run_on_main(lambda: write_run_files(cfg, plan, ordered, class_names, names, out,
                                                   opts, gt, timing))

@@ -29,10 +29,6 @@ def shard_indices(num_cases: int, world_size: int, rank: int) -> List[int]:
     return list(range(rank, num_cases, world_size))
 
 
-def _share(local: object) -> List[object]:
-    return comm.all_gather(local)
-
-
 def run_on_main(fn: Callable[[], T]) -> T:
     """``fn()`` on rank 0; every rank returns its result or raises its error."""
     if comm.get_world_size() == 1:
@@ -43,7 +39,7 @@ def run_on_main(fn: Callable[[], T]) -> T:
             result = fn()
         except Exception as e:  # re-raised below, on every rank
             error = e
-    result, error = _share((result, error))[0]
+    result, error = comm.all_gather((result, error))[0]
     if error is not None:
         raise error
     return result
@@ -59,7 +55,7 @@ def run_on_every_rank(fn: Callable[[], T]) -> List[T]:
         result = fn()
     except Exception as e:
         error = e
-    shared = _share((result, error))
+    shared = comm.all_gather((result, error))
     for _, err in shared:
         if err is not None:
             raise err
