@@ -6,7 +6,7 @@ small ops over every tensor (98 in the quickstart FPN, 191 in the quickstart Eli
 :class:`PerParameterNormClippedSGD` computes the same per-tensor factors
 ``min(1, max_norm / (||g|| + 1e-6))`` with one batched norm and one batched multiply. Parameters
 come out bit for bit the same; the step takes 0.5-0.8x the time on the CPU, a few ms of an
-iteration (``projects/benchmarks/README.md``, "Gradient clipping").
+iteration (``docs/results/regime.md``, "Gradient clipping").
 """
 from __future__ import annotations
 

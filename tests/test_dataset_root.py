@@ -1,8 +1,8 @@
 """A DeepLesion-format set under ``$DETECTRON2_DATASETS/DeepLesion`` is what ``deeplesion_*`` load.
 
-That is the route of real DeepLesion (datasets/README.md) and of the benchmarks doc's second
-synthetic set (generator seed 1, "A second synthetic set"); the child process sees the folder
-only through the environment variable, as a user's ``train_net.py`` does.
+That is the route of real DeepLesion (datasets/README.md) and of the second synthetic set of
+docs/results/evidence.md (generator seed 1, "A second synthetic set"); the child process sees
+the folder only through the environment variable, as a user's ``train_net.py`` does.
 """
 import csv
 import json

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Detection quality of FPN, fair baselines and ElixirNet's parts, over seeds and data sets, with
-intervals (projects/benchmarks/README.md, "Quality").
+intervals (docs/results/parts.md for the protocol, docs/results/evidence.md for three sets).
 
     python projects/benchmarks/quality.py --seeds 0 1 2 3 4 --sets synthetic synthetic_v2 \
         --jobs 2 --output output/quality                       # validation split

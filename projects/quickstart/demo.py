@@ -168,7 +168,7 @@ def main(argv=None) -> None:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--output", default=os.path.join(ROOT, "output", "demo"))
     # 100 more than the quickstart's 500, paid for by bfloat16: at 500 the seeds' FPN ends near
-    # 50% sensitivity at 4 FPs, at 600 above 55% (projects/benchmarks/README.md, "bfloat16
+    # 50% sensitivity at 4 FPs, at 600 above 55% (docs/results/regime.md, "bfloat16
     # training"); a float32 training step takes 1.3-1.5x as long (amp_speed.py).
     ap.add_argument("--iters", type=int, default=600, help="training iterations of each model")
     ap.add_argument("--search-epochs", type=int, default=2,

@@ -114,7 +114,7 @@ class DepthwiseConv2d(nn.Conv2d):
     A depthwise conv has few FLOPs per byte, so half precision saves it little, and oneDNN's
     bfloat16 depthwise backward is slow, worst at stride 2: a quickstart ElixirNet with two
     stride-2 7x7 ones trained at 0.94x float32's step time in bfloat16, 0.75x with them in float32
-    (projects/benchmarks/README.md, "bfloat16 training"). The output is float32; the next conv
+    (docs/results/regime.md, "bfloat16 training"). The output is float32; the next conv
     casts it back under autocast. Without autocast this is an ordinary nn.Conv2d, and so is an
     eval-mode BatchNorm-folded pass (fused.py), which has no backward.
     """
