@@ -138,7 +138,7 @@ def table(results: Dict[str, Dict[str, Dict]]) -> str:
     head = ("| set | split | patients | key slices | lesions | long diam. mm p10/p50/p90 | px "
             "p10/p50/p90 | < 10 mm | median abs contrast HU | contrast HU p10/p50/p90 | hypodense "
             "| spots / key slice | recorded mimics |")
-    lines = [head, "|" + "---|" * 15]
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for name, per in results.items():
         for split, s in per.items():
             q = lambda v: "/".join(f"{x:.1f}" for x in v)  # noqa: E731
