@@ -10,7 +10,9 @@ trained with train_net.py on ``<--set>_train`` (no evaluation) and evaluated wit
 --evaluate (FROC + proposal recall) on ``<--set>_<--split>``, the validation split unless
 ``--split test`` is given (choices are made on val); the table lists sensitivity (IoU) at
 0.5/1/2/4/8 FPs, their mean over 0.5/1/2/4, IoBB at 4 FPs, AP50, recall of the top 50/100/300
-proposals and the training time.
+proposals and the training time. With ``--baseline NAME``, variants named ``<choice>_s<seed>``
+are read as seeds of one choice, and each choice is compared with the baseline seed by seed: the
+paired difference of the mean IoU sensitivity, its 95% t-interval and on how many seeds it is ahead.
 Made for a machine with many cores (and a GPU: pass MODEL.DEVICE cuda); one seed per variant.
 """
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -25,6 +28,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, List
 
 from quality import SPLITS, dataset_opts
+
+from elixir_d2.evaluation.stats import paired_interval
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 COLUMNS = ["sens@0.5_iou", "sens@1_iou", "sens@2_iou", "sens@4_iou", "sens@8_iou", "mean_sens_iou",
@@ -77,6 +82,42 @@ def run_variant(name: str, spec: List, groups: Dict, args) -> Dict:
     return metrics
 
 
+def by_choice(results: Dict[str, Dict]) -> Dict[str, Dict[int, float]]:
+    """Mean IoU sensitivity per choice and seed, from variants named ``<choice>_s<seed>``."""
+    out: Dict[str, Dict[int, float]] = {}
+    for name, m in results.items():
+        match = re.fullmatch(r"(.+)_s(\d+)", name)
+        if match and "error" not in m:
+            out.setdefault(match.group(1), {})[int(match.group(2))] = m["mean_sens_iou"]
+    return out
+
+
+def paired_table(results: Dict[str, Dict], baseline: str) -> str:
+    """Each choice against ``baseline`` on the seeds both have: choice minus baseline (points)."""
+    choices = by_choice(results)
+    if baseline not in choices:
+        raise ValueError(f"no variant named {baseline}_s<seed> finished; choices: "
+                         f"{', '.join(choices) or 'none'}")
+    base = choices[baseline]
+    lines = [f"Mean IoU sensitivity over 0.5/1/2/4 FPs, choice minus {baseline}, per seed:", "",
+             "| choice | seeds | per seed | mean | 95% t-interval | ahead on |",
+             "|:--|:--|:--|--:|:--|:--|"]
+    for name, vals in choices.items():
+        seeds = sorted(set(vals) & set(base))
+        if name == baseline or not seeds:
+            continue
+        diffs = [vals[s] - base[s] for s in seeds]
+        ci = "-"
+        if len(seeds) >= 2:
+            iv = paired_interval([vals[s] for s in seeds], [base[s] for s in seeds])
+            ci = f"[{iv.low:+.1f}, {iv.high:+.1f}]"
+        per = " / ".join(f"{d:+.1f}" for d in diffs)
+        ahead = sum(d > 0 for d in diffs)
+        lines.append(f"| {name} | {', '.join(map(str, seeds))} | {per} | "
+                     f"{sum(diffs) / len(diffs):+.1f} | {ci} | {ahead} of {len(seeds)} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -87,6 +128,8 @@ def main() -> None:
     ap.add_argument("--set", default="synthetic", help="data set prefix (<set>_train, _val, _test)")
     ap.add_argument("--split", choices=SPLITS, default="val",
                     help="evaluation split (default val: where choices are made)")
+    ap.add_argument("--baseline", metavar="CHOICE",
+                    help="compare every <choice>_s<seed> with <CHOICE>_s<seed>, seed by seed")
     ap.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides for every variant")
     args = ap.parse_args()
     args.output = os.path.abspath(args.output)
@@ -104,6 +147,8 @@ def main() -> None:
     for name, m in results.items():
         cells = [m["error"]] if "error" in m else [f"{m.get(k, float('nan')):.1f}" for k in COLUMNS]
         print(f"| {name} | " + " | ".join(cells) + " |")
+    if args.baseline:
+        print("\n" + paired_table(results, args.baseline))
 
 
 if __name__ == "__main__":
