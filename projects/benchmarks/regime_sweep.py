@@ -10,7 +10,8 @@ trained with train_net.py on ``<--set>_train`` (no evaluation) and evaluated wit
 --evaluate (FROC + proposal recall) on ``<--set>_<--split>``, the validation split unless
 ``--split test`` is given (choices are made on val); the table lists sensitivity (IoU) at
 0.5/1/2/4/8 FPs, their mean over 0.5/1/2/4, IoBB at 4 FPs, AP50, recall of the top 50/100/300
-proposals and the training time.
+proposals and the training time. ``<output>/sweep.json`` holds each variant's metrics and the
+sweep's ``provenance`` (docs/evaluation.md, "Provenance of results").
 Made for a machine with many cores (and a GPU: pass MODEL.DEVICE cuda); one seed per variant.
 """
 from __future__ import annotations
@@ -22,7 +23,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Dict, List
+from typing import Dict, List, Optional, Sequence
 
 from quality import SPLITS, dataset_opts
 
@@ -77,7 +78,10 @@ def run_variant(name: str, spec: List, groups: Dict, args) -> Dict:
     return metrics
 
 
-def main() -> None:
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    from elixir_d2.provenance import provenance
+
+    started = time.time()
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("variants", help="JSON file with 'groups' and 'variants'")
@@ -88,16 +92,19 @@ def main() -> None:
     ap.add_argument("--split", choices=SPLITS, default="val",
                     help="evaluation split (default val: where choices are made)")
     ap.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides for every variant")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     args.output = os.path.abspath(args.output)
     with open(args.variants) as f:
         spec = json.load(f)
     groups, variants = spec.get("groups", {}), spec["variants"]
+    if "provenance" in variants:
+        ap.error("a variant may not be named 'provenance' (sweep.json's key for the provenance)")
     with ThreadPoolExecutor(args.jobs) as pool:
         results = dict(zip(variants,
                            pool.map(lambda v: run_variant(v, variants[v], groups, args), variants)))
+    prov = provenance(None if argv is None else [__file__, *argv], started=started)
     with open(os.path.join(args.output, "sweep.json"), "w") as f:
-        json.dump(results, f, indent=1)
+        json.dump({"provenance": prov, **results}, f, indent=1)
     print(f"{args.set}_{args.split}, {args.iters} iterations unless a variant says otherwise\n")
     print("| variant | " + " | ".join(COLUMNS) + " |")
     print("|:--|" + "--:|" * len(COLUMNS))
