@@ -1,8 +1,10 @@
 #!/usr/bin/env python
 """Train and evaluate many variants of a config in parallel (one process each), one table.
 
-    python projects/benchmarks/regime_sweep.py projects/benchmarks/sweeps/anchors.json \
-        --iters 400 --jobs 14 --output output/sweep [MODEL.DEVICE cuda]
+    python projects/benchmarks/regime_sweep.py --iters 400 --jobs 14 --output output/sweep \
+        projects/benchmarks/sweeps/2_anchors_norm_iterations.json [MODEL.DEVICE cuda]
+
+Options go before the variants file: everything after it is taken as KEY VALUE overrides.
 
 The JSON maps option-group names to KEY VALUE lists ("groups") and variant names to
 [config, [group names or KEY, VALUE, ...], iterations (optional)] ("variants"). Each variant is
