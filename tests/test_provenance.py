@@ -84,3 +84,21 @@ def test_provenance_line():
     p.update(commit=None, dirty=None, threads=2, cuda_device="NVIDIA H100")
     assert provenance_line(p).startswith("commit unknown (not a git checkout), AMD EPYC 9654, "
                                          "NVIDIA H100, torch 2.5.0, 2 threads,")
+
+
+def test_set_stats_json_holds_the_provenance(tmp_path, capsys):
+    import json
+
+    import numpy as np
+    import set_stats  # projects/benchmarks, on pytest's pythonpath
+
+    from conftest import dl_row, write_dl_info, write_slice
+
+    root = str(tmp_path / "set")
+    write_dl_info(root, [dl_row(split=3)])
+    write_slice(root, "000001_01_01", 5, np.full((64, 64), -100))
+    argv = [root, "--splits", "test", "--json", str(tmp_path / "stats.json")]
+    results = set_stats.main(argv)
+    written = json.loads((tmp_path / "stats.json").read_text())
+    assert written.pop("provenance")["command"] == [set_stats.__file__, *argv]
+    assert written == json.loads(json.dumps(results)) and written[root]["test"]["lesions"] == 1
