@@ -102,3 +102,25 @@ def test_set_stats_json_holds_the_provenance(tmp_path, capsys):
     written = json.loads((tmp_path / "stats.json").read_text())
     assert written.pop("provenance")["command"] == [set_stats.__file__, *argv]
     assert written == json.loads(json.dumps(results)) and written[root]["test"]["lesions"] == 1
+
+
+def test_bench_json_and_md_carry_the_provenance(tmp_path, monkeypatch):
+    """run_all.py (`make bench`) with the timings replaced: bench.json holds the provenance and
+    bench.md ends with its line."""
+    import json
+
+    import run_all  # projects/benchmarks
+
+    monkeypatch.setattr(run_all.ms, "measure", lambda *a, **k: {"FPN": {}})
+    monkeypatch.setattr(run_all.ms, "format_table", lambda cpu, gpu: "| table |")
+    monkeypatch.setattr(run_all.ms, "format_stages", lambda res, device: "| stages |")
+    monkeypatch.setattr(run_all.data_loader, "main", lambda argv: 12.5)
+    monkeypatch.setattr(run_all.froc_speed, "main", lambda argv: {"iou": 0.1, "iobb": 0.2})
+    argv = ["--quick", "--threads", "1", "--no-gpu", "--output", str(tmp_path)]
+    out = run_all.main(argv)
+    bench = json.loads((tmp_path / "bench.json").read_text())
+    assert bench["provenance"]["command"] == [run_all.__file__, *argv]
+    assert bench["provenance"]["threads"] == 1 and bench["loader_records_per_s"] == 12.5
+    assert out["provenance"] == bench["provenance"]
+    md = (tmp_path / "bench.md").read_text().splitlines()
+    assert md[-1] == provenance_line(bench["provenance"]) and md[-3].startswith("Total benchmark")
