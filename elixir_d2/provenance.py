@@ -43,12 +43,10 @@ def _cpu() -> Optional[str]:
     """The CPU's model name (Linux /proc/cpuinfo), else platform.processor(), else None."""
     try:
         with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+            names = [ln.partition(":")[2].strip() for ln in f if ln.startswith("model name")]
     except OSError:
-        pass
-    return platform.processor() or None
+        names = []
+    return names[0] if names and names[0] else platform.processor() or None
 
 
 def _utc(t: Optional[float] = None) -> str:
