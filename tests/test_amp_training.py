@@ -210,3 +210,19 @@ def test_demo_stage_lines_estimate_the_time_to_go_from_fpn_training():
     assert stage_line(times, 347.0).endswith("about 379 s to go (ElixirNet training, evaluation)")
     times.update({"ElixirNet training": 250.0, "evaluation": 80.0})
     assert stage_line(times, 677.0) == "[demo] stage 5/5 evaluation: 80 s; 677 s elapsed; done"
+
+
+def test_demo_results_json_holds_nulls_for_nan_and_the_provenance(tmp_path):
+    import json
+
+    from demo import write_results
+
+    from elixir_d2.provenance import provenance
+
+    prov = provenance(["projects/quickstart/demo.py", "--seed", "3"], seeds=[3])
+    path = tmp_path / "demo_results.json"
+    write_results(str(path), {"FPN": {"AP": float("nan"), "sens@4_iou": 50.0}}, {"FPN": 10},
+                  {"data": 1.0}, "g.yaml", "float32", prov)
+    doc = json.loads(path.read_text())
+    assert doc["rows"] == {"FPN": {"AP": None, "sens@4_iou": 50.0}}
+    assert doc["provenance"] == prov and doc["provenance"]["seeds"] == [3]

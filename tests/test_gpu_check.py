@@ -211,9 +211,13 @@ def test_bundle_refuses_to_empty_a_folder_that_is_not_a_bundle(tmp_path):
 # ------------------------------------------------------------------ gpu_speed.py
 def test_gpu_speed_on_the_cpu(tmp_path):
     path = tmp_path / "speed.json"
-    gpu_speed.main(["--device", "cpu", "--quick", "--size", "64", "--rounds", "3", "--warmup",
-                    "1", "--threads", "1", "--json", str(path)])
+    argv = ["--device", "cpu", "--quick", "--size", "64", "--rounds", "3", "--warmup", "1",
+            "--threads", "1", "--json", str(path)]
+    gpu_speed.main(argv)
     rec = json.loads(path.read_text())
+    prov = rec["provenance"]
+    assert prov["command"] == [gpu_speed.__file__, *argv] and prov["threads"] == rec["threads"]
+    assert prov["torch"] == rec["torch"] and "started" in prov
     assert (rec["device"], rec["size"], rec["rounds"], rec["quick"]) == ("cpu", 64, 3, True)
     assert rec["paper_ms"]["values"] == {"FPN": 68.0, "ElixirNet w FPN": 90.0}
     for name in ("FPN", "ElixirNet w FPN"):

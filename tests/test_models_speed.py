@@ -175,6 +175,30 @@ def test_sweep_expand_takes_group_names_only_where_a_key_is_expected():
         regime_sweep.expand(["W", "SEED"], groups)
 
 
+def test_sweep_json_holds_each_variant_and_the_provenance(tmp_path, monkeypatch, capsys):
+    import json
+
+    import pytest
+    import regime_sweep
+
+    monkeypatch.setattr(regime_sweep, "run_variant",
+                        lambda name, spec, groups, args: {"mean_sens_iou": len(name)})
+    spec = tmp_path / "sweep.json"
+    spec.write_text(json.dumps({"variants": {"a": ["x.yaml", []], "bb": ["x.yaml", []]}}))
+    argv = ["--output", str(tmp_path / "out"), "--jobs", "1", str(spec)]  # options first
+    (tmp_path / "out").mkdir()
+    regime_sweep.main(argv)
+    out = json.loads((tmp_path / "out" / "sweep.json").read_text())
+    assert list(out) == ["provenance", "a", "bb"]
+    assert out["a"] == {"mean_sens_iou": 1} and out["bb"] == {"mean_sens_iou": 2}
+    assert out["provenance"]["command"] == [regime_sweep.__file__, *argv]
+    table = capsys.readouterr().out
+    assert "| a | " in table and "| bb | " in table and "provenance" not in table
+    spec.write_text(json.dumps({"variants": {"provenance": ["x.yaml", []]}}))
+    with pytest.raises(SystemExit):
+        regime_sweep.main(argv)
+
+
 def test_rpn_head_weights_reports_each_tensor_against_its_init(tmp_path):
     import pytest
     import rpn_head_weights as rw

@@ -175,6 +175,31 @@ def test_finished_step_is_reused_only_with_the_same_settings(tmp_path):
     assert not recipe._done("fpn", sig)
 
 
+def test_tables_and_step_records_carry_the_provenance(tmp_path, capsys):
+    """table*.json gets the run's provenance beside its rows, table*.md ends with its line, and a
+    finished step's recipe_step.json holds the provenance of the run that trained it (a later
+    table may reuse it)."""
+    import argparse
+
+    args = argparse.Namespace(quick=True, output=str(tmp_path), num_gpus=1, opts=[], iters=None,
+                              finetune_iters=None, search_epochs=None, genotype=None, force=False,
+                              speed_images=None)
+    command = ["projects/paper/table6.py", "--quick"]
+    recipe = common.Recipe(args, common.DataSource("deeplesion", str(tmp_path), "unused"), command)
+    rows = {"FPN": {"AP": 1.0}}
+    doc = json.load(open(recipe.write_json("table9.json", rows)))
+    assert doc.pop("provenance")["command"] == command and doc == rows
+    md = open(recipe.write("table9.md", "| a |")).read().splitlines()
+    assert md[0] == "| a |" and md[-1].startswith("commit ")
+    assert md[-1].endswith("command: projects/paper/table6.py --quick")
+    os.makedirs(tmp_path / "fpn")
+    recipe._finish("fpn", {"config": "x"}, 0.0, "sig")
+    step = recipe.record("fpn")
+    assert step["provenance"]["command"] == command and step["provenance"]["started"].startswith(
+        "1970-01-01")
+    assert recipe._done("fpn", "sig")  # the provenance does not make the step stale
+
+
 def test_finished_step_is_stale_after_its_config_or_base_changes(tmp_path):
     """Editing a step's YAML, or a _BASE_ file under it, reruns the step even though the path and
     the options are the same."""

@@ -105,3 +105,36 @@ def test_across_sets_table_marks_intervals_excluding_zero():
     assert table.splitlines()[0] == "| part | baseline | a | b | intervals excluding 0 |"
     assert table.splitlines()[2] == ("| ElixirNet | FPN | +3.0 [+1.0, +5.0] (w 4.0) **excl. 0** | "
                                      "+1.0 [-2.5, +4.5] (w 7.0) | 1 of 2 |")
+
+
+def test_written_summary_and_metrics_carry_their_provenance(tmp_path, monkeypatch):
+    """quality_<split>.json holds the run's provenance and quality_<split>.md ends with its line;
+    a model's metrics file holds its evaluation's, and one written before that is read alike."""
+    import json
+
+    means = {0: (40.0, 45.0), 1: (42.0, 46.0)}
+    monkeypatch.setattr(quality, "seed_pipeline", lambda data_set, seed, args: {
+        "FPN": {"mean_sens_iou": means[seed][0]}, "FPN+TRPN": {"mean_sens_iou": means[seed][1]}})
+    argv = ["--seeds", "0", "1", "--models", "FPN", "FPN+TRPN", "--bootstrap", "0", "--output",
+            str(tmp_path / "q")]
+    quality.main(argv)
+    summary = json.loads((tmp_path / "q" / "quality_val.json").read_text())
+    p = summary["provenance"]
+    assert p["command"] == [quality.__file__, *argv] and p["seeds"] == [0, 1]
+    assert {"commit", "dirty", "cpu", "threads", "torch", "started", "written"} <= set(p)
+    assert summary["sets"]["synthetic"]["comparisons"][0]["differences"] == [5.0, 4.0]
+    md = (tmp_path / "q" / "quality_val.md").read_text().splitlines()
+    assert md[-1].startswith("commit ") and md[-1].endswith(" --output " + str(tmp_path / "q"))
+
+    run = tmp_path / "run"
+    run.mkdir()
+    quality.write_metrics(quality.metrics_file(str(run), "toy", "val"),
+                          {"mean_sens_iou": 50.0, "AP50": float("nan")}, seed=3)
+    m = quality.train_and_evaluate("unused.yaml", str(run), 3, "toy", "val", [])
+    assert m["AP50"] is None and m["provenance"]["seeds"] == [3]
+    old = tmp_path / "old"
+    old.mkdir()
+    with open(quality.metrics_file(str(old), "toy", "val"), "w") as f:
+        json.dump({"mean_sens_iou": 50.0}, f)  # a finished run from before the provenance block
+    m = quality.train_and_evaluate("unused.yaml", str(old), 3, "toy", "val", [])
+    assert m["mean_sens_iou"] == 50.0 and "provenance" not in m

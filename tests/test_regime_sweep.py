@@ -29,3 +29,12 @@ def test_each_choice_is_compared_on_the_seeds_it_shares_with_the_baseline():
 def test_a_missing_baseline_is_named():
     with pytest.raises(ValueError, match="no variant named fpn_s<seed>.*base, gn, lr02"):
         regime_sweep.paired_table(RESULTS, "fpn")
+
+
+def test_a_baseline_without_variants_is_refused_before_anything_trains(tmp_path, capsys):
+    sweep = tmp_path / "sweep.json"
+    sweep.write_text('{"variants": {"fpn_s0": ["configs/quickstart/fpn.yaml", []]}}')
+    with pytest.raises(SystemExit):
+        regime_sweep.main(["--output", str(tmp_path / "out"), "--baseline", "base", str(sweep)])
+    assert "no variant named base_s<seed>" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

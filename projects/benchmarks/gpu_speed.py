@@ -13,7 +13,8 @@ ones, each call bracketed by ``torch.cuda.synchronize``; median and 10th / 90th 
 Per precision (``--precisions``: float32, and float16 / bfloat16 autocast) and model, the memory
 one inference needs: the model's weights and buffers plus the peak of
 ``torch.cuda.max_memory_allocated`` (after ``reset_peak_memory_stats``) above what was allocated
-before (CUDA only, null elsewhere). TF32 is left at torch's defaults and reported.
+before (CUDA only, null elsewhere). TF32 is left at torch's defaults and reported. The record
+(``--json``) holds the run's ``provenance`` (docs/evaluation.md, "Provenance of results").
 """
 import os
 import sys
@@ -37,6 +38,7 @@ from detectron2.modeling import build_model  # noqa: E402
 
 import elixir_d2  # noqa: E402,F401  (registers TRPN, ALBHead)
 from elixir_d2.amp import PRECISIONS  # noqa: E402
+from elixir_d2.provenance import provenance  # noqa: E402
 
 import models_speed as ms  # noqa: E402
 
@@ -186,6 +188,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     ap.add_argument("--json", default=None, help="write the record here")
     args = ap.parse_args(argv)
+    started = time.time()
     torch.set_num_threads(args.threads)
     if args.precisions:
         precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
@@ -195,6 +198,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
         rec = measure(args.device, args.size, args.rounds, args.warmup, args.quick, precisions)
     except ValueError as e:
         ap.exit(2, f"gpu_speed.py: error: {e}\n")
+    rec["provenance"] = provenance(None if argv is None else [__file__, *argv], started=started)
     print(format_table(rec))
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)

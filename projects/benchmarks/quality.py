@@ -24,7 +24,8 @@ the proposals' recall, mean +- sample std over seeds; then each comparison of a 
 baseline: the paired per-seed difference of the mean IoU sensitivity with a 95% t-interval, and
 the first seed's difference with a 95% bootstrap interval over the evaluated split's patients.
 Writes
-quality.json and quality.md. Finished runs are reused (delete a run's folder to redo it).
+quality_<split>.json and quality_<split>.md, with the provenance of the run (docs/evaluation.md,
+"Provenance of results"). Finished runs are reused (delete a run's folder to redo it).
 """
 from __future__ import annotations
 
@@ -121,9 +122,18 @@ def evaluate_model(out_file: str, config_file: str, opts: Sequence[str]) -> None
     model = ElixirTrainer.build_model(cfg)
     DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
     model.eval()
-    metrics = evaluate_with_proposal_recall(cfg, model)
+    write_metrics(out_file, evaluate_with_proposal_recall(cfg, model), cfg.SEED)
+
+
+def write_metrics(out_file: str, metrics: Dict[str, float], seed: int) -> None:
+    """One model's metrics as JSON (NaN as null) with this evaluation's ``provenance``; files
+    written before it was added have none and are read the same."""
+    from elixir_d2.provenance import provenance
+
+    doc = {k: (v if v == v else None) for k, v in metrics.items()}
+    doc["provenance"] = provenance(seeds=[seed])
     with open(out_file, "w") as f:
-        json.dump({k: (v if v == v else None) for k, v in metrics.items()}, f, indent=1)
+        json.dump(doc, f, indent=1)
 
 
 def _genotype(kind: Optional[str], seed: int, base: str, fpn_weights: str,
@@ -164,6 +174,8 @@ def seed_pipeline(data_set: str, seed: int, args) -> Dict[str, Dict]:
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict:
     from quality_report import across_sets_table, comparisons, summary_table
+
+    from elixir_d2.provenance import provenance, provenance_line
 
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -210,6 +222,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
                   "", across_sets_table({s: v["comparisons"] for s, v in summary["sets"].items()}),
                   ""]
     lines.append(f"elapsed {time.time() - t0:.0f} s")
+    summary["provenance"] = provenance(None if argv is None else [__file__, *argv],
+                                       seeds=args.seeds, started=t0)
+    lines.append(provenance_line(summary["provenance"]))
     os.makedirs(args.output, exist_ok=True)
     with open(os.path.join(args.output, f"quality_{args.split}.json"), "w") as f:
         json.dump(summary, f, indent=1)

@@ -1,8 +1,10 @@
 #!/usr/bin/env python
 """Train and evaluate many variants of a config in parallel (one process each), one table.
 
-    python projects/benchmarks/regime_sweep.py projects/benchmarks/sweeps/anchors.json \
-        --iters 400 --jobs 14 --output output/sweep [MODEL.DEVICE cuda]
+    python projects/benchmarks/regime_sweep.py --iters 400 --jobs 14 --output output/sweep \
+        projects/benchmarks/sweeps/2_anchors_norm_iterations.json [MODEL.DEVICE cuda]
+
+Options go before the variants file: everything after it is taken as KEY VALUE overrides.
 
 The JSON maps option-group names to KEY VALUE lists ("groups") and variant names to
 [config, [group names or KEY, VALUE, ...], iterations (optional)] ("variants"). Each variant is
@@ -10,9 +12,11 @@ trained with train_net.py on ``<--set>_train`` (no evaluation) and evaluated wit
 --evaluate (FROC + proposal recall) on ``<--set>_<--split>``, the validation split unless
 ``--split test`` is given (choices are made on val); the table lists sensitivity (IoU) at
 0.5/1/2/4/8 FPs, their mean over 0.5/1/2/4, IoBB at 4 FPs, AP50, recall of the top 50/100/300
-proposals and the training time. With ``--baseline NAME``, variants named ``<choice>_s<seed>``
-are read as seeds of one choice, and each choice is compared with the baseline seed by seed: the
-paired difference of the mean IoU sensitivity, its 95% t-interval and on how many seeds it is ahead.
+proposals and the training time. ``<output>/sweep.json`` holds each variant's metrics and the
+sweep's ``provenance`` (docs/evaluation.md, "Provenance of results"). With ``--baseline NAME``,
+variants named ``<choice>_s<seed>`` are read as seeds of one choice, and each choice is compared
+with the baseline seed by seed: the paired difference of the mean IoU sensitivity, its 95%
+t-interval and on how many seeds it is ahead.
 Made for a machine with many cores (and a GPU: pass MODEL.DEVICE cuda); one seed per variant.
 """
 from __future__ import annotations
@@ -25,7 +29,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Dict, List
+from typing import Dict, List, Optional, Sequence
 
 from quality import SPLITS, dataset_opts
 
@@ -118,7 +122,10 @@ def paired_table(results: Dict[str, Dict], baseline: str) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    from elixir_d2.provenance import provenance
+
+    started = time.time()
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("variants", help="JSON file with 'groups' and 'variants'")
@@ -131,16 +138,23 @@ def main() -> None:
     ap.add_argument("--baseline", metavar="CHOICE",
                     help="compare every <choice>_s<seed> with <CHOICE>_s<seed>, seed by seed")
     ap.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides for every variant")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     args.output = os.path.abspath(args.output)
     with open(args.variants) as f:
         spec = json.load(f)
     groups, variants = spec.get("groups", {}), spec["variants"]
+    if "provenance" in variants:
+        ap.error("a variant may not be named 'provenance' (sweep.json's key for the provenance)")
+    if args.baseline and not any(re.fullmatch(rf"{re.escape(args.baseline)}_s\d+", v)
+                                 for v in variants):
+        ap.error(f"--baseline {args.baseline}: no variant named {args.baseline}_s<seed> in "
+                 f"{args.variants}")
     with ThreadPoolExecutor(args.jobs) as pool:
         results = dict(zip(variants,
                            pool.map(lambda v: run_variant(v, variants[v], groups, args), variants)))
+    prov = provenance(None if argv is None else [__file__, *argv], started=started)
     with open(os.path.join(args.output, "sweep.json"), "w") as f:
-        json.dump(results, f, indent=1)
+        json.dump({"provenance": prov, **results}, f, indent=1)
     print(f"{args.set}_{args.split}, {args.iters} iterations unless a variant says otherwise\n")
     print("| variant | " + " | ".join(COLUMNS) + " |")
     print("|:--|" + "--:|" * len(COLUMNS))

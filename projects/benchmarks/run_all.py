@@ -14,7 +14,8 @@ Details (random weights, FrozenBN calibration, TRPN keeping every location, FRCN
 rounds): models_speed.py. Then the per-stage breakdown, the targets (ElixirNet w FPN: <= 0.70x FPN's
 parameters and <= 1.0x its inference time; Deformv2: about FPN's parameters, the paper +0.8M), the
 CT data loader's records/s (data_loader.py) and the FROC evaluation time (froc_speed.py). Results
-also go to <output>/bench.md and bench.json.
+also go to <output>/bench.md and bench.json, with the run's provenance (docs/evaluation.md,
+"Provenance of results").
 """
 import os
 
@@ -30,6 +31,8 @@ import time  # noqa: E402
 from typing import Dict, List, Optional, Sequence  # noqa: E402
 
 import torch  # noqa: E402
+
+from elixir_d2.provenance import provenance, provenance_line  # noqa: E402
 
 import data_loader  # noqa: E402
 import froc_speed  # noqa: E402
@@ -94,7 +97,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
     train_rounds = args.train_rounds if args.train_rounds is not None else (1 if args.quick else 2)
     torch.set_num_threads(args.threads)
-    t_start = time.perf_counter()
+    t_start, started = time.perf_counter(), time.time()
 
     specs = ms.select(args.models)
     cpu = ms.measure(args.quick, "cpu", args.size, rounds, warmup, train_rounds, specs=specs,
@@ -143,13 +146,15 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
         "",
         f"Total benchmark time: {time.perf_counter() - t_start:.0f} s",
     ]
+    prov = provenance(None if argv is None else [__file__, *argv], started=started)
+    lines += ["", provenance_line(prov)]
     text = "\n".join(lines)
     print("\n" + text)
     os.makedirs(args.output, exist_ok=True)
     with open(os.path.join(args.output, "bench.md"), "w") as f:
         f.write(text + "\n")
     out = {"cpu": cpu, "gpu": gpu, "loader_records_per_s": loader_rps, "froc_s": froc,
-           "threads": args.threads, "rounds": rounds, "quick": args.quick}
+           "threads": args.threads, "rounds": rounds, "quick": args.quick, "provenance": prov}
     with open(os.path.join(args.output, "bench.json"), "w") as f:
         json.dump(out, f, indent=1)
     return out

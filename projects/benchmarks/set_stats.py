@@ -12,6 +12,8 @@ it, lesions flagged Possibly_noisy left out): median |contrast| and the share of
 lesions; lesion-like spots per key slice outside every box (extrema of a difference of
 Gaussians at lesion scales passing SIFT's edge test, the same detector on every set); and the
 lesion-like distractors the generator recorded (``mimics`` of synthetic_info.json), if it did.
+``--json`` writes the numbers with the run's ``provenance`` (docs/evaluation.md, "Provenance of
+results").
 """
 from __future__ import annotations
 
@@ -158,11 +160,16 @@ def main(argv: Sequence[str] | None = None) -> Dict[str, Dict[str, Dict]]:
     parser.add_argument("--splits", nargs="+", default=list(SPLITS), choices=list(SPLITS))
     parser.add_argument("--json", help="also write the numbers here")
     args = parser.parse_args(argv)
+    if args.json and "provenance" in args.sets:
+        parser.error("a set named 'provenance' would clash with the --json file's provenance key")
     results = {name: set_stats(resolve(name), args.splits) for name in args.sets}
     print(table(results))
     if args.json:
+        from elixir_d2.provenance import provenance
+
+        prov = provenance(None if argv is None else [__file__, *argv])
         with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+            json.dump({"provenance": prov, **results}, f, indent=1)
     return results
 
 

@@ -216,8 +216,11 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 class Recipe:
     """Runs steps (steps.Train / steps.Search) into ``<output>/<step name>`` and reads results."""
 
-    def __init__(self, args: argparse.Namespace, source: DataSource):
+    def __init__(self, args: argparse.Namespace, source: DataSource,
+                 command: Optional[Sequence[str]] = None):
+        """``command``: the recipe's command line for the provenance (default sys.argv)."""
         self.args = args
+        self.command = None if command is None else list(command)
         self.quick = bool(args.quick)
         self.source = source
         self.output = os.path.abspath(
@@ -304,7 +307,8 @@ class Recipe:
 
     def _finish(self, name: str, info: dict, t0: float, signature: str) -> None:
         info.update({"wall_s": round(time.time() - t0, 1), "num_gpus": self.num_gpus,
-                     "quick": self.quick, "finished_at": time.time(), "signature": signature})
+                     "quick": self.quick, "finished_at": time.time(), "signature": signature,
+                     "provenance": self.provenance(started=t0)})
         with PathManager.open(os.path.join(self.step_dir(name), STEP_DONE), "w") as f:
             json.dump(info, f, indent=1)
         self.ran[name] = info
@@ -356,6 +360,12 @@ class Recipe:
         return _schedule_opts(iters) if iters else []
 
     # ---------------------------------------------------------------- reporting
+    def provenance(self, started: Optional[float] = None) -> dict:
+        """This run's provenance block (elixir_d2.provenance): commit, command, machine."""
+        from elixir_d2.provenance import provenance
+
+        return provenance(self.command, started=started)
+
     def header(self, title: str, splits: Sequence[str]) -> str:
         """What was run: data, sizes, mode; every number below comes from these runs."""
         data = ", ".join(f"{s} {self.source.num_images(s)} images" for s in splits)
@@ -395,13 +405,21 @@ class Recipe:
         return "\n".join(parts + [self.runs_note(step_names)])
 
     def write_json(self, filename: str, obj) -> str:
-        """``obj`` as indented JSON in the output folder; returns the path."""
+        """``obj`` as indented JSON in the output folder, a dict with this run's ``provenance``
+        added; returns the path."""
+        if isinstance(obj, dict):
+            obj = {**obj, "provenance": self.provenance()}
         path = os.path.join(self.output, filename)
         with PathManager.open(path, "w") as f:
             json.dump(obj, f, indent=1)
         return path
 
     def write(self, filename: str, text: str) -> str:
+        """``text`` and this run's provenance line in the output folder; printed; returns the
+        path."""
+        from elixir_d2.provenance import provenance_line
+
+        text += "\n\n" + provenance_line(self.provenance())
         path = os.path.join(self.output, filename)
         with PathManager.open(path, "w") as f:
             f.write(text + "\n")
@@ -424,6 +442,8 @@ def recipe_main(doc: str, kind: str, step_list: Sequence, render,
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
     source = prepare_data(kind, args.root, args.quick)
-    recipe = Recipe(args, source)
+    # in process (argv given): the file of the recipe whose render this is, as the command's head
+    recipe = Recipe(args, source, None if argv is None
+                    else [sys.modules[render.__module__].__file__, *argv])
     recipe.run(step_list)
     return render(recipe)

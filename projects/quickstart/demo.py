@@ -38,6 +38,7 @@ from elixir_d2.data.body_crop import to_slice_pixels
 from elixir_d2.data.ct_mapper import CTDatasetMapper
 from elixir_d2.evaluation import PAPER_FPS, format_froc_table
 from elixir_d2.modeling.genotype_source import resolve_genotype_config
+from elixir_d2.provenance import provenance
 from elixir_d2.search import ALBSearcher
 from elixir_d2.trainer import ElixirTrainer, evaluate_with_proposal_recall
 
@@ -163,6 +164,16 @@ def draw_figure(path: str, rows: Dict[str, Dict], cfg, models: Dict[str, torch.n
     plt.close(fig)
 
 
+def write_results(path: str, rows: Dict[str, Dict], params: Dict[str, int],
+                  times: Dict[str, float], genotype: str, precision: str, prov: Dict) -> None:
+    """demo_results.json: each model's metrics (NaN as null), parameters, stage seconds, the
+    searched genotype, the training precision and the run's provenance."""
+    clean = {k: {m: (v if v == v else None) for m, v in r.items()} for k, r in rows.items()}
+    with PathManager.open(path, "w") as f:
+        json.dump({"rows": clean, "params": params, "seconds": times, "genotype": genotype,
+                   "precision": precision, "provenance": prov}, f, indent=2)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -237,10 +248,9 @@ def main(argv=None) -> None:
 
     params = {"FPN, untrained": num_params(untrained), "FPN": num_params(fpn),
               "ElixirNet": num_params(elixir)}
-    with PathManager.open(os.path.join(out, "demo_results.json"), "w") as f:
-        clean = {k: {m: (v if v == v else None) for m, v in r.items()} for k, r in rows.items()}
-        json.dump({"rows": clean, "params": params, "seconds": times, "genotype": genotype,
-                   "precision": precision}, f, indent=2)
+    write_results(os.path.join(out, "demo_results.json"), rows, params, times, genotype,
+                  precision, provenance(None if argv is None else [__file__, *argv],
+                                        seeds=[args.seed], started=t0))
     iters = fpn_cfg.SOLVER.MAX_ITER
     print(f"\n[demo] synthetic test split ({fpn_cfg.DATASETS.TEST[0]}): FPN and ElixirNet, {iters} "
           f"iterations each from scratch, seed {args.seed}, trained in {precision}; "
