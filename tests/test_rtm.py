@@ -278,6 +278,37 @@ def test_rtm_detections_carry_the_mode_they_were_produced_in():
         assert not torch.allclose(t.scores, t.pred_binary_scores)
 
 
+def test_trainer_test_runs_each_split_in_its_mode_and_restores_it(monkeypatch):
+    """ElixirTrainer.test: typed output on a typed split, binary on an untyped one, each chosen
+    through rtm_output_mode; the model is back in its mode after the run and after a failed one."""
+    from detectron2.data import MetadataCatalog
+    from detectron2.engine import DefaultTrainer
+
+    MetadataCatalog.get("rtm_mode_untyped").set(thing_classes=["lesion"])
+    MetadataCatalog.get("rtm_mode_typed").set(thing_classes=[f"t{i}" for i in range(8)])
+    model = build_model(_cfg(RTM_QS, *SMALL))
+    seen = []
+
+    def fake_test(cfg, model, evaluators=None):
+        seen.append((cfg.DATASETS.TEST[0], model.roi_heads.rtm_output))
+        if cfg.DATASETS.TEST[0] == "rtm_mode_fail":
+            raise RuntimeError("evaluation failed")
+        return {"lesion": {}}
+
+    monkeypatch.setattr(DefaultTrainer, "test", staticmethod(fake_test))
+    cfg = _cfg(RTM_QS, "DATASETS.TEST", "('rtm_mode_untyped', 'rtm_mode_typed')")
+    results = ElixirTrainer._test_rtm_per_split(cfg, model)
+    assert seen == [("rtm_mode_untyped", "binary"), ("rtm_mode_typed", "typed")]
+    assert list(results) == ["rtm_mode_untyped", "rtm_mode_typed"]
+    assert model.roi_heads.rtm_output == "binary"
+    MetadataCatalog.get("rtm_mode_fail").set(thing_classes=[f"t{i}" for i in range(8)])
+    cfg = _cfg(RTM_QS, "DATASETS.TEST", "('rtm_mode_untyped', 'rtm_mode_fail')")
+    with pytest.raises(RuntimeError, match="evaluation failed"):
+        ElixirTrainer._test_rtm_per_split(cfg, model)
+    assert seen[-2:] == [("rtm_mode_untyped", "binary"), ("rtm_mode_fail", "typed")]
+    assert model.roi_heads.rtm_output == "binary"
+
+
 def test_config_errors():
     with pytest.raises(ValueError, match="NUM_TYPES"):
         build_model(_cfg(RTM_QS, "MODEL.ROI_HEADS.NUM_CLASSES", "1"))
