@@ -37,6 +37,7 @@ from detectron2.utils import comm
 from .amp import autocast_dtype, build_step_trainer
 from .checkpoint import AtomicCheckpointer
 from .data import CTDatasetMapper
+from .modeling.roi_heads import rtm_heads, rtm_output_mode
 from .solver import PerParameterNormClippedSGD
 
 __all__ = ["ElixirTrainer", "build_lesion_evaluator", "build_optimizer", "create_ddp_model",
@@ -138,22 +139,18 @@ class ElixirTrainer(DefaultTrainer):
     def _test_rtm_per_split(cls, cfg, model, evaluators=None):
         """DefaultTrainer.test; an RTM model is run per dataset with typed output on typed splits
         and binary output (one box per proposal, lesion probability) on untyped ones."""
-        roi_heads = getattr(getattr(model, "module", model), "roi_heads", None)
-        if getattr(roi_heads, "rtm", None) is None:
+        if not rtm_heads(model):
             return super().test(cfg, model, evaluators)
         if isinstance(evaluators, DatasetEvaluator):
             evaluators = [evaluators]
-        results, before = OrderedDict(), roi_heads.rtm_output
-        try:
-            for idx, name in enumerate(cfg.DATASETS.TEST):
-                sub = cfg.clone()
-                sub.defrost()
-                sub.DATASETS.TEST = (name,)
-                typed = len(MetadataCatalog.get(name).get("thing_classes", None) or ()) > 1
-                roi_heads.rtm_output = "typed" if typed else "binary"
+        results = OrderedDict()
+        for idx, name in enumerate(cfg.DATASETS.TEST):
+            sub = cfg.clone()
+            sub.defrost()
+            sub.DATASETS.TEST = (name,)
+            typed = len(MetadataCatalog.get(name).get("thing_classes", None) or ()) > 1
+            with rtm_output_mode(model, "typed" if typed else "binary"):
                 results[name] = super().test(sub, model, [evaluators[idx]] if evaluators else None)
-        finally:
-            roi_heads.rtm_output = before
         return results[cfg.DATASETS.TEST[0]] if len(results) == 1 else results
 
     @classmethod

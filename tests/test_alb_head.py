@@ -17,6 +17,7 @@ from elixir_d2.modeling.alb.genotype import load_genotype
 from elixir_d2.modeling.alb.ops import RegionNonLocal
 from elixir_d2.modeling.alb.spaces import ELIXIR_OPS
 from elixir_d2.modeling.box_head import ALBHead, ALBSearchHead, ALBStem
+from elixir_d2.modeling.hooks import capture_outputs
 from elixir_d2.modeling.roi_heads import ElixirROIHeads
 
 torch.set_num_threads(1)
@@ -198,10 +199,12 @@ def test_alb_head_relations_are_per_image_and_never_mix():
     head = ALBHead(ShapeSpec(channels=16, height=7, width=7), genotype=load_genotype(DEFAULT),
                    channels=4, stem_channels=16, norm="GN")  # GN: per-RoI statistics only
     a, b = torch.randn(3, 16, 7, 7), torch.randn(5, 16, 7, 7)
-    y, rel = head(torch.cat([a, b]), [3, 5])
-    assert [tuple(e.shape) for e in rel] == [(3, 3), (5, 5)]
     first = [m for m in head.blocks[0].modules() if isinstance(m, RegionNonLocal)][0]
-    assert all(e is f for e, f in zip(rel, first.last_relations))  # E of the ALB's region_nonlocal
+    assert head.relation_op() is first
+    with capture_outputs(first.graph) as graphs:
+        y, rel = head(torch.cat([a, b]), [3, 5])
+    assert [tuple(e.shape) for e in rel] == [(3, 3), (5, 5)]
+    assert all(e is f for e, f in zip(rel, graphs[0]))  # E of the ALB's region_nonlocal
     perm = torch.tensor([4, 2, 0, 3, 1])
     y2, _ = head(torch.cat([a, 2.0 * b[perm] - 1.0]), [3, 5])
     torch.testing.assert_close(y2[:3], y[:3])

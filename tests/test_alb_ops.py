@@ -14,6 +14,7 @@ from elixir_d2.modeling.alb.cells import GenotypeBlock, MixedOp, SearchBlock
 from elixir_d2.modeling.alb.genotype import count_structures, edge_inputs, num_edges
 from elixir_d2.modeling.alb.ops import FactorizedReduce, RegionNonLocal, build_op, make_norm
 from elixir_d2.modeling.alb.spaces import DARTS_OPS, ELIXIR_OPS, get_search_space
+from elixir_d2.modeling.hooks import capture_outputs
 
 torch.set_num_threads(1)
 
@@ -135,14 +136,16 @@ def test_region_nonlocal_matches_formula_and_keeps_relations():
     torch.manual_seed(0)
     op = RegionNonLocal(8, 6, stride=2)
     x = torch.randn(7, 8, 7, 7)
-    y = op(x, [3, 4])
+    with capture_outputs(op.graph) as graphs:
+        y = op(x, [3, 4])
+    (relations,) = graphs
     ref = _nonlocal_reference(op, x, [3, 4])
     assert y.shape == (7, 6, 4, 4)
     # Broadcast over the output resolution: every pixel holds g(Y) of its RoI.
     torch.testing.assert_close(y, ref[:, :, None, None].expand(7, 6, 4, 4))
     # One N_i x N_i row-stochastic matrix per image: O(N_i^2) memory, never N x N.
-    assert [tuple(e.shape) for e in op.last_relations] == [(3, 3), (4, 4)]
-    for e in op.last_relations:
+    assert [tuple(e.shape) for e in relations] == [(3, 3), (4, 4)]
+    for e in relations:
         torch.testing.assert_close(e.sum(dim=1), torch.ones(len(e)))
 
 
@@ -169,8 +172,35 @@ def test_region_nonlocal_counts_checked():
         op(x, None)
     with pytest.raises(ValueError, match="sum to the 5"):
         op(x, [2, 2])
-    y = op(x, [0, 5])  # an image without proposals is fine
-    assert y.shape == (5, 4, 3, 3) and [e.shape[0] for e in op.last_relations] == [0, 5]
+    with capture_outputs(op.graph) as graphs:
+        y = op(x, [0, 5])  # an image without proposals is fine
+    assert y.shape == (5, 4, 3, 3) and [e.shape[0] for e in graphs[0]] == [0, 5]
+
+
+def test_region_nonlocal_relations_are_the_softmax_affinity_by_hand():
+    """A tiny input whose E is computed by hand: phi = identity FC (+ ReLU) of the RoI means,
+    E_ij = exp(phi_i . phi_j) / sum_k exp(phi_i . phi_k). The graph's output, read by the hook,
+    is that E, in the autograd graph (RTM trains through it); the op keeps nothing."""
+    op = RegionNonLocal(2, 4, stride=1)  # hidden = 2
+    with torch.no_grad():
+        op.phi.weight.copy_(torch.eye(2))
+        op.phi.bias.zero_()
+    # Constant maps: the spatial mean of each RoI is its value. RoI 2 has a negative entry
+    # (zeroed by the ReLU); image 2 has one RoI only.
+    means = torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.0, -3.0], [0.5, 0.5]])
+    x = means[:, :, None, None].expand(4, 2, 3, 3).clone()
+    with capture_outputs(op.graph) as graphs:
+        op(x, [3, 1])
+    ((e1, e2),) = graphs
+    phi = [[1.0, 0.0], [0.0, 2.0], [1.0, 0.0]]
+    dots = [[sum(a * b for a, b in zip(pi, pj)) for pj in phi] for pi in phi]  # 1 0 1; 0 4 0; ...
+    by_hand = [[math.exp(d) / sum(math.exp(v) for v in row) for d in row] for row in dots]
+    torch.testing.assert_close(e1, torch.tensor(by_hand), rtol=0, atol=1e-6)
+    assert e1[0].tolist() == pytest.approx([math.e / (2 * math.e + 1), 1 / (2 * math.e + 1),
+                                            math.e / (2 * math.e + 1)])
+    torch.testing.assert_close(e2, torch.ones(1, 1))
+    assert e1.requires_grad and e1.grad_fn is not None
+    assert not [k for k in vars(op) if k.startswith("last_")]
 
 
 def test_mixed_op_is_softmax_weighted_sum():

@@ -19,6 +19,7 @@ from detectron2.modeling.roi_heads.fast_rcnn import FastRCNNOutputLayers
 
 from elixir_d2.modeling.alb.cells import MixedOp
 from elixir_d2.modeling.alb.ops import RegionNonLocal, region_relations
+from elixir_d2.modeling.hooks import capture_outputs
 from elixir_d2.modeling.rtm import RelationTransferModule
 
 torch.set_num_threads(1)
@@ -96,7 +97,7 @@ def test_region_nonlocal_op_under_autocast(device, dtype):
         op.phi.weight.uniform_(0.0, 0.2)
     # RoI features of magnitude ~60, in the autocast dtype as a conv before the op gives them.
     x = (60 + 0.5 * torch.randn(sum(COUNTS), 16, 7, 7)).to(device=device, dtype=dtype)
-    with torch.autocast(device_type=device, dtype=dtype):
+    with torch.autocast(device_type=device, dtype=dtype), capture_outputs(op.graph) as graphs:
         y = op(x, COUNTS)
     assert y.dtype == dtype and y.shape == (10, 16, 4, 4) and torch.isfinite(y).all()
     # Independent float64 reference of equation 2, from the module's weights.
@@ -106,7 +107,7 @@ def test_region_nonlocal_op_under_autocast(device, dtype):
     psi = F.relu(pooled @ w["psi.weight"].t() + w["psi.bias"])
     assert (phi @ phi.t()).max() > 65504  # the logits do overflow float16
     rows = []
-    for e, ref_phi, ref_psi in zip(op.last_relations, phi.split(COUNTS), psi.split(COUNTS)):
+    for e, ref_phi, ref_psi in zip(graphs[0], phi.split(COUNTS), psi.split(COUNTS)):
         _assert_stochastic_rows(e)
         ref_e = torch.softmax(ref_phi @ ref_phi.t(), dim=1)
         torch.testing.assert_close(e.double().cpu(), ref_e, atol=1e-2, rtol=0)

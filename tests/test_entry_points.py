@@ -59,10 +59,3 @@ def test_run_cli_keeps_tracebacks_of_bugs_and_exit_codes(capsys):
     with pytest.raises(SystemExit) as e:
         run_cli(lambda: 3)
     assert e.value.code == 3
-
-
-def test_predictor_del_after_failed_construction():
-    from elixir_d2.inference.predictor import CTPredictor
-
-    p = CTPredictor.__new__(CTPredictor)  # as left by an __init__ that raised before _hook was set
-    p.__del__()  # raised AttributeError: 'CTPredictor' object has no attribute '_hook'

@@ -12,6 +12,7 @@ from detectron2.structures import Boxes, BoxMode, Instances
 
 from elixir_d2 import load_config
 from elixir_d2.evaluation import LesionEvaluator, compute_froc
+from elixir_d2.modeling.roi_heads import rtm_output_mode
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RTM_QS = os.path.join(REPO, "configs", "quickstart", "elixirnet_rtm_finetune.yaml")
@@ -68,17 +69,17 @@ def test_rtm_on_untyped_split_scores_by_binary_probability_one_box_per_proposal(
     binary, typed, proposals = _hand_built_predictions(types)
     name = _register([{"image_id": 1, "height": 64, "width": 64, "annotations": [_ann(LESION)]}])
 
-    rtm_heads.rtm_output = "typed"
-    split = rtm_heads._rtm_inference(binary, typed, proposals)[0]
+    with rtm_output_mode(rtm_heads, "typed"):
+        split = rtm_heads._rtm_inference(binary, typed, proposals)[0]
     # Per-type output: the lesion's proposal yields one box per type, ranked below both FPs.
     assert (split.pred_boxes.tensor == torch.tensor(LESION)).all(dim=1).sum() == types
     split_froc = compute_froc([split.pred_boxes.tensor.numpy()], [split.scores.numpy()],
                               [torch.tensor([LESION]).numpy()], fps=(1.0,))
     assert split_froc["sensitivity"][1.0] == 0.0  # hit comes after the 2nd FP
-    with pytest.raises(ValueError, match="untyped.*rtm_output = 'binary'"):
+    with pytest.raises(ValueError, match="untyped.*rtm_output_mode\\(model, 'binary'\\)"):
         _evaluate(name, {1: split}, fps=(1.0,))
 
-    rtm_heads.rtm_output = "binary"
+    assert rtm_heads.rtm_output == "binary"  # the default, back after the block
     one = rtm_heads._rtm_inference(binary, typed, proposals)[0]
     assert len(one) == 3
     assert torch.allclose(one.scores, torch.tensor([0.9, 0.3, 0.2]))
@@ -86,6 +87,26 @@ def test_rtm_on_untyped_split_scores_by_binary_probability_one_box_per_proposal(
     assert torch.equal(one.pred_boxes.tensor[0], torch.tensor(LESION))
     m = _evaluate(name, {1: one}, fps=(0.5, 1.0))
     assert m["sens@0.5_iou"] == 100.0 and m["sens@1_iou"] == 100.0  # hit ranked first
+
+
+def test_evaluator_reads_the_rtm_mode_field_not_the_scores():
+    """The refusal follows each detection's rtm_typed field: typed output whose scores happen to
+    equal the binary probabilities is still refused, and binary output is accepted whatever its
+    pred_binary_scores hold."""
+    name = _register([{"image_id": 1, "height": 64, "width": 64, "annotations": [_ann(LESION)]}])
+    typed = _det([LESION], [0.9])
+    typed.pred_binary_scores = typed.scores.clone()
+    typed.rtm_typed = torch.ones(1, dtype=torch.bool)
+    with pytest.raises(ValueError, match="per-type detections"):
+        _evaluate(name, {1: typed}, fps=(1.0,))
+    binary = _det([LESION], [0.9])
+    binary.pred_binary_scores = torch.tensor([0.5])
+    binary.rtm_typed = torch.zeros(1, dtype=torch.bool)
+    assert _evaluate(name, {1: binary}, fps=(1.0,))["sens@1_iou"] == 100.0
+    # On a typed split, typed output is what is wanted.
+    typed_split = _register([{"image_id": 1, "height": 64, "width": 64,
+                              "annotations": [_ann(LESION)]}], classes=("a", "b"))
+    assert _evaluate(typed_split, {1: typed}, fps=(1.0,))["sens@1_iou"] == 100.0
 
 
 # ----------------------------------------------------------------------------- Possibly_noisy

@@ -278,7 +278,12 @@ def test_draw_relations_needs_an_alb_head(tmp_path, fpn_weights, capsys):
                            "--input", vol, "--output", str(tmp_path / "out"), "--draw-relations",
                            "--no-progress"])
     assert rc == 2
-    assert "--draw-relations needs a box head with region_nonlocal" in capsys.readouterr().err
+    assert ("--draw-relations: the model has no box head with region_nonlocal relations"
+            in capsys.readouterr().err)
+
+
+def _hooks(model):
+    return sum(len(m._forward_hooks) for m in model.modules())
 
 
 def test_relations_and_confidence_of_elixirnet(tmp_path):
@@ -290,8 +295,9 @@ def test_relations_and_confidence_of_elixirnet(tmp_path):
     vol = write_nifti(tmp_path / "v.nii.gz", phantom(slices=3, size=64), spacing=(1.0, 1.0, 5.0))
     predictor = CTPredictor(cfg, model, batch_size=2, capture_relations=True,
                             capture_confidence=True)
+    assert _hooks(model) == 0  # captures are hooked around each batch's forward only
     pred = predictor.predict_volume(read_case(discover_cases(vol)[0][0]))
-    assert len(pred.slices) == 3
+    assert len(pred.slices) == 3 and _hooks(model) == 0
     for sp in pred.slices:
         n = len(sp.proposals)
         assert 0 < n <= 30 and sp.relations.shape == (n, n)

@@ -23,7 +23,7 @@ from elixir_d2.checkpoint import AtomicCheckpointer
 from elixir_d2.evaluation import format_type_table
 from elixir_d2.modeling.alb.ops import RegionNonLocal
 from elixir_d2.modeling.freeze import freeze_modules
-from elixir_d2.modeling.roi_heads import ElixirROIHeads, _binary_targets
+from elixir_d2.modeling.roi_heads import ElixirROIHeads, _binary_targets, rtm_output_mode
 from elixir_d2.modeling.rtm import RelationTransferModule, semantic_embeddings
 from elixir_d2.trainer import ElixirTrainer
 
@@ -176,7 +176,7 @@ def test_rtm_inference_outputs_and_binary_scores():
     rtm, binary = _rtm(p=6, e=4, types=3)
     heads = ElixirROIHeads.__new__(ElixirROIHeads)  # the inference step alone, no full model
     torch.nn.Module.__init__(heads)
-    heads.rtm, heads.box_predictor, heads.rtm_output = rtm, binary, "typed"
+    heads.rtm, heads.box_predictor = rtm, binary
     rtm.predictor.test_score_thresh, rtm.predictor.test_topk_per_image = 0.5, 10
     props = [Instances((50, 50), proposal_boxes=Boxes(torch.tensor(
         [[0.0, 0.0, 10.0, 10.0], [20.0, 20.0, 30.0, 30.0], [5.0, 30.0, 15.0, 40.0]])))]
@@ -184,8 +184,10 @@ def test_rtm_inference_outputs_and_binary_scores():
                                  [0.0, 0.0, 9.0, 0.0],  # type 2
                                  [8.0, 0.0, 0.0, 0.0]])  # type 0
     binary_scores = torch.tensor([[0.0, 0.0], [2.0, 0.0], [-1.0, 0.0]])
-    (inst,) = heads._rtm_inference((binary_scores, torch.zeros(3, 4)),
-                                   (typed_scores, torch.zeros(3, 12)), props)
+    with rtm_output_mode(heads, "typed"):
+        (inst,) = heads._rtm_inference((binary_scores, torch.zeros(3, 4)),
+                                       (typed_scores, torch.zeros(3, 12)), props)
+    assert inst.rtm_typed.dtype == torch.bool and inst.rtm_typed.tolist() == [True, True]
     order = inst.pred_classes.tolist()
     assert sorted(order) == [0, 2] and inst.pred_types.tolist() == order
     expected = {2: 1 / (1 + math.exp(-2.0)), 0: 1 / (1 + math.exp(1.0))}  # softmax over 2 = sigmoid
@@ -226,6 +228,85 @@ def test_rtm_binary_output_equals_the_binary_model_with_the_same_weights(binary_
         assert torch.equal(g.pred_binary_scores, g.scores)
         assert g.pred_types.shape == g.pred_classes.shape == (len(g),)
         assert 0 <= int(g.pred_types.min()) and int(g.pred_types.max()) < 8
+
+
+def test_rtm_output_mode_is_scoped_and_restored_even_after_an_exception():
+    torch.manual_seed(0)
+    model = build_model(_cfg(RTM_QS, *SMALL)).eval()
+    heads = model.roi_heads
+    assert heads.rtm_output == "binary"  # the default
+    with pytest.raises(AttributeError):
+        heads.rtm_output = "typed"  # read-only: only rtm_output_mode switches it
+    with rtm_output_mode(model, "typed"):
+        assert heads.rtm_output == "typed"
+        with rtm_output_mode(model, "binary"):  # nested blocks restore their own entry mode
+            assert heads.rtm_output == "binary"
+        assert heads.rtm_output == "typed"
+    assert heads.rtm_output == "binary"
+    with pytest.raises(RuntimeError, match="inside the block"):
+        with rtm_output_mode(model, "typed"):
+            raise RuntimeError("inside the block")
+    assert heads.rtm_output == "binary"
+    with pytest.raises(ValueError, match="one of \\('binary', 'typed'\\)"):
+        with rtm_output_mode(model, "per_type"):
+            pass
+    assert heads.rtm_output == "binary"
+    plain = build_model(_cfg("configs/quickstart/elixirnet.yaml", *SMALL))
+    with pytest.raises(ValueError, match="no ROI heads with RTM"):
+        with rtm_output_mode(plain, "typed"):
+            pass
+
+
+def test_rtm_detections_carry_the_mode_they_were_produced_in():
+    # The same model and images in both modes: binary output scores by the lesion probability
+    # (scores == pred_binary_scores, one box per proposal), typed output by the per-type softmax
+    # with pred_classes = the type index; each detection's rtm_typed says which.
+    torch.manual_seed(0)
+    model = build_model(_cfg(RTM_QS, *SMALL, "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0")).eval()
+    ims = _images()
+    with torch.no_grad():
+        binary = [o["instances"] for o in model(ims)]
+        with rtm_output_mode(model, "typed"):
+            typed = [o["instances"] for o in model(ims)]
+    for b, t in zip(binary, typed):
+        assert len(b) > 0 and len(t) > 0
+        assert not b.rtm_typed.any() and t.rtm_typed.all()
+        assert torch.equal(b.scores, b.pred_binary_scores)
+        assert torch.equal(t.pred_classes, t.pred_types)
+        assert int(t.pred_classes.max()) < model.roi_heads.rtm.predictor.num_classes
+        # Per-type probabilities are not the binary lesion probabilities of their proposals.
+        assert not torch.allclose(t.scores, t.pred_binary_scores)
+
+
+def test_trainer_test_runs_each_split_in_its_mode_and_restores_it(monkeypatch):
+    """ElixirTrainer.test: typed output on a typed split, binary on an untyped one, each chosen
+    through rtm_output_mode; the model is back in its mode after the run and after a failed one."""
+    from detectron2.data import MetadataCatalog
+    from detectron2.engine import DefaultTrainer
+
+    MetadataCatalog.get("rtm_mode_untyped").set(thing_classes=["lesion"])
+    MetadataCatalog.get("rtm_mode_typed").set(thing_classes=[f"t{i}" for i in range(8)])
+    model = build_model(_cfg(RTM_QS, *SMALL))
+    seen = []
+
+    def fake_test(cfg, model, evaluators=None):
+        seen.append((cfg.DATASETS.TEST[0], model.roi_heads.rtm_output))
+        if cfg.DATASETS.TEST[0] == "rtm_mode_fail":
+            raise RuntimeError("evaluation failed")
+        return {"lesion": {}}
+
+    monkeypatch.setattr(DefaultTrainer, "test", staticmethod(fake_test))
+    cfg = _cfg(RTM_QS, "DATASETS.TEST", "('rtm_mode_untyped', 'rtm_mode_typed')")
+    results = ElixirTrainer._test_rtm_per_split(cfg, model)
+    assert seen == [("rtm_mode_untyped", "binary"), ("rtm_mode_typed", "typed")]
+    assert list(results) == ["rtm_mode_untyped", "rtm_mode_typed"]
+    assert model.roi_heads.rtm_output == "binary"
+    MetadataCatalog.get("rtm_mode_fail").set(thing_classes=[f"t{i}" for i in range(8)])
+    cfg = _cfg(RTM_QS, "DATASETS.TEST", "('rtm_mode_untyped', 'rtm_mode_fail')")
+    with pytest.raises(RuntimeError, match="evaluation failed"):
+        ElixirTrainer._test_rtm_per_split(cfg, model)
+    assert seen[-2:] == [("rtm_mode_untyped", "binary"), ("rtm_mode_fail", "typed")]
+    assert model.roi_heads.rtm_output == "binary"
 
 
 def test_config_errors():

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from detectron2.config import get_cfg
@@ -17,6 +18,7 @@ from detectron2.structures import Boxes, ImageList, Instances
 from detectron2.utils.events import EventStorage
 
 from elixir_d2 import add_elixirnet_config, load_config
+from elixir_d2.modeling.capture import capture
 from elixir_d2.modeling.trpn import TRPN
 
 torch.set_num_threads(1)
@@ -214,12 +216,48 @@ def test_mean_threshold_ignores_padding_and_maps_kept_for_drawing():
     p = _constructed_p(2, seed=4)
     p[0][1, 0, 10:] = 0.999  # image 1 is 40 px high: P2 rows >= 10 are padding
     trpn.conf_head = _MapsByShape([torch.logit(x) for x in p])
-    trpn(_images(2, sizes=[(IMG, IMG), (40, IMG)]), _fpn_features(2))
-    assert torch.allclose(trpn.last_eps["p2"][1], p[0][1, 0, :10].mean(), atol=1e-6)
-    assert torch.allclose(trpn.last_eps["p2"][0], p[0][0, 0].mean(), atol=1e-6)
+    with capture(trpn, "trpn_confidence") as records:
+        trpn(_images(2, sizes=[(IMG, IMG), (40, IMG)]), _fpn_features(2))
+    (rec,) = records
+    assert torch.allclose(rec.eps["p2"][1], p[0][1, 0, :10].mean(), atol=1e-6)
+    assert torch.allclose(rec.eps["p2"][0], p[0][0, 0].mean(), atol=1e-6)
     for f, pl in zip(FPN_LEVELS, p):
-        assert torch.allclose(trpn.last_conf_maps[f], pl[:, 0], atol=1e-6)
-        assert trpn.last_keep_masks[f].shape == pl[:, 0].shape
+        assert torch.allclose(rec.conf_maps[f], pl[:, 0], atol=1e-6)
+        assert rec.keep_masks[f].shape == pl[:, 0].shape
+
+
+def test_captured_confidence_equals_a_hook_free_computation():
+    """The captured maps are TRPN's own: sigmoid of conf_head on the features fed, eps the mean
+    over each image's locations (padding excluded), keep = p > eps; one record per forward, and
+    the module keeps nothing once the block is left."""
+    torch.manual_seed(0)
+    trpn = _fpn_trpn(_cfg()).eval()
+    nn.init.normal_(trpn.conf_head.weight, std=0.5)  # p varies over the locations
+    feats = _fpn_features(2, seed=3)
+    sizes = [(IMG, IMG), (40, 52)]
+    with torch.no_grad(), capture(trpn, "trpn_confidence") as records:
+        trpn(_images(2, sizes=sizes), feats)
+        trpn(_images(2, sizes=sizes), _fpn_features(2, seed=4))
+    assert len(records) == 2
+    rec = records[0]
+    assert list(rec.conf_maps) == FPN_LEVELS and rec.strides == dict(zip(FPN_LEVELS, FPN_STRIDES))
+    with torch.no_grad():
+        for f, stride in zip(FPN_LEVELS, FPN_STRIDES):
+            p = torch.sigmoid(F.conv2d(feats[f], trpn.conf_head.weight, trpn.conf_head.bias))[:, 0]
+            torch.testing.assert_close(rec.conf_maps[f], p, rtol=0, atol=1e-6)
+            assert not rec.conf_maps[f].requires_grad
+            for n, (h, w) in enumerate(sizes):
+                rows, cols = math.ceil(h / stride), math.ceil(w / stride)
+                inside = torch.zeros_like(p[n], dtype=torch.bool)
+                inside[:rows, :cols] = True
+                assert torch.equal(rec.valid_masks[f][n], inside)
+                eps = p[n, :rows, :cols].mean()
+                torch.testing.assert_close(rec.eps[f][n], eps, rtol=0, atol=1e-6)
+                ref_keep = _reference_keep(p[n], inside=(rows, cols))
+                assert torch.equal(rec.keep_masks[f][n], ref_keep)
+    # The hook is gone: a forward after the block records nothing.
+    trpn(_images(2, sizes=sizes), feats)
+    assert len(records) == 2 and not trpn.truncation._forward_hooks
 
 
 def test_gradients_reach_the_conf_branch_without_aux_loss():
@@ -280,9 +318,10 @@ def test_c4_single_level_shapes():
     assert set(losses) == {"loss_rpn_cls", "loss_rpn_loc", "loss_trpn_conf"}
     assert all(torch.isfinite(v) for v in losses.values())
     trpn.eval()
-    props, losses = trpn(images, feats)
+    with capture(trpn, "trpn_confidence") as records:
+        props, losses = trpn(images, feats)
     assert losses == {}
-    assert trpn.last_conf_maps["res4"].shape == (2, 6, 5)
+    assert records[0].conf_maps["res4"].shape == (2, 6, 5) and records[0].strides == {"res4": 16}
     for prop, (h, w) in zip(props, images.image_sizes):
         boxes = prop.proposal_boxes.tensor
         assert 0 < len(boxes) <= 20 and boxes.shape[1] == 4

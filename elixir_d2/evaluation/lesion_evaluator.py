@@ -112,7 +112,9 @@ class LesionEvaluator(DatasetEvaluator):
     its curve never reaches 3 FPs per image (Table 4's "-"). The per-size sensitivity at 3 FPs (IoU)
     uses the overall FP axis and counts the lesions of the bucket only: the fraction of the bucket's
     lesions found at the score threshold where the overall FP rate is 3/image. Every FROC is
-    computed with one convention (``TEST.FROC_CONVENTION``; docs/evaluation.md).
+    computed with one convention (``TEST.FROC_CONVENTION``; docs/evaluation.md). On an untyped
+    dataset, detections an RTM model produced in its "typed" output mode (their ``rtm_typed``
+    field, see :func:`elixir_d2.modeling.roi_heads.rtm_output_mode`) are refused.
     """
 
     @configurable
@@ -177,13 +179,12 @@ class LesionEvaluator(DatasetEvaluator):
             if "instances" not in out:
                 raise ValueError(f"output for image {inp['image_id']} has no 'instances'")
             inst = out["instances"].to("cpu")
-            if not self.typed and inst.has("pred_binary_scores") and not bool(
-                    (inst.scores == inst.pred_binary_scores).all()):
+            if not self.typed and inst.has("rtm_typed") and bool(inst.rtm_typed.any()):
                 # Per-type scores split a lesion's probability over near-duplicate boxes.
                 raise ValueError(
                     f"{self._dataset_name} is untyped but image {inp['image_id']} has an RTM "
-                    "model's per-type detections: set model.roi_heads.rtm_output = 'binary' "
-                    "(ElixirTrainer.test does)")
+                    "model's per-type detections: run the model under "
+                    "rtm_output_mode(model, 'binary') (ElixirTrainer.test does)")
             boxes = to_slice_pixels(inst.pred_boxes.tensor.numpy().astype(np.float32), inp)
             scores = inst.scores.numpy().astype(np.float32)
             classes = inst.pred_classes.numpy() if inst.has("pred_classes") else np.zeros(len(inst))

@@ -7,17 +7,18 @@ fallback toward the key slice at the ends of the series (here over the in-memory
 same HU window, spacing normalisation and size cap. Only the random flip of training is absent,
 as in the mapper's evaluation mode.
 
-Optional captures, for drawing:
+Optional captures, for drawing, through :func:`elixir_d2.modeling.capture.capture` around each
+batch's forward (no hook stays on the model between batches):
 
-* ``capture_relations``: the proposals the box head saw (a forward hook on the proposal
-  generator: in inference ROIHeads boxes exactly those proposals, in that order) and the relation
-  graphs E the box head returns (N x N per image; ALBHead with a region_nonlocal edge), through a
-  forward hook on the head;
-* ``capture_confidence``: TRPN's ``last_conf_maps`` / ``last_eps`` per level, cropped to the
+* ``capture_relations``: the proposals the box head saw (in inference ROIHeads boxes exactly
+  those proposals, in that order) and the relation graphs E the box head relates them with
+  (N x N per image; ALBHead with a region_nonlocal edge);
+* ``capture_confidence``: TRPN's confidence maps p and thresholds eps per level, cropped to the
   locations inside the image (ImageList padding removed).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -33,7 +34,7 @@ from detectron2.modeling import build_model
 from ..data.body_crop import crop_frame, to_slice_pixels
 from ..data.ct_mapper import CTDatasetMapper, CVResizeTransform, SliceStack, window_to_uint8_range
 from ..data.deeplesion import LESION_TYPES
-from ..modeling.box_head import RelationBoxHead
+from ..modeling.capture import TRPNConfidence, capture, check_capture
 from .volume_io import CTVolume, check_context
 
 logger = logging.getLogger(__name__)
@@ -145,42 +146,18 @@ class CTPredictor:
         self.class_names = _class_names(cfg)
         self.capture_relations = capture_relations
         self.capture_confidence = capture_confidence
-        self._proposals: Optional[list] = None
-        self._relations: List[torch.Tensor] = []
-        self._hooks: list = []
+        self._captures: List[str] = []
         if capture_relations:
-            head = getattr(getattr(self.model, "roi_heads", None), "box_head", None)
-            if not isinstance(head, RelationBoxHead):
-                raise ValueError(
-                    f"--draw-relations needs a box head with region_nonlocal relations (ALBHead); "
-                    f"MODEL.ROI_BOX_HEAD.NAME is {cfg.MODEL.ROI_BOX_HEAD.NAME!r}"
-                )
-            self._hooks = [
-                self.model.proposal_generator.register_forward_hook(self._keep_proposals),
-                head.register_forward_hook(self._keep_relations),
-            ]
-        if capture_confidence and not hasattr(getattr(self.model, "proposal_generator", None),
-                                              "last_conf_maps"):
-            raise ValueError(
-                "--draw-confidence needs the TRPN proposal generator; "
-                f"MODEL.PROPOSAL_GENERATOR.NAME is {cfg.MODEL.PROPOSAL_GENERATOR.NAME!r}"
-            )
-
-    def _keep_proposals(self, module, inputs, output) -> None:
-        self._proposals = output[0]
-
-    def _keep_relations(self, module, inputs, output) -> None:
-        self._relations = output[1]
-
-    def close(self) -> None:
-        """Remove the capture hooks from the model (it may be reused by another predictor)."""
-        # getattr: __del__ also runs on an instance whose __init__ failed before setting _hooks.
-        for hook in getattr(self, "_hooks", []):
-            hook.remove()
-        self._hooks = []
-
-    def __del__(self):
-        self.close()
+            self._captures += ["proposals", "relations"]
+        if capture_confidence:
+            self._captures.append("trpn_confidence")
+        options = {"proposals": "--draw-relations", "relations": "--draw-relations",
+                   "trpn_confidence": "--draw-confidence"}
+        for what in self._captures:
+            try:  # before any slice is read: the model cannot give what was asked
+                check_capture(self.model, what)
+            except ValueError as e:
+                raise ValueError(f"{options[what]}: {e}") from None
 
     # ------------------------------------------------------------------ inputs
     def prepare(self, volume: CTVolume, number: int) -> Prepared:
@@ -221,15 +198,18 @@ class CTPredictor:
             prepared = [self.prepare(volume, n) for n in chunk]
             inputs = [self._model_input(volume, p) for p in prepared]
             t1 = time.perf_counter()
-            with torch.no_grad():
+            with torch.no_grad(), contextlib.ExitStack() as stack:
+                records = {w: stack.enter_context(capture(self.model, w)) for w in self._captures}
                 outputs = self.model(inputs)
                 if str(self.cfg.MODEL.DEVICE).startswith("cuda"):
                     torch.cuda.synchronize()
             t2 = time.perf_counter()
             result.prepare_s += t1 - t0
             result.forward_s += t2 - t1
+            captured = {w: r[0] for w, r in records.items()}  # one forward: one record each
             for i, (n, p, inp, out) in enumerate(zip(chunk, prepared, inputs, outputs)):
-                result.slices.append(self._slice_result(volume, n, p, inp, out["instances"], i))
+                result.slices.append(self._slice_result(volume, n, p, inp, out["instances"], i,
+                                                        captured))
                 if on_slice is not None:
                     on_slice(result.slices[-1])
             if progress is not None:
@@ -245,7 +225,8 @@ class CTPredictor:
         return {"image": p.image, **crop_frame(p.body_crop)}
 
     def _slice_result(self, volume: CTVolume, number: int, p: Prepared, inp: Dict, inst,
-                      i: int) -> SlicePrediction:
+                      i: int, captured: Dict) -> SlicePrediction:
+        """Image ``i`` of the batch; ``captured``: this batch's record of each capture."""
         size = p.size
         inst = inst.to("cpu")
         classes = inst.pred_classes.numpy().astype(np.int64)
@@ -264,24 +245,18 @@ class CTPredictor:
         )
         scale = np.array([inp["width"] / size[1], inp["height"] / size[0]] * 2)
         if self.capture_relations:
-            props = self._proposals[i].to("cpu")
-            relations = self._relations
-            if len(relations) <= i:
-                raise ValueError(
-                    "--draw-relations: the box head kept no relation matrix (its genotype has no "
-                    "region_nonlocal edge)"
-                )
-            e = relations[i].detach().cpu().numpy()
+            props = captured["proposals"][i].to("cpu")
+            e = captured["relations"][i].cpu().numpy()
             if e.shape != (len(props), len(props)):
                 raise ValueError(f"relation matrix {e.shape} does not match {len(props)} proposals")
             pred.proposals = to_slice_pixels(props.proposal_boxes.tensor.numpy() * scale, inp)
             pred.proposal_scores = props.objectness_logits.numpy()
             pred.relations = e
         if self.capture_confidence:
-            pg = self.model.proposal_generator
+            conf: TRPNConfidence = captured["trpn_confidence"]
             pred.conf_maps, pred.conf_eps = {}, {}
-            for level, stride in zip(pg.in_features, pg.anchor_generator.strides):
+            for level, stride in conf.strides.items():
                 rows, cols = math.ceil(size[0] / stride), math.ceil(size[1] / stride)
-                pred.conf_maps[level] = pg.last_conf_maps[level][i, :rows, :cols].cpu().numpy()
-                pred.conf_eps[level] = float(pg.last_eps[level][i])
+                pred.conf_maps[level] = conf.conf_maps[level][i, :rows, :cols].cpu().numpy()
+                pred.conf_eps[level] = float(conf.eps[level][i])
         return pred

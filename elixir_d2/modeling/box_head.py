@@ -11,6 +11,7 @@ Both heads follow :class:`RelationBoxHead`, the contract ElixirROIHeads relies o
 ``forward(x, num_per_image) -> (features, relations)``, with the proposal count of each image so
 region_nonlocal never relates proposals of different images, and ``pointwise_before_pooling``.
 """
+import contextlib
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -23,8 +24,16 @@ from detectron2.modeling.roi_heads.box_head import ROI_BOX_HEAD_REGISTRY
 
 from .alb.cells import GenotypeBlock, SearchBlock
 from .alb.genotype import Genotype, derive_genotype, edge_inputs
-from .alb.ops import DepthwiseConv2d, channels_last, conv_norm, get_search_space, make_norm
+from .alb.ops import (
+    DepthwiseConv2d,
+    RegionNonLocal,
+    channels_last,
+    conv_norm,
+    get_search_space,
+    make_norm,
+)
 from .genotype_source import genotype_from_config, resolve_genotype_path  # noqa: F401 (re-exported)
+from .hooks import capture_outputs
 
 __all__ = ["ALBHead", "ALBSearchHead", "ALBStem", "RelationBoxHead", "resolve_genotype_path"]
 
@@ -40,6 +49,10 @@ class RelationBoxHead(nn.Module):
     """
 
     pointwise_before_pooling: bool = False
+
+    def relation_op(self) -> Optional[RegionNonLocal]:
+        """The region_nonlocal whose E the head returns, or None if it relates no RoIs."""
+        return None
 
     def pointwise_maps(self, maps: Sequence[torch.Tensor]) -> List[torch.Tensor]:
         """The head's first (pointwise) layer on whole feature maps, before RoIAlign."""
@@ -174,7 +187,7 @@ class _ALBHeadBase(RelationBoxHead):
         """The stem's pointwise conv on the feature maps the RoIs are pooled from."""
         return self.stem.pointwise_maps(maps)
 
-    def _relation_op(self):
+    def relation_op(self) -> Optional[RegionNonLocal]:
         """The first region_nonlocal of the first block that has one (the ALB in the default
         layout): its E is the head's relation graph. None if the head has none."""
         for block in self.blocks:
@@ -194,17 +207,21 @@ class _ALBHeadBase(RelationBoxHead):
                 f"{type(self).__name__} needs num_per_image (proposals per image); "
                 "use MODEL.ROI_HEADS.NAME 'ElixirROIHeads'"
             )
-        s = self.stem(x, self.pointwise_before_pooling)  # channels_last, see ALBStem
-        # Blocks take rectified inputs (cells.py): each output is rectified once here, not once
-        # per block that reads it. The head's features are the last output, unrectified.
-        r0 = r1 = F.relu(s)
-        for i in range(len(self.blocks)):
-            s = self._run_block(i, r0, r1, num_per_image)
-            if i + 1 < len(self.blocks):
-                r0, r1 = r1, F.relu(s)
-        relation_op = self._relation_op()
-        relations = list(relation_op.last_relations) if relation_op is not None else []
-        return F.adaptive_avg_pool2d(s, 1).flatten(1), relations
+        relation_op = self.relation_op()
+        # E leaves the op as its graph's forward output, in the autograd graph (RTM trains
+        # through it): the op keeps nothing between calls.
+        graphs = (capture_outputs(relation_op.graph) if relation_op is not None
+                  else contextlib.nullcontext([]))
+        with graphs as relations:
+            s = self.stem(x, self.pointwise_before_pooling)  # channels_last, see ALBStem
+            # Blocks take rectified inputs (cells.py): each output is rectified once here, not
+            # once per block that reads it. The head's features are the last output, unrectified.
+            r0 = r1 = F.relu(s)
+            for i in range(len(self.blocks)):
+                s = self._run_block(i, r0, r1, num_per_image)
+                if i + 1 < len(self.blocks):
+                    r0, r1 = r1, F.relu(s)
+        return F.adaptive_avg_pool2d(s, 1).flatten(1), list(relations[0]) if relations else []
 
 
 @ROI_BOX_HEAD_REGISTRY.register()

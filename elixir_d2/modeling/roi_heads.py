@@ -19,7 +19,7 @@ of the typed dataset, used to label the sampled proposals (background = NUM_TYPE
   proposals with every type mapped to "lesion", so the binary scores (Gamma, and the binary
   output) stay consistent with the head features being fine-tuned. M is detached either way;
   list ``roi_heads.box_predictor`` in MODEL.FREEZE_MODULES to keep the binary predictor fixed.
-- Inference, ``rtm_output = "binary"`` (the default; ElixirTrainer.test uses it on untyped
+- Inference, output mode "binary" (the default; ElixirTrainer.test uses it on untyped
   splits): the binary predictor's detections (its box and lesion probability per proposal,
   class-agnostic NMS: exactly the binary model's inference on the same head features);
   ``pred_types`` / ``pred_classes`` = the most likely type of the proposal. Scoring by the
@@ -27,12 +27,19 @@ of the typed dataset, used to label the sampled proposals (background = NUM_TYPE
   boxes and rank them below confident false positives; taking the box from the multi-type
   regressor (as before issue 32) used a regressor trained only by the short typed fine-tuning and
   cost binary sensitivity (docs/evaluation.md, "RTM models on untyped splits").
-- Inference, ``rtm_output = "typed"`` (typed splits, Table 4): ``pred_classes`` = lesion type
+- Inference, output mode "typed" (typed splits, Table 4): ``pred_classes`` = lesion type
   index and ``scores`` from the multi-type softmax with per-type NMS (the class-aware per-type
   evaluation), ``pred_types`` = the same index, ``pred_binary_scores`` = the binary lesion
   probability of the proposal each detection comes from.
+
+The mode is chosen with :func:`rtm_output_mode` (a context manager restoring the previous mode on
+exit), never by assigning to the heads, and every RTM detection says which mode produced it: the
+per-detection bool field ``rtm_typed`` (an Instances field must have one entry per box; the
+per-image dict built by detectron2's meta-architecture is not ours to extend). The evaluator reads
+that field to refuse per-type output on an untyped split.
 """
-from typing import Dict, List, Optional, Sequence, Tuple
+import contextlib
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -46,7 +53,9 @@ from .alb.ops import RegionNonLocal
 from .box_head import RelationBoxHead
 from .rtm import RelationTransferModule
 
-__all__ = ["ElixirROIHeads"]
+__all__ = ["ElixirROIHeads", "RTM_OUTPUT_MODES", "rtm_heads", "rtm_output_mode"]
+
+RTM_OUTPUT_MODES = ("binary", "typed")
 
 
 def _binary_targets(proposals: List[Instances], num_classes: int) -> List[Instances]:
@@ -72,11 +81,13 @@ class ElixirROIHeads(StandardROIHeads):
     and takes its relation graphs; other heads are called as usual.
     ``rtm``: the Relation Transfer Module, or None (MODEL.RTM.ENABLED False)."""
 
+    # Class-level default: set only by rtm_output_mode, for the duration of its block.
+    _rtm_output: str = "binary"
+
     @configurable
     def __init__(self, *, rtm: Optional[RelationTransferModule] = None, **kwargs):
         super().__init__(**kwargs)
         self.rtm = rtm
-        self.rtm_output = "binary"  # or "typed"; see the module docstring
         if rtm is not None and rtm.has_own_relations and self._pointwise_before_pooling:
             raise ValueError(
                 "RTM computing its own relations pools the box head's unreduced RoI features: "
@@ -122,6 +133,12 @@ class ElixirROIHeads(StandardROIHeads):
             # RTM's own E comes from the RoIs pooled at full width, before any pointwise layer.
             ret["box_head"].pointwise_before_pooling = False
         return ret
+
+    @property
+    def rtm_output(self) -> str:
+        """The RTM inference output mode, "binary" or "typed" (read-only: see
+        :func:`rtm_output_mode`)."""
+        return self._rtm_output
 
     @property
     def _pointwise_before_pooling(self) -> bool:
@@ -204,10 +221,20 @@ class ElixirROIHeads(StandardROIHeads):
         return self._rtm_inference(binary, typed, proposals)
 
     def _rtm_inference(self, binary, typed, proposals: List[Instances]) -> List[Instances]:
-        if self.rtm_output == "binary":
-            return self._rtm_binary_inference(binary, typed, proposals)
-        if self.rtm_output != "typed":
-            raise ValueError(f"rtm_output must be 'binary' or 'typed', got {self.rtm_output!r}")
+        if self._rtm_output == "binary":
+            instances = self._rtm_binary_inference(binary, typed, proposals)
+        elif self._rtm_output == "typed":
+            instances = self._rtm_typed_inference(binary, typed, proposals)
+        else:
+            raise ValueError(f"RTM output mode must be one of {RTM_OUTPUT_MODES}, got "
+                             f"{self._rtm_output!r}")
+        for inst in instances:
+            inst.rtm_typed = torch.full((len(inst),), self._rtm_output == "typed",
+                                        dtype=torch.bool, device=inst.scores.device)
+        return instances
+
+    def _rtm_typed_inference(self, binary, typed, proposals: List[Instances]) -> List[Instances]:
+        """Per-type detections: the multi-type predictor's boxes, scores and per-type NMS."""
         predictor = self.rtm.predictor
         boxes = predictor.predict_boxes(typed, proposals)
         scores = predictor.predict_probs(typed, proposals)
@@ -243,3 +270,30 @@ class ElixirROIHeads(StandardROIHeads):
             inst.pred_classes = inst.pred_types.clone()
             inst.pred_binary_scores = inst.scores.clone()
         return instances
+
+
+def rtm_heads(model: torch.nn.Module) -> List[ElixirROIHeads]:
+    """The :class:`ElixirROIHeads` in ``model`` (itself included) that carry an RTM."""
+    return [m for m in model.modules() if isinstance(m, ElixirROIHeads) and m.rtm is not None]
+
+
+@contextlib.contextmanager
+def rtm_output_mode(model: torch.nn.Module, mode: str) -> Iterator[None]:
+    """Within the block, the RTM heads of ``model`` give ``mode`` output ("binary" or "typed",
+    see the module docstring); the previous mode comes back on exit, exceptions included.
+
+    Raises ValueError for an unknown mode or a model without RTM (nothing to switch: a silent
+    no-op would let a typed evaluation run on binary output)."""
+    if mode not in RTM_OUTPUT_MODES:
+        raise ValueError(f"RTM output mode must be one of {RTM_OUTPUT_MODES}, got {mode!r}")
+    heads = rtm_heads(model)
+    if not heads:
+        raise ValueError("the model has no ROI heads with RTM (MODEL.RTM.ENABLED is False)")
+    before = [h._rtm_output for h in heads]
+    try:
+        for h in heads:
+            h._rtm_output = mode
+        yield
+    finally:
+        for h, b in zip(heads, before):
+            h._rtm_output = b

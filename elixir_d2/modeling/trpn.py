@@ -15,7 +15,7 @@ anchors, truncation removes the neighbours giving a small lesion its best box). 
 (eps, padding, constant maps, the focal normaliser).
 """
 import math
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from fvcore.nn import sigmoid_focal_loss
@@ -30,7 +30,7 @@ from detectron2.structures import Boxes, ImageList, Instances, pairwise_iou
 from detectron2.utils.events import get_event_storage
 from detectron2.utils.memory import retry_if_cuda_oom
 
-__all__ = ["TRPN", "build_conf_head"]
+__all__ = ["TRPN", "LocationTruncation", "Truncation", "build_conf_head"]
 
 # Floor of the focal loss normaliser, per location (Guided Anchoring's N_locations / 200).
 _MIN_NORMALIZER_PER_LOCATION = 1.0 / 200
@@ -47,13 +47,70 @@ def build_conf_head(in_channels: int, prior_prob: float = 0.01) -> nn.Conv2d:
     return conv
 
 
+class Truncation(NamedTuple):
+    """Per level: ``keep`` (N, H, W) bool, ``eps`` (N,), ``valid`` (N, H, W) bool (the location
+    covers a pixel of its image, not padding)."""
+
+    keep: List[torch.Tensor]
+    eps: List[torch.Tensor]
+    valid: List[torch.Tensor]
+
+
+class LocationTruncation(nn.Module):
+    """TRPN's truncation: a location survives when p > eps. No parameters (state dicts are
+    unchanged); a module so that its inputs (p) and output (:class:`Truncation`) can be read by a
+    forward hook (:mod:`elixir_d2.modeling.capture`).
+
+    Args:
+        strides: the anchor stride of each level.
+        threshold: eps; negative = the mean of p over the image's valid locations of the level,
+            else a fixed value in [0, 1).
+    """
+
+    def __init__(self, strides: Sequence[int], threshold: float):
+        super().__init__()
+        self.strides = [int(s) for s in strides]
+        self.threshold = float(threshold)
+
+    def forward(self, conf: List[torch.Tensor], image_sizes: List[Tuple[int, int]]) -> Truncation:
+        """``conf``: per level, p of shape (N, 1, H, W) in [0, 1]; ``image_sizes``: (h, w) of
+        each image before padding."""
+        sizes = torch.as_tensor(image_sizes, device=conf[0].device, dtype=torch.float32)
+        keeps, epss, valids = [], [], []
+        for p, stride in zip(conf, self.strides):
+            p = p[:, 0]
+            n, h, w = p.shape
+            # Locations covering any image pixel: ceil(size / stride) rows and columns.
+            rows_in = torch.ceil(sizes[:, 0] / stride)
+            cols_in = torch.ceil(sizes[:, 1] / stride)
+            valid = (torch.arange(h, device=p.device)[None, :, None] < rows_in[:, None, None]) & (
+                torch.arange(w, device=p.device)[None, None, :] < cols_in[:, None, None]
+            )
+            if self.threshold < 0:
+                num_in = valid.flatten(1).sum(1).clamp(min=1)
+                eps = (p * valid).flatten(1).sum(1) / num_in
+                keep = p > eps[:, None, None]
+                # Nothing strictly above the mean means p is constant there: keep everything.
+                degenerate = ~(keep & valid).flatten(1).any(1)
+                keep = keep | degenerate[:, None, None]
+            else:
+                eps = p.new_full((n,), self.threshold)
+                keep = p > self.threshold
+            keeps.append(keep)
+            epss.append(eps)
+            valids.append(valid)
+        return Truncation(keeps, epss, valids)
+
+
 @PROPOSAL_GENERATOR_REGISTRY.register()
 class TRPN(RPN):
     """TruncatedRPN: detectron2's :class:`RPN` with a learned location confidence that gates
     the head's input (p * I) and truncates proposal candidates at locations with p <= eps.
 
-    After an inference forward, ``last_conf_maps``, ``last_eps`` and ``last_keep_masks`` (per
-    level: N x H x W p, N thresholds, N x H x W bool) hold the maps for drawing."""
+    The truncation step is the submodule ``truncation`` (:class:`LocationTruncation`): its
+    forward takes p and returns the keep masks and eps, which
+    ``capture(model, "trpn_confidence")`` (:mod:`elixir_d2.modeling.capture`) reads through a
+    forward hook for drawing; TRPN keeps nothing between calls."""
 
     @configurable
     def __init__(
@@ -99,15 +156,12 @@ class TRPN(RPN):
                 "'not_background'"
             )
         self.conf_head = conf_head
-        self.threshold = float(threshold)
+        self.truncation = LocationTruncation(self.anchor_generator.strides, threshold)
         self.loc_loss_weight = float(loc_loss_weight)
         self.focal_alpha = float(focal_alpha)
         self.focal_gamma = float(focal_gamma)
         self.gate = gate
         self.conf_positives = conf_positives
-        self.last_conf_maps: Dict[str, torch.Tensor] = {}
-        self.last_eps: Dict[str, torch.Tensor] = {}
-        self.last_keep_masks: Dict[str, torch.Tensor] = {}
 
     @classmethod
     def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]):
@@ -129,44 +183,22 @@ class TRPN(RPN):
         )
         return ret
 
+    @property
+    def threshold(self) -> float:
+        """eps (see ``__init__``), held by the truncation step."""
+        return self.truncation.threshold
+
+    @threshold.setter
+    def threshold(self, value: float) -> None:
+        self.truncation.threshold = float(value)
+
     # ------------------------------------------------------------------ truncation and gate
     def location_keep_masks(
         self, conf: List[torch.Tensor], image_sizes: List[Tuple[int, int]]
-    ) -> Tuple[List[torch.Tensor], List[torch.Tensor], List[torch.Tensor]]:
-        """Decide which locations survive truncation.
-
-        Args:
-            conf: per level, p of shape (N, 1, H, W) in [0, 1].
-            image_sizes: (h, w) of each image before padding.
-        Returns:
-            keep (per level, N x H x W bool), eps (per level, N), valid (per level, N x H x W
-            bool: the location lies inside its image).
-        """
-        sizes = torch.as_tensor(image_sizes, device=conf[0].device, dtype=torch.float32)
-        keeps, epss, valids = [], [], []
-        for p, stride in zip(conf, self.anchor_generator.strides):
-            p = p[:, 0]
-            n, h, w = p.shape
-            # Locations covering any image pixel: ceil(size / stride) rows and columns.
-            rows_in = torch.ceil(sizes[:, 0] / stride)
-            cols_in = torch.ceil(sizes[:, 1] / stride)
-            valid = (torch.arange(h, device=p.device)[None, :, None] < rows_in[:, None, None]) & (
-                torch.arange(w, device=p.device)[None, None, :] < cols_in[:, None, None]
-            )
-            if self.threshold < 0:
-                num_in = valid.flatten(1).sum(1).clamp(min=1)
-                eps = (p * valid).flatten(1).sum(1) / num_in
-                keep = p > eps[:, None, None]
-                # Nothing strictly above the mean means p is constant there: keep everything.
-                degenerate = ~(keep & valid).flatten(1).any(1)
-                keep = keep | degenerate[:, None, None]
-            else:
-                eps = p.new_full((n,), self.threshold)
-                keep = p > self.threshold
-            keeps.append(keep)
-            epss.append(eps)
-            valids.append(valid)
-        return keeps, epss, valids
+    ) -> Truncation:
+        """Which locations survive truncation: ``self.truncation`` (:class:`LocationTruncation`)
+        on p per level (N, 1, H, W) and the (h, w) of each image before padding."""
+        return self.truncation(conf, image_sizes)
 
     def gated(
         self, feats: List[torch.Tensor], conf: List[torch.Tensor], valids: List[torch.Tensor]
@@ -196,7 +228,7 @@ class TRPN(RPN):
         conf_logits = [self.conf_head(x) for x in feats]
         conf = [torch.sigmoid(z) for z in conf_logits]
         with torch.no_grad():
-            keeps, epss, valids = self.location_keep_masks(conf, images.image_sizes)
+            keeps, _, valids = self.location_keep_masks(conf, images.image_sizes)
 
         anchors = self.anchor_generator(feats)
         pred_objectness_logits, pred_anchor_deltas = self._per_anchor(
@@ -216,9 +248,6 @@ class TRPN(RPN):
             self._log_truncation(keeps, valids)
         else:
             losses = {}
-            self.last_conf_maps = {f: p[:, 0].detach() for f, p in zip(self.in_features, conf)}
-            self.last_eps = dict(zip(self.in_features, epss))
-            self.last_keep_masks = dict(zip(self.in_features, keeps))
         proposals = self.predict_proposals(
             anchors, pred_objectness_logits, pred_anchor_deltas, images.image_sizes, keeps
         )

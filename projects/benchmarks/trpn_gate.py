@@ -34,6 +34,8 @@ Row = Dict[str, float]
 
 def lesion_rows(model_dir: str) -> List[Row]:
     """One row per non-noisy test lesion for the model in ``model_dir`` (TRPN or RPN)."""
+    import contextlib
+
     import torch
 
     from detectron2.checkpoint import DetectionCheckpointer
@@ -42,6 +44,9 @@ def lesion_rows(model_dir: str) -> List[Row]:
 
     import elixir_d2
     from elixir_d2.evaluation.proposal_recall import capture_proposals
+    from elixir_d2.modeling.capture import capture
+    from elixir_d2.modeling.hooks import capture_outputs
+    from elixir_d2.modeling.trpn import TRPN
     from elixir_d2.trainer import ElixirTrainer
 
     # Whole test slices: the lesion geometry below is in whole-slice network coordinates.
@@ -52,25 +57,27 @@ def lesion_rows(model_dir: str) -> List[Row]:
     DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
     model.eval()
     pg = model.proposal_generator
-    is_trpn = hasattr(pg, "last_conf_maps")
-    grab: Dict = {}
-    hooks = [pg.rpn_head.register_forward_hook(lambda m, i, o: grab.update(logits=o[0])),
-             pg.anchor_generator.register_forward_hook(lambda m, i, o: grab.update(anchors=o))]
+    is_trpn = isinstance(pg, TRPN)
     records = {r["image_id"]: r for r in DatasetCatalog.get(DATASET)}
     rows: List[Row] = []
     ceiling = float(pg.rpn_head.objectness_logits.bias.detach().max())  # the highest logit
     # The ceiling holds only if no objectness weight is positive (hidden units are ReLUs).
     pos_w = 100.0 * float((pg.rpn_head.objectness_logits.weight > 0).float().mean())
-    with capture_proposals(model) as captured, torch.no_grad():
+    with contextlib.ExitStack() as stack, torch.no_grad():
+        captured = stack.enter_context(capture_proposals(model))
+        heads = stack.enter_context(capture_outputs(pg.rpn_head))
+        anchor_sets = stack.enter_context(capture_outputs(pg.anchor_generator))
+        confidence = stack.enter_context(capture(model, "trpn_confidence")) if is_trpn else []
         for inputs in ElixirTrainer.build_test_loader(cfg, DATASET):
             images = model.preprocess_image(inputs)
             features = model.backbone(images.tensor)
+            heads.clear()
             pg(images, features, None)
-            logits = grab["logits"]
+            logits, anchors = heads[0][0], anchor_sets.pop()
             if is_trpn:  # the same head on the ungated features, for the lesion's logit only
                 ungated = pg.rpn_head([features[f] for f in pg.in_features])[0]
-                conf = [pg.last_conf_maps[f][:, None] for f in pg.in_features]
-                _, _, valids = pg.location_keep_masks(conf, images.image_sizes)
+                conf = confidence.pop()
+                valids = [conf.valid_masks[f] for f in pg.in_features]
             inp, props = inputs[0], captured.pop(0)
             anns = records[inp["image_id"]].get("annotations", [])
             gts = [BoxMode.convert(list(a["bbox"]), a.get("bbox_mode", BoxMode.XYXY_ABS),
@@ -86,7 +93,6 @@ def lesion_rows(model_dir: str) -> List[Row]:
             boxes = props.proposal_boxes.tensor[order].double() / scale
             p_iou = pairwise_iou(Boxes(boxes), Boxes(gt))
             gt_in = (gt * scale).float()
-            anchors = grab["anchors"]
             level_of = torch.cat([torch.full((len(a),), i) for i, a in enumerate(anchors)])
             best_level = level_of[pairwise_iou(Boxes(gt_in), Boxes.cat(anchors)).argmax(1)]
             for j, box in enumerate(gt_in.tolist()):
@@ -102,14 +108,12 @@ def lesion_rows(model_dir: str) -> List[Row]:
                        "cov300": bool((p_iou[:, j] >= 0.5).any())}
                 row.update(p_lesion=nan, p_peak=nan, g=nan, ungated=nan)
                 if is_trpn:
-                    p = pg.last_conf_maps[pg.in_features[lvl]][0]
+                    p = conf.conf_maps[pg.in_features[lvl]][0]
                     row["p_lesion"] = float(p[mask].max())
                     row["p_peak"] = float(p[valids[lvl][0]].max())
                     row["g"] = row["p_lesion"] / max(row["p_peak"], 1e-6)
                     row["ungated"] = float(ungated[lvl][0].amax(0)[mask].max()) - ceiling
                 rows.append(row)
-    for h in hooks:
-        h.remove()
     return rows
 
 

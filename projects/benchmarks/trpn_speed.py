@@ -35,6 +35,7 @@ from detectron2.modeling.proposal_generator.rpn import RPN
 from detectron2.structures import ImageList
 
 from elixir_d2 import load_config
+from elixir_d2.modeling.capture import capture
 
 
 def _parse() -> argparse.Namespace:
@@ -139,9 +140,10 @@ def main() -> None:
             "RPN": lambda: RPN.predict_proposals(trpn, *head_outputs),
             "TRPN": lambda: trpn.predict_proposals(*stage_args, **stage_kwargs),
         }, args.runs, args.warmup, device)
-        props = {k: sum(len(p) for p in m(images, feats)[0]) for k, m in modules.items()}
-        kept = sum(int(k.sum()) for k in trpn.last_keep_masks.values())
-        total = sum(k.numel() for k in trpn.last_keep_masks.values())
+        with capture(trpn, "trpn_confidence") as confidence:
+            props = {k: sum(len(p) for p in m(images, feats)[0]) for k, m in modules.items()}
+        kept = sum(int(k.sum()) for k in confidence[0].keep_masks.values())
+        total = sum(k.numel() for k in confidence[0].keep_masks.values())
 
     print(f"config {args.config}  image {s}x{s}  batch {n}  device {args.device}  "
           f"threads {args.threads}  runs {args.runs} (interleaved)")

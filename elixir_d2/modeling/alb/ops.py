@@ -38,6 +38,7 @@ __all__ = [
     "ReLUConvNorm",
     "FactorizedReduce",
     "RegionNonLocal",
+    "RelationGraph",
     "region_relations",
     "channels_last",
     "autocast_off",
@@ -230,6 +231,16 @@ def skip_op(c_in, c_out, stride, norm, affine=True) -> ALBOp:
     return Identity()
 
 
+class RelationGraph(nn.Module):
+    """E = softmax_rows(phi_i phi_i^T) per image (:func:`region_relations`) as a module of its
+    own, without parameters (state dicts are unchanged): its forward output is E, which a forward
+    hook reads (:mod:`elixir_d2.modeling.hooks`), in the autograd graph, within the forward that
+    computed it. Nothing is kept on the module afterwards."""
+
+    def forward(self, phi: torch.Tensor, num_per_image: Sequence[int]) -> List[torch.Tensor]:
+        return region_relations(phi, num_per_image)
+
+
 class RegionNonLocal(ALBOp):
     """Relation among the proposals of one image (paper eq. 2; docs/design.md, Region non-local
     operator).
@@ -238,9 +249,10 @@ class RegionNonLocal(ALBOp):
     ``phi, psi`` = FC + ReLU to ``C/2``; ``E = softmax_rows(phi phi^T)`` (``N_i x N_i``);
     ``Y = ReLU(E psi W)``; output ``g(Y)`` (FC to ``C_out``) broadcast over the output resolution.
     Images are processed one by one, so no relation crosses images and memory is O(N_i^2).
-    ``last_relations`` holds the E of each image from the latest forward (kept in the autograd
-    graph, so a module using it in the same forward, e.g. RTM, trains through it). Under
-    autocast the op still computes in float32 (E included) and returns ``x``'s dtype.
+    E is the output of the submodule ``graph`` (:class:`RelationGraph`): the box head reads it
+    through a forward hook, still in the autograd graph, so RTM using it in the same forward
+    trains through it. Under autocast the op still computes in float32 (E included) and returns
+    ``x``'s dtype.
     """
 
     def __init__(self, c_in: int, c_out: int, stride: int):
@@ -251,7 +263,7 @@ class RegionNonLocal(ALBOp):
         self.psi = nn.Linear(c_in, hidden)
         self.w = nn.Linear(hidden, hidden, bias=False)
         self.g = nn.Linear(hidden, c_out)
-        self.last_relations: List[torch.Tensor] = []
+        self.graph = RelationGraph()
 
     def forward(self, x, num_per_image=None):
         n, _, h, w = x.shape
@@ -262,10 +274,9 @@ class RegionNonLocal(ALBOp):
             pooled = x.mean(dim=(2, 3), dtype=torch.float32)
             phi = F.relu(self.phi(pooled))
             psi = F.relu(self.psi(pooled))
-            relations = region_relations(phi, counts)
+            relations = self.graph(phi, counts)
             outs = [F.relu(self.w(e @ psi_i)) for e, psi_i in zip(relations, psi.split(counts))]
             y = self.g(torch.cat(outs, dim=0)) if outs else self.g(psi)
-        self.last_relations = relations
         s = self.stride
         return y.to(x.dtype)[:, :, None, None].expand(-1, -1, -(-h // s), -(-w // s))
 
