@@ -90,7 +90,7 @@ def file_lock(path: str, timeout_s: float = 3600.0) -> Iterator[None]:
 def read_marker(folder: str) -> Optional[Dict]:
     """The completion marker of a generated folder, or None when the folder is incomplete."""
     try:
-        with open(os.path.join(folder, MARKER)) as f:
+        with open(os.path.join(folder, MARKER), encoding="utf-8") as f:
             doc = json.load(f)
     except (OSError, ValueError):
         return None

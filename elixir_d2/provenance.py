@@ -42,7 +42,7 @@ def _commit(root: str) -> Optional[str]:
 def _cpu() -> Optional[str]:
     """The CPU's model name (Linux /proc/cpuinfo), else platform.processor(), else None."""
     try:
-        with open("/proc/cpuinfo") as f:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
             names = [ln.partition(":")[2].strip() for ln in f if ln.startswith("model name")]
     except OSError:
         names = []

@@ -124,13 +124,13 @@ def detectron2_wheel(out_dir: str, tmp: str) -> str:
         t.extractall(tmp, filter="data")
     pkg = os.path.join(tmp, f"{dist}-{version}", "detectron2")
     transform = os.path.join(pkg, "data", "transforms", "transform.py")
-    text = open(transform).read()
+    text = open(transform, encoding="utf-8").read()
     if text.count("Image.LINEAR") != 1:
         raise SystemExit(f"[gpu_bundle] error: {transform}: expected one Image.LINEAR to rename, "
                          f"found {text.count('Image.LINEAR')} (a different sdist?)")
-    with open(transform, "w") as f:
+    with open(transform, "w", encoding="utf-8") as f:
         f.write(text.replace("Image.LINEAR", "Image.BILINEAR"))
-    with open(os.path.join(pkg, "_C.py"), "w") as f:
+    with open(os.path.join(pkg, "_C.py"), "w", encoding="utf-8") as f:
         f.write(C_STUB)
     return make_pure_wheel(pkg, dist, version, out_dir)
 
@@ -172,7 +172,7 @@ def build(out: str, python_version: str, max_mib: float) -> Dict:
                     timespec="seconds"),
                 "wheels": wheels, "bytes": sizes, "total_bytes": total,
                 "not_bundled": NOT_BUNDLED}
-    with open(os.path.join(out, "manifest.json"), "w") as f:
+    with open(os.path.join(out, "manifest.json"), "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=1)
     for w, n in sizes.items():
         say(f"{n / 2**20:7.2f} MiB  {w}")

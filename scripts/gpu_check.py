@@ -98,7 +98,7 @@ def install_from_bundle(bundle: str, target: str, names: Sequence[str],
     if not os.path.isfile(manifest_path):
         raise ValueError(f"{manifest_path} not found: run scripts/gpu_bundle.sh on a machine with "
                          "network access first (it fills the bundle folder)")
-    with open(manifest_path) as f:
+    with open(manifest_path, encoding="utf-8") as f:
         manifest = json.load(f)
     wheels = manifest["wheels"]
     lacking = [n for n in names if n not in wheels]
@@ -251,7 +251,7 @@ class Check:
         if p.rc != 0 or not os.path.isfile(rec_path):
             status = "timeout" if p.timed_out else "failed"
             return self.record("speed", status, t0, f"no timing (see {p.log})")
-        with open(rec_path) as f:
+        with open(rec_path, encoding="utf-8") as f:
             rec = json.load(f)
         detail = "; ".join(f"{n} {prec} {v['ms_per_image']:.1f} ms"
                            for n, r in rec["models"].items()
@@ -286,10 +286,10 @@ class Check:
     def finish(self) -> int:
         rec = {"mode": "cpu-dry-run" if self.dry else "gpu", "budget_s": self.args.budget,
                "plan": self.plan.describe(), "stages": self.results, "commit": runs.commit()}
-        with open(os.path.join(self.out, "gpu_check.json"), "w") as f:
+        with open(os.path.join(self.out, "gpu_check.json"), "w", encoding="utf-8") as f:
             json.dump(rec, f, indent=1)
         md = runs.markdown(rec)
-        with open(os.path.join(self.out, "gpu_check.md"), "w") as f:
+        with open(os.path.join(self.out, "gpu_check.md"), "w", encoding="utf-8") as f:
             f.write(md)
         failed = [n for n, r in self.results.items() if r["status"] != "ok"]
         say(f"results: {os.path.join(self.out, 'gpu_check.md')} and gpu_check.json; "

@@ -43,7 +43,7 @@ def run_proc(cmd: Sequence[str], log: str, timeout: float, env: Dict[str, str]) 
     """Run ``cmd`` in the repository, output to ``log``; past ``timeout`` seconds its process
     group is killed (a trainer's data-loader workers with it)."""
     t0 = time.perf_counter()
-    with open(log, "w") as f:
+    with open(log, "w", encoding="utf-8") as f:
         f.write("$ " + " ".join(cmd) + "\n")
         f.flush()
         p = subprocess.Popen(list(cmd), cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT,
@@ -59,7 +59,7 @@ def run_proc(cmd: Sequence[str], log: str, timeout: float, env: Dict[str, str]) 
 
 def read_json(path: str) -> Dict:
     """The JSON object in ``path``."""
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
         return json.load(f)
 
 
@@ -84,7 +84,7 @@ def absent_test_modules() -> Dict[str, List[str]]:
     out: Dict[str, List[str]] = {}
     pattern = re.compile(r"^\s*(?:import|from)\s+([A-Za-z_]\w*)", re.M)
     for path in sorted(glob.glob(os.path.join(REPO, "tests", "test_*.py"))):
-        for mod in sorted(set(pattern.findall(open(path).read()))):
+        for mod in sorted(set(pattern.findall(open(path, encoding="utf-8").read()))):
             if mod in ("SimpleITK", "pydicom", "highdicom", "selenium", "hypothesis"):
                 if importlib.util.find_spec(mod) is None:
                     out.setdefault(mod, []).append(os.path.relpath(path, REPO))
@@ -142,7 +142,7 @@ class TrainJob:
 
 def last_error(log: str) -> str:
     """The last line of ``log`` that names an error, else its last line."""
-    lines = [ln.strip() for ln in open(log).read().splitlines() if ln.strip()]
+    lines = [ln.strip() for ln in open(log, encoding="utf-8").read().splitlines() if ln.strip()]
     errors = [ln for ln in lines if re.search(r"Error|error:|Exception", ln)]
     return (errors or lines or ["(empty log)"])[-1][:300]
 
@@ -152,7 +152,8 @@ def read_run(out_dir: str, log: str, script: str) -> Dict:
     res: Dict = {}
     metrics = os.path.join(out_dir, "metrics.json")
     if os.path.isfile(metrics):
-        rows = [json.loads(ln) for ln in open(metrics) if ln.strip().startswith("{")]
+        rows = [json.loads(ln) for ln in open(metrics, encoding="utf-8")
+                if ln.strip().startswith("{")]
         losses = [r for r in rows if "total_loss" in r]
         if losses:
             res["iterations"] = losses[-1]["iteration"] + 1
@@ -161,11 +162,12 @@ def read_run(out_dir: str, log: str, script: str) -> Dict:
             times = [r["time"] for r in losses if "time" in r]
             if times:
                 res["s_per_iter"] = statistics.median(times)
-    mem = re.findall(r"max_mem: (\d+)M", open(log).read()) if os.path.isfile(log) else []
+    mem = (re.findall(r"max_mem: (\d+)M", open(log, encoding="utf-8").read())
+           if os.path.isfile(log) else [])
     if mem:
         res["max_mem_mib"] = int(mem[-1])
     for path in glob.glob(os.path.join(out_dir, "inference", "*", "lesion_metrics.json")):
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             m = json.load(f)["metrics"]
         res["eval"] = {k: m.get(k) for k in ("mean_sens_iou", "sens@4_iou", "AP50")}
     if script == "search_net.py":

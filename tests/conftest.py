@@ -51,7 +51,7 @@ def dl_row(file_name="000001_01_01_005.png", box=(11, 21, 31, 41), split=3, lesi
 def write_dl_info(root, rows, columns=DL_INFO_COLUMNS):
     os.makedirs(root, exist_ok=True)
     path = os.path.join(root, "DL_info.csv")
-    with open(path, "w", newline="") as f:
+    with open(path, "w", encoding="utf-8", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(columns))
         w.writeheader()
         for r in rows:

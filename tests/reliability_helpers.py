@@ -63,7 +63,7 @@ def write_tiny_deeplesion(root: str, num_train: int = 4, num_test: int = 3, seed
             "Image_size": f"{SIZE}, {SIZE}", "DICOM_windows": "-175, 275", "Patient_gender": "F",
             "Patient_age": "50", "Train_Val_Test": str(split),
         })
-    with open(os.path.join(root, "DL_info.csv"), "w", newline="") as f:
+    with open(os.path.join(root, "DL_info.csv"), "w", encoding="utf-8", newline="") as f:
         w = csv.DictWriter(f, fieldnames=_columns())
         w.writeheader()
         w.writerows(rows)

@@ -33,7 +33,7 @@ def _data(**over):
 
 def _write(tmp_path, data, name="g.yaml"):
     path = str(tmp_path / name)
-    with open(path, "w") as f:
+    with open(path, "w", encoding="utf-8") as f:
         f.write(data if isinstance(data, str) else yaml.safe_dump(data))
     return path
 
@@ -42,7 +42,7 @@ def test_yaml_round_trip(tmp_path):
     g = genotype_from_dict(_data())
     path = str(tmp_path / "out.yaml")
     save_genotype(g, path, comment="searched on nothing\nsecond line")
-    text = open(path).read()
+    text = open(path, encoding="utf-8").read()
     assert text.startswith("# searched on nothing\n# second line\n")
     assert yaml.safe_load(text) == _data()  # plain YAML a person can read and edit
     g2 = load_genotype(path)
@@ -56,9 +56,10 @@ def test_default_genotype_is_a_labelled_placeholder():
     assert g.space == "elixir" and g.branches == 4
     assert "region_nonlocal" in normal_ops
     assert normal_ops & {"dil_conv_3x3_r2", "dil_conv_3x3_r3"}
-    header = "".join(line for line in open(DEFAULT) if line.startswith("#")).lower()
+    header = "".join(line for line in open(DEFAULT, encoding="utf-8")
+                     if line.startswith("#")).lower()
     assert "hand-written" in header and "figure 3" in header and "not a search result" in header
-    assert yaml.safe_load(open(DEFAULT))["provenance"]["searched"] is False
+    assert yaml.safe_load(open(DEFAULT, encoding="utf-8"))["provenance"]["searched"] is False
 
 
 @pytest.mark.parametrize("data,pattern", [

@@ -184,7 +184,7 @@ def test_roi_heads_pointwise_before_pooling_same_outputs_and_losses(tmp_path):
     # 256-channel RoI features (a head without region_nonlocal).
     assert not build(True, "MODEL.ALB.STEM", "conv_3x3").roi_heads.box_head.pointwise_before_pooling
     no_relations = tmp_path / "no_nonlocal.yaml"
-    with open(DEFAULT) as f:
+    with open(DEFAULT, encoding="utf-8") as f:
         no_relations.write_text(f.read().replace("region_nonlocal", "conv_1x1"))
     rtm = build(True, "MODEL.ALB.GENOTYPE", str(no_relations), "MODEL.RTM.ENABLED", "True",
                 "MODEL.ROI_HEADS.NUM_CLASSES", "8")

@@ -14,7 +14,7 @@ ALB = os.path.join(os.path.dirname(__file__), "..", "elixir_d2", "modeling", "al
 
 
 def _imports(name):
-    tree = ast.parse(open(os.path.join(ALB, name)).read())
+    tree = ast.parse(open(os.path.join(ALB, name), encoding="utf-8").read())
     found = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
@@ -39,7 +39,7 @@ def test_spaces_are_data_and_genotype_reads_names_from_them():
 
 def test_fused_paths_live_apart_from_the_ops():
     assert ops.conv_norm is fused.conv_norm and ops.bn_fold is fused.bn_fold
-    source = open(os.path.join(ALB, "ops.py")).read()
+    source = open(os.path.join(ALB, "ops.py"), encoding="utf-8").read()
     assert "rsqrt" not in source and "_conv_forward" not in source
 
 

@@ -42,7 +42,7 @@ def test_truncated_case_json_is_rebuilt_not_trusted(tmp_path):
         f.write(data[: len(data) // 2])
     s = prepare_kits19(root, cache)
     assert s["decoded"] == 1 and s["tumour_slices"] == 4
-    with open(meta) as f:
+    with open(meta, encoding="utf-8") as f:
         assert json.load(f)["records"][0]["slice_idx"] == 2
 
 
@@ -132,7 +132,7 @@ def test_paper_quick_kits19_with_only_a_first_case_is_regenerated(tmp_path, monk
     src = common.prepare_data("kits19", str(tmp_path), quick=True)
     assert sorted(os.listdir(base / "data")) == ["case_00000", "case_00001"]
     assert read_marker(str(base))["result"]["num_cases"] == 2
-    with open(os.path.join(src.path, "records.json")) as f:
+    with open(os.path.join(src.path, "records.json"), encoding="utf-8") as f:
         assert json.load(f)["cases"] == ["case_00000", "case_00001"]
 
 
@@ -171,7 +171,7 @@ def test_two_processes_starting_together_generate_once(tmp_path):
              for _ in range(2)]
     for p in procs:  # both imported and waiting: released together
         assert p.stdout.readline().strip() == "ready"
-    open(go, "w").close()
+    open(go, "w", encoding="utf-8").close()
     t0 = time.time()
     results = sorted(p.communicate(timeout=120)[0].strip() for p in procs)
     assert all(p.returncode == 0 for p in procs) and time.time() - t0 < 120

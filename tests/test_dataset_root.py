@@ -32,7 +32,7 @@ def test_deeplesion_names_load_the_set_under_detectron2_datasets(tmp_path):
     generate_deeplesion(str(datasets / "DeepLesion"), num_patients=12, image_size=64, seed=1,
                         slices_per_series=(6, 8))
     # Expected from the CSV itself: lesions per key slice of the train (1) and test (3) splits.
-    with open(datasets / "DeepLesion" / "DL_info.csv", newline="") as f:
+    with open(datasets / "DeepLesion" / "DL_info.csv", encoding="utf-8", newline="") as f:
         rows = list(csv.DictReader(f))
     expected = {
         "deeplesion_train": Counter(r["File_name"] for r in rows if r["Train_Val_Test"] == "1"),

@@ -70,7 +70,7 @@ def dciodvfy(path):
 
 
 def _findings_csv(path):
-    with open(path, newline="") as f:
+    with open(path, encoding="utf-8", newline="") as f:
         return {int(r["finding_id"]): r for r in csv.DictReader(f)}
 
 
@@ -161,7 +161,7 @@ def test_axial_series_sr_round_trips(tmp_path, capsys):
             in_sr = os.path.relpath(p, out).split(os.sep)[1:2] == ["dicom_sr"]
             assert (leaked == list(PHI.values())) if in_sr else not leaked, (p, leaked)
     # The manifest lists the SR, so --resume verifies it like any other file.
-    manifest = json.load(open(f"{out}/head_first/.elixir_d2_case"))
+    manifest = json.load(open(f"{out}/head_first/.elixir_d2_case", encoding="utf-8"))
     assert "dicom_sr/sr.dcm" in manifest["files"] and "findings.mrk.json" in manifest["files"]
 
 

@@ -135,7 +135,8 @@ def test_test_files_needing_an_absent_module_are_listed(monkeypatch):
                         lambda name, *a: None if name == "SimpleITK" else real(name, *a))
     importing = re.compile(r"^\s*import SimpleITK", re.M)
     expected = sorted(os.path.relpath(p, REPO) for p in glob.glob(
-        os.path.join(REPO, "tests", "test_*.py")) if importing.search(open(p).read()))
+        os.path.join(REPO, "tests", "test_*.py"))
+        if importing.search(open(p, encoding="utf-8").read()))
     assert runs.absent_test_modules() == {"SimpleITK": expected} and expected
 
 

@@ -230,12 +230,12 @@ def test_prepare_cache_is_idempotent_and_loads_by_split(tmp_path):
     assert (sorted(os.listdir(os.path.join(cache, "case_00001")))
             == [f"{z:03d}.png" for z in range(6)] + ["case.json"])
     mtime = os.path.getmtime(png)
-    with open(os.path.join(cache, "records.json")) as f:
+    with open(os.path.join(cache, "records.json"), encoding="utf-8") as f:
         first = f.read()
 
     s2 = prepare_kits19(str(root), cache)  # nothing changed: no NIfTI decoded, same output
     assert s2["decoded"] == 0 and os.path.getmtime(png) == mtime
-    with open(os.path.join(cache, "records.json")) as f:
+    with open(os.path.join(cache, "records.json"), encoding="utf-8") as f:
         assert f.read() == first
 
     train, test = load_kits19_dicts(cache, "train"), load_kits19_dicts(cache, "test")
@@ -271,5 +271,5 @@ def test_register_and_missing_cache_message(tmp_path):
     prepare_kits19(str(tmp_path), str(tmp_path / "cache"))
     assert (len(DatasetCatalog.get("kits19_unit_train")) == 2
             and len(DatasetCatalog.get("kits19_unit_test")) == 2)
-    with open(tmp_path / "cache" / "records.json") as f:
+    with open(tmp_path / "cache" / "records.json", encoding="utf-8") as f:
         assert json.load(f)["cases"] == ["case_00000", "case_00001"]

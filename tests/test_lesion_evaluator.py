@@ -247,7 +247,7 @@ def _worker(rank, port, name, out_dir):
         # Rank 0 gets images 12 and 14, rank 1 images 11 and 13: gathered in an order that
         # differs from the dataset's (the .5 tie would then move sens@0.5).
         res = run(ev, binary_predictions(), [12, 14] if rank == 0 else [11, 13])
-        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w", encoding="utf-8") as f:
             json.dump(res, f)
     finally:
         dist.destroy_process_group()

@@ -156,7 +156,7 @@ def test_every_sweep_file_names_configs_and_keys_that_load():
     files = sorted(glob.glob("projects/benchmarks/sweeps/*.json"))
     assert len(files) >= 7
     for path in files:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             sweep = json.load(f)
         for name, (config, items, *_) in sweep["variants"].items():
             opts = regime_sweep.expand(items, sweep.get("groups", {}))

@@ -46,7 +46,7 @@ def test_table6_quick_end_to_end(tiny_root, capsys):
             "SOLVER.IMS_PER_BATCH", "4", "INPUT.MAX_IMAGE_SIZE", "64",
             "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "16", "MODEL.RPN.POST_NMS_TOPK_TEST", "50"]
     paths = table6.main(argv)
-    md = open(paths["table6"]).read()
+    md = open(paths["table6"], encoding="utf-8").read()
     assert paths["table6"] == str(out / "table6.md")
 
     # Each "(this run)" row holds the numbers its run's evaluator wrote, the "(paper)" row the
@@ -58,28 +58,29 @@ def test_table6_quick_end_to_end(tiny_root, capsys):
     ):
         ds = [d for d in os.listdir(out / step / "inference")]
         assert len(ds) == 1 and ds[0].endswith("_test")
-        m = json.load(open(out / step / "inference" / ds[0] / "lesion_metrics.json"))["metrics"]
+        m = json.load(open(out / step / "inference" / ds[0] / "lesion_metrics.json",
+                           encoding="utf-8"))["metrics"]
         assert _cells(md, f"{row} (this run)") == [f"{m['sens@3_iou']:.2f}", f"{m['AP']:.1f}"]
         assert tuple(_cells(md, f"{row} (paper)")) == paper
-        cfg = yaml.safe_load(open(out / step / "config.yaml"))
+        cfg = yaml.safe_load(open(out / step / "config.yaml", encoding="utf-8"))
         assert cfg["SOLVER"]["MAX_ITER"] == 2 and cfg["MODEL"]["ROI_BOX_HEAD"]["NAME"] == "ALBHead"
         # 2 training iterations were logged (0 and 1; the evaluation is logged after them)
-        logged = [json.loads(line) for line in open(out / step / "metrics.json")]
+        logged = [json.loads(line) for line in open(out / step / "metrics.json", encoding="utf-8")]
         assert max(r["iteration"] for r in logged if "total_loss" in r) == 1
 
     # Each ALB run used the genotype of its own row.
-    genotypes = {s: yaml.safe_load(open(out / s / "config.yaml"))["MODEL"]["ALB"] for s in
-                 ("ablation_alb", "ablation_alb_darts", "ablation_alb_random")}
+    genotypes = {s: yaml.safe_load(open(out / s / "config.yaml", encoding="utf-8"))["MODEL"]["ALB"]
+                 for s in ("ablation_alb", "ablation_alb_darts", "ablation_alb_random")}
     assert genotypes["ablation_alb"]["GENOTYPE"] == ELIXIR_GENOTYPE
     assert genotypes["ablation_alb_darts"]["GENOTYPE"] == str(out / "search_darts"
                                                               / "genotype.yaml")
     assert genotypes["ablation_alb_darts"]["SEARCH_SPACE"] == "darts"
     assert genotypes["ablation_alb_random"]["GENOTYPE"] == str(out / "random_alb" / "genotype.yaml")
-    darts = yaml.safe_load(open(out / "search_darts" / "genotype.yaml"))
+    darts = yaml.safe_load(open(out / "search_darts" / "genotype.yaml", encoding="utf-8"))
     assert darts["space"] == "darts"
-    assert "RANDOM" in open(out / "random_alb" / "genotype.yaml").read()
+    assert "RANDOM" in open(out / "random_alb" / "genotype.yaml", encoding="utf-8").read()
     # The search started from the FPN run's weights.
-    search_cfg = yaml.safe_load(open(out / "search_darts" / "config.yaml"))
+    search_cfg = yaml.safe_load(open(out / "search_darts" / "config.yaml", encoding="utf-8"))
     assert search_cfg["MODEL"]["WEIGHTS"] == str(out / "fpn" / "model_final.pth")
     assert search_cfg["SEARCH"]["EPOCHS"] == 1
     # What was run is stated: data sizes, the given genotype, each run's iterations.
@@ -187,9 +188,9 @@ def test_tables_and_step_records_carry_the_provenance(tmp_path, capsys):
     command = ["projects/paper/table6.py", "--quick"]
     recipe = common.Recipe(args, common.DataSource("deeplesion", str(tmp_path), "unused"), command)
     rows = {"FPN": {"AP": 1.0}}
-    doc = json.load(open(recipe.write_json("table9.json", rows)))
+    doc = json.load(open(recipe.write_json("table9.json", rows), encoding="utf-8"))
     assert doc.pop("provenance")["command"] == command and doc == rows
-    md = open(recipe.write("table9.md", "| a |")).read().splitlines()
+    md = open(recipe.write("table9.md", "| a |"), encoding="utf-8").read().splitlines()
     assert md[0] == "| a |" and md[-1].startswith("commit ")
     assert md[-1].endswith("command: projects/paper/table6.py --quick")
     os.makedirs(tmp_path / "fpn")

@@ -44,7 +44,7 @@ def _tree(folder):
             path = os.path.join(root, n)
             rel = os.path.relpath(path, folder)
             if rel == "summary.json":
-                doc = json.load(open(path))
+                doc = json.load(open(path, encoding="utf-8"))
                 doc.pop("timing_s")
                 files[rel] = json.dumps(doc, sort_keys=True).encode()
             else:
@@ -84,7 +84,7 @@ def test_two_processes_write_the_bytes_of_one(tmp_path, fpn_weights, monkeypatch
     assert sorted(two_files) == sorted(one_files)
     for rel, data in one_files.items():
         assert two_files[rel] == data, rel
-    summary = json.load(open(two / "summary.json"))
+    summary = json.load(open(two / "summary.json", encoding="utf-8"))
     assert [c["case"] for c in summary["cases"]] == [f"case{i}" for i in range(5)]
     assert summary["timing_s"]["processes"] == 2
     assert summary["froc"]["num_gt"] == 5

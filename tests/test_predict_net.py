@@ -57,7 +57,7 @@ def _all_bytes(folder):
 
 
 def _read_csv(path):
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
         return list(csv.DictReader(f))
 
 
@@ -159,7 +159,7 @@ def test_known_lesion_through_the_pipeline(tmp_path):
     assert ([c["case"] for c in summary["cases"]] == ["ct_dicom", "ct_nifti"]
             and summary["failed"] == [])
     for case in ("ct_nifti", "ct_dicom"):
-        doc = json.load(open(f"{out}/{case}/detections.json"))
+        doc = json.load(open(f"{out}/{case}/detections.json", encoding="utf-8"))
         assert doc["model_input_size"] == [[40, 40]]
         assert [d["slice_index"] for d in doc["detections"]] == [1, 2, 3, 4]
         for d in doc["detections"]:
@@ -171,7 +171,7 @@ def test_known_lesion_through_the_pipeline(tmp_path):
                 and f["largest_diameter_mm"] == pytest.approx(32.0))
         assert all(d["finding_id"] == f["finding_id"] for d in doc["detections"])
     # LPS centre of the box on NIfTI slice 3: continuous (22, 16) -> voxel (21.5, 15.5, 3).
-    d3 = json.load(open(f"{out}/ct_nifti/detections.json"))["detections"][2]
+    d3 = json.load(open(f"{out}/ct_nifti/detections.json", encoding="utf-8"))["detections"][2]
     assert d3["center_lps_mm"] == pytest.approx([-40 + 21.5 * 2, -30 + 15.5 * 2, 100 + 3 * 2.5])
     # Overlays: slices with a detection, plus slices with ground truth (0 and 6 have none drawn).
     overlays = sorted(os.listdir(f"{out}/ct_nifti/overlays"))
@@ -180,7 +180,7 @@ def test_known_lesion_through_the_pipeline(tmp_path):
     img = np.asarray(Image.open(f"{out}/ct_nifti/overlays/slice_002.png").convert("RGB"))
     assert tuple(img[16, 13]) == GT_COLOR and tuple(img[16, 14]) == DET_COLOR
     # FROC over the three annotated slices: the one lesion is found, no false positive there.
-    froc = json.load(open(f"{out}/froc.json"))
+    froc = json.load(open(f"{out}/froc.json", encoding="utf-8"))
     assert (froc["num_images"], froc["num_gt"], froc["num_hits"]) == (3, 1, 1)
     assert set(froc["sensitivity"].values()) == {1.0}
     assert froc["froc_convention"] == "continuous"  # the quickstart config's TEST.FROC_CONVENTION
@@ -200,7 +200,7 @@ def test_body_crop_gives_the_same_boxes_in_slice_pixels(tmp_path):
     out = str(tmp_path / "out")
     run_prediction(cfg, str(cases), out, PredictOptions(progress=False),
                    model=OracleModel((80 - lo) * 255 / (hi - lo)))
-    doc = json.load(open(f"{out}/ct/detections.json"))
+    doc = json.load(open(f"{out}/ct/detections.json", encoding="utf-8"))
     assert doc["model_input_size"] == [[34, 34]]
     assert [d["slice_index"] for d in doc["detections"]] == [1, 2, 3]
     for d in doc["detections"]:
@@ -225,7 +225,7 @@ def test_cli_folder_run(tmp_path, fpn_weights, capsys):
                            "--no-progress"] + FAST)
     assert rc == 0
     err = capsys.readouterr().err
-    summary = json.load(open(f"{out}/summary.json"))
+    summary = json.load(open(f"{out}/summary.json", encoding="utf-8"))
     assert sorted(c["case"] for c in summary["cases"]) == ["000006_01_01", "series_b", "vol_a"]
     failed = {f["case"]: f["error"] for f in summary["failed"]}
     assert set(failed) == {"broken", "series_mr", "thin"}
@@ -240,8 +240,8 @@ def test_cli_folder_run(tmp_path, fpn_weights, capsys):
 
     # Detections: per-case JSON = per-case CSV = top-level CSV = COCO results.
     rows = _read_csv(f"{out}/detections.csv")
-    coco = json.load(open(f"{out}/coco_results.json"))
-    images = json.load(open(f"{out}/coco_images.json"))
+    coco = json.load(open(f"{out}/coco_results.json", encoding="utf-8"))
+    images = json.load(open(f"{out}/coco_images.json", encoding="utf-8"))
     assert len(rows) == len(coco) == sum(c["detections"] for c in summary["cases"]) > 0
     by_id = {im["id"]: im for im in images["images"]}
     assert len(by_id) == 5 + 5 + 5 and images["categories"] == [{"id": 1, "name": "lesion"}]
@@ -252,7 +252,7 @@ def test_cli_folder_run(tmp_path, fpn_weights, capsys):
         assert res["bbox"] == pytest.approx([x1, y1, x2 - x1, y2 - y1], abs=0.011)
         assert float(row["x2_mm"]) == pytest.approx(x2 * 0.8, abs=0.005)  # x2 rounded to 0.01 px
     for case in ("vol_a", "series_b", "000006_01_01"):
-        doc = json.load(open(f"{out}/{case}/detections.json"))
+        doc = json.load(open(f"{out}/{case}/detections.json", encoding="utf-8"))
         assert len(doc["detections"]) == len(_read_csv(f"{out}/{case}/detections.csv"))
         members = sum(int(r["num_detections"]) for r in _read_csv(f"{out}/{case}/findings.csv"))
         assert members == len(doc["detections"])  # every detection in exactly one finding

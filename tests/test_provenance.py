@@ -62,7 +62,7 @@ def test_no_git_binary_gives_no_commit(monkeypatch):
 def test_cpu_is_the_first_model_name_of_proc_cpuinfo():
     if not os.path.isfile("/proc/cpuinfo"):
         pytest.skip("not Linux")
-    with open("/proc/cpuinfo") as f:
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
         names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
     if not names:
         pytest.skip("this CPU's /proc/cpuinfo names no model")

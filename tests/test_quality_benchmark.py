@@ -1,5 +1,7 @@
 """quality.py's protocol (validation split by default, one folder per model) and its comparison
 tables, on hand-made metrics and per-image FROC inputs."""
+import os
+
 import numpy as np
 import pytest
 import quality
@@ -134,7 +136,28 @@ def test_written_summary_and_metrics_carry_their_provenance(tmp_path, monkeypatc
     assert m["AP50"] is None and m["provenance"]["seeds"] == [3]
     old = tmp_path / "old"
     old.mkdir()
-    with open(quality.metrics_file(str(old), "toy", "val"), "w") as f:
+    with open(quality.metrics_file(str(old), "toy", "val"), "w", encoding="utf-8") as f:
         json.dump({"mean_sens_iou": 50.0}, f)  # a finished run from before the provenance block
     m = quality.train_and_evaluate("unused.yaml", str(old), 3, "toy", "val", [])
     assert m["mean_sens_iou"] == 50.0 and "provenance" not in m
+
+
+def test_tables_are_written_as_utf8_under_an_ascii_locale(tmp_path):
+    """The tables hold '±'; under LANG=C (an ASCII locale, UTF-8 mode off) Python's default text
+    encoding cannot write it, so every writer names its encoding."""
+    import subprocess
+    import sys
+
+    code = (
+        "import quality\n"
+        "quality.seed_pipeline = lambda s, seed, a: {'FPN': {'mean_sens_iou': 40.0 + seed},"
+        " 'FPN+TRPN': {'mean_sens_iou': 45.0 - seed}}\n"
+        f"quality.main(['--seeds', '0', '1', '--models', 'FPN', 'FPN+TRPN', '--bootstrap', '0',"
+        f" '--output', {str(tmp_path)!r}])\n")
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0",
+           "PYTHONIOENCODING": "utf-8"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          encoding="utf-8", cwd=os.path.dirname(quality.__file__))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    md = (tmp_path / "quality_val.md").read_bytes().decode("utf-8")
+    assert "40.5 ± 0.7" in md  # FPN over seeds 0 and 1: mean 40.5, sample std sqrt(0.5)

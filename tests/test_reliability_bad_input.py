@@ -132,7 +132,7 @@ def test_complete_nifti_still_reads(tmp_path):
 def test_empty_or_headerless_dl_info(dl_root, text, match):
     os.makedirs(dl_root)
     path = os.path.join(dl_root, "DL_info.csv")
-    with open(path, "w") as f:
+    with open(path, "w", encoding="utf-8") as f:
         f.write(text)
     with pytest.raises(DeepLesionFormatError, match=match) as info:
         read_dl_info(path)
@@ -295,7 +295,7 @@ def test_genotype_with_unknown_op_fails_the_model_build_naming_the_file(tmp_path
 
     from detectron2.modeling import build_model
 
-    with open(os.path.join(REPO, "configs", "genotypes", "figure3.yaml")) as f:
+    with open(os.path.join(REPO, "configs", "genotypes", "figure3.yaml"), encoding="utf-8") as f:
         genotype = yaml.safe_load(f)
     genotype["normal"][0][0] = "conv_9x9"
     bad = tmp_path / "bad_genotype.yaml"

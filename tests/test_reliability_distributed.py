@@ -85,7 +85,7 @@ def train_and_evaluate(root: str, prefix: str, opts, eval_weights: str, out_dir:
     results = train_net.Trainer.test(cfg, eval_model)
     out = {"world_size": comm.get_world_size(), "losses": losses, "digest": digest,
            "metrics": {k: dict(v) for k, v in results.items()}}
-    with open(os.path.join(out_dir, f"rank{comm.get_rank()}.json"), "w") as f:
+    with open(os.path.join(out_dir, f"rank{comm.get_rank()}.json"), "w", encoding="utf-8") as f:
         json.dump(out, f)
 
 

@@ -57,7 +57,7 @@ def test_file_names_that_are_not_utf8_fail_their_case_only(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
                           timeout=300, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert proc.returncode == 0, proc.stderr[-2000:]
-    summary = json.load(open(out / "summary.json"))
+    summary = json.load(open(out / "summary.json", encoding="utf-8"))
     assert [c["case"] for c in summary["cases"]] == ["good"]
     failed = {f["path"]: f["error"] for f in summary["failed"]}
     assert set(failed) == {"bad\\xff.nii.gz", "series"}
@@ -138,7 +138,7 @@ def test_overwrite_removes_only_this_tools_temporary_entries(tmp_path):
     ours_dir = tmp_name(str(out / "c1"))  # a killed run's case folder
     os.makedirs(ours_dir)
     ours_file = tmp_name(str(out / "summary.json"))
-    open(ours_file, "w").write("{")
+    open(ours_file, "w", encoding="utf-8").write("{")
     run(scans, out, overwrite=True)
     left = set(os.listdir(out))
     assert set(users) | {".photos.tmp-keep"} <= left
@@ -227,7 +227,7 @@ def _mtimes(folder):
 
 
 def _without_timing(path):
-    doc = json.load(open(path))
+    doc = json.load(open(path, encoding="utf-8"))
     doc.pop("timing_s")
     return doc
 

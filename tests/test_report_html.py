@@ -252,7 +252,7 @@ def test_run_writes_reports_and_index(tmp_path, browser):
     model = OracleModel((80 - lo) * 255 / (hi - lo))
     out = str(tmp_path / "out")
     run_prediction(cfg, str(cases), out, PredictOptions(gt=str(gt), progress=False), model=model)
-    manifest = json.load(open(f"{out}/ct_a/{CASE_MARKER}"))["files"]
+    manifest = json.load(open(f"{out}/ct_a/{CASE_MARKER}", encoding="utf-8"))["files"]
     assert "report.html" in manifest and "report/soft/slice_003.jpg" in manifest
     assert sum(k.startswith("report/") for k in manifest) == 3 * 7
 
@@ -283,7 +283,7 @@ def test_run_writes_reports_and_index(tmp_path, browser):
     mtime_b = os.path.getmtime(f"{out}/ct_b/report.html")
     run_prediction(cfg, str(cases), out, PredictOptions(gt=str(gt), progress=False, resume=True),
                    model=model)
-    assert manifest == json.load(open(f"{out}/ct_a/{CASE_MARKER}"))["files"]
+    assert manifest == json.load(open(f"{out}/ct_a/{CASE_MARKER}", encoding="utf-8"))["files"]
     assert os.path.getmtime(f"{out}/ct_b/report.html") == mtime_b  # verified, kept
 
     none = str(tmp_path / "none")

@@ -151,8 +151,8 @@ def test_random_flag_writes_a_usable_genotype(tmp_path):
     g = search_net.main(_search_args(tmp_path / "r1", "SEED", "11", random=True))
     written = load_genotype(str(tmp_path / "r1" / "genotype.yaml"))
     assert written == g == sample_random_genotype("elixir", 4, seed=11)
-    assert "RANDOM" in open(tmp_path / "r1" / "genotype.yaml").read()
-    prov = yaml.safe_load(open(tmp_path / "r1" / "genotype.yaml"))["provenance"]
+    assert "RANDOM" in open(tmp_path / "r1" / "genotype.yaml", encoding="utf-8").read()
+    prov = yaml.safe_load(open(tmp_path / "r1" / "genotype.yaml", encoding="utf-8"))["provenance"]
     assert (prov["searched"] is False and "seed 11" in prov["method"]
             and prov["config"].endswith(".yaml"))
     g2 = search_net.main(_search_args(tmp_path / "r2", "SEED", "12", random=True))
@@ -314,7 +314,8 @@ def test_resume_continues_from_the_last_checkpoint(tiny_set, tmp_path, monkeypat
     final = torch.load(out / "model_final.pth", weights_only=False)
     assert final["trainer"]["iteration"] == 2
     # lr of the resumed iterations follows the cosine of the whole 3-iteration search.
-    lrs = {m["iteration"]: m["lr"] for m in map(json.loads, open(out / "metrics.json"))
+    lrs = {m["iteration"]: m["lr"]
+           for m in map(json.loads, open(out / "metrics.json", encoding="utf-8"))
            if "lr" in m}
     assert lrs[2] == pytest.approx(0.5 * 0.02 * (1 + math.cos(math.pi * 2 / 3)))
     assert load_genotype(str(out / "genotype.yaml")) == genotype

@@ -105,7 +105,7 @@ def test_nifti_rois_are_the_lesion_in_physical_space(tmp_path, direction):
     det = {"slice_index": finding.best_slice, "x1": box[0], "y1": box[1], "x2": box[2],
            "y2": box[3], "score": 0.5, "finding_id": 0}
     write_case_markups(str(tmp_path), ct, [finding], [det])
-    doc = json.load(open(tmp_path / "findings.mrk.json"))
+    doc = json.load(open(tmp_path / "findings.mrk.json", encoding="utf-8"))
     check_schema(doc)
     (m,) = doc["markups"]
     assert (m["type"], m["coordinateSystem"], m["coordinateUnits"], m["roiType"]) == (
@@ -115,7 +115,7 @@ def test_nifti_rois_are_the_lesion_in_physical_space(tmp_path, direction):
     _same_points(roi_corners(m), lesion_corners(stored))
     # One detection: the key slice's box, one slice thick: its mid-plane corners are the
     # stored lesion's corners moved onto the key slice's plane.
-    dets = json.load(open(tmp_path / "detections.mrk.json"))
+    dets = json.load(open(tmp_path / "detections.mrk.json", encoding="utf-8"))
     check_schema(dets)
     (d,) = dets["markups"]
     axes = np.asarray(d["orientation"]).reshape(3, 3)
@@ -145,11 +145,13 @@ def test_dicom_rois_match_simpleitk_and_the_run_writes_them(tmp_path):
     reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(cases / "feet_first")))
     stored = {"feet_first": reader.Execute(), "ras": sitk.ReadImage(str(cases / "ras.nii.gz"))}
     for case, img in stored.items():
-        doc = json.load(open(out / case / "findings.mrk.json"))
+        doc = json.load(open(out / case / "findings.mrk.json", encoding="utf-8"))
         check_schema(doc)
         (m,) = doc["markups"]
         _same_points(roi_corners(m), lesion_corners(img))
-        detections = json.load(open(out / case / "detections.mrk.json"))["markups"]
-        assert len(detections) == len(json.load(open(out / case / "detections.json"))
+        detections = json.load(open(out / case / "detections.mrk.json",
+                                    encoding="utf-8"))["markups"]
+        assert len(detections) == len(json.load(open(out / case / "detections.json",
+                                                     encoding="utf-8"))
                                       ["detections"]) == 4
         assert not os.path.exists(out / case / "dicom_sr")  # SR only with --dicom-sr

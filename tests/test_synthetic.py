@@ -40,7 +40,7 @@ def read_png_hu(path):
 def dataset(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("synthetic") / "set")
     summary = generate_deeplesion(out, **KW)
-    with open(os.path.join(out, "DL_info.csv"), newline="") as f:
+    with open(os.path.join(out, "DL_info.csv"), encoding="utf-8", newline="") as f:
         rows = list(csv.DictReader(f))
         f.seek(0)
         header = next(csv.reader(f))
@@ -184,7 +184,8 @@ def test_deterministic_by_seed(tmp_path):
         files += [os.path.relpath(os.path.join(root, n), a) for n in names]
     _, mismatch, errors = filecmp.cmpfiles(a, b, files, shallow=False)
     assert not mismatch and not errors and len(files) > 20
-    with open(os.path.join(a, "DL_info.csv")) as fa, open(os.path.join(c, "DL_info.csv")) as fc:
+    with open(os.path.join(a, "DL_info.csv"), encoding="utf-8") as fa, \
+            open(os.path.join(c, "DL_info.csv"), encoding="utf-8") as fc:
         assert fa.read() != fc.read()
 
 

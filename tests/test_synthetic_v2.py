@@ -36,7 +36,7 @@ def read_hu(out, file_name):
 def dataset(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("v2") / "set")
     summary = generate_deeplesion_v2(out, **KW)
-    with open(os.path.join(out, "DL_info.csv"), newline="") as f:
+    with open(os.path.join(out, "DL_info.csv"), encoding="utf-8", newline="") as f:
         rows = list(csv.DictReader(f))
     return out, summary, rows
 
@@ -172,10 +172,10 @@ def test_names_registered_and_generated_on_first_use(tmp_path):
     loaded = json.loads(proc.stdout.strip().splitlines()[-1])
     for name, generator, seed in (("synthetic_v2", "deeplesion_v2", 0),
                                   ("synthetic_seed7", "deeplesion", 7)):
-        with open(datasets / name / ".complete.json") as f:
+        with open(datasets / name / ".complete.json", encoding="utf-8") as f:
             marker = json.load(f)
         assert marker["generator"] == generator and marker["options"]["seed"] == seed
-        with open(datasets / name / "DL_info.csv", newline="") as f:
+        with open(datasets / name / "DL_info.csv", encoding="utf-8", newline="") as f:
             keys = {r["File_name"] for r in csv.DictReader(f) if r["Train_Val_Test"] == "3"}
         assert loaded[f"{name}_test"] == len(keys) > 0
     assert not (datasets / "synthetic").exists()  # only the names loaded were generated

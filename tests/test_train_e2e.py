@@ -43,7 +43,7 @@ def test_train_then_eval_only(tiny_set, tmp_path):
     weights = tmp_path / "model_final.pth"
     assert weights.exists()
     # the training log really went through 4 iterations (0..3) with finite losses
-    metrics = [json.loads(line) for line in open(tmp_path / "metrics.json")]
+    metrics = [json.loads(line) for line in open(tmp_path / "metrics.json", encoding="utf-8")]
     losses = {m["iteration"]: m["total_loss"] for m in metrics if "total_loss" in m}
     assert max(losses) == 3 and all(v == v for v in losses.values())
 

@@ -51,12 +51,13 @@ def test_crafted_names_stay_inside_output_and_stay_distinct(tmp_path):
     expected = {"case~1": 3, "case~2": 4, "a~1": 5, "a_2": 6, "a~2": 7, "summary.json~1": 8}
     assert {c["case"]: c["slices"] for c in summary["cases"]} == expected
     for case, slices in expected.items():  # each folder holds its own input's results
-        doc = json.load(open(out / case / "detections.json"))
+        doc = json.load(open(out / case / "detections.json", encoding="utf-8"))
         assert doc["case"] == case and doc["num_slices_read"] == slices
     new = files_under(tmp_path) - before
     assert all(p.startswith(os.path.join("work", "out") + os.sep) for p in new), sorted(new)
-    assert json.load(open(out / "summary.json"))["cases"] == summary["cases"]
-    assert len(json.load(open(out / "coco_images.json"))["images"]) == sum(expected.values())
+    assert json.load(open(out / "summary.json", encoding="utf-8"))["cases"] == summary["cases"]
+    images = json.load(open(out / "coco_images.json", encoding="utf-8"))["images"]
+    assert len(images) == sum(expected.values())
 
 
 def test_case_ids_by_hand():
@@ -144,7 +145,7 @@ def test_one_failed_case_is_reported_and_the_folder_completes(tmp_path, monkeypa
     assert sorted(os.listdir(out)) == ["coco_images.json", "coco_results.json", "detections.csv",
                                        "findings.csv", "good", "index.html", "summary.json"]
     # header + 2 per slice
-    assert len(open(out / "detections.csv").read().splitlines()) == 1 + 3 * 2
+    assert len(open(out / "detections.csv", encoding="utf-8").read().splitlines()) == 1 + 3 * 2
 
 
 def test_lps_reorientation_by_slabs_equals_dicomorient():
@@ -193,7 +194,7 @@ def test_outputs_name_inputs_relative_to_input(tmp_path):
     assert s["failed"][0]["error"].startswith(os.path.join("sub", "broken.nii.gz") + ": unreadable "
                                                                                      "NIfTI")
     assert s["ignored"] == ["notes.txt"]
-    assert json.load(open(out / "good" / "detections.json"))["warnings"] == [
+    assert json.load(open(out / "good" / "detections.json", encoding="utf-8"))["warnings"] == [
         "good.nii.gz: non-square pixels (0.8 x 0.9 mm); resampled by the x spacing as in training"]
     for path in files_under(out):
         assert str(tmp_path).encode() not in (out / path).read_bytes(), path
@@ -211,7 +212,7 @@ def test_anonymized_ids_and_a_separate_mapping(tmp_path):
     assert ([c["case"] for c in s["cases"]] == ["case_0002"]
             and s["failed"][0]["case"] == "case_0001")
     assert s["failed"][0]["error"].startswith("case_0001: unreadable NIfTI")
-    assert open(tmp_path / "private" / "ids.csv").read() == (
+    assert open(tmp_path / "private" / "ids.csv", encoding="utf-8").read() == (
         "case_id,input\ncase_0001,Doe_Jane/Doe_Jane_0001.nii.gz\ncase_0002,Smith_John.nii.gz\n")
     for path in files_under(out):
         data = (out / path).read_bytes()
@@ -247,7 +248,8 @@ def test_a_failed_case_write_leaves_no_partial_folder(tmp_path, monkeypatch):
 
     def full_disk(case_dir, pred, *a):
         if pred.volume.name == "c1":
-            open(os.path.join(case_dir, "detections.json"), "w").write('{"case": "c1", "detec')
+            with open(os.path.join(case_dir, "detections.json"), "w", encoding="utf-8") as f:
+                f.write('{"case": "c1", "detec')
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(case_dir, pred, *a)
 
@@ -258,4 +260,4 @@ def test_a_failed_case_write_leaves_no_partial_folder(tmp_path, monkeypatch):
     assert sorted(os.listdir(out)) == ["c2", "coco_images.json", "coco_results.json",
                                        "detections.csv", "findings.csv", "index.html",
                                        "summary.json"]
-    assert json.load(open(out / "summary.json"))["cases"][0]["case"] == "c2"
+    assert json.load(open(out / "summary.json", encoding="utf-8"))["cases"][0]["case"] == "c2"

@@ -172,7 +172,7 @@ def parse_dl_info_row(row: Dict[str, str], where: str) -> Dict:
 
 def write_dl_info(csv_path: str, rows: List[Dict]) -> None:
     """Write ``rows`` (dicts keyed by :data:`DL_INFO_COLUMNS`) as a DL_info.csv."""
-    with PathManager.open(csv_path, "w") as f:
+    with PathManager.open(csv_path, "w", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=list(DL_INFO_COLUMNS), lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
@@ -181,7 +181,7 @@ def write_dl_info(csv_path: str, rows: List[Dict]) -> None:
 def read_dl_info(csv_path: str) -> List[Dict]:
     """Parse every row of DL_info.csv; raise DeepLesionFormatError naming file, row and column."""
     try:
-        with PathManager.open(csv_path, "r") as f:
+        with PathManager.open(csv_path, "r", encoding="utf-8") as f:
             text = f.read()
     except UnicodeDecodeError as e:
         raise DeepLesionFormatError(f"{csv_path}: not a text (UTF-8) file: {e}") from None

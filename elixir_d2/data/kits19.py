@@ -269,7 +269,7 @@ def load_kits19_dicts(cache_dir: str, split: str, seed: int = 0,
         raise FileNotFoundError(f"KiTS19 cache not found: {path}; run `python -m "
                                 f"elixir_d2.data.kits19 --root {root} --cache {cache_dir}` (see "
                                 "datasets/README.md)")
-    with PathManager.open(path, "r") as f:
+    with PathManager.open(path, "r", encoding="utf-8") as f:
         data = json.load(f)
     if data.get("version") != CACHE_VERSION or "records" not in data or "cases" not in data:
         raise KiTS19Error(f"{path}: not a KiTS19 cache of version {CACHE_VERSION}; prepare it "

@@ -69,7 +69,7 @@ def _cached_records(out_dir: str, stamp: Dict) -> Optional[List[Dict]]:
     """The records of a complete case cache made from the same files and options, else None:
     case.json must parse, match ``stamp``, and every PNG it lists must be there at its size."""
     try:
-        with open(os.path.join(out_dir, "case.json")) as f:
+        with open(os.path.join(out_dir, "case.json"), encoding="utf-8") as f:
             meta = json.load(f)
         if meta.get("stamp") != stamp:
             return None
@@ -179,7 +179,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
         args.root = os.path.join(datasets_root(), "kits19")
     cache = args.cache or os.path.join(args.root, "cache")
     summary = prepare_kits19(args.root, cache, slice_axis=axis, margin_mm=args.margin_mm)
-    with PathManager.open(os.path.join(cache, RECORDS_FILE), "r") as f:
+    with PathManager.open(os.path.join(cache, RECORDS_FILE), "r", encoding="utf-8") as f:
         cases = json.load(f)["cases"]
     train, test = split_cases(cases)
     summary.update({"cache": cache, "train_cases": len(train), "test_cases": len(test)})

@@ -363,7 +363,7 @@ def write_deeplesion(out_dir: str, *, num_patients: int = DEFAULT_PATIENTS,
                 stats["types"][LESION_TYPES[t - 1]] += 1
                 summary["noisy_lesions"] += int(noisy)
     write_dl_info(os.path.join(out_dir, "DL_info.csv"), rows)
-    with PathManager.open(os.path.join(out_dir, "synthetic_info.json"), "w") as f:
+    with PathManager.open(os.path.join(out_dir, "synthetic_info.json"), "w", encoding="utf-8") as f:
         # same bytes anywhere
         json.dump({k: v for k, v in summary.items() if k != "out_dir"}, f, indent=1)
     return summary

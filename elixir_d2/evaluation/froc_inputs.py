@@ -46,7 +46,7 @@ def read_froc_inputs(path: str) -> FrocInputs:
     """Read a file written by :func:`write_froc_inputs`; a malformed one is a ValueError naming
     ``path``."""
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             payload = json.load(f)
         images: List[Dict] = payload["images"]
         return FrocInputs(

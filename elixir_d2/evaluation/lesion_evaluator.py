@@ -379,7 +379,8 @@ class LesionEvaluator(DatasetEvaluator):
             vals = [f"{metrics[f'sens@{fp_key(f)}_{crit}']:.4f}" for f in self._fps]
             lines.append(",".join([crit] + vals + [f"{metrics[f'mean_sens_{crit}']:.4f}",
                                                    f"{froc[crit]['max_fp_per_image']:.4f}"]))
-        with PathManager.open(os.path.join(self._output_dir, "froc.csv"), "w") as f:
+        with PathManager.open(os.path.join(self._output_dir, "froc.csv"), "w",
+                              encoding="utf-8") as f:
             f.write("\n".join(lines) + "\n")
 
         def clean(v):
@@ -398,7 +399,8 @@ class LesionEvaluator(DatasetEvaluator):
             "counts": extra["counts"],
             "max_fp_per_image": {c: froc[c]["max_fp_per_image"] for c in CRITERIA},
         }
-        with PathManager.open(os.path.join(self._output_dir, "lesion_metrics.json"), "w") as f:
+        with PathManager.open(os.path.join(self._output_dir, "lesion_metrics.json"), "w",
+                              encoding="utf-8") as f:
             json.dump(payload, f, indent=2)
         curves = {CRITERION_NAMES[c]: (froc[c]["fp_per_image"], froc[c]["sens_curve"])
                   for c in CRITERIA}

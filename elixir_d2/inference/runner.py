@@ -160,7 +160,7 @@ def load_ground_truth(path: str) -> GroundTruth:
             logger.info(f"{path}: {noisy} lesion(s) flagged Possibly_noisy left out of the ground "
                         "truth")
         return gt
-    with PathManager.open(path, "r") as f:
+    with PathManager.open(path, "r", encoding="utf-8") as f:
         try:
             data = json.load(f)
         except json.JSONDecodeError as e:

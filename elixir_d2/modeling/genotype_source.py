@@ -68,7 +68,7 @@ def load_genotype_file(path: str) -> Tuple[Genotype, Dict[str, Any]]:
         raise MissingFileError(
             f"MODEL.ALB.GENOTYPE: genotype file {path} not found; give a genotype YAML written by "
             "search_net.py or configs/genotypes/figure3.yaml")
-    with PathManager.open(resolved, "r") as f:
+    with PathManager.open(resolved, "r", encoding="utf-8") as f:
         try:
             data = yaml.safe_load(f)
         except (yaml.YAMLError, UnicodeDecodeError) as e:
@@ -150,5 +150,5 @@ def write_genotype(genotype: Genotype, path: str, comment: str = "",
     if provenance:
         data["provenance"] = dict(provenance)
     body = yaml.safe_dump(data, sort_keys=False, default_flow_style=None)
-    with PathManager.open(path, "w") as f:
+    with PathManager.open(path, "w", encoding="utf-8") as f:
         f.write(header + body)

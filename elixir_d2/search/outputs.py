@@ -86,10 +86,10 @@ def format_genotype(genotype: Genotype) -> str:
 def _write_text(path: str, text: str) -> None:
     # Local files are replaced whole, so a search killed mid-write keeps the previous version.
     if "://" in path:
-        with PathManager.open(path, "w") as f:
+        with PathManager.open(path, "w", encoding="utf-8") as f:
             f.write(text)
         return
-    with PathManager.open(path + ".tmp", "w") as f:
+    with PathManager.open(path + ".tmp", "w", encoding="utf-8") as f:
         f.write(text)
     os.replace(path + ".tmp", path)
 
@@ -152,7 +152,7 @@ class AlphaRecorder(HookBase):
         }
         done = self.trainer.start_iter // self.iters_per_epoch
         if done and PathManager.exists(self.json_path):
-            with PathManager.open(self.json_path, "r") as f:
+            with PathManager.open(self.json_path, "r", encoding="utf-8") as f:
                 old = json.load(f)
             if old.get("ops") != self.history["ops"] or old.get("edges") != self.history["edges"]:
                 raise ValueError(

@@ -202,7 +202,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     print(format_table(rec))
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
+        with open(args.json, "w", encoding="utf-8") as f:
             json.dump(rec, f, indent=1)
     return rec
 

@@ -77,7 +77,7 @@ def run_once(args: argparse.Namespace, processes: int, cases_dir: str, out_dir: 
     if proc.returncode != 0:
         raise SystemExit(f"predict_net.py with {processes} process(es) failed "
                          f"(exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-    with open(os.path.join(out_dir, "summary.json")) as f:
+    with open(os.path.join(out_dir, "summary.json"), encoding="utf-8") as f:
         summary = json.load(f)
     if summary["failed"]:
         raise SystemExit(f"{len(summary['failed'])} case(s) failed: {summary['failed']}")
@@ -88,7 +88,7 @@ def run_once(args: argparse.Namespace, processes: int, cases_dir: str, out_dir: 
 def cpu_name() -> str:
     """The CPU's model name and core count, as Linux reports them."""
     try:
-        with open("/proc/cpuinfo") as f:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
             name = next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
     except (OSError, StopIteration):
         name = "unknown CPU"

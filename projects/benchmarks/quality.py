@@ -62,7 +62,7 @@ SEARCH_CONFIG = "configs/quickstart/search_alb.yaml"
 
 def _run(cmd: List[str], log: str) -> None:
     os.makedirs(os.path.dirname(log), exist_ok=True)
-    with open(log, "w") as f:
+    with open(log, "w", encoding="utf-8") as f:
         code = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
     if code != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed (exit {code}); see {log}")
@@ -99,7 +99,7 @@ def train_and_evaluate(config: str, run_dir: str, seed: int, data_set: str, spli
         _run([sys.executable, __file__, "--evaluate", out, "--config-file", config, *common,
               "MODEL.WEIGHTS", os.path.join(run_dir, "model_final.pth")],
              os.path.join(run_dir, f"eval_{split}.log"))
-    with open(out) as f:
+    with open(out, encoding="utf-8") as f:
         metrics = json.load(f)
     metrics["froc_inputs"] = os.path.join(run_dir, "inference", f"{data_set}_{split}",
                                           "froc_inputs.json")
@@ -132,7 +132,7 @@ def write_metrics(out_file: str, metrics: Dict[str, float], seed: int) -> None:
 
     doc = {k: (v if v == v else None) for k, v in metrics.items()}
     doc["provenance"] = provenance(seeds=[seed])
-    with open(out_file, "w") as f:
+    with open(out_file, "w", encoding="utf-8") as f:
         json.dump(doc, f, indent=1)
 
 
@@ -226,10 +226,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
                                        seeds=args.seeds, started=t0)
     lines.append(provenance_line(summary["provenance"]))
     os.makedirs(args.output, exist_ok=True)
-    with open(os.path.join(args.output, f"quality_{args.split}.json"), "w") as f:
+    with open(os.path.join(args.output, f"quality_{args.split}.json"), "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=1)
     text = "\n".join(lines)
-    with open(os.path.join(args.output, f"quality_{args.split}.md"), "w") as f:
+    with open(os.path.join(args.output, f"quality_{args.split}.md"), "w", encoding="utf-8") as f:
         f.write(text + "\n")
     print(text)
     return summary

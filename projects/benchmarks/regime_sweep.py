@@ -69,7 +69,7 @@ def run_variant(name: str, spec: List, groups: Dict, args) -> Dict:
     metrics_json = os.path.join(out, f"quality_metrics_{args.set}_{args.split}.json")
     os.makedirs(out, exist_ok=True)
     t0 = time.time()
-    with open(out + ".log", "w") as log:
+    with open(out + ".log", "w", encoding="utf-8") as log:
         code = subprocess.call([sys.executable, "train_net.py", *common, "DATASETS.TEST", "()"],
                                stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
         t1 = time.time()
@@ -80,7 +80,7 @@ def run_variant(name: str, spec: List, groups: Dict, args) -> Dict:
                                    stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     if code != 0:
         return {"error": f"exit {code}, see {out}.log"}
-    with open(metrics_json) as f:
+    with open(metrics_json, encoding="utf-8") as f:
         metrics = json.load(f)
     metrics["train_s"] = t1 - t0
     return metrics
@@ -140,7 +140,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     ap.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides for every variant")
     args = ap.parse_args(argv)
     args.output = os.path.abspath(args.output)
-    with open(args.variants) as f:
+    with open(args.variants, encoding="utf-8") as f:
         spec = json.load(f)
     groups, variants = spec.get("groups", {}), spec["variants"]
     if "provenance" in variants:
@@ -153,7 +153,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         results = dict(zip(variants,
                            pool.map(lambda v: run_variant(v, variants[v], groups, args), variants)))
     prov = provenance(None if argv is None else [__file__, *argv], started=started)
-    with open(os.path.join(args.output, "sweep.json"), "w") as f:
+    with open(os.path.join(args.output, "sweep.json"), "w", encoding="utf-8") as f:
         json.dump({"provenance": prov, **results}, f, indent=1)
     print(f"{args.set}_{args.split}, {args.iters} iterations unless a variant says otherwise\n")
     print("| variant | " + " | ".join(COLUMNS) + " |")

@@ -151,11 +151,11 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     text = "\n".join(lines)
     print("\n" + text)
     os.makedirs(args.output, exist_ok=True)
-    with open(os.path.join(args.output, "bench.md"), "w") as f:
+    with open(os.path.join(args.output, "bench.md"), "w", encoding="utf-8") as f:
         f.write(text + "\n")
     out = {"cpu": cpu, "gpu": gpu, "loader_records_per_s": loader_rps, "froc_s": froc,
            "threads": args.threads, "rounds": rounds, "quick": args.quick, "provenance": prov}
-    with open(os.path.join(args.output, "bench.json"), "w") as f:
+    with open(os.path.join(args.output, "bench.json"), "w", encoding="utf-8") as f:
         json.dump(out, f, indent=1)
     return out
 

@@ -103,7 +103,7 @@ def set_stats(root: str, splits: Sequence[str] = tuple(SPLITS)) -> Dict[str, Dic
     """The statistics of each split of the set at ``root`` (see the module docstring)."""
     lesions = read_dl_info(os.path.join(root, "DL_info.csv"))
     info_path = os.path.join(root, "synthetic_info.json")
-    info = json.load(open(info_path)) if os.path.isfile(info_path) else {}
+    info = json.load(open(info_path, encoding="utf-8")) if os.path.isfile(info_path) else {}
     out = {}
     for split in splits:
         rows = [les for les in lesions if les["split"] == SPLITS[split]]
@@ -168,7 +168,7 @@ def main(argv: Sequence[str] | None = None) -> Dict[str, Dict[str, Dict]]:
         from elixir_d2.provenance import provenance
 
         prov = provenance(None if argv is None else [__file__, *argv])
-        with open(args.json, "w") as f:
+        with open(args.json, "w", encoding="utf-8") as f:
             json.dump({"provenance": prov, **results}, f, indent=1)
     return results
 

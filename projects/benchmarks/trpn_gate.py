@@ -187,7 +187,7 @@ def main(argv=None) -> None:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     data: Dict[str, List[Row]] = {}
     if args.cache and os.path.exists(args.cache):
-        with open(args.cache) as f:
+        with open(args.cache, encoding="utf-8") as f:
             data = json.load(f)
     for run in args.runs:
         for seed in args.seeds:
@@ -196,7 +196,7 @@ def main(argv=None) -> None:
                 if key not in data:
                     data[key] = lesion_rows(key)
                     if args.cache:
-                        with open(args.cache, "w") as f:
+                        with open(args.cache, "w", encoding="utf-8") as f:
                             json.dump(data, f)
     for run in args.runs:
         pooled: List[List[Row]] = [[], []]

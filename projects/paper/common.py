@@ -259,7 +259,8 @@ class Recipe:
         return path
 
     def record(self, name: str) -> dict:
-        with PathManager.open(os.path.join(self.step_dir(name), STEP_DONE), "r") as f:
+        with PathManager.open(os.path.join(self.step_dir(name), STEP_DONE), "r",
+                              encoding="utf-8") as f:
             return json.load(f)
 
     def metrics(self, name: str, split: str) -> dict:
@@ -268,7 +269,7 @@ class Recipe:
                             "lesion_metrics.json")
         if not PathManager.exists(path):
             raise StepFailed(f"{path} does not exist: step {name!r} did not evaluate on {split}")
-        with PathManager.open(path, "r") as f:
+        with PathManager.open(path, "r", encoding="utf-8") as f:
             return json.load(f)["metrics"]
 
     # ---------------------------------------------------------------- running
@@ -309,7 +310,8 @@ class Recipe:
         info.update({"wall_s": round(time.time() - t0, 1), "num_gpus": self.num_gpus,
                      "quick": self.quick, "finished_at": time.time(), "signature": signature,
                      "provenance": self.provenance(started=t0)})
-        with PathManager.open(os.path.join(self.step_dir(name), STEP_DONE), "w") as f:
+        with PathManager.open(os.path.join(self.step_dir(name), STEP_DONE), "w",
+                              encoding="utf-8") as f:
             json.dump(info, f, indent=1)
         self.ran[name] = info
         logger.info("step %s finished in %.0f s", name, info["wall_s"])
@@ -410,7 +412,7 @@ class Recipe:
         if isinstance(obj, dict):
             obj = {**obj, "provenance": self.provenance()}
         path = os.path.join(self.output, filename)
-        with PathManager.open(path, "w") as f:
+        with PathManager.open(path, "w", encoding="utf-8") as f:
             json.dump(obj, f, indent=1)
         return path
 
@@ -421,7 +423,7 @@ class Recipe:
 
         text += "\n\n" + provenance_line(self.provenance())
         path = os.path.join(self.output, filename)
-        with PathManager.open(path, "w") as f:
+        with PathManager.open(path, "w", encoding="utf-8") as f:
             f.write(text + "\n")
         print(text)
         print(f"[paper] written to {path}")

@@ -102,7 +102,8 @@ class Train:
             n = recipe.args.speed_images or (5 if recipe.quick else 50)
             info = measure_speed(recipe.step_dir(self.name),
                                  recipe.source.name(self.test_splits[0]), n)
-            with PathManager.open(os.path.join(recipe.step_dir(self.name), "speed.json"), "w") as f:
+            with PathManager.open(os.path.join(recipe.step_dir(self.name), "speed.json"), "w",
+                                  encoding="utf-8") as f:
                 json.dump(info, f, indent=1)
 
     def describe(self, recipe: Recipe) -> dict:

@@ -40,7 +40,7 @@ NOT_RUN = ("3DCE, 3 slices", "3DCE, 9 slices", "3DCE, 27 slices")
 
 
 def _speed(recipe: Recipe, step: str) -> dict:
-    with open(os.path.join(recipe.step_dir(step), "speed.json")) as f:
+    with open(os.path.join(recipe.step_dir(step), "speed.json"), encoding="utf-8") as f:
         return json.load(f)
 
 

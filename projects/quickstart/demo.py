@@ -53,7 +53,7 @@ def config(name: str, output_dir: str, opts: List[str]):
     resolve_genotype_config(cfg)  # config.yaml then records the ALB structure
     cfg.freeze()
     PathManager.mkdirs(output_dir)
-    with PathManager.open(os.path.join(output_dir, "config.yaml"), "w") as f:
+    with PathManager.open(os.path.join(output_dir, "config.yaml"), "w", encoding="utf-8") as f:
         f.write(cfg.dump())
     return cfg
 
@@ -169,7 +169,7 @@ def write_results(path: str, rows: Dict[str, Dict], params: Dict[str, int],
     """demo_results.json: each model's metrics (NaN as null), parameters, stage seconds, the
     searched genotype, the training precision and the run's provenance."""
     clean = {k: {m: (v if v == v else None) for m, v in r.items()} for k, r in rows.items()}
-    with PathManager.open(path, "w") as f:
+    with PathManager.open(path, "w", encoding="utf-8") as f:
         json.dump({"rows": clean, "params": params, "seconds": times, "genotype": genotype,
                    "precision": precision, "provenance": prov}, f, indent=2)
 

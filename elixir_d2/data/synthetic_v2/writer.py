@@ -143,7 +143,7 @@ def write_deeplesion_v2(out_dir: str, *, num_patients: int = DEFAULT_PATIENTS,
                 stats["types"][LESION_TYPES[les.lesion_type - 1]] += 1
                 summary["noisy_lesions"] += int(noisy)
     write_dl_info(os.path.join(out_dir, "DL_info.csv"), rows)
-    with PathManager.open(os.path.join(out_dir, "synthetic_info.json"), "w") as f:
+    with PathManager.open(os.path.join(out_dir, "synthetic_info.json"), "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=1)
     return dict(summary, out_dir=out_dir)
 

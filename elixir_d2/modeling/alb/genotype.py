@@ -169,7 +169,7 @@ def load_genotype(path: str) -> Genotype:
     """Read and validate a genotype YAML file (any PathManager path)."""
     if not path:
         raise GenotypeError("No genotype file given (MODEL.ALB.GENOTYPE is empty)")
-    with PathManager.open(path, "r") as f:
+    with PathManager.open(path, "r", encoding="utf-8") as f:
         try:
             data = yaml.safe_load(f)
         except (yaml.YAMLError, UnicodeDecodeError) as e:
@@ -182,7 +182,7 @@ def save_genotype(genotype: Genotype, path: str, comment: Optional[str] = None) 
     genotype.validate(path)
     header = "".join(f"# {line}\n" for line in comment.splitlines()) if comment else ""
     body = yaml.safe_dump(genotype.to_dict(), sort_keys=False, default_flow_style=None)
-    with PathManager.open(path, "w") as f:
+    with PathManager.open(path, "w", encoding="utf-8") as f:
         f.write(header + body)
 
 
