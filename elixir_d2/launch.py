@@ -6,6 +6,7 @@ worker insists on CUDA and NCCL, so without CUDA this module starts the same pro
 """
 from __future__ import annotations
 
+import gc
 import socket
 from datetime import timedelta
 from typing import Any, Callable, Optional, Sequence
@@ -80,4 +81,9 @@ def _cpu_worker(local_rank: int, main_func: Callable, world_size: int, procs_per
     try:
         main_func(*args)
     finally:
+        # detectron2's comm module holds the local group: drop that reference with the groups, so
+        # that gloo's threads are joined here and not at interpreter teardown, where a group still
+        # alive can abort the worker ("terminate called without an active exception").
+        comm._LOCAL_PROCESS_GROUP = None
         dist.destroy_process_group()
+        gc.collect()

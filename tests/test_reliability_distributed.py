@@ -129,3 +129,26 @@ def test_two_process_training_and_evaluation_match_one_process(tmp_path):
         assert m2[k] == pytest.approx(v, rel=0, abs=0, nan_ok=True), k
     # non-trivial numbers: a comparison of all-zero metrics would prove little
     assert 0 < m1["sens@8_iobb"]
+
+
+def test_a_cpu_worker_leaves_no_process_group_behind():
+    """After its work, a gloo worker holds no process group, not even through detectron2's comm
+    module: groups still alive at interpreter teardown can abort the process."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from detectron2.utils import comm
+
+    from elixir_d2 import launch as launch_mod
+
+    seen = {}
+
+    def work():
+        seen["local"] = comm._LOCAL_PROCESS_GROUP is not None
+        seen["world"] = comm.get_world_size()
+
+    launch_mod._cpu_worker(0, work, 1, 1, 0, launch_mod._local_dist_url(), (),
+                           timedelta(seconds=60))
+    assert seen == {"local": True, "world": 1}
+    assert comm._LOCAL_PROCESS_GROUP is None and not dist.is_initialized()
