@@ -1,5 +1,6 @@
 """Shared test fixtures: tiny hand-made DeepLesion-format folders."""
 import csv
+import locale
 import os
 
 import numpy as np
@@ -18,6 +19,16 @@ def _one_torch_thread():
     process may set its own): float sums then do not depend on the order the tests ran in."""
     torch.set_num_threads(1)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _process_locale_restored():
+    """GDCM's DICOM writer (SimpleITK, used by the tests' DICOM helpers) leaves the process in the
+    C locale, whose default text encoding is ASCII: every later test would then run under it."""
+    saved = locale.setlocale(locale.LC_ALL)
+    yield
+    if locale.setlocale(locale.LC_ALL) != saved:
+        locale.setlocale(locale.LC_ALL, saved)
 
 
 def dl_row(file_name="000001_01_01_005.png", box=(11, 21, 31, 41), split=3, lesion_type=-1,

@@ -185,7 +185,7 @@ def test_roi_heads_pointwise_before_pooling_same_outputs_and_losses(tmp_path):
     assert not build(True, "MODEL.ALB.STEM", "conv_3x3").roi_heads.box_head.pointwise_before_pooling
     no_relations = tmp_path / "no_nonlocal.yaml"
     with open(DEFAULT, encoding="utf-8") as f:
-        no_relations.write_text(f.read().replace("region_nonlocal", "conv_1x1"))
+        no_relations.write_text(f.read().replace("region_nonlocal", "conv_1x1"), encoding="utf-8")
     rtm = build(True, "MODEL.ALB.GENOTYPE", str(no_relations), "MODEL.RTM.ENABLED", "True",
                 "MODEL.ROI_HEADS.NUM_CLASSES", "8")
     assert rtm.roi_heads.rtm.phi.in_features == 64 and rtm.roi_heads.rtm.has_own_relations

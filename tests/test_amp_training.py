@@ -223,6 +223,6 @@ def test_demo_results_json_holds_nulls_for_nan_and_the_provenance(tmp_path):
     path = tmp_path / "demo_results.json"
     write_results(str(path), {"FPN": {"AP": float("nan"), "sens@4_iou": 50.0}}, {"FPN": 10},
                   {"data": 1.0}, "g.yaml", "float32", prov)
-    doc = json.loads(path.read_text())
+    doc = json.loads(path.read_text(encoding="utf-8"))
     assert doc["rows"] == {"FPN": {"AP": None, "sens@4_iou": 50.0}}
     assert doc["provenance"] == prov and doc["provenance"]["seeds"] == [3]

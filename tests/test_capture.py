@@ -54,7 +54,8 @@ def test_asking_for_what_the_model_lacks_is_a_clear_error_at_entry(tmp_path):
         with capture(fpn, "conf_maps"):
             pass
     with open(FIGURE3, encoding="utf-8") as f:  # the same layout with no region_nonlocal edge
-        (tmp_path / "none.yaml").write_text(f.read().replace("region_nonlocal", "conv_1x1"))
+        (tmp_path / "none.yaml").write_text(f.read().replace("region_nonlocal", "conv_1x1"),
+                                            encoding="utf-8")
     with pytest.raises(ValueError, match="ALBHead has no region_nonlocal edge"):
         with capture(_head(str(tmp_path / "none.yaml")), "relations"):
             pass

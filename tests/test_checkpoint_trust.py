@@ -95,12 +95,13 @@ def test_run_config_records_the_resolved_genotype_and_build_logs_its_origin(tmp_
     assert "figure3.yaml" in text and "not searched" in text
     # The dumped config (what config.yaml holds) rebuilds the same structure...
     dumped = tmp_path / "config.yaml"
-    dumped.write_text(cfg.dump())
+    dumped.write_text(cfg.dump(), encoding="utf-8")
     again = load_config(str(dumped))
     assert yaml.safe_load(again.MODEL.ALB.GENOTYPE_YAML) == load_genotype(FIGURE3).to_dict()
     # ... and refuses a genotype file that changed since.
     changed = tmp_path / "g.yaml"
-    changed.write_text(yaml.safe_dump(_swap_dilation(load_genotype(FIGURE3)).to_dict()))
+    changed.write_text(yaml.safe_dump(_swap_dilation(load_genotype(FIGURE3)).to_dict()),
+                       encoding="utf-8")
     bad = load_config(str(dumped), ["MODEL.ALB.GENOTYPE", str(changed)])
     with pytest.raises(UserInputError,
                        match=r"GENOTYPE_YAML .* differs from the genotype in .*g\.yaml"):

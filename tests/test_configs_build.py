@@ -80,7 +80,7 @@ def _train_step(model, channels=3, size=64):
 @pytest.fixture(scope="module")
 def darts_genotype(tmp_path_factory):
     path = tmp_path_factory.mktemp("genotypes") / "darts.yaml"
-    path.write_text(DARTS_GENOTYPE)
+    path.write_text(DARTS_GENOTYPE, encoding="utf-8")
     return str(path)
 
 

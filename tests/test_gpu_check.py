@@ -57,7 +57,7 @@ def test_cpu_dry_run_runs_every_stage(tmp_path):
                    ln.split()[1] in gpu_check.STAGES]
     assert [ln.split()[1] for ln in stage_lines] == list(gpu_check.STAGES)
     assert all(ln.split()[2] == "ok" and ln.split()[4] == "s" for ln in stage_lines)
-    rec = json.loads((out / "gpu_check.json").read_text())
+    rec = json.loads((out / "gpu_check.json").read_text(encoding="utf-8"))
     assert rec["mode"] == "cpu-dry-run" and set(rec["stages"]) == set(gpu_check.STAGES)
     tests = rec["stages"]["tests"]
     assert tests["counts"]["passed"] > 0 and tests["counts"]["failed"] == 0
@@ -80,7 +80,7 @@ def test_cpu_dry_run_runs_every_stage(tmp_path):
     assert set(speed["models"]) == {"FPN", "ElixirNet w FPN"}
     assert all(v["ms_per_image"] > 0 for r in speed["models"].values()
                for v in r["precisions"].values())
-    md = (out / "gpu_check.md").read_text()
+    md = (out / "gpu_check.md").read_text(encoding="utf-8")
     assert "| speed | ok |" in md and "Paper, Table 1 (4 GTX1080): FPN 68 ms" in md
     assert {"tests.log", "pytest.xml", "quickstart_fpn.log", "speed.log"} <= set(
         os.listdir(out / "logs"))
@@ -124,7 +124,7 @@ def test_every_r50_run_of_the_gpu_plan_builds_with_its_overrides(job):
 def test_junit_counts(tmp_path):
     xml = tmp_path / "r.xml"
     xml.write_text('<testsuites><testsuite tests="7" failures="1" errors="1" skipped="2"/>'
-                   "</testsuites>")
+                   "</testsuites>", encoding="utf-8")
     assert runs.junit_counts(str(xml)) == {"passed": 3, "failed": 2, "skipped": 2}
     assert runs.junit_counts(str(tmp_path / "none.xml")) is None
 
@@ -144,13 +144,13 @@ def test_test_files_needing_an_absent_module_are_listed(monkeypatch):
 def _fake_bundle(tmp_path):
     pkg = tmp_path / "src" / "elixir_fake_pkg"
     pkg.mkdir(parents=True)
-    (pkg / "__init__.py").write_text("VALUE = 42\n")
-    (pkg / "data.txt").write_text("x")
+    (pkg / "__init__.py").write_text("VALUE = 42\n", encoding="utf-8")
+    (pkg / "data.txt").write_text("x", encoding="utf-8")
     bundle = tmp_path / "bundle"
     bundle.mkdir()
     wheel = gpu_bundle.make_pure_wheel(str(pkg), "elixir-fake-pkg", "1.0", str(bundle))
     (bundle / "manifest.json").write_text(json.dumps(
-        {"wheels": {"elixir_fake_pkg": os.path.basename(wheel)}}))
+        {"wheels": {"elixir_fake_pkg": os.path.basename(wheel)}}), encoding="utf-8")
     return bundle, wheel
 
 
@@ -183,8 +183,9 @@ def test_install_from_bundle_names_what_is_missing(tmp_path):
     bundle, _ = _fake_bundle(tmp_path)
     with pytest.raises(ValueError, match=r"has no wheel for detectron2 \(needed by the framework"):
         gpu_check.install_from_bundle(str(bundle), str(tmp_path / "t"), ["detectron2"])
-    manifest = json.loads((bundle / "manifest.json").read_text())
-    (bundle / "manifest.json").write_text(json.dumps(dict(manifest, python_version="3.2")))
+    manifest = json.loads((bundle / "manifest.json").read_text(encoding="utf-8"))
+    (bundle / "manifest.json").write_text(json.dumps(dict(manifest, python_version="3.2")),
+                                          encoding="utf-8")
     with pytest.raises(ValueError, match=r"made for Python 3\.2, this is 3\.\d+: run "
                                          r"scripts/gpu_bundle.sh --python-version 3\.\d+"):
         gpu_check.install_from_bundle(str(bundle), str(tmp_path / "t"), ["elixir_fake_pkg"])
@@ -203,10 +204,10 @@ def test_bundle_argument_errors(args, message):
 
 
 def test_bundle_refuses_to_empty_a_folder_that_is_not_a_bundle(tmp_path):
-    (tmp_path / "keep.txt").write_text("mine")
+    (tmp_path / "keep.txt").write_text("mine", encoding="utf-8")
     p = _sh("gpu_bundle.sh", "--out", str(tmp_path), timeout=60)
     assert p.returncode == 2 and "not a bundle folder" in p.stderr
-    assert (tmp_path / "keep.txt").read_text() == "mine"
+    assert (tmp_path / "keep.txt").read_text(encoding="utf-8") == "mine"
 
 
 # ------------------------------------------------------------------ gpu_speed.py
@@ -215,7 +216,7 @@ def test_gpu_speed_on_the_cpu(tmp_path):
     argv = ["--device", "cpu", "--quick", "--size", "64", "--rounds", "3", "--warmup", "1",
             "--threads", "1", "--json", str(path)]
     gpu_speed.main(argv)
-    rec = json.loads(path.read_text())
+    rec = json.loads(path.read_text(encoding="utf-8"))
     prov = rec["provenance"]
     assert prov["command"] == [gpu_speed.__file__, *argv] and prov["threads"] == rec["threads"]
     assert prov["torch"] == rec["torch"] and "started" in prov

@@ -128,11 +128,12 @@ def test_binary_metrics_match_hand_computation(binary_name, tmp_path):
     assert not any(k.endswith("_b_type") for k in m)  # binary set: no per-type metric
 
     # Files: froc.csv (paper layout), lesion_metrics.json, froc.png.
-    rows = [line.split(",") for line in (tmp_path / "froc.csv").read_text().strip().splitlines()]
+    text = (tmp_path / "froc.csv").read_text(encoding="utf-8")
+    rows = [line.split(",") for line in text.strip().splitlines()]
     assert (rows[0][:3] == ["criterion", "sens@0.5", "sens@1"]
             and [r[0] for r in rows[1:]] == ["iou", "iobb"])
     assert float(rows[1][2]) == pytest.approx(2 * third, abs=1e-4)
-    payload = json.loads((tmp_path / "lesion_metrics.json").read_text())
+    payload = json.loads((tmp_path / "lesion_metrics.json").read_text(encoding="utf-8"))
     assert (payload["counts"]["num_noisy_left_out"] == 1
             and payload["counts"]["num_detections"] == 20)
     assert payload["max_fp_per_image"] == {"iou": 17 / 4, "iobb": 16 / 4}
@@ -162,7 +163,7 @@ def test_froc_inputs_file_holds_what_was_evaluated(binary_name, tmp_path):
     res = compute_froc(got.pred_boxes, got.pred_scores, got.gt_boxes, fps=(0.5, 1.0, 6.0))
     assert res["sensitivity"] == {0.5: pytest.approx(1 / 3), 1.0: pytest.approx(2 / 3),
                                   6.0: pytest.approx(1.0)}
-    (tmp_path / "bad.json").write_text("[1, 2]")
+    (tmp_path / "bad.json").write_text("[1, 2]", encoding="utf-8")
     with pytest.raises(ValueError, match="bad.json"):
         read_froc_inputs(str(tmp_path / "bad.json"))
 
@@ -178,7 +179,7 @@ def test_typed_metrics_are_class_aware_and_none_below_3_fps(typed_name, tmp_path
     assert m["sens@3_iou"] == pytest.approx(100.0)  # 6 FPs / 2 images: the last point
     assert all(math.isnan(m[f"sens@3_iou_{b}"]) for b in ("size<10", "size10to30", "size>30"))
     assert "AP_typed" in m
-    payload = json.loads((tmp_path / "lesion_metrics.json").read_text())
+    payload = json.loads((tmp_path / "lesion_metrics.json").read_text(encoding="utf-8"))
     assert payload["per_type_sens@3_iou"] == {"a": None, "b_type": pytest.approx(50.0)}
     assert payload["metrics"]["sens@3_iou_a"] is None
     assert payload["counts"]["num_lesions_without_size"] == 3
@@ -267,8 +268,8 @@ def test_two_gloo_processes_give_the_single_process_numbers(binary_name, tmp_pat
     # without their threads, and aborted at exit ("terminate called without an active exception")
     mp.start_processes(_worker, args=(_free_port(), name, str(tmp_path)), nprocs=2, join=True,
                        start_method="spawn")
-    rank0 = json.loads((tmp_path / "rank0.json").read_text())
-    assert json.loads((tmp_path / "rank1.json").read_text()) == {}
+    rank0 = json.loads((tmp_path / "rank0.json").read_text(encoding="utf-8"))
+    assert json.loads((tmp_path / "rank1.json").read_text(encoding="utf-8")) == {}
     assert rank0["lesion"].keys() == single["lesion"].keys()
     for k, v in single["lesion"].items():
         assert rank0["lesion"][k] == pytest.approx(v, nan_ok=True), k
@@ -318,7 +319,7 @@ def test_froc_convention_passed_through_from_config(tmp_path):
             m = run(ev, preds, [1])["lesion"]
             assert (m["sens@1_iou"], m["sens@1_iobb"]) == (expected, expected), convention
         payload = json.loads((tmp_path / convention / "inference" / name / "lesion_metrics.json")
-                             .read_text())
+                             .read_text(encoding="utf-8"))
         assert payload["froc_convention"] == convention
     cfg.TEST.FROC_CONVENTION = "3DCE"
     with pytest.raises(ValueError, match=r"TEST\.FROC_CONVENTION.*'3DCE'"):

@@ -184,17 +184,18 @@ def test_sweep_json_holds_each_variant_and_the_provenance(tmp_path, monkeypatch,
     monkeypatch.setattr(regime_sweep, "run_variant",
                         lambda name, spec, groups, args: {"mean_sens_iou": len(name)})
     spec = tmp_path / "sweep.json"
-    spec.write_text(json.dumps({"variants": {"a": ["x.yaml", []], "bb": ["x.yaml", []]}}))
+    spec.write_text(json.dumps({"variants": {"a": ["x.yaml", []], "bb": ["x.yaml", []]}}),
+                    encoding="utf-8")
     argv = ["--output", str(tmp_path / "out"), "--jobs", "1", str(spec)]  # options first
     (tmp_path / "out").mkdir()
     regime_sweep.main(argv)
-    out = json.loads((tmp_path / "out" / "sweep.json").read_text())
+    out = json.loads((tmp_path / "out" / "sweep.json").read_text(encoding="utf-8"))
     assert list(out) == ["provenance", "a", "bb"]
     assert out["a"] == {"mean_sens_iou": 1} and out["bb"] == {"mean_sens_iou": 2}
     assert out["provenance"]["command"] == [regime_sweep.__file__, *argv]
     table = capsys.readouterr().out
     assert "| a | " in table and "| bb | " in table and "provenance" not in table
-    spec.write_text(json.dumps({"variants": {"provenance": ["x.yaml", []]}}))
+    spec.write_text(json.dumps({"variants": {"provenance": ["x.yaml", []]}}), encoding="utf-8")
     with pytest.raises(SystemExit):
         regime_sweep.main(argv)
 

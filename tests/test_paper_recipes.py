@@ -211,8 +211,8 @@ def test_finished_step_is_stale_after_its_config_or_base_changes(tmp_path):
     base = tmp_path / "Base.yaml"
     child = tmp_path / "child.yaml"
     base.write_text(f'_BASE_: "{os.path.join(common.ROOT, "configs/quickstart/fpn.yaml")}"\n'
-                    "SOLVER:\n  BASE_LR: 0.04\n")
-    child.write_text('_BASE_: "Base.yaml"\nSOLVER:\n  MAX_ITER: 7\n')
+                    "SOLVER:\n  BASE_LR: 0.04\n", encoding="utf-8")
+    child.write_text('_BASE_: "Base.yaml"\nSOLVER:\n  MAX_ITER: 7\n', encoding="utf-8")
     args = argparse.Namespace(quick=True, output=str(tmp_path / "out"), num_gpus=1, opts=[],
                               iters=None, finetune_iters=None, search_epochs=None, genotype=None,
                               force=False, speed_images=None)
@@ -222,9 +222,9 @@ def test_finished_step_is_stale_after_its_config_or_base_changes(tmp_path):
     os.makedirs(tmp_path / "out" / "edited")
     recipe._finish("edited", {"config": str(child)}, 0.0, sig)
     assert recipe._done("edited", recipe._signature(step, []))
-    child.write_text('_BASE_: "Base.yaml"\nSOLVER:\n  MAX_ITER: 8\n')
+    child.write_text('_BASE_: "Base.yaml"\nSOLVER:\n  MAX_ITER: 8\n', encoding="utf-8")
     assert not recipe._done("edited", recipe._signature(step, []))
-    child.write_text('_BASE_: "Base.yaml"\nSOLVER:\n  MAX_ITER: 7\n')
+    child.write_text('_BASE_: "Base.yaml"\nSOLVER:\n  MAX_ITER: 7\n', encoding="utf-8")
     assert recipe._done("edited", recipe._signature(step, []))  # back to what ran
-    base.write_text(base.read_text().replace("0.04", "0.02"))
+    base.write_text(base.read_text(encoding="utf-8").replace("0.04", "0.02"), encoding="utf-8")
     assert not recipe._done("edited", recipe._signature(step, []))

@@ -76,7 +76,8 @@ def test_two_processes_write_the_bytes_of_one(tmp_path, fpn_weights, monkeypatch
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the ranks sum floats as this process does
     scans = _scans(tmp_path / "scans", 5)  # odd: the ranks get 3 and 2 cases
     gt = tmp_path / "gt.json"  # the FROC is merged too
-    gt.write_text(json.dumps({f"case{i}": {"3": [[10, 8 + i, 24 + i, 20 + i]]} for i in range(5)}))
+    gt.write_text(json.dumps({f"case{i}": {"3": [[10, 8 + i, 24 + i, 20 + i]]} for i in range(5)}),
+                  encoding="utf-8")
     ref, two = tmp_path / "one", tmp_path / "two"
     assert predict_net.main(_cli(scans, ref, fpn_weights, "--gt", str(gt))) == 0
     assert predict_net.main(_cli(scans, two, fpn_weights, "--gt", str(gt), "--num-gpus", "2")) == 0
@@ -94,12 +95,12 @@ def test_a_refusal_is_said_once_with_exit_code_2(tmp_path, fpn_weights, capfd): 
     scans = _scans(tmp_path / "scans", 2)
     out = tmp_path / "out"
     out.mkdir()
-    (out / "mine.txt").write_text("a user's file")
+    (out / "mine.txt").write_text("a user's file", encoding="utf-8")
     assert predict_net.main(_cli(scans, out, fpn_weights, "--num-gpus", "2")) == 2
     err = capfd.readouterr().err
     errors = [ln for ln in err.splitlines() if "error:" in ln]
     assert len(errors) == 1 and "is not empty" in errors[0] and "--resume" in errors[0], err
-    assert (out / "mine.txt").read_text() == "a user's file"
+    assert (out / "mine.txt").read_text(encoding="utf-8") == "a user's file"
 
 
 def test_bad_process_counts_are_refused(tmp_path, fpn_weights, capsys):  # noqa: F811

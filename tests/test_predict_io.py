@@ -225,7 +225,7 @@ def test_discover_folder_of_cases(tmp_path):
     write_nifti(tmp_path / "cases" / "b_volume.nii.gz", phantom())
     write_dicom_series(tmp_path / "cases" / "a_dicom", phantom())
     write_png_series(str(tmp_path / "cases" / "dl"), "000004_01_01", phantom())
-    (tmp_path / "cases" / "notes.txt").write_text("not CT")
+    (tmp_path / "cases" / "notes.txt").write_text("not CT", encoding="utf-8")
     cases, ignored = discover_cases(str(tmp_path / "cases"))
     assert [(c.name, c.kind) for c in cases] == [("a_dicom", "dicom"), ("b_volume", "nifti"),
                                                  ("000004_01_01", "deeplesion")]

@@ -151,7 +151,7 @@ def test_known_lesion_through_the_pipeline(tmp_path):
     lo, hi = cfg.INPUT.HU_WINDOW
     level = (80 - lo) * 255 / (hi - lo)  # between body (40 HU) and lesion (120 HU)
     gt = {"ct_nifti": {"0": [], "2": [[13, 9, 31, 23]], "6": []}}
-    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    (tmp_path / "gt.json").write_text(json.dumps(gt), encoding="utf-8")
     out = str(tmp_path / "out")
     summary = run_prediction(cfg, str(cases), out,
                              PredictOptions(gt=str(tmp_path / "gt.json"), progress=False),
@@ -362,9 +362,10 @@ def test_ground_truth_files(tmp_path):
     # DL_info boxes minus 1 (the loader's convention); the noisy lesion is left out.
     assert list(gt) == ["000007_01_01"] and list(gt["000007_01_01"]) == [5]
     np.testing.assert_array_equal(gt["000007_01_01"][5], [[10, 20, 30, 40], [0, 1, 4, 5]])
-    (tmp_path / "g.json").write_text(json.dumps({"c": {"3": [[1, 2, 3, 4]], "4": []}}))
+    (tmp_path / "g.json").write_text(json.dumps({"c": {"3": [[1, 2, 3, 4]], "4": []}}),
+                                     encoding="utf-8")
     g = load_ground_truth(str(tmp_path / "g.json"))
     assert g["c"][3].tolist() == [[1, 2, 3, 4]] and g["c"][4].shape == (0, 4)
-    (tmp_path / "bad.json").write_text(json.dumps({"c": {"3": [[5, 2, 3, 4]]}}))
+    (tmp_path / "bad.json").write_text(json.dumps({"c": {"3": [[5, 2, 3, 4]]}}), encoding="utf-8")
     with pytest.raises(ValueError, match=r"bad\.json: case 'c' slice 3: boxes must be"):
         load_ground_truth(str(tmp_path / "bad.json"))

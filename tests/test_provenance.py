@@ -35,14 +35,14 @@ def test_dirty_follows_tracked_changes_and_a_non_repo_has_no_commit(tmp_path):
     repo = tmp_path / "repo"
     repo.mkdir()
     _git(repo, "init", "-q")
-    (repo / "a.txt").write_text("one\n")
+    (repo / "a.txt").write_text("one\n", encoding="utf-8")
     _git(repo, "add", "a.txt")
     _git(repo, "commit", "-q", "-m", "first")
     p = provenance(root=str(repo))
     assert p["commit"] == _git(repo, "rev-parse", "HEAD") and p["dirty"] is False
-    (repo / "untracked.txt").write_text("not tracked\n")
+    (repo / "untracked.txt").write_text("not tracked\n", encoding="utf-8")
     assert provenance(root=str(repo))["dirty"] is False  # untracked files do not count
-    (repo / "a.txt").write_text("two\n")
+    (repo / "a.txt").write_text("two\n", encoding="utf-8")
     assert provenance(root=str(repo))["dirty"] is True
     # A folder inside a checkout is not that checkout's code; a plain folder has no commit.
     (repo / "sub").mkdir()
@@ -102,7 +102,7 @@ def test_set_stats_json_holds_the_provenance(tmp_path, capsys):
     write_slice(root, "000001_01_01", 5, np.full((64, 64), -100))
     argv = [root, "--splits", "test", "--json", str(tmp_path / "stats.json")]
     results = set_stats.main(argv)
-    written = json.loads((tmp_path / "stats.json").read_text())
+    written = json.loads((tmp_path / "stats.json").read_text(encoding="utf-8"))
     assert written.pop("provenance")["command"] == [set_stats.__file__, *argv]
     assert written == json.loads(json.dumps(results)) and written[root]["test"]["lesions"] == 1
 
@@ -121,9 +121,9 @@ def test_bench_json_and_md_carry_the_provenance(tmp_path, monkeypatch):
     monkeypatch.setattr(run_all.froc_speed, "main", lambda argv: {"iou": 0.1, "iobb": 0.2})
     argv = ["--quick", "--threads", "1", "--no-gpu", "--output", str(tmp_path)]
     out = run_all.main(argv)
-    bench = json.loads((tmp_path / "bench.json").read_text())
+    bench = json.loads((tmp_path / "bench.json").read_text(encoding="utf-8"))
     assert bench["provenance"]["command"] == [run_all.__file__, *argv]
     assert bench["provenance"]["threads"] == 1 and bench["loader_records_per_s"] == 12.5
     assert out["provenance"] == bench["provenance"]
-    md = (tmp_path / "bench.md").read_text().splitlines()
+    md = (tmp_path / "bench.md").read_text(encoding="utf-8").splitlines()
     assert md[-1] == provenance_line(bench["provenance"]) and md[-3].startswith("Total benchmark")

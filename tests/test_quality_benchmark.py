@@ -120,12 +120,12 @@ def test_written_summary_and_metrics_carry_their_provenance(tmp_path, monkeypatc
     argv = ["--seeds", "0", "1", "--models", "FPN", "FPN+TRPN", "--bootstrap", "0", "--output",
             str(tmp_path / "q")]
     quality.main(argv)
-    summary = json.loads((tmp_path / "q" / "quality_val.json").read_text())
+    summary = json.loads((tmp_path / "q" / "quality_val.json").read_text(encoding="utf-8"))
     p = summary["provenance"]
     assert p["command"] == [quality.__file__, *argv] and p["seeds"] == [0, 1]
     assert {"commit", "dirty", "cpu", "threads", "torch", "started", "written"} <= set(p)
     assert summary["sets"]["synthetic"]["comparisons"][0]["differences"] == [5.0, 4.0]
-    md = (tmp_path / "q" / "quality_val.md").read_text().splitlines()
+    md = (tmp_path / "q" / "quality_val.md").read_text(encoding="utf-8").splitlines()
     assert md[-1].startswith("commit ") and md[-1].endswith(" --output " + str(tmp_path / "q"))
 
     run = tmp_path / "run"

@@ -33,7 +33,8 @@ def test_a_missing_baseline_is_named():
 
 def test_a_baseline_without_variants_is_refused_before_anything_trains(tmp_path, capsys):
     sweep = tmp_path / "sweep.json"
-    sweep.write_text('{"variants": {"fpn_s0": ["configs/quickstart/fpn.yaml", []]}}')
+    sweep.write_text('{"variants": {"fpn_s0": ["configs/quickstart/fpn.yaml", []]}}',
+                     encoding="utf-8")
     with pytest.raises(SystemExit):
         regime_sweep.main(["--output", str(tmp_path / "out"), "--baseline", "base", str(sweep)])
     assert "no variant named base_s<seed>" in capsys.readouterr().err

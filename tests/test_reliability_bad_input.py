@@ -254,7 +254,7 @@ def test_unknown_config_key_is_named(tmp_path):
                              r"did you mean MODEL\.TRPN\.THRESHOLD\?"):
         build_cfg(["MODEL.TRPN.THRESHOLDD", "0.5"])  # command-line opts (yacs)
     yaml_path = tmp_path / "typo.yaml"
-    yaml_path.write_text(f'_BASE_: "{QUICKSTART}"\nSOLVER:\n  MAX_ITERS: 10\n')
+    yaml_path.write_text(f'_BASE_: "{QUICKSTART}"\nSOLVER:\n  MAX_ITERS: 10\n', encoding="utf-8")
     with pytest.raises(UnknownKeyError,
                        match=r"typo\.yaml: unknown config key SOLVER\.MAX_ITERS; did you mean "
                              r"SOLVER\.MAX_ITER\?"):
@@ -272,7 +272,7 @@ def test_config_yaml_that_would_run_code_is_refused(tmp_path):
     marker = tmp_path / "ran"
     path = tmp_path / "evil.yaml"
     path.write_text(f'_BASE_: "{QUICKSTART}"\nSEED: !!python/object/apply:os.system ["touch '
-                    f'{marker}"]\n')
+                    f'{marker}"]\n', encoding="utf-8")
     from elixir_d2.cli import UserInputError
 
     with pytest.raises(UserInputError,
@@ -299,7 +299,7 @@ def test_genotype_with_unknown_op_fails_the_model_build_naming_the_file(tmp_path
         genotype = yaml.safe_load(f)
     genotype["normal"][0][0] = "conv_9x9"
     bad = tmp_path / "bad_genotype.yaml"
-    bad.write_text(yaml.safe_dump(genotype))
+    bad.write_text(yaml.safe_dump(genotype), encoding="utf-8")
     cfg = build_cfg(["MODEL.ALB.GENOTYPE", str(bad)],
                     os.path.join(REPO, "configs", "quickstart", "alb.yaml"))
     with pytest.raises(GenotypeError,

@@ -106,8 +106,8 @@ def test_two_process_training_and_evaluation_match_one_process(tmp_path):
            args=(root, prefix, tiny_opts(prefix, str(two), MAX_ITER, **EXACT_SAMPLING), weights,
                  str(two)))
 
-    r1 = json.loads((one / "rank0.json").read_text())
-    r2 = [json.loads((two / f"rank{r}.json").read_text()) for r in (0, 1)]
+    r1 = json.loads((one / "rank0.json").read_text(encoding="utf-8"))
+    r2 = [json.loads((two / f"rank{r}.json").read_text(encoding="utf-8")) for r in (0, 1)]
     assert r1["world_size"] == 1 and [r["world_size"] for r in r2] == [2, 2]
 
     # training: the DDP replicas are identical, and the losses follow the 1-process run

@@ -76,7 +76,7 @@ def test_file_names_that_are_not_utf8_fail_their_case_only(tmp_path):
 ])
 def test_configs_that_are_not_mappings_are_one_line(tmp_path, capsys, text, expected):
     cfg = tmp_path / "bad.yaml"
-    cfg.write_text(text)
+    cfg.write_text(text, encoding="utf-8")
     err = _one_line_exit_2(capsys, train_cmd.cli, ["--config-file", str(cfg)], prog="train_net.py")
     assert err.startswith(f"train_net.py: error: {cfg}") and expected in err, err
     err = _one_line_exit_2(capsys, predict_net.main,
@@ -89,8 +89,8 @@ def test_a_base_loop_is_one_line(tmp_path):
     from elixir_d2 import load_config
     from elixir_d2.cli import UserInputError
 
-    (tmp_path / "a.yaml").write_text("_BASE_: b.yaml\n")
-    (tmp_path / "b.yaml").write_text("_BASE_: a.yaml\n")
+    (tmp_path / "a.yaml").write_text("_BASE_: b.yaml\n", encoding="utf-8")
+    (tmp_path / "b.yaml").write_text("_BASE_: a.yaml\n", encoding="utf-8")
     with pytest.raises(UserInputError, match=r"a\.yaml: _BASE_ loop"):
         load_config(str(tmp_path / "a.yaml"))
 
@@ -101,7 +101,7 @@ def test_text_file_as_weights_is_one_line(tmp_path, capsys):
     scans.mkdir()
     write_nifti(scans / "v.nii.gz", phantom(slices=3))
     weights = tmp_path / "notes.pth"
-    weights.write_text("these are not weights\n")
+    weights.write_text("these are not weights\n", encoding="utf-8")
     err = _one_line_exit_2(capsys, predict_net.main,
                            ["--config-file", QS, "--weights", str(weights), "--input", str(scans),
                             "--output", str(tmp_path / "out"), "--no-progress"] + FAST,
@@ -112,7 +112,7 @@ def test_text_file_as_weights_is_one_line(tmp_path, capsys):
 def test_last_checkpoint_must_name_a_file_in_the_output_folder(tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
-    (out / "last_checkpoint").write_text("../../../../../../etc/passwd")
+    (out / "last_checkpoint").write_text("../../../../../../etc/passwd", encoding="utf-8")
     model = build_model(quickstart_cfg())
     from elixir_d2.cli import UserInputError
 
@@ -133,7 +133,7 @@ def test_overwrite_removes_only_this_tools_temporary_entries(tmp_path):
     run(scans, out)
     users = [".notes.tmp-old", ".draft.tmp-2024", ".backup.tmp-host-1-2"]  # file, file, file
     for name in users:
-        (out / name).write_text("mine")
+        (out / name).write_text("mine", encoding="utf-8")
     (out / ".photos.tmp-keep").mkdir()
     ours_dir = tmp_name(str(out / "c1"))  # a killed run's case folder
     os.makedirs(ours_dir)
@@ -165,7 +165,7 @@ def test_symlinked_folders_are_not_followed_and_nothing_outside_is_listed(tmp_pa
     assert [(f["case"], "outside the input folder" in f["error"]) for f in s["failed"]] == [
         ("series", True)]
     assert sorted(s["ignored"]) == ["etc", "outside.nii.gz", os.path.join("sub", "loop")]
-    text = (out / "summary.json").read_text()
+    text = (out / "summary.json").read_text(encoding="utf-8")
     assert "passwd" not in text and "secret" not in text and ".." not in text
 
 
@@ -185,7 +185,7 @@ def test_newlines_in_file_names_are_escaped_everywhere(tmp_path, capsys, fpn_wei
     write_nifti(scans / "good.nii.gz", phantom(slices=3))
     forged = "x.nii.gz\nWARNING forged line\n.nii.gz"
     (scans / forged).write_bytes(b"not a volume")
-    (scans / "notes\nINFO forged.txt").write_text("not CT")
+    (scans / "notes\nINFO forged.txt").write_text("not CT", encoding="utf-8")
     runner_log = logging.getLogger("elixir_d2.inference")  # runner.py and run_files.py
     handler, level = _Records(), runner_log.level
     runner_log.addHandler(handler)

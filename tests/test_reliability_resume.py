@@ -44,7 +44,7 @@ def _capture(name):
 
 def _read_tag(out_dir):
     try:
-        return (out_dir / "last_checkpoint").read_text().strip()
+        return (out_dir / "last_checkpoint").read_text(encoding="utf-8").strip()
     except FileNotFoundError:
         return ""
 

@@ -246,7 +246,7 @@ def test_run_writes_reports_and_index(tmp_path, browser):
                 spacing=(2.0, 2.0, 2.5))
     (cases / "broken.nii.gz").write_bytes(b"not a volume")
     gt = tmp_path / "gt.json"
-    gt.write_text(json.dumps({"ct_a": {"2": [[13, 9, 31, 23]], "6": []}}))
+    gt.write_text(json.dumps({"ct_a": {"2": [[13, 9, 31, 23]], "6": []}}), encoding="utf-8")
     cfg = quickstart_cfg()
     lo, hi = cfg.INPUT.HU_WINDOW
     model = OracleModel((80 - lo) * 255 / (hi - lo))

@@ -441,7 +441,8 @@ def test_quickstart_binary_then_rtm_finetune_then_typed_eval(tiny_typed_set, tmp
         v = lesion[f"sens@3_iou_{t}"]
         assert math.isnan(v) or 0.0 <= v <= 100.0
     assert "AP_typed" in lesion
-    assert "| Method | BN | AB | ME | LV | LU | KD | ST | PV |" in (rtm_dir / "log.txt").read_text()
+    log = (rtm_dir / "log.txt").read_text(encoding="utf-8")
+    assert "| Method | BN | AB | ME | LV | LU | KD | ST | PV |" in log
     # Frozen parts bit-identical to the binary model; head (ALB + binary predictor) and RTM moved.
     before = torch.load(weights, weights_only=True)["model"]
     after = torch.load(rtm_dir / "model_final.pth", weights_only=True)["model"]

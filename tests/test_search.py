@@ -291,8 +291,9 @@ def test_resume_continues_from_the_last_checkpoint(tiny_set, tmp_path, monkeypat
     monkeypatch.setattr(ALBSearcher, "build_hooks", build_hooks)
     # 1 iteration per epoch (2 records per half, batch 2): epoch 1 checkpointed, epoch 2 logged
     # in alphas.json but killed before its checkpoint; no final outputs.
-    assert (out / "last_checkpoint").read_text() == "model_0000000.pth"
-    assert [e["epoch"] for e in json.loads((out / "alphas.json").read_text())["epochs"]] == [1, 2]
+    assert (out / "last_checkpoint").read_text(encoding="utf-8") == "model_0000000.pth"
+    alphas = json.loads((out / "alphas.json").read_text(encoding="utf-8"))
+    assert [e["epoch"] for e in alphas["epochs"]] == [1, 2]
     assert not (out / "genotype.yaml").exists()
     ckpt = torch.load(out / "model_0000000.pth", weights_only=False)
 
@@ -309,7 +310,7 @@ def test_resume_continues_from_the_last_checkpoint(tiny_set, tmp_path, monkeypat
                        ckpt["w_optimizer"]["state"][0]["momentum_buffer"])
     genotype = s.train()
 
-    history = json.loads((out / "alphas.json").read_text())
+    history = json.loads((out / "alphas.json").read_text(encoding="utf-8"))
     assert [e["epoch"] for e in history["epochs"]] == [1, 2, 3]
     final = torch.load(out / "model_final.pth", weights_only=False)
     assert final["trainer"]["iteration"] == 2
@@ -347,7 +348,7 @@ def test_checkpoint_killed_mid_write_keeps_the_previous_one(tmp_path, monkeypatc
     with pytest.raises(KeyboardInterrupt):
         ckpt.save("model_0000000")  # overwriting the same name must not truncate it either
     monkeypatch.undo()
-    assert (tmp_path / "last_checkpoint").read_text() == "model_0000000.pth"
+    assert (tmp_path / "last_checkpoint").read_text(encoding="utf-8") == "model_0000000.pth"
     assert sorted(os.listdir(tmp_path)) == ["last_checkpoint", "model_0000000.pth"]
     fresh = torch.nn.Linear(3, 2)
     SearchCheckpointer(fresh, str(tmp_path)).resume_or_load("", resume=True)
@@ -362,12 +363,13 @@ def test_search_then_train_elixirnet_then_evaluate(tiny_set, tmp_path):
     genotype = search_net.main(_search_args(out, "SEARCH.EPOCHS", "2"))
     path = out / "genotype.yaml"
     assert load_genotype(str(path)) == genotype
-    header = path.read_text().splitlines()[0]
+    header = path.read_text(encoding="utf-8").splitlines()[0]
     assert header.startswith("#") and "search_net.py" in header
-    prov = yaml.safe_load(path.read_text())["provenance"]  # logged when a head is built from it
+    # logged when a head is built from it
+    prov = yaml.safe_load(path.read_text(encoding="utf-8"))["provenance"]
     assert prov["searched"] is True and prov["epochs"] == 2 and prov["data"] and prov["date"]
 
-    history = json.loads((out / "alphas.json").read_text())
+    history = json.loads((out / "alphas.json").read_text(encoding="utf-8"))
     assert history["ops"] == ELIXIR_OPS and len(history["edges"]) == 14
     assert [e["epoch"] for e in history["epochs"]] == [1, 2]
     for entry in history["epochs"]:
@@ -426,7 +428,7 @@ def test_warmup_epochs_train_w_only_and_entropy_is_logged(tiny_set, tmp_path):
     s.train()
     assert s.iters_per_epoch == 1
     assert torch.equal(seen[0], start) and not torch.equal(seen[1], start)
-    history = json.loads((out / "alphas.json").read_text())
+    history = json.loads((out / "alphas.json").read_text(encoding="utf-8"))
     for epoch in history["epochs"]:
         for kind in ("normal", "reduce"):
             w = np.array(epoch[kind])
@@ -478,7 +480,7 @@ def test_search_signal_measures_alpha_gradients_without_stepping(tiny_set, tmp_p
     assert printed.count("| model_final.pth | 1 |") == 2  # two rows, epoch 1 of 1
     assert "Correlation of the t vectors" in printed and "| 2: model_final.pth | " in printed
     assert load_genotype(str(genotype)).space == "elixir"
-    assert yaml.safe_load(genotype.read_text())["provenance"]["batches"] == 3
+    assert yaml.safe_load(genotype.read_text(encoding="utf-8"))["provenance"]["batches"] == 3
     with pytest.raises(MissingFileError, match="search checkpoint .*model_0000099.pth not found"):
         search_signal.measure(str(out), ["model_final.pth", "model_0000099.pth"], 2)
     # The DARTS space has 8 ops, not 9: the checkpoint's alphas do not fit, and it says so.

@@ -15,7 +15,7 @@ def _evil(tmp_path):
     marker = tmp_path / "ran"
     path = tmp_path / "evil.yaml"
     path.write_text(f'_BASE_: "{QUICKSTART}"\nSEED: !!python/object/apply:os.system ["touch '
-                    f'{marker}"]\n')
+                    f'{marker}"]\n', encoding="utf-8")
     return str(path), marker
 
 

@@ -187,7 +187,7 @@ def test_outputs_name_inputs_relative_to_input(tmp_path):
     (scans / "sub").mkdir(parents=True)
     (scans / "sub" / "broken.nii.gz").write_bytes(b"not a volume")
     write_nifti(scans / "good.nii.gz", phantom(slices=3), spacing=(0.8, 0.9, 2.5))
-    (scans / "notes.txt").write_text("x")
+    (scans / "notes.txt").write_text("x", encoding="utf-8")
     out = tmp_path / "out"
     s = run(scans, out)
     assert s["failed"][0]["path"] == os.path.join("sub", "broken.nii.gz")
@@ -228,7 +228,7 @@ def test_non_empty_output_needs_overwrite_which_clears_only_the_runs_files(tmp_p
     write_nifti(b / "second.nii.gz", phantom(slices=3))
     out = tmp_path / "out"
     run(a, out)
-    (out / "my_notes.txt").write_text("keep")
+    (out / "my_notes.txt").write_text("keep", encoding="utf-8")
     with pytest.raises(OutputNotEmptyError, match=r"is not empty .* pass --overwrite"):
         run(b, out)
     run(b, out, overwrite=True)
