@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-__all__ = ["provenance", "provenance_line"]
+__all__ = ["cpu_model", "git_commit", "provenance", "provenance_line"]
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # elixir_d2/..
 
@@ -29,7 +29,7 @@ def _git(root: str, *args: str) -> Optional[str]:
     return p.stdout if p.returncode == 0 else None
 
 
-def _commit(root: str) -> Optional[str]:
+def git_commit(root: str = REPO_ROOT) -> Optional[str]:
     """HEAD of the repository whose top level is ``root``; None elsewhere (an installed copy
     inside some other checkout is not that checkout's code)."""
     out = _git(root, "rev-parse", "--show-toplevel", "HEAD")
@@ -39,7 +39,7 @@ def _commit(root: str) -> Optional[str]:
     return lines[1]
 
 
-def _cpu() -> Optional[str]:
+def cpu_model() -> Optional[str]:
     """The CPU's model name (Linux /proc/cpuinfo), else platform.processor(), else None."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
@@ -62,7 +62,7 @@ def provenance(argv: Optional[Sequence[str]] = None, seeds: Optional[Sequence[in
     files changed; None when unknown) of ``root``, ``command`` (``argv``, default sys.argv),
     software versions, CPU, torch threads, CUDA device, ``written`` (now, UTC) and, when given,
     ``started`` (a time.time() value) and ``seeds``."""
-    commit = _commit(root)
+    commit = git_commit(root)
     status = _git(root, "status", "--porcelain", "--untracked-files=no") if commit else None
     try:
         from detectron2 import __version__ as d2_version
@@ -73,7 +73,7 @@ def provenance(argv: Optional[Sequence[str]] = None, seeds: Optional[Sequence[in
         "commit": commit, "dirty": None if status is None else bool(status.strip()),
         "command": list(sys.argv if argv is None else argv),
         "python": platform.python_version(), "torch": torch.__version__, "detectron2": d2_version,
-        "cpu": _cpu(), "cpu_capability": get_capability() if get_capability else None,
+        "cpu": cpu_model(), "cpu_capability": get_capability() if get_capability else None,
         "threads": torch.get_num_threads(),
         "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
     }

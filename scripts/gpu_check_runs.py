@@ -92,12 +92,10 @@ def absent_test_modules() -> Dict[str, List[str]]:
 
 
 def commit() -> str:
-    """The checked-out commit, or "unknown" where the tree came without its git folder."""
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, check=True,
-                              capture_output=True, text=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+    """The checked-out commit (short), or "unknown" where the tree came without its git folder."""
+    from elixir_d2.provenance import git_commit
+
+    return (git_commit(REPO) or "unknown")[:7]
 
 
 # ------------------------------------------------------------------ training runs

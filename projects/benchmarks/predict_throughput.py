@@ -30,6 +30,8 @@ from typing import Dict, List
 import numpy as np
 import torch
 
+from elixir_d2.provenance import cpu_model
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -87,12 +89,7 @@ def run_once(args: argparse.Namespace, processes: int, cases_dir: str, out_dir: 
 
 def cpu_name() -> str:
     """The CPU's model name and core count, as Linux reports them."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            name = next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        name = "unknown CPU"
-    return f"{name}, {os.cpu_count()} cores"
+    return f"{cpu_model() or 'unknown CPU'}, {os.cpu_count()} cores"
 
 
 def report(runs: List[Dict], device: str) -> str:
