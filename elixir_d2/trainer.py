@@ -1,7 +1,9 @@
 """Training and evaluation for CT lesions, used by train_net.py, the projects and the tests.
 
-- ``ElixirTrainer``: detectron2's DefaultTrainer reading CT through CTDatasetMapper, evaluating
-  lesions with LesionEvaluator, wrapping the model in DDP on the CPU too, and checkpointing with
+- ``ElixirTrainer``: detectron2's DefaultTrainer, built step by step with the parts that differ:
+  CT read through CTDatasetMapper, lesions evaluated with LesionEvaluator, the model wrapped in
+  DDP on the CPU too (``create_ddp_model``), the training step chosen by SOLVER.AMP
+  (``elixir_d2.amp.build_step_trainer``: bfloat16 besides float16) and checkpoints written by
   ``AtomicCheckpointer`` (``elixir_d2.checkpoint``).
 - ``build_lesion_evaluator``, ``create_ddp_model``, ``evaluate_with_proposal_recall``.
 """
@@ -11,9 +13,7 @@ import logging
 import os
 import weakref
 from collections import OrderedDict
-from functools import partial
 from typing import Any, Dict, List, Optional
-from unittest import mock
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -24,8 +24,7 @@ from detectron2.data import (
     build_detection_test_loader,
     build_detection_train_loader,
 )
-from detectron2.engine import DefaultTrainer, HookBase
-from detectron2.engine import defaults as d2_defaults
+from detectron2.engine import DefaultTrainer, TrainerBase
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluator
 from detectron2.solver.build import (
     get_default_optimizer_params,
@@ -33,6 +32,7 @@ from detectron2.solver.build import (
     reduce_param_groups,
 )
 from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
 from .amp import autocast_dtype, build_step_trainer
 from .checkpoint import AtomicCheckpointer
@@ -69,27 +69,42 @@ def build_lesion_evaluator(cfg: CfgNode, dataset_name: str,
 
 class ElixirTrainer(DefaultTrainer):
     """DefaultTrainer for CT lesions: CT mapper, lesion evaluator, CPU-capable DDP, atomic saves,
-    bfloat16 mixed precision (SOLVER.AMP.PRECISION) besides detectron2's float16."""
+    bfloat16 mixed precision (SOLVER.AMP.PRECISION) besides detectron2's float16.
+
+    Everything DefaultTrainer offers its callers and subclasses (``build_*``, ``test``,
+    ``resume_or_load``, ``train``, ``build_hooks``, ``state_dict``) is inherited; only the
+    construction is this class's own.
+    """
 
     def __init__(self, cfg: CfgNode):
+        # DefaultTrainer.__init__ is not called: it hard-wires three parts this trainer replaces
+        # (its DDP wrapper always passes device_ids, which DDP refuses for a CPU model; its AMP
+        # loop is float16 on CUDA only; its checkpointer is not atomic). The rest is the same
+        # sequence, so the state DefaultTrainer's methods rely on is all here.
         autocast_dtype(cfg)  # a bad SOLVER.AMP is refused before anything is built
-        # DefaultTrainer.__init__ wraps the model with a create_ddp_model that always passes
-        # device_ids, which DDP refuses for a CPU model: ours leaves them out there. With
-        # SOLVER.AMP.ENABLED it makes an AMPTrainer (float16, CUDA only): ours also runs
-        # SOLVER.AMP.PRECISION bfloat16, on the CPU too (elixir_d2/amp.py).
-        with mock.patch.object(d2_defaults, "create_ddp_model", create_ddp_model), \
-                mock.patch.object(d2_defaults, "AMPTrainer", partial(build_step_trainer, cfg)):
-            super().__init__(cfg)
+        TrainerBase.__init__(self)
+        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
+            setup_logger()  # a caller that set up no logging still sees detectron2's progress
+        cfg = self.auto_scale_workers(cfg, comm.get_world_size())
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+        # Buffers are not broadcast each step, as in DefaultTrainer: BN statistics stay per rank.
+        model = create_ddp_model(model, broadcast_buffers=False)
+        # model, data_loader and optimizer are DefaultTrainer properties reading this loop.
+        self._trainer = build_step_trainer(cfg, model, data_loader, optimizer)
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self.checkpointer = self.build_checkpointer(cfg, model)
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks())
 
-    def build_hooks(self) -> List[HookBase]:
-        """DefaultTrainer's hooks, saving through AtomicCheckpointer.
-
-        DefaultTrainer.__init__ calls this right after making its DetectionCheckpointer: the swap
-        here comes before PeriodicCheckpointer (or a subclass's hook) takes hold of it.
-        """
-        self.checkpointer = AtomicCheckpointer(self.checkpointer.model, self.cfg.OUTPUT_DIR,
-                                               trainer=weakref.proxy(self))
-        return super().build_hooks()
+    def build_checkpointer(self, cfg: CfgNode, model: torch.nn.Module) -> AtomicCheckpointer:
+        """The checkpointer of ``model`` (DDP-wrapped or not) and of this trainer's state, in
+        cfg.OUTPUT_DIR; DefaultTrainer.build_hooks hands it to the PeriodicCheckpointer."""
+        # A proxy, as DefaultTrainer gives it: no trainer -> checkpointer -> trainer cycle.
+        return AtomicCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
 
     # detectron2 v0.6's DefaultTrainer checkpoints the iteration and the hooks (LR scheduler)
     # but not the optimizer: a resumed run would restart SGD momentum from zero. Later

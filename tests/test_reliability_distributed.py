@@ -52,6 +52,8 @@ def train_and_evaluate(root: str, prefix: str, opts, eval_weights: str, out_dir:
     """One rank of the run: train_net.main's training path, recording every iteration's loss and
     the replica's final weights, then train_net's evaluation of ``eval_weights``."""
     torch.set_num_threads(1)
+    from torch.nn.parallel import DistributedDataParallel
+
     from detectron2.engine import HookBase, default_argument_parser
     from detectron2.utils import comm
 
@@ -73,6 +75,10 @@ def train_and_evaluate(root: str, prefix: str, opts, eval_weights: str, out_dir:
                                if k.startswith("loss") or k == "total_loss"})
 
     trainer = train_net.Trainer(cfg)
+    # DDP only with several processes; on the CPU without device_ids, and without broadcasting
+    # buffers each step, as detectron2's DefaultTrainer builds it
+    ddp = trainer.model if isinstance(trainer.model, DistributedDataParallel) else None
+    wrapping = ddp and {"device_ids": ddp.device_ids, "broadcast_buffers": ddp.broadcast_buffers}
     trainer.register_hooks([RecordLosses()])
     trainer.resume_or_load(resume=False)
     trainer.train()
@@ -83,7 +89,7 @@ def train_and_evaluate(root: str, prefix: str, opts, eval_weights: str, out_dir:
     weights = eval_weights or os.path.join(cfg.OUTPUT_DIR, "model_final.pth")
     AtomicCheckpointer(eval_model, save_dir=cfg.OUTPUT_DIR).load(weights)
     results = train_net.Trainer.test(cfg, eval_model)
-    out = {"world_size": comm.get_world_size(), "losses": losses, "digest": digest,
+    out = {"world_size": comm.get_world_size(), "ddp": wrapping, "losses": losses, "digest": digest,
            "metrics": {k: dict(v) for k, v in results.items()}}
     with open(os.path.join(out_dir, f"rank{comm.get_rank()}.json"), "w", encoding="utf-8") as f:
         json.dump(out, f)
@@ -109,6 +115,8 @@ def test_two_process_training_and_evaluation_match_one_process(tmp_path):
     r1 = json.loads((one / "rank0.json").read_text(encoding="utf-8"))
     r2 = [json.loads((two / f"rank{r}.json").read_text(encoding="utf-8")) for r in (0, 1)]
     assert r1["world_size"] == 1 and [r["world_size"] for r in r2] == [2, 2]
+    assert r1["ddp"] is None  # one process trains the bare model
+    assert [r["ddp"] for r in r2] == [{"device_ids": None, "broadcast_buffers": False}] * 2
 
     # training: the DDP replicas are identical, and the losses follow the 1-process run
     assert r2[0]["digest"] == r2[1]["digest"]
