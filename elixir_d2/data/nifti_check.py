@@ -83,6 +83,45 @@ def nifti_truncation(path: str) -> Optional[str]:
     return nifti_scan(path, count_non_finite=False)[0]
 
 
+class _Scan:
+    """What one pass over a NIfTI file's bytes has seen: the header, its voxel layout, the bytes
+    present and (for float voxels, when asked) the non-finite count."""
+
+    def __init__(self, count_non_finite: bool):
+        self.count_non_finite = count_non_finite
+        self.hdr, self.layout, self.counter, self.present = b"", None, None, 0
+
+    def take(self, chunk: bytes) -> None:
+        if len(self.hdr) < 540:
+            self.hdr += chunk[: 540 - len(self.hdr)]
+            self.layout = _layout(self.hdr)
+            if (self.count_non_finite and self.counter is None and self.layout is not None
+                    and self.layout.dtype):
+                self.counter = _NonFinite(self.layout.start, self.layout.end, self.layout.dtype)
+        if self.counter is not None:
+            self.counter.feed(chunk)
+        self.present += len(chunk)
+
+    @property
+    def complete(self) -> bool:
+        return self.layout is not None and self.present >= self.layout.end
+
+
+def _read(f, scan: _Scan, gzipped: bool) -> None:
+    """Feed ``f`` to ``scan`` until the declared voxels are all there or the file ends."""
+    while True:
+        chunk = f.read(_CHUNK if scan.hdr else 540)  # the header alone first
+        if not chunk:
+            return
+        scan.take(chunk)
+        if scan.complete:
+            return  # all declared voxels are there; whatever follows is never read
+        if not gzipped and scan.counter is None and len(scan.hdr) >= 540:
+            f.seek(0, 2)  # nothing to count: the file's size says enough
+            scan.present = f.tell()
+            return
+
+
 def nifti_scan(path: str, count_non_finite: bool = True) -> Tuple[Optional[str], int, int]:
     """(why ``path`` is truncated or None, its NaN / infinite voxels, its voxels) in one pass over
     the file: float voxels are read to count, integer ones never (they cannot be NaN); a .nii.gz
@@ -90,45 +129,19 @@ def nifti_scan(path: str, count_non_finite: bool = True) -> Tuple[Optional[str],
     local = PathManager.get_local_path(path)
     with open(local, "rb") as f:
         gzipped = f.read(2) == b"\x1f\x8b"
-    hdr, layout, counter = b"", None, None
-    present = 0
-
-    def take(chunk: bytes) -> None:
-        nonlocal hdr, layout, counter
-        if len(hdr) < 540:
-            hdr += chunk[: 540 - len(hdr)]
-            layout = _layout(hdr)
-            if count_non_finite and counter is None and layout is not None and layout.dtype:
-                counter = _NonFinite(layout.start, layout.end, layout.dtype)
-        if counter is not None:
-            counter.feed(chunk)
-
-    def complete() -> bool:
-        return layout is not None and present >= layout.end
-
+    scan = _Scan(count_non_finite)
     try:
         with (gzip.open(local, "rb") if gzipped else open(local, "rb")) as f:
-            while True:
-                chunk = f.read(_CHUNK if hdr else 540)  # the header alone first
-                if not chunk:
-                    break
-                take(chunk)
-                present += len(chunk)
-                if complete():
-                    break  # all declared voxels are there; whatever follows is never read
-                if not gzipped and counter is None and len(hdr) >= 540:
-                    f.seek(0, 2)  # nothing to count: the file's size says enough
-                    present = f.tell()
-                    break
+            _read(f, scan, gzipped)
     except EOFError:
         return "the gzip stream ends before its end marker (truncated file)", 0, 0
     except (OSError, zlib.error) as e:
         if not gzipped:
             raise
         return f"corrupt gzip stream ({e})", 0, 0
-    layout = layout if layout is not None else _layout(hdr)
-    if layout is not None and present < layout.end:
-        return (f"{present} bytes of header and voxels where the header declares {layout.end} "
-                "(truncated file)"), 0, 0
-    return (None, counter.count if counter is not None else 0,
+    layout = scan.layout if scan.layout is not None else _layout(scan.hdr)
+    if layout is not None and scan.present < layout.end:
+        return (f"{scan.present} bytes of header and voxels where the header declares "
+                f"{layout.end} (truncated file)"), 0, 0
+    return (None, scan.counter.count if scan.counter is not None else 0,
             layout.voxels if layout is not None else 0)

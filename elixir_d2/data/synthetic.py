@@ -16,6 +16,7 @@ import io
 import json
 import math
 import os
+from functools import partial
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -195,6 +196,27 @@ def _split_of_patients(num_patients: int, rng: np.random.Generator, val_frac: fl
     return split
 
 
+def _annotated_on(blob: Blob, z: float) -> bool:
+    """Whether ``blob``'s section at ``z`` mm is large enough to be annotated."""
+    sec = blob.section(z)
+    return sec is not None and 2 * sec[2] >= MIN_ANNOTATED_MM
+
+
+def _fits(blob: Blob, lesions: List[Blob], keys: List[int], z_mm: List[float]) -> bool:
+    """At most MAX_LESIONS_PER_KEY annotated lesions on any key slice with ``blob`` added."""
+    return all(sum(_annotated_on(o, z_mm[j]) for o in lesions) < MAX_LESIONS_PER_KEY
+               for j in keys if _annotated_on(blob, z_mm[j]))
+
+
+def _lesion_type(rng: np.random.Generator, usable: List[int], pending_types: List[int]) -> int:
+    """The next lesion's type: a pending one the host allows, else drawn by TYPE_WEIGHT."""
+    todo = [t for t in pending_types if t in usable]
+    if todo:
+        return todo[0]
+    w = np.array([TYPE_WEIGHT[t] for t in usable])
+    return int(rng.choice(usable, p=w / w.sum()))
+
+
 def _series(pat_rng: np.random.Generator, image_size: int, slices_per_series: Tuple[int, int],
             keys_per_series: Tuple[int, int], pending_types: List[int]) -> Dict:
     """One series: geometry, anatomy + lesions (3-D), key slices and the lesions annotated on
@@ -214,15 +236,7 @@ def _series(pat_rng: np.random.Generator, image_size: int, slices_per_series: Tu
                       rng)
     lesions: List[Blob] = []
     types: List[int] = []
-
-    def annotated_on(blob: Blob, k: int) -> bool:
-        sec = blob.section(z_mm[k])
-        return sec is not None and 2 * sec[2] >= MIN_ANNOTATED_MM
-
-    def fits(blob: Blob) -> bool:  # at most MAX_LESIONS_PER_KEY annotated lesions on any key slice
-        return all(sum(annotated_on(o, j) for o in lesions) < MAX_LESIONS_PER_KEY
-                   for j in keys if annotated_on(blob, j))
-
+    fits = partial(_fits, lesions=lesions, keys=keys, z_mm=z_mm)
     for k in keys:
         canvas = SliceCanvas(image_size, spacing)
         for blob in blobs:
@@ -232,19 +246,14 @@ def _series(pat_rng: np.random.Generator, image_size: int, slices_per_series: Tu
         wanted = max(wanted, min(MAX_LESIONS_PER_KEY,
                                  sum(t in REGION_TYPES[region] for t in pending_types)))
         # lesions of earlier keys reaching this one
-        placed = sum(annotated_on(o, k) for o in lesions)
+        placed = sum(_annotated_on(o, z_mm[k]) for o in lesions)
         for _ in range(wanted + 3):
             if placed >= wanted:
                 break
             usable = [t for t in REGION_TYPES[region] if placer.host_pixels(t).size >= 12]
             if not usable:
                 break
-            todo = [t for t in pending_types if t in usable]
-            if todo:
-                t = todo[0]
-            else:
-                w = np.array([TYPE_WEIGHT[t] for t in usable])
-                t = int(rng.choice(usable, p=w / w.sum()))
+            t = _lesion_type(rng, usable, pending_types)
             blob = placer.place(t, lesions, accept=fits)
             if blob is not None:
                 lesions.append(blob)
@@ -254,7 +263,7 @@ def _series(pat_rng: np.random.Generator, image_size: int, slices_per_series: Tu
                     pending_types.remove(t)
     annotated = {}
     for k in keys:
-        rows = [i for i, les in enumerate(lesions) if annotated_on(les, k)]
+        rows = [i for i, les in enumerate(lesions) if _annotated_on(les, z_mm[k])]
         if rows:
             annotated[k] = rows
     return {"region": region, "spacing": spacing, "interval": interval, "n": n, "z_mm": z_mm,

@@ -6,7 +6,7 @@ import math
 import mmap
 import os
 import struct
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -198,22 +198,8 @@ def _stack_drift(folder: str, files: List[str], pos: np.ndarray, iop: np.ndarray
     return None
 
 
-def read_dicom_series(folder: str, name: str,
-                      max_voxels: Optional[int] = DEFAULT_MAX_VOXELS) -> CTVolume:
-    """A DICOM CT series folder in HU (one series per folder; modality CT; one file per slice,
-    all of one orientation and size, positions evenly spaced along one line; a positive
-    PixelSpacing; pixel data as long as Rows x Columns; at most ``max_voxels`` voxels, checked
-    on the headers before the pixel data is read; HU checked by :func:`.hu_check.check_hu`)."""
-    sitk = _sitk()
-    local = PathManager.get_local_path(folder)
-    ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(local)
-    if not ids:
-        raise CTInputError(f"{folder}: no readable DICOM series")
-    if len(ids) > 1:
-        raise CTInputError(f"{folder}: {len(ids)} DICOM series in one folder; put each series in "
-                           "its own folder")
-    files = list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(local, ids[0]))
-    headers = [_header(sitk, f, folder) for f in files]
+def _check_series_files(folder: str, files: List[str], headers: List[Dict]) -> None:
+    """One file per slice, at least two of them, all CT, each with spacing and position tags."""
     for f, h in zip(files, headers):
         frames = _int_tag(h, "frames", 1) or 1
         if frames > 1:
@@ -233,10 +219,10 @@ def read_dicom_series(folder: str, name: str,
             if key not in h:
                 raise CTInputError(f"{folder}: missing spacing ({tag} absent from "
                                    f"{os.path.basename(f)})")
-    iop = _orientations(folder, files, headers)
-    normal = np.cross(iop[:3], iop[3:])
-    positions = np.array([_numbers(h["position"], 3, "ImagePositionPatient", folder)
-                          for h in headers])
+
+
+def _slice_step(folder: str, positions: np.ndarray, normal: np.ndarray) -> Tuple[np.ndarray, float]:
+    """(each slice's position along ``normal``, the median gap), refusing uneven gaps."""
     pos = positions @ normal
     gaps = np.diff(np.sort(pos))
     step = float(np.median(gaps))
@@ -244,6 +230,11 @@ def read_dicom_series(folder: str, name: str,
         shown = ", ".join(f"{g:.3g}" for g in gaps[:8]) + (" ..." if len(gaps) > 8 else "")
         raise CTInputError(f"{folder}: inconsistent slice spacing (gaps between slice positions: "
                            f"{shown} mm)")
+    return pos, step
+
+
+def _pixel_spacing(folder: str, files: List[str], headers: List[Dict]) -> Tuple[float, float]:
+    """The series' one PixelSpacing (row, column mm), positive."""
     pixel = {tuple(_numbers(h["spacing"], 2, "PixelSpacing", folder)) for h in headers}
     if len(pixel) != 1:
         raise CTInputError(f"{folder}: PixelSpacing differs between slices {sorted(pixel)}")
@@ -255,7 +246,31 @@ def read_dicom_series(folder: str, name: str,
         more = f" and {len(bad) - 1} more file(s)" if len(bad) > 1 else ""
         raise CTInputError(f"{folder}: DICOM series {series!r} has PixelSpacing {bad[0][1]!r} "
                            f"(in {bad[0][0]}{more}): pixel spacing must be positive mm")
-    spacing = next(iter(pixel))
+    return next(iter(pixel))
+
+
+def read_dicom_series(folder: str, name: str,
+                      max_voxels: Optional[int] = DEFAULT_MAX_VOXELS) -> CTVolume:
+    """A DICOM CT series folder in HU (one series per folder; modality CT; one file per slice,
+    all of one orientation and size, positions evenly spaced along one line; a positive
+    PixelSpacing; pixel data as long as Rows x Columns; at most ``max_voxels`` voxels, checked
+    on the headers before the pixel data is read; HU checked by :func:`.hu_check.check_hu`)."""
+    sitk = _sitk()
+    local = PathManager.get_local_path(folder)
+    ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(local)
+    if not ids:
+        raise CTInputError(f"{folder}: no readable DICOM series")
+    if len(ids) > 1:
+        raise CTInputError(f"{folder}: {len(ids)} DICOM series in one folder; put each series in "
+                           "its own folder")
+    files = list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(local, ids[0]))
+    headers = [_header(sitk, f, folder) for f in files]
+    _check_series_files(folder, files, headers)
+    iop = _orientations(folder, files, headers)
+    positions = np.array([_numbers(h["position"], 3, "ImagePositionPatient", folder)
+                          for h in headers])
+    pos, step = _slice_step(folder, positions, np.cross(iop[:3], iop[3:]))
+    spacing = _pixel_spacing(folder, files, headers)
     check_spacing(folder, spacing, step)
     # Half a pixel: a slice further off the others' line does not stack onto their grid.
     drift = _stack_drift(folder, files, positions, iop, pos, step,
