@@ -35,7 +35,6 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from elixir_d2 import load_config
-from elixir_d2.checkpoint import fill_genotype_from_checkpoint
 from elixir_d2.cli import (
     EXIT_USER_ERROR,
     MissingFileError,
@@ -131,8 +130,8 @@ def setup_cfg(args):
                                "train_net.py")
     require_file(cfg.MODEL.WEIGHTS, "weights file",
                  "pass --weights with a checkpoint written by train_net.py")
-    fill_genotype_from_checkpoint(cfg, cfg.MODEL.WEIGHTS)  # when the config names no genotype
-    resolve_genotype_config(cfg)
+    # the checkpoint's genotype when the config names none
+    resolve_genotype_config(cfg, checkpoint=cfg.MODEL.WEIGHTS)
     cfg.freeze()
     return cfg
 

@@ -4,11 +4,13 @@
   half-written checkpoint or ``last_checkpoint``.
 - Every checkpoint of a model with a fixed ALB head stores its genotype (``alb_genotype``); loading
   it into a head of another genotype is an error naming both (weight names do not encode the
-  structure, so the load would otherwise succeed into a different network).
+  structure, so the load would otherwise succeed into a different network). The entry and the
+  check are ``elixir_d2/modeling/genotype_source.py``'s; this module only calls them.
 - ``--resume`` whose ``last_checkpoint`` names a missing file falls back to the newest complete
   ``model_*.pth`` in the folder, with a warning.
-- ``.pth`` files load with ``torch.load(weights_only=True)`` and detectron2's ``.pkl`` model-zoo
-  weights through a restricted unpickler (``elixir_d2.safe_pickle``): no checkpoint can run code.
+- ``.pth`` files load with ``torch.load(weights_only=True)`` (``elixir_d2.checkpoint_file``) and
+  detectron2's ``.pkl`` model-zoo weights through a restricted unpickler
+  (``elixir_d2.safe_pickle``): no checkpoint can run code.
 """
 from __future__ import annotations
 
@@ -24,101 +26,17 @@ import torch
 
 from detectron2.checkpoint import DetectionCheckpointer
 
+from .checkpoint_file import CheckpointError, load_pth
 from .cli import MissingFileError, UserInputError, escape_name
-from .modeling.alb.genotype import Genotype, GenotypeError, genotype_from_dict
-from .modeling.genotype_source import genotype_to_yaml, uses_fixed_alb_head
+from .modeling.genotype_source import check_checkpoint_genotype, genotype_checkpoint_entry
 from .safe_pickle import load_weights_pickle
 
-__all__ = ["AtomicCheckpointer", "CheckpointError", "GENOTYPE_KEY", "alb_genotype_of",
-           "fill_genotype_from_checkpoint", "last_checkpoint_target"]
-
-GENOTYPE_KEY = "alb_genotype"  # checkpoint entry: the fixed ALB head's genotype as a plain dict
-
-
-class CheckpointError(UserInputError, ValueError):
-    """A weights file that cannot be loaded into this model: unreadable, unsafe, or trained with
-    another ALB genotype."""
-
-
-def alb_genotype_of(model: torch.nn.Module) -> Optional[Genotype]:
-    """The genotype of ``model``'s fixed ALB head (DDP unwrapped), or None without one."""
-    for module in getattr(model, "module", model).modules():
-        genotype = getattr(module, "genotype", None)
-        if isinstance(genotype, Genotype):
-            return genotype
-    return None
-
-
-def _read_genotype(entry: Any, path: str) -> Genotype:
-    try:
-        return genotype_from_dict(entry, source=f"{path} ({GENOTYPE_KEY})")
-    except GenotypeError as e:
-        raise CheckpointError(str(e)) from e
-
-
-def fill_genotype_from_checkpoint(cfg, weights: str) -> bool:
-    """For evaluation / prediction: when ``cfg`` (unfrozen) builds a fixed ALB head but names no
-    genotype, set MODEL.ALB.GENOTYPE_YAML to the one stored in ``weights``. Returns whether it
-    did."""
-    if not uses_fixed_alb_head(cfg) or cfg.MODEL.ALB.GENOTYPE or cfg.MODEL.ALB.GENOTYPE_YAML:
-        return False
-    hint = "pass MODEL.ALB.GENOTYPE <the genotype.yaml the model was trained with>"
-    if not weights or "://" in weights or weights.endswith(".pkl"):
-        raise UserInputError(f"MODEL.ALB.GENOTYPE is empty and the weights ({weights or 'none'}) "
-                             f"hold no genotype: {hint}")
-    if not os.path.isfile(weights):
-        raise MissingFileError(f"weights file {weights} not found (MODEL.WEIGHTS / --weights)")
-    entry = _load_pth(weights).get(GENOTYPE_KEY)
-    if entry is None:
-        raise UserInputError(f"MODEL.ALB.GENOTYPE is empty and checkpoint {weights} holds no "
-                             f"genotype (written before checkpoints stored it): {hint}")
-    cfg.MODEL.ALB.GENOTYPE_YAML = genotype_to_yaml(_read_genotype(entry, weights))
-    return True
+__all__ = ["AtomicCheckpointer", "CheckpointError", "last_checkpoint_target"]
 
 
 def _is_step_counter(key: str) -> bool:
     """BatchNorm's ``num_batches_tracked``: a step count, not a weight."""
     return key.endswith("num_batches_tracked")
-
-
-def _torch_file_head(filename: str, path_manager=None) -> None:
-    """Refuse a file that is neither a zip archive (torch.save's format) nor a pickle (its legacy
-    format) before torch.load sees it: on text, torch's legacy loader fails with an IndexError or
-    KeyError that names nothing."""
-    try:
-        opener = path_manager.open if path_manager is not None else open
-        with opener(filename, "rb") as f:
-            head = f.read(4)
-    except OSError as e:
-        raise CheckpointError(f"Checkpoint {escape_name(filename)} cannot be read "
-                              f"({e.strerror or e})") from e
-    if not (head.startswith(b"PK") or head.startswith(b"\x80")):
-        raise CheckpointError(f"Checkpoint {escape_name(filename)} is not a torch.save file (it "
-                              f"starts with {head!r}); give a checkpoint written by train_net.py")
-
-
-def _load_pth(filename: str, path_manager=None) -> Dict[str, Any]:
-    _torch_file_head(filename, path_manager)
-    try:
-        if path_manager is None:
-            loaded = torch.load(filename, map_location="cpu", weights_only=True, mmap=True)
-        else:
-            with path_manager.open(filename, "rb") as f:
-                loaded = torch.load(f, map_location=torch.device("cpu"), weights_only=True)
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"Checkpoint {filename} holds more than tensors and plain "
-                              "containers; torch.load(weights_only=True) refused it "
-                              f"({first})") from e
-    # truncated / not a torch file (the legacy loader fails on garbage with Index / Key errors)
-    except (RuntimeError, EOFError, ValueError, IndexError, KeyError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"Checkpoint {filename} is unreadable (truncated or not a torch.save "
-                              f"file): {first}") from e
-    if not isinstance(loaded, dict):
-        raise CheckpointError(f"Checkpoint {filename} holds a {type(loaded).__name__}, not a state "
-                              "dict")
-    return loaded
 
 
 def last_checkpoint_target(save_dir: str) -> str:
@@ -244,22 +162,8 @@ class AtomicCheckpointer(DetectionCheckpointer):
                             "checkpoint there")
         return candidates[0]
 
-    def _check_genotype(self, checkpoint: Dict[str, Any]) -> None:
-        entry = checkpoint.get(GENOTYPE_KEY)
-        ours = alb_genotype_of(self.model)
-        if entry is None or ours is None:
-            return
-        path = getattr(self, "_loading", "?")
-        theirs = _read_genotype(entry, path)
-        if theirs != ours:
-            raise CheckpointError(
-                f"Checkpoint {path} was trained with ALB genotype {genotype_to_yaml(theirs)} but "
-                f"the config builds {genotype_to_yaml(ours)} (MODEL.ALB.GENOTYPE / GENOTYPE_YAML); "
-                "set MODEL.ALB.GENOTYPE to the file the checkpoint was trained with, or to '' (and "
-                "MODEL.ALB.GENOTYPE_YAML '') to take the checkpoint's")
-
     def _load_model(self, checkpoint: Any):
-        self._check_genotype(checkpoint)
+        check_checkpoint_genotype(checkpoint, self.model, getattr(self, "_loading", "?"))
         state = checkpoint.get("model", {})
         heuristics = checkpoint.get("matching_heuristics", False)  # detectron2 renames .pkl keys
         num_in_checkpoint = len(state) if isinstance(state, dict) else 0
@@ -331,9 +235,7 @@ class AtomicCheckpointer(DetectionCheckpointer):
         for key, obj in self.checkpointables.items():
             data[key] = obj.state_dict()
         data.update(kwargs)
-        genotype = alb_genotype_of(self.model)
-        if genotype is not None:
-            data[GENOTYPE_KEY] = genotype.to_dict()
+        data.update(genotype_checkpoint_entry(self.model))
         basename = f"{name}.pth"
         save_file = os.path.join(self.save_dir, basename)
         self.logger.info(f"Saving checkpoint to {save_file}")
@@ -347,7 +249,7 @@ class AtomicCheckpointer(DetectionCheckpointer):
     def _load_file(self, filename: str) -> Dict[str, Any]:
         if filename.endswith(".pkl"):
             return self._load_pkl(filename)
-        loaded = _load_pth(filename, self.path_manager)
+        loaded = load_pth(filename, self.path_manager)
         return loaded if "model" in loaded else {"model": loaded}
 
     def _load_pkl(self, filename: str) -> Dict[str, Any]:

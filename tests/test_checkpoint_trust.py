@@ -12,16 +12,15 @@ import yaml
 from detectron2.layers import ShapeSpec
 
 from elixir_d2 import load_config
-from elixir_d2.checkpoint import (
-    GENOTYPE_KEY,
-    AtomicCheckpointer,
-    CheckpointError,
-    fill_genotype_from_checkpoint,
-)
+from elixir_d2.checkpoint import AtomicCheckpointer, CheckpointError
 from elixir_d2.cli import MissingFileError, UserInputError
-from elixir_d2.modeling.alb.genotype import Genotype, load_genotype
+from elixir_d2.modeling.alb.genotype import Genotype, genotype_to_yaml, load_genotype
 from elixir_d2.modeling.box_head import ALBHead
-from elixir_d2.modeling.genotype_source import genotype_to_yaml, resolve_genotype_config
+from elixir_d2.modeling.genotype_source import (
+    GENOTYPE_KEY,
+    fill_genotype_from_checkpoint,
+    resolve_genotype_config,
+)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIGURE3 = os.path.join(REPO, "configs", "genotypes", "figure3.yaml")

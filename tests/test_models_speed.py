@@ -64,9 +64,8 @@ def test_inference_rounds_cycle_over_the_given_batches(monkeypatch):
 
 def test_trained_weights_keep_the_configured_trpn_and_their_genotype(tmp_path):
     from elixir_d2.checkpoint import AtomicCheckpointer
-    from elixir_d2.modeling.alb.genotype import derive_genotype
+    from elixir_d2.modeling.alb.genotype import derive_genotype, genotype_to_yaml
     from elixir_d2.modeling.alb.spaces import get_search_space
-    from elixir_d2.modeling.genotype_source import genotype_to_yaml
 
     config = "configs/quickstart/elixirnet.yaml"
     cfg = ms.load_cfg(config, trpn_keep_all=False)

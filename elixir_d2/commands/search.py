@@ -16,8 +16,7 @@ from detectron2.utils.logger import setup_logger
 
 from .. import load_config
 from ..cli import UserInputError, check_datasets, require_file
-from ..modeling.alb.genotype import Genotype
-from ..modeling.genotype_source import write_genotype
+from ..modeling.alb.genotype import Genotype, save_genotype
 from ..search import GENOTYPE_YAML, ALBSearcher, format_genotype, sample_random_genotype
 from ..search.step import check_search_amp
 from . import run_command
@@ -108,7 +107,7 @@ def write_random_genotype(cfg: CfgNode, provenance: str = "",
             f"space {cfg.MODEL.ALB.SEARCH_SPACE}, B={cfg.MODEL.ALB.BRANCHES}.",
             *([provenance] if provenance else []),
         ])
-        write_genotype(genotype, path, comment=comment, provenance=record)
+        save_genotype(genotype, path, comment=comment, provenance=record)
     logger.info("Random genotype (seed %d) written to %s: %s", seed, path,
                 format_genotype(genotype))
     return genotype

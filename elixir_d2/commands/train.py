@@ -12,7 +12,7 @@ from detectron2.evaluation import verify_results
 
 from .. import load_config
 from ..amp import autocast_dtype
-from ..checkpoint import AtomicCheckpointer, fill_genotype_from_checkpoint, last_checkpoint_target
+from ..checkpoint import AtomicCheckpointer, last_checkpoint_target
 from ..cli import UserInputError, check_datasets, check_froc_convention, require_file
 from ..modeling.genotype_source import resolve_genotype_config
 from ..trainer import ElixirTrainer
@@ -47,9 +47,8 @@ def check_inputs(args: argparse.Namespace) -> CfgNode:
         require_file(cfg.MODEL.WEIGHTS, "weights file MODEL.WEIGHTS",
                      "give a checkpoint written by train_net.py, or MODEL.WEIGHTS '' to start from "
                      "scratch")
-    if args.eval_only:
-        fill_genotype_from_checkpoint(cfg, cfg.MODEL.WEIGHTS)
-    resolve_genotype_config(cfg)
+    # One call owns the genotype: with --eval-only a config naming none takes MODEL.WEIGHTS'.
+    resolve_genotype_config(cfg, checkpoint=cfg.MODEL.WEIGHTS if args.eval_only else None)
     if not args.eval_only:
         try:
             autocast_dtype(cfg)

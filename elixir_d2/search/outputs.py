@@ -26,8 +26,7 @@ from detectron2.engine import HookBase
 from detectron2.utils import comm
 from detectron2.utils.file_io import PathManager
 
-from ..modeling.alb.genotype import Genotype, edge_inputs
-from ..modeling.genotype_source import write_genotype
+from ..modeling.alb.genotype import Genotype, edge_inputs, save_genotype
 
 __all__ = [
     "ALPHAS_JSON",
@@ -109,8 +108,8 @@ def write_search_outputs(head, output_dir: str, comment: Optional[str] = None,
 
     PathManager.mkdirs(output_dir)
     genotype = head.genotype()
-    write_genotype(genotype, os.path.join(output_dir, GENOTYPE_YAML), comment=comment or "",
-                   provenance=provenance)
+    save_genotype(genotype, os.path.join(output_dir, GENOTYPE_YAML), comment=comment or "",
+                  provenance=provenance)
     draw_alpha_heatmap(
         softmax_alphas(head), head.op_names, os.path.join(output_dir, ALPHAS_PNG),
         edge_labels=edge_labels(head.branches),

@@ -136,7 +136,8 @@ def ct_input(size: int = 512, seed: int = 0) -> Dict:
 def load_trained(config: str, weights: str, device: str = "cpu"):
     """(cfg, model) of ``config`` with the checkpoint ``weights`` (genotype included), TRPN's
     threshold as configured."""
-    from elixir_d2.checkpoint import AtomicCheckpointer, fill_genotype_from_checkpoint
+    from elixir_d2.checkpoint import AtomicCheckpointer
+    from elixir_d2.modeling.genotype_source import fill_genotype_from_checkpoint
 
     if not os.path.isfile(weights):
         raise FileNotFoundError(f"weights file {weights} not found")

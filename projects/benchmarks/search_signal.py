@@ -41,9 +41,8 @@ from detectron2.utils.events import EventStorage  # noqa: E402
 
 from elixir_d2 import load_config  # noqa: E402
 from elixir_d2.cli import require_file  # noqa: E402
-from elixir_d2.modeling.alb.genotype import Genotype, derive_genotype  # noqa: E402
+from elixir_d2.modeling.alb.genotype import Genotype, derive_genotype, save_genotype  # noqa: E402
 from elixir_d2.modeling.alb.spaces import get_search_space  # noqa: E402
-from elixir_d2.modeling.genotype_source import write_genotype  # noqa: E402
 from elixir_d2.search import ALBSearcher  # noqa: E402
 from elixir_d2.search.searcher import search_head  # noqa: E402
 from elixir_d2.search.step import search_loss  # noqa: E402
@@ -181,11 +180,11 @@ def main(argv=None) -> None:
     if args.genotype_out:
         genotype = gradient_genotype(rows[0]["t"], rows[0]["space"], rows[0]["branches"])
         source = os.path.join(args.search_dir, rows[0]["checkpoint"])
-        write_genotype(genotype, args.genotype_out,
-                       comment=f"Genotype of the alphas' mean gradient over {args.batches} "
-                               f"architecture batches at {source} (search_signal.py).",
-                       provenance={"searched": True, "method": "alpha gradient (search_signal.py)",
-                                   "checkpoint": source, "batches": args.batches})
+        save_genotype(genotype, args.genotype_out,
+                      comment=f"Genotype of the alphas' mean gradient over {args.batches} "
+                              f"architecture batches at {source} (search_signal.py).",
+                      provenance={"searched": True, "method": "alpha gradient (search_signal.py)",
+                                  "checkpoint": source, "batches": args.batches})
         print(f"\ngenotype of {source}'s gradient: {args.genotype_out}")
 
 

@@ -14,6 +14,12 @@ YAML form (read with ``yaml.safe_load``)::
     branches: 4
     normal: [[dil_conv_3x3_r2, 0], [region_nonlocal, 1], ...]   # 8 pairs, ALB
     reduce: [[avg_pool_3x3, 0], [dw_conv_7x7, 1], ...]          # 8 pairs, ALB_r
+    provenance: {searched: true, config: ..., data: ..., epochs: 50, date: ...}  # optional
+
+This module owns the genotype: its type, validation and every form it is read from or written to
+(a dict, one line of YAML, a YAML file with provenance). Where a run's genotype comes from (config
+keys, checkpoints) is ``elixir_d2/modeling/genotype_source.py``, one layer up; this module imports
+nothing of elixir_d2 but the op names of ``spaces.py``.
 """
 from dataclasses import dataclass
 from math import comb
@@ -33,8 +39,12 @@ __all__ = [
     "edge_inputs",
     "count_structures",
     "genotype_from_dict",
+    "genotype_from_yaml",
+    "genotype_to_yaml",
+    "read_genotype_file",
     "load_genotype",
     "save_genotype",
+    "describe_provenance",
     "derive_genotype",
 ]
 
@@ -148,7 +158,7 @@ def genotype_from_dict(data: Any, source: str = "<genotype>") -> Genotype:
     """Build and validate a :class:`Genotype` from the YAML mapping ``data``."""
     if not isinstance(data, dict):
         raise GenotypeError(f"{source}: a genotype must be a mapping, got {type(data).__name__}")
-    # "provenance" (who wrote the file, see modeling/genotype_source.py) is not structure.
+    # "provenance" (who wrote the file, see save_genotype) is not structure.
     unknown = set(data) - {"space", "branches", "normal", "reduce", "provenance"}
     if unknown:
         # keys of any type
@@ -165,25 +175,64 @@ def genotype_from_dict(data: Any, source: str = "<genotype>") -> Genotype:
     return genotype.validate(source)
 
 
-def load_genotype(path: str) -> Genotype:
-    """Read and validate a genotype YAML file (any PathManager path)."""
-    if not path:
-        raise GenotypeError("No genotype file given (MODEL.ALB.GENOTYPE is empty)")
+def genotype_to_yaml(genotype: Genotype) -> str:
+    """The genotype as one line of flow-style YAML (the form of MODEL.ALB.GENOTYPE_YAML)."""
+    return yaml.safe_dump(genotype.to_dict(), default_flow_style=True, width=float("inf"),
+                          sort_keys=False).strip()
+
+
+def genotype_from_yaml(text: str, source: str = "<genotype>") -> Genotype:
+    """Parse and validate the YAML ``text`` of a genotype; errors name ``source``."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise GenotypeError(f"{source}: not valid YAML: {e}") from e
+    return genotype_from_dict(data, source=source)
+
+
+def read_genotype_file(path: str, source: Optional[str] = None) -> Tuple[Genotype, Dict[str, Any]]:
+    """(genotype, provenance) of the YAML file ``path`` (any PathManager path); provenance is {}
+    when the file has none. Errors name ``source`` (default: ``path``)."""
+    source = source or path
     with PathManager.open(path, "r", encoding="utf-8") as f:
         try:
             data = yaml.safe_load(f)
         except (yaml.YAMLError, UnicodeDecodeError) as e:
-            raise GenotypeError(f"{path}: not valid YAML: {e}") from e
-    return genotype_from_dict(data, source=path)
+            raise GenotypeError(f"{source}: not valid YAML: {e}") from e
+    provenance = data.pop("provenance", None) if isinstance(data, dict) else None
+    if provenance is not None and not isinstance(provenance, dict):
+        raise GenotypeError(f"{source}: 'provenance' must be a mapping, got {provenance!r}")
+    return genotype_from_dict(data, source=source), provenance or {}
 
 
-def save_genotype(genotype: Genotype, path: str, comment: Optional[str] = None) -> None:
-    """Write ``genotype`` as YAML to ``path``; ``comment`` lines (e.g. provenance) go on top."""
+def load_genotype(path: str) -> Genotype:
+    """Read and validate a genotype YAML file (any PathManager path)."""
+    if not path:
+        raise GenotypeError("No genotype file given (MODEL.ALB.GENOTYPE is empty)")
+    return read_genotype_file(path)[0]
+
+
+def save_genotype(genotype: Genotype, path: str, comment: Optional[str] = "",
+                  provenance: Optional[Dict[str, Any]] = None) -> None:
+    """Write ``genotype`` as YAML to ``path``: ``comment`` lines (e.g. the command line) on top,
+    then the structure and a ``provenance`` mapping (what :func:`describe_provenance` reads)."""
     genotype.validate(path)
     header = "".join(f"# {line}\n" for line in comment.splitlines()) if comment else ""
-    body = yaml.safe_dump(genotype.to_dict(), sort_keys=False, default_flow_style=None)
+    data = genotype.to_dict()
+    if provenance:
+        data["provenance"] = dict(provenance)
+    body = yaml.safe_dump(data, sort_keys=False, default_flow_style=None)
     with PathManager.open(path, "w", encoding="utf-8") as f:
         f.write(header + body)
+
+
+def describe_provenance(provenance: Dict[str, Any]) -> str:
+    """"searched (config ..., data ..., N epochs, date)" / "not searched (...)" / "unknown"."""
+    if "searched" not in provenance:
+        return "provenance unknown (the file has no 'provenance' entry)"
+    details = ", ".join(f"{k} {v}" for k, v in provenance.items() if k != "searched")
+    word = "searched" if provenance["searched"] else "not searched"
+    return f"{word} ({details})" if details else word
 
 
 def _as_numpy(alpha: Any) -> np.ndarray:
