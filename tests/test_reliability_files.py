@@ -186,7 +186,7 @@ def test_newlines_in_file_names_are_escaped_everywhere(tmp_path, capsys, fpn_wei
     forged = "x.nii.gz\nWARNING forged line\n.nii.gz"
     (scans / forged).write_bytes(b"not a volume")
     (scans / "notes\nINFO forged.txt").write_text("not CT", encoding="utf-8")
-    runner_log = logging.getLogger("elixir_d2.inference")  # runner.py and run_files.py
+    runner_log = logging.getLogger("elixir_d2.inference")  # runner, case_step and run_files
     handler, level = _Records(), runner_log.level
     runner_log.addHandler(handler)
     runner_log.setLevel(logging.INFO)

@@ -13,8 +13,7 @@ import torch
 
 from detectron2.modeling import build_model
 
-from elixir_d2.inference import PredictOptions, run_prediction
-from elixir_d2.inference import runner as runner_mod
+from elixir_d2.inference import PredictOptions, case_step, run_prediction
 from elixir_d2.inference.case_ids import OutputDir, UnsafeOutputError, unique_case_ids
 from elixir_d2.inference.orientation import to_lps_array
 from elixir_d2.inference.runner import OutputNotEmptyError
@@ -128,14 +127,14 @@ def test_one_failed_case_is_reported_and_the_folder_completes(tmp_path, monkeypa
     _bomb(scans / "bomb.nii.gz")
     write_nifti(scans / "good.nii.gz", phantom(slices=3))
     write_nifti(scans / "oom.nii.gz", phantom(slices=3))
-    real = runner_mod.read_case
+    real = case_step.read_case
 
     def read_case(case, *a, **kw):
         if case.name == "oom":
             raise MemoryError()
         return real(case, *a, **kw)
 
-    monkeypatch.setattr(runner_mod, "read_case", read_case)
+    monkeypatch.setattr(case_step, "read_case", read_case)
     out = tmp_path / "out"
     s = run(scans, out, max_voxels=1_000_000)
     assert [c["case"] for c in s["cases"]] == ["good"]
@@ -171,7 +170,7 @@ def test_relation_graphs_are_drawn_slice_by_slice(tmp_path, monkeypatch):
     model = build_model(cfg).eval()
     events = []
     model.register_forward_hook(lambda *a: events.append("forward"))
-    monkeypatch.setattr(runner_mod, "draw_relation_graph",
+    monkeypatch.setattr(case_step, "draw_relation_graph",
                         lambda grey, props, e, path, **kw: events.append(
                             ("draw", os.path.basename(path), e.shape == (len(props), len(props)))))
     vol = write_nifti(tmp_path / "v.nii.gz", phantom(slices=3, size=64), spacing=(1.0, 1.0, 5.0))
@@ -244,7 +243,7 @@ def test_a_failed_case_write_leaves_no_partial_folder(tmp_path, monkeypatch):
     scans.mkdir()
     for name in ("c1", "c2"):
         write_nifti(scans / f"{name}.nii.gz", phantom(slices=3))
-    real = runner_mod._write_case
+    real = case_step._write_case
 
     def full_disk(case_dir, pred, *a):
         if pred.volume.name == "c1":
@@ -253,7 +252,7 @@ def test_a_failed_case_write_leaves_no_partial_folder(tmp_path, monkeypatch):
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(case_dir, pred, *a)
 
-    monkeypatch.setattr(runner_mod, "_write_case", full_disk)
+    monkeypatch.setattr(case_step, "_write_case", full_disk)
     out = tmp_path / "out"
     s = run(scans, out)
     assert [f["case"] for f in s["failed"]] == ["c1"] and "No space left" in s["failed"][0]["error"]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -25,7 +25,8 @@ from .volume_io import CaseSource
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["GroundTruth", "RunPlan", "CaseOutcome", "done_entry", "write_run_files"]
+__all__ = ["GroundTruth", "RunPlan", "CaseOutcome", "RunSummary", "done_entry",
+           "write_run_files"]
 
 GroundTruth = Dict[str, Dict[int, np.ndarray]]  # case -> slice number -> (M, 4) XYXY pixels
 
@@ -86,62 +87,100 @@ def _froc(docs: List[Tuple[str, Dict]], gt: GroundTruth, out_dir: str, fps,
     return doc
 
 
+class RunSummary:
+    """What the run files hold, gathered case by case in the run's case order: summary.json's case
+    lists and step times, the rows of the run's CSVs, its COCO results and the FROC's inputs."""
+
+    # summary.json's timing_s step -> CaseOutcome field
+    STEPS = (("read_inputs", "read_s"), ("prepare_inputs", "prepare_s"),
+             ("model_forward", "forward_s"), ("write_outputs", "write_s"))
+
+    def __init__(self, class_names: Sequence[str]):
+        self.coco = CocoResults(class_names)
+        self.done: List[Dict] = []  # summary.json's "cases"
+        self.failed: List[Dict] = []
+        self.detections: List[Dict] = []
+        self.findings: List[Dict] = []
+        self.resumed = 0
+        self._step_s: Dict[str, List[float]] = {field: [] for _, field in self.STEPS}
+        # (input case name, detections.json document) of every finished case
+        self._froc_cases: List[Tuple[str, Dict]] = []
+
+    def add(self, outcome: CaseOutcome, case_name: str) -> None:
+        """One case's outcome; ``case_name``: the input's name for the case, which ground truth
+        uses (the case's outputs may carry an anonymous id instead)."""
+        # every outcome, a failed one at 0.0 s: the sums are floats even when no case finished
+        for _, field in self.STEPS:
+            self._step_s[field].append(getattr(outcome, field))
+        self.resumed += outcome.resumed
+        if outcome.failure is not None:
+            self.failed.append(outcome.failure)
+            return
+        doc = outcome.doc
+        self.coco.add_case(doc)
+        self.detections += doc["detections"]
+        self.findings += doc["findings"]
+        self.done.append(done_entry(doc))
+        self._froc_cases.append((case_name, doc))
+
+    def write_tables(self, out: OutputDir) -> None:
+        """detections.csv, findings.csv, coco_results.json and coco_images.json."""
+        write_csv(out.path("detections.csv"), self.detections, DETECTION_COLUMNS)
+        write_csv(out.path("findings.csv"), self.findings, FINDING_COLUMNS)
+        self.coco.write(out.root)
+
+    def write_froc(self, gt: GroundTruth, out_dir: str, fps: Sequence[float],
+                   convention: str) -> Optional[Dict]:
+        """froc.json and froc.png over the finished cases' slices that ``gt`` annotates; returns
+        froc.json's document, None (nothing written) when no predicted slice has ground truth."""
+        return _froc(self._froc_cases, gt, out_dir, tuple(fps), convention)
+
+    def document(self, ignored: Union[int, List[str]], froc: Optional[Dict],
+                 run: Dict[str, float]) -> Dict:
+        """summary.json's document; ``ignored``: the files not read (or their number), ``froc``:
+        :meth:`write_froc`'s document, ``run``: the run's processes, model_setup and start time."""
+        return {"cases": self.done, "failed": self.failed, "ignored": ignored, "froc": froc,
+                "timing_s": self._timing(run)}
+
+    def _timing(self, run: Dict[str, float]) -> Dict[str, float]:
+        """summary.json's timing_s: the run's wall time after model construction (rank 0's clock)
+        and the time of each step summed over the cases, whichever process did them."""
+        steps = {k: round(sum(self._step_s[field]), 3) for k, field in self.STEPS}
+        total = time.perf_counter() - run["start"] - run["model_setup"]
+        return {"processes": run["processes"], "model_setup": round(run["model_setup"], 3),
+                "total": round(total, 3), **steps,
+                # one process: how much of the run is the model's (predict_speed.py's target)
+                "total_over_forward": (round(total / steps["model_forward"], 3)
+                                       if run["processes"] == 1 and steps["model_forward"] > 0
+                                       else None)}
+
+
 def write_run_files(cfg, plan: RunPlan, outcomes: List[CaseOutcome], class_names: List[str],
                     names: InputNames, out: OutputDir, opts, gt: GroundTruth,
                     timing: Dict[str, float]) -> Dict:
     """The run files (module docstring) from every case's outcome, in the plan's case order:
-    the same bytes whoever predicted which case, and whether it was predicted or resumed."""
-    coco = CocoResults(class_names)
-    done, failed, all_dets, all_findings, docs = [], [], [], [], []
+    the same bytes whoever predicted which case, and whether it was predicted or resumed.
+    Returns summary.json's document."""
+    run = RunSummary(class_names)
     for o in outcomes:
-        if o.failure is not None:
-            failed.append(o.failure)
-            continue
-        coco.add_case(o.doc)
-        all_dets += o.doc["detections"]
-        all_findings += o.doc["findings"]
-        done.append(done_entry(o.doc))
-        if opts.gt:  # FROC matches ground truth by the input's case name
-            docs.append((plan.cases[o.index].name, o.doc))
-    resumed = sum(o.resumed for o in outcomes)
-    if resumed:
-        logger.info(f"--resume: {resumed} of {len(plan.cases)} case(s) were complete and verified "
-                    f"in {escape_name(out.given)}; read back, not predicted again")
-    write_csv(out.path("detections.csv"), all_dets, DETECTION_COLUMNS)
-    write_csv(out.path("findings.csv"), all_findings, FINDING_COLUMNS)
-    coco.write(out.root)
-    froc = (_froc(docs, gt, out.root, tuple(cfg.TEST.FROC_FPS), cfg.TEST.FROC_CONVENTION)
+        run.add(o, plan.cases[o.index].name)
+    if run.resumed:
+        logger.info(f"--resume: {run.resumed} of {len(plan.cases)} case(s) were complete and "
+                    f"verified in {escape_name(out.given)}; read back, not predicted again")
+    run.write_tables(out)
+    froc = (run.write_froc(gt, out.root, cfg.TEST.FROC_FPS, cfg.TEST.FROC_CONVENTION)
             if opts.gt else None)
-    summary = {
-        "cases": done, "failed": failed,
-        "ignored": (len(plan.ignored) if opts.anonymize_ids
-                    else [escape_name(names.relative(p)) for p in plan.ignored]),
-        "froc": froc,
-        "timing_s": _timing(outcomes, timing),
-    }
+    summary = run.document((len(plan.ignored) if opts.anonymize_ids
+                            else [escape_name(names.relative(p)) for p in plan.ignored]),
+                           froc, timing)
     write_json(out.path("summary.json"), summary)
     if opts.report == "html":  # case report: the run's index page
-        write_index(out.root, done, failed, froc)
-    if failed:
-        logger.warning(f"{len(failed)} case(s) failed: "
-                       + "; ".join(f"{f['case']} ({f['error']})" for f in failed))
+        write_index(out.root, run.done, run.failed, froc)
+    if run.failed:
+        logger.warning(f"{len(run.failed)} case(s) failed: "
+                       + "; ".join(f"{f['case']} ({f['error']})" for f in run.failed))
     if plan.ignored:
         logger.info(f"ignored {len(plan.ignored)} file(s) that are not CT input or not followed"
                     + ("" if opts.anonymize_ids
                        else f", e.g. {escape_name(names.relative(plan.ignored[0]))}"))
     return summary
-
-
-def _timing(outcomes: List[CaseOutcome], run: Dict[str, float]) -> Dict[str, float]:
-    """summary.json's timing_s: the run's wall time after model construction (rank 0's clock) and
-    the time of each step summed over the cases, whichever process did them."""
-    steps = {k: round(sum(getattr(o, f) for o in outcomes), 3)
-             for k, f in (("read_inputs", "read_s"), ("prepare_inputs", "prepare_s"),
-                          ("model_forward", "forward_s"), ("write_outputs", "write_s"))}
-    total = time.perf_counter() - run["start"] - run["model_setup"]
-    return {"processes": run["processes"], "model_setup": round(run["model_setup"], 3),
-            "total": round(total, 3), **steps,
-            # one process: how much of the run is the model's (predict_speed.py's target)
-            "total_over_forward": (round(total / steps["model_forward"], 3)
-                                   if run["processes"] == 1 and steps["model_forward"] > 0
-                                   else None)}

@@ -33,10 +33,11 @@ uninterrupted run but for timing. Outputs and logs name inputs relative to the i
 ``anonymize_ids``, by sequential ids only (the mapping goes to a separate CSV); every name shown is
 escaped (:func:`elixir_d2.cli.escape_name`). Which files are read: :mod:`.discovery`.
 
-Several processes (:mod:`.sharding`): rank 0 finds the cases and prepares the output folder, every
-rank predicts its share of the cases into their case folders, and rank 0 writes the run files
-(:mod:`.run_files`) from all of them, in the case order one process uses: the same bytes but for
-summary.json's timing.
+Each case is one step (:mod:`.case_step`): its folder written, or read back, and its outcome
+returned; the run files (:mod:`.run_files`) are written from the outcomes of all the cases. Several
+processes (:mod:`.sharding`): rank 0 finds the cases and prepares the output folder, every rank
+predicts its share of the cases into their case folders, and rank 0 writes the run files from all
+of them, in the case order one process uses: the same bytes but for summary.json's timing.
 """
 from __future__ import annotations
 
@@ -55,54 +56,25 @@ from tqdm import tqdm
 from detectron2.utils import comm
 from detectron2.utils.file_io import PathManager
 
-from ..atomic_io import atomic_write_text, build_dir_atomically, tmp_target
+from ..atomic_io import atomic_write_text, tmp_target
 from ..cli import escape_name
-from ..data.ct_mapper import CTSliceError
-from ..data.deeplesion import DeepLesionFormatError, read_dl_info
-from ..visualization import (
-    draw_confidence_map,
-    draw_detections,
-    draw_relation_graph,
-    window_for_display,
-)
-from .case_ids import RUN_FILES, InputNames, OutputDir, UnsafeOutputError
-from .case_manifest import (
-    CASE_MARKER,
-    input_fingerprint,
-    is_case_folder,
-    settings_fingerprint,
-    verified_case,
-    write_manifest,
-)
-from .discovery import check_case_paths, discover_cases
-from .grouping import group_detections
+from ..data.deeplesion import read_dl_info
+from .case_ids import RUN_FILES, InputNames, OutputDir
+from .case_manifest import CASE_MARKER, is_case_folder, settings_fingerprint
+from .case_step import INPUT_ERRORS, CaseStep, run_case
+from .discovery import discover_cases
 from .orientation import DEFAULT_MAX_VOXELS
-from .outputs import (
-    DETECTION_COLUMNS,
-    FINDING_COLUMNS,
-    case_summary,
-    detection_rows,
-    finding_rows,
-    flat_detections,
-    write_csv,
-    write_json,
-)
-from .predictor import CTPredictor, SlicePrediction, VolumePrediction
-from .report import REPORT_FORMATS, write_case_report
+from .predictor import CTPredictor
+from .report import REPORT_FORMATS
 from .run_files import CaseOutcome, GroundTruth, RunPlan, write_run_files
 from .sharding import run_on_every_rank, run_on_main, shard_indices
-from .slicer_markups import write_case_markups
-from .volume_io import CaseSource, CTInputError, read_case
+from .volume_io import CaseSource
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["PredictOptions", "load_ground_truth", "run_prediction", "INPUT_ERRORS",
            "OutputNotEmptyError", "RunInterrupted", "CASE_MARKER"]
 
-# Errors that make one case unusable; a folder run lists them and goes on.
-INPUT_ERRORS = (CTInputError, CTSliceError, DeepLesionFormatError, OSError)
-# Out of memory on one huge case, or a runtime failure in the model on it, fails that case only.
-CASE_ERRORS = INPUT_ERRORS + (MemoryError, RuntimeError, UnsafeOutputError)
 # A case folder's temporary name: a sanitised case id (case_ids), maybe with its ~N suffix.
 _CASE_ID_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*(~[0-9]+)?")
 
@@ -184,40 +156,6 @@ def load_ground_truth(path: str) -> GroundTruth:
     return gt
 
 
-def _slice_drawer(case_dir: str, name: str, view_hu, gt: Dict[int, np.ndarray],
-                  opts: PredictOptions):
-    """on_slice callback: draws one slice's pictures as soon as it is predicted, then drops the
-    relation matrix, proposals and confidence maps it held (P x P per slice would add up)."""
-    counts = {"drawn": 0}
-
-    def draw(sp: SlicePrediction) -> None:
-        gt_boxes = gt.get(sp.slice_number)
-        wanted = opts.overlays == "all" or len(sp.scores) or gt_boxes is not None
-        relations = opts.draw_relations and sp.relations is not None and len(sp.proposals)
-        confidence = opts.draw_confidence and sp.conf_maps
-        file = f"slice_{sp.slice_number:03d}.png"
-        if (wanted and opts.overlays != "none") or relations or confidence:
-            grey = window_for_display(view_hu(sp.slice_number), opts.view_window)
-            if wanted and opts.overlays != "none":
-                os.makedirs(f"{case_dir}/overlays", exist_ok=True)
-                draw_detections(grey, sp.boxes, sp.scores, sp.type_names, gt_boxes,
-                                f"{case_dir}/overlays/{file}")
-                counts["drawn"] += 1
-            if relations:
-                os.makedirs(f"{case_dir}/relations", exist_ok=True)
-                draw_relation_graph(grey, sp.proposals, sp.relations,
-                                    f"{case_dir}/relations/{file}", scores=sp.proposal_scores,
-                                    title=f"{name} slice {sp.slice_number}")
-            if confidence:
-                os.makedirs(f"{case_dir}/confidence", exist_ok=True)
-                draw_confidence_map(grey, sp.conf_maps, f"{case_dir}/confidence/{file}",
-                                    eps=sp.conf_eps)
-        sp.relations = sp.proposals = sp.proposal_scores = None
-        sp.conf_maps = sp.conf_eps = None
-
-    return draw, counts
-
-
 def _is_our_tmp(root: str, entry: str) -> bool:
     """A temporary entry this tool's writers leave when killed: a run file or a case folder under
     :func:`elixir_d2.atomic_io.tmp_name`'s exact naming, nothing a user named alike."""
@@ -254,18 +192,6 @@ def _prepare_output(out: OutputDir, overwrite: bool, resume: bool = False) -> No
                 shutil.rmtree(path, ignore_errors=True)
             else:
                 os.remove(path)
-
-
-def _write_case(case_dir: str, pred: VolumePrediction, dets: List[Dict], findings,
-                names: InputNames, case: CaseSource) -> Dict:
-    """The case's files (but the manifest); returns its detections.json document as read back."""
-    vol = pred.volume
-    vol.warnings = [escape_name(names.scrub(w, case.path, vol.name)) for w in vol.warnings]
-    doc = case_summary(pred, dets, findings)
-    write_json(f"{case_dir}/detections.json", doc)
-    write_csv(f"{case_dir}/detections.csv", dets, DETECTION_COLUMNS)
-    write_csv(f"{case_dir}/findings.csv", finding_rows(vol.name, findings), FINDING_COLUMNS)
-    return json.loads(json.dumps(doc))  # what a resumed run reads back: the same values
 
 
 def _case_ids(cases: List[CaseSource], names: InputNames, opts: PredictOptions,
@@ -314,18 +240,16 @@ def run_prediction(cfg, input_path: str, output_dir: str, opts: Optional[Predict
     world, rank = comm.get_world_size(), comm.get_rank()
     mine = shard_indices(len(plan.cases), world, rank)
     gt = load_ground_truth(opts.gt) if opts.gt else {}
-    outcomes: List[CaseOutcome] = []
+    shard = _Shard(cfg, plan, mine, names, out, opts, gt, model)
     try:
         # one gather: every rank's outcomes, with rank 0's class names and model set-up time
-        shards = run_on_every_rank(
-            lambda: (*_predict_cases(cfg, plan, mine, names, out, opts, gt, model, outcomes),
-                     outcomes))
+        shards = run_on_every_rank(shard)
     except RunInterrupted:
         raise
     except KeyboardInterrupt:
-        raise RunInterrupted(sum(o.doc is not None for o in outcomes), len(plan.cases)) from None
+        raise RunInterrupted(shard.done, len(plan.cases)) from None
     class_names, setup_s, _ = shards[0]
-    ordered = sorted((o for *_, shard in shards for o in shard), key=lambda o: o.index)
+    ordered = sorted((o for *_, outcomes in shards for o in outcomes), key=lambda o: o.index)
     timing = {"processes": world, "model_setup": setup_s, "start": t_start}
     summary = run_on_main(lambda: write_run_files(cfg, plan, ordered, class_names, names, out,
                                                   opts, gt, timing))
@@ -343,102 +267,42 @@ def _plan_run(input_path: str, names: InputNames, out: OutputDir,
     return RunPlan(cases, ignored, _case_ids(cases, names, opts, out))
 
 
-def _predict_cases(cfg, plan: RunPlan, indices: List[int], names: InputNames, out: OutputDir,
-                   opts: PredictOptions, gt: GroundTruth, model,
-                   outcomes: List[CaseOutcome]) -> Tuple[List[str], float]:
-    """Predict (or, resuming, verify and read back) the cases at ``indices`` of the plan, each
-    into its complete case folder; ``outcomes`` fills as cases finish. Returns the model's class
-    names and the seconds its construction took."""
-    settings = settings_fingerprint(cfg, opts)
-    t_setup = time.perf_counter()
-    predictor = CTPredictor(cfg, model, batch_size=opts.batch_size,
-                            capture_relations=opts.draw_relations,
-                            capture_confidence=opts.draw_confidence)
-    setup_s = time.perf_counter() - t_setup
-    input_root = os.path.realpath(names.root)
-    context_mm = max(abs(o) for o in predictor.mapper.offsets_mm)
-    world, rank = comm.get_world_size(), comm.get_rank()
-    single = len(plan.cases) == 1
-    bar = tqdm(indices, desc="cases" if world == 1 else f"cases, rank {rank}/{world}",
-               unit="case", position=comm.get_local_rank(),
-               disable=not opts.progress or single)
-    for index in bar:
-        case, case_id = plan.cases[index], plan.ids[index]
-        # ground truth names cases as the input does, not by anonymous id
-        case_gt = gt.get(case.name, {})
-        shown = escape_name(names.shown(case.path, case_id))
-        outcome = CaseOutcome(index)
-        try:
-            check_case_paths(case, input_root)
-            case_dir = out.path(case_id)
-            input_fp = input_fingerprint(case, shown)
-            outcome.doc = verified_case(case_dir, settings, input_fp) if opts.resume else None
-            if outcome.doc is not None:
-                outcome.resumed = True
-            elif os.path.lexists(case_dir) and not is_case_folder(case_dir):
-                raise UnsafeOutputError(f"{escape_name(case_id)} in --output "
-                                        f"{escape_name(out.given)} was not written by this tool; "
-                                        "move it away")
-            else:
-                t0 = time.perf_counter()
-                pred, outcome.doc, outcome.read_s = _predict_case(
-                    cfg, predictor, case, case_id, case_dir, case_gt, context_mm, names, opts,
-                    settings, input_fp)
-                outcome.forward_s, outcome.prepare_s = pred.forward_s, pred.prepare_s
-                outcome.write_s = (time.perf_counter() - t0 - outcome.read_s - pred.forward_s
-                                   - pred.prepare_s)
-                for w in pred.volume.warnings:
-                    logger.warning(w)
-                pred = None  # release the volume
-        except CASE_ERRORS as e:
-            if single:
-                raise
-            error = escape_name(names.scrub(str(e) or type(e).__name__, case.path, case_id))
-            logger.warning(f"skipping case {escape_name(case_id)}: {error}")
-            outcome.doc, outcome.failure = None, {"case": case_id, "path": shown, "error": error}
-        outcomes.append(outcome)
-    return predictor.class_names, setup_s
+class _Shard:
+    """This process's share of the run: the cases at ``indices`` of the plan, each through
+    :func:`.case_step.run_case`, in order. ``outcomes`` holds the cases finished so far, so that
+    an interrupted run can say how many are done."""
 
+    def __init__(self, cfg, plan: RunPlan, indices: List[int], names: InputNames, out: OutputDir,
+                 opts: PredictOptions, gt: GroundTruth, model):
+        self.cfg, self.plan, self.indices, self.names, self.out = cfg, plan, indices, names, out
+        self.opts, self.gt, self.model = opts, gt, model
+        self.outcomes: List[CaseOutcome] = []
 
-def _predict_case(cfg, predictor: CTPredictor, case: CaseSource, case_id: str, case_dir: str,
-                  case_gt: Dict[int, np.ndarray], context_mm: float, names: InputNames,
-                  opts: PredictOptions, settings: str,
-                  input_fp: Dict) -> Tuple[VolumePrediction, Dict, float]:
-    """Read one case, predict it and write its complete case folder (atomically); returns the
-    prediction, the detections.json document and the seconds reading took."""
-    t0 = time.perf_counter()
-    volume = read_case(case, opts.spacing, opts.slice_interval, context_mm=context_mm,
-                       max_voxels=opts.max_voxels)
-    volume.name = case_id
-    read_s = time.perf_counter() - t0
+    @property
+    def done(self) -> int:
+        """Cases with a complete folder: predicted or read back, not failed."""
+        return sum(o.doc is not None for o in self.outcomes)
 
-    def build(tmp_dir: str) -> Dict:
-        draw, counts = _slice_drawer(tmp_dir, case_id, lambda n: volume.hu[volume.rows[n]],
-                                     case_gt, opts)
-        with tqdm(total=len(volume.slices_to_predict()), desc=case_id, unit="slice",
-                  leave=False, disable=not opts.progress or comm.get_world_size() > 1) as bar:
-            pred = predictor.predict_volume(volume, progress=bar, on_slice=draw)
-        slices, boxes, scores = flat_detections(pred)
-        findings = group_detections(slices, boxes, scores, volume.spacing, volume.slice_interval,
-                                    iou_thresh=opts.group_iou, max_gap=opts.group_gap)
-        finding_of = {i: f.finding_id for f in findings for i in f.members}
-        dets = detection_rows(pred, finding_of)
-        written = _write_case(tmp_dir, pred, dets, findings, names, case)
-        # --- case report (report.py): before the manifest, which then lists it
-        if opts.report == "html":
-            write_case_report(tmp_dir, written, volume, case_gt if opts.gt else None,
-                              tuple(cfg.TEST.FROC_FPS), cfg.TEST.FROC_CONVENTION)
-        # --- end case report
-        # --- Slicer markups (every case), DICOM SR (opt-in)
-        write_case_markups(tmp_dir, volume, findings, dets)
-        if opts.dicom_sr and volume.kind == "dicom":
-            from .dicom_sr import write_case_sr
-            write_case_sr(tmp_dir, volume, findings)
-        # --- end markups / SR ---
-        write_manifest(tmp_dir, settings, input_fp)  # last: the folder is complete
-        return {"pred": pred, "doc": written}
-
-    built = build_dir_atomically(case_dir, build, None)
-    return built["pred"], built["doc"], read_s
-
-
+    def __call__(self) -> Tuple[List[str], float, List[CaseOutcome]]:
+        """Build the model, run every case of the share; returns the model's class names, the
+        seconds its construction took and the cases' outcomes."""
+        cfg, opts, plan = self.cfg, self.opts, self.plan
+        settings = settings_fingerprint(cfg, opts)
+        t_setup = time.perf_counter()
+        predictor = CTPredictor(cfg, self.model, batch_size=opts.batch_size,
+                                capture_relations=opts.draw_relations,
+                                capture_confidence=opts.draw_confidence)
+        setup_s = time.perf_counter() - t_setup
+        step = CaseStep(cfg, predictor, self.names, self.out, opts, settings,
+                        input_root=os.path.realpath(self.names.root),
+                        single=len(plan.cases) == 1)
+        world, rank = comm.get_world_size(), comm.get_rank()
+        bar = tqdm(self.indices, desc="cases" if world == 1 else f"cases, rank {rank}/{world}",
+                   unit="case", position=comm.get_local_rank(),
+                   disable=not opts.progress or step.single)
+        for index in bar:
+            case = plan.cases[index]
+            # ground truth names cases as the input does, not by anonymous id
+            self.outcomes.append(run_case(step, index, case, plan.ids[index],
+                                          self.gt.get(case.name, {})))
+        return predictor.class_names, setup_s, self.outcomes
