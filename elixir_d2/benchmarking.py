@@ -32,7 +32,7 @@ def staged_inference(model: GeneralizedRCNN, inputs: List[Dict]) -> Dict[str, fl
     sync(dev)
     t2 = time.perf_counter()
     results, _ = model.roi_heads(images, features, proposals, None)
-    GeneralizedRCNN._postprocess(results, inputs, images.image_sizes)
+    model._postprocess(results, inputs, images.image_sizes)  # the model's own (BodyCropRCNN)
     sync(dev)
     t3 = time.perf_counter()
     out["backbone"], out["proposals"], out["roi_heads"] = t1 - t0, t2 - t1, t3 - t2

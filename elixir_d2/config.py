@@ -166,7 +166,8 @@ def add_elixirnet_config(cfg: CN) -> None:
     # Inference on the body only: each test slice is cropped to the box of its body (pixels of
     # the key slice above HU_THRESHOLD, specks left out) grown by MARGIN_MM, at the resampling
     # the whole slice would get, so the air and table around it cost no backbone time.
-    # Predictions come back in slice pixels (elixir_d2.data.body_crop.to_slice_pixels).
+    # Predictions come back in slice pixels: MODEL.META_ARCHITECTURE BodyCropRCNN (every shipped
+    # config) undoes the crop in its postprocess, and the mapper refuses any other.
     _C.INPUT.BODY_CROP = CN()
     _C.INPUT.BODY_CROP.ENABLED = False
     _C.INPUT.BODY_CROP.HU_THRESHOLD = -500.0

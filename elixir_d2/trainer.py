@@ -234,10 +234,11 @@ def evaluate_with_proposal_recall(cfg: CfgNode, model: torch.nn.Module) -> Dict[
     keys ``recall@k``) of ``model`` on ``cfg.DATASETS.TEST[0]``, from one inference pass."""
     from detectron2.evaluation import DatasetEvaluators, inference_on_dataset
 
-    from .evaluation.proposal_recall import ProposalRecallEvaluator, capture_proposals
+    from .evaluation.proposal_recall import ProposalRecallEvaluator
+    from .modeling.capture import capture
 
     dataset = cfg.DATASETS.TEST[0]
-    with capture_proposals(model) as captured:
+    with capture(model, "proposals") as captured:
         evaluators = DatasetEvaluators([
             ElixirTrainer.build_evaluator(cfg, dataset,
                                           os.path.join(cfg.OUTPUT_DIR, "inference", dataset)),

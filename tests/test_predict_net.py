@@ -12,7 +12,6 @@ from torch import nn
 
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
-from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.structures import Boxes, Instances
 
 from elixir_d2 import load_config
@@ -24,6 +23,7 @@ from elixir_d2.inference import (
     read_case,
     run_prediction,
 )
+from elixir_d2.modeling.meta_arch import to_slice_frame
 from elixir_d2.visualization import DET_COLOR, GT_COLOR
 
 import predict_net
@@ -105,15 +105,17 @@ def test_cropped_inputs_equal_the_training_mapper(tmp_path):
     expect = CTDatasetMapper(cfg, is_train=False)(record)
     got, size, _, crop = predictor.prepare(volume, 3)
     # Body rows 6..24, columns 9..29, grown by 2 pixels (1.4 mm); x 1.4 of 23 x 25 = 32 x 35.
+    # height / width stay the slice's: the model maps its outputs back there.
     assert crop == expect["body_crop"] == (7, 4, 32, 27)
-    assert size == (32, 35) and (expect["height"], expect["width"]) == (23, 25)
+    assert size == (32, 35) and (expect["height"], expect["width"]) == (30, 36)
     torch.testing.assert_close(got, expect["image"], rtol=0, atol=0)
 
 
 # ----------------------------------------------------------------------------- oracle model
 class OracleModel(nn.Module):
     """Detects the bright lesion in the key-slice channel: the box around input pixels above
-    ``level`` (between body and lesion after windowing), mapped back like GeneralizedRCNN."""
+    ``level`` (between body and lesion after windowing), in slice pixels as BodyCropRCNN
+    returns them (its postprocess, body crop undone)."""
 
     def __init__(self, level):
         super().__init__()
@@ -134,7 +136,7 @@ class OracleModel(nn.Module):
                 inst.pred_boxes = Boxes(torch.zeros((0, 4)))
                 inst.scores = torch.zeros(0)
                 inst.pred_classes = torch.zeros(0, dtype=torch.int64)
-            outs.append({"instances": detector_postprocess(inst, x["height"], x["width"])})
+            outs.append({"instances": to_slice_frame(inst, x)})
         return outs
 
 

@@ -1,5 +1,6 @@
 """Proposal recall (elixir_d2/evaluation/proposal_recall.py): counts checked by hand."""
 import numpy as np
+import pytest
 import torch
 
 from detectron2.data import DatasetCatalog
@@ -22,7 +23,9 @@ def test_recall_at_counts_lesions_covered_by_the_first_k_proposals():
     assert recall_at(proposals, np.zeros((0, 4)), (5,)) == {5: 0}
 
 
-def test_evaluator_scales_proposals_to_the_record_and_skips_noisy_lesions():
+def test_evaluator_ranks_the_captured_proposals_and_skips_noisy_lesions():
+    """The records of capture(model, "proposals") are in the dataset's pixels (the model maps
+    them there, test_meta_arch.py): the evaluator ranks and counts them as they are."""
     name = "proposal_recall_test"
     records = [{
         "image_id": 7, "height": 100, "width": 200,
@@ -35,15 +38,23 @@ def test_evaluator_scales_proposals_to_the_record_and_skips_noisy_lesions():
     DatasetCatalog.register(name, lambda: records)
     try:
         captured = []
-        ev = ProposalRecallEvaluator(name, captured, topks=(1, 2))
-        # The network saw the image at half size: lesion 1 at [50, 25, 60, 35] there.
-        p = Instances((50, 100))
-        p.proposal_boxes = Boxes(torch.tensor([[0.0, 0.0, 3.0, 3.0], [50.0, 25.0, 60.0, 35.0]]))
-        p.objectness_logits = torch.tensor([-1.0, 2.0])  # the lesion's proposal ranks first
-        captured.append(p)
-        ev.process([{"image_id": 7, "height": 100, "width": 200}], [{}])
+        ev = ProposalRecallEvaluator(name, captured, topks=(1, 2, 3))
+        p = Instances((100, 200))
+        # Lesion 1 exactly, the noisy lesion exactly (not counted), lesion 0 at IoU 0.82.
+        p.proposal_boxes = Boxes(torch.tensor([[100.0, 50.0, 120.0, 70.0],
+                                               [150.0, 10.0, 160.0, 20.0],
+                                               [22.0, 20.0, 42.0, 40.0]]))
+        p.objectness_logits = torch.tensor([-1.0, 2.0, -3.0])  # ranked 2nd, 1st, 3rd
+        captured.append([p])  # one forward of one image
+        ev.process([{"image_id": 7}], [{}])
+        assert captured == []  # consumed
         res = ev.evaluate()["proposals"]
         assert res["num_lesions"] == 2  # the Possibly_noisy one is left out
-        assert res["recall@1"] == 50.0 and res["recall@2"] == 50.0
+        assert (res["recall@1"], res["recall@2"], res["recall@3"]) == (0.0, 50.0, 100.0)
+        with pytest.raises(RuntimeError, match="run inference inside capture"):
+            ev.process([{"image_id": 7}], [{}])
+        captured.append([p, p])
+        with pytest.raises(RuntimeError, match="2 images of captured proposals for a batch of 1"):
+            ev.process([{"image_id": 7}], [{}])
     finally:
         DatasetCatalog.remove(name)

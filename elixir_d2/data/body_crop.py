@@ -2,16 +2,19 @@
 
 A slice is mostly air around the body (and the table under it); the backbone's cost grows with
 the pixels it sees, so at inference the mapper crops each slice to the box of its body plus a
-margin, and predictions are shifted back to slice pixels with :func:`to_slice_pixels`.
+margin. The mapped input keeps the whole slice's ``height`` and ``width`` (the frame detectron2
+returns predictions in) and names the box ``body_crop``; the model's postprocess
+(:class:`elixir_d2.modeling.meta_arch.BodyCropRCNN`) undoes the crop, so predictions come back
+in slice pixels.
 """
 from __future__ import annotations
 
-from typing import Dict, Mapping, Optional, Tuple
+from typing import Optional, Tuple
 
 import cv2
 import numpy as np
 
-__all__ = ["body_box", "crop_frame", "to_slice_pixels"]
+__all__ = ["body_box"]
 
 # Components smaller than this share of the largest one are specks (noise, streaks, wires), not
 # body; arms and the table are far larger and are kept, which only widens the box.
@@ -46,25 +49,3 @@ def body_box(
     h, w = hu.shape
     return (int(max(0, x0 - margin_px)), int(max(0, y0 - margin_px)),
             int(min(w, x1 + margin_px)), int(min(h, y1 + margin_px)))
-
-
-def crop_frame(box: Tuple[int, int, int, int]) -> Dict:
-    """The model-input keys of a slice cropped to ``box``: detectron2 puts predictions in the
-    ``height`` x ``width`` frame, which becomes the crop's, and ``body_crop`` keeps the box for
-    :func:`to_slice_pixels`."""
-    x0, y0, x1, y1 = box
-    return {"height": y1 - y0, "width": x1 - x0, "body_crop": box}
-
-
-def to_slice_pixels(boxes: np.ndarray, record: Mapping) -> np.ndarray:
-    """XYXY ``boxes`` in the mapped record's ``height`` x ``width`` frame (where detectron2's
-    postprocessing puts predictions) -> pixels of the whole slice: shifted by the record's
-    ``body_crop`` offset when the mapper cropped it, unchanged otherwise."""
-    boxes = np.asarray(boxes)
-    crop = record.get("body_crop")
-    if crop is None:
-        return boxes
-    if boxes.dtype.kind != "f":
-        boxes = boxes.astype(np.float64)
-    x0, y0 = crop[0], crop[1]
-    return boxes + np.asarray([x0, y0, x0, y0], dtype=boxes.dtype)

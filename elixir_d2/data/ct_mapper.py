@@ -17,7 +17,7 @@ from detectron2.data import transforms as T
 from detectron2.structures import BoxMode
 from detectron2.utils.file_io import PathManager
 
-from .body_crop import body_box, crop_frame
+from .body_crop import body_box
 
 logger = logging.getLogger(__name__)
 
@@ -186,6 +186,23 @@ def choose_crop(
     return int(rng.randint(0, width - cw + 1)), int(rng.randint(0, height - ch + 1)), cw, ch
 
 
+def check_body_crop_model(cfg) -> None:
+    """Refuse INPUT.BODY_CROP with a meta-architecture that would not undo the crop: a plain
+    GeneralizedRCNN would stretch the crop over the whole slice."""
+    from detectron2.modeling import META_ARCH_REGISTRY
+
+    from ..cli import UserInputError
+    from ..modeling.meta_arch import BodyCropRCNN
+
+    name = cfg.MODEL.META_ARCHITECTURE
+    if name in META_ARCH_REGISTRY and issubclass(META_ARCH_REGISTRY.get(name), BodyCropRCNN):
+        return
+    raise UserInputError(
+        f"INPUT.BODY_CROP.ENABLED needs MODEL.META_ARCHITECTURE BodyCropRCNN, which maps "
+        f"detections back from the crop to the slice; got {name!r}. Checkpoints of "
+        "GeneralizedRCNN load in it unchanged: add MODEL.META_ARCHITECTURE BodyCropRCNN")
+
+
 class CTDatasetMapper:
     """Map a CT record (see elixir_d2.data.deeplesion) to the model input dict.
 
@@ -193,6 +210,8 @@ class CTDatasetMapper:
     position: a neighbour d mm away is interpolated linearly between the two nearest real slices;
     a missing slice falls back toward the key slice (counted in ``fallback_slices``). HU are
     windowed to [0, 255], pixel spacing normalised, the longer side capped; boxes follow the image.
+    With ``body_crop`` (inference only) the image is the slice's body box, named ``body_crop``;
+    ``height`` / ``width`` stay the slice's, where BodyCropRCNN puts the predictions.
     """
 
     @configurable
@@ -237,6 +256,8 @@ class CTDatasetMapper:
 
     @classmethod
     def from_config(cls, cfg, is_train: bool = True) -> Dict:
+        if cfg.INPUT.BODY_CROP.ENABLED and not is_train:
+            check_body_crop_model(cfg)
         return {
             "is_train": is_train,
             "num_slices": cfg.INPUT.NUM_SLICES,
@@ -289,8 +310,9 @@ class CTDatasetMapper:
         if self.body_crop:
             hu, new_h, new_w, box = self.crop_to_body(hu, record["spacing"], new_h, new_w)
             if box is not None:
+                # height / width stay the slice's: the model maps its outputs back there.
                 h, w = hu.shape[:2]
-                record.update(crop_frame(box))
+                record["body_crop"] = box
         image = window_to_uint8_range(hu, self.hu_window)
         annos = record.pop("annotations", None)
         transforms = [CVResizeTransform(h, w, new_h, new_w)]

@@ -21,7 +21,6 @@ from detectron2.structures import BoxMode
 from detectron2.utils import comm
 from detectron2.utils.file_io import PathManager
 
-from ..data.body_crop import to_slice_pixels
 from .froc import CRITERIA, MEAN_SENS_FPS, PAPER_FPS, check_convention, compute_froc
 from .froc_inputs import FROC_INPUTS_FILE, write_froc_inputs
 from .report import CRITERION_NAMES, fp_key, plot_froc
@@ -100,9 +99,10 @@ def coco_ap(
 class LesionEvaluator(DatasetEvaluator):
     """Sensitivity at FPs per image (IoU and IoBB), COCO mAP, per-type and per-size sensitivity.
 
-    Ground truth comes from ``DatasetCatalog.get(dataset_name)``. Lesions flagged ``noisy``
-    (DeepLesion's Possibly_noisy) are removed from the ground truth and counted, and an image whose
-    lesions are all noisy is left out with its detections, as 3DCE's test loading does
+    Ground truth comes from ``DatasetCatalog.get(dataset_name)``; detections are read as the model
+    returns them, in the records' pixels (BodyCropRCNN has undone any body crop). Lesions flagged
+    ``noisy`` (DeepLesion's Possibly_noisy) are removed from the ground truth and counted, and an
+    image whose lesions are all noisy is left out with its detections, as 3DCE's test loading does
     (docs/evaluation.md); a detection on a noisy lesion of a kept image is a false positive. Only
     the images that went through :meth:`process` are evaluated (others are counted and logged). All
     metrics are in %. Binary FROC and mAP are class-agnostic. On typed datasets (metadata
@@ -113,8 +113,8 @@ class LesionEvaluator(DatasetEvaluator):
     uses the overall FP axis and counts the lesions of the bucket only: the fraction of the bucket's
     lesions found at the score threshold where the overall FP rate is 3/image. Every FROC is
     computed with one convention (``TEST.FROC_CONVENTION``; docs/evaluation.md). On an untyped
-    dataset, detections an RTM model produced in its "typed" output mode (their ``rtm_typed``
-    field, see :func:`elixir_d2.modeling.roi_heads.rtm_output_mode`) are refused.
+    dataset, detections an RTM model produced in its "typed" output mode (their ``rtm_typed`` field,
+    see :func:`elixir_d2.modeling.roi_heads.rtm_output_mode`) are refused.
     """
 
     @configurable
@@ -185,7 +185,7 @@ class LesionEvaluator(DatasetEvaluator):
                     f"{self._dataset_name} is untyped but image {inp['image_id']} has an RTM "
                     "model's per-type detections: run the model under "
                     "rtm_output_mode(model, 'binary') (ElixirTrainer.test does)")
-            boxes = to_slice_pixels(inst.pred_boxes.tensor.numpy().astype(np.float32), inp)
+            boxes = inst.pred_boxes.tensor.numpy().astype(np.float32)
             scores = inst.scores.numpy().astype(np.float32)
             classes = inst.pred_classes.numpy() if inst.has("pred_classes") else np.zeros(len(inst))
             classes = classes.astype(np.int64)

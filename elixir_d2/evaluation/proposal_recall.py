@@ -5,10 +5,9 @@ lesion without a proposal at IoU >= 0.5 can only be found through the box head's
 """
 from __future__ import annotations
 
-import contextlib
 import itertools
 from collections import OrderedDict
-from typing import Dict, Iterator, List, Sequence
+from typing import Dict, List, Sequence
 
 import numpy as np
 import torch
@@ -18,9 +17,7 @@ from detectron2.evaluation import DatasetEvaluator
 from detectron2.structures import Boxes, BoxMode, Instances, pairwise_iou
 from detectron2.utils import comm
 
-from ..data.body_crop import to_slice_pixels
-
-__all__ = ["ProposalRecallEvaluator", "capture_proposals", "recall_at"]
+__all__ = ["ProposalRecallEvaluator", "recall_at"]
 
 
 def recall_at(proposals: np.ndarray, gt: np.ndarray, topks: Sequence[int],
@@ -39,32 +36,16 @@ def recall_at(proposals: np.ndarray, gt: np.ndarray, topks: Sequence[int],
     return {k: int((first < k).sum()) for k in topks}
 
 
-@contextlib.contextmanager
-def capture_proposals(model: torch.nn.Module) -> Iterator[List[Instances]]:
-    """Within the block, every forward of ``model.proposal_generator`` appends its proposals
-    (a list of Instances per image, in input-image coordinates) to the yielded list."""
-    store: List[Instances] = []
-
-    def hook(_module, _inputs, output):
-        store.extend(p.to("cpu") for p in output[0])
-
-    handle = model.proposal_generator.register_forward_hook(hook)
-    try:
-        yield store
-    finally:
-        handle.remove()
-
-
 class ProposalRecallEvaluator(DatasetEvaluator):
     """Recall of the top-k proposals at IoU >= 0.5 over the lesions of a dataset.
 
-    ``proposals`` is the list filled by :func:`capture_proposals`; :meth:`process` consumes
-    one entry per input, in order. Proposals are scaled from the network input back to the
-    record's height and width, and shifted by its body crop (slice pixels). Possibly_noisy
-    lesions are left out, as in :class:`~elixir_d2.evaluation.LesionEvaluator`.
+    ``proposals`` is the list of records that ``with capture(model, "proposals")``
+    (:mod:`elixir_d2.modeling.capture`) fills: per forward, the proposals of each image in
+    whole-slice pixels, the frame of the records' boxes. :meth:`process` consumes one record per
+    call. Possibly_noisy lesions are left out, as in :class:`~elixir_d2.evaluation.LesionEvaluator`.
     """
 
-    def __init__(self, dataset_name: str, proposals: List[Instances],
+    def __init__(self, dataset_name: str, proposals: List[List[Instances]],
                  topks: Sequence[int] = (50, 100, 300)):
         self._dataset_name = dataset_name
         self._proposals = proposals
@@ -90,22 +71,22 @@ class ProposalRecallEvaluator(DatasetEvaluator):
         return self._gt
 
     def process(self, inputs, outputs) -> None:
-        if len(self._proposals) < len(inputs):
+        if not self._proposals:
             raise RuntimeError(
                 "ProposalRecallEvaluator: no captured proposals for this batch; run inference "
-                "inside capture_proposals(model)"
+                "inside capture(model, 'proposals')"
             )
-        batch, rest = self._proposals[: len(inputs)], self._proposals[len(inputs):]
-        self._proposals[:] = rest
+        batch = self._proposals.pop(0)
+        if len(batch) != len(inputs):
+            raise RuntimeError(f"ProposalRecallEvaluator: {len(batch)} images of captured "
+                               f"proposals for a batch of {len(inputs)}")
         gt = self._gt_boxes()
         for inp, props in zip(inputs, batch):
+            props = props.to("cpu")
             boxes = props.proposal_boxes.tensor.numpy().astype(np.float64)
-            h_in, w_in = props.image_size
-            scale = np.array([inp["width"] / w_in, inp["height"] / h_in] * 2)
             order = np.argsort(-props.objectness_logits.numpy(), kind="stable")
             g = gt[inp["image_id"]]
-            self._counts.append(recall_at(to_slice_pixels(boxes[order] * scale, inp), g,
-                                          self._topks))
+            self._counts.append(recall_at(boxes[order], g, self._topks))
             self._num_gt += len(g)
 
     def evaluate(self):

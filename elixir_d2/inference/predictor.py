@@ -31,7 +31,6 @@ import torch
 from detectron2.data import MetadataCatalog
 from detectron2.modeling import build_model
 
-from ..data.body_crop import crop_frame, to_slice_pixels
 from ..data.ct_mapper import CTDatasetMapper, CVResizeTransform, SliceStack, window_to_uint8_range
 from ..data.deeplesion import LESION_TYPES
 from ..modeling.capture import TRPNConfidence, capture, check_capture
@@ -207,9 +206,8 @@ class CTPredictor:
             result.prepare_s += t1 - t0
             result.forward_s += t2 - t1
             captured = {w: r[0] for w, r in records.items()}  # one forward: one record each
-            for i, (n, p, inp, out) in enumerate(zip(chunk, prepared, inputs, outputs)):
-                result.slices.append(self._slice_result(volume, n, p, inp, out["instances"], i,
-                                                        captured))
+            for i, (n, p, out) in enumerate(zip(chunk, prepared, outputs)):
+                result.slices.append(self._slice_result(n, p, out["instances"], i, captured))
                 if on_slice is not None:
                     on_slice(result.slices[-1])
             if progress is not None:
@@ -218,14 +216,15 @@ class CTPredictor:
 
     @staticmethod
     def _model_input(volume: CTVolume, p: Prepared) -> Dict:
-        """The model's input dict: outputs come in the crop's frame when the slice was cropped
-        (the mapper's convention, undone by to_slice_pixels)."""
-        if p.body_crop is None:
-            return {"image": p.image, "height": volume.height, "width": volume.width}
-        return {"image": p.image, **crop_frame(p.body_crop)}
+        """The model's input dict, as the mapper builds it: outputs come in the slice's pixels
+        (BodyCropRCNN undoes the body crop it names)."""
+        inp = {"image": p.image, "height": volume.height, "width": volume.width}
+        if p.body_crop is not None:
+            inp["body_crop"] = p.body_crop
+        return inp
 
-    def _slice_result(self, volume: CTVolume, number: int, p: Prepared, inp: Dict, inst,
-                      i: int, captured: Dict) -> SlicePrediction:
+    def _slice_result(self, number: int, p: Prepared, inst, i: int,
+                      captured: Dict) -> SlicePrediction:
         """Image ``i`` of the batch; ``captured``: this batch's record of each capture."""
         size = p.size
         inst = inst.to("cpu")
@@ -239,17 +238,16 @@ class CTPredictor:
             type_names = [self.class_names[c] for c in classes]
         pred = SlicePrediction(
             slice_number=number,
-            boxes=to_slice_pixels(inst.pred_boxes.tensor.numpy().astype(np.float64), inp),
+            boxes=inst.pred_boxes.tensor.numpy().astype(np.float64),
             scores=inst.scores.numpy().astype(np.float64), classes=classes, type_names=type_names,
             input_size=size, fallbacks=p.fallbacks,
         )
-        scale = np.array([inp["width"] / size[1], inp["height"] / size[0]] * 2)
         if self.capture_relations:
-            props = captured["proposals"][i].to("cpu")
+            props = captured["proposals"][i].to("cpu")  # slice pixels, like the detections
             e = captured["relations"][i].cpu().numpy()
             if e.shape != (len(props), len(props)):
                 raise ValueError(f"relation matrix {e.shape} does not match {len(props)} proposals")
-            pred.proposals = to_slice_pixels(props.proposal_boxes.tensor.numpy() * scale, inp)
+            pred.proposals = props.proposal_boxes.tensor.numpy().astype(np.float64)
             pred.proposal_scores = props.objectness_logits.numpy()
             pred.relations = e
         if self.capture_confidence:

@@ -8,8 +8,11 @@ forward must not hold its autograd graph).
 - ``"trpn_confidence"``: a :class:`TRPNConfidence` per forward of the model's TRPN.
 - ``"relations"``: per forward of the box head, the list of per-image relation graphs E
   (N_i x N_i) that the head relates its RoIs with (its :meth:`RelationBoxHead.relation_op`).
-- ``"proposals"``: per forward of the proposal generator, its list of proposal Instances per
-  image (in inference the ROI heads box exactly these, in this order).
+- ``"proposals"``: per forward of the model (the meta-architecture, called with its batched
+  inputs), its proposal generator's list of proposal Instances per image, in the frame of the
+  model's detections: whole-slice pixels, body crop undone
+  (:func:`~elixir_d2.modeling.meta_arch.to_slice_frame`, scaled and shifted, not clipped). In
+  inference the ROI heads box exactly these, in this order.
 
 Asking for something the model lacks raises ValueError at entry, before any forward runs.
 """
@@ -24,6 +27,7 @@ from detectron2.modeling.proposal_generator.rpn import RPN
 
 from .box_head import RelationBoxHead
 from .hooks import capture_outputs
+from .meta_arch import to_slice_frame
 from .trpn import TRPN, Truncation
 
 __all__ = ["CAPTURES", "TRPNConfidence", "capture", "check_capture"]
@@ -103,9 +107,34 @@ def check_capture(model: nn.Module, what: str) -> None:
 
 
 @contextlib.contextmanager
+def _in_slice_pixels(model: nn.Module, raw: List[Any]) -> Iterator[List[Any]]:
+    """Each forward of ``model`` turns the proposals its proposal generator appended to ``raw``
+    into one record in whole-slice pixels, with the batched inputs they came from."""
+    records: List[Any] = []
+
+    def hook(_module: nn.Module, args: tuple, kwargs: Dict[str, Any], _output: Any) -> None:
+        if not raw:  # no proposals made (proposals given with the inputs)
+            return
+        if len(raw) > 1:
+            raise RuntimeError(f"capture 'proposals': {len(raw)} proposal generator calls in one "
+                               "forward of the model; expected one")
+        inputs = args[0] if args else kwargs["batched_inputs"]
+        records.append([to_slice_frame(p, inp, clip=False) for p, inp in zip(raw.pop(), inputs)])
+
+    handle = model.register_forward_hook(hook, with_kwargs=True)
+    try:
+        yield records
+    finally:
+        handle.remove()
+
+
+@contextlib.contextmanager
 def capture(model: nn.Module, what: str) -> Iterator[List[Any]]:
     """Within the block, each forward appends one record of ``what`` (see the module
     docstring) to the yielded list. Raises ValueError when the model has nothing to capture."""
     module, keep = _target(model, what)
-    with capture_outputs(module, keep) as records:
+    with contextlib.ExitStack() as stack:
+        records = stack.enter_context(capture_outputs(module, keep))
+        if what == "proposals":
+            records = stack.enter_context(_in_slice_pixels(model, records))
         yield records

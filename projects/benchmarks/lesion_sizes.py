@@ -68,8 +68,7 @@ def collect(cfg) -> tuple:
     from detectron2.data import DatasetCatalog
     from detectron2.structures import Boxes, BoxMode, pairwise_iou
 
-    from elixir_d2.data.body_crop import to_slice_pixels
-    from elixir_d2.evaluation.proposal_recall import capture_proposals
+    from elixir_d2.modeling.capture import capture
     from elixir_d2.trainer import ElixirTrainer
 
     model = ElixirTrainer.build_model(cfg)
@@ -80,24 +79,20 @@ def collect(cfg) -> tuple:
     lesions: List[Lesion] = []
     fp_scores: List[float] = []
     kept = 0
-    with capture_proposals(model) as captured, torch.no_grad():
+    with capture(model, "proposals") as captured, torch.no_grad():
         for inputs in ElixirTrainer.build_test_loader(cfg, dataset):
             outputs = model(inputs)
-            for inp, out in zip(inputs, outputs):
-                props = captured.pop(0)
+            # Detections and proposals both come in the records' pixels (the model's frame).
+            for inp, out, props in zip(inputs, outputs, captured.pop(0)):
                 anns = records[inp["image_id"]].get("annotations", [])
                 gts = [a for a in anns if not a.get("noisy", False)]
                 if anns and not gts:
                     continue  # only noisy lesions: left out with its detections
                 kept += 1
-                h, w = props.image_size
-                scale = torch.tensor([inp["width"] / w, inp["height"] / h] * 2)
+                props = props.to("cpu")
                 order = torch.argsort(props.objectness_logits, descending=True)[:300]
-                proposals = Boxes(torch.as_tensor(
-                    to_slice_pixels((props.proposal_boxes.tensor[order] * scale).numpy(), inp)))
+                proposals = props.proposal_boxes[order]
                 inst = out["instances"].to("cpu")
-                inst.pred_boxes = Boxes(torch.as_tensor(
-                    to_slice_pixels(inst.pred_boxes.tensor.numpy(), inp)))
                 # In the record's box mode, as the evaluator reads it.
                 xyxy = [BoxMode.convert(list(a["bbox"]), a.get("bbox_mode", BoxMode.XYXY_ABS),
                                         BoxMode.XYXY_ABS) for a in gts]

@@ -43,7 +43,6 @@ def lesion_rows(model_dir: str) -> List[Row]:
     from detectron2.structures import Boxes, BoxMode, pairwise_iou
 
     import elixir_d2
-    from elixir_d2.evaluation.proposal_recall import capture_proposals
     from elixir_d2.modeling.capture import capture
     from elixir_d2.modeling.hooks import capture_outputs
     from elixir_d2.modeling.trpn import TRPN
@@ -64,7 +63,8 @@ def lesion_rows(model_dir: str) -> List[Row]:
     # The ceiling holds only if no objectness weight is positive (hidden units are ReLUs).
     pos_w = 100.0 * float((pg.rpn_head.objectness_logits.weight > 0).float().mean())
     with contextlib.ExitStack() as stack, torch.no_grad():
-        captured = stack.enter_context(capture_proposals(model))
+        # The generator's own output, in network-input pixels: it is called directly below.
+        captured = stack.enter_context(capture_outputs(pg))
         heads = stack.enter_context(capture_outputs(pg.rpn_head))
         anchor_sets = stack.enter_context(capture_outputs(pg.anchor_generator))
         confidence = stack.enter_context(capture(model, "trpn_confidence")) if is_trpn else []
@@ -78,7 +78,7 @@ def lesion_rows(model_dir: str) -> List[Row]:
                 ungated = pg.rpn_head([features[f] for f in pg.in_features])[0]
                 conf = confidence.pop()
                 valids = [conf.valid_masks[f] for f in pg.in_features]
-            inp, props = inputs[0], captured.pop(0)
+            inp, props = inputs[0], captured.pop()[0][0]
             anns = records[inp["image_id"]].get("annotations", [])
             gts = [BoxMode.convert(list(a["bbox"]), a.get("bbox_mode", BoxMode.XYXY_ABS),
                                    BoxMode.XYXY_ABS) for a in anns if not a.get("noisy", False)]

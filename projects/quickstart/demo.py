@@ -34,7 +34,6 @@ from detectron2.utils.file_io import PathManager
 import elixir_d2
 from elixir_d2.amp import amp_opts, native_cpu_bfloat16
 from elixir_d2.cli import run_cli
-from elixir_d2.data.body_crop import to_slice_pixels
 from elixir_d2.data.ct_mapper import CTDatasetMapper
 from elixir_d2.evaluation import PAPER_FPS, format_froc_table
 from elixir_d2.modeling.genotype_source import resolve_genotype_config
@@ -118,7 +117,7 @@ def detections_on(model, cfg, records: List[Dict], min_score: float) -> List[np.
             inp = mapper(r)
             inst = model([inp])[0]["instances"].to("cpu")
             keep = inst.scores >= min_score
-            out.append(to_slice_pixels(inst.pred_boxes.tensor[keep].numpy(), inp))
+            out.append(inst.pred_boxes.tensor[keep].numpy())
     return out
 
 
