@@ -13,11 +13,11 @@ import pytest
 import torch
 
 from detectron2.engine import DefaultTrainer, HookBase, SimpleTrainer, hooks
-from detectron2.modeling.meta_arch import GeneralizedRCNN
 
 from elixir_d2.amp import AutocastTrainer
 from elixir_d2.checkpoint import AtomicCheckpointer
 from elixir_d2.data import register_deeplesion
+from elixir_d2.modeling.meta_arch import BodyCropRCNN
 from elixir_d2.trainer import ElixirTrainer
 
 from reliability_helpers import build_cfg, tiny_opts, write_tiny_deeplesion
@@ -60,7 +60,7 @@ def test_precise_bn_comes_before_the_checkpointer(tiny_set, tmp_path):
 
 def test_one_process_trains_the_bare_model(tiny_set, tmp_path):
     trainer = ElixirTrainer(_cfg(tmp_path))
-    assert type(trainer.model) is GeneralizedRCNN  # no DDP wrapper in a 1-process run
+    assert type(trainer.model) is BodyCropRCNN  # no DDP wrapper in a 1-process run
     assert trainer.checkpointer.model is trainer.model
     assert (trainer.start_iter, trainer.max_iter, trainer.iter) == (0, 2, 0)
     # the optimizer steps the very tensors of the trained (and saved) model
