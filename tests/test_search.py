@@ -487,3 +487,16 @@ def test_search_signal_measures_alpha_gradients_without_stepping(tiny_set, tmp_p
     with pytest.raises(ValueError, match="model_final.pth does not fit.*alpha_normal"):
         search_signal.measure(str(out), ["model_final.pth"], 2,
                               ["MODEL.ALB.SEARCH_SPACE", "darts"])
+
+
+def test_search_refuses_a_model_without_the_searchable_head():
+    from detectron2.modeling import build_model
+
+    from elixir_d2 import load_config
+    from elixir_d2.search.searcher import search_head
+
+    fpn = build_model(load_config("configs/quickstart/fpn.yaml"))  # 2-fc head, nothing to search
+    with pytest.raises(ValueError, match="ALBSearchHead.*box head is FastRCNNConvFCHead"):
+        search_head(fpn)
+    searchable = build_model(load_config("configs/quickstart/search_alb.yaml"))
+    assert search_head(searchable) is searchable.roi_heads.box_head

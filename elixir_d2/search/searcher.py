@@ -36,6 +36,7 @@ from detectron2.utils import comm
 from detectron2.utils.events import CommonMetricPrinter, JSONWriter
 
 from ..modeling.alb.genotype import Genotype
+from ..modeling.box_head import ALBSearchHead
 from ..modeling.freeze import freeze_modules
 from ..trainer import create_ddp_model
 from .architect import Architect
@@ -64,7 +65,7 @@ def search_head(model: nn.Module) -> nn.Module:
     """The model's searchable box head; a clear error if the config built another head."""
     roi_heads = getattr(_unwrap(model), "roi_heads", None)
     head = getattr(roi_heads, "box_head", None)
-    if head is None or not hasattr(head, "arch_parameters"):
+    if not isinstance(head, ALBSearchHead):
         raise ValueError(
             f"The ALB search needs MODEL.ROI_BOX_HEAD.NAME 'ALBSearchHead' (with ROI_HEADS.NAME "
             f"'ElixirROIHeads'); the model's box head is {type(head).__name__}"
