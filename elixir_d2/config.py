@@ -226,7 +226,8 @@ def add_elixirnet_config(cfg: CN) -> None:
     # run's config.yaml names the structure it trained, and predict_net / --eval-only from the
     # checkpoint when GENOTYPE is empty. When both are set they must agree.
     _C.MODEL.ALB.GENOTYPE_YAML = ""
-    # Candidate operations: "elixir" (the paper's medical space) or "darts" (Table 6 ablation).
+    # Candidate operations: "elixir" (the paper's medical space), "darts" (Table 6 ablation) or a
+    # space added with elixir_d2.modeling.alb.register_search_space (docs/extending.md).
     _C.MODEL.ALB.SEARCH_SPACE = "elixir"
     # Branches per block (B) and channels per operation (D; 16 while searching, 32 final).
     _C.MODEL.ALB.BRANCHES = 4

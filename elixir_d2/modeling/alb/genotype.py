@@ -10,7 +10,7 @@ node. A genotype lists, per block type, ``2 * B`` pairs ``(op, input_index)``: p
 
 YAML form (read with ``yaml.safe_load``)::
 
-    space: elixir          # search space the op names come from ("elixir" or "darts")
+    space: elixir          # registered search space of the op names ("elixir", "darts", ...)
     branches: 4
     normal: [[dil_conv_3x3_r2, 0], [region_nonlocal, 1], ...]   # 8 pairs, ALB
     reduce: [[avg_pool_3x3, 0], [dw_conv_7x7, 1], ...]          # 8 pairs, ALB_r
@@ -30,7 +30,7 @@ import yaml
 
 from detectron2.utils.file_io import PathManager
 
-from .spaces import get_search_space
+from .spaces import get_search_space, search_space_names
 
 __all__ = [
     "Genotype",
@@ -78,13 +78,14 @@ class Genotype:
     def validate(self, source: str = "<genotype>") -> "Genotype":
         """Raise :class:`GenotypeError` naming ``source`` and the bad entry; return self if fine."""
         if not isinstance(self.space, str):  # e.g. a YAML list: not even a search-space name
-            raise GenotypeError(f"{source}: 'space' must be 'elixir' or 'darts', got "
-                                f"{self.space!r}")
+            raise GenotypeError(f"{source}: 'space' must be the name of a registered search "
+                                f"space ({search_space_names()}), got {self.space!r}")
         try:
             ops = get_search_space(self.space)
         except ValueError:
             raise GenotypeError(
-                f"{source}: unknown search space {self.space!r}; expected 'elixir' or 'darts'"
+                f"{source}: unknown search space {self.space!r}; registered: "
+                f"{search_space_names()} (add one with register_search_space)"
             ) from None
         b = self.branches
         if isinstance(b, bool) or not isinstance(b, int) or b < 1:

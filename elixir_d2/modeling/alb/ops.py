@@ -11,7 +11,8 @@ others accept and ignore it, so that mixed ops and blocks can call every op the 
 hidden global state.
 
 The op names of each search space are data in ``spaces.py``; the BatchNorm-folding fast paths that
-the conv ops call are in ``fused.py``.
+the conv ops call are in ``fused.py``. ``registry.py`` adds ops to :data:`_BUILDERS`, the table
+:func:`build_op` reads (docs/extending.md).
 """
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -321,7 +322,11 @@ def check_num_per_image(num_per_image: Optional[Sequence[int]], n: int, who: str
     return counts
 
 
-_BUILDERS: Dict[str, Callable[..., ALBOp]] = {
+# An op builder: (c_in, c_out, stride, norm, affine) -> the op module.
+OpBuilder = Callable[[int, int, int, str, bool], nn.Module]
+
+# Every op by name: the built-in ones below, and those registry.register_alb_op adds.
+_BUILDERS: Dict[str, OpBuilder] = {
     "none": lambda ci, co, s, norm, a: Zero(ci, co, s),
     "skip_connect": skip_op,
     "avg_pool_3x3": lambda ci, co, s, norm, a: Pool("avg", ci, co, s, norm, a),
@@ -348,4 +353,8 @@ def build_op(
         raise ValueError(f"Unknown ALB op {name!r}; known ops: {sorted(_BUILDERS)}")
     if stride not in (1, 2):
         raise ValueError(f"ALB op {name!r}: stride must be 1 or 2, got {stride}")
-    return _BUILDERS[name](c_in, c_out, stride, norm, affine)
+    op = _BUILDERS[name](c_in, c_out, stride, norm, affine)
+    if not isinstance(op, nn.Module):  # a registered builder's mistake: say whose
+        raise TypeError(f"ALB op {name!r}: its builder returned a {type(op).__name__}, not an "
+                        "nn.Module")
+    return op
