@@ -5,7 +5,6 @@ With CUDA: float16 autocast and a GradScaler, as detectron2's AMPTrainer (SOLVER
 runs them. On the CPU: bfloat16 autocast, the CPU's reduced precision; the deformable-conv
 configs are skipped there, torchvision's CPU deform_conv2d having no bfloat16 kernel.
 """
-import glob
 import os
 
 import pytest
@@ -19,19 +18,19 @@ from elixir_d2 import load_config
 from elixir_d2.modeling.alb.genotype import save_genotype
 from elixir_d2.search import sample_random_genotype
 
+from config_files import CONFIGS, shipped_configs
+
 torch.set_num_threads(1)
-CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs")
 SMALL = ["MODEL.RPN.POST_NMS_TOPK_TRAIN", "64", "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "16"]
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 def _elixirnet_configs():
     names = []
-    for path in sorted(glob.glob(os.path.join(CONFIGS, "**", "*.yaml"), recursive=True)):
-        name = os.path.relpath(path, CONFIGS)
-        if name.startswith("genotypes") or os.path.basename(name).startswith("Base-"):
+    for name in shipped_configs():
+        if os.path.basename(name).startswith("Base-"):
             continue
-        cfg = load_config(path, ["MODEL.WEIGHTS", ""])
+        cfg = load_config(os.path.join(CONFIGS, name), ["MODEL.WEIGHTS", ""])
         elixir = (cfg.MODEL.ROI_HEADS.NAME == "ElixirROIHeads"
                   or cfg.MODEL.PROPOSAL_GENERATOR.NAME == "TRPN")
         if elixir and cfg.MODEL.ROI_BOX_HEAD.NAME != "ALBSearchHead":

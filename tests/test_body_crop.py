@@ -2,7 +2,6 @@
 the mapper's crop and scale, network pixels mapped back to the slice's by the model's postprocess
 (BodyCropRCNN, every shipped config's; the mapper refuses another). The model's side by hand:
 test_meta_arch.py."""
-import glob
 import os
 
 import numpy as np
@@ -17,6 +16,7 @@ from elixir_d2.data.body_crop import body_box
 from elixir_d2.data.ct_mapper import CTDatasetMapper, window_to_uint8_range
 from elixir_d2.modeling.meta_arch import to_slice_frame
 
+from config_files import CONFIGS, shipped_configs
 from conftest import write_slice
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -121,11 +121,10 @@ def test_negative_margin_is_refused():
 
 
 def test_every_shipped_config_undoes_the_crop_in_its_model():
-    configs = [f for f in glob.glob(os.path.join(REPO, "configs", "**", "*.yaml"), recursive=True)
-               if os.sep + "genotypes" + os.sep not in f]
+    configs = shipped_configs()
     assert len(configs) > 30
     for f in configs:
-        assert load_config(f).MODEL.META_ARCHITECTURE == "BodyCropRCNN", f
+        assert load_config(os.path.join(CONFIGS, f)).MODEL.META_ARCHITECTURE == "BodyCropRCNN", f
 
 
 def test_body_crop_with_another_meta_architecture_is_refused():

@@ -1,6 +1,5 @@
 """Configs compose component files (configs/components/, configs/quickstart/components/) instead of
 restating them: a part's keys are written once, and no config repeats a value its bases give."""
-import glob
 import os
 
 import pytest
@@ -10,19 +9,7 @@ from detectron2.config import get_cfg
 
 from elixir_d2 import add_elixirnet_config, load_config
 
-CONFIGS = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..",
-                                        "configs"))
-
-
-def _configs(components: bool):
-    out = []
-    for path in sorted(glob.glob(os.path.join(CONFIGS, "**", "*.yaml"), recursive=True)):
-        rel = os.path.relpath(path, CONFIGS)
-        if rel.startswith("genotypes"):
-            continue
-        if ("components" in rel.split(os.sep)) == components:
-            out.append(rel)
-    return out
+from config_files import CONFIGS, shipped_configs
 
 
 def _raw(rel):
@@ -46,12 +33,12 @@ def _get(cfg, key):
 
 def _files_setting(key, value):
     """Config files (components included) whose own text sets ``key`` to ``value``."""
-    return [rel for rel in _configs(False) + _configs(True)
+    return [rel for rel in shipped_configs(False) + shipped_configs(True)
             if dict(_leaves({k: v for k, v in _raw(rel).items() if k != "_BASE_"})).get(key)
             == value]
 
 
-@pytest.mark.parametrize("rel", _configs(False))
+@pytest.mark.parametrize("rel", shipped_configs(False))
 def test_no_config_restates_what_its_bases_give(rel, tmp_path):
     """A value a config file sets must differ from what its _BASE_ files set; restating a
     default (detectron2's or ElixirNet's) to write a recipe out in full is allowed."""

@@ -341,17 +341,16 @@ def test_train_net_refuses_an_unknown_froc_convention_by_name():
 
 
 def test_paper_configs_read_the_froc_as_deeplesion_quickstart_configs_continuous():
-    import glob
-
     from elixir_d2 import load_config
 
-    configs = glob.glob(os.path.join(REPO, "configs", "**", "*.yaml"), recursive=True)
-    configs = [c for c in configs if os.sep + "genotypes" + os.sep not in c]
-    quick = [c for c in configs if os.sep + "quickstart" + os.sep in c]
+    from config_files import CONFIGS, shipped_configs
+
+    configs = shipped_configs()
+    quick = [c for c in configs if c.startswith("quickstart" + os.sep)]
     assert len(quick) >= 10 and len(configs) - len(quick) >= 20
     for c in configs:
         expected = "continuous" if c in quick else "deeplesion"
-        assert load_config(c).TEST.FROC_CONVENTION == expected, c
+        assert load_config(os.path.join(CONFIGS, c)).TEST.FROC_CONVENTION == expected, c
 
 
 def test_predict_net_refuses_an_unknown_froc_convention_before_the_run(tmp_path):
