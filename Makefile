@@ -12,7 +12,9 @@ install:
 env: install
 	@$(PY) -c "import elixir_d2; elixir_d2.print_env()"
 
+# ruff's formatter (black's style, as detectron2 formats its code) and ruff's lint rules (ruff.toml).
 lint: install
+	$(PY) -m ruff format --check .
 	$(PY) -m ruff check .
 
 test: install

@@ -21,6 +21,7 @@ CUDA) --num-machines M --machine-rank R --dist-url tcp://HOST:PORT. The cases ar
 the processes round robin; rank 0 writes the run files at the end, the same bytes one process
 writes. DIR must be one folder all machines see.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,66 +54,125 @@ from elixir_d2.modeling.genotype_source import resolve_genotype_config
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--config-file", required=True, metavar="FILE")
-    ap.add_argument("--weights", default=None,
-                    help="checkpoint (default: MODEL.WEIGHTS of the config)")
+    ap.add_argument(
+        "--weights", default=None, help="checkpoint (default: MODEL.WEIGHTS of the config)"
+    )
     ap.add_argument("--input", required=True, metavar="PATH")
     ap.add_argument("--output", required=True, metavar="DIR")
-    ap.add_argument("--gt", default=None,
-                    help="ground truth: DeepLesion DL_info.csv or {case: {slice: [boxes]}} JSON")
-    ap.add_argument("--score-thresh", type=float, default=0.5,
-                    help="keep detections scoring at least this")
+    ap.add_argument(
+        "--gt",
+        default=None,
+        help="ground truth: DeepLesion DL_info.csv or {case: {slice: [boxes]}} JSON",
+    )
+    ap.add_argument(
+        "--score-thresh", type=float, default=0.5, help="keep detections scoring at least this"
+    )
     ap.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: MODEL.DEVICE)")
     ap.add_argument("--batch-size", type=int, default=4, help="slices per forward pass")
-    ap.add_argument("--spacing", type=float, default=None,
-                    help="DeepLesion folders: pixel spacing in mm (else DL_info.csv)")
-    ap.add_argument("--slice-intv", type=float, default=None,
-                    help="DeepLesion folders: slice interval in mm (else DL_info.csv)")
-    ap.add_argument("--view-window", type=float, nargs=2, default=(-175.0, 275.0),
-                    metavar=("LO", "HI"), help="HU window of the overlay pictures")
-    ap.add_argument("--overlays", choices=("detections", "all", "none"), default="detections",
-                    help="overlay PNGs for slices with a detection or ground truth (default), "
-                         "every slice, or none")
-    ap.add_argument("--report", choices=("html", "none"), default="html",
-                    help="report.html per case (slice scroller, boxes, findings; with --gt hits, "
-                         "misses, FROC) and index.html for the run (default), or none")
-    ap.add_argument("--draw-relations", action="store_true",
-                    help="relation graph of the ALB head (paper Fig. 5)")
-    ap.add_argument("--draw-confidence", action="store_true",
-                    help="TRPN location confidence heat maps")
-    ap.add_argument("--group-iou", type=float, default=0.3,
-                    help="IoU linking detections on nearby slices")
+    ap.add_argument(
+        "--spacing",
+        type=float,
+        default=None,
+        help="DeepLesion folders: pixel spacing in mm (else DL_info.csv)",
+    )
+    ap.add_argument(
+        "--slice-intv",
+        type=float,
+        default=None,
+        help="DeepLesion folders: slice interval in mm (else DL_info.csv)",
+    )
+    ap.add_argument(
+        "--view-window",
+        type=float,
+        nargs=2,
+        default=(-175.0, 275.0),
+        metavar=("LO", "HI"),
+        help="HU window of the overlay pictures",
+    )
+    ap.add_argument(
+        "--overlays",
+        choices=("detections", "all", "none"),
+        default="detections",
+        help="overlay PNGs for slices with a detection or ground truth (default), "
+        "every slice, or none",
+    )
+    ap.add_argument(
+        "--report",
+        choices=("html", "none"),
+        default="html",
+        help="report.html per case (slice scroller, boxes, findings; with --gt hits, "
+        "misses, FROC) and index.html for the run (default), or none",
+    )
+    ap.add_argument(
+        "--draw-relations",
+        action="store_true",
+        help="relation graph of the ALB head (paper Fig. 5)",
+    )
+    ap.add_argument(
+        "--draw-confidence", action="store_true", help="TRPN location confidence heat maps"
+    )
+    ap.add_argument(
+        "--group-iou", type=float, default=0.3, help="IoU linking detections on nearby slices"
+    )
     ap.add_argument("--group-gap", type=int, default=1, help="largest slice gap linking detections")
     reuse = ap.add_mutually_exclusive_group()
-    reuse.add_argument("--overwrite", action="store_true",
-                       help="reuse a non-empty --output: replace what an earlier run wrote there "
-                            "(else refused)")
-    reuse.add_argument("--resume", action="store_true",
-                       help="finish an interrupted run in --output: keep the case folders it "
-                            "completed (checked against their manifests), do the others")
-    ap.add_argument("--max-voxels", type=int, default=DEFAULT_MAX_VOXELS, metavar="N",
-                    help="refuse a case of more voxels, from its header (default "
-                         f"{DEFAULT_MAX_VOXELS:,}: 512 x 512 x 2048); 0: no limit")
-    ap.add_argument("--anonymize-ids", default=None, metavar="MAPPING.csv",
-                    help="name cases case_0001, ... in every output (case ids otherwise come from "
-                         "file and folder names) and write which input each id is to MAPPING.csv, "
-                         "outside --output")
-    ap.add_argument("--dicom-sr", action="store_true",
-                    help="DICOM series: also write <case>/dicom_sr/sr.dcm, a TID 1500 DICOM SR of "
-                         "the findings; it carries the patient's identifiers (needs highdicom)")
+    reuse.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="reuse a non-empty --output: replace what an earlier run wrote there (else refused)",
+    )
+    reuse.add_argument(
+        "--resume",
+        action="store_true",
+        help="finish an interrupted run in --output: keep the case folders it "
+        "completed (checked against their manifests), do the others",
+    )
+    ap.add_argument(
+        "--max-voxels",
+        type=int,
+        default=DEFAULT_MAX_VOXELS,
+        metavar="N",
+        help="refuse a case of more voxels, from its header (default "
+        f"{DEFAULT_MAX_VOXELS:,}: 512 x 512 x 2048); 0: no limit",
+    )
+    ap.add_argument(
+        "--anonymize-ids",
+        default=None,
+        metavar="MAPPING.csv",
+        help="name cases case_0001, ... in every output (case ids otherwise come from "
+        "file and folder names) and write which input each id is to MAPPING.csv, "
+        "outside --output",
+    )
+    ap.add_argument(
+        "--dicom-sr",
+        action="store_true",
+        help="DICOM series: also write <case>/dicom_sr/sr.dcm, a TID 1500 DICOM SR of "
+        "the findings; it carries the patient's identifiers (needs highdicom)",
+    )
     ap.add_argument("--no-progress", action="store_true")
     dist = ap.add_argument_group("several processes (detectron2's launcher, as train_net.py)")
-    dist.add_argument("--num-gpus", type=int, default=1, metavar="N",
-                      help="processes per machine: one per GPU, or CPU processes over gloo "
-                           "without CUDA (default 1)")
+    dist.add_argument(
+        "--num-gpus",
+        type=int,
+        default=1,
+        metavar="N",
+        help="processes per machine: one per GPU, or CPU processes over gloo "
+        "without CUDA (default 1)",
+    )
     dist.add_argument("--num-machines", type=int, default=1, metavar="M")
-    dist.add_argument("--machine-rank", type=int, default=0, metavar="R",
-                      help="this machine's rank, 0 .. M-1")
-    dist.add_argument("--dist-url", default="auto", metavar="URL",
-                      help="tcp://HOST:PORT of machine 0 (several machines); auto: a free local "
-                           "port")
+    dist.add_argument(
+        "--machine-rank", type=int, default=0, metavar="R", help="this machine's rank, 0 .. M-1"
+    )
+    dist.add_argument(
+        "--dist-url",
+        default="auto",
+        metavar="URL",
+        help="tcp://HOST:PORT of machine 0 (several machines); auto: a free local port",
+    )
     ap.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")
     return ap
 
@@ -126,10 +186,14 @@ def setup_cfg(args):
     cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = args.score_thresh
     check_froc_convention(cfg)  # read with --gt, at the end of the run: refused before it starts
     if not cfg.MODEL.WEIGHTS:
-        raise MissingFileError("no weights given: pass --weights with a checkpoint written by "
-                               "train_net.py")
-    require_file(cfg.MODEL.WEIGHTS, "weights file",
-                 "pass --weights with a checkpoint written by train_net.py")
+        raise MissingFileError(
+            "no weights given: pass --weights with a checkpoint written by train_net.py"
+        )
+    require_file(
+        cfg.MODEL.WEIGHTS,
+        "weights file",
+        "pass --weights with a checkpoint written by train_net.py",
+    )
     # the checkpoint's genotype when the config names none
     resolve_genotype_config(cfg, checkpoint=cfg.MODEL.WEIGHTS)
     cfg.freeze()
@@ -146,9 +210,11 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     setup_logger(name="elixir_d2")
     if args.num_gpus < 1 or args.num_machines < 1 or not 0 <= args.machine_rank < args.num_machines:
-        raise UserInputError(f"--num-gpus {args.num_gpus} --num-machines {args.num_machines} "
-                         f"--machine-rank {args.machine_rank}: need N >= 1, M >= 1 and "
-                         "0 <= R < M")
+        raise UserInputError(
+            f"--num-gpus {args.num_gpus} --num-machines {args.num_machines} "
+            f"--machine-rank {args.machine_rank}: need N >= 1, M >= 1 and "
+            "0 <= R < M"
+        )
     if args.num_gpus * args.num_machines == 1:
         return _run_guarded(args)
     return _launch_ranks(args)
@@ -178,14 +244,22 @@ def _launch_ranks(args: argparse.Namespace) -> int:
     setup_cfg(args)
     _require_input(args.input)
     try:
-        launch(_rank_main, args.num_gpus, num_machines=args.num_machines,
-               machine_rank=args.machine_rank, dist_url=args.dist_url, args=(args,),
-               timeout=DIST_TIMEOUT)
+        launch(
+            _rank_main,
+            args.num_gpus,
+            num_machines=args.num_machines,
+            machine_rank=args.machine_rank,
+            dist_url=args.dist_url,
+            args=(args,),
+            timeout=DIST_TIMEOUT,
+        )
     except mp.ProcessExitedException as e:  # the rank said why before it exited
         return e.exit_code if e.exit_code > 0 else 128 - e.exit_code  # -N: killed by signal N
     except KeyboardInterrupt:
-        print("predict_net.py: interrupted; rerun with --resume to keep the finished cases",
-              file=sys.stderr)
+        print(
+            "predict_net.py: interrupted; rerun with --resume to keep the finished cases",
+            file=sys.stderr,
+        )
         return EXIT_INTERRUPTED
     return 0
 
@@ -204,21 +278,30 @@ def _rank_main(args: argparse.Namespace) -> None:
 
 def _require_input(path: str) -> None:
     if not os.path.exists(path):
-        raise MissingFileError(f"--input {escape_name(path)} not found; give a slice folder, a "
-                               "NIfTI file, a DICOM series folder or a folder of such cases")
+        raise MissingFileError(
+            f"--input {escape_name(path)} not found; give a slice folder, a "
+            "NIfTI file, a DICOM series folder or a folder of such cases"
+        )
 
 
 def _predict(args: argparse.Namespace) -> int:
     cfg = setup_cfg(args)
     _require_input(args.input)
     opts = PredictOptions(
-        batch_size=args.batch_size, spacing=args.spacing, slice_interval=args.slice_intv,
-        view_window=tuple(args.view_window), overlays=args.overlays,
+        batch_size=args.batch_size,
+        spacing=args.spacing,
+        slice_interval=args.slice_intv,
+        view_window=tuple(args.view_window),
+        overlays=args.overlays,
         draw_relations=args.draw_relations,
-        draw_confidence=args.draw_confidence, group_iou=args.group_iou, group_gap=args.group_gap,
+        draw_confidence=args.draw_confidence,
+        group_iou=args.group_iou,
+        group_gap=args.group_gap,
         report=args.report,
         gt=args.gt,
-        progress=not args.no_progress, overwrite=args.overwrite, resume=args.resume,
+        progress=not args.no_progress,
+        overwrite=args.overwrite,
+        resume=args.resume,
         max_voxels=args.max_voxels or None,
         anonymize_ids=args.anonymize_ids,
         dicom_sr=args.dicom_sr,
@@ -226,16 +309,18 @@ def _predict(args: argparse.Namespace) -> int:
     try:
         summary = run_prediction(cfg, args.input, args.output, opts)
     # unusable input; a model that cannot draw what was asked; a bad ground truth file
-    except (INPUT_ERRORS + (ValueError,)) as e:
+    except INPUT_ERRORS + (ValueError,) as e:
         _say(f"predict_net.py: error: {escape_name(e)}")
         return EXIT_USER_ERROR
     if summary is None:  # not rank 0: rank 0 reports the run
         return 0
     t = summary["timing_s"]
-    print(f"{len(summary['cases'])} case(s) -> {escape_name(args.output)}: "
-          f"{sum(c['detections'] for c in summary['cases'])} detections, "
-          f"{sum(c['findings'] for c in summary['cases'])} findings; {t['total']:.1f} s "
-          f"(model forward {t['model_forward']:.1f} s)")
+    print(
+        f"{len(summary['cases'])} case(s) -> {escape_name(args.output)}: "
+        f"{sum(c['detections'] for c in summary['cases'])} detections, "
+        f"{sum(c['findings'] for c in summary['cases'])} findings; {t['total']:.1f} s "
+        f"(model forward {t['model_forward']:.1f} s)"
+    )
     if summary["failed"]:
         print(f"{len(summary['failed'])} case(s) failed:", file=sys.stderr)
         for f in summary["failed"]:

@@ -11,6 +11,7 @@ Writes OUTPUT_DIR/genotype.yaml (use it as MODEL.ALB.GENOTYPE of train_net.py), 
 (softmax(alpha) after every epoch) and alphas.png; --random writes genotype.yaml only.
 Multi-machine: add --num-machines M --machine-rank R --dist-url tcp://<host0>:<port>.
 """
+
 from elixir_d2.cli import run_cli
 from elixir_d2.commands.search import (  # noqa: F401  (the script's API)
     build_parser,

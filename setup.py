@@ -3,6 +3,7 @@
 detectron2 itself is not listed in ``install_requires``: it has no release on PyPI, and
 ``scripts/install.sh`` installs it by the route of docs/design.md, Installation and dependencies.
 """
+
 from setuptools import find_packages, setup
 
 DICOM_SR = ["highdicom>=0.28"]  # the "dicom-sr" extra (tested with 0.28.2)

@@ -7,6 +7,7 @@
 
 Multi-machine: add --num-machines M --machine-rank R --dist-url tcp://<host0>:<port>.
 """
+
 from elixir_d2.cli import run_cli
 from elixir_d2.commands.train import Trainer, check_inputs, cli, main, setup  # noqa: F401  (the script's API)
 

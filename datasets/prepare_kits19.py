@@ -6,6 +6,7 @@
 
 Same as ``python -m elixir_d2.data.kits19``; see datasets/README.md.
 """
+
 import argparse
 import os
 
@@ -20,8 +21,10 @@ def checked_main(argv=None):
     pre.add_argument("--root", default=os.path.join(datasets_root(), "kits19"))
     root = pre.parse_known_args(argv)[0].root
     if not os.path.isdir(os.path.join(root, "data")):
-        raise MissingFileError(f"--root {root}: no data/ folder of case_XXXXX cases there; "
-                               "download KiTS19 as datasets/README.md says, or pass --root")
+        raise MissingFileError(
+            f"--root {root}: no data/ folder of case_XXXXX cases there; "
+            "download KiTS19 as datasets/README.md says, or pass --root"
+        )
     return main(argv)
 
 

@@ -4,6 +4,7 @@ Importing this package registers every component with detectron2's registries
 (META_ARCHITECTURE ``BodyCropRCNN``, PROPOSAL_GENERATOR ``TRPN``, ROI_BOX_HEAD ``ALBHead`` /
 ``ALBSearchHead``, ROI_HEADS ``ElixirROIHeads``, the datasets in DatasetCatalog).
 """
+
 from .config import add_elixirnet_config, load_config
 from .env import print_env
 

@@ -8,6 +8,7 @@ products in bfloat16 natively on CPUs with AVX512-BF16 or AMX (:func:`native_cpu
 The computations that half precision breaks stay float32 inside the model either way
 (docs/design.md, "Mixed precision").
 """
+
 from __future__ import annotations
 
 import time
@@ -18,8 +19,14 @@ import torch
 from detectron2.config import CfgNode
 from detectron2.engine import AMPTrainer, SimpleTrainer
 
-__all__ = ["PRECISIONS", "AutocastTrainer", "amp_opts", "autocast_dtype", "build_step_trainer",
-           "native_cpu_bfloat16"]
+__all__ = [
+    "PRECISIONS",
+    "AutocastTrainer",
+    "amp_opts",
+    "autocast_dtype",
+    "build_step_trainer",
+    "native_cpu_bfloat16",
+]
 
 PRECISIONS = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -37,7 +44,8 @@ def autocast_dtype(cfg: CfgNode) -> Optional[torch.dtype]:
         raise ValueError(
             f"SOLVER.AMP.ENABLED True with SOLVER.AMP.PRECISION float16 needs MODEL.DEVICE cuda "
             f"(got {cfg.MODEL.DEVICE!r}): float16 training is detectron2's AMPTrainer, CUDA "
-            "only; on the CPU set SOLVER.AMP.PRECISION bfloat16, or SOLVER.AMP.ENABLED False")
+            "only; on the CPU set SOLVER.AMP.PRECISION bfloat16, or SOLVER.AMP.ENABLED False"
+        )
     return PRECISIONS[name]
 
 
@@ -47,8 +55,9 @@ def amp_opts(precision: str) -> List[str]:
     if precision == "float32":
         return ["SOLVER.AMP.ENABLED", "False"]
     if precision not in PRECISIONS:
-        raise ValueError(f"precision must be float32 or one of {sorted(PRECISIONS)}, got "
-                         f"{precision!r}")
+        raise ValueError(
+            f"precision must be float32 or one of {sorted(PRECISIONS)}, got {precision!r}"
+        )
     return ["SOLVER.AMP.ENABLED", "True", "SOLVER.AMP.PRECISION", precision]
 
 
@@ -65,8 +74,14 @@ class AutocastTrainer(SimpleTrainer):
     """SimpleTrainer whose forward runs under ``torch.autocast(device_type, dtype)``; the
     backward and the optimizer step run outside it, without loss scaling (meant for bfloat16)."""
 
-    def __init__(self, model: torch.nn.Module, data_loader, optimizer: torch.optim.Optimizer,
-                 device_type: str, dtype: torch.dtype = torch.bfloat16):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        data_loader,
+        optimizer: torch.optim.Optimizer,
+        device_type: str,
+        dtype: torch.dtype = torch.bfloat16,
+    ):
         super().__init__(model, data_loader, optimizer)
         self.device_type = device_type
         self.dtype = dtype
@@ -87,8 +102,9 @@ class AutocastTrainer(SimpleTrainer):
         self.optimizer.step()
 
 
-def build_step_trainer(cfg: CfgNode, model: torch.nn.Module, data_loader,
-                       optimizer: torch.optim.Optimizer) -> SimpleTrainer:
+def build_step_trainer(
+    cfg: CfgNode, model: torch.nn.Module, data_loader, optimizer: torch.optim.Optimizer
+) -> SimpleTrainer:
     """The loop running each training step for ``cfg``: SimpleTrainer (AMP off), detectron2's
     AMPTrainer (float16, CUDA) or :class:`AutocastTrainer` (bfloat16, CUDA or CPU)."""
     dtype = autocast_dtype(cfg)
@@ -96,5 +112,6 @@ def build_step_trainer(cfg: CfgNode, model: torch.nn.Module, data_loader,
         return SimpleTrainer(model, data_loader, optimizer)
     if dtype == torch.float16:
         return AMPTrainer(model, data_loader, optimizer)
-    return AutocastTrainer(model, data_loader, optimizer,
-                           device_type=torch.device(cfg.MODEL.DEVICE).type, dtype=dtype)
+    return AutocastTrainer(
+        model, data_loader, optimizer, device_type=torch.device(cfg.MODEL.DEVICE).type, dtype=dtype
+    )

@@ -5,6 +5,7 @@ the writing process and renamed into place (``os.replace`` is atomic on one file
 generated folder carries a completion marker (:data:`MARKER`) holding what was generated; a
 folder without one is treated as absent and regenerated.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -18,8 +19,18 @@ import socket
 import time
 from typing import Any, Callable, Dict, Iterator, Optional
 
-__all__ = ["MARKER", "tmp_name", "atomic_write_bytes", "atomic_write_text", "atomic_write_json",
-           "file_lock", "read_marker", "build_dir_atomically", "remove_stale_tmp", "tmp_target"]
+__all__ = [
+    "MARKER",
+    "tmp_name",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "atomic_write_json",
+    "file_lock",
+    "read_marker",
+    "build_dir_atomically",
+    "remove_stale_tmp",
+    "tmp_target",
+]
 
 MARKER = ".complete.json"
 _TMP_TAG = ".tmp-"
@@ -30,8 +41,9 @@ _TMP_RE = re.compile(r"\.(?P<target>.+?)\.tmp-(?P<host>[^/]*)-(?P<pid>[0-9]+)-(?
 def tmp_name(path: str) -> str:
     """A sibling of ``path`` no other process uses (host + pid + clock in the name)."""
     head, tail = os.path.split(os.path.abspath(path))
-    return os.path.join(head,
-                        f".{tail}{_TMP_TAG}{socket.gethostname()}-{os.getpid()}-{time.monotonic_ns()}")
+    return os.path.join(
+        head, f".{tail}{_TMP_TAG}{socket.gethostname()}-{os.getpid()}-{time.monotonic_ns()}"
+    )
 
 
 def tmp_target(entry: str) -> Optional[str]:
@@ -79,8 +91,9 @@ def file_lock(path: str, timeout_s: float = 3600.0) -> Iterator[None]:
                 break
             except OSError as e:
                 if e.errno not in (errno.EAGAIN, errno.EACCES) or time.monotonic() > deadline:
-                    raise TimeoutError(f"{path}: still locked by another process after "
-                                       f"{timeout_s:g} s") from e
+                    raise TimeoutError(
+                        f"{path}: still locked by another process after {timeout_s:g} s"
+                    ) from e
                 time.sleep(0.1)
         yield
     finally:
@@ -111,8 +124,9 @@ def remove_stale_tmp(parent: str, name: str) -> None:
                         os.remove(path)
 
 
-def build_dir_atomically(out_dir: str, build: Callable[[str], Dict],
-                         marker: Optional[Dict]) -> Dict:
+def build_dir_atomically(
+    out_dir: str, build: Callable[[str], Dict], marker: Optional[Dict]
+) -> Dict:
     """Run ``build(tmp_dir)`` in a fresh temporary folder, write the completion marker
     (``marker`` + what ``build`` returned under "result"; None: ``build`` writes its own), then
     put the folder at ``out_dir``, replacing an older one. Interrupted, it leaves ``out_dir`` as it

@@ -1,5 +1,6 @@
 """Timing helpers shared by projects/benchmarks (models_speed.py) and projects/paper (Table 1's
 speed column)."""
+
 from __future__ import annotations
 
 import time

@@ -5,6 +5,7 @@ Continuous coordinates by default: a box's area is (x2 - x1) * (y2 - y1). ``plus
 pixels inclusively instead, as the DeepLesion authors' evaluation code does: widths and heights of
 the boxes and of their intersection are (x2 - x1 + 1) and (y2 - y1 + 1).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -14,8 +15,9 @@ __all__ = ["OVERLAP_CRITERIA", "box_overlap"]
 OVERLAP_CRITERIA = ("iou", "iobb")
 
 
-def box_overlap(a: np.ndarray, b: np.ndarray, criterion: str = "iou", *,
-                plus_one: bool = False) -> np.ndarray:
+def box_overlap(
+    a: np.ndarray, b: np.ndarray, criterion: str = "iou", *, plus_one: bool = False
+) -> np.ndarray:
     """Overlap of the XYXY boxes ``a`` (..., 4) and ``b`` (..., 4), broadcast over the leading axes.
 
     Row-aligned pairs: ``a`` (P, 4) and ``b`` (P, 4) give (P,); every pair: ``a[:, None]`` and

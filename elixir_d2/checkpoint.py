@@ -12,6 +12,7 @@
   detectron2's ``.pkl`` model-zoo weights through a restricted unpickler
   (``elixir_d2.safe_pickle``): no checkpoint can run code.
 """
+
 from __future__ import annotations
 
 import os
@@ -50,20 +51,28 @@ def last_checkpoint_target(save_dir: str) -> str:
     except FileNotFoundError:
         return ""
     except OSError as e:
-        raise UserInputError(f"{escape_name(tag)} cannot be read ({e.strerror or e}); delete it "
-                             "or run without --resume") from e
+        raise UserInputError(
+            f"{escape_name(tag)} cannot be read ({e.strerror or e}); delete it "
+            "or run without --resume"
+        ) from e
     try:
         name = raw.decode("utf-8").strip()
     except UnicodeDecodeError:
         name = ""
     root = os.path.realpath(save_dir)
     target = os.path.realpath(os.path.join(save_dir, name))
-    if (not name or len(raw) > 4096 or os.path.dirname(target) != root
-            or os.path.basename(name) != name):
+    if (
+        not name
+        or len(raw) > 4096
+        or os.path.dirname(target) != root
+        or os.path.basename(name) != name
+    ):
         shown = escape_name(raw[:80].decode("utf-8", "backslashreplace").strip())
-        raise UserInputError(f"{escape_name(tag)} names {shown!r}, which is not a file name "
-                             f"inside {escape_name(save_dir)} (outside the output folder, or not "
-                             "a name); delete it to start from MODEL.WEIGHTS, or fix it")
+        raise UserInputError(
+            f"{escape_name(tag)} names {shown!r}, which is not a file name "
+            f"inside {escape_name(save_dir)} (outside the output folder, or not "
+            "a name); delete it to start from MODEL.WEIGHTS, or fix it"
+        )
     return os.path.join(save_dir, name)
 
 
@@ -131,23 +140,29 @@ class AtomicCheckpointer(DetectionCheckpointer):
         for name in stale:
             os.remove(os.path.join(folder, name))
         if stale:
-            self.logger.warning(f"Removed {len(stale)} partial checkpoint file(s) of killed runs "
-                                f"in {folder}: {stale}")
+            self.logger.warning(
+                f"Removed {len(stale)} partial checkpoint file(s) of killed runs "
+                f"in {folder}: {stale}"
+            )
 
     def load(self, path: str, checkpointables: Optional[list] = None) -> Dict[str, Any]:
         self._loading = path  # named in the mismatch summary
         if path and "://" not in path and not os.path.isfile(path):
             raise MissingFileError(
                 f"weights file {path} not found (MODEL.WEIGHTS / --weights); give a checkpoint "
-                "written by train_net.py, or leave MODEL.WEIGHTS empty to start from scratch")
+                "written by train_net.py, or leave MODEL.WEIGHTS empty to start from scratch"
+            )
         return super().load(path, checkpointables)
 
     def get_checkpoint_file(self) -> str:
         """The file ``last_checkpoint`` names (a file in the output folder, else an error);
         if it is gone, the newest complete ``model_*.pth``."""
         local = self.path_manager.get_local_path(self.save_dir) if self.save_dir else ""
-        path = (last_checkpoint_target(self.save_dir) if local and os.path.isdir(local)
-                else super().get_checkpoint_file())
+        path = (
+            last_checkpoint_target(self.save_dir)
+            if local and os.path.isdir(local)
+            else super().get_checkpoint_file()
+        )
         if not path or self.path_manager.exists(path) or not os.path.isdir(self.save_dir):
             return path
         tag = os.path.join(self.save_dir, "last_checkpoint")
@@ -156,10 +171,13 @@ class AtomicCheckpointer(DetectionCheckpointer):
             raise MissingFileError(
                 f"{tag} names {os.path.basename(path)}, which is missing, and no complete "
                 f"model_*.pth is left in {self.save_dir}: delete {tag} to start from "
-                "MODEL.WEIGHTS, or run without --resume")
-        self.logger.warning(f"{tag} names {os.path.basename(path)}, which is missing; resuming "
-                            f"from {os.path.basename(candidates[0])}, the newest complete "
-                            "checkpoint there")
+                "MODEL.WEIGHTS, or run without --resume"
+            )
+        self.logger.warning(
+            f"{tag} names {os.path.basename(path)}, which is missing; resuming "
+            f"from {os.path.basename(candidates[0])}, the newest complete "
+            "checkpoint there"
+        )
         return candidates[0]
 
     def _load_model(self, checkpoint: Any):
@@ -189,25 +207,33 @@ class AtomicCheckpointer(DetectionCheckpointer):
         super()._log_incompatible_keys(incompatible)
         shapes = incompatible.incorrect_shapes
         reshaped = {k for k, _, _ in shapes}
-        missing = [k for k in incompatible.missing_keys
-                   if k not in reshaped and not _is_step_counter(k)]
+        missing = [
+            k for k in incompatible.missing_keys if k not in reshaped and not _is_step_counter(k)
+        ]
         unexpected = [k for k in incompatible.unexpected_keys if not _is_step_counter(k)]
         if not (missing or unexpected or shapes):
             return
         total = sum(not _is_step_counter(k) for k in self.model.state_dict())
-        parts = [f"{min(getattr(self, '_num_loaded', 0), total)} of the model's {total} tensors "
-                 "loaded"]
+        parts = [
+            f"{min(getattr(self, '_num_loaded', 0), total)} of the model's {total} tensors loaded"
+        ]
         if missing:
             parts.append(f"{len(missing)} missing from the checkpoint (first: {missing[:3]})")
         if unexpected:
-            parts.append(f"{len(unexpected)} in the checkpoint but not in the model (first: "
-                         f"{unexpected[:3]})")
+            parts.append(
+                f"{len(unexpected)} in the checkpoint but not in the model (first: "
+                f"{unexpected[:3]})"
+            )
         if shapes:
             k, s_ckpt, s_model = shapes[0]
-            parts.append(f"{len(shapes)} of another shape, skipped (first: {k} {s_ckpt} in the "
-                         f"checkpoint, {s_model} in the model)")
-        self.logger.warning(f"Checkpoint {getattr(self, '_loading', '?')} does not match the "
-                            "model: " + "; ".join(parts))
+            parts.append(
+                f"{len(shapes)} of another shape, skipped (first: {k} {s_ckpt} in the "
+                f"checkpoint, {s_model} in the model)"
+            )
+        self.logger.warning(
+            f"Checkpoint {getattr(self, '_loading', '?')} does not match the "
+            "model: " + "; ".join(parts)
+        )
 
     def _atomic_write(self, path: str, write: Callable[[Any], None], mode: str) -> None:
         local = self.path_manager.get_local_path(os.path.dirname(path) or ".")
@@ -258,13 +284,17 @@ class AtomicCheckpointer(DetectionCheckpointer):
             with self.path_manager.open(filename, "rb") as f:
                 data = load_weights_pickle(f, filename)
         except pickle.UnpicklingError as e:
-            raise CheckpointError(str(e) if "asks to load" in str(e) else
-                                  f"Weights file {filename} is not a readable pickle ({e})") from e
+            raise CheckpointError(
+                str(e)
+                if "asks to load" in str(e)
+                else f"Weights file {filename} is not a readable pickle ({e})"
+            ) from e
         except (EOFError, ValueError, TypeError) as e:
             raise CheckpointError(f"Weights file {filename} is unreadable (truncated?): {e}") from e
         if not isinstance(data, dict):
-            raise CheckpointError(f"Weights file {filename} holds a {type(data).__name__}, not a "
-                                  "dict of arrays")
+            raise CheckpointError(
+                f"Weights file {filename} holds a {type(data).__name__}, not a dict of arrays"
+            )
         if "model" in data and "__author__" in data:  # detectron2 model-zoo format
             self.logger.info(f"Reading a file from '{data['__author__']}'")
             return data

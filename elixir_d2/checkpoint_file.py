@@ -6,6 +6,7 @@ failure is a :class:`CheckpointError` naming the file. It sits below both the ch
 (``elixir_d2/modeling/genotype_source.py``, which reads the genotype a checkpoint stores), so
 neither of the two calls the other to read a file.
 """
+
 from __future__ import annotations
 
 import pickle
@@ -32,11 +33,14 @@ def _torch_file_head(filename: str, path_manager=None) -> None:
         with opener(filename, "rb") as f:
             head = f.read(4)
     except OSError as e:
-        raise CheckpointError(f"Checkpoint {escape_name(filename)} cannot be read "
-                              f"({e.strerror or e})") from e
+        raise CheckpointError(
+            f"Checkpoint {escape_name(filename)} cannot be read ({e.strerror or e})"
+        ) from e
     if not (head.startswith(b"PK") or head.startswith(b"\x80")):
-        raise CheckpointError(f"Checkpoint {escape_name(filename)} is not a torch.save file (it "
-                              f"starts with {head!r}); give a checkpoint written by train_net.py")
+        raise CheckpointError(
+            f"Checkpoint {escape_name(filename)} is not a torch.save file (it "
+            f"starts with {head!r}); give a checkpoint written by train_net.py"
+        )
 
 
 def load_pth(filename: str, path_manager=None) -> Dict[str, Any]:
@@ -51,15 +55,19 @@ def load_pth(filename: str, path_manager=None) -> Dict[str, Any]:
                 loaded = torch.load(f, map_location=torch.device("cpu"), weights_only=True)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"Checkpoint {filename} holds more than tensors and plain "
-                              "containers; torch.load(weights_only=True) refused it "
-                              f"({first})") from e
+        raise CheckpointError(
+            f"Checkpoint {filename} holds more than tensors and plain "
+            "containers; torch.load(weights_only=True) refused it "
+            f"({first})"
+        ) from e
     # truncated / not a torch file (the legacy loader fails on garbage with Index / Key errors)
     except (RuntimeError, EOFError, ValueError, IndexError, KeyError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"Checkpoint {filename} is unreadable (truncated or not a torch.save "
-                              f"file): {first}") from e
+        raise CheckpointError(
+            f"Checkpoint {filename} is unreadable (truncated or not a torch.save file): {first}"
+        ) from e
     if not isinstance(loaded, dict):
-        raise CheckpointError(f"Checkpoint {filename} holds a {type(loaded).__name__}, not a state "
-                              "dict")
+        raise CheckpointError(
+            f"Checkpoint {filename} holds a {type(loaded).__name__}, not a state dict"
+        )
     return loaded

@@ -11,6 +11,7 @@ exits with 2. Anything else is a bug or an environment failure and keeps its tra
     if __name__ == "__main__":
         run_cli(main)                 # main() -> int | None; argv is read by main itself
 """
+
 from __future__ import annotations
 
 import difflib
@@ -59,7 +60,7 @@ def closest(word: str, candidates: Iterable[str]) -> Optional[str]:
 
 
 def did_you_mean(word: str, candidates: Iterable[str]) -> str:
-    """"; did you mean X?" when a candidate is close, else ""."""
+    """ "; did you mean X?" when a candidate is close, else ""."""
     best = closest(word, candidates)
     return f"; did you mean {best}?" if best else ""
 
@@ -84,8 +85,7 @@ def escape_name(text: str) -> str:
             out.append(_NAMED_ESCAPES[ch])
         elif 0xDC80 <= o <= 0xDCFF:  # os.fsdecode's surrogateescape of byte o - 0xDC00
             out.append(f"\\x{o - 0xDC00:02x}")
-        elif (0xD800 <= o <= 0xDFFF or o in _BIDI
-              or unicodedata.category(ch) in ("Cc", "Zl", "Zp")):
+        elif 0xD800 <= o <= 0xDFFF or o in _BIDI or unicodedata.category(ch) in ("Cc", "Zl", "Zp"):
             out.append(f"\\x{o:02x}" if o < 0x100 else f"\\u{o:04x}")
         else:
             out.append(ch)
@@ -116,16 +116,19 @@ def check_datasets(names: Sequence[str], key: str) -> None:
     known = DatasetCatalog.list()
     for name in names:
         if name not in known:
-            raise UnknownKeyError(f"{key}: dataset {name!r} is not "
-                                  f"registered{did_you_mean(name, known)} (the names are listed in "
-                                  "README.md, section Data)")
+            raise UnknownKeyError(
+                f"{key}: dataset {name!r} is not "
+                f"registered{did_you_mean(name, known)} (the names are listed in "
+                "README.md, section Data)"
+            )
         root = MetadataCatalog.get(name).get("dataset_root", None)
         if name.startswith("synthetic"):  # generated on first use when missing
             continue
         if root and not os.path.isdir(root):
             raise MissingFileError(
                 f"{key}: dataset {name} reads {root}, which does not exist; prepare it as "
-                "datasets/README.md says, or point $DETECTRON2_DATASETS at the folder holding it")
+                "datasets/README.md says, or point $DETECTRON2_DATASETS at the folder holding it"
+            )
 
 
 def check_froc_convention(cfg: Any) -> None:
@@ -146,8 +149,12 @@ def _expected_errors() -> Tuple[Type[BaseException], ...]:
     return (UserInputError, GenotypeError)
 
 
-def run_cli(main: Callable[..., Any], *args: Any, prog: Optional[str] = None,
-            expected: Sequence[Type[BaseException]] = ()) -> NoReturn:
+def run_cli(
+    main: Callable[..., Any],
+    *args: Any,
+    prog: Optional[str] = None,
+    expected: Sequence[Type[BaseException]] = (),
+) -> NoReturn:
     """Call ``main(*args)`` and exit: with its int result (None = 0), or with code 2 after one
     line ``<prog>: error: <message>`` on stderr when it raises a :class:`UserInputError` (or
     one of ``expected``). Other exceptions propagate with their traceback."""

@@ -1,4 +1,5 @@
 """Config keys added by ElixirNet on top of detectron2's defaults, and the config loader."""
+
 import os
 from typing import Any, List, Sequence, Tuple
 
@@ -26,10 +27,13 @@ def load_config(config_file: str, opts: Sequence = ()) -> CN:
     )
 
     if not config_file:
-        raise MissingFileError("no config file given: pass --config-file FILE (configs/ holds "
-                               "them, e.g. configs/quickstart/fpn.yaml)")
-    require_file(config_file, "config file",
-                 "pass --config-file with an existing YAML file (see configs/)")
+        raise MissingFileError(
+            "no config file given: pass --config-file FILE (configs/ holds "
+            "them, e.g. configs/quickstart/fpn.yaml)"
+        )
+    require_file(
+        config_file, "config file", "pass --config-file with an existing YAML file (see configs/)"
+    )
     cfg = get_cfg()
     add_elixirnet_config(cfg)
     _check_config_shape(config_file, cfg, config_file, ())
@@ -37,8 +41,9 @@ def load_config(config_file: str, opts: Sequence = ()) -> CN:
         cfg.merge_from_file(config_file, allow_unsafe=False)
     except KeyError as e:
         key = _key_from(e)
-        raise UnknownKeyError(f"{config_file}: unknown config key "
-                              f"{key}{did_you_mean(key, _all_keys(cfg))}") from e
+        raise UnknownKeyError(
+            f"{config_file}: unknown config key {key}{did_you_mean(key, _all_keys(cfg))}"
+        ) from e
     except yaml.YAMLError as e:
         raise UserInputError(f"{config_file}: not a plain-data YAML config ({one_line(e)})") from e
     except (OSError, UnicodeDecodeError) as e:  # a _BASE_ that is missing, a binary file
@@ -51,11 +56,13 @@ def load_config(config_file: str, opts: Sequence = ()) -> CN:
         cfg.merge_from_list(list(opts))
     except (KeyError, AssertionError) as e:
         if "Non-existent" not in str(e):  # an odd number of KEY VALUE items
-            raise UserInputError("config overrides must be KEY VALUE pairs, got "
-                                 f"{list(opts)}") from e
+            raise UserInputError(
+                f"config overrides must be KEY VALUE pairs, got {list(opts)}"
+            ) from e
         key = _key_from(e)
-        raise UnknownKeyError(f"command-line override {key}: unknown config key"
-                              f"{did_you_mean(key, _all_keys(cfg))}") from e
+        raise UnknownKeyError(
+            f"command-line override {key}: unknown config key{did_you_mean(key, _all_keys(cfg))}"
+        ) from e
     except ValueError as e:
         raise UserInputError(f"command-line override: {one_line(e)}") from e
     return cfg
@@ -82,25 +89,28 @@ def _check_config_shape(path: str, cfg: CN, top: str, seen: Tuple[str, ...]) -> 
     where = path if path == top else f"{top}: _BASE_ {path}"
     real = os.path.realpath(path)
     if real in seen:
-        raise UserInputError(f"{top}: _BASE_ loop: {path} includes itself through its _BASE_ "
-                             "chain")
+        raise UserInputError(f"{top}: _BASE_ loop: {path} includes itself through its _BASE_ chain")
     try:
         with open(path, encoding="utf-8") as f:
             data = yaml.safe_load(f)
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
         return
     if data is None:
-        raise UserInputError(f"{where}: empty config file; expected a mapping of config keys "
-                             "(e.g. MODEL: ...)")
+        raise UserInputError(
+            f"{where}: empty config file; expected a mapping of config keys (e.g. MODEL: ...)"
+        )
     if not isinstance(data, dict):
-        raise UserInputError(f"{where}: expected a mapping of config keys, got {_kind(data)} (a "
-                             "config holds KEY: value lines, e.g. MODEL: ...)")
+        raise UserInputError(
+            f"{where}: expected a mapping of config keys, got {_kind(data)} (a "
+            "config holds KEY: value lines, e.g. MODEL: ...)"
+        )
     base = data.get("_BASE_")
     if base is not None:
         bases = base if isinstance(base, list) else [base]
         if not bases or not all(isinstance(b, str) and b for b in bases):
-            raise UserInputError(f"{where}: _BASE_ must be a file name or a list of them, got "
-                                 f"{_kind(base)}")
+            raise UserInputError(
+                f"{where}: _BASE_ must be a file name or a list of them, got {_kind(base)}"
+            )
         for b in bases:
             b = os.path.expanduser(b)
             if b.startswith(("https://", "http://")):
@@ -120,8 +130,9 @@ def _check_groups(where: str, data: dict, node: CN, prefix: str) -> None:
         if k == "_BASE_" or k not in node or not isinstance(node[k], CN):
             continue  # unknown keys and values of the wrong type: yacs names them
         if not isinstance(v, dict):
-            raise UserInputError(f"{where}: {prefix}{k} must be a mapping of config keys, got "
-                                 f"{v!r}"[:300])
+            raise UserInputError(
+                f"{where}: {prefix}{k} must be a mapping of config keys, got {v!r}"[:300]
+            )
         _check_groups(where, v, node[k], f"{prefix}{k}.")
 
 

@@ -1,4 +1,5 @@
 """Plain-words report of the installed detectron2 and which of its compiled ops exist."""
+
 from __future__ import annotations
 
 import importlib
@@ -44,8 +45,10 @@ def print_env() -> None:
     if not missing:
         print("             all of detectron2's compiled ops are present")
     else:
-        print(f"             {len(missing)} of detectron2's compiled ops are missing (a "
-              "Python-only build):")
+        print(
+            f"             {len(missing)} of detectron2's compiled ops are missing (a "
+            "Python-only build):"
+        )
         for name in missing:
             print(f"               - {name}: {_D2_OPS[name]}")
         print("             ElixirNet does not need them; everything it uses runs without them.")

@@ -4,6 +4,7 @@
 worker insists on CUDA and NCCL, so without CUDA this module starts the same process layout
 (ranks, per-machine group) over the gloo backend: multi-process CPU runs and the tests use it.
 """
+
 from __future__ import annotations
 
 import gc
@@ -42,18 +43,33 @@ def launch(
     """
     world_size = num_machines * num_gpus_per_machine
     if world_size <= 1 or torch.cuda.is_available() or _D2_LAUNCH_SUPPORTS_CPU:
-        return d2_launch(main_func, num_gpus_per_machine, num_machines, machine_rank, dist_url,
-                         args=args, timeout=timeout)
+        return d2_launch(
+            main_func,
+            num_gpus_per_machine,
+            num_machines,
+            machine_rank,
+            dist_url,
+            args=args,
+            timeout=timeout,
+        )
     if dist_url is None or dist_url == "auto":
         if num_machines > 1:
-            raise ValueError("--dist-url must name the first machine (tcp://HOST:PORT) in a "
-                             "multi-machine run")
+            raise ValueError(
+                "--dist-url must name the first machine (tcp://HOST:PORT) in a multi-machine run"
+            )
         dist_url = _local_dist_url()
     mp.spawn(
         _cpu_worker,
         nprocs=num_gpus_per_machine,
-        args=(main_func, world_size, num_gpus_per_machine, machine_rank, dist_url, tuple(args),
-              timeout),
+        args=(
+            main_func,
+            world_size,
+            num_gpus_per_machine,
+            machine_rank,
+            dist_url,
+            tuple(args),
+            timeout,
+        ),
         daemon=False,
     )
 
@@ -64,16 +80,26 @@ def _local_dist_url() -> str:
         return f"tcp://127.0.0.1:{s.getsockname()[1]}"
 
 
-def _cpu_worker(local_rank: int, main_func: Callable, world_size: int, procs_per_machine: int,
-                machine_rank: int, dist_url: str, args: tuple, timeout: timedelta) -> None:
+def _cpu_worker(
+    local_rank: int,
+    main_func: Callable,
+    world_size: int,
+    procs_per_machine: int,
+    machine_rank: int,
+    dist_url: str,
+    args: tuple,
+    timeout: timedelta,
+) -> None:
     rank = machine_rank * procs_per_machine + local_rank
-    dist.init_process_group(backend="gloo", init_method=dist_url, world_size=world_size, rank=rank,
-                            timeout=timeout)
+    dist.init_process_group(
+        backend="gloo", init_method=dist_url, world_size=world_size, rank=rank, timeout=timeout
+    )
     # Every rank creates every machine's group (new_group is collective); this machine keeps its
     # own.
     for machine in range(world_size // procs_per_machine):
-        group = dist.new_group(list(range(machine * procs_per_machine,
-                                          (machine + 1) * procs_per_machine)))
+        group = dist.new_group(
+            list(range(machine * procs_per_machine, (machine + 1) * procs_per_machine))
+        )
         if machine == machine_rank:
             # detectron2 v0.6's comm has no public setter: its own launcher assigns this global.
             comm._LOCAL_PROCESS_GROUP = group

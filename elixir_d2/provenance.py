@@ -3,6 +3,7 @@
 Benchmark and recipe scripts put ``provenance(...)`` in the JSON they write (docs/evaluation.md,
 "Provenance of results"); ``provenance_line`` is its one-line form for Markdown.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -56,8 +57,12 @@ def _utc(t: Optional[float] = None) -> str:
     return when.isoformat(timespec="seconds")
 
 
-def provenance(argv: Optional[Sequence[str]] = None, seeds: Optional[Sequence[int]] = None,
-               started: Optional[float] = None, root: str = REPO_ROOT) -> Dict[str, Any]:
+def provenance(
+    argv: Optional[Sequence[str]] = None,
+    seeds: Optional[Sequence[int]] = None,
+    started: Optional[float] = None,
+    root: str = REPO_ROOT,
+) -> Dict[str, Any]:
     """The provenance block: ``commit`` (None outside a git checkout) and ``dirty`` (tracked
     files changed; None when unknown) of ``root``, ``command`` (``argv``, default sys.argv),
     software versions, CPU, torch threads, CUDA device, ``written`` (now, UTC) and, when given,
@@ -70,10 +75,14 @@ def provenance(argv: Optional[Sequence[str]] = None, seeds: Optional[Sequence[in
         d2_version = None
     get_capability = getattr(torch.backends.cpu, "get_cpu_capability", None)
     out: Dict[str, Any] = {
-        "commit": commit, "dirty": None if status is None else bool(status.strip()),
+        "commit": commit,
+        "dirty": None if status is None else bool(status.strip()),
         "command": list(sys.argv if argv is None else argv),
-        "python": platform.python_version(), "torch": torch.__version__, "detectron2": d2_version,
-        "cpu": cpu_model(), "cpu_capability": get_capability() if get_capability else None,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "detectron2": d2_version,
+        "cpu": cpu_model(),
+        "cpu_capability": get_capability() if get_capability else None,
         "threads": torch.get_num_threads(),
         "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
     }

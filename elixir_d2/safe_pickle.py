@@ -5,6 +5,7 @@ files hold only dicts of numpy arrays, numbers and strings, so :func:`load_weigh
 unpickler that resolves no global except the few numpy needs to rebuild arrays; anything else is
 a :class:`UnsafePickleError` naming the file and the global it asked for.
 """
+
 from __future__ import annotations
 
 import pickle
@@ -43,7 +44,8 @@ class RestrictedUnpickler(pickle.Unpickler):
         if (module, name) not in _ALLOWED:
             raise UnsafePickleError(
                 f"{self._source} asks to load {module}.{name}; weights pickles may hold only numpy "
-                "arrays, numbers, strings and containers, so it was not loaded (nothing in it ran)")
+                "arrays, numbers, strings and containers, so it was not loaded (nothing in it ran)"
+            )
         return super().find_class(module, name)
 
 

@@ -8,6 +8,7 @@ small ops over every tensor (98 in the quickstart FPN, 191 in the quickstart Eli
 come out bit for bit the same; the step takes 0.5-0.8x the time on the CPU, a few ms of an
 iteration (``docs/results/regime.md``, "Gradient clipping").
 """
+
 from __future__ import annotations
 
 from typing import Any, List
@@ -18,8 +19,9 @@ __all__ = ["PerParameterNormClippedSGD", "clip_grad_norm_per_parameter_"]
 
 
 @torch.no_grad()
-def clip_grad_norm_per_parameter_(params: List[torch.Tensor], max_norm: float,
-                                  norm_type: float = 2.0) -> None:
+def clip_grad_norm_per_parameter_(
+    params: List[torch.Tensor], max_norm: float, norm_type: float = 2.0
+) -> None:
     """Scale each parameter's gradient in place by ``min(1, max_norm / (norm + 1e-6))``, its own
     ``norm_type`` norm: what ``clip_grad_norm_(p, max_norm, norm_type)`` does to each ``p``."""
     grads = [p.grad for p in params if p.grad is not None]

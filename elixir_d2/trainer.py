@@ -7,6 +7,7 @@
   ``AtomicCheckpointer`` (``elixir_d2.checkpoint``).
 - ``build_lesion_evaluator``, ``create_ddp_model``, ``evaluate_with_proposal_recall``.
 """
+
 from __future__ import annotations
 
 import logging
@@ -40,8 +41,14 @@ from .data import CTDatasetMapper
 from .modeling.roi_heads import rtm_heads, rtm_output_mode
 from .solver import PerParameterNormClippedSGD
 
-__all__ = ["ElixirTrainer", "build_lesion_evaluator", "build_optimizer", "create_ddp_model",
-           "deform_offset_parameters", "evaluate_with_proposal_recall"]
+__all__ = [
+    "ElixirTrainer",
+    "build_lesion_evaluator",
+    "build_optimizer",
+    "create_ddp_model",
+    "deform_offset_parameters",
+    "evaluate_with_proposal_recall",
+]
 
 
 def create_ddp_model(model: torch.nn.Module, **kwargs) -> torch.nn.Module:
@@ -53,16 +60,21 @@ def create_ddp_model(model: torch.nn.Module, **kwargs) -> torch.nn.Module:
     return DistributedDataParallel(model, **kwargs)
 
 
-def build_lesion_evaluator(cfg: CfgNode, dataset_name: str,
-                           output_folder: Optional[str] = None) -> DatasetEvaluator:
+def build_lesion_evaluator(
+    cfg: CfgNode, dataset_name: str, output_folder: Optional[str] = None
+) -> DatasetEvaluator:
     """LesionEvaluator (FROC + mAP) for lesion datasets, else pycocotools COCO AP."""
     from .evaluation import LesionEvaluator
 
     output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
     if MetadataCatalog.get(dataset_name).get("evaluator_type", "coco") == "lesion":
-        return LesionEvaluator(dataset_name, output_folder, fps=tuple(cfg.TEST.FROC_FPS),
-                               max_dets_per_image=cfg.TEST.DETECTIONS_PER_IMAGE,
-                               froc_convention=cfg.TEST.FROC_CONVENTION)
+        return LesionEvaluator(
+            dataset_name,
+            output_folder,
+            fps=tuple(cfg.TEST.FROC_FPS),
+            max_dets_per_image=cfg.TEST.DETECTIONS_PER_IMAGE,
+            froc_convention=cfg.TEST.FROC_CONVENTION,
+        )
     # The fast COCO evaluation needs detectron2's C++ ops, absent from a Python-only build.
     return COCOEvaluator(dataset_name, output_dir=output_folder, use_fast_impl=False)
 
@@ -145,8 +157,9 @@ class ElixirTrainer(DefaultTrainer):
             if comm.is_main_process() and "AP_typed" in metrics:  # typed dataset
                 meta = MetadataCatalog.get(name)
                 types = meta.get("thing_classes")
-                table = format_type_table({cfg.OUTPUT_DIR: metrics}, types,
-                                          meta.get("type_abbrev", types))
+                table = format_type_table(
+                    {cfg.OUTPUT_DIR: metrics}, types, meta.get("type_abbrev", types)
+                )
                 d2_logger.info(f"Per-type results on {name}:\n" + table)
         return results
 
@@ -180,8 +193,9 @@ class ElixirTrainer(DefaultTrainer):
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
-        return build_detection_test_loader(cfg, dataset_name,
-                                           mapper=CTDatasetMapper(cfg, is_train=False))
+        return build_detection_test_loader(
+            cfg, dataset_name, mapper=CTDatasetMapper(cfg, is_train=False)
+        )
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
@@ -193,8 +207,12 @@ def deform_offset_parameters(model: torch.nn.Module) -> List[torch.nn.Parameter]
     ``conv2_offset`` of every detectron2 ``DeformBottleneckBlock``."""
     from detectron2.modeling.backbone.resnet import DeformBottleneckBlock
 
-    return [p for m in model.modules() if isinstance(m, DeformBottleneckBlock)
-            for p in m.conv2_offset.parameters()]
+    return [
+        p
+        for m in model.modules()
+        if isinstance(m, DeformBottleneckBlock)
+        for p in m.conv2_offset.parameters()
+    ]
 
 
 def build_optimizer(cfg: CfgNode, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -207,25 +225,36 @@ def build_optimizer(cfg: CfgNode, model: torch.nn.Module) -> torch.optim.Optimiz
     if factor <= 0:
         raise ValueError(f"SOLVER.DEFORM_OFFSET_LR_FACTOR must be > 0, got {factor}")
     groups = get_default_optimizer_params(
-        model, base_lr=cfg.SOLVER.BASE_LR, weight_decay_norm=cfg.SOLVER.WEIGHT_DECAY_NORM,
-        bias_lr_factor=cfg.SOLVER.BIAS_LR_FACTOR, weight_decay_bias=cfg.SOLVER.WEIGHT_DECAY_BIAS,
+        model,
+        base_lr=cfg.SOLVER.BASE_LR,
+        weight_decay_norm=cfg.SOLVER.WEIGHT_DECAY_NORM,
+        bias_lr_factor=cfg.SOLVER.BIAS_LR_FACTOR,
+        weight_decay_bias=cfg.SOLVER.WEIGHT_DECAY_BIAS,
     )
     offsets = {id(p) for p in deform_offset_parameters(model)}
     if factor != 1.0 and offsets:
         # One group per parameter, the offset ones rescaled, then merged again by settings.
-        single = [{**{k: v for k, v in g.items() if k != "params"}, "params": [p]}
-                  for g in groups for p in g["params"]]
+        single = [
+            {**{k: v for k, v in g.items() if k != "params"}, "params": [p]}
+            for g in groups
+            for p in g["params"]
+        ]
         for g in single:
             if id(g["params"][0]) in offsets:
                 g["lr"] = g.get("lr", cfg.SOLVER.BASE_LR) * factor
         groups = reduce_param_groups(single)
-    sgd = dict(lr=cfg.SOLVER.BASE_LR, momentum=cfg.SOLVER.MOMENTUM,
-               nesterov=cfg.SOLVER.NESTEROV, weight_decay=cfg.SOLVER.WEIGHT_DECAY)
+    sgd = dict(
+        lr=cfg.SOLVER.BASE_LR,
+        momentum=cfg.SOLVER.MOMENTUM,
+        nesterov=cfg.SOLVER.NESTEROV,
+        weight_decay=cfg.SOLVER.WEIGHT_DECAY,
+    )
     clip = cfg.SOLVER.CLIP_GRADIENTS
     if clip.ENABLED and clip.CLIP_TYPE == "norm":
         # detectron2's per-parameter norm clipping, batched (same values, elixir_d2.solver).
-        return PerParameterNormClippedSGD(groups, max_norm=clip.CLIP_VALUE,
-                                          norm_type=clip.NORM_TYPE, **sgd)
+        return PerParameterNormClippedSGD(
+            groups, max_norm=clip.CLIP_VALUE, norm_type=clip.NORM_TYPE, **sgd
+        )
     return maybe_add_gradient_clipping(cfg, torch.optim.SGD)(groups, **sgd)
 
 
@@ -239,10 +268,13 @@ def evaluate_with_proposal_recall(cfg: CfgNode, model: torch.nn.Module) -> Dict[
 
     dataset = cfg.DATASETS.TEST[0]
     with capture(model, "proposals") as captured:
-        evaluators = DatasetEvaluators([
-            ElixirTrainer.build_evaluator(cfg, dataset,
-                                          os.path.join(cfg.OUTPUT_DIR, "inference", dataset)),
-            ProposalRecallEvaluator(dataset, captured),
-        ])
+        evaluators = DatasetEvaluators(
+            [
+                ElixirTrainer.build_evaluator(
+                    cfg, dataset, os.path.join(cfg.OUTPUT_DIR, "inference", dataset)
+                ),
+                ProposalRecallEvaluator(dataset, captured),
+            ]
+        )
         res = inference_on_dataset(model, ElixirTrainer.build_test_loader(cfg, dataset), evaluators)
     return {**res.get("lesion", {}), **res.get("proposals", {})}

@@ -1,5 +1,6 @@
 """Disjoint sets over 0..n-1: connected tumour runs on a KiTS19 slice (data/kits19.py) and linked
 detections across slices (inference/grouping.py)."""
+
 from __future__ import annotations
 
 from typing import List

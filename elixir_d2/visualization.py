@@ -13,6 +13,7 @@ Plain overlays use PIL (fast enough for every slice of a volume); figures with a
 matplotlib's Agg canvas directly (no pyplot, so the caller's backend is left alone). Every
 file is written through PathManager.
 """
+
 from __future__ import annotations
 
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
@@ -26,8 +27,14 @@ from .data.ct_mapper import window_to_uint8_range
 from .evaluation.report import plot_froc
 
 __all__ = [
-    "plot_froc", "window_for_display", "draw_detections", "draw_relation_graph",
-    "draw_confidence_map", "draw_alpha_heatmap", "DET_COLOR", "GT_COLOR",
+    "plot_froc",
+    "window_for_display",
+    "draw_detections",
+    "draw_relation_graph",
+    "draw_confidence_map",
+    "draw_alpha_heatmap",
+    "DET_COLOR",
+    "GT_COLOR",
 ]
 
 DET_COLOR = (255, 48, 48)  # detections: red
@@ -48,8 +55,9 @@ def _save_figure(fig, path: str) -> None:
 
 def window_for_display(hu: np.ndarray, window: Tuple[float, float] = VIEW_WINDOW) -> np.ndarray:
     """HU slice -> uint8 grey image with ``window`` mapped onto 0..255 (the training windowing)."""
-    return np.round(window_to_uint8_range(np.asarray(hu, dtype=np.float32),
-                                          window)).astype(np.uint8)
+    return np.round(window_to_uint8_range(np.asarray(hu, dtype=np.float32), window)).astype(
+        np.uint8
+    )
 
 
 def _rgb(image: np.ndarray) -> np.ndarray:
@@ -59,8 +67,9 @@ def _rgb(image: np.ndarray) -> np.ndarray:
     if image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"expected an (H, W) or (H, W, 3) image, got shape {image.shape}")
     if image.dtype != np.uint8:
-        raise ValueError("expected a uint8 image (use window_for_display on HU), got "
-                         f"{image.dtype}")
+        raise ValueError(
+            f"expected a uint8 image (use window_for_display on HU), got {image.dtype}"
+        )
     return image
 
 
@@ -103,8 +112,14 @@ def draw_detections(
     for k, box in enumerate(boxes):
         x1, y1, x2, y2 = _box_pixels(box)
         draw.rectangle((x1, y1, x2, y2), outline=det_color, width=width)
-        text = " ".join(t for t in (f"{float(scores[k]):.2f}" if scores is not None else "",
-                                    labels[k] if labels is not None else "") if t)
+        text = " ".join(
+            t
+            for t in (
+                f"{float(scores[k]):.2f}" if scores is not None else "",
+                labels[k] if labels is not None else "",
+            )
+            if t
+        )
         if text:
             # Above the box when there is room, else just below its top edge, inside.
             ty = y1 - 11 if y1 >= 11 else y1 + 2
@@ -155,11 +170,16 @@ def draw_relation_graph(
     n = len(boxes)
     if e.shape != (n, n):
         raise ValueError(f"relations must be {n} x {n} for {n} boxes, got {e.shape}")
-    order = (np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
-             if scores is not None else np.arange(n))
+    order = (
+        np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
+        if scores is not None
+        else np.arange(n)
+    )
     nodes = np.sort(order[:max_nodes])
     sym = (e + e.T) / 2
-    pairs = [(int(i), int(j), float(sym[i, j])) for a, i in enumerate(nodes) for j in nodes[a + 1:]]
+    pairs = [
+        (int(i), int(j), float(sym[i, j])) for a, i in enumerate(nodes) for j in nodes[a + 1 :]
+    ]
     pairs.sort(key=lambda p: -p[2])
     pairs = pairs[:max_edges]
     w_max = max((p[2] for p in pairs), default=0.0)
@@ -241,8 +261,9 @@ def draw_confidence_map(
         panel = Image.fromarray(np.round(blend).astype(np.uint8))
         if level:
             label = level + (f"  eps={level_eps:.2f}" if level_eps is not None else "")
-            ImageDraw.Draw(panel).text((2, 2), label, fill=(255, 255, 255),
-                                       font=ImageFont.load_default())
+            ImageDraw.Draw(panel).text(
+                (2, 2), label, fill=(255, 255, 255), font=ImageFont.load_default()
+            )
         panels.append(np.asarray(panel))
     out = np.concatenate(panels, axis=1)
     if path is not None:
@@ -298,8 +319,10 @@ def draw_alpha_heatmap(
     for name, a in alphas.items():
         a = np.asarray(a.detach().cpu() if hasattr(a, "detach") else a, dtype=np.float64)
         if a.ndim != 2 or a.shape[1] != len(op_names):
-            raise ValueError(f"alphas[{name!r}] has shape {a.shape}; expected (num_edges, "
-                             f"{len(op_names)}) for the {len(op_names)} op names")
+            raise ValueError(
+                f"alphas[{name!r}] has shape {a.shape}; expected (num_edges, "
+                f"{len(op_names)}) for the {len(op_names)} op names"
+            )
         drawn[name] = _as_weights(a)
     rows = max(a.shape[0] for a in drawn.values())
     fig = _figure(1.6 + 0.75 * len(op_names) * len(drawn), 1.6 + 0.32 * rows)
@@ -309,11 +332,19 @@ def draw_alpha_heatmap(
         ax.set_xticks(range(len(op_names)))
         ax.set_xticklabels(op_names, rotation=60, ha="right", fontsize=7)
         ax.set_yticks(range(a.shape[0]))
-        ax.set_yticklabels(list(edge_labels) if edge_labels is not None
-                           else _edge_labels(a.shape[0]), fontsize=7)
+        ax.set_yticklabels(
+            list(edge_labels) if edge_labels is not None else _edge_labels(a.shape[0]), fontsize=7
+        )
         for (r, c), v in np.ndenumerate(a):
-            ax.text(c, r, f"{v:.2f}", ha="center", va="center", fontsize=5,
-                    color="white" if v < 0.6 * a.max() else "black")
+            ax.text(
+                c,
+                r,
+                f"{v:.2f}",
+                ha="center",
+                va="center",
+                fontsize=5,
+                color="white" if v < 0.6 * a.max() else "black",
+            )
         ax.set_title(name, fontsize=9)
         fig.colorbar(im, ax=ax, fraction=0.04)
     if title:

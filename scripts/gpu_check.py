@@ -12,6 +12,7 @@ Without CUDA it stops at once (exit code 3) unless --cpu-dry-run, which runs eve
 minimal size on the CPU (bfloat16 autocast instead of float16) to check the plumbing.
 Only the standard library is imported here: the packages may not be installed yet.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,20 +37,36 @@ EXIT_NO_CUDA = 3
 STAGES = ("env", "deps", "data", "tests", "train_quickstart", "train_r50", "speed")
 # The test files that add CUDA cases when a GPU is present (the rest of the suite pins
 # MODEL.DEVICE cpu; CI runs it).
-CUDA_TEST_FILES = ("tests/test_amp.py", "tests/test_amp_configs.py", "tests/test_amp_training.py",
-                   "tests/test_backbones.py", "tests/test_search_amp.py",
-                   "tests/test_cuda_agreement.py")
+CUDA_TEST_FILES = (
+    "tests/test_amp.py",
+    "tests/test_amp_configs.py",
+    "tests/test_amp_training.py",
+    "tests/test_backbones.py",
+    "tests/test_search_amp.py",
+    "tests/test_cuda_agreement.py",
+)
 DRY_TEST_FILES = ("tests/test_amp.py",)
 # import name -> why the check needs it (the bundle's manifest maps import names to wheels)
 NEEDED = {
-    "detectron2": "the framework", "fvcore": "detectron2, TRPN's focal loss",
-    "iopath": "detectron2's PathManager", "yacs": "detectron2's CfgNode",
-    "termcolor": "detectron2's logger", "tabulate": "detectron2's tables",
-    "cloudpickle": "detectron2.utils.serialize", "omegaconf": "detectron2.engine.defaults",
-    "antlr4": "omegaconf", "portalocker": "iopath", "pycocotools": "the lesion evaluator's AP",
-    "tensorboard": "DefaultTrainer's TensorboardXWriter", "google.protobuf": "tensorboard",
-    "cv2": "detectron2's transforms", "matplotlib": "FROC plots", "yaml": "configs",
-    "tqdm": "iopath", "PIL": "detectron2", "pytest": "the tests stage",
+    "detectron2": "the framework",
+    "fvcore": "detectron2, TRPN's focal loss",
+    "iopath": "detectron2's PathManager",
+    "yacs": "detectron2's CfgNode",
+    "termcolor": "detectron2's logger",
+    "tabulate": "detectron2's tables",
+    "cloudpickle": "detectron2.utils.serialize",
+    "omegaconf": "detectron2.engine.defaults",
+    "antlr4": "omegaconf",
+    "portalocker": "iopath",
+    "pycocotools": "the lesion evaluator's AP",
+    "tensorboard": "DefaultTrainer's TensorboardXWriter",
+    "google.protobuf": "tensorboard",
+    "cv2": "detectron2's transforms",
+    "matplotlib": "FROC plots",
+    "yaml": "configs",
+    "tqdm": "iopath",
+    "PIL": "detectron2",
+    "pytest": "the tests stage",
 }
 
 
@@ -89,27 +106,34 @@ def unpack_wheel(wheel: str, target: str) -> None:
         shutil.rmtree(os.path.join(target, data))
 
 
-def install_from_bundle(bundle: str, target: str, names: Sequence[str],
-                        use_pip: Optional[bool] = None) -> List[str]:
+def install_from_bundle(
+    bundle: str, target: str, names: Sequence[str], use_pip: Optional[bool] = None
+) -> List[str]:
     """Install offline into ``target`` the bundle wheels of the import names ``names`` (with pip
     where this Python has it, else by unpacking them); returns the wheel files installed.
     ValueError naming what the bundle lacks or a bundle made for another Python."""
     manifest_path = os.path.join(bundle, "manifest.json")
     if not os.path.isfile(manifest_path):
-        raise ValueError(f"{manifest_path} not found: run scripts/gpu_bundle.sh on a machine with "
-                         "network access first (it fills the bundle folder)")
+        raise ValueError(
+            f"{manifest_path} not found: run scripts/gpu_bundle.sh on a machine with "
+            "network access first (it fills the bundle folder)"
+        )
     with open(manifest_path, encoding="utf-8") as f:
         manifest = json.load(f)
     wheels = manifest["wheels"]
     lacking = [n for n in names if n not in wheels]
     if lacking:
-        raise ValueError(f"{manifest_path} has no wheel for {', '.join(lacking)} (needed by "
-                         f"{'; '.join(NEEDED.get(n, '?') for n in lacking)})")
+        raise ValueError(
+            f"{manifest_path} has no wheel for {', '.join(lacking)} (needed by "
+            f"{'; '.join(NEEDED.get(n, '?') for n in lacking)})"
+        )
     here = f"{sys.version_info.major}.{sys.version_info.minor}"
     made_for = manifest.get("python_version", here)
     if made_for != here:
-        raise ValueError(f"{manifest_path} was made for Python {made_for}, this is {here}: run "
-                         f"scripts/gpu_bundle.sh --python-version {here}")
+        raise ValueError(
+            f"{manifest_path} was made for Python {made_for}, this is {here}: run "
+            f"scripts/gpu_bundle.sh --python-version {here}"
+        )
     files = sorted({os.path.join(bundle, wheels[n]) for n in names})
     absent = [w for w in files if not os.path.isfile(w)]
     if absent:
@@ -118,8 +142,22 @@ def install_from_bundle(bundle: str, target: str, names: Sequence[str],
     if use_pip is None:
         use_pip = importlib.util.find_spec("pip") is not None
     if use_pip:
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps",
-                        "--disable-pip-version-check", "--target", target, *files], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "install",
+                "-q",
+                "--no-index",
+                "--no-deps",
+                "--disable-pip-version-check",
+                "--target",
+                target,
+                *files,
+            ],
+            check=True,
+        )
     else:  # a venv made without pip (uv makes them so)
         for w in files:
             unpack_wheel(w, target)
@@ -140,7 +178,8 @@ class Check:
         self.results: Dict[str, Dict] = {}
         self.env = dict(os.environ)
         self.env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (REPO, self.env.get("PYTHONPATH", "")) if p)
+            p for p in (REPO, self.env.get("PYTHONPATH", "")) if p
+        )
         self.env.setdefault("OMP_NUM_THREADS", "1" if self.dry else "2")
         self.env.setdefault("MPLBACKEND", "Agg")
         if self.dry:
@@ -156,13 +195,18 @@ class Check:
         return max(1.0, min(seconds, self.left() - 5))
 
     def python(self, args: Sequence[str], name: str, timeout: float) -> runs.Proc:
-        return runs.run_proc([sys.executable, *args], os.path.join(self.logs, f"{name}.log"),
-                             timeout, self.env)
+        return runs.run_proc(
+            [sys.executable, *args], os.path.join(self.logs, f"{name}.log"), timeout, self.env
+        )
 
     def record(self, name: str, status: str, t0: float, detail: str, **extra) -> bool:
         seconds = time.perf_counter() - t0 + (self.info["probe_s"] if name == "env" else 0.0)
-        self.results[name] = {"status": status, "seconds": round(seconds, 1), "detail": detail,
-                              **extra}
+        self.results[name] = {
+            "status": status,
+            "seconds": round(seconds, 1),
+            "detail": detail,
+            **extra,
+        }
         stage_line(name, status, seconds, detail)
         return status == "ok"
 
@@ -170,8 +214,13 @@ class Check:
     def env_stage(self, t0: float) -> bool:
         info = self.info
         gpu = info.get("gpu") or "no GPU (CPU dry run)"
-        return self.record("env", "ok", t0, f"{gpu}; torch {info['torch']}, CUDA "
-                           f"{info['cuda']}, Python {info['python']}", info=info)
+        return self.record(
+            "env",
+            "ok",
+            t0,
+            f"{gpu}; torch {info['torch']}, CUDA {info['cuda']}, Python {info['python']}",
+            info=info,
+        )
 
     def deps_stage(self, t0: float) -> bool:
         # The bundle's wheels hold what NEEDED imports in turn (tensorboard's absl ...): every
@@ -191,20 +240,27 @@ class Check:
             self.env["PYTHONPATH"] = os.pathsep.join((target, self.env["PYTHONPATH"]))
             still = missing_modules(missing)
             if still:
-                return self.record("deps", "failed", t0, f"still missing after installing the "
-                                   f"bundle: {', '.join(still)}")
+                return self.record(
+                    "deps",
+                    "failed",
+                    t0,
+                    f"still missing after installing the bundle: {', '.join(still)}",
+                )
         absent = runs.absent_test_modules()
-        detail = (f"installed from the bundle: {', '.join(missing)}" if missing
-                  else "every needed package already importable")
-        return self.record("deps", "ok", t0, detail, installed=installed,
-                           absent_optional=absent)
+        detail = (
+            f"installed from the bundle: {', '.join(missing)}"
+            if missing
+            else "every needed package already importable"
+        )
+        return self.record("deps", "ok", t0, detail, installed=installed, absent_optional=absent)
 
     def data_stage(self, t0: float) -> bool:
         p = self.python(["-c", runs.DATA_SNIPPET.format(dry=self.dry)], "data", self.cap(120))
         if p.rc != 0:
             return self.record("data", "failed", t0, f"synthetic set not written (see {p.log})")
-        return self.record("data", "ok", t0,
-                           f"synthetic set at {self.env['DETECTRON2_DATASETS']}/synthetic")
+        return self.record(
+            "data", "ok", t0, f"synthetic set at {self.env['DETECTRON2_DATASETS']}/synthetic"
+        )
 
     def tests_stage(self, t0: float) -> bool:
         files = list(DRY_TEST_FILES if self.dry else CUDA_TEST_FILES)
@@ -214,14 +270,25 @@ class Check:
             args += ["-n", str(min(8, os.cpu_count() or 1))]
         p = self.python(args, "tests", self.cap(self.plan.tests_cap))
         counts = runs.junit_counts(junit)
-        detail = (f"{counts['passed']} passed, {counts['failed']} failed, "
-                  f"{counts['skipped']} skipped (test files: {len(files)})" if counts
-                  else f"no JUnit report (see {p.log})")
+        detail = (
+            f"{counts['passed']} passed, {counts['failed']} failed, "
+            f"{counts['skipped']} skipped (test files: {len(files)})"
+            if counts
+            else f"no JUnit report (see {p.log})"
+        )
         status = "timeout" if p.timed_out else ("ok" if p.rc == 0 else "failed")
         not_run = sorted(set(glob.glob("tests/test_*.py", root_dir=REPO)) - set(files))
-        return self.record("tests", status, t0, detail, files=files, counts=counts,
-                           not_run=not_run, not_run_reason="they pin MODEL.DEVICE cpu or use no "
-                           "device; CI runs them; not repeated within the time budget")
+        return self.record(
+            "tests",
+            status,
+            t0,
+            detail,
+            files=files,
+            counts=counts,
+            not_run=not_run,
+            not_run_reason="they pin MODEL.DEVICE cpu or use no "
+            "device; CI runs them; not repeated within the time budget",
+        )
 
     def train_stage(self, name: str, jobs: List[runs.TrainJob], t0: float) -> bool:
         cap = self.cap(self.plan.caps[name])
@@ -240,22 +307,32 @@ class Check:
                 done += list(pool.map(one, [runs.resolve(j, done) for j in wave]))
         ok = sum(r["status"] == "ok" for r in done)
         status = "ok" if ok == len(done) else "failed"
-        return self.record(name, status, t0, f"{ok}/{len(done)} runs ok "
-                           f"({self.plan.precision} AMP)", runs=done)
+        return self.record(
+            name, status, t0, f"{ok}/{len(done)} runs ok ({self.plan.precision} AMP)", runs=done
+        )
 
     def speed_stage(self, t0: float) -> bool:
         rec_path = os.path.join(self.out, "gpu_speed.json")
-        p = self.python([os.path.join(REPO, "projects", "benchmarks", "gpu_speed.py"),
-                         "--json", rec_path, *self.plan.speed_args], "speed",
-                        self.cap(self.plan.caps["speed"]))
+        p = self.python(
+            [
+                os.path.join(REPO, "projects", "benchmarks", "gpu_speed.py"),
+                "--json",
+                rec_path,
+                *self.plan.speed_args,
+            ],
+            "speed",
+            self.cap(self.plan.caps["speed"]),
+        )
         if p.rc != 0 or not os.path.isfile(rec_path):
             status = "timeout" if p.timed_out else "failed"
             return self.record("speed", status, t0, f"no timing (see {p.log})")
         with open(rec_path, encoding="utf-8") as f:
             rec = json.load(f)
-        detail = "; ".join(f"{n} {prec} {v['ms_per_image']:.1f} ms"
-                           for n, r in rec["models"].items()
-                           for prec, v in r["precisions"].items())
+        detail = "; ".join(
+            f"{n} {prec} {v['ms_per_image']:.1f} ms"
+            for n, r in rec["models"].items()
+            for prec, v in r["precisions"].items()
+        )
         return self.record("speed", "ok", t0, detail, record=rec)
 
     def run(self) -> int:
@@ -284,37 +361,65 @@ class Check:
         return self.finish()
 
     def finish(self) -> int:
-        rec = {"mode": "cpu-dry-run" if self.dry else "gpu", "budget_s": self.args.budget,
-               "plan": self.plan.describe(), "stages": self.results, "commit": runs.commit()}
+        rec = {
+            "mode": "cpu-dry-run" if self.dry else "gpu",
+            "budget_s": self.args.budget,
+            "plan": self.plan.describe(),
+            "stages": self.results,
+            "commit": runs.commit(),
+        }
         with open(os.path.join(self.out, "gpu_check.json"), "w", encoding="utf-8") as f:
             json.dump(rec, f, indent=1)
         md = runs.markdown(rec)
         with open(os.path.join(self.out, "gpu_check.md"), "w", encoding="utf-8") as f:
             f.write(md)
         failed = [n for n, r in self.results.items() if r["status"] != "ok"]
-        say(f"results: {os.path.join(self.out, 'gpu_check.md')} and gpu_check.json; "
-            + (f"not ok: {', '.join(failed)}" if failed else "every stage ok"))
+        say(
+            f"results: {os.path.join(self.out, 'gpu_check.md')} and gpu_check.json; "
+            + (f"not ok: {', '.join(failed)}" if failed else "every stage ok")
+        )
         return 1 if failed else 0
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="scripts/gpu_check.sh", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default=os.environ.get("OUT") or os.path.join(REPO, "output",
-                                                                            "gpu_check"),
-                    help="results folder (default $OUT, else output/gpu_check)")
-    ap.add_argument("--cpu-dry-run", action="store_true",
-                    help="every stage at minimal size on the CPU (no GPU needed)")
-    ap.add_argument("--budget", type=float, default=None,
-                    help="seconds for the whole check (default 460; dry run 150)")
-    ap.add_argument("--bundle", default=os.path.join(REPO, ".gpu_bundle"),
-                    help="folder written by scripts/gpu_bundle.sh")
-    ap.add_argument("--work", default=None,
-                    help="scratch folder for checkpoints (default: a temporary one, removed)")
+    ap = argparse.ArgumentParser(
+        prog="scripts/gpu_check.sh",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument(
+        "--out",
+        default=os.environ.get("OUT") or os.path.join(REPO, "output", "gpu_check"),
+        help="results folder (default $OUT, else output/gpu_check)",
+    )
+    ap.add_argument(
+        "--cpu-dry-run",
+        action="store_true",
+        help="every stage at minimal size on the CPU (no GPU needed)",
+    )
+    ap.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        help="seconds for the whole check (default 460; dry run 150)",
+    )
+    ap.add_argument(
+        "--bundle",
+        default=os.path.join(REPO, ".gpu_bundle"),
+        help="folder written by scripts/gpu_bundle.sh",
+    )
+    ap.add_argument(
+        "--work",
+        default=None,
+        help="scratch folder for checkpoints (default: a temporary one, removed)",
+    )
     ap.add_argument("--keep-work", action="store_true", help="keep the temporary scratch folder")
-    ap.add_argument("--only", type=lambda s: [x.strip() for x in s.split(",") if x.strip()],
-                    default=None, help=f"comma-separated stages of {', '.join(STAGES)} (env, "
-                                       "deps and data always run)")
+    ap.add_argument(
+        "--only",
+        type=lambda s: [x.strip() for x in s.split(",") if x.strip()],
+        default=None,
+        help=f"comma-separated stages of {', '.join(STAGES)} (env, deps and data always run)",
+    )
     args = ap.parse_args(argv)
     if args.budget is None:
         args.budget = 150.0 if args.cpu_dry_run else 460.0
@@ -328,8 +433,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def probe_env() -> Optional[Dict]:
     """scripts/gpu_env.py's record (Python, torch, CUDA, the GPU), None where torch fails."""
-    p = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "gpu_env.py")],
-                       capture_output=True, text=True)
+    p = subprocess.run(
+        [sys.executable, os.path.join(REPO, "scripts", "gpu_env.py")],
+        capture_output=True,
+        text=True,
+    )
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
     return json.loads(lines[-1]) if p.returncode == 0 and lines else None
 
@@ -339,12 +447,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     t0 = time.perf_counter()
     info = probe_env()
     if info is None:
-        say(f"error: {sys.executable} cannot import torch; set PYTHON to an interpreter with "
-            "torch (and CUDA)")
+        say(
+            f"error: {sys.executable} cannot import torch; set PYTHON to an interpreter with "
+            "torch (and CUDA)"
+        )
         return 2
     if not info["cuda_available"] and not args.cpu_dry_run:
-        say(f"error: no CUDA device (torch {info['torch']}, CUDA {info['cuda']} sees none): "
-            "this check needs a GPU; --cpu-dry-run runs every stage at minimal size on the CPU")
+        say(
+            f"error: no CUDA device (torch {info['torch']}, CUDA {info['cuda']} sees none): "
+            "this check needs a GPU; --cpu-dry-run runs every stage at minimal size on the CPU"
+        )
         return EXIT_NO_CUDA
     info["probe_s"] = time.perf_counter() - t0
     mode = "CPU dry run" if args.cpu_dry_run else "GPU"

@@ -1,10 +1,12 @@
 """The config files the repository ships, for tests that check every one of them."""
+
 import glob
 import os
 from typing import List
 
-CONFIGS = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..",
-                                        "configs"))
+CONFIGS = os.path.normpath(
+    os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs")
+)
 
 
 def shipped_configs(components: bool = False) -> List[str]:

@@ -1,4 +1,5 @@
 """Shared test fixtures: tiny hand-made DeepLesion-format folders."""
+
 import csv
 import locale
 import os
@@ -31,8 +32,17 @@ def _process_locale_restored():
         locale.setlocale(locale.LC_ALL, saved)
 
 
-def dl_row(file_name="000001_01_01_005.png", box=(11, 21, 31, 41), split=3, lesion_type=-1,
-           noisy=0, spacing=(0.8, 0.8, 2.0), size=(64, 64), slice_range=(1, 9), **over):
+def dl_row(
+    file_name="000001_01_01_005.png",
+    box=(11, 21, 31, 41),
+    split=3,
+    lesion_type=-1,
+    noisy=0,
+    spacing=(0.8, 0.8, 2.0),
+    size=(64, 64),
+    slice_range=(1, 9),
+    **over,
+):
     """One DL_info.csv row as a dict; values written as the real file writes them."""
     pat, study, series, key = os.path.splitext(file_name)[0].split("_")
     row = {

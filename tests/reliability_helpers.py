@@ -5,6 +5,7 @@ the same size and spacing: the per-image loss normalisers of detectron2's RPN an
 then the same for every image, which is what makes a 2-process run (1 image per process)
 comparable number for number with a 1-process run (2 images per batch).
 """
+
 import csv
 import os
 from typing import List, Sequence
@@ -50,19 +51,30 @@ def write_tiny_deeplesion(root: str, num_train: int = 4, num_test: int = 3, seed
             Image.fromarray(png).save(os.path.join(sdir, f"{k:03d}.png"))
         # DL_info boxes are 1-based (the loader subtracts 1)
         box = (cx - r + 1, cy - r + 1, cx + r + 1, cy + r + 1)
-        rows.append({
-            "File_name": f"{folder}_002.png", "Patient_index": str(pat), "Study_index": "1",
-            "Series_ID": "1", "Key_slice_index": "2",
-            "Measurement_coordinates": ", ".join(f"{v:.2f}" for v in (cx - r, cy, cx + r, cy, cx,
-                                                                       cy - r, cx, cy + r)),
-            "Bounding_boxes": ", ".join(f"{v:.3f}" for v in box),
-            "Lesion_diameters_Pixel_": f"{2 * r:.3f}, {2 * r:.3f}",
-            "Normalized_lesion_location": "0.5, 0.5, 0.5",
-            "Coarse_lesion_type": "-1" if split == 1 else "4", "Possibly_noisy": "0",
-            "Slice_range": "1, 3", "Spacing_mm_px_": f"{SPACING_MM}, {SPACING_MM}, {SLICE_INTV_MM}",
-            "Image_size": f"{SIZE}, {SIZE}", "DICOM_windows": "-175, 275", "Patient_gender": "F",
-            "Patient_age": "50", "Train_Val_Test": str(split),
-        })
+        rows.append(
+            {
+                "File_name": f"{folder}_002.png",
+                "Patient_index": str(pat),
+                "Study_index": "1",
+                "Series_ID": "1",
+                "Key_slice_index": "2",
+                "Measurement_coordinates": ", ".join(
+                    f"{v:.2f}" for v in (cx - r, cy, cx + r, cy, cx, cy - r, cx, cy + r)
+                ),
+                "Bounding_boxes": ", ".join(f"{v:.3f}" for v in box),
+                "Lesion_diameters_Pixel_": f"{2 * r:.3f}, {2 * r:.3f}",
+                "Normalized_lesion_location": "0.5, 0.5, 0.5",
+                "Coarse_lesion_type": "-1" if split == 1 else "4",
+                "Possibly_noisy": "0",
+                "Slice_range": "1, 3",
+                "Spacing_mm_px_": f"{SPACING_MM}, {SPACING_MM}, {SLICE_INTV_MM}",
+                "Image_size": f"{SIZE}, {SIZE}",
+                "DICOM_windows": "-175, 275",
+                "Patient_gender": "F",
+                "Patient_age": "50",
+                "Train_Val_Test": str(split),
+            }
+        )
     with open(os.path.join(root, "DL_info.csv"), "w", encoding="utf-8", newline="") as f:
         w = csv.DictWriter(f, fieldnames=_columns())
         w.writeheader()
@@ -73,16 +85,26 @@ def write_tiny_deeplesion(root: str, num_train: int = 4, num_test: int = 3, seed
 def tiny_opts(prefix: str, output_dir: str, max_iter: int, **extra) -> List[str]:
     """Command-line opts turning configs/quickstart/fpn.yaml into a seconds-long CPU run."""
     opts = {
-        "DATASETS.TRAIN": f"('{prefix}_train',)", "DATASETS.TEST": f"('{prefix}_test',)",
-        "OUTPUT_DIR": output_dir, "INPUT.MAX_IMAGE_SIZE": "64", "SOLVER.IMS_PER_BATCH": "2",
-        "SOLVER.MAX_ITER": str(max_iter), "SOLVER.WARMUP_ITERS": "2", "SOLVER.STEPS": "()",
-        "SOLVER.BASE_LR": "0.01", "SOLVER.CHECKPOINT_PERIOD": "1000", "DATALOADER.NUM_WORKERS": "0",
-        "MODEL.RPN.POST_NMS_TOPK_TRAIN": "64", "MODEL.RPN.POST_NMS_TOPK_TEST": "32",
-        "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE": "32", "TEST.DETECTIONS_PER_IMAGE": "20",
+        "DATASETS.TRAIN": f"('{prefix}_train',)",
+        "DATASETS.TEST": f"('{prefix}_test',)",
+        "OUTPUT_DIR": output_dir,
+        "INPUT.MAX_IMAGE_SIZE": "64",
+        "SOLVER.IMS_PER_BATCH": "2",
+        "SOLVER.MAX_ITER": str(max_iter),
+        "SOLVER.WARMUP_ITERS": "2",
+        "SOLVER.STEPS": "()",
+        "SOLVER.BASE_LR": "0.01",
+        "SOLVER.CHECKPOINT_PERIOD": "1000",
+        "DATALOADER.NUM_WORKERS": "0",
+        "MODEL.RPN.POST_NMS_TOPK_TRAIN": "64",
+        "MODEL.RPN.POST_NMS_TOPK_TEST": "32",
+        "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE": "32",
+        "TEST.DETECTIONS_PER_IMAGE": "20",
         "SEED": "0",
         # GroupNorm: each DDP replica's BatchNorm statistics follow its own half of the batch,
         # so with BN the replicas' buffers would differ by design.
-        "MODEL.RESNETS.NORM": "GN", "MODEL.FPN.NORM": "GN",
+        "MODEL.RESNETS.NORM": "GN",
+        "MODEL.FPN.NORM": "GN",
     }
     opts.update({k: str(v) for k, v in extra.items()})
     return [x for kv in opts.items() for x in kv]

@@ -1,6 +1,7 @@
 """Tests of ALBHead / ALBSearchHead (box_head.py), ElixirROIHeads (roi_heads.py) and the ALB
 configs: layout of docs/design.md (Auto-lesion Block), per-image relations, search parameters,
 end-to-end forward."""
+
 import os
 
 import pytest
@@ -26,14 +27,17 @@ DEFAULT = os.path.join(ROOT, "configs", "genotypes", "figure3.yaml")
 
 
 def _cfg(path, *opts):
-    return load_config(os.path.join(ROOT, path),
-                       ["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu", *opts])
+    return load_config(
+        os.path.join(ROOT, path), ["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu", *opts]
+    )
 
 
 def _block_shapes(head, x, counts):
     shapes = []
-    hooks = [b.register_forward_hook(lambda m, i, o: shapes.append(tuple(o.shape[1:])))
-             for b in head.blocks]
+    hooks = [
+        b.register_forward_hook(lambda m, i, o: shapes.append(tuple(o.shape[1:])))
+        for b in head.blocks
+    ]
     out, _ = head(x, counts)
     for h in hooks:
         h.remove()
@@ -68,8 +72,9 @@ def test_head_rectifies_each_block_output_once_same_values_as_darts_preprocessin
     if search:
         head = ALBSearchHead(shape, channels=2, stem_channels=8, norm="BN")
     else:
-        head = ALBHead(shape, genotype=load_genotype(DEFAULT), channels=2, stem_channels=8,
-                       norm="BN")
+        head = ALBHead(
+            shape, genotype=load_genotype(DEFAULT), channels=2, stem_channels=8, norm="BN"
+        )
     ref = copy.deepcopy(head)
     for block in ref.blocks:
         block.pre0.relu = block.pre1.relu = True
@@ -110,14 +115,16 @@ def test_stem_values():
     torch.manual_seed(0)
     x = torch.randn(3, 16, 7, 7)
     sep = ALBStem("sep_conv_3x3", 16, 8, norm="").eval()
-    ref = F.conv2d(F.conv2d(x, sep.pointwise.weight), sep.conv.weight, sep.conv.bias, padding=1,
-                   groups=8)
+    ref = F.conv2d(
+        F.conv2d(x, sep.pointwise.weight), sep.conv.weight, sep.conv.bias, padding=1, groups=8
+    )
     y = sep(x)
     torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-5)
     assert y.is_contiguous(memory_format=torch.channels_last)
     dense = ALBStem("conv_3x3", 16, 8, norm="").eval()
-    torch.testing.assert_close(dense(x), F.conv2d(x, dense.conv.weight, dense.conv.bias, padding=1),
-                               rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        dense(x), F.conv2d(x, dense.conv.weight, dense.conv.bias, padding=1), rtol=1e-4, atol=1e-5
+    )
 
 
 def test_stem_pointwise_before_roi_align_gives_the_same_roi_features():
@@ -130,16 +137,25 @@ def test_stem_pointwise_before_roi_align_gives_the_same_roi_features():
     stem.norm.running_mean.uniform_(-1, 1)
     stem.norm.running_var.uniform_(0.5, 2.0)
     maps = torch.randn(2, 16, 12, 10)
-    rois = torch.tensor([[0, 1.0, 2.0, 9.0, 11.0], [1, -3.0, -2.0, 5.0, 4.0],
-                         [1, 6.0, 7.0, 14.0, 15.5], [0, 3.3, 3.3, 3.9, 4.1]])
+    rois = torch.tensor(
+        [
+            [0, 1.0, 2.0, 9.0, 11.0],
+            [1, -3.0, -2.0, 5.0, 4.0],
+            [1, 6.0, 7.0, 14.0, 15.5],
+            [0, 3.3, 3.3, 3.9, 4.1],
+        ]
+    )
     pool = dict(output_size=7, spatial_scale=0.5, sampling_ratio=0, aligned=True)
     after = F.conv2d(roi_align(maps, rois, **pool), stem.pointwise.weight)
     before = roi_align(stem.pointwise_maps([maps])[0], rois, **pool)
     torch.testing.assert_close(before, after, rtol=1e-4, atol=1e-5)
     with torch.no_grad():
-        torch.testing.assert_close(stem(before, pointwise_before_pooling=True),
-                                   stem(roi_align(maps, rois, **pool)),
-                                   rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(
+            stem(before, pointwise_before_pooling=True),
+            stem(roi_align(maps, rois, **pool)),
+            rtol=1e-4,
+            atol=1e-5,
+        )
     dense = ALBStem("conv_3x3", 16, 8, norm="")
     assert dense.pointwise is None
     with pytest.raises(ValueError, match="no pointwise conv"):
@@ -150,10 +166,22 @@ def test_stem_pointwise_before_roi_align_gives_the_same_roi_features():
 
 def test_roi_heads_pointwise_before_pooling_same_outputs_and_losses(tmp_path):
     def build(flag, *opts):
-        cfg = _cfg("configs/quickstart/elixirnet.yaml", "MODEL.ALB.GENOTYPE", DEFAULT,
-                   "MODEL.ALB.NORM", "GN", "MODEL.ALB.STEM_CHANNELS", "32",
-                   "MODEL.ALB.POINTWISE_BEFORE_POOLING", str(flag),
-                   "MODEL.RPN.POST_NMS_TOPK_TEST", "30", "MODEL.TRPN.THRESHOLD", "0.0", *opts)
+        cfg = _cfg(
+            "configs/quickstart/elixirnet.yaml",
+            "MODEL.ALB.GENOTYPE",
+            DEFAULT,
+            "MODEL.ALB.NORM",
+            "GN",
+            "MODEL.ALB.STEM_CHANNELS",
+            "32",
+            "MODEL.ALB.POINTWISE_BEFORE_POOLING",
+            str(flag),
+            "MODEL.RPN.POST_NMS_TOPK_TEST",
+            "30",
+            "MODEL.TRPN.THRESHOLD",
+            "0.0",
+            *opts,
+        )
         torch.manual_seed(0)
         return build_model(cfg)
 
@@ -186,8 +214,15 @@ def test_roi_heads_pointwise_before_pooling_same_outputs_and_losses(tmp_path):
     no_relations = tmp_path / "no_nonlocal.yaml"
     with open(DEFAULT, encoding="utf-8") as f:
         no_relations.write_text(f.read().replace("region_nonlocal", "conv_1x1"), encoding="utf-8")
-    rtm = build(True, "MODEL.ALB.GENOTYPE", str(no_relations), "MODEL.RTM.ENABLED", "True",
-                "MODEL.ROI_HEADS.NUM_CLASSES", "8")
+    rtm = build(
+        True,
+        "MODEL.ALB.GENOTYPE",
+        str(no_relations),
+        "MODEL.RTM.ENABLED",
+        "True",
+        "MODEL.ROI_HEADS.NUM_CLASSES",
+        "8",
+    )
     assert rtm.roi_heads.rtm.phi.in_features == 64 and rtm.roi_heads.rtm.has_own_relations
     assert not rtm.roi_heads.box_head.pointwise_before_pooling
     with EventStorage(0):
@@ -196,8 +231,13 @@ def test_roi_heads_pointwise_before_pooling_same_outputs_and_losses(tmp_path):
 
 def test_alb_head_relations_are_per_image_and_never_mix():
     torch.manual_seed(0)
-    head = ALBHead(ShapeSpec(channels=16, height=7, width=7), genotype=load_genotype(DEFAULT),
-                   channels=4, stem_channels=16, norm="GN")  # GN: per-RoI statistics only
+    head = ALBHead(
+        ShapeSpec(channels=16, height=7, width=7),
+        genotype=load_genotype(DEFAULT),
+        channels=4,
+        stem_channels=16,
+        norm="GN",
+    )  # GN: per-RoI statistics only
     a, b = torch.randn(3, 16, 7, 7), torch.randn(5, 16, 7, 7)
     first = [m for m in head.blocks[0].modules() if isinstance(m, RegionNonLocal)][0]
     assert head.relation_op() is first
@@ -229,15 +269,29 @@ def test_search_head_parameters_and_genotype():
     with torch.no_grad():
         head.alpha_normal.zero_()
         head.alpha_reduce.zero_()
-        for row, op in [(0, "dil_conv_3x3_r2"), (1, "region_nonlocal"), (3, "conv_1x1"),
-                        (4, "skip_connect"), (5, "dw_conv_7x7"), (8, "avg_pool_3x3"),
-                        (10, "asym_conv_3"), (13, "dil_conv_3x3_r3")]:
+        for row, op in [
+            (0, "dil_conv_3x3_r2"),
+            (1, "region_nonlocal"),
+            (3, "conv_1x1"),
+            (4, "skip_connect"),
+            (5, "dw_conv_7x7"),
+            (8, "avg_pool_3x3"),
+            (10, "asym_conv_3"),
+            (13, "dil_conv_3x3_r3"),
+        ]:
             head.alpha_normal[row, ELIXIR_OPS.index(op)] = 5.0
             head.alpha_reduce[row, ELIXIR_OPS.index("conv_1x1")] = 5.0
     g = head.genotype()
-    assert g.normal == (("dil_conv_3x3_r2", 0), ("region_nonlocal", 1), ("conv_1x1", 1),
-                        ("skip_connect", 2), ("dw_conv_7x7", 0), ("avg_pool_3x3", 3),
-                        ("asym_conv_3", 1), ("dil_conv_3x3_r3", 4))
+    assert g.normal == (
+        ("dil_conv_3x3_r2", 0),
+        ("region_nonlocal", 1),
+        ("conv_1x1", 1),
+        ("skip_connect", 2),
+        ("dw_conv_7x7", 0),
+        ("avg_pool_3x3", 3),
+        ("asym_conv_3", 1),
+        ("dil_conv_3x3_r3", 4),
+    )
     assert [i for _, i in g.reduce] == [0, 1, 1, 2, 0, 3, 1, 4]
 
 
@@ -268,25 +322,43 @@ def _images(n=2, size=64):
         inst = Instances((size, size))
         inst.gt_boxes = Boxes(torch.tensor([[8.0 + 4 * i, 10.0, 30.0, 28.0 + 2 * i]]))
         inst.gt_classes = torch.tensor([0])
-        ims.append({"image": torch.rand(3, size, size) * 255, "instances": inst,
-                    "height": size, "width": size})
+        ims.append(
+            {
+                "image": torch.rand(3, size, size) * 255,
+                "instances": inst,
+                "height": size,
+                "width": size,
+            }
+        )
     return ims
 
 
-@pytest.mark.parametrize("config,head", [
-    ("configs/quickstart/elixirnet.yaml", ALBHead),
-    ("configs/quickstart/fpn.yaml", None),  # a head without counts still works
-])
+@pytest.mark.parametrize(
+    "config,head",
+    [
+        ("configs/quickstart/elixirnet.yaml", ALBHead),
+        ("configs/quickstart/fpn.yaml", None),  # a head without counts still works
+    ],
+)
 def test_elixir_roi_heads_pass_proposal_counts(config, head):
-    cfg = _cfg(config, "MODEL.ROI_HEADS.NAME", "ElixirROIHeads",
-               "MODEL.RPN.POST_NMS_TOPK_TRAIN", "40", "MODEL.RPN.POST_NMS_TOPK_TEST", "30",
-               "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "24")
+    cfg = _cfg(
+        config,
+        "MODEL.ROI_HEADS.NAME",
+        "ElixirROIHeads",
+        "MODEL.RPN.POST_NMS_TOPK_TRAIN",
+        "40",
+        "MODEL.RPN.POST_NMS_TOPK_TEST",
+        "30",
+        "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE",
+        "24",
+    )
     model = build_model(cfg)
     seen = []
     relations = []
     model.roi_heads.box_head.register_forward_hook(lambda m, args, out: seen.append(args))
     model.roi_heads.box_head.register_forward_hook(
-        lambda m, args, out: relations.append(out[1] if isinstance(out, tuple) else None))
+        lambda m, args, out: relations.append(out[1] if isinstance(out, tuple) else None)
+    )
     sampled = []
     orig = model.roi_heads.label_and_sample_proposals
 

@@ -4,6 +4,7 @@ References are computed here independently: output sizes from ceil(H / s), regio
 its formula written out with the module's weights, FactorizedReduce from DARTS' padded-shift
 formulation, receptive fields from input gradients.
 """
+
 import math
 
 import pytest
@@ -21,13 +22,28 @@ torch.set_num_threads(1)
 
 def test_search_spaces_match_design():
     assert ELIXIR_OPS == [
-        "none", "skip_connect", "avg_pool_3x3", "conv_1x1", "asym_conv_3", "dil_conv_3x3_r2",
-        "dil_conv_3x3_r3", "dw_conv_7x7", "region_nonlocal",
+        "none",
+        "skip_connect",
+        "avg_pool_3x3",
+        "conv_1x1",
+        "asym_conv_3",
+        "dil_conv_3x3_r2",
+        "dil_conv_3x3_r3",
+        "dw_conv_7x7",
+        "region_nonlocal",
     ]
-    assert sorted(DARTS_OPS) == sorted([
-        "none", "max_pool_3x3", "avg_pool_3x3", "skip_connect", "sep_conv_3x3", "sep_conv_5x5",
-        "dil_conv_3x3", "dil_conv_5x5",
-    ])
+    assert sorted(DARTS_OPS) == sorted(
+        [
+            "none",
+            "max_pool_3x3",
+            "avg_pool_3x3",
+            "skip_connect",
+            "sep_conv_3x3",
+            "sep_conv_5x5",
+            "dil_conv_3x3",
+            "dil_conv_5x5",
+        ]
+    )
     with pytest.raises(ValueError, match="nasnet"):
         get_search_space("nasnet")
 
@@ -35,7 +51,7 @@ def test_search_spaces_match_design():
 def test_search_space_size_is_the_papers():
     # Branch b chooses 2 of its 2 + b inputs: C(2,2) C(3,2) C(4,2) C(5,2) = 1 * 3 * 6 * 10.
     assert num_edges(4) == 2 + 3 + 4 + 5 == 14
-    assert count_structures(8, 4) == 180 * 8 ** 8
+    assert count_structures(8, 4) == 180 * 8**8
     assert abs(count_structures(8, 4) - 3.0e9) < 0.05e9
 
 
@@ -81,10 +97,13 @@ def test_factorized_reduce_matches_darts_padded_shift():
     xr = F.relu(x)
     # DARTS: conv_b(stride 2) on x shifted by one pixel; the far edge zero-padded for odd sizes.
     shifted = F.pad(xr, (0, 1, 0, 1))[:, :, 1:, 1:]
-    ref = torch.cat([
-        F.conv2d(xr, fr.conv_a.weight, fr.conv_a.bias, stride=2),
-        F.conv2d(shifted, fr.conv_b.weight, fr.conv_b.bias, stride=2),
-    ], dim=1)
+    ref = torch.cat(
+        [
+            F.conv2d(xr, fr.conv_a.weight, fr.conv_a.bias, stride=2),
+            F.conv2d(shifted, fr.conv_b.weight, fr.conv_b.bias, stride=2),
+        ],
+        dim=1,
+    )
     torch.testing.assert_close(fr(x), ref)
 
 
@@ -106,13 +125,16 @@ def _receptive_offsets(name, size=15):
     return {(int(a), int(b)) for a, b in nz}
 
 
-@pytest.mark.parametrize("name,offsets", [
-    ("conv_1x1", [0]),
-    ("dil_conv_3x3_r2", [-2, 0, 2]),
-    ("dil_conv_3x3_r3", [-3, 0, 3]),
-    ("asym_conv_3", [-1, 0, 1]),
-    ("dw_conv_7x7", list(range(-3, 4))),
-])
+@pytest.mark.parametrize(
+    "name,offsets",
+    [
+        ("conv_1x1", [0]),
+        ("dil_conv_3x3_r2", [-2, 0, 2]),
+        ("dil_conv_3x3_r3", [-3, 0, 3]),
+        ("asym_conv_3", [-1, 0, 1]),
+        ("dw_conv_7x7", list(range(-3, 4))),
+    ],
+)
 def test_receptive_fields(name, offsets):
     assert _receptive_offsets(name) == {(a, b) for a in offsets for b in offsets}
 
@@ -196,8 +218,9 @@ def test_region_nonlocal_relations_are_the_softmax_affinity_by_hand():
     dots = [[sum(a * b for a, b in zip(pi, pj)) for pj in phi] for pi in phi]  # 1 0 1; 0 4 0; ...
     by_hand = [[math.exp(d) / sum(math.exp(v) for v in row) for d in row] for row in dots]
     torch.testing.assert_close(e1, torch.tensor(by_hand), rtol=0, atol=1e-6)
-    assert e1[0].tolist() == pytest.approx([math.e / (2 * math.e + 1), 1 / (2 * math.e + 1),
-                                            math.e / (2 * math.e + 1)])
+    assert e1[0].tolist() == pytest.approx(
+        [math.e / (2 * math.e + 1), 1 / (2 * math.e + 1), math.e / (2 * math.e + 1)]
+    )
     torch.testing.assert_close(e2, torch.ones(1, 1))
     assert e1.requires_grad and e1.grad_fn is not None
     assert not [k for k in vars(op) if k.startswith("last_")]
@@ -214,8 +237,9 @@ def test_mixed_op_is_softmax_weighted_sum():
     torch.testing.assert_close(mixed(x, w, [2, 3]), ref)
     # One-hot weights select exactly one op.
     k = ELIXIR_OPS.index("dw_conv_7x7")
-    torch.testing.assert_close(mixed(x, F.one_hot(torch.tensor(k), 9).float(), [2, 3]),
-                               mixed.ops[k](x, [2, 3]))
+    torch.testing.assert_close(
+        mixed(x, F.one_hot(torch.tensor(k), 9).float(), [2, 3]), mixed.ops[k](x, [2, 3])
+    )
     with pytest.raises(ValueError, match="weights"):
         mixed(x, torch.ones(3), [2, 3])
 
@@ -241,8 +265,16 @@ def test_search_block_shapes_and_edges():
 def test_genotype_block_wiring():
     # Identity ops only: the output is a sum of the preprocessed inputs fixed by the pairs
     # (index 0, 1 = block inputs, 2 + j = branch j).
-    pairs = [("skip_connect", 1), ("skip_connect", 1), ("skip_connect", 2), ("skip_connect", 0),
-             ("skip_connect", 3), ("skip_connect", 2), ("skip_connect", 0), ("skip_connect", 4)]
+    pairs = [
+        ("skip_connect", 1),
+        ("skip_connect", 1),
+        ("skip_connect", 2),
+        ("skip_connect", 0),
+        ("skip_connect", 3),
+        ("skip_connect", 2),
+        ("skip_connect", 0),
+        ("skip_connect", 4),
+    ]
     block = GenotypeBlock(pairs, 6, 6, 3, reduction=False, reduction_prev=False, norm="")
     s0, s1 = torch.randn(2, 6, 5, 5), torch.randn(2, 6, 5, 5)
     p0, p1 = block.pre0(s0), block.pre1(s1)
@@ -264,8 +296,9 @@ def _randomise_bn(module):
 
 def _bn_formula(bn, y):
     shape = (1, -1, 1, 1)
-    return ((y - bn.running_mean.view(shape)) / torch.sqrt(bn.running_var.view(shape) + bn.eps)
-            * bn.weight.view(shape) + bn.bias.view(shape))
+    return (y - bn.running_mean.view(shape)) / torch.sqrt(
+        bn.running_var.view(shape) + bn.eps
+    ) * bn.weight.view(shape) + bn.bias.view(shape)
 
 
 def test_eval_batchnorm_folding_keeps_values():
@@ -282,8 +315,10 @@ def test_eval_batchnorm_folding_keeps_values():
     fr.eval()
     xr = F.relu(x)
     shifted = F.pad(xr, (0, 1, 0, 1))[:, :, 1:, 1:]
-    raw = torch.cat([F.conv2d(xr, fr.conv_a.weight, stride=2),
-                     F.conv2d(shifted, fr.conv_b.weight, stride=2)], dim=1)
+    raw = torch.cat(
+        [F.conv2d(xr, fr.conv_a.weight, stride=2), F.conv2d(shifted, fr.conv_b.weight, stride=2)],
+        dim=1,
+    )
     torch.testing.assert_close(fr(x), _bn_formula(fr.norm, raw), rtol=1e-4, atol=1e-5)
     # Training mode: batch statistics, so the output is normalised per channel.
     op.train()

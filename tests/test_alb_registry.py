@@ -2,6 +2,7 @@
 register_search_space refuse, what check_alb_op catches, that unregistering restores the tables,
 and that errors list the registered spaces instead of a fixed pair. The recipe that uses the API
 end to end is tests/test_extending.py."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -26,10 +27,24 @@ from elixir_d2.modeling.alb.genotype import genotype_from_yaml
 
 OP, SPACE = "registry_test_conv", "registry_test_space"
 # The 14 built-in op names, written out: the registry adds to them, never replaces one.
-BUILT_IN = sorted(["none", "skip_connect", "avg_pool_3x3", "max_pool_3x3", "conv_1x1",
-                   "asym_conv_3", "dil_conv_3x3_r2", "dil_conv_3x3_r3", "dw_conv_7x7",
-                   "region_nonlocal", "sep_conv_3x3", "sep_conv_5x5", "dil_conv_3x3",
-                   "dil_conv_5x5"])
+BUILT_IN = sorted(
+    [
+        "none",
+        "skip_connect",
+        "avg_pool_3x3",
+        "max_pool_3x3",
+        "conv_1x1",
+        "asym_conv_3",
+        "dil_conv_3x3_r2",
+        "dil_conv_3x3_r3",
+        "dw_conv_7x7",
+        "region_nonlocal",
+        "sep_conv_3x3",
+        "sep_conv_5x5",
+        "dil_conv_3x3",
+        "dil_conv_5x5",
+    ]
+)
 
 
 class Conv(ALBOp):
@@ -65,8 +80,10 @@ def registered():
 def test_register_and_unregister_restore_the_tables(registered):
     assert alb_op_names() == sorted(BUILT_IN + [OP])
     assert get_search_space(SPACE) == ["none", "skip_connect", OP]
-    g = genotype_from_yaml(f"{{space: {SPACE}, branches: 1, normal: [[{OP}, 0], [skip_connect, 1]]"
-                           f", reduce: [[{OP}, 1], [{OP}, 0]]}}")
+    g = genotype_from_yaml(
+        f"{{space: {SPACE}, branches: 1, normal: [[{OP}, 0], [skip_connect, 1]]"
+        f", reduce: [[{OP}, 1], [{OP}, 0]]}}"
+    )
     assert g.space == SPACE and type(build_op(OP, 4, 4)) is Conv
     with pytest.raises(ValueError, match=f"used by the search space.*{SPACE}"):
         unregister_alb_op(OP)  # the space would name an op that no longer exists
@@ -106,10 +123,14 @@ def test_register_search_space_refuses_what_a_search_could_not_use(registered):
         register_search_space(SPACE, ["none", OP])
     with pytest.raises(ValueError, match="already registered"):
         register_search_space("elixir", ["none", OP])
-    for ops, match in (([OP], "'none' followed"), (["none"], "'none' followed"),
-                       ([OP, "none"], "'none' followed"), ("none", "list of op names"),
-                       (["none", OP, OP], r"more than once: \['registry_test_conv'\]"),
-                       (["none", "conv_9x9"], r"unknown ALB ops \['conv_9x9'\]")):
+    for ops, match in (
+        ([OP], "'none' followed"),
+        (["none"], "'none' followed"),
+        ([OP, "none"], "'none' followed"),
+        ("none", "list of op names"),
+        (["none", OP, OP], r"more than once: \['registry_test_conv'\]"),
+        (["none", "conv_9x9"], r"unknown ALB ops \['conv_9x9'\]"),
+    ):
         with pytest.raises(ValueError, match=match):
             register_search_space("fresh_space", ops)
     assert sorted(SEARCH_SPACES) == ["darts", "elixir", SPACE]
@@ -128,12 +149,16 @@ def test_errors_list_the_registered_spaces(registered):
 def test_check_alb_op_catches_a_wrong_shape_a_wrong_forward_and_a_non_module(registered):
     check_alb_op(OP)
     register_alb_op("no_pad_conv", NoPadConv)
-    register_alb_op("bare_conv", lambda c_in, c_out, stride, norm, a: nn.Conv2d(c_in, c_out, 1,
-                                                                                stride))
+    register_alb_op(
+        "bare_conv", lambda c_in, c_out, stride, norm, a: nn.Conv2d(c_in, c_out, 1, stride)
+    )
     register_alb_op("not_a_module", lambda c_in, c_out, stride, norm, affine: "conv")
     try:
-        with pytest.raises(ValueError, match=r"output shape \(3, 8, 5, 5\), expected \(3, 8, 7, "
-                                             r"7\)"):
+        with pytest.raises(
+            ValueError,
+            match=r"output shape \(3, 8, 5, 5\), expected \(3, 8, 7, "
+            r"7\)",
+        ):
             check_alb_op("no_pad_conv")
         with pytest.raises(ValueError, match=r"Conv2d.forward must take \(x, num_per_image"):
             check_alb_op("bare_conv")  # nn.Conv2d's forward has no num_per_image

@@ -1,6 +1,7 @@
 """The DARTS roles of the ALB code (issue 15): op names are data (alb/spaces.py, no torch), the
 genotype module reads names from there, and the BatchNorm-folding fast paths (alb/fused.py) give
 the values of the plain modules."""
+
 import ast
 import os
 

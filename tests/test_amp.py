@@ -7,6 +7,7 @@ computed independently in float64. The inputs are large enough that the same com
 in the autocast dtype overflow (float16) or lose the logits' differences (bfloat16); each test
 checks that the naive computation does fail on them, so it tests what it claims.
 """
+
 import os
 
 import pytest
@@ -114,8 +115,9 @@ def test_region_nonlocal_op_under_autocast(device, dtype):
         rows.append(F.relu((ref_e @ ref_psi) @ w["w.weight"].t()))
     ref_y = torch.cat(rows) @ w["g.weight"].t() + w["g.bias"]
     scale = ref_y.abs().max()
-    torch.testing.assert_close(y[:, :, 0, 0].double().cpu() / scale, ref_y / scale, atol=2e-2,
-                               rtol=0)
+    torch.testing.assert_close(
+        y[:, :, 0, 0].double().cpu() / scale, ref_y / scale, atol=2e-2, rtol=0
+    )
     y.float().sum().backward()
     grads = [p.grad for p in op.parameters()]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
@@ -145,8 +147,11 @@ def test_mixed_op_sum_and_alpha_gradient_in_float32(device, dtype):
 
 # --------------------------------------------------------------------------------- RTM
 def _predictor(channels, num_classes, device):
-    head = FastRCNNOutputLayers(ShapeSpec(channels=channels), num_classes=num_classes,
-                                box2box_transform=Box2BoxTransform((10.0, 10.0, 5.0, 5.0)))
+    head = FastRCNNOutputLayers(
+        ShapeSpec(channels=channels),
+        num_classes=num_classes,
+        box2box_transform=Box2BoxTransform((10.0, 10.0, 5.0, 5.0)),
+    )
     return head.to(device)
 
 
@@ -154,9 +159,12 @@ def _predictor(channels, num_classes, device):
 def test_rtm_transfer_and_forward_under_autocast(device, dtype):
     torch.manual_seed(0)
     p, emb, types = 32, 8, 3
-    rtm = RelationTransferModule(feature_dim=p, embed_dim=emb,
-                                 predictor=_predictor(p + emb, types, device),
-                                 relation_channels=16).to(device)
+    rtm = RelationTransferModule(
+        feature_dim=p,
+        embed_dim=emb,
+        predictor=_predictor(p + emb, types, device),
+        relation_channels=16,
+    ).to(device)
     binary = _predictor(p, 1, device)
     with torch.no_grad():
         binary.cls_score.weight.normal_()
@@ -197,16 +205,18 @@ def test_depthwise_convs_compute_in_float32_under_autocast():
     x = torch.randn(5, 8, 7, 7).to(torch.bfloat16).requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = conv(x)
-    ref = F.conv2d(x.detach().float(), conv.weight.detach(), conv.bias.detach(), stride=2,
-                   padding=3, groups=8)
+    ref = F.conv2d(
+        x.detach().float(), conv.weight.detach(), conv.bias.detach(), stride=2, padding=3, groups=8
+    )
     assert y.dtype == torch.float32
     torch.testing.assert_close(y, ref, rtol=0, atol=0)  # float32 on the same inputs, exactly
     y.sum().backward()
     assert conv.weight.grad.dtype == torch.float32 and x.grad.dtype == torch.bfloat16
     # an ordinary conv outside autocast
     xf = torch.randn(5, 8, 7, 7)
-    torch.testing.assert_close(conv(xf), F.conv2d(xf, conv.weight, conv.bias, stride=2, padding=3,
-                                                  groups=8))
+    torch.testing.assert_close(
+        conv(xf), F.conv2d(xf, conv.weight, conv.bias, stride=2, padding=3, groups=8)
+    )
     # the depthwise convs of the ALB ops and of the head's stem are these; dense ones are not
     kinds = {type(m) for m in build_op("dw_conv_7x7", 8, 8, 2, "BN").modules()}
     assert DepthwiseConv2d in kinds

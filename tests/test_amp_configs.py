@@ -5,6 +5,7 @@ With CUDA: float16 autocast and a GradScaler, as detectron2's AMPTrainer (SOLVER
 runs them. On the CPU: bfloat16 autocast, the CPU's reduced precision; the deformable-conv
 configs are skipped there, torchvision's CPU deform_conv2d having no bfloat16 kernel.
 """
+
 import os
 
 import pytest
@@ -31,8 +32,10 @@ def _elixirnet_configs():
         if os.path.basename(name).startswith("Base-"):
             continue
         cfg = load_config(os.path.join(CONFIGS, name), ["MODEL.WEIGHTS", ""])
-        elixir = (cfg.MODEL.ROI_HEADS.NAME == "ElixirROIHeads"
-                  or cfg.MODEL.PROPOSAL_GENERATOR.NAME == "TRPN")
+        elixir = (
+            cfg.MODEL.ROI_HEADS.NAME == "ElixirROIHeads"
+            or cfg.MODEL.PROPOSAL_GENERATOR.NAME == "TRPN"
+        )
         if elixir and cfg.MODEL.ROI_BOX_HEAD.NAME != "ALBSearchHead":
             names.append(name)
     return names
@@ -42,9 +45,14 @@ NAMES = _elixirnet_configs()
 
 
 def test_the_list_covers_the_elixirnet_family():
-    for name in ("elixirnet_R_50_FPN_deeplesion.yaml", "elixirnet_R_50_C4_deeplesion.yaml",
-                 "elixirnet_rtm_finetune_deeplesion.yaml", "ablation/trpn_rtm.yaml",
-                 "quickstart/elixirnet.yaml", "trpn_fpn_R_50_deeplesion.yaml"):
+    for name in (
+        "elixirnet_R_50_FPN_deeplesion.yaml",
+        "elixirnet_R_50_C4_deeplesion.yaml",
+        "elixirnet_rtm_finetune_deeplesion.yaml",
+        "ablation/trpn_rtm.yaml",
+        "quickstart/elixirnet.yaml",
+        "trpn_fpn_R_50_deeplesion.yaml",
+    ):
         assert name in NAMES
 
 
@@ -54,8 +62,15 @@ def _batch(cfg, device, size=64):
     inst.gt_classes = torch.tensor([0])
     channels = len(cfg.MODEL.PIXEL_MEAN)
     g = torch.Generator().manual_seed(0)
-    return [{"image": torch.rand(channels, size, size, generator=g) * 255, "instances": inst,
-             "height": size, "width": size} for _ in range(2)]
+    return [
+        {
+            "image": torch.rand(channels, size, size, generator=g) * 255,
+            "instances": inst,
+            "height": size,
+            "width": size,
+        }
+        for _ in range(2)
+    ]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -68,8 +83,9 @@ def test_config_trains_a_step_under_autocast(name, device, tmp_path):
         path = str(tmp_path / "genotype.yaml")
         save_genotype(sample_random_genotype(cfg.MODEL.ALB.SEARCH_SPACE, seed=0), path)
         cfg = load_config(os.path.join(CONFIGS, name), opts + ["MODEL.ALB.GENOTYPE", path])
-    deformable = (cfg.MODEL.RESNETS.DEFORM_ON_PER_STAGE
-                  and any(cfg.MODEL.RESNETS.DEFORM_ON_PER_STAGE))
+    deformable = cfg.MODEL.RESNETS.DEFORM_ON_PER_STAGE and any(
+        cfg.MODEL.RESNETS.DEFORM_ON_PER_STAGE
+    )
     if device == "cpu" and deformable:
         pytest.skip("torchvision's CPU deform_conv2d has no bfloat16 kernel")
     torch.manual_seed(0)

@@ -6,6 +6,7 @@ one written out by hand (autocast forward, float32 backward and step), and that 
 a float32 one, so the comparison can fail; ElixirTrainer is checked to run ElixirNet's forward in
 bfloat16 and keep float32 weights.
 """
+
 import copy
 import os
 
@@ -48,12 +49,18 @@ def test_autocast_dtype_reads_solver_amp():
     cfg.SOLVER.AMP.PRECISION, cfg.MODEL.DEVICE = "float16", "cuda:1"
     assert autocast_dtype(cfg) == torch.float16  # read from the config, no GPU needed
     cfg.MODEL.DEVICE = "cpu"
-    with pytest.raises(ValueError, match=r"PRECISION float16 needs MODEL\.DEVICE cuda \(got 'cpu'\)"
-                                         r".*SOLVER\.AMP\.PRECISION bfloat16"):
+    with pytest.raises(
+        ValueError,
+        match=r"PRECISION float16 needs MODEL\.DEVICE cuda \(got 'cpu'\)"
+        r".*SOLVER\.AMP\.PRECISION bfloat16",
+    ):
         autocast_dtype(cfg)
     cfg.SOLVER.AMP.PRECISION = "float32"
-    with pytest.raises(ValueError, match=r"SOLVER\.AMP\.PRECISION must be one of "
-                                         r"\['bfloat16', 'float16'\], got 'float32'"):
+    with pytest.raises(
+        ValueError,
+        match=r"SOLVER\.AMP\.PRECISION must be one of "
+        r"\['bfloat16', 'float16'\], got 'float32'",
+    ):
         autocast_dtype(cfg)
 
 
@@ -92,8 +99,9 @@ def test_autocast_trainer_step_is_autocast_forward_then_float32_backward_and_ste
     by_hand, in_float32 = copy.deepcopy(model), copy.deepcopy(model)
     _hand_step(by_hand, batch, bf16=True)
     _hand_step(in_float32, batch, bf16=False)
-    trainer = AutocastTrainer(model, [batch], torch.optim.SGD(model.parameters(), lr=0.5,
-                                                               momentum=0.9), "cpu")
+    trainer = AutocastTrainer(
+        model, [batch], torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9), "cpu"
+    )
     with EventStorage():
         trainer.run_step()
     assert model.seen == [torch.bfloat16]
@@ -110,8 +118,10 @@ def test_build_step_trainer_picks_the_loop_from_the_config():
     assert type(build_step_trainer(cfg, model, [], opt)) is SimpleTrainer
     cfg.SOLVER.AMP.ENABLED, cfg.SOLVER.AMP.PRECISION = True, "bfloat16"
     loop = build_step_trainer(cfg, model, [], opt)
-    assert isinstance(loop, AutocastTrainer) and (loop.device_type, loop.dtype) == ("cpu",
-                                                                                    torch.bfloat16)
+    assert isinstance(loop, AutocastTrainer) and (loop.device_type, loop.dtype) == (
+        "cpu",
+        torch.bfloat16,
+    )
 
 
 @pytest.mark.parametrize("amp", [False, True], ids=["float32", "bfloat16"])
@@ -122,7 +132,8 @@ def test_elixir_trainer_trains_elixirnet_under_bfloat16_autocast(tiny_set, tmp_p
     model = trainer.model
     seen = []
     model.roi_heads.box_predictor.cls_score.register_forward_hook(
-        lambda m, i, o: seen.append((m.training, o.dtype)))
+        lambda m, i, o: seen.append((m.training, o.dtype))
+    )
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
     trainer.resume_or_load(resume=False)
     trainer.train()
@@ -131,8 +142,10 @@ def test_elixir_trainer_trains_elixirnet_under_bfloat16_autocast(tiny_set, tmp_p
     state = model.state_dict()
     assert all(v.dtype == before[k].dtype for k, v in state.items())  # float32 weights kept
     assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
-    assert not torch.equal(state["roi_heads.box_predictor.cls_score.weight"],
-                           before["roi_heads.box_predictor.cls_score.weight"])
+    assert not torch.equal(
+        state["roi_heads.box_predictor.cls_score.weight"],
+        before["roi_heads.box_predictor.cls_score.weight"],
+    )
     saved = torch.load(tmp_path / "model_final.pth", weights_only=False)["model"]
     assert saved["roi_heads.box_predictor.cls_score.weight"].dtype == torch.float32
 
@@ -145,13 +158,20 @@ def test_train_net_refuses_float16_on_the_cpu_by_name(tiny_set, tmp_path):
     with pytest.raises(UserInputError, match=r"SOLVER\.AMP\.PRECISION float16 needs MODEL\.DEVICE"):
         train_net.check_inputs(args)
     args = default_argument_parser().parse_args(
-        ["--config-file", QUICKSTART, *opts, "SOLVER.AMP.PRECISION", "bfloat16"])
+        ["--config-file", QUICKSTART, *opts, "SOLVER.AMP.PRECISION", "bfloat16"]
+    )
     assert train_net.check_inputs(args).SOLVER.AMP.PRECISION == "bfloat16"
 
 
-@pytest.mark.parametrize("choice,native,expected", [
-    ("auto", True, "bfloat16"), ("auto", False, "float32"), ("float32", True, "float32"),
-    ("bfloat16", False, "bfloat16")])
+@pytest.mark.parametrize(
+    "choice,native,expected",
+    [
+        ("auto", True, "bfloat16"),
+        ("auto", False, "float32"),
+        ("float32", True, "float32"),
+        ("bfloat16", False, "bfloat16"),
+    ],
+)
 def test_demo_precision_turns_into_the_configs_amp(choice, native, expected):
     from demo import precision_opts  # projects/quickstart/demo.py
 
@@ -190,8 +210,9 @@ def test_native_cpu_bfloat16_is_false_where_torch_cannot_tell(monkeypatch):
 
     monkeypatch.setattr(torch.ops, "mkldnn", types.SimpleNamespace())  # a build without the op
     assert native_cpu_bfloat16() is False
-    monkeypatch.setattr(torch.ops, "mkldnn",
-                        types.SimpleNamespace(_is_mkldnn_bf16_supported=lambda: True))
+    monkeypatch.setattr(
+        torch.ops, "mkldnn", types.SimpleNamespace(_is_mkldnn_bf16_supported=lambda: True)
+    )
     assert native_cpu_bfloat16() is True
 
 
@@ -202,9 +223,11 @@ def test_demo_stage_lines_estimate_the_time_to_go_from_fpn_training():
     assert stage_line(times, 10.0) == "[demo] stage 1/5 data: 10 s; 10 s elapsed"
     times["FPN training"] = 200.0
     # to go: 200 s per unit x (0.37 + 1.17 + 0.37) = 382 s
-    assert stage_line(times, 210.0) == ("[demo] stage 2/5 FPN training: 200 s; 210 s elapsed; "
-                                        "about 382 s to go (ALB search, ElixirNet training, "
-                                        "evaluation)")
+    assert stage_line(times, 210.0) == (
+        "[demo] stage 2/5 FPN training: 200 s; 210 s elapsed; "
+        "about 382 s to go (ALB search, ElixirNet training, "
+        "evaluation)"
+    )
     # a slower search sets the pace: (200 + 137) / 1.37 = 245.99 s, x (1.17 + 0.37) = 378.8 s
     times["ALB search"] = 137.0
     assert stage_line(times, 347.0).endswith("about 379 s to go (ElixirNet training, evaluation)")
@@ -221,8 +244,15 @@ def test_demo_results_json_holds_nulls_for_nan_and_the_provenance(tmp_path):
 
     prov = provenance(["projects/quickstart/demo.py", "--seed", "3"], seeds=[3])
     path = tmp_path / "demo_results.json"
-    write_results(str(path), {"FPN": {"AP": float("nan"), "sens@4_iou": 50.0}}, {"FPN": 10},
-                  {"data": 1.0}, "g.yaml", "float32", prov)
+    write_results(
+        str(path),
+        {"FPN": {"AP": float("nan"), "sens@4_iou": 50.0}},
+        {"FPN": 10},
+        {"data": 1.0},
+        "g.yaml",
+        "float32",
+        prov,
+    )
     doc = json.loads(path.read_text(encoding="utf-8"))
     assert doc["rows"] == {"FPN": {"AP": None, "sens@4_iou": 50.0}}
     assert doc["provenance"] == prov and doc["provenance"]["seeds"] == [3]

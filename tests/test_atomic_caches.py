@@ -1,5 +1,6 @@
 """Caches and generated sets appear whole or not at all (issue 17 point 6), and the synthetic set
 is generated on first use, once, when two processes start together (issue 13 point 6)."""
+
 import filecmp
 import json
 import os
@@ -63,21 +64,29 @@ def test_source_rewritten_within_the_same_second_is_decoded_again(tmp_path):
     img = os.path.join(root, "data", "case_00000", "imaging.nii.gz")
     st = os.stat(img)
     # Same size, same whole second: only the nanoseconds (as a rewrite within that second) differ.
-    os.utime(img, ns=(st.st_atime_ns,
-                      st.st_mtime_ns - st.st_mtime_ns % 10**9 + (st.st_mtime_ns + 1) % 10**9))
+    os.utime(
+        img,
+        ns=(st.st_atime_ns, st.st_mtime_ns - st.st_mtime_ns % 10**9 + (st.st_mtime_ns + 1) % 10**9),
+    )
     assert int(os.stat(img).st_mtime) == int(st.st_mtime)
     assert prepare_kits19(root, cache)["decoded"] == 1
 
 
 def test_two_concurrent_prepare_runs_decode_each_case_once(tmp_path):
     root, cache = _kits_root(tmp_path, n=3), str(tmp_path / "cache")
-    code = ("import json, sys; from elixir_d2.data.kits19 import prepare_kits19; "
-            "print(json.dumps(prepare_kits19(sys.argv[1], sys.argv[2])))")
-    procs = [subprocess.Popen([sys.executable, "-c", code, root, cache], cwd=REPO,
-                              stdout=subprocess.PIPE)
-             for _ in range(2)]
-    outs = [json.loads(p.communicate(timeout=120)[0].decode().strip().splitlines()[-1])
-            for p in procs]
+    code = (
+        "import json, sys; from elixir_d2.data.kits19 import prepare_kits19; "
+        "print(json.dumps(prepare_kits19(sys.argv[1], sys.argv[2])))"
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, root, cache], cwd=REPO, stdout=subprocess.PIPE
+        )
+        for _ in range(2)
+    ]
+    outs = [
+        json.loads(p.communicate(timeout=120)[0].decode().strip().splitlines()[-1]) for p in procs
+    ]
     assert all(p.returncode == 0 for p in procs)
     assert sorted(o["decoded"] for o in outs) == [0, 3]  # the second waited, then reused all 3
     assert len(load_kits19_dicts(cache, "train")) + len(load_kits19_dicts(cache, "test")) == 6
@@ -101,8 +110,9 @@ def test_interrupted_regeneration_leaves_the_old_set_whole(tmp_path, monkeypatch
     monkeypatch.setattr(synthetic_mod, "_write_png", dying_write)
     with pytest.raises(KeyboardInterrupt):
         generate_deeplesion(out, seed=4, **TINY)
-    files = [os.path.relpath(os.path.join(d, n), ref)
-             for d, _, names in os.walk(ref) for n in names]
+    files = [
+        os.path.relpath(os.path.join(d, n), ref) for d, _, names in os.walk(ref) for n in names
+    ]
     _, mismatch, errors = filecmp.cmpfiles(ref, out, files, shallow=False)
     assert not mismatch and not errors and len(files) > 20
     assert read_marker(out)["options"]["seed"] == 3
@@ -127,8 +137,11 @@ def test_paper_quick_kits19_with_only_a_first_case_is_regenerated(tmp_path, monk
     hu, seg = make_volume()
     # what an interrupted generate_kits19 leaves
     write_case(str(base / "data" / "case_00000"), hu, seg)
-    monkeypatch.setattr(synthetic_first_use, "FIRST_USE_OPTIONS",
-                        {"seed": 0, "num_cases": 2, "image_size": 64, "num_slices": (16, 18)})
+    monkeypatch.setattr(
+        synthetic_first_use,
+        "FIRST_USE_OPTIONS",
+        {"seed": 0, "num_cases": 2, "image_size": 64, "num_slices": (16, 18)},
+    )
     src = common.prepare_data("kits19", str(tmp_path), quick=True)
     assert sorted(os.listdir(base / "data")) == ["case_00000", "case_00001"]
     assert read_marker(str(base))["result"]["num_cases"] == 2
@@ -166,9 +179,12 @@ print("GENERATED" if s else "REUSED", flush=True)
 
 def test_two_processes_starting_together_generate_once(tmp_path):
     out, go = str(tmp_path / "synthetic"), str(tmp_path / "go")
-    procs = [subprocess.Popen([sys.executable, "-c", _RACER, out, go], cwd=REPO,
-                              stdout=subprocess.PIPE, text=True)
-             for _ in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _RACER, out, go], cwd=REPO, stdout=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
     for p in procs:  # both imported and waiting: released together
         assert p.stdout.readline().strip() == "ready"
     open(go, "w", encoding="utf-8").close()
@@ -178,7 +194,8 @@ def test_two_processes_starting_together_generate_once(tmp_path):
     assert results == ["GENERATED", "REUSED"]
     ref = str(tmp_path / "ref")
     generate_deeplesion(ref, seed=0, **TINY)
-    assert filecmp.cmp(os.path.join(ref, "DL_info.csv"), os.path.join(out, "DL_info.csv"),
-                       shallow=False)
+    assert filecmp.cmp(
+        os.path.join(ref, "DL_info.csv"), os.path.join(out, "DL_info.csv"), shallow=False
+    )
     assert filecmp.cmp(os.path.join(ref, MARKER), os.path.join(out, MARKER), shallow=False)
     assert sorted(os.listdir(tmp_path)) == [".synthetic.lock", "go", "ref", "synthetic"]

@@ -1,4 +1,5 @@
 """Baseline backbones: the torchvision deformable conv, the Deformv2 / FRCNN-C4 configs."""
+
 import math
 import os
 
@@ -30,8 +31,9 @@ CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
 
 
 def _cfg(name, *opts):
-    return load_config(os.path.join(CONFIGS, name),
-                       ["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu", *opts])
+    return load_config(
+        os.path.join(CONFIGS, name), ["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu", *opts]
+    )
 
 
 # ------------------------------------------------------------------ independent reference
@@ -87,8 +89,15 @@ def _reference_deform_conv(x, offset, weight, mask=None, stride=1, padding=0, di
 def test_zero_offsets_unit_mask_equal_plain_conv(stride, padding, dilation, groups, dg):
     torch.manual_seed(0)
     conv = TorchvisionDeformConv(
-        4, 6, 3, stride=stride, padding=padding, dilation=dilation, groups=groups,
-        deformable_groups=dg, bias=True,
+        4,
+        6,
+        3,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        groups=groups,
+        deformable_groups=dg,
+        bias=True,
     )
     with torch.no_grad():
         conv.bias.normal_()
@@ -130,8 +139,10 @@ def test_half_pixel_offset_averages_neighbours():
     offset = torch.zeros(1, 18, 4, 4)
     offset[:, 1::2] = 0.5
     # Bilinear at half a column: the mean of the windows at shifts 0 and 1.
-    expected = (F.conv2d(F.pad(x, (1, 1, 1, 1)), conv.weight)
-                + F.conv2d(F.pad(x, (0, 2, 1, 1)), conv.weight)) / 2
+    expected = (
+        F.conv2d(F.pad(x, (1, 1, 1, 1)), conv.weight)
+        + F.conv2d(F.pad(x, (0, 2, 1, 1)), conv.weight)
+    ) / 2
     torch.testing.assert_close(conv(x, offset), expected, atol=1e-5, rtol=0)
 
 
@@ -184,7 +195,9 @@ def test_block_keys_match_detectron2_and_init_is_half_plain_conv():
 def _resnet_cfg(*opts):
     return _cfg(
         "deformv2_R_50_FPN_deeplesion.yaml",
-        "MODEL.RESNETS.OUT_FEATURES", '["res2","res3","res4","res5"]', *opts,
+        "MODEL.RESNETS.OUT_FEATURES",
+        '["res2","res3","res4","res5"]',
+        *opts,
     )
 
 
@@ -207,14 +220,19 @@ def test_deformable_backbone_is_detectron2_resnet_with_swapped_convs():
 
 
 def test_impl_choice(monkeypatch):
-    monkeypatch.setattr(bb, "compiled_ops", lambda: {
-        "modulated_deform_conv_forward": True, "deform_conv_forward": False})
+    monkeypatch.setattr(
+        bb,
+        "compiled_ops",
+        lambda: {"modulated_deform_conv_forward": True, "deform_conv_forward": False},
+    )
     assert use_detectron2_deform_conv(_resnet_cfg("MODEL.DEVICE", "cuda"))
     assert not use_detectron2_deform_conv(_resnet_cfg())  # CPU: no detectron2 kernel
     assert not use_detectron2_deform_conv(
-        _resnet_cfg("MODEL.DEVICE", "cuda", "MODEL.RESNETS.DEFORM_MODULATED", False))
+        _resnet_cfg("MODEL.DEVICE", "cuda", "MODEL.RESNETS.DEFORM_MODULATED", False)
+    )
     assert not use_detectron2_deform_conv(
-        _resnet_cfg("MODEL.DEVICE", "cuda", "MODEL.RESNETS.DEFORM_IMPL", "torchvision"))
+        _resnet_cfg("MODEL.DEVICE", "cuda", "MODEL.RESNETS.DEFORM_IMPL", "torchvision")
+    )
     with pytest.raises(ValueError, match="DEFORM_IMPL"):
         use_detectron2_deform_conv(_resnet_cfg("MODEL.RESNETS.DEFORM_IMPL", "cudnn"))
     # With the compiled op, "auto" on CUDA keeps detectron2's layers untouched.
@@ -266,8 +284,17 @@ def test_deform_offset_lr_factor_scales_only_offset_layers_through_the_schedule(
 
     from elixir_d2.trainer import build_optimizer
 
-    cfg = _cfg("quickstart/deformv2.yaml", "SOLVER.DEFORM_OFFSET_LR_FACTOR", 0.1,
-               "SOLVER.BASE_LR", 0.02, "SOLVER.WARMUP_ITERS", 10, "SOLVER.STEPS", (20,))
+    cfg = _cfg(
+        "quickstart/deformv2.yaml",
+        "SOLVER.DEFORM_OFFSET_LR_FACTOR",
+        0.1,
+        "SOLVER.BASE_LR",
+        0.02,
+        "SOLVER.WARMUP_ITERS",
+        10,
+        "SOLVER.STEPS",
+        (20,),
+    )
     model = build_model(cfg)
     optimizer = build_optimizer(cfg, model)
     scheduler = build_lr_scheduler(cfg, optimizer)

@@ -2,6 +2,7 @@
 the mapper's crop and scale, network pixels mapped back to the slice's by the model's postprocess
 (BodyCropRCNN, every shipped config's; the mapper refuses another). The model's side by hand:
 test_meta_arch.py."""
+
 import os
 
 import numpy as np
@@ -56,17 +57,32 @@ def _record(tmp_path, hu, spacing):
     for idx in (1, 2, 3):
         write_slice(str(tmp_path), "000001_01_01", idx, hu)
     d = f"{tmp_path}/Images_png/000001_01_01"
-    return {"file_name": f"{d}/002.png", "image_id": 0, "height": hu.shape[0],
-            "width": hu.shape[1], "slice_dir": d, "slice_idx": 2, "slice_range": (1, 3),
-            "slice_intv": 2.0, "spacing": spacing,
-            "annotations": [{"bbox": [6, 12, 10, 16], "bbox_mode": BoxMode.XYXY_ABS,
-                             "category_id": 0}]}
+    return {
+        "file_name": f"{d}/002.png",
+        "image_id": 0,
+        "height": hu.shape[0],
+        "width": hu.shape[1],
+        "slice_dir": d,
+        "slice_idx": 2,
+        "slice_range": (1, 3),
+        "slice_intv": 2.0,
+        "spacing": spacing,
+        "annotations": [{"bbox": [6, 12, 10, 16], "bbox_mode": BoxMode.XYXY_ABS, "category_id": 0}],
+    }
 
 
 def _mapper(is_train=False, **kw):
-    args = dict(num_slices=3, slice_interval_mm=2.0, hu_window=(-1024.0, 3071.0),
-                norm_spacing_mm=0.8, max_size=512, flip_prob=0.0, body_crop=True,
-                body_hu_threshold=-500.0, body_margin_mm=1.6)
+    args = dict(
+        num_slices=3,
+        slice_interval_mm=2.0,
+        hu_window=(-1024.0, 3071.0),
+        norm_spacing_mm=0.8,
+        max_size=512,
+        flip_prob=0.0,
+        body_crop=True,
+        body_hu_threshold=-500.0,
+        body_margin_mm=1.6,
+    )
     args.update(kw)
     return CTDatasetMapper(is_train, **args)
 
@@ -100,8 +116,9 @@ def test_crop_keeps_the_whole_slices_scale_and_boxes_map_back(tmp_path):
     inst = Instances(img.shape)
     inst.pred_boxes = Boxes(torch.tensor([[cx - 1, cy - 1, cx + 1, cy + 1]]))
     box = to_slice_frame(inst, out).pred_boxes.tensor[0].numpy()
-    np.testing.assert_allclose([(box[0] + box[2]) / 2, (box[1] + box[3]) / 2], [15.0, 21.0],
-                               atol=0.35)
+    np.testing.assert_allclose(
+        [(box[0] + box[2]) / 2, (box[1] + box[3]) / 2], [15.0, 21.0], atol=0.35
+    )
 
 
 def test_training_never_body_crops(tmp_path):
@@ -128,13 +145,15 @@ def test_every_shipped_config_undoes_the_crop_in_its_model():
 
 
 def test_body_crop_with_another_meta_architecture_is_refused():
-    cfg = load_config(os.path.join(REPO, "configs", "quickstart", "fpn.yaml"),
-                      ["INPUT.BODY_CROP.ENABLED", "True"])
+    cfg = load_config(
+        os.path.join(REPO, "configs", "quickstart", "fpn.yaml"), ["INPUT.BODY_CROP.ENABLED", "True"]
+    )
     assert CTDatasetMapper(cfg, is_train=False).body_crop
     # A config saved before BodyCropRCNN existed: GeneralizedRCNN would stretch the crop.
     cfg.MODEL.META_ARCHITECTURE = "GeneralizedRCNN"
-    with pytest.raises(UserInputError, match="needs MODEL.META_ARCHITECTURE BodyCropRCNN.*"
-                                             "got 'GeneralizedRCNN'"):
+    with pytest.raises(
+        UserInputError, match="needs MODEL.META_ARCHITECTURE BodyCropRCNN.*got 'GeneralizedRCNN'"
+    ):
         CTDatasetMapper(cfg, is_train=False)
     assert not CTDatasetMapper(cfg, is_train=True).body_crop  # training never crops
     cfg.INPUT.BODY_CROP.ENABLED = False

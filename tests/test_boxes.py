@@ -1,4 +1,5 @@
 """elixir_d2.boxes.box_overlap on boxes whose overlaps are worked out by hand."""
+
 import numpy as np
 import pytest
 
@@ -33,9 +34,11 @@ def test_plus_one_pixel_counts_by_hand():
     # 1: intersection 6 x 11 = 66, areas 11 x 11 = 121 each, union 176.
     # 2: boxes sharing the edge x = 10 intersect in one column: 1 x 11 = 11, union 231.
     # 3: a zero-width det is one pixel wide: 1 x 6 = 6 pixels, all inside the lesion.
-    np.testing.assert_allclose(box_overlap(det, gt, "iou", plus_one=True),
-                               [66 / 176, 11 / 231, 6 / 121])
-    np.testing.assert_allclose(box_overlap(det, gt, "iobb", plus_one=True),
-                               [66 / 121, 11 / 121, 1.0])
+    np.testing.assert_allclose(
+        box_overlap(det, gt, "iou", plus_one=True), [66 / 176, 11 / 231, 6 / 121]
+    )
+    np.testing.assert_allclose(
+        box_overlap(det, gt, "iobb", plus_one=True), [66 / 121, 11 / 121, 1.0]
+    )
     # Continuous coordinates on the same pairs: 50 / 150 and 0 (a shared edge has no area).
     np.testing.assert_allclose(box_overlap(det, gt, "iou"), [50 / 150, 0.0, 0.0])

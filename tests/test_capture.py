@@ -1,5 +1,6 @@
 """Tests of the forward-hook captures (elixir_d2/modeling/hooks.py, capture.py): what a model
 computed on the way to its detections, read within a ``with`` block, never left on modules."""
+
 import os
 
 import pytest
@@ -22,15 +23,17 @@ SMALL = ["MODEL.RPN.POST_NMS_TOPK_TEST", "30", "MODEL.ROI_HEADS.SCORE_THRESH_TES
 
 def _model(config):
     torch.manual_seed(0)
-    cfg = load_config(os.path.join(REPO, config), ["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu",
-                                                   *SMALL])
+    cfg = load_config(
+        os.path.join(REPO, config), ["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu", *SMALL]
+    )
     return build_model(cfg).eval()
 
 
 def _images(n=2, size=64):
     torch.manual_seed(1)
-    return [{"image": torch.rand(3, size, size) * 255, "height": size, "width": size}
-            for _ in range(n)]
+    return [
+        {"image": torch.rand(3, size, size) * 255, "height": size, "width": size} for _ in range(n)
+    ]
 
 
 def _hooks(model):
@@ -38,8 +41,13 @@ def _hooks(model):
 
 
 def _head(genotype=FIGURE3):
-    return ALBHead(ShapeSpec(channels=16, height=7, width=7), genotype=load_genotype(genotype),
-                   channels=4, stem_channels=16, norm="GN")
+    return ALBHead(
+        ShapeSpec(channels=16, height=7, width=7),
+        genotype=load_genotype(genotype),
+        channels=4,
+        stem_channels=16,
+        norm="GN",
+    )
 
 
 def test_asking_for_what_the_model_lacks_is_a_clear_error_at_entry(tmp_path):
@@ -54,8 +62,9 @@ def test_asking_for_what_the_model_lacks_is_a_clear_error_at_entry(tmp_path):
         with capture(fpn, "conf_maps"):
             pass
     with open(FIGURE3, encoding="utf-8") as f:  # the same layout with no region_nonlocal edge
-        (tmp_path / "none.yaml").write_text(f.read().replace("region_nonlocal", "conv_1x1"),
-                                            encoding="utf-8")
+        (tmp_path / "none.yaml").write_text(
+            f.read().replace("region_nonlocal", "conv_1x1"), encoding="utf-8"
+        )
     with pytest.raises(ValueError, match="ALBHead has no region_nonlocal edge"):
         with capture(_head(str(tmp_path / "none.yaml")), "relations"):
             pass
@@ -65,10 +74,13 @@ def test_asking_for_what_the_model_lacks_is_a_clear_error_at_entry(tmp_path):
 def test_captures_of_a_model_match_its_outputs_one_record_per_forward():
     model = _model("configs/quickstart/elixirnet.yaml")  # TRPN + ALB head
     # ``returned``: what the box head returns, (features, per-image E), per forward.
-    with torch.no_grad(), capture(model, "relations") as relations, \
-            capture(model, "proposals") as proposals, \
-            capture(model, "trpn_confidence") as confidence, \
-            capture_outputs(model.roi_heads.box_head) as returned:
+    with (
+        torch.no_grad(),
+        capture(model, "relations") as relations,
+        capture(model, "proposals") as proposals,
+        capture(model, "trpn_confidence") as confidence,
+        capture_outputs(model.roi_heads.box_head) as returned,
+    ):
         model(_images())
         model(_images(1))
     assert len(relations) == len(proposals) == len(confidence) == len(returned) == 2
@@ -78,8 +90,13 @@ def test_captures_of_a_model_match_its_outputs_one_record_per_forward():
             assert torch.equal(e, e_head) and not e.requires_grad
             torch.testing.assert_close(e.sum(dim=1), torch.ones(len(e)))
     conf = confidence[0]
-    assert isinstance(conf, TRPNConfidence) and list(conf.conf_maps) == ["p2", "p3", "p4", "p5",
-                                                                       "p6"]
+    assert isinstance(conf, TRPNConfidence) and list(conf.conf_maps) == [
+        "p2",
+        "p3",
+        "p4",
+        "p5",
+        "p6",
+    ]
     assert conf.conf_maps["p2"].shape == (2, 16, 16) and conf.eps["p2"].shape == (2,)
     assert _hooks(model) == 0
 

@@ -2,6 +2,7 @@
 model finds the phantom's lesion (box [14, 10, 30, 22] on slices 1..4), so the case folder's
 contents are known: a predicted case, one read back by --resume without the model, a failed case,
 the run's only case raising, and a folder the tool did not write."""
+
 import json
 import os
 
@@ -32,10 +33,16 @@ def _oracle(cfg):
 
 def _step(scans, out, model=None, settings="settings-1", single=False, **opts):
     cfg = quickstart_cfg()
-    return CaseStep(cfg, CTPredictor(cfg, model if model is not None else _oracle(cfg)),
-                    InputNames(str(scans)), OutputDir(str(out)),
-                    PredictOptions(progress=False, report="none", **opts), settings,
-                    input_root=os.path.realpath(scans), single=single)
+    return CaseStep(
+        cfg,
+        CTPredictor(cfg, model if model is not None else _oracle(cfg)),
+        InputNames(str(scans)),
+        OutputDir(str(out)),
+        PredictOptions(progress=False, report="none", **opts),
+        settings,
+        input_root=os.path.realpath(scans),
+        single=single,
+    )
 
 
 @pytest.fixture
@@ -44,8 +51,11 @@ def scans(tmp_path):
     output folder."""
     folder = tmp_path / "scans"
     folder.mkdir()
-    write_nifti(folder / "ct.nii.gz", phantom(slices=6, lesion=(1, 5, 10, 22, 14, 30)),
-                spacing=(2.0, 2.0, 2.5))
+    write_nifti(
+        folder / "ct.nii.gz",
+        phantom(slices=6, lesion=(1, 5, 10, 22, 14, 30)),
+        spacing=(2.0, 2.0, 2.5),
+    )
     (folder / "broken.nii.gz").write_bytes(b"not a volume")
     (tmp_path / "out").mkdir()
     return folder, {c.name: c for c in discover_cases(str(folder))[0]}
@@ -67,8 +77,9 @@ def test_a_case_is_predicted_into_its_folder_under_its_id(tmp_path, scans):
     assert json.loads((case_dir / "detections.json").read_text(encoding="utf-8")) == doc
     assert (case_dir / CASE_MARKER).is_file()
     # overlays: the slices with a detection (1..4) or with ground truth (2, 5), not slice 0
-    assert sorted(os.listdir(case_dir / "overlays")) == [f"slice_{n:03d}.png"
-                                                         for n in (1, 2, 3, 4, 5)]
+    assert sorted(os.listdir(case_dir / "overlays")) == [
+        f"slice_{n:03d}.png" for n in (1, 2, 3, 4, 5)
+    ]
     assert o.read_s > 0 and o.forward_s > 0 and o.write_s > 0
     assert cases["ct"].name == "ct" and sorted(gt) == [2, 5]  # the inputs as they were
 
@@ -77,14 +88,20 @@ def test_resume_reads_a_finished_folder_back_without_the_model(tmp_path, scans):
     folder, cases = scans
     out = tmp_path / "out"
     first = run_case(_step(folder, out), 0, cases["ct"], "ct", {})
-    again = run_case(_step(folder, out, ModelThatMustNotRun(), resume=True), 0, cases["ct"],
-                     "ct", {})
+    again = run_case(
+        _step(folder, out, ModelThatMustNotRun(), resume=True), 0, cases["ct"], "ct", {}
+    )
     assert again.resumed and again.doc == first.doc and again.failure is None
     assert (again.read_s, again.forward_s, again.write_s) == (0.0, 0.0, 0.0)
     # other settings (another config, weights or option): the folder is not reused
     with pytest.raises(AssertionError, match="the model ran"):
-        run_case(_step(folder, out, ModelThatMustNotRun(), settings="settings-2", resume=True),
-                 0, cases["ct"], "ct", {})
+        run_case(
+            _step(folder, out, ModelThatMustNotRun(), settings="settings-2", resume=True),
+            0,
+            cases["ct"],
+            "ct",
+            {},
+        )
 
 
 def test_a_case_that_cannot_be_read_is_a_failed_outcome(tmp_path, scans):

@@ -1,5 +1,6 @@
 """Checkpoints a researcher can trust: the ALB genotype travels with the weights, --resume survives
 a deleted checkpoint, .pkl weights cannot run code."""
+
 import logging
 import os
 import pickle
@@ -30,13 +31,22 @@ ALB_QS = os.path.join(REPO, "configs", "quickstart", "alb.yaml")
 def _swap_dilation(g: Genotype) -> Genotype:
     """The same genotype with dil_conv_3x3_r2 <-> r3: identical weight names and shapes."""
     swap = {"dil_conv_3x3_r2": "dil_conv_3x3_r3", "dil_conv_3x3_r3": "dil_conv_3x3_r2"}
-    return Genotype(normal=tuple((swap.get(o, o), i) for o, i in g.normal), reduce=g.reduce,
-                    space=g.space, branches=g.branches)
+    return Genotype(
+        normal=tuple((swap.get(o, o), i) for o, i in g.normal),
+        reduce=g.reduce,
+        space=g.space,
+        branches=g.branches,
+    )
 
 
 def _head(genotype: Genotype) -> ALBHead:
-    return ALBHead(ShapeSpec(channels=16, height=7, width=7), genotype=genotype, channels=4,
-                   stem_channels=16, norm="GN")
+    return ALBHead(
+        ShapeSpec(channels=16, height=7, width=7),
+        genotype=genotype,
+        channels=4,
+        stem_channels=16,
+        norm="GN",
+    )
 
 
 # ------------------------------------------------------------------------------------ genotype
@@ -45,8 +55,9 @@ def test_checkpoint_stores_the_genotype_and_refuses_another(tmp_path):
     other = _swap_dilation(figure3)
     assert other != figure3
     # Without the check this load succeeds silently: the state dicts match key for key.
-    assert {k: v.shape for k, v in _head(figure3).state_dict().items()} == \
-        {k: v.shape for k, v in _head(other).state_dict().items()}
+    assert {k: v.shape for k, v in _head(figure3).state_dict().items()} == {
+        k: v.shape for k, v in _head(other).state_dict().items()
+    }
     AtomicCheckpointer(_head(figure3), str(tmp_path)).save("model_final")
     path = str(tmp_path / "model_final.pth")
     assert torch.load(path, weights_only=True)[GENOTYPE_KEY] == figure3.to_dict()
@@ -99,11 +110,13 @@ def test_run_config_records_the_resolved_genotype_and_build_logs_its_origin(tmp_
     assert yaml.safe_load(again.MODEL.ALB.GENOTYPE_YAML) == load_genotype(FIGURE3).to_dict()
     # ... and refuses a genotype file that changed since.
     changed = tmp_path / "g.yaml"
-    changed.write_text(yaml.safe_dump(_swap_dilation(load_genotype(FIGURE3)).to_dict()),
-                       encoding="utf-8")
+    changed.write_text(
+        yaml.safe_dump(_swap_dilation(load_genotype(FIGURE3)).to_dict()), encoding="utf-8"
+    )
     bad = load_config(str(dumped), ["MODEL.ALB.GENOTYPE", str(changed)])
-    with pytest.raises(UserInputError,
-                       match=r"GENOTYPE_YAML .* differs from the genotype in .*g\.yaml"):
+    with pytest.raises(
+        UserInputError, match=r"GENOTYPE_YAML .* differs from the genotype in .*g\.yaml"
+    ):
         resolve_genotype_config(bad)
 
 
@@ -123,12 +136,16 @@ def test_resume_after_a_deleted_checkpoint_falls_back_to_the_newest_complete(tmp
     with caplog.at_level(logging.WARNING):
         extra = AtomicCheckpointer(fresh, out).resume_or_load("", resume=True)
     assert extra["iteration"] == 3 and float(fresh.weight.detach()[0, 0]) == 3.0
-    assert any("model_0000005.pth, which is missing; resuming from model_0000003.pth"
-               in r.getMessage() for r in caplog.records)
+    assert any(
+        "model_0000005.pth, which is missing; resuming from model_0000003.pth" in r.getMessage()
+        for r in caplog.records
+    )
     for name in ("model_0000001.pth", "model_0000003.pth"):
         os.remove(os.path.join(out, name))
-    with pytest.raises(MissingFileError,
-                       match=r"last_checkpoint names model_0000005\.pth.*delete .*last_checkpoint"):
+    with pytest.raises(
+        MissingFileError,
+        match=r"last_checkpoint names model_0000005\.pth.*delete .*last_checkpoint",
+    ):
         AtomicCheckpointer(torch.nn.Linear(2, 1), out).resume_or_load("", resume=True)
 
 
@@ -160,9 +177,11 @@ def test_model_zoo_pkl_weights_still_load(tmp_path, protocol):
     w = np.arange(2, dtype=np.float32).reshape(1, 2)
     path = tmp_path / "zoo.pkl"
     with open(path, "wb") as f:  # Caffe2 layout: a plain dict of arrays, with a momentum blob
-        pickle.dump({"blobs": {"weight": w, "bias": np.float32(0.5).reshape(1),
-                               "weight_momentum": w}},
-                    f, protocol=protocol)
+        pickle.dump(
+            {"blobs": {"weight": w, "bias": np.float32(0.5).reshape(1), "weight_momentum": w}},
+            f,
+            protocol=protocol,
+        )
     data = AtomicCheckpointer(torch.nn.Linear(2, 1))._load_file(str(path))
     assert data["matching_heuristics"] and set(data["model"]) == {"weight", "bias"}
     np.testing.assert_array_equal(data["model"]["weight"], w)
@@ -171,5 +190,3 @@ def test_model_zoo_pkl_weights_still_load(tmp_path, protocol):
 def test_missing_weights_is_one_line(tmp_path):
     with pytest.raises(MissingFileError, match=r"weights file /nonexistent\.pth not found"):
         AtomicCheckpointer(torch.nn.Linear(2, 1)).load("/nonexistent.pth")
-
-

@@ -1,6 +1,7 @@
 """ElixirNet variants and ablation configs (issue 7): each builds the model it claims and trains one
 step at 64 px on the CPU. (FRCNN / FPN / Deformv2 baselines and the deformable-conv reference are in
 test_backbones.py, the ALB head itself in test_alb_head.py.)"""
+
 import os
 
 import pytest
@@ -50,8 +51,9 @@ ELIXIR_GENOTYPE = os.path.join(CONFIGS, "genotypes", "figure3.yaml")
 
 
 def _cfg(name, *opts):
-    return load_config(os.path.join(CONFIGS, name),
-                       ["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu", *opts])
+    return load_config(
+        os.path.join(CONFIGS, name), ["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu", *opts]
+    )
 
 
 def _n(module):
@@ -62,8 +64,14 @@ def _train_step(model, channels=3, size=64):
     inst = Instances((size, size))
     inst.gt_boxes = Boxes(torch.tensor([[18.0, 22.0, 38.0, 40.0]]))
     inst.gt_classes = torch.tensor([0])
-    batch = [{"image": torch.rand(channels, size, size) * 255, "instances": inst,
-              "height": size, "width": size}]
+    batch = [
+        {
+            "image": torch.rand(channels, size, size) * 255,
+            "instances": inst,
+            "height": size,
+            "width": size,
+        }
+    ]
     model.train()
     with EventStorage():
         losses = model(batch)
@@ -90,10 +98,12 @@ def test_elixirnet_c4_is_frcnn_c4_with_trpn_and_alb_head_on_res4():
     frcnn = build_model(_cfg("faster_rcnn_R_50_C4_deeplesion.yaml"))
     cfg = _cfg("elixirnet_R_50_C4_deeplesion.yaml", *SMALL)
     model = build_model(cfg)
-    assert (isinstance(model.proposal_generator, TRPN)
-            and model.proposal_generator.in_features == ["res4"])
-    assert (isinstance(model.roi_heads, ElixirROIHeads)
-            and isinstance(model.roi_heads.box_head, ALBHead))
+    assert isinstance(model.proposal_generator, TRPN) and model.proposal_generator.in_features == [
+        "res4"
+    ]
+    assert isinstance(model.roi_heads, ElixirROIHeads) and isinstance(
+        model.roi_heads.box_head, ALBHead
+    )
     assert model.backbone.output_shape().keys() == {"res4"}
     assert not [n for n, _ in model.named_modules() if "res5" in n]  # res5 is not built at all
     # The ALB stem's pointwise conv reads res4's 1024 channels; the head ends at P = 512.
@@ -105,8 +115,9 @@ def test_elixirnet_c4_is_frcnn_c4_with_trpn_and_alb_head_on_res4():
     assert _n(model.proposal_generator) - _n(frcnn.proposal_generator) == 1024 + 1
     # FRCNN's Res5ROIHeads, counted by hand: res5 (3 bottlenecks, 512 wide, FrozenBN has no
     # parameters) + 2048 -> 2 classes and 2048 -> 4 box deltas.
-    res5 = ((1024 * 512 + 512 * 512 * 9 + 512 * 2048 + 1024 * 2048)
-            + 2 * (2048 * 512 + 512 * 512 * 9 + 512 * 2048))
+    res5 = (1024 * 512 + 512 * 512 * 9 + 512 * 2048 + 1024 * 2048) + 2 * (
+        2048 * 512 + 512 * 512 * 9 + 512 * 2048
+    )
     assert _n(frcnn.roi_heads) == res5 + (2048 * 2 + 2) + (2048 * 4 + 4)
     assert _n(model) / _n(frcnn) <= 0.70  # paper Table 1: 19.9M against 33.0M
     losses = _train_step(model)
@@ -121,8 +132,9 @@ def test_elixirnet_deformv2_is_the_deformable_backbone_with_elixirnet_head():
     model = build_model(_cfg("elixirnet_deformv2_R_50_FPN_deeplesion.yaml", *SMALL))
     # res3-res5 3x3s
     assert sum(isinstance(m, TorchvisionDeformConv) for m in model.modules()) == 13
-    assert (isinstance(model.proposal_generator, TRPN)
-            and isinstance(model.roi_heads.box_head, ALBHead))
+    assert isinstance(model.proposal_generator, TRPN) and isinstance(
+        model.roi_heads.box_head, ALBHead
+    )
     assert _n(model.backbone) == _n(deform.backbone)
     assert _n(model.proposal_generator) == _n(elixir_fpn.proposal_generator)
     assert _n(model.roi_heads) == _n(elixir_fpn.roi_heads)
@@ -133,10 +145,13 @@ def test_elixirnet_deformv2_is_the_deformable_backbone_with_elixirnet_head():
 
 
 # ---------------------------------------------------------------------------- KiTS19
-@pytest.mark.parametrize("kits,deeplesion", [
-    ("elixirnet_R_50_FPN_kits19.yaml", "elixirnet_R_50_FPN_deeplesion.yaml"),
-    ("elixirnet_deformv2_R_50_FPN_kits19.yaml", "elixirnet_deformv2_R_50_FPN_deeplesion.yaml"),
-])
+@pytest.mark.parametrize(
+    "kits,deeplesion",
+    [
+        ("elixirnet_R_50_FPN_kits19.yaml", "elixirnet_R_50_FPN_deeplesion.yaml"),
+        ("elixirnet_deformv2_R_50_FPN_kits19.yaml", "elixirnet_deformv2_R_50_FPN_deeplesion.yaml"),
+    ],
+)
 def test_kits19_elixirnet_configs_are_the_deeplesion_models_with_kits19_schedule(kits, deeplesion):
     k, d, base = _cfg(kits), _cfg(deeplesion), _cfg("Base-KiTS19.yaml")
     assert k.DATASETS.TRAIN == ("kits19_train",) and k.DATASETS.TEST == ("kits19_test",)
@@ -153,13 +168,16 @@ def _components(model):
     return (type(model.proposal_generator), type(model.roi_heads.box_head))
 
 
-@pytest.mark.parametrize("name,pg,head,space", [
-    ("ablation/trpn.yaml", TRPN, FastRCNNConvFCHead, None),
-    ("ablation/alb.yaml", RPN, ALBHead, "elixir"),
-    ("ablation/trpn_alb.yaml", TRPN, ALBHead, "elixir"),
-    ("ablation/alb_darts_space.yaml", RPN, ALBHead, "darts"),
-    ("ablation/alb_random.yaml", RPN, ALBHead, "elixir"),
-])
+@pytest.mark.parametrize(
+    "name,pg,head,space",
+    [
+        ("ablation/trpn.yaml", TRPN, FastRCNNConvFCHead, None),
+        ("ablation/alb.yaml", RPN, ALBHead, "elixir"),
+        ("ablation/trpn_alb.yaml", TRPN, ALBHead, "elixir"),
+        ("ablation/alb_darts_space.yaml", RPN, ALBHead, "darts"),
+        ("ablation/alb_random.yaml", RPN, ALBHead, "elixir"),
+    ],
+)
 def test_ablation_rows_build_what_they_name(name, pg, head, space, darts_genotype):
     opts = list(SMALL)
     if space:  # the search outputs the Table 6 configs point to do not exist in a test
@@ -175,8 +193,14 @@ def test_ablation_rows_build_what_they_name(name, pg, head, space, darts_genotyp
         assert genotype.space == space
         if space == "darts":
             assert {op for op, _ in genotype.normal} == {
-                "sep_conv_3x3", "dil_conv_3x3", "sep_conv_5x5", "skip_connect", "max_pool_3x3",
-                "dil_conv_5x5", "avg_pool_3x3"}
+                "sep_conv_3x3",
+                "dil_conv_3x3",
+                "sep_conv_5x5",
+                "skip_connect",
+                "max_pool_3x3",
+                "dil_conv_5x5",
+                "avg_pool_3x3",
+            }
     _train_step(model)
 
 
@@ -197,8 +221,9 @@ def test_darts_space_config_refuses_an_elixir_genotype():
 def test_nine_slices_stem_and_imagenet_weights(tmp_path):
     cfg3 = _cfg("ablation/alb.yaml", *SMALL)
     cfg9 = _cfg("ablation/alb_9slices.yaml", *SMALL)
-    assert (cfg9.INPUT.NUM_SLICES == 9
-            and len(cfg9.MODEL.PIXEL_MEAN) == len(cfg9.MODEL.PIXEL_STD) == 9)
+    assert (
+        cfg9.INPUT.NUM_SLICES == 9 and len(cfg9.MODEL.PIXEL_MEAN) == len(cfg9.MODEL.PIXEL_STD) == 9
+    )
     torch.manual_seed(3)
     m3, m9 = build_model(cfg3), build_model(cfg9)
     conv1 = m9.backbone.bottom_up.stem.conv1
@@ -224,8 +249,9 @@ def test_quickstart_elixirnet_c4():
     torch.manual_seed(4)
     frcnn = build_model(_cfg("quickstart/faster_rcnn_C4.yaml"))
     model = build_model(_cfg("quickstart/elixirnet_C4.yaml"))
-    assert (isinstance(model.proposal_generator, TRPN)
-            and isinstance(model.roi_heads.box_head, ALBHead))
+    assert isinstance(model.proposal_generator, TRPN) and isinstance(
+        model.roi_heads.box_head, ALBHead
+    )
     assert model.roi_heads.box_head.stem.pointwise.in_channels == 256  # R-18 res4
     assert _n(model.backbone) == _n(frcnn.backbone)
     assert not [n for n, _ in model.named_modules() if "res5" in n]
@@ -245,17 +271,21 @@ def test_quickstart_elixirnet_deformv2():
     deform = build_model(_cfg("quickstart/deformv2.yaml"))
     model = build_model(_cfg("quickstart/elixirnet_deformv2.yaml"))
     assert sum(isinstance(m, TorchvisionDeformConv) for m in model.modules()) == 13
-    assert (isinstance(model.proposal_generator, TRPN)
-            and isinstance(model.roi_heads.box_head, ALBHead))
+    assert isinstance(model.proposal_generator, TRPN) and isinstance(
+        model.roi_heads.box_head, ALBHead
+    )
     assert _n(model.backbone) == _n(deform.backbone)
     _train_step(model)
 
 
-@pytest.mark.parametrize("name,channels,space", [
-    ("quickstart/ablation/alb_9slices.yaml", 9, "elixir"),
-    ("quickstart/ablation/alb_darts_space.yaml", 3, "darts"),
-    ("quickstart/ablation/alb_random.yaml", 3, "elixir"),
-])
+@pytest.mark.parametrize(
+    "name,channels,space",
+    [
+        ("quickstart/ablation/alb_9slices.yaml", 9, "elixir"),
+        ("quickstart/ablation/alb_darts_space.yaml", 3, "darts"),
+        ("quickstart/ablation/alb_random.yaml", 3, "elixir"),
+    ],
+)
 def test_quickstart_ablation_rows(name, channels, space, darts_genotype):
     genotype = darts_genotype if space == "darts" else ELIXIR_GENOTYPE
     cfg = _cfg(name, "MODEL.ALB.GENOTYPE", genotype)
@@ -268,11 +298,14 @@ def test_quickstart_ablation_rows(name, channels, space, darts_genotype):
 
 
 # ---------------------------------------------------------------- Table 5 RTM rows
-@pytest.mark.parametrize("name,own_relations", [
-    ("ablation/trpn_rtm.yaml", True),  # 2-fc head: RTM computes E itself
-    ("ablation/full.yaml", False),  # ALB head: E from its region_nonlocal
-    ("quickstart/ablation/trpn_rtm.yaml", True),
-])
+@pytest.mark.parametrize(
+    "name,own_relations",
+    [
+        ("ablation/trpn_rtm.yaml", True),  # 2-fc head: RTM computes E itself
+        ("ablation/full.yaml", False),  # ALB head: E from its region_nonlocal
+        ("quickstart/ablation/trpn_rtm.yaml", True),
+    ],
+)
 def test_rtm_ablation_rows(name, own_relations):
     cfg = _cfg(name, *SMALL)
     assert cfg.MODEL.RTM.ENABLED and cfg.MODEL.ROI_HEADS.NUM_CLASSES == cfg.MODEL.RTM.NUM_TYPES == 8
@@ -283,8 +316,9 @@ def test_rtm_ablation_rows(name, own_relations):
     torch.manual_seed(7)
     model = build_model(cfg)
     assert isinstance(model.proposal_generator, TRPN)
-    assert (model.roi_heads.rtm is not None
-            and (model.roi_heads.rtm.phi is not None) == own_relations)
+    assert (
+        model.roi_heads.rtm is not None and (model.roi_heads.rtm.phi is not None) == own_relations
+    )
     assert model.roi_heads.box_predictor.cls_score.out_features == 2  # binary predictor kept
     _train_step(model)
 
@@ -306,7 +340,13 @@ def test_fair_baseline_conv_head_is_normalised_and_sized_like_the_alb_head():
     assert len(convs) == 4 and all(isinstance(c.norm, torch.nn.BatchNorm2d) for c in convs)
     # 3x3 convs 64->24 and 3 x 24->24 (no bias beside BN), BN scale + shift, fc 24*7*7->64,
     # predictor: scores 64->2 (lesion, background), boxes 64->4 (one class).
-    by_hand = (9 * 64 * 24 + 3 * 9 * 24 * 24 + 4 * 2 * 24 + (24 * 49 * 64 + 64)
-               + (64 * 2 + 2) + (64 * 4 + 4))
+    by_hand = (
+        9 * 64 * 24
+        + 3 * 9 * 24 * 24
+        + 4 * 2 * 24
+        + (24 * 49 * 64 + 64)
+        + (64 * 2 + 2)
+        + (64 * 4 + 4)
+    )
     assert _head_params(conv) == by_hand
     assert abs(_head_params(conv) / _head_params(alb) - 1) < 0.15

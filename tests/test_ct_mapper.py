@@ -1,4 +1,5 @@
 """CTDatasetMapper: windowing, neighbour interpolation, fallback, spacing normalisation, boxes."""
+
 import numpy as np
 import pytest
 
@@ -26,17 +27,31 @@ def _series(root, values, first=1):
 
 def _record(slice_dir, key, slice_range, intv, spacing=0.8, boxes=((4, 6, 12, 20),)):
     return {
-        "file_name": f"{slice_dir}/{key:03d}.png", "image_id": 0, "height": H, "width": W,
-        "slice_dir": slice_dir, "slice_idx": key, "slice_range": slice_range, "slice_intv": intv,
-        "spacing": spacing, "hu_window": (-175, 275),
-        "annotations": [{"bbox": list(b), "bbox_mode": BoxMode.XYXY_ABS, "category_id": 0}
-                        for b in boxes],
+        "file_name": f"{slice_dir}/{key:03d}.png",
+        "image_id": 0,
+        "height": H,
+        "width": W,
+        "slice_dir": slice_dir,
+        "slice_idx": key,
+        "slice_range": slice_range,
+        "slice_intv": intv,
+        "spacing": spacing,
+        "hu_window": (-175, 275),
+        "annotations": [
+            {"bbox": list(b), "bbox_mode": BoxMode.XYXY_ABS, "category_id": 0} for b in boxes
+        ],
     }
 
 
 def _mapper(is_train=False, **kw):
-    args = dict(num_slices=3, slice_interval_mm=2.0, hu_window=(-1024.0, 3071.0),
-                norm_spacing_mm=0.8, max_size=512, flip_prob=0.0)
+    args = dict(
+        num_slices=3,
+        slice_interval_mm=2.0,
+        hu_window=(-1024.0, 3071.0),
+        norm_spacing_mm=0.8,
+        max_size=512,
+        flip_prob=0.0,
+    )
     args.update(kw)
     return CTDatasetMapper(is_train, **args)
 
@@ -49,14 +64,15 @@ def test_window_values_at_known_hu():
 
 def test_read_hu_slice_subtracts_offset(tmp_path):
     write_slice(str(tmp_path), "s", 1, np.array([[-1000, 0], [40, 1500]]))
-    np.testing.assert_array_equal(read_hu_slice(f"{tmp_path}/Images_png/s/001.png"),
-                                  [[-1000, 0], [40, 1500]])
+    np.testing.assert_array_equal(
+        read_hu_slice(f"{tmp_path}/Images_png/s/001.png"), [[-1000, 0], [40, 1500]]
+    )
 
 
 def test_neighbours_when_interval_divides_2mm(tmp_path):
     # 1 mm slices: +-2 mm is exactly 2 slices away
     d = _series(str(tmp_path), [0, 100, 200, 300, 400, 500, 600])
-    out = _mapper()( _record(d, 4, (1, 7), 1.0))
+    out = _mapper()(_record(d, 4, (1, 7), 1.0))
     hu = out["image"][:, 0, 0].numpy() * 4095 / 255 - 1024
     np.testing.assert_allclose(hu, [100, 300, 500], atol=1e-3)
 
@@ -122,6 +138,7 @@ def test_corrupt_and_8bit_png_named(tmp_path):
     with pytest.raises(CTSliceError, match="002.png"):
         _mapper()(_record(d, 2, (1, 3), 2.0))
     from PIL import Image
+
     Image.fromarray(np.zeros((H, W), np.uint8)).save(f"{d}/002.png")
     with pytest.raises(CTSliceError, match="16-bit"):
         _mapper()(_record(d, 2, (1, 3), 2.0))
@@ -160,8 +177,9 @@ def test_uniform_crops_cover_the_image():
     from elixir_d2.data.ct_mapper import choose_crop
 
     rng = np.random.RandomState(2)
-    starts = {choose_crop(12, 12, 10, np.array([[0.0, 0.0, 2.0, 2.0]]), 0.0, rng)[:2]
-              for _ in range(400)}
+    starts = {
+        choose_crop(12, 12, 10, np.array([[0.0, 0.0, 2.0, 2.0]]), 0.0, rng)[:2] for _ in range(400)
+    }
     assert starts == {(x, y) for x in range(3) for y in range(3)}  # every position, lesion or not
 
 
@@ -187,8 +205,16 @@ def test_opencv_resize_matches_bilinear_half_pixel_reference():
 
     img = np.random.RandomState(3).rand(20, 30, 3).astype(np.float32) * 255
     got = CVResizeTransform(20, 30, 33, 47).apply_image(img)
-    ref = F.interpolate(torch.from_numpy(img).permute(2, 0, 1)[None], size=(33, 47),
-                        mode="bilinear", align_corners=False)[0].permute(1, 2, 0).numpy()
+    ref = (
+        F.interpolate(
+            torch.from_numpy(img).permute(2, 0, 1)[None],
+            size=(33, 47),
+            mode="bilinear",
+            align_corners=False,
+        )[0]
+        .permute(1, 2, 0)
+        .numpy()
+    )
     np.testing.assert_allclose(got, ref, atol=0.02)
 
 

@@ -2,6 +2,7 @@
 the quickstart models' backbone features and box-head outputs on fixed proposals agree in
 float32 (TF32 off), and whole-image inference on CUDA returns finite detections on the GPU.
 Needs a CUDA device; the CPU-only suite covers the same code on the CPU."""
+
 import pytest
 import torch
 
@@ -11,14 +12,22 @@ from detectron2.structures import Boxes, Instances
 from elixir_d2 import load_config
 from elixir_d2.modeling.roi_heads import ElixirROIHeads
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
-                                reason="compares CUDA with the CPU: needs a CUDA device")
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="compares CUDA with the CPU: needs a CUDA device"
+)
 
-CONFIGS = ["configs/quickstart/fpn.yaml", "configs/quickstart/elixirnet.yaml",
-           "configs/quickstart/elixirnet_deformv2.yaml"]
+CONFIGS = [
+    "configs/quickstart/fpn.yaml",
+    "configs/quickstart/elixirnet.yaml",
+    "configs/quickstart/elixirnet_deformv2.yaml",
+]
 SIZE = 96
-BOXES = [[10.0, 12.0, 40.0, 44.0], [50.0, 20.0, 90.0, 60.0], [5.0, 60.0, 30.0, 90.0],
-         [30.0, 30.0, 70.0, 70.0]]
+BOXES = [
+    [10.0, 12.0, 40.0, 44.0],
+    [50.0, 20.0, 90.0, 60.0],
+    [5.0, 60.0, 30.0, 90.0],
+    [30.0, 30.0, 70.0, 70.0],
+]
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@ That is the route of real DeepLesion (datasets/README.md) and of the second synt
 docs/results/evidence.md (generator seed 1, "A second synthetic set"); the child process sees
 the folder only through the environment variable, as a user's ``train_net.py`` does.
 """
+
 import csv
 import json
 import os
@@ -29,8 +30,13 @@ print(json.dumps(out))
 
 def test_deeplesion_names_load_the_set_under_detectron2_datasets(tmp_path):
     datasets = tmp_path / "datasets"
-    generate_deeplesion(str(datasets / "DeepLesion"), num_patients=12, image_size=64, seed=1,
-                        slices_per_series=(6, 8))
+    generate_deeplesion(
+        str(datasets / "DeepLesion"),
+        num_patients=12,
+        image_size=64,
+        seed=1,
+        slices_per_series=(6, 8),
+    )
     # Expected from the CSV itself: lesions per key slice of the train (1) and test (3) splits.
     with open(datasets / "DeepLesion" / "DL_info.csv", encoding="utf-8", newline="") as f:
         rows = list(csv.DictReader(f))
@@ -41,8 +47,14 @@ def test_deeplesion_names_load_the_set_under_detectron2_datasets(tmp_path):
     assert expected["deeplesion_train"] and expected["deeplesion_test"]
 
     env = dict(os.environ, DETECTRON2_DATASETS=str(datasets), OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-c", _CHILD], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", _CHILD],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     loaded = json.loads(proc.stdout.strip().splitlines()[-1])
     for name, counts in expected.items():

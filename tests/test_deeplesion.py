@@ -1,4 +1,5 @@
 """DL_info.csv parsing, file-name mapping, grouping by key slice, box convention, errors."""
+
 import numpy as np
 import pytest
 
@@ -26,8 +27,9 @@ def test_file_name_to_folder_and_slice():
 
 
 def test_parse_all_columns_and_box_minus_one(dl_root):
-    csv_path = write_dl_info(dl_root,
-                             [dl_row(box=(11.5, 21, 31, 41.25), lesion_type=4, noisy=1, split=2)])
+    csv_path = write_dl_info(
+        dl_root, [dl_row(box=(11.5, 21, 31, 41.25), lesion_type=4, noisy=1, split=2)]
+    )
     (les,) = read_dl_info(csv_path)
     assert les["bbox"] == [10.5, 20.0, 30.0, 40.25]  # DL_info minus 1
     assert les["series_dir"] == "000001_01_01" and les["name_slice"] == 5 and les["key_slice"] == 5
@@ -64,8 +66,10 @@ def test_grouping_one_record_per_key_slice(dl_root):
 
 
 def test_typed_split_uses_lesion_type_as_category(dl_root):
-    write_dl_info(dl_root, [dl_row(lesion_type=5, split=2),
-                            dl_row(lesion_type=1, split=2, box=(40, 40, 50, 50))])
+    write_dl_info(
+        dl_root,
+        [dl_row(lesion_type=5, split=2), dl_row(lesion_type=1, split=2, box=(40, 40, 50, 50))],
+    )
     write_slice(dl_root, "000001_01_01", 5, BLANK)
     (rec,) = load_deeplesion_dicts(dl_root, "val", typed=True)
     assert [a["category_id"] for a in rec["annotations"]] == [4, 0]
@@ -102,8 +106,9 @@ def test_malformed_row_names_file_row_and_column(dl_root, over, column):
 
 
 def test_headerless_or_missing_columns(dl_root):
-    path = write_dl_info(dl_root, [dl_row()],
-                         columns=[c for c in dl_row() if c != "Spacing_mm_px_"])
+    path = write_dl_info(
+        dl_root, [dl_row()], columns=[c for c in dl_row() if c != "Spacing_mm_px_"]
+    )
     with pytest.raises(DeepLesionFormatError, match="Spacing_mm_px_"):
         read_dl_info(path)
 
@@ -117,8 +122,9 @@ def test_registration_names_and_metadata(dl_root):
     write_dl_info(dl_root, [dl_row(lesion_type=3, split=3)])
     write_slice(dl_root, "000001_01_01", 5, BLANK)
     names = register_deeplesion(dl_root, prefix="unittest_dl")
-    assert set(names) == {f"unittest_dl_{s}" for s in ("train", "val", "test", "val_typed",
-                                                       "test_typed")}
+    assert set(names) == {
+        f"unittest_dl_{s}" for s in ("train", "val", "test", "val_typed", "test_typed")
+    }
     assert MetadataCatalog.get("unittest_dl_test").thing_classes == ["lesion"]
     assert len(MetadataCatalog.get("unittest_dl_test_typed").thing_classes) == 8
     assert MetadataCatalog.get("unittest_dl_test").evaluator_type == "lesion"

@@ -1,6 +1,7 @@
 """--dicom-sr: a TID 1500 Comprehensive 3D SR per DICOM series, checked by dciodvfy (dicom3tools)
 and read back with highdicom / pydicom against the source images' own pixels and headers and
 against findings.csv; patient identifiers only under the SR subfolder; the refusals."""
+
 import csv
 import json
 import os
@@ -21,8 +22,12 @@ import predict_net
 from test_predict_io import FAKE_PHI, phantom, write_nifti
 from test_predict_net import OracleModel, fpn_weights, quickstart_cfg  # noqa: F401 (fixture)
 
-PHI = {"PatientName": FAKE_PHI["0010|0010"], "PatientID": FAKE_PHI["0010|0020"],
-       "PatientBirthDate": FAKE_PHI["0010|0030"], "AccessionNumber": FAKE_PHI["0008|0050"]}
+PHI = {
+    "PatientName": FAKE_PHI["0010|0010"],
+    "PatientID": FAKE_PHI["0010|0020"],
+    "PatientBirthDate": FAKE_PHI["0010|0030"],
+    "AccessionNumber": FAKE_PHI["0008|0050"],
+}
 INTERCEPT = -1024
 
 
@@ -65,8 +70,10 @@ def dciodvfy(path):
     """(errors, warnings) lines dciodvfy reports on ``path``."""
     run = subprocess.run(["dciodvfy", "-new", path], capture_output=True, text=True, timeout=60)
     lines = (run.stdout + run.stderr).splitlines()
-    return ([ln for ln in lines if ln.startswith("Error")],
-            [ln for ln in lines if ln.startswith("Warning")])
+    return (
+        [ln for ln in lines if ln.startswith("Error")],
+        [ln for ln in lines if ln.startswith("Warning")],
+    )
 
 
 def _findings_csv(path):
@@ -85,9 +92,13 @@ def _run(tmp_path, cases, **opts):
     cfg = quickstart_cfg()
     lo, hi = cfg.INPUT.HU_WINDOW
     out = str(tmp_path / "out")
-    summary = run_prediction(cfg, str(cases), out,
-                             PredictOptions(progress=False, dicom_sr=True, **opts),
-                             model=OracleModel((80 - lo) * 255 / (hi - lo)))
+    summary = run_prediction(
+        cfg,
+        str(cases),
+        out,
+        PredictOptions(progress=False, dicom_sr=True, **opts),
+        model=OracleModel((80 - lo) * 255 / (hi - lo)),
+    )
     return out, summary
 
 
@@ -106,12 +117,14 @@ def test_axial_series_sr_round_trips(tmp_path, capsys):
     vol = phantom(slices=7, lesion=(1, 5, 10, 22, 14, 30))
     cases = tmp_path / "cases"
     z = [100.0 + 2.5 * k for k in range(7)]
-    head_first = write_ct_series(cases / "head_first", vol, (1, 0, 0, 0, 1, 0),
-                                 [(-40.0, -30.0, zk) for zk in z])
+    head_first = write_ct_series(
+        cases / "head_first", vol, (1, 0, 0, 0, 1, 0), [(-40.0, -30.0, zk) for zk in z]
+    )
     # Feet first: rows run toward the patient's right; the reader flips the columns to LPS and
     # the SR must map the box back into the stored image's columns.
-    feet_first = write_ct_series(cases / "feet_first", vol, (-1, 0, 0, 0, 1, 0),
-                                 [(40.0, -30.0, zk) for zk in z])
+    feet_first = write_ct_series(
+        cases / "feet_first", vol, (-1, 0, 0, 0, 1, 0), [(40.0, -30.0, zk) for zk in z]
+    )
     write_nifti(cases / "volume.nii.gz", vol, spacing=(2.0, 2.0, 2.5))
     out, summary = _run(tmp_path, cases)
     assert summary["failed"] == [] and len(summary["cases"]) == 3
@@ -122,12 +135,17 @@ def test_axial_series_sr_round_trips(tmp_path, capsys):
         assert errors == [], errors
         sr, groups = _groups(path)
         assert sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
-        sources = {u: pydicom.dcmread(os.path.join(cases, case, f))
-                   for f in os.listdir(cases / case)
-                   for u in [pydicom.dcmread(os.path.join(cases, case, f)).SOPInstanceUID]}
+        sources = {
+            u: pydicom.dcmread(os.path.join(cases, case, f))
+            for f in os.listdir(cases / case)
+            for u in [pydicom.dcmread(os.path.join(cases, case, f)).SOPInstanceUID]
+        }
         src0 = sources[uids[0]]
         assert (sr.PatientName, sr.PatientID, sr.StudyInstanceUID) == (
-            src0.PatientName, src0.PatientID, src0.StudyInstanceUID)
+            src0.PatientName,
+            src0.PatientID,
+            src0.StudyInstanceUID,
+        )
         assert sr.SeriesInstanceUID != src0.SeriesInstanceUID
         rows = _findings_csv(f"{out}/{case}/findings.csv")
         assert len(groups) == len(rows) == 1
@@ -171,8 +189,13 @@ def test_coronal_series_region_is_scoord3d(tmp_path):
     # Source slices k along +y (posterior), rows along -z, columns along +x; 2 mm everywhere.
     vol = phantom(slices=20, lesion=(5, 10, 10, 22, 14, 30))
     cases = tmp_path / "cases"
-    write_ct_series(cases / "coronal", vol, (1, 0, 0, 0, 0, -1),
-                    [(-40.0, -20.0 + 2.0 * k, 60.0) for k in range(20)], spacing=(2.0, 2.0))
+    write_ct_series(
+        cases / "coronal",
+        vol,
+        (1, 0, 0, 0, 0, -1),
+        [(-40.0, -20.0 + 2.0 * k, 60.0) for k in range(20)],
+        spacing=(2.0, 2.0),
+    )
     out, summary = _run(tmp_path, cases)
     assert summary["failed"] == []
     path = f"{out}/coronal/dicom_sr/sr.dcm"
@@ -199,8 +222,12 @@ def test_coronal_series_region_is_scoord3d(tmp_path):
 def test_series_without_findings_says_so(tmp_path):
     """No finding: still an SR (the series was read), one TID 1501 group "Lesion: Absent"."""
     cases = tmp_path / "cases"
-    write_ct_series(cases / "clear", phantom(slices=6, lesion_hu=40), (1, 0, 0, 0, 1, 0),
-                    [(0.0, 0.0, 2.5 * k) for k in range(6)])
+    write_ct_series(
+        cases / "clear",
+        phantom(slices=6, lesion_hu=40),
+        (1, 0, 0, 0, 1, 0),
+        [(0.0, 0.0, 2.5 * k) for k in range(6)],
+    )
     out, summary = _run(tmp_path, cases)
     assert summary["cases"][0]["findings"] == 0
     path = f"{out}/clear/dicom_sr/sr.dcm"
@@ -217,8 +244,12 @@ def test_a_series_the_sr_cannot_be_built_from_fails_alone(tmp_path):
     named; the other series gets its SR."""
     cases = tmp_path / "cases"
     for name in ("good", "no_study_date"):
-        write_ct_series(cases / name, phantom(slices=6), (1, 0, 0, 0, 1, 0),
-                        [(0.0, 0.0, 2.5 * k) for k in range(6)])
+        write_ct_series(
+            cases / name,
+            phantom(slices=6),
+            (1, 0, 0, 0, 1, 0),
+            [(0.0, 0.0, 2.5 * k) for k in range(6)],
+        )
     for f in os.listdir(cases / "no_study_date"):
         ds = pydicom.dcmread(cases / "no_study_date" / f)
         del ds.StudyDate
@@ -236,18 +267,34 @@ def test_dicom_sr_refusals(tmp_path, monkeypatch, capsys, fpn_weights):  # noqa:
     cases = tmp_path / "cases"
     cases.mkdir()
     write_nifti(cases / "v.nii.gz", phantom())
-    rc = predict_net.main(["--config-file", "configs/quickstart/fpn.yaml", "--weights", fpn_weights,
-                           "--input", str(cases), "--output", str(tmp_path / "o0"), "--dicom-sr",
-                           "--no-progress"])
+    rc = predict_net.main(
+        [
+            "--config-file",
+            "configs/quickstart/fpn.yaml",
+            "--weights",
+            fpn_weights,
+            "--input",
+            str(cases),
+            "--output",
+            str(tmp_path / "o0"),
+            "--dicom-sr",
+            "--no-progress",
+        ]
+    )
     assert rc == 2 and "--dicom-sr: the input holds no DICOM series" in capsys.readouterr().err
     cfg = quickstart_cfg()
     with pytest.raises(DicomSRError, match="the input holds no DICOM series"):
         run_prediction(cfg, str(cases), str(tmp_path / "o1"), PredictOptions(dicom_sr=True))
-    write_ct_series(cases / "s", phantom(), (1, 0, 0, 0, 1, 0),
-                    [(0.0, 0.0, 2.5 * k) for k in range(6)])
+    write_ct_series(
+        cases / "s", phantom(), (1, 0, 0, 0, 1, 0), [(0.0, 0.0, 2.5 * k) for k in range(6)]
+    )
     with pytest.raises(DicomSRError, match="cannot be combined with --anonymize-ids"):
-        run_prediction(cfg, str(cases), str(tmp_path / "o2"),
-                       PredictOptions(dicom_sr=True, anonymize_ids=str(tmp_path / "ids.csv")))
+        run_prediction(
+            cfg,
+            str(cases),
+            str(tmp_path / "o2"),
+            PredictOptions(dicom_sr=True, anonymize_ids=str(tmp_path / "ids.csv")),
+        )
     monkeypatch.setitem(__import__("sys").modules, "highdicom", None)  # not installed
     with pytest.raises(DicomSRError, match=r"--dicom-sr needs highdicom: pip install"):
         run_prediction(cfg, str(cases), str(tmp_path / "o3"), PredictOptions(dicom_sr=True))

@@ -2,6 +2,7 @@
 an anchor, at a heading of that file (GitHub's anchors: lowercase, punctuation dropped, spaces to
 '-', '-1', '-2', ... for repeated headings). Covers README.md, datasets/README.md, docs/**/*.md
 and projects/**/README.md; links inside code (fenced blocks, backticks) are not links."""
+
 import re
 import unicodedata
 from pathlib import Path
@@ -72,12 +73,15 @@ def links(path):
 
 def test_slug_follows_github():
     assert slug("The evidence benchmark: three sets x 4 seeds, val then test") == (
-        "the-evidence-benchmark-three-sets-x-4-seeds-val-then-test")
+        "the-evidence-benchmark-three-sets-x-4-seeds-val-then-test"
+    )
     assert slug("`make demo` timing") == "make-demo-timing"
     assert slug("A first look at synthetic_v2 (val, two seeds)") == (
-        "a-first-look-at-synthetic_v2-val-two-seeds")
+        "a-first-look-at-synthetic_v2-val-two-seeds"
+    )
     assert slug("Several processes (--num-gpus, --num-machines)") == (
-        "several-processes---num-gpus---num-machines")
+        "several-processes---num-gpus---num-machines"
+    )
 
 
 @pytest.mark.parametrize("path", doc_files(), ids=lambda p: str(p.relative_to(ROOT)))

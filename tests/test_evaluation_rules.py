@@ -1,5 +1,6 @@
 """Evaluation rules: RTM models on untyped splits are scored by the binary lesion probability (one
 box per proposal), and Possibly_noisy lesions follow 3DCE's test loading."""
+
 import os
 import uuid
 
@@ -50,8 +51,12 @@ def _hand_built_predictions(types: int):
     """3 proposals on a 64x64 image, zero box deltas (boxes = proposals). P0 is the lesion: binary
     lesion probability .9, its type probability split evenly (.1 each, type 2 .12). P1 and P2 are
     false positives with binary .3 / .2 but one confident type each (.6 / .5)."""
-    proposals = Instances((64, 64), proposal_boxes=Boxes(torch.tensor(
-        [LESION, [40.0, 40.0, 50.0, 50.0], [40.0, 5.0, 50.0, 15.0]])))
+    proposals = Instances(
+        (64, 64),
+        proposal_boxes=Boxes(
+            torch.tensor([LESION, [40.0, 40.0, 50.0, 50.0], [40.0, 5.0, 50.0, 15.0]])
+        ),
+    )
     typed_p = torch.full((3, types + 1), 1e-6)
     typed_p[0, :types] = 0.1
     typed_p[0, 2] = 0.12
@@ -73,8 +78,12 @@ def test_rtm_on_untyped_split_scores_by_binary_probability_one_box_per_proposal(
         split = rtm_heads._rtm_inference(binary, typed, proposals)[0]
     # Per-type output: the lesion's proposal yields one box per type, ranked below both FPs.
     assert (split.pred_boxes.tensor == torch.tensor(LESION)).all(dim=1).sum() == types
-    split_froc = compute_froc([split.pred_boxes.tensor.numpy()], [split.scores.numpy()],
-                              [torch.tensor([LESION]).numpy()], fps=(1.0,))
+    split_froc = compute_froc(
+        [split.pred_boxes.tensor.numpy()],
+        [split.scores.numpy()],
+        [torch.tensor([LESION]).numpy()],
+        fps=(1.0,),
+    )
     assert split_froc["sensitivity"][1.0] == 0.0  # hit comes after the 2nd FP
     with pytest.raises(ValueError, match="untyped.*rtm_output_mode\\(model, 'binary'\\)"):
         _evaluate(name, {1: split}, fps=(1.0,))
@@ -104,8 +113,10 @@ def test_evaluator_reads_the_rtm_mode_field_not_the_scores():
     binary.rtm_typed = torch.zeros(1, dtype=torch.bool)
     assert _evaluate(name, {1: binary}, fps=(1.0,))["sens@1_iou"] == 100.0
     # On a typed split, typed output is what is wanted.
-    typed_split = _register([{"image_id": 1, "height": 64, "width": 64,
-                              "annotations": [_ann(LESION)]}], classes=("a", "b"))
+    typed_split = _register(
+        [{"image_id": 1, "height": 64, "width": 64, "annotations": [_ann(LESION)]}],
+        classes=("a", "b"),
+    )
     assert _evaluate(typed_split, {1: typed}, fps=(1.0,))["sens@1_iou"] == 100.0
 
 
@@ -122,24 +133,43 @@ def test_image_with_only_noisy_lesions_leaves_the_test_set_as_in_3dce():
     """Image 1: a real lesion hit at .9. Image 2: only a Possibly_noisy lesion, with detections
     .95 (on it) and .94. 3DCE drops image 2 (filter_roidb): 1 image, sensitivity 100 % at 0.5 FPs.
     Keeping it would make both its detections FPs ranked first: 0 % at 0.5 FPs over 2 images."""
-    name = _register([
-        {"image_id": 1, "height": 64, "width": 64, "annotations": [_ann(LESION)]},
-        {"image_id": 2, "height": 64, "width": 64,
-         "annotations": [_ann([40, 40, 50, 50], noisy=True)]},
-        {"image_id": 3, "height": 64, "width": 64, "annotations": []},  # no lesion at all: kept
-    ])
-    m = _evaluate(name,
-                  {1: _det([LESION], [0.9]),
-                   2: _det([[40, 40, 50, 50], [5, 40, 15, 50]], [0.95, 0.94]),
-                   3: _det([], [])}, fps=(0.5,))
+    name = _register(
+        [
+            {"image_id": 1, "height": 64, "width": 64, "annotations": [_ann(LESION)]},
+            {
+                "image_id": 2,
+                "height": 64,
+                "width": 64,
+                "annotations": [_ann([40, 40, 50, 50], noisy=True)],
+            },
+            {"image_id": 3, "height": 64, "width": 64, "annotations": []},  # no lesion at all: kept
+        ]
+    )
+    m = _evaluate(
+        name,
+        {
+            1: _det([LESION], [0.9]),
+            2: _det([[40, 40, 50, 50], [5, 40, 15, 50]], [0.95, 0.94]),
+            3: _det([], []),
+        },
+        fps=(0.5,),
+    )
     assert m["num_images"] == 2 and m["num_lesions"] == 1
     assert m["num_noisy_left_out"] == 1 and m["num_images_noisy_only_left_out"] == 1
     assert m["sens@0.5_iou"] == 100.0
 
 
 def test_detection_on_a_noisy_lesion_beside_a_real_one_is_a_false_positive():
-    name = _register([{"image_id": 1, "height": 64, "width": 64,
-                       "annotations": [_ann(LESION), _ann([40, 40, 50, 50], noisy=True)]}])
+    name = _register(
+        [
+            {
+                "image_id": 1,
+                "height": 64,
+                "width": 64,
+                "annotations": [_ann(LESION), _ann([40, 40, 50, 50], noisy=True)],
+            }
+        ]
+    )
     m = _evaluate(name, {1: _det([[40, 40, 50, 50], LESION], [0.95, 0.9])}, fps=(0.5, 1.0))
     assert m["num_images"] == 1 and m["num_lesions"] == 1
     assert m["sens@0.5_iou"] < 100.0 and m["sens@1_iou"] == 100.0  # the .95 counts as an FP

@@ -10,6 +10,7 @@ hand-written, random, written by search_net.py) building heads that hold the op 
 the new datasets through the mapper and LesionEvaluator (a hand-worked FROC). Every name the page
 registers is removed at the end. The registry's refusals: tests/test_alb_registry.py.
 """
+
 import importlib
 import json
 import os
@@ -53,16 +54,49 @@ FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
 FILE_HEADER = re.compile(r"# (\w+\.(?:py|yaml))(?: \(continued\))?$")
 SPACE, OP = "elixir_conv3", "conv_3x3"
 # The page's space written out: the paper's 9 ops in their order, then the new one.
-SPACE_OPS = ["none", "skip_connect", "avg_pool_3x3", "conv_1x1", "asym_conv_3", "dil_conv_3x3_r2",
-             "dil_conv_3x3_r3", "dw_conv_7x7", "region_nonlocal", OP]
+SPACE_OPS = [
+    "none",
+    "skip_connect",
+    "avg_pool_3x3",
+    "conv_1x1",
+    "asym_conv_3",
+    "dil_conv_3x3_r2",
+    "dil_conv_3x3_r3",
+    "dw_conv_7x7",
+    "region_nonlocal",
+    OP,
+]
 WINDOW = (-300.0, 500.0)  # the quickstart's INPUT.HU_WINDOW
 SLICES = 5  # per case of the page's format; pixel spacing and slice interval: the page's example
 # Tiny runs of the page's commands: 64 px, 2 images a step, few RoIs, one epoch / two iterations.
-TINY = ["INPUT.MAX_IMAGE_SIZE", "64", "SOLVER.IMS_PER_BATCH", "2", "SOLVER.BASE_LR", "0.01",
-        "SOLVER.WARMUP_ITERS", "1", "SOLVER.STEPS", "()", "SOLVER.CHECKPOINT_PERIOD", "1000",
-        "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "16", "MODEL.RPN.POST_NMS_TOPK_TRAIN", "64",
-        "MODEL.RPN.POST_NMS_TOPK_TEST", "32", "TEST.DETECTIONS_PER_IMAGE", "20",
-        "SEARCH.EPOCHS", "1", "SEARCH.WARMUP_EPOCHS", "0", "SEED", "0"]
+TINY = [
+    "INPUT.MAX_IMAGE_SIZE",
+    "64",
+    "SOLVER.IMS_PER_BATCH",
+    "2",
+    "SOLVER.BASE_LR",
+    "0.01",
+    "SOLVER.WARMUP_ITERS",
+    "1",
+    "SOLVER.STEPS",
+    "()",
+    "SOLVER.CHECKPOINT_PERIOD",
+    "1000",
+    "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE",
+    "16",
+    "MODEL.RPN.POST_NMS_TOPK_TRAIN",
+    "64",
+    "MODEL.RPN.POST_NMS_TOPK_TEST",
+    "32",
+    "TEST.DETECTIONS_PER_IMAGE",
+    "20",
+    "SEARCH.EPOCHS",
+    "1",
+    "SEARCH.WARMUP_EPOCHS",
+    "0",
+    "SEED",
+    "0",
+]
 MY_CT = ["DATASETS.TRAIN", "('my_ct_train',)", "DATASETS.TEST", "('my_ct_test',)"]
 
 
@@ -75,8 +109,11 @@ def doc_blocks():
 def doc_commands():
     """Each command of the page's bash blocks as an argv (continuations joined)."""
     text = "\n".join(body for lang, body in doc_blocks() if lang == "bash")
-    return [shlex.split(line, comments=True) for line in text.replace("\\\n", " ").splitlines()
-            if line.strip()]
+    return [
+        shlex.split(line, comments=True)
+        for line in text.replace("\\\n", " ").splitlines()
+        if line.strip()
+    ]
 
 
 def hu_volume(key, box):
@@ -102,8 +139,15 @@ def write_my_ct(ext, root):
         box = [cx - r, cy - r, cx + r, cy + r]
         case_id = f"p{k + 1:03d}"
         ext.write_slices(hu_volume(key, box), os.path.join(root, "slices", case_id))
-        cases.append(dict(example, id=case_id, split="train" if k < 4 else "test",
-                          num_slices=SLICES, lesions=[{"slice": key, "box": box}]))
+        cases.append(
+            dict(
+                example,
+                id=case_id,
+                split="train" if k < 4 else "test",
+                num_slices=SLICES,
+                lesions=[{"slice": key, "box": box}],
+            )
+        )
     with open(os.path.join(root, "cases.json"), "w", encoding="utf-8") as f:
         json.dump(cases, f)
     return cases
@@ -154,8 +198,13 @@ def test_the_page_has_its_files_and_the_scripts_wrap_the_entry_points(ext):
 
     import predict_net
 
-    assert set(ext.files) == {"my_extension.py", "my_train_net.py", "my_search_net.py",
-                              "my_predict_net.py", "conv3_genotype.yaml"}
+    assert set(ext.files) == {
+        "my_extension.py",
+        "my_train_net.py",
+        "my_search_net.py",
+        "my_predict_net.py",
+        "conv3_genotype.yaml",
+    }
     assert importlib.import_module("my_train_net").cli is train.cli
     assert importlib.import_module("my_search_net").cli is search.cli
     assert importlib.import_module("my_predict_net").predict_net is predict_net
@@ -173,8 +222,13 @@ def test_the_new_op_passes_check_alb_op_and_maps_shapes_as_a_head_needs(ext):
 
 def _search_head():
     torch.manual_seed(0)
-    return ALBSearchHead(ShapeSpec(channels=16, height=7, width=7), space=SPACE, channels=4,
-                         stem_channels=16, norm="BN")
+    return ALBSearchHead(
+        ShapeSpec(channels=16, height=7, width=7),
+        space=SPACE,
+        channels=4,
+        stem_channels=16,
+        norm="BN",
+    )
 
 
 def test_a_searchable_head_of_the_new_space_runs_the_op_on_every_edge(ext):
@@ -196,8 +250,9 @@ def test_a_searchable_head_of_the_new_space_runs_the_op_on_every_edge(ext):
     features.square().mean().backward()
     assert head.alpha_normal.grad[:, col].abs().min() > 0
     assert head.alpha_reduce.grad[:, col].abs().min() > 0
-    assert all(m.conv.weight.grad.abs().sum() > 0 for m in head.modules()
-               if isinstance(m, ext.Conv3x3))
+    assert all(
+        m.conv.weight.grad.abs().sum() > 0 for m in head.modules() if isinstance(m, ext.Conv3x3)
+    )
 
 
 def _train_step(head, x, counts):
@@ -231,11 +286,17 @@ def test_genotypes_that_use_the_op_build_heads_holding_it_and_train(ext, tmp_pat
     hand = load_genotype("conv3_genotype.yaml")  # the page's hand-written genotype
     assert hand.space == SPACE
     for genotype in (derived, hand):
-        alb = ALBHead(ShapeSpec(channels=16, height=7, width=7), genotype=genotype, channels=4,
-                      stem_channels=16, norm="BN")
+        alb = ALBHead(
+            ShapeSpec(channels=16, height=7, width=7),
+            genotype=genotype,
+            channels=4,
+            stem_channels=16,
+            norm="BN",
+        )
         # One ALB and two ALB_r: the op's pairs in "normal" once, those in "reduce" twice.
         expected = sum(op == OP for op, _ in genotype.normal) + 2 * sum(
-            op == OP for op, _ in genotype.reduce)
+            op == OP for op, _ in genotype.reduce
+        )
         assert sum(isinstance(m, ext.Conv3x3) for m in alb.modules()) == expected > 0
         loss, moved = _train_step(alb, torch.randn(5, 16, 7, 7), [3, 2])
         assert np.isfinite(loss) and moved
@@ -252,10 +313,20 @@ def test_the_random_command_through_the_wrapper_script(ext):
     """The page's --random command as a command line: only my_search_net.py's import of
     my_extension makes the space known to that process."""
     argv = next(c for c in doc_commands() if "--random" in c)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]),
-               DETECTRON2_DATASETS=str(ext.tmp / "datasets"), OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, *argv[1:]], cwd=ext.tmp, env=env, capture_output=True,
-                          text=True, timeout=300)
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]),
+        DETECTRON2_DATASETS=str(ext.tmp / "datasets"),
+        OMP_NUM_THREADS="1",
+    )
+    proc = subprocess.run(
+        [sys.executable, *argv[1:]],
+        cwd=ext.tmp,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = argv[argv.index("OUTPUT_DIR") + 1]
     seed = int(argv[argv.index("SEED") + 1])
@@ -305,9 +376,11 @@ def test_own_format_records_and_what_the_mapper_makes_of_them(ext):
     np.testing.assert_allclose(image[:, 0, 0].numpy(), expected, rtol=1e-5)
     train = CTDatasetMapper(cfg, is_train=True, flip_prob=0.0)(record)["instances"]
     # the 192 px lesion crop holds the whole slice: the box only follows the resampling
-    np.testing.assert_allclose(train.gt_boxes.tensor.numpy(),
-                               [np.multiply(record["annotations"][0]["bbox"], side / SIZE)],
-                               atol=1e-3)
+    np.testing.assert_allclose(
+        train.gt_boxes.tensor.numpy(),
+        [np.multiply(record["annotations"][0]["bbox"], side / SIZE)],
+        atol=1e-3,
+    )
 
 
 def test_lesion_evaluator_on_the_own_format_hand_worked(ext):
@@ -320,9 +393,12 @@ def test_lesion_evaluator_on_the_own_format_hand_worked(ext):
     evaluator = LesionEvaluator("my_ct_test", None, distributed=False)
     evaluator.reset()
     for record, (boxes, scores) in zip(records, preds):
-        inst = Instances((SIZE, SIZE), pred_boxes=Boxes(torch.tensor(boxes)),
-                         scores=torch.tensor(scores), pred_classes=torch.zeros(len(scores),
-                                                                                dtype=torch.int64))
+        inst = Instances(
+            (SIZE, SIZE),
+            pred_boxes=Boxes(torch.tensor(boxes)),
+            scores=torch.tensor(scores),
+            pred_classes=torch.zeros(len(scores), dtype=torch.int64),
+        )
         evaluator.process([record], [{"instances": inst}])
     m = evaluator.evaluate()["lesion"]
     for crit in ("iou", "iobb"):
@@ -348,8 +424,12 @@ def _out(argv):
 def test_the_pages_commands_search_train_predict_and_evaluate(ext):
     search, from_search, random_cmd, by_hand, predict, fpn = doc_commands()
     assert [c[1] for c in (search, from_search, by_hand, predict, fpn)] == [
-        "my_search_net.py", "my_train_net.py", "my_train_net.py", "my_predict_net.py",
-        "my_train_net.py"]
+        "my_search_net.py",
+        "my_train_net.py",
+        "my_train_net.py",
+        "my_predict_net.py",
+        "my_train_net.py",
+    ]
     assert "--random" in random_cmd and "conv3_genotype.yaml" in by_hand
     _run(search, *MY_CT, "MODEL.WEIGHTS", "")  # no trained FPN here: random frozen parts
     searched = load_genotype(os.path.join(_out(search), "genotype.yaml"))
@@ -362,8 +442,10 @@ def test_the_pages_commands_search_train_predict_and_evaluate(ext):
     assert ckpt["alb_genotype"] == searched.to_dict()
     for argv in (by_hand, fpn):
         _run(argv, *MY_CT, "SOLVER.MAX_ITER", "2")
-        with open(os.path.join(_out(argv), "inference", "my_ct_test", "lesion_metrics.json"),
-                  encoding="utf-8") as f:
+        with open(
+            os.path.join(_out(argv), "inference", "my_ct_test", "lesion_metrics.json"),
+            encoding="utf-8",
+        ) as f:
             metrics = json.load(f)
         assert metrics["counts"]["num_images"] == 2 and metrics["counts"]["num_lesions"] == 2
         assert all(0.0 <= metrics["metrics"][f"sens@{f}_iou"] <= 100.0 for f in (0.5, 1, 4, 8))
@@ -373,7 +455,8 @@ def test_the_pages_commands_search_train_predict_and_evaluate(ext):
     # Only a Conv3x3 has a "conv" of its own among the ops (the built-in convs are "convs.k"):
     # the checkpoint holds one per pair of the op, in one ALB and two ALB_r.
     n_conv = sum(op == OP for op, _ in hand["normal"]) + 2 * sum(
-        op == OP for op, _ in hand["reduce"])
+        op == OP for op, _ in hand["reduce"]
+    )
     conv = re.compile(r"roi_heads\.box_head\.blocks\.\d+\.ops\.\d+\.conv\.weight")
     assert sum(bool(conv.fullmatch(k)) for k in ckpt["model"]) == n_conv == 6
     # Prediction takes the genotype (space elixir_conv3) from that checkpoint.
@@ -385,5 +468,8 @@ def test_the_pages_commands_search_train_predict_and_evaluate(ext):
     case = summary["cases"][0]
     spacing = float(predict[predict.index("--spacing") + 1])
     side = round(SIZE * spacing / 0.75)  # resampled to the quickstart's 0.75 mm: 60 px
-    assert (case["case"], case["slices"], case["model_input_size"]) == ("p001", SLICES,
-                                                                       [[side, side]])
+    assert (case["case"], case["slices"], case["model_input_size"]) == (
+        "p001",
+        SLICES,
+        [[side, side]],
+    )

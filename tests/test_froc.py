@@ -1,5 +1,6 @@
 """compute_froc against hand-computed cases, a brute-force reference and properties
 (docs/design.md, Evaluation protocol)."""
+
 import importlib.util
 import math
 import os
@@ -55,16 +56,20 @@ def reference_froc(pred_boxes, pred_scores, gt_boxes, fps, criterion="iou", thre
     for f, h in points:  # repeated FP values: keep the highest sensitivity
         best[f] = max(best.get(f, 0), h)
     xs = np.array(sorted(best), dtype=float) / max(n_img, 1)
-    ys = (np.array([best[f] for f in sorted(best)], dtype=float) / n_gt if n_gt
-          else np.zeros(len(best)))
+    ys = (
+        np.array([best[f] for f in sorted(best)], dtype=float) / n_gt
+        if n_gt
+        else np.zeros(len(best))
+    )
     return {f: float(np.interp(f, xs, ys)) for f in fps}, xs, ys
 
 
 # ---------------------------------------------------------------- hand-computed cases
 def test_one_box_hits_two_lesions():
     # IoU 100/110 and 110/120 with two nested lesions: both are hit by the one box.
-    r = compute_froc([B([0, 0, 10, 11])], [S(0.9)], [B([0, 0, 10, 10], [0, 0, 10, 12])],
-                     fps=(0.5, 1))
+    r = compute_froc(
+        [B([0, 0, 10, 11])], [S(0.9)], [B([0, 0, 10, 10], [0, 0, 10, 12])], fps=(0.5, 1)
+    )
     assert r["num_hits"] == 2 and r["num_fp"] == 0
     assert r["sensitivity"] == {0.5: 1.0, 1.0: 1.0}
 
@@ -117,15 +122,17 @@ def test_score_ties_keep_input_order():
         # FP first: curve (0, 0), (.5, .5); hit first: (0, .5), (.5, .5).
         assert r["sensitivity"][0.25] == expected
     # Ties inside one image: the earlier detection is ranked first too.
-    r = compute_froc([B([50, 50, 60, 60], [0, 0, 10, 10])], [S(0.5, 0.5)], [B([0, 0, 10, 10])],
-                     fps=(0.5,))
+    r = compute_froc(
+        [B([50, 50, 60, 60], [0, 0, 10, 10])], [S(0.5, 0.5)], [B([0, 0, 10, 10])], fps=(0.5,)
+    )
     np.testing.assert_array_equal(r["sens_curve"], [0.0, 1.0])
     assert r["sensitivity"][0.5] == 0.5
 
 
 def test_fp_point_beyond_the_curve_takes_the_last_sensitivity():
-    r = compute_froc([B([50, 50, 60, 60], [0, 0, 10, 10])], [S(0.9, 0.8)],
-                     [B([0, 0, 10, 10], [30, 30, 40, 40])])
+    r = compute_froc(
+        [B([50, 50, 60, 60], [0, 0, 10, 10])], [S(0.9, 0.8)], [B([0, 0, 10, 10], [30, 30, 40, 40])]
+    )
     assert r["max_fp_per_image"] == 1.0
     assert r["sensitivity"][0.5] == 0.25  # halfway between (0, 0) and (1, 0.5)
     assert r["sensitivity"][8.0] == 0.5 and r["sensitivity"][1.0] == 0.5
@@ -252,8 +259,14 @@ def _authors_overlap(d, g, criterion):
 def authors_froc(pred_boxes, pred_scores, gt_boxes, criterion, threshold=0.5):
     """Their FROC(): one curve point (FPs / images, hits / lesions) after every detection."""
     n_img = len(pred_boxes)
-    dets = sorted(((float(s), i, list(b)) for i in range(n_img)
-                   for b, s in zip(pred_boxes[i], pred_scores[i])), key=lambda t: -t[0])
+    dets = sorted(
+        (
+            (float(s), i, list(b))
+            for i in range(n_img)
+            for b, s in zip(pred_boxes[i], pred_scores[i])
+        ),
+        key=lambda t: -t[0],
+    )
     hit = [[False] * len(g) for g in gt_boxes]
     n_hits = n_miss = 0
     tps, fps = [], []
@@ -329,8 +342,9 @@ def test_deeplesion_mode_equals_the_authors_algorithm(seed, criterion):
     assert fp_per_img[0] <= fps[0] and fp_per_img[-1] < fps[-1]  # in range, and past the end
     dl = compute_froc(boxes, scores, gts, fps=fps, criterion=criterion, convention="deeplesion")
     for f in fps:
-        assert dl["sensitivity"][f] == pytest.approx(mulan_sens_at_fp(sens, fp_per_img, f),
-                                                     abs=1e-12), f
+        assert dl["sensitivity"][f] == pytest.approx(
+            mulan_sens_at_fp(sens, fp_per_img, f), abs=1e-12
+        ), f
     assert dl["num_hits"] == round(sens[-1] * dl["num_gt"])
     assert dl["num_fp"] == round(fp_per_img[-1] * len(gts))
     # The case tells the conventions apart (else the equality above would prove little).
@@ -396,8 +410,13 @@ def test_invariant_to_image_order(dataset, rnd):
     rnd.shuffle(perm)
     for criterion in ("iou", "iobb"):
         a = compute_froc(boxes, scores, gts, fps=FPS, criterion=criterion)
-        b = compute_froc([boxes[i] for i in perm], [scores[i] for i in perm],
-                         [gts[i] for i in perm], fps=FPS, criterion=criterion)
+        b = compute_froc(
+            [boxes[i] for i in perm],
+            [scores[i] for i in perm],
+            [gts[i] for i in perm],
+            fps=FPS,
+            criterion=criterion,
+        )
         assert a["sensitivity"] == b["sensitivity"]
         np.testing.assert_array_equal(a["sens_curve"], b["sens_curve"])
 
@@ -412,8 +431,18 @@ def test_iobb_at_least_iou(dataset):
 
 
 @settings(max_examples=60, deadline=None)
-@given(_dataset.flatmap(lambda d: st.tuples(st.just(d), st.lists(
-    st.integers(0, 2), min_size=sum(len(g) for _, g in d), max_size=sum(len(g) for _, g in d)))))
+@given(
+    _dataset.flatmap(
+        lambda d: st.tuples(
+            st.just(d),
+            st.lists(
+                st.integers(0, 2),
+                min_size=sum(len(g) for _, g in d),
+                max_size=sum(len(g) for _, g in d),
+            ),
+        )
+    )
+)
 def test_groups_add_up_to_the_overall_sensitivity(data):
     dataset, flat_groups = data
     boxes, scores, gts = _arrays(dataset)
@@ -428,7 +457,8 @@ def test_groups_add_up_to_the_overall_sensitivity(data):
 def test_speed_benchmark_script_runs(capsys):
     # The real timing (5,000 x 100, <= 2 s) is the benchmark's job; here only that it works.
     spec = importlib.util.spec_from_file_location(
-        "froc_speed", os.path.join(REPO, "projects", "benchmarks", "froc_speed.py"))
+        "froc_speed", os.path.join(REPO, "projects", "benchmarks", "froc_speed.py")
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     medians = module.main(["--images", "200", "--runs", "1"])

@@ -7,6 +7,7 @@ resolve a genotype, and while the checkpointer saves and loads one: each module 
 from one module only (so no module calls back up), the training command must hand the genotype
 to one call, and that chain must be the layering above.
 """
+
 import argparse
 import ast
 import os
@@ -92,19 +93,32 @@ def _callers(calls: List[Call]) -> dict:
 
 def _swap_dilation(g: Genotype) -> Genotype:
     swap = {"dil_conv_3x3_r2": "dil_conv_3x3_r3", "dil_conv_3x3_r3": "dil_conv_3x3_r2"}
-    return Genotype(normal=tuple((swap.get(o, o), i) for o, i in g.normal), reduce=g.reduce,
-                    space=g.space, branches=g.branches)
+    return Genotype(
+        normal=tuple((swap.get(o, o), i) for o, i in g.normal),
+        reduce=g.reduce,
+        space=g.space,
+        branches=g.branches,
+    )
 
 
 def _head(genotype: Genotype) -> ALBHead:
-    return ALBHead(ShapeSpec(channels=16, height=7, width=7), genotype=genotype, channels=4,
-                   stem_channels=16, norm="GN")
+    return ALBHead(
+        ShapeSpec(channels=16, height=7, width=7),
+        genotype=genotype,
+        channels=4,
+        stem_channels=16,
+        norm="GN",
+    )
 
 
 def _genotype_chain(tmp_path, eval_only: bool, opts: List[str]) -> Tuple[List[Call], dict]:
     """The calls of train's check_inputs that reach the genotype owner, and the config."""
-    args = argparse.Namespace(config_file=ALB_QS, opts=opts + ["OUTPUT_DIR", str(tmp_path)],
-                              resume=False, eval_only=eval_only)
+    args = argparse.Namespace(
+        config_file=ALB_QS,
+        opts=opts + ["OUTPUT_DIR", str(tmp_path)],
+        resume=False,
+        eval_only=eval_only,
+    )
     result = {}
     calls = _crossing_calls(lambda: result.update(cfg=train.check_inputs(args)))
     reaching = [g for g in _groups_below(calls, TRAIN) if any(c[1] == OWNER for c in g)]
@@ -122,13 +136,18 @@ def test_eval_config_reaches_the_checkpoint_genotype_one_way(tmp_path):
     stored = _swap_dilation(load_genotype(FIGURE3))  # not the config file's: it must come from
     AtomicCheckpointer(_head(stored), str(tmp_path)).save("model_final")  # the checkpoint
     weights = str(tmp_path / "model_final.pth")
-    chain, cfg = _genotype_chain(tmp_path, True,
-                                 ["MODEL.ALB.GENOTYPE", "", "MODEL.WEIGHTS", weights])
+    chain, cfg = _genotype_chain(
+        tmp_path, True, ["MODEL.ALB.GENOTYPE", "", "MODEL.WEIGHTS", weights]
+    )
     assert yaml.safe_load(cfg.MODEL.ALB.GENOTYPE_YAML) == stored.to_dict()
     _assert_one_way(chain)
     assert chain[0][:2] == (TRAIN, SOURCE) and chain[0][2] == "resolve_genotype_config"
     assert {(a, b) for a, b, _ in chain} == {
-        (TRAIN, SOURCE), (SOURCE, PTH), (SOURCE, OWNER), (OWNER, SPACES)}
+        (TRAIN, SOURCE),
+        (SOURCE, PTH),
+        (SOURCE, OWNER),
+        (OWNER, SPACES),
+    }
 
 
 def test_training_config_reaches_the_file_genotype_one_way(tmp_path):
@@ -162,7 +181,7 @@ def _package_imports(relpath: str) -> set:
             base = here[: len(here) - (node.level - 1)]
             found.add("/".join(base + (node.module or "").split(".")).strip("/"))
         elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("elixir_d2."):
-            found.add(node.module[len("elixir_d2."):].replace(".", "/"))
+            found.add(node.module[len("elixir_d2.") :].replace(".", "/"))
     return found
 
 

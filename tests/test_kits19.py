@@ -1,5 +1,6 @@
 """KiTS19: connected-component boxes from known masks, NIfTI reading (both slice layouts), errors,
 the PNG cache (idempotent), the 80/20 patient split and registration."""
+
 import json
 import os
 from collections import deque
@@ -38,29 +39,28 @@ def test_single_pixel_box_is_one_pixel_wide():
 
 
 def test_diagonal_pixels_join_under_8_connectivity():
-    m = mask_from(["#...",
-                   ".#..",
-                   "..#.",
-                   "...."])
+    m = mask_from(["#...", ".#..", "..#.", "...."])
     assert component_boxes(m) == [[0.0, 0.0, 3.0, 3.0]]
 
 
 def test_u_shape_merges_two_runs_that_start_apart():
-    m = mask_from(["#...#",
-                   "#...#",
-                   "#####"])
+    m = mask_from(["#...#", "#...#", "#####"])
     labels, n = label_components(m)
     assert n == 1
     assert component_boxes(m) == [[0.0, 0.0, 5.0, 3.0]]
 
 
 def test_separate_components_boxes_in_raster_order():
-    m = mask_from([".....##",
-                   "##...##",
-                   "##.....",
-                   ".......",
-                   "...#.#.",  # one-column gap: two components
-                   "......."])
+    m = mask_from(
+        [
+            ".....##",
+            "##...##",
+            "##.....",
+            ".......",
+            "...#.#.",  # one-column gap: two components
+            ".......",
+        ]
+    )
     assert component_boxes(m) == [
         [5.0, 0.0, 7.0, 2.0],  # first pixel at row 0
         [0.0, 1.0, 2.0, 3.0],
@@ -171,9 +171,11 @@ def test_shape_mismatch_names_case_and_files(tmp_path):
     img = sitk.GetImageFromArray(seg[:, :, :20])
     img.SetSpacing(SPACING_XYZ)
     sitk.WriteImage(img, os.path.join(case_dir, "segmentation.nii.gz"), True)
-    with pytest.raises(KiTS19Error,
-                       match=r"case_00003: image and mask shapes "
-                             r"differ.*imaging.nii.gz.*segmentation"):
+    with pytest.raises(
+        KiTS19Error,
+        match=r"case_00003: image and mask shapes "
+        r"differ.*imaging.nii.gz.*segmentation",
+    ):
         case_records(case_dir)
 
 
@@ -191,12 +193,14 @@ def test_missing_unreadable_and_bad_labels(tmp_path):
         case_records(case_dir)
     with open(seg_path, "wb") as f:
         f.write(b"not a nifti at all")
-    with pytest.raises(KiTS19Error,
-                       match=r"cannot read case_00001 segmentation .*segmentation.nii.gz"):
+    with pytest.raises(
+        KiTS19Error, match=r"cannot read case_00001 segmentation .*segmentation.nii.gz"
+    ):
         case_records(case_dir)
     os.remove(seg_path)
-    with pytest.raises(FileNotFoundError,
-                       match=r"case_00001 segmentation not found: .*segmentation.nii.gz"):
+    with pytest.raises(
+        FileNotFoundError, match=r"case_00001 segmentation not found: .*segmentation.nii.gz"
+    ):
         case_records(case_dir)
 
 
@@ -220,15 +224,21 @@ def test_prepare_cache_is_idempotent_and_loads_by_split(tmp_path):
         write_case(str(root / "data" / f"case_{i:05d}"), hu, seg, "kits" if i % 2 else "standard")
     cache = str(tmp_path / "cache")
     s1 = prepare_kits19(str(root), cache)
-    assert s1 == {"cases": 5, "decoded": 5, "tumour_slices": 10, "boxes": 15,
-                  "cases_without_tumour": []}
+    assert s1 == {
+        "cases": 5,
+        "decoded": 5,
+        "tumour_slices": 10,
+        "boxes": 15,
+        "cases_without_tumour": [],
+    }
     png = os.path.join(cache, "case_00001", "003.png")
     arr = np.array(Image.open(png))
     with open(png, "rb") as f:
         assert f.read(26)[24:26] == b"\x10\x00"  # IHDR: 16-bit grayscale
     np.testing.assert_array_equal(arr, hu[3].astype(np.int32) + 32768)
-    assert (sorted(os.listdir(os.path.join(cache, "case_00001")))
-            == [f"{z:03d}.png" for z in range(6)] + ["case.json"])
+    assert sorted(os.listdir(os.path.join(cache, "case_00001"))) == [
+        f"{z:03d}.png" for z in range(6)
+    ] + ["case.json"]
     mtime = os.path.getmtime(png)
     with open(os.path.join(cache, "records.json"), encoding="utf-8") as f:
         first = f.read()
@@ -242,11 +252,14 @@ def test_prepare_cache_is_idempotent_and_loads_by_split(tmp_path):
     train_cases = {r["case"][:10] for r in train}
     test_cases = {r["case"][:10] for r in test}
     assert (len(train_cases), len(test_cases)) == (4, 1) and not train_cases & test_cases
-    assert (sorted(train_cases), sorted(test_cases)) == split_cases([f"case_{i:05d}"
-                                                                     for i in range(5)])
+    assert (sorted(train_cases), sorted(test_cases)) == split_cases(
+        [f"case_{i:05d}" for i in range(5)]
+    )
     for r in train + test:
-        assert (os.path.isfile(r["file_name"])
-                and r["file_name"] == f"{r['slice_dir']}/{r['slice_idx']:03d}.png")
+        assert (
+            os.path.isfile(r["file_name"])
+            and r["file_name"] == f"{r['slice_dir']}/{r['slice_idx']:03d}.png"
+        )
         assert [a["bbox"] for a in r["annotations"]] == EXPECTED[r["slice_idx"]]
         assert r["annotations"][0]["bbox_mode"] == BoxMode.XYXY_ABS
 
@@ -265,11 +278,14 @@ def test_register_and_missing_cache_message(tmp_path):
     assert names == ["kits19_unit_train", "kits19_unit_test"]
     meta = MetadataCatalog.get("kits19_unit_train")
     assert meta.thing_classes == ["lesion"] and meta.evaluator_type == "lesion"
-    with pytest.raises(FileNotFoundError,
-                       match=r"python -m elixir_d2.data.kits19 --root .* --cache .*cache"):
+    with pytest.raises(
+        FileNotFoundError, match=r"python -m elixir_d2.data.kits19 --root .* --cache .*cache"
+    ):
         DatasetCatalog.get("kits19_unit_train")
     prepare_kits19(str(tmp_path), str(tmp_path / "cache"))
-    assert (len(DatasetCatalog.get("kits19_unit_train")) == 2
-            and len(DatasetCatalog.get("kits19_unit_test")) == 2)
+    assert (
+        len(DatasetCatalog.get("kits19_unit_train")) == 2
+        and len(DatasetCatalog.get("kits19_unit_test")) == 2
+    )
     with open(tmp_path / "cache" / "records.json", encoding="utf-8") as f:
         assert json.load(f)["cases"] == ["case_00000", "case_00001"]

@@ -1,4 +1,5 @@
 """LesionEvaluator on hand-made datasets: hand-computed metrics, files, typed sets, gloo gather."""
+
 import json
 import math
 import os
@@ -21,8 +22,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _ann(box, diameter=None, noisy=False, category_id=0):
-    ann = {"bbox": list(map(float, box)), "bbox_mode": BoxMode.XYXY_ABS, "category_id": category_id,
-           "lesion_type": category_id + 1, "noisy": noisy}
+    ann = {
+        "bbox": list(map(float, box)),
+        "bbox_mode": BoxMode.XYXY_ABS,
+        "category_id": category_id,
+        "lesion_type": category_id + 1,
+        "noisy": noisy,
+    }
     if diameter is not None:
         ann["diameter_mm"] = (float(diameter), float(diameter) / 2)
     return ann
@@ -31,12 +37,27 @@ def _ann(box, diameter=None, noisy=False, category_id=0):
 def binary_records():
     """4 images; image 1 also holds a Possibly_noisy lesion, image 4 none."""
     return [
-        {"image_id": 11, "height": 200, "width": 200, "file_name": "a.png",
-         "annotations": [_ann([10, 10, 30, 30], 8), _ann([50, 50, 70, 70], 12, noisy=True)]},
-        {"image_id": 12, "height": 200, "width": 200, "file_name": "b.png",
-         "annotations": [_ann([100, 100, 140, 140], 20)]},
-        {"image_id": 13, "height": 200, "width": 200, "file_name": "c.png",
-         "annotations": [_ann([0, 0, 60, 60], 40)]},
+        {
+            "image_id": 11,
+            "height": 200,
+            "width": 200,
+            "file_name": "a.png",
+            "annotations": [_ann([10, 10, 30, 30], 8), _ann([50, 50, 70, 70], 12, noisy=True)],
+        },
+        {
+            "image_id": 12,
+            "height": 200,
+            "width": 200,
+            "file_name": "b.png",
+            "annotations": [_ann([100, 100, 140, 140], 20)],
+        },
+        {
+            "image_id": 13,
+            "height": 200,
+            "width": 200,
+            "file_name": "c.png",
+            "annotations": [_ann([0, 0, 60, 60], 40)],
+        },
         {"image_id": 14, "height": 200, "width": 200, "file_name": "d.png", "annotations": []},
     ]
 
@@ -57,11 +78,23 @@ def binary_predictions():
 
 def typed_records():
     return [
-        {"image_id": 1, "height": 200, "width": 200, "file_name": "a.png",
-         "annotations": [_ann([0, 0, 10, 10], category_id=0),
-                         _ann([50, 50, 60, 60], category_id=1)]},
-        {"image_id": 2, "height": 200, "width": 200, "file_name": "b.png",
-         "annotations": [_ann([0, 0, 10, 10], category_id=1)]},
+        {
+            "image_id": 1,
+            "height": 200,
+            "width": 200,
+            "file_name": "a.png",
+            "annotations": [
+                _ann([0, 0, 10, 10], category_id=0),
+                _ann([50, 50, 60, 60], category_id=1),
+            ],
+        },
+        {
+            "image_id": 2,
+            "height": 200,
+            "width": 200,
+            "file_name": "b.png",
+            "annotations": [_ann([0, 0, 10, 10], category_id=1)],
+        },
     ]
 
 
@@ -111,8 +144,15 @@ def test_binary_metrics_match_hand_computation(binary_name, tmp_path):
     res = run(ev, binary_predictions(), [14, 12, 13, 11])  # processing order must not matter
     m = res["lesion"]
     third = 100.0 / 3
-    iou = {"0.5": third, "1": 2 * third, "2": 2 * third, "3": 2 * third, "4": 2 * third, "6": 100.0,
-           "8": 100.0}
+    iou = {
+        "0.5": third,
+        "1": 2 * third,
+        "2": 2 * third,
+        "3": 2 * third,
+        "4": 2 * third,
+        "6": 100.0,
+        "8": 100.0,
+    }
     iobb = {"0.5": third, "1": 100.0, "2": 100.0, "3": 100.0, "4": 100.0, "6": 100.0, "8": 100.0}
     for f in iou:
         assert m[f"sens@{f}_iou"] == pytest.approx(iou[f]), f
@@ -130,12 +170,15 @@ def test_binary_metrics_match_hand_computation(binary_name, tmp_path):
     # Files: froc.csv (paper layout), lesion_metrics.json, froc.png.
     text = (tmp_path / "froc.csv").read_text(encoding="utf-8")
     rows = [line.split(",") for line in text.strip().splitlines()]
-    assert (rows[0][:3] == ["criterion", "sens@0.5", "sens@1"]
-            and [r[0] for r in rows[1:]] == ["iou", "iobb"])
+    assert rows[0][:3] == ["criterion", "sens@0.5", "sens@1"] and [r[0] for r in rows[1:]] == [
+        "iou",
+        "iobb",
+    ]
     assert float(rows[1][2]) == pytest.approx(2 * third, abs=1e-4)
     payload = json.loads((tmp_path / "lesion_metrics.json").read_text(encoding="utf-8"))
-    assert (payload["counts"]["num_noisy_left_out"] == 1
-            and payload["counts"]["num_detections"] == 20)
+    assert (
+        payload["counts"]["num_noisy_left_out"] == 1 and payload["counts"]["num_detections"] == 20
+    )
     assert payload["max_fp_per_image"] == {"iou": 17 / 4, "iobb": 16 / 4}
     assert payload["per_size_sens@3_iou"]["size>30"] == 0.0
     assert (tmp_path / "froc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -152,8 +195,11 @@ def test_froc_inputs_file_holds_what_was_evaluated(binary_name, tmp_path):
     for r, patient in zip(records, (5, 5, 6, 7)):
         r["patient"] = patient
     name = register(f"lesion_eval_patients_{uuid.uuid4().hex[:8]}", records, ["lesion"])
-    run(LesionEvaluator(name, str(tmp_path), distributed=False), binary_predictions(),
-        [14, 12, 13, 11])
+    run(
+        LesionEvaluator(name, str(tmp_path), distributed=False),
+        binary_predictions(),
+        [14, 12, 13, 11],
+    )
     got = read_froc_inputs(str(tmp_path / "froc_inputs.json"))
     assert got.image_ids == [11, 12, 13, 14] and got.patients == [5, 5, 6, 7]
     assert got.convention == "continuous"
@@ -161,8 +207,11 @@ def test_froc_inputs_file_holds_what_was_evaluated(binary_name, tmp_path):
     assert got.gt_boxes[0].tolist() == [[10, 10, 30, 30]]
     assert [len(s) for s in got.pred_scores] == [2, 2, 2, 14]
     res = compute_froc(got.pred_boxes, got.pred_scores, got.gt_boxes, fps=(0.5, 1.0, 6.0))
-    assert res["sensitivity"] == {0.5: pytest.approx(1 / 3), 1.0: pytest.approx(2 / 3),
-                                  6.0: pytest.approx(1.0)}
+    assert res["sensitivity"] == {
+        0.5: pytest.approx(1 / 3),
+        1.0: pytest.approx(2 / 3),
+        6.0: pytest.approx(1.0),
+    }
     (tmp_path / "bad.json").write_text("[1, 2]", encoding="utf-8")
     with pytest.raises(ValueError, match="bad.json"):
         read_froc_inputs(str(tmp_path / "bad.json"))
@@ -189,8 +238,9 @@ def test_max_dets_per_image_keeps_the_top_scores(typed_name):
     ev = LesionEvaluator(typed_name, None, distributed=False, max_dets_per_image=2)
     m = run(ev, typed_predictions(), [1, 2])["lesion"]
     # Kept: image 1 .9 (hit a), .8 (duplicate); image 2 .6, .5 (FPs): 1 of 3 lesions, 1 FP/image.
-    assert (m["sens@1_iou"] == pytest.approx(100.0 / 3)
-            and m["sens@8_iou"] == pytest.approx(100.0 / 3))
+    assert m["sens@1_iou"] == pytest.approx(100.0 / 3) and m["sens@8_iou"] == pytest.approx(
+        100.0 / 3
+    )
 
 
 def test_bad_predictions(binary_name):
@@ -217,18 +267,28 @@ def test_coco_ap_by_hand():
     one = [np.array([0])]
     assert coco_ap(gt, one, det, [np.array([0.9])], one) == pytest.approx((50.0, 100.0))
     assert coco_ap(gt, one, gt, [np.array([0.9])], one) == pytest.approx((100.0, 100.0))
-    assert coco_ap(gt, one, [np.zeros((0, 4))], [np.zeros(0)],
-                   [np.zeros(0, dtype=int)]) == (0.0, 0.0)
+    assert coco_ap(gt, one, [np.zeros((0, 4))], [np.zeros(0)], [np.zeros(0, dtype=int)]) == (
+        0.0,
+        0.0,
+    )
     # Class-aware: right box, wrong class -> 0; category-agnostic -> 100.
     assert coco_ap(gt, one, gt, [np.array([0.9])], [np.array([1])], num_classes=2) == (0.0, 0.0)
-    assert coco_ap(gt, one, gt, [np.array([0.9])], [np.array([1])],
-                   num_classes=1)[1] == pytest.approx(100.0)
+    assert coco_ap(gt, one, gt, [np.array([0.9])], [np.array([1])], num_classes=1)[
+        1
+    ] == pytest.approx(100.0)
 
 
 def test_format_froc_table_paper_layout():
-    rows = {"FPN": {"sens@0.5_iou": 60.57, "sens@1_iou": 70.34, "sens@8_iou": 85.67, "AP": 31.5,
-                    "sens@0.5_iobb": 62.17},
-            "ElixirNet": {"lesion": {"sens@0.5_iou": float("nan"), "AP": 35.25}}}
+    rows = {
+        "FPN": {
+            "sens@0.5_iou": 60.57,
+            "sens@1_iou": 70.34,
+            "sens@8_iou": 85.67,
+            "AP": 31.5,
+            "sens@0.5_iobb": 62.17,
+        },
+        "ElixirNet": {"lesion": {"sens@0.5_iou": float("nan"), "AP": 35.25}},
+    }
     table = format_froc_table(rows, "iou").splitlines()
     assert table[2] == "| Method | 0.5 | 1 | 2 | 3 | 4 | 6 | 8 | mAP |"
     assert table[4] == "| FPN | 60.57 | 70.34 | - | - | - | - | 85.67 | 31.5 |"
@@ -243,8 +303,9 @@ def _worker(rank, port, name, out_dir):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
         register(name, binary_records(), ["lesion"])
-        ev = LesionEvaluator(name, os.path.join(out_dir, "files") if rank == 0 else None,
-                             distributed=True)
+        ev = LesionEvaluator(
+            name, os.path.join(out_dir, "files") if rank == 0 else None, distributed=True
+        )
         # Rank 0 gets images 12 and 14, rank 1 images 11 and 13: gathered in an order that
         # differs from the dataset's (the .5 tie would then move sens@0.5).
         res = run(ev, binary_predictions(), [12, 14] if rank == 0 else [11, 13])
@@ -261,13 +322,17 @@ def _free_port():
 
 
 def test_two_gloo_processes_give_the_single_process_numbers(binary_name, tmp_path):
-    single = run(LesionEvaluator(binary_name, None, distributed=False), binary_predictions(),
-                 [11, 12, 13, 14])
+    single = run(
+        LesionEvaluator(binary_name, None, distributed=False),
+        binary_predictions(),
+        [11, 12, 13, 14],
+    )
     name = f"lesion_eval_gloo_{uuid.uuid4().hex[:8]}"
     # spawn: a forked child inherits the thread pools earlier tests started in this process
     # without their threads, and aborted at exit ("terminate called without an active exception")
-    mp.start_processes(_worker, args=(_free_port(), name, str(tmp_path)), nprocs=2, join=True,
-                       start_method="spawn")
+    mp.start_processes(
+        _worker, args=(_free_port(), name, str(tmp_path)), nprocs=2, join=True, start_method="spawn"
+    )
     rank0 = json.loads((tmp_path / "rank0.json").read_text(encoding="utf-8"))
     assert json.loads((tmp_path / "rank1.json").read_text(encoding="utf-8")) == {}
     assert rank0["lesion"].keys() == single["lesion"].keys()
@@ -291,7 +356,11 @@ def test_built_from_config(binary_name, tmp_path):
     m = run(ev, binary_predictions(), [11, 12, 13, 14])["lesion"]
     # Top-1 per image: hit A .95, FP .9, FP .4 (IoU), FP .7 -> 1 of 3 lesions; only the 2 FP points.
     assert [k for k in m if k.startswith("sens@") and k.count("_") == 1] == [
-        "sens@1_iou", "sens@2_iou", "sens@1_iobb", "sens@2_iobb"]
+        "sens@1_iou",
+        "sens@2_iou",
+        "sens@1_iobb",
+        "sens@2_iobb",
+    ]
     assert m["sens@1_iou"] == pytest.approx(100.0 / 3)
     assert (tmp_path / "inference" / binary_name / "froc.csv").exists()
 
@@ -302,9 +371,19 @@ def test_froc_convention_passed_through_from_config(tmp_path):
     from elixir_d2 import add_elixirnet_config
     from elixir_d2.trainer import build_lesion_evaluator
 
-    name = register(f"lesion_eval_conv_{uuid.uuid4().hex[:8]}",
-                    [{"image_id": 1, "height": 200, "width": 200, "file_name": "a.png",
-                      "annotations": [_ann([0, 0, 10, 10], 5)]}], ["lesion"])
+    name = register(
+        f"lesion_eval_conv_{uuid.uuid4().hex[:8]}",
+        [
+            {
+                "image_id": 1,
+                "height": 200,
+                "width": 200,
+                "file_name": "a.png",
+                "annotations": [_ann([0, 0, 10, 10], 5)],
+            }
+        ],
+        ["lesion"],
+    )
     # Lesion [0,0,10,10], detection [0,0,10,21]: overlap 100/210 in continuous coordinates (an FP)
     # and 121/242 = 0.5 in the authors' +1-pixel counts (a hit), for IoU and IoBB alike.
     preds = {1: [([0, 0, 10, 21], 0.9)]}
@@ -318,8 +397,11 @@ def test_froc_convention_passed_through_from_config(tmp_path):
         for ev in (LesionEvaluator(cfg, name), build_lesion_evaluator(cfg, name)):
             m = run(ev, preds, [1])["lesion"]
             assert (m["sens@1_iou"], m["sens@1_iobb"]) == (expected, expected), convention
-        payload = json.loads((tmp_path / convention / "inference" / name / "lesion_metrics.json")
-                             .read_text(encoding="utf-8"))
+        payload = json.loads(
+            (tmp_path / convention / "inference" / name / "lesion_metrics.json").read_text(
+                encoding="utf-8"
+            )
+        )
         assert payload["froc_convention"] == convention
     cfg.TEST.FROC_CONVENTION = "3DCE"
     with pytest.raises(ValueError, match=r"TEST\.FROC_CONVENTION.*'3DCE'"):
@@ -334,8 +416,13 @@ def test_train_net_refuses_an_unknown_froc_convention_by_name():
     import train_net
 
     args = default_argument_parser().parse_args(
-        ["--config-file", os.path.join(REPO, "configs", "quickstart", "fpn.yaml"),
-         "TEST.FROC_CONVENTION", "mulan"])
+        [
+            "--config-file",
+            os.path.join(REPO, "configs", "quickstart", "fpn.yaml"),
+            "TEST.FROC_CONVENTION",
+            "mulan",
+        ]
+    )
     with pytest.raises(UserInputError, match=r"TEST\.FROC_CONVENTION must be one of .*'mulan'"):
         train_net.check_inputs(args)
 
@@ -360,9 +447,17 @@ def test_predict_net_refuses_an_unknown_froc_convention_before_the_run(tmp_path)
     import predict_net
 
     args = predict_net.build_parser().parse_args(
-        ["--config-file", os.path.join(REPO, "configs", "quickstart", "fpn.yaml"),
-         "--input", str(tmp_path), "--output", str(tmp_path / "out"),
-         "TEST.FROC_CONVENTION", "mulan"])
+        [
+            "--config-file",
+            os.path.join(REPO, "configs", "quickstart", "fpn.yaml"),
+            "--input",
+            str(tmp_path),
+            "--output",
+            str(tmp_path / "out"),
+            "TEST.FROC_CONVENTION",
+            "mulan",
+        ]
+    )
     with pytest.raises(UserInputError, match=r"TEST\.FROC_CONVENTION must be one of .*'mulan'"):
         predict_net.setup_cfg(args)
     assert not (tmp_path / "out").exists()

@@ -1,6 +1,7 @@
 """BodyCropRCNN (elixir_d2/modeling/meta_arch.py): a body-cropped input's detections and
 proposals come out in whole-slice pixels, worked out by hand; callers (the evaluators) read them
 as they are; without a crop it is GeneralizedRCNN, whose checkpoints it shares."""
+
 import os
 
 import pytest
@@ -32,8 +33,11 @@ DETECTIONS_IN_SLICE = [[56.0, 48.0, 68.0, 60.0], [100.0, 70.0, 110.0, 80.0]]
 # Proposals: scaled and shifted, never clipped nor dropped; order kept.
 PROPOSALS = [[3.0, 4.0, 9.0, 10.0], [31.0, 2.0, 33.0, 6.0], [25.0, 15.0, 30.0, 20.0]]
 LOGITS = [2.0, 1.5, 1.0]
-PROPOSALS_IN_SLICE = [[56.0, 48.0, 68.0, 60.0], [112.0, 44.0, 116.0, 52.0],
-                      [100.0, 70.0, 110.0, 80.0]]
+PROPOSALS_IN_SLICE = [
+    [56.0, 48.0, 68.0, 60.0],
+    [112.0, 44.0, 116.0, 52.0],
+    [100.0, 70.0, 110.0, 80.0],
+]
 
 
 def _instances(image_size, boxes, scores, proposals=False):
@@ -62,27 +66,38 @@ def test_to_slice_frame_by_hand():
     # No crop: detectron2's postprocess into height x width (x2 here), nothing shifted.
     whole = to_slice_frame(_instances(NET_HW, DETECTIONS, SCORES), {"height": 40, "width": 60})
     assert whole.image_size == (40, 60)
-    torch.testing.assert_close(whole.pred_boxes.tensor,
-                               torch.tensor([[6.0, 8.0, 18.0, 20.0], [50.0, 30.0, 60.0, 40.0]]))
+    torch.testing.assert_close(
+        whole.pred_boxes.tensor, torch.tensor([[6.0, 8.0, 18.0, 20.0], [50.0, 30.0, 60.0, 40.0]])
+    )
     # A crop box must lie in the slice it names.
     with pytest.raises(ValueError, match="inside the 200 x 100 slice"):
-        to_slice_frame(_instances(NET_HW, DETECTIONS, SCORES),
-                       {**SLICE, "body_crop": (0, 0, 201, 9)})
+        to_slice_frame(
+            _instances(NET_HW, DETECTIONS, SCORES), {**SLICE, "body_crop": (0, 0, 201, 9)}
+        )
     with pytest.raises(ValueError, match="'height'"):
         to_slice_frame(_instances(NET_HW, DETECTIONS, SCORES), {"body_crop": CROP})
 
 
 def _model(meta_arch="BodyCropRCNN"):
     torch.manual_seed(0)
-    cfg = load_config(os.path.join(REPO, "configs", "quickstart", "fpn.yaml"),
-                      ["MODEL.DEVICE", "cpu", "MODEL.META_ARCHITECTURE", meta_arch,
-                       "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0"])
+    cfg = load_config(
+        os.path.join(REPO, "configs", "quickstart", "fpn.yaml"),
+        [
+            "MODEL.DEVICE",
+            "cpu",
+            "MODEL.META_ARCHITECTURE",
+            meta_arch,
+            "MODEL.ROI_HEADS.SCORE_THRESH_TEST",
+            "0.0",
+        ],
+    )
     return build_model(cfg).eval()
 
 
 def _fixed_heads(model):
     """The proposal generator and ROI heads give the fixed boxes above, in network pixels of
     each image (their modules' hooks still run)."""
+
     def proposals(images, features, gt_instances=None):
         return [_instances(s, PROPOSALS, LOGITS, proposals=True) for s in images.image_sizes], {}
 
@@ -118,16 +133,19 @@ def test_evaluators_read_the_models_slice_pixels():
     (outside the crop, kept unclipped) covers neither; the same network outputs read in the
     crop's frame (no body_crop given) would find none."""
     name = "body_crop_model_test"
-    ann = [{"bbox": b, "bbox_mode": BoxMode.XYXY_ABS, "category_id": 0}
-           for b in DETECTIONS_IN_SLICE]
-    DatasetCatalog.register(name, lambda: [{"image_id": 0, **SLICE, "file_name": "a.png",
-                                            "annotations": ann}])
+    ann = [
+        {"bbox": b, "bbox_mode": BoxMode.XYXY_ABS, "category_id": 0} for b in DETECTIONS_IN_SLICE
+    ]
+    DatasetCatalog.register(
+        name, lambda: [{"image_id": 0, **SLICE, "file_name": "a.png", "annotations": ann}]
+    )
     MetadataCatalog.get(name).set(thing_classes=["lesion"])
     try:
         model = _fixed_heads(_model())
         for inp, found, recall in (
-                ({**SLICE, "body_crop": CROP}, 100.0, {1: 50.0, 2: 50.0, 3: 100.0}),
-                ({"height": 40, "width": 60}, 0.0, {1: 0.0, 2: 0.0, 3: 0.0})):
+            ({**SLICE, "body_crop": CROP}, 100.0, {1: 50.0, 2: 50.0, 3: 100.0}),
+            ({"height": 40, "width": 60}, 0.0, {1: 0.0, 2: 0.0, 3: 0.0}),
+        ):
             inp = {"image": torch.zeros(3, *NET_HW), "image_id": 0, **inp}
             lesions = LesionEvaluator(name, None, distributed=False)
             with torch.no_grad(), capture(model, "proposals") as captured:

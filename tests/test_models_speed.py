@@ -1,5 +1,6 @@
 """projects/benchmarks/models_speed.py: the interleaving schedule, the per-round ratio and the
 FrozenBN calibration that keeps random-weight R-50 activations at unit scale."""
+
 import torch
 
 from detectron2.layers import FrozenBatchNorm2d
@@ -26,8 +27,10 @@ def test_frozen_bn_calibration_normalises_each_layer_input():
     inputs = [ms.ct_input(64)]
     seen = {}
     norms = [m for m in model.modules() if isinstance(m, FrozenBatchNorm2d)]
-    hooks = [m.register_forward_hook(lambda m, a, out: seen.__setitem__(m, out.clone()))
-             for m in norms[:4] + norms[-2:]]  # cloned: ReLUs run in place on these outputs
+    hooks = [
+        m.register_forward_hook(lambda m, a, out: seen.__setitem__(m, out.clone()))
+        for m in norms[:4] + norms[-2:]
+    ]  # cloned: ReLUs run in place on these outputs
     assert ms.calibrate_frozen_bn(model, inputs) == len(norms) == 53
     with torch.no_grad():
         model.inference(inputs)
@@ -42,8 +45,12 @@ def test_frozen_bn_calibration_normalises_each_layer_input():
 
 def test_trpn_keeps_every_location_when_timed():
     assert ms.load_cfg("configs/elixirnet_R_50_FPN_deeplesion.yaml").MODEL.TRPN.THRESHOLD == 0.0
-    assert ms.load_cfg("configs/elixirnet_R_50_FPN_deeplesion.yaml",
-                       trpn_keep_all=False).MODEL.TRPN.THRESHOLD < 0
+    assert (
+        ms.load_cfg(
+            "configs/elixirnet_R_50_FPN_deeplesion.yaml", trpn_keep_all=False
+        ).MODEL.TRPN.THRESHOLD
+        < 0
+    )
 
 
 def test_inference_rounds_cycle_over_the_given_batches(monkeypatch):
@@ -89,8 +96,11 @@ def test_trained_weights_keep_the_configured_trpn_and_their_genotype(tmp_path):
 def test_weights_must_name_every_timed_model():
     import pytest
 
-    with pytest.raises(ValueError, match=r"give one for each timed model: \['FPN', "
-                                         r"'ElixirNet w FPN'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"give one for each timed model: \['FPN', "
+        r"'ElixirNet w FPN'\]",
+    ):
         ms.measure(quick=True, specs=ms.select("ElixirNet w FPN"), weights={"FPN": "x.pth"})
 
 
@@ -128,9 +138,9 @@ def test_lesion_sizes_breakdown_by_hand():
     assert ls.score_at_fps(fps, 2, 1.0) == 0.7
     assert ls.score_at_fps(fps, 2, 4.0) == -inf  # 8 allowed, 5 made
     lesions = [
-        ls.Lesion(5.0, 3.0, 0.2, -inf),   # 0-6: no proposal, never detected
-        ls.Lesion(8.0, 4.0, 0.4, 0.75),   # 6-10: proposal at 0.3 only, found at 1 FP
-        ls.Lesion(9.0, 6.0, 0.6, 0.65),   # 6-10: found only at a lower score
+        ls.Lesion(5.0, 3.0, 0.2, -inf),  # 0-6: no proposal, never detected
+        ls.Lesion(8.0, 4.0, 0.4, 0.75),  # 6-10: proposal at 0.3 only, found at 1 FP
+        ls.Lesion(9.0, 6.0, 0.6, 0.65),  # 6-10: found only at a lower score
         ls.Lesion(25.0, 14.0, 0.9, 0.95),  # 20-inf
         ls.Lesion(float("nan"), 5.0, 0.9, 0.95),  # no diameter: in no bucket
     ]
@@ -180,11 +190,13 @@ def test_sweep_json_holds_each_variant_and_the_provenance(tmp_path, monkeypatch,
     import pytest
     import regime_sweep
 
-    monkeypatch.setattr(regime_sweep, "run_variant",
-                        lambda name, spec, groups, args: {"mean_sens_iou": len(name)})
+    monkeypatch.setattr(
+        regime_sweep, "run_variant", lambda name, spec, groups, args: {"mean_sens_iou": len(name)}
+    )
     spec = tmp_path / "sweep.json"
-    spec.write_text(json.dumps({"variants": {"a": ["x.yaml", []], "bb": ["x.yaml", []]}}),
-                    encoding="utf-8")
+    spec.write_text(
+        json.dumps({"variants": {"a": ["x.yaml", []], "bb": ["x.yaml", []]}}), encoding="utf-8"
+    )
     argv = ["--output", str(tmp_path / "out"), "--jobs", "1", str(spec)]  # options first
     (tmp_path / "out").mkdir()
     regime_sweep.main(argv)
@@ -204,12 +216,15 @@ def test_rpn_head_weights_reports_each_tensor_against_its_init(tmp_path):
     import rpn_head_weights as rw
 
     # Objectness weights -1, 3, -1, -1: mean 0, std 2 (unbiased), one of four above zero.
-    state = {"model": {
-        "proposal_generator.rpn_head.objectness_logits.weight":
-            torch.tensor([-1.0, 3.0, -1.0, -1.0]).view(1, 4, 1, 1),
-        "proposal_generator.rpn_head.objectness_logits.bias": torch.tensor([0.5]),
-        "backbone.stem.conv1.weight": torch.ones(1),
-    }}
+    state = {
+        "model": {
+            "proposal_generator.rpn_head.objectness_logits.weight": torch.tensor(
+                [-1.0, 3.0, -1.0, -1.0]
+            ).view(1, 4, 1, 1),
+            "proposal_generator.rpn_head.objectness_logits.bias": torch.tensor([0.5]),
+            "backbone.stem.conv1.weight": torch.ones(1),
+        }
+    }
     path = str(tmp_path / "model_final.pth")
     torch.save(state, path)
     lines = rw.report(path)

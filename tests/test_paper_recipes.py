@@ -1,6 +1,7 @@
 """projects/paper recipes: a --quick recipe end to end on a tiny synthetic set (Table 6: search in
 the DARTS space, random genotype, three FPN + ALB trainings, evaluation, markdown), the shared
 plumbing, and the paper's numbers against the improvements the paper prints."""
+
 import json
 import os
 import re
@@ -21,9 +22,16 @@ ELIXIR_GENOTYPE = os.path.join(REPO, "configs", "genotypes", "figure3.yaml")
 @pytest.fixture(scope="module")
 def tiny_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("paper")
-    generate_deeplesion(str(root / "synthetic"), num_patients=8, slices_per_series=(8, 10),
-                        keys_per_series=(1, 2),
-                        image_size=64, seed=3, val_frac=0.15, test_frac=0.15)
+    generate_deeplesion(
+        str(root / "synthetic"),
+        num_patients=8,
+        slices_per_series=(8, 10),
+        keys_per_series=(1, 2),
+        image_size=64,
+        seed=3,
+        val_frac=0.15,
+        test_frac=0.15,
+    )
     return root
 
 
@@ -41,10 +49,27 @@ def test_table6_quick_end_to_end(tiny_root, capsys):
     out = tiny_root / "out"
     # The medical-space search is given (--genotype); the DARTS-space search and the random draw
     # run. 4 images per batch: one search iteration per epoch on the 4-record weight half.
-    argv = ["--quick", "--root", str(tiny_root), "--output", str(out), "--iters", "2",
-            "--search-epochs", "1", "--genotype", ELIXIR_GENOTYPE,
-            "SOLVER.IMS_PER_BATCH", "4", "INPUT.MAX_IMAGE_SIZE", "64",
-            "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "16", "MODEL.RPN.POST_NMS_TOPK_TEST", "50"]
+    argv = [
+        "--quick",
+        "--root",
+        str(tiny_root),
+        "--output",
+        str(out),
+        "--iters",
+        "2",
+        "--search-epochs",
+        "1",
+        "--genotype",
+        ELIXIR_GENOTYPE,
+        "SOLVER.IMS_PER_BATCH",
+        "4",
+        "INPUT.MAX_IMAGE_SIZE",
+        "64",
+        "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE",
+        "16",
+        "MODEL.RPN.POST_NMS_TOPK_TEST",
+        "50",
+    ]
     paths = table6.main(argv)
     md = open(paths["table6"], encoding="utf-8").read()
     assert paths["table6"] == str(out / "table6.md")
@@ -58,8 +83,9 @@ def test_table6_quick_end_to_end(tiny_root, capsys):
     ):
         ds = [d for d in os.listdir(out / step / "inference")]
         assert len(ds) == 1 and ds[0].endswith("_test")
-        m = json.load(open(out / step / "inference" / ds[0] / "lesion_metrics.json",
-                           encoding="utf-8"))["metrics"]
+        m = json.load(
+            open(out / step / "inference" / ds[0] / "lesion_metrics.json", encoding="utf-8")
+        )["metrics"]
         assert _cells(md, f"{row} (this run)") == [f"{m['sens@3_iou']:.2f}", f"{m['AP']:.1f}"]
         assert tuple(_cells(md, f"{row} (paper)")) == paper
         cfg = yaml.safe_load(open(out / step / "config.yaml", encoding="utf-8"))
@@ -69,11 +95,14 @@ def test_table6_quick_end_to_end(tiny_root, capsys):
         assert max(r["iteration"] for r in logged if "total_loss" in r) == 1
 
     # Each ALB run used the genotype of its own row.
-    genotypes = {s: yaml.safe_load(open(out / s / "config.yaml", encoding="utf-8"))["MODEL"]["ALB"]
-                 for s in ("ablation_alb", "ablation_alb_darts", "ablation_alb_random")}
+    genotypes = {
+        s: yaml.safe_load(open(out / s / "config.yaml", encoding="utf-8"))["MODEL"]["ALB"]
+        for s in ("ablation_alb", "ablation_alb_darts", "ablation_alb_random")
+    }
     assert genotypes["ablation_alb"]["GENOTYPE"] == ELIXIR_GENOTYPE
-    assert genotypes["ablation_alb_darts"]["GENOTYPE"] == str(out / "search_darts"
-                                                              / "genotype.yaml")
+    assert genotypes["ablation_alb_darts"]["GENOTYPE"] == str(
+        out / "search_darts" / "genotype.yaml"
+    )
     assert genotypes["ablation_alb_darts"]["SEARCH_SPACE"] == "darts"
     assert genotypes["ablation_alb_random"]["GENOTYPE"] == str(out / "random_alb" / "genotype.yaml")
     darts = yaml.safe_load(open(out / "search_darts" / "genotype.yaml", encoding="utf-8"))
@@ -86,8 +115,11 @@ def test_table6_quick_end_to_end(tiny_root, capsys):
     # What was run is stated: data sizes, the given genotype, each run's iterations.
     assert "train 7 images, test 1 images" in md
     assert f"search: not run; genotype given with --genotype {ELIXIR_GENOTYPE}" in md
-    assert re.search(r"- ablation_alb_darts: configs/quickstart/ablation/alb_darts_space.yaml, 2 "
-                     r"iterations", md)
+    assert re.search(
+        r"- ablation_alb_darts: configs/quickstart/ablation/alb_darts_space.yaml, 2 "
+        r"iterations",
+        md,
+    )
 
     # A second call reuses every finished run and only rewrites the table.
     before = os.path.getmtime(out / "ablation_alb" / "model_final.pth")
@@ -99,9 +131,16 @@ def test_table6_quick_end_to_end(tiny_root, capsys):
 
 
 def test_schedule_scaled_to_iters():
-    assert common._schedule_opts(12) == ["SOLVER.MAX_ITER", "12", "SOLVER.STEPS", "(8,11)",
-                                         "SOLVER.WARMUP_ITERS", "3", "SOLVER.CHECKPOINT_PERIOD",
-                                         "12"]
+    assert common._schedule_opts(12) == [
+        "SOLVER.MAX_ITER",
+        "12",
+        "SOLVER.STEPS",
+        "(8,11)",
+        "SOLVER.WARMUP_ITERS",
+        "3",
+        "SOLVER.CHECKPOINT_PERIOD",
+        "12",
+    ]
     # steps at 1.33 -> 1 and 1.83 -> 2 (= MAX_ITER, dropped)
     assert common._schedule_opts(2)[3] == "(1,)"
     assert common._schedule_opts(1)[3] == "()"
@@ -110,10 +149,15 @@ def test_schedule_scaled_to_iters():
 
 
 def test_cells_and_tables():
-    assert (common.fmt(None) == "-" and common.fmt(float("nan")) == "-"
-            and common.fmt(83.876) == "83.88")
-    assert (common.markdown_table(["Method", "a"], [["x", "1"]])
-            == "| Method | a |\n|:--|--:|\n| x | 1 |")
+    assert (
+        common.fmt(None) == "-"
+        and common.fmt(float("nan")) == "-"
+        and common.fmt(83.876) == "83.88"
+    )
+    assert (
+        common.markdown_table(["Method", "a"], [["x", "1"]])
+        == "| Method | a |\n|:--|--:|\n| x | 1 |"
+    )
 
 
 def test_missing_dataset_names_the_file(tmp_path):
@@ -124,31 +168,37 @@ def test_missing_dataset_names_the_file(tmp_path):
 def test_paper_numbers_match_the_improvements_printed_in_the_paper():
     t1, t2 = P.TABLE1, P.TABLE2
     # Table 1 prints ElixirNet's gains over its baseline at 0.5 FPs and on mAP.
-    for eli, base, d05, dmap in (("ElixirNet", "FRCNN", 4.49, 2.9),
-                                 ("ElixirNet w FPN", "FPN", 5.82, 3.7),
-                                 ("ElixirNet w Deformv2", "Deformv2", 2.48, 2.0)):
+    for eli, base, d05, dmap in (
+        ("ElixirNet", "FRCNN", 4.49, 2.9),
+        ("ElixirNet w FPN", "FPN", 5.82, 3.7),
+        ("ElixirNet w Deformv2", "Deformv2", 2.48, 2.0),
+    ):
         assert t1[eli]["sens"][0.5] - t1[base]["sens"][0.5] == pytest.approx(d05, abs=0.006)
         assert t1[eli]["mAP"] - t1[base]["mAP"] == pytest.approx(dmap, abs=0.06)
     # Table 2 (IoBB): +6.50 at 0.5 FPs and +4.09 at 8 FPs for ElixirNet w FPN over FPN.
-    assert (t2["ElixirNet w FPN"]["sens"][0.5] - t2["FPN"]["sens"][0.5]
-            == pytest.approx(6.50, abs=0.006))
+    assert t2["ElixirNet w FPN"]["sens"][0.5] - t2["FPN"]["sens"][0.5] == pytest.approx(
+        6.50, abs=0.006
+    )
     assert t2["ElixirNet w FPN"]["sens"][8] - t2["FPN"]["sens"][8] == pytest.approx(4.09, abs=0.006)
     # Table 5's FPN and ElixirNet rows are Table 1's FPN / ElixirNet w FPN at 3 FPs; Table 6's first
     # row is Table 5's ALB row; the text: RTM adds 1.91 points at 3 FPs over TRPN + ALB.
     assert P.TABLE5["FPN"]["sens3"] == t1["FPN"]["sens"][3]
     assert P.TABLE5["ElixirNet (TRPN + ALB + RTM)"]["sens3"] == t1["ElixirNet w FPN"]["sens"][3]
-    assert (P.TABLE5["ElixirNet (TRPN + ALB + RTM)"]["sens3"] - P.TABLE5["TRPN + ALB"]["sens3"]
-            == pytest.approx(1.91))
+    assert P.TABLE5["ElixirNet (TRPN + ALB + RTM)"]["sens3"] - P.TABLE5["TRPN + ALB"][
+        "sens3"
+    ] == pytest.approx(1.91)
     assert P.TABLE6["ElixirNet (ALB, our space, differentiable search)"] == P.TABLE5["ALB"]
     # Table 6 prints -2.82 / -2.04 points for the DARTS space / random ALB.
     base = P.TABLE6["ElixirNet (ALB, our space, differentiable search)"]["sens3"]
     assert base - P.TABLE6["ALB w/o our search space (DARTS space)"]["sens3"] == pytest.approx(2.82)
     assert base - P.TABLE6["random ALB"]["sens3"] == pytest.approx(2.04)
     # Table 3: 61.20 = FPN's 58.46 + 2.74; Deformv2 + 0.7 mAP.
-    assert (P.TABLE3["ElixirNet w FPN"]["sens"][2] - P.TABLE3["FPN"]["sens"][2]
-            == pytest.approx(2.74))
-    assert (P.TABLE3["ElixirNet w Deformv2"]["mAP"] - P.TABLE3["Deformv2"]["mAP"]
-            == pytest.approx(0.7))
+    assert P.TABLE3["ElixirNet w FPN"]["sens"][2] - P.TABLE3["FPN"]["sens"][2] == pytest.approx(
+        2.74
+    )
+    assert P.TABLE3["ElixirNet w Deformv2"]["mAP"] - P.TABLE3["Deformv2"]["mAP"] == pytest.approx(
+        0.7
+    )
 
 
 def test_finished_step_is_reused_only_with_the_same_settings(tmp_path):
@@ -156,9 +206,18 @@ def test_finished_step_is_reused_only_with_the_same_settings(tmp_path):
 
     from steps import STEPS
 
-    args = argparse.Namespace(quick=True, output=str(tmp_path), num_gpus=1, opts=[], iters=None,
-                              finetune_iters=None,
-                              search_epochs=None, genotype=None, force=False, speed_images=None)
+    args = argparse.Namespace(
+        quick=True,
+        output=str(tmp_path),
+        num_gpus=1,
+        opts=[],
+        iters=None,
+        finetune_iters=None,
+        search_epochs=None,
+        genotype=None,
+        force=False,
+        speed_images=None,
+    )
     recipe = common.Recipe(args, common.DataSource("deeplesion", str(tmp_path), "unused"))
     assert args.iters is None  # --quick keeps the quickstart configs' schedules
     fpn = STEPS["fpn"]
@@ -182,9 +241,18 @@ def test_tables_and_step_records_carry_the_provenance(tmp_path, capsys):
     table may reuse it)."""
     import argparse
 
-    args = argparse.Namespace(quick=True, output=str(tmp_path), num_gpus=1, opts=[], iters=None,
-                              finetune_iters=None, search_epochs=None, genotype=None, force=False,
-                              speed_images=None)
+    args = argparse.Namespace(
+        quick=True,
+        output=str(tmp_path),
+        num_gpus=1,
+        opts=[],
+        iters=None,
+        finetune_iters=None,
+        search_epochs=None,
+        genotype=None,
+        force=False,
+        speed_images=None,
+    )
     command = ["projects/paper/table6.py", "--quick"]
     recipe = common.Recipe(args, common.DataSource("deeplesion", str(tmp_path), "unused"), command)
     rows = {"FPN": {"AP": 1.0}}
@@ -197,7 +265,8 @@ def test_tables_and_step_records_carry_the_provenance(tmp_path, capsys):
     recipe._finish("fpn", {"config": "x"}, 0.0, "sig")
     step = recipe.record("fpn")
     assert step["provenance"]["command"] == command and step["provenance"]["started"].startswith(
-        "1970-01-01")
+        "1970-01-01"
+    )
     assert recipe._done("fpn", "sig")  # the provenance does not make the step stale
 
 
@@ -210,12 +279,24 @@ def test_finished_step_is_stale_after_its_config_or_base_changes(tmp_path):
 
     base = tmp_path / "Base.yaml"
     child = tmp_path / "child.yaml"
-    base.write_text(f'_BASE_: "{os.path.join(common.ROOT, "configs/quickstart/fpn.yaml")}"\n'
-                    "SOLVER:\n  BASE_LR: 0.04\n", encoding="utf-8")
+    base.write_text(
+        f'_BASE_: "{os.path.join(common.ROOT, "configs/quickstart/fpn.yaml")}"\n'
+        "SOLVER:\n  BASE_LR: 0.04\n",
+        encoding="utf-8",
+    )
     child.write_text('_BASE_: "Base.yaml"\nSOLVER:\n  MAX_ITER: 7\n', encoding="utf-8")
-    args = argparse.Namespace(quick=True, output=str(tmp_path / "out"), num_gpus=1, opts=[],
-                              iters=None, finetune_iters=None, search_epochs=None, genotype=None,
-                              force=False, speed_images=None)
+    args = argparse.Namespace(
+        quick=True,
+        output=str(tmp_path / "out"),
+        num_gpus=1,
+        opts=[],
+        iters=None,
+        finetune_iters=None,
+        search_epochs=None,
+        genotype=None,
+        force=False,
+        speed_images=None,
+    )
     recipe = common.Recipe(args, common.DataSource("deeplesion", str(tmp_path), "unused"))
     step = Train("edited", str(child), str(child))
     sig = recipe._signature(step, [])

@@ -1,5 +1,6 @@
 """Table 1 compares like with like: each "this run" row is the model the paper's row describes, or
 its label says what was run instead."""
+
 import os
 
 import pytest
@@ -15,14 +16,19 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _components(step: str, quick: bool):
     cfg = load_config(os.path.join(REPO, STEPS[step].config_for(quick)), ["MODEL.ALB.GENOTYPE", ""])
-    return {"TRPN": cfg.MODEL.PROPOSAL_GENERATOR.NAME == "TRPN",
-            "ALB": cfg.MODEL.ROI_BOX_HEAD.NAME == "ALBHead", "RTM": bool(cfg.MODEL.RTM.ENABLED)}
+    return {
+        "TRPN": cfg.MODEL.PROPOSAL_GENERATOR.NAME == "TRPN",
+        "ALB": cfg.MODEL.ROI_BOX_HEAD.NAME == "ALBHead",
+        "RTM": bool(cfg.MODEL.RTM.ENABLED),
+    }
 
 
 def test_paper_elixirnet_w_fpn_figures_are_the_full_model():
     # The identity the mapping rests on: Table 1's row equals Table 5's TRPN + ALB + RTM row.
-    assert (P.TABLE1["ElixirNet w FPN"]["sens"][3.0]
-            == P.TABLE5["ElixirNet (TRPN + ALB + RTM)"]["sens3"])
+    assert (
+        P.TABLE1["ElixirNet w FPN"]["sens"][3.0]
+        == P.TABLE5["ElixirNet (TRPN + ALB + RTM)"]["sens3"]
+    )
     assert P.TABLE1["ElixirNet w FPN"]["mAP"] == P.TABLE5["ElixirNet (TRPN + ALB + RTM)"]["mAP"]
 
 

@@ -1,6 +1,7 @@
 """predict_net.py over several processes (--num-gpus 2: CPU processes over gloo here): the same
 bytes as one process, a rank killed with SIGKILL then --resume, refusals said once, and the
 round-robin split of the cases."""
+
 import json
 import os
 import signal
@@ -22,9 +23,20 @@ QS = "configs/quickstart/fpn.yaml"
 
 
 def _cli(scans, out, weights, *extra, fast=True):
-    return (["--config-file", QS, "--weights", weights, "--input", str(scans), "--output",
-             str(out), "--score-thresh", "0.0", "--no-progress", *extra]
-            + (FAST if fast else []))
+    return [
+        "--config-file",
+        QS,
+        "--weights",
+        weights,
+        "--input",
+        str(scans),
+        "--output",
+        str(out),
+        "--score-thresh",
+        "0.0",
+        "--no-progress",
+        *extra,
+    ] + (FAST if fast else [])
 
 
 def _scans(folder, n, slices=6, size=48):
@@ -54,15 +66,21 @@ def _tree(folder):
 
 def _finished(out):
     # A case folder gets its marker before the rename from its temporary (dot) name: not done yet.
-    return sorted(e for e in os.listdir(out)
-                  if not e.startswith(".") and os.path.isfile(os.path.join(out, e, CASE_MARKER)))
+    return sorted(
+        e
+        for e in os.listdir(out)
+        if not e.startswith(".") and os.path.isfile(os.path.join(out, e, CASE_MARKER))
+    )
 
 
-@pytest.mark.parametrize("num_cases,world,expected", [
-    (5, 2, [[0, 2, 4], [1, 3]]),
-    (3, 4, [[0], [1], [2], []]),
-    (6, 3, [[0, 3], [1, 4], [2, 5]]),
-])
+@pytest.mark.parametrize(
+    "num_cases,world,expected",
+    [
+        (5, 2, [[0, 2, 4], [1, 3]]),
+        (3, 4, [[0], [1], [2], []]),
+        (6, 3, [[0, 3], [1, 4], [2, 5]]),
+    ],
+)
 def test_round_robin_split_covers_every_case_once(num_cases, world, expected):
     assert [shard_indices(num_cases, world, r) for r in range(world)] == expected
 
@@ -76,8 +94,10 @@ def test_two_processes_write_the_bytes_of_one(tmp_path, fpn_weights, monkeypatch
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the ranks sum floats as this process does
     scans = _scans(tmp_path / "scans", 5)  # odd: the ranks get 3 and 2 cases
     gt = tmp_path / "gt.json"  # the FROC is merged too
-    gt.write_text(json.dumps({f"case{i}": {"3": [[10, 8 + i, 24 + i, 20 + i]]} for i in range(5)}),
-                  encoding="utf-8")
+    gt.write_text(
+        json.dumps({f"case{i}": {"3": [[10, 8 + i, 24 + i, 20 + i]]} for i in range(5)}),
+        encoding="utf-8",
+    )
     ref, two = tmp_path / "one", tmp_path / "two"
     assert predict_net.main(_cli(scans, ref, fpn_weights, "--gt", str(gt))) == 0
     assert predict_net.main(_cli(scans, two, fpn_weights, "--gt", str(gt), "--num-gpus", "2")) == 0
@@ -105,8 +125,11 @@ def test_a_refusal_is_said_once_with_exit_code_2(tmp_path, fpn_weights, capfd): 
 
 def test_bad_process_counts_are_refused(tmp_path, fpn_weights, capsys):  # noqa: F811
     with pytest.raises(predict_net.UserInputError, match="--machine-rank 2"):
-        predict_net.main(_cli(tmp_path, tmp_path / "o", fpn_weights, "--num-machines", "2",
-                              "--machine-rank", "2"))
+        predict_net.main(
+            _cli(
+                tmp_path, tmp_path / "o", fpn_weights, "--num-machines", "2", "--machine-rank", "2"
+            )
+        )
 
 
 def _rank_pids(parent: int):
@@ -123,18 +146,19 @@ def _rank_pids(parent: int):
     return pids
 
 
-def test_a_rank_killed_then_resume_ends_like_an_uninterrupted_run(tmp_path,
-                                                                   fpn_weights):  # noqa: F811
+def test_a_rank_killed_then_resume_ends_like_an_uninterrupted_run(tmp_path, fpn_weights):  # noqa: F811
     # Cases big enough (and every slice drawn) that each rank has cases left when the first one
     # is complete, however fast the machine.
     scans = _scans(tmp_path / "scans", 10, slices=8, size=96)
     slow = ["--overlays", "all"]
     out, ref = tmp_path / "out", tmp_path / "ref"
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "predict_net.py"] + _cli(scans, out, fpn_weights, *slow,
-                                                    "--num-gpus", "2", fast=False)
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    cmd = [sys.executable, "predict_net.py"] + _cli(
+        scans, out, fpn_weights, *slow, "--num-gpus", "2", fast=False
+    )
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     deadline = time.monotonic() + 240
     while not (out.is_dir() and _finished(out)) and proc.poll() is None:
         assert time.monotonic() < deadline, "no case finished"
@@ -148,12 +172,19 @@ def test_a_rank_killed_then_resume_ends_like_an_uninterrupted_run(tmp_path,
     assert 1 <= len(done) < 10, err[-2000:]
     assert not (out / "summary.json").exists()
 
-    assert subprocess.run(cmd + ["--resume"], cwd=REPO, env=env,
-                          capture_output=True).returncode == 0
+    assert (
+        subprocess.run(cmd + ["--resume"], cwd=REPO, env=env, capture_output=True).returncode == 0
+    )
     assert _finished(out) == [f"case{i}" for i in range(10)]
-    assert subprocess.run([sys.executable, "predict_net.py"]
-                          + _cli(scans, ref, fpn_weights, *slow, fast=False),
-                          cwd=REPO, env=env, capture_output=True).returncode == 0
+    assert (
+        subprocess.run(
+            [sys.executable, "predict_net.py"] + _cli(scans, ref, fpn_weights, *slow, fast=False),
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+        ).returncode
+        == 0
+    )
     got, want = _tree(out), _tree(ref)
     assert sorted(got) == sorted(want)
     for rel, data in want.items():
@@ -170,10 +201,11 @@ def _throughput():
 
 def test_throughput_table_arithmetic():
     bench = _throughput()
-    steps = {"read_inputs": 2.0, "prepare_inputs": 1.0, "model_forward": 6.0,
-             "write_outputs": 1.0}
-    runs = [{"processes": 1, "wall_s": 60.0, "cases": 10, "timing_s": {**steps, "total": 50.0}},
-            {"processes": 2, "wall_s": 32.0, "cases": 10, "timing_s": {**steps, "total": 25.0}}]
+    steps = {"read_inputs": 2.0, "prepare_inputs": 1.0, "model_forward": 6.0, "write_outputs": 1.0}
+    runs = [
+        {"processes": 1, "wall_s": 60.0, "cases": 10, "timing_s": {**steps, "total": 50.0}},
+        {"processes": 2, "wall_s": 32.0, "cases": 10, "timing_s": {**steps, "total": 25.0}},
+    ]
     rows = bench.report(runs, "cpu").splitlines()[3:]
     # 10 cases in 60 s = 10/min, 12/min after loading; 10 in 32 s = 18.75/min, 1.875x
     assert rows[0] == "| 1 | 60.0 | 10.0 | 12.0 | 1.00x | 20% | 10% | 60% | 10% |"
@@ -181,12 +213,25 @@ def test_throughput_table_arithmetic():
 
 
 def test_throughput_script_runs_one_and_two_processes(tmp_path):
-    runs = _throughput().main(["--cases", "3", "--slices", "4", "--size", "64", "--device", "cpu",
-                               "--output", str(tmp_path)])
+    runs = _throughput().main(
+        [
+            "--cases",
+            "3",
+            "--slices",
+            "4",
+            "--size",
+            "64",
+            "--device",
+            "cpu",
+            "--output",
+            str(tmp_path),
+        ]
+    )
     assert [r["processes"] for r in runs] == [1, 2] and [r["cases"] for r in runs] == [3, 3]
     for r in runs:
         assert r["timing_s"]["processes"] == r["processes"]
         assert all(r["timing_s"][k] > 0 for k in ("read_inputs", "model_forward", "write_outputs"))
     # the two runs predicted the same detections
-    assert ((tmp_path / "out_1" / "detections.csv").read_bytes()
-            == (tmp_path / "out_2" / "detections.csv").read_bytes())
+    assert (tmp_path / "out_1" / "detections.csv").read_bytes() == (
+        tmp_path / "out_2" / "detections.csv"
+    ).read_bytes()

@@ -1,4 +1,5 @@
 """3-D grouping of per-slice detections on constructed boxes (values worked out by hand)."""
+
 import numpy as np
 import pytest
 
@@ -9,12 +10,18 @@ def test_two_lesions_across_slices():
     # Lesion A on slices 3, 4, 5 (drifting right by 2 px per slice); lesion B on slices 4, 5 far
     # away; a lone detection on slice 9 at A's position (a gap of 4 slices: not linked).
     slices = [3, 4, 5, 4, 5, 9]
-    boxes = np.array([
-        # A: IoU(3,4) = 360/440, IoU(4,5) = ...
-        [10, 10, 30, 30], [12, 10, 32, 30], [14, 10, 34, 36],
-        [60, 60, 70, 70], [61, 60, 71, 70],  # B
-        [10, 10, 30, 30],  # C
-    ], dtype=float)
+    boxes = np.array(
+        [
+            # A: IoU(3,4) = 360/440, IoU(4,5) = ...
+            [10, 10, 30, 30],
+            [12, 10, 32, 30],
+            [14, 10, 34, 36],
+            [60, 60, 70, 70],
+            [61, 60, 71, 70],  # B
+            [10, 10, 30, 30],  # C
+        ],
+        dtype=float,
+    )
     scores = [0.6, 0.9, 0.5, 0.7, 0.4, 0.8]
     found = group_detections(slices, boxes, scores, spacing=(0.5, 0.8), slice_interval=2.5)
     assert [f.members for f in found] == [[0, 1, 2], [5], [3, 4]]  # best score first: 0.9, 0.8, 0.7
@@ -37,8 +44,9 @@ def test_iou_threshold_and_gap():
     slices, boxes, scores = [0, 2], [[0, 0, 10, 10], [5, 0, 15, 10]], [0.5, 0.6]
     assert len(group_detections(slices, boxes, scores, (1, 1), 1.0)) == 2  # slices 2 apart
     assert len(group_detections(slices, boxes, scores, (1, 1), 1.0, max_gap=2)) == 1
-    assert len(group_detections(slices, boxes, scores, (1, 1), 1.0, iou_thresh=0.34,
-                                max_gap=2)) == 2
+    assert (
+        len(group_detections(slices, boxes, scores, (1, 1), 1.0, iou_thresh=0.34, max_gap=2)) == 2
+    )
 
 
 def test_chain_links_boxes_that_do_not_overlap_directly():

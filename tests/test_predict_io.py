@@ -1,4 +1,5 @@
 """Reading CT inputs for inference: NIfTI, DICOM series, DeepLesion folders, and bad input."""
+
 import os
 
 import numpy as np
@@ -21,15 +22,19 @@ from elixir_d2.inference.volume_io import (
 from conftest import dl_row, write_dl_info, write_slice
 
 # Fake identifiers written into DICOM headers: none may reach any output.
-FAKE_PHI = {"0010|0010": "ZZFAKE^PATIENTNAME", "0010|0020": "PIDQ98765X", "0010|0030": "19010203",
-            "0008|0050": "ACCN55501"}
+FAKE_PHI = {
+    "0010|0010": "ZZFAKE^PATIENTNAME",
+    "0010|0020": "PIDQ98765X",
+    "0010|0030": "19010203",
+    "0008|0050": "ACCN55501",
+}
 
 
 def phantom(slices=6, size=40, lesion=(2, 4, 10, 22, 14, 30), lesion_hu=120):
     """(S, H, W) int16 HU: air, a soft-tissue body, and a box lesion (z0, z1, y0, y1, x0, x1) of
     ``lesion_hu`` on slices z0..z1-1; every slice also carries its index in pixel (0, 0)."""
     vol = np.full((slices, size, size), -1000, np.int16)
-    vol[:, 4:size - 4, 4:size - 4] = 40
+    vol[:, 4 : size - 4, 4 : size - 4] = 40
     z0, z1, y0, y1, x0, x1 = lesion
     vol[z0:z1, y0:y1, x0:x1] = lesion_hu
     vol[:, 0, 0] = np.arange(slices) * 10 - 1000
@@ -46,8 +51,16 @@ def write_nifti(path, vol, spacing=(0.8, 0.8, 2.5), origin=(0.0, 0.0, 0.0), dire
     return str(path)
 
 
-def write_dicom_series(folder, vol, spacing=(0.7, 0.7), z_positions=None, modality="CT",
-                       origin=(-10.0, -20.0), intercept=-1024, phi=FAKE_PHI):
+def write_dicom_series(
+    folder,
+    vol,
+    spacing=(0.7, 0.7),
+    z_positions=None,
+    modality="CT",
+    origin=(-10.0, -20.0),
+    intercept=-1024,
+    phi=FAKE_PHI,
+):
     """One file per slice; values are HU, stored as HU - intercept (the writer applies the inverse
     rescale, the reader the rescale)."""
     os.makedirs(folder, exist_ok=True)
@@ -58,12 +71,19 @@ def write_dicom_series(folder, vol, spacing=(0.7, 0.7), z_positions=None, modali
         img = sitk.GetImageFromArray(hu.astype(np.int16))
         img.SetSpacing(spacing)
         img.SetOrigin(origin)
-        tags = {"0008|0060": modality, "0028|1052": str(intercept), "0028|1053": "1",
-                "0020|0032": f"{origin[0]}\\{origin[1]}\\{z_positions[z]}",
-                "0020|0037": "1\\0\\0\\0\\1\\0",
-                "0018|0050": "2.5", "0020|000d": "1.2.826.0.1.3680043.2.1125.1",
-                "0020|000e": "1.2.826.0.1.3680043.2.1125.2",
-                "0008|0018": f"1.2.826.0.1.3680043.2.1125.3.{z}", "0020|0013": str(z + 1), **phi}
+        tags = {
+            "0008|0060": modality,
+            "0028|1052": str(intercept),
+            "0028|1053": "1",
+            "0020|0032": f"{origin[0]}\\{origin[1]}\\{z_positions[z]}",
+            "0020|0037": "1\\0\\0\\0\\1\\0",
+            "0018|0050": "2.5",
+            "0020|000d": "1.2.826.0.1.3680043.2.1125.1",
+            "0020|000e": "1.2.826.0.1.3680043.2.1125.2",
+            "0008|0018": f"1.2.826.0.1.3680043.2.1125.3.{z}",
+            "0020|0013": str(z + 1),
+            **phi,
+        }
         for k, v in tags.items():
             img.SetMetaData(k, v)
         writer.SetFileName(os.path.join(folder, f"IM{z:04d}.dcm"))
@@ -136,8 +156,9 @@ def test_dicom_series_hu_from_rescale_and_spacing_from_headers(tmp_path):
     vol = phantom()
     folder = write_dicom_series(tmp_path / "series", vol, spacing=(0.7, 0.7))
     # The files store HU + 1024 (RescaleIntercept -1024): the HU below come from the rescale.
-    raw = np.frombuffer((tmp_path / "series" / "IM0003.dcm").read_bytes()[-40 * 40 * 2:],
-                        "<i2").reshape(40, 40)
+    raw = np.frombuffer(
+        (tmp_path / "series" / "IM0003.dcm").read_bytes()[-40 * 40 * 2 :], "<i2"
+    ).reshape(40, 40)
     np.testing.assert_array_equal(raw, vol[3].astype(np.int32) + 1024)
     v = read_dicom_series(folder, "series")
     np.testing.assert_array_equal(v.hu, vol.astype(np.float32))
@@ -150,8 +171,9 @@ def test_dicom_series_hu_from_rescale_and_spacing_from_headers(tmp_path):
 def test_dicom_series_sorted_by_position(tmp_path):
     # Files named in reverse order of their positions: slice order follows ImagePositionPatient.
     vol = phantom()
-    folder = write_dicom_series(tmp_path / "rev", vol,
-                                z_positions=[2.5 * (5 - z) for z in range(6)])
+    folder = write_dicom_series(
+        tmp_path / "rev", vol, z_positions=[2.5 * (5 - z) for z in range(6)]
+    )
     v = read_dicom_series(folder, "rev")
     np.testing.assert_array_equal(v.hu[:, 0, 0], vol[::-1, 0, 0])
 
@@ -211,10 +233,12 @@ def test_context_slices_needed(interval, need):
 
 
 def test_too_few_slices_for_the_context(tmp_path):
-    v = read_nifti(write_nifti(tmp_path / "short.nii.gz", phantom(slices=4),
-                               spacing=(0.8, 0.8, 1.0)), "short")
-    with pytest.raises(CTInputError,
-                       match=r"short\.nii\.gz: 4 slice\(s\) at 1 mm; .* needs at least 5"):
+    v = read_nifti(
+        write_nifti(tmp_path / "short.nii.gz", phantom(slices=4), spacing=(0.8, 0.8, 1.0)), "short"
+    )
+    with pytest.raises(
+        CTInputError, match=r"short\.nii\.gz: 4 slice\(s\) at 1 mm; .* needs at least 5"
+    ):
         check_context(v, [-2.0, 0.0, 2.0])
     check_context(v, [-1.0, 0.0, 1.0])  # 3 slices suffice at +-1 mm
 
@@ -227,8 +251,11 @@ def test_discover_folder_of_cases(tmp_path):
     write_png_series(str(tmp_path / "cases" / "dl"), "000004_01_01", phantom())
     (tmp_path / "cases" / "notes.txt").write_text("not CT", encoding="utf-8")
     cases, ignored = discover_cases(str(tmp_path / "cases"))
-    assert [(c.name, c.kind) for c in cases] == [("a_dicom", "dicom"), ("b_volume", "nifti"),
-                                                 ("000004_01_01", "deeplesion")]
+    assert [(c.name, c.kind) for c in cases] == [
+        ("a_dicom", "dicom"),
+        ("b_volume", "nifti"),
+        ("000004_01_01", "deeplesion"),
+    ]
     assert ignored == [str(tmp_path / "cases" / "notes.txt")]
     with pytest.raises(CTInputError, match="no such file"):
         discover_cases(str(tmp_path / "missing"))

@@ -1,6 +1,7 @@
 """End to end inference: training-identical inputs, known lesions through the whole pipeline (an
 oracle model), the CLI on a folder of NIfTI / DICOM / DeepLesion cases with the quickstart model,
 bad cases, and no patient identifier in any output."""
+
 import csv
 import json
 import os
@@ -32,8 +33,14 @@ from test_predict_io import FAKE_PHI, phantom, write_dicom_series, write_nifti, 
 
 # Keep the random quickstart model cheap: few proposals per slice.
 # The sizes below are worked out for 2 mm model pixels (the quickstart resamples to 0.75 mm).
-FAST = ["MODEL.RPN.PRE_NMS_TOPK_TEST", "60", "MODEL.RPN.POST_NMS_TOPK_TEST", "30",
-        "INPUT.NORM_SPACING_MM", "2.0"]
+FAST = [
+    "MODEL.RPN.PRE_NMS_TOPK_TEST",
+    "60",
+    "MODEL.RPN.POST_NMS_TOPK_TEST",
+    "30",
+    "INPUT.NORM_SPACING_MM",
+    "2.0",
+]
 
 
 def quickstart_cfg(name="fpn", opts=()):
@@ -76,9 +83,18 @@ def test_inputs_equal_the_training_mapper(tmp_path):
     mapper = CTDatasetMapper(cfg, is_train=False)
     volume = read_case(discover_cases(folder)[0][0])
     for key in (1, 4, 7):
-        record = {"file_name": f"{folder}/{key:03d}.png", "image_id": 0, "height": 30, "width": 36,
-                  "slice_dir": folder, "slice_idx": key, "slice_range": (1, 7), "slice_intv": 1.25,
-                  "spacing": 0.7, "annotations": []}
+        record = {
+            "file_name": f"{folder}/{key:03d}.png",
+            "image_id": 0,
+            "height": 30,
+            "width": 36,
+            "slice_dir": folder,
+            "slice_idx": key,
+            "slice_range": (1, 7),
+            "slice_intv": 1.25,
+            "spacing": 0.7,
+            "annotations": [],
+        }
         expect = mapper(record)
         got, size, fallbacks, crop = predictor.prepare(volume, key)
         assert tuple(got.shape) == (3, 42, 50) and size == (42, 50) and crop is None
@@ -95,13 +111,30 @@ def test_cropped_inputs_equal_the_training_mapper(tmp_path):
     root = str(tmp_path / "DeepLesion")
     folder = write_png_series(root, "000005_01_01", vol, first=1)
     write_dl_info(root, [dl_row("000005_01_01_003.png", spacing=(0.7, 0.7, 2.0), size=(36, 30))])
-    cfg = quickstart_cfg(opts=["INPUT.NORM_SPACING_MM", "0.5", "INPUT.BODY_CROP.ENABLED", "True",
-                               "INPUT.BODY_CROP.MARGIN_MM", "1.4"])
+    cfg = quickstart_cfg(
+        opts=[
+            "INPUT.NORM_SPACING_MM",
+            "0.5",
+            "INPUT.BODY_CROP.ENABLED",
+            "True",
+            "INPUT.BODY_CROP.MARGIN_MM",
+            "1.4",
+        ]
+    )
     predictor = CTPredictor(cfg, model=nn.Identity())
     volume = read_case(discover_cases(folder)[0][0])
-    record = {"file_name": f"{folder}/003.png", "image_id": 0, "height": 30, "width": 36,
-              "slice_dir": folder, "slice_idx": 3, "slice_range": (1, 5), "slice_intv": 2.0,
-              "spacing": 0.7, "annotations": []}
+    record = {
+        "file_name": f"{folder}/003.png",
+        "image_id": 0,
+        "height": 30,
+        "width": 36,
+        "slice_dir": folder,
+        "slice_idx": 3,
+        "slice_range": (1, 5),
+        "slice_intv": 2.0,
+        "spacing": 0.7,
+        "annotations": [],
+    }
     expect = CTDatasetMapper(cfg, is_train=False)(record)
     got, size, _, crop = predictor.prepare(volume, 3)
     # Body rows 6..24, columns 9..29, grown by 2 pixels (1.4 mm); x 1.4 of 23 x 25 = 32 x 35.
@@ -146,8 +179,9 @@ def test_known_lesion_through_the_pipeline(tmp_path):
     cases = tmp_path / "cases"
     cases.mkdir()
     # 2 mm pixels = NORM_SPACING_MM of FAST: the model sees the native grid.
-    write_nifti(cases / "ct_nifti.nii.gz", vol, spacing=(2.0, 2.0, 2.5),
-                origin=(-40.0, -30.0, 100.0))
+    write_nifti(
+        cases / "ct_nifti.nii.gz", vol, spacing=(2.0, 2.0, 2.5), origin=(-40.0, -30.0, 100.0)
+    )
     write_dicom_series(cases / "ct_dicom", vol, spacing=(2.0, 2.0))
     cfg = quickstart_cfg()
     lo, hi = cfg.INPUT.HU_WINDOW
@@ -155,11 +189,16 @@ def test_known_lesion_through_the_pipeline(tmp_path):
     gt = {"ct_nifti": {"0": [], "2": [[13, 9, 31, 23]], "6": []}}
     (tmp_path / "gt.json").write_text(json.dumps(gt), encoding="utf-8")
     out = str(tmp_path / "out")
-    summary = run_prediction(cfg, str(cases), out,
-                             PredictOptions(gt=str(tmp_path / "gt.json"), progress=False),
-                             model=OracleModel(level))
-    assert ([c["case"] for c in summary["cases"]] == ["ct_dicom", "ct_nifti"]
-            and summary["failed"] == [])
+    summary = run_prediction(
+        cfg,
+        str(cases),
+        out,
+        PredictOptions(gt=str(tmp_path / "gt.json"), progress=False),
+        model=OracleModel(level),
+    )
+    assert [c["case"] for c in summary["cases"]] == ["ct_dicom", "ct_nifti"] and summary[
+        "failed"
+    ] == []
     for case in ("ct_nifti", "ct_dicom"):
         doc = json.load(open(f"{out}/{case}/detections.json", encoding="utf-8"))
         assert doc["model_input_size"] == [[40, 40]]
@@ -169,8 +208,9 @@ def test_known_lesion_through_the_pipeline(tmp_path):
             assert [d["x1_mm"], d["y1_mm"], d["width_mm"], d["height_mm"]] == [28, 20, 32, 24]
         (f,) = doc["findings"]
         assert (f["slice_first"], f["slice_last"], f["num_slices"]) == (1, 4, 4)
-        assert (f["extent_mm"] == pytest.approx(4 * 2.5)
-                and f["largest_diameter_mm"] == pytest.approx(32.0))
+        assert f["extent_mm"] == pytest.approx(4 * 2.5) and f[
+            "largest_diameter_mm"
+        ] == pytest.approx(32.0)
         assert all(d["finding_id"] == f["finding_id"] for d in doc["detections"])
     # LPS centre of the box on NIfTI slice 3: continuous (22, 16) -> voxel (21.5, 15.5, 3).
     d3 = json.load(open(f"{out}/ct_nifti/detections.json", encoding="utf-8"))["detections"][2]
@@ -179,6 +219,7 @@ def test_known_lesion_through_the_pipeline(tmp_path):
     overlays = sorted(os.listdir(f"{out}/ct_nifti/overlays"))
     assert overlays == [f"slice_{i:03d}.png" for i in (0, 1, 2, 3, 4, 6)]
     from PIL import Image
+
     img = np.asarray(Image.open(f"{out}/ct_nifti/overlays/slice_002.png").convert("RGB"))
     assert tuple(img[16, 13]) == GT_COLOR and tuple(img[16, 14]) == DET_COLOR
     # FROC over the three annotated slices: the one lesion is found, no false positive there.
@@ -196,12 +237,18 @@ def test_body_crop_gives_the_same_boxes_in_slice_pixels(tmp_path):
     cases = tmp_path / "cases"
     cases.mkdir()
     write_nifti(cases / "ct.nii.gz", vol, spacing=(2.0, 2.0, 2.5))
-    cfg = quickstart_cfg(opts=["INPUT.BODY_CROP.ENABLED", "True",
-                               "INPUT.BODY_CROP.MARGIN_MM", "2.0"])
+    cfg = quickstart_cfg(
+        opts=["INPUT.BODY_CROP.ENABLED", "True", "INPUT.BODY_CROP.MARGIN_MM", "2.0"]
+    )
     lo, hi = cfg.INPUT.HU_WINDOW
     out = str(tmp_path / "out")
-    run_prediction(cfg, str(cases), out, PredictOptions(progress=False),
-                   model=OracleModel((80 - lo) * 255 / (hi - lo)))
+    run_prediction(
+        cfg,
+        str(cases),
+        out,
+        PredictOptions(progress=False),
+        model=OracleModel((80 - lo) * 255 / (hi - lo)),
+    )
     doc = json.load(open(f"{out}/ct/detections.json", encoding="utf-8"))
     assert doc["model_input_size"] == [[34, 34]]
     assert [d["slice_index"] for d in doc["detections"]] == [1, 2, 3]
@@ -222,17 +269,31 @@ def test_cli_folder_run(tmp_path, fpn_weights, capsys):
     write_dicom_series(cases / "series_mr", phantom(slices=5), modality="MR")
     write_nifti(cases / "thin.nii.gz", phantom(slices=3), spacing=(0.8, 0.8, 1.0))
     out = str(tmp_path / "out")
-    rc = predict_net.main(["--config-file", "configs/quickstart/fpn.yaml", "--weights", fpn_weights,
-                           "--input", str(cases), "--output", out, "--score-thresh", "0.0",
-                           "--no-progress"] + FAST)
+    rc = predict_net.main(
+        [
+            "--config-file",
+            "configs/quickstart/fpn.yaml",
+            "--weights",
+            fpn_weights,
+            "--input",
+            str(cases),
+            "--output",
+            out,
+            "--score-thresh",
+            "0.0",
+            "--no-progress",
+        ]
+        + FAST
+    )
     assert rc == 0
     err = capsys.readouterr().err
     summary = json.load(open(f"{out}/summary.json", encoding="utf-8"))
     assert sorted(c["case"] for c in summary["cases"]) == ["000006_01_01", "series_b", "vol_a"]
     failed = {f["case"]: f["error"] for f in summary["failed"]}
     assert set(failed) == {"broken", "series_mr", "thin"}
-    assert ("broken.nii.gz: unreadable" in failed["broken"]
-            and "not a CT series" in failed["series_mr"])
+    assert (
+        "broken.nii.gz: unreadable" in failed["broken"] and "not a CT series" in failed["series_mr"]
+    )
     assert "thin.nii.gz: 3 slice(s) at 1 mm" in failed["thin"]
     assert "3 case(s) failed" in err and "series_mr" in err
     # The model saw 40 px * 0.8 mm / 2 mm = 16 px.
@@ -268,20 +329,44 @@ def test_cli_folder_run(tmp_path, fpn_weights, capsys):
 
 def test_cli_single_bad_input_names_it(tmp_path, fpn_weights, capsys):
     vol = write_nifti(tmp_path / "flat.nii.gz", phantom()[0], spacing=(0.8, 0.8))
-    rc = predict_net.main(["--config-file", "configs/quickstart/fpn.yaml", "--weights", fpn_weights,
-                           "--input", vol, "--output", str(tmp_path / "out"), "--no-progress"])
+    rc = predict_net.main(
+        [
+            "--config-file",
+            "configs/quickstart/fpn.yaml",
+            "--weights",
+            fpn_weights,
+            "--input",
+            vol,
+            "--output",
+            str(tmp_path / "out"),
+            "--no-progress",
+        ]
+    )
     assert rc == 2
     assert f"{vol}: a 2-D image" in capsys.readouterr().err
 
 
 def test_draw_relations_needs_an_alb_head(tmp_path, fpn_weights, capsys):
     vol = write_nifti(tmp_path / "v.nii.gz", phantom())
-    rc = predict_net.main(["--config-file", "configs/quickstart/fpn.yaml", "--weights", fpn_weights,
-                           "--input", vol, "--output", str(tmp_path / "out"), "--draw-relations",
-                           "--no-progress"])
+    rc = predict_net.main(
+        [
+            "--config-file",
+            "configs/quickstart/fpn.yaml",
+            "--weights",
+            fpn_weights,
+            "--input",
+            vol,
+            "--output",
+            str(tmp_path / "out"),
+            "--draw-relations",
+            "--no-progress",
+        ]
+    )
     assert rc == 2
-    assert ("--draw-relations: the model has no box head with region_nonlocal relations"
-            in capsys.readouterr().err)
+    assert (
+        "--draw-relations: the model has no box head with region_nonlocal relations"
+        in capsys.readouterr().err
+    )
 
 
 def _hooks(model):
@@ -295,8 +380,9 @@ def test_relations_and_confidence_of_elixirnet(tmp_path):
     cfg = quickstart_cfg("elixirnet", ["MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0"])
     model = build_model(cfg).eval()
     vol = write_nifti(tmp_path / "v.nii.gz", phantom(slices=3, size=64), spacing=(1.0, 1.0, 5.0))
-    predictor = CTPredictor(cfg, model, batch_size=2, capture_relations=True,
-                            capture_confidence=True)
+    predictor = CTPredictor(
+        cfg, model, batch_size=2, capture_relations=True, capture_confidence=True
+    )
     assert _hooks(model) == 0  # captures are hooked around each batch's forward only
     pred = predictor.predict_volume(read_case(discover_cases(vol)[0][0]))
     assert len(pred.slices) == 3 and _hooks(model) == 0
@@ -309,15 +395,27 @@ def test_relations_and_confidence_of_elixirnet(tmp_path):
         assert sp.proposals.min() >= 0 and sp.proposals.max() <= 64 and sp.proposals.max() > 32
         # Levels p2..p6 at strides 4..64: ceil(32 / stride) locations per side.
         assert {k: v.shape for k, v in sp.conf_maps.items()} == {
-            "p2": (8, 8), "p3": (4, 4), "p4": (2, 2), "p5": (1, 1), "p6": (1, 1)}
+            "p2": (8, 8),
+            "p3": (4, 4),
+            "p4": (2, 2),
+            "p5": (1, 1),
+            "p6": (1, 1),
+        }
         assert set(sp.conf_eps) == set(sp.conf_maps)
     out = str(tmp_path / "out")
-    run_prediction(cfg, vol, out,
-                   PredictOptions(draw_relations=True, draw_confidence=True, overlays="all",
-                                  progress=False), model=model)
+    run_prediction(
+        cfg,
+        vol,
+        out,
+        PredictOptions(draw_relations=True, draw_confidence=True, overlays="all", progress=False),
+        model=model,
+    )
     for sub in ("overlays", "relations", "confidence"):
-        assert sorted(os.listdir(f"{out}/v/{sub}")) == ["slice_000.png", "slice_001.png",
-                                                        "slice_002.png"]
+        assert sorted(os.listdir(f"{out}/v/{sub}")) == [
+            "slice_000.png",
+            "slice_001.png",
+            "slice_002.png",
+        ]
 
 
 class FixedModel(nn.Module):
@@ -351,21 +449,25 @@ def test_lesion_types_from_classes_or_rtm(tmp_path):
     rtm = CTPredictor(quickstart_cfg(), model=FixedModel(types=[4, 7])).predict_volume(vol)
     assert rtm.slices[0].type_names == ["lung", "pelvis"]
     from elixir_d2.inference.outputs import detection_rows
+
     assert [r["lesion_type"] for r in detection_rows(rtm)][:2] == ["lung", "pelvis"]
 
 
 def test_ground_truth_files(tmp_path):
     from elixir_d2.inference import load_ground_truth
 
-    rows = [dl_row("000007_01_01_005.png", box=(11, 21, 31, 41)),
-            dl_row("000007_01_01_005.png", box=(1, 2, 5, 6)),
-            dl_row("000007_01_01_006.png", box=(3, 3, 9, 9), noisy=1)]
+    rows = [
+        dl_row("000007_01_01_005.png", box=(11, 21, 31, 41)),
+        dl_row("000007_01_01_005.png", box=(1, 2, 5, 6)),
+        dl_row("000007_01_01_006.png", box=(3, 3, 9, 9), noisy=1),
+    ]
     gt = load_ground_truth(write_dl_info(str(tmp_path / "DL"), rows))
     # DL_info boxes minus 1 (the loader's convention); the noisy lesion is left out.
     assert list(gt) == ["000007_01_01"] and list(gt["000007_01_01"]) == [5]
     np.testing.assert_array_equal(gt["000007_01_01"][5], [[10, 20, 30, 40], [0, 1, 4, 5]])
-    (tmp_path / "g.json").write_text(json.dumps({"c": {"3": [[1, 2, 3, 4]], "4": []}}),
-                                     encoding="utf-8")
+    (tmp_path / "g.json").write_text(
+        json.dumps({"c": {"3": [[1, 2, 3, 4]], "4": []}}), encoding="utf-8"
+    )
     g = load_ground_truth(str(tmp_path / "g.json"))
     assert g["c"][3].tolist() == [[1, 2, 3, 4]] and g["c"][4].shape == (0, 4)
     (tmp_path / "bad.json").write_text(json.dumps({"c": {"3": [[5, 2, 3, 4]]}}), encoding="utf-8")

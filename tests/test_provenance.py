@@ -1,4 +1,5 @@
 """elixir_d2.provenance: the block every machine-written result file carries."""
+
 import os
 import shutil
 import subprocess
@@ -12,10 +13,16 @@ needs_git = pytest.mark.skipif(shutil.which("git") is None, reason="no git binar
 
 
 def _git(cwd, *args):
-    env = dict(os.environ, GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t",
-               GIT_COMMITTER_EMAIL="t@t")
-    return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True,
-                          env=env).stdout.strip()
+    env = dict(
+        os.environ,
+        GIT_AUTHOR_NAME="t",
+        GIT_AUTHOR_EMAIL="t@t",
+        GIT_COMMITTER_NAME="t",
+        GIT_COMMITTER_EMAIL="t@t",
+    )
+    return subprocess.run(
+        ["git", *args], cwd=cwd, check=True, capture_output=True, text=True, env=env
+    ).stdout.strip()
 
 
 @needs_git
@@ -80,13 +87,23 @@ def test_command_seeds_threads_and_times():
 
 
 def test_provenance_line():
-    p = {"commit": "abc1234def", "dirty": True, "cpu": "AMD EPYC 9654", "cuda_device": None,
-         "torch": "2.5.0", "threads": 1, "command": ["quality.py", "--sets", "a b"]}
-    assert provenance_line(p) == ("commit abc1234 (dirty), AMD EPYC 9654, torch 2.5.0, 1 thread, "
-                                  "command: quality.py --sets 'a b'")
+    p = {
+        "commit": "abc1234def",
+        "dirty": True,
+        "cpu": "AMD EPYC 9654",
+        "cuda_device": None,
+        "torch": "2.5.0",
+        "threads": 1,
+        "command": ["quality.py", "--sets", "a b"],
+    }
+    assert provenance_line(p) == (
+        "commit abc1234 (dirty), AMD EPYC 9654, torch 2.5.0, 1 thread, "
+        "command: quality.py --sets 'a b'"
+    )
     p.update(commit=None, dirty=None, threads=2, cuda_device="NVIDIA H100")
-    assert provenance_line(p).startswith("commit unknown (not a git checkout), AMD EPYC 9654, "
-                                         "NVIDIA H100, torch 2.5.0, 2 threads,")
+    assert provenance_line(p).startswith(
+        "commit unknown (not a git checkout), AMD EPYC 9654, NVIDIA H100, torch 2.5.0, 2 threads,"
+    )
 
 
 def test_set_stats_json_holds_the_provenance(tmp_path, capsys):

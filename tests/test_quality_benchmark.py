@@ -1,5 +1,6 @@
 """quality.py's protocol (validation split by default, one folder per model) and its comparison
 tables, on hand-made metrics and per-image FROC inputs."""
+
 import os
 
 import numpy as np
@@ -12,7 +13,11 @@ from elixir_d2.evaluation.froc_inputs import write_froc_inputs
 
 def test_evaluation_split_is_val_unless_test_is_asked_for(capsys):
     assert quality.dataset_opts("synthetic_v2", "val") == [
-        "DATASETS.TRAIN", "('synthetic_v2_train',)", "DATASETS.TEST", "('synthetic_v2_val',)"]
+        "DATASETS.TRAIN",
+        "('synthetic_v2_train',)",
+        "DATASETS.TEST",
+        "('synthetic_v2_val',)",
+    ]
     assert quality.dataset_opts("synthetic", "test")[-1] == "('synthetic_test',)"
     with pytest.raises(ValueError, match="split"):
         quality.dataset_opts("synthetic", "train")
@@ -43,8 +48,10 @@ def _inputs(path, found):
 def test_comparisons_by_hand(tmp_path):
     every, none = _inputs(tmp_path / "a.json", {0, 1, 2}), _inputs(tmp_path / "b.json", set())
     by_seed = {
-        s: {"FPN+TRPN": {"mean_sens_iou": a, "froc_inputs": every},
-            "FPN": {"mean_sens_iou": b, "froc_inputs": none}}
+        s: {
+            "FPN+TRPN": {"mean_sens_iou": a, "froc_inputs": every},
+            "FPN": {"mean_sens_iou": b, "froc_inputs": none},
+        }
         for s, a, b in ((0, 50.0, 45.0), (1, 52.0, 48.0), (2, 55.0, 49.0))
     }
     out = comparisons(by_seed, ["FPN", "FPN+TRPN"], num_samples=200)
@@ -64,10 +71,23 @@ def test_comparisons_by_hand(tmp_path):
 def test_comparisons_refuse_runs_on_different_images(tmp_path):
     a = _inputs(tmp_path / "a.json", {0})
     b = tmp_path / "b.json"
-    write_froc_inputs(str(b), "toy_val", "continuous", [7], [7], [np.zeros((0, 4))], [np.zeros(0)],
-                      [np.zeros((0, 4))])
-    by_seed = {s: {"FPN+TRPN": {"mean_sens_iou": 1.0 + s, "froc_inputs": a},
-                   "FPN": {"mean_sens_iou": 0.0, "froc_inputs": str(b)}} for s in (0, 1)}
+    write_froc_inputs(
+        str(b),
+        "toy_val",
+        "continuous",
+        [7],
+        [7],
+        [np.zeros((0, 4))],
+        [np.zeros(0)],
+        [np.zeros((0, 4))],
+    )
+    by_seed = {
+        s: {
+            "FPN+TRPN": {"mean_sens_iou": 1.0 + s, "froc_inputs": a},
+            "FPN": {"mean_sens_iou": 0.0, "froc_inputs": str(b)},
+        }
+        for s in (0, 1)
+    }
     with pytest.raises(ValueError, match="different images"):
         comparisons(by_seed, ["FPN", "FPN+TRPN"], num_samples=5)
 
@@ -81,10 +101,14 @@ def test_summary_table_uses_the_sample_std():
 def test_elixirnet_against_the_better_baseline_of_each_seed(tmp_path):
     every, none = _inputs(tmp_path / "a.json", {0, 1, 2}), _inputs(tmp_path / "b.json", set())
     means = {0: (50.0, 45.0, 48.0), 1: (52.0, 49.0, 44.0), 2: (51.0, 40.0, 47.0)}
-    by_seed = {s: {"ElixirNet": {"mean_sens_iou": e, "froc_inputs": every},
-                   "FPN": {"mean_sens_iou": f, "froc_inputs": none},
-                   "FPN conv head": {"mean_sens_iou": c, "froc_inputs": every}}
-               for s, (e, f, c) in means.items()}
+    by_seed = {
+        s: {
+            "ElixirNet": {"mean_sens_iou": e, "froc_inputs": every},
+            "FPN": {"mean_sens_iou": f, "froc_inputs": none},
+            "FPN conv head": {"mean_sens_iou": c, "froc_inputs": every},
+        }
+        for s, (e, f, c) in means.items()
+    }
     rows = comparisons(by_seed, ["FPN", "FPN conv head", "ElixirNet"], num_samples=50)["rows"]
     best = rows[-1]
     assert best["baseline"] == "best baseline (per seed)"
@@ -100,13 +124,17 @@ def test_across_sets_table_marks_intervals_excluding_zero():
     from quality_report import across_sets_table
 
     row = {"part": "ElixirNet", "baseline": "FPN"}
-    table = across_sets_table({
-        "a": [{**row, "mean": 3.0, "t_low": 1.0, "t_high": 5.0, "t_excludes_zero": True}],
-        "b": [{**row, "mean": 1.0, "t_low": -2.5, "t_high": 4.5, "t_excludes_zero": False}],
-    })
+    table = across_sets_table(
+        {
+            "a": [{**row, "mean": 3.0, "t_low": 1.0, "t_high": 5.0, "t_excludes_zero": True}],
+            "b": [{**row, "mean": 1.0, "t_low": -2.5, "t_high": 4.5, "t_excludes_zero": False}],
+        }
+    )
     assert table.splitlines()[0] == "| part | baseline | a | b | intervals excluding 0 |"
-    assert table.splitlines()[2] == ("| ElixirNet | FPN | +3.0 [+1.0, +5.0] (w 4.0) **excl. 0** | "
-                                     "+1.0 [-2.5, +4.5] (w 7.0) | 1 of 2 |")
+    assert table.splitlines()[2] == (
+        "| ElixirNet | FPN | +3.0 [+1.0, +5.0] (w 4.0) **excl. 0** | "
+        "+1.0 [-2.5, +4.5] (w 7.0) | 1 of 2 |"
+    )
 
 
 def test_written_summary_and_metrics_carry_their_provenance(tmp_path, monkeypatch):
@@ -115,10 +143,26 @@ def test_written_summary_and_metrics_carry_their_provenance(tmp_path, monkeypatc
     import json
 
     means = {0: (40.0, 45.0), 1: (42.0, 46.0)}
-    monkeypatch.setattr(quality, "seed_pipeline", lambda data_set, seed, args: {
-        "FPN": {"mean_sens_iou": means[seed][0]}, "FPN+TRPN": {"mean_sens_iou": means[seed][1]}})
-    argv = ["--seeds", "0", "1", "--models", "FPN", "FPN+TRPN", "--bootstrap", "0", "--output",
-            str(tmp_path / "q")]
+    monkeypatch.setattr(
+        quality,
+        "seed_pipeline",
+        lambda data_set, seed, args: {
+            "FPN": {"mean_sens_iou": means[seed][0]},
+            "FPN+TRPN": {"mean_sens_iou": means[seed][1]},
+        },
+    )
+    argv = [
+        "--seeds",
+        "0",
+        "1",
+        "--models",
+        "FPN",
+        "FPN+TRPN",
+        "--bootstrap",
+        "0",
+        "--output",
+        str(tmp_path / "q"),
+    ]
     quality.main(argv)
     summary = json.loads((tmp_path / "q" / "quality_val.json").read_text(encoding="utf-8"))
     p = summary["provenance"]
@@ -130,8 +174,11 @@ def test_written_summary_and_metrics_carry_their_provenance(tmp_path, monkeypatc
 
     run = tmp_path / "run"
     run.mkdir()
-    quality.write_metrics(quality.metrics_file(str(run), "toy", "val"),
-                          {"mean_sens_iou": 50.0, "AP50": float("nan")}, seed=3)
+    quality.write_metrics(
+        quality.metrics_file(str(run), "toy", "val"),
+        {"mean_sens_iou": 50.0, "AP50": float("nan")},
+        seed=3,
+    )
     m = quality.train_and_evaluate("unused.yaml", str(run), 3, "toy", "val", [])
     assert m["AP50"] is None and m["provenance"]["seeds"] == [3]
     old = tmp_path / "old"
@@ -153,11 +200,17 @@ def test_tables_are_written_as_utf8_under_an_ascii_locale(tmp_path):
         "quality.seed_pipeline = lambda s, seed, a: {'FPN': {'mean_sens_iou': 40.0 + seed},"
         " 'FPN+TRPN': {'mean_sens_iou': 45.0 - seed}}\n"
         f"quality.main(['--seeds', '0', '1', '--models', 'FPN', 'FPN+TRPN', '--bootstrap', '0',"
-        f" '--output', {str(tmp_path)!r}])\n")
-    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0",
-           "PYTHONIOENCODING": "utf-8"}
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                          encoding="utf-8", cwd=os.path.dirname(quality.__file__))
+        f" '--output', {str(tmp_path)!r}])\n"
+    )
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONIOENCODING": "utf-8"}
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        env=env,
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        cwd=os.path.dirname(quality.__file__),
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     md = (tmp_path / "quality_val.md").read_bytes().decode("utf-8")
     assert "40.5 ± 0.7" in md  # FPN over seeds 0 and 1: mean 40.5, sample std sqrt(0.5)

@@ -9,6 +9,7 @@ or a documented, counted skip. Cases already tested elsewhere are referenced, no
   image without lesion in the FROC denominator
                                     test_froc.py::test_images_without_lesions_count_in_the_fp_denominator
 """
+
 import logging
 import os
 import re
@@ -50,12 +51,23 @@ def _series(root, n=3):
 
 
 def _record(slice_dir, with_lesion=True):
-    anns = ([{"bbox": [10.0, 12.0, 30.0, 28.0], "bbox_mode": 0, "category_id": 0}] if with_lesion
-            else [])
-    return {"file_name": f"{slice_dir}/002.png", "image_id": 0, "height": 64, "width": 64,
-            "slice_dir": slice_dir,
-            "slice_idx": 2, "slice_range": (1, 3), "slice_intv": 2.0, "spacing": 0.8,
-            "annotations": anns}
+    anns = (
+        [{"bbox": [10.0, 12.0, 30.0, 28.0], "bbox_mode": 0, "category_id": 0}]
+        if with_lesion
+        else []
+    )
+    return {
+        "file_name": f"{slice_dir}/002.png",
+        "image_id": 0,
+        "height": 64,
+        "width": 64,
+        "slice_dir": slice_dir,
+        "slice_idx": 2,
+        "slice_range": (1, 3),
+        "slice_intv": 2.0,
+        "spacing": 0.8,
+        "annotations": anns,
+    }
 
 
 def _mapper(is_train=True):
@@ -81,8 +93,9 @@ def test_truncated_png_is_named(tmp_path, cut):
 def test_png_of_the_wrong_pixel_type_is_named(tmp_path, mode):
     d = _series(str(tmp_path))
     Image.new(mode, (64, 64)).save(f"{d}/002.png")
-    with pytest.raises(CTSliceError,
-                       match=rf"002\.png: expected a 16-bit grayscale PNG .* got mode '{mode}'"):
+    with pytest.raises(
+        CTSliceError, match=rf"002\.png: expected a 16-bit grayscale PNG .* got mode '{mode}'"
+    ):
         _mapper()(_record(d))
 
 
@@ -104,11 +117,13 @@ def test_truncated_nifti_is_an_error_not_zeros(tmp_path, ext):
     zero_filled = sitk.GetArrayFromImage(sitk.ReadImage(path))
     # the silent failure
     assert zero_filled.shape == (6, 32, 32) and (zero_filled == 0).mean() > 0.4
-    with pytest.raises(KiTS19Error,
-                       match=rf"cannot read case_00001 imaging .*imaging{ext}: .*truncated file"):
+    with pytest.raises(
+        KiTS19Error, match=rf"cannot read case_00001 imaging .*imaging{ext}: .*truncated file"
+    ):
         read_nifti_image(path, "case_00001 imaging")
-    with pytest.raises(CTInputError,
-                       match=rf"imaging{ext}: unreadable NIfTI file \(.*truncated file"):
+    with pytest.raises(
+        CTInputError, match=rf"imaging{ext}: unreadable NIfTI file \(.*truncated file"
+    ):
         volume_read_nifti(path, "case")
 
 
@@ -116,19 +131,25 @@ def test_complete_nifti_still_reads(tmp_path):
     for ext in (".nii.gz", ".nii"):
         path = str(tmp_path / f"v{ext}")
         write_nifti(_ct_volume(), (0.8, 0.8, 2.0), path)
-        np.testing.assert_array_equal(volume_read_nifti(path, "v").hu,
-                                      _ct_volume().astype(np.float32))
+        np.testing.assert_array_equal(
+            volume_read_nifti(path, "v").hu, _ct_volume().astype(np.float32)
+        )
 
 
 # ----------------------------------------------------------------------------- DL_info.csv
-@pytest.mark.parametrize("text, match", [
-    ("", "empty file"),
-    ("\n \n", "empty file"),
-    (",".join(dl_row().keys()) + "\n", "a header but no lesion rows"),
-    # headerless: the first lesion row is taken for the header
-    (",".join(f'"{v}"' for v in dl_row().values()) + "\n",
-     r"header lacks column\(s\) \['File_name'"),
-])
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("", "empty file"),
+        ("\n \n", "empty file"),
+        (",".join(dl_row().keys()) + "\n", "a header but no lesion rows"),
+        # headerless: the first lesion row is taken for the header
+        (
+            ",".join(f'"{v}"' for v in dl_row().values()) + "\n",
+            r"header lacks column\(s\) \['File_name'",
+        ),
+    ],
+)
 def test_empty_or_headerless_dl_info(dl_root, text, match):
     os.makedirs(dl_root)
     path = os.path.join(dl_root, "DL_info.csv")
@@ -149,13 +170,16 @@ def test_dl_info_that_is_not_text(dl_root):
         read_dl_info(os.path.join(dl_root, "DL_info.csv"))
 
 
-@pytest.mark.parametrize("box, match", [
-    ((11, 21, 11, 41), "empty or inverted box '11, 21, 11, 41'"),  # zero width
-    ((11, 21, 31, 21), "empty or inverted box"),  # zero height
-    ((70, 10, 80, 20), r"box '70, 10, 80, 20' lies outside the 64 x 64 image"),
-    ((-20, -20, -5, -5), "lies outside the 64 x 64 image"),
-    ((10, 66, 20, 70), "lies outside"),
-])
+@pytest.mark.parametrize(
+    "box, match",
+    [
+        ((11, 21, 11, 41), "empty or inverted box '11, 21, 11, 41'"),  # zero width
+        ((11, 21, 31, 21), "empty or inverted box"),  # zero height
+        ((70, 10, 80, 20), r"box '70, 10, 80, 20' lies outside the 64 x 64 image"),
+        ((-20, -20, -5, -5), "lies outside the 64 x 64 image"),
+        ((10, 66, 20, 70), "lies outside"),
+    ],
+)
 def test_box_of_zero_size_or_outside_the_image_is_an_error(dl_root, box, match):
     path = write_dl_info(dl_root, [dl_row(), dl_row(box=box)])
     with pytest.raises(DeepLesionFormatError, match=match) as info:
@@ -165,13 +189,17 @@ def test_box_of_zero_size_or_outside_the_image_is_an_error(dl_root, box, match):
 
 def test_box_past_the_border_is_clipped_and_counted(dl_root, caplog):
     # DL_info boxes are 1-based: (0.5, ...) becomes -0.5 after the minus-1 convention
-    write_dl_info(dl_root, [dl_row(box=(0.5, 10, 20, 30)), dl_row(box=(50, 55, 70, 66)),
-                            dl_row(box=(5, 5, 9, 9))])
+    write_dl_info(
+        dl_root,
+        [dl_row(box=(0.5, 10, 20, 30)), dl_row(box=(50, 55, 70, 66)), dl_row(box=(5, 5, 9, 9))],
+    )
     write_slice(dl_root, "000001_01_01", 5, NOISE)
     (rec,) = load_deeplesion_dicts(dl_root, "test")
-    assert [a["bbox"] for a in rec["annotations"]] == [[0.0, 9.0, 19.0, 29.0],
-                                                       [49.0, 54.0, 64.0, 64.0],
-                                                       [4.0, 4.0, 8.0, 8.0]]
+    assert [a["bbox"] for a in rec["annotations"]] == [
+        [0.0, 9.0, 19.0, 29.0],
+        [49.0, 54.0, 64.0, 64.0],
+        [4.0, 4.0, 8.0, 8.0],
+    ]
     assert LOAD_STATS[(dl_root, "test", False)]["clipped_box"] == 2
     assert "clipped 2 boxes reaching past the image border" in caplog.text
 
@@ -193,9 +221,13 @@ def test_key_slice_without_lesion_trains_as_a_negative_and_counts_in_evaluation(
     from elixir_d2.evaluation import LesionEvaluator
 
     # typed val: key slice 005's only lesion has no type, so its record keeps no annotation
-    write_dl_info(dl_root, [dl_row("000001_01_01_005.png", split=2, lesion_type=-1),
-                            dl_row("000002_01_01_005.png", split=2, lesion_type=4,
-                                   box=(21, 21, 41, 41))])
+    write_dl_info(
+        dl_root,
+        [
+            dl_row("000001_01_01_005.png", split=2, lesion_type=-1),
+            dl_row("000002_01_01_005.png", split=2, lesion_type=4, box=(21, 21, 41, 41)),
+        ],
+    )
     for series in ("000001_01_01", "000002_01_01"):
         for k in (4, 5, 6):
             write_slice(dl_root, series, k, NOISE)
@@ -209,12 +241,20 @@ def test_key_slice_without_lesion_trains_as_a_negative_and_counts_in_evaluation(
     # training keeps it (Base-DeepLesion: FILTER_EMPTY_ANNOTATIONS False) as a negative image
     cfg = build_cfg([])
     assert cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS is False
-    assert len(get_detection_dataset_dicts(
-        [name], filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS)) == 2
+    assert (
+        len(
+            get_detection_dataset_dicts(
+                [name], filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS
+            )
+        )
+        == 2
+    )
     mapper = CTDatasetMapper(cfg, is_train=True)
     # (the quickstart model is binary: the typed lesion trains as class 0 here)
-    batch = [mapper(dict(r, annotations=[dict(a, category_id=0) for a in r["annotations"]]))
-             for r in recs]
+    batch = [
+        mapper(dict(r, annotations=[dict(a, category_id=0) for a in r["annotations"]]))
+        for r in recs
+    ]
     assert len(batch[0]["instances"]) == 0 and len(batch[1]["instances"]) == 1
     fpn_model.train()
     with EventStorage(0):
@@ -228,9 +268,10 @@ def test_key_slice_without_lesion_trains_as_a_negative_and_counts_in_evaluation(
     MetadataCatalog.get(name)  # registered with the 8 lesion types
     ev = LesionEvaluator(name, None, distributed=False, fps=(0.25, 0.5))
     ev.reset()
-    preds = {recs[0]["image_id"]: [([40, 40, 50, 50], 0.95)],
-             recs[1]["image_id"]: [([20, 20, 40, 40], 0.9), ([0, 0, 8, 8], 0.85),
-                                   ([50, 0, 60, 8], 0.8)]}
+    preds = {
+        recs[0]["image_id"]: [([40, 40, 50, 50], 0.95)],
+        recs[1]["image_id"]: [([20, 20, 40, 40], 0.9), ([0, 0, 8, 8], 0.85), ([50, 0, 60, 8], 0.8)],
+    }
     for image_id, p in preds.items():
         inst = Instances((64, 64))
         inst.pred_boxes = Boxes(torch.tensor([b for b, _ in p], dtype=torch.float32))
@@ -249,15 +290,19 @@ def test_key_slice_without_lesion_trains_as_a_negative_and_counts_in_evaluation(
 def test_unknown_config_key_is_named(tmp_path):
     from elixir_d2.cli import UnknownKeyError, UserInputError
 
-    with pytest.raises(UnknownKeyError,
-                       match=r"override MODEL\.TRPN\.THRESHOLDD: unknown config key; "
-                             r"did you mean MODEL\.TRPN\.THRESHOLD\?"):
+    with pytest.raises(
+        UnknownKeyError,
+        match=r"override MODEL\.TRPN\.THRESHOLDD: unknown config key; "
+        r"did you mean MODEL\.TRPN\.THRESHOLD\?",
+    ):
         build_cfg(["MODEL.TRPN.THRESHOLDD", "0.5"])  # command-line opts (yacs)
     yaml_path = tmp_path / "typo.yaml"
     yaml_path.write_text(f'_BASE_: "{QUICKSTART}"\nSOLVER:\n  MAX_ITERS: 10\n', encoding="utf-8")
-    with pytest.raises(UnknownKeyError,
-                       match=r"typo\.yaml: unknown config key SOLVER\.MAX_ITERS; did you mean "
-                             r"SOLVER\.MAX_ITER\?"):
+    with pytest.raises(
+        UnknownKeyError,
+        match=r"typo\.yaml: unknown config key SOLVER\.MAX_ITERS; did you mean "
+        r"SOLVER\.MAX_ITER\?",
+    ):
         build_cfg([], str(yaml_path))
     with pytest.raises(UserInputError, match=r"Type mismatch .* for config key: SOLVER\.MAX_ITER"):
         build_cfg(["SOLVER.MAX_ITER", "ten"])
@@ -271,17 +316,24 @@ def test_config_yaml_that_would_run_code_is_refused(tmp_path):
 
     marker = tmp_path / "ran"
     path = tmp_path / "evil.yaml"
-    path.write_text(f'_BASE_: "{QUICKSTART}"\nSEED: !!python/object/apply:os.system ["touch '
-                    f'{marker}"]\n', encoding="utf-8")
+    path.write_text(
+        f'_BASE_: "{QUICKSTART}"\nSEED: !!python/object/apply:os.system ["touch {marker}"]\n',
+        encoding="utf-8",
+    )
     from elixir_d2.cli import UserInputError
 
-    with pytest.raises(UserInputError,
-                       match=r"evil\.yaml: not a plain-data YAML config "
-                             r".*python/object/apply:os\.system"):
+    with pytest.raises(
+        UserInputError,
+        match=r"evil\.yaml: not a plain-data YAML config "
+        r".*python/object/apply:os\.system",
+    ):
         train_net.setup(default_argument_parser().parse_args(["--config-file", str(path)]))
     with pytest.raises(UserInputError, match="python/object/apply"):
-        predict_net.setup_cfg(predict_net.build_parser().parse_args(
-            ["--config-file", str(path), "--input", "x", "--output", str(tmp_path)]))
+        predict_net.setup_cfg(
+            predict_net.build_parser().parse_args(
+                ["--config-file", str(path), "--input", "x", "--output", str(tmp_path)]
+            )
+        )
     assert not marker.exists()
     # the hazard refused: detectron2's own default (allow_unsafe=True) falls back to unsafe_load
     from detectron2.config import CfgNode
@@ -300,10 +352,12 @@ def test_genotype_with_unknown_op_fails_the_model_build_naming_the_file(tmp_path
     genotype["normal"][0][0] = "conv_9x9"
     bad = tmp_path / "bad_genotype.yaml"
     bad.write_text(yaml.safe_dump(genotype), encoding="utf-8")
-    cfg = build_cfg(["MODEL.ALB.GENOTYPE", str(bad)],
-                    os.path.join(REPO, "configs", "quickstart", "alb.yaml"))
-    with pytest.raises(GenotypeError,
-                       match=r"bad_genotype\.yaml: normal\[0\] .*unknown op 'conv_9x9'"):
+    cfg = build_cfg(
+        ["MODEL.ALB.GENOTYPE", str(bad)], os.path.join(REPO, "configs", "quickstart", "alb.yaml")
+    )
+    with pytest.raises(
+        GenotypeError, match=r"bad_genotype\.yaml: normal\[0\] .*unknown op 'conv_9x9'"
+    ):
         build_model(cfg)
 
 
@@ -350,8 +404,10 @@ def test_checkpoint_of_a_model_with_other_shapes_is_summarised(fpn_model, fpn_ch
     weights = [k for k in own if not k.endswith("num_batches_tracked")]  # BN counters left out
     assert f"{len(weights) - 4} of the model's {len(weights)} tensors loaded" in summary
     first = next(k for k in ref if k in other_shape)  # in checkpoint order
-    assert (f"4 of another shape, skipped (first: {first} {tuple(ref[first].shape)} in the "
-            f"checkpoint, {tuple(own[first].shape)} in the model)") in summary
+    assert (
+        f"4 of another shape, skipped (first: {first} {tuple(ref[first].shape)} in the "
+        f"checkpoint, {tuple(own[first].shape)} in the model)"
+    ) in summary
     assert "missing from the checkpoint" not in summary
 
 
@@ -370,8 +426,11 @@ def test_checkpoint_of_a_model_with_another_head_is_summarised(fpn_model, fpn_ch
     first_missing = re.search(r"(\d+) missing from the checkpoint \(first: \[([^]]*)\]\)", summary)
     assert int(first_missing.group(1)) == len(missing)
     assert all(k.strip(" '") in missing for k in first_missing.group(2).split(","))
-    first_unexpected = re.search(r"(\d+) in the checkpoint but not in the model \(first: "
-                                 r"\[([^]]*)\]\)", summary)
+    first_unexpected = re.search(
+        r"(\d+) in the checkpoint but not in the model \(first: "
+        r"\[([^]]*)\]\)",
+        summary,
+    )
     assert int(first_unexpected.group(1)) == len(unexpected)
     assert all(k.strip(" '") in unexpected for k in first_unexpected.group(2).split(","))
     assert f"{len(own) - len(missing)} of the model's {len(own)} tensors loaded" in summary
@@ -387,18 +446,21 @@ def test_checkpoint_of_an_unrelated_model_is_an_error(fpn_model, tmp_path):
     path = str(tmp_path / "resnet18.pth")
     state = torchvision.models.resnet18().state_dict()
     torch.save(state, path)
-    with pytest.raises(ValueError,
-                       match=r"resnet18\.pth does not belong to this model: none of its "
-                             fr"{len(state)} tensors matches one of the model's "
-                             fr"{len(fpn_model.state_dict())}"):
+    with pytest.raises(
+        ValueError,
+        match=r"resnet18\.pth does not belong to this model: none of its "
+        rf"{len(state)} tensors matches one of the model's "
+        rf"{len(fpn_model.state_dict())}",
+    ):
         AtomicCheckpointer(fpn_model).load(path)
 
 
 def test_checkpoint_that_would_run_code_is_refused(fpn_model, tmp_path):
     path = str(tmp_path / "evil.pth")
     torch.save({"model": {}, "payload": Payload()}, path)
-    with pytest.raises(ValueError,
-                       match=r"evil\.pth holds more than tensors .*weights_only=True\) refused it"):
+    with pytest.raises(
+        ValueError, match=r"evil\.pth holds more than tensors .*weights_only=True\) refused it"
+    ):
         AtomicCheckpointer(fpn_model).load(path)
 
 
@@ -406,6 +468,7 @@ def test_truncated_checkpoint_is_named(fpn_model, fpn_checkpoint, tmp_path):
     path = tmp_path / "cut.pth"
     data = open(fpn_checkpoint, "rb").read()
     path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(ValueError,
-                       match=r"cut\.pth is unreadable \(truncated or not a torch\.save file\)"):
+    with pytest.raises(
+        ValueError, match=r"cut\.pth is unreadable \(truncated or not a torch\.save file\)"
+    ):
         AtomicCheckpointer(fpn_model).load(str(path))

@@ -16,6 +16,7 @@ What must hold, and why:
   subsampling the two runs draw different anchors / proposals and differ by 1e-3 to 3e-2, which
   this tolerance would catch. The two replicas must stay bit-identical.
 """
+
 import hashlib
 import json
 import os
@@ -30,9 +31,12 @@ MAX_ITER = 4
 # Take-all sampling (see the module docstring): 64 px images have 1023 anchors; 32 proposals + 1
 # ground truth per image.
 EXACT_SAMPLING = {
-    "MODEL.RPN.BATCH_SIZE_PER_IMAGE": 2048, "MODEL.RPN.POSITIVE_FRACTION": 1.0,
-    "MODEL.RPN.POST_NMS_TOPK_TRAIN": 32, "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE": 64,
-    "MODEL.ROI_HEADS.POSITIVE_FRACTION": 1.0, "INPUT.FLIP_PROB": 0.0,
+    "MODEL.RPN.BATCH_SIZE_PER_IMAGE": 2048,
+    "MODEL.RPN.POSITIVE_FRACTION": 1.0,
+    "MODEL.RPN.POST_NMS_TOPK_TRAIN": 32,
+    "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE": 64,
+    "MODEL.ROI_HEADS.POSITIVE_FRACTION": 1.0,
+    "INPUT.FLIP_PROB": 0.0,
     # detectron2's RPN head: the quickstart's BatchNorm one would give each replica its own
     # statistics (as tiny_opts' GroupNorm backbone avoids), and a GroupNorm one finds nothing in 4
     # iterations, which would leave the evaluation comparison below all zeros.
@@ -71,8 +75,9 @@ def train_and_evaluate(root: str, prefix: str, opts, eval_weights: str, out_dir:
         def after_step(self):
             if comm.is_main_process():  # only rank 0 holds the (rank-averaged) scalars
                 latest = self.trainer.storage.latest()
-                losses.append({k: latest[k][0] for k in latest
-                               if k.startswith("loss") or k == "total_loss"})
+                losses.append(
+                    {k: latest[k][0] for k in latest if k.startswith("loss") or k == "total_loss"}
+                )
 
     trainer = train_net.Trainer(cfg)
     # DDP only with several processes; on the CPU without device_ids, and without broadcasting
@@ -89,8 +94,13 @@ def train_and_evaluate(root: str, prefix: str, opts, eval_weights: str, out_dir:
     weights = eval_weights or os.path.join(cfg.OUTPUT_DIR, "model_final.pth")
     AtomicCheckpointer(eval_model, save_dir=cfg.OUTPUT_DIR).load(weights)
     results = train_net.Trainer.test(cfg, eval_model)
-    out = {"world_size": comm.get_world_size(), "ddp": wrapping, "losses": losses, "digest": digest,
-           "metrics": {k: dict(v) for k, v in results.items()}}
+    out = {
+        "world_size": comm.get_world_size(),
+        "ddp": wrapping,
+        "losses": losses,
+        "digest": digest,
+        "metrics": {k: dict(v) for k, v in results.items()},
+    }
     with open(os.path.join(out_dir, f"rank{comm.get_rank()}.json"), "w", encoding="utf-8") as f:
         json.dump(out, f)
 
@@ -104,13 +114,24 @@ def test_two_process_training_and_evaluation_match_one_process(tmp_path):
     one.mkdir()
     two.mkdir()
 
-    launch(train_and_evaluate, 1,
-           args=(root, prefix, tiny_opts(prefix, str(one), MAX_ITER, **EXACT_SAMPLING),
-                 "", str(one)))
+    launch(
+        train_and_evaluate,
+        1,
+        args=(root, prefix, tiny_opts(prefix, str(one), MAX_ITER, **EXACT_SAMPLING), "", str(one)),
+    )
     weights = str(one / "model_final.pth")
-    launch(train_and_evaluate, 2, dist_url="auto",
-           args=(root, prefix, tiny_opts(prefix, str(two), MAX_ITER, **EXACT_SAMPLING), weights,
-                 str(two)))
+    launch(
+        train_and_evaluate,
+        2,
+        dist_url="auto",
+        args=(
+            root,
+            prefix,
+            tiny_opts(prefix, str(two), MAX_ITER, **EXACT_SAMPLING),
+            weights,
+            str(two),
+        ),
+    )
 
     r1 = json.loads((one / "rank0.json").read_text(encoding="utf-8"))
     r2 = [json.loads((two / f"rank{r}.json").read_text(encoding="utf-8")) for r in (0, 1)]
@@ -156,7 +177,8 @@ def test_a_cpu_worker_leaves_no_process_group_behind():
         seen["local"] = comm._LOCAL_PROCESS_GROUP is not None
         seen["world"] = comm.get_world_size()
 
-    launch_mod._cpu_worker(0, work, 1, 1, 0, launch_mod._local_dist_url(), (),
-                           timedelta(seconds=60))
+    launch_mod._cpu_worker(
+        0, work, 1, 1, 0, launch_mod._local_dist_url(), (), timedelta(seconds=60)
+    )
     assert seen == {"local": True, "world": 1}
     assert comm._LOCAL_PROCESS_GROUP is None and not dist.is_initialized()

@@ -1,6 +1,7 @@
 """Files, entry points and resume (issue 33 points 1, 7, 8, 9, 10, 11, 13): file names of any bytes,
 configs that are not mappings, weights that are not checkpoints, --overwrite and user files,
 symbolic links, forged log lines, and an interrupted predict_net.py run finished with --resume."""
+
 import json
 import logging
 import os
@@ -52,10 +53,18 @@ def test_file_names_that_are_not_utf8_fail_their_case_only(tmp_path):
     first = sorted(os.listdir(series))[0]
     os.rename(os.path.join(series, first), os.fsencode(series) + b"/slice\xfe.dcm")
     out = tmp_path / "out"
-    code = ("import sys; sys.path.insert(0, 'tests'); from test_untrusted_scans import run; "
-            f"run({str(scans)!r}, {str(out)!r})")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    code = (
+        "import sys; sys.path.insert(0, 'tests'); from test_untrusted_scans import run; "
+        f"run({str(scans)!r}, {str(out)!r})"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = json.load(open(out / "summary.json", encoding="utf-8"))
     assert [c["case"] for c in summary["cases"]] == ["good"]
@@ -66,22 +75,28 @@ def test_file_names_that_are_not_utf8_fail_their_case_only(tmp_path):
 
 
 # ----------------------------------------------------------------------------- 7: configs
-@pytest.mark.parametrize("text,expected", [
-    ("- MODEL\n- SOLVER\n", "expected a mapping of config keys, got a list"),
-    ("5\n", "expected a mapping of config keys, got a number (5)"),
-    ("", "empty config file"),
-    ("MODEL: 5\n", "MODEL must be a mapping of config keys, got 5"),
-    ("_BASE_: /etc/passwd\n", "_BASE_ /etc/passwd: expected a mapping of config keys"),
-    ("_BASE_: 5\n", "_BASE_ must be a file name"),
-])
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("- MODEL\n- SOLVER\n", "expected a mapping of config keys, got a list"),
+        ("5\n", "expected a mapping of config keys, got a number (5)"),
+        ("", "empty config file"),
+        ("MODEL: 5\n", "MODEL must be a mapping of config keys, got 5"),
+        ("_BASE_: /etc/passwd\n", "_BASE_ /etc/passwd: expected a mapping of config keys"),
+        ("_BASE_: 5\n", "_BASE_ must be a file name"),
+    ],
+)
 def test_configs_that_are_not_mappings_are_one_line(tmp_path, capsys, text, expected):
     cfg = tmp_path / "bad.yaml"
     cfg.write_text(text, encoding="utf-8")
     err = _one_line_exit_2(capsys, train_cmd.cli, ["--config-file", str(cfg)], prog="train_net.py")
     assert err.startswith(f"train_net.py: error: {cfg}") and expected in err, err
-    err = _one_line_exit_2(capsys, predict_net.main,
-                           ["--config-file", str(cfg), "--input", "x", "--output", "o"],
-                           prog="predict_net.py")
+    err = _one_line_exit_2(
+        capsys,
+        predict_net.main,
+        ["--config-file", str(cfg), "--input", "x", "--output", "o"],
+        prog="predict_net.py",
+    )
     assert err.startswith(f"predict_net.py: error: {cfg}") and expected in err, err
 
 
@@ -102,10 +117,23 @@ def test_text_file_as_weights_is_one_line(tmp_path, capsys):
     write_nifti(scans / "v.nii.gz", phantom(slices=3))
     weights = tmp_path / "notes.pth"
     weights.write_text("these are not weights\n", encoding="utf-8")
-    err = _one_line_exit_2(capsys, predict_net.main,
-                           ["--config-file", QS, "--weights", str(weights), "--input", str(scans),
-                            "--output", str(tmp_path / "out"), "--no-progress"] + FAST,
-                           prog="predict_net.py")
+    err = _one_line_exit_2(
+        capsys,
+        predict_net.main,
+        [
+            "--config-file",
+            QS,
+            "--weights",
+            str(weights),
+            "--input",
+            str(scans),
+            "--output",
+            str(tmp_path / "out"),
+            "--no-progress",
+        ]
+        + FAST,
+        prog="predict_net.py",
+    )
     assert f"{weights}" in err and "not a torch.save file" in err, err
 
 
@@ -118,9 +146,12 @@ def test_last_checkpoint_must_name_a_file_in_the_output_folder(tmp_path, capsys)
 
     with pytest.raises(UserInputError, match=r"last_checkpoint names .*passwd.*outside"):
         AtomicCheckpointer(model, save_dir=str(out)).resume_or_load("", resume=True)
-    err = _one_line_exit_2(capsys, train_cmd.cli,
-                           ["--config-file", QS, "--resume", "OUTPUT_DIR", str(out)],
-                           prog="train_net.py")
+    err = _one_line_exit_2(
+        capsys,
+        train_cmd.cli,
+        ["--config-file", QS, "--resume", "OUTPUT_DIR", str(out)],
+        prog="train_net.py",
+    )
     assert f"{out}/last_checkpoint names" in err and "outside" in err, err
 
 
@@ -163,7 +194,8 @@ def test_symlinked_folders_are_not_followed_and_nothing_outside_is_listed(tmp_pa
     s = run(scans, out)
     assert sorted(c["case"] for c in s["cases"]) == ["again", "good"]
     assert [(f["case"], "outside the input folder" in f["error"]) for f in s["failed"]] == [
-        ("series", True)]
+        ("series", True)
+    ]
     assert sorted(s["ignored"]) == ["etc", "outside.nii.gz", os.path.join("sub", "loop")]
     text = (out / "summary.json").read_text(encoding="utf-8")
     assert "passwd" not in text and "secret" not in text and ".." not in text
@@ -202,28 +234,57 @@ def test_newlines_in_file_names_are_escaped_everywhere(tmp_path, capsys, fpn_wei
     assert len(handler.messages) >= 2 and all("\n" not in m for m in handler.messages)
     # predict_net.py prints a missing input named with a newline on one line
     capsys.readouterr()  # what the run above logged
-    err = _one_line_exit_2(capsys, predict_net.main,
-                           ["--config-file", QS, "--weights", fpn_weights, "--input",
-                            str(tmp_path / "no\nerror: forged"), "--output",
-                            str(tmp_path / "o2")], prog="predict_net.py")
+    err = _one_line_exit_2(
+        capsys,
+        predict_net.main,
+        [
+            "--config-file",
+            QS,
+            "--weights",
+            fpn_weights,
+            "--input",
+            str(tmp_path / "no\nerror: forged"),
+            "--output",
+            str(tmp_path / "o2"),
+        ],
+        prog="predict_net.py",
+    )
     assert "no\\nerror: forged not found" in err
 
 
 # ----------------------------------------------------------------------------- 13: SIGINT, resume
 def _cli(scans, out, weights, *extra):
-    return ["--config-file", QS, "--weights", weights, "--input", str(scans), "--output",
-            str(out), "--score-thresh", "0.0", "--no-progress", *extra] + FAST
+    return [
+        "--config-file",
+        QS,
+        "--weights",
+        weights,
+        "--input",
+        str(scans),
+        "--output",
+        str(out),
+        "--score-thresh",
+        "0.0",
+        "--no-progress",
+        *extra,
+    ] + FAST
 
 
 def _finished(out):
     # A case folder gets its marker before the rename from its temporary (dot) name: not done yet.
-    return sorted(e for e in os.listdir(out)
-                  if not e.startswith(".") and os.path.isfile(os.path.join(out, e, CASE_MARKER)))
+    return sorted(
+        e
+        for e in os.listdir(out)
+        if not e.startswith(".") and os.path.isfile(os.path.join(out, e, CASE_MARKER))
+    )
 
 
 def _mtimes(folder):
-    return {os.path.join(d, f): os.stat(os.path.join(d, f)).st_mtime_ns
-            for d, _, fs in os.walk(folder) for f in fs}
+    return {
+        os.path.join(d, f): os.stat(os.path.join(d, f)).st_mtime_ns
+        for d, _, fs in os.walk(folder)
+        for f in fs
+    }
 
 
 def _without_timing(path):
@@ -242,17 +303,24 @@ def test_sigint_then_resume_equals_an_uninterrupted_run(tmp_path, capsys, fpn_we
     # first case lands while others remain however busy the machine is.
     # Ctrl-C's default handler, as at a terminal: a shell's background job (CI started with &)
     # passes SIGINT on ignored, and Python then installs none.
-    slow = ("import logging, signal, sys, time; sys.path.insert(0, '.'); import predict_net; "
-            "signal.signal(signal.SIGINT, signal.default_int_handler); "
-            "from elixir_d2.inference.predictor import CTPredictor as P; "
-            "from elixir_d2.cli import run_cli; f = P.predict_volume; "
-            "P.predict_volume = lambda *a, **k: (f(*a, **k), time.sleep(0.5))[0]; "
-            "logging.basicConfig(level=logging.WARNING); run_cli(predict_net.main, "
-            "prog='predict_net.py')")
-    proc = subprocess.Popen([sys.executable, "-c", slow] + _cli(scans, out, fpn_weights),
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            # one thread, as conftest sets for this process: the same float sums
-                            env={**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"})
+    slow = (
+        "import logging, signal, sys, time; sys.path.insert(0, '.'); import predict_net; "
+        "signal.signal(signal.SIGINT, signal.default_int_handler); "
+        "from elixir_d2.inference.predictor import CTPredictor as P; "
+        "from elixir_d2.cli import run_cli; f = P.predict_volume; "
+        "P.predict_volume = lambda *a, **k: (f(*a, **k), time.sleep(0.5))[0]; "
+        "logging.basicConfig(level=logging.WARNING); run_cli(predict_net.main, "
+        "prog='predict_net.py')"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", slow] + _cli(scans, out, fpn_weights),
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        # one thread, as conftest sets for this process: the same float sums
+        env={**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"},
+    )
     deadline = time.monotonic() + 240
     while not (out.is_dir() and _finished(out)) and proc.poll() is None:
         assert time.monotonic() < deadline, "no case finished"
@@ -263,8 +331,9 @@ def test_sigint_then_resume_equals_an_uninterrupted_run(tmp_path, capsys, fpn_we
     done = _finished(out)
     assert 1 <= len(done) < 8, err[-2000:]
     assert "Traceback" not in err
-    assert err.strip().splitlines()[-1] == (f"predict_net.py: interrupted: {len(done)} of 8 cases "
-                                            "done; rerun with --resume")
+    assert err.strip().splitlines()[-1] == (
+        f"predict_net.py: interrupted: {len(done)} of 8 cases done; rerun with --resume"
+    )
     assert not (out / "summary.json").exists()
 
     # Without --resume (or --overwrite) the folder is refused, naming --resume.
@@ -297,8 +366,9 @@ def test_sigint_then_resume_equals_an_uninterrupted_run(tmp_path, capsys, fpn_we
 
 def test_resume_and_overwrite_exclude_each_other(capsys):
     with pytest.raises(SystemExit):
-        predict_net.build_parser().parse_args(["--config-file", QS, "--input", "x", "--output",
-                                               "o", "--resume", "--overwrite"])
+        predict_net.build_parser().parse_args(
+            ["--config-file", QS, "--input", "x", "--output", "o", "--resume", "--overwrite"]
+        )
     assert "not allowed with argument" in capsys.readouterr().err
 
 

@@ -1,6 +1,7 @@
 """Fuzzing (hypothesis): the DL_info.csv row parser and the genotype loader either parse their
 input or raise the project's own error type (DeepLesionFormatError, GenotypeError), never another
 exception."""
+
 import os
 
 import yaml
@@ -23,19 +24,46 @@ from elixir_d2.modeling.alb.ops import get_search_space
 
 from conftest import dl_row
 
-FUZZ = settings(max_examples=int(os.environ.get("ELIXIR_FUZZ_EXAMPLES", 150)), deadline=None,
-                suppress_health_check=[HealthCheck.function_scoped_fixture])
+FUZZ = settings(
+    max_examples=int(os.environ.get("ELIXIR_FUZZ_EXAMPLES", 150)),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
 
 # ----------------------------------------------------------------------------- DL_info rows
 VALID = dl_row()
 NUMBERISH = st.one_of(
-    st.sampled_from(["", " ", "nan", "inf", "-inf", "1e400", "-0", "0", "1.5", "2.0", "-1", "9",
-                     "12", "abc",
-                     "1,2", "1, 2, 3, 4", "3, 1, 2, 0", "1,,2", "0x10", "1_000", "\u0661", "1e-400",
-                     "\x00"]),
+    st.sampled_from(
+        [
+            "",
+            " ",
+            "nan",
+            "inf",
+            "-inf",
+            "1e400",
+            "-0",
+            "0",
+            "1.5",
+            "2.0",
+            "-1",
+            "9",
+            "12",
+            "abc",
+            "1,2",
+            "1, 2, 3, 4",
+            "3, 1, 2, 0",
+            "1,,2",
+            "0x10",
+            "1_000",
+            "\u0661",
+            "1e-400",
+            "\x00",
+        ]
+    ),
     st.floats(allow_nan=True, allow_infinity=True).map(repr),
     st.lists(st.floats(allow_nan=True, allow_infinity=True, width=32), max_size=9).map(
-        lambda v: ", ".join(repr(x) for x in v)),
+        lambda v: ", ".join(repr(x) for x in v)
+    ),
     st.text(max_size=30),
 )
 
@@ -89,12 +117,22 @@ def test_dl_info_file_parses_or_raises_deeplesion_format_error(tmp_path, data):
 
 # ----------------------------------------------------------------------------- genotypes
 OPS = get_search_space("elixir")
-SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-3, 12), st.floats(allow_nan=True),
-                    st.sampled_from(OPS + ["conv_9x9", "none", "elixir", "darts", ""]),
-                    st.text(max_size=8))
-ANY = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=9) |
-                   st.dictionaries(SCALARS.filter(lambda v: v == v), inner, max_size=5),
-                   max_leaves=30)
+SCALARS = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-3, 12),
+    st.floats(allow_nan=True),
+    st.sampled_from(OPS + ["conv_9x9", "none", "elixir", "darts", ""]),
+    st.text(max_size=8),
+)
+ANY = st.recursive(
+    SCALARS,
+    lambda inner: (
+        st.lists(inner, max_size=9)
+        | st.dictionaries(SCALARS.filter(lambda v: v == v), inner, max_size=5)
+    ),
+    max_leaves=30,
+)
 PAIR = st.tuples(st.sampled_from(OPS + ["conv_9x9"]), st.integers(-1, 6)).map(list) | ANY
 
 
@@ -103,12 +141,17 @@ def genotype_dicts(draw):
     """Near-valid genotypes (8 pairs each, a few edges / ops / keys wrong) and arbitrary data."""
     if draw(st.booleans()):
         return draw(ANY)
-    data = {"space": draw(st.sampled_from(["elixir", "darts"]) | ANY),
-            "branches": draw(st.just(4) | ANY),
-            "normal": draw(st.lists(PAIR, min_size=6, max_size=9)),
-            "reduce": draw(st.lists(PAIR, min_size=6, max_size=9))}
-    for key in draw(st.lists(st.sampled_from(["space", "branches", "normal", "reduce"]),
-                             unique=True, max_size=2)):
+    data = {
+        "space": draw(st.sampled_from(["elixir", "darts"]) | ANY),
+        "branches": draw(st.just(4) | ANY),
+        "normal": draw(st.lists(PAIR, min_size=6, max_size=9)),
+        "reduce": draw(st.lists(PAIR, min_size=6, max_size=9)),
+    }
+    for key in draw(
+        st.lists(
+            st.sampled_from(["space", "branches", "normal", "reduce"]), unique=True, max_size=2
+        )
+    ):
         del data[key]
     if draw(st.integers(0, 5)) == 0:
         data[draw(SCALARS.filter(lambda v: v == v))] = draw(ANY)  # an extra key of any type
@@ -128,11 +171,13 @@ def test_genotype_dict_loads_or_raises_genotype_error(data):
 
 
 @FUZZ
-@given(st.one_of(
-    st.binary(max_size=200),
-    st.text(max_size=200).map(str.encode),
-    genotype_dicts().map(lambda d: yaml.safe_dump(d, allow_unicode=True).encode()),
-))
+@given(
+    st.one_of(
+        st.binary(max_size=200),
+        st.text(max_size=200).map(str.encode),
+        genotype_dicts().map(lambda d: yaml.safe_dump(d, allow_unicode=True).encode()),
+    )
+)
 def test_genotype_file_loads_or_raises_genotype_error(tmp_path, data):
     path = os.path.join(str(tmp_path), "genotype.yaml")
     with open(path, "wb") as f:

@@ -1,5 +1,6 @@
 """Crash and resume: train_net.py killed with SIGKILL mid-run and restarted with --resume; a
 checkpoint killed mid-write; temporary files of dead writers."""
+
 import logging
 import multiprocessing
 import os
@@ -24,14 +25,18 @@ MAX_ITER, PERIOD = 12, 4
 def _expected_checkpoints(max_iter: int, period: int):
     # fvcore's PeriodicCheckpointer: model_{i:07d} after iteration i when (i + 1) % period == 0,
     # and model_final after the last iteration.
-    return ({f"model_{i:07d}.pth" for i in range(max_iter) if (i + 1) % period == 0}
-            | {"model_final.pth"})
+    return {f"model_{i:07d}.pth" for i in range(max_iter) if (i + 1) % period == 0} | {
+        "model_final.pth"
+    }
 
 
 def _train_cmd(out_dir, resume=False):
     opts = tiny_opts("synthetic", str(out_dir), MAX_ITER, **{"SOLVER.CHECKPOINT_PERIOD": PERIOD})
-    return [sys.executable, os.path.join(REPO, "train_net.py"), "--config-file", QUICKSTART] + (
-        ["--resume"] if resume else []) + opts
+    return (
+        [sys.executable, os.path.join(REPO, "train_net.py"), "--config-file", QUICKSTART]
+        + (["--resume"] if resume else [])
+        + opts
+    )
 
 
 def _capture(name):
@@ -61,12 +66,14 @@ def test_sigkill_then_resume_ends_like_an_uninterrupted_run(tmp_path):
     env = dict(os.environ, DETECTRON2_DATASETS=str(tmp_path / "datasets"), OMP_NUM_THREADS="1")
     out = tmp_path / "out"
 
-    proc = subprocess.Popen(_train_cmd(out), env=env, cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        _train_cmd(out), env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 300
     while _read_tag(out) != "model_0000003.pth":  # the first checkpoint is complete and tagged
-        assert proc.poll() is None, (f"training ended (rc {proc.returncode}) before its first "
-                                     "checkpoint")
+        assert proc.poll() is None, (
+            f"training ended (rc {proc.returncode}) before its first checkpoint"
+        )
         assert time.time() < deadline, "no checkpoint after 300 s"
         time.sleep(0.02)
     os.kill(proc.pid, signal.SIGKILL)
@@ -88,8 +95,12 @@ def test_sigkill_then_resume_ends_like_an_uninterrupted_run(tmp_path):
     # this test's own (the process-wide synthetic_* may point elsewhere)
     prefix = f"rel_resume_{uuid.uuid4().hex[:6]}"
     register_deeplesion(data, prefix=prefix)
-    argv = _train_cmd(out, resume=True)[2:] + ["DATASETS.TRAIN", f"('{prefix}_train',)",
-                                                "DATASETS.TEST", f"('{prefix}_test',)"]
+    argv = _train_cmd(out, resume=True)[2:] + [
+        "DATASETS.TRAIN",
+        f"('{prefix}_train',)",
+        "DATASETS.TEST",
+        f"('{prefix}_test',)",
+    ]
     args = default_argument_parser().parse_args(argv)
     assert args.resume
     records, done = _capture("fvcore.common.checkpoint")
@@ -149,8 +160,9 @@ def test_checkpoint_killed_mid_write_leaves_the_previous_files_intact(tmp_path):
     child = ctx.Process(target=_save_forever, args=(str(tmp_path),))
     child.start()
     deadline = time.time() + 120
-    while not any(p.name.startswith(f".tmp_{child.pid}@") and p.stat().st_size > 0
-                  for p in tmp_path.iterdir()):
+    while not any(
+        p.name.startswith(f".tmp_{child.pid}@") and p.stat().st_size > 0 for p in tmp_path.iterdir()
+    ):
         assert child.is_alive() and time.time() < deadline
         time.sleep(0.01)
     os.kill(child.pid, signal.SIGKILL)
@@ -195,15 +207,17 @@ def test_resume_restores_the_optimizer_momentum(tmp_path):
 
     from reliability_helpers import build_cfg
 
-    register_deeplesion(write_tiny_deeplesion(str(tmp_path / "data"), num_train=2, num_test=1),
-                        prefix="rel_resume")
+    register_deeplesion(
+        write_tiny_deeplesion(str(tmp_path / "data"), num_train=2, num_test=1), prefix="rel_resume"
+    )
     cfg = build_cfg(tiny_opts("rel_resume", str(tmp_path / "out"), 2, **{"TEST.EVAL_PERIOD": 0}))
     seed_all_rng(0)
     first = ElixirTrainer(cfg)
     first.resume_or_load(resume=False)
     first.train()
-    momentum = {k: v["momentum_buffer"].clone()
-                for k, v in first.optimizer.state_dict()["state"].items()}
+    momentum = {
+        k: v["momentum_buffer"].clone() for k, v in first.optimizer.state_dict()["state"].items()
+    }
     assert momentum and any(bool(m.abs().sum() > 0) for m in momentum.values())
 
     second = ElixirTrainer(cfg)
@@ -224,10 +238,12 @@ def test_trainer_saves_through_the_atomic_checkpointer(tmp_path):
 
     from reliability_helpers import build_cfg
 
-    register_deeplesion(write_tiny_deeplesion(str(tmp_path / "data"), num_train=2, num_test=1),
-                        prefix="rel_atomic")
-    trainer = ElixirTrainer(build_cfg(tiny_opts("rel_atomic", str(tmp_path / "out"), 2,
-                                                **{"TEST.EVAL_PERIOD": 0})))
+    register_deeplesion(
+        write_tiny_deeplesion(str(tmp_path / "data"), num_train=2, num_test=1), prefix="rel_atomic"
+    )
+    trainer = ElixirTrainer(
+        build_cfg(tiny_opts("rel_atomic", str(tmp_path / "out"), 2, **{"TEST.EVAL_PERIOD": 0}))
+    )
     assert type(trainer.checkpointer) is AtomicCheckpointer
     periodic = [h for h in trainer._hooks if isinstance(h, hooks.PeriodicCheckpointer)]
     assert periodic and all(h.checkpointer is trainer.checkpointer for h in periodic)

@@ -1,6 +1,7 @@
 """search_net under a 2-process gloo group (elixir_d2.launch.launch, the path `search_net.py
 --num-gpus 2` takes without CUDA): the architecture weights alpha must stay identical across the
 processes (DDP all-reduces their gradients like the head weights'), and must have moved."""
+
 import os
 import uuid
 
@@ -22,14 +23,32 @@ def search_rank(root: str, prefix: str, out_dir: str) -> None:
     import search_net
 
     register_deeplesion(root, prefix=prefix)
-    args = search_net.build_parser().parse_args([
-        "--config-file", SEARCH_CFG, "DATASETS.TRAIN", f"('{prefix}_train',)", "DATASETS.TEST",
-        f"('{prefix}_test',)",
-        "INPUT.MAX_IMAGE_SIZE", "64", "SOLVER.IMS_PER_BATCH", "2", "SEARCH.EPOCHS", "1",
-        "SEARCH.WARMUP_EPOCHS", "0", "INPUT.FLIP_PROB", "0.0",
-        "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "16", "MODEL.RPN.POST_NMS_TOPK_TRAIN", "32",
-        "OUTPUT_DIR", out_dir,
-    ])
+    args = search_net.build_parser().parse_args(
+        [
+            "--config-file",
+            SEARCH_CFG,
+            "DATASETS.TRAIN",
+            f"('{prefix}_train',)",
+            "DATASETS.TEST",
+            f"('{prefix}_test',)",
+            "INPUT.MAX_IMAGE_SIZE",
+            "64",
+            "SOLVER.IMS_PER_BATCH",
+            "2",
+            "SEARCH.EPOCHS",
+            "1",
+            "SEARCH.WARMUP_EPOCHS",
+            "0",
+            "INPUT.FLIP_PROB",
+            "0.0",
+            "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE",
+            "16",
+            "MODEL.RPN.POST_NMS_TOPK_TRAIN",
+            "32",
+            "OUTPUT_DIR",
+            out_dir,
+        ]
+    )
     cfg = search_net.setup(args)
     searcher = ALBSearcher(cfg)
     head = search_head(searcher.model)
@@ -37,8 +56,10 @@ def search_rank(root: str, prefix: str, out_dir: str) -> None:
     searcher.resume_or_load(resume=False)
     searcher.train()
     alphas = [a.detach().clone() for a in head.arch_parameters()]
-    torch.save({"initial": initial, "final": alphas, "iters": searcher.max_iter},
-               os.path.join(out_dir, f"alphas_rank{comm.get_rank()}.pt"))
+    torch.save(
+        {"initial": initial, "final": alphas, "iters": searcher.max_iter},
+        os.path.join(out_dir, f"alphas_rank{comm.get_rank()}.pt"),
+    )
 
 
 def test_search_keeps_alphas_identical_across_two_processes(tmp_path):

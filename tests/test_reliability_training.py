@@ -1,4 +1,5 @@
 """Training loop faults: determinism under a fixed seed, NaN loss."""
+
 import os
 import re
 
@@ -11,8 +12,9 @@ from reliability_helpers import QUICKSTART, tiny_opts, write_tiny_deeplesion
 def tiny_set(tmp_path_factory):
     from elixir_d2.data import register_deeplesion
 
-    root = write_tiny_deeplesion(str(tmp_path_factory.mktemp("rel_train") / "data"), num_train=6,
-                                 num_test=1)
+    root = write_tiny_deeplesion(
+        str(tmp_path_factory.mktemp("rel_train") / "data"), num_train=6, num_test=1
+    )
     register_deeplesion(root, prefix="rel_train")
     return "rel_train"
 
@@ -24,7 +26,8 @@ def _trainer(prefix, out_dir, max_iter, **opts):
     import train_net
 
     args = default_argument_parser().parse_args(
-        ["--config-file", QUICKSTART] + tiny_opts(prefix, out_dir, max_iter, **opts))
+        ["--config-file", QUICKSTART] + tiny_opts(prefix, out_dir, max_iter, **opts)
+    )
     trainer = train_net.Trainer(train_net.setup(args))
     trainer.resume_or_load(resume=False)
     return trainer
@@ -38,8 +41,13 @@ def _losses_per_iteration(trainer):
     class Record(HookBase):
         def after_step(self):
             latest = self.trainer.storage.latest()
-            seen.append({k: latest[k][0] for k in sorted(latest)
-                         if k.startswith("loss") or k == "total_loss"})
+            seen.append(
+                {
+                    k: latest[k][0]
+                    for k in sorted(latest)
+                    if k.startswith("loss") or k == "total_loss"
+                }
+            )
 
     trainer.register_hooks([Record()])
     return seen

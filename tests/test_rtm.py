@@ -1,6 +1,7 @@
 """Tests of the Relation Transfer Module (rtm.py), its wiring in ElixirROIHeads, the fine-tuning
 freeze (MODEL.FREEZE_MODULES), the Table 4 printer and the quickstart protocol end to end:
 binary train -> RTM fine-tune (frozen backbone / proposal generator) -> typed evaluation."""
+
 import logging
 import math
 import os
@@ -30,24 +31,35 @@ from elixir_d2.trainer import ElixirTrainer
 torch.set_num_threads(1)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RTM_QS = "configs/quickstart/elixirnet_rtm_finetune.yaml"
-SMALL = ["MODEL.RPN.POST_NMS_TOPK_TRAIN", "40", "MODEL.RPN.POST_NMS_TOPK_TEST", "30",
-         "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "24"]
+SMALL = [
+    "MODEL.RPN.POST_NMS_TOPK_TRAIN",
+    "40",
+    "MODEL.RPN.POST_NMS_TOPK_TEST",
+    "30",
+    "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE",
+    "24",
+]
 
 
 def _cfg(path, *opts):
-    return load_config(os.path.join(REPO, path),
-                       ["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu", *opts])
+    return load_config(
+        os.path.join(REPO, path), ["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu", *opts]
+    )
 
 
 def _predictor(channels, num_classes):
-    return FastRCNNOutputLayers(ShapeSpec(channels=channels), num_classes=num_classes,
-                                box2box_transform=Box2BoxTransform((10.0, 10.0, 5.0, 5.0)))
+    return FastRCNNOutputLayers(
+        ShapeSpec(channels=channels),
+        num_classes=num_classes,
+        box2box_transform=Box2BoxTransform((10.0, 10.0, 5.0, 5.0)),
+    )
 
 
 def _rtm(p=6, e=4, types=3, own=None):
     torch.manual_seed(0)
-    rtm = RelationTransferModule(feature_dim=p, embed_dim=e, predictor=_predictor(p + e, types),
-                                 relation_channels=own)
+    rtm = RelationTransferModule(
+        feature_dim=p, embed_dim=e, predictor=_predictor(p + e, types), relation_channels=own
+    )
     binary = _predictor(p, 1)
     with torch.no_grad():  # detectron2 initialises the classifier near zero: make it informative
         binary.cls_score.weight.normal_()
@@ -66,7 +78,7 @@ def _expected_f_e(f, binary, w_e, relations):
         for j in range(start, start + n):
             s = [float(f[j] @ w[c] + b[c]) for c in range(2)]
             g = [math.exp(v) / (math.exp(s[0]) + math.exp(s[1])) for v in s]
-            m = [torch.cat([w[c], b[c:c + 1]]) for c in range(2)]
+            m = [torch.cat([w[c], b[c : c + 1]]) for c in range(2)]
             nodes.append((g[0] * m[0] + g[1] * m[1]) @ w_e.detach())
         for i in range(n):
             rows.append(sum(float(e[i, j]) * nodes[j] for j in range(n)))
@@ -96,8 +108,9 @@ def test_relations_are_per_image():
     e1 = torch.softmax(torch.randn(2, 2), 1)
     e2 = torch.softmax(torch.randn(3, 3), 1)
     f_e = rtm.transfer(f, binary, [e1, e2])
-    torch.testing.assert_close(f_e, _expected_f_e(f, binary, rtm.w_e, [e1, e2]), rtol=1e-5,
-                               atol=1e-5)
+    torch.testing.assert_close(
+        f_e, _expected_f_e(f, binary, rtm.w_e, [e1, e2]), rtol=1e-5, atol=1e-5
+    )
     # Another second image changes nothing in the first one's f_E.
     g = f.clone()
     g[2:] = 3.0 * torch.randn(3, 6)
@@ -128,8 +141,12 @@ def test_m_gets_no_gradient_w_e_does():
 
 
 def test_binary_targets_map_every_type_to_lesion():
-    p = Instances((10, 10), proposal_boxes=Boxes(torch.zeros(4, 4)),
-                  gt_classes=torch.tensor([0, 7, 8, 3]), gt_boxes=Boxes(torch.ones(4, 4)))
+    p = Instances(
+        (10, 10),
+        proposal_boxes=Boxes(torch.zeros(4, 4)),
+        gt_classes=torch.tensor([0, 7, 8, 3]),
+        gt_boxes=Boxes(torch.ones(4, 4)),
+    )
     (q,) = _binary_targets([p], num_classes=8)
     assert q.gt_classes.tolist() == [0, 0, 1, 0]
     assert p.gt_classes.tolist() == [0, 7, 8, 3]  # the typed targets are left as they were
@@ -143,8 +160,14 @@ def _images(n=2, size=64, classes=(2, 5)):
         inst = Instances((size, size))
         inst.gt_boxes = Boxes(torch.tensor([[8.0 + 4 * i, 10.0, 30.0, 28.0 + 2 * i]]))
         inst.gt_classes = torch.tensor([classes[i % len(classes)]])
-        ims.append({"image": torch.rand(3, size, size) * 255, "instances": inst,
-                    "height": size, "width": size})
+        ims.append(
+            {
+                "image": torch.rand(3, size, size) * 255,
+                "instances": inst,
+                "height": size,
+                "width": size,
+            }
+        )
     return ims
 
 
@@ -166,8 +189,9 @@ def test_roi_heads_use_the_alb_relations_and_train_through_them():
     # RTM's multi-type loss alone reaches the ALB's relation embedding phi (E kept in the graph),
     # and never the binary classifier.
     losses["loss_cls"].backward()
-    nonlocal_op = [m for m in heads.box_head.blocks[0].modules()
-                   if isinstance(m, RegionNonLocal)][0]
+    nonlocal_op = [m for m in heads.box_head.blocks[0].modules() if isinstance(m, RegionNonLocal)][
+        0
+    ]
     assert nonlocal_op.phi.weight.grad.abs().sum() > 0
     assert heads.box_predictor.cls_score.weight.grad is None
 
@@ -178,15 +202,28 @@ def test_rtm_inference_outputs_and_binary_scores():
     torch.nn.Module.__init__(heads)
     heads.rtm, heads.box_predictor = rtm, binary
     rtm.predictor.test_score_thresh, rtm.predictor.test_topk_per_image = 0.5, 10
-    props = [Instances((50, 50), proposal_boxes=Boxes(torch.tensor(
-        [[0.0, 0.0, 10.0, 10.0], [20.0, 20.0, 30.0, 30.0], [5.0, 30.0, 15.0, 40.0]])))]
-    typed_scores = torch.tensor([[float("nan"), 0.0, 0.0, 0.0],  # dropped: non-finite
-                                 [0.0, 0.0, 9.0, 0.0],  # type 2
-                                 [8.0, 0.0, 0.0, 0.0]])  # type 0
+    props = [
+        Instances(
+            (50, 50),
+            proposal_boxes=Boxes(
+                torch.tensor(
+                    [[0.0, 0.0, 10.0, 10.0], [20.0, 20.0, 30.0, 30.0], [5.0, 30.0, 15.0, 40.0]]
+                )
+            ),
+        )
+    ]
+    typed_scores = torch.tensor(
+        [
+            [float("nan"), 0.0, 0.0, 0.0],  # dropped: non-finite
+            [0.0, 0.0, 9.0, 0.0],  # type 2
+            [8.0, 0.0, 0.0, 0.0],
+        ]
+    )  # type 0
     binary_scores = torch.tensor([[0.0, 0.0], [2.0, 0.0], [-1.0, 0.0]])
     with rtm_output_mode(heads, "typed"):
-        (inst,) = heads._rtm_inference((binary_scores, torch.zeros(3, 4)),
-                                       (typed_scores, torch.zeros(3, 12)), props)
+        (inst,) = heads._rtm_inference(
+            (binary_scores, torch.zeros(3, 4)), (typed_scores, torch.zeros(3, 12)), props
+        )
     assert inst.rtm_typed.dtype == torch.bool and inst.rtm_typed.tolist() == [True, True]
     order = inst.pred_classes.tolist()
     assert sorted(order) == [0, 2] and inst.pred_types.tolist() == order
@@ -197,12 +234,14 @@ def test_rtm_inference_outputs_and_binary_scores():
     assert inst.scores.tolist() == pytest.approx([type_prob[c] for c in order], rel=1e-5)
 
 
-@pytest.mark.parametrize("binary_config,rtm_config", [
-    ("configs/quickstart/trpn.yaml", "configs/quickstart/ablation/trpn_rtm.yaml"),
-    ("configs/quickstart/elixirnet.yaml", RTM_QS),
-])
-def test_rtm_binary_output_equals_the_binary_model_with_the_same_weights(binary_config,
-                                                                         rtm_config):
+@pytest.mark.parametrize(
+    "binary_config,rtm_config",
+    [
+        ("configs/quickstart/trpn.yaml", "configs/quickstart/ablation/trpn_rtm.yaml"),
+        ("configs/quickstart/elixirnet.yaml", RTM_QS),
+    ],
+)
+def test_rtm_binary_output_equals_the_binary_model_with_the_same_weights(binary_config, rtm_config):
     # An RTM model holding the binary model's weights (RTM's own parameters new) must give, in
     # its binary output, exactly the binary model's detections: the same binary predictor on the
     # same head features. The multi-type regressor is made far from the identity so that boxes
@@ -313,12 +352,23 @@ def test_config_errors():
     with pytest.raises(ValueError, match="NUM_TYPES"):
         build_model(_cfg(RTM_QS, "MODEL.ROI_HEADS.NUM_CLASSES", "1"))
     model = build_model(_cfg("configs/quickstart/fpn.yaml"))
-    with pytest.raises(ValueError,
-                       match="MODEL.FREEZE_MODULES: 'backbone.nope'.*proposal_generator"):
+    with pytest.raises(
+        ValueError, match="MODEL.FREEZE_MODULES: 'backbone.nope'.*proposal_generator"
+    ):
         freeze_modules(model, ["backbone.nope"])
     # A plain 2-fc head has no region_nonlocal: RTM computes E itself from the pooled RoIs.
-    own = build_model(_cfg("configs/quickstart/fpn.yaml", "MODEL.ROI_HEADS.NAME", "ElixirROIHeads",
-                           "MODEL.RTM.ENABLED", "True", "MODEL.ROI_HEADS.NUM_CLASSES", "8", *SMALL))
+    own = build_model(
+        _cfg(
+            "configs/quickstart/fpn.yaml",
+            "MODEL.ROI_HEADS.NAME",
+            "ElixirROIHeads",
+            "MODEL.RTM.ENABLED",
+            "True",
+            "MODEL.ROI_HEADS.NUM_CLASSES",
+            "8",
+            *SMALL,
+        )
+    )
     assert own.roi_heads.rtm.phi.in_features == 64  # quickstart FPN channels
     with EventStorage(0):
         losses = own(_images())
@@ -327,11 +377,24 @@ def test_config_errors():
 
 def test_frozen_parts_do_not_change_with_batchnorm():
     # BatchNorm in backbone and FPN: frozen statistics must hold in train mode too.
-    cfg = _cfg(RTM_QS, *SMALL, "MODEL.RESNETS.NORM", "BN", "MODEL.FPN.NORM", "BN",
-               "SOLVER.BASE_LR", "0.05", "SOLVER.WEIGHT_DECAY", "0.01")
+    cfg = _cfg(
+        RTM_QS,
+        *SMALL,
+        "MODEL.RESNETS.NORM",
+        "BN",
+        "MODEL.FPN.NORM",
+        "BN",
+        "SOLVER.BASE_LR",
+        "0.05",
+        "SOLVER.WEIGHT_DECAY",
+        "0.01",
+    )
     model = ElixirTrainer.build_model(cfg)
-    frozen = {k: v.clone() for k, v in model.state_dict().items()
-              if k.startswith(("backbone.", "proposal_generator."))}
+    frozen = {
+        k: v.clone()
+        for k, v in model.state_dict().items()
+        if k.startswith(("backbone.", "proposal_generator."))
+    }
     assert any("running_mean" in k for k in frozen)
     head = {k: v.clone() for k, v in model.roi_heads.named_parameters()}
     optimizer = build_optimizer(cfg, model)
@@ -346,8 +409,9 @@ def test_frozen_parts_do_not_change_with_batchnorm():
     assert all(torch.equal(after[k], v) for k, v in frozen.items())
     assert all(not p.requires_grad for p in model.backbone.parameters())
     changed = [k for k, p in model.roi_heads.named_parameters() if not torch.equal(p, head[k])]
-    assert (any(k.startswith("rtm.") for k in changed)
-            and any(k.startswith("box_head.") for k in changed))
+    assert any(k.startswith("rtm.") for k in changed) and any(
+        k.startswith("box_head.") for k in changed
+    )
 
 
 def _capture(logger_name):
@@ -379,28 +443,53 @@ def test_binary_checkpoint_into_typed_models_is_reported(tmp_path):
     assert "roi_heads.rtm" in text  # RTM's new parameters are reported missing
     ref = binary.state_dict()
     # RTM keeps the binary predictor: loaded as is. Shared parts load in both models.
-    torch.testing.assert_close(rtm.roi_heads.box_predictor.cls_score.weight,
-                               ref["roi_heads.box_predictor.cls_score.weight"])
+    torch.testing.assert_close(
+        rtm.roi_heads.box_predictor.cls_score.weight,
+        ref["roi_heads.box_predictor.cls_score.weight"],
+    )
     for model in (wo, rtm):
-        torch.testing.assert_close(model.state_dict()["backbone.bottom_up.stem.conv1.weight"],
-                                   ref["backbone.bottom_up.stem.conv1.weight"])
-    assert not torch.equal(wo.roi_heads.box_predictor.cls_score.weight[:2],
-                           ref["roi_heads.box_predictor.cls_score.weight"])
+        torch.testing.assert_close(
+            model.state_dict()["backbone.bottom_up.stem.conv1.weight"],
+            ref["backbone.bottom_up.stem.conv1.weight"],
+        )
+    assert not torch.equal(
+        wo.roi_heads.box_predictor.cls_score.weight[:2],
+        ref["roi_heads.box_predictor.cls_score.weight"],
+    )
 
 
 def test_format_type_table():
     rows = {
-        "FPN w finetune": {"sens@3_iou_bone": math.nan, "sens@3_iou_abdomen": 79.58,
-                           "sens@3_iou_soft_tissue": 57.961, "sens@3_iou_kidney": None},
-        "ElixirNet": {"metrics": {f"sens@3_iou_{t}": 50.0 + i for i, t in enumerate(
-            ["bone", "abdomen", "mediastinum", "liver", "lung", "kidney", "soft_tissue",
-             "pelvis"])}},
+        "FPN w finetune": {
+            "sens@3_iou_bone": math.nan,
+            "sens@3_iou_abdomen": 79.58,
+            "sens@3_iou_soft_tissue": 57.961,
+            "sens@3_iou_kidney": None,
+        },
+        "ElixirNet": {
+            "metrics": {
+                f"sens@3_iou_{t}": 50.0 + i
+                for i, t in enumerate(
+                    [
+                        "bone",
+                        "abdomen",
+                        "mediastinum",
+                        "liver",
+                        "lung",
+                        "kidney",
+                        "soft_tissue",
+                        "pelvis",
+                    ]
+                )
+            }
+        },
     }
     lines = format_type_table(rows).splitlines()
     assert lines[2] == "| Method | BN | AB | ME | LV | LU | KD | ST | PV |"
     assert lines[4] == "| FPN w finetune | - | 79.58 | - | - | - | - | 57.96 | - |"
-    assert lines[5] == ("| ElixirNet | 50.00 | 51.00 | 52.00 | 53.00 | 54.00 | 55.00 | 56.00 "
-                        "| 57.00 |")
+    assert lines[5] == (
+        "| ElixirNet | 50.00 | 51.00 | 52.00 | 53.00 | 54.00 | 55.00 | 56.00 | 57.00 |"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -409,8 +498,14 @@ def tiny_typed_set(tmp_path_factory):
     from elixir_d2.data.synthetic import generate_deeplesion
 
     root = str(tmp_path_factory.mktemp("rtm") / "synthetic")
-    generate_deeplesion(root, num_patients=8, slices_per_series=(8, 10), keys_per_series=(1, 2),
-                        image_size=64, seed=5)
+    generate_deeplesion(
+        root,
+        num_patients=8,
+        slices_per_series=(8, 10),
+        keys_per_series=(1, 2),
+        image_size=64,
+        seed=5,
+    )
     register_deeplesion(root, prefix="rtm_e2e")
     return root
 
@@ -420,22 +515,61 @@ def test_quickstart_binary_then_rtm_finetune_then_typed_eval(tiny_typed_set, tmp
 
     def run(config, out, *opts, eval_only=False):
         args = default_argument_parser().parse_args(
-            ["--config-file", os.path.join(REPO, config)] + ["--eval-only"] * eval_only + [
-             "OUTPUT_DIR", str(out),
-             "INPUT.MAX_IMAGE_SIZE", "96", "SOLVER.IMS_PER_BATCH", "2", "SOLVER.MAX_ITER", "3",
-             "SOLVER.WARMUP_ITERS", "1", "SOLVER.STEPS", "()", "SOLVER.CHECKPOINT_PERIOD", "100",
-             "MODEL.RPN.POST_NMS_TOPK_TRAIN", "64", "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "32",
-             *opts])
+            ["--config-file", os.path.join(REPO, config)]
+            + ["--eval-only"] * eval_only
+            + [
+                "OUTPUT_DIR",
+                str(out),
+                "INPUT.MAX_IMAGE_SIZE",
+                "96",
+                "SOLVER.IMS_PER_BATCH",
+                "2",
+                "SOLVER.MAX_ITER",
+                "3",
+                "SOLVER.WARMUP_ITERS",
+                "1",
+                "SOLVER.STEPS",
+                "()",
+                "SOLVER.CHECKPOINT_PERIOD",
+                "100",
+                "MODEL.RPN.POST_NMS_TOPK_TRAIN",
+                "64",
+                "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE",
+                "32",
+                *opts,
+            ]
+        )
         return train_net.main(args)
 
     binary_dir, rtm_dir = tmp_path / "binary", tmp_path / "rtm"
-    run("configs/quickstart/elixirnet.yaml", binary_dir, "DATASETS.TRAIN", "('rtm_e2e_train',)",
-        "DATASETS.TEST", "()")
+    run(
+        "configs/quickstart/elixirnet.yaml",
+        binary_dir,
+        "DATASETS.TRAIN",
+        "('rtm_e2e_train',)",
+        "DATASETS.TEST",
+        "()",
+    )
     weights = binary_dir / "model_final.pth"
-    run(RTM_QS, rtm_dir, "MODEL.WEIGHTS", str(weights), "DATASETS.TRAIN", "('rtm_e2e_val_typed',)",
-        "DATASETS.TEST", "()")
-    res = run(RTM_QS, rtm_dir, "MODEL.WEIGHTS", str(rtm_dir / "model_final.pth"),
-              "DATASETS.TEST", "('rtm_e2e_test_typed',)", eval_only=True)
+    run(
+        RTM_QS,
+        rtm_dir,
+        "MODEL.WEIGHTS",
+        str(weights),
+        "DATASETS.TRAIN",
+        "('rtm_e2e_val_typed',)",
+        "DATASETS.TEST",
+        "()",
+    )
+    res = run(
+        RTM_QS,
+        rtm_dir,
+        "MODEL.WEIGHTS",
+        str(rtm_dir / "model_final.pth"),
+        "DATASETS.TEST",
+        "('rtm_e2e_test_typed',)",
+        eval_only=True,
+    )
     lesion = res["lesion"]
     for t in ("bone", "abdomen", "mediastinum", "liver", "lung", "kidney", "soft_tissue", "pelvis"):
         v = lesion[f"sens@3_iou_{t}"]
@@ -448,9 +582,12 @@ def test_quickstart_binary_then_rtm_finetune_then_typed_eval(tiny_typed_set, tmp
     after = torch.load(rtm_dir / "model_final.pth", weights_only=True)["model"]
     frozen = [k for k in before if k.startswith(("backbone.", "proposal_generator."))]
     assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
-    head = [k for k in before
-            if k.startswith("roi_heads.box_head.") and before[k].is_floating_point()]
+    head = [
+        k for k in before if k.startswith("roi_heads.box_head.") and before[k].is_floating_point()
+    ]
     assert any(not torch.equal(before[k], after[k]) for k in head)
-    assert not torch.equal(before["roi_heads.box_predictor.cls_score.weight"],
-                           after["roi_heads.box_predictor.cls_score.weight"])
+    assert not torch.equal(
+        before["roi_heads.box_predictor.cls_score.weight"],
+        after["roi_heads.box_predictor.cls_score.weight"],
+    )
     assert any(k.startswith("roi_heads.rtm.") for k in after)

@@ -1,5 +1,6 @@
 """ALB search (search_net.py, elixir_d2/search): halving, optimizer steps, frozen parts, random
 genotypes, checkpoint / --resume, and search -> train_net.py -> evaluation end to end."""
+
 import json
 import math
 import os
@@ -38,25 +39,44 @@ PREFIX = "searchtest"
 SEARCH_CFG = os.path.join(REPO, "configs/quickstart/search_alb.yaml")
 # CPU-cheap: 64 px images, 2 images per step, 16 sampled RoIs per image.
 SMALL = [
-    "DATASETS.TRAIN", f"('{PREFIX}_train',)", "DATASETS.TEST", f"('{PREFIX}_test',)",
-    "INPUT.MAX_IMAGE_SIZE", "64", "SOLVER.IMS_PER_BATCH", "2",
-    "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "16", "MODEL.RPN.POST_NMS_TOPK_TRAIN", "100",
-    "SEARCH.WARMUP_EPOCHS", "0",
+    "DATASETS.TRAIN",
+    f"('{PREFIX}_train',)",
+    "DATASETS.TEST",
+    f"('{PREFIX}_test',)",
+    "INPUT.MAX_IMAGE_SIZE",
+    "64",
+    "SOLVER.IMS_PER_BATCH",
+    "2",
+    "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE",
+    "16",
+    "MODEL.RPN.POST_NMS_TOPK_TRAIN",
+    "100",
+    "SEARCH.WARMUP_EPOCHS",
+    "0",
 ]
 
 
 @pytest.fixture(scope="module")
 def tiny_set(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("search") / "synthetic")
-    generate_deeplesion(root, num_patients=6, slices_per_series=(6, 8), keys_per_series=(1, 2),
-                        image_size=64, seed=3)
+    generate_deeplesion(
+        root,
+        num_patients=6,
+        slices_per_series=(6, 8),
+        keys_per_series=(1, 2),
+        image_size=64,
+        seed=3,
+    )
     register_deeplesion(root, prefix=PREFIX)
     return root
 
 
 def _search_args(out_dir, *opts, resume=False, random=False):
-    argv = ["--config-file", SEARCH_CFG] + (["--resume"] if resume else []) + (
-        ["--random"] if random else [])
+    argv = (
+        ["--config-file", SEARCH_CFG]
+        + (["--resume"] if resume else [])
+        + (["--random"] if random else [])
+    )
     return search_net.build_parser().parse_args(argv + SMALL + ["OUTPUT_DIR", str(out_dir), *opts])
 
 
@@ -153,8 +173,11 @@ def test_random_flag_writes_a_usable_genotype(tmp_path):
     assert written == g == sample_random_genotype("elixir", 4, seed=11)
     assert "RANDOM" in open(tmp_path / "r1" / "genotype.yaml", encoding="utf-8").read()
     prov = yaml.safe_load(open(tmp_path / "r1" / "genotype.yaml", encoding="utf-8"))["provenance"]
-    assert (prov["searched"] is False and "seed 11" in prov["method"]
-            and prov["config"].endswith(".yaml"))
+    assert (
+        prov["searched"] is False
+        and "seed 11" in prov["method"]
+        and prov["config"].endswith(".yaml")
+    )
     g2 = search_net.main(_search_args(tmp_path / "r2", "SEED", "12", random=True))
     assert g2 != g
     assert not (tmp_path / "r1" / "alphas.json").exists()  # no search, nothing else written
@@ -163,8 +186,11 @@ def test_random_flag_writes_a_usable_genotype(tmp_path):
 # ---------------------------------------------------------------------------------- steps
 def test_steps_touch_only_their_parameters_and_frozen_parts_stay(tiny_set, tmp_path):
     # BatchNorm in the frozen backbone and FPN, so frozen running statistics are checked too.
-    cfg = search_net.setup(_search_args(
-        tmp_path, "MODEL.RESNETS.NORM", "BN", "MODEL.FPN.NORM", "BN", "SEARCH.EPOCHS", "1"))
+    cfg = search_net.setup(
+        _search_args(
+            tmp_path, "MODEL.RESNETS.NORM", "BN", "MODEL.FPN.NORM", "BN", "SEARCH.EPOCHS", "1"
+        )
+    )
     s = ALBSearcher(cfg)
     model, head = s.model, s.model.roi_heads.box_head
     frozen = {"backbone": model.backbone, "proposal_generator": model.proposal_generator}
@@ -172,11 +198,13 @@ def test_steps_touch_only_their_parameters_and_frozen_parts_stay(tiny_set, tmp_p
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.backbone.modules())
     alpha_ids = {id(a) for a in head.arch_parameters()}
     weights = [p for p in model.parameters() if p.requires_grad and id(p) not in alpha_ids]
-    assert ({id(p) for g in s.w_optimizer.param_groups for p in g["params"]}
-            == {id(p) for p in weights})
+    assert {id(p) for g in s.w_optimizer.param_groups for p in g["params"]} == {
+        id(p) for p in weights
+    }
     assert {id(p) for g in s.alpha_optimizer.param_groups for p in g["params"]} == alpha_ids
-    assert (isinstance(s.w_optimizer, torch.optim.SGD)
-            and isinstance(s.alpha_optimizer, torch.optim.Adam))
+    assert isinstance(s.w_optimizer, torch.optim.SGD) and isinstance(
+        s.alpha_optimizer, torch.optim.Adam
+    )
     assert s.alpha_optimizer.param_groups[0]["betas"] == (0.5, 0.999)
     assert s.alpha_optimizer.param_groups[0]["weight_decay"] == 1e-3
     assert s.w_optimizer.param_groups[0]["momentum"] == 0.9
@@ -203,8 +231,12 @@ def test_steps_touch_only_their_parameters_and_frozen_parts_stay(tiny_set, tmp_p
         s.train()
     for k, m in frozen.items():
         assert _same(_state(m), frozen0[k]), f"{k} changed during the search"
-    assert all(not m.training for part in frozen.values() for m in part.modules()
-               if isinstance(m, torch.nn.BatchNorm2d))
+    assert all(
+        not m.training
+        for part in frozen.values()
+        for m in part.modules()
+        if isinstance(m, torch.nn.BatchNorm2d)
+    )
 
 
 def test_wrong_box_head_is_a_clear_error(tiny_set, tmp_path):
@@ -221,20 +253,36 @@ def test_frozen_parts_are_initialised_from_model_weights(tiny_set, tmp_path, cap
     from elixir_d2.search import searcher as searcher_module
 
     # A "trained baseline": the quickstart FPN (2-fc head) with weights of its own.
-    base = build_model(search_net.setup(search_net.build_parser().parse_args(
-        ["--config-file", os.path.join(REPO, "configs/quickstart/fpn.yaml"), "OUTPUT_DIR",
-         str(tmp_path / "base")])))
+    base = build_model(
+        search_net.setup(
+            search_net.build_parser().parse_args(
+                [
+                    "--config-file",
+                    os.path.join(REPO, "configs/quickstart/fpn.yaml"),
+                    "OUTPUT_DIR",
+                    str(tmp_path / "base"),
+                ]
+            )
+        )
+    )
     # Perturbed: setup() reseeds, so an unloaded model could otherwise match by chance.
-    full = {k: v + 0.25 * torch.randn_like(v) if v.is_floating_point() else v
-            for k, v in base.state_dict().items()}
+    full = {
+        k: v + 0.25 * torch.randn_like(v) if v.is_floating_point() else v
+        for k, v in base.state_dict().items()
+    }
     torch.save({"model": full}, tmp_path / "baseline.pth")
-    torch.save({"model": {k: v for k, v in full.items() if k.startswith("backbone.")}},
-               tmp_path / "backbone_only.pth")
+    torch.save(
+        {"model": {k: v for k, v in full.items() if k.startswith("backbone.")}},
+        tmp_path / "backbone_only.pth",
+    )
 
     logging.getLogger(searcher_module.__name__).addHandler(caplog.handler)
     try:
-        s = ALBSearcher(search_net.setup(_search_args(
-            tmp_path / "s1", "MODEL.WEIGHTS", str(tmp_path / "baseline.pth"))))
+        s = ALBSearcher(
+            search_net.setup(
+                _search_args(tmp_path / "s1", "MODEL.WEIGHTS", str(tmp_path / "baseline.pth"))
+            )
+        )
         caplog.clear()
         s.resume_or_load(resume=False)
         assert "RANDOM" not in caplog.text
@@ -245,8 +293,11 @@ def test_frozen_parts_are_initialised_from_model_weights(tiny_set, tmp_path, cap
         assert "roi_heads.box_head.fc1.weight" in full
         assert not any(k.startswith("roi_heads.box_head.fc") for k in s.model.state_dict())
 
-        s = ALBSearcher(search_net.setup(_search_args(
-            tmp_path / "s2", "MODEL.WEIGHTS", str(tmp_path / "backbone_only.pth"))))
+        s = ALBSearcher(
+            search_net.setup(
+                _search_args(tmp_path / "s2", "MODEL.WEIGHTS", str(tmp_path / "backbone_only.pth"))
+            )
+        )
         caplog.clear()
         s.resume_or_load(resume=False)
         assert "proposal_generator tensors" in caplog.text and "RANDOM" in caplog.text
@@ -306,8 +357,10 @@ def test_resume_continues_from_the_last_checkpoint(tiny_set, tmp_path, monkeypat
     assert torch.equal(head.alpha_reduce, ckpt["model"]["roi_heads.box_head.alpha_reduce"])
     assert s.alpha_optimizer.state_dict()["state"][0]["step"] == 1  # Adam's step count restored
     first_w = s.w_optimizer.param_groups[0]["params"][0]
-    assert torch.equal(s.w_optimizer.state[first_w]["momentum_buffer"],
-                       ckpt["w_optimizer"]["state"][0]["momentum_buffer"])
+    assert torch.equal(
+        s.w_optimizer.state[first_w]["momentum_buffer"],
+        ckpt["w_optimizer"]["state"][0]["momentum_buffer"],
+    )
     genotype = s.train()
 
     history = json.loads((out / "alphas.json").read_text(encoding="utf-8"))
@@ -315,14 +368,17 @@ def test_resume_continues_from_the_last_checkpoint(tiny_set, tmp_path, monkeypat
     final = torch.load(out / "model_final.pth", weights_only=False)
     assert final["trainer"]["iteration"] == 2
     # lr of the resumed iterations follows the cosine of the whole 3-iteration search.
-    lrs = {m["iteration"]: m["lr"]
-           for m in map(json.loads, open(out / "metrics.json", encoding="utf-8"))
-           if "lr" in m}
+    lrs = {
+        m["iteration"]: m["lr"]
+        for m in map(json.loads, open(out / "metrics.json", encoding="utf-8"))
+        if "lr" in m
+    }
     assert lrs[2] == pytest.approx(0.5 * 0.02 * (1 + math.cos(math.pi * 2 / 3)))
     assert load_genotype(str(out / "genotype.yaml")) == genotype
     # A checkpoint of another epoch length is refused instead of silently misnumbering epochs.
-    cfg = search_net.setup(_search_args(out, "SEARCH.EPOCHS", "3", "SOLVER.IMS_PER_BATCH", "1",
-                                        resume=True))
+    cfg = search_net.setup(
+        _search_args(out, "SEARCH.EPOCHS", "3", "SOLVER.IMS_PER_BATCH", "1", resume=True)
+    )
     with pytest.raises(ValueError, match="iterations per epoch"):
         ALBSearcher(cfg).resume_or_load(resume=True)
 
@@ -379,8 +435,15 @@ def test_search_then_train_elixirnet_then_evaluate(tiny_set, tmp_path):
             np.testing.assert_allclose(w.sum(axis=1), 1.0, atol=1e-9)
     # The genotype is the discretisation of the final alphas saved in the checkpoint.
     final = torch.load(out / "model_final.pth", weights_only=False)["model"]
-    assert derive_genotype(final["roi_heads.box_head.alpha_normal"],
-                           final["roi_heads.box_head.alpha_reduce"], "elixir", 4) == genotype
+    assert (
+        derive_genotype(
+            final["roi_heads.box_head.alpha_normal"],
+            final["roi_heads.box_head.alpha_reduce"],
+            "elixir",
+            4,
+        )
+        == genotype
+    )
     assert history["epochs"][-1]["genotype"] == genotype.to_dict()
     # ... and the alphas moved away from their near-uniform start.
     assert not np.allclose(history["epochs"][-1]["normal"], 1 / 9, atol=1e-4)
@@ -388,17 +451,29 @@ def test_search_then_train_elixirnet_then_evaluate(tiny_set, tmp_path):
         assert im.format == "PNG" and im.size[0] > 100
 
     train_out = tmp_path / "train"
-    common = SMALL[:6] + ["OUTPUT_DIR", str(train_out), "MODEL.ALB.GENOTYPE", str(path),
-                          "SOLVER.MAX_ITER", "3", "SOLVER.WARMUP_ITERS", "1", "SOLVER.STEPS",
-                          "(2,)",
-                          "SOLVER.CHECKPOINT_PERIOD", "100", "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE",
-                          "16"]
+    common = SMALL[:6] + [
+        "OUTPUT_DIR",
+        str(train_out),
+        "MODEL.ALB.GENOTYPE",
+        str(path),
+        "SOLVER.MAX_ITER",
+        "3",
+        "SOLVER.WARMUP_ITERS",
+        "1",
+        "SOLVER.STEPS",
+        "(2,)",
+        "SOLVER.CHECKPOINT_PERIOD",
+        "100",
+        "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE",
+        "16",
+    ]
     cfg_file = os.path.join(REPO, "configs/quickstart/elixirnet.yaml")
     train_net.main(default_argument_parser().parse_args(["--config-file", cfg_file] + common))
     weights = train_out / "model_final.pth"
     assert weights.exists()
     args = default_argument_parser().parse_args(
-        ["--config-file", cfg_file, "--eval-only"] + common + ["MODEL.WEIGHTS", str(weights)])
+        ["--config-file", cfg_file, "--eval-only"] + common + ["MODEL.WEIGHTS", str(weights)]
+    )
     cfg = train_net.setup(args)
     assert train_net.Trainer.build_model(cfg).roi_heads.box_head.genotype == genotype
     res = train_net.main(args)
@@ -437,8 +512,11 @@ def test_warmup_epochs_train_w_only_and_entropy_is_logged(tiny_set, tmp_path):
     first = np.array(history["epochs"][0]["entropy_normal"])
     np.testing.assert_allclose(first, math.log(len(history["ops"])), atol=1e-3)  # alphas start ~0
     with pytest.raises(ValueError, match="WARMUP_EPOCHS"):
-        ALBSearcher(search_net.setup(_search_args(tmp_path / "bad", "SEARCH.EPOCHS", "2",
-                                                  "SEARCH.WARMUP_EPOCHS", "2")))
+        ALBSearcher(
+            search_net.setup(
+                _search_args(tmp_path / "bad", "SEARCH.EPOCHS", "2", "SEARCH.WARMUP_EPOCHS", "2")
+            )
+        )
 
 
 def test_search_signal_measures_alpha_gradients_without_stepping(tiny_set, tmp_path, capsys):
@@ -459,8 +537,9 @@ def test_search_signal_measures_alpha_gradients_without_stepping(tiny_set, tmp_p
     torch.manual_seed(5)  # the RoI sampling draws random numbers
     grads = search_signal.alpha_gradients(s, 2)
     assert grads.shape == (2, 2 * 14 * 9) and np.abs(grads).max() > 0
-    np.testing.assert_allclose(grads.reshape(2, 28, 9).sum(axis=2), 0.0,
-                               atol=1e-5 * np.abs(grads).max())
+    np.testing.assert_allclose(
+        grads.reshape(2, 28, 9).sum(axis=2), 0.0, atol=1e-5 * np.abs(grads).max()
+    )
     assert all(torch.equal(p, params[k]) for k, p in s.model.named_parameters())
     assert [k for k, p in s.model.named_parameters() if p.requires_grad] == trainable
 
@@ -473,9 +552,21 @@ def test_search_signal_measures_alpha_gradients_without_stepping(tiny_set, tmp_p
     np.testing.assert_allclose(grads[0], full, rtol=1e-4, atol=1e-7)
 
     genotype = tmp_path / "gradient.yaml"
-    search_signal.main(["--search-dir", str(out), "--checkpoints", "model_final.pth",
-                        "model_final.pth", "--batches", "3", "--threads", "1",
-                        "--genotype-out", str(genotype)])
+    search_signal.main(
+        [
+            "--search-dir",
+            str(out),
+            "--checkpoints",
+            "model_final.pth",
+            "model_final.pth",
+            "--batches",
+            "3",
+            "--threads",
+            "1",
+            "--genotype-out",
+            str(genotype),
+        ]
+    )
     printed = capsys.readouterr().out
     assert printed.count("| model_final.pth | 1 |") == 2  # two rows, epoch 1 of 1
     assert "Correlation of the t vectors" in printed and "| 2: model_final.pth | " in printed
@@ -485,8 +576,7 @@ def test_search_signal_measures_alpha_gradients_without_stepping(tiny_set, tmp_p
         search_signal.measure(str(out), ["model_final.pth", "model_0000099.pth"], 2)
     # The DARTS space has 8 ops, not 9: the checkpoint's alphas do not fit, and it says so.
     with pytest.raises(ValueError, match="model_final.pth does not fit.*alpha_normal"):
-        search_signal.measure(str(out), ["model_final.pth"], 2,
-                              ["MODEL.ALB.SEARCH_SPACE", "darts"])
+        search_signal.measure(str(out), ["model_final.pth"], 2, ["MODEL.ALB.SEARCH_SPACE", "darts"])
 
 
 def test_search_refuses_a_model_without_the_searchable_head():

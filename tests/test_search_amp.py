@@ -7,6 +7,7 @@ On the CPU the steps run under bfloat16 autocast (float16 on the CPU is much slo
 adds, the overflow of half-precision sums, is covered op by op in test_amp.py); with CUDA the
 searcher's own SOLVER.AMP.ENABLED path runs a whole (short) search.
 """
+
 import os
 
 import pytest
@@ -38,10 +39,21 @@ def tiny_set(tmp_path_factory):
 
 def _args(out_dir, *opts):
     data = ["DATASETS.TRAIN", f"('{PREFIX}_train',)", "DATASETS.TEST", f"('{PREFIX}_test',)"]
-    cheap = ["INPUT.MAX_IMAGE_SIZE", "64", "SOLVER.IMS_PER_BATCH", "2", "SEARCH.EPOCHS", "1",
-             "SEARCH.WARMUP_EPOCHS", "0", "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "16"]
+    cheap = [
+        "INPUT.MAX_IMAGE_SIZE",
+        "64",
+        "SOLVER.IMS_PER_BATCH",
+        "2",
+        "SEARCH.EPOCHS",
+        "1",
+        "SEARCH.WARMUP_EPOCHS",
+        "0",
+        "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE",
+        "16",
+    ]
     return search_net.build_parser().parse_args(
-        ["--config-file", SEARCH_CFG, *data, *cheap, "OUTPUT_DIR", str(out_dir), *opts])
+        ["--config-file", SEARCH_CFG, *data, *cheap, "OUTPUT_DIR", str(out_dir), *opts]
+    )
 
 
 def _cfg(out_dir, *opts):
@@ -73,7 +85,7 @@ def test_search_steps_under_cpu_autocast(tiny_set, tmp_path, scaled):
     head = search_head(s.model)
 
     def precision():
-        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8) if scaled else None
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8) if scaled else None
         return MixedPrecision("cpu", torch.bfloat16, scaler)
 
     s.w_precision, s.architect.precision = precision(), precision()
@@ -93,12 +105,12 @@ def test_search_steps_under_cpu_autocast(tiny_set, tmp_path, scaled):
     assert sum(not torch.equal(p, q) for p, q in zip(weights, w0)) > len(weights) // 2
     state = s.state_dict()
     if scaled:  # both scalers are checkpointed and come back on resume
-        assert state["grad_scaler_w"]["scale"] == state["grad_scaler_alpha"]["scale"] == 2.0 ** 8
+        assert state["grad_scaler_w"]["scale"] == state["grad_scaler_alpha"]["scale"] == 2.0**8
         fresh = ALBSearcher(_cfg(tmp_path / "again"))
         fresh.w_precision, fresh.architect.precision = precision(), precision()
-        state["grad_scaler_alpha"]["scale"] = 2.0 ** 5
+        state["grad_scaler_alpha"]["scale"] = 2.0**5
         fresh.load_state_dict(state)
-        assert fresh.architect.precision.scaler.get_scale() == 2.0 ** 5
+        assert fresh.architect.precision.scaler.get_scale() == 2.0**5
     else:
         assert "grad_scaler_w" not in state and "grad_scaler_alpha" not in state
 
@@ -109,7 +121,8 @@ def test_search_under_bfloat16_on_the_cpu_from_the_config(tiny_set, tmp_path):
     assert s.w_precision == s.architect.precision == MixedPrecision("cpu", torch.bfloat16, None)
     seen = []
     s.model.roi_heads.box_predictor.cls_score.register_forward_hook(
-        lambda m, i, o: seen.append(o.dtype))
+        lambda m, i, o: seen.append(o.dtype)
+    )
     head = search_head(s.model)
     alphas0 = [a.detach().clone() for a in head.arch_parameters()]
     s.resume_or_load(resume=False)

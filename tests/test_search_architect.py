@@ -1,5 +1,6 @@
 """The DARTS roles of the search loop (issue 15): one optimiser step function shared by the
 weight step and the Architect, which moves only the alphas; on a toy model, so it runs fast."""
+
 import pytest
 import torch
 from torch import nn
@@ -73,8 +74,11 @@ def test_freeze_for_search_is_the_freeze_modules_mechanism():
     assert not model.backbone[1].training and not model.proposal_generator[1].training
     assert all(torch.equal(a, b) for a, b in zip(stats, model.backbone[1].buffers()))
     assert model.proposal_generator.training  # training-time proposal counts
-    assert not any(p.requires_grad for n in ("backbone", "proposal_generator")
-                   for p in getattr(model, n).parameters())
+    assert not any(
+        p.requires_grad
+        for n in ("backbone", "proposal_generator")
+        for p in getattr(model, n).parameters()
+    )
     assert all(p.requires_grad for p in model.roi_heads.parameters())
     with pytest.raises(ValueError, match="has none"):
         freeze_for_search(nn.Module())

@@ -1,5 +1,6 @@
 """projects/benchmarks/search_signal.py: the statistics it reports on the alphas' gradients, checked
 against values worked out by hand and closed forms (its run on a search is in test_search.py)."""
+
 import math
 
 import numpy as np
@@ -34,7 +35,7 @@ def test_t_tail_one_degree_of_freedom_is_cauchy(x):
 
 def test_t_tail_against_the_table_and_the_normal_limit():
     assert ss.t_tail(2.228, 10) == pytest.approx(0.05, abs=2e-4)  # two-sided 5% point, df 10
-    assert ss.t_tail(2.0, 10 ** 6) == pytest.approx(math.erfc(2 / math.sqrt(2)), abs=1e-5)
+    assert ss.t_tail(2.0, 10**6) == pytest.approx(math.erfc(2 / math.sqrt(2)), abs=1e-5)
 
 
 def test_gradient_genotype_takes_the_inputs_and_ops_the_gradient_favours():

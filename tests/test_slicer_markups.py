@@ -1,6 +1,7 @@
 """3D Slicer markups: findings.mrk.json / detections.mrk.json hold what Slicer's markups schema
 v1.0.3 requires, and every ROI's box is where SimpleITK puts the lesion of the image as stored
 (non-identity directions, anisotropic spacing, NIfTI and DICOM)."""
+
 import itertools
 import json
 import os
@@ -21,8 +22,11 @@ from test_predict_net import OracleModel, quickstart_cfg
 
 # ------------------------------------------------------- markups-schema-v1.0.3.json, by hand
 def _numbers(v, n):
-    return (isinstance(v, list) and len(v) == n
-            and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v))
+    return (
+        isinstance(v, list)
+        and len(v) == n
+        and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
+    )
 
 
 def check_schema(doc):
@@ -62,8 +66,12 @@ def roi_corners(m):
     columns of its row-major orientation matrix)."""
     axes = np.asarray(m["orientation"]).reshape(3, 3)
     half = np.asarray(m["size"]) / 2
-    return np.array([np.asarray(m["center"]) + axes @ (np.array(s) * half)
-                     for s in itertools.product((-1, 1), repeat=3)])
+    return np.array(
+        [
+            np.asarray(m["center"]) + axes @ (np.array(s) * half)
+            for s in itertools.product((-1, 1), repeat=3)
+        ]
+    )
 
 
 def lesion_corners(img, level=80):
@@ -72,8 +80,12 @@ def lesion_corners(img, level=80):
     zs, ys, xs = np.nonzero(sitk.GetArrayFromImage(img) > level)  # numpy axes: z, y, x
     lo = np.array([xs.min(), ys.min(), zs.min()]) - 0.5
     hi = np.array([xs.max(), ys.max(), zs.max()]) + 0.5
-    return np.array([img.TransformContinuousIndexToPhysicalPoint(
-        [float(v) for v in np.where(s, hi, lo)]) for s in itertools.product((0, 1), repeat=3)])
+    return np.array(
+        [
+            img.TransformContinuousIndexToPhysicalPoint([float(v) for v in np.where(s, hi, lo)])
+            for s in itertools.product((0, 1), repeat=3)
+        ]
+    )
 
 
 def _same_points(a, b):
@@ -85,10 +97,19 @@ def _finding_of_lesion(vol):
     zs, ys, xs = np.nonzero(vol.hu > 80)
     first, last = int(zs.min()), int(zs.max())
     box = [float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)]
-    return Finding(finding_id=0, slice_first=first, slice_last=last,
-                   num_slices=last - first + 1, extent_mm=0.0, largest_diameter_mm=0.0,
-                   short_axis_mm=0.0, best_score=0.8766, best_slice=(first + last) // 2,
-                   best_box=box, members=[]), box
+    return Finding(
+        finding_id=0,
+        slice_first=first,
+        slice_last=last,
+        num_slices=last - first + 1,
+        extent_mm=0.0,
+        largest_diameter_mm=0.0,
+        short_axis_mm=0.0,
+        best_score=0.8766,
+        best_slice=(first + last) // 2,
+        best_box=box,
+        members=[],
+    ), box
 
 
 # Stored RAS (x, y flipped), and x / y swapped with z flipped: LPS reorientation permutes / flips.
@@ -98,18 +119,34 @@ DIRECTIONS = [(-1, 0, 0, 0, -1, 0, 0, 0, 1), (0, 1, 0, 1, 0, 0, 0, 0, -1)]
 @pytest.mark.parametrize("direction", DIRECTIONS)
 def test_nifti_rois_are_the_lesion_in_physical_space(tmp_path, direction):
     vol = phantom(slices=8, lesion=(2, 6, 10, 22, 14, 30))
-    path = write_nifti(tmp_path / "ct.nii.gz", vol, spacing=(0.7, 0.9, 2.5),
-                       origin=(12.0, -34.0, 56.0), direction=direction)
+    path = write_nifti(
+        tmp_path / "ct.nii.gz",
+        vol,
+        spacing=(0.7, 0.9, 2.5),
+        origin=(12.0, -34.0, 56.0),
+        direction=direction,
+    )
     ct = read_case(CaseSource("ct", path, "nifti"))
     finding, box = _finding_of_lesion(ct)
-    det = {"slice_index": finding.best_slice, "x1": box[0], "y1": box[1], "x2": box[2],
-           "y2": box[3], "score": 0.5, "finding_id": 0}
+    det = {
+        "slice_index": finding.best_slice,
+        "x1": box[0],
+        "y1": box[1],
+        "x2": box[2],
+        "y2": box[3],
+        "score": 0.5,
+        "finding_id": 0,
+    }
     write_case_markups(str(tmp_path), ct, [finding], [det])
     doc = json.load(open(tmp_path / "findings.mrk.json", encoding="utf-8"))
     check_schema(doc)
     (m,) = doc["markups"]
     assert (m["type"], m["coordinateSystem"], m["coordinateUnits"], m["roiType"]) == (
-        "ROI", "LPS", "mm", "Box")
+        "ROI",
+        "LPS",
+        "mm",
+        "Box",
+    )
     assert "0.877" in m["name"] and m["controlPoints"][0]["position"] == m["center"]
     stored = sitk.ReadImage(path)
     _same_points(roi_corners(m), lesion_corners(stored))
@@ -132,15 +169,29 @@ def test_dicom_rois_match_simpleitk_and_the_run_writes_them(tmp_path):
     run_prediction; the finding ROI is the lesion as SimpleITK reads the series."""
     vol = phantom(slices=7, lesion=(1, 5, 10, 22, 14, 30))
     cases = tmp_path / "cases"
-    write_ct_series(cases / "feet_first", vol, (-1, 0, 0, 0, 1, 0),
-                    [(40.0, -30.0, 100.0 + 2.5 * k) for k in range(7)])
-    write_nifti(cases / "ras.nii.gz", vol, spacing=(2.0, 2.0, 2.5), origin=(5.0, 6.0, 7.0),
-                direction=DIRECTIONS[0])
+    write_ct_series(
+        cases / "feet_first",
+        vol,
+        (-1, 0, 0, 0, 1, 0),
+        [(40.0, -30.0, 100.0 + 2.5 * k) for k in range(7)],
+    )
+    write_nifti(
+        cases / "ras.nii.gz",
+        vol,
+        spacing=(2.0, 2.0, 2.5),
+        origin=(5.0, 6.0, 7.0),
+        direction=DIRECTIONS[0],
+    )
     cfg = quickstart_cfg()
     lo, hi = cfg.INPUT.HU_WINDOW
     out = tmp_path / "out"
-    run_prediction(cfg, str(cases), str(out), PredictOptions(progress=False),
-                   model=OracleModel((80 - lo) * 255 / (hi - lo)))
+    run_prediction(
+        cfg,
+        str(cases),
+        str(out),
+        PredictOptions(progress=False),
+        model=OracleModel((80 - lo) * 255 / (hi - lo)),
+    )
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(cases / "feet_first")))
     stored = {"feet_first": reader.Execute(), "ras": sitk.ReadImage(str(cases / "ras.nii.gz"))}
@@ -149,9 +200,12 @@ def test_dicom_rois_match_simpleitk_and_the_run_writes_them(tmp_path):
         check_schema(doc)
         (m,) = doc["markups"]
         _same_points(roi_corners(m), lesion_corners(img))
-        detections = json.load(open(out / case / "detections.mrk.json",
-                                    encoding="utf-8"))["markups"]
-        assert len(detections) == len(json.load(open(out / case / "detections.json",
-                                                     encoding="utf-8"))
-                                      ["detections"]) == 4
+        detections = json.load(open(out / case / "detections.mrk.json", encoding="utf-8"))[
+            "markups"
+        ]
+        assert (
+            len(detections)
+            == len(json.load(open(out / case / "detections.json", encoding="utf-8"))["detections"])
+            == 4
+        )
         assert not os.path.exists(out / case / "dicom_sr")  # SR only with --dicom-sr

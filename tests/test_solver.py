@@ -1,4 +1,5 @@
 """Batched per-parameter gradient-norm clipping against torch's and detectron2's own clipping."""
+
 import copy
 import math
 import os
@@ -55,13 +56,20 @@ def test_sgd_steps_equal_detectron2_clipped_sgd():
     cfg.SOLVER.CLIP_GRADIENTS.CLIP_TYPE = "norm"
     cfg.SOLVER.CLIP_GRADIENTS.CLIP_VALUE = 0.5
     torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
-                              torch.nn.Flatten(), torch.nn.Linear(8 * 6 * 6, 4))
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3),
+        torch.nn.BatchNorm2d(8),
+        torch.nn.ReLU(),
+        torch.nn.Flatten(),
+        torch.nn.Linear(8 * 6 * 6, 4),
+    )
     nets = [net, copy.deepcopy(net)]
     start = [p.detach().clone() for p in net.parameters()]
     kw = dict(lr=0.1, momentum=0.9, weight_decay=1e-4)
-    opts = [PerParameterNormClippedSGD(nets[0].parameters(), max_norm=0.5, **kw),
-            maybe_add_gradient_clipping(cfg, torch.optim.SGD)(nets[1].parameters(), **kw)]
+    opts = [
+        PerParameterNormClippedSGD(nets[0].parameters(), max_norm=0.5, **kw),
+        maybe_add_gradient_clipping(cfg, torch.optim.SGD)(nets[1].parameters(), **kw),
+    ]
     x = torch.randn(4, 3, 8, 8) * 5
     for _ in range(5):
         for n, o in zip(nets, opts):

@@ -1,5 +1,6 @@
 """Intervals for comparisons (elixir_d2/evaluation/stats.py), against printed t tables and
 resampling outcomes enumerated by hand."""
+
 import math
 
 import numpy as np
@@ -14,11 +15,20 @@ from elixir_d2.evaluation.stats import (
 
 
 # Two-sided 95% (p = 0.975) and one-sided 95% critical values from a printed Student-t table.
-@pytest.mark.parametrize("p, df, want", [
-    (0.975, 1, 12.706), (0.975, 2, 4.303), (0.975, 4, 2.776), (0.975, 5, 2.571),
-    (0.975, 9, 2.262), (0.975, 30, 2.042), (0.95, 10, 1.812), (0.995, 3, 5.841),
-    (0.975, 1e7, 1.960),
-])
+@pytest.mark.parametrize(
+    "p, df, want",
+    [
+        (0.975, 1, 12.706),
+        (0.975, 2, 4.303),
+        (0.975, 4, 2.776),
+        (0.975, 5, 2.571),
+        (0.975, 9, 2.262),
+        (0.975, 30, 2.042),
+        (0.95, 10, 1.812),
+        (0.995, 3, 5.841),
+        (0.975, 1e7, 1.960),
+    ],
+)
 def test_t_quantile_matches_the_table(p, df, want):
     assert t_quantile(p, df) == pytest.approx(want, abs=6e-4)
     assert t_quantile(1 - p, df) == pytest.approx(-want, abs=6e-4)
@@ -38,8 +48,10 @@ def test_paired_interval_by_hand():
     assert res.n == 5
     assert res.mean == pytest.approx(2.6)
     assert res.std == pytest.approx(math.sqrt(0.3))
-    assert (res.low, res.high) == (pytest.approx(2.6 - half, abs=1e-4),
-                                   pytest.approx(2.6 + half, abs=1e-4))
+    assert (res.low, res.high) == (
+        pytest.approx(2.6 - half, abs=1e-4),
+        pytest.approx(2.6 + half, abs=1e-4),
+    )
     assert res.excludes_zero
 
 
@@ -69,8 +81,9 @@ def test_bootstrap_resamples_patients_not_images():
     gt = [_box(0, 0), _box(50, 50), _box(20, 20)]
     boxes = [_box(0, 0), NONE, _box(20, 20)]
     scores = [np.array([0.9]), np.zeros(0), np.array([0.8])]
-    out = bootstrap_mean_sensitivity(gt, [7, 7, 9], {"m": (boxes, scores)}, num_samples=4000,
-                                     seed=1)
+    out = bootstrap_mean_sensitivity(
+        gt, [7, 7, 9], {"m": (boxes, scores)}, num_samples=4000, seed=1
+    )
     s = out["m"]
     assert s.shape == (4000,)
     assert set(np.round(s, 6)) <= {0.5, round(2 / 3, 6), 1.0}
@@ -83,10 +96,13 @@ def test_bootstrap_resamples_patients_not_images():
 def test_bootstrap_pairs_models_on_the_same_resamples():
     gt = [_box(0, 0), _box(50, 50), _box(20, 20), _box(70, 70)]
     good = ([_box(0, 0), _box(50, 50), _box(20, 20), _box(70, 70)], [np.array([0.9])] * 4)
-    half = ([_box(0, 0), NONE, _box(20, 20), NONE],
-            [np.array([0.9]), np.zeros(0), np.array([0.9]), np.zeros(0)])
-    out = bootstrap_mean_sensitivity(gt, [1, 2, 3, 4], {"good": good, "same": good, "half": half},
-                                     num_samples=300, seed=0)
+    half = (
+        [_box(0, 0), NONE, _box(20, 20), NONE],
+        [np.array([0.9]), np.zeros(0), np.array([0.9]), np.zeros(0)],
+    )
+    out = bootstrap_mean_sensitivity(
+        gt, [1, 2, 3, 4], {"good": good, "same": good, "half": half}, num_samples=300, seed=0
+    )
     assert np.array_equal(out["good"], out["same"])
     assert (out["good"] == 1.0).all()
     # "half" finds the lesions of patients 1 and 3 only: per resample, the share of draws of them

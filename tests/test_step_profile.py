@@ -1,5 +1,6 @@
 """projects/benchmarks/step_profile.py: which group an op's time goes to, and a real profile of
 one quickstart training step."""
+
 from types import SimpleNamespace
 
 import step_profile as sp  # projects/benchmarks, on pytest's pythonpath
@@ -16,14 +17,17 @@ def test_ops_fall_in_their_groups():
 
 
 def test_group_times_sum_self_times_and_keep_the_optimizer_total_apart():
-    ev = [SimpleNamespace(key=k, self_cpu_time_total=s, cpu_time_total=t) for k, s, t in (
-        ("aten::convolution_backward", 3_000_000, 3_500_000),
-        ("aten::mkldnn_convolution", 1_000_000, 1_000_000),
-        ("aten::native_batch_norm", 500_000, 500_000),
-        ("aten::add_", 250_000, 250_000),
-        ("Optimizer.step#SGD.step", 100_000, 900_000),  # its children are counted above
-        ("ProfilerStep#3", 10_000, 6_000_000),
-    )]
+    ev = [
+        SimpleNamespace(key=k, self_cpu_time_total=s, cpu_time_total=t)
+        for k, s, t in (
+            ("aten::convolution_backward", 3_000_000, 3_500_000),
+            ("aten::mkldnn_convolution", 1_000_000, 1_000_000),
+            ("aten::native_batch_norm", 500_000, 500_000),
+            ("aten::add_", 250_000, 250_000),
+            ("Optimizer.step#SGD.step", 100_000, 900_000),  # its children are counted above
+            ("ProfilerStep#3", 10_000, 6_000_000),
+        )
+    ]
     got = sp.group_times(ev)
     assert got["convolution"] == 4.0 and got["BatchNorm"] == 0.5 and got["other"] == 0.25
     assert got["optimizer step (total)"] == 0.9
@@ -31,8 +35,13 @@ def test_group_times_sum_self_times_and_keep_the_optimizer_total_apart():
 
 
 def test_profile_of_one_small_step_puts_time_in_convolutions():
-    row = sp.profile_config("fpn.yaml", "float32", steps=1, warmup=1, opts=[
-        "INPUT.LESION_CROP.SIZE", "64", "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "16"])
+    row = sp.profile_config(
+        "fpn.yaml",
+        "float32",
+        steps=1,
+        warmup=1,
+        opts=["INPUT.LESION_CROP.SIZE", "64", "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "16"],
+    )
     groups = [g for g, _ in sp.GROUPS] + ["other"]
     assert row["s/it"] > 0 and row["convolution"] > 0 and row["RoIAlign"] > 0
     assert row["optimizer step (total)"] > 0

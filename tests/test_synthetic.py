@@ -1,5 +1,6 @@
 """Synthetic generator: DL_info.csv format (all 18 columns), 16-bit PNG series on disk, HU ranges,
 lesions under their boxes, determinism, round trip through the DeepLesion loader; KiTS19 variant."""
+
 import csv
 import filecmp
 import math
@@ -55,8 +56,9 @@ def test_dl_info_has_all_18_columns_in_their_formats(dataset):
     for r in rows:
         m = re.fullmatch(r"(\d{6})_(\d{2})_(\d{2})_(\d{3})\.png", r["File_name"])
         assert m, r["File_name"]
-        assert [int(g) for g in m.groups()] == [int(r[c]) for c in ("Patient_index", "Study_index",
-                                                                    "Series_ID", "Key_slice_index")]
+        assert [int(g) for g in m.groups()] == [
+            int(r[c]) for c in ("Patient_index", "Study_index", "Series_ID", "Key_slice_index")
+        ]
         first, last = (int(v) for v in floats(r["Slice_range"], 2))
         assert first <= int(r["Key_slice_index"]) - 2 and int(r["Key_slice_index"]) + 2 <= last
         sx, sy, sz = floats(r["Spacing_mm_px_"], 3)
@@ -75,8 +77,12 @@ def test_dl_info_has_all_18_columns_in_their_formats(dataset):
         axes = (recist[2:4] - recist[0:2]) @ (recist[6:8] - recist[4:6])
         assert abs(axes) < 1e-2 * long_px * short_px + 1e-3  # long and short axes perpendicular
         xs, ys = recist[0::2], recist[1::2]
-        assert (x1 - 1e-3 <= xs.min() and xs.max() <= x2 + 1e-3
-                and y1 - 1e-3 <= ys.min() and ys.max() <= y2 + 1e-3)
+        assert (
+            x1 - 1e-3 <= xs.min()
+            and xs.max() <= x2 + 1e-3
+            and y1 - 1e-3 <= ys.min()
+            and ys.max() <= y2 + 1e-3
+        )
         assert all(0.0 <= v <= 1.0 for v in floats(r["Normalized_lesion_location"], 3))
         split = int(r["Train_Val_Test"])
         assert split in (1, 2, 3)
@@ -156,10 +162,17 @@ def test_organ_hu_ranges_at_known_pixels():
         for dy in (-1, 0, 1):
             for dx in (-1, 0, 1):
                 same &= np.roll(np.roll(lab, dy, 0), dx, 1) == lab
-        expected = {P.SUBCUT_FAT: (-130, -70), P.MUSCLE: (20, 75), P.LUNG: (-900, -780),
-                    P.LIVER: (50, 100),
-                    P.KIDNEY: (120, 210), P.CORTEX: (400, 1000), P.VISCERAL_FAT: (-130, -65),
-                    P.MEDIASTINAL_FAT: (-125, -55), P.BLADDER: (-20, 40)}
+        expected = {
+            P.SUBCUT_FAT: (-130, -70),
+            P.MUSCLE: (20, 75),
+            P.LUNG: (-900, -780),
+            P.LIVER: (50, 100),
+            P.KIDNEY: (120, 210),
+            P.CORTEX: (400, 1000),
+            P.VISCERAL_FAT: (-130, -65),
+            P.MEDIASTINAL_FAT: (-125, -55),
+            P.BLADDER: (-20, 40),
+        }
         seen = 0
         for label, (lo, hi) in expected.items():
             px = hu[same & (lab == label)]
@@ -184,15 +197,24 @@ def test_deterministic_by_seed(tmp_path):
         files += [os.path.relpath(os.path.join(root, n), a) for n in names]
     _, mismatch, errors = filecmp.cmpfiles(a, b, files, shallow=False)
     assert not mismatch and not errors and len(files) > 20
-    with open(os.path.join(a, "DL_info.csv"), encoding="utf-8") as fa, \
-            open(os.path.join(c, "DL_info.csv"), encoding="utf-8") as fc:
+    with (
+        open(os.path.join(a, "DL_info.csv"), encoding="utf-8") as fa,
+        open(os.path.join(c, "DL_info.csv"), encoding="utf-8") as fc,
+    ):
         assert fa.read() != fc.read()
 
 
 def test_every_type_in_val_and_test(tmp_path):
     # 4 val and 4 test patients (the default 10 % val would leave 2, too few for 8 types).
-    s = generate_deeplesion(str(tmp_path / "t"), num_patients=24, slices_per_series=(8, 9),
-                            image_size=128, seed=0, val_frac=0.15, test_frac=0.15)
+    s = generate_deeplesion(
+        str(tmp_path / "t"),
+        num_patients=24,
+        slices_per_series=(8, 9),
+        image_size=128,
+        seed=0,
+        val_frac=0.15,
+        test_frac=0.15,
+    )
     for split in ("val", "test"):
         assert all(n > 0 for n in s["splits"][split]["types"].values()), s["splits"][split]
     assert s["splits"]["train"]["lesions"] > s["splits"]["val"]["lesions"]
@@ -203,16 +225,23 @@ def test_round_trip_through_deeplesion_loader(dataset):
     for split, code in (("train", "1"), ("val", "2"), ("test", "3")):
         csv_rows = [r for r in rows if r["Train_Val_Test"] == code]
         recs = load_deeplesion_dicts(out, split)
-        assert (len(recs) == len({r["File_name"] for r in csv_rows})
-                == summary["splits"][split]["key_slices"])
-        boxes = sorted(tuple(round(v, 3) for v in a["bbox"])
-                       for rec in recs for a in rec["annotations"])
-        want = sorted(tuple(round(v - 1, 3) for v in floats(r["Bounding_boxes"], 4))
-                      for r in csv_rows)
+        assert (
+            len(recs)
+            == len({r["File_name"] for r in csv_rows})
+            == summary["splits"][split]["key_slices"]
+        )
+        boxes = sorted(
+            tuple(round(v, 3) for v in a["bbox"]) for rec in recs for a in rec["annotations"]
+        )
+        want = sorted(
+            tuple(round(v - 1, 3) for v in floats(r["Bounding_boxes"], 4)) for r in csv_rows
+        )
         assert boxes == want
         for rec in recs:
-            assert (os.path.isfile(rec["file_name"])
-                    and (rec["height"], rec["width"]) == (SIZE, SIZE))
+            assert os.path.isfile(rec["file_name"]) and (rec["height"], rec["width"]) == (
+                SIZE,
+                SIZE,
+            )
             stack = SliceStack(rec["slice_dir"], rec["slice_idx"], rec["slice_range"])
             for offset_mm in (-2.0, 2.0):
                 stack.at_offset(offset_mm / rec["slice_intv"])
@@ -231,8 +260,21 @@ def test_bad_arguments_name_the_argument(tmp_path):
 
 
 def test_kits19_variant_reads_back(tmp_path):
-    main(["--out", str(tmp_path), "--format", "kits19", "--patients", "2", "--size", "64",
-          "--slices", "16", "18"])
+    main(
+        [
+            "--out",
+            str(tmp_path),
+            "--format",
+            "kits19",
+            "--patients",
+            "2",
+            "--size",
+            "64",
+            "--slices",
+            "16",
+            "18",
+        ]
+    )
     for i in range(2):
         case_dir = str(tmp_path / "data" / f"case_{i:05d}")
         case = read_kits19_case(case_dir)

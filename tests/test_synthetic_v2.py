@@ -1,6 +1,7 @@
 """The second synthetic generator (elixir_d2.data.synthetic_v2): a small set read back through the
 project's loader and measured from its PNGs with cv2; determinism by seed; the synthetic_v2_* and
 synthetic_seed7_* names generated on first use in a child process."""
+
 import csv
 import filecmp
 import json
@@ -26,8 +27,9 @@ def floats(text):
 
 
 def read_hu(out, file_name):
-    img = cv2.imread(os.path.join(out, "Images_png", file_name[:12], file_name[13:]),
-                     cv2.IMREAD_UNCHANGED)
+    img = cv2.imread(
+        os.path.join(out, "Images_png", file_name[:12], file_name[13:]), cv2.IMREAD_UNCHANGED
+    )
     assert img is not None and img.dtype == np.uint16, file_name
     return img.astype(np.float64) - 32768
 
@@ -53,8 +55,10 @@ def test_csv_loads_through_the_project_loader_with_the_right_counts(dataset):
             assert os.path.isfile(rec["file_name"]) and rec["height"] == rec["width"] == SIZE
             lo, hi = rec["slice_range"]
             # every slice of the series is on disk, key slices keep two neighbours each side
-            assert all(os.path.isfile(os.path.join(rec["slice_dir"], f"{k:03d}.png"))
-                       for k in range(lo, hi + 1))
+            assert all(
+                os.path.isfile(os.path.join(rec["slice_dir"], f"{k:03d}.png"))
+                for k in range(lo, hi + 1)
+            )
             assert lo + 2 <= rec["slice_idx"] <= hi - 2
 
 
@@ -74,8 +78,9 @@ def test_boxes_hold_hypo_and_hyperdense_lesions_measurable_in_the_png(dataset):
         if not inner.any():
             inner[int(cy), int(cx)] = True
         grow = 1 + max(3, a, b) / max(a, b)
-        ring = (((xs - cx) / (a * grow + 1)) ** 2 + ((ys - cy) / (b * grow + 1)) ** 2 <= 1) & \
-            (((xs - cx) / (a + 1)) ** 2 + ((ys - cy) / (b + 1)) ** 2 > 1)
+        ring = (((xs - cx) / (a * grow + 1)) ** 2 + ((ys - cy) / (b * grow + 1)) ** 2 <= 1) & (
+            ((xs - cx) / (a + 1)) ** 2 + ((ys - cy) / (b + 1)) ** 2 > 1
+        )
         diff = hu[inner].mean() - hu[ring].mean()
         assert abs(diff) >= 10, (r["File_name"], r["Bounding_boxes"], diff)
         signs.append(np.sign(diff))
@@ -95,15 +100,19 @@ def test_sizes_spacings_and_slice_intervals_in_their_ranges(dataset):
         assert long_px <= np.hypot(x2 - x1, y2 - y1) + 1e-6
         assert max(x2 - x1, y2 - y1) <= long_px + 0.5
         recist = floats(r["Measurement_coordinates"])
-        assert np.hypot(recist[2] - recist[0], recist[3] - recist[1]) == pytest.approx(long_px,
-                                                                                       abs=0.01)
+        assert np.hypot(recist[2] - recist[0], recist[3] - recist[1]) == pytest.approx(
+            long_px, abs=0.01
+        )
 
 
 def test_splits_disjoint_by_patient_and_types_as_deeplesion(dataset):
     _, summary, rows = dataset
     patients = {s: {r["Patient_index"] for r in rows if r["Train_Val_Test"] == s} for s in "123"}
-    assert not (patients["1"] & patients["2"] or patients["1"] & patients["3"]
-                or patients["2"] & patients["3"])
+    assert not (
+        patients["1"] & patients["2"]
+        or patients["1"] & patients["3"]
+        or patients["2"] & patients["3"]
+    )
     # 8 patients, val 10 % and test 25 %: one and two patients
     assert [summary["splits"][s]["patients"] for s in ("train", "val", "test")] == [5, 1, 2]
     for r in rows:
@@ -119,8 +128,11 @@ def test_mimics_are_present_and_not_annotated(dataset):
     pat = min(int(r["Patient_index"]) for r in rows if r["Train_Val_Test"] == "1")
     rng = np.random.default_rng([KW["seed"], 7003, pat])
     ser = make_series(rng, SIZE, KW["slices_per_series"], (3, 6), [])
-    assert {k + 1 for k in ser["keys"]} <= {int(r["Key_slice_index"]) - int(floats(
-        r["Slice_range"])[0]) + 1 for r in rows if r["Patient_index"] == str(pat)}
+    assert {k + 1 for k in ser["keys"]} <= {
+        int(r["Key_slice_index"]) - int(floats(r["Slice_range"])[0]) + 1
+        for r in rows
+        if r["Patient_index"] == str(pat)
+    }
     outside = 0
     for k, secs in ser["keys"].items():
         boxes = [s["box"] for _, s in secs]
@@ -147,8 +159,9 @@ def test_same_seed_same_bytes_other_seed_differs(tmp_path):
     assert files(a) == files(b)
     match, mismatch, errors = filecmp.cmpfiles(a, b, files(a), shallow=False)
     assert not mismatch and not errors and len(match) == len(files(a))
-    assert not filecmp.cmp(os.path.join(a, "DL_info.csv"), os.path.join(c, "DL_info.csv"),
-                           shallow=False)
+    assert not filecmp.cmp(
+        os.path.join(a, "DL_info.csv"), os.path.join(c, "DL_info.csv"), shallow=False
+    )
 
 
 _CHILD = """
@@ -166,12 +179,20 @@ print(json.dumps(out))
 def test_names_registered_and_generated_on_first_use(tmp_path):
     datasets = tmp_path / "datasets"
     env = dict(os.environ, DETECTRON2_DATASETS=str(datasets), OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-c", _CHILD], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", _CHILD],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     loaded = json.loads(proc.stdout.strip().splitlines()[-1])
-    for name, generator, seed in (("synthetic_v2", "deeplesion_v2", 0),
-                                  ("synthetic_seed7", "deeplesion", 7)):
+    for name, generator, seed in (
+        ("synthetic_v2", "deeplesion_v2", 0),
+        ("synthetic_seed7", "deeplesion", 7),
+    ):
         with open(datasets / name / ".complete.json", encoding="utf-8") as f:
             marker = json.load(f)
         assert marker["generator"] == generator and marker["options"]["seed"] == seed

@@ -1,4 +1,5 @@
 """Tiny end to end run: synthetic DeepLesion-format data -> train_net.py train -> --eval-only."""
+
 import json
 import os
 import subprocess
@@ -15,16 +16,25 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def tiny_set(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("e2e") / "synthetic")
-    generate_deeplesion(root, num_patients=8, slices_per_series=(8, 10), keys_per_series=(1, 2),
-                        image_size=64, seed=3)
+    generate_deeplesion(
+        root,
+        num_patients=8,
+        slices_per_series=(8, 10),
+        keys_per_series=(1, 2),
+        image_size=64,
+        seed=3,
+    )
     register_deeplesion(root, prefix="e2e")
     return root
 
 
 def test_prepare_deeplesion_checker_runs(tiny_set):
-    out = subprocess.run([sys.executable, os.path.join(REPO, "datasets/prepare_deeplesion.py"),
-                          "--root", tiny_set],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, os.path.join(REPO, "datasets/prepare_deeplesion.py"), "--root", tiny_set],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert "0 missing key slices" in out and "test :" in out
 
 
@@ -33,12 +43,29 @@ def test_train_then_eval_only(tiny_set, tmp_path):
 
     import train_net
 
-    common = ["DATASETS.TRAIN", "('e2e_train',)", "DATASETS.TEST", "('e2e_test',)",
-              "OUTPUT_DIR", str(tmp_path),
-              "INPUT.MAX_IMAGE_SIZE", "96", "SOLVER.IMS_PER_BATCH", "2", "SOLVER.MAX_ITER", "4",
-              "SOLVER.WARMUP_ITERS", "1", "SOLVER.STEPS", "(3,)", "SOLVER.CHECKPOINT_PERIOD", "100"]
+    common = [
+        "DATASETS.TRAIN",
+        "('e2e_train',)",
+        "DATASETS.TEST",
+        "('e2e_test',)",
+        "OUTPUT_DIR",
+        str(tmp_path),
+        "INPUT.MAX_IMAGE_SIZE",
+        "96",
+        "SOLVER.IMS_PER_BATCH",
+        "2",
+        "SOLVER.MAX_ITER",
+        "4",
+        "SOLVER.WARMUP_ITERS",
+        "1",
+        "SOLVER.STEPS",
+        "(3,)",
+        "SOLVER.CHECKPOINT_PERIOD",
+        "100",
+    ]
     args = default_argument_parser().parse_args(
-        ["--config-file", os.path.join(REPO, "configs/quickstart/fpn.yaml")] + common)
+        ["--config-file", os.path.join(REPO, "configs/quickstart/fpn.yaml")] + common
+    )
     train_net.main(args)
     weights = tmp_path / "model_final.pth"
     assert weights.exists()
@@ -49,7 +76,9 @@ def test_train_then_eval_only(tiny_set, tmp_path):
 
     args = default_argument_parser().parse_args(
         ["--config-file", os.path.join(REPO, "configs/quickstart/fpn.yaml"), "--eval-only"]
-        + common + ["MODEL.WEIGHTS", str(weights)])
+        + common
+        + ["MODEL.WEIGHTS", str(weights)]
+    )
     res = train_net.main(args)
     lesion = res["lesion"]
     for key in ("sens@0.5_iou", "sens@8_iobb", "mean_sens_iou", "AP", "AP50", "num_images"):

@@ -4,6 +4,7 @@ are several processes (CPU included), the training loop SOLVER.AMP names (bfloat
 through AtomicCheckpointer. The 2-process DDP case is in test_reliability_distributed.py, the
 resume of the optimizer state in test_reliability_resume.py.
 """
+
 import os
 import socket
 import subprocess
@@ -24,14 +25,20 @@ from reliability_helpers import build_cfg, tiny_opts, write_tiny_deeplesion
 
 PREFIX = "trainer_build"
 # detectron2 v0.6's DefaultTrainer.build_hooks, main process, PreciseBN off.
-DEFAULT_HOOKS = [hooks.IterationTimer, hooks.LRScheduler, hooks.PeriodicCheckpointer,
-                 hooks.EvalHook, hooks.PeriodicWriter]
+DEFAULT_HOOKS = [
+    hooks.IterationTimer,
+    hooks.LRScheduler,
+    hooks.PeriodicCheckpointer,
+    hooks.EvalHook,
+    hooks.PeriodicWriter,
+]
 
 
 @pytest.fixture(scope="module")
 def tiny_set(tmp_path_factory):
-    root = write_tiny_deeplesion(str(tmp_path_factory.mktemp(PREFIX) / "data"), num_train=2,
-                                 num_test=1)
+    root = write_tiny_deeplesion(
+        str(tmp_path_factory.mktemp(PREFIX) / "data"), num_train=2, num_test=1
+    )
     register_deeplesion(root, prefix=PREFIX)
     return root
 
@@ -41,8 +48,9 @@ def _cfg(out_dir, max_iter=2, **extra):
 
 
 def test_hooks_are_default_trainers_in_its_order(tiny_set, tmp_path):
-    trainer = ElixirTrainer(_cfg(tmp_path, **{"TEST.EVAL_PERIOD": 5,
-                                              "SOLVER.CHECKPOINT_PERIOD": 3}))
+    trainer = ElixirTrainer(
+        _cfg(tmp_path, **{"TEST.EVAL_PERIOD": 5, "SOLVER.CHECKPOINT_PERIOD": 3})
+    )
     assert [type(h) for h in trainer._hooks] == DEFAULT_HOOKS
     _, _, periodic, evaluation, writer = trainer._hooks
     assert periodic.period == 3 and evaluation._period == 5 and writer._period == 20
@@ -52,10 +60,12 @@ def test_hooks_are_default_trainers_in_its_order(tiny_set, tmp_path):
 
 def test_precise_bn_comes_before_the_checkpointer(tiny_set, tmp_path):
     # PreciseBN updates the BN statistics the checkpoint then saves: it must run first.
-    trainer = ElixirTrainer(_cfg(tmp_path, **{"TEST.PRECISE_BN.ENABLED": True,
-                                              "MODEL.RESNETS.NORM": "BN"}))
-    assert [type(h) for h in trainer._hooks] == DEFAULT_HOOKS[:2] + [hooks.PreciseBN] + \
-        DEFAULT_HOOKS[2:]
+    trainer = ElixirTrainer(
+        _cfg(tmp_path, **{"TEST.PRECISE_BN.ENABLED": True, "MODEL.RESNETS.NORM": "BN"})
+    )
+    assert [type(h) for h in trainer._hooks] == DEFAULT_HOOKS[:2] + [
+        hooks.PreciseBN
+    ] + DEFAULT_HOOKS[2:]
 
 
 def test_one_process_trains_the_bare_model(tiny_set, tmp_path):
@@ -68,10 +78,14 @@ def test_one_process_trains_the_bare_model(tiny_set, tmp_path):
     assert stepped == {id(p) for p in trainer.model.parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize("amp,loop", [({}, SimpleTrainer),
-                                      ({"SOLVER.AMP.ENABLED": True,
-                                        "SOLVER.AMP.PRECISION": "bfloat16"}, AutocastTrainer)],
-                         ids=["float32", "bfloat16"])
+@pytest.mark.parametrize(
+    "amp,loop",
+    [
+        ({}, SimpleTrainer),
+        ({"SOLVER.AMP.ENABLED": True, "SOLVER.AMP.PRECISION": "bfloat16"}, AutocastTrainer),
+    ],
+    ids=["float32", "bfloat16"],
+)
 def test_the_training_loop_follows_solver_amp(tiny_set, tmp_path, amp, loop):
     trainer = ElixirTrainer(_cfg(tmp_path, **amp))
     assert type(trainer._trainer) is loop
@@ -103,7 +117,10 @@ def test_training_saves_through_the_atomic_checkpointer(tiny_set, tmp_path):
 
     assert not stale.exists()
     assert sorted(p.name for p in out.glob("*.pth")) == [
-        "model_0000000.pth", "model_0000001.pth", "model_final.pth"]
+        "model_0000000.pth",
+        "model_0000001.pth",
+        "model_final.pth",
+    ]
     assert not [p for p in out.iterdir() if p.name.startswith(".tmp_")]
     assert (out / "last_checkpoint").read_text(encoding="utf-8").strip() == "model_final.pth"
     ckpt = torch.load(out / "model_final.pth", weights_only=True)

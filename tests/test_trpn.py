@@ -3,6 +3,7 @@
 Expected values are built here independently: anchors from the anchor formula (centre at
 location * stride, w = sqrt(S^2 / r), h = r * w), focal loss from its closed form.
 """
+
 import math
 
 import pytest
@@ -31,8 +32,9 @@ IMG = 64  # image side: P2..P6 maps are 16, 8, 4, 2, 1 locations wide
 CH = 8
 
 
-def _cfg(threshold=-1.0, loc_weight=1.0, levels=FPN_LEVELS, sizes=None, gate="p",
-         positives="foreground"):
+def _cfg(
+    threshold=-1.0, loc_weight=1.0, levels=FPN_LEVELS, sizes=None, gate="p", positives="foreground"
+):
     """TRPN config; the literal equation-1 gate and matched-anchor positives unless asked."""
     cfg = get_cfg()
     add_elixirnet_config(cfg)
@@ -138,8 +140,12 @@ def _constructed_p(n, seed):
 def test_proposals_are_exactly_the_anchors_of_kept_locations(training, threshold):
     cfg = _cfg(threshold=threshold)
     cfg.MODEL.RPN.NMS_THRESH = 1.0  # keeps every distinct box
-    for key in ("PRE_NMS_TOPK_TRAIN", "PRE_NMS_TOPK_TEST", "POST_NMS_TOPK_TRAIN",
-                "POST_NMS_TOPK_TEST"):
+    for key in (
+        "PRE_NMS_TOPK_TRAIN",
+        "PRE_NMS_TOPK_TEST",
+        "POST_NMS_TOPK_TRAIN",
+        "POST_NMS_TOPK_TEST",
+    ):
         cfg.MODEL.RPN[key] = 100000
     trpn = _fpn_trpn(cfg)
     n = 2
@@ -194,8 +200,9 @@ def test_topk_is_taken_among_kept_candidates_only():
     assert torch.allclose(
         got.objectness_logits, torch.tensor([c[0] for c in candidates]), atol=1e-6
     )
-    assert torch.allclose(got.proposal_boxes.tensor, torch.tensor([c[1] for c in candidates]),
-                          atol=1e-4)
+    assert torch.allclose(
+        got.proposal_boxes.tensor, torch.tensor([c[1] for c in candidates]), atol=1e-4
+    )
 
 
 def test_truncated_fraction_logged_and_constant_map_keeps_all():
@@ -278,11 +285,14 @@ def _focal_closed_form(z, positive, alpha=0.25, gamma=2.0):
     return -(1 - alpha) * p**gamma * math.log(1 - p)
 
 
-@pytest.mark.parametrize("weight,centres", [
-    (0.0, [(32, 32)]),
-    (1.0, [(32, 32)]),  # 1 positive location < 682 / 200: normalised by 3.41
-    (2.5, [(16, 16), (16, 48), (48, 16), (48, 48)]),  # 4 positives > 3.41: normalised by 4
-])
+@pytest.mark.parametrize(
+    "weight,centres",
+    [
+        (0.0, [(32, 32)]),
+        (1.0, [(32, 32)]),  # 1 positive location < 682 / 200: normalised by 3.41
+        (2.5, [(16, 16), (16, 48), (48, 16), (48, 48)]),  # 4 positives > 3.41: normalised by 4
+    ],
+)
 def test_focal_loss_on_p(weight, centres):
     trpn = _fpn_trpn(_cfg(loc_weight=weight)).train()
     z = -1.5  # constant confidence logit everywhere
@@ -471,14 +481,17 @@ def test_not_background_positives_are_locations_with_an_anchor_above_the_negativ
     neg_thresh = trpn.anchor_matcher.thresholds[1]
     num_pos = sum(
         any(_iou(a, box) >= neg_thresh for a in _unclipped_anchors(lvl, i, j))
-        for lvl, s in enumerate(FPN_STRIDES) for i in range(IMG // s) for j in range(IMG // s)
+        for lvl, s in enumerate(FPN_STRIDES)
+        for i in range(IMG // s)
+        for j in range(IMG // s)
     )
     assert num_pos > 1  # more than the single best-matching location
     with EventStorage():
         _, losses = trpn(_images(2), _fpn_features(2), [_gt([box]), _gt([])])
     locations = 2 * sum((IMG // s) ** 2 for s in FPN_STRIDES)
-    expected = (num_pos * _focal_closed_form(z, True)
-                + (locations - num_pos) * _focal_closed_form(z, False))
+    expected = num_pos * _focal_closed_form(z, True) + (locations - num_pos) * _focal_closed_form(
+        z, False
+    )
     expected /= max(num_pos, locations / 200)
     assert losses["loss_trpn_conf"].item() == pytest.approx(expected, rel=1e-4)
 
@@ -520,8 +533,14 @@ def _gather_after_reference(trpn, scores, deltas, keep_maps, image_sizes, traini
         all_a = a.tensor[None].expand(n, -1, -1).reshape(-1, 4)
         boxes.append(trpn.box2box_transform.apply_deltas(d, all_a).view(n, -1, 4))
     out = find_top_rpn_proposals(
-        boxes, logits, image_sizes, trpn.nms_thresh, trpn.pre_nms_topk[training],
-        trpn.post_nms_topk[training], trpn.min_box_size, training,
+        boxes,
+        logits,
+        image_sizes,
+        trpn.nms_thresh,
+        trpn.pre_nms_topk[training],
+        trpn.post_nms_topk[training],
+        trpn.min_box_size,
+        training,
     )
     return [r[r.objectness_logits > sentinel] for r in out]
 
@@ -541,10 +560,12 @@ def test_truncating_before_topk_equals_gathering_after(training, threshold):
     trpn.conf_head = _MapsByShape([torch.logit(x) for x in p])
     sizes = [(IMG, IMG), (IMG, 52)]  # image 1: the right columns of P2-P4 are padding
     keep_maps = [
-        torch.stack([
-            _reference_keep(x[i, 0], threshold, (math.ceil(h / s), math.ceil(w / s)))
-            for i, (h, w) in enumerate(sizes)
-        ])
+        torch.stack(
+            [
+                _reference_keep(x[i, 0], threshold, (math.ceil(h / s), math.ceil(w / s)))
+                for i, (h, w) in enumerate(sizes)
+            ]
+        )
         for x, s in zip(p, FPN_STRIDES)
     ]
     g = torch.Generator().manual_seed(7)
@@ -560,8 +581,9 @@ def test_truncating_before_topk_equals_gathering_after(training, threshold):
     for g_img, w_img in zip(got, want):
         assert 0 < len(w_img) and len(g_img) == len(w_img)
         assert torch.equal(g_img.objectness_logits, w_img.objectness_logits)
-        assert torch.allclose(g_img.proposal_boxes.tensor, w_img.proposal_boxes.tensor,
-                              rtol=1e-6, atol=1e-5)
+        assert torch.allclose(
+            g_img.proposal_boxes.tensor, w_img.proposal_boxes.tensor, rtol=1e-6, atol=1e-5
+        )
         assert (g_img.objectness_logits < 10).all()  # nothing from a truncated location
 
 
@@ -575,8 +597,9 @@ def test_nothing_truncated_proposes_what_rpn_proposes():
     trpn = _fpn_trpn(cfg).eval()
     nn.init.zeros_(trpn.conf_head.weight)
     cfg.MODEL.PROPOSAL_GENERATOR.NAME = "RPN"
-    rpn = build_proposal_generator(cfg, {f: ShapeSpec(channels=CH, stride=s)
-                                         for f, s in zip(FPN_LEVELS, FPN_STRIDES)}).eval()
+    rpn = build_proposal_generator(
+        cfg, {f: ShapeSpec(channels=CH, stride=s) for f, s in zip(FPN_LEVELS, FPN_STRIDES)}
+    ).eval()
     rpn.rpn_head.load_state_dict(trpn.rpn_head.state_dict())
     images, feats = _images(2, [(IMG, IMG), (48, IMG)]), _fpn_features(2, seed=8)
     with torch.no_grad():
@@ -584,8 +607,9 @@ def test_nothing_truncated_proposes_what_rpn_proposes():
         want, _ = rpn(images, feats)
     for g_img, w_img in zip(got, want):
         assert torch.equal(g_img.objectness_logits, w_img.objectness_logits)
-        assert torch.allclose(g_img.proposal_boxes.tensor, w_img.proposal_boxes.tensor,
-                              rtol=1e-6, atol=1e-5)
+        assert torch.allclose(
+            g_img.proposal_boxes.tensor, w_img.proposal_boxes.tensor, rtol=1e-6, atol=1e-5
+        )
 
 
 @pytest.mark.parametrize("gate", ["p", "max_norm", "none"])
@@ -597,8 +621,9 @@ def test_rpn_losses_are_detectron2_rpn_losses_on_the_gated_features(gate):
     trpn.conf_head = _MapsByShape([torch.logit(x) for x in p])
     cfg = _cfg(gate=gate)
     cfg.MODEL.PROPOSAL_GENERATOR.NAME = "RPN"
-    rpn = build_proposal_generator(cfg, {f: ShapeSpec(channels=CH, stride=s)
-                                         for f, s in zip(FPN_LEVELS, FPN_STRIDES)}).train()
+    rpn = build_proposal_generator(
+        cfg, {f: ShapeSpec(channels=CH, stride=s) for f, s in zip(FPN_LEVELS, FPN_STRIDES)}
+    ).train()
     rpn.rpn_head.load_state_dict(trpn.rpn_head.state_dict())
     feats = _fpn_features(2, seed=10)
     gated = {}
@@ -624,8 +649,12 @@ def test_checkpoint_keys_unchanged():
     """Saved TRPN models load by these names (conf_head + detectron2's rpn_head)."""
     keys = set(_fpn_trpn(_cfg()).state_dict())
     assert keys == {
-        "conf_head.weight", "conf_head.bias",
-        "rpn_head.conv.weight", "rpn_head.conv.bias",
-        "rpn_head.objectness_logits.weight", "rpn_head.objectness_logits.bias",
-        "rpn_head.anchor_deltas.weight", "rpn_head.anchor_deltas.bias",
+        "conf_head.weight",
+        "conf_head.bias",
+        "rpn_head.conv.weight",
+        "rpn_head.conv.bias",
+        "rpn_head.objectness_logits.weight",
+        "rpn_head.objectness_logits.bias",
+        "rpn_head.anchor_deltas.weight",
+        "rpn_head.anchor_deltas.bias",
     }

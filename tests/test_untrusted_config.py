@@ -1,5 +1,6 @@
 """Every config read in the repository goes through the safe loader (issue 17 point 2): a YAML
 with a Python tag runs nothing from the benchmark scripts, and no script calls merge_from_file."""
+
 import os
 import runpy
 import sys
@@ -14,13 +15,16 @@ QUICKSTART = os.path.join(REPO, "configs", "quickstart", "fpn.yaml")
 def _evil(tmp_path):
     marker = tmp_path / "ran"
     path = tmp_path / "evil.yaml"
-    path.write_text(f'_BASE_: "{QUICKSTART}"\nSEED: !!python/object/apply:os.system ["touch '
-                    f'{marker}"]\n', encoding="utf-8")
+    path.write_text(
+        f'_BASE_: "{QUICKSTART}"\nSEED: !!python/object/apply:os.system ["touch {marker}"]\n',
+        encoding="utf-8",
+    )
     return str(path), marker
 
 
-@pytest.mark.parametrize("script, flag",
-                         [("predict_speed.py", "--config-file"), ("trpn_speed.py", "--config")])
+@pytest.mark.parametrize(
+    "script, flag", [("predict_speed.py", "--config-file"), ("trpn_speed.py", "--config")]
+)
 def test_benchmark_scripts_do_not_run_yaml_code(tmp_path, monkeypatch, script, flag):
     path, marker = _evil(tmp_path)
     monkeypatch.setattr(sys, "argv", [script, flag, path])
@@ -42,7 +46,8 @@ def test_no_merge_from_file_outside_the_safe_loader():
                 path = os.path.join(root, f)
                 with open(path, encoding="utf-8", errors="replace") as fh:
                     for i, line in enumerate(fh, 1):
-                        if ("merge_from_file(" in line and os.path.relpath(path, REPO)
-                                != os.path.join("elixir_d2", "config.py")):
+                        if "merge_from_file(" in line and os.path.relpath(
+                            path, REPO
+                        ) != os.path.join("elixir_d2", "config.py"):
                             hits.append(f"{os.path.relpath(path, REPO)}:{i}")
     assert not hits, f"config read without the safe loader elixir_d2.load_config: {hits}"

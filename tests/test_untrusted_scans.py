@@ -1,6 +1,7 @@
 """predict_net.py on folders it did not make (issue 17 points 1, 3, 4, 5, 8): crafted names stay
 inside --output, a 0-spacing DICOM series and a gzip bomb are refused before allocation, one bad
 case fails alone, inputs are named relative to --input or anonymised, outputs are never stale."""
+
 import errno
 import gzip
 import json
@@ -25,8 +26,13 @@ from test_predict_net import FixedModel, quickstart_cfg
 
 def run(inp, out, model=None, cfg=None, **opts):
     opts = dict(dict(progress=False, overlays="all"), **opts)
-    return run_prediction(cfg or quickstart_cfg(), str(inp), str(out), PredictOptions(**opts),
-                          model=model or FixedModel())
+    return run_prediction(
+        cfg or quickstart_cfg(),
+        str(inp),
+        str(out),
+        PredictOptions(**opts),
+        model=model or FixedModel(),
+    )
 
 
 def files_under(root):
@@ -37,8 +43,14 @@ def files_under(root):
 def test_crafted_names_stay_inside_output_and_stay_distinct(tmp_path):
     scans = tmp_path / "work" / "scans"
     (scans / "sub").mkdir(parents=True)
-    names = {"...nii.gz": 3, "..nii": 4, "a.nii.gz": 5, "a_2.nii.gz": 6, "sub/a.nii.gz": 7,
-             "summary.json.nii.gz": 8}
+    names = {
+        "...nii.gz": 3,
+        "..nii": 4,
+        "a.nii.gz": 5,
+        "a_2.nii.gz": 6,
+        "sub/a.nii.gz": 7,
+        "summary.json.nii.gz": 8,
+    }
     for name, slices in names.items():
         write_nifti(scans / name, phantom(slices=slices), spacing=(0.8, 0.8, 2.0))
     out = tmp_path / "work" / "out"
@@ -61,7 +73,15 @@ def test_crafted_names_stay_inside_output_and_stay_distinct(tmp_path):
 
 def test_case_ids_by_hand():
     assert unique_case_ids(["..", ".", "a b", "a_b", "A", "a", "x" * 100, "coco_results.json"]) == [
-        "case~1", "case~2", "a_b~1", "a_b~2", "A~1", "a~2", "x" * 80, "coco_results.json~1"]
+        "case~1",
+        "case~2",
+        "a_b~1",
+        "a_b~2",
+        "A~1",
+        "a~2",
+        "x" * 80,
+        "coco_results.json~1",
+    ]
 
 
 def test_output_paths_that_resolve_outside_are_refused(tmp_path):
@@ -71,8 +91,9 @@ def test_output_paths_that_resolve_outside_are_refused(tmp_path):
     for parts in (("..", "x"), ("a/../../x",), ("link", "x"), (".",)):
         with pytest.raises(UnsafeOutputError, match="outside the output folder"):
             out.path(*parts)
-    assert out.path("case~1", "detections.json") == str(tmp_path / "out" / "case~1"
-                                                        / "detections.json")
+    assert out.path("case~1", "detections.json") == str(
+        tmp_path / "out" / "case~1" / "detections.json"
+    )
 
 
 # ----------------------------------------------------------------------------- 3: DICOM spacing
@@ -89,9 +110,11 @@ def test_dicom_pixel_spacing_zero_is_refused_naming_the_series(tmp_path):
         open(path, "wb").write(bytes(data))
         patched += 1
     assert patched == 4
-    with pytest.raises(CTInputError,
-                       match=r"series_z: DICOM series 'series_z' has PixelSpacing '0\\\\0' \(in "
-                             r"IM0000\.dcm and 3 more file\(s\)\): pixel spacing must be positive"):
+    with pytest.raises(
+        CTInputError,
+        match=r"series_z: DICOM series 'series_z' has PixelSpacing '0\\\\0' \(in "
+        r"IM0000\.dcm and 3 more file\(s\)\): pixel spacing must be positive",
+    ):
         read_dicom_series(folder, "z")
 
 
@@ -106,9 +129,11 @@ def test_gzip_bomb_is_refused_from_its_header_before_allocation(tmp_path, monkey
     bomb = _bomb(tmp_path / "bomb.nii.gz")
     assert os.path.getsize(bomb) < 16 * 1024
     monkeypatch.setattr(sitk.ImageFileReader, "Execute", lambda self: pytest.fail("volume read"))
-    with pytest.raises(CTInputError,
-                       match=r"bomb\.nii\.gz: 128 x 128 x 128 = 2,097,152 voxels exceeds the "
-                             r"limit of 1,000,000 \(predict_net\.py --max-voxels N raises it\)"):
+    with pytest.raises(
+        CTInputError,
+        match=r"bomb\.nii\.gz: 128 x 128 x 128 = 2,097,152 voxels exceeds the "
+        r"limit of 1,000,000 \(predict_net\.py --max-voxels N raises it\)",
+    ):
         read_nifti(bomb, "bomb", max_voxels=1_000_000)
     # A header declaring 2048^3 voxels over the same few KB: refused at the default cap.
     with gzip.open(bomb) as f:
@@ -116,8 +141,9 @@ def test_gzip_bomb_is_refused_from_its_header_before_allocation(tmp_path, monkey
     raw[40:56] = np.array([3, 2048, 2048, 2048, 1, 1, 1, 1], "<i2").tobytes()
     big = tmp_path / "big.nii.gz"
     big.write_bytes(gzip.compress(bytes(raw)))
-    with pytest.raises(CTInputError,
-                       match=r"big\.nii\.gz: 2048 x 2048 x 2048 = 8,589,934,592 voxels exceeds"):
+    with pytest.raises(
+        CTInputError, match=r"big\.nii\.gz: 2048 x 2048 x 2048 = 8,589,934,592 voxels exceeds"
+    ):
         read_nifti(str(big), "big")
 
 
@@ -141,8 +167,15 @@ def test_one_failed_case_is_reported_and_the_folder_completes(tmp_path, monkeypa
     failed = {f["case"]: f["error"] for f in s["failed"]}
     assert set(failed) == {"bomb", "oom"} and failed["oom"] == "MemoryError"
     assert failed["bomb"].startswith("bomb.nii.gz: 128 x 128 x 128 = 2,097,152 voxels exceeds")
-    assert sorted(os.listdir(out)) == ["coco_images.json", "coco_results.json", "detections.csv",
-                                       "findings.csv", "good", "index.html", "summary.json"]
+    assert sorted(os.listdir(out)) == [
+        "coco_images.json",
+        "coco_results.json",
+        "detections.csv",
+        "findings.csv",
+        "good",
+        "index.html",
+        "summary.json",
+    ]
     # header + 2 per slice
     assert len(open(out / "detections.csv", encoding="utf-8").read().splitlines()) == 1 + 3 * 2
 
@@ -150,8 +183,11 @@ def test_one_failed_case_is_reported_and_the_folder_completes(tmp_path, monkeypa
 def test_lps_reorientation_by_slabs_equals_dicomorient():
     rng = np.random.default_rng(0)
     arr = rng.integers(-1000, 1000, size=(5, 6, 7)).astype(np.int16)
-    for direction in ([0, 0, -1, 1, 0, 0, 0, -1, 0], [-1, 0, 0, 0, 1, 0, 0, 0, -1],
-                      [0.955, -0.296, 0, 0.296, 0.955, 0, 0, 0, 1]):
+    for direction in (
+        [0, 0, -1, 1, 0, 0, 0, -1, 0],
+        [-1, 0, 0, 0, 1, 0, 0, 0, -1],
+        [0.955, -0.296, 0, 0.296, 0.955, 0, 0, 0, 1],
+    ):
         img = sitk.GetImageFromArray(arr)
         img.SetSpacing((0.7, 0.8, 2.5))
         img.SetOrigin((1.0, -2.0, 3.0))
@@ -170,14 +206,31 @@ def test_relation_graphs_are_drawn_slice_by_slice(tmp_path, monkeypatch):
     model = build_model(cfg).eval()
     events = []
     model.register_forward_hook(lambda *a: events.append("forward"))
-    monkeypatch.setattr(case_step, "draw_relation_graph",
-                        lambda grey, props, e, path, **kw: events.append(
-                            ("draw", os.path.basename(path), e.shape == (len(props), len(props)))))
+    monkeypatch.setattr(
+        case_step,
+        "draw_relation_graph",
+        lambda grey, props, e, path, **kw: events.append(
+            ("draw", os.path.basename(path), e.shape == (len(props), len(props)))
+        ),
+    )
     vol = write_nifti(tmp_path / "v.nii.gz", phantom(slices=3, size=64), spacing=(1.0, 1.0, 5.0))
-    run(vol, tmp_path / "out", model=model, cfg=cfg, batch_size=1, draw_relations=True,
-        overlays="none")
-    assert events == ["forward", ("draw", "slice_000.png", True), "forward",
-                      ("draw", "slice_001.png", True), "forward", ("draw", "slice_002.png", True)]
+    run(
+        vol,
+        tmp_path / "out",
+        model=model,
+        cfg=cfg,
+        batch_size=1,
+        draw_relations=True,
+        overlays="none",
+    )
+    assert events == [
+        "forward",
+        ("draw", "slice_000.png", True),
+        "forward",
+        ("draw", "slice_001.png", True),
+        "forward",
+        ("draw", "slice_002.png", True),
+    ]
 
 
 # ----------------------------------------------------------------------------- 5: names
@@ -190,11 +243,13 @@ def test_outputs_name_inputs_relative_to_input(tmp_path):
     out = tmp_path / "out"
     s = run(scans, out)
     assert s["failed"][0]["path"] == os.path.join("sub", "broken.nii.gz")
-    assert s["failed"][0]["error"].startswith(os.path.join("sub", "broken.nii.gz") + ": unreadable "
-                                                                                     "NIfTI")
+    assert s["failed"][0]["error"].startswith(
+        os.path.join("sub", "broken.nii.gz") + ": unreadable NIfTI"
+    )
     assert s["ignored"] == ["notes.txt"]
     assert json.load(open(out / "good" / "detections.json", encoding="utf-8"))["warnings"] == [
-        "good.nii.gz: non-square pixels (0.8 x 0.9 mm); resampled by the x spacing as in training"]
+        "good.nii.gz: non-square pixels (0.8 x 0.9 mm); resampled by the x spacing as in training"
+    ]
     for path in files_under(out):
         assert str(tmp_path).encode() not in (out / path).read_bytes(), path
 
@@ -208,11 +263,13 @@ def test_anonymized_ids_and_a_separate_mapping(tmp_path):
     with pytest.raises(OutputNotEmptyError, match="outside --output"):
         run(scans, out, anonymize_ids=str(out / "ids.csv"))
     s = run(scans, out, anonymize_ids=str(tmp_path / "private" / "ids.csv"))
-    assert ([c["case"] for c in s["cases"]] == ["case_0002"]
-            and s["failed"][0]["case"] == "case_0001")
+    assert [c["case"] for c in s["cases"]] == ["case_0002"] and s["failed"][0][
+        "case"
+    ] == "case_0001"
     assert s["failed"][0]["error"].startswith("case_0001: unreadable NIfTI")
     assert open(tmp_path / "private" / "ids.csv", encoding="utf-8").read() == (
-        "case_id,input\ncase_0001,Doe_Jane/Doe_Jane_0001.nii.gz\ncase_0002,Smith_John.nii.gz\n")
+        "case_id,input\ncase_0001,Doe_Jane/Doe_Jane_0001.nii.gz\ncase_0002,Smith_John.nii.gz\n"
+    )
     for path in files_under(out):
         data = (out / path).read_bytes()
         assert b"Smith" not in data and b"Doe" not in data and b"Jane" not in data, path
@@ -231,11 +288,19 @@ def test_non_empty_output_needs_overwrite_which_clears_only_the_runs_files(tmp_p
     with pytest.raises(OutputNotEmptyError, match=r"is not empty .* pass --overwrite"):
         run(b, out)
     run(b, out, overwrite=True)
-    assert sorted(os.listdir(out)) == ["coco_images.json", "coco_results.json", "detections.csv",
-                                       "findings.csv", "index.html", "my_notes.txt", "second",
-                                       "summary.json"]
-    assert sorted(os.listdir(out / "second" / "overlays")) == [f"slice_{i:03d}.png"
-                                                               for i in range(3)]
+    assert sorted(os.listdir(out)) == [
+        "coco_images.json",
+        "coco_results.json",
+        "detections.csv",
+        "findings.csv",
+        "index.html",
+        "my_notes.txt",
+        "second",
+        "summary.json",
+    ]
+    assert sorted(os.listdir(out / "second" / "overlays")) == [
+        f"slice_{i:03d}.png" for i in range(3)
+    ]
 
 
 def test_a_failed_case_write_leaves_no_partial_folder(tmp_path, monkeypatch):
@@ -256,7 +321,13 @@ def test_a_failed_case_write_leaves_no_partial_folder(tmp_path, monkeypatch):
     out = tmp_path / "out"
     s = run(scans, out)
     assert [f["case"] for f in s["failed"]] == ["c1"] and "No space left" in s["failed"][0]["error"]
-    assert sorted(os.listdir(out)) == ["c2", "coco_images.json", "coco_results.json",
-                                       "detections.csv", "findings.csv", "index.html",
-                                       "summary.json"]
+    assert sorted(os.listdir(out)) == [
+        "c2",
+        "coco_images.json",
+        "coco_results.json",
+        "detections.csv",
+        "findings.csv",
+        "index.html",
+        "summary.json",
+    ]
     assert json.load(open(out / "summary.json", encoding="utf-8"))["cases"][0]["case"] == "c2"

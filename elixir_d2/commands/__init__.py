@@ -1,5 +1,6 @@
 """The code of the entry scripts train_net.py (``commands.train``) and search_net.py
 (``commands.search``), importable by projects/ and the tests; the scripts only call ``cli``."""
+
 from __future__ import annotations
 
 import argparse
@@ -10,9 +11,12 @@ from ..launch import launch
 __all__ = ["run_command"]
 
 
-def run_command(parser: argparse.ArgumentParser, check_inputs: Callable[[argparse.Namespace], Any],
-                main: Callable[[argparse.Namespace], Any],
-                argv: Optional[Sequence[str]] = None) -> None:
+def run_command(
+    parser: argparse.ArgumentParser,
+    check_inputs: Callable[[argparse.Namespace], Any],
+    main: Callable[[argparse.Namespace], Any],
+    argv: Optional[Sequence[str]] = None,
+) -> None:
     """Parse ``argv``, check the inputs in this process (one-line errors, exit code 2), then run
     ``main(args)`` under the launcher (--num-gpus processes a machine, --num-machines,
     --dist-url)."""

@@ -1,5 +1,6 @@
 """What train_net.py runs: the config set-up, the input checks, training or evaluation in one
 process (``main``) and the command line under detectron2's launcher (``cli``)."""
+
 from __future__ import annotations
 
 import argparse
@@ -44,9 +45,11 @@ def check_inputs(args: argparse.Namespace) -> CfgNode:
     if resuming:  # checked here, before workers start: the tag must name a file in OUTPUT_DIR
         last_checkpoint_target(cfg.OUTPUT_DIR)
     if not resuming:  # a resumed run reads OUTPUT_DIR's checkpoint, not MODEL.WEIGHTS
-        require_file(cfg.MODEL.WEIGHTS, "weights file MODEL.WEIGHTS",
-                     "give a checkpoint written by train_net.py, or MODEL.WEIGHTS '' to start from "
-                     "scratch")
+        require_file(
+            cfg.MODEL.WEIGHTS,
+            "weights file MODEL.WEIGHTS",
+            "give a checkpoint written by train_net.py, or MODEL.WEIGHTS '' to start from scratch",
+        )
     # One call owns the genotype: with --eval-only a config naming none takes MODEL.WEIGHTS'.
     resolve_genotype_config(cfg, checkpoint=cfg.MODEL.WEIGHTS if args.eval_only else None)
     if not args.eval_only:
@@ -65,7 +68,8 @@ def main(args: argparse.Namespace) -> Any:
     if args.eval_only:
         model = Trainer.build_model(cfg)
         AtomicCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
-            cfg.MODEL.WEIGHTS, resume=args.resume)
+            cfg.MODEL.WEIGHTS, resume=args.resume
+        )
         res = Trainer.test(cfg, model)
         verify_results(cfg, res)
         return res

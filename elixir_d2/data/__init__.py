@@ -8,6 +8,7 @@ same generator, seed 7) and prefix ``synthetic_v2`` from ``synthetic_v2/`` (the 
 generator ``python -m elixir_d2.data.synthetic_v2``, seed 0), both also generated on first use;
 kits19_{train,test} from ``kits19/``.
 """
+
 import os
 
 from .ct_mapper import CTDatasetMapper
@@ -25,15 +26,29 @@ def register_all(root: str) -> None:
     """Register every dataset this project knows under ``root`` (lazy: nothing is read yet)."""
     register_deeplesion(os.path.join(root, "DeepLesion"), prefix="deeplesion")
     # (folder and prefix, generator, seed): the tuned-on set, a fresh seed, a second generator
-    for name, kind, seed in (("synthetic", "deeplesion", 0), ("synthetic_seed7", "deeplesion", 7),
-                             ("synthetic_v2", "deeplesion_v2", 0)):
+    for name, kind, seed in (
+        ("synthetic", "deeplesion", 0),
+        ("synthetic_seed7", "deeplesion", 7),
+        ("synthetic_v2", "deeplesion_v2", 0),
+    ):
         folder = os.path.join(root, name)
-        register_deeplesion(folder, prefix=name,
-                            prepare=lambda f=folder, k=kind, s=seed: ensure_synthetic(f, k, seed=s))
+        register_deeplesion(
+            folder,
+            prefix=name,
+            prepare=lambda f=folder, k=kind, s=seed: ensure_synthetic(f, k, seed=s),
+        )
     register_kits19(os.path.join(root, "kits19"), prefix="kits19")
 
 
 register_all(datasets_root())
 
-__all__ = ["CTDatasetMapper", "load_deeplesion_dicts", "register_deeplesion", "register_all",
-           "datasets_root", "load_kits19_dicts", "register_kits19", "ensure_synthetic"]
+__all__ = [
+    "CTDatasetMapper",
+    "load_deeplesion_dicts",
+    "register_deeplesion",
+    "register_all",
+    "datasets_root",
+    "load_kits19_dicts",
+    "register_kits19",
+    "ensure_synthetic",
+]

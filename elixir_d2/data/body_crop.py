@@ -7,6 +7,7 @@ returns predictions in) and names the box ``body_crop``; the model's postprocess
 (:class:`elixir_d2.modeling.meta_arch.BodyCropRCNN`) undoes the crop, so predictions come back
 in slice pixels.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -47,5 +48,9 @@ def body_box(
     x1 = (body[:, cv2.CC_STAT_LEFT] + body[:, cv2.CC_STAT_WIDTH]).max()
     y1 = (body[:, cv2.CC_STAT_TOP] + body[:, cv2.CC_STAT_HEIGHT]).max()
     h, w = hu.shape
-    return (int(max(0, x0 - margin_px)), int(max(0, y0 - margin_px)),
-            int(min(w, x1 + margin_px)), int(min(h, y1 + margin_px)))
+    return (
+        int(max(0, x0 - margin_px)),
+        int(max(0, y0 - margin_px)),
+        int(min(w, x1 + margin_px)),
+        int(min(h, y1 + margin_px)),
+    )

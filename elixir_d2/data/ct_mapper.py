@@ -1,4 +1,5 @@
 """CTDatasetMapper: a key slice and its neighbours -> windowed, spacing-normalised model input."""
+
 from __future__ import annotations
 
 import copy
@@ -36,8 +37,9 @@ class CTSliceError(ValueError):
 def _png_header(path: str, head: bytes) -> Tuple[int, int, int, int]:
     """(width, height, bit depth, color type) from a PNG's signature and IHDR chunk."""
     if len(head) < 26 or head[:8] != _PNG_SIGNATURE or head[12:16] != b"IHDR":
-        raise CTSliceError(f"cannot read CT slice {path}: not a PNG file (DeepLesion-format slices "
-                           "are 16-bit PNG)")
+        raise CTSliceError(
+            f"cannot read CT slice {path}: not a PNG file (DeepLesion-format slices are 16-bit PNG)"
+        )
     width, height = int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
     return width, height, head[24], head[25]
 
@@ -74,11 +76,15 @@ def read_hu_slice(path: str) -> np.ndarray:
     width, height, depth, color = _png_header(path, data[:26])
     if color != 0 or depth != 16:
         mode = "1" if (color, depth) == (0, 1) else _PNG_MODES.get(color, f"color type {color}")
-        raise CTSliceError(f"{path}: expected a 16-bit grayscale PNG (HU + {HU_OFFSET}), got mode "
-                           f"{mode!r} ({depth}-bit)")
+        raise CTSliceError(
+            f"{path}: expected a 16-bit grayscale PNG (HU + {HU_OFFSET}), got mode "
+            f"{mode!r} ({depth}-bit)"
+        )
     if not (0 < width <= MAX_SLICE_SIDE and 0 < height <= MAX_SLICE_SIDE):
-        raise CTSliceError(f"cannot read CT slice {path}: {width} x {height} pixels (at most "
-                           f"{MAX_SLICE_SIDE} a side)")
+        raise CTSliceError(
+            f"cannot read CT slice {path}: {width} x {height} pixels (at most "
+            f"{MAX_SLICE_SIDE} a side)"
+        )
     img = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
     if img is None or img.dtype != np.uint16 or img.shape != (height, width):
         raise CTSliceError(f"cannot read CT slice {path}: corrupt or truncated PNG data")
@@ -120,8 +126,9 @@ class SliceStack:
                 self._cache[idx] = read_hu_slice(f"{self.slice_dir}/{idx:03d}.png")
             except FileNotFoundError:
                 if idx == self.key:
-                    raise FileNotFoundError("key slice missing: "
-                                            f"{self.slice_dir}/{idx:03d}.png") from None
+                    raise FileNotFoundError(
+                        f"key slice missing: {self.slice_dir}/{idx:03d}.png"
+                    ) from None
                 return None
         return self._cache[idx]
 
@@ -155,13 +162,18 @@ class CVResizeTransform(T.ResizeTransform):
             return super().apply_image(img, interp)
         assert img.shape[:2] == (self.h, self.w)
         # cv2.resize takes at most 512 channels and drops a trailing channel axis of size 1.
-        out = cv2.resize(np.ascontiguousarray(img), (self.new_w, self.new_h),
-                         interpolation=cv2.INTER_LINEAR)
+        out = cv2.resize(
+            np.ascontiguousarray(img), (self.new_w, self.new_h), interpolation=cv2.INTER_LINEAR
+        )
         return out.reshape(self.new_h, self.new_w, img.shape[2])
 
 
 def choose_crop(
-    height: int, width: int, crop_size: int, boxes: np.ndarray, lesion_prob: float,
+    height: int,
+    width: int,
+    crop_size: int,
+    boxes: np.ndarray,
+    lesion_prob: float,
     rng: np.random.RandomState,
 ) -> Tuple[int, int, int, int]:
     """A training crop ``(x0, y0, w, h)`` of at most ``crop_size`` px a side.
@@ -200,7 +212,8 @@ def check_body_crop_model(cfg) -> None:
     raise UserInputError(
         f"INPUT.BODY_CROP.ENABLED needs MODEL.META_ARCHITECTURE BodyCropRCNN, which maps "
         f"detections back from the crop to the slice; got {name!r}. Checkpoints of "
-        "GeneralizedRCNN load in it unchanged: add MODEL.META_ARCHITECTURE BodyCropRCNN")
+        "GeneralizedRCNN load in it unchanged: add MODEL.META_ARCHITECTURE BodyCropRCNN"
+    )
 
 
 class CTDatasetMapper:
@@ -282,18 +295,23 @@ class CTDatasetMapper:
     def load_volume(self, record: Dict) -> Tuple[np.ndarray, int]:
         """HU stack (H, W, num_slices) for the record's key slice, and how many slices fell back."""
         if record.get("slice_intv", 0) <= 0:
-            raise ValueError(f"{record.get('file_name')}: slice interval must be positive, got "
-                             f"{record.get('slice_intv')}")
+            raise ValueError(
+                f"{record.get('file_name')}: slice interval must be positive, got "
+                f"{record.get('slice_intv')}"
+            )
         stack = SliceStack(record["slice_dir"], record["slice_idx"], record["slice_range"])
         channels = [stack.at_offset(o / record["slice_intv"]) for o in self.offsets_mm]
         shapes = {c.shape for c in channels}
         if len(shapes) != 1:
-            raise CTSliceError(f"{record['slice_dir']}: neighbour slices differ in size "
-                               f"{sorted(shapes)}")
+            raise CTSliceError(
+                f"{record['slice_dir']}: neighbour slices differ in size {sorted(shapes)}"
+            )
         if stack.fallbacks:
             self.fallback_slices += stack.fallbacks
-            logger.debug(f"{record['file_name']}: {stack.fallbacks} neighbour slice(s) fell back "
-                         "toward the key slice")
+            logger.debug(
+                f"{record['file_name']}: {stack.fallbacks} neighbour slice(s) fell back "
+                "toward the key slice"
+            )
         return np.stack(channels, axis=-1), stack.fallbacks
 
     def __call__(self, dataset_dict: Dict) -> Dict:
@@ -331,8 +349,9 @@ class CTDatasetMapper:
             record["instances"] = utils.filter_empty_instances(instances)
         return record
 
-    def crop_to_body(self, hu: np.ndarray, spacing: float, new_h: int, new_w: int
-                     ) -> Tuple[np.ndarray, int, int, Optional[Tuple[int, int, int, int]]]:
+    def crop_to_body(
+        self, hu: np.ndarray, spacing: float, new_h: int, new_w: int
+    ) -> Tuple[np.ndarray, int, int, Optional[Tuple[int, int, int, int]]]:
         """``hu`` (H, W, slices) cropped to the key slice's body (:func:`body_box`), with the
         output size that keeps the whole slice's scale ``new_h / H`` (the one training saw, not
         the crop's own cap), and the crop box in slice pixels; ``hu`` unchanged and None when
@@ -347,14 +366,16 @@ class CTDatasetMapper:
         crop_w = max(1, int(round((x1 - x0) * new_w / w)))
         return hu[y0:y1, x0:x1], crop_h, crop_w, box
 
-    def _crop_transform(self, annos: List[Dict], h: int, w: int, new_h: int,
-                        new_w: int) -> T.CropTransform:
+    def _crop_transform(
+        self, annos: List[Dict], h: int, w: int, new_h: int, new_w: int
+    ) -> T.CropTransform:
         """Training crop in resized coordinates (see :func:`choose_crop`)."""
         boxes = np.array(
             [BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS) for a in annos],
-            dtype=np.float64
+            dtype=np.float64,
         ).reshape(-1, 4)
         boxes *= np.array([new_w / w, new_h / h, new_w / w, new_h / h])
-        x0, y0, cw, ch = choose_crop(new_h, new_w, self.crop_size, boxes, self.crop_lesion_prob,
-                                     np.random)
+        x0, y0, cw, ch = choose_crop(
+            new_h, new_w, self.crop_size, boxes, self.crop_lesion_prob, np.random
+        )
         return T.CropTransform(x0, y0, cw, ch, orig_w=new_w, orig_h=new_h)

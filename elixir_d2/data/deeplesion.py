@@ -1,4 +1,5 @@
 """DeepLesion: DL_info.csv parsing, key-slice records, DatasetCatalog registration."""
+
 from __future__ import annotations
 
 import csv
@@ -65,8 +66,9 @@ def _floats(text: str, n: Optional[int], where: str) -> List[float]:
     try:
         values = [float(p) for p in parts]
     except ValueError:
-        raise DeepLesionFormatError(f"{where}: expected numbers separated by ',', got "
-                                    f"{text!r}") from None
+        raise DeepLesionFormatError(
+            f"{where}: expected numbers separated by ',', got {text!r}"
+        ) from None
     if n is not None and len(values) != n:
         raise DeepLesionFormatError(f"{where}: expected {n} values, got {len(values)} in {text!r}")
     if not all(math.isfinite(v) for v in values):
@@ -119,12 +121,14 @@ def parse_dl_info_row(row: Dict[str, str], where: str) -> Dict:
     # The reference code (3DCE) subtracts 1 from DL_info's boxes.
     box = [x1 - 1, y1 - 1, x2 - 1, y2 - 1]
     if not (box[2] > box[0] and box[3] > box[1]):
-        raise DeepLesionFormatError(f"{at('Bounding_boxes')}: empty or inverted box "
-                                    f"{col('Bounding_boxes')!r}")
+        raise DeepLesionFormatError(
+            f"{at('Bounding_boxes')}: empty or inverted box {col('Bounding_boxes')!r}"
+        )
     width, height = _floats(col("Image_size"), 2, at("Image_size"))
     if width < 1 or height < 1:
-        raise DeepLesionFormatError(f"{at('Image_size')}: expected a positive size, got "
-                                    f"{col('Image_size')!r}")
+        raise DeepLesionFormatError(
+            f"{at('Image_size')}: expected a positive size, got {col('Image_size')!r}"
+        )
     if box[0] >= width or box[1] >= height or box[2] <= 0 or box[3] <= 0:
         raise DeepLesionFormatError(
             f"{at('Bounding_boxes')}: box {col('Bounding_boxes')!r} lies outside the {width:g} x "
@@ -132,8 +136,9 @@ def parse_dl_info_row(row: Dict[str, str], where: str) -> Dict:
         )
     spacing = _floats(col("Spacing_mm_px_"), 3, at("Spacing_mm_px_"))
     if min(spacing) <= 0:
-        raise DeepLesionFormatError(f"{at('Spacing_mm_px_')}: spacing must be positive, got "
-                                    f"{spacing}")
+        raise DeepLesionFormatError(
+            f"{at('Spacing_mm_px_')}: spacing must be positive, got {spacing}"
+        )
     diam_px = _floats(col("Lesion_diameters_Pixel_"), 2, at("Lesion_diameters_Pixel_"))
     slice_range = _floats(col("Slice_range"), 2, at("Slice_range"))
     noisy = _int(col("Possibly_noisy"), at("Possibly_noisy"))
@@ -141,8 +146,9 @@ def parse_dl_info_row(row: Dict[str, str], where: str) -> Dict:
         raise DeepLesionFormatError(f"{at('Possibly_noisy')}: expected 0 or 1, got {noisy}")
     lesion_type = _int(col("Coarse_lesion_type"), at("Coarse_lesion_type"))
     if lesion_type != -1 and not 1 <= lesion_type <= len(LESION_TYPES):
-        raise DeepLesionFormatError(f"{at('Coarse_lesion_type')}: expected -1 or 1..8, got "
-                                    f"{lesion_type}")
+        raise DeepLesionFormatError(
+            f"{at('Coarse_lesion_type')}: expected -1 or 1..8, got {lesion_type}"
+        )
     split = _int(col("Train_Val_Test"), at("Train_Val_Test"))
     if split not in SPLITS.values():
         raise DeepLesionFormatError(f"{at('Train_Val_Test')}: expected 1, 2 or 3, got {split}")
@@ -186,20 +192,23 @@ def read_dl_info(csv_path: str) -> List[Dict]:
     except UnicodeDecodeError as e:
         raise DeepLesionFormatError(f"{csv_path}: not a text (UTF-8) file: {e}") from None
     if not text.strip():
-        raise DeepLesionFormatError(f"{csv_path}: empty file (expected a header row and one row "
-                                    "per lesion)")
+        raise DeepLesionFormatError(
+            f"{csv_path}: empty file (expected a header row and one row per lesion)"
+        )
     reader = csv.DictReader(io.StringIO(text))
     header = reader.fieldnames or []
     missing = [c for c in DL_INFO_COLUMNS if c not in header]
     if missing:
-        raise DeepLesionFormatError(f"{csv_path}: header lacks column(s) {missing} (header: "
-                                    f"{header})")
+        raise DeepLesionFormatError(
+            f"{csv_path}: header lacks column(s) {missing} (header: {header})"
+        )
     lesions = []
     for i, row in enumerate(reader):
         where = f"{csv_path}, row {i + 2}"  # row 1 is the header
         if None in row:  # more fields than the header has
-            raise DeepLesionFormatError(f"{where}: {len(header) + len(row[None])} fields, header "
-                                        f"has {len(header)}")
+            raise DeepLesionFormatError(
+                f"{where}: {len(header) + len(row[None])} fields, header has {len(header)}"
+            )
         lesions.append(parse_dl_info_row(row, where))
     if not lesions:
         raise DeepLesionFormatError(f"{csv_path}: a header but no lesion rows")
@@ -215,20 +224,26 @@ def load_deeplesion_dicts(root: str, split: str, typed: bool = False) -> List[Di
     if split not in SPLITS:
         raise ValueError(f"split must be one of {sorted(SPLITS)}, got {split!r}")
     if typed and split == "train":
-        raise ValueError("DeepLesion's train split has no lesion types: typed=True needs val or "
-                         "test")
+        raise ValueError(
+            "DeepLesion's train split has no lesion types: typed=True needs val or test"
+        )
     csv_path = os.path.join(root, "DL_info.csv")
     if not PathManager.exists(csv_path):
-        raise FileNotFoundError(f"DeepLesion annotations not found: {csv_path} (see "
-                                "datasets/README.md)")
+        raise FileNotFoundError(
+            f"DeepLesion annotations not found: {csv_path} (see datasets/README.md)"
+        )
     image_root = os.path.join(root, "Images_png")
     grouped: "OrderedDict[str, List[Dict]]" = OrderedDict()
     for lesion in read_dl_info(csv_path):
         if lesion["split"] == SPLITS[split]:
             grouped.setdefault(lesion["file_name"], []).append(lesion)
 
-    stats = {"key_slices": len(grouped), "missing_key_slice": 0, "untyped_lesion": 0,
-             "clipped_box": 0}
+    stats = {
+        "key_slices": len(grouped),
+        "missing_key_slice": 0,
+        "untyped_lesion": 0,
+        "clipped_box": 0,
+    }
     records = []
     for image_id, (file_name, lesions) in enumerate(sorted(grouped.items())):
         first = lesions[0]
@@ -287,8 +302,9 @@ def load_deeplesion_dicts(root: str, split: str, typed: bool = False) -> List[Di
     return records
 
 
-def register_deeplesion(root: str, prefix: str = "deeplesion",
-                        prepare: Optional[Callable[[], object]] = None) -> List[str]:
+def register_deeplesion(
+    root: str, prefix: str = "deeplesion", prepare: Optional[Callable[[], object]] = None
+) -> List[str]:
     """Register ``<prefix>_{train,val,test}`` and ``<prefix>_{val,test}_typed`` (lazily);
     ``prepare()`` runs before each load (e.g. to generate a missing synthetic set)."""
     from detectron2.data import DatasetCatalog, MetadataCatalog
@@ -300,7 +316,7 @@ def register_deeplesion(root: str, prefix: str = "deeplesion",
 
     names = []
     for split in SPLITS:
-        for typed in ((False, True) if split != "train" else (False,)):
+        for typed in (False, True) if split != "train" else (False,):
             name = f"{prefix}_{split}{'_typed' if typed else ''}"
             if name in DatasetCatalog.list():
                 continue

@@ -13,6 +13,7 @@ has them on the third voxel axis, SimpleITK's numpy axis 0. ``slice_axis="auto"`
 axis whose spacing differs from the two equal in-plane spacings (CT pixels are square), else the
 axis the direction matrix points most along the body (z).
 """
+
 from __future__ import annotations
 
 import json
@@ -86,7 +87,7 @@ def label_components(mask: np.ndarray) -> Tuple[np.ndarray, int]:
         root = runs.find(i)
         if root not in ids:
             ids[root] = len(ids) + 1
-        labels[rows[i], starts[i]:ends[i]] = ids[root]
+        labels[rows[i], starts[i] : ends[i]] = ids[root]
     return labels, len(ids)
 
 
@@ -116,9 +117,11 @@ def read_nifti_image(path: str, what: str = "NIfTI"):
     if truncated:
         raise KiTS19Error(f"cannot read {what} {path}: {truncated}")
     if img.GetDimension() != 3 or img.GetNumberOfComponentsPerPixel() != 1:
-        raise KiTS19Error(f"{what} {path}: expected a 3-D scalar volume, got dimension "
-                          f"{img.GetDimension()} with {img.GetNumberOfComponentsPerPixel()} "
-                          "component(s)")
+        raise KiTS19Error(
+            f"{what} {path}: expected a 3-D scalar volume, got dimension "
+            f"{img.GetDimension()} with {img.GetNumberOfComponentsPerPixel()} "
+            "component(s)"
+        )
     return img
 
 
@@ -165,11 +168,15 @@ def read_kits19_case(case_dir: str, slice_axis: Union[str, int] = "auto") -> Dic
     img = read_nifti_image(img_path, f"{name} imaging")
     seg = read_nifti_image(seg_path, f"{name} segmentation")
     if img.GetSize() != seg.GetSize():
-        raise KiTS19Error(f"{name}: image and mask shapes differ: {img_path} has size "
-                          f"{img.GetSize()}, {seg_path} has size {seg.GetSize()}")
+        raise KiTS19Error(
+            f"{name}: image and mask shapes differ: {img_path} has size "
+            f"{img.GetSize()}, {seg_path} has size {seg.GetSize()}"
+        )
     if not np.allclose(img.GetSpacing(), seg.GetSpacing(), rtol=1e-3):
-        raise KiTS19Error(f"{name}: image and mask spacings differ: {img.GetSpacing()} "
-                          f"({img_path}) vs {seg.GetSpacing()} ({seg_path})")
+        raise KiTS19Error(
+            f"{name}: image and mask spacings differ: {img.GetSpacing()} "
+            f"({img_path}) vs {seg.GetSpacing()} ({seg_path})"
+        )
     axis = slice_axis_of(img, slice_axis)
     order = _VIEW[axis]
     transpose = tuple(2 - a for a in order)
@@ -177,15 +184,23 @@ def read_kits19_case(case_dir: str, slice_axis: Union[str, int] = "auto") -> Dic
     seg_arr = np.transpose(sitk.GetArrayFromImage(seg), transpose)
     bad = np.setdiff1d(np.unique(seg_arr), [0, KIDNEY_LABEL, TUMOR_LABEL])
     if bad.size:
-        raise KiTS19Error(f"{seg_path}: labels must be 0 (background), 1 (kidney), 2 (tumour); "
-                          f"found {bad.tolist()}")
+        raise KiTS19Error(
+            f"{seg_path}: labels must be 0 (background), 1 (kidney), 2 (tumour); "
+            f"found {bad.tolist()}"
+        )
     sp = img.GetSpacing()
     row_sp, col_sp = sp[order[1]], sp[order[2]]
     if min(sp) <= 0:
         raise KiTS19Error(f"{img_path}: voxel spacing must be positive, got {sp}")
-    return {"name": name, "image": image, "seg": seg_arr.astype(np.uint8),
-            "spacing": 0.5 * (row_sp + col_sp),
-            "spacing_rc": (row_sp, col_sp), "slice_intv": float(sp[order[0]]), "slice_axis": axis}
+    return {
+        "name": name,
+        "image": image,
+        "seg": seg_arr.astype(np.uint8),
+        "spacing": 0.5 * (row_sp + col_sp),
+        "spacing_rc": (row_sp, col_sp),
+        "slice_intv": float(sp[order[0]]),
+        "slice_axis": axis,
+    }
 
 
 # ----------------------------------------------------------------------------- records
@@ -205,17 +220,33 @@ def _slice_records(case: Dict, slice_dir: str, file_of, slice_range: Tuple[int, 
         annotations = []
         for k, box in enumerate(component_boxes(seg[z] == TUMOR_LABEL)):
             w_mm, h_mm = (box[2] - box[0]) * col_sp, (box[3] - box[1]) * row_sp
-            annotations.append({"bbox": box, "bbox_mode": BoxMode.XYXY_ABS, "category_id": 0,
-                                "lesion_type": -1,
-                                "noisy": False, "diameter_mm": (max(w_mm, h_mm), min(w_mm, h_mm)),
-                                "lesion_idx": k})
-        records.append({
-            "file_name": file_of(z), "image_id": number * 10000 + z, "height": int(seg.shape[1]),
-            "width": int(seg.shape[2]), "slice_dir": slice_dir, "slice_idx": z,
-            "slice_range": slice_range,
-            "slice_intv": case["slice_intv"], "spacing": case["spacing"],
-            "hu_window": KIDNEY_HU_WINDOW, "case": f"{name}_{z:03d}", "annotations": annotations,
-        })
+            annotations.append(
+                {
+                    "bbox": box,
+                    "bbox_mode": BoxMode.XYXY_ABS,
+                    "category_id": 0,
+                    "lesion_type": -1,
+                    "noisy": False,
+                    "diameter_mm": (max(w_mm, h_mm), min(w_mm, h_mm)),
+                    "lesion_idx": k,
+                }
+            )
+        records.append(
+            {
+                "file_name": file_of(z),
+                "image_id": number * 10000 + z,
+                "height": int(seg.shape[1]),
+                "width": int(seg.shape[2]),
+                "slice_dir": slice_dir,
+                "slice_idx": z,
+                "slice_range": slice_range,
+                "slice_intv": case["slice_intv"],
+                "spacing": case["spacing"],
+                "hu_window": KIDNEY_HU_WINDOW,
+                "case": f"{name}_{z:03d}",
+                "annotations": annotations,
+            }
+        )
     return records
 
 
@@ -235,16 +266,20 @@ def find_cases(root: str) -> List[str]:
     base = os.path.join(root, "data") if PathManager.isdir(os.path.join(root, "data")) else root
     if not PathManager.isdir(base):
         raise FileNotFoundError(f"KiTS19 root not found: {root} (expected {root}/data/case_XXXXX/)")
-    names = sorted(n for n in PathManager.ls(base)
-                   if CASE_RE.match(n) and PathManager.isdir(os.path.join(base, n)))
+    names = sorted(
+        n
+        for n in PathManager.ls(base)
+        if CASE_RE.match(n) and PathManager.isdir(os.path.join(base, n))
+    )
     if not names:
         raise FileNotFoundError(f"no case_XXXXX folders under {base}")
     return [os.path.join(base, n) for n in names]
 
 
 # ----------------------------------------------------------------------------- split / catalog
-def split_cases(case_ids: Sequence[str], seed: int = 0,
-                train_frac: float = 0.8) -> Tuple[List[str], List[str]]:
+def split_cases(
+    case_ids: Sequence[str], seed: int = 0, train_frac: float = 0.8
+) -> Tuple[List[str], List[str]]:
     """Patient-level split: a seeded permutation of the sorted ids, ``train_frac`` to train."""
     if not 0.0 < train_frac < 1.0:
         raise ValueError(f"train_frac must be in (0, 1), got {train_frac}")
@@ -256,8 +291,9 @@ def split_cases(case_ids: Sequence[str], seed: int = 0,
     return sorted(ids[i] for i in perm[:n_train]), sorted(ids[i] for i in perm[n_train:])
 
 
-def load_kits19_dicts(cache_dir: str, split: str, seed: int = 0,
-                      train_frac: float = 0.8) -> List[Dict]:
+def load_kits19_dicts(
+    cache_dir: str, split: str, seed: int = 0, train_frac: float = 0.8
+) -> List[Dict]:
     """Records of the ``split`` ('train' / 'test') cases of a prepared cache, paths made
     absolute."""
     if split not in ("train", "test"):
@@ -266,14 +302,17 @@ def load_kits19_dicts(cache_dir: str, split: str, seed: int = 0,
     if not PathManager.exists(path):
         norm = os.path.normpath(cache_dir)
         root = os.path.dirname(norm) if os.path.basename(norm) == "cache" else "<kits19 root>"
-        raise FileNotFoundError(f"KiTS19 cache not found: {path}; run `python -m "
-                                f"elixir_d2.data.kits19 --root {root} --cache {cache_dir}` (see "
-                                "datasets/README.md)")
+        raise FileNotFoundError(
+            f"KiTS19 cache not found: {path}; run `python -m "
+            f"elixir_d2.data.kits19 --root {root} --cache {cache_dir}` (see "
+            "datasets/README.md)"
+        )
     with PathManager.open(path, "r", encoding="utf-8") as f:
         data = json.load(f)
     if data.get("version") != CACHE_VERSION or "records" not in data or "cases" not in data:
-        raise KiTS19Error(f"{path}: not a KiTS19 cache of version {CACHE_VERSION}; prepare it "
-                          "again")
+        raise KiTS19Error(
+            f"{path}: not a KiTS19 cache of version {CACHE_VERSION}; prepare it again"
+        )
     train, test = split_cases(data["cases"], seed, train_frac)
     keep = set(train if split == "train" else test)
     out = []
@@ -285,12 +324,14 @@ def load_kits19_dicts(cache_dir: str, split: str, seed: int = 0,
         r["slice_dir"] = os.path.join(cache_dir, r["slice_dir"])
         r["slice_range"] = tuple(r["slice_range"])
         r["hu_window"] = tuple(r["hu_window"])
-        r["annotations"] = [dict(a, bbox_mode=BoxMode(a["bbox_mode"]),
-                                 diameter_mm=tuple(a["diameter_mm"]))
-                            for a in r["annotations"]]
+        r["annotations"] = [
+            dict(a, bbox_mode=BoxMode(a["bbox_mode"]), diameter_mm=tuple(a["diameter_mm"]))
+            for a in r["annotations"]
+        ]
         out.append(r)
-    logger.info(f"Loaded {len(out)} tumour slices of KiTS19 {split} ({len(keep)} cases) from "
-                f"{cache_dir}")
+    logger.info(
+        f"Loaded {len(out)} tumour slices of KiTS19 {split} ({len(keep)} cases) from {cache_dir}"
+    )
     return out
 
 
@@ -308,8 +349,9 @@ def register_kits19(root_or_cache: str, prefix: str = "kits19") -> List[str]:
         if name in DatasetCatalog.list():
             continue
         DatasetCatalog.register(name, lambda c=cache, s=split: load_kits19_dicts(c, s))
-        MetadataCatalog.get(name).set(thing_classes=["lesion"], evaluator_type="lesion",
-                                      dataset_root=cache)
+        MetadataCatalog.get(name).set(
+            thing_classes=["lesion"], evaluator_type="lesion", dataset_root=cache
+        )
         names.append(name)
     return names
 

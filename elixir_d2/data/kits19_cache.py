@@ -1,5 +1,6 @@
 """KiTS19 slice cache: every case's slices as 16-bit PNG (HU + 32768) + records.json, so training
 never decodes NIfTI (see :mod:`elixir_d2.data.kits19`)."""
+
 from __future__ import annotations
 
 import argparse
@@ -81,8 +82,9 @@ def _cached_records(out_dir: str, stamp: Dict) -> Optional[List[Dict]]:
         return None
 
 
-def _prepare_case(case_dir: str, cache_dir: str, slice_axis,
-                  margin_mm: Optional[float]) -> Tuple[List[Dict], bool]:
+def _prepare_case(
+    case_dir: str, cache_dir: str, slice_axis, margin_mm: Optional[float]
+) -> Tuple[List[Dict], bool]:
     """Cache one case's slices + its records (relative to ``cache_dir``); reuse a matching cache.
 
     The case is written into a temporary folder with case.json (the completion marker: source
@@ -90,8 +92,9 @@ def _prepare_case(case_dir: str, cache_dir: str, slice_axis,
     """
     name = os.path.basename(os.path.normpath(case_dir))
     out_dir = os.path.join(cache_dir, name)
-    stamp = _source_stamp(case_dir, {"version": CACHE_VERSION, "slice_axis": slice_axis,
-                                     "margin_mm": margin_mm})
+    stamp = _source_stamp(
+        case_dir, {"version": CACHE_VERSION, "slice_axis": slice_axis, "margin_mm": margin_mm}
+    )
     records = _cached_records(out_dir, stamp)
     if records is not None:
         return records, False
@@ -114,19 +117,31 @@ def _prepare_case(case_dir: str, cache_dir: str, slice_axis,
         for r in recs:  # JSON-friendly: BoxMode as its int value
             for a in r["annotations"]:
                 a["bbox_mode"] = int(a["bbox_mode"])
-        atomic_write_json(os.path.join(tmp, "case.json"), {
-            "stamp": stamp, "slice_axis": case["slice_axis"], "num_slices": n, "pngs": pngs,
-            "records": recs})
+        atomic_write_json(
+            os.path.join(tmp, "case.json"),
+            {
+                "stamp": stamp,
+                "slice_axis": case["slice_axis"],
+                "num_slices": n,
+                "pngs": pngs,
+                "records": recs,
+            },
+        )
         return {"records": recs}
 
     records = build_dir_atomically(out_dir, build, None)["records"]  # case.json is the marker
-    logger.info(f"KiTS19 {name}: cached slices {first}..{last} of {n}, {len(records)} tumour "
-                "slices")
+    logger.info(
+        f"KiTS19 {name}: cached slices {first}..{last} of {n}, {len(records)} tumour slices"
+    )
     return records, True
 
 
-def prepare_kits19(root: str, cache_dir: str, slice_axis: Union[str, int] = "auto",
-                   margin_mm: Optional[float] = None) -> Dict:
+def prepare_kits19(
+    root: str,
+    cache_dir: str,
+    slice_axis: Union[str, int] = "auto",
+    margin_mm: Optional[float] = None,
+) -> Dict:
     """Cache every case under ``root`` into ``cache_dir`` (PNG slices + records.json); idempotent.
 
     ``margin_mm`` caches only slices within that distance of the case's tumour slices (default:
@@ -149,27 +164,38 @@ def prepare_kits19(root: str, cache_dir: str, slice_axis: Union[str, int] = "aut
             if not records:
                 no_tumour.append(names[-1])
             all_records.extend(records)
-        atomic_write_json(os.path.join(cache_dir, RECORDS_FILE),
-                          {"version": CACHE_VERSION, "source": root, "cases": names,
-                           "records": all_records})
+        atomic_write_json(
+            os.path.join(cache_dir, RECORDS_FILE),
+            {"version": CACHE_VERSION, "source": root, "cases": names, "records": all_records},
+        )
     if no_tumour:
         logger.warning(f"KiTS19: {len(no_tumour)} case(s) without tumour (no records): {no_tumour}")
-    return {"cases": len(names), "decoded": decoded, "tumour_slices": len(all_records),
-            "boxes": sum(len(r["annotations"]) for r in all_records),
-            "cases_without_tumour": no_tumour}
+    return {
+        "cases": len(names),
+        "decoded": decoded,
+        "tumour_slices": len(all_records),
+        "boxes": sum(len(r["annotations"]) for r in all_records),
+        "cases_without_tumour": no_tumour,
+    }
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict:
     parser = argparse.ArgumentParser(description="Cache KiTS19 slices as 16-bit PNG + records.json")
-    parser.add_argument("--root", default=None,
-                        help="KiTS19 root holding data/case_XXXXX/ (default: "
-                             "$DETECTRON2_DATASETS/kits19)")
+    parser.add_argument(
+        "--root",
+        default=None,
+        help="KiTS19 root holding data/case_XXXXX/ (default: $DETECTRON2_DATASETS/kits19)",
+    )
     parser.add_argument("--cache", default=None, help="cache folder (default: <root>/cache)")
-    parser.add_argument("--slice-axis", default="auto",
-                        help="voxel axis of the slices: auto, 0, 1 or 2")
-    parser.add_argument("--margin-mm", type=float, default=None,
-                        help="cache only slices within this distance of tumour slices (default: "
-                             "all)")
+    parser.add_argument(
+        "--slice-axis", default="auto", help="voxel axis of the slices: auto, 0, 1 or 2"
+    )
+    parser.add_argument(
+        "--margin-mm",
+        type=float,
+        default=None,
+        help="cache only slices within this distance of tumour slices (default: all)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     axis = args.slice_axis if args.slice_axis == "auto" else int(args.slice_axis)

@@ -2,6 +2,7 @@
 and fills the missing voxels with zeros, and its NIfTI reader turns NaN / infinite float voxels
 into 0, so the readers (kits19.read_nifti_image, inference.volume_io.read_nifti) check the voxel
 data against the header, and count non-finite voxels, in the file itself first."""
+
 from __future__ import annotations
 
 import gzip
@@ -95,8 +96,12 @@ class _Scan:
         if len(self.hdr) < 540:
             self.hdr += chunk[: 540 - len(self.hdr)]
             self.layout = _layout(self.hdr)
-            if (self.count_non_finite and self.counter is None and self.layout is not None
-                    and self.layout.dtype):
+            if (
+                self.count_non_finite
+                and self.counter is None
+                and self.layout is not None
+                and self.layout.dtype
+            ):
                 self.counter = _NonFinite(self.layout.start, self.layout.end, self.layout.dtype)
         if self.counter is not None:
             self.counter.feed(chunk)
@@ -131,7 +136,7 @@ def nifti_scan(path: str, count_non_finite: bool = True) -> Tuple[Optional[str],
         gzipped = f.read(2) == b"\x1f\x8b"
     scan = _Scan(count_non_finite)
     try:
-        with (gzip.open(local, "rb") if gzipped else open(local, "rb")) as f:
+        with gzip.open(local, "rb") if gzipped else open(local, "rb") as f:
             _read(f, scan, gzipped)
     except EOFError:
         return "the gzip stream ends before its end marker (truncated file)", 0, 0
@@ -141,7 +146,16 @@ def nifti_scan(path: str, count_non_finite: bool = True) -> Tuple[Optional[str],
         return f"corrupt gzip stream ({e})", 0, 0
     layout = scan.layout if scan.layout is not None else _layout(scan.hdr)
     if layout is not None and scan.present < layout.end:
-        return (f"{scan.present} bytes of header and voxels where the header declares "
-                f"{layout.end} (truncated file)"), 0, 0
-    return (None, scan.counter.count if scan.counter is not None else 0,
-            layout.voxels if layout is not None else 0)
+        return (
+            (
+                f"{scan.present} bytes of header and voxels where the header declares "
+                f"{layout.end} (truncated file)"
+            ),
+            0,
+            0,
+        )
+    return (
+        None,
+        scan.counter.count if scan.counter is not None else 0,
+        layout.voxels if layout is not None else 0,
+    )

@@ -8,6 +8,7 @@ lesions of 3-30 mm in the organ their type names, and lesion-like distractors (v
 the slices, calcified spots, bowel loops, gallbladder, ribs). ``--format kits19`` writes
 ``data/case_XXXXX/{imaging,segmentation}.nii.gz`` with kidneys and tumours instead.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,10 +54,26 @@ SPACING_MM_AT_192 = (1.6, 2.2)
 REGIONS = {"chest": (0.2, 0.45), "abdomen": (0.45, 0.7), "pelvis": (0.7, 0.92)}  # normalised body z
 REGION_PROB = {"chest": 0.4, "abdomen": 0.45, "pelvis": 0.15}
 # Coarse_lesion_type (1-based, LESION_TYPES order) -> host labels, long-diameter range (mm), weight.
-TYPE_HOSTS = {1: (BONE,), 2: (VISCERAL_FAT,), 3: (MEDIASTINAL_FAT,), 4: (LIVER,), 5: (LUNG,),
-              6: (KIDNEY,), 7: (SUBCUT_FAT, MUSCLE), 8: (VISCERAL_FAT,)}
-TYPE_SIZE_MM = {1: (5, 22), 2: (8, 30), 3: (8, 28), 4: (5, 30), 5: (3, 30), 6: (6, 28), 7: (6, 30),
-                8: (8, 30)}
+TYPE_HOSTS = {
+    1: (BONE,),
+    2: (VISCERAL_FAT,),
+    3: (MEDIASTINAL_FAT,),
+    4: (LIVER,),
+    5: (LUNG,),
+    6: (KIDNEY,),
+    7: (SUBCUT_FAT, MUSCLE),
+    8: (VISCERAL_FAT,),
+}
+TYPE_SIZE_MM = {
+    1: (5, 22),
+    2: (8, 30),
+    3: (8, 28),
+    4: (5, 30),
+    5: (3, 30),
+    6: (6, 28),
+    7: (6, 30),
+    8: (8, 30),
+}
 TYPE_WEIGHT = {1: 0.07, 2: 0.17, 3: 0.14, 4: 0.14, 5: 0.2, 6: 0.1, 7: 0.06, 8: 0.12}
 REGION_TYPES = {"chest": (5, 3, 7, 1), "abdomen": (4, 6, 2, 7, 1), "pelvis": (8, 7, 1)}
 MIN_CONTRAST_HU = 50.0  # lesion HU kept at least this far from the mean of the tissue it replaces
@@ -101,8 +118,13 @@ class LesionPlacer:
     def host_pixels(self, lesion_type: int) -> np.ndarray:
         return np.flatnonzero(np.isin(self.canvas.label, TYPE_HOSTS[lesion_type]))
 
-    def place(self, lesion_type: int, existing: Sequence[Blob], tries: int = 30,
-              accept: Optional[Callable[[Blob], bool]] = None) -> Optional[Blob]:
+    def place(
+        self,
+        lesion_type: int,
+        existing: Sequence[Blob],
+        tries: int = 30,
+        accept: Optional[Callable[[Blob], bool]] = None,
+    ) -> Optional[Blob]:
         rng, cv = self.rng, self.canvas
         hosts = TYPE_HOSTS[lesion_type]
         pixels = self.host_pixels(lesion_type)
@@ -178,8 +200,9 @@ def _write_png(arr: np.ndarray, path: str) -> None:
         f.write(buf.getvalue())
 
 
-def _split_of_patients(num_patients: int, rng: np.random.Generator, val_frac: float,
-                       test_frac: float) -> List[int]:
+def _split_of_patients(
+    num_patients: int, rng: np.random.Generator, val_frac: float, test_frac: float
+) -> List[int]:
     """Train_Val_Test (1/2/3) per patient, a seeded ~70/15/15 split with every split non-empty."""
     if num_patients < 3:
         raise ValueError(f"num_patients must be >= 3 (one per split), got {num_patients}")
@@ -191,7 +214,7 @@ def _split_of_patients(num_patients: int, rng: np.random.Generator, val_frac: fl
     perm = rng.permutation(num_patients)
     for i in perm[:n_val]:
         split[i] = 2
-    for i in perm[n_val:n_val + n_test]:
+    for i in perm[n_val : n_val + n_test]:
         split[i] = 3
     return split
 
@@ -204,8 +227,11 @@ def _annotated_on(blob: Blob, z: float) -> bool:
 
 def _fits(blob: Blob, lesions: List[Blob], keys: List[int], z_mm: List[float]) -> bool:
     """At most MAX_LESIONS_PER_KEY annotated lesions on any key slice with ``blob`` added."""
-    return all(sum(_annotated_on(o, z_mm[j]) for o in lesions) < MAX_LESIONS_PER_KEY
-               for j in keys if _annotated_on(blob, z_mm[j]))
+    return all(
+        sum(_annotated_on(o, z_mm[j]) for o in lesions) < MAX_LESIONS_PER_KEY
+        for j in keys
+        if _annotated_on(blob, z_mm[j])
+    )
 
 
 def _lesion_type(rng: np.random.Generator, usable: List[int], pending_types: List[int]) -> int:
@@ -217,14 +243,20 @@ def _lesion_type(rng: np.random.Generator, usable: List[int], pending_types: Lis
     return int(rng.choice(usable, p=w / w.sum()))
 
 
-def _series(pat_rng: np.random.Generator, image_size: int, slices_per_series: Tuple[int, int],
-            keys_per_series: Tuple[int, int], pending_types: List[int]) -> Dict:
+def _series(
+    pat_rng: np.random.Generator,
+    image_size: int,
+    slices_per_series: Tuple[int, int],
+    keys_per_series: Tuple[int, int],
+    pending_types: List[int],
+) -> Dict:
     """One series: geometry, anatomy + lesions (3-D), key slices and the lesions annotated on
     each."""
     rng = pat_rng
     if pending_types:
-        region = next(r for r in ("abdomen", "chest", "pelvis")
-                      if pending_types[0] in REGION_TYPES[r])
+        region = next(
+            r for r in ("abdomen", "chest", "pelvis") if pending_types[0] in REGION_TYPES[r]
+        )
     else:
         region = str(rng.choice(list(REGION_PROB), p=list(REGION_PROB.values())))
     spacing = _u(rng, *SPACING_MM_AT_192) * 192 / image_size
@@ -232,8 +264,9 @@ def _series(pat_rng: np.random.Generator, image_size: int, slices_per_series: Tu
     n = int(rng.integers(slices_per_series[0], slices_per_series[1] + 1))
     z_mm = [(k - (n - 1) / 2) * interval for k in range(n)]
     blobs, _ = build_anatomy(region, image_size * spacing, n * interval, rng)
-    keys = _pick_keys(n, interval, int(rng.integers(keys_per_series[0], keys_per_series[1] + 1)),
-                      rng)
+    keys = _pick_keys(
+        n, interval, int(rng.integers(keys_per_series[0], keys_per_series[1] + 1)), rng
+    )
     lesions: List[Blob] = []
     types: List[int] = []
     fits = partial(_fits, lesions=lesions, keys=keys, z_mm=z_mm)
@@ -243,8 +276,9 @@ def _series(pat_rng: np.random.Generator, image_size: int, slices_per_series: Tu
             canvas.paint(blob, z_mm[k])
         placer = LesionPlacer(canvas, z_mm[k], rng)
         wanted = int(rng.choice([1, 2, 3], p=[0.5, 0.33, 0.17]))
-        wanted = max(wanted, min(MAX_LESIONS_PER_KEY,
-                                 sum(t in REGION_TYPES[region] for t in pending_types)))
+        wanted = max(
+            wanted, min(MAX_LESIONS_PER_KEY, sum(t in REGION_TYPES[region] for t in pending_types))
+        )
         # lesions of earlier keys reaching this one
         placed = sum(_annotated_on(o, z_mm[k]) for o in lesions)
         for _ in range(wanted + 3):
@@ -266,12 +300,28 @@ def _series(pat_rng: np.random.Generator, image_size: int, slices_per_series: Tu
         rows = [i for i, les in enumerate(lesions) if _annotated_on(les, z_mm[k])]
         if rows:
             annotated[k] = rows
-    return {"region": region, "spacing": spacing, "interval": interval, "n": n, "z_mm": z_mm,
-            "blobs": blobs, "lesions": lesions, "types": types, "keys": annotated}
+    return {
+        "region": region,
+        "spacing": spacing,
+        "interval": interval,
+        "n": n,
+        "z_mm": z_mm,
+        "blobs": blobs,
+        "lesions": lesions,
+        "types": types,
+        "keys": annotated,
+    }
 
 
-def _lesion_row(les: Blob, lesion_type: int, z: float, sp: float, size: int, noisy: bool,
-                rng: np.random.Generator) -> Dict[str, str]:
+def _lesion_row(
+    les: Blob,
+    lesion_type: int,
+    z: float,
+    sp: float,
+    size: int,
+    noisy: bool,
+    rng: np.random.Generator,
+) -> Dict[str, str]:
     """Geometry columns of one DL_info row: RECIST, box (both written +1 as DL_info is),
     diameters."""
     cx_mm, cy_mm, a, b = les.section(z)
@@ -279,23 +329,42 @@ def _lesion_row(les: Blob, lesion_type: int, z: float, sp: float, size: int, noi
     a, b = a / sp, b / sp
     if noisy:  # a possibly-noisy annotation: shifted off the lesion by 20-40 % of its size
         ang = _u(rng, 0, 2 * math.pi)
-        cx, cy = (cx + _u(rng, 0.4, 0.8) * a * math.cos(ang),
-                  cy + _u(rng, 0.4, 0.8) * a * math.sin(ang))
+        cx, cy = (
+            cx + _u(rng, 0.4, 0.8) * a * math.cos(ang),
+            cy + _u(rng, 0.4, 0.8) * a * math.sin(ang),
+        )
     c, s = math.cos(les.theta), math.sin(les.theta)
-    recist = [cx - a * c, cy - a * s, cx + a * c, cy + a * s, cx + b * s, cy - b * c, cx - b * s,
-              cy + b * c]
+    recist = [
+        cx - a * c,
+        cy - a * s,
+        cx + a * c,
+        cy + a * s,
+        cx + b * s,
+        cy - b * c,
+        cx - b * s,
+        cy + b * c,
+    ]
     box = ellipse_box(cx, cy, a, b, les.theta)
-    return {"Measurement_coordinates": _fmt([v + 1 for v in recist]),
-            "Bounding_boxes": _fmt([v + 1 for v in box]),
-            "Lesion_diameters_Pixel_": _fmt([2 * a, 2 * b])}
+    return {
+        "Measurement_coordinates": _fmt([v + 1 for v in recist]),
+        "Bounding_boxes": _fmt([v + 1 for v in box]),
+        "Lesion_diameters_Pixel_": _fmt([2 * a, 2 * b]),
+    }
 
 
-def write_deeplesion(out_dir: str, *, num_patients: int = DEFAULT_PATIENTS,
-                     slices_per_series: Tuple[int, int] = (12, 20),
-                     keys_per_series: Tuple[int, int] = (3, 6),
-                     image_size: int = 192, seed: int = 0, val_frac: float = 0.1,
-                     test_frac: float = 0.25, noise_hu: Tuple[float, float] = (10, 20),
-                     noisy_fraction: float = NOISY_FRACTION) -> Dict:
+def write_deeplesion(
+    out_dir: str,
+    *,
+    num_patients: int = DEFAULT_PATIENTS,
+    slices_per_series: Tuple[int, int] = (12, 20),
+    keys_per_series: Tuple[int, int] = (3, 6),
+    image_size: int = 192,
+    seed: int = 0,
+    val_frac: float = 0.1,
+    test_frac: float = 0.25,
+    noise_hu: Tuple[float, float] = (10, 20),
+    noisy_fraction: float = NOISY_FRACTION,
+) -> Dict:
     """Write a DeepLesion-format data set into ``out_dir`` in place (use
     :func:`generate_deeplesion`, which takes the same options and makes the set appear whole or not
     at all); returns (and writes) a summary.
@@ -307,23 +376,38 @@ def write_deeplesion(out_dir: str, *, num_patients: int = DEFAULT_PATIENTS,
     if image_size < 64:
         raise ValueError(f"image_size must be >= 64 pixels, got {image_size}")
     if not 5 <= slices_per_series[0] <= slices_per_series[1] <= 900:
-        raise ValueError("slices_per_series must be (lo, hi) with 5 <= lo <= hi <= 900, got "
-                         f"{slices_per_series}")
+        raise ValueError(
+            f"slices_per_series must be (lo, hi) with 5 <= lo <= hi <= 900, got {slices_per_series}"
+        )
     if not 1 <= keys_per_series[0] <= keys_per_series[1]:
-        raise ValueError("keys_per_series must be (lo, hi) with 1 <= lo <= hi, got "
-                         f"{keys_per_series}")
-    split_of = _split_of_patients(num_patients, np.random.default_rng([seed, 0]), val_frac,
-                                  test_frac)
+        raise ValueError(
+            f"keys_per_series must be (lo, hi) with 1 <= lo <= hi, got {keys_per_series}"
+        )
+    split_of = _split_of_patients(
+        num_patients, np.random.default_rng([seed, 0]), val_frac, test_frac
+    )
     pending = {s: [] for s in (1, 2, 3)}
     for s in (2, 3):  # every lesion type early in val and test, in a seeded order
         pending[s] = [int(t) for t in np.random.default_rng([seed, s]).permutation(np.arange(1, 9))]
     rows: List[Dict[str, str]] = []
-    summary = {"out_dir": out_dir, "format": "deeplesion", "seed": seed,
-               "num_patients": num_patients, "image_size": image_size, "slices_written": 0,
-               "noisy_lesions": 0,
-               "splits": {name: {"patients": 0, "key_slices": 0, "lesions": 0,
-                                 "types": {t: 0 for t in LESION_TYPES}}
-                          for name in ("train", "val", "test")}}
+    summary = {
+        "out_dir": out_dir,
+        "format": "deeplesion",
+        "seed": seed,
+        "num_patients": num_patients,
+        "image_size": image_size,
+        "slices_written": 0,
+        "noisy_lesions": 0,
+        "splits": {
+            name: {
+                "patients": 0,
+                "key_slices": 0,
+                "lesions": 0,
+                "types": {t: 0 for t in LESION_TYPES},
+            }
+            for name in ("train", "val", "test")
+        },
+    }
     PathManager.mkdirs(os.path.join(out_dir, "Images_png"))
     for pat in range(1, num_patients + 1):
         rng = np.random.default_rng([seed, 1, pat])
@@ -331,8 +415,14 @@ def write_deeplesion(out_dir: str, *, num_patients: int = DEFAULT_PATIENTS,
         ser = _series(rng, image_size, slices_per_series, keys_per_series, pending[split])
         first = int(rng.integers(1, 999 - ser["n"]))
         folder = f"{pat:06d}_01_01"
-        vol, _ = render_series(ser["blobs"] + ser["lesions"], ser["z_mm"], image_size,
-                               ser["spacing"], _u(rng, *noise_hu), rng)
+        vol, _ = render_series(
+            ser["blobs"] + ser["lesions"],
+            ser["z_mm"],
+            image_size,
+            ser["spacing"],
+            _u(rng, *noise_hu),
+            rng,
+        )
         png = hu_to_png16(np.clip(vol, *SCANNER_HU_RANGE))
         sdir = os.path.join(out_dir, "Images_png", folder)
         PathManager.mkdirs(sdir)
@@ -351,22 +441,33 @@ def write_deeplesion(out_dir: str, *, num_patients: int = DEFAULT_PATIENTS,
                 les, t = ser["lesions"][i], ser["types"][i]
                 noisy = bool(rng.random() < noisy_fraction)
                 row = {
-                    "File_name": f"{folder}_{first + k:03d}.png", "Patient_index": str(pat),
-                    "Study_index": "1", "Series_ID": "1", "Key_slice_index": str(first + k),
+                    "File_name": f"{folder}_{first + k:03d}.png",
+                    "Patient_index": str(pat),
+                    "Study_index": "1",
+                    "Series_ID": "1",
+                    "Key_slice_index": str(first + k),
                     "Normalized_lesion_location": _fmt(
-                        [0.5 + les.cx / (image_size * ser["spacing"]),
-                         0.5 + les.cy / (image_size * ser["spacing"]),
-                         zlo + (zhi - zlo) * k / max(ser["n"] - 1, 1)], 4),
+                        [
+                            0.5 + les.cx / (image_size * ser["spacing"]),
+                            0.5 + les.cy / (image_size * ser["spacing"]),
+                            zlo + (zhi - zlo) * k / max(ser["n"] - 1, 1),
+                        ],
+                        4,
+                    ),
                     "Coarse_lesion_type": str(t if split != 1 else -1),
                     "Possibly_noisy": str(int(noisy)),
                     "Slice_range": f"{first}, {first + ser['n'] - 1}",
                     "Spacing_mm_px_": f"{ser['spacing']:.6f}, {ser['spacing']:.6f}, "
-                                      f"{ser['interval']:g}",
-                    "Image_size": f"{image_size}, {image_size}", "DICOM_windows": window,
-                    "Patient_gender": gender, "Patient_age": str(age), "Train_Val_Test": str(split),
+                    f"{ser['interval']:g}",
+                    "Image_size": f"{image_size}, {image_size}",
+                    "DICOM_windows": window,
+                    "Patient_gender": gender,
+                    "Patient_age": str(age),
+                    "Train_Val_Test": str(split),
                 }
-                row.update(_lesion_row(les, t, ser["z_mm"][k], ser["spacing"], image_size, noisy,
-                                       rng))
+                row.update(
+                    _lesion_row(les, t, ser["z_mm"][k], ser["spacing"], image_size, noisy, rng)
+                )
                 rows.append(row)
                 stats["lesions"] += 1
                 stats["types"][LESION_TYPES[t - 1]] += 1
@@ -388,7 +489,9 @@ def _generate(kind: str, write: Callable[..., Dict], out_dir: str, options: Dict
     marker = {"generator": kind, "options": recorded}
     summary = build_dir_atomically(
         out_dir,
-        lambda tmp: {k: v for k, v in write(tmp, **options).items() if k != "out_dir"}, marker)
+        lambda tmp: {k: v for k, v in write(tmp, **options).items() if k != "out_dir"},
+        marker,
+    )
     return dict(summary, out_dir=out_dir)
 
 
@@ -408,27 +511,42 @@ def generate_kits19(out_dir: str, **options) -> Dict:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict:
-    parser = argparse.ArgumentParser(description="Write a synthetic CT lesion data set (DeepLesion "
-                                                 "or KiTS19 format)")
+    parser = argparse.ArgumentParser(
+        description="Write a synthetic CT lesion data set (DeepLesion or KiTS19 format)"
+    )
     parser.add_argument("--out", required=True, help="output folder (e.g. datasets/synthetic)")
     parser.add_argument("--format", choices=("deeplesion", "kits19"), default="deeplesion")
-    parser.add_argument("--patients", type=int, default=None,
-                        help=f"patients (deeplesion, default {DEFAULT_PATIENTS}) or cases (kits19, "
-                             "default 10)")
+    parser.add_argument(
+        "--patients",
+        type=int,
+        default=None,
+        help=f"patients (deeplesion, default {DEFAULT_PATIENTS}) or cases (kits19, default 10)",
+    )
     parser.add_argument("--size", type=int, default=192, help="image side in pixels")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--slices", type=int, nargs=2, default=None, metavar=("LO", "HI"),
-                        help="slices per series (deeplesion, default 12 20) or case (kits19, "
-                             "default 24 40)")
+    parser.add_argument(
+        "--slices",
+        type=int,
+        nargs=2,
+        default=None,
+        metavar=("LO", "HI"),
+        help="slices per series (deeplesion, default 12 20) or case (kits19, default 24 40)",
+    )
     args = parser.parse_args(argv)
     if args.format == "deeplesion":
         kw = {"slices_per_series": tuple(args.slices)} if args.slices else {}
-        summary = generate_deeplesion(args.out, num_patients=args.patients or DEFAULT_PATIENTS,
-                                      image_size=args.size, seed=args.seed, **kw)
+        summary = generate_deeplesion(
+            args.out,
+            num_patients=args.patients or DEFAULT_PATIENTS,
+            image_size=args.size,
+            seed=args.seed,
+            **kw,
+        )
     else:
         kw = {"num_slices": tuple(args.slices)} if args.slices else {}
-        summary = generate_kits19(args.out, num_cases=args.patients or 10, image_size=args.size,
-                                  seed=args.seed, **kw)
+        summary = generate_kits19(
+            args.out, num_cases=args.patients or 10, image_size=args.size, seed=args.seed, **kw
+        )
     print(json.dumps(summary, indent=1))
     return summary
 

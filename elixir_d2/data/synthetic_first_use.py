@@ -6,6 +6,7 @@ caller gives another, the generator's defaults otherwise) the first time one of 
 loaded; a lock beside the folder lets one of several processes starting together
 generate it while the others wait and then use it.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -43,8 +44,9 @@ def ensure_synthetic(out_dir: str, kind: str = "deeplesion", **options) -> Optio
     set written before markers existed (or by hand): used, with a warning.
     """
     if kind not in GENERATORS:
-        raise ValueError(f"unknown synthetic generator {kind!r}: expected one of "
-                         f"{sorted(GENERATORS)}")
+        raise ValueError(
+            f"unknown synthetic generator {kind!r}: expected one of {sorted(GENERATORS)}"
+        )
     out_dir = os.path.abspath(out_dir)
     if read_marker(out_dir) is not None:
         return None
@@ -54,8 +56,10 @@ def ensure_synthetic(out_dir: str, kind: str = "deeplesion", **options) -> Optio
             return None
         csv_path = os.path.join(out_dir, "DL_info.csv")
         if GENERATORS[kind][2] == "deeplesion" and os.path.isfile(csv_path):
-            logger.warning(f"{out_dir}: a synthetic set without completion marker; using it as it "
-                           "is (delete the folder to have it generated again)")
+            logger.warning(
+                f"{out_dir}: a synthetic set without completion marker; using it as it "
+                "is (delete the folder to have it generated again)"
+            )
             return None
         remove_stale_tmp(parent, name)
         opts = dict(FIRST_USE_OPTIONS, **options)

@@ -6,6 +6,7 @@ can be placed inside the organ their type names. Geometry is in mm in a patient 
 on the image: x to the image right (patient left), y down (posterior), z along the series.
 Pixel (col, row) covers [col, col + 1) x [row, row + 1): continuous coordinates as detectron2's.
 """
+
 from __future__ import annotations
 
 import math
@@ -16,8 +17,9 @@ import numpy as np
 
 # Tissue labels of the label map rendered with each slice.
 AIR, SUBCUT_FAT, MUSCLE, VISCERAL_FAT, MEDIASTINAL_FAT, LUNG, LIVER, SPLEEN, KIDNEY = range(9)
-(BONE, CORTEX, VESSEL, BOWEL, HEART, BLADDER, FLUID, CALCIFICATION, LESION,
- RENAL_SINUS) = range(9, 19)
+(BONE, CORTEX, VESSEL, BOWEL, HEART, BLADDER, FLUID, CALCIFICATION, LESION, RENAL_SINUS) = range(
+    9, 19
+)
 
 HU_AIR = -1000.0
 # What a 12-bit CT scanner stores: the written phantom's HU are clipped to it.
@@ -57,8 +59,9 @@ class Blob:
         return self.cx + self.slope[0] * dz, self.cy + self.slope[1] * dz, self.a * s, self.b * s
 
 
-def ellipse_box(cx: float, cy: float, a: float, b: float,
-                theta: float) -> Tuple[float, float, float, float]:
+def ellipse_box(
+    cx: float, cy: float, a: float, b: float, theta: float
+) -> Tuple[float, float, float, float]:
     """Tight axis-aligned box (x1, y1, x2, y2) of a rotated ellipse."""
     c, s = math.cos(theta), math.sin(theta)
     hx = math.sqrt((a * c) ** 2 + (b * s) ** 2)
@@ -121,16 +124,26 @@ class SliceCanvas:
         self.label[win][cover >= 0.5] = blob.label
 
 
-def render_series(blobs: Sequence[Blob], z_mm: Sequence[float], size: int, spacing: float,
-                  noise_hu: float, rng: np.random.Generator) -> Tuple[np.ndarray, np.ndarray]:
+def render_series(
+    blobs: Sequence[Blob],
+    z_mm: Sequence[float],
+    size: int,
+    spacing: float,
+    noise_hu: float,
+    rng: np.random.Generator,
+) -> Tuple[np.ndarray, np.ndarray]:
     """Render every slice: (HU volume float32 (n, size, size) with noise, label volume uint8)."""
     n = len(z_mm)
     vol = np.empty((n, size, size), dtype=np.float32)
     lab = np.empty((n, size, size), dtype=np.uint8)
     # The leading z-invariant blobs (body, wall, cavity: the largest ones) are painted once.
     static = 0
-    while static < len(blobs) and blobs[static].tube and blobs[static].slope == (0.0, 0.0) \
-            and all(abs(z - blobs[static].zc) < blobs[static].rz for z in z_mm):
+    while (
+        static < len(blobs)
+        and blobs[static].tube
+        and blobs[static].slope == (0.0, 0.0)
+        and all(abs(z - blobs[static].zc) < blobs[static].rz for z in z_mm)
+    ):
         static += 1
     base = SliceCanvas(size, spacing)
     for blob in blobs[:static]:
@@ -146,8 +159,9 @@ def render_series(blobs: Sequence[Blob], z_mm: Sequence[float], size: int, spaci
     return vol, lab
 
 
-def tissue_texture(n: int, size: int, rng: np.random.Generator,
-                   amplitude: float = 6.0) -> np.ndarray:
+def tissue_texture(
+    n: int, size: int, rng: np.random.Generator, amplitude: float = 6.0
+) -> np.ndarray:
     """Smooth low-frequency HU variation, varying slowly along z (organ inhomogeneity)."""
     coarse = rng.normal(0.0, amplitude, size=(2, 9, 9)).astype(np.float32)
     grid = np.linspace(0, 8, size, dtype=np.float32)
@@ -159,8 +173,11 @@ def tissue_texture(n: int, size: int, rng: np.random.Generator,
         return rows[:, i0] * (1 - f)[None, :] + rows[:, i0 + 1] * f[None, :]
 
     top, bottom = upsample(coarse[0]), upsample(coarse[1])
-    w = (np.linspace(0.0, 1.0, n, dtype=np.float32)[:, None, None] if n > 1
-         else np.zeros((1, 1, 1), np.float32))
+    w = (
+        np.linspace(0.0, 1.0, n, dtype=np.float32)[:, None, None]
+        if n > 1
+        else np.zeros((1, 1, 1), np.float32)
+    )
     return top[None] * (1 - w) + bottom[None] * w
 
 
@@ -169,8 +186,9 @@ def correlated_noise(shape: Tuple[int, ...], sigma: float, rng: np.random.Genera
     white = rng.standard_normal(size=shape, dtype=np.float32)
     k = NOISE_SMOOTHING
     smooth = k[0] * np.roll(white, 1, axis=-1) + k[1] * white + k[2] * np.roll(white, -1, axis=-1)
-    smooth = (k[0] * np.roll(smooth, 1, axis=-2) + k[1] * smooth
-              + k[2] * np.roll(smooth, -1, axis=-2))
+    smooth = (
+        k[0] * np.roll(smooth, 1, axis=-2) + k[1] * smooth + k[2] * np.roll(smooth, -1, axis=-2)
+    )
     gain = 1.0 / float(np.sum(k * k))  # variance kept at sigma^2 after the two passes
     return smooth * (sigma * gain)
 
@@ -219,47 +237,105 @@ class _AnatomyFrame:
         """One integer draw in [lo, hi)."""
         return int(self.rng.integers(lo, hi))
 
-    def organ(self, fx: float, fy: float, fa: float, fb: float, hu: float, label: int,
-              zc_frac: float = 0.0, rz_frac: float = 2.0, theta: float = 0.0,
-              edge: float = 1.2) -> Blob:
+    def organ(
+        self,
+        fx: float,
+        fy: float,
+        fa: float,
+        fb: float,
+        hu: float,
+        label: int,
+        zc_frac: float = 0.0,
+        rz_frac: float = 2.0,
+        theta: float = 0.0,
+        edge: float = 1.2,
+    ) -> Blob:
         """Ellipsoid placed and sized in cavity fractions, its z extent in series lengths."""
-        return Blob(self.ox + fx * self.iw, self.oy + fy * self.ih, fa * self.iw, fb * self.ih,
-                    hu, label, theta=theta, zc=zc_frac * self.z_len,
-                    rz=max(rz_frac * self.z_len, 40.0) * self.u(0.9, 1.2), edge=edge)
+        return Blob(
+            self.ox + fx * self.iw,
+            self.oy + fy * self.ih,
+            fa * self.iw,
+            fb * self.ih,
+            hu,
+            label,
+            theta=theta,
+            zc=zc_frac * self.z_len,
+            rz=max(rz_frac * self.z_len, 40.0) * self.u(0.9, 1.2),
+            edge=edge,
+        )
 
-    def round_vessel(self, fx: float, y: float, r_lo: float, r_hi: float, hu_lo: float,
-                     hu_hi: float, label: int = VESSEL) -> Blob:
+    def round_vessel(
+        self,
+        fx: float,
+        y: float,
+        r_lo: float,
+        r_hi: float,
+        hu_lo: float,
+        hu_hi: float,
+        label: int = VESSEL,
+    ) -> Blob:
         """Near-circular section (aorta, vena cava, oesophagus) running through the whole body."""
         r = self.u(r_lo, r_hi)
-        return Blob(self.ox + fx * self.iw, y, r, r * self.u(0.85, 1.0), self.u(hu_lo, hu_hi),
-                    label, rz=self.big, edge=1.0)
+        return Blob(
+            self.ox + fx * self.iw,
+            y,
+            r,
+            r * self.u(0.85, 1.0),
+            self.u(hu_lo, hu_hi),
+            label,
+            rz=self.big,
+            edge=1.0,
+        )
 
     def within(self, fx_lo: float, fx_hi: float, fy_lo: float, fy_hi: float) -> _Picker:
         """Picker of points uniform in a box given in cavity fractions."""
+
         def pick() -> Tuple[float, float]:
             x = self.ox + self.u(fx_lo, fx_hi) * self.iw
             return x, self.oy + self.u(fy_lo, fy_hi) * self.ih
+
         return pick
 
     def inside(self, blob: Blob, frac: float = 0.8) -> _Picker:
         """Picker of points uniform over ``blob``'s central section scaled by ``frac``."""
+
         def pick() -> Tuple[float, float]:
             rr, ang = math.sqrt(self.u(0, 1)) * frac, self.u(0, 2 * math.pi)
             return blob.cx + rr * blob.a * math.cos(ang), blob.cy + rr * blob.b * math.sin(ang)
+
         return pick
 
-    def tubes(self, count: int, pick: _Picker, r_lo: float, r_hi: float, hu_lo: float,
-              hu_hi: float, max_slope: float) -> List[Blob]:
+    def tubes(
+        self,
+        count: int,
+        pick: _Picker,
+        r_lo: float,
+        r_hi: float,
+        hu_lo: float,
+        hu_hi: float,
+        max_slope: float,
+    ) -> List[Blob]:
         """Vessels: tubes crossing the slices at a slant."""
         out = []
         for _ in range(count):
             x, y = pick()
             r = self.u(r_lo, r_hi)
-            out.append(Blob(x, y, r * self.u(1.0, 1.3), r, self.u(hu_lo, hu_hi), VESSEL,
-                            theta=self.u(0, math.pi), zc=self.u(-0.5, 0.5) * self.z_len,
-                            rz=self.u(0.4, 1.5) * self.z_len + 5.0, tube=True,
-                            slope=(self.u(-max_slope, max_slope), self.u(-max_slope, max_slope)),
-                            edge=0.8))
+            out.append(
+                Blob(
+                    x,
+                    y,
+                    r * self.u(1.0, 1.3),
+                    r,
+                    self.u(hu_lo, hu_hi),
+                    VESSEL,
+                    theta=self.u(0, math.pi),
+                    zc=self.u(-0.5, 0.5) * self.z_len,
+                    rz=self.u(0.4, 1.5) * self.z_len + 5.0,
+                    tube=True,
+                    slope=(self.u(-max_slope, max_slope), self.u(-max_slope, max_slope)),
+                    edge=0.8,
+                )
+            )
         return out
 
     def vertebra(self, y: float, scale: float = 1.0) -> List[Blob]:
@@ -281,11 +357,22 @@ class _AnatomyFrame:
             if abs(phi - math.pi / 2) < 0.4:  # the spine sits there
                 phi += math.pi
             r = self.u(3, 6)
-            out.append(Blob(self.ox + (self.iw + 0.5 * self.mus_t) * math.cos(phi),
-                            self.oy + (self.ih + 0.5 * self.mus_t) * math.sin(phi),
-                            r * 1.6, r, self.u(450, 800), CORTEX, theta=phi + math.pi / 2,
-                            zc=self.u(-0.5, 0.5) * self.z_len, rz=self.u(8, 25), tube=True,
-                            slope=(0.0, self.u(-0.5, 0.5)), edge=0.8))
+            out.append(
+                Blob(
+                    self.ox + (self.iw + 0.5 * self.mus_t) * math.cos(phi),
+                    self.oy + (self.ih + 0.5 * self.mus_t) * math.sin(phi),
+                    r * 1.6,
+                    r,
+                    self.u(450, 800),
+                    CORTEX,
+                    theta=phi + math.pi / 2,
+                    zc=self.u(-0.5, 0.5) * self.z_len,
+                    rz=self.u(8, 25),
+                    tube=True,
+                    slope=(0.0, self.u(-0.5, 0.5)),
+                    edge=0.8,
+                )
+            )
         return out
 
     def bowel(self, count: int, pick: _Picker) -> List[Blob]:
@@ -299,11 +386,18 @@ class _AnatomyFrame:
             # All three contents are drawn whichever is kept, so the draw count is fixed.
             content = (self.u(0, 25), self.u(-1000, -900), self.u(150, 300))[kind]
             wall = self.u(2.0, 3.5)
-            common = dict(theta=self.u(0, math.pi), zc=self.u(-0.6, 0.6) * self.z_len,
-                          rz=self.u(15, 45), slope=(self.u(-0.4, 0.4), self.u(-0.4, 0.4)))
+            common = dict(
+                theta=self.u(0, math.pi),
+                zc=self.u(-0.6, 0.6) * self.z_len,
+                rz=self.u(15, 45),
+                slope=(self.u(-0.4, 0.4), self.u(-0.4, 0.4)),
+            )
             out.append(Blob(x, y, a, b, self.u(35, 55), BOWEL, edge=1.0, **common))
-            out.append(Blob(x, y, max(a - wall, 1.0), max(b - wall, 1.0), content, BOWEL, edge=1.0,
-                            **common))
+            out.append(
+                Blob(
+                    x, y, max(a - wall, 1.0), max(b - wall, 1.0), content, BOWEL, edge=1.0, **common
+                )
+            )
         return out
 
     def calcifications(self, count: int, pick: _Picker) -> List[Blob]:
@@ -312,13 +406,25 @@ class _AnatomyFrame:
         for _ in range(count):
             x, y = pick()
             r = self.u(1.0, 2.5)
-            out.append(Blob(x, y, r, r * self.u(0.7, 1.0), self.u(300, 800), CALCIFICATION,
-                            zc=self.u(-0.5, 0.5) * self.z_len, rz=self.u(1.5, 4.0), edge=0.6))
+            out.append(
+                Blob(
+                    x,
+                    y,
+                    r,
+                    r * self.u(0.7, 1.0),
+                    self.u(300, 800),
+                    CALCIFICATION,
+                    zc=self.u(-0.5, 0.5) * self.z_len,
+                    rz=self.u(1.5, 4.0),
+                    edge=0.6,
+                )
+            )
         return out
 
 
-def _body(fov_mm: float, z_len: float,
-          rng: np.random.Generator) -> Tuple[_AnatomyFrame, List[Blob], Blob, Dict]:
+def _body(
+    fov_mm: float, z_len: float, rng: np.random.Generator
+) -> Tuple[_AnatomyFrame, List[Blob], Blob, Dict]:
     """Frame, outer layers (subcutaneous fat, muscle wall), cavity blob, and geometry.
 
     The cavity is returned apart from the layers: the chest repaints it as chest wall.
@@ -341,17 +447,22 @@ def _body(fov_mm: float, z_len: float,
 def _chest(f: _AnatomyFrame, cav: Blob) -> List[Blob]:
     """Chest wall, mediastinum, lungs, heart, great vessels, spine, ribs, lung vessels."""
     cav.hu, cav.label = f.u(35, 50), MUSCLE  # chest wall where the lungs do not reach
-    blobs = [cav, f.organ(0.0, -0.05, f.u(0.28, 0.36), 0.75, f.u(-100, -80), MEDIASTINAL_FAT,
-                          edge=1.0)]
+    blobs = [
+        cav,
+        f.organ(0.0, -0.05, f.u(0.28, 0.36), 0.75, f.u(-100, -80), MEDIASTINAL_FAT, edge=1.0),
+    ]
     lung_r = f.organ(-0.5, -0.02, 0.47, 0.88, f.u(-880, -820), LUNG, edge=0.8)
     lung_l = f.organ(0.5, -0.02, 0.45, 0.86, f.u(-880, -820), LUNG, edge=0.8)
     blobs += [lung_r, lung_l]
-    blobs.append(f.organ(0.1, -0.2, 0.3, 0.35, f.u(35, 50), HEART, zc_frac=f.u(0.4, 1.0),
-                         rz_frac=0.8))
+    blobs.append(
+        f.organ(0.1, -0.2, 0.3, 0.35, f.u(35, 50), HEART, zc_frac=f.u(0.4, 1.0), rz_frac=0.8)
+    )
     spine_y, ih = f.spine_y, f.ih
-    blobs += [f.round_vessel(0.08, spine_y - 0.34 * ih, 11, 15, 170, 260),  # descending aorta
-              f.round_vessel(-0.12, f.oy - 0.25 * ih, 9, 13, 150, 230),  # ascending aorta / SVC
-              f.round_vessel(-0.02, spine_y - 0.28 * ih, 5, 7, -300, 40, BOWEL)]  # oesophagus
+    blobs += [
+        f.round_vessel(0.08, spine_y - 0.34 * ih, 11, 15, 170, 260),  # descending aorta
+        f.round_vessel(-0.12, f.oy - 0.25 * ih, 9, 13, 150, 230),  # ascending aorta / SVC
+        f.round_vessel(-0.02, spine_y - 0.28 * ih, 5, 7, -300, 40, BOWEL),
+    ]  # oesophagus
     blobs += f.vertebra(spine_y) + f.ribs(f.count(6, 11))
     blobs += f.tubes(f.count(14, 28), f.inside(lung_r, 0.85), 1.0, 3.5, -20, 80, 0.6)
     blobs += f.tubes(f.count(14, 28), f.inside(lung_l, 0.85), 1.0, 3.5, -20, 80, 0.6)
@@ -362,40 +473,92 @@ def _chest(f: _AnatomyFrame, cav: Blob) -> List[Blob]:
 def _gallbladder(f: _AnatomyFrame, liver: Blob) -> Blob:
     """Fluid ellipsoid under the liver: a hypodense look-alike of liver lesions."""
     r = f.u(10, 17)
-    return Blob(liver.cx + 0.3 * liver.a, liver.cy + 0.4 * liver.b, r, r * 0.7, f.u(0, 20), FLUID,
-                theta=f.u(0, math.pi), zc=liver.zc - 0.3 * f.z_len, rz=f.u(20, 40), edge=1.0)
+    return Blob(
+        liver.cx + 0.3 * liver.a,
+        liver.cy + 0.4 * liver.b,
+        r,
+        r * 0.7,
+        f.u(0, 20),
+        FLUID,
+        theta=f.u(0, math.pi),
+        zc=liver.zc - 0.3 * f.z_len,
+        rz=f.u(20, 40),
+        edge=1.0,
+    )
 
 
-def _kidney(f: _AnatomyFrame, side: int,
-            kidney_z: Tuple[float, float] | None) -> Tuple[Blob, Blob]:
+def _kidney(f: _AnatomyFrame, side: int, kidney_z: Tuple[float, float] | None) -> Tuple[Blob, Blob]:
     """Kidney on ``side`` (-1 right, 1 left) and its renal sinus."""
-    k = f.organ(side * 0.42, 0.38, f.u(0.14, 0.18), f.u(0.22, 0.28), f.u(140, 190), KIDNEY,
-                zc_frac=f.u(-0.3, 0.3), rz_frac=1.0, theta=side * f.u(0.2, 0.6), edge=1.0)
+    k = f.organ(
+        side * 0.42,
+        0.38,
+        f.u(0.14, 0.18),
+        f.u(0.22, 0.28),
+        f.u(140, 190),
+        KIDNEY,
+        zc_frac=f.u(-0.3, 0.3),
+        rz_frac=1.0,
+        theta=side * f.u(0.2, 0.6),
+        edge=1.0,
+    )
     if kidney_z is not None:
         k.zc, k.rz = kidney_z[0] + f.u(-5, 5), kidney_z[1] * f.u(0.9, 1.1)
-    sinus = Blob(k.cx - side * 0.35 * k.a, k.cy - 0.1 * k.b, k.a * 0.35, k.b * 0.3, f.u(-80, 10),
-                 RENAL_SINUS, theta=k.theta, zc=k.zc, rz=k.rz * 0.5, edge=1.0)
+    sinus = Blob(
+        k.cx - side * 0.35 * k.a,
+        k.cy - 0.1 * k.b,
+        k.a * 0.35,
+        k.b * 0.3,
+        f.u(-80, 10),
+        RENAL_SINUS,
+        theta=k.theta,
+        zc=k.zc,
+        rz=k.rz * 0.5,
+        edge=1.0,
+    )
     return k, sinus
 
 
-def _abdomen(f: _AnatomyFrame, cav: Blob,
-             kidney_z: Tuple[float, float] | None) -> List[Blob]:
+def _abdomen(f: _AnatomyFrame, cav: Blob, kidney_z: Tuple[float, float] | None) -> List[Blob]:
     """Cavity, bowel, psoas, liver (gallbladder), spleen, kidneys, great vessels, spine, ribs."""
     blobs = [cav] + f.bowel(f.count(4, 9), f.within(-0.5, 0.6, -0.7, 0.2))
-    blobs += [f.organ(-0.5, 0.55, 0.11, 0.3, f.u(45, 55), MUSCLE, theta=0.3),
-              f.organ(0.5, 0.55, 0.11, 0.3, f.u(45, 55), MUSCLE, theta=-0.3)]
-    liver = f.organ(-0.45, -0.15, f.u(0.42, 0.52), f.u(0.55, 0.7), f.u(65, 80), LIVER,
-                    zc_frac=f.u(-0.6, 0.2), rz_frac=1.4, theta=f.u(-0.3, 0.3))
+    blobs += [
+        f.organ(-0.5, 0.55, 0.11, 0.3, f.u(45, 55), MUSCLE, theta=0.3),
+        f.organ(0.5, 0.55, 0.11, 0.3, f.u(45, 55), MUSCLE, theta=-0.3),
+    ]
+    liver = f.organ(
+        -0.45,
+        -0.15,
+        f.u(0.42, 0.52),
+        f.u(0.55, 0.7),
+        f.u(65, 80),
+        LIVER,
+        zc_frac=f.u(-0.6, 0.2),
+        rz_frac=1.4,
+        theta=f.u(-0.3, 0.3),
+    )
     blobs.append(liver)
     if f.rng.random() < 0.5:
         blobs.append(_gallbladder(f, liver))
-    blobs.append(f.organ(0.62, 0.15, 0.22, 0.35, f.u(45, 60), SPLEEN,
-                         zc_frac=f.u(-0.5, 0.2), rz_frac=0.8, theta=-0.4))
+    blobs.append(
+        f.organ(
+            0.62,
+            0.15,
+            0.22,
+            0.35,
+            f.u(45, 60),
+            SPLEEN,
+            zc_frac=f.u(-0.5, 0.2),
+            rz_frac=0.8,
+            theta=-0.4,
+        )
+    )
     for side in (-1, 1):
         blobs += _kidney(f, side, kidney_z)
     spine_y, ih = f.spine_y, f.ih
-    blobs += [f.round_vessel(0.1, spine_y - 0.3 * ih, 9, 13, 150, 230),  # aorta
-              f.round_vessel(-0.15, spine_y - 0.32 * ih, 9, 14, 110, 170)]  # inferior vena cava
+    blobs += [
+        f.round_vessel(0.1, spine_y - 0.3 * ih, 9, 13, 150, 230),  # aorta
+        f.round_vessel(-0.15, spine_y - 0.32 * ih, 9, 14, 110, 170),
+    ]  # inferior vena cava
     blobs += f.vertebra(spine_y) + f.ribs(f.count(2, 6))
     blobs += f.tubes(f.count(4, 10), f.inside(liver, 0.75), 2.0, 5.0, 150, 210, 0.5)
     blobs += f.calcifications(f.count(2, 7), f.inside(cav, 0.6))
@@ -405,20 +568,35 @@ def _abdomen(f: _AnatomyFrame, cav: Blob,
 def _pelvic_side(f: _AnatomyFrame, side: int) -> List[Blob]:
     """Iliac wing (cortex, marrow) and gluteal muscle on ``side`` (-1 right, 1 left)."""
     out = []
-    for fa, fb, hu, label in ((0.22, 0.12, f.u(650, 900), CORTEX),
-                              (0.17, 0.07, f.u(200, 320), BONE)):
-        out.append(f.organ(side * 0.72, 0.35, fa, fb, hu, label, theta=side * 0.9, rz_frac=3.0,
-                           edge=0.8))
-    out.append(f.organ(side * 0.55, 0.85, 0.28, 0.15, f.u(45, 55), MUSCLE, theta=side * 0.3,
-                       rz_frac=3.0))
+    for fa, fb, hu, label in (
+        (0.22, 0.12, f.u(650, 900), CORTEX),
+        (0.17, 0.07, f.u(200, 320), BONE),
+    ):
+        out.append(
+            f.organ(side * 0.72, 0.35, fa, fb, hu, label, theta=side * 0.9, rz_frac=3.0, edge=0.8)
+        )
+    out.append(
+        f.organ(side * 0.55, 0.85, 0.28, 0.15, f.u(45, 55), MUSCLE, theta=side * 0.3, rz_frac=3.0)
+    )
     return out
 
 
 def _pelvis(f: _AnatomyFrame, cav: Blob) -> List[Blob]:
     """Cavity, bowel, bladder, rectum, pelvic bones and muscles, sacrum, iliac vessels."""
     blobs = [cav] + f.bowel(f.count(3, 7), f.within(-0.5, 0.5, -0.6, 0.1))
-    blobs.append(f.organ(0.0, -0.1, f.u(0.22, 0.32), f.u(0.25, 0.35), f.u(0, 20), BLADDER,
-                         zc_frac=f.u(-0.3, 0.3), rz_frac=0.9, edge=1.0))
+    blobs.append(
+        f.organ(
+            0.0,
+            -0.1,
+            f.u(0.22, 0.32),
+            f.u(0.25, 0.35),
+            f.u(0, 20),
+            BLADDER,
+            zc_frac=f.u(-0.3, 0.3),
+            rz_frac=0.9,
+            edge=1.0,
+        )
+    )
     blobs.append(f.organ(0.0, 0.45, 0.12, 0.12, f.u(30, 45), BOWEL, rz_frac=3.0))
     for side in (-1, 1):
         blobs += _pelvic_side(f, side)
@@ -428,8 +606,13 @@ def _pelvis(f: _AnatomyFrame, cav: Blob) -> List[Blob]:
     return blobs
 
 
-def build_anatomy(region: str, fov_mm: float, z_len: float, rng: np.random.Generator,
-                  kidney_z: Tuple[float, float] | None = None) -> Tuple[List[Blob], Dict]:
+def build_anatomy(
+    region: str,
+    fov_mm: float,
+    z_len: float,
+    rng: np.random.Generator,
+    kidney_z: Tuple[float, float] | None = None,
+) -> Tuple[List[Blob], Dict]:
     """Blobs of one body region ('chest', 'abdomen', 'pelvis'), painter's order, and key geometry.
 
     ``kidney_z`` = (centre, half extent) in mm places both kidneys along z (abdomen only).

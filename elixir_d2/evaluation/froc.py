@@ -36,6 +36,7 @@ Two conventions (``convention``; docs/evaluation.md, FROC conventions) differ in
   below the first FP value it recorded, no detection, no lesion) this one gives the step's value
   or 0.
 """
+
 from __future__ import annotations
 
 from typing import Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
@@ -51,8 +52,15 @@ MEAN_SENS_FPS = (0.5, 1.0, 2.0, 4.0)
 # How boxes are measured and the curve is read (module docstring).
 CONVENTIONS = ("continuous", "deeplesion")
 
-__all__ = ["compute_froc", "sensitivity_at", "PAPER_FPS", "MEAN_SENS_FPS", "CRITERIA",
-           "CONVENTIONS", "check_convention"]
+__all__ = [
+    "compute_froc",
+    "sensitivity_at",
+    "PAPER_FPS",
+    "MEAN_SENS_FPS",
+    "CRITERIA",
+    "CONVENTIONS",
+    "check_convention",
+]
 
 
 def check_convention(convention: str, what: str = "convention") -> str:
@@ -83,8 +91,9 @@ def _as_vector(a, what: str, i: int, n: int, dtype) -> np.ndarray:
     if arr.size == 0:
         arr = arr.reshape(0)
     if arr.ndim != 1 or arr.shape[0] != n:
-        raise ValueError(f"{what}[{i}] has shape {arr.shape}, expected ({n},): one per box of "
-                         f"image {i}")
+        raise ValueError(
+            f"{what}[{i}] has shape {arr.shape}, expected ({n},): one per box of image {i}"
+        )
     return arr
 
 
@@ -173,17 +182,21 @@ def _check_froc_inputs(
     group_all = None
     if gt_groups is not None:
         group_all = _concat(
-            [_as_vector(g, "gt_groups", i, len(b), np.int64)
-             for i, (g, b) in enumerate(zip(gt_groups, gts))],
+            [
+                _as_vector(g, "gt_groups", i, len(b), np.int64)
+                for i, (g, b) in enumerate(zip(gt_groups, gts))
+            ],
             None,
             np.int64,
         )
-    return _FrocInputs(fps, convention, n_img, det_all, score_all, gt_all, n_det, n_gt, gt_off,
-                       group_all)
+    return _FrocInputs(
+        fps, convention, n_img, det_all, score_all, gt_all, n_det, n_gt, gt_off, group_all
+    )
 
 
-def _match(inp: _FrocInputs, rank_of: np.ndarray, criterion: str,
-           threshold: float) -> Tuple[np.ndarray, np.ndarray]:
+def _match(
+    inp: _FrocInputs, rank_of: np.ndarray, criterion: str, threshold: float
+) -> Tuple[np.ndarray, np.ndarray]:
     """(is_fp per detection, hit_rank per lesion): the ranking position of the first detection
     that hits the lesion, or D where none does."""
     D, G = len(inp.det), len(inp.gt)
@@ -195,8 +208,9 @@ def _match(inp: _FrocInputs, rank_of: np.ndarray, criterion: str,
     pair_det = np.repeat(np.arange(D, dtype=np.int64), k_per_det)
     within = np.arange(P, dtype=np.int64) - pair_start[pair_det]  # lesion index in its image
     pair_gt = inp.gt_off[det_img][pair_det] + within
-    overlap = box_overlap(inp.det[pair_det], inp.gt[pair_gt], criterion,
-                          plus_one=inp.convention == "deeplesion")
+    overlap = box_overlap(
+        inp.det[pair_det], inp.gt[pair_gt], criterion, plus_one=inp.convention == "deeplesion"
+    )
     is_match = overlap >= threshold
 
     # FP: no lesion in the image, or best overlap below the threshold.
@@ -234,8 +248,9 @@ def _read_one(sens: np.ndarray, fp_axis: np.ndarray, f: float, convention: str) 
     return float(sens[k])
 
 
-def _read(sens: np.ndarray, fp_axis: np.ndarray, fps: Sequence[float],
-          convention: str) -> Dict[float, float]:
+def _read(
+    sens: np.ndarray, fp_axis: np.ndarray, fps: Sequence[float], convention: str
+) -> Dict[float, float]:
     """Sensitivity at each of ``fps`` (module docstring's rule for ``convention``)."""
     return {f: _read_one(sens, fp_axis, f, convention) for f in fps}
 
@@ -280,8 +295,9 @@ def compute_froc(
             scores, negative or non-finite FP points, an unknown criterion or convention or a
             threshold outside (0, 1].
     """
-    inp = _check_froc_inputs(pred_boxes, pred_scores, gt_boxes, fps, criterion, threshold,
-                             gt_groups, convention)
+    inp = _check_froc_inputs(
+        pred_boxes, pred_scores, gt_boxes, fps, criterion, threshold, gt_groups, convention
+    )
     D, G = len(inp.det), len(inp.gt)
     # Stable descending rank of every detection; rank_of[d] is d's position in the ranking.
     order = np.argsort(-inp.scores, kind="stable")
@@ -325,5 +341,6 @@ def sensitivity_at(result: Mapping[str, object], fp: float) -> float:
     """Sensitivity of a :func:`compute_froc` result at ``fp`` FPs per image, read by the
     result's convention."""
     convention = check_convention(result.get("convention", "continuous"))
-    return _read_one(np.asarray(result["sens_curve"]), np.asarray(result["fp_per_image"]),
-                     float(fp), convention)
+    return _read_one(
+        np.asarray(result["sens_curve"]), np.asarray(result["fp_per_image"]), float(fp), convention
+    )

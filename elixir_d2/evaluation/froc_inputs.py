@@ -1,6 +1,7 @@
 """The FROC's inputs of one evaluation, per image, as a JSON file (``froc_inputs.json``) that
 LesionEvaluator writes beside its metrics, so that intervals (:mod:`.stats`) and comparisons
 between runs can be computed later without running the model again."""
+
 from __future__ import annotations
 
 import json
@@ -27,19 +28,30 @@ class FrocInputs(NamedTuple):
     gt_boxes: List[np.ndarray]
 
 
-def write_froc_inputs(path: str, dataset: str, convention: str, image_ids: Sequence[object],
-                      patients: Sequence[object], pred_boxes: Sequence[np.ndarray],
-                      pred_scores: Sequence[np.ndarray], gt_boxes: Sequence[np.ndarray]) -> None:
+def write_froc_inputs(
+    path: str,
+    dataset: str,
+    convention: str,
+    image_ids: Sequence[object],
+    patients: Sequence[object],
+    pred_boxes: Sequence[np.ndarray],
+    pred_scores: Sequence[np.ndarray],
+    gt_boxes: Sequence[np.ndarray],
+) -> None:
     """Write ``path`` atomically (boxes rounded to 1/100 pixel, scores to 6 digits)."""
     images = [
-        {"image_id": i, "patient": p,
-         "pred_boxes": np.round(np.asarray(b, dtype=np.float64), 2).tolist(),
-         "pred_scores": np.round(np.asarray(s, dtype=np.float64), 6).tolist(),
-         "gt_boxes": np.asarray(g, dtype=np.float64).tolist()}
+        {
+            "image_id": i,
+            "patient": p,
+            "pred_boxes": np.round(np.asarray(b, dtype=np.float64), 2).tolist(),
+            "pred_scores": np.round(np.asarray(s, dtype=np.float64), 6).tolist(),
+            "gt_boxes": np.asarray(g, dtype=np.float64).tolist(),
+        }
         for i, p, b, s, g in zip(image_ids, patients, pred_boxes, pred_scores, gt_boxes)
     ]
-    atomic_write_text(path, json.dumps({"dataset": dataset, "convention": convention,
-                                         "images": images}))
+    atomic_write_text(
+        path, json.dumps({"dataset": dataset, "convention": convention, "images": images})
+    )
 
 
 def read_froc_inputs(path: str) -> FrocInputs:

@@ -1,5 +1,6 @@
 """LesionEvaluator: DeepLesion / KiTS19 metrics (FROC with IoU and IoBB, COCO mAP, per type,
 per size) as a detectron2 DatasetEvaluator (docs/design.md, Evaluation protocol)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -33,8 +34,11 @@ __all__ = ["LesionEvaluator", "coco_ap", "SIZE_BUCKETS", "TYPE_FP"]
 TYPE_FP = 3.0
 # Long-diameter buckets in mm: name, lower bound (inclusive), upper bound (inclusive; the first
 # bucket's upper bound is exclusive: < 10).
-SIZE_BUCKETS = (("size<10", -math.inf, 10.0), ("size10to30", 10.0, 30.0),
-                ("size>30", 30.0, math.inf))
+SIZE_BUCKETS = (
+    ("size<10", -math.inf, 10.0),
+    ("size10to30", 10.0, 30.0),
+    ("size>30", 30.0, math.inf),
+)
 
 
 def _size_bucket(diameter: Optional[float]) -> int:
@@ -68,23 +72,38 @@ def coco_ap(
         return np.asarray(c, dtype=np.int64)
 
     images, anns, dets = [], [], []
-    for i, (gb, gc, pb, ps, pc) in enumerate(zip(gt_boxes, gt_classes, pred_boxes, pred_scores,
-                                                 pred_classes)):
+    for i, (gb, gc, pb, ps, pc) in enumerate(
+        zip(gt_boxes, gt_classes, pred_boxes, pred_scores, pred_classes)
+    ):
         images.append({"id": i + 1})
         for b, c in zip(np.asarray(gb, dtype=np.float64).reshape(-1, 4), cat(gc)):
             w, h = float(b[2] - b[0]), float(b[3] - b[1])
-            anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": int(c) + 1,
-                         "bbox": [float(b[0]), float(b[1]), w, h], "area": w * h, "iscrowd": 0})
+            anns.append(
+                {
+                    "id": len(anns) + 1,
+                    "image_id": i + 1,
+                    "category_id": int(c) + 1,
+                    "bbox": [float(b[0]), float(b[1]), w, h],
+                    "area": w * h,
+                    "iscrowd": 0,
+                }
+            )
         for b, s, c in zip(np.asarray(pb, dtype=np.float64).reshape(-1, 4), ps, cat(pc)):
-            dets.append({"image_id": i + 1, "category_id": int(c) + 1, "score": float(s),
-                         "bbox": [float(b[0]), float(b[1]), float(b[2] - b[0]),
-                                  float(b[3] - b[1])]})
+            dets.append(
+                {
+                    "image_id": i + 1,
+                    "category_id": int(c) + 1,
+                    "score": float(s),
+                    "bbox": [float(b[0]), float(b[1]), float(b[2] - b[0]), float(b[3] - b[1])],
+                }
+            )
     if not anns or not dets:
         return 0.0, 0.0
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
         coco_gt = COCO()
         coco_gt.dataset = {
-            "images": images, "annotations": anns,
+            "images": images,
+            "annotations": anns,
             "categories": [{"id": k + 1, "name": str(k)} for k in range(num_classes)],
         }
         coco_gt.createIndex()
@@ -145,11 +164,13 @@ class LesionEvaluator(DatasetEvaluator):
         self._distributed = distributed
         self._fps = tuple(float(f) for f in fps)
         if max_dets_per_image is not None and max_dets_per_image <= 0:
-            raise ValueError("max_dets_per_image must be positive or None, got "
-                             f"{max_dets_per_image}")
+            raise ValueError(
+                f"max_dets_per_image must be positive or None, got {max_dets_per_image}"
+            )
         self._max_dets = max_dets_per_image
-        self._convention = check_convention(froc_convention,
-                                            "froc_convention (TEST.FROC_CONVENTION)")
+        self._convention = check_convention(
+            froc_convention, "froc_convention (TEST.FROC_CONVENTION)"
+        )
         meta = MetadataCatalog.get(dataset_name)
         self._classes = list(getattr(meta, "thing_classes", None) or ["lesion"])
         self.reset()
@@ -174,8 +195,9 @@ class LesionEvaluator(DatasetEvaluator):
     def process(self, inputs, outputs) -> None:
         for inp, out in zip(inputs, outputs):
             if "image_id" not in inp:
-                raise ValueError("LesionEvaluator needs 'image_id' in every input, got keys "
-                                 f"{sorted(inp)}")
+                raise ValueError(
+                    f"LesionEvaluator needs 'image_id' in every input, got keys {sorted(inp)}"
+                )
             if "instances" not in out:
                 raise ValueError(f"output for image {inp['image_id']} has no 'instances'")
             inst = out["instances"].to("cpu")
@@ -184,7 +206,8 @@ class LesionEvaluator(DatasetEvaluator):
                 raise ValueError(
                     f"{self._dataset_name} is untyped but image {inp['image_id']} has an RTM "
                     "model's per-type detections: run the model under "
-                    "rtm_output_mode(model, 'binary') (ElixirTrainer.test does)")
+                    "rtm_output_mode(model, 'binary') (ElixirTrainer.test does)"
+                )
             boxes = inst.pred_boxes.tensor.numpy().astype(np.float32)
             scores = inst.scores.numpy().astype(np.float32)
             classes = inst.pred_classes.numpy() if inst.has("pred_classes") else np.zeros(len(inst))
@@ -214,17 +237,25 @@ class LesionEvaluator(DatasetEvaluator):
         else:
             predictions = self._predictions
         if not predictions:
-            logger.warning(f"[LesionEvaluator] {self._dataset_name}: no prediction received, "
-                           "nothing evaluated.")
+            logger.warning(
+                f"[LesionEvaluator] {self._dataset_name}: no prediction received, "
+                "nothing evaluated."
+            )
             return {}
         data = self._collect(predictions)
         metrics, extra = self._compute(data)
         if self._output_dir:
             self._write(metrics, extra)
-            write_froc_inputs(os.path.join(self._output_dir, FROC_INPUTS_FILE),
-                              self._dataset_name, self._convention, data["image_id"],
-                              data["patient"], data["pred_boxes"], data["pred_scores"],
-                              data["gt_boxes"])
+            write_froc_inputs(
+                os.path.join(self._output_dir, FROC_INPUTS_FILE),
+                self._dataset_name,
+                self._convention,
+                data["image_id"],
+                data["patient"],
+                data["pred_boxes"],
+                data["pred_scores"],
+                data["gt_boxes"],
+            )
         return OrderedDict([("lesion", metrics)])
 
     # ------------------------------------------------------------------ internals
@@ -240,15 +271,28 @@ class LesionEvaluator(DatasetEvaluator):
         by_pos = {}
         for p in predictions:
             if p["image_id"] not in position:
-                raise ValueError(f"prediction for image_id {p['image_id']} not in dataset "
-                                 f"{self._dataset_name}")
+                raise ValueError(
+                    f"prediction for image_id {p['image_id']} not in dataset {self._dataset_name}"
+                )
             pos = position[p["image_id"]]
             if pos in by_pos:
-                raise ValueError(f"image_id {p['image_id']} of {self._dataset_name} was predicted "
-                                 "twice")
+                raise ValueError(
+                    f"image_id {p['image_id']} of {self._dataset_name} was predicted twice"
+                )
             by_pos[pos] = p
-        data = {k: [] for k in ("image_id", "patient", "pred_boxes", "pred_scores",
-                                "pred_classes", "gt_boxes", "gt_classes", "gt_size")}
+        data = {
+            k: []
+            for k in (
+                "image_id",
+                "patient",
+                "pred_boxes",
+                "pred_scores",
+                "pred_classes",
+                "gt_boxes",
+                "gt_classes",
+                "gt_size",
+            )
+        }
         data["num_noisy"] = data["num_images_noisy_only"] = 0
         for pos in sorted(by_pos):
             p, record = by_pos[pos], records[pos]
@@ -291,8 +335,9 @@ class LesionEvaluator(DatasetEvaluator):
         args = (data["pred_boxes"], data["pred_scores"], data["gt_boxes"])
         conv = self._convention
         froc = {
-            "iou": compute_froc(*args, fps=read_fps, criterion="iou", gt_groups=data["gt_size"],
-                                convention=conv),
+            "iou": compute_froc(
+                *args, fps=read_fps, criterion="iou", gt_groups=data["gt_size"], convention=conv
+            ),
             "iobb": compute_froc(*args, fps=read_fps, criterion="iobb", convention=conv),
         }
         m: "OrderedDict[str, float]" = OrderedDict()
@@ -308,13 +353,24 @@ class LesionEvaluator(DatasetEvaluator):
                     "sensitivities beyond it repeat the last value. Raise "
                     "TEST.DETECTIONS_PER_IMAGE or lower the score threshold."
                 )
-        m["AP"], m["AP50"] = coco_ap(data["gt_boxes"], data["gt_classes"], data["pred_boxes"],
-                                     data["pred_scores"], data["pred_classes"], num_classes=1)
+        m["AP"], m["AP50"] = coco_ap(
+            data["gt_boxes"],
+            data["gt_classes"],
+            data["pred_boxes"],
+            data["pred_scores"],
+            data["pred_classes"],
+            num_classes=1,
+        )
         per_type = OrderedDict()
         if self.typed:
             m["AP_typed"], m["AP50_typed"] = coco_ap(
-                data["gt_boxes"], data["gt_classes"], data["pred_boxes"], data["pred_scores"],
-                data["pred_classes"], num_classes=len(self._classes))
+                data["gt_boxes"],
+                data["gt_classes"],
+                data["pred_boxes"],
+                data["pred_scores"],
+                data["pred_classes"],
+                num_classes=len(self._classes),
+            )
             per_type = self._per_type(data)
             for name, v in per_type.items():
                 m[f"sens@{fp_key(TYPE_FP)}_iou_{name}"] = math.nan if v is None else 100.0 * v
@@ -323,8 +379,9 @@ class LesionEvaluator(DatasetEvaluator):
         group_n = froc["iou"].get("group_num_gt", {})
         for b, (name, _, _) in enumerate(SIZE_BUCKETS):
             per_size[name] = group_sens[b][TYPE_FP] if group_n.get(b, 0) > 0 else None
-            m[f"sens@{fp_key(TYPE_FP)}_iou_{name}"] = (math.nan if per_size[name] is None
-                                                       else 100.0 * per_size[name])
+            m[f"sens@{fp_key(TYPE_FP)}_iou_{name}"] = (
+                math.nan if per_size[name] is None else 100.0 * per_size[name]
+            )
         m["num_images"] = float(froc["iou"]["num_images"])
         m["num_lesions"] = float(froc["iou"]["num_gt"])
         m["num_noisy_left_out"] = float(data["num_noisy"])
@@ -351,8 +408,10 @@ class LesionEvaluator(DatasetEvaluator):
         known = sum(int(((c >= 0) & (c < len(self._classes))).sum()) for c in data["gt_classes"])
         total = sum(len(c) for c in data["gt_classes"])
         if known < total:
-            logger.warning(f"[LesionEvaluator] {self._dataset_name}: {total - known} lesions have "
-                           "no valid type and are left out of the per-type sensitivity only.")
+            logger.warning(
+                f"[LesionEvaluator] {self._dataset_name}: {total - known} lesions have "
+                "no valid type and are left out of the per-type sensitivity only."
+            )
         for t, name in enumerate(self._classes):
             pm = [c == t for c in data["pred_classes"]]
             gm = [c == t for c in data["gt_classes"]]
@@ -360,7 +419,9 @@ class LesionEvaluator(DatasetEvaluator):
                 [b[k] for b, k in zip(data["pred_boxes"], pm)],
                 [s[k] for s, k in zip(data["pred_scores"], pm)],
                 [g[k] for g, k in zip(data["gt_boxes"], gm)],
-                fps=(TYPE_FP,), criterion="iou", convention=self._convention,
+                fps=(TYPE_FP,),
+                criterion="iou",
+                convention=self._convention,
             )
             key = name.replace(" ", "_")
             if res["num_gt"] == 0 or res["max_fp_per_image"] < TYPE_FP:
@@ -372,15 +433,27 @@ class LesionEvaluator(DatasetEvaluator):
     def _write(self, metrics: "OrderedDict[str, float]", extra: dict) -> None:
         PathManager.mkdirs(self._output_dir)
         froc = extra["froc"]
-        header = (["criterion"] + [f"sens@{fp_key(f)}" for f in self._fps]
-                  + ["mean_sens", "max_fp_per_image"])
+        header = (
+            ["criterion"]
+            + [f"sens@{fp_key(f)}" for f in self._fps]
+            + ["mean_sens", "max_fp_per_image"]
+        )
         lines = [",".join(header)]
         for crit in CRITERIA:
             vals = [f"{metrics[f'sens@{fp_key(f)}_{crit}']:.4f}" for f in self._fps]
-            lines.append(",".join([crit] + vals + [f"{metrics[f'mean_sens_{crit}']:.4f}",
-                                                   f"{froc[crit]['max_fp_per_image']:.4f}"]))
-        with PathManager.open(os.path.join(self._output_dir, "froc.csv"), "w",
-                              encoding="utf-8") as f:
+            lines.append(
+                ",".join(
+                    [crit]
+                    + vals
+                    + [
+                        f"{metrics[f'mean_sens_{crit}']:.4f}",
+                        f"{froc[crit]['max_fp_per_image']:.4f}",
+                    ]
+                )
+            )
+        with PathManager.open(
+            os.path.join(self._output_dir, "froc.csv"), "w", encoding="utf-8"
+        ) as f:
             f.write("\n".join(lines) + "\n")
 
         def clean(v):
@@ -399,12 +472,19 @@ class LesionEvaluator(DatasetEvaluator):
             "counts": extra["counts"],
             "max_fp_per_image": {c: froc[c]["max_fp_per_image"] for c in CRITERIA},
         }
-        with PathManager.open(os.path.join(self._output_dir, "lesion_metrics.json"), "w",
-                              encoding="utf-8") as f:
+        with PathManager.open(
+            os.path.join(self._output_dir, "lesion_metrics.json"), "w", encoding="utf-8"
+        ) as f:
             json.dump(payload, f, indent=2)
-        curves = {CRITERION_NAMES[c]: (froc[c]["fp_per_image"], froc[c]["sens_curve"])
-                  for c in CRITERIA}
-        plot_froc(curves, os.path.join(self._output_dir, "froc.png"), fps=self._fps,
-                  title=f"FROC on {self._dataset_name}")
-        logger.info("[LesionEvaluator] wrote froc.csv, froc.png, lesion_metrics.json to "
-                    f"{self._output_dir}")
+        curves = {
+            CRITERION_NAMES[c]: (froc[c]["fp_per_image"], froc[c]["sens_curve"]) for c in CRITERIA
+        }
+        plot_froc(
+            curves,
+            os.path.join(self._output_dir, "froc.png"),
+            fps=self._fps,
+            title=f"FROC on {self._dataset_name}",
+        )
+        logger.info(
+            f"[LesionEvaluator] wrote froc.csv, froc.png, lesion_metrics.json to {self._output_dir}"
+        )

@@ -3,6 +3,7 @@
 This is what a TRPN or RPN change should be judged by before the box head sees anything: a
 lesion without a proposal at IoU >= 0.5 can only be found through the box head's regression.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -20,16 +21,19 @@ from detectron2.utils import comm
 __all__ = ["ProposalRecallEvaluator", "recall_at"]
 
 
-def recall_at(proposals: np.ndarray, gt: np.ndarray, topks: Sequence[int],
-              iou: float = 0.5) -> Dict[int, int]:
+def recall_at(
+    proposals: np.ndarray, gt: np.ndarray, topks: Sequence[int], iou: float = 0.5
+) -> Dict[int, int]:
     """How many of ``gt`` (G, 4) have a box among the first k rows of ``proposals`` (ranked
     best first, (P, 4)) with IoU >= ``iou``, for each k of ``topks``."""
     if len(gt) == 0:
         return {k: 0 for k in topks}
     if len(proposals) == 0:
         return {k: 0 for k in topks}
-    ious = pairwise_iou(Boxes(torch.as_tensor(proposals, dtype=torch.float64)),
-                        Boxes(torch.as_tensor(gt, dtype=torch.float64))).numpy()
+    ious = pairwise_iou(
+        Boxes(torch.as_tensor(proposals, dtype=torch.float64)),
+        Boxes(torch.as_tensor(gt, dtype=torch.float64)),
+    ).numpy()
     # Rank of the first proposal covering each lesion; a lesion never covered gets P.
     covered = ious >= iou
     first = np.where(covered.any(0), covered.argmax(0), len(proposals))
@@ -45,8 +49,12 @@ class ProposalRecallEvaluator(DatasetEvaluator):
     call. Possibly_noisy lesions are left out, as in :class:`~elixir_d2.evaluation.LesionEvaluator`.
     """
 
-    def __init__(self, dataset_name: str, proposals: List[List[Instances]],
-                 topks: Sequence[int] = (50, 100, 300)):
+    def __init__(
+        self,
+        dataset_name: str,
+        proposals: List[List[Instances]],
+        topks: Sequence[int] = (50, 100, 300),
+    ):
         self._dataset_name = dataset_name
         self._proposals = proposals
         self._topks = tuple(int(k) for k in topks)
@@ -63,9 +71,11 @@ class ProposalRecallEvaluator(DatasetEvaluator):
             self._gt = {}
             for r in DatasetCatalog.get(self._dataset_name):
                 boxes = [
-                    BoxMode.convert(list(a["bbox"]), a.get("bbox_mode", BoxMode.XYXY_ABS),
-                                    BoxMode.XYXY_ABS)
-                    for a in r.get("annotations", []) if not a.get("noisy", False)
+                    BoxMode.convert(
+                        list(a["bbox"]), a.get("bbox_mode", BoxMode.XYXY_ABS), BoxMode.XYXY_ABS
+                    )
+                    for a in r.get("annotations", [])
+                    if not a.get("noisy", False)
                 ]
                 self._gt[r["image_id"]] = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
         return self._gt
@@ -78,8 +88,10 @@ class ProposalRecallEvaluator(DatasetEvaluator):
             )
         batch = self._proposals.pop(0)
         if len(batch) != len(inputs):
-            raise RuntimeError(f"ProposalRecallEvaluator: {len(batch)} images of captured "
-                               f"proposals for a batch of {len(inputs)}")
+            raise RuntimeError(
+                f"ProposalRecallEvaluator: {len(batch)} images of captured "
+                f"proposals for a batch of {len(inputs)}"
+            )
         gt = self._gt_boxes()
         for inp, props in zip(inputs, batch):
             props = props.to("cpu")

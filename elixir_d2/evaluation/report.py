@@ -1,4 +1,5 @@
 """Paper-layout FROC tables (Tables 1 and 2) and the FROC plot written by LesionEvaluator."""
+
 from __future__ import annotations
 
 import math

@@ -10,6 +10,7 @@ Two sources of spread, two intervals:
 
 Pure numpy and the standard library, like :mod:`.froc`.
 """
+
 from __future__ import annotations
 
 import math
@@ -19,8 +20,13 @@ import numpy as np
 
 from .froc import MEAN_SENS_FPS, compute_froc
 
-__all__ = ["t_quantile", "PairedInterval", "paired_interval", "bootstrap_mean_sensitivity",
-           "percentile_interval"]
+__all__ = [
+    "t_quantile",
+    "PairedInterval",
+    "paired_interval",
+    "bootstrap_mean_sensitivity",
+    "percentile_interval",
+]
 
 
 def _betacf(a: float, b: float, x: float) -> float:
@@ -32,8 +38,10 @@ def _betacf(a: float, b: float, x: float) -> float:
     h = d
     for m in range(1, 500):
         m2 = 2 * m
-        for num in (m * (b - m) * x / ((qam + m2) * (a + m2)),
-                    -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))):
+        for num in (
+            m * (b - m) * x / ((qam + m2) * (a + m2)),
+            -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2)),
+        ):
             d = 1.0 + num * d
             d = 1.0 / (d if abs(d) > tiny else tiny)
             c = 1.0 + num / c
@@ -50,8 +58,9 @@ def _betainc(a: float, b: float, x: float) -> float:
         return 0.0
     if x >= 1.0:
         return 1.0
-    log_front = (math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b)
-                 + a * math.log(x) + b * math.log1p(-x))
+    log_front = (
+        math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
+    )
     # The continued fraction converges fast only below the mean; use the symmetry above it.
     if x < (a + 1.0) / (a + b + 2.0):
         return math.exp(log_front) * _betacf(a, b, x) / a
@@ -97,13 +106,16 @@ class PairedInterval(NamedTuple):
         return self.low > 0.0 or self.high < 0.0
 
 
-def paired_interval(a: Sequence[float], b: Sequence[float],
-                    confidence: float = 0.95) -> PairedInterval:
+def paired_interval(
+    a: Sequence[float], b: Sequence[float], confidence: float = 0.95
+) -> PairedInterval:
     """Student-t interval of the mean of ``a[i] - b[i]`` (e.g. two models' metric on seed i)."""
     a_arr, b_arr = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     if a_arr.shape != b_arr.shape or a_arr.ndim != 1:
-        raise ValueError(f"paired values must be two 1-D sequences of one length, got shapes "
-                         f"{a_arr.shape} and {b_arr.shape}")
+        raise ValueError(
+            f"paired values must be two 1-D sequences of one length, got shapes "
+            f"{a_arr.shape} and {b_arr.shape}"
+        )
     if len(a_arr) < 2:
         raise ValueError(f"an interval needs at least 2 pairs, got {len(a_arr)}")
     if not (np.isfinite(a_arr).all() and np.isfinite(b_arr).all()):
@@ -144,8 +156,9 @@ def bootstrap_mean_sensitivity(
         raise ValueError(f"{len(patients)} patients for {n_img} images")
     for name, (boxes, scores) in predictions.items():
         if len(boxes) != n_img or len(scores) != n_img:
-            raise ValueError(f"model {name!r}: {len(boxes)} box and {len(scores)} score lists "
-                             f"for {n_img} images")
+            raise ValueError(
+                f"model {name!r}: {len(boxes)} box and {len(scores)} score lists for {n_img} images"
+            )
     if num_samples < 1:
         raise ValueError(f"num_samples must be positive, got {num_samples}")
     ids, image_patient = np.unique(np.asarray(patients), return_inverse=True)
@@ -157,8 +170,14 @@ def bootstrap_mean_sensitivity(
         images = np.concatenate([images_of[k] for k in drawn])
         gt = [gt_boxes[i] for i in images]
         for name, (boxes, scores) in predictions.items():
-            res = compute_froc([boxes[i] for i in images], [scores[i] for i in images], gt,
-                               fps=fps, criterion=criterion, convention=convention)
+            res = compute_froc(
+                [boxes[i] for i in images],
+                [scores[i] for i in images],
+                gt,
+                fps=fps,
+                criterion=criterion,
+                convention=convention,
+            )
             out[name][s] = float(np.mean([res["sensitivity"][f] for f in fps]))
     return out
 

@@ -7,6 +7,7 @@ name a folder), at most 80 characters; an empty result becomes ``case``. Ids tha
 (equal ignoring case, as on macOS / Windows file systems) or equal one of the run's own output
 files get ``~N``: ``~`` never survives sanitising, so a suffixed id cannot equal another case's id.
 """
+
 from __future__ import annotations
 
 import csv
@@ -15,12 +16,26 @@ import os
 import re
 from typing import Dict, List, Optional, Sequence
 
-__all__ = ["RUN_FILES", "UnsafeOutputError", "sanitize_case_id", "unique_case_ids", "InputNames",
-           "OutputDir"]
+__all__ = [
+    "RUN_FILES",
+    "UnsafeOutputError",
+    "sanitize_case_id",
+    "unique_case_ids",
+    "InputNames",
+    "OutputDir",
+]
 
 # Files a run writes at the top of the output folder: no case may be named like one of them.
-RUN_FILES = ("summary.json", "detections.csv", "findings.csv", "coco_results.json",
-             "coco_images.json", "froc.png", "froc.json", "index.html")
+RUN_FILES = (
+    "summary.json",
+    "detections.csv",
+    "findings.csv",
+    "coco_results.json",
+    "coco_images.json",
+    "froc.png",
+    "froc.json",
+    "index.html",
+)
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 _MAX_LEN = 80
 
@@ -60,8 +75,11 @@ class InputNames:
 
     def __init__(self, input_path: str, anonymize: bool = False):
         given = os.path.normpath(input_path)
-        self.root = (os.path.dirname(os.path.abspath(given)) if os.path.isfile(given)
-                     else os.path.abspath(given))
+        self.root = (
+            os.path.dirname(os.path.abspath(given))
+            if os.path.isfile(given)
+            else os.path.abspath(given)
+        )
         self.anonymize = anonymize
         self._given_root = os.path.dirname(given) if os.path.isfile(given) else given
 
@@ -78,15 +96,17 @@ class InputNames:
         it is shown, and every other path under the input made relative."""
         if path is not None and case_id is not None:
             shown = self.shown(path, case_id)
-            for form in sorted({os.path.abspath(path), os.path.normpath(path)}, key=len,
-                               reverse=True):
+            for form in sorted(
+                {os.path.abspath(path), os.path.normpath(path)}, key=len, reverse=True
+            ):
                 text = text.replace(form, shown)
             if self.anonymize and os.path.isdir(path):  # scanners name files after the patient
                 for entry in sorted(os.listdir(path), key=len, reverse=True):
                     if len(entry) >= 3:
                         text = text.replace(entry, "<file>")
-        for root in sorted({self.root, os.path.abspath(self._given_root), self._given_root},
-                           key=len, reverse=True):
+        for root in sorted(
+            {self.root, os.path.abspath(self._given_root), self._given_root}, key=len, reverse=True
+        ):
             if root and root != ".":
                 text = text.replace(root + os.sep, "")
         return text
@@ -111,8 +131,10 @@ class OutputDir:
     def path(self, *parts: str) -> str:
         p = os.path.realpath(os.path.join(self.root, *parts))
         if p == self.root or not p.startswith(self.root + os.sep):
-            raise UnsafeOutputError(f"refusing to write {os.path.join(*parts)!r}: it resolves to "
-                                    f"{p}, outside the output folder {self.given}")
+            raise UnsafeOutputError(
+                f"refusing to write {os.path.join(*parts)!r}: it resolves to "
+                f"{p}, outside the output folder {self.given}"
+            )
         return p
 
     def contains(self, path: str) -> bool:

@@ -6,6 +6,7 @@ run files (:mod:`.run_files`) need of it.
 Every rank calls :func:`run_case` for each case of its share with a :class:`CaseStep`, what the
 cases of a run have in common (the model, the options, the output folder), set up once.
 """
+
 from __future__ import annotations
 
 import functools
@@ -83,8 +84,9 @@ class CaseStep:
         return max(abs(o) for o in self.predictor.mapper.offsets_mm)
 
 
-def run_case(step: CaseStep, index: int, case: CaseSource, case_id: str,
-             case_gt: Mapping[int, np.ndarray]) -> CaseOutcome:
+def run_case(
+    step: CaseStep, index: int, case: CaseSource, case_id: str, case_gt: Mapping[int, np.ndarray]
+) -> CaseOutcome:
     """The outcome of the case at ``index`` of the run, output as ``case_id``: its folder
     predicted and written, or (``--resume``) verified and read back; ``case_gt``: its ground truth
     slices, drawn on its overlays and read by its report. A case that cannot be done is a failed
@@ -99,9 +101,11 @@ def run_case(step: CaseStep, index: int, case: CaseSource, case_id: str,
         if doc is not None:
             return CaseOutcome(index, doc=doc, resumed=True)
         if os.path.lexists(case_dir) and not is_case_folder(case_dir):
-            raise UnsafeOutputError(f"{escape_name(case_id)} in --output "
-                                    f"{escape_name(out.given)} was not written by this tool; "
-                                    "move it away")
+            raise UnsafeOutputError(
+                f"{escape_name(case_id)} in --output "
+                f"{escape_name(out.given)} was not written by this tool; "
+                "move it away"
+            )
         return _predict_case(step, index, case, case_id, case_dir, case_gt, input_fp)
     except CASE_ERRORS as e:
         if step.single:
@@ -111,57 +115,107 @@ def run_case(step: CaseStep, index: int, case: CaseSource, case_id: str,
         return CaseOutcome(index, failure={"case": case_id, "path": shown, "error": error})
 
 
-def _predict_case(step: CaseStep, index: int, case: CaseSource, case_id: str, case_dir: str,
-                  case_gt: Mapping[int, np.ndarray], input_fp: Dict) -> CaseOutcome:
+def _predict_case(
+    step: CaseStep,
+    index: int,
+    case: CaseSource,
+    case_id: str,
+    case_dir: str,
+    case_gt: Mapping[int, np.ndarray],
+    input_fp: Dict,
+) -> CaseOutcome:
     """Read one case, predict it and write its complete case folder (atomically)."""
     opts = step.opts
     t0 = time.perf_counter()
-    volume = read_case(case, opts.spacing, opts.slice_interval, context_mm=step.context_mm,
-                       max_voxels=opts.max_voxels)
+    volume = read_case(
+        case,
+        opts.spacing,
+        opts.slice_interval,
+        context_mm=step.context_mm,
+        max_voxels=opts.max_voxels,
+    )
     # The volume was read under the input's name; its outputs carry the case id (maybe anonymous).
     volume.name = case_id
     read_s = time.perf_counter() - t0
-    build = functools.partial(_write_case_folder, step=step, case=case, volume=volume,
-                              case_gt=case_gt, input_fp=input_fp)
+    build = functools.partial(
+        _write_case_folder, step=step, case=case, volume=volume, case_gt=case_gt, input_fp=input_fp
+    )
     built = build_dir_atomically(case_dir, build, None)
     pred, doc = built["pred"], built["doc"]
     forward_s, prepare_s = pred.forward_s, pred.prepare_s
-    outcome = CaseOutcome(index, doc=doc, read_s=read_s, prepare_s=prepare_s, forward_s=forward_s,
-                          write_s=time.perf_counter() - t0 - read_s - forward_s - prepare_s)
+    outcome = CaseOutcome(
+        index,
+        doc=doc,
+        read_s=read_s,
+        prepare_s=prepare_s,
+        forward_s=forward_s,
+        write_s=time.perf_counter() - t0 - read_s - forward_s - prepare_s,
+    )
     for w in doc["warnings"]:  # as written: relative to the input, or anonymised
         logger.warning(w)
     return outcome
 
 
-def _write_case_folder(tmp_dir: str, step: CaseStep, case: CaseSource, volume: CTVolume,
-                       case_gt: Mapping[int, np.ndarray], input_fp: Dict) -> Dict:
+def _write_case_folder(
+    tmp_dir: str,
+    step: CaseStep,
+    case: CaseSource,
+    volume: CTVolume,
+    case_gt: Mapping[int, np.ndarray],
+    input_fp: Dict,
+) -> Dict:
     """build_dir_atomically's ``build``: the case folder's every file into ``tmp_dir``, the
     manifest last; returns the prediction and the detections.json document as read back."""
     opts = step.opts
     draw = SliceDrawer(tmp_dir, volume, case_gt, opts)
-    with tqdm(total=len(volume.slices_to_predict()), desc=volume.name, unit="slice",
-              leave=False, disable=not opts.progress or comm.get_world_size() > 1) as bar:
+    with tqdm(
+        total=len(volume.slices_to_predict()),
+        desc=volume.name,
+        unit="slice",
+        leave=False,
+        disable=not opts.progress or comm.get_world_size() > 1,
+    ) as bar:
         pred = step.predictor.predict_volume(volume, progress=bar, on_slice=draw)
     slices, boxes, scores = flat_detections(pred)
-    findings = group_detections(slices, boxes, scores, volume.spacing, volume.slice_interval,
-                                iou_thresh=opts.group_iou, max_gap=opts.group_gap)
+    findings = group_detections(
+        slices,
+        boxes,
+        scores,
+        volume.spacing,
+        volume.slice_interval,
+        iou_thresh=opts.group_iou,
+        max_gap=opts.group_gap,
+    )
     finding_of = {i: f.finding_id for f in findings for i in f.members}
     dets = detection_rows(pred, finding_of)
     written = _write_case(tmp_dir, pred, dets, findings, step.names, case)
     # the case report before the manifest, which then lists it
     if opts.report == "html":
-        write_case_report(tmp_dir, written, volume, case_gt if opts.gt else None,
-                          tuple(step.cfg.TEST.FROC_FPS), step.cfg.TEST.FROC_CONVENTION)
+        write_case_report(
+            tmp_dir,
+            written,
+            volume,
+            case_gt if opts.gt else None,
+            tuple(step.cfg.TEST.FROC_FPS),
+            step.cfg.TEST.FROC_CONVENTION,
+        )
     write_case_markups(tmp_dir, volume, findings, dets)
     if opts.dicom_sr and volume.kind == "dicom":
         from .dicom_sr import write_case_sr
+
         write_case_sr(tmp_dir, volume, findings)
     write_manifest(tmp_dir, step.settings, input_fp)  # last: the folder is complete
     return {"pred": pred, "doc": written}
 
 
-def _write_case(case_dir: str, pred: VolumePrediction, dets: List[Dict],
-                findings: Sequence[Finding], names: InputNames, case: CaseSource) -> Dict:
+def _write_case(
+    case_dir: str,
+    pred: VolumePrediction,
+    dets: List[Dict],
+    findings: Sequence[Finding],
+    names: InputNames,
+    case: CaseSource,
+) -> Dict:
     """The case's files (but the manifest); returns its detections.json document as read back."""
     vol = pred.volume
     doc = case_summary(pred, dets, findings)
@@ -197,16 +251,28 @@ class SliceDrawer:
             grey = window_for_display(hu, opts.view_window)
             if wanted and opts.overlays != "none":
                 os.makedirs(f"{case_dir}/overlays", exist_ok=True)
-                draw_detections(grey, sp.boxes, sp.scores, sp.type_names, gt_boxes,
-                                f"{case_dir}/overlays/{file}")
+                draw_detections(
+                    grey,
+                    sp.boxes,
+                    sp.scores,
+                    sp.type_names,
+                    gt_boxes,
+                    f"{case_dir}/overlays/{file}",
+                )
             if relations:
                 os.makedirs(f"{case_dir}/relations", exist_ok=True)
-                draw_relation_graph(grey, sp.proposals, sp.relations,
-                                    f"{case_dir}/relations/{file}", scores=sp.proposal_scores,
-                                    title=f"{self.volume.name} slice {sp.slice_number}")
+                draw_relation_graph(
+                    grey,
+                    sp.proposals,
+                    sp.relations,
+                    f"{case_dir}/relations/{file}",
+                    scores=sp.proposal_scores,
+                    title=f"{self.volume.name} slice {sp.slice_number}",
+                )
             if confidence:
                 os.makedirs(f"{case_dir}/confidence", exist_ok=True)
-                draw_confidence_map(grey, sp.conf_maps, f"{case_dir}/confidence/{file}",
-                                    eps=sp.conf_eps)
+                draw_confidence_map(
+                    grey, sp.conf_maps, f"{case_dir}/confidence/{file}", eps=sp.conf_eps
+                )
         sp.relations = sp.proposals = sp.proposal_scores = None
         sp.conf_maps = sp.conf_eps = None

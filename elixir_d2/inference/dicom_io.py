@@ -1,5 +1,6 @@
 """DICOM CT series for inference: geometry tags validated as read from the files (only geometry,
 modality, pixel-layout and rescale tags are read: no patient identifier enters a CTVolume)."""
+
 from __future__ import annotations
 
 import math
@@ -30,14 +31,35 @@ __all__ = ["read_dicom_series"]
 
 # Orientations of one series may differ by rounding (6 decimals in most headers), not more.
 _ORIENTATION_ATOL = 0.01
-_TAGS = {"modality": "0008|0060", "position": "0020|0032", "orientation": "0020|0037",
-         "spacing": "0028|0030", "rows": "0028|0010", "columns": "0028|0011",
-         "bits": "0028|0100", "samples": "0028|0002", "frames": "0028|0008"}
+_TAGS = {
+    "modality": "0008|0060",
+    "position": "0020|0032",
+    "orientation": "0020|0037",
+    "spacing": "0028|0030",
+    "rows": "0028|0010",
+    "columns": "0028|0011",
+    "bits": "0028|0100",
+    "samples": "0028|0002",
+    "frames": "0028|0008",
+}
 _IMPLICIT_LE, _EXPLICIT_BE = "1.2.840.10008.1.2", "1.2.840.10008.1.2.2"
 _UNCOMPRESSED = {_IMPLICIT_LE, "1.2.840.10008.1.2.1", _EXPLICIT_BE}
 # Explicit-VR value representations whose length field is 4 bytes after 2 reserved ones.
-_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT",
-             b"UV"}
+_LONG_VRS = {
+    b"OB",
+    b"OD",
+    b"OF",
+    b"OL",
+    b"OV",
+    b"OW",
+    b"SQ",
+    b"SV",
+    b"UC",
+    b"UN",
+    b"UR",
+    b"UT",
+    b"UV",
+}
 _PIXEL_VRS = {b"OB", b"OW", b"OD", b"OF", b"OL", b"OV", b"UN"}
 _MAX_CANDIDATES = 64
 
@@ -51,8 +73,9 @@ def _header(sitk, path: str, folder: str) -> Dict:
     try:
         reader.ReadImageInformation()
     except RuntimeError as e:
-        raise CTInputError(f"{folder}: unreadable DICOM file {os.path.basename(path)} "
-                           f"({_first_line(e)})") from None
+        raise CTInputError(
+            f"{folder}: unreadable DICOM file {os.path.basename(path)} ({_first_line(e)})"
+        ) from None
     out = {k: reader.GetMetaData(t).strip() for k, t in _TAGS.items() if reader.HasMetaDataKey(t)}
     out["size"] = tuple(reader.GetSize())
     return out
@@ -123,8 +146,10 @@ def _pixel_data_shortfall(path: str, h: Dict) -> Optional[str]:
                 if implicit:
                     length, start = struct.unpack("<I", data[i + 4 : i + 8])[0], i + 8
                 elif bytes(data[i + 4 : i + 6]) in _PIXEL_VRS and data[i + 6 : i + 8] == b"\0\0":
-                    length, start = struct.unpack(">I" if big else "<I",
-                                                  data[i + 8 : i + 12])[0], i + 12
+                    length, start = (
+                        struct.unpack(">I" if big else "<I", data[i + 8 : i + 12])[0],
+                        i + 12,
+                    )
                 else:
                     length, start = None, 0
                 if length == 0xFFFFFFFF:
@@ -139,8 +164,10 @@ def _pixel_data_shortfall(path: str, h: Dict) -> Optional[str]:
     if max(held) >= need:
         return None
     frames_shown = f" x {frames} frames" if frames > 1 else ""
-    return (f"pixel data holds {max(held)} bytes where {cols} x {rows} pixels{frames_shown} of "
-            f"{bits} bits need {need}")
+    return (
+        f"pixel data holds {max(held)} bytes where {cols} x {rows} pixels{frames_shown} of "
+        f"{bits} bits need {need}"
+    )
 
 
 def _orientations(folder: str, files: List[str], headers: List[Dict]) -> np.ndarray:
@@ -151,17 +178,23 @@ def _orientations(folder: str, files: List[str], headers: List[Dict]) -> np.ndar
         return np.array([1.0, 0, 0, 0, 1, 0])  # GDCM's default too
     if not all(present):
         missing = os.path.basename(files[present.index(False)])
-        raise CTInputError(f"{folder}: slices differ in orientation: {missing} has no "
-                           "ImageOrientationPatient (0020|0037) where others have one")
+        raise CTInputError(
+            f"{folder}: slices differ in orientation: {missing} has no "
+            "ImageOrientationPatient (0020|0037) where others have one"
+        )
     iops = []
     for f, h in zip(files, headers):
         iop = _numbers(h["orientation"], 6, "ImageOrientationPatient", folder)
         r, c = iop[:3], iop[3:]
-        if (abs(np.linalg.norm(r) - 1) > _ORIENTATION_ATOL
-                or abs(np.linalg.norm(c) - 1) > _ORIENTATION_ATOL
-                or abs(float(r @ c)) > _ORIENTATION_ATOL):
-            raise CTInputError(f"{folder}: {os.path.basename(f)} has ImageOrientationPatient "
-                               f"{_shown(iop)}: not two orthogonal unit vectors")
+        if (
+            abs(np.linalg.norm(r) - 1) > _ORIENTATION_ATOL
+            or abs(np.linalg.norm(c) - 1) > _ORIENTATION_ATOL
+            or abs(float(r @ c)) > _ORIENTATION_ATOL
+        ):
+            raise CTInputError(
+                f"{folder}: {os.path.basename(f)} has ImageOrientationPatient "
+                f"{_shown(iop)}: not two orthogonal unit vectors"
+            )
         iops.append(iop)
     for f, iop in zip(files[1:], iops[1:]):
         if np.max(np.abs(iop - iops[0])) > _ORIENTATION_ATOL:
@@ -169,12 +202,20 @@ def _orientations(folder: str, files: List[str], headers: List[Dict]) -> np.ndar
                 f"{folder}: slices differ in orientation: {os.path.basename(files[0])} has "
                 f"ImageOrientationPatient {_shown(iops[0])} but {os.path.basename(f)} has "
                 f"{_shown(iop)}; one series must be one stack (scouts or another series mixed "
-                "in?)")
+                "in?)"
+            )
     return iops[0]
 
 
-def _stack_drift(folder: str, files: List[str], pos: np.ndarray, iop: np.ndarray,
-                 along: np.ndarray, step: float, tol: float) -> Optional[str]:
+def _stack_drift(
+    folder: str,
+    files: List[str],
+    pos: np.ndarray,
+    iop: np.ndarray,
+    along: np.ndarray,
+    step: float,
+    tol: float,
+) -> Optional[str]:
     """Refuse slices whose positions leave the straight line (or the uniformly tilted one) the
     others lie on; a warning when that line is tilted (gantry tilt: read unsheared)."""
     inplane = pos @ np.stack([iop[:3], iop[3:]], axis=1)  # (n, 2) mm along rows, columns
@@ -190,11 +231,14 @@ def _stack_drift(folder: str, files: List[str], pos: np.ndarray, iop: np.ndarray
         raise CTInputError(
             f"{folder}: slice positions do not form one stack: {os.path.basename(f)} lies "
             f"{off[worst]:.3g} mm off the line through the others (ImagePositionPatient "
-            f"{_shown(pos[order[worst]])})")
+            f"{_shown(pos[order[worst]])})"
+        )
     per_slice = float(np.linalg.norm(slope)) * step
     if per_slice * (len(files) - 1) > tol:
-        return (f"{folder}: the slices drift {per_slice:.3g} mm in-plane per slice (a gantry "
-                "tilt?); read as an unsheared stack")
+        return (
+            f"{folder}: the slices drift {per_slice:.3g} mm in-plane per slice (a gantry "
+            "tilt?); read as an unsheared stack"
+        )
     return None
 
 
@@ -203,22 +247,28 @@ def _check_series_files(folder: str, files: List[str], headers: List[Dict]) -> N
     for f, h in zip(files, headers):
         frames = _int_tag(h, "frames", 1) or 1
         if frames > 1:
-            raise CTInputError(f"{folder}: {os.path.basename(f)} is a multi-frame DICOM file "
-                               f"({frames} frames), which is not supported; export the series "
-                               "as one file per slice")
+            raise CTInputError(
+                f"{folder}: {os.path.basename(f)} is a multi-frame DICOM file "
+                f"({frames} frames), which is not supported; export the series "
+                "as one file per slice"
+            )
     if len(files) < 2:
-        raise CTInputError(f"{folder}: a single DICOM slice is a 2-D image; inference needs a "
-                           "series")
+        raise CTInputError(
+            f"{folder}: a single DICOM slice is a 2-D image; inference needs a series"
+        )
     modalities = {h.get("modality", "") for h in headers}
     if modalities != {"CT"}:
         shown = sorted(m or "<missing>" for m in modalities)
         raise CTInputError(f"{folder}: not a CT series (Modality {', '.join(shown)})")
     for f, h in zip(files, headers):
-        for key, tag in (("spacing", "PixelSpacing 0028|0030"),
-                         ("position", "ImagePositionPatient 0020|0032")):
+        for key, tag in (
+            ("spacing", "PixelSpacing 0028|0030"),
+            ("position", "ImagePositionPatient 0020|0032"),
+        ):
             if key not in h:
-                raise CTInputError(f"{folder}: missing spacing ({tag} absent from "
-                                   f"{os.path.basename(f)})")
+                raise CTInputError(
+                    f"{folder}: missing spacing ({tag} absent from {os.path.basename(f)})"
+                )
 
 
 def _slice_step(folder: str, positions: np.ndarray, normal: np.ndarray) -> Tuple[np.ndarray, float]:
@@ -228,8 +278,9 @@ def _slice_step(folder: str, positions: np.ndarray, normal: np.ndarray) -> Tuple
     step = float(np.median(gaps))
     if step <= 0 or np.any(np.abs(gaps - step) > _SPACING_RTOL * step + _SPACING_ATOL_MM):
         shown = ", ".join(f"{g:.3g}" for g in gaps[:8]) + (" ..." if len(gaps) > 8 else "")
-        raise CTInputError(f"{folder}: inconsistent slice spacing (gaps between slice positions: "
-                           f"{shown} mm)")
+        raise CTInputError(
+            f"{folder}: inconsistent slice spacing (gaps between slice positions: {shown} mm)"
+        )
     return pos, step
 
 
@@ -239,18 +290,24 @@ def _pixel_spacing(folder: str, files: List[str], headers: List[Dict]) -> Tuple[
     if len(pixel) != 1:
         raise CTInputError(f"{folder}: PixelSpacing differs between slices {sorted(pixel)}")
     # GDCM reads a PixelSpacing of 0 as 1 mm: the raw tag is checked instead.
-    bad = [(os.path.basename(f), h["spacing"]) for f, h in zip(files, headers)
-           if not all(v > 0 for v in _numbers(h["spacing"], 2, "PixelSpacing", folder))]
+    bad = [
+        (os.path.basename(f), h["spacing"])
+        for f, h in zip(files, headers)
+        if not all(v > 0 for v in _numbers(h["spacing"], 2, "PixelSpacing", folder))
+    ]
     if bad:
         series = os.path.basename(os.path.normpath(folder))
         more = f" and {len(bad) - 1} more file(s)" if len(bad) > 1 else ""
-        raise CTInputError(f"{folder}: DICOM series {series!r} has PixelSpacing {bad[0][1]!r} "
-                           f"(in {bad[0][0]}{more}): pixel spacing must be positive mm")
+        raise CTInputError(
+            f"{folder}: DICOM series {series!r} has PixelSpacing {bad[0][1]!r} "
+            f"(in {bad[0][0]}{more}): pixel spacing must be positive mm"
+        )
     return next(iter(pixel))
 
 
-def read_dicom_series(folder: str, name: str,
-                      max_voxels: Optional[int] = DEFAULT_MAX_VOXELS) -> CTVolume:
+def read_dicom_series(
+    folder: str, name: str, max_voxels: Optional[int] = DEFAULT_MAX_VOXELS
+) -> CTVolume:
     """A DICOM CT series folder in HU (one series per folder; modality CT; one file per slice,
     all of one orientation and size, positions evenly spaced along one line; a positive
     PixelSpacing; pixel data as long as Rows x Columns; at most ``max_voxels`` voxels, checked
@@ -261,20 +318,23 @@ def read_dicom_series(folder: str, name: str,
     if not ids:
         raise CTInputError(f"{folder}: no readable DICOM series")
     if len(ids) > 1:
-        raise CTInputError(f"{folder}: {len(ids)} DICOM series in one folder; put each series in "
-                           "its own folder")
+        raise CTInputError(
+            f"{folder}: {len(ids)} DICOM series in one folder; put each series in its own folder"
+        )
     files = list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(local, ids[0]))
     headers = [_header(sitk, f, folder) for f in files]
     _check_series_files(folder, files, headers)
     iop = _orientations(folder, files, headers)
-    positions = np.array([_numbers(h["position"], 3, "ImagePositionPatient", folder)
-                          for h in headers])
+    positions = np.array(
+        [_numbers(h["position"], 3, "ImagePositionPatient", folder) for h in headers]
+    )
     pos, step = _slice_step(folder, positions, np.cross(iop[:3], iop[3:]))
     spacing = _pixel_spacing(folder, files, headers)
     check_spacing(folder, spacing, step)
     # Half a pixel: a slice further off the others' line does not stack onto their grid.
-    drift = _stack_drift(folder, files, positions, iop, pos, step,
-                         tol=0.5 * min(spacing) + _SPACING_ATOL_MM)
+    drift = _stack_drift(
+        folder, files, positions, iop, pos, step, tol=0.5 * min(spacing) + _SPACING_ATOL_MM
+    )
     rows_cols = {h["size"][:2] for h in headers}
     if len(rows_cols) != 1:
         raise CTInputError(f"{folder}: slices differ in size {sorted(rows_cols)}")
@@ -283,8 +343,10 @@ def read_dicom_series(folder: str, name: str,
     for f, h in zip(files, headers):
         short = _pixel_data_shortfall(f, h)
         if short:
-            raise CTInputError(f"{os.path.join(folder, os.path.basename(f))}: {short} (a "
-                               "truncated or inconsistent file)")
+            raise CTInputError(
+                f"{os.path.join(folder, os.path.basename(f))}: {short} (a "
+                "truncated or inconsistent file)"
+            )
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
     try:

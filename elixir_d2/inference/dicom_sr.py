@@ -15,6 +15,7 @@ filed with the patient's study. It is therefore opt-in, written to its own subfo
 (``<case>/dicom_sr/sr.dcm``), and refused with ``--anonymize-ids``; every other output stays free
 of identifiers. The source headers are read here, when the SR is written, and nowhere else.
 """
+
 from __future__ import annotations
 
 import logging
@@ -44,8 +45,10 @@ def _highdicom():
     try:
         import highdicom
     except ImportError:
-        raise DicomSRError("--dicom-sr needs highdicom: pip install 'elixir_d2[dicom-sr]' (or "
-                           "pip install highdicom)") from None
+        raise DicomSRError(
+            "--dicom-sr needs highdicom: pip install 'elixir_d2[dicom-sr]' (or "
+            "pip install highdicom)"
+        ) from None
     return highdicom
 
 
@@ -54,12 +57,16 @@ def check_sr_request(cases: Sequence[CaseSource], anonymize: bool) -> None:
     asked to be hidden, no DICOM series in the input); warn about cases that get no SR."""
     _highdicom()
     if anonymize:
-        raise DicomSRError("--dicom-sr writes the patient's identifiers (the SR is filed with the "
-                           "patient's study); it cannot be combined with --anonymize-ids")
+        raise DicomSRError(
+            "--dicom-sr writes the patient's identifiers (the SR is filed with the "
+            "patient's study); it cannot be combined with --anonymize-ids"
+        )
     others = [c for c in cases if c.kind != "dicom"]
     if cases and len(others) == len(cases):
-        raise DicomSRError("--dicom-sr: the input holds no DICOM series (an SR references DICOM "
-                           "images; NIfTI volumes and PNG folders get findings.mrk.json only)")
+        raise DicomSRError(
+            "--dicom-sr: the input holds no DICOM series (an SR references DICOM "
+            "images; NIfTI volumes and PNG folders get findings.mrk.json only)"
+        )
     if others:
         logger.warning(f"--dicom-sr: {len(others)} case(s) are not DICOM series and get no SR")
 
@@ -99,10 +106,14 @@ def _region(hd, vol: CTVolume, f: Finding, sources: List, frame_uid: str):
         return hd.sr.ImageRegion(
             graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
             graphic_data=np.stack([cols, rows], axis=1),
-            source_image=hd.sr.SourceImageForRegion(ds.SOPClassUID, ds.SOPInstanceUID))
+            source_image=hd.sr.SourceImageForRegion(ds.SOPClassUID, ds.SOPInstanceUID),
+        )
     lps[-1] = lps[0]  # closed exactly, whatever the rounding
-    return hd.sr.ImageRegion3D(graphic_type=hd.sr.GraphicTypeValues3D.POLYGON, graphic_data=lps,
-                               frame_of_reference_uid=frame_uid)
+    return hd.sr.ImageRegion3D(
+        graphic_type=hd.sr.GraphicTypeValues3D.POLYGON,
+        graphic_data=lps,
+        frame_of_reference_uid=frame_uid,
+    )
 
 
 def _group(hd, codes, vol: CTVolume, f: Finding, sources: List, frame_uid: str, algorithm):
@@ -111,17 +122,21 @@ def _group(hd, codes, vol: CTVolume, f: Finding, sources: List, frame_uid: str, 
     mm, one = codes.UCUM.Millimeter, codes.UCUM.NoUnits
     # Rounded as findings.csv rounds them: the SR and the CSV hold the same numbers.
     measurements = [
-        hd.sr.Measurement(name=codes.SCT.LongAxis, value=round(f.largest_diameter_mm, 3),
-                          unit=mm),
+        hd.sr.Measurement(name=codes.SCT.LongAxis, value=round(f.largest_diameter_mm, 3), unit=mm),
         hd.sr.Measurement(name=codes.SCT.ShortAxis, value=round(f.short_axis_mm, 3), unit=mm),
-        hd.sr.Measurement(name=codes.DCM.CertaintyOfFinding, value=round(f.best_score, 5),
-                          unit=one),
+        hd.sr.Measurement(
+            name=codes.DCM.CertaintyOfFinding, value=round(f.best_score, 5), unit=one
+        ),
     ]
     return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(),
-                                                      identifier=f"finding {f.finding_id}"),
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=hd.UID(), identifier=f"finding {f.finding_id}"
+        ),
         referenced_region=_region(hd, vol, f, sources, frame_uid),
-        finding_type=codes.SCT.Lesion, algorithm_id=algorithm, measurements=measurements)
+        finding_type=codes.SCT.Lesion,
+        algorithm_id=algorithm,
+        measurements=measurements,
+    )
 
 
 def _none_found(hd, codes, algorithm):
@@ -130,9 +145,12 @@ def _none_found(hd, codes, algorithm):
     """
     return hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier="no findings"),
-        finding_type=codes.SCT.Lesion, algorithm_id=algorithm,
-        qualitative_evaluations=[hd.sr.QualitativeEvaluation(name=codes.SCT.Lesion,
-                                                             value=codes.SCT.Absent)])
+        finding_type=codes.SCT.Lesion,
+        algorithm_id=algorithm,
+        qualitative_evaluations=[
+            hd.sr.QualitativeEvaluation(name=codes.SCT.Lesion, value=codes.SCT.Absent)
+        ],
+    )
 
 
 def write_case_sr(case_dir: str, vol: CTVolume, findings: Sequence[Finding]) -> str:
@@ -146,31 +164,47 @@ def write_case_sr(case_dir: str, vol: CTVolume, findings: Sequence[Finding]) -> 
     try:
         sources = [pydicom.dcmread(p, stop_before_pixels=True) for p in vol.series_files]
         frame_uid = str(getattr(sources[0], "FrameOfReferenceUID", "") or "")
-        algorithm = hd.sr.AlgorithmIdentification(name="elixir_d2 ElixirNet",
-                                                   version=_version())
+        algorithm = hd.sr.AlgorithmIdentification(name="elixir_d2 ElixirNet", version=_version())
         device = hd.sr.ObserverContext(
             observer_type=codes.DCM.Device,
             observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
                 uid=pydicom.uid.generate_uid(entropy_srcs=["elixir_d2 predict_net.py"]),
-                name="elixir_d2 predict_net.py"))
+                name="elixir_d2 predict_net.py",
+            ),
+        )
         report = hd.sr.MeasurementReport(
             observation_context=hd.sr.ObservationContext(observer_device_context=device),
             procedure_reported=codes.LN.CTUnspecifiedBodyRegion,
-            imaging_measurements=([_group(hd, codes, vol, f, sources, frame_uid, algorithm)
-                                   for f in findings] or [_none_found(hd, codes, algorithm)]))
+            imaging_measurements=(
+                [_group(hd, codes, vol, f, sources, frame_uid, algorithm) for f in findings]
+                or [_none_found(hd, codes, algorithm)]
+            ),
+        )
         sr = hd.sr.Comprehensive3DSR(
-            evidence=sources, content=report[0], series_instance_uid=hd.UID(),
-            series_number=_SR_SERIES_NUMBER, sop_instance_uid=hd.UID(), instance_number=1,
-            manufacturer="elixir_d2", series_description="elixir_d2 lesion findings",
-            is_complete=True, is_final=False, is_verified=False)
+            evidence=sources,
+            content=report[0],
+            series_instance_uid=hd.UID(),
+            series_number=_SR_SERIES_NUMBER,
+            sop_instance_uid=hd.UID(),
+            instance_number=1,
+            manufacturer="elixir_d2",
+            series_description="elixir_d2 lesion findings",
+            is_complete=True,
+            is_final=False,
+            is_verified=False,
+        )
         os.makedirs(os.path.join(case_dir, SR_DIR), exist_ok=True)
         path = os.path.join(case_dir, SR_DIR, SR_FILE)
         sr.save_as(path)
     except (AttributeError, KeyError, TypeError, ValueError, pydicom.errors.InvalidDicomError) as e:
         # The message goes to summary.json, which holds no identifier: an attribute missing is
         # named, other errors (whose text may quote a header value) by their type only.
-        why = (str(e).splitlines()[0] if isinstance(e, AttributeError) and str(e)
-               else "a source header value it cannot use")
-        raise CTInputError(f"{vol.source}: cannot write the DICOM SR ({type(e).__name__}: "
-                           f"{why})") from None
+        why = (
+            str(e).splitlines()[0]
+            if isinstance(e, AttributeError) and str(e)
+            else "a source header value it cannot use"
+        )
+        raise CTInputError(
+            f"{vol.source}: cannot write the DICOM SR ({type(e).__name__}: {why})"
+        ) from None
     return path

@@ -15,6 +15,7 @@ Policy (docs/inference.md, "Symbolic links and file names"):
   cannot take such a name and aborts the process): the case is listed as failed with the name
   escaped (:func:`elixir_d2.cli.escape_name`) and the others go on.
 """
+
 from __future__ import annotations
 
 import logging
@@ -66,15 +67,22 @@ def discover_cases(path: str) -> Tuple[List[CaseSource], List[str]]:
     ignored: List[str] = []
     _walk(path, root, cases, ignored, depth=0, seen=set())
     if not cases:
-        raise CTInputError(f"{path}: no CT input found (DeepLesion PNG slices, NIfTI volumes or "
-                           "DICOM series)")
+        raise CTInputError(
+            f"{path}: no CT input found (DeepLesion PNG slices, NIfTI volumes or DICOM series)"
+        )
     for c, name in zip(cases, unique_case_ids([c.name for c in cases])):
         c.name = name  # output folder names: safe and unique by construction
     return cases, ignored
 
 
-def _walk(folder: str, root: str, cases: List[CaseSource], ignored: List[str], depth: int,
-          seen: Set[Tuple[int, int]]) -> None:
+def _walk(
+    folder: str,
+    root: str,
+    cases: List[CaseSource],
+    ignored: List[str],
+    depth: int,
+    seen: Set[Tuple[int, int]],
+) -> None:
     st = os.stat(folder)
     if (st.st_dev, st.st_ino) in seen:  # the same folder mounted twice
         ignored.append(folder)
@@ -127,15 +135,21 @@ def check_case_paths(case: CaseSource, root: str) -> None:
         CTInputError: naming the case path or the entry at fault.
     """
     if not is_utf8_name(os.path.abspath(case.path)):
-        raise CTInputError(f"{case.path}: file name is not valid UTF-8; rename it (the CT "
-                           "readers cannot open such a name)")
+        raise CTInputError(
+            f"{case.path}: file name is not valid UTF-8; rename it (the CT "
+            "readers cannot open such a name)"
+        )
     if case.kind == "nifti" or not os.path.isdir(case.path):
         return
     for entry in sorted(os.listdir(case.path)):
         child = os.path.join(case.path, entry)
         if case.kind == "dicom" and not is_utf8_name(entry):  # GDCM lists the folder itself
-            raise CTInputError(f"{case.path}: file name {entry} in the series is not valid "
-                               "UTF-8; rename it (the DICOM reader cannot open such a name)")
+            raise CTInputError(
+                f"{case.path}: file name {entry} in the series is not valid "
+                "UTF-8; rename it (the DICOM reader cannot open such a name)"
+            )
         if os.path.islink(child) and not _inside(child, root):
-            raise CTInputError(f"{case.path}: {entry} is a link to a file outside the input "
-                               "folder; copy the file in, or give its folder as --input")
+            raise CTInputError(
+                f"{case.path}: {entry} is a link to a file outside the input "
+                "folder; copy the file in, or give its folder as --input"
+            )

@@ -11,6 +11,7 @@ slanted axis is longer than any side), the short axis (the shorter side, in mm, 
 longer side gives the largest diameter: both axes measured on one slice, as RECIST does), its best
 score and where that score was found.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -68,12 +69,14 @@ def group_detections(
     boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
     scores = np.asarray(scores, dtype=np.float64).reshape(-1)
     if not len(slices) == len(boxes) == len(scores):
-        raise ValueError(f"{len(slices)} slices, {len(boxes)} boxes, {len(scores)} scores: lengths "
-                         "differ")
+        raise ValueError(
+            f"{len(slices)} slices, {len(boxes)} boxes, {len(scores)} scores: lengths differ"
+        )
     n = len(slices)
     sets = UnionFind(n)
-    by_slice: Dict[int, np.ndarray] = {int(s): np.flatnonzero(slices == s)
-                                       for s in np.unique(slices)}
+    by_slice: Dict[int, np.ndarray] = {
+        int(s): np.flatnonzero(slices == s) for s in np.unique(slices)
+    }
     for s, idx in by_slice.items():
         for gap in range(1, max_gap + 1):
             other = by_slice.get(s + gap)
@@ -95,14 +98,21 @@ def group_detections(
         side_mm = np.maximum(w_mm, h_mm)
         widest = int(np.argmax(side_mm))  # first of equal diameters
         first, last = int(slices[m].min()), int(slices[m].max())
-        findings.append(Finding(
-            finding_id=-1, slice_first=first, slice_last=last, num_slices=len(np.unique(slices[m])),
-            extent_mm=float((last - first + 1) * slice_interval),
-            largest_diameter_mm=float(side_mm[widest]),
-            short_axis_mm=float(min(w_mm[widest], h_mm[widest])), best_score=float(scores[best]),
-            best_slice=int(slices[best]), best_box=[float(v) for v in boxes[best]],
-            members=sorted(int(i) for i in m),
-        ))
+        findings.append(
+            Finding(
+                finding_id=-1,
+                slice_first=first,
+                slice_last=last,
+                num_slices=len(np.unique(slices[m])),
+                extent_mm=float((last - first + 1) * slice_interval),
+                largest_diameter_mm=float(side_mm[widest]),
+                short_axis_mm=float(min(w_mm[widest], h_mm[widest])),
+                best_score=float(scores[best]),
+                best_slice=int(slices[best]),
+                best_box=[float(v) for v in boxes[best]],
+                members=sorted(int(i) for i in m),
+            )
+        )
     findings.sort(key=lambda f: (-f.best_score, f.slice_first, f.best_box))
     for k, f in enumerate(findings):
         f.finding_id = k

@@ -13,6 +13,7 @@ The rule (docs/inference.md, "Which volumes count as CT"), on the finite voxels:
 
 Percentiles come from an evenly strided sample of at most :data:`_SAMPLE` voxels.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -31,8 +32,9 @@ _SLAB = 16
 
 def _non_finite(hu: np.ndarray) -> int:
     """Count NaN / inf slab by slab: no volume-sized boolean mask."""
-    return int(sum(np.count_nonzero(~np.isfinite(hu[k : k + _SLAB]))
-                   for k in range(0, hu.shape[0], _SLAB)))
+    return int(
+        sum(np.count_nonzero(~np.isfinite(hu[k : k + _SLAB])) for k in range(0, hu.shape[0], _SLAB))
+    )
 
 
 def check_hu(where: str, hu: np.ndarray) -> None:
@@ -43,8 +45,9 @@ def check_hu(where: str, hu: np.ndarray) -> None:
         raise CTInputError(f"{where}: an empty volume")
     bad = _non_finite(hu)
     if bad:
-        raise CTInputError(f"{where}: {bad:,} of {hu.size:,} voxels are NaN or infinite (after "
-                           "the rescale to HU)")
+        raise CTInputError(
+            f"{where}: {bad:,} of {hu.size:,} voxels are NaN or infinite (after the rescale to HU)"
+        )
     flat = hu.reshape(-1)
     sample = flat[:: max(1, flat.size // _SAMPLE)].astype(np.float64)
     p1, p50, p99 = np.percentile(sample, [1, 50, 99])
@@ -54,10 +57,14 @@ def check_hu(where: str, hu: np.ndarray) -> None:
     elif p1 < MIN_P1_HU:
         why = f"1st percentile {p1:g} HU is below {MIN_P1_HU:g}, lower than a CT scanner stores"
     elif low < MIN_LOW_SHARE:
-        why = (f"{low:.2%} of voxels at or below {LOW_HU:g} HU, where a body CT has air, lung and "
-               f"fat on at least {MIN_LOW_SHARE:.0%}")
+        why = (
+            f"{low:.2%} of voxels at or below {LOW_HU:g} HU, where a body CT has air, lung and "
+            f"fat on at least {MIN_LOW_SHARE:.0%}"
+        )
     else:
         return
-    raise CTInputError(f"{where}: not a CT volume in Hounsfield units ({why}; median {p50:g}, "
-                       f"1st-99th percentile {p1:g}..{p99:g}): an MR / PET image, a mask, HU "
-                       "stored with an offset, or a wrong RescaleSlope / scl_slope?")
+    raise CTInputError(
+        f"{where}: not a CT volume in Hounsfield units ({why}; median {p50:g}, "
+        f"1st-99th percentile {p1:g}..{p99:g}): an MR / PET image, a mask, HU "
+        "stored with an offset, or a wrong RescaleSlope / scl_slope?"
+    )

@@ -1,5 +1,6 @@
 """NIfTI CT volumes for inference (``.nii`` / ``.nii.gz``), header checked before any voxel is
 read."""
+
 from __future__ import annotations
 
 import math
@@ -35,8 +36,14 @@ def oriented_volume(img, source: str, name: str, kind: str) -> CTVolume:
     check_slice_side(source, hu.shape[2], hu.shape[1])
     check_hu(source, hu)
     return CTVolume(
-        name=name, source=source, kind=kind, hu=hu, slice_numbers=list(range(hu.shape[0])),
-        spacing=(float(sx), float(sy)), slice_interval=float(sz), origin=origin,
+        name=name,
+        source=source,
+        kind=kind,
+        hu=hu,
+        slice_numbers=list(range(hu.shape[0])),
+        spacing=(float(sx), float(sy)),
+        slice_interval=float(sz),
+        origin=origin,
         direction=direction,
     )
 
@@ -77,8 +84,10 @@ def read_nifti(path: str, name: str, max_voxels: Optional[int] = DEFAULT_MAX_VOX
         raise CTInputError(f"{path}: unreadable NIfTI file ({_first_line(e)})") from None
     size = reader.GetSize()
     if reader.GetNumberOfComponents() != 1:
-        raise CTInputError(f"{path}: not a CT volume ({reader.GetNumberOfComponents()} components "
-                           "per voxel, e.g. RGB)")
+        raise CTInputError(
+            f"{path}: not a CT volume ({reader.GetNumberOfComponents()} components "
+            "per voxel, e.g. RGB)"
+        )
     if reader.GetDimension() == 2 or (reader.GetDimension() == 3 and min(size) == 1):
         raise CTInputError(f"{path}: a 2-D image (size {size}); inference needs a 3-D CT volume")
     if reader.GetDimension() != 3:
@@ -86,8 +95,9 @@ def read_nifti(path: str, name: str, max_voxels: Optional[int] = DEFAULT_MAX_VOX
     check_voxel_cap(path, size, max_voxels, CTInputError)
     pixdim = nifti_pixdim(path)
     if pixdim is not None and not all(math.isfinite(v) and v > 0 for v in pixdim):
-        raise CTInputError(f"{path}: missing spacing (NIfTI pixdim[1:4] = "
-                           f"{tuple(float(v) for v in pixdim)})")
+        raise CTInputError(
+            f"{path}: missing spacing (NIfTI pixdim[1:4] = {tuple(float(v) for v in pixdim)})"
+        )
     # In mm as ITK scales the header's units; which axis is in-plane is known only after the
     # reorientation, and all three share one plausible range.
     for v in reader.GetSpacing():
@@ -101,8 +111,10 @@ def read_nifti(path: str, name: str, max_voxels: Optional[int] = DEFAULT_MAX_VOX
     if non_finite:
         what = f"{path}: {non_finite:,} of {voxels:,} voxels are NaN or infinite"
         if non_finite > MAX_NON_FINITE_FRACTION * voxels:
-            raise CTInputError(f"{what}; at most {MAX_NON_FINITE_FRACTION:.2%} may be (a corrupt "
-                               "or non-CT volume?)")
+            raise CTInputError(
+                f"{what}; at most {MAX_NON_FINITE_FRACTION:.2%} may be (a corrupt "
+                "or non-CT volume?)"
+            )
         warnings.append(f"{what}; read as 0 HU (at most {MAX_NON_FINITE_FRACTION:.2%} are)")
     try:
         img = reader.Execute()

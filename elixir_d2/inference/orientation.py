@@ -5,6 +5,7 @@ four times over. Reorienting to LPS only permutes and flips axes, so the same re
 here through a numpy view of the image and converted into the output one slab of slices at a
 time: the image plus the float32 output, nothing else of the volume's size.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Sequence, Tuple
@@ -24,12 +25,15 @@ def check_voxel_cap(where: str, size: Sequence[int], max_voxels: Optional[int], 
     n = int(np.prod([int(v) for v in size], dtype=np.float64))
     if max_voxels is not None and n > max_voxels:
         shown = " x ".join(str(int(v)) for v in size)
-        raise error(f"{where}: {shown} = {n:,} voxels exceeds the limit of {max_voxels:,} "
-                    f"(predict_net.py --max-voxels N raises it)")
+        raise error(
+            f"{where}: {shown} = {n:,} voxels exceeds the limit of {max_voxels:,} "
+            f"(predict_net.py --max-voxels N raises it)"
+        )
 
 
 def lps_layout(
-        direction: np.ndarray) -> Optional[Tuple[Tuple[int, int, int], Tuple[bool, bool, bool]]]:
+    direction: np.ndarray,
+) -> Optional[Tuple[Tuple[int, int, int], Tuple[bool, bool, bool]]]:
     """For LPS axes j = 0, 1, 2: the index axis running most along j and whether it runs
     backwards (ITK's rule for DICOMOrient); None when two index axes share a dominant axis."""
     d = np.asarray(direction, dtype=np.float64).reshape(3, 3)
@@ -41,17 +45,21 @@ def lps_layout(
     return perm, flips  # type: ignore[return-value]
 
 
-def to_lps_array(img) -> Tuple[np.ndarray, Tuple[float, float, float],
-                               Tuple[float, float, float], np.ndarray]:
+def to_lps_array(
+    img,
+) -> Tuple[np.ndarray, Tuple[float, float, float], Tuple[float, float, float], np.ndarray]:
     """(hu as (z, y, x) float32, spacing, origin, direction) of ``img`` reoriented to LPS."""
     import SimpleITK as sitk
 
     layout = lps_layout(np.asarray(img.GetDirection()))
     if layout is None:  # a 45-degree oblique: leave the choice to ITK (whole copies)
         img = sitk.DICOMOrient(img, "LPS")
-        return (sitk.GetArrayFromImage(img).astype(np.float32, copy=False), tuple(img.GetSpacing()),
-                tuple(img.GetOrigin()),
-                np.asarray(img.GetDirection(), dtype=np.float64).reshape(3, 3))
+        return (
+            sitk.GetArrayFromImage(img).astype(np.float32, copy=False),
+            tuple(img.GetSpacing()),
+            tuple(img.GetOrigin()),
+            np.asarray(img.GetDirection(), dtype=np.float64).reshape(3, 3),
+        )
     perm, flips = layout
     size, sp = img.GetSize(), img.GetSpacing()
     d = np.asarray(img.GetDirection(), dtype=np.float64).reshape(3, 3)

@@ -4,6 +4,7 @@ Boxes are XYXY in the slice's native pixels (continuous coordinates) and in mm f
 top-left corner (x by the x spacing, y by the y spacing). NIfTI / DICOM detections also carry
 the LPS position (mm) of the box centre. Nothing from DICOM headers beyond geometry is written.
 """
+
 from __future__ import annotations
 
 import csv
@@ -18,17 +19,46 @@ from .grouping import Finding
 from .predictor import VolumePrediction
 
 __all__ = [
-    "DETECTION_COLUMNS", "FINDING_COLUMNS", "detection_rows", "case_summary", "write_json",
-    "write_csv", "CocoResults",
+    "DETECTION_COLUMNS",
+    "FINDING_COLUMNS",
+    "detection_rows",
+    "case_summary",
+    "write_json",
+    "write_csv",
+    "CocoResults",
 ]
 
 DETECTION_COLUMNS = (
-    "case", "slice_index", "x1", "y1", "x2", "y2", "x1_mm", "y1_mm", "x2_mm", "y2_mm", "width_mm",
-    "height_mm", "score", "class_id", "lesion_type", "finding_id", "center_lps_mm",
+    "case",
+    "slice_index",
+    "x1",
+    "y1",
+    "x2",
+    "y2",
+    "x1_mm",
+    "y1_mm",
+    "x2_mm",
+    "y2_mm",
+    "width_mm",
+    "height_mm",
+    "score",
+    "class_id",
+    "lesion_type",
+    "finding_id",
+    "center_lps_mm",
 )
 FINDING_COLUMNS = (
-    "case", "finding_id", "slice_first", "slice_last", "num_slices", "extent_mm",
-    "largest_diameter_mm", "best_score", "best_slice", "best_box", "num_detections",
+    "case",
+    "finding_id",
+    "slice_first",
+    "slice_last",
+    "num_slices",
+    "extent_mm",
+    "largest_diameter_mm",
+    "best_score",
+    "best_slice",
+    "best_box",
+    "num_detections",
     "short_axis_mm",
 )
 
@@ -37,8 +67,9 @@ def _round(v: float, nd: int = 3) -> float:
     return float(round(float(v), nd))
 
 
-def detection_rows(pred: VolumePrediction,
-                   finding_of: Optional[Dict[int, int]] = None) -> List[Dict]:
+def detection_rows(
+    pred: VolumePrediction, finding_of: Optional[Dict[int, int]] = None
+) -> List[Dict]:
     """One dict per detection (DETECTION_COLUMNS), in slice then score order.
 
     ``finding_of`` maps the running detection index (the order of this function's output) to a
@@ -52,17 +83,27 @@ def detection_rows(pred: VolumePrediction,
             x1, y1, x2, y2 = (float(v) for v in sp.boxes[k])
             centre = vol.physical_point((x1 + x2) / 2, (y1 + y2) / 2, sp.slice_number)
             i = len(rows)
-            rows.append({
-                "case": vol.name, "slice_index": int(sp.slice_number),
-                "x1": _round(x1, 2), "y1": _round(y1, 2), "x2": _round(x2, 2), "y2": _round(y2, 2),
-                "x1_mm": _round(x1 * sx), "y1_mm": _round(y1 * sy), "x2_mm": _round(x2 * sx),
-                "y2_mm": _round(y2 * sy), "width_mm": _round((x2 - x1) * sx),
-                "height_mm": _round((y2 - y1) * sy),
-                "score": _round(sp.scores[k], 5), "class_id": int(sp.classes[k]),
-                "lesion_type": sp.type_names[k] if sp.type_names is not None else "",
-                "finding_id": (finding_of or {}).get(i, -1),
-                "center_lps_mm": None if centre is None else [_round(c) for c in centre],
-            })
+            rows.append(
+                {
+                    "case": vol.name,
+                    "slice_index": int(sp.slice_number),
+                    "x1": _round(x1, 2),
+                    "y1": _round(y1, 2),
+                    "x2": _round(x2, 2),
+                    "y2": _round(y2, 2),
+                    "x1_mm": _round(x1 * sx),
+                    "y1_mm": _round(y1 * sy),
+                    "x2_mm": _round(x2 * sx),
+                    "y2_mm": _round(y2 * sy),
+                    "width_mm": _round((x2 - x1) * sx),
+                    "height_mm": _round((y2 - y1) * sy),
+                    "score": _round(sp.scores[k], 5),
+                    "class_id": int(sp.classes[k]),
+                    "lesion_type": sp.type_names[k] if sp.type_names is not None else "",
+                    "finding_id": (finding_of or {}).get(i, -1),
+                    "center_lps_mm": None if centre is None else [_round(c) for c in centre],
+                }
+            )
     return rows
 
 
@@ -71,24 +112,36 @@ def flat_detections(pred: VolumePrediction):
     slices = [sp.slice_number for sp in pred.slices for _ in range(len(sp.scores))]
     boxes = [sp.boxes for sp in pred.slices if len(sp.scores)]
     scores = [sp.scores for sp in pred.slices if len(sp.scores)]
-    return (np.asarray(slices, dtype=np.int64),
-            np.concatenate(boxes) if boxes else np.zeros((0, 4)),
-            np.concatenate(scores) if scores else np.zeros(0))
+    return (
+        np.asarray(slices, dtype=np.int64),
+        np.concatenate(boxes) if boxes else np.zeros((0, 4)),
+        np.concatenate(scores) if scores else np.zeros(0),
+    )
 
 
 def finding_rows(case: str, findings: Sequence[Finding]) -> List[Dict]:
-    return [{
-        "case": case, "finding_id": f.finding_id, "slice_first": f.slice_first,
-        "slice_last": f.slice_last, "num_slices": f.num_slices, "extent_mm": _round(f.extent_mm),
-        "largest_diameter_mm": _round(f.largest_diameter_mm),
-        "best_score": _round(f.best_score, 5), "best_slice": f.best_slice,
-        "best_box": [_round(v, 2) for v in f.best_box], "num_detections": len(f.members),
-        "short_axis_mm": _round(f.short_axis_mm),
-    } for f in findings]
+    return [
+        {
+            "case": case,
+            "finding_id": f.finding_id,
+            "slice_first": f.slice_first,
+            "slice_last": f.slice_last,
+            "num_slices": f.num_slices,
+            "extent_mm": _round(f.extent_mm),
+            "largest_diameter_mm": _round(f.largest_diameter_mm),
+            "best_score": _round(f.best_score, 5),
+            "best_slice": f.best_slice,
+            "best_box": [_round(v, 2) for v in f.best_box],
+            "num_detections": len(f.members),
+            "short_axis_mm": _round(f.short_axis_mm),
+        }
+        for f in findings
+    ]
 
 
-def case_summary(pred: VolumePrediction, detections: List[Dict],
-                 findings: Sequence[Finding]) -> Dict:
+def case_summary(
+    pred: VolumePrediction, detections: List[Dict], findings: Sequence[Finding]
+) -> Dict:
     """The per-case JSON document: geometry, what the model saw, detections and findings."""
     vol = pred.volume
     sizes = sorted({tuple(sp.input_size) for sp in pred.slices})
@@ -154,14 +207,30 @@ class CocoResults:
             by_slice.setdefault(int(d["slice_index"]), []).append(d)
         for n in doc["slices_predicted"]:
             image_id = len(self.images) + 1
-            self.images.append({"id": image_id, "file_name": f"{doc['case']}/{n:03d}",
-                                "case": doc["case"], "slice_index": int(n), "height": height,
-                                "width": width})
+            self.images.append(
+                {
+                    "id": image_id,
+                    "file_name": f"{doc['case']}/{n:03d}",
+                    "case": doc["case"],
+                    "slice_index": int(n),
+                    "height": height,
+                    "width": width,
+                }
+            )
             for d in by_slice.get(int(n), []):
-                self.results.append({"image_id": image_id, "category_id": int(d["class_id"]) + 1,
-                                     "bbox": [d["x1"], d["y1"], _round(d["x2"] - d["x1"], 2),
-                                              _round(d["y2"] - d["y1"], 2)],
-                                     "score": d["score"]})
+                self.results.append(
+                    {
+                        "image_id": image_id,
+                        "category_id": int(d["class_id"]) + 1,
+                        "bbox": [
+                            d["x1"],
+                            d["y1"],
+                            _round(d["x2"] - d["x1"], 2),
+                            _round(d["y2"] - d["y1"], 2),
+                        ],
+                        "score": d["score"],
+                    }
+                )
 
     def write(self, out_dir: str) -> None:
         # can be long: compact
@@ -170,8 +239,9 @@ class CocoResults:
         write_json(f"{out_dir}/coco_images.json", {"images": self.images, "categories": cats})
 
 
-def annotated_slices(doc: Dict, gt: Mapping[int, np.ndarray]
-                     ) -> Tuple[List[np.ndarray], List[np.ndarray], List[np.ndarray]]:
+def annotated_slices(
+    doc: Dict, gt: Mapping[int, np.ndarray]
+) -> Tuple[List[np.ndarray], List[np.ndarray], List[np.ndarray]]:
     """The FROC's inputs from a case's detections.json document ``doc`` (the values as written):
     per predicted slice that has ground truth in ``gt`` (slice number -> (M, 4) lesions), its
     detections' boxes, their scores and the lesions."""
@@ -179,8 +249,11 @@ def annotated_slices(doc: Dict, gt: Mapping[int, np.ndarray]
     for n in doc["slices_predicted"]:
         if n in gt:
             rows = [d for d in doc["detections"] if d["slice_index"] == n]
-            boxes.append(np.array([[d["x1"], d["y1"], d["x2"], d["y2"]] for d in rows],
-                                  dtype=np.float64).reshape(-1, 4))
+            boxes.append(
+                np.array(
+                    [[d["x1"], d["y1"], d["x2"], d["y2"]] for d in rows], dtype=np.float64
+                ).reshape(-1, 4)
+            )
             scores.append(np.array([d["score"] for d in rows], dtype=np.float64))
             truths.append(np.asarray(gt[n], dtype=np.float64).reshape(-1, 4))
     return boxes, scores, truths

@@ -16,6 +16,7 @@ batch's forward (no hook stays on the model between batches):
 * ``capture_confidence``: TRPN's confidence maps p and thresholds eps per level, cropped to the
   locations inside the image (ImageList padding removed).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -38,8 +39,13 @@ from .volume_io import CTVolume, check_context
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ArraySliceStack", "SlicePrediction", "VolumePrediction", "CTPredictor",
-           "build_predictor_model"]
+__all__ = [
+    "ArraySliceStack",
+    "SlicePrediction",
+    "VolumePrediction",
+    "CTPredictor",
+    "build_predictor_model",
+]
 
 
 class ArraySliceStack(SliceStack):
@@ -129,8 +135,15 @@ class CTPredictor:
             (see the module docstring); raise ValueError when the model has none.
     """
 
-    def __init__(self, cfg, model: Optional[torch.nn.Module] = None, *, batch_size: int = 4,
-                 capture_relations: bool = False, capture_confidence: bool = False):
+    def __init__(
+        self,
+        cfg,
+        model: Optional[torch.nn.Module] = None,
+        *,
+        batch_size: int = 4,
+        capture_relations: bool = False,
+        capture_confidence: bool = False,
+    ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.cfg = cfg
@@ -150,8 +163,11 @@ class CTPredictor:
             self._captures += ["proposals", "relations"]
         if capture_confidence:
             self._captures.append("trpn_confidence")
-        options = {"proposals": "--draw-relations", "relations": "--draw-relations",
-                   "trpn_confidence": "--draw-confidence"}
+        options = {
+            "proposals": "--draw-relations",
+            "relations": "--draw-relations",
+            "trpn_confidence": "--draw-confidence",
+        }
         for what in self._captures:
             try:  # before any slice is read: the model cannot give what was asked
                 check_capture(self.model, what)
@@ -163,8 +179,9 @@ class CTPredictor:
         """Model input of slice ``number``: the steps of CTDatasetMapper.__call__ in
         evaluation mode, body crop (INPUT.BODY_CROP) included."""
         stack = ArraySliceStack(volume, number)
-        hu = np.stack([stack.at_offset(o / volume.slice_interval) for o in self.mapper.offsets_mm],
-                      axis=-1)
+        hu = np.stack(
+            [stack.at_offset(o / volume.slice_interval) for o in self.mapper.offsets_mm], axis=-1
+        )
         new_h, new_w = self.mapper.output_size(hu.shape[0], hu.shape[1], volume.spacing[0])
         crop = None
         if self.body_crop:
@@ -177,8 +194,11 @@ class CTPredictor:
 
     # ------------------------------------------------------------------ inference
     def predict_volume(
-            self, volume: CTVolume, progress=None,
-            on_slice: Optional[Callable[[SlicePrediction], None]] = None) -> VolumePrediction:
+        self,
+        volume: CTVolume,
+        progress=None,
+        on_slice: Optional[Callable[[SlicePrediction], None]] = None,
+    ) -> VolumePrediction:
         """Predict every slice of ``volume`` (or its key slices). ``progress``: an object with
         ``update(n)`` (e.g. tqdm), advanced after each batch. ``on_slice``: called with each
         slice's prediction as soon as its batch is done (to draw it and release its captures)."""
@@ -223,8 +243,9 @@ class CTPredictor:
             inp["body_crop"] = p.body_crop
         return inp
 
-    def _slice_result(self, number: int, p: Prepared, inst, i: int,
-                      captured: Dict) -> SlicePrediction:
+    def _slice_result(
+        self, number: int, p: Prepared, inst, i: int, captured: Dict
+    ) -> SlicePrediction:
         """Image ``i`` of the batch; ``captured``: this batch's record of each capture."""
         size = p.size
         inst = inst.to("cpu")
@@ -232,15 +253,19 @@ class CTPredictor:
         type_names = None
         if inst.has("pred_types"):  # RTM: a type index per detection
             types = inst.pred_types.numpy().astype(np.int64)
-            type_names = [LESION_TYPES[t] if 0 <= t < len(LESION_TYPES) else f"type_{t}"
-                          for t in types]
+            type_names = [
+                LESION_TYPES[t] if 0 <= t < len(LESION_TYPES) else f"type_{t}" for t in types
+            ]
         elif self.class_names is not None:
             type_names = [self.class_names[c] for c in classes]
         pred = SlicePrediction(
             slice_number=number,
             boxes=inst.pred_boxes.tensor.numpy().astype(np.float64),
-            scores=inst.scores.numpy().astype(np.float64), classes=classes, type_names=type_names,
-            input_size=size, fallbacks=p.fallbacks,
+            scores=inst.scores.numpy().astype(np.float64),
+            classes=classes,
+            type_names=type_names,
+            input_size=size,
+            fallbacks=p.fallbacks,
         )
         if self.capture_relations:
             props = captured["proposals"][i].to("cpu")  # slice pixels, like the detections

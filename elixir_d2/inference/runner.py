@@ -39,6 +39,7 @@ processes (:mod:`.sharding`): rank 0 finds the cases and prepares the output fol
 predicts its share of the cases into their case folders, and rank 0 writes the run files from all
 of them, in the case order one process uses: the same bytes but for summary.json's timing.
 """
+
 from __future__ import annotations
 
 import json
@@ -72,8 +73,15 @@ from .volume_io import CaseSource
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PredictOptions", "load_ground_truth", "run_prediction", "INPUT_ERRORS",
-           "OutputNotEmptyError", "RunInterrupted", "CASE_MARKER"]
+__all__ = [
+    "PredictOptions",
+    "load_ground_truth",
+    "run_prediction",
+    "INPUT_ERRORS",
+    "OutputNotEmptyError",
+    "RunInterrupted",
+    "CASE_MARKER",
+]
 
 # A case folder's temporary name: a sanitised case id (case_ids), maybe with its ~N suffix.
 _CASE_ID_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*(~[0-9]+)?")
@@ -89,7 +97,6 @@ class RunInterrupted(KeyboardInterrupt):
     def __init__(self, done: int, total: int):
         super().__init__(f"interrupted: {done} of {total} cases done; rerun with --resume")
         self.done, self.total = done, total
-
 
 
 @dataclass
@@ -126,11 +133,13 @@ def load_ground_truth(path: str) -> GroundTruth:
                 noisy += 1
                 continue
             per = gt.setdefault(les["series_dir"], {})
-            per[les["name_slice"]] = np.vstack([per.get(les["name_slice"], np.zeros((0, 4))),
-                                                [les["bbox"]]])
+            per[les["name_slice"]] = np.vstack(
+                [per.get(les["name_slice"], np.zeros((0, 4))), [les["bbox"]]]
+            )
         if noisy:
-            logger.info(f"{path}: {noisy} lesion(s) flagged Possibly_noisy left out of the ground "
-                        "truth")
+            logger.info(
+                f"{path}: {noisy} lesion(s) flagged Possibly_noisy left out of the ground truth"
+            )
         return gt
     with PathManager.open(path, "r", encoding="utf-8") as f:
         try:
@@ -143,16 +152,22 @@ def load_ground_truth(path: str) -> GroundTruth:
         if not isinstance(slices, dict):
             raise ValueError(f"{path}: case {case!r} must map slice numbers to box lists")
         for s, boxes in slices.items():
-            arr = (np.asarray(boxes, dtype=np.float64).reshape(-1, 4) if len(boxes)
-                   else np.zeros((0, 4)))
+            arr = (
+                np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+                if len(boxes)
+                else np.zeros((0, 4))
+            )
             if arr.size and not np.all(arr[:, 2:] > arr[:, :2]):
-                raise ValueError(f"{path}: case {case!r} slice {s}: boxes must be [x1, y1, x2, y2] "
-                                 "with x2 > x1, y2 > y1")
+                raise ValueError(
+                    f"{path}: case {case!r} slice {s}: boxes must be [x1, y1, x2, y2] "
+                    "with x2 > x1, y2 > y1"
+                )
             try:
                 gt.setdefault(case, {})[int(s)] = arr
             except ValueError:
-                raise ValueError(f"{path}: case {case!r}: slice key {s!r} is not an "
-                                 "integer") from None
+                raise ValueError(
+                    f"{path}: case {case!r}: slice key {s!r} is not an integer"
+                ) from None
     return gt
 
 
@@ -194,25 +209,30 @@ def _prepare_output(out: OutputDir, overwrite: bool, resume: bool = False) -> No
                 os.remove(path)
 
 
-def _case_ids(cases: List[CaseSource], names: InputNames, opts: PredictOptions,
-              out: OutputDir) -> List[str]:
+def _case_ids(
+    cases: List[CaseSource], names: InputNames, opts: PredictOptions, out: OutputDir
+) -> List[str]:
     """Output ids of the cases; anonymised: case_0001 ... with the mapping written to its CSV."""
     if not opts.anonymize_ids:
         return [c.name for c in cases]
     if out.contains(opts.anonymize_ids):
-        raise OutputNotEmptyError(f"--anonymize-ids {escape_name(opts.anonymize_ids)}: keep the "
-                                  f"id mapping outside --output {escape_name(out.given)}, which "
-                                  "is meant to be shared")
+        raise OutputNotEmptyError(
+            f"--anonymize-ids {escape_name(opts.anonymize_ids)}: keep the "
+            f"id mapping outside --output {escape_name(out.given)}, which "
+            "is meant to be shared"
+        )
     ids = [f"case_{i:04d}" for i in range(1, len(cases) + 1)]
-    rows = [{"case_id": i, "input": escape_name(names.relative(c.path))}
-            for i, c in zip(ids, cases)]
+    rows = [
+        {"case_id": i, "input": escape_name(names.relative(c.path))} for i, c in zip(ids, cases)
+    ]
     os.makedirs(os.path.dirname(os.path.abspath(opts.anonymize_ids)), exist_ok=True)
     atomic_write_text(opts.anonymize_ids, InputNames.mapping_csv(rows))
     return ids
 
 
-def run_prediction(cfg, input_path: str, output_dir: str, opts: Optional[PredictOptions] = None,
-                   model=None) -> Optional[Dict]:
+def run_prediction(
+    cfg, input_path: str, output_dir: str, opts: Optional[PredictOptions] = None, model=None
+) -> Optional[Dict]:
     """Predict every case under ``input_path`` and write the outputs (module docstring).
 
     A single case that cannot be read raises its error; in a run over several cases a bad case
@@ -231,8 +251,9 @@ def run_prediction(cfg, input_path: str, output_dir: str, opts: Optional[Predict
     if opts.report not in REPORT_FORMATS:
         raise ValueError(f"report must be one of {REPORT_FORMATS}, got {opts.report!r}")
     if opts.resume and opts.overwrite:
-        raise ValueError("--resume keeps what an earlier run finished, --overwrite removes it: "
-                         "pass one of them")
+        raise ValueError(
+            "--resume keeps what an earlier run finished, --overwrite removes it: pass one of them"
+        )
     names = InputNames(input_path, anonymize=bool(opts.anonymize_ids))
     out = OutputDir(output_dir)
     t_start = time.perf_counter()
@@ -251,17 +272,18 @@ def run_prediction(cfg, input_path: str, output_dir: str, opts: Optional[Predict
     class_names, setup_s, _ = shards[0]
     ordered = sorted((o for *_, outcomes in shards for o in outcomes), key=lambda o: o.index)
     timing = {"processes": world, "model_setup": setup_s, "start": t_start}
-    summary = run_on_main(lambda: write_run_files(cfg, plan, ordered, class_names, names, out,
-                                                  opts, gt, timing))
+    summary = run_on_main(
+        lambda: write_run_files(cfg, plan, ordered, class_names, names, out, opts, gt, timing)
+    )
     return summary if comm.is_main_process() else None
 
 
-def _plan_run(input_path: str, names: InputNames, out: OutputDir,
-              opts: PredictOptions) -> RunPlan:
+def _plan_run(input_path: str, names: InputNames, out: OutputDir, opts: PredictOptions) -> RunPlan:
     """Find the cases, refuse what cannot run, prepare the output folder, name the cases."""
     cases, ignored = discover_cases(input_path)
     if opts.dicom_sr:  # refused before anything is written
         from .dicom_sr import check_sr_request
+
         check_sr_request(cases, bool(opts.anonymize_ids))
     _prepare_output(out, opts.overwrite, opts.resume)
     return RunPlan(cases, ignored, _case_ids(cases, names, opts, out))
@@ -272,8 +294,17 @@ class _Shard:
     :func:`.case_step.run_case`, in order. ``outcomes`` holds the cases finished so far, so that
     an interrupted run can say how many are done."""
 
-    def __init__(self, cfg, plan: RunPlan, indices: List[int], names: InputNames, out: OutputDir,
-                 opts: PredictOptions, gt: GroundTruth, model):
+    def __init__(
+        self,
+        cfg,
+        plan: RunPlan,
+        indices: List[int],
+        names: InputNames,
+        out: OutputDir,
+        opts: PredictOptions,
+        gt: GroundTruth,
+        model,
+    ):
         self.cfg, self.plan, self.indices, self.names, self.out = cfg, plan, indices, names, out
         self.opts, self.gt, self.model = opts, gt, model
         self.outcomes: List[CaseOutcome] = []
@@ -289,20 +320,36 @@ class _Shard:
         cfg, opts, plan = self.cfg, self.opts, self.plan
         settings = settings_fingerprint(cfg, opts)
         t_setup = time.perf_counter()
-        predictor = CTPredictor(cfg, self.model, batch_size=opts.batch_size,
-                                capture_relations=opts.draw_relations,
-                                capture_confidence=opts.draw_confidence)
+        predictor = CTPredictor(
+            cfg,
+            self.model,
+            batch_size=opts.batch_size,
+            capture_relations=opts.draw_relations,
+            capture_confidence=opts.draw_confidence,
+        )
         setup_s = time.perf_counter() - t_setup
-        step = CaseStep(cfg, predictor, self.names, self.out, opts, settings,
-                        input_root=os.path.realpath(self.names.root),
-                        single=len(plan.cases) == 1)
+        step = CaseStep(
+            cfg,
+            predictor,
+            self.names,
+            self.out,
+            opts,
+            settings,
+            input_root=os.path.realpath(self.names.root),
+            single=len(plan.cases) == 1,
+        )
         world, rank = comm.get_world_size(), comm.get_rank()
-        bar = tqdm(self.indices, desc="cases" if world == 1 else f"cases, rank {rank}/{world}",
-                   unit="case", position=comm.get_local_rank(),
-                   disable=not opts.progress or step.single)
+        bar = tqdm(
+            self.indices,
+            desc="cases" if world == 1 else f"cases, rank {rank}/{world}",
+            unit="case",
+            position=comm.get_local_rank(),
+            disable=not opts.progress or step.single,
+        )
         for index in bar:
             case = plan.cases[index]
             # ground truth names cases as the input does, not by anonymous id
-            self.outcomes.append(run_case(step, index, case, plan.ids[index],
-                                          self.gt.get(case.name, {})))
+            self.outcomes.append(
+                run_case(step, index, case, plan.ids[index], self.gt.get(case.name, {}))
+            )
         return predictor.class_names, setup_s, self.outcomes

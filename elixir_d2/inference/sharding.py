@@ -8,6 +8,7 @@ result, or its error, reaches every rank, so that a refusal ends every process w
 message instead of leaving the others waiting. With one process these helpers call the function
 and return, and nothing of torch.distributed is touched.
 """
+
 from __future__ import annotations
 
 from typing import Callable, List, TypeVar

@@ -18,6 +18,7 @@ Case names come from file and folder names (:mod:`.case_ids` makes them safe and
 are checked on headers against a voxel cap (:data:`.orientation.DEFAULT_MAX_VOXELS`) before any
 volume is allocated. The NIfTI and DICOM readers live in :mod:`.nifti_io` and :mod:`.dicom_io`.
 """
+
 from __future__ import annotations
 
 import functools
@@ -39,8 +40,16 @@ from .orientation import DEFAULT_MAX_VOXELS, check_voxel_cap
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "CTInputError", "CTVolume", "CaseSource", "single_file_case", "read_case", "read_png_series",
-    "read_nifti", "read_dicom_series", "context_slices_needed", "check_context",
+    "CTInputError",
+    "CTVolume",
+    "CaseSource",
+    "single_file_case",
+    "read_case",
+    "read_png_series",
+    "read_nifti",
+    "read_dicom_series",
+    "context_slices_needed",
+    "check_context",
 ]
 
 _PNG_SLICE = re.compile(r"^(\d+)\.png$")
@@ -99,14 +108,16 @@ class CTVolume:
         """Slice number -> row of ``hu``."""
         return {n: i for i, n in enumerate(self.slice_numbers)}
 
-    def physical_point(self, x: float, y: float,
-                       number: int) -> Optional[Tuple[float, float, float]]:
+    def physical_point(
+        self, x: float, y: float, number: int
+    ) -> Optional[Tuple[float, float, float]]:
         """LPS position (mm) of continuous pixel coordinate (x, y) on slice ``number``
         (pixel i spans [i, i + 1), so its centre is voxel index i); None without geometry."""
         if self.origin is None or self.direction is None:
             return None
-        idx = np.array([(x - 0.5) * self.spacing[0], (y - 0.5) * self.spacing[1],
-                        number * self.slice_interval])
+        idx = np.array(
+            [(x - 0.5) * self.spacing[0], (y - 0.5) * self.spacing[1], number * self.slice_interval]
+        )
         p = np.asarray(self.origin) + self.direction @ idx
         return tuple(float(v) for v in p)
 
@@ -179,14 +190,18 @@ def single_file_case(path: str) -> Tuple[List[CaseSource], List[str]]:
         name = unique_case_ids([os.path.basename(os.path.abspath(folder))])[0]
         return [CaseSource(name, folder, "deeplesion", int(m.group(1)))], []
     if low.endswith(".png"):
-        raise CTInputError(f"{path}: a DeepLesion key slice must be named <number>.png inside "
-                           "its series folder")
+        raise CTInputError(
+            f"{path}: a DeepLesion key slice must be named <number>.png inside its series folder"
+        )
     if _is_dicom_file(path):
-        raise CTInputError(f"{path}: a single DICOM file is a 2-D image; pass the folder of "
-                           "its series")
-    raise CTInputError(f"{path}: unsupported input (expected a DeepLesion slice folder or .png "
-                       "key slice, a .nii / .nii.gz volume, a DICOM series folder, or a folder "
-                       "of these)")
+        raise CTInputError(
+            f"{path}: a single DICOM file is a 2-D image; pass the folder of its series"
+        )
+    raise CTInputError(
+        f"{path}: unsupported input (expected a DeepLesion slice folder or .png "
+        "key slice, a .nii / .nii.gz volume, a DICOM series folder, or a folder "
+        "of these)"
+    )
 
 
 # ---------------------------------------------------------------------------------- context
@@ -213,16 +228,26 @@ def check_context(volume: CTVolume, offsets_mm: Sequence[float]) -> None:
 
 
 # ---------------------------------------------------------------------------------- readers
-def read_case(case: CaseSource, spacing: Optional[float] = None,
-              slice_interval: Optional[float] = None,
-              context_mm: float = 2.0, max_voxels: Optional[int] = DEFAULT_MAX_VOXELS) -> CTVolume:
+def read_case(
+    case: CaseSource,
+    spacing: Optional[float] = None,
+    slice_interval: Optional[float] = None,
+    context_mm: float = 2.0,
+    max_voxels: Optional[int] = DEFAULT_MAX_VOXELS,
+) -> CTVolume:
     """Read one discovered case. ``spacing`` / ``slice_interval`` override what a DeepLesion folder
     gets from DL_info.csv (NIfTI and DICOM carry their own); a case of more than ``max_voxels``
     voxels (None: no cap) is refused from its header."""
     if case.kind == "deeplesion":
-        return read_png_series(case.path, case.name, key_slice=case.key_slice, spacing=spacing,
-                               slice_interval=slice_interval, context_mm=context_mm,
-                               max_voxels=max_voxels)
+        return read_png_series(
+            case.path,
+            case.name,
+            key_slice=case.key_slice,
+            spacing=spacing,
+            slice_interval=slice_interval,
+            context_mm=context_mm,
+            max_voxels=max_voxels,
+        )
     if case.kind == "nifti":
         return read_nifti(case.path, case.name, max_voxels)
     if case.kind == "dicom":
@@ -254,10 +279,15 @@ def deeplesion_spacing(folder: str) -> Optional[Tuple[float, float]]:
     return None
 
 
-def read_png_series(folder: str, name: str, key_slice: Optional[int] = None,
-                    spacing: Optional[float] = None,
-                    slice_interval: Optional[float] = None, context_mm: float = 2.0,
-                    max_voxels: Optional[int] = DEFAULT_MAX_VOXELS) -> CTVolume:
+def read_png_series(
+    folder: str,
+    name: str,
+    key_slice: Optional[int] = None,
+    spacing: Optional[float] = None,
+    slice_interval: Optional[float] = None,
+    context_mm: float = 2.0,
+    max_voxels: Optional[int] = DEFAULT_MAX_VOXELS,
+) -> CTVolume:
     """A DeepLesion-format slice folder as a volume; with ``key_slice`` only the slices within
     ``context_mm`` (+ one) of it are read. Spacing: arguments, else DL_info.csv, else an error."""
     numbers = _png_numbers(folder)
@@ -277,8 +307,9 @@ def read_png_series(folder: str, name: str, key_slice: Optional[int] = None,
         slice_interval = slice_interval if slice_interval is not None else found[1]
     check_spacing(folder, spacing, slice_interval)
     if len(numbers) < 2:
-        raise CTInputError(f"{folder}: a single slice is a 2-D image; inference needs the "
-                           "neighbouring slices")
+        raise CTInputError(
+            f"{folder}: a single slice is a 2-D image; inference needs the neighbouring slices"
+        )
     wanted = sorted(numbers)
     if key_slice is not None:
         reach = int(math.ceil(context_mm / slice_interval - 1e-6)) + 1
@@ -290,14 +321,21 @@ def read_png_series(folder: str, name: str, key_slice: Optional[int] = None,
     for n in wanted[1:]:
         hn, wn = png_size(numbers[n])
         if (hn, wn) != (h, w):
-            raise CTInputError(f"{numbers[n]}: {wn} x {hn} px, where {os.path.basename(first)} is "
-                               f"{w} x {h}; the slices of a series share one size")
+            raise CTInputError(
+                f"{numbers[n]}: {wn} x {hn} px, where {os.path.basename(first)} is "
+                f"{w} x {h}; the slices of a series share one size"
+            )
     check_voxel_cap(folder, (w, h, len(wanted)), max_voxels, CTInputError)
     slices = [read_hu_slice(numbers[n]) for n in wanted]
     return CTVolume(
-        name=name, source=folder if key_slice is None else numbers[key_slice], kind="deeplesion",
-        hu=np.stack(slices), slice_numbers=wanted, spacing=(float(spacing), float(spacing)),
-        slice_interval=float(slice_interval), key_slices=None if key_slice is None else [key_slice],
+        name=name,
+        source=folder if key_slice is None else numbers[key_slice],
+        kind="deeplesion",
+        hu=np.stack(slices),
+        slice_numbers=wanted,
+        spacing=(float(spacing), float(spacing)),
+        slice_interval=float(slice_interval),
+        key_slices=None if key_slice is None else [key_slice],
         series_range=(min(numbers), max(numbers)),
     )
 
@@ -308,8 +346,10 @@ def check_mm(where: str, what: str, v) -> None:
     if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
         raise CTInputError(f"{where}: {what} must be a positive number of mm, got {v!r}")
     if not MIN_SPACING_MM <= v <= MAX_SPACING_MM:
-        raise CTInputError(f"{where}: {what} {float(v):g} mm is outside the plausible "
-                           f"{MIN_SPACING_MM:g}..{MAX_SPACING_MM:g} mm of a CT")
+        raise CTInputError(
+            f"{where}: {what} {float(v):g} mm is outside the plausible "
+            f"{MIN_SPACING_MM:g}..{MAX_SPACING_MM:g} mm of a CT"
+        )
 
 
 def check_spacing(where: str, spacing, slice_interval) -> None:
@@ -323,8 +363,10 @@ def check_spacing(where: str, spacing, slice_interval) -> None:
 def check_slice_side(where: str, width: int, height: int) -> None:
     """Refuse slices smaller than MIN_SLICE_SIDE a side (a 1 x 1 PNG, a 2-px-wide scout)."""
     if min(width, height) < MIN_SLICE_SIDE:
-        raise CTInputError(f"{where}: {width} x {height} px slices; a CT slice needs at least "
-                           f"{MIN_SLICE_SIDE} px a side")
+        raise CTInputError(
+            f"{where}: {width} x {height} px slices; a CT slice needs at least "
+            f"{MIN_SLICE_SIDE} px a side"
+        )
 
 
 def _sitk():

@@ -11,6 +11,7 @@ and computes the same function through ``torchvision.ops.deform_conv2d``. Both o
 offsets in the layout of the original DCN kernels: for offset group g and kernel point
 k = i * kw + j, channel g*2*K + 2k holds dy and g*2*K + 2k + 1 holds dx; the mask has G*K channels.
 """
+
 from __future__ import annotations
 
 import logging
@@ -228,8 +229,9 @@ def _check_deform_cfg(cfg: CfgNode) -> None:
 
 def _finish(cfg: CfgNode, backbone: Backbone) -> Backbone:
     if use_detectron2_deform_conv(cfg):
-        impl, n = "detectron2", sum(
-            isinstance(m, (DeformConv, ModulatedDeformConv)) for m in backbone.modules()
+        impl, n = (
+            "detectron2",
+            sum(isinstance(m, (DeformConv, ModulatedDeformConv)) for m in backbone.modules()),
         )
     else:
         impl, n = "torchvision", convert_deform_convs(backbone)

@@ -11,6 +11,7 @@ Both heads follow :class:`RelationBoxHead`, the contract ElixirROIHeads relies o
 ``forward(x, num_per_image) -> (features, relations)``, with the proposal count of each image so
 region_nonlocal never relates proposals of different images, and ``pointwise_before_pooling``.
 """
+
 import contextlib
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -56,8 +57,9 @@ class RelationBoxHead(nn.Module):
 
     def pointwise_maps(self, maps: Sequence[torch.Tensor]) -> List[torch.Tensor]:
         """The head's first (pointwise) layer on whole feature maps, before RoIAlign."""
-        raise NotImplementedError(f"{type(self).__name__} has no pointwise layer to run before "
-                                  "pooling")
+        raise NotImplementedError(
+            f"{type(self).__name__} has no pointwise layer to run before pooling"
+        )
 
     def forward(
         self, x: torch.Tensor, num_per_image: Sequence[int]
@@ -87,8 +89,7 @@ class ALBStem(nn.Module):
         elif kind == "sep_conv_3x3":
             # Pointwise first: the depthwise conv then runs on c_out (< c_in) channels.
             self.pointwise = nn.Conv2d(c_in, c_out, 1, bias=False)
-            self.conv = DepthwiseConv2d(c_out, c_out, 3, padding=1, groups=c_out,
-                                        bias=not norm)
+            self.conv = DepthwiseConv2d(c_out, c_out, 3, padding=1, groups=c_out, bias=not norm)
         else:
             raise ValueError(
                 f"Unknown MODEL.ALB.STEM {kind!r}; expected 'sep_conv_3x3' or 'conv_3x3'"
@@ -149,8 +150,16 @@ class _ALBHeadBase(RelationBoxHead):
     pointwise layer; the option is then ignored, as MODEL.ALB.POINTWISE_BEFORE_POOLING says)."""
 
     def __init__(
-        self, input_shape: ShapeSpec, blocks: Sequence[str], channels: int, stem_channels: int,
-        stem: str, branches: int, norm: str, affine: bool, pointwise_before_pooling: bool,
+        self,
+        input_shape: ShapeSpec,
+        blocks: Sequence[str],
+        channels: int,
+        stem_channels: int,
+        stem: str,
+        branches: int,
+        norm: str,
+        affine: bool,
+        pointwise_before_pooling: bool,
     ):
         super().__init__()
         self.block_types = _check_blocks(blocks)
@@ -210,8 +219,11 @@ class _ALBHeadBase(RelationBoxHead):
         relation_op = self.relation_op()
         # E leaves the op as its graph's forward output, in the autograd graph (RTM trains
         # through it): the op keeps nothing between calls.
-        graphs = (capture_outputs(relation_op.graph) if relation_op is not None
-                  else contextlib.nullcontext([]))
+        graphs = (
+            capture_outputs(relation_op.graph)
+            if relation_op is not None
+            else contextlib.nullcontext([])
+        )
         with graphs as relations:
             s = self.stem(x, self.pointwise_before_pooling)  # channels_last, see ALBStem
             # Blocks take rectified inputs (cells.py): each output is rectified once here, not
@@ -230,9 +242,16 @@ class ALBHead(_ALBHeadBase):
 
     @configurable
     def __init__(
-        self, input_shape: ShapeSpec, *, genotype: Genotype, blocks: Sequence[str] = (
-            "normal", "reduce", "reduce"), channels: int = 32, stem_channels: int = 128,
-        stem: str = "sep_conv_3x3", norm: str = "BN", pointwise_before_pooling: bool = False,
+        self,
+        input_shape: ShapeSpec,
+        *,
+        genotype: Genotype,
+        blocks: Sequence[str] = ("normal", "reduce", "reduce"),
+        channels: int = 32,
+        stem_channels: int = 128,
+        stem: str = "sep_conv_3x3",
+        norm: str = "BN",
+        pointwise_before_pooling: bool = False,
     ):
         """
         Args:
@@ -247,8 +266,15 @@ class ALBHead(_ALBHeadBase):
         """
         self.genotype = genotype.validate()
         super().__init__(
-            input_shape, blocks, channels, stem_channels, stem, genotype.branches, norm,
-            affine=True, pointwise_before_pooling=pointwise_before_pooling,
+            input_shape,
+            blocks,
+            channels,
+            stem_channels,
+            stem,
+            genotype.branches,
+            norm,
+            affine=True,
+            pointwise_before_pooling=pointwise_before_pooling,
         )
 
     @classmethod
@@ -268,8 +294,15 @@ class ALBHead(_ALBHeadBase):
 
     def _make_block(self, kind, c_pp, c_p, d, reduction, reduction_prev):
         return GenotypeBlock(
-            self.genotype.pairs(kind), c_pp, c_p, d, reduction, reduction_prev,
-            self.branches, self._norm, affine=True,
+            self.genotype.pairs(kind),
+            c_pp,
+            c_p,
+            d,
+            reduction,
+            reduction_prev,
+            self.branches,
+            self._norm,
+            affine=True,
         )
 
     def _run_block(self, i, s0, s1, num_per_image):
@@ -287,9 +320,16 @@ class ALBSearchHead(_ALBHeadBase):
 
     @configurable
     def __init__(
-        self, input_shape: ShapeSpec, *, space: str = "elixir", blocks: Sequence[str] = (
-            "normal", "reduce", "reduce"), channels: int = 16, stem_channels: int = 64,
-        stem: str = "sep_conv_3x3", branches: int = 4, norm: str = "BN",
+        self,
+        input_shape: ShapeSpec,
+        *,
+        space: str = "elixir",
+        blocks: Sequence[str] = ("normal", "reduce", "reduce"),
+        channels: int = 16,
+        stem_channels: int = 64,
+        stem: str = "sep_conv_3x3",
+        branches: int = 4,
+        norm: str = "BN",
         pointwise_before_pooling: bool = False,
     ):
         """Arguments as :class:`ALBHead`, with the search ``space`` and ``branches`` instead
@@ -297,7 +337,14 @@ class ALBSearchHead(_ALBHeadBase):
         self.space = space
         self.op_names = get_search_space(space)
         super().__init__(
-            input_shape, blocks, channels, stem_channels, stem, branches, norm, affine=False,
+            input_shape,
+            blocks,
+            channels,
+            stem_channels,
+            stem,
+            branches,
+            norm,
+            affine=False,
             pointwise_before_pooling=pointwise_before_pooling,
         )
         shape = (len(edge_inputs(branches)), len(self.op_names))
@@ -314,7 +361,14 @@ class ALBSearchHead(_ALBHeadBase):
 
     def _make_block(self, kind, c_pp, c_p, d, reduction, reduction_prev):
         return SearchBlock(
-            self.op_names, c_pp, c_p, d, reduction, reduction_prev, self.branches, self._norm,
+            self.op_names,
+            c_pp,
+            c_p,
+            d,
+            reduction,
+            reduction_prev,
+            self.branches,
+            self._norm,
             affine=False,
         )
 

@@ -16,6 +16,7 @@ forward must not hold its autograd graph).
 
 Asking for something the model lacks raises ValueError at entry, before any forward runs.
 """
+
 import contextlib
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, List, Tuple, Type, TypeVar
@@ -85,16 +86,24 @@ def _proposals(_module: nn.Module, inputs: tuple, output: Any):
 def _target(model: nn.Module, what: str) -> Tuple[nn.Module, Callable]:
     """The module to hook for ``what`` and what its hook keeps."""
     if what == "trpn_confidence":
-        trpn = _only(model, TRPN, "the model has no TRPN proposal generator "
-                                  "(MODEL.PROPOSAL_GENERATOR.NAME 'TRPN')")
+        trpn = _only(
+            model,
+            TRPN,
+            "the model has no TRPN proposal generator (MODEL.PROPOSAL_GENERATOR.NAME 'TRPN')",
+        )
         return trpn.truncation, _trpn_record(trpn)
     if what == "relations":
-        head = _only(model, RelationBoxHead,
-                     "the model has no box head with region_nonlocal relations (ALBHead)")
+        head = _only(
+            model,
+            RelationBoxHead,
+            "the model has no box head with region_nonlocal relations (ALBHead)",
+        )
         op = head.relation_op()
         if op is None:
-            raise ValueError(f"the box head {type(head).__name__} has no region_nonlocal edge "
-                             "(its genotype relates no RoIs)")
+            raise ValueError(
+                f"the box head {type(head).__name__} has no region_nonlocal edge "
+                "(its genotype relates no RoIs)"
+            )
         return op.graph, _relations
     if what == "proposals":
         return _only(model, RPN, "the model has no RPN / TRPN proposal generator"), _proposals
@@ -116,8 +125,10 @@ def _in_slice_pixels(model: nn.Module, raw: List[Any]) -> Iterator[List[Any]]:
         if not raw:  # no proposals made (proposals given with the inputs)
             return
         if len(raw) > 1:
-            raise RuntimeError(f"capture 'proposals': {len(raw)} proposal generator calls in one "
-                               "forward of the model; expected one")
+            raise RuntimeError(
+                f"capture 'proposals': {len(raw)} proposal generator calls in one "
+                "forward of the model; expected one"
+            )
         inputs = args[0] if args else kwargs["batched_inputs"]
         records.append([to_slice_frame(p, inp, clip=False) for p, inp in zip(raw.pop(), inputs)])
 

@@ -7,6 +7,7 @@ which skips them, never touches them: no update, no weight decay) and its normal
 with running statistics are kept in eval mode, also after ``model.train()``, so BatchNorm
 statistics do not drift either. GroupNorm / FrozenBatchNorm have no running statistics to keep.
 """
+
 import logging
 from typing import List, Sequence
 

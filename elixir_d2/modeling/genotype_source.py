@@ -21,6 +21,7 @@ Layering: the genotype's own forms (type, validation, dict, YAML text and files)
 read a ``.pth``), and is called by the commands, the box head and the checkpointer, none of which
 it calls. So a run's config reaches its genotype through each module once.
 """
+
 from __future__ import annotations
 
 import logging
@@ -88,7 +89,8 @@ def load_genotype_file(path: str) -> Tuple[Genotype, Dict[str, Any]]:
     if "://" not in resolved and not os.path.isfile(resolved):
         raise MissingFileError(
             f"MODEL.ALB.GENOTYPE: genotype file {path} not found; give a genotype YAML written by "
-            "search_net.py or configs/genotypes/figure3.yaml")
+            "search_net.py or configs/genotypes/figure3.yaml"
+        )
     return read_genotype_file(resolved, source=path)
 
 
@@ -103,8 +105,9 @@ def genotype_from_config(cfg) -> Genotype:
         if path:
             from_file, _ = load_genotype_file(path)
             _check_same(from_file, genotype, path)
-        logger.info("ALB head genotype: from MODEL.ALB.GENOTYPE_YAML%s",
-                    f" (file {path})" if path else "")
+        logger.info(
+            "ALB head genotype: from MODEL.ALB.GENOTYPE_YAML%s", f" (file {path})" if path else ""
+        )
         return genotype
     genotype, provenance = load_genotype_file(path)
     logger.info("ALB head genotype: from %s, %s", path, describe_provenance(provenance))
@@ -116,7 +119,8 @@ def _check_same(from_file: Genotype, from_text: Genotype, path: str) -> None:
         raise UserInputError(
             f"MODEL.ALB.GENOTYPE_YAML ({genotype_to_yaml(from_text)}) differs from the genotype in "
             f"MODEL.ALB.GENOTYPE {path} ({genotype_to_yaml(from_file)}); the file changed since "
-            "the run was configured: clear one of the two keys")
+            "the run was configured: clear one of the two keys"
+        )
 
 
 def resolve_genotype_config(cfg, checkpoint: Optional[str] = None) -> Optional[Genotype]:
@@ -173,7 +177,8 @@ def check_checkpoint_genotype(checkpoint: Dict[str, Any], model: nn.Module, path
             f"Checkpoint {path} was trained with ALB genotype {genotype_to_yaml(theirs)} but "
             f"the config builds {genotype_to_yaml(ours)} (MODEL.ALB.GENOTYPE / GENOTYPE_YAML); "
             "set MODEL.ALB.GENOTYPE to the file the checkpoint was trained with, or to '' (and "
-            "MODEL.ALB.GENOTYPE_YAML '') to take the checkpoint's")
+            "MODEL.ALB.GENOTYPE_YAML '') to take the checkpoint's"
+        )
 
 
 def fill_genotype_from_checkpoint(cfg, weights: str) -> bool:
@@ -184,13 +189,17 @@ def fill_genotype_from_checkpoint(cfg, weights: str) -> bool:
         return False
     hint = "pass MODEL.ALB.GENOTYPE <the genotype.yaml the model was trained with>"
     if not weights or "://" in weights or weights.endswith(".pkl"):
-        raise UserInputError(f"MODEL.ALB.GENOTYPE is empty and the weights ({weights or 'none'}) "
-                             f"hold no genotype: {hint}")
+        raise UserInputError(
+            f"MODEL.ALB.GENOTYPE is empty and the weights ({weights or 'none'}) "
+            f"hold no genotype: {hint}"
+        )
     if not os.path.isfile(weights):
         raise MissingFileError(f"weights file {weights} not found (MODEL.WEIGHTS / --weights)")
     entry = load_pth(weights).get(GENOTYPE_KEY)
     if entry is None:
-        raise UserInputError(f"MODEL.ALB.GENOTYPE is empty and checkpoint {weights} holds no "
-                             f"genotype (written before checkpoints stored it): {hint}")
+        raise UserInputError(
+            f"MODEL.ALB.GENOTYPE is empty and checkpoint {weights} holds no "
+            f"genotype (written before checkpoints stored it): {hint}"
+        )
     cfg.MODEL.ALB.GENOTYPE_YAML = genotype_to_yaml(_checkpoint_genotype(entry, weights))
     return True

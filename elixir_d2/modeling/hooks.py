@@ -6,6 +6,7 @@ graphs E of its region_nonlocal this way within its own forward, and
 on it. Modules keep no results between calls for anyone to read later. Kept apart from
 ``capture.py``, which imports the model modules, so that those modules can import this one.
 """
+
 import contextlib
 from typing import Any, Callable, Iterator, List
 

@@ -8,6 +8,7 @@ its corner, so every output is in the pixels of the whole slice (``image_size`` 
 and callers never learn that a crop existed. An input without ``body_crop`` is postprocessed
 exactly as by GeneralizedRCNN. The subclass adds no module: checkpoints load in either class.
 """
+
 from __future__ import annotations
 
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
@@ -29,12 +30,16 @@ def _input_region(inp: Mapping, image_size: Sequence[int]) -> Tuple[int, int, in
     if crop is None:
         return 0, 0, inp.get("width", image_size[1]), inp.get("height", image_size[0])
     if "height" not in inp or "width" not in inp:
-        raise ValueError("an input with 'body_crop' must name the whole slice's 'height' and "
-                         f"'width', got keys {sorted(inp)}")
+        raise ValueError(
+            "an input with 'body_crop' must name the whole slice's 'height' and "
+            f"'width', got keys {sorted(inp)}"
+        )
     x0, y0, x1, y1 = (int(v) for v in crop)
     if not (0 <= x0 < x1 <= inp["width"] and 0 <= y0 < y1 <= inp["height"]):
-        raise ValueError(f"body_crop {tuple(crop)} is not a box inside the "
-                         f"{inp['width']} x {inp['height']} slice")
+        raise ValueError(
+            f"body_crop {tuple(crop)} is not a box inside the "
+            f"{inp['width']} x {inp['height']} slice"
+        )
     return x0, y0, x1, y1
 
 
@@ -76,9 +81,12 @@ class BodyCropRCNN(GeneralizedRCNN):
     undone (module docstring). Training is GeneralizedRCNN's: training inputs are never
     body-cropped."""
 
-    def inference(self, batched_inputs: List[Dict[str, torch.Tensor]],
-                  detected_instances: Optional[List[Instances]] = None,
-                  do_postprocess: bool = True):
+    def inference(
+        self,
+        batched_inputs: List[Dict[str, torch.Tensor]],
+        detected_instances: Optional[List[Instances]] = None,
+        do_postprocess: bool = True,
+    ):
         # GeneralizedRCNN.inference calls GeneralizedRCNN._postprocess by name, not through self.
         results = super().inference(batched_inputs, detected_instances, do_postprocess=False)
         if not do_postprocess:

@@ -38,6 +38,7 @@ per-detection bool field ``rtm_typed`` (an Instances field must have one entry p
 per-image dict built by detectron2's meta-architecture is not ours to extend). The evaluator reads
 that field to refuse per-type output on an untyped split.
 """
+
 import contextlib
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -205,7 +206,9 @@ class ElixirROIHeads(StandardROIHeads):
         return pred_instances
 
     def _forward_rtm(
-        self, box_features: torch.Tensor, relations: Sequence[torch.Tensor],
+        self,
+        box_features: torch.Tensor,
+        relations: Sequence[torch.Tensor],
         proposals: List[Instances],
     ):
         binary = self.box_predictor(box_features)
@@ -226,11 +229,16 @@ class ElixirROIHeads(StandardROIHeads):
         elif self._rtm_output == "typed":
             instances = self._rtm_typed_inference(binary, typed, proposals)
         else:
-            raise ValueError(f"RTM output mode must be one of {RTM_OUTPUT_MODES}, got "
-                             f"{self._rtm_output!r}")
+            raise ValueError(
+                f"RTM output mode must be one of {RTM_OUTPUT_MODES}, got {self._rtm_output!r}"
+            )
         for inst in instances:
-            inst.rtm_typed = torch.full((len(inst),), self._rtm_output == "typed",
-                                        dtype=torch.bool, device=inst.scores.device)
+            inst.rtm_typed = torch.full(
+                (len(inst),),
+                self._rtm_output == "typed",
+                dtype=torch.bool,
+                device=inst.scores.device,
+            )
         return instances
 
     def _rtm_typed_inference(self, binary, typed, proposals: List[Instances]) -> List[Instances]:
@@ -239,8 +247,12 @@ class ElixirROIHeads(StandardROIHeads):
         boxes = predictor.predict_boxes(typed, proposals)
         scores = predictor.predict_probs(typed, proposals)
         instances, kept = fast_rcnn_inference(
-            boxes, scores, [p.image_size for p in proposals], predictor.test_score_thresh,
-            predictor.test_nms_thresh, predictor.test_topk_per_image,
+            boxes,
+            scores,
+            [p.image_size for p in proposals],
+            predictor.test_score_thresh,
+            predictor.test_nms_thresh,
+            predictor.test_topk_per_image,
         )
         binary_probs = self.box_predictor.predict_probs(binary, proposals)
         for inst, b, s, k, prob in zip(instances, boxes, scores, kept, binary_probs):
@@ -258,11 +270,16 @@ class ElixirROIHeads(StandardROIHeads):
         predictor = self.box_predictor
         boxes = predictor.predict_boxes(binary, proposals)  # (R, 4): one lesion class
         scores = predictor.predict_probs(binary, proposals)  # (R, 2): lesion, background
-        types = [p[:, :-1].argmax(dim=1)
-                 for p in self.rtm.predictor.predict_probs(typed, proposals)]
+        types = [
+            p[:, :-1].argmax(dim=1) for p in self.rtm.predictor.predict_probs(typed, proposals)
+        ]
         instances, kept = fast_rcnn_inference(
-            boxes, scores, [p.image_size for p in proposals], predictor.test_score_thresh,
-            predictor.test_nms_thresh, predictor.test_topk_per_image,
+            boxes,
+            scores,
+            [p.image_size for p in proposals],
+            predictor.test_score_thresh,
+            predictor.test_nms_thresh,
+            predictor.test_topk_per_image,
         )
         for inst, b, s, t, k in zip(instances, boxes, scores, types, kept):
             valid = (torch.isfinite(b).all(dim=1) & torch.isfinite(s).all(dim=1)).nonzero()[:, 0]

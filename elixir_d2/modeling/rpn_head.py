@@ -14,6 +14,7 @@ the box deltas at the lesion are the delta conv's bias alone.
 
 docs/design.md, "Decisions where the paper is silent" / RPN head, has the measurements.
 """
+
 from typing import List
 
 import torch
@@ -47,8 +48,14 @@ class LeakyRPNHead(StandardRPNHead):
 
     def _get_rpn_conv(self, in_channels: int, out_channels: int) -> nn.Module:
         # StandardRPNHead.__init__ initialises it as its own hidden conv.
-        return Conv2d(in_channels, out_channels, kernel_size=3, stride=1, padding=1,
-                      activation=nn.LeakyReLU(self.negative_slope))
+        return Conv2d(
+            in_channels,
+            out_channels,
+            kernel_size=3,
+            stride=1,
+            padding=1,
+            activation=nn.LeakyReLU(self.negative_slope),
+        )
 
 
 @RPN_HEAD_REGISTRY.register()
@@ -59,18 +66,20 @@ class NormRPNHead(StandardRPNHead):
     level then serve that level at test)."""
 
     @configurable
-    def __init__(self, *, norm: str = "BN", num_levels: int = 1, per_level: bool = False,
-                 **kwargs):
+    def __init__(self, *, norm: str = "BN", num_levels: int = 1, per_level: bool = False, **kwargs):
         if not norm:
             raise ValueError("NormRPNHead needs MODEL.RPN.HEAD_NORM (e.g. 'BN'), got ''")
         if len(kwargs.get("conv_dims", (-1,))) != 1:
-            raise ValueError(f"NormRPNHead has one hidden conv; MODEL.RPN.CONV_DIMS="
-                             f"{kwargs['conv_dims']} asks for more")
+            raise ValueError(
+                f"NormRPNHead has one hidden conv; MODEL.RPN.CONV_DIMS="
+                f"{kwargs['conv_dims']} asks for more"
+            )
         super().__init__(**kwargs)
         channels = self.conv.out_channels
         self.num_levels = num_levels
-        self.norms = nn.ModuleList(get_norm(norm, channels)
-                                   for _ in range(num_levels if per_level else 1))
+        self.norms = nn.ModuleList(
+            get_norm(norm, channels) for _ in range(num_levels if per_level else 1)
+        )
 
     @classmethod
     def from_config(cls, cfg, input_shape):
@@ -85,8 +94,9 @@ class NormRPNHead(StandardRPNHead):
 
     def forward(self, features: List[torch.Tensor]):
         if len(features) != self.num_levels:
-            raise ValueError(f"NormRPNHead was built for {self.num_levels} feature levels, got "
-                             f"{len(features)}")
+            raise ValueError(
+                f"NormRPNHead was built for {self.num_levels} feature levels, got {len(features)}"
+            )
         logits, deltas = [], []
         for level, x in enumerate(features):
             norm = self.norms[level if len(self.norms) > 1 else 0]
@@ -102,6 +112,13 @@ def _normalise(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     normalised with the running ones, left as they are."""
     one_value = x.shape[0] * x.shape[2] * x.shape[3] == 1
     if one_value and norm.training and isinstance(norm, nn.modules.batchnorm._BatchNorm):
-        return F.batch_norm(x, norm.running_mean, norm.running_var, norm.weight, norm.bias,
-                            training=False, eps=norm.eps)
+        return F.batch_norm(
+            x,
+            norm.running_mean,
+            norm.running_var,
+            norm.weight,
+            norm.bias,
+            training=False,
+            eps=norm.eps,
+        )
     return norm(x)

@@ -15,6 +15,7 @@ trains only through its own loss). Since every row of E sums to 1, f_E_i = u + a
 a_i = sum_j E_ij Gamma_j0 (the relation-weighted lesion probability of i's neighbourhood) and
 u, v fixed by M W_E: RTM adds that neighbourhood evidence to the region feature.
 """
+
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -115,8 +116,11 @@ class RelationTransferModule(nn.Module):
                 "the box head must provide E (a region_nonlocal edge)"
             )
         with autocast_off(pooled):  # float32, as region_nonlocal's (see region_relations)
-            x = (pooled.mean(dim=(2, 3), dtype=torch.float32) if pooled.dim() == 4
-                 else pooled.float())
+            x = (
+                pooled.mean(dim=(2, 3), dtype=torch.float32)
+                if pooled.dim() == 4
+                else pooled.float()
+            )
             phi = F.relu(self.phi(x))
         return region_relations(phi, num_per_image)
 

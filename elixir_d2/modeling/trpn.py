@@ -14,6 +14,7 @@ anchors, truncation removes the neighbours giving a small lesion its best box). 
 "Decisions where the paper is silent" / TruncatedRPN, has the runs behind both and the rest
 (eps, padding, constant maps, the focal normaliser).
 """
+
 import math
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 

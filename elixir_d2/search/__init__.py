@@ -1,4 +1,5 @@
 """Differentiable search of the Auto-lesion Blocks (search_net.py) and random genotypes."""
+
 from .architect import Architect
 from .checkpoint import SearchCheckpointer
 from .data import build_search_loaders, halve_dataset, iters_per_epoch, load_search_halves

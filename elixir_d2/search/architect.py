@@ -4,6 +4,7 @@ First order (DARTS' approximation, as the paper): alpha's gradient is taken at t
 network weights w, with a batch of the architecture half of the training split, so alpha is
 judged on images w was not fitted to.
 """
+
 from typing import Dict, List, Optional
 
 import torch
@@ -20,7 +21,9 @@ class Architect:
     first-order step on the alphas."""
 
     def __init__(
-        self, model: nn.Module, optimizer: torch.optim.Optimizer,
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
         precision: Optional[MixedPrecision] = None,
     ):
         self.model = model

@@ -4,6 +4,7 @@ Checkpoints and the ``last_checkpoint`` tag are written whole or not at all (see
 ``elixir_d2.checkpoint.AtomicCheckpointer``), so a search killed mid-save resumes from the previous
 one.
 """
+
 from typing import Any
 
 from ..checkpoint import AtomicCheckpointer

@@ -5,6 +5,7 @@ architecture parameters alpha on the other, so that alpha is judged on images w 
 The halving is a fixed-seed permutation of the training records (SEARCH.SEED): the same seed and
 the same dataset give the same halves on every run and every process.
 """
+
 import logging
 import math
 from typing import Dict, List, Sequence, Tuple
@@ -56,7 +57,11 @@ def load_search_halves(cfg: CfgNode) -> Tuple[List[Dict], List[Dict]]:
     logger.info(
         "ALB search: %d training records of %s halved with SEARCH.SEED=%d -> %d for w, %d for "
         "alpha",
-        len(dicts), tuple(cfg.DATASETS.TRAIN), cfg.SEARCH.SEED, len(w_half), len(alpha_half),
+        len(dicts),
+        tuple(cfg.DATASETS.TRAIN),
+        cfg.SEARCH.SEED,
+        len(w_half),
+        len(alpha_half),
     )
     return w_half, alpha_half
 

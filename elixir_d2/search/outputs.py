@@ -12,6 +12,7 @@
 ``<OUTPUT_DIR>/genotype.yaml`` (usable as MODEL.ALB.GENOTYPE) and ``<OUTPUT_DIR>/alphas.png``
 (one heatmap per block type, edges x ops) are written when the search finishes.
 """
+
 import json
 import logging
 import math
@@ -100,18 +101,25 @@ def _history_json(history: Dict) -> str:
     return head[:-2] + ',\n "epochs": [\n' + epochs + "\n ]\n}\n"
 
 
-def write_search_outputs(head, output_dir: str, comment: Optional[str] = None,
-                         provenance: Optional[Dict] = None) -> Genotype:
+def write_search_outputs(
+    head, output_dir: str, comment: Optional[str] = None, provenance: Optional[Dict] = None
+) -> Genotype:
     """Write ``genotype.yaml`` (derived from the head's alphas; ``comment`` lines on top) and
     ``alphas.png`` to ``output_dir``; return the genotype."""
     from ..visualization import draw_alpha_heatmap  # matplotlib only when drawing
 
     PathManager.mkdirs(output_dir)
     genotype = head.genotype()
-    save_genotype(genotype, os.path.join(output_dir, GENOTYPE_YAML), comment=comment or "",
-                  provenance=provenance)
+    save_genotype(
+        genotype,
+        os.path.join(output_dir, GENOTYPE_YAML),
+        comment=comment or "",
+        provenance=provenance,
+    )
     draw_alpha_heatmap(
-        softmax_alphas(head), head.op_names, os.path.join(output_dir, ALPHAS_PNG),
+        softmax_alphas(head),
+        head.op_names,
+        os.path.join(output_dir, ALPHAS_PNG),
         edge_labels=edge_labels(head.branches),
         title=f"ALB search ({head.space} space): softmax(alpha) per edge",
     )
@@ -126,8 +134,14 @@ class AlphaRecorder(HookBase):
     every process derives the same genotype since alphas are identical across processes.
     """
 
-    def __init__(self, head_fn, iters_per_epoch: int, output_dir: str, comment: str = "",
-                 provenance: Optional[Dict] = None):
+    def __init__(
+        self,
+        head_fn,
+        iters_per_epoch: int,
+        output_dir: str,
+        comment: str = "",
+        provenance: Optional[Dict] = None,
+    ):
         self._head_fn = head_fn
         self.iters_per_epoch = iters_per_epoch
         self.output_dir = output_dir
@@ -172,23 +186,31 @@ class AlphaRecorder(HookBase):
         weights = softmax_alphas(head)
         logger.info(
             "ALB search epoch %d/%d (iteration %d): genotype %s",
-            epoch, self.trainer.max_iter // self.iters_per_epoch, it, format_genotype(genotype),
+            epoch,
+            self.trainer.max_iter // self.iters_per_epoch,
+            it,
+            format_genotype(genotype),
         )
         entropy = {kind: edge_entropy(w) for kind, w in weights.items()}
         logger.info(
             "ALB search epoch %d: entropy of softmax(alpha) per edge, normal %s, reduce %s "
-            "(uniform = %.3f)", epoch, np.round(entropy["normal"], 3).tolist(),
-            np.round(entropy["reduce"], 3).tolist(), math.log(len(head.op_names)),
+            "(uniform = %.3f)",
+            epoch,
+            np.round(entropy["normal"], 3).tolist(),
+            np.round(entropy["reduce"], 3).tolist(),
+            math.log(len(head.op_names)),
         )
-        self.history["epochs"].append({
-            "epoch": epoch,
-            "iteration": it,
-            "normal": weights["normal"].tolist(),
-            "reduce": weights["reduce"].tolist(),
-            "entropy_normal": entropy["normal"].tolist(),
-            "entropy_reduce": entropy["reduce"].tolist(),
-            "genotype": genotype.to_dict(),
-        })
+        self.history["epochs"].append(
+            {
+                "epoch": epoch,
+                "iteration": it,
+                "normal": weights["normal"].tolist(),
+                "reduce": weights["reduce"].tolist(),
+                "entropy_normal": entropy["normal"].tolist(),
+                "entropy_reduce": entropy["reduce"].tolist(),
+                "genotype": genotype.to_dict(),
+            }
+        )
         if comm.is_main_process():
             PathManager.mkdirs(self.output_dir)
             _write_text(self.json_path, _history_json(self.history))
@@ -198,11 +220,13 @@ class AlphaRecorder(HookBase):
             return  # interrupted: --resume finishes the search and writes the outputs
         head = self._head_fn()
         if comm.is_main_process():
-            self.final_genotype = write_search_outputs(head, self.output_dir, self.comment,
-                                                       self.provenance)
+            self.final_genotype = write_search_outputs(
+                head, self.output_dir, self.comment, self.provenance
+            )
             logger.info(
                 "ALB search done: %s written to %s; genotype %s",
-                ", ".join((GENOTYPE_YAML, ALPHAS_JSON, ALPHAS_PNG)), self.output_dir,
+                ", ".join((GENOTYPE_YAML, ALPHAS_JSON, ALPHAS_PNG)),
+                self.output_dir,
                 format_genotype(self.final_genotype),
             )
         else:

@@ -3,6 +3,7 @@
 Sampled uniformly over the structures the search could derive: for each block type and each
 branch b, 2 distinct inputs among the b + 2 earlier nodes, and for each a real (non-``none``) op.
 """
+
 from typing import List, Optional, Tuple
 
 import numpy as np
@@ -13,8 +14,9 @@ from ..modeling.alb.spaces import get_search_space
 __all__ = ["sample_random_genotype"]
 
 
-def _sample_pairs(rng: np.random.RandomState, ops: List[str],
-                  branches: int) -> List[Tuple[str, int]]:
+def _sample_pairs(
+    rng: np.random.RandomState, ops: List[str], branches: int
+) -> List[Tuple[str, int]]:
     pairs = []
     for b in range(branches):
         inputs = sorted(rng.choice(b + 2, size=2, replace=False).tolist())
@@ -34,6 +36,5 @@ def sample_random_genotype(
     rng = np.random.RandomState(seed)
     normal = _sample_pairs(rng, real_ops, branches)
     reduce = _sample_pairs(rng, real_ops, branches)
-    genotype = Genotype(normal=tuple(normal), reduce=tuple(reduce), space=space,
-                        branches=branches)
+    genotype = Genotype(normal=tuple(normal), reduce=tuple(reduce), space=space, branches=branches)
     return genotype.validate(f"random genotype (space {space!r}, seed {seed})")

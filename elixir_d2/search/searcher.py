@@ -18,6 +18,7 @@ parameters, so their gradients are all-reduced like the weights' and every proce
 same Adam step: alphas stay identical across processes (DDP also broadcasts rank 0's initial
 values).
 """
+
 import logging
 import math
 import os
@@ -184,14 +185,21 @@ class ALBSearcher(TrainerBase):
         self.architect = Architect(self.model, self.alpha_optimizer, alpha_precision)
         self.start_iter = 0
         self.checkpointer = SearchCheckpointer(
-            model, cfg.OUTPUT_DIR, w_optimizer=self.w_optimizer,
-            alpha_optimizer=self.alpha_optimizer, trainer=weakref.proxy(self),
+            model,
+            cfg.OUTPUT_DIR,
+            w_optimizer=self.w_optimizer,
+            alpha_optimizer=self.alpha_optimizer,
+            trainer=weakref.proxy(self),
         )
         self.recorder = AlphaRecorder(
-            lambda: search_head(self.model), self.iters_per_epoch, cfg.OUTPUT_DIR,
+            lambda: search_head(self.model),
+            self.iters_per_epoch,
+            cfg.OUTPUT_DIR,
             comment=self._genotype_comment(provenance, len(w_half), len(alpha_half)),
-            provenance={**(record or {"searched": True}),
-                        "records_w_alpha": [len(w_half), len(alpha_half)]},
+            provenance={
+                **(record or {"searched": True}),
+                "records_w_alpha": [len(w_half), len(alpha_half)],
+            },
         )
         self.register_hooks(self.build_hooks())
 
@@ -232,7 +240,9 @@ class ALBSearcher(TrainerBase):
             self.start_iter = self.iter + 1
             logger.info(
                 "ALB search resumed at iteration %d (epoch %d of %d done)",
-                self.start_iter, self.start_iter // self.iters_per_epoch, self.cfg.SEARCH.EPOCHS,
+                self.start_iter,
+                self.start_iter // self.iters_per_epoch,
+                self.cfg.SEARCH.EPOCHS,
             )
             return
         self.start_iter = 0
@@ -251,7 +261,10 @@ class ALBSearcher(TrainerBase):
                 logger.warning(
                     "%s lacks %d %s tensors (e.g. %s): they stay RANDOM and frozen during the "
                     "search; MODEL.WEIGHTS should be a trained baseline of the same backbone/RPN",
-                    weights, len(lost), name, lost[0],
+                    weights,
+                    len(lost),
+                    name,
+                    lost[0],
                 )
 
     # ------------------------------------------------------------------ checkpoint state
@@ -264,8 +277,10 @@ class ALBSearcher(TrainerBase):
 
     def _scalers(self) -> List[Tuple[str, MixedPrecision]]:
         """(checkpoint key, MixedPrecision) of each GradScaler in use (none without AMP)."""
-        pairs = [("grad_scaler_w", self.w_precision),
-                 ("grad_scaler_alpha", self.architect.precision)]
+        pairs = [
+            ("grad_scaler_w", self.w_precision),
+            ("grad_scaler_alpha", self.architect.precision),
+        ]
         return [(k, p) for k, p in pairs if p is not None and p.scaler is not None]
 
     def load_state_dict(self, state_dict: Dict) -> None:
@@ -339,7 +354,9 @@ class ALBSearcher(TrainerBase):
         """Run (or finish) the search; returns the final derived genotype."""
         logger.info(
             "ALB search: %d epochs x %d iterations (w step + alpha step each), from iteration %d",
-            self.cfg.SEARCH.EPOCHS, self.iters_per_epoch, self.start_iter,
+            self.cfg.SEARCH.EPOCHS,
+            self.iters_per_epoch,
+            self.start_iter,
         )
         super().train(self.start_iter, self.max_iter)
         return self.recorder.final_genotype

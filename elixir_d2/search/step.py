@@ -10,6 +10,7 @@ autocast, the backward and the step outside it. Under float16 the weight step an
 each have their own GradScaler, since an overflow in one parameter set's gradients says nothing
 about the other's.
 """
+
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
@@ -20,8 +21,13 @@ from detectron2.config import CfgNode
 
 from ..amp import autocast_dtype
 
-__all__ = ["MixedPrecision", "check_search_amp", "search_precision", "search_loss",
-           "optimizer_step"]
+__all__ = [
+    "MixedPrecision",
+    "check_search_amp",
+    "search_precision",
+    "search_loss",
+    "optimizer_step",
+]
 
 
 @dataclass
@@ -48,8 +54,10 @@ def search_precision(cfg: CfgNode) -> Tuple[Optional[MixedPrecision], Optional[M
         return None, None
     device = torch.device(cfg.MODEL.DEVICE).type
     if dtype == torch.float16:
-        return (MixedPrecision(device, dtype, torch.amp.GradScaler(device)),
-                MixedPrecision(device, dtype, torch.amp.GradScaler(device)))
+        return (
+            MixedPrecision(device, dtype, torch.amp.GradScaler(device)),
+            MixedPrecision(device, dtype, torch.amp.GradScaler(device)),
+        )
     return MixedPrecision(device, dtype), MixedPrecision(device, dtype)
 
 
@@ -69,7 +77,9 @@ def search_loss(model: nn.Module, batch: List[Dict]) -> Tuple[torch.Tensor, Dict
 
 
 def optimizer_step(
-    model: nn.Module, batch: List[Dict], optimizer: torch.optim.Optimizer,
+    model: nn.Module,
+    batch: List[Dict],
+    optimizer: torch.optim.Optimizer,
     precision: Optional[MixedPrecision] = None,
 ) -> Dict[str, float]:
     """One step of ``optimizer`` on the search objective of ``batch``; returns the losses.

@@ -17,6 +17,7 @@
    and with GroupNorm, to show why the defaults are what they are. ``--strict`` exits 1 when a
    target is missed.
 """
+
 import os
 import sys
 
@@ -58,14 +59,13 @@ def box_stage(roi_heads: torch.nn.Module, maps: Dict[str, torch.Tensor], proposa
     if isinstance(roi_heads, ElixirROIHeads):
         pooled, counts = roi_heads._pool_box_features(maps, [proposals])
         return roi_heads._run_box_head(pooled, counts)[0]
-    pooled = roi_heads.box_pooler([maps[f] for f in roi_heads.box_in_features],
-                                  [proposals.proposal_boxes])
+    pooled = roi_heads.box_pooler(
+        [maps[f] for f in roi_heads.box_in_features], [proposals.proposal_boxes]
+    )
     return roi_heads.box_head(pooled)
 
 
-def time_interleaved(
-    fns: Dict[str, Callable[[], object]], runs: int
-) -> Dict[str, List[float]]:
+def time_interleaved(fns: Dict[str, Callable[[], object]], runs: int) -> Dict[str, List[float]]:
     """Process CPU seconds of each function per round; one call of each per round, in turn."""
     times: Dict[str, List[float]] = {k: [] for k in fns}
     with torch.no_grad():
@@ -85,8 +85,9 @@ def main() -> int:
     )
     ap.add_argument("--runs", type=int, default=21)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--proposals", type=int, default=1000,
-                    help="RoIs (1000: test-time POST_NMS_TOPK_TEST)")
+    ap.add_argument(
+        "--proposals", type=int, default=1000, help="RoIs (1000: test-time POST_NMS_TOPK_TEST)"
+    )
     ap.add_argument("--strict", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -97,16 +98,21 @@ def main() -> int:
     n_elixir = count_params(build_model(elixir_cfg))
     ratio_p = n_elixir / n_fpn
     print(f"parameters  FPN-R50 (configs/fpn_R_50_deeplesion.yaml)           {n_fpn / 1e6:7.2f}M")
-    print(f"parameters  ElixirNet-R50-FPN (configs/elixirnet_R_50_FPN_deeplesion.yaml) "
-          f"{n_elixir / 1e6:7.2f}M")
-    print(f"parameter ratio ElixirNet / FPN = {ratio_p:.3f}  (target <= 0.70; paper 28.4/41.4 = "
-          f"{28.4 / 41.4:.3f})")
+    print(
+        f"parameters  ElixirNet-R50-FPN (configs/elixirnet_R_50_FPN_deeplesion.yaml) "
+        f"{n_elixir / 1e6:7.2f}M"
+    )
+    print(
+        f"parameter ratio ElixirNet / FPN = {ratio_p:.3f}  (target <= 0.70; paper 28.4/41.4 = "
+        f"{28.4 / 41.4:.3f})"
+    )
 
     variants = {
         "FPN 2-fc head": fpn_cfg,
         "ALBHead (config)": elixir_cfg,
-        "ALBHead, 1x1 after RoIAlign": load_cfg(ELIXIR_CFG,
-                                                ["MODEL.ALB.POINTWISE_BEFORE_POOLING", "False"]),
+        "ALBHead, 1x1 after RoIAlign": load_cfg(
+            ELIXIR_CFG, ["MODEL.ALB.POINTWISE_BEFORE_POOLING", "False"]
+        ),
         "ALBHead, dense 3x3 stem": load_cfg(ELIXIR_CFG, ["MODEL.ALB.STEM", "conv_3x3"]),
         "ALBHead, GroupNorm": load_cfg(ELIXIR_CFG, ["MODEL.ALB.NORM", "GN"]),
     }
@@ -115,24 +121,32 @@ def main() -> int:
     channels = fpn_cfg.MODEL.FPN.OUT_CHANNELS
     maps = {f"p{k}": torch.randn(1, channels, 512 >> k, 512 >> k) for k in range(2, 7)}
     xy = torch.rand(n, 2) * 440
-    proposals = Instances((512, 512),
-                          proposal_boxes=Boxes(torch.cat([xy, xy + 8 + torch.rand(n, 2) * 64], 1)))
-    fns = {name: (lambda h: lambda: box_stage(h, maps, proposals))(h)
-           for name, h in roi_heads.items()}
+    proposals = Instances(
+        (512, 512), proposal_boxes=Boxes(torch.cat([xy, xy + 8 + torch.rand(n, 2) * 64], 1))
+    )
+    fns = {
+        name: (lambda h: lambda: box_stage(h, maps, proposals))(h) for name, h in roi_heads.items()
+    }
     times = time_interleaved(fns, args.runs)
     base = times["FPN 2-fc head"]
-    print(f"\nRoI box stage CPU time (RoIAlign + box head), {n} RoIs on the P2-P5 maps of a "
-          f"512x512 image, {args.threads} thread(s), {args.runs} interleaved rounds (median time; "
-          "median of the per-round ratios):")
+    print(
+        f"\nRoI box stage CPU time (RoIAlign + box head), {n} RoIs on the P2-P5 maps of a "
+        f"512x512 image, {args.threads} thread(s), {args.runs} interleaved rounds (median time; "
+        "median of the per-round ratios):"
+    )
     for name, ts in times.items():
         params = count_params(roi_heads[name].box_head) / 1e6
         ratio = statistics.median(t / b for t, b in zip(ts, base))
-        print(f"  {name:30s} {statistics.median(ts) * 1e3:8.1f} ms  x{ratio:5.2f}   "
-              f"({params:.2f}M head params)")
+        print(
+            f"  {name:30s} {statistics.median(ts) * 1e3:8.1f} ms  x{ratio:5.2f}   "
+            f"({params:.2f}M head params)"
+        )
     ratios = sorted(t / b for t, b in zip(times["ALBHead (config)"], base))
     ratio_t = statistics.median(ratios)
-    print(f"time ratio ALBHead / 2-fc head (RoIAlign included) = {ratio_t:.2f} (rounds: min "
-          f"{ratios[0]:.2f}, max {ratios[-1]:.2f}; target <= 1)")
+    print(
+        f"time ratio ALBHead / 2-fc head (RoIAlign included) = {ratio_t:.2f} (rounds: min "
+        f"{ratios[0]:.2f}, max {ratios[-1]:.2f}; target <= 1)"
+    )
     ok = ratio_p <= 0.70 and ratio_t <= 1.0
     if args.strict and not ok:
         return 1

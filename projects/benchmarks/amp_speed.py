@@ -11,6 +11,7 @@ interleaved with the order reversed every other round. Prints the median seconds
 and the ratio bfloat16 / float32, and whether this CPU has native bfloat16 (without it oneDNN
 emulates bfloat16 and the ratio is above 1).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,8 +35,9 @@ ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 PRECISIONS = ("float32", "bfloat16")
 
 
-def time_config(config: str, rounds: int, warmup: int, batches: int,
-                opts: Sequence[str] = ()) -> Dict[str, List[float]]:
+def time_config(
+    config: str, rounds: int, warmup: int, batches: int, opts: Sequence[str] = ()
+) -> Dict[str, List[float]]:
     """Seconds of each timed iteration, per precision, for one quickstart config."""
     path = os.path.join(ROOT, "configs", "quickstart", config)
     cfgs = {}
@@ -48,12 +50,13 @@ def time_config(config: str, rounds: int, warmup: int, batches: int,
     loops = {}
     for p in PRECISIONS:
         m = copy.deepcopy(model)
-        loops[p] = build_step_trainer(cfgs[p], m, itertools.cycle(data),
-                                      ElixirTrainer.build_optimizer(cfgs[p], m))
+        loops[p] = build_step_trainer(
+            cfgs[p], m, itertools.cycle(data), ElixirTrainer.build_optimizer(cfgs[p], m)
+        )
     times: Dict[str, List[float]] = {p: [] for p in PRECISIONS}
     with EventStorage():
         for r in range(warmup + rounds):
-            for p in (PRECISIONS if r % 2 == 0 else PRECISIONS[::-1]):
+            for p in PRECISIONS if r % 2 == 0 else PRECISIONS[::-1]:
                 t0 = time.perf_counter()
                 loops[p].run_step()
                 if r >= warmup:
@@ -62,11 +65,17 @@ def time_config(config: str, rounds: int, warmup: int, batches: int,
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, List[float]]]:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", action="append", dest="configs", metavar="NAME",
-                    help="a file under configs/quickstart, once per config (default: fpn.yaml "
-                         "and elixirnet.yaml)")
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--config",
+        action="append",
+        dest="configs",
+        metavar="NAME",
+        help="a file under configs/quickstart, once per config (default: fpn.yaml "
+        "and elixirnet.yaml)",
+    )
     ap.add_argument("--rounds", type=int, default=8, help="timed iterations per precision")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--batches", type=int, default=4, help="distinct training batches, cycled")
@@ -76,11 +85,15 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, List[float
     args.configs = args.configs or ["fpn.yaml", "elixirnet.yaml"]
     for config in args.configs:  # checked before any timing
         if not os.path.isfile(os.path.join(ROOT, "configs", "quickstart", config)):
-            ap.error(f"configs/quickstart/{config} not found (--config takes a file name under "
-                     "configs/quickstart)")
+            ap.error(
+                f"configs/quickstart/{config} not found (--config takes a file name under "
+                "configs/quickstart)"
+            )
     torch.set_num_threads(args.threads)
-    print(f"CPU with native bfloat16: {native_cpu_bfloat16()}; {args.threads} threads, "
-          f"{args.rounds} timed iterations per precision after {args.warmup} warm-up")
+    print(
+        f"CPU with native bfloat16: {native_cpu_bfloat16()}; {args.threads} threads, "
+        f"{args.rounds} timed iterations per precision after {args.warmup} warm-up"
+    )
     print("| config | float32 s/it | bfloat16 s/it | bfloat16 / float32 |")
     print("|:--|--:|--:|--:|")
     out = {}

@@ -9,6 +9,7 @@ soft-tissue HU, lungs, spine, 15 HU noise), then maps records whose key slices c
 decoding, interpolation between slices (when the interval does not divide 2 mm: 5 slices read
 instead of 3), windowing and spacing normalisation are all timed. PNG decoding dominates.
 """
+
 import argparse
 import os
 import tempfile
@@ -35,12 +36,14 @@ def phantom(rng: np.random.Generator) -> np.ndarray:
 
 def main(argv: Optional[Sequence[str]] = None) -> float:
     """Run the benchmark (``argv``: command-line arguments); returns records/s."""
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--records", type=int, default=200)
     ap.add_argument("--slices", type=int, default=40)
-    ap.add_argument("--interval", type=float, default=2.0,
-                    help="slice interval in mm (1.25: 5 slices read)")
+    ap.add_argument(
+        "--interval", type=float, default=2.0, help="slice interval in mm (1.25: 5 slices read)"
+    )
     ap.add_argument("--spacing", type=float, default=0.7, help="pixel spacing in mm")
     ap.add_argument("--train", action="store_true", help="training mapper (random flip, instances)")
     args = ap.parse_args(argv)
@@ -53,29 +56,47 @@ def main(argv: Optional[Sequence[str]] = None) -> float:
         for i in range(1, args.slices + 1):
             hu = phantom(rng)
             Image.fromarray(hu_to_png16(hu)).save(os.path.join(series, f"{i:03d}.png"))
-        mapper = CTDatasetMapper(args.train, num_slices=3, slice_interval_mm=2.0,
-                                 hu_window=(-1024.0, 3071.0),
-                                 norm_spacing_mm=0.8, max_size=512, flip_prob=0.5)
+        mapper = CTDatasetMapper(
+            args.train,
+            num_slices=3,
+            slice_interval_mm=2.0,
+            hu_window=(-1024.0, 3071.0),
+            norm_spacing_mm=0.8,
+            max_size=512,
+            flip_prob=0.5,
+        )
         records = []
         for n in range(args.records):
             key = 3 + n % (args.slices - 4)
-            records.append({
-                "file_name": f"{series}/{key:03d}.png", "image_id": n, "height": 512, "width": 512,
-                "slice_dir": series, "slice_idx": key, "slice_range": (1, args.slices),
-                "slice_intv": args.interval, "spacing": args.spacing, "hu_window": (-175, 275),
-                "annotations": [{"bbox": [100.0, 120.0, 140.0, 150.0], "bbox_mode": 0,
-                                 "category_id": 0}],
-            })
+            records.append(
+                {
+                    "file_name": f"{series}/{key:03d}.png",
+                    "image_id": n,
+                    "height": 512,
+                    "width": 512,
+                    "slice_dir": series,
+                    "slice_idx": key,
+                    "slice_range": (1, args.slices),
+                    "slice_intv": args.interval,
+                    "spacing": args.spacing,
+                    "hu_window": (-175, 275),
+                    "annotations": [
+                        {"bbox": [100.0, 120.0, 140.0, 150.0], "bbox_mode": 0, "category_id": 0}
+                    ],
+                }
+            )
         for r in records[:5]:  # warm-up
             mapper(r)
         t0 = time.perf_counter()
         for r in records:
             out = mapper(r)
         dt = time.perf_counter() - t0
-    print(f"CTDatasetMapper: {args.records} records 512x512x3 (interval {args.interval} mm, "
-          f"spacing {args.spacing} mm -> output {tuple(out['image'].shape)}), 1 thread: "
-          f"{args.records / dt:.1f} records/s ({1000 * dt / args.records:.1f} ms/record); targets "
-          ">= 60/s at 2 mm, >= 45/s at 1.25 mm")
+    print(
+        f"CTDatasetMapper: {args.records} records 512x512x3 (interval {args.interval} mm, "
+        f"spacing {args.spacing} mm -> output {tuple(out['image'].shape)}), 1 thread: "
+        f"{args.records / dt:.1f} records/s ({1000 * dt / args.records:.1f} ms/record); targets "
+        ">= 60/s at 2 mm, >= 45/s at 1.25 mm"
+    )
     return args.records / dt
 
 

@@ -16,6 +16,7 @@ one inference needs: the model's weights and buffers plus the peak of
 before (CUDA only, null elsewhere). TF32 is left at torch's defaults and reported. The record
 (``--json``) holds the run's ``provenance`` (docs/evaluation.md, "Provenance of results").
 """
+
 import os
 import sys
 
@@ -73,15 +74,17 @@ def _autocast(device: str, precision: str):
     return torch.autocast(device_type=torch.device(device).type, dtype=PRECISIONS[precision])
 
 
-def peak_memory_mib(model: torch.nn.Module, inputs: List[Dict], device: str,
-                    precision: str) -> Optional[float]:
+def peak_memory_mib(
+    model: torch.nn.Module, inputs: List[Dict], device: str, precision: str
+) -> Optional[float]:
     """CUDA memory (MiB) one inference of ``model`` needs on its own: its weights and buffers
     plus the peak allocated beyond what was allocated before (the other model's weights stay
     out). None off CUDA."""
     if torch.device(device).type != "cuda":
         return None
-    own = sum(t.numel() * t.element_size()
-              for t in list(model.parameters()) + list(model.buffers()))
+    own = sum(
+        t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers())
+    )
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     before = torch.cuda.memory_allocated()
@@ -95,20 +98,31 @@ def peak_memory_mib(model: torch.nn.Module, inputs: List[Dict], device: str,
 def _check_precisions(precisions: Sequence[str], device: str) -> None:
     for p in precisions:
         if p != "float32" and p not in PRECISIONS:
-            raise ValueError(f"--precisions: unknown precision {p!r}; expected float32, "
-                             f"{', '.join(sorted(PRECISIONS))}")
+            raise ValueError(
+                f"--precisions: unknown precision {p!r}; expected float32, "
+                f"{', '.join(sorted(PRECISIONS))}"
+            )
         if p == "float16" and torch.device(device).type != "cuda":
-            raise ValueError(f"--precisions float16 needs --device cuda (got {device!r}); use "
-                             "float32 or bfloat16 on the CPU")
+            raise ValueError(
+                f"--precisions float16 needs --device cuda (got {device!r}); use "
+                "float32 or bfloat16 on the CPU"
+            )
 
 
-def measure(device: str = "cuda", size: int = 512, rounds: int = 50, warmup: int = 10,
-            quick: bool = False, precisions: Sequence[str] = ("float32", "float16"),
-            log=print) -> Dict:
+def measure(
+    device: str = "cuda",
+    size: int = 512,
+    rounds: int = 50,
+    warmup: int = 10,
+    quick: bool = False,
+    precisions: Sequence[str] = ("float32", "float16"),
+    log=print,
+) -> Dict:
     """Build FPN and ElixirNet w FPN on ``device`` and time them; returns the JSON record."""
     if rounds < 1 or warmup < 0 or size < 32:
-        raise ValueError(f"need rounds >= 1, warmup >= 0, size >= 32; got {rounds}, {warmup}, "
-                         f"{size}")
+        raise ValueError(
+            f"need rounds >= 1, warmup >= 0, size >= 32; got {rounds}, {warmup}, {size}"
+        )
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: torch {torch.__version__} sees no CUDA device")
     _check_precisions(precisions, device)
@@ -122,15 +136,22 @@ def measure(device: str = "cuda", size: int = 512, rounds: int = 50, warmup: int
         ms.calibrate_frozen_bn(model, inputs)
         models[spec.name] = model.eval()
         log(f"built {spec.name} from {configs[spec.name]} on {device}")
-    res: Dict[str, Dict] = {n: {"config": configs[n],
-                                "params": sum(p.numel() for p in models[n].parameters()),
-                                "precisions": {}} for n in models}
+    res: Dict[str, Dict] = {
+        n: {
+            "config": configs[n],
+            "params": sum(p.numel() for p in models[n].parameters()),
+            "precisions": {},
+        }
+        for n in models
+    }
     for precision in precisions:
         t0 = time.perf_counter()
         with _autocast(device, precision):
             times = ms.time_inference(models, inputs, rounds, warmup)
-        log(f"timed {precision}: {warmup} warm-up + {rounds} rounds in "
-            f"{time.perf_counter() - t0:.1f} s")
+        log(
+            f"timed {precision}: {warmup} warm-up + {rounds} rounds in "
+            f"{time.perf_counter() - t0:.1f} s"
+        )
         for name, model in models.items():
             total = times[name]["total"]
             res[name]["precisions"][precision] = {
@@ -145,14 +166,18 @@ def measure(device: str = "cuda", size: int = 512, rounds: int = 50, warmup: int
     cuda = torch.device(device).type == "cuda"
     return {
         "device": device,
-        "device_name": torch.cuda.get_device_name(device) if cuda else platform.processor()
-        or platform.machine(),
+        "device_name": torch.cuda.get_device_name(device)
+        if cuda
+        else platform.processor() or platform.machine(),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "tf32_matmul": torch.backends.cuda.matmul.allow_tf32 if cuda else None,
         "tf32_cudnn": torch.backends.cudnn.allow_tf32 if cuda else None,
         "threads": torch.get_num_threads(),
-        "size": size, "rounds": rounds, "warmup": warmup, "quick": quick,
+        "size": size,
+        "rounds": rounds,
+        "warmup": warmup,
+        "quick": quick,
         "weights": "random weights (models_speed.py: FrozenBN calibrated, TRPN keeps all)",
         "models": res,
         "paper_ms": {"values": PAPER_MS, "hardware": "4 GTX1080"},
@@ -161,30 +186,38 @@ def measure(device: str = "cuda", size: int = 512, rounds: int = 50, warmup: int
 
 def format_table(rec: Dict) -> str:
     """Markdown: per model and precision, median ms/image, p10-p90, ratio to FPN, peak memory."""
-    lines = ["| Model | precision | ms/image (median) | p10-p90 | x FPN | peak MiB | paper ms |",
-             "|:--|:--|--:|--:|--:|--:|--:|"]
+    lines = [
+        "| Model | precision | ms/image (median) | p10-p90 | x FPN | peak MiB | paper ms |",
+        "|:--|:--|--:|--:|--:|--:|--:|",
+    ]
     for name, r in rec["models"].items():
         for precision, p in r["precisions"].items():
             mem = "-" if p["peak_memory_mib"] is None else f"{p['peak_memory_mib']:.0f}"
             # the paper's figures are for its R-50 models, not the quickstart ones
             paper = "-" if rec["quick"] else f"{PAPER_MS[name]:.0f} (paper)"
-            lines.append(f"| {name} | {precision} | {p['ms_per_image']:.1f} | "
-                         f"{p['ms_p10']:.1f}-{p['ms_p90']:.1f} | {p['ratio_to_fpn']:.2f} | {mem} "
-                         f"| {paper} |")
+            lines.append(
+                f"| {name} | {precision} | {p['ms_per_image']:.1f} | "
+                f"{p['ms_p10']:.1f}-{p['ms_p90']:.1f} | {p['ratio_to_fpn']:.2f} | {mem} "
+                f"| {paper} |"
+            )
     return "\n".join(lines)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--size", type=int, default=512, help="square image side in pixels")
     ap.add_argument("--rounds", type=int, default=50, help="timed rounds")
     ap.add_argument("--warmup", type=int, default=10, help="untimed rounds first")
     ap.add_argument("--quick", action="store_true", help="quickstart configs instead of R-50")
-    ap.add_argument("--precisions", default=None,
-                    help="comma-separated: float32, float16 (CUDA), bfloat16 (default: float32 "
-                         "and, on CUDA, float16)")
+    ap.add_argument(
+        "--precisions",
+        default=None,
+        help="comma-separated: float32, float16 (CUDA), bfloat16 (default: float32 "
+        "and, on CUDA, float16)",
+    )
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     ap.add_argument("--json", default=None, help="write the record here")
     args = ap.parse_args(argv)

@@ -13,6 +13,7 @@ lesions are all noisy is left out with its detections, a detection overlapping n
 at IoU 0.5 is a false positive; summed over buckets, the two shares give the evaluator's
 proposal recall at 300 and IoU sensitivity at 4 FPs.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,8 +40,13 @@ def score_at_fps(fp_scores: Sequence[float], num_images: int, fps: float) -> flo
     return ranked[allowed] if len(ranked) > allowed else float("-inf")
 
 
-def breakdown(lesions: Sequence[Lesion], fp_scores: Sequence[float], num_images: int,
-              fps: float = 4.0, edges: Sequence[float] = EDGES_MM) -> List[Dict[str, float]]:
+def breakdown(
+    lesions: Sequence[Lesion],
+    fp_scores: Sequence[float],
+    num_images: int,
+    fps: float = 4.0,
+    edges: Sequence[float] = EDGES_MM,
+) -> List[Dict[str, float]]:
     """One row per non-empty diameter bucket [lo, hi): counts and shares in %. Lesions without a
     diameter (NaN) fall in no bucket; the caller reports how many."""
     thr = score_at_fps(fp_scores, num_images, fps)
@@ -49,14 +55,18 @@ def breakdown(lesions: Sequence[Lesion], fp_scores: Sequence[float], num_images:
         b = [x for x in lesions if lo <= x.diameter_mm < hi]
         if not b:
             continue
-        rows.append({
-            "lo": lo, "hi": hi, "lesions": len(b),
-            "median_width_px": float(np.median([x.width_px for x in b])),
-            "proposal_iou50": 100.0 * np.mean([x.best_proposal_iou >= 0.5 for x in b]),
-            "proposal_iou30": 100.0 * np.mean([x.best_proposal_iou >= 0.3 for x in b]),
-            f"found_at_{fps:g}fp": 100.0 * np.mean([x.best_hit_score > thr for x in b]),
-            "found_any_score": 100.0 * np.mean([x.best_hit_score > float("-inf") for x in b]),
-        })
+        rows.append(
+            {
+                "lo": lo,
+                "hi": hi,
+                "lesions": len(b),
+                "median_width_px": float(np.median([x.width_px for x in b])),
+                "proposal_iou50": 100.0 * np.mean([x.best_proposal_iou >= 0.5 for x in b]),
+                "proposal_iou30": 100.0 * np.mean([x.best_proposal_iou >= 0.3 for x in b]),
+                f"found_at_{fps:g}fp": 100.0 * np.mean([x.best_hit_score > thr for x in b]),
+                "found_any_score": 100.0 * np.mean([x.best_hit_score > float("-inf") for x in b]),
+            }
+        )
     return rows
 
 
@@ -94,8 +104,12 @@ def collect(cfg) -> tuple:
                 proposals = props.proposal_boxes[order]
                 inst = out["instances"].to("cpu")
                 # In the record's box mode, as the evaluator reads it.
-                xyxy = [BoxMode.convert(list(a["bbox"]), a.get("bbox_mode", BoxMode.XYXY_ABS),
-                                        BoxMode.XYXY_ABS) for a in gts]
+                xyxy = [
+                    BoxMode.convert(
+                        list(a["bbox"]), a.get("bbox_mode", BoxMode.XYXY_ABS), BoxMode.XYXY_ABS
+                    )
+                    for a in gts
+                ]
                 gt = Boxes(torch.tensor(xyxy, dtype=torch.float32).reshape(-1, 4))
                 p_iou = pairwise_iou(proposals, gt)
                 d_iou = pairwise_iou(inst.pred_boxes, gt)
@@ -104,17 +118,21 @@ def collect(cfg) -> tuple:
                 for j, (a, box) in enumerate(zip(gts, xyxy)):
                     hits = inst.scores[hit[:, j]]
                     diameter = a.get("diameter_mm")
-                    lesions.append(Lesion(
-                        float(diameter[0]) if diameter is not None else float("nan"),
-                        float(box[2] - box[0]),
-                        float(p_iou[:, j].max()) if len(proposals) else 0.0,
-                        float(hits.max()) if len(hits) else float("-inf")))
+                    lesions.append(
+                        Lesion(
+                            float(diameter[0]) if diameter is not None else float("nan"),
+                            float(box[2] - box[0]),
+                            float(p_iou[:, j].max()) if len(proposals) else 0.0,
+                            float(hits.max()) if len(hits) else float("-inf"),
+                        )
+                    )
     return lesions, fp_scores, kept
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--config-file", required=True)
     ap.add_argument("--fps", type=float, default=4.0)
     ap.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, MODEL.WEIGHTS too")
@@ -131,13 +149,17 @@ def main(argv=None) -> None:
     missing = sum(1 for x in lesions if not np.isfinite(x.diameter_mm))
     if missing:
         print(f"{missing} lesions have no long diameter in the dataset and are in no row below")
-    print(f"| diameter (mm) | lesions | median width (px) | proposal IoU>=0.5 | >=0.3 "
-          f"| found at {args.fps:g} FPs | found at any score |")
+    print(
+        f"| diameter (mm) | lesions | median width (px) | proposal IoU>=0.5 | >=0.3 "
+        f"| found at {args.fps:g} FPs | found at any score |"
+    )
     print("|:--|--:|--:|--:|--:|--:|--:|")
     for r in rows:
-        print(f"| {r['lo']:g}-{r['hi']:g} | {r['lesions']} | {r['median_width_px']:.1f} "
-              f"| {r['proposal_iou50']:.1f} | {r['proposal_iou30']:.1f} "
-              f"| {r[f'found_at_{args.fps:g}fp']:.1f} | {r['found_any_score']:.1f} |")
+        print(
+            f"| {r['lo']:g}-{r['hi']:g} | {r['lesions']} | {r['median_width_px']:.1f} "
+            f"| {r['proposal_iou50']:.1f} | {r['proposal_iou30']:.1f} "
+            f"| {r[f'found_at_{args.fps:g}fp']:.1f} | {r['found_any_score']:.1f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ TRPN threshold, nothing is calibrated, and each round runs one image of the conf
 keeps on CT is part of the timing. Training is not timed then (its cost does not depend on the
 weights).
 """
+
 import os
 
 if __name__ == "__main__":
@@ -70,8 +71,20 @@ from elixir_d2.trainer import ElixirTrainer  # noqa: E402
 
 from data_loader import phantom  # noqa: E402
 
-__all__ = ["ModelSpec", "MODELS", "BASELINE", "load_cfg", "ct_input", "calibrate_frozen_bn",
-           "time_inference", "time_training", "median_ratio", "measure", "format_table", "select"]
+__all__ = [
+    "ModelSpec",
+    "MODELS",
+    "BASELINE",
+    "load_cfg",
+    "ct_input",
+    "calibrate_frozen_bn",
+    "time_inference",
+    "time_training",
+    "median_ratio",
+    "measure",
+    "format_table",
+    "select",
+]
 
 BASELINE = "FPN"
 STAGES = ("backbone", "proposals", "roi_heads")
@@ -90,28 +103,44 @@ class ModelSpec:
 
 MODELS = (
     ModelSpec("FPN", "configs/fpn_R_50_deeplesion.yaml", "configs/quickstart/fpn.yaml"),
-    ModelSpec("ElixirNet w FPN", "configs/elixirnet_R_50_FPN_deeplesion.yaml",
-              "configs/quickstart/elixirnet.yaml"),
-    ModelSpec("Deformv2", "configs/deformv2_R_50_FPN_deeplesion.yaml",
-              "configs/quickstart/deformv2.yaml"),
-    ModelSpec("ElixirNet w Deformv2", "configs/elixirnet_deformv2_R_50_FPN_deeplesion.yaml",
-              "configs/quickstart/elixirnet_deformv2.yaml"),
+    ModelSpec(
+        "ElixirNet w FPN",
+        "configs/elixirnet_R_50_FPN_deeplesion.yaml",
+        "configs/quickstart/elixirnet.yaml",
+    ),
+    ModelSpec(
+        "Deformv2", "configs/deformv2_R_50_FPN_deeplesion.yaml", "configs/quickstart/deformv2.yaml"
+    ),
+    ModelSpec(
+        "ElixirNet w Deformv2",
+        "configs/elixirnet_deformv2_R_50_FPN_deeplesion.yaml",
+        "configs/quickstart/elixirnet_deformv2.yaml",
+    ),
     # res5 runs on each of the 1000 test RoIs (~0.7 TMAC an image): too slow for every CPU round.
-    ModelSpec("FRCNN (C4)", "configs/faster_rcnn_R_50_C4_deeplesion.yaml",
-              "configs/quickstart/faster_rcnn_C4.yaml", slow=True),
-    ModelSpec("ElixirNet (C4)", "configs/elixirnet_R_50_C4_deeplesion.yaml",
-              "configs/quickstart/elixirnet_C4.yaml"),
+    ModelSpec(
+        "FRCNN (C4)",
+        "configs/faster_rcnn_R_50_C4_deeplesion.yaml",
+        "configs/quickstart/faster_rcnn_C4.yaml",
+        slow=True,
+    ),
+    ModelSpec(
+        "ElixirNet (C4)",
+        "configs/elixirnet_R_50_C4_deeplesion.yaml",
+        "configs/quickstart/elixirnet_C4.yaml",
+    ),
 )
 
 
-def load_cfg(config: str, device: str = "cpu", opts: Sequence[str] = (),
-             trpn_keep_all: bool = True) -> CfgNode:
+def load_cfg(
+    config: str, device: str = "cpu", opts: Sequence[str] = (), trpn_keep_all: bool = True
+) -> CfgNode:
     """``config`` (relative to the repository) with random weights on ``device``; TRPN keeps every
     location when ``trpn_keep_all`` (see the module docstring)."""
     # A tiny learning rate: training is only timed, and random weights must not blow up.
-    cfg = load_config(config if os.path.isabs(config) else os.path.join(ROOT, config),
-                      ["MODEL.WEIGHTS", "", "MODEL.DEVICE", device, "SOLVER.BASE_LR", "1e-5",
-                       *opts])
+    cfg = load_config(
+        config if os.path.isabs(config) else os.path.join(ROOT, config),
+        ["MODEL.WEIGHTS", "", "MODEL.DEVICE", device, "SOLVER.BASE_LR", "1e-5", *opts],
+    )
     if trpn_keep_all and cfg.MODEL.PROPOSAL_GENERATOR.NAME == "TRPN":
         cfg.MODEL.TRPN.THRESHOLD = 0.0  # p > 0 everywhere: nothing truncated
     return cfg
@@ -121,14 +150,18 @@ def ct_input(size: int = 512, seed: int = 0) -> Dict:
     """A CT-like ``size`` x ``size`` 3-channel model input (windowed phantom, two lesion boxes)."""
     hu = phantom(np.random.default_rng(seed))
     if size != hu.shape[0]:
-        hu = torch.nn.functional.interpolate(torch.as_tensor(hu)[None, None].float(),
-                                             size=(size, size),
-                                             mode="bilinear", align_corners=False)[0, 0].numpy()
+        hu = torch.nn.functional.interpolate(
+            torch.as_tensor(hu)[None, None].float(),
+            size=(size, size),
+            mode="bilinear",
+            align_corners=False,
+        )[0, 0].numpy()
     img = window_to_uint8_range(np.stack([hu] * 3, axis=0), (-1024.0, 3071.0))
     inst = Instances((size, size))
     s = size / 512.0
-    inst.gt_boxes = Boxes(torch.tensor([[150.0, 200.0, 180.0, 226.0],
-                                        [300.0, 330.0, 348.0, 372.0]]) * s)
+    inst.gt_boxes = Boxes(
+        torch.tensor([[150.0, 200.0, 180.0, 226.0], [300.0, 330.0, 348.0, 372.0]]) * s
+    )
     inst.gt_classes = torch.zeros(2, dtype=torch.int64)
     return {"image": torch.as_tensor(img), "height": size, "width": size, "instances": inst}
 
@@ -141,8 +174,10 @@ def load_trained(config: str, weights: str, device: str = "cpu"):
 
     if not os.path.isfile(weights):
         raise FileNotFoundError(f"weights file {weights} not found")
-    cfg = load_config(config if os.path.isabs(config) else os.path.join(ROOT, config),
-                      ["MODEL.WEIGHTS", weights, "MODEL.DEVICE", device])
+    cfg = load_config(
+        config if os.path.isabs(config) else os.path.join(ROOT, config),
+        ["MODEL.WEIGHTS", weights, "MODEL.DEVICE", device],
+    )
     cfg.MODEL.ALB.GENOTYPE, cfg.MODEL.ALB.GENOTYPE_YAML = "", ""  # the checkpoint's own
     fill_genotype_from_checkpoint(cfg, weights)
     model = build_model(cfg)
@@ -195,8 +230,12 @@ def _orders(names: Sequence[str], rounds: int, rounds_of: Dict[str, int]):
 
 
 def time_inference(
-    models: Dict[str, GeneralizedRCNN], inputs: List[Dict], rounds: int, warmup: int,
-    rounds_of: Optional[Dict[str, int]] = None, batches: Optional[List[List[Dict]]] = None,
+    models: Dict[str, GeneralizedRCNN],
+    inputs: List[Dict],
+    rounds: int,
+    warmup: int,
+    rounds_of: Optional[Dict[str, int]] = None,
+    batches: Optional[List[List[Dict]]] = None,
 ) -> Dict[str, Dict[str, List[float]]]:
     """Per model, per stage ("backbone", "proposals", "roi_heads", "total"): seconds of each round
     (and "num_proposals": proposals handed to the ROI heads). ``rounds_of`` caps the rounds (and
@@ -222,8 +261,12 @@ def time_inference(
 
 
 def time_training(
-    models: Dict[str, GeneralizedRCNN], cfgs: Dict[str, CfgNode], inputs: List[Dict], rounds: int,
-    warmup: int = 1, rounds_of: Optional[Dict[str, int]] = None,
+    models: Dict[str, GeneralizedRCNN],
+    cfgs: Dict[str, CfgNode],
+    inputs: List[Dict],
+    rounds: int,
+    warmup: int = 1,
+    rounds_of: Optional[Dict[str, int]] = None,
 ) -> Dict[str, List[float]]:
     """Seconds per training iteration (forward, backward, optimizer step) of each round;
     ``rounds_of`` as in :func:`time_inference`."""
@@ -275,9 +318,16 @@ def median_ratio(times: Sequence[float], base: Sequence[float]) -> float:
 
 
 def measure(
-    quick: bool = False, device: str = "cpu", size: int = 512, rounds: int = 10, warmup: int = 2,
-    train_rounds: int = 2, specs: Sequence[ModelSpec] = MODELS, slow_rounds: int = 3,
-    log: Callable[[str], None] = print, weights: Optional[Dict[str, str]] = None,
+    quick: bool = False,
+    device: str = "cpu",
+    size: int = 512,
+    rounds: int = 10,
+    warmup: int = 2,
+    train_rounds: int = 2,
+    specs: Sequence[ModelSpec] = MODELS,
+    slow_rounds: int = 3,
+    log: Callable[[str], None] = print,
+    weights: Optional[Dict[str, str]] = None,
     test_images: int = 20,
 ) -> Dict[str, Dict]:
     """Build every model of ``specs`` on ``device`` and time them; returns per model
@@ -289,11 +339,14 @@ def measure(
     if rounds < 1 or warmup < 0:
         raise ValueError(f"rounds must be >= 1 and warmup >= 0, got {rounds}, {warmup}")
     if not any(s.name == BASELINE for s in specs):
-        raise ValueError(f"the model list must contain the baseline {BASELINE!r} (ratios are to "
-                         "it)")
+        raise ValueError(
+            f"the model list must contain the baseline {BASELINE!r} (ratios are to it)"
+        )
     if weights is not None and set(weights) != {s.name for s in specs}:
-        raise ValueError(f"--weights names {sorted(weights)}; give one for each timed model: "
-                         f"{[s.name for s in specs]}")
+        raise ValueError(
+            f"--weights names {sorted(weights)}; give one for each timed model: "
+            f"{[s.name for s in specs]}"
+        )
     torch.manual_seed(0)
     cfgs, models = {}, {}
     for spec in specs:
@@ -303,8 +356,10 @@ def measure(
             models[spec.name] = build_model(cfgs[spec.name])
         else:
             cfgs[spec.name], models[spec.name] = load_trained(config, weights[spec.name], device)
-        log(f"built {spec.name:22s} from {config}"
-            + (f" with {weights[spec.name]}" if weights else ""))
+        log(
+            f"built {spec.name:22s} from {config}"
+            + (f" with {weights[spec.name]}" if weights else "")
+        )
     inputs = [ct_input(size)]
     batches = None
     if weights is None:
@@ -318,17 +373,23 @@ def measure(
     slow = {s.name for s in specs if s.slow and limit_slow}
     inf_rounds = {n: min(slow_rounds, rounds) for n in slow}
     where = f"{len(batches)} test images" if batches else f"{size}x{size}"
-    log(f"timing inference: {warmup} warm-up + {rounds} rounds of {len(models)} models on "
+    log(
+        f"timing inference: {warmup} warm-up + {rounds} rounds of {len(models)} models on "
         f"{where} on {device}"
-        + (f" ({', '.join(sorted(slow))}: {slow_rounds} rounds)" if slow else "") + " ...")
+        + (f" ({', '.join(sorted(slow))}: {slow_rounds} rounds)" if slow else "")
+        + " ..."
+    )
     t0 = time.perf_counter()
     inf = time_inference(models, inputs, rounds, warmup, inf_rounds, batches)
     log(f"  done in {time.perf_counter() - t0:.0f} s")
     tr = None
     if train_rounds > 0:
         tr_rounds = {n: 1 for n in slow}
-        log(f"timing training: 1 warm-up + {train_rounds} rounds"
-            + (f" ({', '.join(sorted(slow))}: 1)" if slow else "") + " ...")
+        log(
+            f"timing training: 1 warm-up + {train_rounds} rounds"
+            + (f" ({', '.join(sorted(slow))}: 1)" if slow else "")
+            + " ..."
+        )
         t0 = time.perf_counter()
         tr = time_training(models, cfgs, inputs, train_rounds, rounds_of=tr_rounds)
         log(f"  done in {time.perf_counter() - t0:.0f} s")
@@ -353,8 +414,16 @@ def measure(
 def format_table(cpu: Dict[str, Dict], gpu: Optional[Dict[str, Dict]] = None) -> str:
     """One markdown table: per model parameters, CPU (and GPU) inference and training vs FPN."""
     base = cpu[BASELINE]
-    head = ["Model", "Params (M)", "x FPN", "CPU ms/img", "x FPN", "rounds", "train s/iter",
-            "x FPN"]
+    head = [
+        "Model",
+        "Params (M)",
+        "x FPN",
+        "CPU ms/img",
+        "x FPN",
+        "rounds",
+        "train s/iter",
+        "x FPN",
+    ]
     if gpu:
         head += ["GPU ms/img", "x FPN", "GPU train s/iter", "x FPN"]
     lines = ["| " + " | ".join(head) + " |", "|:--|" + "--:|" * (len(head) - 1)]
@@ -363,60 +432,100 @@ def format_table(cpu: Dict[str, Dict], gpu: Optional[Dict[str, Dict]] = None) ->
         return "-" if v is None else format(v, fmt)
 
     for name, r in cpu.items():
-        row = [name, f(r["params"] / 1e6, ".2f"), f(r["params"] / base["params"], ".3f"),
-               f(r["infer_ms"], ".0f"), f(r["infer_ratio"], ".2f"), str(r["infer_rounds"]),
-               f(r["train_s"], ".2f"), f(r["train_ratio"], ".2f")]
+        row = [
+            name,
+            f(r["params"] / 1e6, ".2f"),
+            f(r["params"] / base["params"], ".3f"),
+            f(r["infer_ms"], ".0f"),
+            f(r["infer_ratio"], ".2f"),
+            str(r["infer_rounds"]),
+            f(r["train_s"], ".2f"),
+            f(r["train_ratio"], ".2f"),
+        ]
         if gpu:
             g = gpu.get(name, {})
-            row += [f(g.get("infer_ms"), ".1f"), f(g.get("infer_ratio"), ".2f"),
-                    f(g.get("train_s"), ".3f"), f(g.get("train_ratio"), ".2f")]
+            row += [
+                f(g.get("infer_ms"), ".1f"),
+                f(g.get("infer_ratio"), ".2f"),
+                f(g.get("train_s"), ".3f"),
+                f(g.get("train_ratio"), ".2f"),
+            ]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 
 def format_stages(res: Dict[str, Dict], device: str) -> str:
     """Median ms of each inference stage per model (where ElixirNet's time goes against FPN)."""
-    lines = [f"{device} inference by stage, median ms: backbone incl. preprocessing | proposal "
-             "generator (RPN / TRPN) | ROI heads incl. postprocessing (proposals they got)"]
+    lines = [
+        f"{device} inference by stage, median ms: backbone incl. preprocessing | proposal "
+        "generator (RPN / TRPN) | ROI heads incl. postprocessing (proposals they got)"
+    ]
     for name, r in res.items():
         s = r["stages_ms"]
-        lines.append(f"  {name:22s} {s['backbone']:8.1f} | {s['proposals']:7.1f} | "
-                     f"{s['roi_heads']:7.1f}  ({r['num_proposals']:.0f})")
+        lines.append(
+            f"  {name:22s} {s['backbone']:8.1f} | {s['proposals']:7.1f} | "
+            f"{s['roi_heads']:7.1f}  ({r['num_proposals']:.0f})"
+        )
     return "\n".join(lines)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict]:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--quick", action="store_true", help="quickstart (CPU-sized) configs")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--size", type=int, default=512, help="square image side in pixels")
-    ap.add_argument("--rounds", type=int, default=10,
-                    help="timed inference rounds (>= 10 for reporting)")
+    ap.add_argument(
+        "--rounds", type=int, default=10, help="timed inference rounds (>= 10 for reporting)"
+    )
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--train-rounds", type=int, default=2, help="timed training rounds (0: skip)")
-    ap.add_argument("--slow-rounds", type=int, default=3,
-                    help="inference rounds of the slow models "
-                         "(FRCNN C4, R-50 on the CPU)")
+    ap.add_argument(
+        "--slow-rounds",
+        type=int,
+        default=3,
+        help="inference rounds of the slow models (FRCNN C4, R-50 on the CPU)",
+    )
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    ap.add_argument("--models", default=None,
-                    help="comma-separated subset of the model names (FPN always in)")
-    ap.add_argument("--weights", action="append", default=None, metavar="NAME=PATH",
-                    help="trained checkpoint of a model, one per timed model (see above)")
-    ap.add_argument("--test-images", type=int, default=20,
-                    help="with --weights: test images the inference rounds cycle over")
+    ap.add_argument(
+        "--models", default=None, help="comma-separated subset of the model names (FPN always in)"
+    )
+    ap.add_argument(
+        "--weights",
+        action="append",
+        default=None,
+        metavar="NAME=PATH",
+        help="trained checkpoint of a model, one per timed model (see above)",
+    )
+    ap.add_argument(
+        "--test-images",
+        type=int,
+        default=20,
+        help="with --weights: test images the inference rounds cycle over",
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     weights = None
     if args.weights:
         bad = [w for w in args.weights if "=" not in w]
         if bad:
-            ap.error(f"--weights {bad[0]!r}: expected NAME=PATH, e.g. "
-                     "FPN=output/fpn/model_final.pth")
+            ap.error(
+                f"--weights {bad[0]!r}: expected NAME=PATH, e.g. FPN=output/fpn/model_final.pth"
+            )
         weights = dict(w.split("=", 1) for w in args.weights)
-    res = measure(args.quick, args.device, args.size, args.rounds, args.warmup, args.train_rounds,
-                  specs=select(args.models), slow_rounds=args.slow_rounds, weights=weights,
-                  test_images=args.test_images)
+    res = measure(
+        args.quick,
+        args.device,
+        args.size,
+        args.rounds,
+        args.warmup,
+        args.train_rounds,
+        specs=select(args.models),
+        slow_rounds=args.slow_rounds,
+        weights=weights,
+        test_images=args.test_images,
+    )
     print(format_table(res))
     print(format_stages(res, args.device))
     return res

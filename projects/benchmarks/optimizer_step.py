@@ -10,6 +10,7 @@ SGD and of ``PerParameterNormClippedSGD`` on two copies of the model, rounds int
 checks that the two leave every parameter bit for bit equal after all the steps. Prints the
 median ms a step of each and the median of the per-round ratios.
 """
+
 import os
 
 if __name__ == "__main__":
@@ -47,8 +48,10 @@ def time_steps(config: str, rounds: int, steps: int = 10) -> Tuple[Dict[str, Lis
     # The reference takes the shipped optimizer's parameter groups (rates, decay), so the two
     # differ only in how they clip.
     groups = [dict(g) for g in build_optimizer(cfg, models["detectron2 loop"]).param_groups]
-    opts = {"detectron2 loop": maybe_add_gradient_clipping(cfg, torch.optim.SGD)(groups),
-            "batched (shipped)": build_optimizer(cfg, models["batched (shipped)"])}
+    opts = {
+        "detectron2 loop": maybe_add_gradient_clipping(cfg, torch.optim.SGD)(groups),
+        "batched (shipped)": build_optimizer(cfg, models["batched (shipped)"]),
+    }
     g = torch.Generator().manual_seed(1)
     grads = [torch.randn(p.shape, generator=g) * 4 for p in models["detectron2 loop"].parameters()]
     times: Dict[str, List[float]] = {k: [] for k in models}
@@ -72,8 +75,9 @@ def time_steps(config: str, rounds: int, steps: int = 10) -> Tuple[Dict[str, Lis
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
@@ -81,9 +85,11 @@ def main() -> None:
     for model, config in CONFIGS.items():
         times, n = time_steps(config, args.rounds)
         ref, new = times["detectron2 loop"], times["batched (shipped)"]
-        print(f"{model} ({n} parameter tensors): detectron2 loop {statistics.median(ref):.1f} ms, "
-              f"batched {statistics.median(new):.1f} ms a step, x {median_ratio(new, ref):.2f}; "
-              "parameters bit for bit equal after all steps")
+        print(
+            f"{model} ({n} parameter tensors): detectron2 loop {statistics.median(ref):.1f} ms, "
+            f"batched {statistics.median(new):.1f} ms a step, x {median_ratio(new, ref):.2f}; "
+            "parameters bit for bit equal after all steps"
+        )
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Pin the BLAS / OpenMP thread pools before numpy or torch is imported (they read these
 variables once, at import). Imports nothing heavy, so scripts can call it first thing."""
+
 import os
 import sys
 from typing import Optional, Sequence

@@ -12,6 +12,7 @@ around the model calls inside the same run; model construction and weight loadin
 Without --weights the model is randomly initialised: its detections are meaningless and numerous
 (pessimistic for the output writing), its forward cost is the trained model's.
 """
+
 import argparse
 import os
 import tempfile
@@ -28,8 +29,9 @@ def phantom_volume(slices: int, size: int, rng: np.random.Generator) -> np.ndarr
     """(slices, size, size) int16 HU: an elliptic body with lungs and spine, three lesions."""
     yy, xx = np.mgrid[0:size, 0:size] / size
     body = ((xx - 0.5) / 0.43) ** 2 + ((yy - 0.5) / 0.33) ** 2 < 1
-    lungs = ((((xx - 0.35) / 0.12) ** 2 + ((yy - 0.45) / 0.18) ** 2 < 1)
-             | (((xx - 0.65) / 0.12) ** 2 + ((yy - 0.45) / 0.18) ** 2 < 1))
+    lungs = (((xx - 0.35) / 0.12) ** 2 + ((yy - 0.45) / 0.18) ** 2 < 1) | (
+        ((xx - 0.65) / 0.12) ** 2 + ((yy - 0.45) / 0.18) ** 2 < 1
+    )
     spine = ((xx - 0.5) / 0.05) ** 2 + ((yy - 0.7) / 0.05) ** 2 < 1
     base = np.full((size, size), -1000.0)
     base[body] = 40.0
@@ -62,10 +64,17 @@ def write_volume(folder: str, vol: np.ndarray, fmt: str, spacing: float, interva
     for z, hu in enumerate(vol):
         img = sitk.GetImageFromArray(hu)
         img.SetSpacing((spacing, spacing))
-        for k, v in {"0008|0060": "CT", "0028|1052": "-1024", "0028|1053": "1",
-                     "0020|0032": f"0\\0\\{z * interval}",
-                     "0020|0037": "1\\0\\0\\0\\1\\0", "0020|000d": "1.2.3", "0020|000e": "1.2.3.4",
-                     "0008|0018": f"1.2.3.4.{z}", "0020|0013": str(z + 1)}.items():
+        for k, v in {
+            "0008|0060": "CT",
+            "0028|1052": "-1024",
+            "0028|1053": "1",
+            "0020|0032": f"0\\0\\{z * interval}",
+            "0020|0037": "1\\0\\0\\0\\1\\0",
+            "0020|000d": "1.2.3",
+            "0020|000e": "1.2.3.4",
+            "0008|0018": f"1.2.3.4.{z}",
+            "0020|0013": str(z + 1),
+        }.items():
             img.SetMetaData(k, v)
         writer.SetFileName(os.path.join(path, f"{z:04d}.dcm"))
         writer.Execute(img)
@@ -73,8 +82,9 @@ def write_volume(folder: str, vol: np.ndarray, fmt: str, spacing: float, interva
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--slices", type=int, default=100)
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--format", choices=("nifti", "dicom"), default="nifti")
@@ -98,25 +108,42 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        path = write_volume(tmp, phantom_volume(args.slices, args.size, np.random.default_rng(0)),
-                            args.format, args.spacing, args.interval)
-        print(f"wrote a {args.slices} x {args.size} x {args.size} {args.format} volume in "
-              f"{time.perf_counter() - t0:.1f} s")
-        summary = run_prediction(cfg, path, os.path.join(tmp, "out"),
-                                 PredictOptions(batch_size=args.batch_size, progress=False))
+        path = write_volume(
+            tmp,
+            phantom_volume(args.slices, args.size, np.random.default_rng(0)),
+            args.format,
+            args.spacing,
+            args.interval,
+        )
+        print(
+            f"wrote a {args.slices} x {args.size} x {args.size} {args.format} volume in "
+            f"{time.perf_counter() - t0:.1f} s"
+        )
+        summary = run_prediction(
+            cfg,
+            path,
+            os.path.join(tmp, "out"),
+            PredictOptions(batch_size=args.batch_size, progress=False),
+        )
     case = summary["cases"][0]
     t = summary["timing_s"]
-    print(f"config {args.config_file} "
-          f"({'weights ' + args.weights if args.weights else 'random init'}), device "
-          f"{args.device}, torch threads {torch.get_num_threads()}, batch {args.batch_size}")
-    print(f"model saw {case['model_input_size']} px slices (native {args.size} px at "
-          f"{args.spacing} mm; INPUT.NORM_SPACING_MM {cfg.INPUT.NORM_SPACING_MM}, MAX_IMAGE_SIZE "
-          f"{cfg.INPUT.MAX_IMAGE_SIZE})")
+    print(
+        f"config {args.config_file} "
+        f"({'weights ' + args.weights if args.weights else 'random init'}), device "
+        f"{args.device}, torch threads {torch.get_num_threads()}, batch {args.batch_size}"
+    )
+    print(
+        f"model saw {case['model_input_size']} px slices (native {args.size} px at "
+        f"{args.spacing} mm; INPUT.NORM_SPACING_MM {cfg.INPUT.NORM_SPACING_MM}, MAX_IMAGE_SIZE "
+        f"{cfg.INPUT.MAX_IMAGE_SIZE})"
+    )
     print(f"{case['slices']} slices: {case['detections']} detections, {case['findings']} findings")
     print(f"model setup (excluded): {t['model_setup']:.2f} s")
-    print(f"total {t['total']:.2f} s | model forward {t['model_forward']:.2f} s | input building "
-          f"{t['prepare_inputs']:.2f} s | rest (read, outputs, overlays) "
-          f"{t['total'] - t['model_forward'] - t['prepare_inputs']:.2f} s")
+    print(
+        f"total {t['total']:.2f} s | model forward {t['model_forward']:.2f} s | input building "
+        f"{t['prepare_inputs']:.2f} s | rest (read, outputs, overlays) "
+        f"{t['total'] - t['model_forward'] - t['prepare_inputs']:.2f} s"
+    )
     ratio = t["total_over_forward"]
     print(f"total / forward = {ratio:.2f} (target <= 2.0: {'PASS' if ratio <= 2.0 else 'FAIL'})")
 

@@ -16,6 +16,7 @@ building the model inputs, in the model and writing the outputs (summed over the
 initialised (saved to a temporary checkpoint): its many meaningless detections make the writing
 share pessimistic; its model time is the trained model's.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,8 +46,9 @@ def write_cases(folder: str, cases: int, slices: int, size: int) -> None:
     os.makedirs(folder, exist_ok=True)
     for i in range(cases):
         with tempfile.TemporaryDirectory(dir=folder) as tmp:
-            path = write_volume(tmp, phantom_volume(slices, size, np.random.default_rng(i)),
-                                "nifti", 0.7, 2.5)
+            path = write_volume(
+                tmp, phantom_volume(slices, size, np.random.default_rng(i)), "nifti", 0.7, 2.5
+            )
             os.replace(path, os.path.join(folder, f"case_{i:02d}.nii.gz"))
 
 
@@ -61,30 +63,53 @@ def random_weights(config_file: str, path: str) -> str:
     cfg = load_config(config_file)
     cfg.MODEL.DEVICE = "cpu"
     DetectionCheckpointer(build_model(cfg), save_dir=os.path.dirname(path)).save(
-        os.path.splitext(os.path.basename(path))[0])
+        os.path.splitext(os.path.basename(path))[0]
+    )
     return path
 
 
-def run_once(args: argparse.Namespace, processes: int, cases_dir: str, out_dir: str,
-             device: str) -> Dict:
+def run_once(
+    args: argparse.Namespace, processes: int, cases_dir: str, out_dir: str, device: str
+) -> Dict:
     """One predict_net.py run over the folder; its wall time and summary.json."""
-    cmd = [sys.executable, os.path.join(REPO, "predict_net.py"), "--config-file",
-           args.config_file, "--weights", args.weights, "--input", cases_dir, "--output", out_dir,
-           "--device", device, "--num-gpus", str(processes), "--no-progress",
-           "--score-thresh", str(args.score_thresh)]
+    cmd = [
+        sys.executable,
+        os.path.join(REPO, "predict_net.py"),
+        "--config-file",
+        args.config_file,
+        "--weights",
+        args.weights,
+        "--input",
+        cases_dir,
+        "--output",
+        out_dir,
+        "--device",
+        device,
+        "--num-gpus",
+        str(processes),
+        "--no-progress",
+        "--score-thresh",
+        str(args.score_thresh),
+    ]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONWARNINGS="ignore")
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
-        raise SystemExit(f"predict_net.py with {processes} process(es) failed "
-                         f"(exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+        raise SystemExit(
+            f"predict_net.py with {processes} process(es) failed "
+            f"(exit {proc.returncode}):\n{proc.stderr[-3000:]}"
+        )
     with open(os.path.join(out_dir, "summary.json"), encoding="utf-8") as f:
         summary = json.load(f)
     if summary["failed"]:
         raise SystemExit(f"{len(summary['failed'])} case(s) failed: {summary['failed']}")
-    return {"processes": processes, "wall_s": wall, "timing_s": summary["timing_s"],
-            "cases": len(summary["cases"])}
+    return {
+        "processes": processes,
+        "wall_s": wall,
+        "timing_s": summary["timing_s"],
+        "cases": len(summary["cases"]),
+    }
 
 
 def cpu_name() -> str:
@@ -94,10 +119,12 @@ def cpu_name() -> str:
 
 def report(runs: List[Dict], device: str) -> str:
     """The table the script prints (module docstring)."""
-    lines = [f"device {device}; {runs[0]['cases']} cases",
-             "| processes | wall s | cases/min (command) | cases/min (after model load) | "
-             "speed-up | read | prepare | model | write |",
-             "|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
+    lines = [
+        f"device {device}; {runs[0]['cases']} cases",
+        "| processes | wall s | cases/min (command) | cases/min (after model load) | "
+        "speed-up | read | prepare | model | write |",
+        "|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+    ]
     base = runs[0]["cases"] / runs[0]["wall_s"]
     for r in runs:
         t = r["timing_s"]
@@ -105,14 +132,17 @@ def report(runs: List[Dict], device: str) -> str:
         shares = " | ".join(f"{100 * t[k] / case_s:.0f}%" for k in STEPS)
         per_min = 60 * r["cases"] / r["wall_s"]
         steady = 60 * r["cases"] / t["total"]
-        lines.append(f"| {r['processes']} | {r['wall_s']:.1f} | {per_min:.1f} | {steady:.1f} | "
-                     f"{r['cases'] / r['wall_s'] / base:.2f}x | {shares} |")
+        lines.append(
+            f"| {r['processes']} | {r['wall_s']:.1f} | {per_min:.1f} | {steady:.1f} | "
+            f"{r['cases'] / r['wall_s'] / base:.2f}x | {shares} |"
+        )
     return "\n".join(lines)
 
 
 def main(argv=None) -> List[Dict]:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--cases", type=int, default=20)
     ap.add_argument("--slices", type=int, default=24)
     ap.add_argument("--size", type=int, default=256)
@@ -122,11 +152,13 @@ def main(argv=None) -> List[Dict]:
     ap.add_argument("--weights", default="")
     ap.add_argument("--score-thresh", type=float, default=0.5)
     ap.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto")
-    ap.add_argument("--output", default=None, help="keep the cases and outputs here (else a "
-                                                    "temporary folder)")
+    ap.add_argument(
+        "--output", default=None, help="keep the cases and outputs here (else a temporary folder)"
+    )
     args = ap.parse_args(argv)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" \
-        else args.device
+    device = (
+        ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    )
     if device == "cuda" and max(args.processes) > torch.cuda.device_count():
         ap.error(f"--processes {max(args.processes)}: only {torch.cuda.device_count()} GPU(s)")
     with tempfile.TemporaryDirectory() as tmp:
@@ -134,8 +166,10 @@ def main(argv=None) -> List[Dict]:
         cases_dir = os.path.join(root, "cases")
         t0 = time.perf_counter()
         write_cases(cases_dir, args.cases, args.slices, args.size)
-        print(f"wrote {args.cases} NIfTI cases of {args.slices} x {args.size} x {args.size} in "
-              f"{time.perf_counter() - t0:.1f} s")
+        print(
+            f"wrote {args.cases} NIfTI cases of {args.slices} x {args.size} x {args.size} in "
+            f"{time.perf_counter() - t0:.1f} s"
+        )
         random_init = not args.weights
         if random_init:
             args.weights = random_weights(args.config_file, os.path.join(root, "random.pth"))

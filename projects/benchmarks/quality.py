@@ -27,6 +27,7 @@ Writes
 quality_<split>.json and quality_<split>.md, with the provenance of the run (docs/evaluation.md,
 "Provenance of results"). Finished runs are reused (delete a run's folder to redo it).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -77,16 +78,16 @@ def dataset_opts(data_set: str, split: str) -> List[str]:
     """Overrides that train on ``<data_set>_train`` and evaluate on ``<data_set>_<split>``."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    return ["DATASETS.TRAIN", f"('{data_set}_train',)", "DATASETS.TEST",
-            f"('{data_set}_{split}',)"]
+    return ["DATASETS.TRAIN", f"('{data_set}_train',)", "DATASETS.TEST", f"('{data_set}_{split}',)"]
 
 
 def metrics_file(run_dir: str, data_set: str, split: str) -> str:
     return os.path.join(run_dir, f"quality_metrics_{data_set}_{split}.json")
 
 
-def train_and_evaluate(config: str, run_dir: str, seed: int, data_set: str, split: str,
-                       opts: Sequence[str]) -> Dict:
+def train_and_evaluate(
+    config: str, run_dir: str, seed: int, data_set: str, split: str, opts: Sequence[str]
+) -> Dict:
     """Train one model (unless model_final.pth exists) and evaluate it on one split; returns the
     metrics, with ``froc_inputs`` naming the per-image file the intervals read."""
     out = metrics_file(run_dir, data_set, split)
@@ -94,15 +95,37 @@ def train_and_evaluate(config: str, run_dir: str, seed: int, data_set: str, spli
         common = ["OUTPUT_DIR", run_dir, "SEED", str(seed), *opts, *dataset_opts(data_set, split)]
         if not os.path.exists(os.path.join(run_dir, "model_final.pth")):
             # No evaluation at the end of training: evaluate_model below measures proposals too.
-            _run([sys.executable, "train_net.py", "--config-file", config, *common,
-                  "DATASETS.TEST", "()"], os.path.join(run_dir, "train.log"))
-        _run([sys.executable, __file__, "--evaluate", out, "--config-file", config, *common,
-              "MODEL.WEIGHTS", os.path.join(run_dir, "model_final.pth")],
-             os.path.join(run_dir, f"eval_{split}.log"))
+            _run(
+                [
+                    sys.executable,
+                    "train_net.py",
+                    "--config-file",
+                    config,
+                    *common,
+                    "DATASETS.TEST",
+                    "()",
+                ],
+                os.path.join(run_dir, "train.log"),
+            )
+        _run(
+            [
+                sys.executable,
+                __file__,
+                "--evaluate",
+                out,
+                "--config-file",
+                config,
+                *common,
+                "MODEL.WEIGHTS",
+                os.path.join(run_dir, "model_final.pth"),
+            ],
+            os.path.join(run_dir, f"eval_{split}.log"),
+        )
     with open(out, encoding="utf-8") as f:
         metrics = json.load(f)
-    metrics["froc_inputs"] = os.path.join(run_dir, "inference", f"{data_set}_{split}",
-                                          "froc_inputs.json")
+    metrics["froc_inputs"] = os.path.join(
+        run_dir, "inference", f"{data_set}_{split}", "froc_inputs.json"
+    )
     return metrics
 
 
@@ -136,8 +159,14 @@ def write_metrics(out_file: str, metrics: Dict[str, float], seed: int) -> None:
         json.dump(doc, f, indent=1)
 
 
-def _genotype(kind: Optional[str], seed: int, base: str, fpn_weights: str,
-              train_opts: List[str], opts: Sequence[str]) -> List[str]:
+def _genotype(
+    kind: Optional[str],
+    seed: int,
+    base: str,
+    fpn_weights: str,
+    train_opts: List[str],
+    opts: Sequence[str],
+) -> List[str]:
     """MODEL.ALB.GENOTYPE overrides for a model's genotype kind, searching it first if needed."""
     if kind is None:
         return []
@@ -146,8 +175,18 @@ def _genotype(kind: Optional[str], seed: int, base: str, fpn_weights: str,
     folder = os.path.join(base, "search" if kind == "searched" else "random_genotype")
     genotype = os.path.join(folder, "genotype.yaml")
     if not os.path.exists(genotype):
-        cmd = [sys.executable, "search_net.py", "--config-file", SEARCH_CONFIG, "OUTPUT_DIR",
-               folder, "SEED", str(seed), *train_opts, *opts]
+        cmd = [
+            sys.executable,
+            "search_net.py",
+            "--config-file",
+            SEARCH_CONFIG,
+            "OUTPUT_DIR",
+            folder,
+            "SEED",
+            str(seed),
+            *train_opts,
+            *opts,
+        ]
         if kind == "searched":
             cmd += ["MODEL.WEIGHTS", fpn_weights]
         else:
@@ -165,10 +204,12 @@ def seed_pipeline(data_set: str, seed: int, args) -> Dict[str, Dict]:
     for name in names:
         config, model_opts, kind = MODELS[name]
         run_dir = os.path.join(base, slug(name))
-        geno = _genotype(kind, seed, base, os.path.join(base, "fpn", "model_final.pth"),
-                         train_opts, args.opts)
-        res[name] = train_and_evaluate(config, run_dir, seed, data_set, args.split,
-                                       [*model_opts, *geno, *args.opts])
+        geno = _genotype(
+            kind, seed, base, os.path.join(base, "fpn", "model_final.pth"), train_opts, args.opts
+        )
+        res[name] = train_and_evaluate(
+            config, run_dir, seed, data_set, args.split, [*model_opts, *geno, *args.opts]
+        )
     return {n: res[n] for n in args.models}
 
 
@@ -177,24 +218,48 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
 
     from elixir_d2.provenance import provenance, provenance_line
 
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    ap.add_argument("--sets", nargs="+", default=["synthetic"],
-                    help="data set prefixes: each has <set>_train and <set>_val / _test")
-    ap.add_argument("--split", choices=SPLITS, default="val",
-                    help="evaluation split (default val: where choices are made)")
-    ap.add_argument("--models", nargs="+", default=DEFAULT_MODELS, choices=list(MODELS),
-                    metavar="MODEL", help=f"from: {', '.join(MODELS)}")
-    ap.add_argument("--bootstrap", type=int, default=1000,
-                    help="patient resamples for the single-run intervals (0: none)")
+    ap.add_argument(
+        "--sets",
+        nargs="+",
+        default=["synthetic"],
+        help="data set prefixes: each has <set>_train and <set>_val / _test",
+    )
+    ap.add_argument(
+        "--split",
+        choices=SPLITS,
+        default="val",
+        help="evaluation split (default val: where choices are made)",
+    )
+    ap.add_argument(
+        "--models",
+        nargs="+",
+        default=DEFAULT_MODELS,
+        choices=list(MODELS),
+        metavar="MODEL",
+        help=f"from: {', '.join(MODELS)}",
+    )
+    ap.add_argument(
+        "--bootstrap",
+        type=int,
+        default=1000,
+        help="patient resamples for the single-run intervals (0: none)",
+    )
     ap.add_argument("--output", default=os.path.join(ROOT, "output", "quality"))
-    ap.add_argument("--jobs", type=int, default=1,
-                    help="(set, seed) pipelines run in parallel (each one process at a time)")
+    ap.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="(set, seed) pipelines run in parallel (each one process at a time)",
+    )
     ap.add_argument("--evaluate", metavar="OUT_JSON", help=argparse.SUPPRESS)
     ap.add_argument("--config-file", help=argparse.SUPPRESS)
-    ap.add_argument("opts", nargs=argparse.REMAINDER,
-                    help="config overrides for every run, KEY VALUE ...")
+    ap.add_argument(
+        "opts", nargs=argparse.REMAINDER, help="config overrides for every run, KEY VALUE ..."
+    )
     args = ap.parse_args(argv)
     if args.evaluate:
         evaluate_model(args.evaluate, args.config_file, args.opts)
@@ -213,17 +278,28 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     for data_set, by_seed in results.items():
         comp = comparisons(by_seed, args.models, num_samples=args.bootstrap)
         summary["sets"][data_set] = {"results": by_seed, "comparisons": comp["rows"]}
-        lines += [f"### {data_set}_{args.split}", "", summary_table(by_seed, args.models), "",
-                  comp["table"], ""]
+        lines += [
+            f"### {data_set}_{args.split}",
+            "",
+            summary_table(by_seed, args.models),
+            "",
+            comp["table"],
+            "",
+        ]
     if len(results) > 1:
-        lines += [f"### Across sets ({args.split})", "",
-                  "Mean IoU sensitivity over 0.5/1/2/4 FPs, part minus baseline (points): mean "
-                  f"paired difference over seeds {args.seeds}, [95% t-interval] (w: its width).",
-                  "", across_sets_table({s: v["comparisons"] for s, v in summary["sets"].items()}),
-                  ""]
+        lines += [
+            f"### Across sets ({args.split})",
+            "",
+            "Mean IoU sensitivity over 0.5/1/2/4 FPs, part minus baseline (points): mean "
+            f"paired difference over seeds {args.seeds}, [95% t-interval] (w: its width).",
+            "",
+            across_sets_table({s: v["comparisons"] for s, v in summary["sets"].items()}),
+            "",
+        ]
     lines.append(f"elapsed {time.time() - t0:.0f} s")
-    summary["provenance"] = provenance(None if argv is None else [__file__, *argv],
-                                       seeds=args.seeds, started=t0)
+    summary["provenance"] = provenance(
+        None if argv is None else [__file__, *argv], seeds=args.seeds, started=t0
+    )
     lines.append(provenance_line(summary["provenance"]))
     os.makedirs(args.output, exist_ok=True)
     with open(os.path.join(args.output, f"quality_{args.split}.json"), "w", encoding="utf-8") as f:

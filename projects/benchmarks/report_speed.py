@@ -13,6 +13,7 @@ to the page's ``window.reportReady`` flag (first slice picture loaded and boxes 
 tab each time; also the page's own ``performance.now()`` at that moment (ms since navigation
 start). Needs Chromium, chromedriver and selenium (scripts/install.sh).
 """
+
 import argparse
 import json
 import os
@@ -35,9 +36,15 @@ LESIONS = [(0.3, 0.3, 0.03, 0.2, 0.4), (0.6, 0.55, 0.05, 0.5, 0.7), (0.45, 0.6, 
 def build_case(slices: int, size: int, seed: int = 0):
     """(volume, detections.json document, ground truth) of the phantom case."""
     rng = np.random.default_rng(seed)
-    vol = CTVolume(name="phantom", source="phantom.nii.gz", kind="nifti",
-                   hu=phantom_volume(slices, size, rng).astype(np.float32),
-                   slice_numbers=list(range(slices)), spacing=(0.7, 0.7), slice_interval=2.5)
+    vol = CTVolume(
+        name="phantom",
+        source="phantom.nii.gz",
+        kind="nifti",
+        hu=phantom_volume(slices, size, rng).astype(np.float32),
+        slice_numbers=list(range(slices)),
+        spacing=(0.7, 0.7),
+        slice_interval=2.5,
+    )
     pred, gt = VolumePrediction(vol), {}
     for n in range(slices):
         boxes, scores = [], []
@@ -51,8 +58,16 @@ def build_case(slices: int, size: int, seed: int = 0):
         if n % 10 == 5:  # a false positive in the body
             boxes.append(np.array([0.7, 0.35, 0.75, 0.4]) * size)
             scores.append(float(0.3 + rng.random() * 0.4))
-        pred.slices.append(SlicePrediction(n, np.array(boxes).reshape(-1, 4), np.array(scores),
-                                           np.zeros(len(scores), int), None, (size, size)))
+        pred.slices.append(
+            SlicePrediction(
+                n,
+                np.array(boxes).reshape(-1, 4),
+                np.array(scores),
+                np.zeros(len(scores), int),
+                None,
+                (size, size),
+            )
+        )
     if LESIONS:  # a lesion the "model" misses
         gt.setdefault(slices // 10, []).append(np.array([0.55, 0.3, 0.6, 0.35]) * size)
     s, b, sc = flat_detections(pred)
@@ -63,8 +78,7 @@ def build_case(slices: int, size: int, seed: int = 0):
 
 
 def folder_mb(path: str) -> float:
-    return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path)
-               for f in fs) / 1e6
+    return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs) / 1e6
 
 
 def browser():
@@ -73,8 +87,13 @@ def browser():
 
     opts = webdriver.ChromeOptions()
     opts.binary_location = shutil.which("chromium") or "/usr/bin/chromium"
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1280,1000",
-                "--disable-dev-shm-usage"):
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--window-size=1280,1000",
+        "--disable-dev-shm-usage",
+    ):
         opts.add_argument(arg)
     opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     driver = shutil.which("chromedriver") or "/usr/lib/chromium/chromedriver"
@@ -94,13 +113,16 @@ def open_times(page: str, repeats: int, screenshot: str = None, shot_slice: int 
                 if time.perf_counter() - t0 > 60:
                     raise TimeoutError("report not ready after 60 s")
                 time.sleep(0.005)
-            out.append((time.perf_counter() - t0, drv.execute_script(
-                "return window.reportReadyMs")))
+            out.append(
+                (time.perf_counter() - t0, drv.execute_script("return window.reportReadyMs"))
+            )
             errors += [e for e in drv.get_log("browser") if e["level"] == "SEVERE"]
         if screenshot:
-            drv.execute_script("var r = document.getElementById('slice-range'); r.value = "
-                               "arguments[0]; r.dispatchEvent(new Event('input'))",
-                               doc_index(drv, shot_slice))
+            drv.execute_script(
+                "var r = document.getElementById('slice-range'); r.value = "
+                "arguments[0]; r.dispatchEvent(new Event('input'))",
+                doc_index(drv, shot_slice),
+            )
             time.sleep(0.5)
             drv.save_screenshot(screenshot)
         return out, errors
@@ -110,8 +132,11 @@ def open_times(page: str, repeats: int, screenshot: str = None, shot_slice: int 
 
 def doc_index(drv, slice_number: int) -> int:
     """Index of a slice number in the page's slice list."""
-    return drv.execute_script("return JSON.parse(document.getElementById('report-data')"
-                              ".textContent).slices.indexOf(arguments[0])", slice_number)
+    return drv.execute_script(
+        "return JSON.parse(document.getElementById('report-data')"
+        ".textContent).slices.indexOf(arguments[0])",
+        slice_number,
+    )
 
 
 def shrink_png(path: str, limit: int = 300_000) -> None:
@@ -123,8 +148,9 @@ def shrink_png(path: str, limit: int = 300_000) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--slices", type=int, default=200)
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=5)
@@ -141,22 +167,29 @@ def main() -> None:
         write_slice_images(png_dir, vol, ext="png")
         # the screenshot: the first annotated slice with a detection (hit / miss marks)
         shot = min(n for n in gt if any(d["slice_index"] == n for d in doc["detections"]))
-        times, errors = open_times(os.path.join(case_dir, "report.html"), args.repeats,
-                                   args.screenshot, shot)
+        times, errors = open_times(
+            os.path.join(case_dir, "report.html"), args.repeats, args.screenshot, shot
+        )
         if args.screenshot:
             shrink_png(args.screenshot)
         walls = [w for w, _ in times]
         pages = [p for _, p in times]
-        print(f"case: {args.slices} slices of {args.size} x {args.size}, "
-              f"{len(doc['detections'])} detections, {len(doc['findings'])} findings, "
-              f"ground truth on {len(gt)} slices")
+        print(
+            f"case: {args.slices} slices of {args.size} x {args.size}, "
+            f"{len(doc['detections'])} detections, {len(doc['findings'])} findings, "
+            f"ground truth on {len(gt)} slices"
+        )
         print(f"write report: {write_s:.2f} s (3 presets x {args.slices} JPEG q90 + report.html)")
-        print(f"files: {folder_mb(case_dir):.2f} MB (report.html "
-              f"{os.path.getsize(os.path.join(case_dir, 'report.html')) / 1e6:.3f} MB); the same "
-              f"pictures as PNG: {folder_mb(png_dir):.2f} MB")
-        print(f"open to reportReady, {args.repeats} fresh tabs: wall median "
-              f"{statistics.median(walls):.3f} s (first {walls[0]:.3f}, max {max(walls):.3f}); "
-              f"page performance.now() median {statistics.median(pages):.0f} ms")
+        print(
+            f"files: {folder_mb(case_dir):.2f} MB (report.html "
+            f"{os.path.getsize(os.path.join(case_dir, 'report.html')) / 1e6:.3f} MB); the same "
+            f"pictures as PNG: {folder_mb(png_dir):.2f} MB"
+        )
+        print(
+            f"open to reportReady, {args.repeats} fresh tabs: wall median "
+            f"{statistics.median(walls):.3f} s (first {walls[0]:.3f}, max {max(walls):.3f}); "
+            f"page performance.now() median {statistics.median(pages):.0f} ms"
+        )
         print(f"console errors: {len(errors)}")
         ok = max(walls) < 2.0 and folder_mb(case_dir) < 30 and not errors
         print("targets (< 2 s, < 30 MB, no console error):", "met" if ok else "NOT met")

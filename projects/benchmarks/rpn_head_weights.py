@@ -9,6 +9,7 @@ next to that starting point (a weight whose std is still about 0.01 has barely b
 the share of objectness weights above zero. Works for RPN and TRPN models alike (the head is
 ``proposal_generator.rpn_head`` in both).
 """
+
 import argparse
 import sys
 from typing import Dict, List
@@ -24,8 +25,11 @@ def head_tensors(path: str) -> Dict[str, torch.Tensor]:
     # Our own training outputs; the state dict holds tensors and numbers only.
     state = torch.load(path, map_location="cpu", weights_only=True)
     state = state.get("model", state)
-    out = {k[len(PREFIX):]: v.float() for k, v in state.items()
-           if k.startswith(PREFIX) and v.is_floating_point()}
+    out = {
+        k[len(PREFIX) :]: v.float()
+        for k, v in state.items()
+        if k.startswith(PREFIX) and v.is_floating_point()
+    }
     if not out:
         raise ValueError(f"{path}: no tensor under '{PREFIX}' (not a detectron2 RPN/TRPN model?)")
     return out
@@ -38,8 +42,10 @@ def report(path: str) -> List[str]:
     for name, t in tensors.items():
         init = f"N(0, {INIT_STD})" if name.endswith("weight") and t.dim() == 4 else "-"
         std = float(t.std()) if t.numel() > 1 else 0.0
-        lines.append(f"  {name:34s} {str(tuple(t.shape)):16s} mean {float(t.mean()):+.4f}  "
-                     f"std {std:.4f}   init {init}")
+        lines.append(
+            f"  {name:34s} {str(tuple(t.shape)):16s} mean {float(t.mean()):+.4f}  "
+            f"std {std:.4f}   init {init}"
+        )
     w = tensors.get("objectness_logits.weight")
     if w is not None:
         lines.append(f"  objectness weights > 0: {100.0 * float((w > 0).float().mean()):.1f}%")
@@ -47,8 +53,9 @@ def report(path: str) -> List[str]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("checkpoints", nargs="+", help="model_final.pth files")
     args = ap.parse_args(argv)
     for path in args.checkpoints:

@@ -17,6 +17,7 @@ CT data loader's records/s (data_loader.py) and the FROC evaluation time (froc_s
 also go to <output>/bench.md and bench.json, with the run's provenance (docs/evaluation.md,
 "Provenance of results").
 """
+
 import os
 
 if __name__ == "__main__":
@@ -49,48 +50,69 @@ def targets(cpu: Dict[str, Dict], gpu: Optional[Dict[str, Dict]]) -> List[str]:
     if eli is None:
         return ["ElixirNet w FPN not measured (--models)"]
     p = eli["params"] / fpn["params"]
-    lines = [f"ElixirNet w FPN parameters / FPN = {p:.3f} (target <= {PARAM_TARGET}; paper "
-             f"28.4/41.4 = {28.4 / 41.4:.3f}): {'PASS' if p <= PARAM_TARGET else 'MISS'}",
-             f"ElixirNet w FPN CPU inference / FPN = {eli['infer_ratio']:.2f} (target <= "
-             f"{TIME_TARGET}; paper 90/68 = 1.32 on GPU): "
-             f"{'PASS' if eli['infer_ratio'] <= TIME_TARGET else 'MISS'}"]
+    lines = [
+        f"ElixirNet w FPN parameters / FPN = {p:.3f} (target <= {PARAM_TARGET}; paper "
+        f"28.4/41.4 = {28.4 / 41.4:.3f}): {'PASS' if p <= PARAM_TARGET else 'MISS'}",
+        f"ElixirNet w FPN CPU inference / FPN = {eli['infer_ratio']:.2f} (target <= "
+        f"{TIME_TARGET}; paper 90/68 = 1.32 on GPU): "
+        f"{'PASS' if eli['infer_ratio'] <= TIME_TARGET else 'MISS'}",
+    ]
     if gpu and "ElixirNet w FPN" in gpu:
         g = gpu["ElixirNet w FPN"]["infer_ratio"]
-        lines.append(f"ElixirNet w FPN GPU inference / FPN = {g:.2f} (target <= {TIME_TARGET}): "
-                     f"{'PASS' if g <= TIME_TARGET else 'MISS'}")
+        lines.append(
+            f"ElixirNet w FPN GPU inference / FPN = {g:.2f} (target <= {TIME_TARGET}): "
+            f"{'PASS' if g <= TIME_TARGET else 'MISS'}"
+        )
     if dfm is not None:
         extra = (dfm["params"] - fpn["params"]) / 1e6
-        lines.append(f"Deformv2 parameters - FPN = {extra:+.2f}M = "
-                     f"{dfm['params'] / fpn['params']:.3f}x FPN (paper "
-                     f"+{PAPER_DEFORM_EXTRA_M:.1f}M)")
+        lines.append(
+            f"Deformv2 parameters - FPN = {extra:+.2f}M = "
+            f"{dfm['params'] / fpn['params']:.3f}x FPN (paper "
+            f"+{PAPER_DEFORM_EXTRA_M:.1f}M)"
+        )
     if eli["infer_ratio"] > TIME_TARGET:
         sf, se = fpn["stages_ms"], eli["stages_ms"]
-        lines[1] += ("; where the time goes (CPU median ms, FPN -> ElixirNet w FPN): "
-                     + ", ".join(f"{k} {sf[k]:.0f} -> {se[k]:.0f}" for k in ms.STAGES))
+        lines[1] += "; where the time goes (CPU median ms, FPN -> ElixirNet w FPN): " + ", ".join(
+            f"{k} {sf[k]:.0f} -> {se[k]:.0f}" for k in ms.STAGES
+        )
     return lines
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true",
-                    help="quickstart models, fewer rounds, smaller data")
-    ap.add_argument("--threads", type=int, default=2,
-                    help="torch CPU threads (fixed for every timing)")
-    ap.add_argument("--rounds", type=int, default=None,
-                    help="timed inference rounds (default 10; --quick 3)")
-    ap.add_argument("--warmup", type=int, default=None,
-                    help="warm-up rounds (default 2; --quick 1)")
-    ap.add_argument("--train-rounds", type=int, default=None,
-                    help="timed training rounds (default 2; --quick 1)")
-    ap.add_argument("--slow-rounds", type=int, default=3,
-                    help="CPU inference rounds of FRCNN (C4) (R-50)")
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--quick", action="store_true", help="quickstart models, fewer rounds, smaller data"
+    )
+    ap.add_argument(
+        "--threads", type=int, default=2, help="torch CPU threads (fixed for every timing)"
+    )
+    ap.add_argument(
+        "--rounds", type=int, default=None, help="timed inference rounds (default 10; --quick 3)"
+    )
+    ap.add_argument(
+        "--warmup", type=int, default=None, help="warm-up rounds (default 2; --quick 1)"
+    )
+    ap.add_argument(
+        "--train-rounds",
+        type=int,
+        default=None,
+        help="timed training rounds (default 2; --quick 1)",
+    )
+    ap.add_argument(
+        "--slow-rounds", type=int, default=3, help="CPU inference rounds of FRCNN (C4) (R-50)"
+    )
     ap.add_argument("--size", type=int, default=512, help="square image side in pixels")
-    ap.add_argument("--models", default=None,
-                    help="comma-separated subset of the models (FPN always in), "
-                         "e.g. 'ElixirNet w FPN,Deformv2'")
-    ap.add_argument("--no-gpu", action="store_true",
-                    help="skip the CUDA timings even when a GPU is present")
+    ap.add_argument(
+        "--models",
+        default=None,
+        help="comma-separated subset of the models (FPN always in), "
+        "e.g. 'ElixirNet w FPN,Deformv2'",
+    )
+    ap.add_argument(
+        "--no-gpu", action="store_true", help="skip the CUDA timings even when a GPU is present"
+    )
     ap.add_argument("--output", default="output/bench", help="folder for bench.md and bench.json")
     args = ap.parse_args(argv)
     rounds = args.rounds or (3 if args.quick else 10)
@@ -100,12 +122,27 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     t_start, started = time.perf_counter(), time.time()
 
     specs = ms.select(args.models)
-    cpu = ms.measure(args.quick, "cpu", args.size, rounds, warmup, train_rounds, specs=specs,
-                     slow_rounds=args.slow_rounds)
+    cpu = ms.measure(
+        args.quick,
+        "cpu",
+        args.size,
+        rounds,
+        warmup,
+        train_rounds,
+        specs=specs,
+        slow_rounds=args.slow_rounds,
+    )
     gpu = None
     if torch.cuda.is_available() and not args.no_gpu:
-        gpu = ms.measure(args.quick, "cuda", args.size, max(rounds, 10), max(warmup, 2),
-                         max(train_rounds, 3), specs=specs)
+        gpu = ms.measure(
+            args.quick,
+            "cuda",
+            args.size,
+            max(rounds, 10),
+            max(warmup, 2),
+            max(train_rounds, 3),
+            specs=specs,
+        )
 
     # data_loader / froc_speed pin their own thread counts (1): after the model timings.
     loader_rps = data_loader.main(["--records", "50" if args.quick else "200"])
@@ -119,10 +156,13 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
         f"{args.size}x{args.size} CT slice, batch 1, random weights)",
         "",
         f"CPU: {os.cpu_count()} cores ({cpu_name}), torch {torch.__version__}, {args.threads} "
-        f"threads; inference {warmup} warm-up + up to {rounds} interleaved rounds (\"rounds\" "
+        f'threads; inference {warmup} warm-up + up to {rounds} interleaved rounds ("rounds" '
         f"column), training 1 warm-up + up to {train_rounds}."
-        + (f" GPU: {torch.cuda.get_device_name(0)}." if gpu
-           else " No CUDA device: GPU columns absent."),
+        + (
+            f" GPU: {torch.cuda.get_device_name(0)}."
+            if gpu
+            else " No CUDA device: GPU columns absent."
+        ),
         "",
         ms.format_table(cpu, gpu),
         "",
@@ -131,10 +171,12 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     if gpu:
         lines += ["", ms.format_stages(gpu, "cuda")]
     if args.quick:
-        lines += ["",
-                  "Targets: not checked with --quick (they are about the R-50 configs; the "
-                  "quickstart models are not the paper's: R-18 with a 256-d 2-fc head, BatchNorm "
-                  "ALB, half-width R-50 for Deformv2)."]
+        lines += [
+            "",
+            "Targets: not checked with --quick (they are about the R-50 configs; the "
+            "quickstart models are not the paper's: R-18 with a 256-d 2-fc head, BatchNorm "
+            "ALB, half-width R-50 for Deformv2).",
+        ]
     else:
         lines += ["", "Targets:"] + [f"- {t}" for t in targets(cpu, gpu)]
     lines += [
@@ -153,8 +195,16 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     os.makedirs(args.output, exist_ok=True)
     with open(os.path.join(args.output, "bench.md"), "w", encoding="utf-8") as f:
         f.write(text + "\n")
-    out = {"cpu": cpu, "gpu": gpu, "loader_records_per_s": loader_rps, "froc_s": froc,
-           "threads": args.threads, "rounds": rounds, "quick": args.quick, "provenance": prov}
+    out = {
+        "cpu": cpu,
+        "gpu": gpu,
+        "loader_records_per_s": loader_rps,
+        "froc_s": froc,
+        "threads": args.threads,
+        "rounds": rounds,
+        "quick": args.quick,
+        "provenance": prov,
+    }
     with open(os.path.join(args.output, "bench.json"), "w", encoding="utf-8") as f:
         json.dump(out, f, indent=1)
     return out

@@ -12,6 +12,7 @@ the ops' outputs in whatever layout they return (``none``'s zeros and region_non
 output are NCHW, so the sum and every conv after it turn NCHW). Prints the median ms of each and
 the median of the per-round ratios.
 """
+
 import os
 
 if __name__ == "__main__":
@@ -41,8 +42,11 @@ def time_layouts(rounds: int, rois: int, repeats: int = 3) -> Dict[str, List[flo
     """Seconds per forward + backward of the searchable head, per round and variant."""
     cfg = load_config(SEARCH_CFG, ["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu"])
     head = build_model(cfg).roi_heads.box_head.train()
-    channels = cfg.MODEL.ALB.STEM_CHANNELS if head.pointwise_before_pooling else (
-        cfg.MODEL.FPN.OUT_CHANNELS)
+    channels = (
+        cfg.MODEL.ALB.STEM_CHANNELS
+        if head.pointwise_before_pooling
+        else (cfg.MODEL.FPN.OUT_CHANNELS)
+    )
     x = torch.randn(rois, channels, 7, 7, requires_grad=True)
     counts = [rois // 4] * 3 + [rois - 3 * (rois // 4)]
     shipped = cells.channels_last
@@ -71,8 +75,9 @@ def time_layouts(rounds: int, rois: int, repeats: int = 3) -> Dict[str, List[flo
 
 
 def main(argv: Optional[Sequence[str]] = None) -> float:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rois", type=int, default=128)
@@ -80,8 +85,10 @@ def main(argv: Optional[Sequence[str]] = None) -> float:
     torch.manual_seed(0)
     times = time_layouts(args.rounds, args.rois)
     ratio = median_ratio(*times.values())
-    print(f"ALBSearchHead ({os.path.relpath(SEARCH_CFG, ROOT)}), forward + backward on {args.rois} "
-          f"RoIs, {args.threads} thread(s), {args.rounds} interleaved rounds:")
+    print(
+        f"ALBSearchHead ({os.path.relpath(SEARCH_CFG, ROOT)}), forward + backward on {args.rois} "
+        f"RoIs, {args.threads} thread(s), {args.rounds} interleaved rounds:"
+    )
     for name, ts in times.items():
         print(f"  {name:28s} {statistics.median(ts) * 1e3:8.1f} ms")
     print(f"  ratio shipped / ops' own layouts = {ratio:.2f}")

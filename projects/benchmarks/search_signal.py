@@ -23,6 +23,7 @@ would derive if it followed that one, well-measured, gradient.
 An alpha moves by Adam's steps, about ALPHA_LR each: a gradient whose sign holds over the search
 adds up, one that changes sign leaves the alpha near where it started, whatever ALPHA_LR is.
 """
+
 import os
 
 if __name__ == "__main__":
@@ -72,17 +73,20 @@ def signal_summary(grads: np.ndarray) -> Dict[str, float]:
     sd = grads.std(axis=0, ddof=1)
     snr = np.abs(grads.mean(axis=0)) / np.maximum(sd, 1e-30)
     t = np.abs(gradient_t(grads))
-    return {"batches": grads.shape[0], "snr_median": float(np.median(snr)),
-            "t_median": float(np.median(t)), "share_t2": float((t > 2).mean()),
-            "share_t3": float((t > 3).mean())}
+    return {
+        "batches": grads.shape[0],
+        "snr_median": float(np.median(snr)),
+        "t_median": float(np.median(t)),
+        "share_t2": float((t > 2).mean()),
+        "share_t3": float((t > 3).mean()),
+    }
 
 
 def alpha_gradients(searcher: ALBSearcher, batches: int) -> np.ndarray:
     """(batches, number of alphas): d objective / d alpha on successive architecture batches."""
     alphas = search_head(searcher.model).arch_parameters()
     alpha_ids = {id(a) for a in alphas}
-    weights = [p for p in searcher.model.parameters()
-               if p.requires_grad and id(p) not in alpha_ids]
+    weights = [p for p in searcher.model.parameters() if p.requires_grad and id(p) not in alpha_ids]
     for p in weights:  # their gradients are not needed: skip that half of the backward
         p.requires_grad_(False)
     rows = []
@@ -104,18 +108,29 @@ def gradient_genotype(t: np.ndarray, space: str, branches: int) -> Genotype:
     gradient raises an op's alpha); ``t`` is alpha_normal's then alpha_reduce's, flattened."""
     ops = len(get_search_space(space))
     half = t.size // 2
-    return derive_genotype(-t[:half].reshape(-1, ops), -t[half:].reshape(-1, ops), space,
-                           branches)
+    return derive_genotype(-t[:half].reshape(-1, ops), -t[half:].reshape(-1, ops), space, branches)
 
 
-def measure(search_dir: str, checkpoints: Sequence[str], batches: int,
-            opts: Sequence[str] = ()) -> List[Dict]:
+def measure(
+    search_dir: str, checkpoints: Sequence[str], batches: int, opts: Sequence[str] = ()
+) -> List[Dict]:
     """One row per checkpoint: its name, iteration, summary, t vector and the search space."""
-    cfg = load_config(require_file(os.path.join(search_dir, "config.yaml"), "search config",
-                                   "--search-dir must be an OUTPUT_DIR of search_net.py"),
-                      ["OUTPUT_DIR", search_dir, *opts])
-    paths = [require_file(os.path.join(search_dir, name), "search checkpoint",
-                          "name files of --search-dir (model_*.pth)") for name in checkpoints]
+    cfg = load_config(
+        require_file(
+            os.path.join(search_dir, "config.yaml"),
+            "search config",
+            "--search-dir must be an OUTPUT_DIR of search_net.py",
+        ),
+        ["OUTPUT_DIR", search_dir, *opts],
+    )
+    paths = [
+        require_file(
+            os.path.join(search_dir, name),
+            "search checkpoint",
+            "name files of --search-dir (model_*.pth)",
+        )
+        for name in checkpoints
+    ]
     searcher = ALBSearcher(cfg)
     searcher.model.train()
     rows = []
@@ -131,10 +146,17 @@ def measure(search_dir: str, checkpoints: Sequence[str], batches: int,
                 f"{[k for k, *_ in bad.incorrect_shapes][:3]}"
             )
         grads = alpha_gradients(searcher, batches)
-        rows.append({"checkpoint": name, "iteration": extra.get("iteration"),
-                     "iters_per_epoch": searcher.iters_per_epoch, **signal_summary(grads),
-                     "t": gradient_t(grads), "space": cfg.MODEL.ALB.SEARCH_SPACE,
-                     "branches": cfg.MODEL.ALB.BRANCHES})
+        rows.append(
+            {
+                "checkpoint": name,
+                "iteration": extra.get("iteration"),
+                "iters_per_epoch": searcher.iters_per_epoch,
+                **signal_summary(grads),
+                "t": gradient_t(grads),
+                "space": cfg.MODEL.ALB.SEARCH_SPACE,
+                "branches": cfg.MODEL.ALB.BRANCHES,
+            }
+        )
     return rows
 
 
@@ -142,19 +164,27 @@ def format_rows(rows: List[Dict]) -> str:
     """The per-checkpoint table and the correlation of their t vectors, as markdown."""
     n = rows[0]["batches"]
     noise2, noise3 = t_tail(2.0, n - 1), t_tail(3.0, n - 1)
-    lines = [f"| checkpoint | epoch | per-batch SNR (median) | median abs(t) | abs(t) > 2 "
-             f"(noise: {100 * noise2:.1f}%) | abs(t) > 3 (noise: {100 * noise3:.1f}%) |",
-             "|:--|--:|--:|--:|--:|--:|"]
+    lines = [
+        f"| checkpoint | epoch | per-batch SNR (median) | median abs(t) | abs(t) > 2 "
+        f"(noise: {100 * noise2:.1f}%) | abs(t) > 3 (noise: {100 * noise3:.1f}%) |",
+        "|:--|--:|--:|--:|--:|--:|",
+    ]
     for r in rows:
         it = r["iteration"]
         epoch = "?" if it is None else f"{(it + 1) / r['iters_per_epoch']:.0f}"
-        lines.append(f"| {r['checkpoint']} | {epoch} | {r['snr_median']:.3f} | "
-                     f"{r['t_median']:.2f} | {100 * r['share_t2']:.0f}% | "
-                     f"{100 * r['share_t3']:.0f}% |")
+        lines.append(
+            f"| {r['checkpoint']} | {epoch} | {r['snr_median']:.3f} | "
+            f"{r['t_median']:.2f} | {100 * r['share_t2']:.0f}% | "
+            f"{100 * r['share_t3']:.0f}% |"
+        )
     if len(rows) > 1:
-        lines += ["", "Correlation of the t vectors:", "",
-                  "| | " + " | ".join(f"{i + 1}" for i in range(len(rows))) + " |",
-                  "|:--|" + "--:|" * len(rows)]
+        lines += [
+            "",
+            "Correlation of the t vectors:",
+            "",
+            "| | " + " | ".join(f"{i + 1}" for i in range(len(rows))) + " |",
+            "|:--|" + "--:|" * len(rows),
+        ]
         for i, a in enumerate(rows):
             cells = [f"{np.corrcoef(a['t'], b['t'])[0, 1]:.2f}" for b in rows]
             lines.append(f"| {i + 1}: {a['checkpoint']} | " + " | ".join(cells) + " |")
@@ -162,11 +192,16 @@ def format_rows(rows: List[Dict]) -> str:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--search-dir", required=True, help="a search_net.py OUTPUT_DIR")
-    ap.add_argument("--checkpoints", nargs="+", default=["model_final.pth"],
-                    help="checkpoint files in --search-dir; one named twice is measured twice")
+    ap.add_argument(
+        "--checkpoints",
+        nargs="+",
+        default=["model_final.pth"],
+        help="checkpoint files in --search-dir; one named twice is measured twice",
+    )
     ap.add_argument("--batches", type=int, default=40)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--genotype-out", help="write the first checkpoint's gradient genotype here")
@@ -174,17 +209,26 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     rows = measure(args.search_dir, args.checkpoints, args.batches, args.opts)
-    print(f"\nAlpha gradients of {args.search_dir}, {args.batches} architecture batches per "
-          f"checkpoint, {rows[0]['t'].size} alphas:\n")
+    print(
+        f"\nAlpha gradients of {args.search_dir}, {args.batches} architecture batches per "
+        f"checkpoint, {rows[0]['t'].size} alphas:\n"
+    )
     print(format_rows(rows))
     if args.genotype_out:
         genotype = gradient_genotype(rows[0]["t"], rows[0]["space"], rows[0]["branches"])
         source = os.path.join(args.search_dir, rows[0]["checkpoint"])
-        save_genotype(genotype, args.genotype_out,
-                      comment=f"Genotype of the alphas' mean gradient over {args.batches} "
-                              f"architecture batches at {source} (search_signal.py).",
-                      provenance={"searched": True, "method": "alpha gradient (search_signal.py)",
-                                  "checkpoint": source, "batches": args.batches})
+        save_genotype(
+            genotype,
+            args.genotype_out,
+            comment=f"Genotype of the alphas' mean gradient over {args.batches} "
+            f"architecture batches at {source} (search_signal.py).",
+            provenance={
+                "searched": True,
+                "method": "alpha gradient (search_signal.py)",
+                "checkpoint": source,
+                "batches": args.batches,
+            },
+        )
         print(f"\ngenotype of {source}'s gradient: {args.genotype_out}")
 
 

@@ -15,6 +15,7 @@ lesion-like distractors the generator recorded (``mimics`` of synthetic_info.jso
 ``--json`` writes the numbers with the run's ``provenance`` (docs/evaluation.md, "Provenance of
 results").
 """
+
 from __future__ import annotations
 
 import argparse
@@ -88,11 +89,12 @@ def lesion_like_spots(hu: np.ndarray, spacing: float, boxes: List[Sequence[float
         g = cv2.GaussianBlur(hu, (0, 0), s)
         dxx, dyy = cv2.Sobel(g, -1, 2, 0), cv2.Sobel(g, -1, 0, 2)
         dxy = cv2.Sobel(g, -1, 1, 1)
-        det, tr = dxx * dyy - dxy ** 2, dxx + dyy
+        det, tr = dxx * dyy - dxy**2, dxx + dyy
         peak &= (det > 0) & (tr * tr < EDGE_RATIO * det)
         for y, x in zip(*np.nonzero(peak)):
-            if any(b[0] - 2 <= x + 0.5 <= b[2] + 2 and b[1] - 2 <= y + 0.5 <= b[3] + 2
-                   for b in boxes):
+            if any(
+                b[0] - 2 <= x + 0.5 <= b[2] + 2 and b[1] - 2 <= y + 0.5 <= b[3] + 2 for b in boxes
+            ):
                 continue
             if all((x - u) ** 2 + (y - v) ** 2 > 9 for u, v in found):
                 found.append((int(x), int(y)))
@@ -115,21 +117,26 @@ def set_stats(root: str, splits: Sequence[str] = tuple(SPLITS)) -> Dict[str, Dic
         contrast, spots = [], []
         for les_list in by_key.values():
             first = les_list[0]
-            hu = read_hu(os.path.join(root, "Images_png", first["series_dir"],
-                                      f"{first['name_slice']:03d}.png"))
+            hu = read_hu(
+                os.path.join(
+                    root, "Images_png", first["series_dir"], f"{first['name_slice']:03d}.png"
+                )
+            )
             contrast += [ellipse_contrast(hu, les["bbox"]) for les in les_list if not les["noisy"]]
             spots.append(lesion_like_spots(hu, first["spacing"][0], [x["bbox"] for x in les_list]))
         c = np.array(contrast)
         mimics = info.get("splits", {}).get(split, {}).get("mimics")
         out[split] = {
-            "patients": len({les["patient"] for les in rows}), "key_slices": len(by_key),
+            "patients": len({les["patient"] for les in rows}),
+            "key_slices": len(by_key),
             "lesions": len(rows),
             "long_mm_q": [float(np.quantile(long_mm, q)) for q in QUANTILES],
             "long_px_q": [float(np.quantile(long_px, q)) for q in QUANTILES],
             "under_10mm": float((long_mm < 10).mean()),
             "abs_contrast_hu_median": float(np.median(np.abs(c))),
             "contrast_hu_q": [float(np.quantile(c, q)) for q in QUANTILES],
-            "hypodense": float((c < 0).mean()), "spots_per_key_slice": float(np.mean(spots)),
+            "hypodense": float((c < 0).mean()),
+            "spots_per_key_slice": float(np.mean(spots)),
             "mimics": sum(mimics.values()) if mimics else None,
         }
     return out
@@ -137,9 +144,11 @@ def set_stats(root: str, splits: Sequence[str] = tuple(SPLITS)) -> Dict[str, Dic
 
 def table(results: Dict[str, Dict[str, Dict]]) -> str:
     """A Markdown table, one row per set and split."""
-    head = ("| set | split | patients | key slices | lesions | long diam. mm p10/p50/p90 | px "
-            "p10/p50/p90 | < 10 mm | median abs contrast HU | contrast HU p10/p50/p90 | hypodense "
-            "| spots / key slice | recorded mimics |")
+    head = (
+        "| set | split | patients | key slices | lesions | long diam. mm p10/p50/p90 | px "
+        "p10/p50/p90 | < 10 mm | median abs contrast HU | contrast HU p10/p50/p90 | hypodense "
+        "| spots / key slice | recorded mimics |"
+    )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for name, per in results.items():
         for split, s in per.items():
@@ -150,7 +159,8 @@ def table(results: Dict[str, Dict[str, Dict]]) -> str:
                 f"{s['abs_contrast_hu_median']:.0f} | "
                 f"{'/'.join(f'{x:.0f}' for x in s['contrast_hu_q'])} | {s['hypodense']:.0%} | "
                 f"{s['spots_per_key_slice']:.1f} | "
-                f"{'-' if s['mimics'] is None else s['mimics']} |")
+                f"{'-' if s['mimics'] is None else s['mimics']} |"
+            )
     return "\n".join(lines)
 
 

@@ -11,6 +11,7 @@ clipping) is shown beside them as its total, which overlaps the groups. Shares a
 profiled time; ``s/it`` is timed without the profiler. To see what a CPU without AVX-512 runs,
 cap the kernels: ``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -67,17 +68,20 @@ def group_times(events) -> Dict[str, float]:
     return out
 
 
-def profile_config(config: str, precision: str, steps: int, warmup: int,
-                   opts: Sequence[str] = ()) -> Dict[str, float]:
+def profile_config(
+    config: str, precision: str, steps: int, warmup: int, opts: Sequence[str] = ()
+) -> Dict[str, float]:
     """{"s/it": timed seconds an iteration, group: profiled seconds an iteration, ...}."""
-    cfg = elixir_d2.load_config(os.path.join(ROOT, "configs", "quickstart", config),
-                                list(opts) + amp_opts(precision))
+    cfg = elixir_d2.load_config(
+        os.path.join(ROOT, "configs", "quickstart", config), list(opts) + amp_opts(precision)
+    )
     resolve_genotype_config(cfg)
     torch.manual_seed(cfg.SEED)
     model = ElixirTrainer.build_model(cfg)
     data = list(itertools.islice(ElixirTrainer.build_train_loader(cfg), 4))
-    loop = build_step_trainer(cfg, model, itertools.cycle(data),
-                              ElixirTrainer.build_optimizer(cfg, model))
+    loop = build_step_trainer(
+        cfg, model, itertools.cycle(data), ElixirTrainer.build_optimizer(cfg, model)
+    )
     with EventStorage():
         for _ in range(warmup):
             loop.run_step()
@@ -95,8 +99,7 @@ def profile_config(config: str, precision: str, steps: int, warmup: int,
 def format_table(rows: Dict[str, Dict[str, float]]) -> str:
     """Markdown: per config, s/it and each group's ms an iteration and share of profiled time."""
     names = [g for g, _ in GROUPS] + ["other", "optimizer step (total)"]
-    lines = ["| config | s/it | " + " | ".join(names) + " |",
-             "|:--|--:|" + "--:|" * len(names)]
+    lines = ["| config | s/it | " + " | ".join(names) + " |", "|:--|--:|" + "--:|" * len(names)]
     for config, r in rows.items():
         profiled = sum(r[g] for g in names[:-1])
         cells = [f"{r[g] * 1e3:.0f} ms ({100 * r[g] / profiled:.0f}%)" for g in names]
@@ -105,11 +108,17 @@ def format_table(rows: Dict[str, Dict[str, float]]) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, float]]:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", action="append", dest="configs", metavar="NAME",
-                    help="a file under configs/quickstart, once per config (default: fpn.yaml "
-                         "and elixirnet.yaml)")
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--config",
+        action="append",
+        dest="configs",
+        metavar="NAME",
+        help="a file under configs/quickstart, once per config (default: fpn.yaml "
+        "and elixirnet.yaml)",
+    )
     ap.add_argument("--precision", choices=("float32", "bfloat16"), default="float32")
     ap.add_argument("--steps", type=int, default=5, help="timed, then profiled, iterations")
     ap.add_argument("--warmup", type=int, default=3)
@@ -119,16 +128,21 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, float]]:
     configs: List[str] = args.configs or ["fpn.yaml", "elixirnet.yaml"]
     for config in configs:
         if not os.path.isfile(os.path.join(ROOT, "configs", "quickstart", config)):
-            ap.error(f"configs/quickstart/{config} not found (--config takes a file name under "
-                     "configs/quickstart)")
+            ap.error(
+                f"configs/quickstart/{config} not found (--config takes a file name under "
+                "configs/quickstart)"
+            )
     if args.steps < 1:
         ap.error(f"--steps must be at least 1, got {args.steps}")
     torch.set_num_threads(args.threads)
-    print(f"{args.precision}, {args.threads} threads, CPU capability "
-          f"{torch.backends.cpu.get_cpu_capability()}, {args.steps} steps after {args.warmup} "
-          "warm-up")
-    rows = {c: profile_config(c, args.precision, args.steps, args.warmup, args.opts)
-            for c in configs}
+    print(
+        f"{args.precision}, {args.threads} threads, CPU capability "
+        f"{torch.backends.cpu.get_cpu_capability()}, {args.steps} steps after {args.warmup} "
+        "warm-up"
+    )
+    rows = {
+        c: profile_config(c, args.precision, args.steps, args.warmup, args.opts) for c in configs
+    }
     print(format_table(rows))
     return rows
 

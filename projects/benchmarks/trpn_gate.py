@@ -18,6 +18,7 @@ Prints, per model and pooled per run, covered against missed lesions (at 300), s
 slice's number of annotated lesions (noisy ones included), by level and against what the RPN
 of the same seed covers. --cache keeps the per-lesion rows (computed once, then read back).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,9 +50,17 @@ def lesion_rows(model_dir: str) -> List[Row]:
     from elixir_d2.trainer import ElixirTrainer
 
     # Whole test slices: the lesion geometry below is in whole-slice network coordinates.
-    cfg = elixir_d2.load_config(os.path.join(model_dir, "config.yaml"), [
-        "MODEL.WEIGHTS", os.path.join(model_dir, "model_final.pth"), "MODEL.DEVICE", "cpu",
-        "INPUT.BODY_CROP.ENABLED", "False"])
+    cfg = elixir_d2.load_config(
+        os.path.join(model_dir, "config.yaml"),
+        [
+            "MODEL.WEIGHTS",
+            os.path.join(model_dir, "model_final.pth"),
+            "MODEL.DEVICE",
+            "cpu",
+            "INPUT.BODY_CROP.ENABLED",
+            "False",
+        ],
+    )
     model = ElixirTrainer.build_model(cfg)
     DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
     model.eval()
@@ -80,14 +89,20 @@ def lesion_rows(model_dir: str) -> List[Row]:
                 valids = [conf.valid_masks[f] for f in pg.in_features]
             inp, props = inputs[0], captured.pop()[0][0]
             anns = records[inp["image_id"]].get("annotations", [])
-            gts = [BoxMode.convert(list(a["bbox"]), a.get("bbox_mode", BoxMode.XYXY_ABS),
-                                   BoxMode.XYXY_ABS) for a in anns if not a.get("noisy", False)]
+            gts = [
+                BoxMode.convert(
+                    list(a["bbox"]), a.get("bbox_mode", BoxMode.XYXY_ABS), BoxMode.XYXY_ABS
+                )
+                for a in anns
+                if not a.get("noisy", False)
+            ]
             if not gts:
                 continue
             gt = torch.tensor(gts, dtype=torch.float64)
             h_in, w_in = props.image_size
-            scale = torch.tensor([w_in / inp["width"], h_in / inp["height"]] * 2,
-                                 dtype=torch.float64)
+            scale = torch.tensor(
+                [w_in / inp["width"], h_in / inp["height"]] * 2, dtype=torch.float64
+            )
             # As ProposalRecallEvaluator: stable ranking, float64, record coordinates.
             order = torch.argsort(props.objectness_logits, descending=True, stable=True)[:300]
             boxes = props.proposal_boxes.tensor[order].double() / scale
@@ -98,14 +113,19 @@ def lesion_rows(model_dir: str) -> List[Row]:
             for j, box in enumerate(gt_in.tolist()):
                 lvl = int(best_level[j])
                 logit = logits[lvl][0].amax(0)  # H x W, max over the A anchors
-                mask = _lesion_locations(box, logit.shape, pg.anchor_generator.strides[lvl],
-                                         pg.anchor_generator.offset)
-                row = {"image_id": inp["image_id"], "level": lvl + 2, "slice_lesions": len(anns),
-                       "pos_weights": pos_w,
-                       "logit": float(logit[mask].max()) - ceiling,
-                       "iou300": float(p_iou[:, j].max()) if len(boxes) else 0.0,
-                       "cov50": bool((p_iou[:50, j] >= 0.5).any()),
-                       "cov300": bool((p_iou[:, j] >= 0.5).any())}
+                mask = _lesion_locations(
+                    box, logit.shape, pg.anchor_generator.strides[lvl], pg.anchor_generator.offset
+                )
+                row = {
+                    "image_id": inp["image_id"],
+                    "level": lvl + 2,
+                    "slice_lesions": len(anns),
+                    "pos_weights": pos_w,
+                    "logit": float(logit[mask].max()) - ceiling,
+                    "iou300": float(p_iou[:, j].max()) if len(boxes) else 0.0,
+                    "cov50": bool((p_iou[:50, j] >= 0.5).any()),
+                    "cov300": bool((p_iou[:, j] >= 0.5).any()),
+                }
                 row.update(p_lesion=nan, p_peak=nan, g=nan, ungated=nan)
                 if is_trpn:
                     p = conf.conf_maps[pg.in_features[lvl]][0]
@@ -138,19 +158,30 @@ def summary(rows: List[Row], rpn: List[Row]) -> str:
     """Markdown table over groups of TRPN's lesion ``rows``; ``rpn``: the same lesions, in the same
     order, for the RPN model. Medians, but g's quartiles and the shares (%)."""
     groups: List[tuple] = [("all", lambda r, q: True)]
-    for name, test in (("1 lesion", lambda r: r["slice_lesions"] == 1),
-                       (">=2 lesions", lambda r: r["slice_lesions"] >= 2)):
-        groups += [(f"{name}, covered", lambda r, q, t=test: t(r) and r["cov300"]),
-                   (f"{name}, missed", lambda r, q, t=test: t(r) and not r["cov300"])]
+    for name, test in (
+        ("1 lesion", lambda r: r["slice_lesions"] == 1),
+        (">=2 lesions", lambda r: r["slice_lesions"] >= 2),
+    ):
+        groups += [
+            (f"{name}, covered", lambda r, q, t=test: t(r) and r["cov300"]),
+            (f"{name}, missed", lambda r, q, t=test: t(r) and not r["cov300"]),
+        ]
     groups += [("covered", lambda r, q: r["cov300"]), ("missed", lambda r, q: not r["cov300"])]
-    groups += [("RPN covers, TRPN misses", lambda r, q: q["cov300"] and not r["cov300"]),
-               ("TRPN covers, RPN misses", lambda r, q: r["cov300"] and not q["cov300"]),
-               ("both miss", lambda r, q: not r["cov300"] and not q["cov300"])]
+    groups += [
+        ("RPN covers, TRPN misses", lambda r, q: q["cov300"] and not r["cov300"]),
+        ("TRPN covers, RPN misses", lambda r, q: r["cov300"] and not q["cov300"]),
+        ("both miss", lambda r, q: not r["cov300"] and not q["cov300"]),
+    ]
     for lvl in sorted({r["level"] for r in rows}):
-        groups += [(f"P{lvl}, covered", lambda r, q, v=lvl: r["level"] == v and r["cov300"]),
-                   (f"P{lvl}, missed", lambda r, q, v=lvl: r["level"] == v and not r["cov300"])]
-    lines = ["| lesions @300 | n | g median [q1, q3] | g < 0.1 | g < 0.3 | p_lesion | p_peak "
-             "| logit | at ceiling | ungated logit | best IoU |", "|:--|" + "--:|" * 10]
+        groups += [
+            (f"P{lvl}, covered", lambda r, q, v=lvl: r["level"] == v and r["cov300"]),
+            (f"P{lvl}, missed", lambda r, q, v=lvl: r["level"] == v and not r["cov300"]),
+        ]
+    lines = [
+        "| lesions @300 | n | g median [q1, q3] | g < 0.1 | g < 0.3 | p_lesion | p_peak "
+        "| logit | at ceiling | ungated logit | best IoU |",
+        "|:--|" + "--:|" * 10,
+    ]
     for name, test in groups:
         lines.append(_line(name, [r for r, q in zip(rows, rpn) if test(r, q)]))
     return "\n".join(lines)
@@ -162,11 +193,13 @@ def _line(name: str, sel: List[Row]) -> str:
     col = {k: np.array([r[k] for r in sel], dtype=float) for k in sel[0] if k != "image_id"}
     q1, q2, q3 = np.percentile(col["g"], [25, 50, 75])
     med = {k: np.median(v) for k, v in col.items()}
-    return (f"| {name} | {len(sel)} | {q2:.2f} [{q1:.2f}, {q3:.2f}] "
-            f"| {100 * np.mean(col['g'] < 0.1):.0f}% | {100 * np.mean(col['g'] < 0.3):.0f}% "
-            f"| {med['p_lesion']:.3f} | {med['p_peak']:.3f} | {med['logit']:.2f} "
-            f"| {100 * np.mean(col['logit'] > -1e-3):.0f}% | {med['ungated']:.2f} "
-            f"| {med['iou300']:.2f} |")
+    return (
+        f"| {name} | {len(sel)} | {q2:.2f} [{q1:.2f}, {q3:.2f}] "
+        f"| {100 * np.mean(col['g'] < 0.1):.0f}% | {100 * np.mean(col['g'] < 0.3):.0f}% "
+        f"| {med['p_lesion']:.3f} | {med['p_peak']:.3f} | {med['logit']:.2f} "
+        f"| {100 * np.mean(col['logit'] > -1e-3):.0f}% | {med['ungated']:.2f} "
+        f"| {med['iou300']:.2f} |"
+    )
 
 
 def share(rows: List[Row], key: str) -> float:
@@ -175,8 +208,9 @@ def share(rows: List[Row], key: str) -> float:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--runs", nargs="+", default=["output/quality_05", "output/quality_14d"])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--cache", help="JSON of the per-lesion rows: read if present, else written")
@@ -210,10 +244,12 @@ def main(argv=None) -> None:
 
 
 def _print(title: str, trpn: List[Row], rpn: List[Row]) -> None:
-    print(f"\n### {title}: {len(trpn)} lesions, covered at 50 / 300: {share(trpn, 'cov50'):.1f} / "
-          f"{share(trpn, 'cov300'):.1f}% (RPN {share(rpn, 'cov50'):.1f} / "
-          f"{share(rpn, 'cov300'):.1f}%); objectness weights > 0: "
-          f"{max(r['pos_weights'] for r in trpn + rpn):.1f}% at most (TRPN and RPN)\n")
+    print(
+        f"\n### {title}: {len(trpn)} lesions, covered at 50 / 300: {share(trpn, 'cov50'):.1f} / "
+        f"{share(trpn, 'cov300'):.1f}% (RPN {share(rpn, 'cov50'):.1f} / "
+        f"{share(rpn, 'cov300'):.1f}%); objectness weights > 0: "
+        f"{max(r['pos_weights'] for r in trpn + rpn):.1f}% at most (TRPN and RPN)\n"
+    )
     print(summary(trpn, rpn))
 
 

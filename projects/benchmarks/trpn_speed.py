@@ -22,6 +22,7 @@ per-image mean).
     python projects/benchmarks/trpn_speed.py --keep-frac 0.2      # a threshold keeping 20%
     python projects/benchmarks/trpn_speed.py --device cuda --runs 50
 """
+
 import argparse
 import statistics
 import time
@@ -48,8 +49,12 @@ def _parse() -> argparse.Namespace:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--keep-frac", type=float, default=None,
-                    help="fixed threshold keeping this fraction of locations, in (0, 1]")
+    ap.add_argument(
+        "--keep-frac",
+        type=float,
+        default=None,
+        help="fixed threshold keeping this fraction of locations, in (0, 1]",
+    )
     return ap.parse_args()
 
 
@@ -63,8 +68,9 @@ def _timed(fn: Callable[[], object], device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
-def _interleaved(fns: Dict[str, Callable[[], object]], runs: int, warmup: int,
-                 device: torch.device) -> Dict[str, float]:
+def _interleaved(
+    fns: Dict[str, Callable[[], object]], runs: int, warmup: int, device: torch.device
+) -> Dict[str, float]:
     """Median milliseconds of each function, run alternately so load changes hit both."""
     names = list(fns)
     times: Dict[str, List[float]] = {k: [] for k in names}
@@ -72,7 +78,7 @@ def _interleaved(fns: Dict[str, Callable[[], object]], runs: int, warmup: int,
         for fn in fns.values():
             fn()
     for i in range(runs):
-        for name in (names if i % 2 == 0 else names[::-1]):
+        for name in names if i % 2 == 0 else names[::-1]:
             times[name].append(_timed(fns[name], device))
     return {k: statistics.median(v) * 1e3 for k, v in times.items()}
 
@@ -119,8 +125,9 @@ def main() -> None:
 
     n, s = args.batch, args.size
     feats = {
-        f: torch.randn(n, shapes[f].channels, s // shapes[f].stride, s // shapes[f].stride,
-                       device=device)
+        f: torch.randn(
+            n, shapes[f].channels, s // shapes[f].stride, s // shapes[f].stride, device=device
+        )
         for f in cfg.MODEL.RPN.IN_FEATURES
     }
     images = ImageList(torch.zeros(n, 3, s, s, device=device), [(s, s)] * n)
@@ -132,28 +139,46 @@ def main() -> None:
             # Strictly above the threshold survives: the (1 - F) quantile keeps about F.
             threshold = float(torch.quantile(p.double().cpu(), 1.0 - args.keep_frac))
             trpn.threshold = min(max(threshold, 0.0), 1.0 - 1e-9)
-        module_ms = _interleaved({k: (lambda m=m: m(images, feats)) for k, m in modules.items()},
-                                 args.runs, args.warmup, device)
+        module_ms = _interleaved(
+            {k: (lambda m=m: m(images, feats)) for k, m in modules.items()},
+            args.runs,
+            args.warmup,
+            device,
+        )
         stage_args, stage_kwargs = _proposal_stage_args(trpn, images, feats)
         head_outputs = stage_args[:4]  # anchors, logits, deltas, image sizes
-        stage_ms = _interleaved({
-            "RPN": lambda: RPN.predict_proposals(trpn, *head_outputs),
-            "TRPN": lambda: trpn.predict_proposals(*stage_args, **stage_kwargs),
-        }, args.runs, args.warmup, device)
+        stage_ms = _interleaved(
+            {
+                "RPN": lambda: RPN.predict_proposals(trpn, *head_outputs),
+                "TRPN": lambda: trpn.predict_proposals(*stage_args, **stage_kwargs),
+            },
+            args.runs,
+            args.warmup,
+            device,
+        )
         with capture(trpn, "trpn_confidence") as confidence:
             props = {k: sum(len(p) for p in m(images, feats)[0]) for k, m in modules.items()}
         kept = sum(int(k.sum()) for k in confidence[0].keep_masks.values())
         total = sum(k.numel() for k in confidence[0].keep_masks.values())
 
-    print(f"config {args.config}  image {s}x{s}  batch {n}  device {args.device}  "
-          f"threads {args.threads}  runs {args.runs} (interleaved)")
-    thr = (f"config {cfg.MODEL.TRPN.THRESHOLD}" if threshold is None
-           else f"{threshold:.6g} (--keep-frac {args.keep_frac})")
-    print(f"levels {list(feats)}  anchors/location {modules['RPN'].anchor_generator.num_anchors}  "
-          f"threshold {thr}")
+    print(
+        f"config {args.config}  image {s}x{s}  batch {n}  device {args.device}  "
+        f"threads {args.threads}  runs {args.runs} (interleaved)"
+    )
+    thr = (
+        f"config {cfg.MODEL.TRPN.THRESHOLD}"
+        if threshold is None
+        else f"{threshold:.6g} (--keep-frac {args.keep_frac})"
+    )
+    print(
+        f"levels {list(feats)}  anchors/location {modules['RPN'].anchor_generator.num_anchors}  "
+        f"threshold {thr}"
+    )
     print(f"module          RPN  {module_ms['RPN']:8.2f} ms  proposals {props['RPN']}")
-    print(f"module          TRPN {module_ms['TRPN']:8.2f} ms  proposals {props['TRPN']}  "
-          f"locations kept {kept}/{total}")
+    print(
+        f"module          TRPN {module_ms['TRPN']:8.2f} ms  proposals {props['TRPN']}  "
+        f"locations kept {kept}/{total}"
+    )
     print(f"module          ratio TRPN / RPN = {module_ms['TRPN'] / module_ms['RPN']:.3f}")
     print(f"proposal stage  RPN  {stage_ms['RPN']:8.2f} ms  (same head outputs, nothing truncated)")
     print(f"proposal stage  TRPN {stage_ms['TRPN']:8.2f} ms")

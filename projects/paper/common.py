@@ -13,6 +13,7 @@ the FPN baseline, the search and some models, and an interrupted recipe resumes 
 DeepLesion-format set under ``<root>/synthetic`` (KiTS19 format: ``<root>/synthetic_kits19``),
 written first when absent; ``--iters`` / ``--search-epochs`` / ``--finetune-iters`` shorten runs.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,8 +35,18 @@ ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 
 logger = logging.getLogger("elixir_d2.paper")
 
-__all__ = ["DataSource", "Recipe", "StepFailed", "add_recipe_args", "prepare_data",
-           "markdown_table", "fmt", "recipe_main", "sens", "STEP_DONE"]
+__all__ = [
+    "DataSource",
+    "Recipe",
+    "StepFailed",
+    "add_recipe_args",
+    "prepare_data",
+    "markdown_table",
+    "fmt",
+    "recipe_main",
+    "sens",
+    "STEP_DONE",
+]
 
 STEP_DONE = "recipe_step.json"  # written when a step has finished; its presence skips the step
 LOGGERS = ("detectron2", "fvcore", "elixir_d2", "d2")
@@ -48,33 +59,67 @@ class StepFailed(RuntimeError):
 # ------------------------------------------------------------------------------ arguments
 def add_recipe_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The arguments every recipe takes."""
-    parser.add_argument("--root", default=None,
-                        help="dataset root holding DeepLesion/ and kits19/ (default: "
-                             "$DETECTRON2_DATASETS or ./datasets); --quick uses <root>/synthetic "
-                             "and <root>/synthetic_kits19")
-    parser.add_argument("--num-gpus", type=int, default=1,
-                        help="processes per run (GPUs; CPU workers "
-                             "over gloo without CUDA)")
-    parser.add_argument("--output", default=None, help="folder of all runs and tables (default "
-                        "output/paper, with --quick output/paper_quick)")
-    parser.add_argument("--quick", action="store_true",
-                        help="quickstart configs on the synthetic data: CPU, minutes")
-    parser.add_argument("--iters", type=int, default=None,
-                        help="SOLVER.MAX_ITER of every training run (steps and warm-up scaled); "
-                             "default: the configs' schedules (--quick: the quickstart's, 500)")
-    parser.add_argument("--finetune-iters", type=int, default=None,
-                        help="SOLVER.MAX_ITER of the typed fine-tuning runs (default: the "
-                             "configs', 6 epochs)")
-    parser.add_argument("--search-epochs", type=int, default=None,
-                        help="SEARCH.EPOCHS of the searches (default: the configs')")
-    parser.add_argument("--genotype", default=None,
-                        help="use this genotype YAML instead of running the (medical-space) search")
-    parser.add_argument("--speed-images", type=int, default=None,
-                        help="test images timed per model for the speed column (default 50, "
-                             "--quick 5)")
+    parser.add_argument(
+        "--root",
+        default=None,
+        help="dataset root holding DeepLesion/ and kits19/ (default: "
+        "$DETECTRON2_DATASETS or ./datasets); --quick uses <root>/synthetic "
+        "and <root>/synthetic_kits19",
+    )
+    parser.add_argument(
+        "--num-gpus",
+        type=int,
+        default=1,
+        help="processes per run (GPUs; CPU workers over gloo without CUDA)",
+    )
+    parser.add_argument(
+        "--output",
+        default=None,
+        help="folder of all runs and tables (default "
+        "output/paper, with --quick output/paper_quick)",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="quickstart configs on the synthetic data: CPU, minutes",
+    )
+    parser.add_argument(
+        "--iters",
+        type=int,
+        default=None,
+        help="SOLVER.MAX_ITER of every training run (steps and warm-up scaled); "
+        "default: the configs' schedules (--quick: the quickstart's, 500)",
+    )
+    parser.add_argument(
+        "--finetune-iters",
+        type=int,
+        default=None,
+        help="SOLVER.MAX_ITER of the typed fine-tuning runs (default: the configs', 6 epochs)",
+    )
+    parser.add_argument(
+        "--search-epochs",
+        type=int,
+        default=None,
+        help="SEARCH.EPOCHS of the searches (default: the configs')",
+    )
+    parser.add_argument(
+        "--genotype",
+        default=None,
+        help="use this genotype YAML instead of running the (medical-space) search",
+    )
+    parser.add_argument(
+        "--speed-images",
+        type=int,
+        default=None,
+        help="test images timed per model for the speed column (default 50, --quick 5)",
+    )
     parser.add_argument("--force", action="store_true", help="rerun steps that already finished")
-    parser.add_argument("opts", nargs=argparse.REMAINDER, default=[],
-                        help="config options added to every run (KEY VALUE ...)")
+    parser.add_argument(
+        "opts",
+        nargs=argparse.REMAINDER,
+        default=[],
+        help="config options added to every run (KEY VALUE ...)",
+    )
     return parser
 
 
@@ -125,8 +170,10 @@ def prepare_data(kind: str, root: Optional[str], quick: bool) -> DataSource:
         if quick:
             ensure_synthetic(path)  # a set counts only once its completion marker is written
         elif not PathManager.exists(os.path.join(path, "DL_info.csv")):
-            raise FileNotFoundError(f"{path}/DL_info.csv not found: prepare DeepLesion as "
-                                    "datasets/README.md says, or pass --root")
+            raise FileNotFoundError(
+                f"{path}/DL_info.csv not found: prepare DeepLesion as "
+                "datasets/README.md says, or pass --root"
+            )
     elif kind == "kits19":
         from elixir_d2.data.kits19 import RECORDS_FILE, prepare_kits19
 
@@ -137,8 +184,10 @@ def prepare_data(kind: str, root: Optional[str], quick: bool) -> DataSource:
             prepare_kits19(base, path)  # idempotent: reuses every complete, matching case cache
         elif not PathManager.exists(os.path.join(path, RECORDS_FILE)):
             if not PathManager.exists(os.path.join(base, "data")):
-                raise FileNotFoundError(f"{base}/data not found: download KiTS19 as "
-                                        "datasets/README.md says, or pass --root")
+                raise FileNotFoundError(
+                    f"{base}/data not found: download KiTS19 as "
+                    "datasets/README.md says, or pass --root"
+                )
             prepare_kits19(base, path)
     else:
         raise ValueError(f"unknown data kind {kind!r}")
@@ -187,11 +236,19 @@ def _schedule_opts(max_iter: int) -> List[str]:
     epochs)."""
     if max_iter < 1:
         raise ValueError(f"--iters must be >= 1, got {max_iter}")
-    steps = tuple(sorted({max(1, round(max_iter * 2 / 3)), max(1, round(max_iter * 11 / 12))}
-                         - {max_iter}))
-    return ["SOLVER.MAX_ITER", str(max_iter), "SOLVER.STEPS", str(steps or "()").replace(" ", ""),
-            "SOLVER.WARMUP_ITERS", str(min(50, max(1, max_iter // 4))),
-            "SOLVER.CHECKPOINT_PERIOD", str(max_iter)]
+    steps = tuple(
+        sorted({max(1, round(max_iter * 2 / 3)), max(1, round(max_iter * 11 / 12))} - {max_iter})
+    )
+    return [
+        "SOLVER.MAX_ITER",
+        str(max_iter),
+        "SOLVER.STEPS",
+        str(steps or "()").replace(" ", ""),
+        "SOLVER.WARMUP_ITERS",
+        str(min(50, max(1, max_iter // 4))),
+        "SOLVER.CHECKPOINT_PERIOD",
+        str(max_iter),
+    ]
 
 
 def fmt(value: Optional[float], digits: int = 2) -> str:
@@ -216,15 +273,17 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 class Recipe:
     """Runs steps (steps.Train / steps.Search) into ``<output>/<step name>`` and reads results."""
 
-    def __init__(self, args: argparse.Namespace, source: DataSource,
-                 command: Optional[Sequence[str]] = None):
+    def __init__(
+        self, args: argparse.Namespace, source: DataSource, command: Optional[Sequence[str]] = None
+    ):
         """``command``: the recipe's command line for the provenance (default sys.argv)."""
         self.args = args
         self.command = None if command is None else list(command)
         self.quick = bool(args.quick)
         self.source = source
         self.output = os.path.abspath(
-            args.output or os.path.join(ROOT, "output", "paper_quick" if args.quick else "paper"))
+            args.output or os.path.join(ROOT, "output", "paper_quick" if args.quick else "paper")
+        )
         self.num_gpus = args.num_gpus
         self.extra_opts = list(args.opts or [])
         if self.extra_opts and self.extra_opts[0] == "--":
@@ -233,8 +292,9 @@ class Recipe:
             raise ValueError(f"config options must be KEY VALUE pairs, got {self.extra_opts}")
         self.device_opts: List[str] = []
         if not self.quick and not torch.cuda.is_available():
-            logger.warning("no CUDA device: the R-50 runs go to the CPU (MODEL.DEVICE cpu); expect "
-                           "days")
+            logger.warning(
+                "no CUDA device: the R-50 runs go to the CPU (MODEL.DEVICE cpu); expect days"
+            )
             self.device_opts = ["MODEL.DEVICE", "cpu"]
         self.ran: Dict[str, dict] = {}
         self.overridden: set = set()  # searches replaced by --genotype
@@ -259,14 +319,16 @@ class Recipe:
         return path
 
     def record(self, name: str) -> dict:
-        with PathManager.open(os.path.join(self.step_dir(name), STEP_DONE), "r",
-                              encoding="utf-8") as f:
+        with PathManager.open(
+            os.path.join(self.step_dir(name), STEP_DONE), "r", encoding="utf-8"
+        ) as f:
             return json.load(f)
 
     def metrics(self, name: str, split: str) -> dict:
         """The flat metrics dict of ``lesion_metrics.json`` of step ``name`` on ``split``."""
-        path = os.path.join(self.step_dir(name), "inference", self.source.name(split),
-                            "lesion_metrics.json")
+        path = os.path.join(
+            self.step_dir(name), "inference", self.source.name(split), "lesion_metrics.json"
+        )
         if not PathManager.exists(path):
             raise StepFailed(f"{path} does not exist: step {name!r} did not evaluate on {split}")
         with PathManager.open(path, "r", encoding="utf-8") as f:
@@ -284,17 +346,24 @@ class Recipe:
             deps["--genotype"] = os.path.getmtime(self.args.genotype)
         config = step.config_for(self.quick)
         resolved = elixir_d2.load_config(os.path.join(ROOT, config), list(opts)).dump()
-        return json.dumps({"config": config, "opts": list(opts), "deps": deps,
-                           "resolved_sha256": hashlib.sha256(resolved.encode()).hexdigest()},
-                          sort_keys=True)
+        return json.dumps(
+            {
+                "config": config,
+                "opts": list(opts),
+                "deps": deps,
+                "resolved_sha256": hashlib.sha256(resolved.encode()).hexdigest(),
+            },
+            sort_keys=True,
+        )
 
     def _done(self, name: str, signature: str) -> bool:
         path = os.path.join(self.step_dir(name), STEP_DONE)
         if self.args.force or not PathManager.exists(path):
             return False
         if self.record(name).get("signature") != signature:
-            print(f"[paper] {name}: finished earlier with other settings or inputs; running it "
-                  "again")
+            print(
+                f"[paper] {name}: finished earlier with other settings or inputs; running it again"
+            )
             return False
         return True
 
@@ -307,11 +376,19 @@ class Recipe:
             return launch(_worker, self.num_gpus, args=(entry, args, [self.source]))
 
     def _finish(self, name: str, info: dict, t0: float, signature: str) -> None:
-        info.update({"wall_s": round(time.time() - t0, 1), "num_gpus": self.num_gpus,
-                     "quick": self.quick, "finished_at": time.time(), "signature": signature,
-                     "provenance": self.provenance(started=t0)})
-        with PathManager.open(os.path.join(self.step_dir(name), STEP_DONE), "w",
-                              encoding="utf-8") as f:
+        info.update(
+            {
+                "wall_s": round(time.time() - t0, 1),
+                "num_gpus": self.num_gpus,
+                "quick": self.quick,
+                "finished_at": time.time(),
+                "signature": signature,
+                "provenance": self.provenance(started=t0),
+            }
+        )
+        with PathManager.open(
+            os.path.join(self.step_dir(name), STEP_DONE), "w", encoding="utf-8"
+        ) as f:
             json.dump(info, f, indent=1)
         self.ran[name] = info
         logger.info("step %s finished in %.0f s", name, info["wall_s"])
@@ -371,16 +448,21 @@ class Recipe:
     def header(self, title: str, splits: Sequence[str]) -> str:
         """What was run: data, sizes, mode; every number below comes from these runs."""
         data = ", ".join(f"{s} {self.source.num_images(s)} images" for s in splits)
-        mode = ("--quick: CPU quickstart configs (R-18, half-width R-50 for Deformv2, from "
-                "scratch, 192 px) on the synthetic data" if self.quick
-                else "R-50 configs of configs/ (ImageNet init)")
-        return "\n".join([
-            f"## {title}",
-            "",
-            f"Produced by this run of projects/paper ({mode}); rows marked (paper) are the paper's "
-            "numbers, typed in from the paper, not results of this repository.",
-            f"Data: {self.source.kind} at {self.source.path} ({data}).",
-        ])
+        mode = (
+            "--quick: CPU quickstart configs (R-18, half-width R-50 for Deformv2, from "
+            "scratch, 192 px) on the synthetic data"
+            if self.quick
+            else "R-50 configs of configs/ (ImageNet init)"
+        )
+        return "\n".join(
+            [
+                f"## {title}",
+                "",
+                f"Produced by this run of projects/paper ({mode}); rows marked (paper) are the "
+                "paper's numbers, typed in from the paper, not results of this repository.",
+                f"Data: {self.source.kind} at {self.source.path} ({data}).",
+            ]
+        )
 
     def runs_note(self, names: Sequence[str]) -> str:
         """One line per step: config, iterations, wall time."""
@@ -392,13 +474,20 @@ class Recipe:
             r = self.ran.get(n) or self.record(n)
             it = f", {r['max_iter']} iterations at batch {r['batch']}" if "max_iter" in r else ""
             ep = f", search epochs: {r['epochs']} at batch {r['batch']}" if "epochs" in r else ""
-            lines.append(f"- {n}: {r['config']}{it}{ep}, {r['wall_s']:.0f} s on {r['num_gpus']} "
-                         "process(es)"
-                         + (f"; genotype {r['genotype']}" if r.get("genotype") else ""))
+            lines.append(
+                f"- {n}: {r['config']}{it}{ep}, {r['wall_s']:.0f} s on {r['num_gpus']} "
+                "process(es)" + (f"; genotype {r['genotype']}" if r.get("genotype") else "")
+            )
         return "\n".join(lines)
 
-    def table_text(self, title: str, splits: Sequence[str], table: str, step_names: Sequence[str],
-                   notes: Sequence[str] = ()) -> str:
+    def table_text(
+        self,
+        title: str,
+        splits: Sequence[str],
+        table: str,
+        step_names: Sequence[str],
+        notes: Sequence[str] = (),
+    ) -> str:
         """A table's markdown: :meth:`header`, the table, each note after a blank line,
         :meth:`runs_note`."""
         parts = [self.header(title, splits), "", table]
@@ -431,12 +520,16 @@ class Recipe:
 
 
 # ------------------------------------------------------------------------------ entry point
-def recipe_main(doc: str, kind: str, step_list: Sequence, render,
-                argv: Optional[Sequence[str]] = None):
+def recipe_main(
+    doc: str, kind: str, step_list: Sequence, render, argv: Optional[Sequence[str]] = None
+):
     """Parse the recipe arguments, prepare the data, run ``step_list``, return
     ``render(recipe)``."""
-    parser = add_recipe_args(argparse.ArgumentParser(description=doc,
-                                                     formatter_class=argparse.RawDescriptionHelpFormatter))
+    parser = add_recipe_args(
+        argparse.ArgumentParser(
+            description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+        )
+    )
     args = parser.parse_args(argv)
     if not logging.getLogger("elixir_d2.paper").handlers:
         handler = logging.StreamHandler(sys.stdout)
@@ -445,7 +538,8 @@ def recipe_main(doc: str, kind: str, step_list: Sequence, render,
         logger.setLevel(logging.INFO)
     source = prepare_data(kind, args.root, args.quick)
     # in process (argv given): the file of the recipe whose render this is, as the command's head
-    recipe = Recipe(args, source, None if argv is None
-                    else [sys.modules[render.__module__].__file__, *argv])
+    recipe = Recipe(
+        args, source, None if argv is None else [sys.modules[render.__module__].__file__, *argv]
+    )
     recipe.run(step_list)
     return render(recipe)

@@ -7,6 +7,7 @@ steps they read from (``weights_from``: that run's model_final.pth; ``genotype_f
 search's genotype.yaml). Every step has its R-50 config and its CPU quickstart counterpart
 (``--quick``).
 """
+
 from __future__ import annotations
 
 import json
@@ -53,9 +54,13 @@ def measure_speed(step_dir: str, dataset: str, num_images: int) -> Dict[str, flo
         staged_inference(model, [mapper(records[0])])  # warm-up
         for r in records:
             times.append(staged_inference(model, [mapper(r)])["total"])
-    return {"ms_per_image": 1e3 * statistics.median(times), "timed_images": len(times),
-            "device": cfg.MODEL.DEVICE, "threads": torch.get_num_threads(),
-            "params": sum(p.numel() for p in model.parameters())}
+    return {
+        "ms_per_image": 1e3 * statistics.median(times),
+        "timed_images": len(times),
+        "device": cfg.MODEL.DEVICE,
+        "threads": torch.get_num_threads(),
+        "params": sum(p.numel() for p in model.parameters()),
+    }
 
 
 @dataclass(frozen=True)
@@ -84,14 +89,22 @@ class Train:
     def plan(self, recipe: Recipe) -> List[str]:
         """The train_net.py options of this run (after the config file)."""
         src = recipe.source
-        opts = ["DATASETS.TRAIN", f"('{src.name(self.train_split)}',)",
-                "DATASETS.TEST", "(" + "".join(f"'{src.name(s)}'," for s in self.test_splits) + ")"]
+        opts = [
+            "DATASETS.TRAIN",
+            f"('{src.name(self.train_split)}',)",
+            "DATASETS.TEST",
+            "(" + "".join(f"'{src.name(s)}'," for s in self.test_splits) + ")",
+        ]
         if self.weights_from:
             opts += ["MODEL.WEIGHTS", recipe.weights(self.weights_from)]
         if self.genotype_from:
             opts += ["MODEL.ALB.GENOTYPE", recipe.genotype(self.genotype_from)]
-        return (opts + list(self.opts) + recipe.schedule_opts(self.finetune)
-                + recipe.common_opts(self.name))
+        return (
+            opts
+            + list(self.opts)
+            + recipe.schedule_opts(self.finetune)
+            + recipe.common_opts(self.name)
+        )
 
     def execute(self, recipe: Recipe, opts: List[str]) -> None:
         recipe._launch("train", recipe.train_args(self.config_for(recipe.quick), opts))
@@ -100,17 +113,23 @@ class Train:
             recipe.metrics(self.name, split)  # raises if it was not evaluated
         if self.speed:
             n = recipe.args.speed_images or (5 if recipe.quick else 50)
-            info = measure_speed(recipe.step_dir(self.name),
-                                 recipe.source.name(self.test_splits[0]), n)
-            with PathManager.open(os.path.join(recipe.step_dir(self.name), "speed.json"), "w",
-                                  encoding="utf-8") as f:
+            info = measure_speed(
+                recipe.step_dir(self.name), recipe.source.name(self.test_splits[0]), n
+            )
+            with PathManager.open(
+                os.path.join(recipe.step_dir(self.name), "speed.json"), "w", encoding="utf-8"
+            ) as f:
                 json.dump(info, f, indent=1)
 
     def describe(self, recipe: Recipe) -> dict:
         cfg = load_run_cfg(recipe.step_dir(self.name))
-        info = {"config": self.config_for(recipe.quick), "max_iter": cfg.SOLVER.MAX_ITER,
-                "batch": cfg.SOLVER.IMS_PER_BATCH, "device": cfg.MODEL.DEVICE,
-                "train": recipe.source.name(self.train_split)}
+        info = {
+            "config": self.config_for(recipe.quick),
+            "max_iter": cfg.SOLVER.MAX_ITER,
+            "batch": cfg.SOLVER.IMS_PER_BATCH,
+            "device": cfg.MODEL.DEVICE,
+            "train": recipe.source.name(self.train_split),
+        }
         if self.genotype_from:
             info["genotype"] = cfg.MODEL.ALB.GENOTYPE
         return info
@@ -155,14 +174,18 @@ class Search:
         return opts + list(self.opts) + recipe.common_opts(self.name)
 
     def execute(self, recipe: Recipe, opts: List[str]) -> None:
-        recipe._launch("search",
-                       recipe.search_args(self.config_for(recipe.quick), opts, self.random))
+        recipe._launch(
+            "search", recipe.search_args(self.config_for(recipe.quick), opts, self.random)
+        )
         recipe.genotype(self.name)  # raises if no genotype was written
 
     def describe(self, recipe: Recipe) -> dict:
         cfg = load_run_cfg(recipe.step_dir(self.name))
-        info = {"config": self.config_for(recipe.quick), "genotype": recipe.genotype(self.name),
-                "space": cfg.MODEL.ALB.SEARCH_SPACE}
+        info = {
+            "config": self.config_for(recipe.quick),
+            "genotype": recipe.genotype(self.name),
+            "space": cfg.MODEL.ALB.SEARCH_SPACE,
+        }
         if not self.random:
             info.update({"epochs": cfg.SEARCH.EPOCHS, "batch": cfg.SOLVER.IMS_PER_BATCH})
         return info
@@ -177,58 +200,146 @@ _TYPED = dict(train_split="val_typed", finetune=True)
 STEPS = _steps(
     # ---------------------------------------------------------------- DeepLesion, binary
     Train("fpn", "configs/fpn_R_50_deeplesion.yaml", "configs/quickstart/fpn.yaml", speed=True),
-    Search("search", "configs/search_alb_R_50_FPN_deeplesion.yaml",
-           "configs/quickstart/search_alb.yaml"),
-    Train("frcnn_c4", "configs/faster_rcnn_R_50_C4_deeplesion.yaml",
-          "configs/quickstart/faster_rcnn_C4.yaml", speed=True),
-    Train("deformv2", "configs/deformv2_R_50_FPN_deeplesion.yaml",
-          "configs/quickstart/deformv2.yaml", speed=True),
-    Train("elixirnet_c4", "configs/elixirnet_R_50_C4_deeplesion.yaml",
-          "configs/quickstart/elixirnet_C4.yaml", genotype_from="search", speed=True),
+    Search(
+        "search",
+        "configs/search_alb_R_50_FPN_deeplesion.yaml",
+        "configs/quickstart/search_alb.yaml",
+    ),
+    Train(
+        "frcnn_c4",
+        "configs/faster_rcnn_R_50_C4_deeplesion.yaml",
+        "configs/quickstart/faster_rcnn_C4.yaml",
+        speed=True,
+    ),
+    Train(
+        "deformv2",
+        "configs/deformv2_R_50_FPN_deeplesion.yaml",
+        "configs/quickstart/deformv2.yaml",
+        speed=True,
+    ),
+    Train(
+        "elixirnet_c4",
+        "configs/elixirnet_R_50_C4_deeplesion.yaml",
+        "configs/quickstart/elixirnet_C4.yaml",
+        genotype_from="search",
+        speed=True,
+    ),
     # = configs/ablation/trpn_alb.yaml (Table 5 row TRPN + ALB)
-    Train("elixirnet_fpn", "configs/elixirnet_R_50_FPN_deeplesion.yaml",
-          "configs/quickstart/elixirnet.yaml", genotype_from="search", speed=True),
-    Train("elixirnet_deformv2", "configs/elixirnet_deformv2_R_50_FPN_deeplesion.yaml",
-          "configs/quickstart/elixirnet_deformv2.yaml", genotype_from="search", speed=True),
+    Train(
+        "elixirnet_fpn",
+        "configs/elixirnet_R_50_FPN_deeplesion.yaml",
+        "configs/quickstart/elixirnet.yaml",
+        genotype_from="search",
+        speed=True,
+    ),
+    Train(
+        "elixirnet_deformv2",
+        "configs/elixirnet_deformv2_R_50_FPN_deeplesion.yaml",
+        "configs/quickstart/elixirnet_deformv2.yaml",
+        genotype_from="search",
+        speed=True,
+    ),
     # ---------------------------------------------------------------- Table 5 / 6 ablations
     Train("ablation_trpn", "configs/ablation/trpn.yaml", "configs/quickstart/trpn.yaml"),
-    Train("ablation_alb", "configs/ablation/alb.yaml", "configs/quickstart/alb.yaml",
-          genotype_from="search"),
-    Train("ablation_alb_9slices", "configs/ablation/alb_9slices.yaml",
-          "configs/quickstart/ablation/alb_9slices.yaml", genotype_from="search"),
-    Search("search_darts", "configs/search_alb_darts_R_50_FPN_deeplesion.yaml",
-           "configs/quickstart/search_alb.yaml", quick_opts=("MODEL.ALB.SEARCH_SPACE", "darts")),
-    Search("random_alb", "configs/search_alb_R_50_FPN_deeplesion.yaml",
-           "configs/quickstart/search_alb.yaml",
-           weights_from=None, random=True, opts=("SEED", "0")),
-    Train("ablation_alb_darts", "configs/ablation/alb_darts_space.yaml",
-          "configs/quickstart/ablation/alb_darts_space.yaml", genotype_from="search_darts"),
-    Train("ablation_alb_random", "configs/ablation/alb_random.yaml",
-          "configs/quickstart/ablation/alb_random.yaml", genotype_from="random_alb"),
+    Train(
+        "ablation_alb",
+        "configs/ablation/alb.yaml",
+        "configs/quickstart/alb.yaml",
+        genotype_from="search",
+    ),
+    Train(
+        "ablation_alb_9slices",
+        "configs/ablation/alb_9slices.yaml",
+        "configs/quickstart/ablation/alb_9slices.yaml",
+        genotype_from="search",
+    ),
+    Search(
+        "search_darts",
+        "configs/search_alb_darts_R_50_FPN_deeplesion.yaml",
+        "configs/quickstart/search_alb.yaml",
+        quick_opts=("MODEL.ALB.SEARCH_SPACE", "darts"),
+    ),
+    Search(
+        "random_alb",
+        "configs/search_alb_R_50_FPN_deeplesion.yaml",
+        "configs/quickstart/search_alb.yaml",
+        weights_from=None,
+        random=True,
+        opts=("SEED", "0"),
+    ),
+    Train(
+        "ablation_alb_darts",
+        "configs/ablation/alb_darts_space.yaml",
+        "configs/quickstart/ablation/alb_darts_space.yaml",
+        genotype_from="search_darts",
+    ),
+    Train(
+        "ablation_alb_random",
+        "configs/ablation/alb_random.yaml",
+        "configs/quickstart/ablation/alb_random.yaml",
+        genotype_from="random_alb",
+    ),
     # ------------------------------------------------ typed fine-tuning (Table 4, RTM rows)
-    Train("fpn_finetune_typed", "configs/fpn_finetune_typed_deeplesion.yaml",
-          "configs/quickstart/fpn_finetune_typed.yaml", test_splits=("test_typed",),
-          weights_from="fpn", **_TYPED),
-    Train("elixirnet_wo_rtm", "configs/elixirnet_wo_rtm_finetune_deeplesion.yaml",
-          "configs/quickstart/elixirnet_wo_rtm_finetune.yaml", test_splits=("test_typed",),
-          weights_from="elixirnet_fpn", genotype_from="search", **_TYPED),
+    Train(
+        "fpn_finetune_typed",
+        "configs/fpn_finetune_typed_deeplesion.yaml",
+        "configs/quickstart/fpn_finetune_typed.yaml",
+        test_splits=("test_typed",),
+        weights_from="fpn",
+        **_TYPED,
+    ),
+    Train(
+        "elixirnet_wo_rtm",
+        "configs/elixirnet_wo_rtm_finetune_deeplesion.yaml",
+        "configs/quickstart/elixirnet_wo_rtm_finetune.yaml",
+        test_splits=("test_typed",),
+        weights_from="elixirnet_fpn",
+        genotype_from="search",
+        **_TYPED,
+    ),
     # = configs/ablation/full.yaml; also evaluated on the binary test split for Table 5.
-    Train("elixirnet_rtm", "configs/elixirnet_rtm_finetune_deeplesion.yaml",
-          "configs/quickstart/elixirnet_rtm_finetune.yaml", test_splits=("test_typed", "test"),
-          weights_from="elixirnet_fpn", genotype_from="search", **_TYPED),
-    Train("ablation_trpn_rtm", "configs/ablation/trpn_rtm.yaml",
-          "configs/quickstart/ablation/trpn_rtm.yaml",
-          test_splits=("test_typed", "test"), weights_from="ablation_trpn", **_TYPED),
+    Train(
+        "elixirnet_rtm",
+        "configs/elixirnet_rtm_finetune_deeplesion.yaml",
+        "configs/quickstart/elixirnet_rtm_finetune.yaml",
+        test_splits=("test_typed", "test"),
+        weights_from="elixirnet_fpn",
+        genotype_from="search",
+        **_TYPED,
+    ),
+    Train(
+        "ablation_trpn_rtm",
+        "configs/ablation/trpn_rtm.yaml",
+        "configs/quickstart/ablation/trpn_rtm.yaml",
+        test_splits=("test_typed", "test"),
+        weights_from="ablation_trpn",
+        **_TYPED,
+    ),
     # ---------------------------------------------------------------- KiTS19 (Table 3)
     Train("kits19_fpn", "configs/fpn_R_50_kits19.yaml", "configs/quickstart/fpn.yaml"),
-    Search("kits19_search", "configs/search_alb_R_50_FPN_deeplesion.yaml",
-           "configs/quickstart/search_alb.yaml", weights_from="kits19_fpn"),
-    Train("kits19_deformv2", "configs/deformv2_R_50_FPN_kits19.yaml",
-          "configs/quickstart/deformv2.yaml"),
-    Train("kits19_elixirnet_fpn", "configs/elixirnet_R_50_FPN_kits19.yaml",
-          "configs/quickstart/elixirnet.yaml", genotype_from="kits19_search"),
-    Train("kits19_elixirnet_deformv2", "configs/elixirnet_deformv2_R_50_FPN_kits19.yaml",
-          "configs/quickstart/elixirnet_deformv2.yaml", genotype_from="kits19_search"),
+    Search(
+        "kits19_search",
+        "configs/search_alb_R_50_FPN_deeplesion.yaml",
+        "configs/quickstart/search_alb.yaml",
+        weights_from="kits19_fpn",
+    ),
+    Train(
+        "kits19_deformv2",
+        "configs/deformv2_R_50_FPN_kits19.yaml",
+        "configs/quickstart/deformv2.yaml",
+    ),
+    Train(
+        "kits19_elixirnet_fpn",
+        "configs/elixirnet_R_50_FPN_kits19.yaml",
+        "configs/quickstart/elixirnet.yaml",
+        genotype_from="kits19_search",
+    ),
+    Train(
+        "kits19_elixirnet_deformv2",
+        "configs/elixirnet_deformv2_R_50_FPN_kits19.yaml",
+        "configs/quickstart/elixirnet_deformv2.yaml",
+        genotype_from="kits19_search",
+    ),
 )
 
 
@@ -238,4 +349,3 @@ def steps(*names: str):
     if unknown:
         raise KeyError(f"unknown steps {unknown}; known: {sorted(STEPS)}")
     return [STEPS[n] for n in names]
-

@@ -13,6 +13,7 @@ projects/benchmarks/run_all.py compares speeds interleaved) and its parameters. 
 <output>/table1.md (sensitivity with IoU, mAP, ms/image, parameters) and table2.md (IoBB), with the
 paper's rows beside each model, labelled "(paper)"; <output>/table1.json holds the numbers.
 """
+
 from __future__ import annotations
 
 import json
@@ -29,13 +30,24 @@ from steps import steps
 # scored on the binary test split); no RTM variant of the C4 / Deformv2 models is trained here, so
 # those rows say so.
 NO_RTM = "TRPN + ALB, no RTM"
-ROWS = (("FRCNN", "frcnn_c4", "frcnn_c4", ""), ("FPN", "fpn", "fpn", ""),
-        ("Deformv2", "deformv2", "deformv2", ""),
-        ("ElixirNet", "elixirnet_c4", "elixirnet_c4", NO_RTM),
-        ("ElixirNet w FPN", "elixirnet_rtm", "elixirnet_fpn", ""),
-        ("ElixirNet w Deformv2", "elixirnet_deformv2", "elixirnet_deformv2", NO_RTM))
-STEP_ORDER = ("fpn", "search", "frcnn_c4", "deformv2", "elixirnet_c4", "elixirnet_fpn",
-              "elixirnet_rtm", "elixirnet_deformv2")
+ROWS = (
+    ("FRCNN", "frcnn_c4", "frcnn_c4", ""),
+    ("FPN", "fpn", "fpn", ""),
+    ("Deformv2", "deformv2", "deformv2", ""),
+    ("ElixirNet", "elixirnet_c4", "elixirnet_c4", NO_RTM),
+    ("ElixirNet w FPN", "elixirnet_rtm", "elixirnet_fpn", ""),
+    ("ElixirNet w Deformv2", "elixirnet_deformv2", "elixirnet_deformv2", NO_RTM),
+)
+STEP_ORDER = (
+    "fpn",
+    "search",
+    "frcnn_c4",
+    "deformv2",
+    "elixirnet_c4",
+    "elixirnet_fpn",
+    "elixirnet_rtm",
+    "elixirnet_deformv2",
+)
 NOT_RUN = ("3DCE, 3 slices", "3DCE, 9 slices", "3DCE, 27 slices")
 
 
@@ -46,9 +58,15 @@ def _speed(recipe: Recipe, step: str) -> dict:
 
 def results(recipe: Recipe) -> Dict[str, dict]:
     """Row -> {"metrics": lesion metrics on the test split, "speed": speed.json}."""
-    return {row: {"metrics": recipe.metrics(step, "test"), "speed": _speed(recipe, timed),
-                  "step": step,
-                  "ran": what or "the paper's model"} for row, step, timed, what in ROWS}
+    return {
+        row: {
+            "metrics": recipe.metrics(step, "test"),
+            "speed": _speed(recipe, timed),
+            "step": step,
+            "ran": what or "the paper's model",
+        }
+        for row, step, timed, what in ROWS
+    }
 
 
 def _label(name: str, what: str) -> str:
@@ -60,47 +78,67 @@ def render_table1(recipe: Recipe, res: Dict[str, dict]) -> str:
     rows = []
     for name in NOT_RUN:
         p = P.TABLE1[name]
-        rows.append([f"{name} (paper; not run here)"] + [fmt(p["sens"][f]) for f in P.FPS]
-                    + [fmt(p["mAP"], 1), fmt(p["ms"], 0), fmt(p["params"], 1)])
+        rows.append(
+            [f"{name} (paper; not run here)"]
+            + [fmt(p["sens"][f]) for f in P.FPS]
+            + [fmt(p["mAP"], 1), fmt(p["ms"], 0), fmt(p["params"], 1)]
+        )
     for name, _, _, what in ROWS:
         m, s = res[name]["metrics"], res[name]["speed"]
-        rows.append([_label(name, what)] + [fmt(sens(m, f)) for f in P.FPS]
-                    + [fmt(m.get("AP"), 1), fmt(s["ms_per_image"], 0), fmt(s["params"] / 1e6, 1)])
+        rows.append(
+            [_label(name, what)]
+            + [fmt(sens(m, f)) for f in P.FPS]
+            + [fmt(m.get("AP"), 1), fmt(s["ms_per_image"], 0), fmt(s["params"] / 1e6, 1)]
+        )
         p = P.TABLE1[name]
-        rows.append([f"{name} (paper)"] + [fmt(p["sens"][f]) for f in P.FPS]
-                    + [fmt(p["mAP"], 1), fmt(p["ms"], 0), fmt(p["params"], 1)])
+        rows.append(
+            [f"{name} (paper)"]
+            + [fmt(p["sens"][f]) for f in P.FPS]
+            + [fmt(p["mAP"], 1), fmt(p["ms"], 0), fmt(p["params"], 1)]
+        )
     speed = res["FPN"]["speed"]
     return recipe.table_text(
-        "Table 1: sensitivity (%) with IoU at FPs per image, DeepLesion test split", ["test"],
-        markdown_table(header, rows), STEP_ORDER, notes=[
+        "Table 1: sensitivity (%) with IoU at FPs per image, DeepLesion test split",
+        ["test"],
+        markdown_table(header, rows),
+        STEP_ORDER,
+        notes=[
             f"ms/img (this run): batch 1, median over {speed['timed_images']} test images on "
             f"{speed['device']} ({speed['threads']} CPU threads), measured after each training, "
             "not interleaved. Paper: 4 GTX1080 (its header reads img/ms; the values are ms per "
             "image).",
             "ElixirNet w FPN (this run): the full TRPN + ALB + RTM model (step elixirnet_rtm, as "
             "Table 5's last row), timed before its RTM fine-tuning (step elixirnet_fpn); rows "
-            "marked 'no RTM' are the TRPN + ALB models the paper's rows do not describe exactly."])
+            "marked 'no RTM' are the TRPN + ALB models the paper's rows do not describe exactly.",
+        ],
+    )
 
 
 def render_table2(recipe: Recipe, res: Dict[str, dict]) -> str:
     header = ["Method"] + [f"{f:g}" for f in P.FPS]
     rows = []
     for name in NOT_RUN:
-        rows.append([f"{name} (paper; not run here)"]
-                    + [fmt(P.TABLE2[name]["sens"][f]) for f in P.FPS])
+        rows.append(
+            [f"{name} (paper; not run here)"] + [fmt(P.TABLE2[name]["sens"][f]) for f in P.FPS]
+        )
     for name, _, _, what in ROWS:
         m = res[name]["metrics"]
         rows.append([_label(name, what)] + [fmt(sens(m, f, "iobb")) for f in P.FPS])
         rows.append([f"{name} (paper)"] + [fmt(P.TABLE2[name]["sens"][f]) for f in P.FPS])
-    return recipe.table_text("Table 2: sensitivity (%) with IoBB at FPs per image, DeepLesion test "
-                             "split",
-                             ["test"], markdown_table(header, rows), STEP_ORDER)
+    return recipe.table_text(
+        "Table 2: sensitivity (%) with IoBB at FPs per image, DeepLesion test split",
+        ["test"],
+        markdown_table(header, rows),
+        STEP_ORDER,
+    )
 
 
 def render(recipe: Recipe) -> Dict[str, str]:
     res = results(recipe)
-    out = {"table1": recipe.write("table1.md", render_table1(recipe, res)),
-           "table2": recipe.write("table2.md", render_table2(recipe, res))}
+    out = {
+        "table1": recipe.write("table1.md", render_table1(recipe, res)),
+        "table2": recipe.write("table2.md", render_table2(recipe, res)),
+    }
     recipe.write_json("table1.json", res)
     return out
 

@@ -7,6 +7,7 @@
 Same arguments, runs and outputs as table1.py (which writes both table1.md and table2.md); the
 runs are shared, so after table1.py this only re-reads them and rewrites the tables.
 """
+
 from table1 import main
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ generator frozen (6 epochs at lr 0.002): "FPN w finetune" and "ElixirNet w/o RTM
 8-type predictor, "ElixirNet" with the Relation Transfer Module -> evaluate on the typed test split.
 Writes <output>/table4.md with the paper's rows, labelled "(paper)", and table4.json.
 """
+
 from __future__ import annotations
 
 from typing import Dict, Optional, Sequence
@@ -18,18 +19,28 @@ import paper_numbers as P
 from common import Recipe, fmt, markdown_table, recipe_main, sens
 from steps import steps
 
-ROWS = (("FPN w finetune", "fpn_finetune_typed"), ("ElixirNet w/o RTM", "elixirnet_wo_rtm"),
-        ("ElixirNet", "elixirnet_rtm"))
-STEP_ORDER = ("fpn", "search", "elixirnet_fpn", "fpn_finetune_typed", "elixirnet_wo_rtm",
-              "elixirnet_rtm")
+ROWS = (
+    ("FPN w finetune", "fpn_finetune_typed"),
+    ("ElixirNet w/o RTM", "elixirnet_wo_rtm"),
+    ("ElixirNet", "elixirnet_rtm"),
+)
+STEP_ORDER = (
+    "fpn",
+    "search",
+    "elixirnet_fpn",
+    "fpn_finetune_typed",
+    "elixirnet_wo_rtm",
+    "elixirnet_rtm",
+)
 
 
 def type_keys():
     from elixir_d2.data.deeplesion import LESION_TYPE_ABBREV, LESION_TYPES
 
     if tuple(LESION_TYPE_ABBREV) != P.TYPE_ABBREV:
-        raise ValueError(f"lesion type order {LESION_TYPE_ABBREV} differs from the paper's "
-                         f"{P.TYPE_ABBREV}")
+        raise ValueError(
+            f"lesion type order {LESION_TYPE_ABBREV} differs from the paper's {P.TYPE_ABBREV}"
+        )
     return [f"sens@3_iou_{t.replace(' ', '_')}" for t in LESION_TYPES]
 
 
@@ -40,17 +51,26 @@ def render(recipe: Recipe) -> Dict[str, str]:
     rows = []
     for name, _ in ROWS:
         m = res[name]
-        rows.append([f"{name} (this run)"] + [fmt(m.get(k)) for k in keys]
-                    + [fmt(sens(m, 3)), fmt(m.get("AP"), 1)])
-        rows.append([f"{name} (paper)"] + [fmt(P.TABLE4[name][a]) for a in P.TYPE_ABBREV]
-                    + ["-", "-"])
+        rows.append(
+            [f"{name} (this run)"]
+            + [fmt(m.get(k)) for k in keys]
+            + [fmt(sens(m, 3)), fmt(m.get("AP"), 1)]
+        )
+        rows.append(
+            [f"{name} (paper)"] + [fmt(P.TABLE4[name][a]) for a in P.TYPE_ABBREV] + ["-", "-"]
+        )
     text = recipe.table_text(
         "Table 4: sensitivity (%) at 3 FPs per image (IoU) per lesion type, typed test split",
-        ["val_typed", "test_typed"], markdown_table(header, rows), STEP_ORDER, notes=[
+        ["val_typed", "test_typed"],
+        markdown_table(header, rows),
+        STEP_ORDER,
+        notes=[
             "Per-type cells are class-aware (a detection counts for its predicted type only); "
-            "\"-\": the type's FROC curve never reaches 3 FPs per image (the paper's \"too low "
-            "recall\") or no value. \"all types\" and mAP are class-agnostic (this run only; not "
-            "in the paper's table)."])
+            '"-": the type\'s FROC curve never reaches 3 FPs per image (the paper\'s "too low '
+            'recall") or no value. "all types" and mAP are class-agnostic (this run only; not '
+            "in the paper's table)."
+        ],
+    )
     recipe.write_json("table4.json", res)
     return {"table4": recipe.write("table4.md", text)}
 

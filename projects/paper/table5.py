@@ -11,6 +11,7 @@ RTM rows: fine-tune the TRPN and TRPN + ALB models with RTM on the typed validat
 the (binary) test split: sensitivity at 3 FPs per image (IoU) and mAP.
 Writes <output>/table5.md with the paper's rows, labelled "(paper)", and table5.json.
 """
+
 from __future__ import annotations
 
 from typing import Dict, Optional, Sequence
@@ -29,8 +30,16 @@ ROWS = (
     ("TRPN + RTM", "ablation_trpn_rtm", (1, 0, 1, 0)),
     ("ElixirNet (TRPN + ALB + RTM)", "elixirnet_rtm", (1, 1, 1, 0)),
 )
-STEP_ORDER = ("fpn", "search", "ablation_trpn", "ablation_alb", "ablation_alb_9slices",
-              "elixirnet_fpn", "ablation_trpn_rtm", "elixirnet_rtm")
+STEP_ORDER = (
+    "fpn",
+    "search",
+    "ablation_trpn",
+    "ablation_alb",
+    "ablation_alb_9slices",
+    "elixirnet_fpn",
+    "ablation_trpn_rtm",
+    "elixirnet_rtm",
+)
 
 
 def render(recipe: Recipe) -> Dict[str, str]:
@@ -44,9 +53,14 @@ def render(recipe: Recipe) -> Dict[str, str]:
         rows.append([f"{name} (paper)"] + marks + [fmt(p["sens3"]), fmt(p["mAP"], 1)])
     text = recipe.table_text(
         "Table 5: ablation, sensitivity (%) at 3 FPs per image (IoU) and mAP, test split",
-        ["train", "val_typed", "test"], markdown_table(header, rows), STEP_ORDER,
-        notes=["RTM rows: binary model fine-tuned with RTM on the typed validation split, then "
-               "evaluated class-agnostically on the test split like the other rows."])
+        ["train", "val_typed", "test"],
+        markdown_table(header, rows),
+        STEP_ORDER,
+        notes=[
+            "RTM rows: binary model fine-tuned with RTM on the typed validation split, then "
+            "evaluated class-agnostically on the test split like the other rows."
+        ],
+    )
     recipe.write_json("table5.json", res)
     return {"table5": recipe.write("table5.md", text)}
 

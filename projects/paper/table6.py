@@ -11,6 +11,7 @@ alb_darts_space.yaml, alb_random.yaml) -> evaluate on the test split: sensitivit
 image (IoU) and mAP. Writes <output>/table6.md with the paper's rows, labelled "(paper)", and
 table6.json.
 """
+
 from __future__ import annotations
 
 from typing import Dict, Optional, Sequence
@@ -24,8 +25,15 @@ ROWS = (
     ("ALB w/o our search space (DARTS space)", "ablation_alb_darts"),
     ("random ALB", "ablation_alb_random"),
 )
-STEP_ORDER = ("fpn", "search", "search_darts", "random_alb", "ablation_alb", "ablation_alb_darts",
-              "ablation_alb_random")
+STEP_ORDER = (
+    "fpn",
+    "search",
+    "search_darts",
+    "random_alb",
+    "ablation_alb",
+    "ablation_alb_darts",
+    "ablation_alb_random",
+)
 
 
 def render(recipe: Recipe) -> Dict[str, str]:
@@ -38,7 +46,10 @@ def render(recipe: Recipe) -> Dict[str, str]:
         rows.append([f"{name} (paper)", fmt(p["sens3"]), fmt(p["mAP"], 1)])
     text = recipe.table_text(
         "Table 6: search space and strategy, sensitivity (%) at 3 FPs per image (IoU) and mAP",
-        ["train", "test"], markdown_table(header, rows), STEP_ORDER)
+        ["train", "test"],
+        markdown_table(header, rows),
+        STEP_ORDER,
+    )
     recipe.write_json("table6.json", res)
     return {"table6": recipe.write("table6.md", text)}
 

@@ -15,6 +15,7 @@
 Training and search run under bfloat16 autocast (SOLVER.AMP.PRECISION bfloat16) when the CPU
 computes bfloat16 natively (--precision auto), in float32 otherwise; evaluation in float32.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -82,8 +83,12 @@ def precision_opts(choice: str, native_bfloat16: bool) -> Tuple[str, List[str]]:
 # Each stage's time relative to FPN training's, from demo_results.json of a full run (bfloat16,
 # 600 iterations: FPN 198 s, search 74 s, ElixirNet 231 s, evaluation 73 s); the
 # ratios hold within about 15% in float32, where every stage is slower alike.
-STAGE_WEIGHTS = {"FPN training": 1.0, "ALB search": 0.37, "ElixirNet training": 1.17,
-                 "evaluation": 0.37}
+STAGE_WEIGHTS = {
+    "FPN training": 1.0,
+    "ALB search": 0.37,
+    "ElixirNet training": 1.17,
+    "evaluation": 0.37,
+}
 
 
 def stage_line(times: Dict[str, float], elapsed: float) -> str:
@@ -92,12 +97,15 @@ def stage_line(times: Dict[str, float], elapsed: float) -> str:
     name = list(times)[-1]
     done = [k for k in times if k in STAGE_WEIGHTS]
     left = [k for k in STAGE_WEIGHTS if k not in times]
-    line = (f"[demo] stage {len(times)}/{len(STAGE_WEIGHTS) + 1} {name}: {times[name]:.0f} s; "
-            f"{elapsed:.0f} s elapsed")
+    line = (
+        f"[demo] stage {len(times)}/{len(STAGE_WEIGHTS) + 1} {name}: {times[name]:.0f} s; "
+        f"{elapsed:.0f} s elapsed"
+    )
     if done and left:
         pace = sum(times[k] for k in done) / sum(STAGE_WEIGHTS[k] for k in done)
-        line += (f"; about {pace * sum(STAGE_WEIGHTS[k] for k in left):.0f} s to go "
-                 f"({', '.join(left)})")
+        line += (
+            f"; about {pace * sum(STAGE_WEIGHTS[k] for k in left):.0f} s to go ({', '.join(left)})"
+        )
     elif not left:
         line += "; done"
     return line
@@ -121,8 +129,9 @@ def detections_on(model, cfg, records: List[Dict], min_score: float) -> List[np.
     return out
 
 
-def draw_figure(path: str, rows: Dict[str, Dict], cfg, models: Dict[str, torch.nn.Module],
-                num_slices: int = 3):
+def draw_figure(
+    path: str, rows: Dict[str, Dict], cfg, models: Dict[str, torch.nn.Module], num_slices: int = 3
+):
     """FROC curves (IoU) of the trained models and ``num_slices`` test slices with ground truth
     (green) and each model's detections of score >= 0.5 (red)."""
     import matplotlib
@@ -140,10 +149,16 @@ def draw_figure(path: str, rows: Dict[str, Dict], cfg, models: Dict[str, torch.n
     grid = fig.add_gridspec(num_slices, 1 + len(models), width_ratios=[1.4] + [1] * len(models))
     ax = fig.add_subplot(grid[:, 0])
     for name in models:
-        ax.plot(PAPER_FPS, [rows[name][f"sens@{f:g}_iou"] for f in PAPER_FPS], marker="o",
-                label=name)
-    ax.set(xscale="log", xlabel="false positives per image", ylabel="sensitivity (%), IoU >= 0.5",
-           title="FROC, synthetic test split", ylim=(0, 100))
+        ax.plot(
+            PAPER_FPS, [rows[name][f"sens@{f:g}_iou"] for f in PAPER_FPS], marker="o", label=name
+        )
+    ax.set(
+        xscale="log",
+        xlabel="false positives per image",
+        ylabel="sensitivity (%), IoU >= 0.5",
+        title="FROC, synthetic test split",
+        ylim=(0, 100),
+    )
     ax.minorticks_off()
     ax.set_xticks(PAPER_FPS, [f"{f:g}" for f in PAPER_FPS])
     ax.grid(alpha=0.3)
@@ -163,42 +178,74 @@ def draw_figure(path: str, rows: Dict[str, Dict], cfg, models: Dict[str, torch.n
     plt.close(fig)
 
 
-def write_results(path: str, rows: Dict[str, Dict], params: Dict[str, int],
-                  times: Dict[str, float], genotype: str, precision: str, prov: Dict) -> None:
+def write_results(
+    path: str,
+    rows: Dict[str, Dict],
+    params: Dict[str, int],
+    times: Dict[str, float],
+    genotype: str,
+    precision: str,
+    prov: Dict,
+) -> None:
     """demo_results.json: each model's metrics (NaN as null), parameters, stage seconds, the
     searched genotype, the training precision and the run's provenance."""
     clean = {k: {m: (v if v == v else None) for m, v in r.items()} for k, r in rows.items()}
     with PathManager.open(path, "w", encoding="utf-8") as f:
-        json.dump({"rows": clean, "params": params, "seconds": times, "genotype": genotype,
-                   "precision": precision, "provenance": prov}, f, indent=2)
+        json.dump(
+            {
+                "rows": clean,
+                "params": params,
+                "seconds": times,
+                "genotype": genotype,
+                "precision": precision,
+                "provenance": prov,
+            },
+            f,
+            indent=2,
+        )
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--output", default=os.path.join(ROOT, "output", "demo"))
     # 100 more than the quickstart's 500, paid for by bfloat16: at 500 the seeds' FPN ends near
     # 50% sensitivity at 4 FPs, at 600 above 55% (docs/results/regime.md, "bfloat16
     # training"); a float32 training step takes 1.3-1.5x as long (amp_speed.py).
     ap.add_argument("--iters", type=int, default=600, help="training iterations of each model")
-    ap.add_argument("--search-epochs", type=int, default=2,
-                    help="ALB search epochs (the first trains w only)")
+    ap.add_argument(
+        "--search-epochs", type=int, default=2, help="ALB search epochs (the first trains w only)"
+    )
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--precision", choices=("auto", "float32", "bfloat16"), default="auto",
-                    help="training and search precision; auto: bfloat16 autocast where the CPU "
-                         "has native bfloat16 (AVX512-BF16 / AMX), else float32")
+    ap.add_argument(
+        "--precision",
+        choices=("auto", "float32", "bfloat16"),
+        default="auto",
+        help="training and search precision; auto: bfloat16 autocast where the CPU "
+        "has native bfloat16 (AVX512-BF16 / AMX), else float32",
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     out = os.path.abspath(args.output)
-    opts = ["SEED", str(args.seed), "SOLVER.MAX_ITER", str(args.iters),
-            "SOLVER.WARMUP_ITERS", str(min(50, args.iters // 4)),
-            "SOLVER.STEPS", f"({int(args.iters * 0.75)},{int(args.iters * 0.92)})"]
+    opts = [
+        "SEED",
+        str(args.seed),
+        "SOLVER.MAX_ITER",
+        str(args.iters),
+        "SOLVER.WARMUP_ITERS",
+        str(min(50, args.iters // 4)),
+        "SOLVER.STEPS",
+        f"({int(args.iters * 0.75)},{int(args.iters * 0.92)})",
+    ]
     precision, overrides = precision_opts(args.precision, native_cpu_bfloat16())
     opts += overrides
     t0 = time.time()
     fpn_cfg = config("fpn.yaml", os.path.join(out, "fpn"), opts)
-    default_setup(fpn_cfg, argparse.Namespace(config_file="configs/quickstart/fpn.yaml",
-                                              eval_only=False, opts=opts))
+    default_setup(
+        fpn_cfg,
+        argparse.Namespace(config_file="configs/quickstart/fpn.yaml", eval_only=False, opts=opts),
+    )
     DatasetCatalog.get(fpn_cfg.DATASETS.TRAIN[0])  # generates the synthetic set on first use
     times = {"data": time.time() - t0}
     print(stage_line(times, time.time() - t0), flush=True)
@@ -210,16 +257,30 @@ def main(argv=None) -> None:
     print(stage_line(times, time.time() - t0), flush=True)
 
     t = time.time()
-    search_cfg = config("search_alb.yaml", os.path.join(out, "search"), opts + [
-        "MODEL.WEIGHTS", os.path.join(fpn_cfg.OUTPUT_DIR, "model_final.pth"),
-        "SEARCH.EPOCHS", str(args.search_epochs), "SEARCH.WARMUP_EPOCHS",
-        str(min(1, args.search_epochs - 1))])
-    searcher = ALBSearcher(search_cfg, provenance="Command: projects/quickstart/demo.py",
-                           record={"searched": True,
-                                   "method": "first-order differentiable search (demo.py)",
-                                   "config": "configs/quickstart/search_alb.yaml",
-                                   "epochs": args.search_epochs,
-                                   "data": list(search_cfg.DATASETS.TRAIN)})
+    search_cfg = config(
+        "search_alb.yaml",
+        os.path.join(out, "search"),
+        opts
+        + [
+            "MODEL.WEIGHTS",
+            os.path.join(fpn_cfg.OUTPUT_DIR, "model_final.pth"),
+            "SEARCH.EPOCHS",
+            str(args.search_epochs),
+            "SEARCH.WARMUP_EPOCHS",
+            str(min(1, args.search_epochs - 1)),
+        ],
+    )
+    searcher = ALBSearcher(
+        search_cfg,
+        provenance="Command: projects/quickstart/demo.py",
+        record={
+            "searched": True,
+            "method": "first-order differentiable search (demo.py)",
+            "config": "configs/quickstart/search_alb.yaml",
+            "epochs": args.search_epochs,
+            "data": list(search_cfg.DATASETS.TRAIN),
+        },
+    )
     searcher.resume_or_load(resume=False)
     searcher.train()
     genotype = os.path.join(search_cfg.OUTPUT_DIR, "genotype.yaml")
@@ -227,8 +288,9 @@ def main(argv=None) -> None:
     print(stage_line(times, time.time() - t0), flush=True)
 
     t = time.time()
-    elixir_cfg = config("elixirnet.yaml", os.path.join(out, "elixirnet"),
-                        opts + ["MODEL.ALB.GENOTYPE", genotype])
+    elixir_cfg = config(
+        "elixirnet.yaml", os.path.join(out, "elixirnet"), opts + ["MODEL.ALB.GENOTYPE", genotype]
+    )
     elixir = train(elixir_cfg)
     times["ElixirNet training"] = time.time() - t
     print(stage_line(times, time.time() - t0), flush=True)
@@ -245,24 +307,39 @@ def main(argv=None) -> None:
     times["evaluation"] = time.time() - t
     print(stage_line(times, time.time() - t0), flush=True)
 
-    params = {"FPN, untrained": num_params(untrained), "FPN": num_params(fpn),
-              "ElixirNet": num_params(elixir)}
-    write_results(os.path.join(out, "demo_results.json"), rows, params, times, genotype,
-                  precision, provenance(None if argv is None else [__file__, *argv],
-                                        seeds=[args.seed], started=t0))
+    params = {
+        "FPN, untrained": num_params(untrained),
+        "FPN": num_params(fpn),
+        "ElixirNet": num_params(elixir),
+    }
+    write_results(
+        os.path.join(out, "demo_results.json"),
+        rows,
+        params,
+        times,
+        genotype,
+        precision,
+        provenance(None if argv is None else [__file__, *argv], seeds=[args.seed], started=t0),
+    )
     iters = fpn_cfg.SOLVER.MAX_ITER
-    print(f"\n[demo] synthetic test split ({fpn_cfg.DATASETS.TEST[0]}): FPN and ElixirNet, {iters} "
-          f"iterations each from scratch, seed {args.seed}, trained in {precision}; "
-          f"{time.time() - t0:.0f} s in all "
-          + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()))
+    print(
+        f"\n[demo] synthetic test split ({fpn_cfg.DATASETS.TEST[0]}): FPN and ElixirNet, {iters} "
+        f"iterations each from scratch, seed {args.seed}, trained in {precision}; "
+        f"{time.time() - t0:.0f} s in all " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items())
+    )
     named = {f"{k} ({params[k] / 1e6:.2f}M params)": v for k, v in rows.items()}
     for criterion in ("iou", "iobb"):
         print()
         print(format_froc_table(named, criterion))
-    print("\nProposal recall (%) at IoU 0.5: " + "; ".join(
-        f"{k}: " + " / ".join(f"{r.get(f'recall@{n}', float('nan')):.1f}" for n in (50, 100, 300))
-        + " at 50/100/300"
-        for k, r in rows.items()))
+    print(
+        "\nProposal recall (%) at IoU 0.5: "
+        + "; ".join(
+            f"{k}: "
+            + " / ".join(f"{r.get(f'recall@{n}', float('nan')):.1f}" for n in (50, 100, 300))
+            + " at 50/100/300"
+            for k, r in rows.items()
+        )
+    )
     print(f"\n[demo] picture: {os.path.join(out, 'demo.png')}; ElixirNet's genotype: {genotype}")
 
 

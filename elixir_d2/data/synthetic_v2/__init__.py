@@ -13,13 +13,19 @@ stays a body at other sizes; slice interval 1-5 mm; thickness partial volume, bl
 noise, streaks),
 :mod:`.series` and :mod:`.writer`.
 """
+
 from .writer import (
-           DEFAULT_IMAGE_SIZE,
-           DEFAULT_PATIENTS,
-           GENERATOR,
-           generate_deeplesion_v2,
-           write_deeplesion_v2,
+    DEFAULT_IMAGE_SIZE,
+    DEFAULT_PATIENTS,
+    GENERATOR,
+    generate_deeplesion_v2,
+    write_deeplesion_v2,
 )
 
-__all__ = ["DEFAULT_IMAGE_SIZE", "DEFAULT_PATIENTS", "GENERATOR", "generate_deeplesion_v2",
-           "write_deeplesion_v2"]
+__all__ = [
+    "DEFAULT_IMAGE_SIZE",
+    "DEFAULT_PATIENTS",
+    "GENERATOR",
+    "generate_deeplesion_v2",
+    "write_deeplesion_v2",
+]

@@ -1,6 +1,7 @@
 """Lesions of the second generator: lobulated 3-D solids with irregular margins, hypo- or
 hyperdense against their host, sometimes rim-enhancing, placed inside the tissue their
 DeepLesion type names; and the RECIST-like measurement of a lesion's section on a slice."""
+
 from __future__ import annotations
 
 import math
@@ -29,8 +30,15 @@ from .tissues import (
 
 # Coarse_lesion_type (1-based, DeepLesion's order) -> host tissues
 TYPE_HOSTS: Dict[int, Tuple[int, ...]] = {
-    1: (BONE,), 2: (VISCERAL_FAT, PANCREAS, SPLEEN), 3: (MEDIASTINAL_FAT,), 4: (LIVER,),
-    5: (LUNG,), 6: (KIDNEY,), 7: (SUBCUT_FAT, MUSCLE), 8: (PELVIC_FAT,)}
+    1: (BONE,),
+    2: (VISCERAL_FAT, PANCREAS, SPLEEN),
+    3: (MEDIASTINAL_FAT,),
+    4: (LIVER,),
+    5: (LUNG,),
+    6: (KIDNEY,),
+    7: (SUBCUT_FAT, MUSCLE),
+    8: (PELVIC_FAT,),
+}
 REGION_TYPES = {"chest": (5, 3, 7, 1), "abdomen": (4, 6, 2, 7, 1), "pelvis": (8, 7, 1)}
 TYPE_WEIGHT = {1: 0.08, 2: 0.16, 3: 0.13, 4: 0.15, 5: 0.18, 6: 0.1, 7: 0.08, 8: 0.12}
 SIZE_RANGE_MM = (3.0, 30.0)
@@ -42,9 +50,15 @@ class Lobulated:
     """A rotated ellipsoid with 0-3 lobes on its surface and a wavy margin (plane waves of the
     normalised coordinates); ``grow`` mm is added to (or, negative, taken from) every radius."""
 
-    def __init__(self, centre: Sequence[float], radii: Sequence[float], theta: float,
-                 lobes: List[Tuple[np.ndarray, float]],
-                 waves: List[Tuple[np.ndarray, float, float]], grow: float = 0.0):
+    def __init__(
+        self,
+        centre: Sequence[float],
+        radii: Sequence[float],
+        theta: float,
+        lobes: List[Tuple[np.ndarray, float]],
+        waves: List[Tuple[np.ndarray, float, float]],
+        grow: float = 0.0,
+    ):
         self.c = np.asarray(centre, float)
         self.r = np.asarray(radii, float)
         self.theta, self.lobes, self.waves, self.grow = theta, lobes, waves, grow
@@ -100,23 +114,27 @@ def _in_plane_feret(shape: Lobulated) -> float:
     return float((proj.max(0) - proj.min(0)).max() + 2 * e / 24)
 
 
-def draw_lesion_shape(rng: np.random.Generator, centre: Sequence[float],
-                      long_mm: float) -> Lobulated:
+def draw_lesion_shape(
+    rng: np.random.Generator, centre: Sequence[float], long_mm: float
+) -> Lobulated:
     """A lobulated solid whose largest in-plane extent is ``long_mm``."""
     lobes = []
     for _ in range(int(rng.choice([0, 1, 2, 3], p=[0.35, 0.3, 0.2, 0.15]))):
         d = rng.normal(0, 1, 3)
         d[2] *= 0.5
         lobes.append((0.8 * d / np.linalg.norm(d), float(rng.uniform(0.35, 0.6))))
-    waves = [(rng.normal(0, 3.0, 3), float(rng.uniform(0.0, 0.12)), float(rng.uniform(0, 6.3)))
-             for _ in range(3)]
+    waves = [
+        (rng.normal(0, 3.0, 3), float(rng.uniform(0.0, 0.12)), float(rng.uniform(0, 6.3)))
+        for _ in range(3)
+    ]
     radii = np.array([1.0, rng.uniform(0.55, 1.0), rng.uniform(0.6, 1.2)])
     shape = Lobulated(centre, radii, float(rng.uniform(0, math.pi)), lobes, waves)
     return shape.scaled(long_mm / _in_plane_feret(shape))
 
 
-def lesion_hu(lesion_type: int, host_label: int, host_hu: float, long_mm: float,
-              rng: np.random.Generator) -> float:
+def lesion_hu(
+    lesion_type: int, host_label: int, host_hu: float, long_mm: float, rng: np.random.Generator
+) -> float:
     """Attenuation against the host: hypo- or hyperdense by type; small lesions need more contrast
     to have been seen at all (a floor of 20 HU + 150 HU mm / size)."""
     if lesion_type == 5:
@@ -128,8 +146,11 @@ def lesion_hu(lesion_type: int, host_label: int, host_hu: float, long_mm: float,
         hu = rng.uniform(10, 50)
     else:
         hypo = {LIVER: 0.65, KIDNEY: 0.75}.get(host_label, 0.55)
-        hu = host_hu - rng.uniform(20, 120 if host_label == KIDNEY else 70) \
-            if rng.random() < hypo else host_hu + rng.uniform(20, 60)
+        hu = (
+            host_hu - rng.uniform(20, 120 if host_label == KIDNEY else 70)
+            if rng.random() < hypo
+            else host_hu + rng.uniform(20, 60)
+        )
     floor = 20.0 + 150.0 / long_mm
     if abs(hu - host_hu) < floor:
         hu = host_hu + math.copysign(floor, hu - host_hu)
@@ -145,9 +166,16 @@ class Lesion:
     structures: List[Structure]
 
 
-def place_lesion(lesion_type: int, plane_hu: np.ndarray, plane_label: np.ndarray, z: float,
-                 spacing: float, existing: Sequence[Lesion], rng: np.random.Generator,
-                 tries: int = 25) -> Optional[Lesion]:
+def place_lesion(
+    lesion_type: int,
+    plane_hu: np.ndarray,
+    plane_label: np.ndarray,
+    z: float,
+    spacing: float,
+    existing: Sequence[Lesion],
+    rng: np.random.Generator,
+    tries: int = 25,
+) -> Optional[Lesion]:
     """A lesion of ``lesion_type`` centred near the plane at ``z`` inside its host (>= 85 % of its
     section) and surrounded by it (>= 60 % of a ring), apart from ``existing`` lesions."""
     hosts = TYPE_HOSTS[lesion_type]
@@ -183,18 +211,26 @@ def place_lesion(lesion_type: int, plane_hu: np.ndarray, plane_label: np.ndarray
         host_hu = float(np.median(plane_hu[r0:r1, c0:c1][host_in]))
         hu = lesion_hu(lesion_type, host_label, host_hu, long_mm, rng)
         structures = [Structure("lesion", LESION, hu, shape, texture=float(rng.uniform(4, 10)))]
-        if hu < host_hu and host_label not in FAT_HOSTS + (LUNG,) and long_mm >= 8 \
-                and rng.random() < 0.3:  # rim enhancement around a hypodense centre
+        if (
+            hu < host_hu
+            and host_label not in FAT_HOSTS + (LUNG,)
+            and long_mm >= 8
+            and rng.random() < 0.3
+        ):  # rim enhancement around a hypodense centre
             rim_mm = float(rng.uniform(1.0, 2.5))
-            structures = [Structure("lesion rim", LESION, host_hu + float(rng.uniform(15, 50)),
-                                    shape, texture=3.0),
-                          Structure("lesion", LESION, hu, shape.shrunk(rim_mm), texture=6.0)]
+            structures = [
+                Structure(
+                    "lesion rim", LESION, host_hu + float(rng.uniform(15, 50)), shape, texture=3.0
+                ),
+                Structure("lesion", LESION, hu, shape.shrunk(rim_mm), texture=6.0),
+            ]
         return Lesion(shape, lesion_type, hu, host_hu, structures)
     return None
 
 
-def measure_section(shape: Lobulated, z: float, size: int, spacing: float,
-                    oversample: int = 4) -> Optional[Dict]:
+def measure_section(
+    shape: Lobulated, z: float, size: int, spacing: float, oversample: int = 4
+) -> Optional[Dict]:
     """The lesion's section on the plane at ``z``, in pixels (continuous: pixel (c, r) covers
     [c, c+1) x [r, r+1)), from a grid ``oversample`` times finer: tight box, long diameter (the
     largest extent over 90 directions), short diameter (the extent across it), RECIST end
@@ -226,7 +262,15 @@ def measure_section(shape: Lobulated, z: float, size: int, spacing: float,
         off = centre - (centre @ d) * d
         return [*(off + t0 * d), *(off + t1 * d)]
 
-    return {"box": [float(p[:, 0].min() - step / 2), float(p[:, 1].min() - step / 2),
-                    float(p[:, 0].max() + step / 2), float(p[:, 1].max() + step / 2)],
-            "long_px": float(ext[i]), "short_px": float(ext[j]),
-            "recist": ends(i) + ends(j), "centre": [float(c) for c in centre]}
+    return {
+        "box": [
+            float(p[:, 0].min() - step / 2),
+            float(p[:, 1].min() - step / 2),
+            float(p[:, 0].max() + step / 2),
+            float(p[:, 1].max() + step / 2),
+        ],
+        "long_px": float(ext[i]),
+        "short_px": float(ext[j]),
+        "recist": ends(i) + ends(j),
+        "centre": [float(c) for c in centre],
+    }

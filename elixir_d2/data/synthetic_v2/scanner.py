@@ -4,6 +4,7 @@ in-plane blur, CT-textured (band-pass correlated) noise and beam-hardening strea
 Pixel spacing is drawn as 0.6-1.0 mm at 512 px and scaled to the image size so that the field
 stays a body (307-512 mm): 1.6-2.67 mm at 192 px. The writer defaults to 512 px.
 """
+
 from __future__ import annotations
 
 import math
@@ -31,8 +32,9 @@ def pixel_centres(size: int, spacing: float) -> np.ndarray:
     return ((np.arange(size, dtype=np.float32) + 0.5) - size / 2) * spacing
 
 
-def paint_plane(structures: Sequence[Structure], z: float, size: int, spacing: float,
-                oversample: int = 1) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+def paint_plane(
+    structures: Sequence[Structure], z: float, size: int, spacing: float, oversample: int = 1
+) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(HU, label, texture amplitude) of the plane at ``z``, later structures over earlier ones;
     ``oversample`` > 1 paints a grid that many times finer."""
     n = size * oversample
@@ -59,8 +61,9 @@ def texture_fields(size: int, rng: np.random.Generator) -> Tuple[np.ndarray, np.
     """Two smooth unit-variance fields and a z period: organ inhomogeneity turning along z."""
     fields = []
     for _ in range(2):
-        f = cv2.GaussianBlur(rng.standard_normal((size, size)).astype(np.float32), (0, 0),
-                             size / 24)
+        f = cv2.GaussianBlur(
+            rng.standard_normal((size, size)).astype(np.float32), (0, 0), size / 24
+        )
         fields.append(f / (f.std() or 1.0))
     return fields[0], fields[1], float(rng.uniform(20, 45))
 
@@ -81,13 +84,25 @@ def streaks(size: int, spacing: float, rng: np.random.Generator) -> np.ndarray:
         ang = rng.uniform(0, math.pi)
         cx, cy = size / 2 + rng.normal(0, size / 12), size / 2 + rng.normal(0, size / 12)
         dx, dy = math.cos(ang) * size, math.sin(ang) * size
-        cv2.line(img, (int(cx - dx), int(cy - dy)), (int(cx + dx), int(cy + dy)),
-                 float(-rng.uniform(15, 45)), max(1, int(round(1.5 / spacing))))
+        cv2.line(
+            img,
+            (int(cx - dx), int(cy - dy)),
+            (int(cx + dx), int(cy + dy)),
+            float(-rng.uniform(15, 45)),
+            max(1, int(round(1.5 / spacing))),
+        )
     return cv2.GaussianBlur(img, (0, 0), 1.0)
 
 
-def acquire(structures: Sequence[Structure], z_mm: Sequence[float], size: int, spacing: float,
-            interval: float, noise_hu: float, rng: np.random.Generator) -> np.ndarray:
+def acquire(
+    structures: Sequence[Structure],
+    z_mm: Sequence[float],
+    size: int,
+    spacing: float,
+    interval: float,
+    noise_hu: float,
+    rng: np.random.Generator,
+) -> np.ndarray:
     """The written series (n, size, size) in HU: each slice averages sub-planes across its
     thickness (= the interval), gets organ texture, the in-plane blur of the reconstruction
     kernel, noise and, on some series, streaks; clipped to the scanner range."""
@@ -119,4 +134,3 @@ def acquire(structures: Sequence[Structure], z_mm: Sequence[float], size: int, s
 def noise_sigma(half_width_mm: float, rng: np.random.Generator) -> float:
     """Noise std (HU): 8-20 HU, higher for larger patients (more attenuation)."""
     return float(rng.uniform(8, 20)) * (half_width_mm / 150.0) ** 1.2
-

@@ -1,5 +1,6 @@
 """One series of the second generator: region, geometry, scene, key slices, lesions placed on
 them, and the lesions annotated on each key slice."""
+
 from __future__ import annotations
 
 import math
@@ -45,8 +46,13 @@ def _choose_type(usable: List[int], pending: List[int], rng: np.random.Generator
     return int(rng.choice(usable, p=w / w.sum()))
 
 
-def make_series(rng: np.random.Generator, image_size: int, slices: Tuple[int, int],
-                keys_per_series: Tuple[int, int], pending: List[int]) -> Dict:
+def make_series(
+    rng: np.random.Generator,
+    image_size: int,
+    slices: Tuple[int, int],
+    keys_per_series: Tuple[int, int],
+    pending: List[int],
+) -> Dict:
     """Everything about one series except its pixels (see :func:`.scanner.acquire`); ``pending``
     lesion types (consumed here) steer the region so every type reaches val and test."""
     if pending:
@@ -57,8 +63,9 @@ def make_series(rng: np.random.Generator, image_size: int, slices: Tuple[int, in
     n = int(rng.integers(slices[0], slices[1] + 1))
     z_mm = [(k - (n - 1) / 2) * interval for k in range(n)]
     structures, frame = build_scene(region, image_size * spacing, z_mm[0], z_mm[-1], rng)
-    keys = key_slices(n, interval, int(rng.integers(keys_per_series[0], keys_per_series[1] + 1)),
-                      rng)
+    keys = key_slices(
+        n, interval, int(rng.integers(keys_per_series[0], keys_per_series[1] + 1)), rng
+    )
     lesions: List[Lesion] = []
 
     def count_on(k: int) -> int:
@@ -67,8 +74,10 @@ def make_series(rng: np.random.Generator, image_size: int, slices: Tuple[int, in
     for k in keys:
         scene = structures + [s for les in lesions for s in les.structures]
         hu, label, _ = paint_plane(scene, z_mm[k], image_size, spacing)
-        wanted = max(int(rng.choice([1, 2, 3], p=[0.45, 0.35, 0.2])),
-                     min(MAX_LESIONS_PER_KEY, sum(t in REGION_TYPES[region] for t in pending)))
+        wanted = max(
+            int(rng.choice([1, 2, 3], p=[0.45, 0.35, 0.2])),
+            min(MAX_LESIONS_PER_KEY, sum(t in REGION_TYPES[region] for t in pending)),
+        )
         for _ in range(wanted + 3):
             if count_on(k) >= wanted:
                 break
@@ -87,13 +96,26 @@ def make_series(rng: np.random.Generator, image_size: int, slices: Tuple[int, in
                 pending.remove(t)
     keyed = {}
     for k in keys:
-        secs = [(i, annotations(les, z_mm[k], image_size, spacing))
-                for i, les in enumerate(lesions)]
+        secs = [
+            (i, annotations(les, z_mm[k], image_size, spacing)) for i, les in enumerate(lesions)
+        ]
         secs = [(i, s) for i, s in secs if s is not None]
         if secs:
             keyed[k] = secs
-    mimics = Counter(s.mimic for s in structures if s.mimic is not None
-                     and any(s.shape.bbox(z) is not None for z in z_mm))
-    return {"region": region, "spacing": spacing, "interval": interval, "n": n, "z_mm": z_mm,
-            "structures": structures, "frame": frame, "lesions": lesions, "keys": keyed,
-            "mimics": dict(mimics)}
+    mimics = Counter(
+        s.mimic
+        for s in structures
+        if s.mimic is not None and any(s.shape.bbox(z) is not None for z in z_mm)
+    )
+    return {
+        "region": region,
+        "spacing": spacing,
+        "interval": interval,
+        "n": n,
+        "z_mm": z_mm,
+        "structures": structures,
+        "frame": frame,
+        "lesions": lesions,
+        "keys": keyed,
+        "mimics": dict(mimics),
+    }

@@ -5,6 +5,7 @@ Geometry is in mm in a patient frame centred on the image: x to the image right,
 bounding box there (or None where absent) and which of given points lie inside. Outlines vary
 along z through :class:`ZSpline` control values, so organs change shape from slice to slice.
 """
+
 from __future__ import annotations
 
 import math
@@ -24,8 +25,15 @@ class ZSpline:
         self.v = np.asarray(values, dtype=np.float64)
 
     @classmethod
-    def drawn(cls, rng: np.random.Generator, z0: float, z1: float, mean: float, jitter: float,
-              knots: int = 4) -> "ZSpline":
+    def drawn(
+        cls,
+        rng: np.random.Generator,
+        z0: float,
+        z1: float,
+        mean: float,
+        jitter: float,
+        knots: int = 4,
+    ) -> "ZSpline":
         """Control values ``mean`` +- ``jitter`` (uniform), ``knots`` of them."""
         return cls(z0, z1, mean + rng.uniform(-jitter, jitter, size=knots))
 
@@ -38,8 +46,15 @@ class ZSpline:
         f = t - i
         p0, p1 = self.v[max(i - 1, 0)], self.v[i]
         p2, p3 = self.v[i + 1], self.v[min(i + 2, n - 1)]
-        return float(0.5 * ((2 * p1) + (-p0 + p2) * f + (2 * p0 - 5 * p1 + 4 * p2 - p3) * f * f
-                            + (-p0 + 3 * p1 - 3 * p2 + p3) * f ** 3))
+        return float(
+            0.5
+            * (
+                (2 * p1)
+                + (-p0 + p2) * f
+                + (2 * p0 - 5 * p1 + 4 * p2 - p3) * f * f
+                + (-p0 + 3 * p1 - 3 * p2 + p3) * f**3
+            )
+        )
 
 
 def _value(v, z: float) -> float:
@@ -50,8 +65,18 @@ class SuperEllipse:
     """|u/a|^p + |v/b|^p <= 1 in a frame rotated by ``theta``; centre and semi-axes may be
     :class:`ZSpline`. Between ``z0`` and ``z1`` (a cap of ``taper`` mm narrows it at both ends)."""
 
-    def __init__(self, cx, cy, a, b, p: float = 2.0, theta: float = 0.0,
-                 z0: float = -1e9, z1: float = 1e9, taper: float = 0.0):
+    def __init__(
+        self,
+        cx,
+        cy,
+        a,
+        b,
+        p: float = 2.0,
+        theta: float = 0.0,
+        z0: float = -1e9,
+        z1: float = 1e9,
+        taper: float = 0.0,
+    ):
         self.cx, self.cy, self.a, self.b = cx, cy, a, b
         self.p, self.theta, self.z0, self.z1, self.taper = p, theta, z0, z1, taper
 
@@ -67,15 +92,19 @@ class SuperEllipse:
         s = self._scale(z)
         if s <= 0.05:
             return None
-        return (_value(self.cx, z), _value(self.cy, z), s * _value(self.a, z),
-                s * _value(self.b, z))
+        return (
+            _value(self.cx, z),
+            _value(self.cy, z),
+            s * _value(self.a, z),
+            s * _value(self.b, z),
+        )
 
     def bbox(self, z: float) -> Optional[Box]:
         got = self.params(z)
         if got is None:
             return None
         cx, cy, a, b = got
-        r = max(a, b) * (2 ** 0.5 if self.p > 2 else 1.0)
+        r = max(a, b) * (2**0.5 if self.p > 2 else 1.0)
         return cx - r, cy - r, cx + r, cy + r
 
     def inside(self, x: np.ndarray, y: np.ndarray, z: float) -> np.ndarray:
@@ -93,8 +122,17 @@ class Radial:
     Fourier harmonics give organ-like lobes that turn slowly along z; ends taper over ``taper``
     mm."""
 
-    def __init__(self, cx, cy, radius, harmonics: Sequence[Tuple[int, float, float, float]],
-                 z0: float, z1: float, taper: float = 10.0, aspect: float = 1.0):
+    def __init__(
+        self,
+        cx,
+        cy,
+        radius,
+        harmonics: Sequence[Tuple[int, float, float, float]],
+        z0: float,
+        z1: float,
+        taper: float = 10.0,
+        aspect: float = 1.0,
+    ):
         self.cx, self.cy, self.radius, self.h = cx, cy, radius, list(harmonics)
         self.z0, self.z1, self.taper, self.aspect = z0, z1, taper, aspect
 
@@ -143,23 +181,34 @@ class Tube3D:
             return None
         both = np.concatenate([p, q])
         r = self.radius
-        return (both[:, 0].min() - r, both[:, 1].min() - r, both[:, 0].max() + r,
-                both[:, 1].max() + r)
+        return (
+            both[:, 0].min() - r,
+            both[:, 1].min() - r,
+            both[:, 0].max() + r,
+            both[:, 1].max() + r,
+        )
 
     def inside(self, x: np.ndarray, y: np.ndarray, z: float) -> np.ndarray:
         out = np.zeros(np.broadcast(x, y).shape, bool)
-        r2 = self.radius ** 2
+        r2 = self.radius**2
         for a, b in zip(*self._segments(z)):
             d = b - a
             dd = float(d @ d) or 1e-9
             t = np.clip(((x - a[0]) * d[0] + (y - a[1]) * d[1] + (z - a[2]) * d[2]) / dd, 0, 1)
-            out |= ((x - a[0] - t * d[0]) ** 2 + (y - a[1] - t * d[1]) ** 2
-                    + (z - a[2] - t * d[2]) ** 2) <= r2
+            out |= (
+                (x - a[0] - t * d[0]) ** 2 + (y - a[1] - t * d[1]) ** 2 + (z - a[2] - t * d[2]) ** 2
+            ) <= r2
         return out
 
 
-def random_walk(rng: np.random.Generator, start: Sequence[float], direction: Sequence[float],
-                steps: int, step_mm: float, wander: float) -> np.ndarray:
+def random_walk(
+    rng: np.random.Generator,
+    start: Sequence[float],
+    direction: Sequence[float],
+    steps: int,
+    step_mm: float,
+    wander: float,
+) -> np.ndarray:
     """A smooth 3-D path: ``steps`` steps of ``step_mm`` whose direction turns by up to
     ``wander`` radians per step (the centreline of a vessel or a bowel loop)."""
     pts = [np.asarray(start, dtype=np.float64)]

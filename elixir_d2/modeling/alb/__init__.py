@@ -1,6 +1,7 @@
 """Auto-lesion Block, in the DARTS roles: search spaces (spaces.py, op names only), operations
 (ops.py, with the BatchNorm-folding fast paths in fused.py), searchable / fixed blocks (cells.py)
 and genotypes (genotype.py); registry.py adds ops and spaces (docs/extending.md)."""
+
 from .cells import GenotypeBlock, MixedOp, SearchBlock
 from .genotype import (
     Genotype,

@@ -19,6 +19,7 @@ slower path (projects/benchmarks/search_head.py times both).
 Every forward takes ``num_per_image`` (proposals per image) and hands it to each op; only
 ``region_nonlocal`` uses it.
 """
+
 from typing import List, Optional, Sequence
 
 import torch
@@ -34,7 +35,12 @@ class MixedOp(nn.Module):
     """All candidate ops on one edge; output = sum_k weights[k] * op_k(x) (paper eq. 3)."""
 
     def __init__(
-        self, ops: Sequence[str], c_in: int, c_out: int, stride: int, norm: str,
+        self,
+        ops: Sequence[str],
+        c_in: int,
+        c_out: int,
+        stride: int,
+        norm: str,
         affine: bool = False,
     ):
         super().__init__()
@@ -42,7 +48,9 @@ class MixedOp(nn.Module):
         self.ops = nn.ModuleList(build_op(o, c_in, c_out, stride, norm, affine) for o in ops)
 
     def forward(
-        self, x: torch.Tensor, weights: torch.Tensor,
+        self,
+        x: torch.Tensor,
+        weights: torch.Tensor,
         num_per_image: Optional[Sequence[int]] = None,
     ) -> torch.Tensor:
         """``weights``: one per op (softmax of the edge's alphas, computed by the caller).
@@ -62,8 +70,15 @@ class _BlockBase(nn.Module):
     """Shared preprocessing and bookkeeping of searchable and fixed blocks."""
 
     def __init__(
-        self, c_pp: int, c_p: int, channels: int, reduction: bool, reduction_prev: bool,
-        branches: int, norm: str, affine: bool,
+        self,
+        c_pp: int,
+        c_p: int,
+        channels: int,
+        reduction: bool,
+        reduction_prev: bool,
+        branches: int,
+        norm: str,
+        affine: bool,
     ):
         super().__init__()
         self.reduction = reduction
@@ -93,8 +108,16 @@ class SearchBlock(_BlockBase):
     """
 
     def __init__(
-        self, ops: Sequence[str], c_pp: int, c_p: int, channels: int, reduction: bool,
-        reduction_prev: bool, branches: int = 4, norm: str = "GN", affine: bool = False,
+        self,
+        ops: Sequence[str],
+        c_pp: int,
+        c_p: int,
+        channels: int,
+        reduction: bool,
+        reduction_prev: bool,
+        branches: int = 4,
+        norm: str = "GN",
+        affine: bool = False,
     ):
         super().__init__(c_pp, c_p, channels, reduction, reduction_prev, branches, norm, affine)
         self.edges = edge_inputs(branches)
@@ -103,7 +126,10 @@ class SearchBlock(_BlockBase):
         )
 
     def forward(
-        self, s0: torch.Tensor, s1: torch.Tensor, weights: torch.Tensor,
+        self,
+        s0: torch.Tensor,
+        s1: torch.Tensor,
+        weights: torch.Tensor,
         num_per_image: Optional[Sequence[int]] = None,
     ) -> torch.Tensor:
         if weights.shape[0] != len(self.mixed_ops):
@@ -125,8 +151,16 @@ class GenotypeBlock(_BlockBase):
     """Fixed ALB / ALB_r: branch b = op(pair 2b) + op(pair 2b+1) from a genotype's pairs."""
 
     def __init__(
-        self, pairs: Sequence[Sequence], c_pp: int, c_p: int, channels: int, reduction: bool,
-        reduction_prev: bool, branches: int = 4, norm: str = "GN", affine: bool = True,
+        self,
+        pairs: Sequence[Sequence],
+        c_pp: int,
+        c_p: int,
+        channels: int,
+        reduction: bool,
+        reduction_prev: bool,
+        branches: int = 4,
+        norm: str = "GN",
+        affine: bool = True,
     ):
         super().__init__(c_pp, c_p, channels, reduction, reduction_prev, branches, norm, affine)
         if len(pairs) != 2 * branches:
@@ -138,7 +172,9 @@ class GenotypeBlock(_BlockBase):
         )
 
     def forward(
-        self, s0: torch.Tensor, s1: torch.Tensor,
+        self,
+        s0: torch.Tensor,
+        s1: torch.Tensor,
         num_per_image: Optional[Sequence[int]] = None,
     ) -> torch.Tensor:
         states = [self.pre0(s0), self.pre1(s1)]

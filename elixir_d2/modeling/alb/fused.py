@@ -4,6 +4,7 @@ Kept apart from the op definitions (``ops.py``): the ops say what they compute, 
 frozen conv + norm pair is computed in one pass. The values are those of ``norm(conv(x))``; in
 training mode, with GroupNorm or with no norm, the plain modules run.
 """
+
 from typing import Optional, Sequence, Tuple
 
 import torch

@@ -21,6 +21,7 @@ This module owns the genotype: its type, validation and every form it is read fr
 keys, checkpoints) is ``elixir_d2/modeling/genotype_source.py``, one layer up; this module imports
 nothing of elixir_d2 but the op names of ``spaces.py``.
 """
+
 from dataclasses import dataclass
 from math import comb
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -78,8 +79,10 @@ class Genotype:
     def validate(self, source: str = "<genotype>") -> "Genotype":
         """Raise :class:`GenotypeError` naming ``source`` and the bad entry; return self if fine."""
         if not isinstance(self.space, str):  # e.g. a YAML list: not even a search-space name
-            raise GenotypeError(f"{source}: 'space' must be the name of a registered search "
-                                f"space ({search_space_names()}), got {self.space!r}")
+            raise GenotypeError(
+                f"{source}: 'space' must be the name of a registered search "
+                f"space ({search_space_names()}), got {self.space!r}"
+            )
         try:
             ops = get_search_space(self.space)
         except ValueError:
@@ -102,8 +105,7 @@ class Genotype:
                 if op not in ops or op == "none":
                     allowed = [o for o in ops if o != "none"]
                     raise GenotypeError(
-                        f"{where}: unknown op {op!r} for space {self.space!r}; "
-                        f"allowed: {allowed}"
+                        f"{where}: unknown op {op!r} for space {self.space!r}; allowed: {allowed}"
                     )
                 top = k // 2 + 2  # branch b sees the 2 block inputs and branches 0..b-1
                 if isinstance(idx, bool) or not isinstance(idx, int) or not 0 <= idx < top:
@@ -178,8 +180,9 @@ def genotype_from_dict(data: Any, source: str = "<genotype>") -> Genotype:
 
 def genotype_to_yaml(genotype: Genotype) -> str:
     """The genotype as one line of flow-style YAML (the form of MODEL.ALB.GENOTYPE_YAML)."""
-    return yaml.safe_dump(genotype.to_dict(), default_flow_style=True, width=float("inf"),
-                          sort_keys=False).strip()
+    return yaml.safe_dump(
+        genotype.to_dict(), default_flow_style=True, width=float("inf"), sort_keys=False
+    ).strip()
 
 
 def genotype_from_yaml(text: str, source: str = "<genotype>") -> Genotype:
@@ -213,8 +216,12 @@ def load_genotype(path: str) -> Genotype:
     return read_genotype_file(path)[0]
 
 
-def save_genotype(genotype: Genotype, path: str, comment: Optional[str] = "",
-                  provenance: Optional[Dict[str, Any]] = None) -> None:
+def save_genotype(
+    genotype: Genotype,
+    path: str,
+    comment: Optional[str] = "",
+    provenance: Optional[Dict[str, Any]] = None,
+) -> None:
     """Write ``genotype`` as YAML to ``path``: ``comment`` lines (e.g. the command line) on top,
     then the structure and a ``provenance`` mapping (what :func:`describe_provenance` reads)."""
     genotype.validate(path)
@@ -228,7 +235,7 @@ def save_genotype(genotype: Genotype, path: str, comment: Optional[str] = "",
 
 
 def describe_provenance(provenance: Dict[str, Any]) -> str:
-    """"searched (config ..., data ..., N epochs, date)" / "not searched (...)" / "unknown"."""
+    """ "searched (config ..., data ..., N epochs, date)" / "not searched (...)" / "unknown"."""
     if "searched" not in provenance:
         return "provenance unknown (the file has no 'provenance' entry)"
     details = ", ".join(f"{k} {v}" for k, v in provenance.items() if k != "searched")

@@ -14,6 +14,7 @@ The op names of each search space are data in ``spaces.py``; the BatchNorm-foldi
 the conv ops call are in ``fused.py``. ``registry.py`` adds ops to :data:`_BUILDERS`, the table
 :func:`build_op` reads (docs/extending.md).
 """
+
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
@@ -94,7 +95,11 @@ class ReLUConvNorm(ALBOp):
     preprocessing, see cells.py): ``op(relu(x))`` is then the full op on ``x``."""
 
     def __init__(
-        self, convs: List[nn.Conv2d], c_out: int, norm: str, affine: bool = True,
+        self,
+        convs: List[nn.Conv2d],
+        c_out: int,
+        norm: str,
+        affine: bool = True,
         relu: bool = True,
     ):
         super().__init__()
@@ -132,8 +137,9 @@ def _conv(c_in, c_out, k, stride=1, dilation=1, groups=1, bias=False) -> nn.Conv
     # "Same" padding, so stride 2 gives ceil(H / 2) for odd and even H alike.
     pad = (k - 1) * dilation // 2 if isinstance(k, int) else tuple((kk - 1) // 2 for kk in k)
     cls = DepthwiseConv2d if groups > 1 and groups == c_in == c_out else nn.Conv2d
-    return cls(c_in, c_out, k, stride=stride, padding=pad, dilation=dilation, groups=groups,
-               bias=bias)
+    return cls(
+        c_in, c_out, k, stride=stride, padding=pad, dilation=dilation, groups=groups, bias=bias
+    )
 
 
 def conv_op(c_in, c_out, k, stride, norm, affine=True, dilation=1, relu=True) -> ReLUConvNorm:
@@ -149,7 +155,9 @@ def asym_conv_op(c_in, c_out, stride, norm, affine=True) -> ReLUConvNorm:
             _conv(c_in, c_out, (1, 3), stride=(1, stride)),
             _conv(c_out, c_out, (3, 1), stride=(stride, 1), bias=not norm),
         ],
-        c_out, norm, affine,
+        c_out,
+        norm,
+        affine,
     )
 
 
@@ -160,7 +168,9 @@ def dw_conv_op(c_in, c_out, k, stride, norm, affine=True, dilation=1) -> ReLUCon
             _conv(c_in, c_in, k, stride, dilation, groups=c_in),
             _conv(c_in, c_out, 1, bias=not norm),
         ],
-        c_out, norm, affine,
+        c_out,
+        norm,
+        affine,
     )
 
 
@@ -355,6 +365,7 @@ def build_op(
         raise ValueError(f"ALB op {name!r}: stride must be 1 or 2, got {stride}")
     op = _BUILDERS[name](c_in, c_out, stride, norm, affine)
     if not isinstance(op, nn.Module):  # a registered builder's mistake: say whose
-        raise TypeError(f"ALB op {name!r}: its builder returned a {type(op).__name__}, not an "
-                        "nn.Module")
+        raise TypeError(
+            f"ALB op {name!r}: its builder returned a {type(op).__name__}, not an nn.Module"
+        )
     return op

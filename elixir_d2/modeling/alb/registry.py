@@ -13,6 +13,7 @@ module that every process imports before it builds a model (docs/extending.md, "
 goes"). The built-in ops and spaces cannot be replaced or removed, so existing genotypes and
 checkpoints keep their meaning.
 """
+
 import inspect
 from typing import Callable, List, Optional, Sequence
 
@@ -37,8 +38,9 @@ _BUILT_IN_SPACES = frozenset(SEARCH_SPACES)
 def _check_name(name: object, what: str) -> str:
     # Names travel unquoted through genotype YAML and command-line config overrides.
     if not isinstance(name, str) or not name.isidentifier() or not name.isascii():
-        raise ValueError(f"{what} must be a non-empty ASCII identifier (letters, digits, '_'), "
-                         f"got {name!r}")
+        raise ValueError(
+            f"{what} must be a non-empty ASCII identifier (letters, digits, '_'), got {name!r}"
+        )
     return name
 
 
@@ -67,8 +69,9 @@ def register_alb_op(name: str, builder: Optional[OpBuilder] = None) -> Callable:
         try:
             inspect.signature(fn).bind(8, 8, 1, "BN", True)
         except TypeError as e:
-            raise TypeError(f"ALB op {name!r}: the builder must take (c_in, c_out, stride, norm, "
-                            f"affine): {e}") from None
+            raise TypeError(
+                f"ALB op {name!r}: the builder must take (c_in, c_out, stride, norm, affine): {e}"
+            ) from None
         except ValueError:  # a callable without a signature to inspect: build_op will tell
             pass
         if name in _BUILDERS:  # taken between the decorator's creation and its use
@@ -88,13 +91,16 @@ def unregister_alb_op(name: str) -> None:
         raise ValueError(f"ALB op {name!r} is not registered")
     users = sorted(space for space, ops in SEARCH_SPACES.items() if name in ops)
     if users:
-        raise ValueError(f"ALB op {name!r} is used by the search space(s) {users}: "
-                         "unregister_search_space them first")
+        raise ValueError(
+            f"ALB op {name!r} is used by the search space(s) {users}: "
+            "unregister_search_space them first"
+        )
     del _BUILDERS[name]
 
 
-def check_alb_op(name: str, channels: Sequence[int] = (8, 12),
-                 sizes: Sequence[Sequence[int]] = ((7, 7), (4, 5))) -> None:
+def check_alb_op(
+    name: str, channels: Sequence[int] = (8, 12), sizes: Sequence[Sequence[int]] = ((7, 7), (4, 5))
+) -> None:
     """Try op ``name`` as the ALB heads use it and raise a ValueError at the first failure.
 
     Builds it from ``channels[0]`` to each of ``channels`` channels at strides 1 and 2, norm "BN",
@@ -111,11 +117,14 @@ def check_alb_op(name: str, channels: Sequence[int] = (8, 12),
                     for h, w in sizes:
                         y = op(torch.randn(3, c_in, h, w), [2, 1])
                         want = (3, c_out, -(-h // stride), -(-w // stride))
-                        case = (f"ALB op {name!r} ({c_in} -> {c_out} channels, stride {stride}, "
-                                f"norm {norm!r}, affine {affine}) on 3 RoIs of {h}x{w}")
+                        case = (
+                            f"ALB op {name!r} ({c_in} -> {c_out} channels, stride {stride}, "
+                            f"norm {norm!r}, affine {affine}) on 3 RoIs of {h}x{w}"
+                        )
                         if tuple(y.shape) != want:
-                            raise ValueError(f"{case}: output shape {tuple(y.shape)}, expected "
-                                             f"{want}")
+                            raise ValueError(
+                                f"{case}: output shape {tuple(y.shape)}, expected {want}"
+                            )
                         if not torch.isfinite(y).all():
                             raise ValueError(f"{case}: output not finite")
 
@@ -124,8 +133,10 @@ def _check_forward_signature(name: str, op: torch.nn.Module) -> None:
     try:
         inspect.signature(op.forward).bind(None, None)
     except TypeError:
-        raise ValueError(f"ALB op {name!r}: {type(op).__name__}.forward must take (x, "
-                         "num_per_image=None), as ALBOp's does") from None
+        raise ValueError(
+            f"ALB op {name!r}: {type(op).__name__}.forward must take (x, "
+            "num_per_image=None), as ALBOp's does"
+        ) from None
     except ValueError:  # nothing to inspect: the call below tells
         pass
 
@@ -140,21 +151,25 @@ def register_search_space(name: str, ops: Sequence[str]) -> List[str]:
     """
     _check_name(name, "search space name")
     if name in SEARCH_SPACES:
-        raise ValueError(f"ALB search space {name!r} is already registered; registered: "
-                         f"{search_space_names()}")
+        raise ValueError(
+            f"ALB search space {name!r} is already registered; registered: {search_space_names()}"
+        )
     if isinstance(ops, str) or not isinstance(ops, Sequence):
         raise ValueError(f"search space {name!r}: ops must be a list of op names, got {ops!r}")
     ops = list(ops)
     if len(ops) < 2 or ops[0] != "none":
-        raise ValueError(f"search space {name!r}: ops must be 'none' followed by at least one "
-                         f"more op, got {ops}")
+        raise ValueError(
+            f"search space {name!r}: ops must be 'none' followed by at least one more op, got {ops}"
+        )
     repeated = sorted({str(o) for o in ops if ops.count(o) > 1})
     if repeated:
         raise ValueError(f"search space {name!r}: ops listed more than once: {repeated}")
     unknown = [o for o in ops if not isinstance(o, str) or o not in _BUILDERS]
     if unknown:
-        raise ValueError(f"search space {name!r}: unknown ALB ops {unknown}; register them first "
-                         f"with register_alb_op (registered: {alb_op_names()})")
+        raise ValueError(
+            f"search space {name!r}: unknown ALB ops {unknown}; register them first "
+            f"with register_alb_op (registered: {alb_op_names()})"
+        )
     SEARCH_SPACES[name] = ops
     return list(ops)
 
@@ -164,6 +179,7 @@ def unregister_search_space(name: str) -> None:
     if name in _BUILT_IN_SPACES:
         raise ValueError(f"ALB search space {name!r} is built in and cannot be removed")
     if name not in SEARCH_SPACES:
-        raise ValueError(f"ALB search space {name!r} is not registered; registered: "
-                         f"{search_space_names()}")
+        raise ValueError(
+            f"ALB search space {name!r} is not registered; registered: {search_space_names()}"
+        )
     del SEARCH_SPACES[name]

@@ -5,6 +5,7 @@ and anything that only reads or writes op names need no torch (DARTS' ``genotype
 ``elixir`` and ``darts`` are built in; ``registry.register_search_space`` adds a space to
 :data:`SEARCH_SPACES` (docs/extending.md).
 """
+
 from typing import Dict, List
 
 __all__ = ["ELIXIR_OPS", "DARTS_OPS", "SEARCH_SPACES", "get_search_space", "search_space_names"]
