@@ -61,3 +61,41 @@ def test_deeplesion_names_load_the_set_under_detectron2_datasets(tmp_path):
         assert loaded[name] == dict(counts), name
     # Registration is lazy and names its own folder: the synthetic_* set was not written there.
     assert not (datasets / "synthetic").exists()
+
+
+_ROOT_CHILD = "from elixir_d2.data import datasets_root; print(datasets_root())"
+
+
+def _root_seen_from(cwd, env_value=None):
+    env = {k: v for k, v in os.environ.items() if k != "DETECTRON2_DATASETS"}
+    env["PYTHONPATH"] = ROOT  # this checkout's package, wherever the child starts
+    if env_value is not None:
+        env["DETECTRON2_DATASETS"] = env_value
+    proc = subprocess.run(
+        [sys.executable, "-c", _ROOT_CHILD],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout.strip().splitlines()[-1]
+
+
+def test_a_checkout_keeps_its_datasets_whatever_the_working_directory(tmp_path):
+    # Without $DETECTRON2_DATASETS, a run started elsewhere reads and writes the checkout's
+    # datasets/, not a new ./datasets under its working directory.
+    assert _root_seen_from(tmp_path) == os.path.join(ROOT, "datasets")
+    assert _root_seen_from(ROOT) == os.path.join(ROOT, "datasets")
+    # The variable wins, as in detectron2.
+    assert _root_seen_from(tmp_path, str(tmp_path / "elsewhere")) == str(tmp_path / "elsewhere")
+
+
+def test_an_installed_package_falls_back_to_detectron2s_default(tmp_path):
+    from elixir_d2.data import default_datasets_root
+
+    # No datasets/prepare_deeplesion.py beside the package: not a checkout (e.g. site-packages).
+    (tmp_path / "datasets").mkdir()
+    assert default_datasets_root(str(tmp_path)) == "datasets"
+    assert default_datasets_root(ROOT) == os.path.join(ROOT, "datasets")

@@ -1,6 +1,7 @@
 """CT datasets (DeepLesion, KiTS19, synthetic) and the CT dataset mapper.
 
-Importing registers, lazily, under ``$DETECTRON2_DATASETS`` (default ``./datasets``):
+Importing registers, lazily, under :func:`datasets_root` (``$DETECTRON2_DATASETS``, else the
+repository's ``datasets/`` in a source checkout, else ``./datasets``):
 deeplesion_{train,val,test}, deeplesion_{val,test}_typed from ``DeepLesion/``; the same names with
 prefix ``synthetic`` from ``synthetic/`` (written by ``python -m elixir_d2.data.synthetic``, or
 generated on first use when missing), prefix ``synthetic_seed7`` from ``synthetic_seed7/`` (the
@@ -17,9 +18,29 @@ from .kits19 import load_kits19_dicts, register_kits19
 from .synthetic_first_use import ensure_synthetic
 
 
+# The repository's datasets/ holds this file; an installed package has no such folder beside it.
+_CHECKOUT_MARKER = "prepare_deeplesion.py"
+
+
+def default_datasets_root(package_parent: str) -> str:
+    """The root used when ``$DETECTRON2_DATASETS`` is unset, given the folder that holds the
+    ``elixir_d2`` package: in a source checkout its ``datasets/`` (absolute, so a run from any
+    working directory reads and writes the same sets instead of scattering new ones), otherwise
+    detectron2's ``./datasets``."""
+    checkout = os.path.join(package_parent, "datasets")
+    if os.path.isfile(os.path.join(checkout, _CHECKOUT_MARKER)):
+        return os.path.abspath(checkout)
+    return "datasets"
+
+
 def datasets_root() -> str:
-    """Root of all datasets: ``$DETECTRON2_DATASETS`` as detectron2 uses it, default ./datasets."""
-    return os.path.expanduser(os.getenv("DETECTRON2_DATASETS", "datasets"))
+    """Root of all datasets: ``$DETECTRON2_DATASETS`` as detectron2 uses it, else
+    :func:`default_datasets_root` of this package."""
+    env = os.getenv("DETECTRON2_DATASETS")
+    if env:
+        return os.path.expanduser(env)
+    here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    return default_datasets_root(here)
 
 
 def register_all(root: str) -> None:
@@ -48,6 +69,7 @@ __all__ = [
     "register_deeplesion",
     "register_all",
     "datasets_root",
+    "default_datasets_root",
     "load_kits19_dicts",
     "register_kits19",
     "ensure_synthetic",

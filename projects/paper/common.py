@@ -63,7 +63,7 @@ def add_recipe_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--root",
         default=None,
         help="dataset root holding DeepLesion/ and kits19/ (default: "
-        "$DETECTRON2_DATASETS or ./datasets); --quick uses <root>/synthetic "
+        "$DETECTRON2_DATASETS, else the checkout's datasets/); --quick uses <root>/synthetic "
         "and <root>/synthetic_kits19",
     )
     parser.add_argument(
