@@ -17,7 +17,6 @@ from .deeplesion import load_deeplesion_dicts, register_deeplesion
 from .kits19 import load_kits19_dicts, register_kits19
 from .synthetic_first_use import ensure_synthetic
 
-
 # The repository's datasets/ holds this file; an installed package has no such folder beside it.
 _CHECKOUT_MARKER = "prepare_deeplesion.py"
 
