@@ -132,3 +132,23 @@ def test_a_folder_the_tool_did_not_write_is_left_alone(tmp_path, scans):
     assert o.doc is None and o.failure["case"] == "ct"
     assert o.failure["error"].endswith("was not written by this tool; move it away")
     assert os.listdir(out / "ct") == ["mine.txt"]
+
+
+def test_an_interrupted_share_counts_the_complete_case_folders(tmp_path):
+    # SIGINT can land after a case folder is renamed into place and before its outcome is
+    # recorded: the count an interrupted run reports is read from the folders themselves.
+    from elixir_d2.inference.run_files import RunPlan
+    from elixir_d2.inference.runner import _Shard
+
+    out = tmp_path / "out"
+    (out / "a").mkdir(parents=True)
+    (out / "a" / CASE_MARKER).write_text("{}", encoding="utf-8")  # complete
+    (out / "b").mkdir()  # no marker: not a folder this tool finished
+    plan = RunPlan(cases=[], ignored=[], ids=["a", "b", "c"])
+    names = InputNames(str(tmp_path))
+
+    def shard(indices):
+        return _Shard(None, plan, indices, names, OutputDir(str(out)), PredictOptions(), {}, None)
+
+    assert shard([0, 1, 2]).outcomes == [] and shard([0, 1, 2]).done == 1
+    assert shard([1, 2]).done == 0  # another rank's finished case is not this share's

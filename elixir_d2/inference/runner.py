@@ -311,8 +311,10 @@ class _Shard:
 
     @property
     def done(self) -> int:
-        """Cases with a complete folder: predicted or read back, not failed."""
-        return sum(o.doc is not None for o in self.outcomes)
+        """This share's cases with a complete folder in the output (what --resume keeps). Read
+        from the folders, not from ``outcomes``: an interrupt can land after a case folder is
+        renamed into place and before its outcome is recorded."""
+        return sum(is_case_folder(self.out.path(self.plan.ids[i])) for i in self.indices)
 
     def __call__(self) -> Tuple[List[str], float, List[CaseOutcome]]:
         """Build the model, run every case of the share; returns the model's class names, the
