@@ -16,13 +16,12 @@ from typing import Callable, List, Optional, Tuple
 
 import yaml
 
-from detectron2.layers import ShapeSpec
-
 import elixir_d2
 from elixir_d2.checkpoint import AtomicCheckpointer
 from elixir_d2.commands import train
-from elixir_d2.modeling.alb.genotype import Genotype, load_genotype
-from elixir_d2.modeling.box_head import ALBHead
+from elixir_d2.modeling.alb.genotype import load_genotype
+
+from test_checkpoint_trust import _head, _swap_dilation
 
 PKG = os.path.dirname(os.path.abspath(elixir_d2.__file__))
 REPO = os.path.dirname(PKG)
@@ -89,26 +88,6 @@ def _callers(calls: List[Call]) -> dict:
     for caller, callee, _ in calls:
         found.setdefault(callee, set()).add(caller)
     return found
-
-
-def _swap_dilation(g: Genotype) -> Genotype:
-    swap = {"dil_conv_3x3_r2": "dil_conv_3x3_r3", "dil_conv_3x3_r3": "dil_conv_3x3_r2"}
-    return Genotype(
-        normal=tuple((swap.get(o, o), i) for o, i in g.normal),
-        reduce=g.reduce,
-        space=g.space,
-        branches=g.branches,
-    )
-
-
-def _head(genotype: Genotype) -> ALBHead:
-    return ALBHead(
-        ShapeSpec(channels=16, height=7, width=7),
-        genotype=genotype,
-        channels=4,
-        stem_channels=16,
-        norm="GN",
-    )
 
 
 def _genotype_chain(tmp_path, eval_only: bool, opts: List[str]) -> Tuple[List[Call], dict]:
