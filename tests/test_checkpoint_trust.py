@@ -10,68 +10,46 @@ import pytest
 import torch
 import yaml
 
-from detectron2.layers import ShapeSpec
-
 from elixir_d2 import load_config
 from elixir_d2.checkpoint import AtomicCheckpointer, CheckpointError
 from elixir_d2.cli import MissingFileError, UserInputError
-from elixir_d2.modeling.alb.genotype import Genotype, genotype_to_yaml, load_genotype
-from elixir_d2.modeling.box_head import ALBHead
+from elixir_d2.modeling.alb.genotype import genotype_to_yaml, load_genotype
 from elixir_d2.modeling.genotype_source import (
     GENOTYPE_KEY,
     fill_genotype_from_checkpoint,
     resolve_genotype_config,
 )
 
+from genotype_helpers import swap_dilation, tiny_alb_head
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIGURE3 = os.path.join(REPO, "configs", "genotypes", "figure3.yaml")
 ALB_QS = os.path.join(REPO, "configs", "quickstart", "alb.yaml")
 
 
-def _swap_dilation(g: Genotype) -> Genotype:
-    """The same genotype with dil_conv_3x3_r2 <-> r3: identical weight names and shapes."""
-    swap = {"dil_conv_3x3_r2": "dil_conv_3x3_r3", "dil_conv_3x3_r3": "dil_conv_3x3_r2"}
-    return Genotype(
-        normal=tuple((swap.get(o, o), i) for o, i in g.normal),
-        reduce=g.reduce,
-        space=g.space,
-        branches=g.branches,
-    )
-
-
-def _head(genotype: Genotype) -> ALBHead:
-    return ALBHead(
-        ShapeSpec(channels=16, height=7, width=7),
-        genotype=genotype,
-        channels=4,
-        stem_channels=16,
-        norm="GN",
-    )
-
-
 # ------------------------------------------------------------------------------------ genotype
 def test_checkpoint_stores_the_genotype_and_refuses_another(tmp_path):
     figure3 = load_genotype(FIGURE3)
-    other = _swap_dilation(figure3)
+    other = swap_dilation(figure3)
     assert other != figure3
     # Without the check this load succeeds silently: the state dicts match key for key.
-    assert {k: v.shape for k, v in _head(figure3).state_dict().items()} == {
-        k: v.shape for k, v in _head(other).state_dict().items()
+    assert {k: v.shape for k, v in tiny_alb_head(figure3).state_dict().items()} == {
+        k: v.shape for k, v in tiny_alb_head(other).state_dict().items()
     }
-    AtomicCheckpointer(_head(figure3), str(tmp_path)).save("model_final")
+    AtomicCheckpointer(tiny_alb_head(figure3), str(tmp_path)).save("model_final")
     path = str(tmp_path / "model_final.pth")
     assert torch.load(path, weights_only=True)[GENOTYPE_KEY] == figure3.to_dict()
-    AtomicCheckpointer(_head(figure3)).load(path)  # same genotype: fine
+    AtomicCheckpointer(tiny_alb_head(figure3)).load(path)  # same genotype: fine
     with pytest.raises(CheckpointError) as e:
-        AtomicCheckpointer(_head(other)).load(path)
+        AtomicCheckpointer(tiny_alb_head(other)).load(path)
     msg = str(e.value)
     assert path in msg and "\n" not in msg
     assert genotype_to_yaml(figure3) in msg and genotype_to_yaml(other) in msg  # names both
 
 
 def test_eval_takes_the_genotype_from_the_checkpoint_when_the_config_names_none(tmp_path):
-    other = _swap_dilation(load_genotype(FIGURE3))
-    AtomicCheckpointer(_head(other), str(tmp_path)).save("model_final")
+    other = swap_dilation(load_genotype(FIGURE3))
+    AtomicCheckpointer(tiny_alb_head(other), str(tmp_path)).save("model_final")
     weights = str(tmp_path / "model_final.pth")
     cfg = load_config(ALB_QS, ["MODEL.ALB.GENOTYPE", "", "MODEL.WEIGHTS", weights])
     assert fill_genotype_from_checkpoint(cfg, weights)
@@ -111,7 +89,7 @@ def test_run_config_records_the_resolved_genotype_and_build_logs_its_origin(tmp_
     # ... and refuses a genotype file that changed since.
     changed = tmp_path / "g.yaml"
     changed.write_text(
-        yaml.safe_dump(_swap_dilation(load_genotype(FIGURE3)).to_dict()), encoding="utf-8"
+        yaml.safe_dump(swap_dilation(load_genotype(FIGURE3)).to_dict()), encoding="utf-8"
     )
     bad = load_config(str(dumped), ["MODEL.ALB.GENOTYPE", str(changed)])
     with pytest.raises(

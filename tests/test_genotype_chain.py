@@ -21,7 +21,7 @@ from elixir_d2.checkpoint import AtomicCheckpointer
 from elixir_d2.commands import train
 from elixir_d2.modeling.alb.genotype import load_genotype
 
-from test_checkpoint_trust import _head, _swap_dilation
+from genotype_helpers import swap_dilation, tiny_alb_head
 
 PKG = os.path.dirname(os.path.abspath(elixir_d2.__file__))
 REPO = os.path.dirname(PKG)
@@ -112,8 +112,8 @@ def _assert_one_way(chain: List[Call]) -> None:
 
 
 def test_eval_config_reaches_the_checkpoint_genotype_one_way(tmp_path):
-    stored = _swap_dilation(load_genotype(FIGURE3))  # not the config file's: it must come from
-    AtomicCheckpointer(_head(stored), str(tmp_path)).save("model_final")  # the checkpoint
+    stored = swap_dilation(load_genotype(FIGURE3))  # not the config file's: it must come from
+    AtomicCheckpointer(tiny_alb_head(stored), str(tmp_path)).save("model_final")  # the checkpoint
     weights = str(tmp_path / "model_final.pth")
     chain, cfg = _genotype_chain(
         tmp_path, True, ["MODEL.ALB.GENOTYPE", "", "MODEL.WEIGHTS", weights]
@@ -137,7 +137,7 @@ def test_training_config_reaches_the_file_genotype_one_way(tmp_path):
 
 
 def test_checkpointer_binds_genotypes_only_through_the_binding_layer(tmp_path):
-    saved, loaded = _head(load_genotype(FIGURE3)), _head(load_genotype(FIGURE3))
+    saved, loaded = tiny_alb_head(load_genotype(FIGURE3)), tiny_alb_head(load_genotype(FIGURE3))
 
     def save_and_load():
         AtomicCheckpointer(saved, str(tmp_path)).save("model_final")
