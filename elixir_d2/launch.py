@@ -21,7 +21,7 @@ import detectron2
 from detectron2.engine import launch as d2_launch
 from detectron2.utils import comm
 
-__all__ = ["launch"]
+__all__ = ["launch", "release_process_groups"]
 
 # detectron2 v0.6 (the installed release; its main branch still says "0.6") launches CUDA workers
 # only. A later release numbered above 0.6 starts gloo workers itself.
@@ -107,9 +107,19 @@ def _cpu_worker(
     try:
         main_func(*args)
     finally:
-        # detectron2's comm module holds the local group: drop that reference with the groups, so
-        # that gloo's threads are joined here and not at interpreter teardown, where a group still
-        # alive can abort the worker ("terminate called without an active exception").
-        comm._LOCAL_PROCESS_GROUP = None
+        release_process_groups()
+
+
+def release_process_groups() -> None:
+    """Destroy every process group, with the references detectron2's comm module keeps to them.
+
+    comm holds the per-machine group and caches the world group for its gathers; a group still
+    referenced outlives ``destroy_process_group`` and is freed at interpreter teardown, where
+    gloo's threads can abort the worker ("terminate called without an active exception") after
+    its work is done. Freed here, those threads are joined before the worker returns.
+    """
+    comm._LOCAL_PROCESS_GROUP = None
+    comm._get_global_gloo_group.cache_clear()
+    if dist.is_initialized():
         dist.destroy_process_group()
-        gc.collect()
+    gc.collect()

@@ -17,6 +17,7 @@ from detectron2.structures import Boxes, BoxMode, Instances
 
 from elixir_d2.evaluation import LesionEvaluator, format_froc_table
 from elixir_d2.evaluation.lesion_evaluator import coco_ap
+from elixir_d2.launch import release_process_groups
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -312,7 +313,7 @@ def _worker(rank, port, name, out_dir):
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w", encoding="utf-8") as f:
             json.dump(res, f)
     finally:
-        dist.destroy_process_group()
+        release_process_groups()
 
 
 def _free_port():
@@ -329,7 +330,8 @@ def test_two_gloo_processes_give_the_single_process_numbers(binary_name, tmp_pat
     )
     name = f"lesion_eval_gloo_{uuid.uuid4().hex[:8]}"
     # spawn: a forked child inherits the thread pools earlier tests started in this process
-    # without their threads, and aborted at exit ("terminate called without an active exception")
+    # without their threads, and aborted at exit ("terminate called without an active exception");
+    # release_process_groups: a group left cached by detectron2's comm did the same.
     mp.start_processes(
         _worker, args=(_free_port(), name, str(tmp_path)), nprocs=2, join=True, start_method="spawn"
     )

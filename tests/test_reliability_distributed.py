@@ -176,9 +176,13 @@ def test_a_cpu_worker_leaves_no_process_group_behind():
     def work():
         seen["local"] = comm._LOCAL_PROCESS_GROUP is not None
         seen["world"] = comm.get_world_size()
+        # what comm's gathers do with more than one process: cache the world group
+        comm._get_global_gloo_group()
+        seen["cached"] = comm._get_global_gloo_group.cache_info().currsize
 
     launch_mod._cpu_worker(
         0, work, 1, 1, 0, launch_mod._local_dist_url(), (), timedelta(seconds=60)
     )
-    assert seen == {"local": True, "world": 1}
+    assert seen == {"local": True, "world": 1, "cached": 1}
     assert comm._LOCAL_PROCESS_GROUP is None and not dist.is_initialized()
+    assert comm._get_global_gloo_group.cache_info().currsize == 0
