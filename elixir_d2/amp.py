@@ -11,6 +11,7 @@ The computations that half precision breaks stay float32 inside the model either
 
 from __future__ import annotations
 
+import platform
 import time
 from typing import List, Optional
 
@@ -62,9 +63,15 @@ def amp_opts(precision: str) -> List[str]:
 
 
 def native_cpu_bfloat16() -> bool:
-    """Whether this CPU computes bfloat16 natively (AVX512-BF16 / AMX): elsewhere oneDNN
-    emulates it and bfloat16 autocast is slower than float32."""
-    try:  # a private torch op: a build without it is taken as having no native bfloat16
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 / AMX on x86, the BF16 extension
+    on Arm): elsewhere oneDNN emulates it and bfloat16 autocast is slower than float32.
+
+    On x86 the CPU's own flags decide: oneDNN calls bfloat16 "supported" on every AVX-512 CPU
+    (Skylake-SP to Ice Lake included), where it is emulated and several times slower.
+    """
+    try:  # private torch functions: a build without them is taken as having no native bfloat16
+        if platform.machine().lower() in ("x86_64", "amd64", "i386", "i686"):
+            return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False

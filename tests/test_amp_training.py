@@ -203,11 +203,39 @@ def test_amp_speed_refuses_a_config_it_cannot_find_before_timing(capsys):
     assert "configs/quickstart/fnp.yaml not found" in capsys.readouterr().err
 
 
-def test_native_cpu_bfloat16_is_false_where_torch_cannot_tell(monkeypatch):
+def test_native_cpu_bfloat16_reads_the_x86_flags_not_onednn(monkeypatch):
+    import platform
     import types
 
     from elixir_d2.amp import native_cpu_bfloat16
 
+    def cpu(bf16: bool, amx: bool):
+        return types.SimpleNamespace(
+            _is_avx512_bf16_supported=lambda: bf16, _is_amx_tile_supported=lambda: amx
+        )
+
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    # oneDNN says "supported" on any AVX-512 CPU; an Ice Lake Xeon has neither flag
+    monkeypatch.setattr(
+        torch.ops, "mkldnn", types.SimpleNamespace(_is_mkldnn_bf16_supported=lambda: True)
+    )
+    monkeypatch.setattr(torch, "cpu", cpu(False, False))
+    assert native_cpu_bfloat16() is False
+    monkeypatch.setattr(torch, "cpu", cpu(True, False))  # Zen 4, Cooper Lake
+    assert native_cpu_bfloat16() is True
+    monkeypatch.setattr(torch, "cpu", cpu(False, True))  # AMX
+    assert native_cpu_bfloat16() is True
+    monkeypatch.setattr(torch, "cpu", types.SimpleNamespace())  # a build without the checks
+    assert native_cpu_bfloat16() is False
+
+
+def test_native_cpu_bfloat16_elsewhere_asks_onednn(monkeypatch):
+    import platform
+    import types
+
+    from elixir_d2.amp import native_cpu_bfloat16
+
+    monkeypatch.setattr(platform, "machine", lambda: "aarch64")
     monkeypatch.setattr(torch.ops, "mkldnn", types.SimpleNamespace())  # a build without the op
     assert native_cpu_bfloat16() is False
     monkeypatch.setattr(
