@@ -35,6 +35,17 @@ def test_model_folders_are_distinct():
     assert quality.slug("FPN+TRPN gate p") == "fpn_trpn_gate_p"
 
 
+def test_fpn_is_trained_first_only_where_a_model_needs_it():
+    # the searched genotypes start from FPN's weights; a random genotype and TRPN do not
+    assert quality.run_order(["FPN+TRPN", "FPN+TRPN gate none"]) == [
+        "FPN+TRPN",
+        "FPN+TRPN gate none",
+    ]
+    assert quality.run_order(["ElixirNet random ALB"]) == ["ElixirNet random ALB"]
+    assert quality.run_order(["FPN+TRPN", "FPN+ALB"]) == ["FPN", "FPN+TRPN", "FPN+ALB"]
+    assert quality.run_order(["ElixirNet", "FPN"]) == ["FPN", "ElixirNet"]
+
+
 def _inputs(path, found):
     """3 patients, one key slice and one lesion each; ``found`` lists the patients whose lesion
     the run detects (no false positive anywhere)."""

@@ -9,7 +9,8 @@ intervals (docs/results/parts.md for the protocol, docs/results/evidence.md for 
 Choices are made on the validation split (the default); ``--split test`` reads the test split and
 says so in every table. Per data set and seed, each model is trained once (reused by both splits)
 by train_net.py on ``<set>_train`` and evaluated on ``<set>_<split>``; the search runs first from
-that seed's FPN. Models (``--models``, default: the first five):
+that seed's FPN, trained first when a model needs it. Models (``--models``, default: the first
+five):
   FPN                    configs/quickstart/fpn.yaml (2-fc head)
   FPN conv head          configs/quickstart/fpn_conv_head.yaml (4 conv + 1 fc, BatchNorm, within
                          15% of the ALB head's parameters)
@@ -195,13 +196,19 @@ def _genotype(
     return ["MODEL.ALB.GENOTYPE", genotype]
 
 
+def run_order(models: Sequence[str]) -> List[str]:
+    """The models one (set, seed) pipeline trains, in order: FPN first when it is asked for or a
+    model's genotype is searched (the search starts from FPN's weights), then the others."""
+    needs_fpn = "FPN" in models or any(MODELS[m][2] == "searched" for m in models)
+    return ["FPN"] * needs_fpn + [m for m in models if m != "FPN"]
+
+
 def seed_pipeline(data_set: str, seed: int, args) -> Dict[str, Dict]:
     """Every model of one data set and seed; the search starts from this seed's trained FPN."""
     base = os.path.join(args.output, data_set, f"seed{seed}")
     train_opts = dataset_opts(data_set, "val")[:2]
-    names = ["FPN"] + [m for m in args.models if m != "FPN"]  # the search needs FPN's weights
     res: Dict[str, Dict] = {}
-    for name in names:
+    for name in run_order(args.models):
         config, model_opts, kind = MODELS[name]
         run_dir = os.path.join(base, slug(name))
         geno = _genotype(
