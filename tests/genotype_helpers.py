@@ -1,5 +1,6 @@
-"""Shared by the genotype tests (test_checkpoint_trust, test_genotype_chain): a tiny ALB head and
-a genotype that differs from another only in its ops, not in its weights' names or shapes."""
+"""Shared by the ALB and genotype tests (test_alb_head, test_capture, test_checkpoint_trust,
+test_genotype_chain): a tiny ALB head and a genotype that differs from another only in its ops,
+not in its weights' names or shapes."""
 
 from detectron2.layers import ShapeSpec
 

@@ -21,6 +21,8 @@ from elixir_d2.modeling.box_head import ALBHead, ALBSearchHead, ALBStem
 from elixir_d2.modeling.hooks import capture_outputs
 from elixir_d2.modeling.roi_heads import ElixirROIHeads
 
+from genotype_helpers import tiny_alb_head
+
 torch.set_num_threads(1)
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 DEFAULT = os.path.join(ROOT, "configs", "genotypes", "figure3.yaml")
@@ -231,13 +233,7 @@ def test_roi_heads_pointwise_before_pooling_same_outputs_and_losses(tmp_path):
 
 def test_alb_head_relations_are_per_image_and_never_mix():
     torch.manual_seed(0)
-    head = ALBHead(
-        ShapeSpec(channels=16, height=7, width=7),
-        genotype=load_genotype(DEFAULT),
-        channels=4,
-        stem_channels=16,
-        norm="GN",
-    )  # GN: per-RoI statistics only
+    head = tiny_alb_head(load_genotype(DEFAULT))  # GN: per-RoI statistics only
     a, b = torch.randn(3, 16, 7, 7), torch.randn(5, 16, 7, 7)
     first = [m for m in head.blocks[0].modules() if isinstance(m, RegionNonLocal)][0]
     assert head.relation_op() is first

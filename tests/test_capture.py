@@ -6,14 +6,14 @@ import os
 import pytest
 import torch
 
-from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_model
 
 from elixir_d2 import load_config
 from elixir_d2.modeling.alb.genotype import load_genotype
-from elixir_d2.modeling.box_head import ALBHead
 from elixir_d2.modeling.capture import TRPNConfidence, capture
 from elixir_d2.modeling.hooks import capture_outputs
+
+from genotype_helpers import tiny_alb_head
 
 torch.set_num_threads(1)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -41,13 +41,7 @@ def _hooks(model):
 
 
 def _head(genotype=FIGURE3):
-    return ALBHead(
-        ShapeSpec(channels=16, height=7, width=7),
-        genotype=load_genotype(genotype),
-        channels=4,
-        stem_channels=16,
-        norm="GN",
-    )
+    return tiny_alb_head(load_genotype(genotype))
 
 
 def test_asking_for_what_the_model_lacks_is_a_clear_error_at_entry(tmp_path):
