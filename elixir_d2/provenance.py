@@ -40,14 +40,25 @@ def git_commit(root: str = REPO_ROOT) -> Optional[str]:
     return lines[1]
 
 
-def cpu_model() -> Optional[str]:
-    """The CPU's model name (Linux /proc/cpuinfo), else platform.processor(), else None."""
+def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> Optional[str]:
+    """The CPU's model name with its x86 family and model numbers, e.g. "AMD EPYC (family 26
+    model 2)", from Linux's ``cpuinfo`` (first processor); else platform.processor(), else None.
+    Virtual machines often name only the vendor line ("AMD EPYC"), and bfloat16/float32 training
+    runs differ between microarchitectures of one name, so the numbers tell them apart."""
+    fields: Dict[str, str] = {}
     try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            names = [ln.partition(":")[2].strip() for ln in f if ln.startswith("model name")]
+        with open(cpuinfo, encoding="utf-8") as f:
+            for line in f:
+                if not line.strip():
+                    break  # the first processor's block ends at its blank line
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
     except OSError:
-        names = []
-    return names[0] if names and names[0] else platform.processor() or None
+        pass
+    name = fields.get("model name") or platform.processor() or None
+    if name and fields.get("cpu family") and fields.get("model"):
+        name += f" (family {fields['cpu family']} model {fields['model']})"
+    return name
 
 
 def _utc(t: Optional[float] = None) -> str:

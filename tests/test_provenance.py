@@ -66,14 +66,30 @@ def test_no_git_binary_gives_no_commit(monkeypatch):
     assert p["commit"] is None and p["dirty"] is None
 
 
-def test_cpu_is_the_first_model_name_of_proc_cpuinfo():
+def test_cpu_is_the_first_processors_name_family_and_model(tmp_path):
+    from elixir_d2.provenance import cpu_model
+
+    info = tmp_path / "cpuinfo"
+    info.write_text(
+        "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel\t\t: 2\n"
+        "model name\t: AMD EPYC\nstepping\t: 1\n\n"
+        "processor\t: 1\ncpu family\t: 25\nmodel\t\t: 17\nmodel name\t: Other\n\n",
+        encoding="utf-8",
+    )
+    assert cpu_model(str(info)) == "AMD EPYC (family 26 model 2)"
+    # aarch64 Linux names no family: the name alone
+    info.write_text("processor\t: 0\nmodel name\t: Neoverse-V2\n\n", encoding="utf-8")
+    assert cpu_model(str(info)) == "Neoverse-V2"
+
+
+def test_cpu_of_this_machine_is_in_the_provenance():
     if not os.path.isfile("/proc/cpuinfo"):
         pytest.skip("not Linux")
     with open("/proc/cpuinfo", encoding="utf-8") as f:
         names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
     if not names:
         pytest.skip("this CPU's /proc/cpuinfo names no model")
-    assert provenance()["cpu"] == names[0]
+    assert provenance()["cpu"].startswith(names[0])
 
 
 def test_command_seeds_threads_and_times():
