@@ -7,7 +7,7 @@ import subprocess
 import pytest
 import torch
 
-from elixir_d2.provenance import REPO_ROOT, provenance, provenance_line
+from elixir_d2.provenance import REPO_ROOT, cpu_model, provenance, provenance_line
 
 needs_git = pytest.mark.skipif(shutil.which("git") is None, reason="no git binary")
 
@@ -67,8 +67,6 @@ def test_no_git_binary_gives_no_commit(monkeypatch):
 
 
 def test_cpu_is_the_first_processors_name_family_and_model(tmp_path):
-    from elixir_d2.provenance import cpu_model
-
     info = tmp_path / "cpuinfo"
     info.write_text(
         "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel\t\t: 2\n"
