@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-__all__ = ["cpu_model", "git_commit", "provenance", "provenance_line"]
+__all__ = ["code_state", "cpu_model", "git_commit", "provenance", "provenance_line"]
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # elixir_d2/..
 
@@ -38,6 +38,15 @@ def git_commit(root: str = REPO_ROOT) -> Optional[str]:
     if len(lines) != 2 or os.path.realpath(lines[0]) != os.path.realpath(root):
         return None
     return lines[1]
+
+
+def code_state(root: str = REPO_ROOT) -> Dict[str, Any]:
+    """``commit`` (None outside a git checkout) and ``dirty`` (tracked files changed; None when
+    unknown) of ``root`` now. A long run takes it when it starts and passes it to
+    ``provenance(code=...)``: files edited while it runs are not the code it ran."""
+    commit = git_commit(root)
+    status = _git(root, "status", "--porcelain", "--untracked-files=no") if commit else None
+    return {"commit": commit, "dirty": None if status is None else bool(status.strip())}
 
 
 def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> Optional[str]:
@@ -73,21 +82,21 @@ def provenance(
     seeds: Optional[Sequence[int]] = None,
     started: Optional[float] = None,
     root: str = REPO_ROOT,
+    code: Optional[Dict[str, Any]] = None,
 ) -> Dict[str, Any]:
-    """The provenance block: ``commit`` (None outside a git checkout) and ``dirty`` (tracked
-    files changed; None when unknown) of ``root``, ``command`` (``argv``, default sys.argv),
+    """The provenance block: ``commit`` and ``dirty`` (``code``, a ``code_state`` taken when the
+    run started; default ``code_state(root)`` now), ``command`` (``argv``, default sys.argv),
     software versions, CPU, torch threads, CUDA device, ``written`` (now, UTC) and, when given,
     ``started`` (a time.time() value) and ``seeds``."""
-    commit = git_commit(root)
-    status = _git(root, "status", "--porcelain", "--untracked-files=no") if commit else None
+    state = code_state(root) if code is None else code
     try:
         from detectron2 import __version__ as d2_version
     except ImportError:
         d2_version = None
     get_capability = getattr(torch.backends.cpu, "get_cpu_capability", None)
     out: Dict[str, Any] = {
-        "commit": commit,
-        "dirty": None if status is None else bool(status.strip()),
+        "commit": state["commit"],
+        "dirty": state["dirty"],
         "command": list(sys.argv if argv is None else argv),
         "python": platform.python_version(),
         "torch": torch.__version__,

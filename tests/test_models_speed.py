@@ -190,9 +190,16 @@ def test_sweep_json_holds_each_variant_and_the_provenance(tmp_path, monkeypatch,
     import pytest
     import regime_sweep
 
-    monkeypatch.setattr(
-        regime_sweep, "run_variant", lambda name, spec, groups, args: {"mean_sens_iou": len(name)}
-    )
+    import elixir_d2.provenance
+
+    checkout = {"commit": "at-start", "dirty": False}  # edited by the variants' runs below
+    monkeypatch.setattr(elixir_d2.provenance, "code_state", lambda *a, **k: dict(checkout))
+
+    def run_variant(name, spec, groups, args):
+        checkout.update(commit="later", dirty=True)
+        return {"mean_sens_iou": len(name)}
+
+    monkeypatch.setattr(regime_sweep, "run_variant", run_variant)
     spec = tmp_path / "sweep.json"
     spec.write_text(
         json.dumps({"variants": {"a": ["x.yaml", []], "bb": ["x.yaml", []]}}), encoding="utf-8"
@@ -204,6 +211,7 @@ def test_sweep_json_holds_each_variant_and_the_provenance(tmp_path, monkeypatch,
     assert list(out) == ["provenance", "a", "bb"]
     assert out["a"] == {"mean_sens_iou": 1} and out["bb"] == {"mean_sens_iou": 2}
     assert out["provenance"]["command"] == [regime_sweep.__file__, *argv]
+    assert out["provenance"]["commit"] == "at-start"  # taken when the sweep started
     table = capsys.readouterr().out
     assert "| a | " in table and "| bb | " in table and "provenance" not in table
     spec.write_text(json.dumps({"variants": {"provenance": ["x.yaml", []]}}), encoding="utf-8")

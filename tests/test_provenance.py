@@ -7,7 +7,7 @@ import subprocess
 import pytest
 import torch
 
-from elixir_d2.provenance import REPO_ROOT, cpu_model, provenance, provenance_line
+from elixir_d2.provenance import REPO_ROOT, code_state, cpu_model, provenance, provenance_line
 
 needs_git = pytest.mark.skipif(shutil.which("git") is None, reason="no git binary")
 
@@ -58,6 +58,27 @@ def test_dirty_follows_tracked_changes_and_a_non_repo_has_no_commit(tmp_path):
     for folder in (repo / "sub", plain):
         p = provenance(root=str(folder))
         assert p["commit"] is None and p["dirty"] is None
+
+
+@needs_git
+def test_code_state_taken_at_the_start_is_what_the_provenance_records(tmp_path):
+    # A long run edited or committed over while it runs records the code it started with.
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    _git(repo, "init", "-q")
+    (repo / "a.txt").write_text("one\n", encoding="utf-8")
+    _git(repo, "add", "a.txt")
+    _git(repo, "commit", "-q", "-m", "first")
+    first = _git(repo, "rev-parse", "HEAD")
+    at_start = code_state(str(repo))
+    assert at_start == {"commit": first, "dirty": False}
+    (repo / "a.txt").write_text("two\n", encoding="utf-8")
+    p = provenance(root=str(repo), code=at_start)
+    assert p["commit"] == first and p["dirty"] is False
+    assert provenance(root=str(repo))["dirty"] is True
+    _git(repo, "commit", "-q", "-am", "second")
+    assert provenance(root=str(repo), code=at_start)["commit"] == first
+    assert provenance(root=str(repo))["commit"] == _git(repo, "rev-parse", "HEAD") != first
 
 
 def test_no_git_binary_gives_no_commit(monkeypatch):

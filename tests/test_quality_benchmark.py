@@ -153,15 +153,21 @@ def test_written_summary_and_metrics_carry_their_provenance(tmp_path, monkeypatc
     a model's metrics file holds its evaluation's, and one written before that is read alike."""
     import json
 
+    import elixir_d2.provenance
+
+    # The checkout as it is now; the runs below edit it, as a user may while a benchmark runs.
+    checkout = {"commit": "at-start", "dirty": False}
+    monkeypatch.setattr(elixir_d2.provenance, "code_state", lambda *a, **k: dict(checkout))
     means = {0: (40.0, 45.0), 1: (42.0, 46.0)}
-    monkeypatch.setattr(
-        quality,
-        "seed_pipeline",
-        lambda data_set, seed, args: {
+
+    def seed_pipeline(data_set, seed, args):
+        checkout.update(commit="later", dirty=True)
+        return {
             "FPN": {"mean_sens_iou": means[seed][0]},
             "FPN+TRPN": {"mean_sens_iou": means[seed][1]},
-        },
-    )
+        }
+
+    monkeypatch.setattr(quality, "seed_pipeline", seed_pipeline)
     argv = [
         "--seeds",
         "0",
@@ -179,6 +185,7 @@ def test_written_summary_and_metrics_carry_their_provenance(tmp_path, monkeypatc
     p = summary["provenance"]
     assert p["command"] == [quality.__file__, *argv] and p["seeds"] == [0, 1]
     assert {"commit", "dirty", "cpu", "threads", "torch", "started", "written"} <= set(p)
+    assert p["commit"] == "at-start" and p["dirty"] is False
     assert summary["sets"]["synthetic"]["comparisons"][0]["differences"] == [5.0, 4.0]
     md = (tmp_path / "q" / "quality_val.md").read_text(encoding="utf-8").splitlines()
     assert md[-1].startswith("commit ") and md[-1].endswith(" --output " + str(tmp_path / "q"))

@@ -223,7 +223,7 @@ def seed_pipeline(data_set: str, seed: int, args) -> Dict[str, Dict]:
 def main(argv: Optional[Sequence[str]] = None) -> Dict:
     from quality_report import across_sets_table, comparisons, summary_table
 
-    from elixir_d2.provenance import provenance, provenance_line
+    from elixir_d2.provenance import code_state, provenance, provenance_line
 
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -274,7 +274,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     if len(args.seeds) < 2:
         ap.error("--seeds: the intervals over seeds need at least 2 seeds")
     args.output = os.path.abspath(args.output)
-    t0 = time.time()
+    t0, code = time.time(), code_state()
     # Seed-major order: an interrupted run still covers every set with its first seeds.
     jobs = [(s, seed) for seed in args.seeds for s in args.sets]
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
@@ -305,7 +305,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
         ]
     lines.append(f"elapsed {time.time() - t0:.0f} s")
     summary["provenance"] = provenance(
-        None if argv is None else [__file__, *argv], seeds=args.seeds, started=t0
+        None if argv is None else [__file__, *argv], seeds=args.seeds, started=t0, code=code
     )
     lines.append(provenance_line(summary["provenance"]))
     os.makedirs(args.output, exist_ok=True)

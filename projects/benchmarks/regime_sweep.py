@@ -168,9 +168,9 @@ def paired_table(results: Dict[str, Dict], baseline: str) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    from elixir_d2.provenance import provenance
+    from elixir_d2.provenance import code_state, provenance
 
-    started = time.time()
+    started, code = time.time(), code_state()
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -209,7 +209,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         results = dict(
             zip(variants, pool.map(lambda v: run_variant(v, variants[v], groups, args), variants))
         )
-    prov = provenance(None if argv is None else [__file__, *argv], started=started)
+    prov = provenance(None if argv is None else [__file__, *argv], started=started, code=code)
     with open(os.path.join(args.output, "sweep.json"), "w", encoding="utf-8") as f:
         json.dump({"provenance": prov, **results}, f, indent=1)
     print(f"{args.set}_{args.split}, {args.iters} iterations unless a variant says otherwise\n")

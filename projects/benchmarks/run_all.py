@@ -33,7 +33,7 @@ from typing import Dict, List, Optional, Sequence  # noqa: E402
 
 import torch  # noqa: E402
 
-from elixir_d2.provenance import provenance, provenance_line  # noqa: E402
+from elixir_d2.provenance import code_state, provenance, provenance_line  # noqa: E402
 
 import data_loader  # noqa: E402
 import froc_speed  # noqa: E402
@@ -119,7 +119,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
     train_rounds = args.train_rounds if args.train_rounds is not None else (1 if args.quick else 2)
     torch.set_num_threads(args.threads)
-    t_start, started = time.perf_counter(), time.time()
+    t_start, started, code = time.perf_counter(), time.time(), code_state()
 
     specs = ms.select(args.models)
     cpu = ms.measure(
@@ -188,7 +188,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
         "",
         f"Total benchmark time: {time.perf_counter() - t_start:.0f} s",
     ]
-    prov = provenance(None if argv is None else [__file__, *argv], started=started)
+    prov = provenance(None if argv is None else [__file__, *argv], started=started, code=code)
     lines += ["", provenance_line(prov)]
     text = "\n".join(lines)
     print("\n" + text)

@@ -375,7 +375,9 @@ class Recipe:
                 return _worker(entry, args, [self.source])
             return launch(_worker, self.num_gpus, args=(entry, args, [self.source]))
 
-    def _finish(self, name: str, info: dict, t0: float, signature: str) -> None:
+    def _finish(
+        self, name: str, info: dict, t0: float, signature: str, code: Optional[dict] = None
+    ) -> None:
         info.update(
             {
                 "wall_s": round(time.time() - t0, 1),
@@ -383,7 +385,7 @@ class Recipe:
                 "quick": self.quick,
                 "finished_at": time.time(),
                 "signature": signature,
-                "provenance": self.provenance(started=t0),
+                "provenance": self.provenance(started=t0, code=code),
             }
         )
         with PathManager.open(
@@ -395,6 +397,8 @@ class Recipe:
 
     def run(self, steps: Sequence) -> None:
         """Run each step unless finished; steps must come after those they read from."""
+        from elixir_d2.provenance import code_state
+
         for step in steps:
             if getattr(step, "overridable", False) and self.args.genotype:
                 if not PathManager.exists(self.args.genotype):
@@ -413,9 +417,9 @@ class Recipe:
                 # a failed rerun must not leave the old run looking finished
                 PathManager.rm(done_file)
             print(f"[paper] {step.name}: running {step.config_for(self.quick)}")
-            t0 = time.time()
+            t0, code = time.time(), code_state()
             step.execute(self, opts)
-            self._finish(step.name, step.describe(self), t0, signature)
+            self._finish(step.name, step.describe(self), t0, signature, code)
 
     def train_args(self, config: str, opts: Sequence[str]) -> argparse.Namespace:
         from detectron2.engine import default_argument_parser
@@ -439,11 +443,12 @@ class Recipe:
         return _schedule_opts(iters) if iters else []
 
     # ---------------------------------------------------------------- reporting
-    def provenance(self, started: Optional[float] = None) -> dict:
-        """This run's provenance block (elixir_d2.provenance): commit, command, machine."""
+    def provenance(self, started: Optional[float] = None, code: Optional[dict] = None) -> dict:
+        """This run's provenance block (elixir_d2.provenance): commit (``code``, taken when the
+        step started; default now), command, machine."""
         from elixir_d2.provenance import provenance
 
-        return provenance(self.command, started=started)
+        return provenance(self.command, started=started, code=code)
 
     def header(self, title: str, splits: Sequence[str]) -> str:
         """What was run: data, sizes, mode; every number below comes from these runs."""

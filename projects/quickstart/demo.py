@@ -38,7 +38,7 @@ from elixir_d2.cli import run_cli
 from elixir_d2.data.ct_mapper import CTDatasetMapper
 from elixir_d2.evaluation import PAPER_FPS, format_froc_table
 from elixir_d2.modeling.genotype_source import resolve_genotype_config
-from elixir_d2.provenance import provenance
+from elixir_d2.provenance import code_state, provenance
 from elixir_d2.search import ALBSearcher
 from elixir_d2.trainer import ElixirTrainer, evaluate_with_proposal_recall
 
@@ -240,7 +240,7 @@ def main(argv=None) -> None:
     ]
     precision, overrides = precision_opts(args.precision, native_cpu_bfloat16())
     opts += overrides
-    t0 = time.time()
+    t0, code = time.time(), code_state()
     fpn_cfg = config("fpn.yaml", os.path.join(out, "fpn"), opts)
     default_setup(
         fpn_cfg,
@@ -319,7 +319,9 @@ def main(argv=None) -> None:
         times,
         genotype,
         precision,
-        provenance(None if argv is None else [__file__, *argv], seeds=[args.seed], started=t0),
+        provenance(
+            None if argv is None else [__file__, *argv], seeds=[args.seed], started=t0, code=code
+        ),
     )
     iters = fpn_cfg.SOLVER.MAX_ITER
     print(
