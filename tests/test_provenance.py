@@ -25,6 +25,17 @@ def _git(cwd, *args):
     ).stdout.strip()
 
 
+def _repo_with_one_commit(tmp_path):
+    """A fresh git repository under ``tmp_path`` holding a.txt ("one") in one commit."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    _git(repo, "init", "-q")
+    (repo / "a.txt").write_text("one\n", encoding="utf-8")
+    _git(repo, "add", "a.txt")
+    _git(repo, "commit", "-q", "-m", "first")
+    return repo
+
+
 @needs_git
 def test_commit_is_this_checkouts_head():
     try:
@@ -39,12 +50,7 @@ def test_commit_is_this_checkouts_head():
 
 @needs_git
 def test_dirty_follows_tracked_changes_and_a_non_repo_has_no_commit(tmp_path):
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    _git(repo, "init", "-q")
-    (repo / "a.txt").write_text("one\n", encoding="utf-8")
-    _git(repo, "add", "a.txt")
-    _git(repo, "commit", "-q", "-m", "first")
+    repo = _repo_with_one_commit(tmp_path)
     p = provenance(root=str(repo))
     assert p["commit"] == _git(repo, "rev-parse", "HEAD") and p["dirty"] is False
     (repo / "untracked.txt").write_text("not tracked\n", encoding="utf-8")
@@ -63,12 +69,7 @@ def test_dirty_follows_tracked_changes_and_a_non_repo_has_no_commit(tmp_path):
 @needs_git
 def test_code_state_taken_at_the_start_is_what_the_provenance_records(tmp_path):
     # A long run edited or committed over while it runs records the code it started with.
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    _git(repo, "init", "-q")
-    (repo / "a.txt").write_text("one\n", encoding="utf-8")
-    _git(repo, "add", "a.txt")
-    _git(repo, "commit", "-q", "-m", "first")
+    repo = _repo_with_one_commit(tmp_path)
     first = _git(repo, "rev-parse", "HEAD")
     at_start = code_state(str(repo))
     assert at_start == {"commit": first, "dirty": False}
